@@ -1,0 +1,33 @@
+"""Entry point: flags → load_settings() → serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gateway import __version__
+from gateway.config import ConfigError, load_settings
+from gateway.server import configure_logging, run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description="secure-llm-gateway")
+    parser.add_argument("--check-config", action="store_true", help="validate and print the configuration")
+    parser.add_argument("--version", action="version", version=f"secure-llm-gateway {__version__}")
+    args = parser.parse_args()
+    try:
+        settings = load_settings()
+    except ConfigError as error:
+        for line in error.lines:
+            print(f"config error: {line}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(json.dumps(settings.describe(), indent=2, default=str))
+        return 0
+    configure_logging()
+    return run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""create_app(settings): builds every component, the middleware chain and the routes.
+
+Importing this module does nothing; tests build a fresh app per case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import IO
+
+from aiohttp import web
+
+from . import keys
+from .config import Settings
+from .lifecycle import Lifecycle
+from .limits import Quota, TokenBucket
+from .middlewares import (
+    Middleware,
+    add_gateway_headers,
+    admission_step,
+    errors_middleware,
+    quota_middleware,
+    ratelimit_middleware,
+    shedding_middleware,
+    telemetry_middleware,
+    tenancy_middleware,
+)
+from .proxy import ChatProxy
+from .redact import build_redactor
+from .shedding import Shedder
+from .stores import store_from_url
+from .telemetry import Metrics, RequestLog, Telemetry, Tracing
+from .tenancy import Tenancy
+from .upstream import Upstream
+
+
+def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> web.Application:
+    tracing = Tracing(settings.otlp_endpoint, settings.service_name) if settings.otlp_endpoint else None
+    telemetry = Telemetry(Metrics(settings.model_label_limit), tracing, RequestLog(log_stream))
+    store = store_from_url(settings.redis_url, cluster=settings.redis_cluster, timeout=settings.store_timeout_secs)
+    upstream = Upstream(settings.upstream_chat_url, settings.upstream_api_key, settings.timeout_secs)
+    lifecycle = Lifecycle(settings.shutdown_grace_secs, settings.notify_socket)
+    quota = Quota(
+        store,
+        settings.default_quota,
+        settings.tenant_quotas,
+        settings.quota_window_secs,
+        fail_open=settings.quota_fail_mode == "open",
+        on_store_error=lambda: telemetry.metrics.cb_event("store_error"),
+    )
+    proxy = ChatProxy(
+        upstream, build_redactor(settings.redact_kinds), telemetry, lifecycle,
+        settings.timeout_secs, settings.max_body_bytes,
+    )
+
+    # Admission, in SPEC §4's order: who is calling (a bad key is refused before anything
+    # else), how fast, how many at once, how many this window. Cheap, local checks come
+    # before the quota's store round trip, so a flood never reaches Redis. Disabled steps
+    # are left out rather than run as no-ops.
+    admission: list[Middleware] = [
+        tenancy_middleware(Tenancy(settings.tenant_key_digests, settings.hash_secret), settings.trusted_proxies)
+    ]
+    if settings.rps > 0:
+        admission.append(ratelimit_middleware(TokenBucket(settings.rps, settings.burst), telemetry))
+    if settings.max_concurrency:
+        admission.append(shedding_middleware(Shedder(settings.max_concurrency), telemetry))
+    admission.append(quota_middleware(quota, telemetry))
+    v1 = web.Application(middlewares=[admission_step(step) for step in admission])
+    v1.router.add_post("/chat/completions", proxy.handle)
+
+    # Telemetry outermost so it sees every final status, rendered errors included.
+    app = web.Application(
+        middlewares=[telemetry_middleware(telemetry), errors_middleware()],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[keys.SETTINGS] = settings
+    app[keys.UPSTREAM] = upstream
+    app[keys.STORE] = store
+    app[keys.TELEMETRY] = telemetry
+    app[keys.LIFECYCLE] = lifecycle
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.add_subapp("/v1", v1)
+    app.cleanup_ctx.append(resources)
+    app.on_response_prepare.append(add_gateway_headers)
+    app.on_shutdown.append(drain)
+    return app
+
+
+async def resources(app: web.Application) -> AsyncIterator[None]:
+    upstream, store, telemetry = app[keys.UPSTREAM], app[keys.STORE], app[keys.TELEMETRY]
+    await upstream.open()
+    open_store = getattr(store, "open", None)
+    if open_store is not None:
+        await open_store()
+    yield
+    await upstream.close()
+    await store.close()
+    telemetry.close()
+
+
+async def drain(app: web.Application) -> None:
+    await app[keys.LIFECYCLE].drain()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    app = request.app
+    if app[keys.LIFECYCLE].draining:
+        return web.Response(status=503, text="draining")
+    if app[keys.SETTINGS].quota_fail_mode == "closed" and not await app[keys.STORE].ping():
+        return web.Response(status=503, text="quota store unavailable")
+    return web.Response(text="ready")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, headers = request.app[keys.TELEMETRY].metrics.render(request.headers.getall("Accept", []))
+    return web.Response(body=body, headers=headers)

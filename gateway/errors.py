@@ -1,0 +1,131 @@
+"""The one error hierarchy and its OpenAI-shaped rendering.
+
+Every error the gateway itself produces is a `GatewayError`; the outermost middleware
+renders it as `{"error": {"message", "type", "code"}}`, and `sse.error_event` renders the
+same body as a final event once a stream has started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+import orjson
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+    message = "internal gateway error"
+
+    def __init__(
+        self, message: str | None = None, headers: Mapping[str, str] | None = None, code: str | None = None
+    ) -> None:
+        if message is not None:
+            self.message = message
+        if code is not None:
+            self.code = code
+        self.headers = headers if headers is not None else _NO_HEADERS
+        super().__init__(self.message)
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code)
+
+
+def error_body(message: str, type_: str, code: str | None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
+
+
+class BadRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InvalidApiKey(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+    message = "invalid api key"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+    message = "not found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+    message = "method not allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+    message = "rate limit exceeded"
+
+
+class QuotaExceeded(GatewayError):
+    status = 429
+    type = "insufficient_quota"
+    code = "quota_exceeded"
+
+
+class Overloaded(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "server_overloaded"
+    message = "server overloaded"
+
+
+class StoreUnavailable(GatewayError):
+    """The quota store did not answer; raised by stores, rendered as 503 in fail-closed mode."""
+
+    status = 503
+    type = "server_error"
+    code = "store_unavailable"
+    message = "quota store unavailable"
+
+
+class ShuttingDown(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+    message = "gateway is shutting down"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "bad_gateway"
+    message = "upstream request failed"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+    message = "upstream timed out"
+
+
+class UpstreamAuthRejected(UpstreamError):
+    message = "the upstream rejected the gateway's credentials"
+    code = "upstream_auth_rejected"
+
+
+class UpstreamStreamBroken(UpstreamError):
+    message = "upstream stream ended unexpectedly"
+    code = "upstream_stream_broken"

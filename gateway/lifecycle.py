@@ -1,0 +1,63 @@
+"""Readiness and graceful drain: which chat requests are in flight, and ending them.
+
+On SIGTERM the listening socket closes first (aiohttp), then `drain` waits for in-flight
+requests up to the grace period and cancels what remains; the proxy turns that
+cancellation into a final SSE error event. `notify` speaks systemd's sd_notify protocol:
+one datagram on the unix socket named by NOTIFY_SOCKET, no library needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class Lifecycle:
+    def __init__(self, grace_secs: float, notify_socket: str | None = None) -> None:
+        self._grace = grace_secs
+        self._notify_socket = notify_socket
+        self._active: set[asyncio.Task[object]] = set()
+        self._idle: asyncio.Event | None = None
+        self.draining = False
+        self.grace_expired = False
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        self._active.add(task)
+        try:
+            yield
+        finally:
+            self._active.discard(task)
+            if not self._active and self._idle is not None:
+                self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    async def drain(self) -> None:
+        self.draining = True
+        if self._active:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), self._grace)
+            except TimeoutError:
+                self.grace_expired = True
+                for task in list(self._active):
+                    task.cancel()
+                await asyncio.wait_for(asyncio.shield(self._idle.wait()), 5)
+
+    def notify(self, message: str) -> None:
+        path = self._notify_socket
+        if not path:
+            return
+        address = "\0" + path[1:] if path.startswith("@") else path  # @: abstract namespace
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.sendto(message.encode(), address)
+            except OSError:
+                pass  # the manager went away: nothing to tell

@@ -1,0 +1,139 @@
+"""Admission policy: the per-key token bucket and the per-tenant fixed-window quota.
+
+Both return values (`Decision`, a retry delay); only the middlewares turn them into HTTP.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+
+from .errors import StoreUnavailable
+from .models import Decision
+from .stores import QuotaStore
+
+
+class TokenBucket:
+    """RPS/BURST per key, in process memory, with bounded size.
+
+    A bucket idle long enough to have refilled is the same as no bucket, so buckets are
+    kept in LRU order and dropped from the cold end once full again; `max_keys` caps the
+    table even under a flood of distinct keys (evicting a cold bucket only forgives it).
+    """
+
+    __slots__ = ("_rate", "_burst", "_buckets", "_max_keys", "_refill_secs", "_clock")
+
+    def __init__(
+        self, rate: float, burst: int, max_keys: int = 100_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # key -> [tokens, updated]
+        self._max_keys = max_keys
+        self._refill_secs = burst / rate if rate > 0 else 0.0
+        self._clock = clock
+
+    @property
+    def enabled(self) -> bool:
+        return self._rate > 0
+
+    def take(self, key: str) -> float:
+        """Spend one token; return 0.0 if admitted, else seconds until a token is due."""
+        now = self._clock()
+        buckets = self._buckets
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = [self._burst, now]
+            self._evict(now)
+        else:
+            buckets.move_to_end(key)
+            bucket[0] = min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
+            bucket[1] = now
+        if bucket[0] >= 1.0:
+            bucket[0] -= 1.0
+            return 0.0
+        return (1.0 - bucket[0]) / self._rate
+
+    def _evict(self, now: float) -> None:
+        buckets = self._buckets
+        while len(buckets) > self._max_keys:
+            buckets.popitem(last=False)
+        # Drop a few refilled buckets per call: amortised O(1), never a long pause.
+        for _ in range(2):
+            oldest = next(iter(buckets.values()))
+            if now - oldest[1] < self._refill_secs:
+                break
+            buckets.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class Quota:
+    """Fixed-window request quota per tenant over a `QuotaStore`, with the fail mode.
+
+    After a store failure the store is skipped for `retry_after_secs` (the fail mode applies
+    at once instead of every request waiting out the store deadline), then tried again, so
+    service resumes by itself when the store comes back.
+    """
+
+    __slots__ = (
+        "_store", "_default", "_overrides", "_window_ms", "_fail_open",
+        "_retry_after", "_skip_until", "_on_store_error",
+    )
+
+    def __init__(
+        self,
+        store: QuotaStore,
+        default_limit: int,
+        overrides: Mapping[str, int],
+        window_secs: int,
+        fail_open: bool,
+        on_store_error: Callable[[], None],
+        retry_after_secs: float = 1.0,
+    ) -> None:
+        self._store = store
+        self._default = default_limit
+        self._overrides = overrides
+        self._window_ms = window_secs * 1000
+        self._fail_open = fail_open
+        self._retry_after = retry_after_secs
+        self._skip_until = 0.0
+        self._on_store_error = on_store_error
+
+    def limit_for(self, tenant: str) -> int:
+        return self._overrides.get(tenant, self._default)
+
+    async def check(self, tenant: str, public_id: str) -> Decision | None:
+        """The verdict, or None when the store is down and the mode is fail-open."""
+        limit = self.limit_for(tenant)
+        now = time.monotonic()
+        try:
+            if now < self._skip_until:
+                raise StoreUnavailable()
+            count, ttl_ms = await self._store.hit("quota:" + public_id, self._window_ms)
+        except StoreUnavailable:
+            if now >= self._skip_until:  # a real failure, not a skipped call: back off
+                self._skip_until = time.monotonic() + self._retry_after
+            self._on_store_error()
+            if self._fail_open:
+                return None
+            raise
+        return Decision(count <= limit, limit, max(0, limit - count), ttl_ms)
+
+
+def format_reset(ms: int) -> str:
+    """OpenAI's duration format for x-ratelimit-reset-*: 12ms, 1s, 1.5s, 6m0s."""
+    if ms < 1000:
+        return f"{ms}ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes}m{rest}s"
+
+
+def retry_after_secs(ms: int) -> str:
+    return str(max(1, math.ceil(ms / 1000)))

@@ -1,0 +1,220 @@
+"""Thin adapters from HTTP to the policies, one per step; the order lives in app.py.
+
+Each factory closes over its collaborators; none holds policy of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from .errors import (
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    QuotaExceeded,
+    RateLimited,
+)
+from .keys import STATE
+from .limits import Quota, TokenBucket, format_reset, retry_after_secs
+from .models import RequestState
+from .shedding import Shedder
+from .telemetry import CHAT_ROUTE, Telemetry
+from .tenancy import Tenancy, client_ip, presented_key
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+KNOWN_ROUTES = frozenset({CHAT_ROUTE, "/healthz", "/readyz", "/metrics"})
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+log = logging.getLogger("gateway")
+
+
+def request_id_from(header: str | None) -> str:
+    """The client's x-request-id when it is sane, else a new one."""
+    if header and _REQUEST_ID.fullmatch(header):
+        return header
+    return uuid.uuid4().hex
+
+
+def telemetry_middleware(telemetry: Telemetry) -> Middleware:
+    metrics, tracing, request_log = telemetry.metrics, telemetry.tracing, telemetry.log
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        state = request[STATE] = RequestState(request_id_from(request.headers.get("x-request-id")))
+        path = request.path
+        route = path if path in KNOWN_ROUTES else "other"
+        is_chat = route == CHAT_ROUTE
+        metrics.request_started(route)
+        if is_chat:
+            metrics.chat_started()
+            if tracing is not None:
+                state.span = tracing.start_server_span(request.method, path, request.headers)
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            status = 499  # the client went away (or shutdown cut the request)
+            metrics.cb_event("client_disconnect")
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            if is_chat:
+                metrics.chat_finished()
+                if state.upstream_ttfb is not None:
+                    metrics.upstream_first_byte(state.upstream_ttfb)
+                if state.usage is not None:
+                    metrics.tokens_used(state.model, state.usage.prompt_tokens, state.usage.completion_tokens)
+            metrics.response_sent(route, state.model, status, elapsed)
+            trace_id = None
+            if state.span is not None and tracing is not None:
+                trace_id = tracing.trace_id(state.span)
+                tracing.end_server_span(state.span, state, status)
+            request_log.write(state, request.method, path, status, elapsed, trace_id)
+
+    return middleware
+
+
+def errors_middleware() -> Middleware:
+    """Every error becomes OpenAI-shaped JSON here, and only here."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except GatewayError as error:
+            return error_response(error)
+        except web.HTTPException as exc:  # from the router or aiohttp's body-size limit
+            return error_response(_from_http_exception(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled error (request %s)", request[STATE].request_id)
+            return error_response(GatewayError())
+
+    return middleware
+
+
+def error_response(error: GatewayError) -> web.Response:
+    response = web.Response(body=error.body(), status=error.status, content_type="application/json")
+    response.headers.update(error.headers)
+    return response
+
+
+def _from_http_exception(exc: web.HTTPException) -> GatewayError:
+    if exc.status == 404:
+        return NotFound()
+    if exc.status == 405:
+        allow = exc.headers.get("Allow", "")
+        return MethodNotAllowed(headers={"Allow": allow} if allow else None)
+    if exc.status == 413:
+        return PayloadTooLarge("request body is too large")
+    error = GatewayError(exc.reason, code="http_error")
+    error.status = exc.status
+    error.type = "invalid_request_error" if exc.status < 500 else "server_error"
+    return error
+
+
+def admission_step(step: Middleware) -> Middleware:
+    """Admission runs only for a matched route: a 404/405 must not spend tokens or quota."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.match_info.http_exception is not None:
+            return await handler(request)
+        return await step(request, handler)
+
+    return middleware
+
+
+def tenancy_middleware(tenancy: Tenancy, trusted_proxies: tuple[object, ...]) -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        headers = request.headers
+        key = presented_key(headers.get("X-Api-Key"), headers.get("Authorization"))
+        ip = "" if key else client_ip(request.remote, headers.get("X-Forwarded-For"), trusted_proxies)
+        request[STATE].tenant = tenancy.resolve(key, ip, request.path)
+        return await handler(request)
+
+    return middleware
+
+
+def ratelimit_middleware(bucket: TokenBucket, telemetry: Telemetry) -> Middleware:
+    metrics = telemetry.metrics
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        tenant = request[STATE].tenant
+        assert tenant is not None
+        wait = bucket.take(tenant.rate_key)
+        if wait:
+            metrics.rate_limited()
+            ms = int(wait * 1000) + 1
+            raise RateLimited(headers={"Retry-After": retry_after_secs(ms), "retry-after-ms": str(ms)})
+        return await handler(request)
+
+    return middleware
+
+
+def shedding_middleware(shedder: Shedder, telemetry: Telemetry) -> Middleware:
+    metrics = telemetry.metrics
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not shedder.try_acquire():
+            metrics.cb_event("load_shed")
+            raise Overloaded(headers={"Retry-After": "1"})
+        try:  # held until the handler returns: for streams, after the last byte
+            return await handler(request)
+        finally:
+            shedder.release()
+
+    return middleware
+
+
+def quota_middleware(quota: Quota, telemetry: Telemetry) -> Middleware:
+    metrics = telemetry.metrics
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        state = request[STATE]
+        tenant = state.tenant
+        assert tenant is not None
+        decision = await quota.check(tenant.name, tenant.public_id)
+        if decision is not None:
+            state.decision = decision
+            if not decision.allowed:
+                metrics.quota_blocked()
+                ms = decision.reset_after_ms
+                raise QuotaExceeded(
+                    f"quota exceeded (limit={decision.limit})",
+                    headers={"Retry-After": retry_after_secs(ms), "retry-after-ms": str(ms)},
+                )
+        return await handler(request)
+
+    return middleware
+
+
+async def add_gateway_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: x-request-id on everything, quota headers on chat responses."""
+    state = request.get(STATE)
+    if state is None:
+        return
+    headers = response.headers
+    headers["x-request-id"] = state.request_id
+    decision = state.decision
+    if decision is not None:
+        headers["x-ratelimit-limit-requests"] = str(decision.limit)
+        headers["x-ratelimit-remaining-requests"] = str(decision.remaining)
+        headers["x-ratelimit-reset-requests"] = format_reset(decision.reset_after_ms)

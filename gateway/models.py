@@ -1,0 +1,43 @@
+"""Plain, frozen values passed between the layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    name: str  # stays in the process (keyed mode: the configured name; open mode: the key)
+    public_id: str  # what may leave the process: logs, traces, Redis keys (hashed if asked)
+    rate_key: str  # token-bucket key: "key:<tenant>" or "ip:<peer>:<path>"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A quota verdict; HTTP status and headers are decided at the edge."""
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_after_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(slots=True)
+class RequestState:
+    """What one request learns on its way through; read by telemetry at the end."""
+
+    request_id: str
+    tenant: Tenant | None = None
+    decision: Decision | None = None
+    model: str | None = None
+    stream: bool = False
+    upstream_ttfb: float | None = None  # seconds
+    usage: Usage | None = None
+    response_model: str | None = None
+    span: object | None = None  # the server span, when tracing is on

@@ -1,0 +1,248 @@
+"""The chat-completions handler: validate, redact, relay (JSON or SSE), under deadlines.
+
+Non-stream: the whole upstream response must arrive within TIMEOUT_SECS. Stream: the first
+event must; after that events are relayed as they arrive. The request body is forwarded as
+received unless redaction changed a message (every other field is kept as sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import nullcontext
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from . import sse
+from .errors import (
+    BadRequest,
+    GatewayError,
+    PayloadTooLarge,
+    ShuttingDown,
+    UpstreamAuthRejected,
+    UpstreamError,
+    UpstreamStreamBroken,
+    UpstreamTimeout,
+    error_body,
+)
+from .keys import STATE
+from .lifecycle import Lifecycle
+from .models import RequestState
+from .redact import Redactor
+from .relay import StreamRelay, usage_of
+from .telemetry import Telemetry
+from .upstream import Upstream, UpstreamReply
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ChatProxy:
+    def __init__(
+        self,
+        upstream: Upstream,
+        redactor: Redactor | None,
+        telemetry: Telemetry,
+        lifecycle: Lifecycle,
+        timeout_secs: float,
+        max_body_bytes: int,
+    ) -> None:
+        self._upstream = upstream
+        self._redactor = redactor
+        self._telemetry = telemetry
+        self._lifecycle = lifecycle
+        self._timeout = timeout_secs
+        self._max_body = max_body_bytes
+        metrics = telemetry.metrics
+        self._count_request_redaction = lambda kind: metrics.redacted(kind, "request")
+        self._count_response_redaction = lambda kind: metrics.redacted(kind, "response")
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        state = request[STATE]
+        body, payload = await self._read_payload(request)
+        model = payload["model"]
+        state.model = model if isinstance(model, str) else str(model)
+        state.stream = payload.get("stream") is True
+        if self._redactor is not None and self._redact_messages(payload["messages"]):
+            body = orjson.dumps(payload)
+        tracing = self._telemetry.tracing
+        span = tracing.client_span(state.span, state.model) if tracing and state.span else nullcontext({})
+        with span as trace_headers, self._lifecycle.track():
+            headers = self._upstream.headers_for(request.headers, trace_headers.items())
+            if state.stream:
+                return await self._relay_stream(request, state, body, headers)
+            return await self._relay_json(state, body, headers)
+
+    async def _read_payload(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
+        if request.content_length is not None and request.content_length > self._max_body:
+            raise PayloadTooLarge(f"request body is larger than {self._max_body} bytes")
+        body = await request.read()  # aiohttp enforces client_max_size while reading
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"request body is not valid UTF-8 JSON: {exc.msg}", code="invalid_json") from exc
+        if not isinstance(payload, dict):
+            raise BadRequest("request body must be a JSON object")
+        if not payload.get("model") or not isinstance(payload["model"], str):
+            raise BadRequest("'model' is required and must be a string", code="missing_model")
+        if not isinstance(payload.get("messages"), list):
+            raise BadRequest("'messages' is required and must be an array", code="missing_messages")
+        return body, payload
+
+    def _redact_messages(self, messages: list[Any]) -> bool:
+        """Redact every text the client sends: string content and `text` parts."""
+        assert self._redactor is not None
+        redact, count = self._redactor.redact, self._count_request_redaction
+        changed = False
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            content = message.get("content")
+            if isinstance(content, str):
+                clean = redact(content, count)
+                if clean != content:
+                    message["content"] = clean
+                    changed = True
+            elif isinstance(content, list):
+                for part in content:
+                    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                        clean = redact(part["text"], count)
+                        if clean != part["text"]:
+                            part["text"] = clean
+                            changed = True
+        return changed
+
+    async def _relay_json(self, state: RequestState, body: bytes, headers: dict[str, str]) -> web.Response:
+        started = time.perf_counter()
+        reply: UpstreamReply | None = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                reply = await self._upstream.post(body, headers)
+                state.upstream_ttfb = time.perf_counter() - started
+                data = await reply.read()  # the connection returns to the pool at EOF
+        except BaseException as exc:
+            if reply is not None:
+                reply.close()
+            raise self._upstream_exception(exc) from None
+        if reply.status >= 300:
+            return self._upstream_failure(reply, data)
+        try:
+            answer = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return web.Response(body=data, status=reply.status, content_type="application/json")
+        if isinstance(answer, dict):
+            state.usage = usage_of(answer)
+            if isinstance(answer.get("model"), str):
+                state.response_model = answer["model"]
+            if self._redactor is not None and self._redact_answer(answer):
+                data = orjson.dumps(answer)
+        return web.Response(body=data, status=reply.status, content_type="application/json")
+
+    def _upstream_exception(self, exc: BaseException) -> BaseException:
+        """A deadline or upstream failure as the error to raise (counted); anything else as is."""
+        if isinstance(exc, TimeoutError):
+            self._telemetry.metrics.cb_event("timeout")
+            return UpstreamTimeout()
+        if isinstance(exc, UpstreamError):
+            self._telemetry.metrics.cb_event("upstream_error")
+        return exc
+
+    def _redact_answer(self, answer: dict[str, Any]) -> bool:
+        assert self._redactor is not None
+        changed = False
+        for choice in answer.get("choices") or ():
+            message = choice.get("message") if isinstance(choice, dict) else None
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                clean = self._redactor.redact(content, self._count_response_redaction)
+                if clean != content:
+                    message["content"] = clean  # type: ignore[index]
+                    changed = True
+        return changed
+
+    def _upstream_failure(self, reply: UpstreamReply, data: bytes) -> web.Response:
+        """Relay the upstream's status and JSON error, except auth failures (our fault: 502)."""
+        self._telemetry.metrics.cb_event("upstream_error")
+        if reply.status in (401, 403):
+            raise UpstreamAuthRejected()
+        if not reply.is_json:
+            data = error_body(f"upstream answered {reply.status}", "upstream_error", "upstream_error")
+        return web.Response(body=data, status=reply.status, content_type="application/json")
+
+    async def _relay_stream(
+        self, request: web.Request, state: RequestState, body: bytes, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        started = time.perf_counter()
+        parser = sse.SSEParser()
+        reply: UpstreamReply | None = None
+        failure: bytes | None = None
+        try:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    reply = await self._upstream.post(body, headers)
+                    if reply.status >= 300:
+                        failure = await reply.read()
+                    else:
+                        chunks = reply.chunks()
+                        first = await _first_events(chunks, parser)
+            except (TimeoutError, UpstreamError) as exc:
+                raise self._upstream_exception(exc) from None
+            if failure is not None:
+                return self._upstream_failure(reply, failure)
+            state.upstream_ttfb = time.perf_counter() - started
+            response = web.StreamResponse(headers=SSE_HEADERS)
+            await response.prepare(request)
+            relay = StreamRelay(self._redactor, self._count_response_redaction)
+            await self._pump(response, relay, first, chunks, parser)
+            state.usage, state.response_model = relay.usage, relay.response_model
+            await response.write_eof()
+            return response
+        finally:
+            if reply is not None:
+                reply.close()  # an unfinished upstream stream is cut: the LLM stops generating
+
+    async def _pump(
+        self, response: web.StreamResponse, relay: StreamRelay, first: list[sse.Event], chunks: AsyncIterator[bytes], parser: sse.SSEParser
+    ) -> None:
+        try:
+            out = relay.events(first)
+            if out:
+                await response.write(out)
+            while not relay.done:
+                chunk = await anext(chunks, None)
+                if chunk is None:  # upstream ended without [DONE]
+                    await response.write(relay.events(parser.close()) + relay.finish())
+                    return
+                out = relay.events(parser.feed(chunk))
+                if out:
+                    await response.write(out)
+        except UpstreamStreamBroken as exc:
+            self._telemetry.metrics.cb_event("upstream_error")
+            await response.write(relay.finish() + sse.error_event(exc))
+        except asyncio.CancelledError:
+            if self._lifecycle.grace_expired:  # shutdown, not a client disconnect: say so
+                await _try_write(response, relay.finish() + sse.error_event(ShuttingDown()))
+            raise
+
+
+async def _first_events(chunks: AsyncIterator[bytes], parser: sse.SSEParser) -> list[sse.Event]:
+    while True:
+        chunk = await anext(chunks, None)
+        if chunk is None:
+            events = parser.close()
+            if not events:
+                raise UpstreamStreamBroken("upstream closed the stream before any event")
+            return events
+        events = parser.feed(chunk)
+        if events:
+            return events
+
+
+async def _try_write(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        async with asyncio.timeout(1):
+            await response.write(data)
+    except (OSError, TimeoutError, GatewayError):
+        pass

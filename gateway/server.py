@@ -1,0 +1,99 @@
+"""Serving: the event loop (uvloop when installed), signals, sd_notify, and WORKERS.
+
+SIGTERM/SIGINT drain and exit 0; SIGHUP is logged and otherwise ignored (reserved for
+reload). With WORKERS=N the parent forks N workers that share the port (SO_REUSEPORT)
+and forwards termination signals to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from .app import create_app
+from .config import Settings
+from .keys import LIFECYCLE
+
+log = logging.getLogger("gateway")
+
+
+def run(settings: Settings) -> int:
+    if settings.workers > 1:
+        return _supervise(settings)
+    return _run_one(settings)
+
+
+def _run_one(settings: Settings) -> int:
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is pinned, but the gateway runs without it
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(settings))
+    return 0
+
+
+async def serve(settings: Settings) -> None:
+    app = create_app(settings)
+    lifecycle = app[LIFECYCLE]
+    # handler_cancellation: a client that hangs up cancels its handler, and so the upstream call.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(
+        runner, settings.listen_host, settings.listen_port, backlog=2048,
+        reuse_port=settings.workers > 1 or None,
+    )
+    await site.start()
+    log.info("serving on %s:%s", settings.listen_host, settings.listen_port)
+    lifecycle.notify("READY=1")
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("SIGHUP ignored (reserved for reload)"))
+    await stop.wait()
+    lifecycle.notify("STOPPING=1")
+    log.info("draining (grace %ss)", settings.shutdown_grace_secs)
+    await runner.cleanup()  # closes the listener, drains (on_shutdown), then cleanup_ctx
+
+
+def _supervise(settings: Settings) -> int:
+    children: list[int] = []
+    for _ in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _run_one(settings)
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    status = 0
+    for child in children:
+        _, code = os.waitpid(child, 0)
+        status = status or os.waitstatus_to_exitcode(code)
+    return status
+
+
+def configure_logging() -> None:
+    # Operational messages go to stderr; stdout carries only the JSON request lines.
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,88 @@
+"""Server-Sent Events: an incremental parser, the encoder, and the in-stream error event.
+
+Our own small module rather than aiohttp-sse-client: that client reconnects and re-POSTs
+when a stream ends or breaks (a duplicated, billed LLM call) and hides upstream error
+bodies. The parser is fed raw reads in any split and yields whole events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import GatewayError
+
+DONE = b"[DONE]"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    raw: bytes  # the event block as received (line endings normalised to \n), with its blank line
+    data: bytes | None  # the data lines joined with \n; None for comment-only blocks
+
+
+class SSEParser:
+    """Feed bytes as they arrive; get back the events they complete.
+
+    Handles \\n, \\r\\n and \\r line endings (a \\r\\n split across two reads included),
+    multi-line `data:`, comments and events split across reads.
+    """
+
+    __slots__ = ("_pending", "_cr")
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._cr = False  # the previous read ended in \r: a \n opening the next is its pair
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        if self._cr:
+            self._cr = False
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            self._cr = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buf = self._pending + chunk if self._pending else chunk
+        if b"\n\n" not in buf:
+            self._pending = buf
+            return []
+        *blocks, self._pending = buf.split(b"\n\n")
+        return [event for block in blocks if (event := _parse_block(block)) is not None]
+
+    def close(self) -> list[Event]:
+        """End of input: a final block without its blank line is still dispatched."""
+        rest, self._pending = self._pending, b""
+        self._cr = False
+        event = _parse_block(rest.rstrip(b"\n"))
+        return [event] if event is not None else []
+
+    @property
+    def buffered(self) -> int:
+        return len(self._pending)
+
+
+def _parse_block(block: bytes) -> Event | None:
+    # A leading \n belongs to a run of blank lines (\n\n\n): no event there.
+    block = block.lstrip(b"\n")
+    if not block:
+        return None
+    if block.startswith(b"data: ") and b"\n" not in block:  # the common one-line event
+        return Event(block + b"\n\n", block[6:])
+    data: list[bytes] = []
+    for line in block.split(b"\n"):
+        if line.startswith(b":"):
+            continue
+        name, _, value = line.partition(b":")
+        if name == b"data":
+            data.append(value[1:] if value.startswith(b" ") else value)
+    return Event(block + b"\n\n", b"\n".join(data) if data else None)
+
+
+def encode(data: bytes) -> bytes:
+    """One event from a payload; a multi-line payload becomes several data lines."""
+    if b"\n" in data:
+        return b"".join(b"data: " + line + b"\n" for line in data.split(b"\n")) + b"\n"
+    return b"data: " + data + b"\n\n"
+
+
+def error_event(error: GatewayError) -> bytes:
+    return encode(error.body())

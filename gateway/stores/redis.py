@@ -1,0 +1,65 @@
+"""Quota counters in Redis or Redis Cluster, through coredis.
+
+One Lua script increments and sets the expiry in a single atomic round trip, so no
+counter can ever exist without a TTL (it also repairs a key that somehow lost one). Every
+call has a deadline; coredis errors and timeouts become `StoreUnavailable` here, and the
+quota policy decides what that means. coredis reconnects by itself when Redis returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import coredis
+from coredis.exceptions import RedisError
+
+from ..errors import StoreUnavailable
+
+# A string constant, so the frozen build needs no data files.
+INCREMENT_WITH_EXPIRY = """
+local count = redis.call('INCR', KEYS[1])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  ttl = tonumber(ARGV[1])
+end
+return {count, ttl}
+"""
+
+
+class RedisStore:
+    def __init__(self, url: str, *, cluster: bool, timeout: float) -> None:
+        client_cls: Any = coredis.RedisCluster if cluster else coredis.Redis
+        self._client = client_cls.from_url(
+            url, stream_timeout=timeout, connect_timeout=timeout, decode_responses=False
+        )
+        self._timeout = timeout
+        self._script = self._client.register_script(INCREMENT_WITH_EXPIRY)
+        self._open = False
+
+    async def open(self) -> None:
+        """Enter coredis' pool (it connects lazily, so this works while Redis is down)."""
+        await self._client.__aenter__()
+        self._open = True
+
+    async def close(self) -> None:
+        if self._open:
+            self._open = False
+            await self._client.__aexit__(None, None, None)
+
+    async def hit(self, key: str, window_ms: int) -> tuple[int, int]:
+        try:
+            async with asyncio.timeout(self._timeout):
+                count, ttl = await self._script(keys=[key], args=[window_ms])
+        except (TimeoutError, RedisError, OSError, RuntimeError) as exc:
+            raise StoreUnavailable() from exc
+        return int(count), max(1, int(ttl))
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._client.ping()
+        except (TimeoutError, RedisError, OSError, RuntimeError):
+            return False
+        return True

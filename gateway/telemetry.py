@@ -1,0 +1,250 @@
+"""Metrics (aioprometheus), traces (OpenTelemetry, OTLP/HTTP) and the JSON request log.
+
+The only module that touches aioprometheus or OpenTelemetry. Metrics live in a private
+registry built per app. Spans are exported in batches from a background thread, so a
+slow or dead collector never delays a request. Tenants and keys are never label values,
+and client-chosen label values (the model) are capped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import IO, Any
+
+import orjson
+from aioprometheus import Counter, Gauge, Histogram, Registry
+from aioprometheus.renderer import render
+
+from .models import RequestState
+
+CHAT_ROUTE = "/v1/chat/completions"
+# LLM latencies run from milliseconds (errors, cache hits) to minutes (long generations).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
+CB_EVENTS = ("timeout", "load_shed", "store_error", "upstream_error", "client_disconnect")
+OTHER = "other"
+
+
+class BoundedLabels:
+    """Client-chosen label values: the first `limit` distinct ones, then `other`."""
+
+    __slots__ = ("_seen", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        self._seen: set[str] = set()
+        self._limit = limit
+
+    def __call__(self, value: str | None) -> str:
+        if not value:
+            return "unknown"
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self._limit or len(value) > 100:
+            return OTHER
+        self._seen.add(value)
+        return value
+
+
+class Metrics:
+    def __init__(self, model_label_limit: int) -> None:
+        self.registry = Registry()
+        r = self.registry
+        self.requests = Counter("requests_total", "Requests received, by route.", registry=r)
+        self.responses = Counter(
+            "http_requests_total", "Responses sent, by route, model and status.", registry=r
+        )
+        self.inflight = Gauge("inflight_requests", "Chat requests in flight (streams until their last byte).", registry=r)
+        self.redactions = Counter("redactions_total", "PII redactions, by kind and direction.", registry=r)
+        self.quota_blocks = Counter("quota_block_total", "Requests refused by the tenant quota.", registry=r)
+        self.cb_events = Counter("cb_events_total", "Circuit-breaker events: timeouts, load shedding, store errors.", registry=r)
+        self.ratelimit_blocks = Counter("ratelimit_block_total", "Requests refused by the rate limit.", registry=r)
+        self.tokens = Counter("tokens_total", "Tokens reported by the upstream, by kind and model.", registry=r)
+        self.duration = Histogram(
+            "request_duration_seconds", "Whole-request latency (streams until the last byte).",
+            registry=r, buckets=LATENCY_BUCKETS,
+        )
+        self.ttfb = Histogram(
+            "upstream_ttfb_seconds", "Upstream time to first byte (first event for streams).",
+            registry=r, buckets=LATENCY_BUCKETS,
+        )
+        self.model_label = BoundedLabels(model_label_limit)
+        # Every family shows from the start, at zero.
+        self.inflight.set({}, 0)
+        self.quota_blocks.set({"reason": "exceeded"}, 0)
+        self.ratelimit_blocks.set({}, 0)
+        for event in CB_EVENTS:
+            self.cb_events.set({"event": event}, 0)
+        self.requests.set({"route": CHAT_ROUTE}, 0)
+        # Label dicts built once: these are on every request's path.
+        self._chat_route = {"route": CHAT_ROUTE}
+        self._cb = {event: {"event": event} for event in CB_EVENTS}
+        self._quota_exceeded = {"reason": "exceeded"}
+        self._no_labels: dict[str, str] = {}
+
+    def request_started(self, route: str) -> None:
+        self.requests.inc(self._chat_route if route == CHAT_ROUTE else {"route": route})
+
+    def chat_started(self) -> None:
+        self.inflight.inc(self._no_labels)
+
+    def chat_finished(self) -> None:
+        self.inflight.dec(self._no_labels)
+
+    def response_sent(self, route: str, model: str | None, status: int, seconds: float) -> None:
+        self.responses.inc({"route": route, "model": self.model_label(model), "status": str(status)})
+        if route == CHAT_ROUTE:
+            self.duration.observe(self._chat_route, seconds)
+
+    def upstream_first_byte(self, seconds: float) -> None:
+        self.ttfb.observe(self._no_labels, seconds)
+
+    def cb_event(self, event: str) -> None:
+        self.cb_events.inc(self._cb[event])
+
+    def quota_blocked(self) -> None:
+        self.quota_blocks.inc(self._quota_exceeded)
+
+    def rate_limited(self) -> None:
+        self.ratelimit_blocks.inc(self._no_labels)
+
+    def redacted(self, kind: str, direction: str) -> None:
+        self.redactions.inc({"kind": kind, "direction": direction})
+
+    def tokens_used(self, model: str | None, prompt: int, completion: int) -> None:
+        label = self.model_label(model)
+        self.tokens.add({"kind": "prompt", "model": label}, prompt)
+        self.tokens.add({"kind": "completion", "model": label}, completion)
+
+    def render(self, accept: list[str]) -> tuple[bytes, dict[str, str]]:
+        return render(self.registry, accept)
+
+
+class Tracing:
+    """Server and client spans, W3C propagation, OTLP/HTTP export in batches."""
+
+    def __init__(self, endpoint: str, service_name: str) -> None:
+        # Imported here so a gateway without tracing does not pay for the SDK at start-up.
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        url = endpoint.rstrip("/")
+        if not url.endswith("/v1/traces"):
+            url += "/v1/traces"
+        # The sampler comes from the standard OTEL_TRACES_SAMPLER(_ARG) variables.
+        self._provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        self._provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=url, timeout=5)))
+        self._tracer = self._provider.get_tracer("secure-llm-gateway")
+        self._propagator = TraceContextTextMapPropagator()
+        self._server_kind = SpanKind.SERVER
+        self._client_kind = SpanKind.CLIENT
+        self._set_in_context = set_span_in_context
+        self._error_status = Status(StatusCode.ERROR)
+
+    def start_server_span(self, method: str, path: str, headers: Mapping[str, str]) -> Any:
+        parent = self._propagator.extract(headers)
+        return self._tracer.start_span(
+            f"{method} {path}", context=parent, kind=self._server_kind,
+            attributes={"http.request.method": method, "url.path": path},
+        )
+
+    def end_server_span(self, span: Any, state: RequestState, status: int) -> None:
+        attrs: dict[str, Any] = {"http.status_code": status, "http.response.status_code": status}
+        if state.tenant is not None:
+            attrs["tenant"] = state.tenant.public_id
+        if state.model is not None:
+            attrs["model"] = state.model
+            attrs["gen_ai.request.model"] = state.model
+            attrs["gen_ai.operation.name"] = "chat"
+        if state.response_model is not None:
+            attrs["gen_ai.response.model"] = state.response_model
+        if state.usage is not None:
+            attrs["gen_ai.usage.input_tokens"] = state.usage.prompt_tokens
+            attrs["gen_ai.usage.output_tokens"] = state.usage.completion_tokens
+        attrs["request.id"] = state.request_id
+        if status >= 400:
+            attrs["error"] = True
+            span.set_status(self._error_status)
+        span.set_attributes(attrs)
+        span.end()
+
+    def trace_id(self, span: Any) -> str:
+        return format(span.get_span_context().trace_id, "032x")
+
+    @contextmanager
+    def client_span(self, server_span: Any, model: str | None) -> Iterator[dict[str, str]]:
+        """A client span around the upstream call; yields the headers that carry it."""
+        context = self._set_in_context(server_span)
+        name = f"chat {model}" if model else "chat"
+        with self._tracer.start_as_current_span(name, context=context, kind=self._client_kind) as span:
+            if model:
+                span.set_attribute("gen_ai.request.model", model)
+            carrier: dict[str, str] = {}
+            self._propagator.inject(carrier, context=self._set_in_context(span))
+            yield carrier
+
+    def shutdown(self) -> None:
+        self._provider.shutdown()
+
+
+class RequestLog:
+    """One JSON line per request on stdout; never prompt or completion text, never a key.
+
+    Lines are buffered and flushed at most every 100 ms, so a slow stdout reader costs one
+    write per interval rather than one per request.
+    """
+
+    def __init__(self, stream: IO[bytes] | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stdout.buffer
+        self._buffer = bytearray()
+        self._flush_handle: asyncio.TimerHandle | None = None
+
+    def write(self, state: RequestState, method: str, path: str, status: int, seconds: float, trace_id: str | None) -> None:
+        record: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+            "request_id": state.request_id,
+            "method": method,
+            "path": path,
+            "tenant": state.tenant.public_id if state.tenant is not None else None,
+            "model": state.model,
+            "stream": state.stream,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 2),
+            "upstream_ttfb_ms": round(state.upstream_ttfb * 1000, 2) if state.upstream_ttfb is not None else None,
+        }
+        if trace_id is not None:
+            record["trace_id"] = trace_id
+        self._buffer += orjson.dumps(record)
+        self._buffer += b"\n"
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(0.1, self.flush)
+
+    def flush(self) -> None:
+        self._flush_handle = None
+        if self._buffer:
+            data, self._buffer = bytes(self._buffer), bytearray()
+            try:
+                self._stream.write(data)
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass  # stdout gone (closed pipe): logging must never fail a request
+
+
+class Telemetry:
+    """What the telemetry middleware and the proxy use; tracing is optional."""
+
+    def __init__(self, metrics: Metrics, tracing: Tracing | None, log: RequestLog) -> None:
+        self.metrics = metrics
+        self.tracing = tracing
+        self.log = log
+
+    def close(self) -> None:
+        self.log.flush()
+        if self.tracing is not None:
+            self.tracing.shutdown()

@@ -1,0 +1,78 @@
+"""Tenant identity: open mode (the key is the tenant), keyed mode, hashed identifiers."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from collections.abc import Mapping
+
+from .errors import InvalidApiKey
+from .models import Tenant
+
+ANONYMOUS = "anonymous"
+
+
+def presented_key(api_key_header: str | None, authorization: str | None) -> str | None:
+    """`X-Api-Key`, else the bearer token of `Authorization` (what OpenAI SDKs send)."""
+    if api_key_header:
+        return api_key_header.strip() or None
+    if authorization and authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip() or None
+    return None
+
+
+class Tenancy:
+    __slots__ = ("_digests", "_hash_secret")
+
+    def __init__(self, key_digests: Mapping[bytes, str], hash_secret: bytes | None) -> None:
+        self._digests = key_digests
+        self._hash_secret = hash_secret
+
+    @property
+    def keyed(self) -> bool:
+        return bool(self._digests)
+
+    def resolve(self, key: str | None, peer_ip: str, path: str) -> Tenant:
+        """Raises InvalidApiKey in keyed mode for a missing or unknown key."""
+        if self._digests:
+            name = self._lookup(key)
+            return Tenant(name, self.public_id(name), "key:" + name)
+        if key is None:
+            return Tenant(ANONYMOUS, self.public_id(ANONYMOUS), f"ip:{peer_ip}:{path}")
+        return Tenant(key, self.public_id(key), "key:" + key)
+
+    def _lookup(self, key: str | None) -> str:
+        if key is None:
+            raise InvalidApiKey()
+        # Constant time with respect to the key: only its SHA-256 digest is looked up, so
+        # timing can reveal nothing but facts about a hash nobody can invert.
+        name = self._digests.get(hashlib.sha256(key.encode()).digest())
+        if name is None:
+            raise InvalidApiKey()
+        return name
+
+    def public_id(self, name: str) -> str:
+        if self._hash_secret is None:
+            return name
+        return "h:" + hmac.new(self._hash_secret, name.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def client_ip(peer: str | None, forwarded_for: str | None, trusted: tuple[object, ...]) -> str:
+    """The peer address, or the right-most untrusted X-Forwarded-For hop behind a trusted proxy."""
+    ip = peer or "unknown"
+    if not trusted or not forwarded_for or not _is_trusted(ip, trusted):
+        return ip
+    for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()]):
+        if not _is_trusted(hop, trusted):
+            return hop
+        ip = hop
+    return ip
+
+
+def _is_trusted(ip: str, trusted: tuple[object, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in net for net in trusted)  # type: ignore[operator]
