@@ -1,0 +1,260 @@
+"""The relay end to end: the real gateway process, the mock upstream, the official SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import openai
+import pytest
+
+from ..conftest import GatewayFactory
+from ..harness import Gateway, Mock, free_port, wait_until
+
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "Hola 👋"}]
+
+
+def client(gateway: Gateway, key: str = "demo", **headers: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=20, default_headers=headers or None
+    )
+
+
+async def post(gateway: Gateway, body: bytes | dict[str, object], **headers: str) -> tuple[int, dict[str, str], bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as session, session.post(
+        gateway.url + CHAT, data=data, headers={"Content-Type": "application/json", **headers}
+    ) as response:
+        return response.status, {k.lower(): v for k, v in response.headers.items()}, await response.read()
+
+
+def test_non_stream_content_is_what_the_upstream_sent(shared_gateway: Gateway, mock: Mock) -> None:
+    reply = client(shared_gateway).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert reply.choices[0].message.content == "Hello! This is a mock response from the upstream."
+    assert reply.usage is not None and reply.usage.prompt_tokens == 9
+
+
+def test_stream_content_is_what_the_upstream_sent(shared_gateway: Gateway, mock: Mock) -> None:
+    stream = client(shared_gateway, **{"x-mock-reply": "one two three, four."}).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "one two three, four."
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+async def test_stream_deltas_arrive_as_the_upstream_sends_them(shared_gateway: Gateway, mock: Mock) -> None:
+    # 6 deltas 300 ms apart: the first must reach the client long before the last is sent.
+    started = time.monotonic()
+    arrivals: list[float] = []
+    body = {"model": "m", "messages": MESSAGES, "stream": True}
+    headers = {"x-mock-reply": "a b c d e f ", "x-mock-chunk-delay-ms": "300", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as session, session.post(shared_gateway.url + CHAT, json=body, headers=headers) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        async for line in r.content:
+            if line.startswith(b"data: {") and b'"content":"' in line.replace(b" ", b"") and b'"content": ""' not in line:
+                arrivals.append(time.monotonic() - started)
+    assert len(arrivals) >= 5
+    assert arrivals[0] < 1.0
+    assert arrivals[-1] - arrivals[0] > 1.2  # spread out as sent, not buffered to the end
+
+
+def test_every_field_reaches_the_upstream_unchanged(shared_gateway: Gateway, mock: Mock) -> None:
+    extra = {
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}],
+        "response_format": {"type": "json_object"},
+        "seed": 7,
+        "n": 2,
+        "temperature": 0.3,
+        "stream_options": {"include_usage": True},
+        "some_future_field": {"nested": [1, "two", None]},
+    }
+    stream = client(shared_gateway).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True, extra_body=extra
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage is not None  # include_usage honoured by the upstream
+    [seen] = mock.requests()
+    for field, value in extra.items():
+        assert seen["body"][field] == value
+    assert seen["body"]["messages"] == MESSAGES
+
+
+def test_upstream_gets_the_gateway_key_never_the_clients(shared_gateway: Gateway, mock: Mock) -> None:
+    client(shared_gateway, key="client-secret-key").chat.completions.create(model="m", messages=MESSAGES)
+    asyncio.run(post(shared_gateway, {"model": "m", "messages": MESSAGES}, **{
+        "X-Api-Key": "tenant-key", "Connection": "keep-alive, X-Hop", "X-Hop": "1", "Keep-Alive": "timeout=5",
+        "Proxy-Authorization": "Basic abc", "TE": "trailers", "Upgrade": "h2c", "X-Custom": "kept",
+    }))
+    first, second = mock.requests()
+    for seen in (first, second):
+        headers = {k.lower(): v for k, v in seen["headers"].items()}
+        assert headers["authorization"] == "Bearer sk-upstream-secret"
+        assert "x-api-key" not in headers
+    headers = {k.lower(): v for k, v in second["headers"].items()}
+    for hop in ("x-hop", "keep-alive", "proxy-authorization", "te", "upgrade"):
+        assert hop not in headers
+    assert headers["x-custom"] == "kept"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_first_byte_timeout_is_504(start_gateway: GatewayFactory, mock: Mock, stream: bool) -> None:
+    gateway = start_gateway(TIMEOUT_SECS="1")
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as caught:
+        response = client(gateway, **{"x-mock-latency-ms": "3000"}).chat.completions.create(
+            model="m", messages=MESSAGES, stream=stream
+        )
+        list(response) if stream else None  # type: ignore[call-overload]
+    elapsed = time.monotonic() - started
+    assert caught.value.status_code == 504
+    assert caught.value.body["message"] == "upstream timed out"  # type: ignore[index]
+    assert 0.9 < elapsed < 2.0
+
+
+def test_a_slow_stream_after_its_first_event_is_not_cut(start_gateway: GatewayFactory, mock: Mock) -> None:
+    gateway = start_gateway(TIMEOUT_SECS="1")
+    stream = client(gateway, **{"x-mock-chunk-delay-ms": "400", "x-mock-reply": "a b c d"}).chat.completions.create(
+        model="m", messages=MESSAGES, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "a b c d"
+
+
+@pytest.mark.parametrize(("upstream", "expected"), [(400, 400), (429, 429), (500, 500), (503, 503), (401, 502), (403, 502)])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_upstream_statuses(shared_gateway: Gateway, mock: Mock, upstream: int, expected: int, stream: bool) -> None:
+    status, headers, body = await post(
+        shared_gateway, {"model": "m", "messages": MESSAGES, "stream": stream}, **{"x-mock-status": str(upstream)}
+    )
+    assert status == expected
+    error = json.loads(body)["error"]
+    if expected == 502:
+        assert "credentials" in error["message"]
+        assert "sk-upstream-secret" not in body.decode()
+    else:
+        assert error["message"] == f"mock upstream error {upstream}"  # the upstream's own body
+    assert headers["x-request-id"]
+
+
+async def test_unreachable_upstream_is_502(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway(OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}")
+    for stream in (False, True):
+        status, _, body = await post(gateway, {"model": "m", "messages": MESSAGES, "stream": stream})
+        assert status == 502
+        assert json.loads(body)["error"]["type"] == "upstream_error"
+
+
+async def test_client_disconnect_cancels_the_upstream_at_once(shared_gateway: Gateway, mock: Mock) -> None:
+    body = {"model": "m", "messages": MESSAGES, "stream": True}
+    headers = {"x-mock-chunk-delay-ms": "500", "x-mock-reply": "a b c d e f g h i j"}
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(shared_gateway.url + CHAT, json=body, headers=headers)
+        await response.content.readline()  # the stream has started
+        response.close()  # hang up
+        hung_up = time.monotonic()
+    events = await asyncio.to_thread(wait_until, mock.events, 3.0, 0.02, "the upstream to see the disconnect")
+    assert events[0]["event"] == "client_disconnected"
+    assert events[0]["at"] - time.time() < 1 and time.monotonic() - hung_up < 3
+
+
+async def test_upstream_dying_mid_stream_ends_with_an_error_event(shared_gateway: Gateway, mock: Mock) -> None:
+    status, _, body = await post(
+        shared_gateway, {"model": "m", "messages": MESSAGES, "stream": True},
+        **{"x-mock-die-after": "2", "x-mock-reply": "a b c d e f"},
+    )
+    assert status == 200
+    events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
+    assert json.loads(events[-1])["error"]["code"] == "upstream_stream_broken"
+    assert "a b " in "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    # and the gateway keeps serving
+    reply = client(shared_gateway).chat.completions.create(model="m", messages=MESSAGES)
+    assert reply.choices[0].message.content
+
+
+async def test_upstream_ending_without_done_still_ends_cleanly(shared_gateway: Gateway, mock: Mock) -> None:
+    status, _, body = await post(
+        shared_gateway, {"model": "m", "messages": MESSAGES, "stream": True},
+        **{"x-mock-no-done": "1", "x-mock-reply": "last word jane"},
+    )
+    assert status == 200
+    contents = [
+        json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+        for line in body.decode().splitlines() if line.startswith("data: {")
+    ]
+    assert "".join(contents) == "last word jane"  # the held tail was flushed
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"{not json", 400, "invalid_json"),
+        (b"\xff\xfe{}", 400, "invalid_json"),
+        (b'"a string"', 400, "invalid_request"),
+        (b"[1, 2]", 400, "invalid_request"),
+        (b'{"messages": []}', 400, "missing_model"),
+        (b'{"model": "m"}', 400, "missing_messages"),
+        (b'{"model": "m", "messages": "hi"}', 400, "missing_messages"),
+        (b"", 400, "invalid_json"),
+    ],
+)
+async def test_bad_input_is_a_clear_400(shared_gateway: Gateway, mock: Mock, body: bytes, status: int, code: str) -> None:
+    got, headers, answer = await post(shared_gateway, body)
+    assert got == status
+    error = json.loads(answer)["error"]
+    assert error["code"] == code and error["message"] and error["type"] == "invalid_request_error"
+    assert headers["x-request-id"]
+    assert mock.requests() == []  # never reached the upstream
+    assert client(shared_gateway).chat.completions.create(model="m", messages=MESSAGES).choices
+
+
+async def test_oversized_body_is_413(start_gateway: GatewayFactory, mock: Mock) -> None:
+    gateway = start_gateway(MAX_BODY_BYTES="1000")
+    big = {"model": "m", "messages": [{"role": "user", "content": "x" * 2000}]}
+    status, _, body = await post(gateway, big)
+    assert status == 413
+    assert json.loads(body)["error"]["code"] == "request_too_large"
+    # chunked upload without Content-Length: the limit holds while reading
+    async def gen():  # type: ignore[no-untyped-def]
+        yield json.dumps(big).encode()
+
+    async with aiohttp.ClientSession() as session, session.post(gateway.url + CHAT, data=gen()) as r:
+        assert r.status == 413
+    assert mock.requests() == []
+    assert client(gateway).chat.completions.create(model="m", messages=MESSAGES).choices
+
+
+async def test_unknown_paths_and_methods_are_json_errors(shared_gateway: Gateway) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(shared_gateway.url + "/v1/models") as r:
+            assert r.status == 404
+            assert (await r.json())["error"]["code"] == "not_found"
+        async with session.get(shared_gateway.url + CHAT) as r:
+            assert r.status == 405
+            assert (await r.json())["error"]["code"] == "method_not_allowed"
+            assert "x-ratelimit-limit-requests" not in r.headers  # no quota spent on a 405
+        async with session.get(shared_gateway.url + "/healthz") as r:
+            assert r.status == 200 and await r.text() == "ok"
+
+
+async def test_request_id_is_the_clients_or_a_new_one(shared_gateway: Gateway, mock: Mock) -> None:
+    _, headers, _ = await post(shared_gateway, {"model": "m", "messages": MESSAGES}, **{"x-request-id": "abc-123"})
+    assert headers["x-request-id"] == "abc-123"
+    _, headers, _ = await post(shared_gateway, b"{bad")
+    assert len(headers["x-request-id"]) >= 16
+
+
+def test_request_log_lines_have_no_prompt_and_no_keys(start_gateway: GatewayFactory, mock: Mock) -> None:
+    gateway = start_gateway()
+    client(gateway, key="tenant-key-123").chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "my secret prompt"}]
+    )
+    line = wait_until(lambda: [entry for entry in gateway.log_lines() if entry["path"] == CHAT], what="a log line")[0]
+    assert line["status"] == 200 and line["model"] == "gpt-4o-mini" and line["request_id"]
+    assert line["upstream_ttfb_ms"] is not None and line["duration_ms"] >= line["upstream_ttfb_ms"]
+    everything = gateway.process.output() + gateway.process.errors()
+    assert "my secret prompt" not in everything
+    assert "sk-upstream-secret" not in everything
