@@ -193,10 +193,11 @@ def _parse_redact_kinds(value: str) -> frozenset[str]:
 
 def load_settings(env_file: Path | None = None) -> Settings:
     """Read `.env` (working directory by default) under the real environment; validate all."""
+    env = Env(eager=False)
     dotenv = env_file if env_file is not None else Path.cwd() / ".env"
     if dotenv.is_file():
-        Env().read_env(str(dotenv), recurse=False, override=False)
-    return _read(Env(eager=False))
+        env.read_env(str(dotenv), recurse=False, override=False)  # into env, under os.environ
+    return _read(env)
 
 
 def _read(env: Env) -> Settings:

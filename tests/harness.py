@@ -30,6 +30,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster-bus port (+10000) is free and valid too."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 50000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
     """Poll `condition` until it returns something truthy; fail with `what` at the deadline."""
     deadline = time.monotonic() + timeout
@@ -232,7 +248,7 @@ class RedisCluster:
 
     def __init__(self, tmp: Path) -> None:
         self.nodes = [
-            RedisServer(tmp, extra=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            RedisServer(tmp, port=free_cluster_port(), extra=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                                     "--cluster-node-timeout", "2000"])
             for _ in range(3)
         ]

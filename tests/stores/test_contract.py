@@ -1,0 +1,126 @@
+"""One contract, every backend: memory, a real redis-server, a real 3-master cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import StoreUnavailable
+from gateway.stores import QuotaStore, store_from_url
+from gateway.stores.redis import RedisStore
+
+from ..harness import RedisCluster, RedisServer
+
+
+@pytest.fixture(scope="module", params=["memory", "redis", "cluster"])
+def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str | None, bool]]:
+    """(url, cluster) of a real server per backend, shared by the module's tests."""
+    if request.param == "memory":
+        yield None, False
+        return
+    tmp = tmp_path_factory.mktemp(request.param)
+    server = RedisServer(tmp) if request.param == "redis" else RedisCluster(tmp)
+    yield server.url, request.param == "cluster"
+    server.stop()
+
+
+@pytest.fixture
+def store(backend: tuple[str | None, bool]) -> Callable[[], AbstractAsyncContextManager[QuotaStore]]:
+    """Opened and closed inside the test's own task (coredis' pool is task-scoped)."""
+
+    @asynccontextmanager
+    async def opened() -> AsyncIterator[QuotaStore]:
+        url, cluster = backend
+        store = store_from_url(url, cluster=cluster, timeout=0.5)
+        if isinstance(store, RedisStore):
+            await store.open()
+        try:
+            yield store
+        finally:
+            await store.close()
+
+    return opened
+
+
+StoreFactory = Callable[[], AbstractAsyncContextManager[QuotaStore]]
+
+
+def unique(prefix: str) -> str:
+    return f"quota:{prefix}:{uuid.uuid4().hex}"
+
+
+async def test_counts_within_a_window(store: StoreFactory) -> None:
+    key_a, key_b = unique("a"), unique("b")
+    async with store() as s:
+        assert (await s.hit(key_a, 60_000))[0] == 1
+        count, ttl = await s.hit(key_a, 60_000)
+        assert count == 2
+        assert 0 < ttl <= 60_000
+        assert (await s.hit(key_b, 60_000))[0] == 1
+
+
+async def test_window_ends(store: StoreFactory) -> None:
+    key = unique("w")
+    async with store() as s:
+        await s.hit(key, 300)
+        await s.hit(key, 300)
+        await asyncio.sleep(0.45)
+        assert (await s.hit(key, 300))[0] == 1
+
+
+async def test_concurrent_hits_are_counted_exactly_once(store: StoreFactory) -> None:
+    key = unique("c")
+    async with store() as s:
+        counts = await asyncio.gather(*(s.hit(key, 60_000) for _ in range(200)))
+    assert sorted(c for c, _ in counts) == list(range(1, 201))
+
+
+async def test_ping(store: StoreFactory) -> None:
+    async with store() as s:
+        assert await s.ping() is True
+
+
+async def test_redis_key_always_has_a_ttl(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url, cluster=False, timeout=0.5)
+    await store.open()
+    try:
+        await store.hit("quota:demo", 60_000)
+        assert redis_server.cli("GET", "quota:demo") == "1"
+        assert 0 < int(redis_server.cli("TTL", "quota:demo")) <= 60
+        # A counter that somehow lost its TTL is repaired by the next hit.
+        redis_server.cli("PERSIST", "quota:demo")
+        await store.hit("quota:demo", 60_000)
+        assert 0 < int(redis_server.cli("TTL", "quota:demo")) <= 60
+    finally:
+        await store.close()
+
+
+async def test_unreachable_redis_raises_store_unavailable_then_recovers(redis_factory: Callable[[], RedisServer]) -> None:
+    server = redis_factory()
+    store = RedisStore(server.url, cluster=False, timeout=0.3)
+    await store.open()
+    try:
+        assert (await store.hit("quota:r", 60_000))[0] == 1
+        server.kill()
+        with pytest.raises(StoreUnavailable):
+            await store.hit("quota:r", 60_000)
+        assert await store.ping() is False
+        server.start()
+        assert (await store.hit("quota:r", 60_000))[0] == 1  # a fresh server: counting again
+    finally:
+        await store.close()
+
+
+async def test_redis_down_at_start_is_not_fatal(tmp_path: Path) -> None:
+    from ..harness import free_port
+
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", cluster=False, timeout=0.3)
+    await store.open()
+    with pytest.raises(StoreUnavailable):
+        await store.hit("quota:x", 1000)
+    await store.close()
