@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 from typing import IO
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from . import keys
 from .config import Settings
 from .lifecycle import Lifecycle
 from .limits import Quota, TokenBucket
 from .middlewares import (
-    Middleware,
     add_gateway_headers,
     admission_step,
     errors_middleware,
@@ -49,8 +49,12 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         on_store_error=lambda: telemetry.metrics.cb_event("store_error"),
     )
     proxy = ChatProxy(
-        upstream, build_redactor(settings.redact_kinds), telemetry, lifecycle,
-        settings.timeout_secs, settings.max_body_bytes,
+        upstream,
+        build_redactor(settings.redact_kinds),
+        telemetry,
+        lifecycle,
+        settings.timeout_secs,
+        settings.max_body_bytes,
     )
 
     # Admission, in SPEC §4's order: who is calling (a bad key is refused before anything

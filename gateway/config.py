@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 from environs import Env, EnvError, EnvValidationError
 from marshmallow.validate import OneOf, Range
 
+T = TypeVar("T")
 REDACT_KIND_NAMES = ("email", "card", "phone", "iban", "ssn")
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -52,9 +53,7 @@ class Settings:
     otlp_endpoint: str | None = None
     service_name: str = "secure-llm-gateway"
     # sha256(key) -> tenant name; plaintext keys are never kept.
-    tenant_key_digests: Mapping[bytes, str] = field(
-        default_factory=lambda: MappingProxyType({}), repr=False
-    )
+    tenant_key_digests: Mapping[bytes, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     hash_identifiers: bool = False
     hash_secret: bytes | None = field(default=None, repr=False)
     trusted_proxies: tuple[IpNetwork, ...] = ()
@@ -200,70 +199,79 @@ def load_settings(env_file: Path | None = None) -> Settings:
     return _read(env)
 
 
-def _read(env: Env) -> Settings:
-    errors: dict[str, str] = {}
+class _Reader:
+    """Collects every problem instead of stopping at the first."""
 
-    def custom(name: str, parse: object, default: object) -> object:
-        raw = env.str(name, None)
+    def __init__(self, env: Env) -> None:
+        self.env = env
+        self.errors: dict[str, str] = {}
+
+    def custom(self, name: str, parse: Callable[[str], T], default: T) -> T:
+        raw = self.env.str(name, None)
         if raw is None or raw == "":
             return default
         try:
-            return parse(raw)  # type: ignore[operator]
+            return parse(raw)
         except EnvError as exc:
-            errors[name] = str(exc)
+            self.errors[name] = str(exc)
             return default
 
-    non_negative = Range(min=0)
-    positive = Range(min=1)
-    listen = custom("LISTEN_ADDR", _parse_listen_addr, ("0.0.0.0", 8080))
-    base_url = custom("OPENAI_BASE_URL", _parse_http_url, "https://api.openai.com")
-    redis_url = custom("REDIS_URL", _parse_redis_url, None)
-    tenant_quotas = custom("TENANT_QUOTAS", _parse_tenant_quotas, MappingProxyType({}))
-    trusted = custom("TRUSTED_PROXIES", _parse_trusted_proxies, ())
-    otlp = custom("OTEL_EXPORTER_OTLP_ENDPOINT", _parse_http_url, None)
-    raw_kinds = env.str("REDACT_KINDS", None)
-    if raw_kinds is None:
-        redact_kinds: object = frozenset(REDACT_KIND_NAMES)
+    def tenant_keys(self) -> dict[bytes, str]:
+        digests: dict[bytes, str] = {}
+        raw_keys = self.env.str("TENANT_KEYS", None)
+        if raw_keys:
+            try:
+                digests.update(_parse_tenant_key_entries(raw_keys.split(","), "TENANT_KEYS"))
+            except EnvError as exc:
+                self.errors["TENANT_KEYS"] = str(exc)
+        keys_file = self.env.str("TENANT_KEYS_FILE", None)
+        if keys_file:
+            try:
+                lines = Path(keys_file).read_text().splitlines()
+                entries = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+                digests.update(_parse_tenant_key_entries(entries, "TENANT_KEYS_FILE"))
+            except OSError as exc:
+                self.errors["TENANT_KEYS_FILE"] = f"cannot read {keys_file}: {exc.strerror}"
+            except EnvError as exc:
+                self.errors["TENANT_KEYS_FILE"] = str(exc)
+        return digests
+
+
+def _read(env: Env) -> Settings:
+    r = _Reader(env)
+    non_negative, positive = Range(min=0), Range(min=1)
+    host, port = r.custom("LISTEN_ADDR", _parse_listen_addr, ("0.0.0.0", 8080))
+    base_url = r.custom("OPENAI_BASE_URL", _parse_http_url, "https://api.openai.com")
+    redis_url = r.custom("REDIS_URL", _parse_redis_url, None)
+    no_quotas: Mapping[str, int] = MappingProxyType({})
+    tenant_quotas = r.custom("TENANT_QUOTAS", _parse_tenant_quotas, no_quotas)
+    no_proxies: tuple[IpNetwork, ...] = ()
+    trusted = r.custom("TRUSTED_PROXIES", _parse_trusted_proxies, no_proxies)
+    otlp = r.custom("OTEL_EXPORTER_OTLP_ENDPOINT", _parse_http_url, None)
+    if env.str("REDACT_KINDS", None) is None:
+        redact_kinds = frozenset(REDACT_KIND_NAMES)
     else:  # set but empty turns redaction off
-        redact_kinds = custom("REDACT_KINDS", _parse_redact_kinds, frozenset())
-
-    digests: dict[bytes, str] = {}
-    raw_keys = env.str("TENANT_KEYS", None)
-    if raw_keys:
-        try:
-            digests.update(_parse_tenant_key_entries(raw_keys.split(","), "TENANT_KEYS"))
-        except EnvError as exc:
-            errors["TENANT_KEYS"] = str(exc)
-    keys_file = env.str("TENANT_KEYS_FILE", None)
-    if keys_file:
-        try:
-            lines = Path(keys_file).read_text().splitlines()
-            entries = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-            digests.update(_parse_tenant_key_entries(entries, "TENANT_KEYS_FILE"))
-        except OSError as exc:
-            errors["TENANT_KEYS_FILE"] = f"cannot read {keys_file}: {exc.strerror}"
-        except EnvError as exc:
-            errors["TENANT_KEYS_FILE"] = str(exc)
-
-    hash_identifiers = env.bool("HASH_IDENTIFIERS", False)
+        redact_kinds = r.custom("REDACT_KINDS", _parse_redact_kinds, frozenset())
+    digests = r.tenant_keys()
+    hash_identifiers = bool(env.bool("HASH_IDENTIFIERS", False))
     hash_secret = env.str("HASH_SECRET", None)
-    if hash_identifiers is True and not hash_secret:
-        errors["HASH_SECRET"] = "required when HASH_IDENTIFIERS=true"
+    if hash_identifiers and not hash_secret:
+        r.errors["HASH_SECRET"] = "required when HASH_IDENTIFIERS=true"
 
-    values = dict(
+    settings = dict(
         upstream_api_key=env.str("OPENAI_API_KEY", None) or None,
-        rps=env.float("RPS", 5.0, validate=Range(min=0)),
+        rps=env.float("RPS", 5.0, validate=non_negative),
         burst=env.int("BURST", 10, validate=positive),
         redis_cluster=env.bool("REDIS_CLUSTER", False),
         default_quota=env.int("DEFAULT_QUOTA", 120, validate=non_negative),
         quota_window_secs=env.int("QUOTA_WINDOW_SECS", 60, validate=positive),
         quota_fail_mode=env.str("QUOTA_FAIL_MODE", "open", validate=OneOf(["open", "closed"])),
-        store_timeout_ms=env.int("STORE_TIMEOUT_MS", 250, validate=positive),
+        store_timeout_secs=env.int("STORE_TIMEOUT_MS", 250, validate=positive),
         timeout_secs=env.float("TIMEOUT_SECS", 60.0, validate=Range(min=0, min_inclusive=False)),
         max_concurrency=env.int("MAX_CONCURRENCY", 0, validate=non_negative),
         max_body_bytes=env.int("MAX_BODY_BYTES", 8 * 1024 * 1024, validate=positive),
         service_name=env.str("OTEL_SERVICE_NAME", "secure-llm-gateway") or "secure-llm-gateway",
-        shutdown_grace_secs=env.float("SHUTDOWN_GRACE_SECS", 30.0, validate=Range(min=0)),
+        shutdown_grace_secs=env.float("SHUTDOWN_GRACE_SECS", 30.0, validate=non_negative),
         model_label_limit=env.int("MODEL_LABEL_LIMIT", 50, validate=positive),
         workers=env.int("WORKERS", 1, validate=positive),
         notify_socket=env.str("NOTIFY_SOCKET", None) or None,
@@ -271,36 +279,30 @@ def _read(env: Env) -> Settings:
     try:
         env.seal()
     except EnvValidationError as exc:
-        for name, messages in exc.error_messages.items():
-            errors[str(name)] = " ".join(str(m) for m in _flatten(messages))
-    if (
-        values["workers"] > 1  # type: ignore[operator]
-        and not redis_url
-        and "WORKERS" not in errors
-    ):
-        errors["WORKERS"] = (
-            "WORKERS>1 needs REDIS_URL: with the in-memory store each worker would "
-            "count its own quota"
+        messages: Mapping[str, object] = exc.error_messages  # type: ignore[assignment]
+        for name, problem in messages.items():
+            r.errors[str(name)] = " ".join(str(m) for m in _flatten(problem))
+    if "WORKERS" not in r.errors and int(settings["workers"] or 1) > 1 and not redis_url:
+        r.errors["WORKERS"] = (
+            "WORKERS>1 needs REDIS_URL: with the in-memory store each worker would count its own quota"
         )
-    if errors:
-        raise ConfigError([f"{name}: {message}" for name, message in sorted(errors.items())])
+    if r.errors:
+        raise ConfigError([f"{name}: {message}" for name, message in sorted(r.errors.items())])
 
-    host, port = listen  # type: ignore[misc]
-    store_timeout_ms = values.pop("store_timeout_ms")
+    settings["store_timeout_secs"] = int(settings["store_timeout_secs"] or 0) / 1000  # given in ms
     return Settings(
         listen_host=host,
         listen_port=port,
-        upstream_base_url=base_url,  # type: ignore[arg-type]
-        redis_url=redis_url,  # type: ignore[arg-type]
-        tenant_quotas=tenant_quotas,  # type: ignore[arg-type]
-        trusted_proxies=trusted,  # type: ignore[arg-type]
-        otlp_endpoint=otlp,  # type: ignore[arg-type]
-        redact_kinds=redact_kinds,  # type: ignore[arg-type]
+        upstream_base_url=base_url,
+        redis_url=redis_url,
+        tenant_quotas=tenant_quotas,
+        trusted_proxies=trusted,
+        otlp_endpoint=otlp,
+        redact_kinds=redact_kinds,
         tenant_key_digests=MappingProxyType(digests),
-        hash_identifiers=bool(hash_identifiers),
+        hash_identifiers=hash_identifiers,
         hash_secret=hash_secret.encode() if hash_identifiers and hash_secret else None,
-        store_timeout_secs=store_timeout_ms / 1000,  # type: ignore[operator]
-        **values,  # type: ignore[arg-type]
+        **settings,  # type: ignore[arg-type]  # environs' values, validated above
     )
 
 

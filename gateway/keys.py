@@ -16,9 +16,9 @@ if TYPE_CHECKING:
     from .upstream import Upstream
 
 SETTINGS = web.AppKey("settings", Settings)
-UPSTREAM: web.AppKey["Upstream"] = web.AppKey("upstream")
-STORE: web.AppKey["QuotaStore"] = web.AppKey("store")
-TELEMETRY: web.AppKey["Telemetry"] = web.AppKey("telemetry")
-LIFECYCLE: web.AppKey["Lifecycle"] = web.AppKey("lifecycle")
+UPSTREAM: web.AppKey[Upstream] = web.AppKey("upstream")
+STORE: web.AppKey[QuotaStore] = web.AppKey("store")
+TELEMETRY: web.AppKey[Telemetry] = web.AppKey("telemetry")
+LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
 
 STATE = web.RequestKey("state", RequestState)

@@ -9,6 +9,7 @@ one datagram on the unix socket named by NOTIFY_SOCKET, no library needed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,8 +57,6 @@ class Lifecycle:
         if not path:
             return
         address = "\0" + path[1:] if path.startswith("@") else path  # @: abstract namespace
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            try:
-                sock.sendto(message.encode(), address)
-            except OSError:
-                pass  # the manager went away: nothing to tell
+        # contextlib.suppress: if the manager went away there is nothing to tell.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
+            sock.sendto(message.encode(), address)

@@ -23,7 +23,7 @@ class TokenBucket:
     table even under a flood of distinct keys (evicting a cold bucket only forgives it).
     """
 
-    __slots__ = ("_rate", "_burst", "_buckets", "_max_keys", "_refill_secs", "_clock")
+    __slots__ = ("_buckets", "_burst", "_clock", "_max_keys", "_rate", "_refill_secs")
 
     def __init__(
         self, rate: float, burst: int, max_keys: int = 100_000, clock: Callable[[], float] = time.monotonic
@@ -80,8 +80,14 @@ class Quota:
     """
 
     __slots__ = (
-        "_store", "_default", "_overrides", "_window_ms", "_fail_open",
-        "_retry_after", "_skip_until", "_on_store_error",
+        "_default",
+        "_fail_open",
+        "_on_store_error",
+        "_overrides",
+        "_retry_after",
+        "_skip_until",
+        "_store",
+        "_window_ms",
     )
 
     def __init__(

@@ -10,9 +10,9 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from .errors import (
     GatewayError,
@@ -30,8 +30,6 @@ from .shedding import Shedder
 from .telemetry import CHAT_ROUTE, Telemetry
 from .tenancy import Tenancy, client_ip, presented_key
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 KNOWN_ROUTES = frozenset({CHAT_ROUTE, "/healthz", "/readyz", "/metrics"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 log = logging.getLogger("gateway")

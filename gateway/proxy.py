@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import nullcontext
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import orjson
@@ -68,7 +68,9 @@ class ChatProxy:
         if self._redactor is not None and self._redact_messages(payload["messages"]):
             body = orjson.dumps(payload)
         tracing = self._telemetry.tracing
-        span = tracing.client_span(state.span, state.model) if tracing and state.span else nullcontext({})
+        span: AbstractContextManager[dict[str, str]] = (
+            tracing.client_span(state.span, state.model) if tracing and state.span else nullcontext({})
+        )
         with span as trace_headers, self._lifecycle.track():
             headers = self._upstream.headers_for(request.headers, trace_headers.items())
             if state.stream:
@@ -204,7 +206,12 @@ class ChatProxy:
                 reply.close()  # an unfinished upstream stream is cut: the LLM stops generating
 
     async def _pump(
-        self, response: web.StreamResponse, relay: StreamRelay, first: list[sse.Event], chunks: AsyncIterator[bytes], parser: sse.SSEParser
+        self,
+        response: web.StreamResponse,
+        relay: StreamRelay,
+        first: list[sse.Event],
+        chunks: AsyncIterator[bytes],
+        parser: sse.SSEParser,
     ) -> None:
         try:
             out = relay.events(first)

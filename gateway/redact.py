@@ -110,7 +110,7 @@ class Redactor:
     kinds: tuple[str, ...]
 
     def redact(self, text: str, on_redaction: OnRedaction | None = None) -> str:
-        out, pos = _scan(self, text, 0, len(text), final=True, on_redaction=on_redaction)
+        out, _pos = _scan(self, text, 0, len(text), final=True, on_redaction=on_redaction)
         return out
 
     def stream(self, on_redaction: OnRedaction | None = None) -> StreamRedactor:
@@ -171,7 +171,7 @@ class StreamRedactor:
     For any split of a text into pieces, the concatenated outputs equal `redact(text)`.
     """
 
-    __slots__ = ("_redactor", "_on_redaction", "_text", "_start")
+    __slots__ = ("_on_redaction", "_redactor", "_start", "_text")
 
     def __init__(self, redactor: Redactor, on_redaction: OnRedaction | None) -> None:
         self._redactor = redactor
@@ -185,9 +185,7 @@ class StreamRedactor:
 
     def feed(self, piece: str) -> str:
         text = self._text + piece
-        out, settled = _scan(
-            self._redactor, text, self._start, len(text), final=False, on_redaction=self._on_redaction
-        )
+        out, settled = _scan(self._redactor, text, self._start, len(text), final=False, on_redaction=self._on_redaction)
         keep_from = max(0, settled - _CONTEXT)
         self._text = text[keep_from:]
         self._start = settled - keep_from
@@ -195,9 +193,7 @@ class StreamRedactor:
 
     def flush(self) -> str:
         text = self._text
-        out, _ = _scan(
-            self._redactor, text, self._start, len(text), final=True, on_redaction=self._on_redaction
-        )
+        out, _ = _scan(self._redactor, text, self._start, len(text), final=True, on_redaction=self._on_redaction)
         self._text = text[-_CONTEXT:] if text else ""
         self._start = len(self._text)
         return out

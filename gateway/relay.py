@@ -19,7 +19,7 @@ from .redact import OnRedaction, Redactor, StreamRedactor
 
 
 class StreamRelay:
-    __slots__ = ("_redactor", "_on_redaction", "_streams", "_template", "usage", "response_model", "done")
+    __slots__ = ("_on_redaction", "_redactor", "_streams", "_template", "done", "response_model", "usage")
 
     def __init__(self, redactor: Redactor | None, on_redaction: OnRedaction | None) -> None:
         self._redactor = redactor
@@ -41,9 +41,7 @@ class StreamRelay:
             return b""
         chunk = dict(self._template or {"object": "chat.completion.chunk"})
         chunk["choices"] = [
-            {"index": i, "delta": {"content": text}, "finish_reason": None}
-            for i, text in flushed.items()
-            if text
+            {"index": i, "delta": {"content": text}, "finish_reason": None} for i, text in flushed.items() if text
         ]
         return sse.encode(orjson.dumps(chunk))
 
@@ -55,9 +53,7 @@ class StreamRelay:
             self.done = True
             return self.finish() + event.raw
         wants_usage = b'"usage":{' in data or b'"usage": {' in data
-        if not wants_usage and (
-            self._redactor is None or (b'"content"' not in data and not self._holding())
-        ):
+        if not wants_usage and (self._redactor is None or (b'"content"' not in data and not self._holding())):
             return event.raw
         try:
             chunk = orjson.loads(data)

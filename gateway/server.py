@@ -8,6 +8,7 @@ and forwards termination signals to them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -47,7 +48,10 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(
-        runner, settings.listen_host, settings.listen_port, backlog=2048,
+        runner,
+        settings.listen_host,
+        settings.listen_port,
+        backlog=2048,
         reuse_port=settings.workers > 1 or None,
     )
     await site.start()
@@ -79,10 +83,8 @@ def _supervise(settings: Settings) -> int:
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
-            except ProcessLookupError:
-                pass
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)

@@ -27,7 +27,7 @@ class SSEParser:
     multi-line `data:`, comments and events split across reads.
     """
 
-    __slots__ = ("_pending", "_cr")
+    __slots__ = ("_cr", "_pending")
 
     def __init__(self) -> None:
         self._pending = b""

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import IO, Any
 
 import orjson
-from aioprometheus import Counter, Gauge, Histogram, Registry
+from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
 from aioprometheus.renderer import render
 
 from .models import RequestState
@@ -31,7 +31,7 @@ OTHER = "other"
 class BoundedLabels:
     """Client-chosen label values: the first `limit` distinct ones, then `other`."""
 
-    __slots__ = ("_seen", "_limit")
+    __slots__ = ("_limit", "_seen")
 
     def __init__(self, limit: int) -> None:
         self._seen: set[str] = set()
@@ -53,22 +53,28 @@ class Metrics:
         self.registry = Registry()
         r = self.registry
         self.requests = Counter("requests_total", "Requests received, by route.", registry=r)
-        self.responses = Counter(
-            "http_requests_total", "Responses sent, by route, model and status.", registry=r
+        self.responses = Counter("http_requests_total", "Responses sent, by route, model and status.", registry=r)
+        self.inflight = Gauge(
+            "inflight_requests", "Chat requests in flight (streams until their last byte).", registry=r
         )
-        self.inflight = Gauge("inflight_requests", "Chat requests in flight (streams until their last byte).", registry=r)
         self.redactions = Counter("redactions_total", "PII redactions, by kind and direction.", registry=r)
         self.quota_blocks = Counter("quota_block_total", "Requests refused by the tenant quota.", registry=r)
-        self.cb_events = Counter("cb_events_total", "Circuit-breaker events: timeouts, load shedding, store errors.", registry=r)
+        self.cb_events = Counter(
+            "cb_events_total", "Circuit-breaker events: timeouts, load shedding, store errors.", registry=r
+        )
         self.ratelimit_blocks = Counter("ratelimit_block_total", "Requests refused by the rate limit.", registry=r)
         self.tokens = Counter("tokens_total", "Tokens reported by the upstream, by kind and model.", registry=r)
         self.duration = Histogram(
-            "request_duration_seconds", "Whole-request latency (streams until the last byte).",
-            registry=r, buckets=LATENCY_BUCKETS,
+            "request_duration_seconds",
+            "Whole-request latency (streams until the last byte).",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
         )
         self.ttfb = Histogram(
-            "upstream_ttfb_seconds", "Upstream time to first byte (first event for streams).",
-            registry=r, buckets=LATENCY_BUCKETS,
+            "upstream_ttfb_seconds",
+            "Upstream time to first byte (first event for streams).",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
         )
         self.model_label = BoundedLabels(model_label_limit)
         # Every family shows from the start, at zero.
@@ -150,7 +156,9 @@ class Tracing:
     def start_server_span(self, method: str, path: str, headers: Mapping[str, str]) -> Any:
         parent = self._propagator.extract(headers)
         return self._tracer.start_span(
-            f"{method} {path}", context=parent, kind=self._server_kind,
+            f"{method} {path}",
+            context=parent,
+            kind=self._server_kind,
             attributes={"http.request.method": method, "url.path": path},
         )
 
@@ -205,7 +213,9 @@ class RequestLog:
         self._buffer = bytearray()
         self._flush_handle: asyncio.TimerHandle | None = None
 
-    def write(self, state: RequestState, method: str, path: str, status: int, seconds: float, trace_id: str | None) -> None:
+    def write(
+        self, state: RequestState, method: str, path: str, status: int, seconds: float, trace_id: str | None
+    ) -> None:
         record: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
             "request_id": state.request_id,

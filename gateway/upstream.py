@@ -17,11 +17,28 @@ from .errors import UpstreamError, UpstreamStreamBroken
 # client's credentials, and what would leak the client to the LLM provider.
 _DROPPED = frozenset(
     {
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-        "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-        "host", "content-length", "accept-encoding", "authorization", "x-api-key",
-        "cookie", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "forwarded",
-        "x-real-ip", "traceparent", "tracestate",
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "accept-encoding",
+        "authorization",
+        "x-api-key",
+        "cookie",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "forwarded",
+        "x-real-ip",
+        "traceparent",
+        "tracestate",
     }
 )
 
@@ -71,7 +88,7 @@ class UpstreamReply:
 class Upstream:
     """The session is opened in the app's cleanup context (it needs the running loop)."""
 
-    __slots__ = ("_session", "_url", "_auth", "_connect_timeout")
+    __slots__ = ("_auth", "_connect_timeout", "_session", "_url")
 
     def __init__(self, url: str, api_key: str | None, connect_timeout: float) -> None:
         self._session: aiohttp.ClientSession | None = None
@@ -89,14 +106,10 @@ class Upstream:
         if self._session is not None:
             await self._session.close()
 
-    def headers_for(
-        self, incoming: CIMultiDictProxy[str], extra: Iterable[tuple[str, str]]
-    ) -> dict[str, str]:
+    def headers_for(self, incoming: CIMultiDictProxy[str], extra: Iterable[tuple[str, str]]) -> dict[str, str]:
         """Client headers minus the dropped ones, plus our credential and trace context."""
         connection_named = incoming.get("connection")
-        named = (
-            {h.strip().lower() for h in connection_named.split(",")} if connection_named else ()
-        )
+        named = {h.strip().lower() for h in connection_named.split(",")} if connection_named else ()
         out = {
             name: value
             for name, value in incoming.items()

@@ -84,8 +84,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
             for i in range(n)
         ]
         return web.json_response(
-            {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-             "choices": choices, "usage": usage}
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": choices,
+                "usage": usage,
+            }
         )
 
     chunk_delay = int(_knob(request, "x-mock-chunk-delay-ms", "CHUNK_DELAY_MS", "120")) / 1000
@@ -94,12 +100,22 @@ async def chat(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                 "choices": choices, **extra}
+        chunk = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            **extra,
+        }
         return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
     try:
-        await response.write(event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(n)]))
+        await response.write(
+            event(
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(n)]
+            )
+        )
         for number, delta in enumerate(deltas):
             if number == die_after:
                 assert request.transport is not None
@@ -107,7 +123,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
                 return response
             if chunk_delay:
                 await asyncio.sleep(chunk_delay)
-            await response.write(event([{"index": i, "delta": {"content": delta}, "finish_reason": None} for i in range(n)]))
+            await response.write(
+                event([{"index": i, "delta": {"content": delta}, "finish_reason": None} for i in range(n)])
+            )
         await response.write(event([{"index": i, "delta": {}, "finish_reason": "stop"} for i in range(n)]))
         if (body.get("stream_options") or {}).get("include_usage"):
             await response.write(event([], usage=usage))
@@ -115,8 +133,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
             await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except (asyncio.CancelledError, ConnectionError) as exc:
-        request.app[EVENTS].append({"id": request_id, "event": "client_disconnected", "at": time.time(),
-                                    "error": type(exc).__name__})
+        request.app[EVENTS].append(
+            {"id": request_id, "event": "client_disconnected", "at": time.time(), "error": type(exc).__name__}
+        )
         raise
     return response
 

@@ -125,7 +125,9 @@ class Mock:
     def __init__(self, tmp: Path, **env: str) -> None:
         self.port = free_port()
         full_env = base_env() | {"PORT": str(self.port), "CHUNK_DELAY_MS": "0"} | env
-        self.process = Process([sys.executable, str(ROOT / "mock" / "server.py")], full_env, tmp, tmp / f"mock-{self.port}.log")
+        self.process = Process(
+            [sys.executable, str(ROOT / "mock" / "server.py")], full_env, tmp, tmp / f"mock-{self.port}.log"
+        )
         wait_until(lambda: _answers(self.port, "/_mock/events"), what="the mock upstream")
 
     @property
@@ -152,7 +154,9 @@ def gateway_argv() -> list[str]:
     custom = os.environ.get("GATEWAY_CMD")
     if custom:
         argv = shlex.split(custom)
-        argv[0] = str((ROOT / argv[0]).resolve()) if not os.path.isabs(argv[0]) and (ROOT / argv[0]).exists() else argv[0]
+        argv[0] = (
+            str((ROOT / argv[0]).resolve()) if not os.path.isabs(argv[0]) and (ROOT / argv[0]).exists() else argv[0]
+        )
         return argv
     return [sys.executable, str(ROOT / "gateway.py")]
 
@@ -160,11 +164,15 @@ def gateway_argv() -> list[str]:
 class Gateway:
     def __init__(self, tmp: Path, env: dict[str, str], wait: bool = True) -> None:
         self.port = free_port()
-        self.env = base_env() | {
-            "LISTEN_ADDR": f"127.0.0.1:{self.port}",
-            "RPS": "0",
-            "DEFAULT_QUOTA": "100000",
-        } | env
+        self.env = (
+            base_env()
+            | {
+                "LISTEN_ADDR": f"127.0.0.1:{self.port}",
+                "RPS": "0",
+                "DEFAULT_QUOTA": "100000",
+            }
+            | env
+        )
         # An empty working directory: no stray .env is picked up.
         self.cwd = tmp / f"gw-{self.port}"
         self.cwd.mkdir()
@@ -218,16 +226,26 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(self.dir), *self.extra]
+        argv = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+            *self.extra,
+        ]
         self.process = Process(argv, base_env(), self.dir, self.dir / "redis.log")
         wait_until(lambda: self.cli("PING") == "PONG", what=f"redis-server on {self.port}")
 
     def cli(self, *args: str) -> str:
         try:
-            out = subprocess.run(
-                ["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, timeout=5
-            )
+            out = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, timeout=5)
         except subprocess.TimeoutExpired:
             return ""
         return out.stdout.strip()
@@ -248,14 +266,26 @@ class RedisCluster:
 
     def __init__(self, tmp: Path) -> None:
         self.nodes = [
-            RedisServer(tmp, port=free_cluster_port(), extra=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                    "--cluster-node-timeout", "2000"])
+            RedisServer(
+                tmp,
+                port=free_cluster_port(),
+                extra=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ],
+            )
             for _ in range(3)
         ]
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run(
             ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, capture_output=True, timeout=30,
+            check=True,
+            capture_output=True,
+            timeout=30,
         )
         wait_until(lambda: "cluster_state:ok" in self.nodes[0].cli("CLUSTER", "INFO"), timeout=20, what="cluster ok")
 

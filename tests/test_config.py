@@ -12,12 +12,35 @@ from gateway.config import ConfigError, load_settings
 
 from .harness import ROOT, base_env
 
-ALL_VARS = (
-    "LISTEN_ADDR OPENAI_BASE_URL OPENAI_API_KEY RPS BURST REDIS_URL REDIS_CLUSTER DEFAULT_QUOTA QUOTA_WINDOW_SECS "
-    "TENANT_QUOTAS QUOTA_FAIL_MODE TIMEOUT_SECS MAX_CONCURRENCY OTEL_EXPORTER_OTLP_ENDPOINT OTEL_SERVICE_NAME "
-    "TENANT_KEYS TENANT_KEYS_FILE HASH_IDENTIFIERS HASH_SECRET TRUSTED_PROXIES REDACT_KINDS MAX_BODY_BYTES "
-    "SHUTDOWN_GRACE_SECS WORKERS STORE_TIMEOUT_MS MODEL_LABEL_LIMIT NOTIFY_SOCKET"
-).split()
+ALL_VARS = [
+    "LISTEN_ADDR",
+    "OPENAI_BASE_URL",
+    "OPENAI_API_KEY",
+    "RPS",
+    "BURST",
+    "REDIS_URL",
+    "REDIS_CLUSTER",
+    "DEFAULT_QUOTA",
+    "QUOTA_WINDOW_SECS",
+    "TENANT_QUOTAS",
+    "QUOTA_FAIL_MODE",
+    "TIMEOUT_SECS",
+    "MAX_CONCURRENCY",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_SERVICE_NAME",
+    "TENANT_KEYS",
+    "TENANT_KEYS_FILE",
+    "HASH_IDENTIFIERS",
+    "HASH_SECRET",
+    "TRUSTED_PROXIES",
+    "REDACT_KINDS",
+    "MAX_BODY_BYTES",
+    "SHUTDOWN_GRACE_SECS",
+    "WORKERS",
+    "STORE_TIMEOUT_MS",
+    "MODEL_LABEL_LIMIT",
+    "NOTIFY_SOCKET",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +110,9 @@ def test_workers_need_redis(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def run_gateway(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     full = {k: v for k, v in base_env().items() if k not in ALL_VARS} | env
-    return subprocess.run([sys.executable, str(ROOT / "gateway.py"), *args], env=full, capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "gateway.py"), *args], env=full, capture_output=True, text=True, timeout=30
+    )
 
 
 def test_bad_value_stops_start_up_with_one_line_and_status_2() -> None:
@@ -99,8 +124,12 @@ def test_bad_value_stops_start_up_with_one_line_and_status_2() -> None:
 
 def test_check_config_masks_secrets() -> None:
     result = run_gateway(
-        "--check-config", OPENAI_API_KEY="sk-very-secret", REDIS_URL="redis://:hunter2@localhost:6379/0",
-        TENANT_KEYS="acme=sk-acme-secret", HASH_IDENTIFIERS="true", HASH_SECRET="pepper-secret",
+        "--check-config",
+        OPENAI_API_KEY="sk-very-secret",
+        REDIS_URL="redis://:hunter2@localhost:6379/0",
+        TENANT_KEYS="acme=sk-acme-secret",
+        HASH_IDENTIFIERS="true",
+        HASH_SECRET="pepper-secret",
     )
     assert result.returncode == 0, result.stderr
     for secret in ("sk-very-secret", "hunter2", "sk-acme-secret", "pepper-secret"):

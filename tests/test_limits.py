@@ -92,7 +92,18 @@ async def test_store_failure_follows_the_mode_and_backs_off(fail_open: bool) -> 
     assert decision is not None and decision.allowed
 
 
-@pytest.mark.parametrize(("ms", "text"), [(12, "12ms"), (999, "999ms"), (1000, "1s"), (1500, "1.5s"), (59_999, "59.999s"), (360_000, "6m0s"), (61_000, "1m1s")])
+@pytest.mark.parametrize(
+    ("ms", "text"),
+    [
+        (12, "12ms"),
+        (999, "999ms"),
+        (1000, "1s"),
+        (1500, "1.5s"),
+        (59_999, "59.999s"),
+        (360_000, "6m0s"),
+        (61_000, "1m1s"),
+    ],
+)
 def test_reset_format_is_openais(ms: int, text: str) -> None:
     assert format_reset(ms) == text
 

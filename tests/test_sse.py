@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +32,7 @@ def parse_in_reads(data: bytes, cuts: list[int]) -> list[sse.Event]:
     parser = sse.SSEParser()
     bounds = [0, *sorted(cuts), len(data)]
     events: list[sse.Event] = []
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         events.extend(parser.feed(data[a:b]))
     return events + parser.close()
 

@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 
 class MemoryStore:
-    __slots__ = ("_windows", "_clock")
+    __slots__ = ("_clock", "_windows")
 
     def __init__(self, clock: object = time.monotonic) -> None:
         self._windows: OrderedDict[str, list[float]] = OrderedDict()  # key -> [count, expires_at]

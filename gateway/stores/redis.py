@@ -31,9 +31,7 @@ return {count, ttl}
 class RedisStore:
     def __init__(self, url: str, *, cluster: bool, timeout: float) -> None:
         client_cls: Any = coredis.RedisCluster if cluster else coredis.Redis
-        self._client = client_cls.from_url(
-            url, stream_timeout=timeout, connect_timeout=timeout, decode_responses=False
-        )
+        self._client = client_cls.from_url(url, stream_timeout=timeout, connect_timeout=timeout, decode_responses=False)
         self._timeout = timeout
         self._script = self._client.register_script(INCREMENT_WITH_EXPIRY)
         self._open = False

@@ -20,7 +20,11 @@ BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "ping"}
 
 
 async def call(
-    session: aiohttp.ClientSession, gateway: Gateway, key: str | None = "demo", body: dict[str, object] = BODY, **headers: str
+    session: aiohttp.ClientSession,
+    gateway: Gateway,
+    key: str | None = "demo",
+    body: dict[str, object] = BODY,
+    **headers: str,
 ) -> tuple[int, dict[str, str], dict[str, object]]:
     if key is not None:
         headers["X-Api-Key"] = key
@@ -30,7 +34,9 @@ async def call(
         return response.status, {k.lower(): v for k, v in response.headers.items()}, parsed
 
 
-async def statuses(gateways: list[Gateway], n: int, parallel: int, key: str = "demo", **headers: str) -> collections.Counter[int]:
+async def statuses(
+    gateways: list[Gateway], n: int, parallel: int, key: str = "demo", **headers: str
+) -> collections.Counter[int]:
     semaphore = asyncio.Semaphore(parallel)
     async with aiohttp.ClientSession() as session:
 
@@ -46,12 +52,16 @@ async def test_quota_of_5_then_429_with_openai_headers(start_gateway: GatewayFac
     async with aiohttp.ClientSession() as session:
         results = [await call(session, gateway) for _ in range(7)]
     assert [status for status, _, _ in results] == [200] * 5 + [429] * 2
-    status, headers, body = results[0]
+    _status, headers, body = results[0]
     assert headers["x-ratelimit-limit-requests"] == "5"
     assert headers["x-ratelimit-remaining-requests"] == "4"
     assert headers["x-ratelimit-reset-requests"].endswith("s")
     _, headers, body = results[5]
-    assert body["error"] == {"message": "quota exceeded (limit=5)", "type": "insufficient_quota", "code": "quota_exceeded"}  # type: ignore[comparison-overlap]
+    assert body["error"] == {
+        "message": "quota exceeded (limit=5)",
+        "type": "insufficient_quota",
+        "code": "quota_exceeded",
+    }  # type: ignore[comparison-overlap]
     assert 1 <= int(headers["retry-after"]) <= 60
     assert 0 < int(headers["retry-after-ms"]) <= 60_000
     assert headers["x-ratelimit-remaining-requests"] == "0"
@@ -98,7 +108,7 @@ async def test_load_shedding(start_gateway: GatewayFactory, mock: Mock) -> None:
     counts = await statuses([gateway], 20, 20, key="stress", **{"x-mock-latency-ms": "300"})
     assert counts[503] >= 15 and counts[200] >= 1
     async with aiohttp.ClientSession() as session:
-        status, headers, body = await call(session, gateway, "stress", **{"x-mock-latency-ms": "300"})
+        status, _headers, _body = await call(session, gateway, "stress", **{"x-mock-latency-ms": "300"})
     assert status == 200
     metrics = gateway.metrics()
     assert 'cb_events_total{event="load_shed"}' in metrics
@@ -115,13 +125,19 @@ async def test_a_stream_holds_its_slot_until_the_last_byte(start_gateway: Gatewa
             await streaming.content.readline()  # headers and a first event are out
             status, headers, body = await call(session, gateway)
             assert status == 503
-            assert body["error"] == {"message": "server overloaded", "type": "server_error", "code": "server_overloaded"}  # type: ignore[comparison-overlap]
+            assert body["error"] == {
+                "message": "server overloaded",
+                "type": "server_error",
+                "code": "server_overloaded",
+            }  # type: ignore[comparison-overlap]
             assert headers["retry-after"] == "1"
             await streaming.read()
         assert (await call(session, gateway))[0] == 200
 
 
-async def test_two_gateways_on_one_redis_hold_the_quota_exactly(start_gateway: GatewayFactory, redis_server: RedisServer, mock: Mock) -> None:
+async def test_two_gateways_on_one_redis_hold_the_quota_exactly(
+    start_gateway: GatewayFactory, redis_server: RedisServer, mock: Mock
+) -> None:
     env = {"REDIS_URL": redis_server.url, "DEFAULT_QUOTA": "10"}
     gateways = [start_gateway(**env), start_gateway(**env)]
     counts = await statuses(gateways, 60, 60, key="shared")
@@ -130,7 +146,9 @@ async def test_two_gateways_on_one_redis_hold_the_quota_exactly(start_gateway: G
     assert 0 < int(redis_server.cli("TTL", "quota:shared")) <= 60
 
 
-async def test_two_gateways_on_a_redis_cluster_hold_the_quota_exactly(start_gateway: GatewayFactory, redis_cluster: RedisCluster, mock: Mock) -> None:
+async def test_two_gateways_on_a_redis_cluster_hold_the_quota_exactly(
+    start_gateway: GatewayFactory, redis_cluster: RedisCluster, mock: Mock
+) -> None:
     env = {"REDIS_URL": redis_cluster.url, "REDIS_CLUSTER": "true", "DEFAULT_QUOTA": "10"}
     gateways = [start_gateway(**env), start_gateway(**env)]
     counts = await statuses(gateways, 60, 60, key="clustered")
@@ -138,8 +156,12 @@ async def test_two_gateways_on_a_redis_cluster_hold_the_quota_exactly(start_gate
     assert redis_cluster.get("quota:clustered") == "60"
 
 
-async def test_redis_outage_fail_open_then_recovery(start_gateway: GatewayFactory, redis_server: RedisServer, mock: Mock) -> None:
-    gateway = start_gateway(REDIS_URL=redis_server.url, DEFAULT_QUOTA="3", QUOTA_FAIL_MODE="open", STORE_TIMEOUT_MS="200")
+async def test_redis_outage_fail_open_then_recovery(
+    start_gateway: GatewayFactory, redis_server: RedisServer, mock: Mock
+) -> None:
+    gateway = start_gateway(
+        REDIS_URL=redis_server.url, DEFAULT_QUOTA="3", QUOTA_FAIL_MODE="open", STORE_TIMEOUT_MS="200"
+    )
     assert await statuses([gateway], 4, 1, key="outage") == {200: 3, 429: 1}
     redis_server.kill()
     assert await statuses([gateway], 5, 1, key="outage") == {200: 5}  # admitted while the store is down
@@ -180,8 +202,11 @@ async def test_redis_outage_fail_closed(start_gateway: GatewayFactory, redis_ser
 async def test_keyed_mode(start_gateway: GatewayFactory, redis_server: RedisServer, mock: Mock) -> None:
     beta_digest = hashlib.sha256(b"sk-beta-secret-2").hexdigest()
     gateway = start_gateway(
-        TENANT_KEYS=f"acme=sk-acme-secret-1,beta=sha256:{beta_digest}", REDIS_URL=redis_server.url,
-        RPS="1", BURST="1", DEFAULT_QUOTA="100",
+        TENANT_KEYS=f"acme=sk-acme-secret-1,beta=sha256:{beta_digest}",
+        REDIS_URL=redis_server.url,
+        RPS="1",
+        BURST="1",
+        DEFAULT_QUOTA="100",
     )
     async with aiohttp.ClientSession() as session:
         # Unknown or missing keys: 401 before rate limit and quota, however many times.

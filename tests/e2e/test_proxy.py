@@ -25,9 +25,12 @@ def client(gateway: Gateway, key: str = "demo", **headers: str) -> openai.OpenAI
 
 async def post(gateway: Gateway, body: bytes | dict[str, object], **headers: str) -> tuple[int, dict[str, str], bytes]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    async with aiohttp.ClientSession() as session, session.post(
-        gateway.url + CHAT, data=data, headers={"Content-Type": "application/json", **headers}
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gateway.url + CHAT, data=data, headers={"Content-Type": "application/json", **headers}
+        ) as response,
+    ):
         return response.status, {k.lower(): v for k, v in response.headers.items()}, await response.read()
 
 
@@ -52,11 +55,18 @@ async def test_stream_deltas_arrive_as_the_upstream_sends_them(shared_gateway: G
     arrivals: list[float] = []
     body = {"model": "m", "messages": MESSAGES, "stream": True}
     headers = {"x-mock-reply": "a b c d e f ", "x-mock-chunk-delay-ms": "300", "Content-Type": "application/json"}
-    async with aiohttp.ClientSession() as session, session.post(shared_gateway.url + CHAT, json=body, headers=headers) as r:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(shared_gateway.url + CHAT, json=body, headers=headers) as r,
+    ):
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/event-stream")
         async for line in r.content:
-            if line.startswith(b"data: {") and b'"content":"' in line.replace(b" ", b"") and b'"content": ""' not in line:
+            if (
+                line.startswith(b"data: {")
+                and b'"content":"' in line.replace(b" ", b"")
+                and b'"content": ""' not in line
+            ):
                 arrivals.append(time.monotonic() - started)
     assert len(arrivals) >= 5
     assert arrivals[0] < 1.0
@@ -86,10 +96,22 @@ def test_every_field_reaches_the_upstream_unchanged(shared_gateway: Gateway, moc
 
 def test_upstream_gets_the_gateway_key_never_the_clients(shared_gateway: Gateway, mock: Mock) -> None:
     client(shared_gateway, key="client-secret-key").chat.completions.create(model="m", messages=MESSAGES)
-    asyncio.run(post(shared_gateway, {"model": "m", "messages": MESSAGES}, **{
-        "X-Api-Key": "tenant-key", "Connection": "keep-alive, X-Hop", "X-Hop": "1", "Keep-Alive": "timeout=5",
-        "Proxy-Authorization": "Basic abc", "TE": "trailers", "Upgrade": "h2c", "X-Custom": "kept",
-    }))
+    asyncio.run(
+        post(
+            shared_gateway,
+            {"model": "m", "messages": MESSAGES},
+            **{
+                "X-Api-Key": "tenant-key",
+                "Connection": "keep-alive, X-Hop",
+                "X-Hop": "1",
+                "Keep-Alive": "timeout=5",
+                "Proxy-Authorization": "Basic abc",
+                "TE": "trailers",
+                "Upgrade": "h2c",
+                "X-Custom": "kept",
+            },
+        )
+    )
     first, second = mock.requests()
     for seen in (first, second):
         headers = {k.lower(): v for k, v in seen["headers"].items()}
@@ -124,9 +146,13 @@ def test_a_slow_stream_after_its_first_event_is_not_cut(start_gateway: GatewayFa
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "a b c d"
 
 
-@pytest.mark.parametrize(("upstream", "expected"), [(400, 400), (429, 429), (500, 500), (503, 503), (401, 502), (403, 502)])
+@pytest.mark.parametrize(
+    ("upstream", "expected"), [(400, 400), (429, 429), (500, 500), (503, 503), (401, 502), (403, 502)]
+)
 @pytest.mark.parametrize("stream", [False, True])
-async def test_upstream_statuses(shared_gateway: Gateway, mock: Mock, upstream: int, expected: int, stream: bool) -> None:
+async def test_upstream_statuses(
+    shared_gateway: Gateway, mock: Mock, upstream: int, expected: int, stream: bool
+) -> None:
     status, headers, body = await post(
         shared_gateway, {"model": "m", "messages": MESSAGES, "stream": stream}, **{"x-mock-status": str(upstream)}
     )
@@ -163,7 +189,8 @@ async def test_client_disconnect_cancels_the_upstream_at_once(shared_gateway: Ga
 
 async def test_upstream_dying_mid_stream_ends_with_an_error_event(shared_gateway: Gateway, mock: Mock) -> None:
     status, _, body = await post(
-        shared_gateway, {"model": "m", "messages": MESSAGES, "stream": True},
+        shared_gateway,
+        {"model": "m", "messages": MESSAGES, "stream": True},
         **{"x-mock-die-after": "2", "x-mock-reply": "a b c d e f"},
     )
     assert status == 200
@@ -177,13 +204,15 @@ async def test_upstream_dying_mid_stream_ends_with_an_error_event(shared_gateway
 
 async def test_upstream_ending_without_done_still_ends_cleanly(shared_gateway: Gateway, mock: Mock) -> None:
     status, _, body = await post(
-        shared_gateway, {"model": "m", "messages": MESSAGES, "stream": True},
+        shared_gateway,
+        {"model": "m", "messages": MESSAGES, "stream": True},
         **{"x-mock-no-done": "1", "x-mock-reply": "last word jane"},
     )
     assert status == 200
     contents = [
         json.loads(line[6:])["choices"][0]["delta"].get("content", "")
-        for line in body.decode().splitlines() if line.startswith("data: {")
+        for line in body.decode().splitlines()
+        if line.startswith("data: {")
     ]
     assert "".join(contents) == "last word jane"  # the held tail was flushed
 
@@ -201,7 +230,9 @@ async def test_upstream_ending_without_done_still_ends_cleanly(shared_gateway: G
         (b"", 400, "invalid_json"),
     ],
 )
-async def test_bad_input_is_a_clear_400(shared_gateway: Gateway, mock: Mock, body: bytes, status: int, code: str) -> None:
+async def test_bad_input_is_a_clear_400(
+    shared_gateway: Gateway, mock: Mock, body: bytes, status: int, code: str
+) -> None:
     got, headers, answer = await post(shared_gateway, body)
     assert got == status
     error = json.loads(answer)["error"]
@@ -217,6 +248,7 @@ async def test_oversized_body_is_413(start_gateway: GatewayFactory, mock: Mock) 
     status, _, body = await post(gateway, big)
     assert status == 413
     assert json.loads(body)["error"]["code"] == "request_too_large"
+
     # chunked upload without Content-Length: the limit holds while reading
     async def gen():  # type: ignore[no-untyped-def]
         yield json.dumps(big).encode()

@@ -18,7 +18,9 @@ from ..harness import RedisCluster, RedisServer
 
 
 @pytest.fixture(scope="module", params=["memory", "redis", "cluster"])
-def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str | None, bool]]:
+def backend(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str | None, bool]]:
     """(url, cluster) of a real server per backend, shared by the module's tests."""
     if request.param == "memory":
         yield None, False
@@ -100,7 +102,9 @@ async def test_redis_key_always_has_a_ttl(redis_server: RedisServer) -> None:
         await store.close()
 
 
-async def test_unreachable_redis_raises_store_unavailable_then_recovers(redis_factory: Callable[[], RedisServer]) -> None:
+async def test_unreachable_redis_raises_store_unavailable_then_recovers(
+    redis_factory: Callable[[], RedisServer],
+) -> None:
     server = redis_factory()
     store = RedisStore(server.url, cluster=False, timeout=0.3)
     await store.open()
