@@ -23,8 +23,8 @@ MAX_MATCH = 80  # longest possible match plus look-ahead; the bound on held-back
 _CONTEXT = 2  # characters of look-behind the patterns need
 
 _EMAIL = (
-    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,32}"
-    r"@[A-Za-z0-9][A-Za-z0-9.-]{0,30}\.[A-Za-z]{2,10}(?![A-Za-z0-9-]|\.[A-Za-z0-9])"
+    r"(?<![A-Za-z0-9._%+*@-])[A-Za-z0-9._%+-]{1,32}"  # not after "*": masks stay masks
+    r"@[A-Za-z0-9][A-Za-z0-9.-]{0,30}\.[A-Za-z]{2,10}(?![A-Za-z0-9@-]|\.[A-Za-z0-9])"
 )
 # Payment cards: 13-19 digits in groups, issuer prefixes 2-6 (timestamps start with 1).
 _CARD = r"(?<![\w.,-])[2-6]\d{3}(?:[ -]?\d){9,15}(?![\w-]|[.,]\d)"

@@ -116,3 +116,10 @@ def test_prose_is_held_back_by_at_most_a_word() -> None:
     out = stream.feed("The quick brown fox jumps over the lazy dog and")
     assert out == "The quick brown fox jumps over the lazy dog "
     assert stream.flush() == "and"
+
+
+@settings(max_examples=500, deadline=None)
+@given(replies)
+def test_redaction_is_idempotent(text: str) -> None:
+    once = REDACTOR.redact(text)
+    assert REDACTOR.redact(once) == once

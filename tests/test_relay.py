@@ -1,0 +1,83 @@
+"""The stream relay step: byte-for-byte where nothing changes, exact where something does."""
+
+from __future__ import annotations
+
+import json
+
+from gateway import sse
+from gateway.redact import ALL_KINDS, build_redactor
+from gateway.relay import StreamRelay
+
+REDACTOR = build_redactor(ALL_KINDS)
+
+
+def chunk(content: str | None = None, finish: str | None = None, index: int = 0, **extra: object) -> bytes:
+    delta = {} if content is None else {"content": content}
+    body = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish}], **extra}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def run(relay: StreamRelay, *blocks: bytes) -> bytes:
+    parser = sse.SSEParser()
+    return b"".join(relay.events(parser.feed(block)) for block in blocks)
+
+
+def contents(wire: bytes) -> str:
+    out = []
+    for event in sse.SSEParser().feed(wire):
+        if event.data and event.data != sse.DONE:
+            for choice in json.loads(event.data).get("choices", []):
+                out.append(choice.get("delta", {}).get("content") or "")
+    return "".join(out)
+
+
+def test_events_without_pii_or_content_pass_byte_for_byte() -> None:
+    role = b'data: {"id": "c1", "choices": [{"index": 0, "delta": {"role": "assistant"}}]}\n\n'
+    tool = b'data: {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\\"a\\": 1}"}}]}}]}\n\n'
+    plain = chunk("Hello there. ")
+    comment = b": keep-alive\n\n"
+    blocks = [role, tool, plain, comment, chunk(None, "stop"), b"data: [DONE]\n\n"]
+    assert run(StreamRelay(REDACTOR, None), *blocks) == b"".join(blocks)
+
+
+def test_split_email_is_masked_and_flushed_into_the_finish_chunk() -> None:
+    counted: list[str] = []
+    relay = StreamRelay(REDACTOR, counted.append)
+    wire = run(relay, chunk("write to jane.doe@exa"), chunk("mple.com"), chunk(None, "stop"), b"data: [DONE]\n\n")
+    assert "jane.doe" not in wire.decode()
+    assert contents(wire) == "write to j***e@example.com"
+    assert counted == ["email"]
+    assert wire.endswith(b"data: [DONE]\n\n") and relay.done
+
+
+def test_held_text_is_flushed_before_done_without_a_finish_chunk() -> None:
+    relay = StreamRelay(REDACTOR, None)
+    wire = run(relay, chunk("call +1 415 555 "), chunk("2671"), b"data: [DONE]\n\n")
+    assert contents(wire) == "call PHONE_MASKED_LAST2_71"
+    assert wire.index(b"PHONE_MASKED") < wire.index(b"[DONE]")
+
+
+def test_choices_are_redacted_independently() -> None:
+    relay = StreamRelay(REDACTOR, None)
+    wire = run(relay, chunk("a@b", index=0), chunk("x ", index=1), chunk(".com ok", index=0), b"data: [DONE]\n\n")
+    per_choice: dict[int, str] = {}
+    for event in sse.SSEParser().feed(wire):
+        if event.data and event.data != sse.DONE:
+            for c in json.loads(event.data)["choices"]:
+                per_choice[c["index"]] = per_choice.get(c["index"], "") + (c["delta"].get("content") or "")
+    assert per_choice == {0: "a***@b.com ok", 1: "x "}
+
+
+def test_usage_is_read_from_the_stream() -> None:
+    relay = StreamRelay(None, None)
+    usage = b'data: {"model": "gpt-x", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}}\n\n'
+    assert run(relay, usage) == usage
+    assert relay.usage is not None and (relay.usage.prompt_tokens, relay.usage.completion_tokens) == (3, 5)
+    assert relay.response_model == "gpt-x"
+
+
+def test_upstream_break_flushes_held_text() -> None:
+    relay = StreamRelay(REDACTOR, None)
+    wire = run(relay, chunk("mail me at bob@example"))
+    assert contents(wire + relay.finish()) == "mail me at bob@example"  # a partial address is not an address
