@@ -13,8 +13,14 @@ REDACTOR = build_redactor(ALL_KINDS)
 
 def chunk(content: str | None = None, finish: str | None = None, index: int = 0, **extra: object) -> bytes:
     delta = {} if content is None else {"content": content}
-    body = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish}], **extra}
+    body = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
+        **extra,
+    }
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 

@@ -8,7 +8,6 @@ import aiohttp
 import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from gateway.redact import ALL_KINDS, build_redactor
 
@@ -31,7 +30,13 @@ def test_pii_in_the_prompt_never_reaches_the_upstream(shared_gateway: Gateway, m
         model="m",
         messages=[
             {"role": "system", "content": "ssn 123-45-6789"},
-            {"role": "user", "content": [{"type": "text", "text": prompt}, {"type": "image_url", "image_url": {"url": "https://x/a@b.com.png"}}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": prompt},
+                    {"type": "image_url", "image_url": {"url": "https://x/a@b.com.png"}},
+                ],
+            },
         ],
     )
     [seen] = mock.requests()
@@ -39,22 +44,33 @@ def test_pii_in_the_prompt_never_reaches_the_upstream(shared_gateway: Gateway, m
     for value in ("jane.doe@example.com", "4242 4242 4242 4242", "+1 415 555 2671", "123-45-6789"):
         assert value not in sent
     assert "order 123456789012" in sent  # look-alikes pass
-    assert seen["body"]["messages"][1]["content"][1] == {"type": "image_url", "image_url": {"url": "https://x/a@b.com.png"}}
+    assert seen["body"]["messages"][1]["content"][1] == {
+        "type": "image_url",
+        "image_url": {"url": "https://x/a@b.com.png"},
+    }
     assert reply.choices[0].message.content == REDACTOR.redact(prompt)
 
 
 def test_non_stream_reply_is_redacted(shared_gateway: Gateway, mock: Mock) -> None:
     text = "Reach Jane at jane@example.com or 4111-1111-1111-1111; released 3.11.7 on 2024-01-15."
-    reply = sdk(shared_gateway, **{"x-mock-reply": text}).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
-    assert reply.choices[0].message.content == "Reach Jane at j***e@example.com or CC_MASKED_LAST4_1111; released 3.11.7 on 2024-01-15."
+    reply = sdk(shared_gateway, **{"x-mock-reply": text}).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert (
+        reply.choices[0].message.content
+        == "Reach Jane at j***e@example.com or CC_MASKED_LAST4_1111; released 3.11.7 on 2024-01-15."
+    )
 
 
 async def stream_through(gateway: Gateway, deltas: list[str]) -> list[str]:
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     emitted: list[str] = []
-    async with aiohttp.ClientSession() as session, session.post(
-        gateway.url + "/v1/chat/completions", json=body, headers={"x-mock-deltas": json.dumps(deltas)}
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gateway.url + "/v1/chat/completions", json=body, headers={"x-mock-deltas": json.dumps(deltas)}
+        ) as response,
+    ):
         assert response.status == 200
         async for line in response.content:
             if line.startswith(b"data: {"):
@@ -63,9 +79,13 @@ async def stream_through(gateway: Gateway, deltas: list[str]) -> list[str]:
     return emitted
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(case=split_reply())
-async def test_any_split_of_a_streamed_reply_is_redacted_like_the_whole(shared_gateway: Gateway, mock_process: Mock, case: tuple[str, list[str]]) -> None:
+async def test_any_split_of_a_streamed_reply_is_redacted_like_the_whole(
+    shared_gateway: Gateway, mock_process: Mock, case: tuple[str, list[str]]
+) -> None:
     text, deltas = case
     emitted = await stream_through(shared_gateway, deltas)
     assert "".join(emitted) == REDACTOR.redact(text)
@@ -75,7 +95,9 @@ async def test_any_split_of_a_streamed_reply_is_redacted_like_the_whole(shared_g
 
 
 async def test_split_pii_examples_from_the_issue(shared_gateway: Gateway, mock: Mock) -> None:
-    emitted = await stream_through(shared_gateway, ["Mail jane.doe@exa", "mple.com and pay with 4242 42", "42 4242 4242", " now"])
+    emitted = await stream_through(
+        shared_gateway, ["Mail jane.doe@exa", "mple.com and pay with 4242 42", "42 4242 4242", " now"]
+    )
     assert "".join(emitted) == "Mail j***e@example.com and pay with CC_MASKED_LAST4_4242 now"
 
 
@@ -90,7 +112,9 @@ async def test_redactions_are_counted_by_kind_and_direction(start_gateway: Gatew
 
 
 @pytest.mark.parametrize(("kinds", "masked"), [("", False), ("card", False), ("email", True)])
-def test_redact_kinds_selects_what_is_masked(start_gateway: GatewayFactory, mock: Mock, kinds: str, masked: bool) -> None:
+def test_redact_kinds_selects_what_is_masked(
+    start_gateway: GatewayFactory, mock: Mock, kinds: str, masked: bool
+) -> None:
     gateway = start_gateway(REDACT_KINDS=kinds)
     reply = sdk(gateway, **{"x-mock-echo": "1"}).chat.completions.create(
         model="m", messages=[{"role": "user", "content": "jane@example.com"}]
