@@ -18,6 +18,7 @@ from .limits import Quota, TokenBucket
 from .middlewares import (
     add_gateway_headers,
     admission_step,
+    draining_middleware,
     errors_middleware,
     quota_middleware,
     ratelimit_middleware,
@@ -57,11 +58,12 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         settings.max_body_bytes,
     )
 
-    # Admission, in SPEC §4's order: who is calling (a bad key is refused before anything
+    # Admission: nothing new while draining; then SPEC §4's order: who is calling (a bad key is refused before anything
     # else), how fast, how many at once, how many this window. Cheap, local checks come
     # before the quota's store round trip, so a flood never reaches Redis. Disabled steps
     # are left out rather than run as no-ops.
     admission: list[Middleware] = [
+        draining_middleware(lifecycle),
         tenancy_middleware(Tenancy(settings.tenant_key_digests, settings.hash_secret), settings.trusted_proxies)
     ]
     if settings.rps > 0:
@@ -88,7 +90,6 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     app.add_subapp("/v1", v1)
     app.cleanup_ctx.append(resources)
     app.on_response_prepare.append(add_gateway_headers)
-    app.on_shutdown.append(drain)
     return app
 
 
@@ -102,10 +103,6 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     await upstream.close()
     await store.close()
     telemetry.close()
-
-
-async def drain(app: web.Application) -> None:
-    await app[keys.LIFECYCLE].drain()
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -1,8 +1,8 @@
 """Readiness and graceful drain: which chat requests are in flight, and ending them.
 
-On SIGTERM the listening socket closes first (aiohttp), then `drain` waits for in-flight
-requests up to the grace period and cancels what remains; the proxy turns that
-cancellation into a final SSE error event. `notify` speaks systemd's sd_notify protocol:
+On SIGTERM `drain` marks the gateway as draining (/readyz and new requests answer 503),
+waits for in-flight requests up to the grace period and cancels what remains; the proxy
+turns that cancellation into a final SSE error event. Then the listener closes. `notify` speaks systemd's sd_notify protocol:
 one datagram on the unix socket named by NOTIFY_SOCKET, no library needed.
 """
 
@@ -50,7 +50,8 @@ class Lifecycle:
                 self.grace_expired = True
                 for task in list(self._active):
                     task.cancel()
-                await asyncio.wait_for(asyncio.shield(self._idle.wait()), 5)
+                with contextlib.suppress(TimeoutError):  # a handler that ignores cancellation
+                    await asyncio.wait_for(asyncio.shield(self._idle.wait()), 5)
 
     def notify(self, message: str) -> None:
         path = self._notify_socket

@@ -22,8 +22,10 @@ from .errors import (
     PayloadTooLarge,
     QuotaExceeded,
     RateLimited,
+    ShuttingDown,
 )
 from .keys import STATE
+from .lifecycle import Lifecycle
 from .limits import Quota, TokenBucket, format_reset, retry_after_secs
 from .models import RequestState
 from .shedding import Shedder
@@ -132,6 +134,16 @@ def admission_step(step: Middleware) -> Middleware:
         if request.match_info.http_exception is not None:
             return await handler(request)
         return await step(request, handler)
+
+    return middleware
+
+
+def draining_middleware(lifecycle: Lifecycle) -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if lifecycle.draining:
+            raise ShuttingDown(headers={"Retry-After": "1"})
+        return await handler(request)
 
     return middleware
 

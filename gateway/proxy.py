@@ -229,9 +229,13 @@ class ChatProxy:
             self._telemetry.metrics.cb_event("upstream_error")
             await response.write(relay.finish() + sse.error_event(exc))
         except asyncio.CancelledError:
-            if self._lifecycle.grace_expired:  # shutdown, not a client disconnect: say so
-                await _try_write(response, relay.finish() + sse.error_event(ShuttingDown()))
-            raise
+            if not self._lifecycle.grace_expired:
+                raise  # the client hung up: nobody to tell
+            # Our own drain cut the stream: end it properly, with the reason as the last event.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            await _try_write(response, relay.finish() + sse.error_event(ShuttingDown()))
 
 
 async def _first_events(chunks: AsyncIterator[bytes], parser: sse.SSEParser) -> list[sse.Event]:

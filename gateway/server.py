@@ -66,7 +66,10 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     lifecycle.notify("STOPPING=1")
     log.info("draining (grace %ss)", settings.shutdown_grace_secs)
-    await runner.cleanup()  # closes the listener, drains (on_shutdown), then cleanup_ctx
+    # The listener stays open while draining so that /readyz and new requests get a clear
+    # 503 (load balancers see it) instead of a refused connection; in-flight requests finish.
+    await lifecycle.drain()
+    await runner.cleanup()  # closes the listener, then cleanup_ctx
 
 
 def _supervise(settings: Settings) -> int:
@@ -98,4 +101,5 @@ def _supervise(settings: Settings) -> int:
 
 def configure_logging() -> None:
     # Operational messages go to stderr; stdout carries only the JSON request lines.
+    logging.getLogger("coredis").setLevel(logging.WARNING)  # it logs every retry at INFO
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -40,7 +40,10 @@ def contents(wire: bytes) -> str:
 
 def test_events_without_pii_or_content_pass_byte_for_byte() -> None:
     role = b'data: {"id": "c1", "choices": [{"index": 0, "delta": {"role": "assistant"}}]}\n\n'
-    tool = b'data: {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\\"a\\": 1}"}}]}}]}\n\n'
+    tool = (
+        b'data: {"choices": [{"index": 0, "delta": {"tool_calls": '
+        b'[{"index": 0, "function": {"arguments": "{\\"a\\": 1}"}}]}}]}\n\n'
+    )
     plain = chunk("Hello there. ")
     comment = b": keep-alive\n\n"
     blocks = [role, tool, plain, comment, chunk(None, "stop"), b"data: [DONE]\n\n"]

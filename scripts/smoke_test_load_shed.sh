@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Load shedding: with a low MAX_CONCURRENCY (try 1) and a slow upstream, expect some 503.
+# Env: HOST, KEY (stress), REQUESTS (40), PARALLEL (20).
+set -euo pipefail
+source "$(dirname "$0")/smoke_lib.sh"
+KEY="${KEY:-stress}"; REQUESTS="${REQUESTS:-40}"; PARALLEL="${PARALLEL:-20}"
+codes=$(fire "$REQUESTS" "$PARALLEL")
+sort <<<"$codes" | uniq -c
+check_only "$codes" "200 503"
+if [ "$(count "$codes" 503)" -eq 0 ]; then echo "FAIL: expected some 503 (server overloaded)"; exit 1; fi
+echo "OK: load shedding"

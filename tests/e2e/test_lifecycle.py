@@ -1,0 +1,82 @@
+"""Graceful drain, sd_notify and signals, on the real process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+
+from ..conftest import GatewayFactory
+from ..harness import Mock, http_get, wait_until
+
+CHAT = "/v1/chat/completions"
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+async def test_sigterm_lets_a_paced_stream_finish_then_exits_0(start_gateway: GatewayFactory, mock: Mock) -> None:
+    gateway = start_gateway(SHUTDOWN_GRACE_SECS="10")
+    headers = {"x-mock-chunk-delay-ms": "150", "x-mock-reply": "one two three four five six seven eight"}
+    async with aiohttp.ClientSession() as session, session.post(gateway.url + CHAT, json=BODY, headers=headers) as r:
+        await r.content.readline()
+        signalled = time.monotonic()
+        gateway.process.signal(signal.SIGTERM)
+        # While draining: readiness and new requests answer 503 on fresh connections.
+        async with aiohttp.ClientSession() as other:
+            await asyncio.sleep(0.1)
+            async with other.get(gateway.url + "/readyz") as ready:
+                assert ready.status == 503
+            async with other.post(gateway.url + CHAT, json=BODY) as refused:
+                assert refused.status == 503
+                assert (await refused.json())["error"]["code"] == "shutting_down"
+        rest = (await r.read()).decode()
+    assert rest.rstrip().endswith("data: [DONE]")
+    content = "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+        for line in rest.splitlines()
+        if line.startswith("data: {")
+    )
+    assert content.endswith("seven eight")
+    assert await asyncio.to_thread(gateway.process.wait, 10) == 0
+    assert time.monotonic() - signalled < 5
+
+
+async def test_streams_past_the_grace_period_end_with_an_error_event(start_gateway: GatewayFactory, mock: Mock) -> None:
+    gateway = start_gateway(SHUTDOWN_GRACE_SECS="1")
+    headers = {"x-mock-chunk-delay-ms": "400", "x-mock-reply": " ".join(["word"] * 30)}
+    async with aiohttp.ClientSession() as session, session.post(gateway.url + CHAT, json=BODY, headers=headers) as r:
+        await r.content.readline()
+        gateway.process.signal(signal.SIGTERM)
+        started = time.monotonic()
+        body = (await r.read()).decode()
+    events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+    assert json.loads(events[-1])["error"]["code"] == "shutting_down"
+    assert await asyncio.to_thread(gateway.process.wait, 10) == 0
+    assert time.monotonic() - started < 4
+    wait_until(lambda: mock.events(), what="the upstream to see the cut")  # the upstream call was cancelled too
+
+
+def test_sd_notify_ready_then_stopping(start_gateway: GatewayFactory, tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(10)
+        gateway = start_gateway(wait=False, NOTIFY_SOCKET=str(path))
+        assert sock.recv(100) == b"READY=1"
+        assert http_get(gateway.port, "/healthz")[0] == 200  # READY came after the port was bound
+        gateway.process.signal(signal.SIGTERM)
+        assert sock.recv(100) == b"STOPPING=1"
+        assert gateway.process.wait(10) == 0
+
+
+def test_sighup_is_not_fatal(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway()
+    gateway.process.signal(signal.SIGHUP)
+    wait_until(lambda: "SIGHUP ignored" in gateway.process.errors(), what="the SIGHUP log line")
+    assert http_get(gateway.port, "/healthz")[0] == 200
+    gateway.process.signal(signal.SIGINT)
+    assert gateway.process.wait(10) == 0
