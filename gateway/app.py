@@ -64,7 +64,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     # are left out rather than run as no-ops.
     admission: list[Middleware] = [
         draining_middleware(lifecycle),
-        tenancy_middleware(Tenancy(settings.tenant_key_digests, settings.hash_secret), settings.trusted_proxies)
+        tenancy_middleware(Tenancy(settings.tenant_key_digests, settings.hash_secret), settings.trusted_proxies),
     ]
     if settings.rps > 0:
         admission.append(ratelimit_middleware(TokenBucket(settings.rps, settings.burst), telemetry))

@@ -2,8 +2,8 @@
 
 On SIGTERM `drain` marks the gateway as draining (/readyz and new requests answer 503),
 waits for in-flight requests up to the grace period and cancels what remains; the proxy
-turns that cancellation into a final SSE error event. Then the listener closes. `notify` speaks systemd's sd_notify protocol:
-one datagram on the unix socket named by NOTIFY_SOCKET, no library needed.
+turns that cancellation into a final SSE error event. Then the listener closes.
+`notify` speaks systemd's sd_notify protocol: one datagram on the unix socket named by NOTIFY_SOCKET, no library needed.
 """
 
 from __future__ import annotations

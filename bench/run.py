@@ -1,0 +1,366 @@
+"""make bench: the gateway against a bare aiohttp relay, same machine, same run.
+
+The system under test (gateway or bare relay) is pinned to CPU 0; nginx (fixed JSON and SSE
+replies), the paced upstream (node), Redis, the OTLP sink, wrk and the stream client share
+CPU 1. Every load is bounded in time and targets 127.0.0.1; everything started is stopped.
+Prints one markdown table and writes it to bench/results/latest.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+SUT_CPU, LOAD_CPU = "0", "1"
+DURATION = int(os.environ.get("BENCH_SECS", "8"))
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "50"))
+STREAMS = int(os.environ.get("BENCH_STREAMS", "500"))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROMPT = (
+    "Please summarise this note. Customer Jane Doe (jane.doe@example.com, +1 415 555 2671) paid with "
+    "card 4242 4242 4242 4242 on 2024-01-15 for order 123456789012; version 3.11.7, total $1,234.56. "
+) * 4
+JSON_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}]}
+STREAM_BODY = {**JSON_BODY, "stream": True}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+class Proc:
+    def __init__(self, argv: list[str], cpu: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", cpu, *argv], env={**os.environ, **(env or {})}, cwd=cwd, stdout=self.log, stderr=self.log
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def sse_reply() -> str:
+    events = []
+    for i in range(40):
+        chunk = {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "bench",
+            "choices": [{"index": 0, "delta": {"content": f" token{i}"}, "finish_reason": None}],
+        }
+        events.append("data: " + json.dumps(chunk) + "\n\n")
+    return "".join(events) + "data: [DONE]\n\n"
+
+
+JSON_REPLY = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "bench",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "A fixed reply from the bench upstream. " * 8},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 120, "completion_tokens": 64, "total_tokens": 184},
+    }
+)
+
+
+def nginx(tmp: Path, json_port: int, sse_port: int) -> Proc:
+    """Fixed replies as static files; POST to a static file is a 405 that error_page turns into 200."""
+    for name, text in (("json", JSON_REPLY), ("sse", sse_reply())):
+        path = tmp / name / "v1" / "chat"
+        path.mkdir(parents=True)
+        (path / "completions").write_text(text)
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""
+daemon off; worker_processes 1; pid {tmp}/nginx.pid; error_log {tmp}/nginx-error.log; user root;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off; client_body_temp_path {tmp}; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{json_port}; root {tmp}/json; default_type application/json; error_page 405 =200 $uri; }}
+  server {{ listen 127.0.0.1:{sse_port}; root {tmp}/sse; default_type text/event-stream; error_page 405 =200 $uri; }}
+}}
+""")
+    return Proc(["nginx", "-c", str(conf), "-p", str(tmp)], LOAD_CPU)
+
+
+def wrk(tmp: Path, url: str, body: dict[str, Any], seconds: int) -> dict[str, float]:
+    script = tmp / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["X-Api-Key"] = "bench"\nwrk.body = {json.dumps(json.dumps(body))}\n'
+    )
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            LOAD_CPU,
+            "wrk",
+            "-t1",
+            f"-c{CONNECTIONS}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            url + "/v1/chat/completions",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+    def latency(label: str) -> float:
+        match = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not match:
+            return float("nan")
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50": latency("50%"),
+        "p99": latency("99%"),
+        "requests": requests,
+        "errors": int(errors.group(1)) if errors else 0,
+    }
+
+
+def measure_wrk(tmp: Path, target: Proc, port: int, body: dict[str, Any]) -> dict[str, float]:
+    wrk(tmp, f"http://127.0.0.1:{port}", body, 2)  # warm-up: pools, caches, JIT-free but lazy imports
+    cpu_before = target.cpu_seconds()
+    result = wrk(tmp, f"http://127.0.0.1:{port}", body, DURATION)
+    result["cpu_ms"] = (target.cpu_seconds() - cpu_before) * 1000 / max(1, result["requests"])
+    result["rss"] = target.peak_rss_mb()
+    return result
+
+
+def streams(port: int) -> dict[str, float]:
+    out = subprocess.run(
+        ["taskset", "-c", LOAD_CPU, "node", str(ROOT / "bench" / "stream_client.js")],
+        env={
+            **os.environ,
+            "TARGET": f"http://127.0.0.1:{port}",
+            "CONCURRENCY": str(STREAMS),
+            "DURATION_S": str(DURATION),
+        },
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return dict(json.loads(out))
+
+
+def gateway(upstream_port: int, **env: str) -> tuple[Proc, int]:
+    port = free_port()
+    cwd = Path(tempfile.mkdtemp())
+    base = {
+        "LISTEN_ADDR": f"127.0.0.1:{port}",
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}",
+        "OPENAI_API_KEY": "sk-bench",
+        "RPS": "1000000",
+        "BURST": "1000000",
+        "DEFAULT_QUOTA": "1000000000",
+        "MAX_CONCURRENCY": "100000",
+    }
+    command = os.environ.get("GATEWAY_CMD", f"{PY} {ROOT / 'gateway.py'}").split()
+    proc = Proc(command, SUT_CPU, {**base, **env}, cwd=cwd)
+    wait_port(port)
+    return proc, port
+
+
+def bare(upstream_port: int) -> tuple[Proc, int]:
+    port = free_port()
+    proc = Proc(
+        [PY, str(ROOT / "bench" / "bare_relay.py")],
+        SUT_CPU,
+        {"UPSTREAM": f"http://127.0.0.1:{upstream_port}", "PORT": str(port)},
+    )
+    wait_port(port)
+    return proc, port
+
+
+def run() -> list[dict[str, Any]]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    json_port, sse_port, paced_port, redis_port, otlp_port = (free_port() for _ in range(5))
+    helpers = [
+        nginx(tmp, json_port, sse_port),
+        Proc(["node", str(ROOT / "bench" / "paced_upstream.js")], LOAD_CPU, {"PORT": str(paced_port)}),
+        Proc(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            LOAD_CPU,
+        ),
+        Proc([PY, str(ROOT / "bench" / "otlp_sink.py")], LOAD_CPU, {"PORT": str(otlp_port)}),
+    ]
+    rows: list[dict[str, Any]] = []
+    try:
+        for port in (json_port, sse_port, paced_port, redis_port, otlp_port):
+            wait_port(port)
+
+        def wrk_pair(name: str, upstream: int, body: dict[str, Any], **env: str) -> None:
+            relay, relay_port = bare(upstream)
+            try:
+                baseline = measure_wrk(tmp, relay, relay_port, body)
+            finally:
+                relay.stop()
+            gw, gw_port = gateway(upstream, **env)
+            try:
+                measured = measure_wrk(tmp, gw, gw_port, body)
+            finally:
+                gw.stop()
+            rows.append(
+                {"scenario": name, "bare": baseline, "gateway": measured, "ratio": measured["rps"] / baseline["rps"]}
+            )
+            print(
+                f"  {name}: gateway {measured['rps']:.0f} req/s vs bare {baseline['rps']:.0f} ({measured['rps'] / baseline['rps']:.0%})",
+                flush=True,
+            )
+
+        print("measuring (about two minutes)...", flush=True)
+        wrk_pair("non-stream, memory store", json_port, JSON_BODY)
+        wrk_pair("stream (40 events), memory store", sse_port, STREAM_BODY)
+        wrk_pair(
+            "non-stream, quotas on redis-server", json_port, JSON_BODY, REDIS_URL=f"redis://127.0.0.1:{redis_port}/0"
+        )
+        wrk_pair(
+            "non-stream, tracing to OTLP",
+            json_port,
+            JSON_BODY,
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{otlp_port}",
+            OTEL_BSP_SCHEDULE_DELAY="200",
+        )
+
+        direct = streams(paced_port)
+        gw, gw_port = gateway(paced_port)
+        try:
+            through = streams(gw_port)
+            rss = gw.peak_rss_mb()
+        finally:
+            gw.stop()
+        rows.append(
+            {
+                "scenario": f"{STREAMS} paced streams (20 ms/event)",
+                "direct": direct,
+                "gateway": through,
+                "rss": rss,
+                "ratio": through["streams_per_s"] / direct["streams_per_s"],
+            }
+        )
+        print(f"  paced: {through['streams_per_s']:.0f} vs {direct['streams_per_s']:.0f} streams/s", flush=True)
+    finally:
+        for helper in helpers:
+            helper.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
+    lines = [
+        f"Measured {datetime.date.today()} on {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}; "
+        f"gateway or bare relay pinned to one core, load and upstreams on the other; wrk -c{CONNECTIONS}, {DURATION} s per run.",
+        "",
+        "| scenario | bare relay req/s | gateway req/s | ratio | gateway p50 / p99 ms | bare p50 / p99 ms | gateway CPU ms/req | bare CPU ms/req | gateway peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "bare" in row:
+            g, b = row["gateway"], row["bare"]
+            errors = f" ({g['errors']} errors)" if g["errors"] else ""
+            lines.append(
+                f"| {row['scenario']} | {b['rps']:.0f} | {g['rps']:.0f}{errors} | {row['ratio']:.0%} | {g['p50']:.2f} / {g['p99']:.2f} | "
+                f"{b['p50']:.2f} / {b['p99']:.2f} | {g['cpu_ms']:.3f} | {b['cpu_ms']:.3f} | {g['rss']:.0f} |"
+            )
+    for row in rows:
+        if "direct" in row:
+            d, g = row["direct"], row["gateway"]
+            lines += [
+                "",
+                f"| {row['scenario']} | direct | through the gateway |",
+                "|---|---|---|",
+                f"| completed streams/s | {d['streams_per_s']:.1f} | {g['streams_per_s']:.1f} ({row['ratio']:.0%}) |",
+                f"| time to first byte p50 / p99 ms | {d['ttfb_p50_ms']:.2f} / {d['ttfb_p99_ms']:.2f} | {g['ttfb_p50_ms']:.2f} / {g['ttfb_p99_ms']:.2f} |",
+                f"| added time to first byte p50 / p99 ms | | {g['ttfb_p50_ms'] - d['ttfb_p50_ms']:.2f} / {g['ttfb_p99_ms'] - d['ttfb_p99_ms']:.2f} |",
+                f"| failed streams | {d['failed']} | {g['failed']} |",
+                f"| gateway peak RSS MB | | {row['rss']:.0f} |",
+            ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    for tool in ("taskset", "wrk", "nginx", "node", "redis-server"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench needs {tool}: bench/run.sh installs it")
+    rows = run()
+    text = table(rows)
+    print()
+    print(text)
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    (results / "latest.md").write_text(text + "\n")
+    (results / "latest.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
