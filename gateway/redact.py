@@ -49,10 +49,13 @@ ALL_KINDS = tuple(_PATTERNS)
 _NOT_DIGITS = re.compile(r"[^0-9]")
 # Every match contains one of these: text without any is returned untouched.
 _TRIGGERS = "@0123456789"
+_TRIGGER = re.compile(r"[@0-9]")
 
 
 def _has_trigger(text: str, pos: int) -> bool:
-    # Eleven memchr-speed scans beat one regex character-class scan by 20x.
+    if len(text) - pos < 256:  # short (stream deltas): one regex call is cheapest
+        return _TRIGGER.search(text, pos) is not None
+    # Long: eleven memchr-speed scans beat one character-class scan by 20x.
     return any(text.find(c, pos) >= 0 for c in _TRIGGERS) if pos else any(c in text for c in _TRIGGERS)
 
 

@@ -17,6 +17,7 @@ from typing import IO, Any
 
 import orjson
 from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
+from aioprometheus.histogram import Histogram as BucketCounts
 from aioprometheus.renderer import render
 
 from .models import RequestState
@@ -48,83 +49,125 @@ class BoundedLabels:
         return value
 
 
+class _Family:
+    """One aioprometheus collector fed from a plain dict of label-value tuples.
+
+    The request path only bumps a dict entry; label dicts are built and handed to
+    aioprometheus (which serialises them per call) only when /metrics is scraped.
+    """
+
+    __slots__ = ("collector", "counts", "names")
+
+    def __init__(self, collector: Counter | Gauge, *names: str) -> None:
+        self.collector = collector
+        self.names = names
+        self.counts: dict[tuple[str, ...], float] = {}
+
+    def add(self, key: tuple[str, ...], amount: float = 1) -> None:
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + amount
+
+    def publish(self) -> None:
+        for key, value in self.counts.items():
+            self.collector.set(dict(zip(self.names, key, strict=True)), value)
+
+
 class Metrics:
     def __init__(self, model_label_limit: int) -> None:
-        self.registry = Registry()
-        r = self.registry
-        self.requests = Counter("requests_total", "Requests received, by route.", registry=r)
-        self.responses = Counter("http_requests_total", "Responses sent, by route, model and status.", registry=r)
-        self.inflight = Gauge(
-            "inflight_requests", "Chat requests in flight (streams until their last byte).", registry=r
+        self.registry = r = Registry()
+
+        def family(kind: type[Counter] | type[Gauge], name: str, doc: str, *labels: str) -> _Family:
+            return _Family(kind(name, doc, registry=r), *labels)
+
+        self.requests = family(Counter, "requests_total", "Requests received, by route.", "route")
+        self.responses = family(
+            Counter, "http_requests_total", "Responses sent, by route, model and status.", "route", "model", "status"
         )
-        self.redactions = Counter("redactions_total", "PII redactions, by kind and direction.", registry=r)
-        self.quota_blocks = Counter("quota_block_total", "Requests refused by the tenant quota.", registry=r)
-        self.cb_events = Counter(
-            "cb_events_total", "Circuit-breaker events: timeouts, load shedding, store errors.", registry=r
+        self.inflight = family(Gauge, "inflight_requests", "Chat requests in flight (streams until their last byte).")
+        self.redactions = family(
+            Counter, "redactions_total", "PII redactions, by kind and direction.", "kind", "direction"
         )
-        self.ratelimit_blocks = Counter("ratelimit_block_total", "Requests refused by the rate limit.", registry=r)
-        self.tokens = Counter("tokens_total", "Tokens reported by the upstream, by kind and model.", registry=r)
-        self.duration = Histogram(
+        self.quota_blocks = family(Counter, "quota_block_total", "Requests refused by the tenant quota.", "reason")
+        self.cb_events = family(
+            Counter, "cb_events_total", "Circuit-breaker events: timeouts, load shedding, store errors.", "event"
+        )
+        self.ratelimit_blocks = family(Counter, "ratelimit_block_total", "Requests refused by the rate limit.")
+        self.tokens = family(
+            Counter, "tokens_total", "Tokens reported by the upstream, by kind and model.", "kind", "model"
+        )
+        self._families = (
+            self.requests,
+            self.responses,
+            self.inflight,
+            self.redactions,
+            self.quota_blocks,
+            self.cb_events,
+            self.ratelimit_blocks,
+            self.tokens,
+        )
+        duration = Histogram(
             "request_duration_seconds",
             "Whole-request latency (streams until the last byte).",
             registry=r,
             buckets=LATENCY_BUCKETS,
         )
-        self.ttfb = Histogram(
+        ttfb = Histogram(
             "upstream_ttfb_seconds",
             "Upstream time to first byte (first event for streams).",
             registry=r,
             buckets=LATENCY_BUCKETS,
         )
+        # Fixed label sets: hold aioprometheus' bucket aggregators and observe them directly.
+        self._duration = BucketCounts(*LATENCY_BUCKETS)
+        self._ttfb = BucketCounts(*LATENCY_BUCKETS)
+        duration.set_value({"route": CHAT_ROUTE}, self._duration)
+        ttfb.set_value({}, self._ttfb)
         self.model_label = BoundedLabels(model_label_limit)
         # Every family shows from the start, at zero.
-        self.inflight.set({}, 0)
-        self.quota_blocks.set({"reason": "exceeded"}, 0)
-        self.ratelimit_blocks.set({}, 0)
+        self.inflight.add((), 0)
+        self.quota_blocks.add(("exceeded",), 0)
+        self.ratelimit_blocks.add((), 0)
         for event in CB_EVENTS:
-            self.cb_events.set({"event": event}, 0)
-        self.requests.set({"route": CHAT_ROUTE}, 0)
-        # Label dicts built once: these are on every request's path.
-        self._chat_route = {"route": CHAT_ROUTE}
-        self._cb = {event: {"event": event} for event in CB_EVENTS}
-        self._quota_exceeded = {"reason": "exceeded"}
-        self._no_labels: dict[str, str] = {}
+            self.cb_events.add((event,), 0)
+        self.requests.add((CHAT_ROUTE,), 0)
 
     def request_started(self, route: str) -> None:
-        self.requests.inc(self._chat_route if route == CHAT_ROUTE else {"route": route})
+        self.requests.add((route,))
 
     def chat_started(self) -> None:
-        self.inflight.inc(self._no_labels)
+        self.inflight.add((), 1)
 
     def chat_finished(self) -> None:
-        self.inflight.dec(self._no_labels)
+        self.inflight.add((), -1)
 
     def response_sent(self, route: str, model: str | None, status: int, seconds: float) -> None:
-        self.responses.inc({"route": route, "model": self.model_label(model), "status": str(status)})
+        self.responses.add((route, self.model_label(model), str(status)))
         if route == CHAT_ROUTE:
-            self.duration.observe(self._chat_route, seconds)
+            self._duration.observe(seconds)
 
     def upstream_first_byte(self, seconds: float) -> None:
-        self.ttfb.observe(self._no_labels, seconds)
+        self._ttfb.observe(seconds)
 
     def cb_event(self, event: str) -> None:
-        self.cb_events.inc(self._cb[event])
+        self.cb_events.add((event,))
 
     def quota_blocked(self) -> None:
-        self.quota_blocks.inc(self._quota_exceeded)
+        self.quota_blocks.add(("exceeded",))
 
     def rate_limited(self) -> None:
-        self.ratelimit_blocks.inc(self._no_labels)
+        self.ratelimit_blocks.add(())
 
     def redacted(self, kind: str, direction: str) -> None:
-        self.redactions.inc({"kind": kind, "direction": direction})
+        self.redactions.add((kind, direction))
 
     def tokens_used(self, model: str | None, prompt: int, completion: int) -> None:
         label = self.model_label(model)
-        self.tokens.add({"kind": "prompt", "model": label}, prompt)
-        self.tokens.add({"kind": "completion", "model": label}, completion)
+        self.tokens.add(("prompt", label), prompt)
+        self.tokens.add(("completion", label), completion)
 
     def render(self, accept: list[str]) -> tuple[bytes, dict[str, str]]:
+        for family in self._families:
+            family.publish()
         return render(self.registry, accept)
 
 
@@ -212,12 +255,18 @@ class RequestLog:
         self._stream = stream if stream is not None else sys.stdout.buffer
         self._buffer = bytearray()
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._second = -1
+        self._timestamp = ""
 
     def write(
         self, state: RequestState, method: str, path: str, status: int, seconds: float, trace_id: str | None
     ) -> None:
+        now = time.time()
+        if int(now) != self._second:  # formatted once a second, not once a request
+            self._second = int(now)
+            self._timestamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
         record: dict[str, object] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+            "ts": f"{self._timestamp}.{int(now * 1000) % 1000:03d}Z",
             "request_id": state.request_id,
             "method": method,
             "path": path,
