@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import signal
 import json
 import time
 
@@ -245,3 +246,20 @@ async def test_hashed_identifiers(start_gateway: GatewayFactory, redis_server: R
     async with aiohttp.ClientSession() as session:
         await call(session, other, "visible-tenant-name")
     assert redis_server.cli("GET", keys[0]) == "2"
+
+
+async def test_workers_share_the_port_and_the_redis_quota(
+    start_gateway: GatewayFactory, redis_server: RedisServer, mock: Mock
+) -> None:
+    gateway = start_gateway(WORKERS="2", REDIS_URL=redis_server.url, DEFAULT_QUOTA="10")
+    counts = await statuses([gateway], 60, 30, key="workers")
+    assert counts == {200: 10, 429: 50}
+    assert redis_server.cli("GET", "quota:workers") == "60"
+    gateway.process.signal(signal.SIGTERM)  # the parent forwards it to every worker
+    assert await asyncio.to_thread(gateway.process.wait, 15) == 0
+
+
+def test_workers_without_redis_refuse_to_start(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway(wait=False, WORKERS="2")
+    assert gateway.process.wait(15) == 2
+    assert "WORKERS" in gateway.process.errors()
