@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-import signal
 import json
+import signal
 import time
 
 import aiohttp
