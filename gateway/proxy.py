@@ -62,8 +62,7 @@ class ChatProxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         state = request[STATE]
         body, payload = await self._read_payload(request)
-        model = payload["model"]
-        state.model = model if isinstance(model, str) else str(model)
+        state.model = payload["model"]
         state.stream = payload.get("stream") is True
         if self._redactor is not None and self._redact_messages(payload["messages"]):
             body = orjson.dumps(payload)

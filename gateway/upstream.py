@@ -28,6 +28,7 @@ _DROPPED = frozenset(
         "upgrade",
         "host",
         "content-length",
+        "content-type",  # set by us: a second one from the client would duplicate it
         "accept-encoding",
         "authorization",
         "x-api-key",

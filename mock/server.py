@@ -62,7 +62,15 @@ async def chat(request: web.Request) -> web.StreamResponse:
     except ValueError:
         return web.json_response({"error": {"message": "bad json", "type": "invalid_request_error"}}, status=400)
     request_id = uuid.uuid4().hex
-    request.app[SEEN].append({"id": request_id, "headers": dict(request.headers), "body": body, "at": time.time()})
+    request.app[SEEN].append(
+        {
+            "id": request_id,
+            "headers": dict(request.headers),
+            "header_list": list(request.headers.items()),  # repeated headers show here
+            "body": body,
+            "at": time.time(),
+        }
+    )
 
     latency = int(_knob(request, "x-mock-latency-ms", "LATENCY_MS", "0")) / 1000
     if latency:

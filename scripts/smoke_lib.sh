@@ -24,3 +24,12 @@ check_only() {
 }
 
 count() { grep -c "^$2\$" <<<"$1" || true; }
+
+# burst N P "allowed codes": fire, print the tally, fail on a code outside the set; echoes the codes.
+burst() {
+  local codes
+  codes=$(fire "$1" "$2")
+  sort <<<"$codes" | uniq -c >&2
+  check_only "$codes" "$3" >&2 || return 1
+  echo "$codes"
+}

@@ -290,3 +290,13 @@ def test_request_log_lines_have_no_prompt_and_no_keys(start_gateway: GatewayFact
     everything = gateway.process.output() + gateway.process.errors()
     assert "my secret prompt" not in everything
     assert "sk-upstream-secret" not in everything
+
+
+def test_upstream_gets_exactly_one_content_type(shared_gateway: Gateway, mock: Mock) -> None:
+    asyncio.run(
+        post(
+            shared_gateway, {"model": "m", "messages": MESSAGES}, **{"content-type": "application/json; charset=utf-8"}
+        )
+    )
+    [seen] = mock.requests()
+    assert [v for k, v in seen["header_list"] if k.lower() == "content-type"] == ["application/json"]
