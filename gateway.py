@@ -8,7 +8,7 @@ import sys
 
 from gateway import __version__
 from gateway.config import ConfigError, load_settings
-from gateway.server import configure_logging, run
+from gateway.server import ListenError, configure_logging, run
 
 
 def main() -> int:
@@ -26,7 +26,11 @@ def main() -> int:
         print(json.dumps(settings.describe(), indent=2, default=str))
         return 0
     configure_logging()
-    return run(settings)
+    try:
+        return run(settings)
+    except ListenError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ from .keys import LIFECYCLE
 log = logging.getLogger("gateway")
 
 
+class ListenError(Exception):
+    """The address could not be bound (in use, not ours, no permission)."""
+
+
 def run(settings: Settings) -> int:
     if settings.workers > 1:
         return _supervise(settings)
@@ -54,7 +58,11 @@ async def serve(settings: Settings) -> None:
         backlog=2048,
         reuse_port=settings.workers > 1 or None,
     )
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(f"cannot listen on {settings.listen_host}:{settings.listen_port}: {exc.strerror}") from None
     log.info("serving on %s:%s", settings.listen_host, settings.listen_port)
     lifecycle.notify("READY=1")
 

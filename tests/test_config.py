@@ -135,3 +135,26 @@ def test_check_config_masks_secrets() -> None:
     for secret in ("sk-very-secret", "hunter2", "sk-acme-secret", "pepper-secret"):
         assert secret not in result.stdout
     assert '"mode": "keyed"' in result.stdout and "acme" in result.stdout
+
+
+def test_tenant_keys_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# tenants\nacme=sk-acme-1\n\nbeta = sha256:" + "cd" * 32 + "\n")
+    monkeypatch.setenv("TENANT_KEYS_FILE", str(keys))
+    assert sorted(load_settings().tenant_key_digests.values()) == ["acme", "beta"]
+    monkeypatch.setenv("TENANT_KEYS_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="TENANT_KEYS_FILE"):
+        load_settings()
+
+
+def test_a_port_in_use_is_one_clear_line() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_gateway(LISTEN_ADDR=f"127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
