@@ -58,10 +58,10 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         settings.max_body_bytes,
     )
 
-    # Admission: nothing new while draining; then SPEC §4's order: who is calling (a bad key is refused before anything
-    # else), how fast, how many at once, how many this window. Cheap, local checks come
-    # before the quota's store round trip, so a flood never reaches Redis. Disabled steps
-    # are left out rather than run as no-ops.
+    # Admission: nothing new while draining; then SPEC §4's order: who is calling (a bad key
+    # is refused before anything else), how fast, how many at once, how many this window.
+    # The cheap, local checks come before the quota's store round trip, so a flood is turned
+    # away before it reaches Redis. Disabled steps are left out rather than run as no-ops.
     admission: list[Middleware] = [
         draining_middleware(lifecycle),
         tenancy_middleware(Tenancy(settings.tenant_key_digests, settings.hash_secret), settings.trusted_proxies),
