@@ -263,3 +263,18 @@ def test_workers_without_redis_refuse_to_start(start_gateway: GatewayFactory) ->
     gateway = start_gateway(wait=False, WORKERS="2")
     assert gateway.process.wait(15) == 2
     assert "WORKERS" in gateway.process.errors()
+
+
+async def test_forwarded_for_is_believed_only_from_trusted_proxies(start_gateway: GatewayFactory, mock: Mock) -> None:
+    async def anonymous_statuses(gateway: Gateway) -> list[int]:
+        async with aiohttp.ClientSession() as session:
+            return [
+                (await call(session, gateway, key=None, **{"X-Forwarded-For": f"203.0.113.{i}"}))[0] for i in range(3)
+            ]
+
+    # Behind a trusted proxy each client address has its own bucket (BURST=1 each)...
+    trusted = start_gateway(RPS="0.01", BURST="1", TRUSTED_PROXIES="127.0.0.1")
+    assert await anonymous_statuses(trusted) == [200, 200, 200]
+    # ...otherwise the header is ignored and every request is the peer's (127.0.0.1).
+    untrusted = start_gateway(RPS="0.01", BURST="1")
+    assert await anonymous_statuses(untrusted) == [200, 429, 429]
