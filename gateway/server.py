@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from aiohttp import web
 
 from .app import create_app
 from .config import Settings
 from .keys import LIFECYCLE
+from .lifecycle import Lifecycle
 
 log = logging.getLogger("gateway")
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class ListenError(Exception):
@@ -33,7 +37,7 @@ def run(settings: Settings) -> int:
     return _run_one(settings)
 
 
-def _run_one(settings: Settings) -> int:
+def _run_one(settings: Settings, on_ready: Callable[[], None] | None = None) -> int:
     try:
         import uvloop
 
@@ -41,11 +45,11 @@ def _run_one(settings: Settings) -> int:
     except ImportError:  # pragma: no cover - uvloop is pinned, but the gateway runs without it
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve(settings))
+        runner.run(serve(settings, on_ready))
     return 0
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
     app = create_app(settings)
     lifecycle = app[LIFECYCLE]
     # handler_cancellation: a client that hangs up cancels its handler, and so the upstream call.
@@ -63,14 +67,16 @@ async def serve(settings: Settings) -> None:
     except OSError as exc:
         await runner.cleanup()
         raise ListenError(f"cannot listen on {settings.listen_host}:{settings.listen_port}: {exc.strerror}") from None
-    log.info("serving on %s:%s", settings.listen_host, settings.listen_port)
-    lifecycle.notify("READY=1")
-
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("SIGHUP ignored (reserved for reload)"))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # a worker blocked them until now
+    log.info("serving on %s:%s", settings.listen_host, settings.listen_port)
+    lifecycle.notify("READY=1")
+    if on_ready is not None:
+        on_ready()
     await stop.wait()
     lifecycle.notify("STOPPING=1")
     log.info("draining (grace %ss)", settings.shutdown_grace_secs)
@@ -81,18 +87,33 @@ async def serve(settings: Settings) -> None:
 
 
 def _supervise(settings: Settings) -> int:
+    """Fork the workers; only this parent speaks to systemd (NotifyAccess=main): READY=1
+    once every worker serves, STOPPING=1 when it passes a stop signal on."""
+    notifier = Lifecycle(0, settings.notify_socket)
+    worker_settings = dataclasses.replace(settings, notify_socket=None)
+    ready_read, ready_write = os.pipe()
     children: list[int] = []
     for _ in range(settings.workers):
+        # Blocked until the worker's loop handles them, so an early SIGTERM drains, not kills.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:
+            os.close(ready_read)
+
+            def tell_parent() -> None:
+                os.write(ready_write, b".")
+
             code = 1
             try:
-                code = _run_one(settings)
+                code = _run_one(worker_settings, on_ready=tell_parent)
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         children.append(pid)
+    os.close(ready_write)
 
     def forward(signum: int, _frame: object) -> None:
+        notifier.notify("STOPPING=1")
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
@@ -100,6 +121,11 @@ def _supervise(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    ready = 0
+    while ready < settings.workers and (byte := os.read(ready_read, 1)):
+        ready += len(byte)
+    if ready == settings.workers:
+        notifier.notify("READY=1")
     status = 0
     for child in children:
         _, code = os.waitpid(child, 0)

@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from ..conftest import GatewayFactory
-from ..harness import Mock, http_get, wait_until
+from ..harness import Mock, RedisServer, http_get, wait_until
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -80,3 +81,21 @@ def test_sighup_is_not_fatal(start_gateway: GatewayFactory) -> None:
     assert http_get(gateway.port, "/healthz")[0] == 200
     gateway.process.signal(signal.SIGINT)
     assert gateway.process.wait(10) == 0
+
+
+def test_sd_notify_with_workers_comes_from_the_parent(
+    start_gateway: GatewayFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(15)
+        gateway = start_gateway(wait=False, NOTIFY_SOCKET=str(path), WORKERS="2", REDIS_URL=redis_server.url)
+        assert sock.recvfrom(100)[0] == b"READY=1"  # once, from the parent, after the port answers
+        assert http_get(gateway.port, "/healthz")[0] == 200
+        gateway.process.signal(signal.SIGTERM)
+        assert sock.recv(100) == b"STOPPING=1"
+        assert gateway.process.wait(15) == 0
+        sock.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            sock.recv(100)  # the workers themselves said nothing
