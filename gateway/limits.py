@@ -141,5 +141,6 @@ def format_reset(ms: int) -> str:
     return f"{minutes}m{rest}s"
 
 
-def retry_after_secs(ms: int) -> str:
-    return str(max(1, math.ceil(ms / 1000)))
+def retry_headers(ms: int) -> dict[str, str]:
+    """Retry-After in whole seconds (rounded up, at least 1) and OpenAI's retry-after-ms."""
+    return {"Retry-After": str(max(1, math.ceil(ms / 1000))), "retry-after-ms": str(ms)}

@@ -27,7 +27,7 @@ from .errors import (
 )
 from .keys import STATE
 from .lifecycle import Lifecycle
-from .limits import Quota, TokenBucket, format_reset, retry_after_secs
+from .limits import Quota, TokenBucket, format_reset, retry_headers
 from .models import RequestState
 from .shedding import Shedder
 from .telemetry import CHAT_ROUTE, Telemetry
@@ -181,8 +181,7 @@ def ratelimit_middleware(bucket: TokenBucket, telemetry: Telemetry) -> Middlewar
         wait = bucket.take(tenant.rate_key)
         if wait:
             metrics.rate_limited()
-            ms = int(wait * 1000) + 1
-            raise RateLimited(headers={"Retry-After": retry_after_secs(ms), "retry-after-ms": str(ms)})
+            raise RateLimited(headers=retry_headers(int(wait * 1000) + 1))
         return await handler(request)
 
     return middleware
@@ -217,10 +216,8 @@ def quota_middleware(quota: Quota, telemetry: Telemetry) -> Middleware:
             state.decision = decision
             if not decision.allowed:
                 metrics.quota_blocked()
-                ms = decision.reset_after_ms
                 raise QuotaExceeded(
-                    f"quota exceeded (limit={decision.limit})",
-                    headers={"Retry-After": retry_after_secs(ms), "retry-after-ms": str(ms)},
+                    f"quota exceeded (limit={decision.limit})", headers=retry_headers(decision.reset_after_ms)
                 )
         return await handler(request)
 

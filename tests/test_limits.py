@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import StoreUnavailable
-from gateway.limits import Quota, TokenBucket, format_reset, retry_after_secs
+from gateway.limits import Quota, TokenBucket, format_reset, retry_headers
 from gateway.stores.memory import MemoryStore
 
 
@@ -109,5 +109,5 @@ def test_reset_format_is_openais(ms: int, text: str) -> None:
 
 
 def test_retry_after_is_whole_seconds_rounded_up() -> None:
-    assert retry_after_secs(1) == "1"
-    assert retry_after_secs(1001) == "2"
+    assert retry_headers(1) == {"Retry-After": "1", "retry-after-ms": "1"}
+    assert retry_headers(1001)["Retry-After"] == "2"
