@@ -36,10 +36,6 @@ class Lifecycle:
             if not self._active and self._idle is not None:
                 self._idle.set()
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._active)
-
     async def drain(self) -> None:
         self.draining = True
         if self._active:

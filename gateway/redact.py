@@ -132,7 +132,6 @@ class Redactor:
 
     email: re.Pattern[str] | None
     others: re.Pattern[str] | None  # card | phone | iban | ssn, the enabled ones, in that order
-    kinds: tuple[str, ...]
 
     def redact(self, text: str, on_redaction: OnRedaction | None = None) -> str:
         return self.redact_from(text, 0, on_redaction)
@@ -235,7 +234,7 @@ def build_redactor(kinds: Iterable[str]) -> Redactor | None:
     others = (
         re.compile("(?=[0-9+(A-Z])(?:" + "|".join(f"(?P<{k}>{_PATTERNS[k]})" for k in rest) + ")") if rest else None
     )
-    return Redactor(email, others, chosen)
+    return Redactor(email, others)
 
 
 def _masked(match: re.Match[str], on_redaction: OnRedaction | None) -> str | None:

@@ -55,10 +55,6 @@ class SSEParser:
         event = _parse_block(rest.rstrip(b"\n"))
         return [event] if event is not None else []
 
-    @property
-    def buffered(self) -> int:
-        return len(self._pending)
-
 
 def _parse_block(block: bytes) -> Event | None:
     # A leading \n belongs to a run of blank lines (\n\n\n): no event there.

@@ -82,9 +82,6 @@ class UpstreamReply:
         """Drop the connection (used when the relay ends early: the LLM stops generating)."""
         self._response.close()
 
-    def release(self) -> None:
-        self._response.release()
-
 
 class Upstream:
     """The session is opened in the app's cleanup context (it needs the running loop)."""
