@@ -74,6 +74,9 @@ def telemetry_middleware(telemetry: Telemetry) -> Middleware:
         try:
             response = await handler(request)
             status = response.status
+            if state.client_gone:
+                status = 499
+                metrics.cb_event("client_disconnect")
             return response
         except asyncio.CancelledError:
             status = 499  # the client went away (or shutdown cut the request)

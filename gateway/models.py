@@ -41,3 +41,4 @@ class RequestState:
     usage: Usage | None = None
     response_model: str | None = None
     span: object | None = None  # the server span, when tracing is on
+    client_gone: bool = False  # the client hung up before the response was complete

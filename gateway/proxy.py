@@ -194,11 +194,16 @@ class ChatProxy:
                 return self._upstream_failure(reply, failure)
             state.upstream_ttfb = time.perf_counter() - started
             response = web.StreamResponse(headers=SSE_HEADERS)
-            await response.prepare(request)
             relay = StreamRelay(self._redactor, self._count_response_redaction)
-            await self._pump(response, relay, first, chunks, parser)
+            try:
+                await response.prepare(request)
+                await self._pump(response, relay, first, chunks, parser)
+                await response.write_eof()
+            except ConnectionResetError:
+                # The client hung up between our writes (not always seen as a cancellation):
+                # the upstream is cut below, and nobody is left to answer.
+                state.client_gone = True
             state.usage, state.response_model = relay.usage, relay.response_model
-            await response.write_eof()
             return response
         finally:
             if reply is not None:

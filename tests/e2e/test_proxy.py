@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
+import random
 import time
 
 import aiohttp
@@ -300,3 +302,46 @@ def test_upstream_gets_exactly_one_content_type(shared_gateway: Gateway, mock: M
     )
     [seen] = mock.requests()
     assert [v for k, v in seen["header_list"] if k.lower() == "content-type"] == ["application/json"]
+
+
+async def test_chaos_leaves_the_gateway_serving_and_clean(start_gateway: GatewayFactory, mock: Mock) -> None:
+    """Garbage bodies, streams cut by the upstream, clients hanging up at random points."""
+    gateway = start_gateway(MAX_CONCURRENCY="40")
+    bodies = [
+        b"",
+        b"{",
+        b"null",
+        b"[]",
+        b'{"model":1,"messages":[]}',
+        b'{"model":"m","messages":[1,{"content":{"a":1}},{"content":[{"type":"text","text":5},7]}]}',
+        "é".encode("latin-1"),
+        json.dumps({"model": "m", "messages": MESSAGES, "stream": True}).encode(),
+        json.dumps({"model": "m", "messages": MESSAGES}).encode(),
+    ]
+    rng = random.Random(7)
+
+    async def one(session: aiohttp.ClientSession, i: int) -> int | str:
+        headers = {
+            "X-Api-Key": f"k{i % 5}",
+            "x-mock-die-after": rng.choice(["1", "3", "-1"]),
+            "x-mock-chunk-delay-ms": "3",
+        }
+        try:
+            async with session.post(gateway.url + CHAT, data=rng.choice(bodies), headers=headers) as r:
+                if rng.random() < 0.3:
+                    await r.content.readany()
+                    r.close()  # hang up mid-response
+                else:
+                    await r.read()
+                return r.status
+        except aiohttp.ClientError as exc:
+            return type(exc).__name__
+
+    async with aiohttp.ClientSession() as session:
+        outcomes = collections.Counter(await asyncio.gather(*(one(session, i) for i in range(400))))
+    assert set(outcomes) <= {200, 400, 503}, outcomes
+    reply = client(gateway).chat.completions.create(model="m", messages=MESSAGES)
+    assert reply.choices[0].message.content
+    wait_until(lambda: "inflight_requests 0" in gateway.metrics(), what="inflight back to 0")
+    assert "unhandled error" not in gateway.process.errors()
+    assert "Traceback" not in gateway.process.errors()
