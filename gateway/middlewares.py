@@ -34,6 +34,7 @@ from .telemetry import CHAT_ROUTE, Telemetry
 from .tenancy import Tenancy, client_ip, presented_key
 
 KNOWN_ROUTES = frozenset({CHAT_ROUTE, "/healthz", "/readyz", "/metrics"})
+_UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 log = logging.getLogger("gateway")
 
@@ -68,8 +69,8 @@ def telemetry_middleware(telemetry: Telemetry) -> Middleware:
         metrics.request_started(route)
         if is_chat:
             metrics.chat_started()
-            if tracing is not None:
-                state.span = tracing.start_server_span(request.method, path, request.headers)
+        if tracing is not None and route not in _UNTRACED:  # probes and scrapes would drown the rest
+            state.span = tracing.start_server_span(request.method, route, path, request.headers)
         status = 500
         try:
             response = await handler(request)

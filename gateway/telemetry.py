@@ -196,10 +196,11 @@ class Tracing:
         self._set_in_context = set_span_in_context
         self._error_status = Status(StatusCode.ERROR)
 
-    def start_server_span(self, method: str, path: str, headers: Mapping[str, str]) -> Any:
+    def start_server_span(self, method: str, route: str, path: str, headers: Mapping[str, str]) -> Any:
+        """Named by the bounded route ("other" for unknown paths); the raw path is an attribute."""
         parent = self._propagator.extract(headers)
         return self._tracer.start_span(
-            f"{method} {path}",
+            f"{method} {route}",
             context=parent,
             kind=self._server_kind,
             attributes={"http.request.method": method, "url.path": path},

@@ -188,16 +188,21 @@ async def test_spans_reach_an_otlp_receiver(
     async with aiohttp.ClientSession() as session:
         assert await call(session, gateway, "demo", traceparent=f"00-{incoming_trace}-00f067aa0ba902b7-01") == 200
         assert await call(session, gateway, "demo") == 429
+        async with session.get(gateway.url + "/v1/nope") as r:
+            assert r.status == 404
+        async with session.get(gateway.url + "/healthz") as r:  # probes are not traced
+            assert r.status == 200
+        assert await call(session, gateway, "last") == 200  # exported after anything before it
 
     async def spans_arrived() -> bool:
-        return len(receiver.spans) >= 3
+        return any(s["attrs"].get("tenant") == "last" for s in receiver.spans)  # type: ignore[attr-defined]
 
     deadline = time.monotonic() + 10
     while not await spans_arrived():
         assert time.monotonic() < deadline, receiver.spans
         await asyncio.sleep(0.05)
-    servers = [s for s in receiver.spans if s["kind"] == 2]
-    clients = [s for s in receiver.spans if s["kind"] == 3]
+    servers = [s for s in receiver.spans if s["kind"] == 2 and s["attrs"].get("tenant") != "last"]  # type: ignore[attr-defined]
+    clients = [s for s in receiver.spans if s["kind"] == 3 and s["trace_id"] == incoming_trace]
     ok = next(s for s in servers if s["attrs"]["http.status_code"] == 200)  # type: ignore[index]
     assert ok["trace_id"] == incoming_trace  # the incoming traceparent was continued
     assert ok["service"] == "gw-under-test"
@@ -207,6 +212,9 @@ async def test_spans_reach_an_otlp_receiver(
     assert "error" not in ok["attrs"]  # type: ignore[operator]
     rejected = next(s for s in servers if s["attrs"]["http.status_code"] == 429)  # type: ignore[index]
     assert rejected["attrs"]["error"] is True  # type: ignore[index]
+    not_found = next(s for s in servers if s["attrs"]["http.status_code"] == 404)  # type: ignore[index]
+    assert not_found["name"] == "GET other" and not_found["attrs"]["error"] is True  # type: ignore[index]
+    assert len(servers) == 3  # no span for /healthz
     [client] = clients
     assert client["trace_id"] == incoming_trace and client["parent"] == ok["span_id"]
     # the upstream got a traceparent naming the client span
@@ -215,7 +223,7 @@ async def test_spans_reach_an_otlp_receiver(
     assert traceparent.split("-")[2] == client["span_id"]
     # logs and traces join on the trace id
     [line] = wait_until(
-        lambda: [e for e in gateway.log_lines() if e["path"] == CHAT and e["status"] == 200], what="a log line"
+        lambda: [e for e in gateway.log_lines() if e["tenant"] == "demo" and e["status"] == 200], what="a log line"
     )
     assert line["trace_id"] == incoming_trace
 
