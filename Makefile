@@ -28,6 +28,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway mock tests bench gateway.py
 	$(VENV)/bin/mypy gateway
+	$(VENV)/bin/lint-imports
 
 ## binary: one-file executable dist/gateway
 binary: $(STAMP)
