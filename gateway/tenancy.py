@@ -36,21 +36,19 @@ class Tenancy:
     def resolve(self, key: str | None, peer_ip: str, path: str) -> Tenant:
         """Raises InvalidApiKey in keyed mode for a missing or unknown key."""
         if self._digests:
-            name = self._lookup(key)
-            return Tenant(name, self.public_id(name), "key:" + name)
+            if key is None:
+                raise InvalidApiKey()
+            # Constant time with respect to the key: only its SHA-256 digest is looked up, so
+            # timing can reveal nothing but facts about a hash nobody can invert.
+            digest = hashlib.sha256(key.encode()).digest()
+            name = self._digests.get(digest)
+            if name is None:
+                raise InvalidApiKey()
+            # Rate-limited per key (SPEC §4), by its digest: the key itself is not kept.
+            return Tenant(name, self.public_id(name), "key:" + digest.hex())
         if key is None:
             return Tenant(ANONYMOUS, self.public_id(ANONYMOUS), f"ip:{peer_ip}:{path}")
         return Tenant(key, self.public_id(key), "key:" + key)
-
-    def _lookup(self, key: str | None) -> str:
-        if key is None:
-            raise InvalidApiKey()
-        # Constant time with respect to the key: only its SHA-256 digest is looked up, so
-        # timing can reveal nothing but facts about a hash nobody can invert.
-        name = self._digests.get(hashlib.sha256(key.encode()).digest())
-        if name is None:
-            raise InvalidApiKey()
-        return name
 
     def public_id(self, name: str) -> str:
         if self._hash_secret is None:

@@ -34,7 +34,8 @@ def test_keyed_mode_admits_listed_keys_only() -> None:
     }
     tenancy = Tenancy(digests, None)
     tenant = tenancy.resolve("sk-acme-1", "ip", "/")
-    assert (tenant.name, tenant.public_id, tenant.rate_key) == ("acme", "acme", "key:acme")
+    assert (tenant.name, tenant.public_id) == ("acme", "acme")
+    assert tenant.rate_key == "key:" + hashlib.sha256(b"sk-acme-1").hexdigest()  # per key, never the key
     with pytest.raises(InvalidApiKey):
         tenancy.resolve("sk-unknown", "ip", "/")
     with pytest.raises(InvalidApiKey):
