@@ -8,6 +8,7 @@ received unless redaction changed a message (every other field is kept as sent).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager, nullcontext
@@ -19,7 +20,6 @@ from aiohttp import web
 from . import sse
 from .errors import (
     BadRequest,
-    GatewayError,
     PayloadTooLarge,
     ShuttingDown,
     UpstreamAuthRejected,
@@ -55,6 +55,7 @@ class ChatProxy:
         self._lifecycle = lifecycle
         self._timeout = timeout_secs
         self._max_body = max_body_bytes
+        self._draining: set[asyncio.Task[None]] = set()
         metrics = telemetry.metrics
         self._count_request_redaction = lambda kind: metrics.redacted(kind, "request")
         self._count_response_redaction = lambda kind: metrics.redacted(kind, "response")
@@ -199,6 +200,9 @@ class ChatProxy:
                 await response.prepare(request)
                 await self._pump(response, relay, first, chunks, parser)
                 await response.write_eof()
+                if relay.done:  # hand the upstream over: the client may leave (and cancel us) now
+                    self._release_later(reply, chunks)
+                    reply = None
             except ConnectionResetError:
                 # The client hung up between our writes (not always seen as a cancellation):
                 # the upstream is cut below, and nobody is left to answer.
@@ -208,6 +212,11 @@ class ChatProxy:
         finally:
             if reply is not None:
                 reply.close()  # an unfinished upstream stream is cut: the LLM stops generating
+
+    def _release_later(self, reply: UpstreamReply, chunks: AsyncIterator[bytes]) -> None:
+        task = asyncio.get_running_loop().create_task(_drain(reply, chunks))
+        self._draining.add(task)  # a reference, or the task could be collected mid-way
+        task.add_done_callback(self._draining.discard)
 
     async def _pump(
         self,
@@ -255,9 +264,19 @@ async def _first_events(chunks: AsyncIterator[bytes], parser: sse.SSEParser) -> 
             return events
 
 
-async def _try_write(response: web.StreamResponse, data: bytes) -> None:
+async def _drain(reply: UpstreamReply, chunks: AsyncIterator[bytes]) -> None:
+    """Read what follows [DONE] (the chunked terminator) so the upstream connection goes back
+    to the pool instead of being closed: no new TCP and TLS handshake for the next request."""
     try:
+        with contextlib.suppress(TimeoutError, UpstreamError):
+            async with asyncio.timeout(1):
+                async for _ in chunks:
+                    pass
+    finally:
+        reply.close()  # a no-op once the end of the body has released the connection
+
+
+async def _try_write(response: web.StreamResponse, data: bytes) -> None:
+    with contextlib.suppress(OSError, TimeoutError):
         async with asyncio.timeout(1):
             await response.write(data)
-    except (OSError, TimeoutError, GatewayError):
-        pass

@@ -5,7 +5,8 @@ between streamed deltas, 120), MOCK_ECHO=1 (reply with the last user message), M
 The same knobs per request, as headers the gateway forwards: x-mock-latency-ms,
 x-mock-chunk-delay-ms, x-mock-echo, x-mock-reply, plus x-mock-deltas (a JSON array of
 exact deltas), x-mock-status (answer with that status and an OpenAI-style error),
-x-mock-die-after (drop the connection after N deltas), x-mock-no-done (end without [DONE]).
+x-mock-die-after (drop the connection after N deltas), x-mock-no-done (end without [DONE]),
+x-mock-done-delay-ms (send the chunked terminator that long after [DONE]).
 
 What it saw, for tests: GET /_mock/requests (headers and body of recent requests),
 GET /_mock/events (client disconnects), DELETE /_mock/requests (forget both).
@@ -67,6 +68,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
             "id": request_id,
             "headers": dict(request.headers),
             "header_list": list(request.headers.items()),  # repeated headers show here
+            "peer": list(request.transport.get_extra_info("peername") or ()) if request.transport else [],
             "body": body,
             "at": time.time(),
         }
@@ -139,6 +141,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
             await response.write(event([], usage=usage))
         if "x-mock-no-done" not in request.headers:
             await response.write(b"data: [DONE]\n\n")
+        # The chunked terminator may trail [DONE] in a later packet, as real upstreams' does.
+        await asyncio.sleep(int(request.headers.get("x-mock-done-delay-ms", "0")) / 1000)
         await response.write_eof()
     except (asyncio.CancelledError, ConnectionError) as exc:
         request.app[EVENTS].append(

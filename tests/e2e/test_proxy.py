@@ -345,3 +345,16 @@ async def test_chaos_leaves_the_gateway_serving_and_clean(start_gateway: Gateway
     wait_until(lambda: "inflight_requests 0" in gateway.metrics(), what="inflight back to 0")
     assert "unhandled error" not in gateway.process.errors()
     assert "Traceback" not in gateway.process.errors()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_connections_are_reused(shared_gateway: Gateway, mock: Mock, stream: bool) -> None:
+    # The upstream's chunked terminator trails [DONE] by 50 ms (as over a real network); the
+    # requests are spaced wider than that, so each can find the previous connection pooled.
+    sdk = client(shared_gateway, **{"x-mock-done-delay-ms": "50"})
+    for _ in range(3):
+        reply = sdk.chat.completions.create(model="m", messages=MESSAGES, stream=stream)
+        list(reply) if stream else None  # type: ignore[call-overload]
+        time.sleep(0.2)
+    peers = {tuple(seen["peer"]) for seen in mock.requests()}
+    assert len(peers) == 1, peers  # one pooled connection, no new handshake per request
