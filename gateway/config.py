@@ -258,6 +258,7 @@ def _read(env: Env) -> Settings:
     if hash_identifiers and not hash_secret:
         r.errors["HASH_SECRET"] = "required when HASH_IDENTIFIERS=true"
 
+    store_timeout_ms = env.int("STORE_TIMEOUT_MS", 250, validate=positive)
     settings = dict(
         upstream_api_key=env.str("OPENAI_API_KEY", None) or None,
         rps=env.float("RPS", 5.0, validate=non_negative),
@@ -266,7 +267,6 @@ def _read(env: Env) -> Settings:
         default_quota=env.int("DEFAULT_QUOTA", 120, validate=non_negative),
         quota_window_secs=env.int("QUOTA_WINDOW_SECS", 60, validate=positive),
         quota_fail_mode=env.str("QUOTA_FAIL_MODE", "open", validate=OneOf(["open", "closed"])),
-        store_timeout_secs=env.int("STORE_TIMEOUT_MS", 250, validate=positive),
         timeout_secs=env.float("TIMEOUT_SECS", 60.0, validate=Range(min=0, min_inclusive=False)),
         max_concurrency=env.int("MAX_CONCURRENCY", 0, validate=non_negative),
         max_body_bytes=env.int("MAX_BODY_BYTES", 8 * 1024 * 1024, validate=positive),
@@ -289,7 +289,6 @@ def _read(env: Env) -> Settings:
     if r.errors:
         raise ConfigError([f"{name}: {message}" for name, message in sorted(r.errors.items())])
 
-    settings["store_timeout_secs"] = int(settings["store_timeout_secs"] or 0) / 1000  # given in ms
     return Settings(
         listen_host=host,
         listen_port=port,
@@ -302,6 +301,7 @@ def _read(env: Env) -> Settings:
         tenant_key_digests=MappingProxyType(digests),
         hash_identifiers=hash_identifiers,
         hash_secret=hash_secret.encode() if hash_identifiers and hash_secret else None,
+        store_timeout_secs=store_timeout_ms / 1000,
         **settings,  # type: ignore[arg-type]  # environs' values, validated above
     )
 

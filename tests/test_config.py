@@ -158,3 +158,14 @@ def test_a_port_in_use_is_one_clear_line() -> None:
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_version_flag() -> None:
+    result = run_gateway("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("secure-llm-gateway ")
+
+
+def test_store_timeout_is_given_in_milliseconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STORE_TIMEOUT_MS", "400")
+    assert load_settings().store_timeout_secs == 0.4
