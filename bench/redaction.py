@@ -37,7 +37,7 @@ def stream(deltas: list[str]) -> None:
 
 
 def relay(events: bytes) -> None:
-    StreamRelay(REDACTOR, None).events(sse.SSEParser().feed(events))
+    StreamRelay(REDACTOR, None).feed(events)
 
 
 def main() -> None:

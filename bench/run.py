@@ -29,6 +29,7 @@ SUT_CPU, LOAD_CPU = "0", "1"
 DURATION = int(os.environ.get("BENCH_SECS", "8"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "50"))
 STREAMS = int(os.environ.get("BENCH_STREAMS", "500"))
+ONLY = set(os.environ.get("BENCH_ONLY", "json,stream,redis,tracing,paced").split(","))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROMPT = (
     "Please summarise this note. Customer Jane Doe (jane.doe@example.com, +1 415 555 2671) paid with "
@@ -271,18 +272,27 @@ def run() -> list[dict[str, Any]]:
             )
 
         print("measuring (about two minutes)...", flush=True)
-        wrk_pair("non-stream, memory store", json_port, JSON_BODY)
-        wrk_pair("stream (40 events), memory store", sse_port, STREAM_BODY)
-        wrk_pair(
-            "non-stream, quotas on redis-server", json_port, JSON_BODY, REDIS_URL=f"redis://127.0.0.1:{redis_port}/0"
-        )
-        wrk_pair(
-            "non-stream, tracing to OTLP",
-            json_port,
-            JSON_BODY,
-            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{otlp_port}",
-            OTEL_BSP_SCHEDULE_DELAY="200",
-        )
+        if "json" in ONLY:
+            wrk_pair("non-stream, memory store", json_port, JSON_BODY)
+        if "stream" in ONLY:
+            wrk_pair("stream (40 events), memory store", sse_port, STREAM_BODY)
+        if "redis" in ONLY:
+            wrk_pair(
+                "non-stream, quotas on redis-server",
+                json_port,
+                JSON_BODY,
+                REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+            )
+        if "tracing" in ONLY:
+            wrk_pair(
+                "non-stream, tracing to OTLP",
+                json_port,
+                JSON_BODY,
+                OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{otlp_port}",
+                OTEL_BSP_SCHEDULE_DELAY="200",
+            )
+        if "paced" not in ONLY:
+            return rows
 
         direct = streams(paced_port)
         gw, gw_port = gateway(paced_port)

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from typing import IO
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from . import keys
 from .config import Settings
@@ -17,20 +16,18 @@ from .lifecycle import Lifecycle
 from .limits import Quota, TokenBucket
 from .middlewares import (
     add_gateway_headers,
-    admission_step,
-    draining_middleware,
+    admission,
+    draining_check,
     errors_middleware,
-    quota_middleware,
-    ratelimit_middleware,
-    shedding_middleware,
+    ratelimit_check,
     telemetry_middleware,
-    tenancy_middleware,
+    tenancy_check,
 )
 from .proxy import ChatProxy
 from .redact import build_redactor
 from .shedding import Shedder
 from .stores import store_from_url
-from .telemetry import Metrics, RequestLog, Telemetry, Tracing
+from .telemetry import CHAT_ROUTE, Metrics, RequestLog, Telemetry, Tracing
 from .tenancy import Tenancy
 from .upstream import Upstream
 
@@ -58,21 +55,17 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         settings.max_body_bytes,
     )
 
-    # Admission: nothing new while draining; then SPEC §4's order: who is calling (a bad key
-    # is refused before anything else), how fast, how many at once, how many this window.
-    # The cheap, local checks come before the quota's store round trip, so a flood is turned
-    # away before it reaches Redis. Disabled steps are left out rather than run as no-ops.
-    admission: list[Middleware] = [
-        draining_middleware(lifecycle),
-        tenancy_middleware(Tenancy(settings.tenant_key_digests, settings.hash_secret), settings.trusted_proxies),
+    # Admission, in SPEC §4's order: nothing new while draining; who is calling (a bad key is
+    # refused before anything else), how fast; then (in `admission`) how many at once and
+    # how many this window. The cheap, local checks come before the quota's store round
+    # trip, so a flood is turned away before it reaches Redis. Disabled steps are left out.
+    checks = [
+        draining_check(lifecycle),
+        tenancy_check(Tenancy(settings.tenant_key_digests, settings.hash_secret), settings.trusted_proxies),
     ]
     if settings.rps > 0:
-        admission.append(ratelimit_middleware(TokenBucket(settings.rps, settings.burst), telemetry))
-    if settings.max_concurrency:
-        admission.append(shedding_middleware(Shedder(settings.max_concurrency), telemetry))
-    admission.append(quota_middleware(quota, telemetry))
-    v1 = web.Application(middlewares=[admission_step(step) for step in admission])
-    v1.router.add_post("/chat/completions", proxy.handle)
+        checks.append(ratelimit_check(TokenBucket(settings.rps, settings.burst), telemetry))
+    shedder = Shedder(settings.max_concurrency) if settings.max_concurrency else None
 
     # Telemetry outermost so it sees every final status, rendered errors included.
     app = web.Application(
@@ -87,7 +80,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    app.add_subapp("/v1", v1)
+    app.router.add_post(CHAT_ROUTE, admission(proxy.handle, checks, shedder, quota, telemetry))
     app.cleanup_ctx.append(resources)
     app.on_response_prepare.append(add_gateway_headers)
     return app

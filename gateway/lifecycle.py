@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 
 class Lifecycle:
@@ -24,17 +22,17 @@ class Lifecycle:
         self.draining = False
         self.grace_expired = False
 
-    @contextmanager
-    def track(self) -> Iterator[None]:
+    def enter(self) -> asyncio.Task[object]:
+        """The current request is in flight until `leave` (call it in a finally)."""
         task = asyncio.current_task()
         assert task is not None
         self._active.add(task)
-        try:
-            yield
-        finally:
-            self._active.discard(task)
-            if not self._active and self._idle is not None:
-                self._idle.set()
+        return task
+
+    def leave(self, task: asyncio.Task[object]) -> None:
+        self._active.discard(task)
+        if not self._active and self._idle is not None:
+            self._idle.set()
 
     async def drain(self) -> None:
         self.draining = True

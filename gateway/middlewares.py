@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -30,7 +31,7 @@ from .lifecycle import Lifecycle
 from .limits import Quota, TokenBucket, format_reset, retry_headers
 from .models import RequestState
 from .shedding import Shedder
-from .telemetry import CHAT_ROUTE, Telemetry
+from .telemetry import CHAT_ROUTE, Metrics, Telemetry
 from .tenancy import Tenancy, client_ip, presented_key
 
 KNOWN_ROUTES = frozenset({CHAT_ROUTE, "/healthz", "/readyz", "/metrics"})
@@ -141,91 +142,80 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     return error
 
 
-def admission_step(step: Middleware) -> Middleware:
-    """Admission runs only for a matched route: a 404/405 must not spend tokens or quota."""
+# Admission: SPEC §4's steps. The cheap local ones are plain functions that raise to refuse;
+# the concurrency slot and the quota (a store round trip) come last. They wrap the chat
+# handler itself rather than being middlewares: a 404/405 never reaches them (so it spends
+# no tokens or quota), and the request pays for one call per step, not one coroutine.
+Check = Callable[[web.Request, RequestState], None]
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.match_info.http_exception is not None:
+
+def admission(
+    handler: Handler, checks: Sequence[Check], shedder: Shedder | None, quota: Quota, telemetry: Telemetry
+) -> Handler:
+    metrics = telemetry.metrics
+    checks = tuple(checks)
+
+    async def admitted(request: web.Request) -> web.StreamResponse:
+        state = request[STATE]
+        for check in checks:
+            check(request, state)
+        if shedder is None:
+            await _check_quota(quota, metrics, state)
             return await handler(request)
-        return await step(request, handler)
-
-    return middleware
-
-
-def draining_middleware(lifecycle: Lifecycle) -> Middleware:
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if lifecycle.draining:
-            raise ShuttingDown(headers={"Retry-After": "1"})
-        return await handler(request)
-
-    return middleware
-
-
-def tenancy_middleware(tenancy: Tenancy, trusted_proxies: tuple[object, ...]) -> Middleware:
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        headers = request.headers
-        key = presented_key(headers.get("X-Api-Key"), headers.get("Authorization"))
-        ip = "" if key else client_ip(request.remote, headers.get("X-Forwarded-For"), trusted_proxies)
-        request[STATE].tenant = tenancy.resolve(key, ip, request.path)
-        return await handler(request)
-
-    return middleware
-
-
-def ratelimit_middleware(bucket: TokenBucket, telemetry: Telemetry) -> Middleware:
-    metrics = telemetry.metrics
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        tenant = request[STATE].tenant
-        assert tenant is not None
-        wait = bucket.take(tenant.rate_key)
-        if wait:
-            metrics.rate_limited()
-            raise RateLimited(headers=retry_headers(int(wait * 1000) + 1))
-        return await handler(request)
-
-    return middleware
-
-
-def shedding_middleware(shedder: Shedder, telemetry: Telemetry) -> Middleware:
-    metrics = telemetry.metrics
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not shedder.try_acquire():
             metrics.cb_event("load_shed")
             raise Overloaded(headers={"Retry-After": "1"})
-        try:  # held until the handler returns: for streams, after the last byte
+        try:  # the slot is held until the handler returns: for streams, after the last byte
+            await _check_quota(quota, metrics, state)
             return await handler(request)
         finally:
             shedder.release()
 
-    return middleware
+    return admitted
 
 
-def quota_middleware(quota: Quota, telemetry: Telemetry) -> Middleware:
+def draining_check(lifecycle: Lifecycle) -> Check:
+    def check(request: web.Request, state: RequestState) -> None:
+        if lifecycle.draining:
+            raise ShuttingDown(headers={"Retry-After": "1"})
+
+    return check
+
+
+def tenancy_check(tenancy: Tenancy, trusted_proxies: tuple[object, ...]) -> Check:
+    def check(request: web.Request, state: RequestState) -> None:
+        headers = request.headers
+        key = presented_key(headers.get("X-Api-Key"), headers.get("Authorization"))
+        ip = "" if key else client_ip(request.remote, headers.get("X-Forwarded-For"), trusted_proxies)
+        state.tenant = tenancy.resolve(key, ip, request.path)
+
+    return check
+
+
+def ratelimit_check(bucket: TokenBucket, telemetry: Telemetry) -> Check:
     metrics = telemetry.metrics
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        state = request[STATE]
-        tenant = state.tenant
-        assert tenant is not None
-        decision = await quota.check(tenant.name, tenant.public_id)
-        if decision is not None:
-            state.decision = decision
-            if not decision.allowed:
-                metrics.quota_blocked()
-                raise QuotaExceeded(
-                    f"quota exceeded (limit={decision.limit})", headers=retry_headers(decision.reset_after_ms)
-                )
-        return await handler(request)
+    def check(request: web.Request, state: RequestState) -> None:
+        assert state.tenant is not None
+        wait = bucket.take(state.tenant.rate_key)
+        if wait:
+            metrics.rate_limited()
+            raise RateLimited(headers=retry_headers(int(wait * 1000) + 1))
 
-    return middleware
+    return check
+
+
+async def _check_quota(quota: Quota, metrics: Metrics, state: RequestState) -> None:
+    tenant = state.tenant
+    assert tenant is not None
+    decision = await quota.check(tenant.name, tenant.public_id)
+    if decision is not None:
+        state.decision = decision
+        if not decision.allowed:
+            metrics.quota_blocked()
+            raise QuotaExceeded(
+                f"quota exceeded (limit={decision.limit})", headers=retry_headers(decision.reset_after_ms)
+            )
 
 
 async def add_gateway_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -11,13 +11,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from . import sse
+from .deadlines import Deadlines
 from .errors import (
     BadRequest,
     PayloadTooLarge,
@@ -53,7 +53,7 @@ class ChatProxy:
         self._redactor = redactor
         self._telemetry = telemetry
         self._lifecycle = lifecycle
-        self._timeout = timeout_secs
+        self._deadline = Deadlines(timeout_secs)
         self._max_body = max_body_bytes
         self._draining: set[asyncio.Task[None]] = set()
         metrics = telemetry.metrics
@@ -68,14 +68,22 @@ class ChatProxy:
         if self._redactor is not None and self._redact_messages(payload["messages"]):
             body = orjson.dumps(payload)
         tracing = self._telemetry.tracing
-        span: AbstractContextManager[dict[str, str]] = (
-            tracing.client_span(state.span, state.model) if tracing and state.span else nullcontext({})
-        )
-        with span as trace_headers, self._lifecycle.track():
-            headers = self._upstream.headers_for(request.headers, trace_headers.items())
-            if state.stream:
-                return await self._relay_stream(request, state, body, headers)
-            return await self._relay_json(state, body, headers)
+        task = self._lifecycle.enter()
+        try:
+            if tracing is None or state.span is None:
+                return await self._relay(request, state, body, self._upstream.headers_for(request.headers))
+            with tracing.client_span(state.span, state.model) as trace_headers:
+                headers = self._upstream.headers_for(request.headers, trace_headers)
+                return await self._relay(request, state, body, headers)
+        finally:
+            self._lifecycle.leave(task)
+
+    async def _relay(
+        self, request: web.Request, state: RequestState, body: bytes, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        if state.stream:
+            return await self._relay_stream(request, state, body, headers)
+        return await self._relay_json(state, body, headers)
 
     async def _read_payload(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
         if request.content_length is not None and request.content_length > self._max_body:
@@ -120,7 +128,7 @@ class ChatProxy:
         started = time.perf_counter()
         reply: UpstreamReply | None = None
         try:
-            async with asyncio.timeout(self._timeout):
+            async with self._deadline():
                 reply = await self._upstream.post(body, headers)
                 state.upstream_ttfb = time.perf_counter() - started
                 data = await reply.read()  # the connection returns to the pool at EOF
@@ -177,28 +185,27 @@ class ChatProxy:
         self, request: web.Request, state: RequestState, body: bytes, headers: dict[str, str]
     ) -> web.StreamResponse:
         started = time.perf_counter()
-        parser = sse.SSEParser()
+        relay = StreamRelay(self._redactor, self._count_response_redaction)
         reply: UpstreamReply | None = None
         failure: bytes | None = None
         try:
             try:
-                async with asyncio.timeout(self._timeout):
+                async with self._deadline():
                     reply = await self._upstream.post(body, headers)
                     if reply.status >= 300:
                         failure = await reply.read()
                     else:
                         chunks = reply.chunks()
-                        first = await _first_events(chunks, parser)
+                        first = await _first_events(chunks, relay)
             except (TimeoutError, UpstreamError) as exc:
                 raise self._upstream_exception(exc) from None
             if failure is not None:
                 return self._upstream_failure(reply, failure)
             state.upstream_ttfb = time.perf_counter() - started
             response = web.StreamResponse(headers=SSE_HEADERS)
-            relay = StreamRelay(self._redactor, self._count_response_redaction)
             try:
                 await response.prepare(request)
-                await self._pump(response, relay, first, chunks, parser)
+                await self._pump(response, relay, first, chunks)
                 await response.write_eof()
                 if relay.done:  # hand the upstream over: the client may leave (and cancel us) now
                     self._release_later(reply, chunks)
@@ -219,23 +226,16 @@ class ChatProxy:
         task.add_done_callback(self._draining.discard)
 
     async def _pump(
-        self,
-        response: web.StreamResponse,
-        relay: StreamRelay,
-        first: list[sse.Event],
-        chunks: AsyncIterator[bytes],
-        parser: sse.SSEParser,
+        self, response: web.StreamResponse, relay: StreamRelay, first: bytes, chunks: AsyncIterator[bytes]
     ) -> None:
         try:
-            out = relay.events(first)
-            if out:
-                await response.write(out)
+            await response.write(first)
             while not relay.done:
                 chunk = await anext(chunks, None)
                 if chunk is None:  # upstream ended without [DONE]
-                    await response.write(relay.events(parser.close()) + relay.finish())
+                    await response.write(relay.close())
                     return
-                out = relay.events(parser.feed(chunk))
+                out = relay.feed(chunk)
                 if out:
                     await response.write(out)
         except UpstreamStreamBroken as exc:
@@ -251,17 +251,18 @@ class ChatProxy:
             await _try_write(response, relay.finish() + sse.error_event(ShuttingDown()))
 
 
-async def _first_events(chunks: AsyncIterator[bytes], parser: sse.SSEParser) -> list[sse.Event]:
+async def _first_events(chunks: AsyncIterator[bytes], relay: StreamRelay) -> bytes:
+    """Read until the first whole event: what to send first (the deadline covers this)."""
     while True:
         chunk = await anext(chunks, None)
         if chunk is None:
-            events = parser.close()
-            if not events:
+            out = relay.close()
+            if not out:
                 raise UpstreamStreamBroken("upstream closed the stream before any event")
-            return events
-        events = parser.feed(chunk)
-        if events:
-            return events
+            return out
+        out = relay.feed(chunk)
+        if out:
+            return out
 
 
 async def _drain(reply: UpstreamReply, chunks: AsyncIterator[bytes]) -> None:

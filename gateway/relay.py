@@ -9,6 +9,7 @@ No aiohttp here: it is fed events and returns bytes to write.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -17,18 +18,63 @@ from . import sse
 from .models import Usage
 from .redact import OnRedaction, Redactor, StreamRedactor
 
+# The common chat-completions chunk, seen as bytes: its delta text, JSON-escaped.
+_CONTENT = re.compile(rb'"content": ?"([^"\\\n]*(?:\\.[^"\\\n]*)*)"')
+_DONE_EVENT = b"data: [DONE]\n\n"
+# Events the fast path leaves to the exact one: the end, usage, a choice's last chunk (one
+# search each: a literal prefix lets the regex engine skip ahead at C speed).
+_SPECIAL = (re.compile(rb"data: \[DONE\]\n"), re.compile(rb'"usage": ?\{'), re.compile(rb'"finish_reason": ?"'))
+_OTHER_CHOICE = re.compile(rb'"index": ?[1-9]')
+
 
 class StreamRelay:
-    __slots__ = ("_on_redaction", "_redactor", "_streams", "_template", "done", "response_model", "usage")
+    """Feed the upstream's bytes as they arrive; get back the bytes to send on.
+
+    Fast path: a run of one-line `data:` events of a single choice, none of them special,
+    is checked as one text: its deltas are decoded in one call and fed to the redactor
+    together. When nothing is masked the events go out as received, except the few whose
+    text moves because a tail is held back (rewritten with just their content replaced).
+    Anything else (several choices, masking, usage, the finish chunk, comments, odd
+    framing) takes the exact path: parse, redact and re-encode event by event.
+    """
+
+    __slots__ = (
+        "_on_redaction",
+        "_parser",
+        "_redactor",
+        "_streams",
+        "_template",
+        "done",
+        "response_model",
+        "usage",
+    )
 
     def __init__(self, redactor: Redactor | None, on_redaction: OnRedaction | None) -> None:
         self._redactor = redactor
         self._on_redaction = on_redaction
+        self._parser = sse.SSEParser()
         self._streams: dict[int, StreamRedactor] = {}
         self._template: dict[str, Any] | None = None  # id/model/... for a synthetic flush chunk
         self.usage: Usage | None = None
         self.response_model: str | None = None
         self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """b"" until an event is complete; then the events' bytes to send."""
+        blocks = self._parser.complete(chunk)
+        if not blocks:
+            return b""
+        special = min((m.start() for pattern in _SPECIAL if (m := pattern.search(blocks))), default=-1)
+        if special < 0:
+            return self._run(blocks)
+        cut = blocks.rfind(b"\n\n", 0, special) + 2  # where the special event begins
+        if cut == 1:
+            return self.events(sse.parse_blocks(blocks))
+        return self._run(blocks[:cut]) + self.events(sse.parse_blocks(blocks[cut:]))
+
+    def close(self) -> bytes:
+        """The upstream ended: a last event without its blank line, then held text."""
+        return self.events(self._parser.close()) + self.finish()
 
     def events(self, events: list[sse.Event]) -> bytes:
         return b"".join(self._event(event) for event in events)
@@ -45,7 +91,41 @@ class StreamRelay:
         ]
         return sse.encode(orjson.dumps(chunk))
 
+    def _run(self, blocks: bytes) -> bytes:
+        out = self._fast(blocks)
+        return self.events(sse.parse_blocks(blocks)) if out is None else out
+
+    def _fast(self, blocks: bytes) -> bytes | None:
+        """The run of events as one text (see the class docstring); None: not this path."""
+        n = blocks.count(b"\n\ndata: ") + 1
+        if not (blocks.startswith(b"data: ") and blocks.count(b"\n") == 2 * n):
+            return None  # not only one-line data events (comments, multi-line data, blank lines)
+        if self._redactor is None:
+            return blocks
+        if _OTHER_CHOICE.search(blocks):
+            return None  # several choices: each has its own text
+        raws = _CONTENT.findall(blocks)
+        if len(raws) != n:
+            return None
+        try:
+            texts: list[str] = orjson.loads(b'["' + b'","'.join(raws) + b'"]')
+        except orjson.JSONDecodeError:
+            return None
+        stream = self._streams.get(0)
+        if stream is None:
+            stream = self._streams[0] = self._stream()
+            if self._template is None:
+                self._template = _template_of(blocks[6 : blocks.index(b"\n")])
+        result = stream.feed_unmasked("".join(texts))
+        if result is None:
+            return None
+        held, emitted = result
+        if not held and emitted == sum(map(len, texts)):
+            return blocks  # the common case: every event as received
+        return _moved(blocks, texts, held, emitted)
+
     def _event(self, event: sse.Event) -> bytes:
+        """The exact path: one event, parsed, redacted per choice, re-encoded if changed."""
         data = event.data
         if data is None:
             return event.raw
@@ -113,6 +193,41 @@ class StreamRelay:
         model = chunk.get("model")
         if isinstance(model, str):
             self.response_model = model
+
+
+def _moved(blocks: bytes, texts: list[str], held: str, emitted: int) -> bytes:
+    """The events with their texts moved: `held` (text held back before) goes out first, and
+    of held + texts only the first `emitted` characters go out now. Only the first event and
+    the last few (those reaching into the text held back now) can change; the events between
+    stay as received."""
+    whole = held + "".join(texts)
+    tail: list[bytes] = []
+    cut, end, i = len(blocks), len(whole), len(texts) - 1
+    while i > 0 and end > emitted:  # event i carries whole[end - len(texts[i]) : end]
+        start = end - len(texts[i])
+        event_start = blocks.rfind(b"\n\ndata: ", 0, cut - 2) + 2
+        tail.append(_with_content(blocks[event_start:cut], whole[start : max(start, emitted)]))
+        cut, end, i = event_start, start, i - 1
+    first_end = blocks.find(b"\n\n") + 2
+    first_text = whole[: min(len(held) + len(texts[0]), emitted)]
+    first = blocks[:first_end] if first_text == texts[0] else _with_content(blocks[:first_end], first_text)
+    return b"".join((first, blocks[first_end:cut], *reversed(tail)))
+
+
+def _with_content(event: bytes, text: str) -> bytes:
+    m = _CONTENT.search(event)
+    assert m is not None  # the fast path only takes events that have one
+    return event[: m.start(1)] + orjson.dumps(text)[1:-1] + event[m.end(1) :]
+
+
+def _template_of(data: bytes) -> dict[str, Any] | None:
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(chunk, dict):
+        return None
+    return {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
 
 
 def usage_of(body: dict[str, Any]) -> Usage | None:

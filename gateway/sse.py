@@ -34,6 +34,11 @@ class SSEParser:
         self._cr = False  # the previous read ended in \r: a \n opening the next is its pair
 
     def feed(self, chunk: bytes) -> list[Event]:
+        return parse_blocks(self.complete(chunk))
+
+    def complete(self, chunk: bytes) -> bytes:
+        """The whole event blocks this read completes, as one bytes (line endings normalised,
+        each block ending in a blank line); b"" while an event is still incomplete."""
         if self._cr:
             self._cr = False
             if chunk.startswith(b"\n"):
@@ -42,11 +47,12 @@ class SSEParser:
             self._cr = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buf = self._pending + chunk if self._pending else chunk
-        if b"\n\n" not in buf:
+        end = buf.rfind(b"\n\n") + 2
+        if end == 1:
             self._pending = buf
-            return []
-        *blocks, self._pending = buf.split(b"\n\n")
-        return [event for block in blocks if (event := _parse_block(block)) is not None]
+            return b""
+        self._pending = buf[end:]
+        return buf[:end]
 
     def close(self) -> list[Event]:
         """End of input: a final block without its blank line is still dispatched."""
@@ -54,6 +60,11 @@ class SSEParser:
         self._cr = False
         event = _parse_block(rest.rstrip(b"\n"))
         return [event] if event is not None else []
+
+
+def parse_blocks(blocks: bytes) -> list[Event]:
+    """Events from whole blocks (what `complete` returns)."""
+    return [event for block in blocks.split(b"\n\n") if (event := _parse_block(block)) is not None]
 
 
 def _parse_block(block: bytes) -> Event | None:

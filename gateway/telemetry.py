@@ -9,6 +9,8 @@ and client-chosen label values (the model) are capped.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -72,6 +74,29 @@ class _Family:
             self.collector.set(dict(zip(self.names, key, strict=True)), value)
 
 
+class _Latencies:
+    """A histogram with fixed labels: one bisect per observation; the cumulative bucket
+    counts aioprometheus renders are worked out only when /metrics is scraped."""
+
+    __slots__ = ("_counts", "_sum", "_target")
+
+    def __init__(self, target: BucketCounts) -> None:
+        self._target = target
+        self._counts = [0] * len(LATENCY_BUCKETS)
+        self._sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self._counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self._sum += seconds
+
+    def publish(self) -> None:
+        target = self._target
+        for bound, count in zip(LATENCY_BUCKETS, itertools.accumulate(self._counts), strict=True):
+            target.buckets[bound] = count
+        target.sum = self._sum
+        target.observations = sum(self._counts)
+
+
 class Metrics:
     def __init__(self, model_label_limit: int) -> None:
         self.registry = r = Registry()
@@ -118,10 +143,10 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
         )
         # Fixed label sets: hold aioprometheus' bucket aggregators and observe them directly.
-        self._duration = BucketCounts(*LATENCY_BUCKETS)
-        self._ttfb = BucketCounts(*LATENCY_BUCKETS)
-        duration.set_value({"route": CHAT_ROUTE}, self._duration)
-        ttfb.set_value({}, self._ttfb)
+        duration_counts, ttfb_counts = BucketCounts(*LATENCY_BUCKETS), BucketCounts(*LATENCY_BUCKETS)
+        duration.set_value({"route": CHAT_ROUTE}, duration_counts)
+        ttfb.set_value({}, ttfb_counts)
+        self._duration, self._ttfb = _Latencies(duration_counts), _Latencies(ttfb_counts)
         self.model_label = BoundedLabels(model_label_limit)
         # Every family shows from the start, at zero.
         self.inflight.add((), 0)
@@ -168,6 +193,8 @@ class Metrics:
     def render(self, accept: list[str]) -> tuple[bytes, dict[str, str]]:
         for family in self._families:
             family.publish()
+        self._duration.publish()
+        self._ttfb.publish()
         return render(self.registry, accept)
 
 

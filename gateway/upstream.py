@@ -6,7 +6,7 @@ become `UpstreamError` (connection failure, 502) or `UpstreamStreamBroken` (mid-
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -104,7 +104,7 @@ class Upstream:
         if self._session is not None:
             await self._session.close()
 
-    def headers_for(self, incoming: CIMultiDictProxy[str], extra: Iterable[tuple[str, str]]) -> dict[str, str]:
+    def headers_for(self, incoming: CIMultiDictProxy[str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """Client headers minus the dropped ones, plus our credential and trace context."""
         connection_named = incoming.get("connection")
         named = {h.strip().lower() for h in connection_named.split(",")} if connection_named else ()
@@ -116,7 +116,8 @@ class Upstream:
         out["Content-Type"] = "application/json"
         if self._auth:
             out["Authorization"] = self._auth
-        out.update(extra)
+        if extra:
+            out.update(extra)
         return out
 
     async def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamReply:

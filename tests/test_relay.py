@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import sse
 from gateway.redact import ALL_KINDS, build_redactor
 from gateway.relay import StreamRelay
+
+from .test_redact import split_reply
 
 REDACTOR = build_redactor(ALL_KINDS)
 
@@ -25,8 +32,7 @@ def chunk(content: str | None = None, finish: str | None = None, index: int = 0,
 
 
 def run(relay: StreamRelay, *blocks: bytes) -> bytes:
-    parser = sse.SSEParser()
-    return b"".join(relay.events(parser.feed(block)) for block in blocks)
+    return b"".join(relay.feed(block) for block in blocks)
 
 
 def contents(wire: bytes) -> str:
@@ -90,3 +96,43 @@ def test_upstream_break_flushes_held_text() -> None:
     relay = StreamRelay(REDACTOR, None)
     wire = run(relay, chunk("mail me at bob@example"))
     assert contents(wire + relay.finish()) == "mail me at bob@example"  # a partial address is not an address
+
+
+def compact_chunk(content: str) -> bytes:
+    body = {"id": "c1", "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]}
+    return b"data: " + json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+@st.composite
+def wire_in_reads(draw: st.DrawFn) -> tuple[list[str], bool, list[bytes]]:
+    """A reply as deltas, encoded as the upstream would send it, cut into arbitrary reads."""
+    deltas = [d for _, pieces in draw(st.lists(split_reply(), min_size=1, max_size=3)) for d in pieces]
+    encode = draw(st.sampled_from([chunk, compact_chunk]))
+    finish = draw(st.booleans())
+    wire = b"".join(encode(d) for d in deltas) + (chunk(None, "stop") if finish else b"") + b"data: [DONE]\n\n"
+    cuts = sorted(draw(st.lists(st.integers(0, len(wire)), max_size=12)))
+    bounds = [0, *cuts, len(wire)]
+    return deltas, finish, [wire[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@settings(max_examples=int(os.environ.get("REDACT_EXAMPLES", "1500")), deadline=None)
+@given(wire_in_reads())
+def test_relayed_text_is_the_redacted_reply_for_any_reads(case: tuple[list[str], bool, list[bytes]]) -> None:
+    deltas, finish, reads = case
+    relay = StreamRelay(REDACTOR, None)
+    wire = b"".join(relay.feed(read) for read in reads)
+    assert relay.done and wire.endswith(b"data: [DONE]\n\n")
+    assert contents(wire) == REDACTOR.redact("".join(deltas))
+    events = sse.SSEParser().feed(wire)
+    # No event lost; one added only to flush held text when no finish chunk carries it.
+    assert len(deltas) + finish + 1 <= len(events) <= len(deltas) + 2
+    for event in events:  # every event stays a whole chat-completions chunk
+        assert event.data == sse.DONE or json.loads(event.data)["id"] == "c1"
+
+
+def test_deltas_that_end_between_words_are_relayed_byte_for_byte_in_any_reads() -> None:
+    # Nothing to hold back at any event's end (a word could still grow into an address).
+    wire = b"".join(compact_chunk(w) for w in ["Hello ", "there, ", "my ", "friend! "]) + b"data: [DONE]\n\n"
+    for cut in range(len(wire)):
+        relay = StreamRelay(REDACTOR, None)
+        assert relay.feed(wire[:cut]) + relay.feed(wire[cut:]) == wire

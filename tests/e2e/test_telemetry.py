@@ -98,6 +98,11 @@ async def test_every_metric_after_a_mix_of_outcomes(start_gateway: GatewayFactor
         assert s[f'cb_events_total{{event="{event}"}}'] == count, event
     assert s[f"request_duration_seconds_count{ROUTE}"] == 12
     assert s["upstream_ttfb_seconds_count"] == 8  # every request that got an upstream answer in time
+    # Buckets are cumulative: the 2 s timeout lands above 1 s, every request at or below +Inf.
+    assert s[f'request_duration_seconds_bucket{{le="+Inf",{ROUTE[1:-1]}}}'] == 12
+    assert s[f'request_duration_seconds_bucket{{le="0.5",{ROUTE[1:-1]}}}'] <= 11
+    assert s['upstream_ttfb_seconds_bucket{le="+Inf"}'] == 8
+    assert s["upstream_ttfb_seconds_sum"] > 0
     assert s['tokens_total{kind="prompt",model="gpt-4o-mini"}'] == 9 * 3  # the 3 non-stream 200s report usage
     assert "redactions_total" in gateway.metrics()
 
