@@ -46,11 +46,11 @@ _PATTERNS = {"email": _EMAIL, "card": _CARD, "phone": _PHONE, "iban": _IBAN, "ss
 ALL_KINDS = tuple(_PATTERNS)
 
 
-_NOT_DIGITS = re.compile(r"[^0-9]")
 # Every card, phone, IBAN or SSN lies in a run of these characters, at least 11 long
 # except "+" phones (4). Looking for such runs first skips ordinary text at C speed:
 # the pattern starts with a character class, which the regex engine scans for directly.
 _DIGIT_RUN = re.compile(r"[0-9(A-Z+](?:(?<=\+)[0-9A-Z ()+.-]{3,}|[0-9A-Z ()+.-]{10,})")
+_LOCAL_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-"  # an address's local part
 # Every match contains one of these: text without any is returned untouched.
 _TRIGGERS = "@0123456789"
 _TRIGGER = re.compile(r"[@0-9]")
@@ -63,8 +63,11 @@ def _has_trigger(text: str, pos: int) -> bool:
     return any(text.find(c, pos) >= 0 for c in _TRIGGERS) if pos else any(c in text for c in _TRIGGERS)
 
 
+_SEPARATORS = str.maketrans("", "", " -+().")  # all a card or phone match holds besides digits
+
+
 def _digits(text: str) -> str:
-    return _NOT_DIGITS.sub("", text)
+    return text.translate(_SEPARATORS)
 
 
 _LUHN_DOUBLED = str.maketrans("0123456789", "0246813579")  # 2d, minus 9 when that is > 9
@@ -193,10 +196,14 @@ class Redactor:
         assert self.email is not None
         n = len(text)
         while (at := text.find("@", pos)) >= 0:
-            # An address holding this "@" starts at most 32 characters before it.
-            m = self.email.search(text, max(pos, at - 32), min(n, at + MAX_MATCH))
-            if m is not None and m.start() <= at:
-                return m
+            # The local part is the run of its characters ending at the "@" (the look-behind
+            # rules out any later start), at most 32 long and not before pos: one candidate.
+            head = text[max(pos, at - 33) : at]
+            start = at - (len(head) - len(head.rstrip(_LOCAL_CHARS)))
+            if at - 32 <= start < at:
+                m = self.email.match(text, start, min(n, at + MAX_MATCH))
+                if m is not None:
+                    return m
             pos = at + 1
         return None
 
