@@ -219,9 +219,12 @@ class Redactor:
         near_end = max(pos, n - MAX_MATCH)
         hold = n
         if self.email is not None:
-            hold = _EMAIL_TAIL.search(text, near_end).start()  # type: ignore[union-attr]
-        if self.others is not None and (tail := _DIGIT_TAIL.search(text, near_end)) is not None:
-            hold = min(hold, tail.start())
+            hold = max(near_end, len(text.rstrip(_EMAIL_CHARS)))
+        if self.others is not None:
+            # The trailing run of digit-kind characters, from where a match could start.
+            start = max(near_end, len(text.rstrip(_DIGIT_RUN_CHARS)))
+            start += len(text) - start - len(text[start:].lstrip(_NOT_FIRST_CHARS))
+            hold = min(hold, start)
         pieces: list[str] = []
         if _has_trigger(text, pos):
             for m in self._matches(text, pos):
@@ -239,8 +242,9 @@ class Redactor:
 
 
 # What a match still in the making can consist of, at the very end of the text.
-_EMAIL_TAIL = re.compile(r"[A-Za-z0-9._%+@-]*\Z")
-_DIGIT_TAIL = re.compile(r"[0-9A-Z+(][0-9A-Z ()+.-]*\Z")
+_EMAIL_CHARS = _LOCAL_CHARS + "@"
+_DIGIT_RUN_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ ()+.-"
+_NOT_FIRST_CHARS = " ).-"  # in a run, but no match starts with one
 
 
 def build_redactor(kinds: Iterable[str]) -> Redactor | None:
