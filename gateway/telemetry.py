@@ -259,14 +259,22 @@ class Tracing:
     @contextmanager
     def client_span(self, server_span: Any, model: str | None) -> Iterator[dict[str, str]]:
         """A client span around the upstream call; yields the headers that carry it."""
-        context = self._set_in_context(server_span)
         name = f"chat {model}" if model else "chat"
-        with self._tracer.start_as_current_span(name, context=context, kind=self._client_kind) as span:
-            if model:
-                span.set_attribute("gen_ai.request.model", model)
+        attributes = {"gen_ai.request.model": model} if model else None
+        # Not made the current span: nothing reads the context, and attaching it costs.
+        span = self._tracer.start_span(
+            name, context=self._set_in_context(server_span), kind=self._client_kind, attributes=attributes
+        )
+        try:
             carrier: dict[str, str] = {}
             self._propagator.inject(carrier, context=self._set_in_context(span))
             yield carrier
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(self._error_status)
+            raise
+        finally:
+            span.end()
 
     def shutdown(self) -> None:
         self._provider.shutdown()

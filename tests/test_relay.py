@@ -115,7 +115,7 @@ def wire_in_reads(draw: st.DrawFn) -> tuple[list[str], bool, list[bytes]]:
     return deltas, finish, [wire[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-@settings(max_examples=int(os.environ.get("REDACT_EXAMPLES", "1500")), deadline=None)
+@settings(max_examples=int(os.environ.get("RELAY_EXAMPLES", "600")), deadline=None)
 @given(wire_in_reads())
 def test_relayed_text_is_the_redacted_reply_for_any_reads(case: tuple[list[str], bool, list[bytes]]) -> None:
     deltas, finish, reads = case
