@@ -30,8 +30,9 @@ from .errors import (
 )
 from .keys import STATE
 from .lifecycle import Lifecycle
+from .memo import RedactionMemo
 from .models import RequestState
-from .redact import Redactor
+from .redact import OnRedaction, Redactor
 from .relay import StreamRelay, usage_of
 from .telemetry import Telemetry
 from .upstream import Upstream, UpstreamReply
@@ -51,6 +52,7 @@ class ChatProxy:
     ) -> None:
         self._upstream = upstream
         self._redactor = redactor
+        self._memo = RedactionMemo(redactor) if redactor is not None else None
         self._telemetry = telemetry
         self._lifecycle = lifecycle
         self._deadline = Deadlines(timeout_secs)
@@ -65,7 +67,7 @@ class ChatProxy:
         body, payload = await self._read_payload(request)
         state.model = payload["model"]
         state.stream = payload.get("stream") is True
-        if self._redactor is not None and self._redact_messages(payload["messages"]):
+        if self._memo is not None and self._redact_messages(payload["messages"], state):
             body = orjson.dumps(payload)
         tracing = self._telemetry.tracing
         task = self._lifecycle.enter()
@@ -101,10 +103,14 @@ class ChatProxy:
             raise BadRequest("'messages' is required and must be an array", code="missing_messages")
         return body, payload
 
-    def _redact_messages(self, messages: list[Any]) -> bool:
+    def _redact_messages(self, messages: list[Any], state: RequestState) -> bool:
         """Redact every text the client sends: string content and `text` parts."""
-        assert self._redactor is not None
-        redact, count = self._redactor.redact, self._count_request_redaction
+        assert self._memo is not None and state.tenant is not None
+        memo, tenant, count = self._memo, state.tenant.name, self._count_request_redaction
+
+        def redact(text: str, count: OnRedaction) -> str:
+            return memo.redact(tenant, text, count)
+
         changed = False
         for message in messages:
             if not isinstance(message, dict):

@@ -1,0 +1,52 @@
+"""Remembered redactions: same answer and same counts as redacting again, bounded, no PII kept."""
+
+from __future__ import annotations
+
+from gateway.memo import RedactionMemo
+from gateway.redact import ALL_KINDS, build_redactor
+
+REDACTOR = build_redactor(ALL_KINDS)
+assert REDACTOR is not None
+SYSTEM = "You are a support agent. Escalate to ops@example.com or +1 415 555 2671 when in doubt. " * 2
+
+
+def test_a_resent_text_gets_the_same_redaction_and_counts_again() -> None:
+    memo = RedactionMemo(REDACTOR)
+    first: list[str] = []
+    again: list[str] = []
+    assert memo.redact("t1", SYSTEM, first.append) == REDACTOR.redact(SYSTEM)
+    assert memo.redact("t1", SYSTEM, again.append) == REDACTOR.redact(SYSTEM)
+    assert first == again == ["email", "phone", "email", "phone"]  # every request's masks are counted
+    assert len(memo) == 1
+
+
+def test_tenants_do_not_share_entries() -> None:
+    memo = RedactionMemo(REDACTOR)
+    memo.redact("t1", SYSTEM, None)
+    memo.redact("t2", SYSTEM, None)
+    assert len(memo) == 2
+
+
+def test_nothing_that_could_be_pii_is_kept() -> None:
+    memo = RedactionMemo(REDACTOR)
+    memo.redact("tenant-key-123", SYSTEM, None)
+    for key, (clean, kinds) in memo._entries.items():
+        assert len(key) == 16 and b"ops@" not in key and b"tenant-key" not in key
+        assert "ops@example.com" not in clean and "415 555" not in clean
+        assert kinds == ("email", "phone", "email", "phone")
+
+
+def test_short_texts_and_texts_without_triggers_are_not_kept() -> None:
+    memo = RedactionMemo(REDACTOR)
+    assert memo.redact("t", "mail a@b.io", None) == "mail a***@b.io"
+    assert memo.redact("t", "plain words only, " * 10, None) == "plain words only, " * 10
+    assert len(memo) == 0
+
+
+def test_the_table_is_bounded_by_characters() -> None:
+    memo = RedactionMemo(REDACTOR, max_chars=1_000)
+    for i in range(50):
+        text = f"Ticket {i:04d}: reach me at ops{i}@example.com about the refund, thanks a lot."
+        assert memo.redact("t", text, None) == REDACTOR.redact(text)
+    assert sum(len(clean) for clean, _ in memo._entries.values()) <= 1_000
+    assert 0 < len(memo) < 50
