@@ -29,13 +29,15 @@ SUT_CPU, LOAD_CPU = "0", "1"
 DURATION = int(os.environ.get("BENCH_SECS", "8"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "50"))
 STREAMS = int(os.environ.get("BENCH_STREAMS", "500"))
-ONLY = set(os.environ.get("BENCH_ONLY", "json,stream,redis,tracing,paced").split(","))
+ONLY = set(os.environ.get("BENCH_ONLY", "json,unique,stream,redis,tracing,paced").split(","))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROMPT = (
     "Please summarise this note. Customer Jane Doe (jane.doe@example.com, +1 415 555 2671) paid with "
     "card 4242 4242 4242 4242 on 2024-01-15 for order 123456789012; version 3.11.7, total $1,234.56. "
 ) * 4
 JSON_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}]}
+UNIQUE_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Ticket NONCE. " + PROMPT}]}
+
 STREAM_BODY = {**JSON_BODY, "stream": True}
 
 
@@ -140,10 +142,16 @@ http {{
 
 def wrk(tmp: Path, url: str, body: dict[str, Any], seconds: int) -> dict[str, float]:
     script = tmp / "post.lua"
-    script.write_text(
+    lua = (
         'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["X-Api-Key"] = "bench"\nwrk.body = {json.dumps(json.dumps(body))}\n'
     )
+    if "NONCE" in json.dumps(body):  # a different prompt on every request: nothing to remember
+        lua += (
+            "local n = 0\nrequest = function()\n  n = n + 1\n"
+            '  return wrk.format(nil, nil, nil, (string.gsub(wrk.body, "NONCE", tostring(n))))\nend\n'
+        )
+    script.write_text(lua)
     out = subprocess.run(
         [
             "taskset",
@@ -274,6 +282,8 @@ def run() -> list[dict[str, Any]]:
         print("measuring (about two minutes)...", flush=True)
         if "json" in ONLY:
             wrk_pair("non-stream, memory store", json_port, JSON_BODY)
+        if "unique" in ONLY:
+            wrk_pair("non-stream, a new prompt every request", json_port, UNIQUE_BODY)
         if "stream" in ONLY:
             wrk_pair("stream (40 events), memory store", sse_port, STREAM_BODY)
         if "redis" in ONLY:
