@@ -181,6 +181,14 @@ class Redactor:
             yield best
             pos = best.end()
 
+    def _may_match(self, text: str, pos: int) -> bool:
+        """Whether text[pos:] can hold a complete match: an "@", or a run long enough."""
+        if not has_trigger(text, pos):
+            return False
+        if self.email is not None and text.find("@", pos) >= 0:
+            return True
+        return self.others is not None and _DIGIT_RUN.search(text, pos) is not None
+
     def _next_other(self, text: str, pos: int) -> re.Match[str] | None:
         """`others.search(text, pos)`, looking only inside the runs a match could lie in."""
         assert self.others is not None
@@ -225,17 +233,19 @@ class Redactor:
             start = max(near_end, len(text.rstrip(_DIGIT_RUN_CHARS)))
             start += len(text) - start - len(text[start:].lstrip(_NOT_FIRST_CHARS))
             hold = min(hold, start)
+        if not self._may_match(text, pos):  # the common case: nothing complete to check
+            settled = max(hold, pos)
+            return text[pos:settled], settled
         pieces: list[str] = []
-        if has_trigger(text, pos):
-            for m in self._matches(text, pos):
-                if m.start() >= hold:
-                    break
-                if m.start() + MAX_MATCH > n:
-                    hold = m.start()
-                    break
-                masked = _masked(m, on_redaction)
-                pieces.append(text[pos : m.end()] if masked is None else text[pos : m.start()] + masked)
-                pos = m.end()
+        for m in self._matches(text, pos):
+            if m.start() >= hold:
+                break
+            if m.start() + MAX_MATCH > n:
+                hold = m.start()
+                break
+            masked = _masked(m, on_redaction)
+            pieces.append(text[pos : m.end()] if masked is None else text[pos : m.start()] + masked)
+            pos = m.end()
         settled = max(hold, pos)
         pieces.append(text[pos:settled])
         return "".join(pieces), settled

@@ -21,9 +21,8 @@ from .redact import OnRedaction, Redactor, StreamRedactor
 # The common chat-completions chunk, seen as bytes: its delta text, JSON-escaped.
 _CONTENT = re.compile(rb'"content": ?"([^"\\\n]*(?:\\.[^"\\\n]*)*)"')
 _DONE_EVENT = b"data: [DONE]\n\n"
-# Events the fast path leaves to the exact one: the end, usage, a choice's last chunk (one
-# search each: a literal prefix lets the regex engine skip ahead at C speed).
-_SPECIAL = (re.compile(rb"data: \[DONE\]\n"), re.compile(rb'"usage": ?\{'), re.compile(rb'"finish_reason": ?"'))
+# Events the fast path leaves to the exact one: the end, usage, a choice's last chunk.
+_SPECIAL_MARKS = (b"data: [DONE]\n", b'"usage":{', b'"usage": {', b'"finish_reason":"', b'"finish_reason": "')
 _OTHER_CHOICE = re.compile(rb'"index": ?[1-9]')
 
 
@@ -64,7 +63,7 @@ class StreamRelay:
         blocks = self._parser.complete(chunk)
         if not blocks:
             return b""
-        special = min((m.start() for pattern in _SPECIAL if (m := pattern.search(blocks))), default=-1)
+        special = _first_special(blocks)
         if special < 0:
             return self._run(blocks)
         cut = blocks.rfind(b"\n\n", 0, special) + 2  # where the special event begins
@@ -195,12 +194,24 @@ class StreamRelay:
             self.response_model = model
 
 
+def _first_special(blocks: bytes) -> int:
+    """Where the first special mark is, or -1 (bytes.find: faster than a regex here)."""
+    first = len(blocks)
+    for mark in _SPECIAL_MARKS:
+        at = blocks.find(mark, 0, first)  # only before the first one found so far
+        if at >= 0:
+            first = at
+    return first if first < len(blocks) else -1
+
+
 def _moved(blocks: bytes, texts: list[str], held: str, emitted: int) -> bytes:
     """The events with their texts moved: `held` (text held back before) goes out first, and
     of held + texts only the first `emitted` characters go out now. Only the first event and
     the last few (those reaching into the text held back now) can change; the events between
     stay as received."""
     whole = held + "".join(texts)
+    if len(texts) == 1:  # one event per read: the paced, token-by-token case
+        return _with_content(blocks, whole[:emitted])
     tail: list[bytes] = []
     cut, end, i = len(blocks), len(whole), len(texts) - 1
     while i > 0 and end > emitted:  # event i carries whole[end - len(texts[i]) : end]
