@@ -26,7 +26,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 SUT_CPU, LOAD_CPU = "0", "1"
-DURATION = int(os.environ.get("BENCH_SECS", "8"))
+DURATION = int(os.environ.get("BENCH_SECS", "8"))  # per side and scenario, split into rounds
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "4"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "50"))
 STREAMS = int(os.environ.get("BENCH_STREAMS", "500"))
 ONLY = set(os.environ.get("BENCH_ONLY", "json,unique,stream,redis,tracing,paced").split(","))
@@ -189,13 +190,37 @@ def wrk(tmp: Path, url: str, body: dict[str, Any], seconds: int) -> dict[str, fl
     }
 
 
-def measure_wrk(tmp: Path, target: Proc, port: int, body: dict[str, Any]) -> dict[str, float]:
-    wrk(tmp, f"http://127.0.0.1:{port}", body, 2)  # warm-up: pools, caches, JIT-free but lazy imports
-    cpu_before = target.cpu_seconds()
-    result = wrk(tmp, f"http://127.0.0.1:{port}", body, DURATION)
-    result["cpu_ms"] = (target.cpu_seconds() - cpu_before) * 1000 / max(1, result["requests"])
-    result["rss"] = target.peak_rss_mb()
-    return result
+def measure_wrk(tmp: Path, targets: list[tuple[Proc, int]], body: dict[str, Any]) -> list[dict[str, float]]:
+    """Each target measured ROUNDS times, interleaved (a, b, a, b, ...), so a machine that
+    speeds up or slows down during the run shifts both sides alike. Requests, time and CPU
+    are summed over the rounds; latency percentiles are the median round's."""
+    for _, port in targets:
+        wrk(tmp, f"http://127.0.0.1:{port}", body, 2)  # warm-up: pools, caches, lazy imports
+    rounds: list[list[dict[str, float]]] = [[] for _ in targets]
+    seconds = max(2, DURATION // ROUNDS)
+    for _ in range(ROUNDS):
+        for (proc, port), results in zip(targets, rounds, strict=True):
+            cpu_before = proc.cpu_seconds()
+            result = wrk(tmp, f"http://127.0.0.1:{port}", body, seconds)
+            result["cpu"] = proc.cpu_seconds() - cpu_before
+            results.append(result)
+    combined = []
+    for (proc, _), results in zip(targets, rounds, strict=True):
+        requests = sum(r["requests"] for r in results)
+        by_p50 = sorted(results, key=lambda r: r["p50"])
+        median = by_p50[len(by_p50) // 2]
+        combined.append(
+            {
+                "rps": sum(r["rps"] for r in results) / len(results),
+                "p50": median["p50"],
+                "p99": median["p99"],
+                "requests": requests,
+                "errors": sum(r["errors"] for r in results),
+                "cpu_ms": sum(r["cpu"] for r in results) * 1000 / max(1, requests),
+                "rss": proc.peak_rss_mb(),
+            }
+        )
+    return combined
 
 
 def streams(port: int) -> dict[str, float]:
@@ -262,14 +287,11 @@ def run() -> list[dict[str, Any]]:
 
         def wrk_pair(name: str, upstream: int, body: dict[str, Any], **env: str) -> None:
             relay, relay_port = bare(upstream)
-            try:
-                baseline = measure_wrk(tmp, relay, relay_port, body)
-            finally:
-                relay.stop()
             gw, gw_port = gateway(upstream, **env)
             try:
-                measured = measure_wrk(tmp, gw, gw_port, body)
+                baseline, measured = measure_wrk(tmp, [(relay, relay_port), (gw, gw_port)], body)
             finally:
+                relay.stop()
                 gw.stop()
             rows.append(
                 {"scenario": name, "bare": baseline, "gateway": measured, "ratio": measured["rps"] / baseline["rps"]}
@@ -339,7 +361,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     )
     lines = [
         f"Measured {datetime.date.today()} on {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}; "
-        f"gateway or bare relay pinned to one core, load and upstreams on the other; wrk -c{CONNECTIONS}, {DURATION} s per run.",
+        f"gateway or bare relay pinned to one core, load and upstreams on the other; wrk -c{CONNECTIONS}, "
+        f"{DURATION} s per side in {ROUNDS} interleaved rounds.",
         "",
         "| scenario | bare relay req/s | gateway req/s | ratio | gateway p50 / p99 ms | bare p50 / p99 ms | gateway CPU ms/req | bare CPU ms/req | gateway peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|",
