@@ -213,7 +213,8 @@ class ChatProxy:
                 await response.prepare(request)
                 await self._pump(response, relay, first, chunks)
                 await response.write_eof()
-                if relay.done:  # hand the upstream over: the client may leave (and cancel us) now
+                if relay.done and not reply.at_eof:
+                    # Hand the upstream over: the client may leave (and cancel us) now.
                     self._release_later(reply, chunks)
                     reply = None
             except ConnectionResetError:

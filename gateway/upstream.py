@@ -78,6 +78,11 @@ class UpstreamReply:
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamStreamBroken() from exc
 
+    @property
+    def at_eof(self) -> bool:
+        """The whole body has been read (the connection is back in the pool)."""
+        return self._response.content.at_eof()
+
     def close(self) -> None:
         """Drop the connection (used when the relay ends early: the LLM stops generating)."""
         self._response.close()
