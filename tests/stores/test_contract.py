@@ -76,10 +76,13 @@ async def test_window_ends(store: StoreFactory) -> None:
 
 
 async def test_concurrent_hits_are_counted_exactly_once(store: StoreFactory) -> None:
-    key = unique("c")
+    # Several keys (in a cluster: several slots and nodes), all hit in the same loop turn:
+    # the Redis store sends them as one pipeline, and each key must still count 1..40.
+    keys = [unique(f"c{i}") for i in range(5)]
     async with store() as s:
-        counts = await asyncio.gather(*(s.hit(key, 60_000) for _ in range(200)))
-    assert sorted(c for c, _ in counts) == list(range(1, 201))
+        counts = await asyncio.gather(*(s.hit(key, 60_000) for _ in range(40) for key in keys))
+    for i in range(5):
+        assert sorted(c for c, _ in counts[i::5]) == list(range(1, 41))
 
 
 async def test_ping(store: StoreFactory) -> None:
@@ -113,6 +116,9 @@ async def test_unreachable_redis_raises_store_unavailable_then_recovers(
         server.kill()
         with pytest.raises(StoreUnavailable):
             await store.hit("quota:r", 60_000)
+        # A whole batch of waiting requests fails together, and promptly.
+        failures = await asyncio.gather(*(store.hit(f"quota:r{i}", 60_000) for i in range(20)), return_exceptions=True)
+        assert all(isinstance(f, StoreUnavailable) for f in failures)
         assert await store.ping() is False
         server.start()
         assert (await store.hit("quota:r", 60_000))[0] == 1  # a fresh server: counting again
