@@ -23,6 +23,7 @@ SCENARIOS = {
     "stream": (run.STREAM_BODY, "sse", {}),
     "redis": (run.JSON_BODY, "json", {"REDIS_URL": "redis"}),
     "tracing": (run.JSON_BODY, "json", {"OTEL_EXPORTER_OTLP_ENDPOINT": "otlp"}),
+    "paced": (run.STREAM_BODY, "paced", {}),  # the node stream client, BENCH_STREAMS at once
 }
 
 
@@ -31,25 +32,29 @@ def main() -> None:
     seconds = int(sys.argv[2]) if len(sys.argv) > 2 else 8
     body, upstream, env = SCENARIOS[scenario]
     tmp = Path(tempfile.mkdtemp(prefix="profile-"))
-    json_port, sse_port, redis_port, otlp_port = (run.free_port() for _ in range(4))
+    json_port, sse_port, redis_port, otlp_port, paced_port = (run.free_port() for _ in range(5))
     helpers = [
         run.nginx(tmp, json_port, sse_port),
         run.Proc(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"], run.LOAD_CPU),
         run.Proc([run.PY, str(run.ROOT / "bench" / "otlp_sink.py")], run.LOAD_CPU, {"PORT": str(otlp_port)}),
+        run.Proc(["node", str(run.ROOT / "bench" / "paced_upstream.js")], run.LOAD_CPU, {"PORT": str(paced_port)}),
     ]
     if "REDIS_URL" in env:
         env = {"REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
     if "OTEL_EXPORTER_OTLP_ENDPOINT" in env:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}", "OTEL_BSP_SCHEDULE_DELAY": "200"}
     try:
-        for port in (json_port, sse_port, redis_port, otlp_port):
+        for port in (json_port, sse_port, redis_port, otlp_port, paced_port):
             run.wait_port(port)
-        gw, gw_port = run.gateway(json_port if upstream == "json" else sse_port, **env)
+        gw, gw_port = run.gateway({"json": json_port, "sse": sse_port, "paced": paced_port}[upstream], **env)
         try:
             url = f"http://127.0.0.1:{gw_port}"
-            run.wrk(tmp, url, body, 2)
             samples = tmp / "samples.txt"
-            load = threading.Thread(target=run.wrk, args=(tmp, url, body, seconds + 2))
+            if upstream == "paced":
+                load = threading.Thread(target=run.streams, args=(gw_port,))
+            else:
+                run.wrk(tmp, url, body, 2)
+                load = threading.Thread(target=run.wrk, args=(tmp, url, body, seconds + 2))
             load.start()
             subprocess.run(
                 [

@@ -329,7 +329,9 @@ def run() -> list[dict[str, Any]]:
         direct = streams(paced_port)
         gw, gw_port = gateway(paced_port)
         try:
+            cpu_before, started = gw.cpu_seconds(), time.monotonic()
             through = streams(gw_port)
+            through["cpu_busy"] = (gw.cpu_seconds() - cpu_before) / (time.monotonic() - started)
             rss = gw.peak_rss_mb()
         finally:
             gw.stop()
@@ -386,6 +388,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"| time to first byte p50 / p99 ms | {d['ttfb_p50_ms']:.2f} / {d['ttfb_p99_ms']:.2f} | {g['ttfb_p50_ms']:.2f} / {g['ttfb_p99_ms']:.2f} |",
                 f"| added time to first byte p50 / p99 ms | | {g['ttfb_p50_ms'] - d['ttfb_p50_ms']:.2f} / {g['ttfb_p99_ms'] - d['ttfb_p99_ms']:.2f} |",
                 f"| failed streams | {d['failed']} | {g['failed']} |",
+                f"| gateway core busy | | {g['cpu_busy']:.0%} |",
                 f"| gateway peak RSS MB | | {row['rss']:.0f} |",
             ]
     return "\n".join(lines)
