@@ -1,10 +1,10 @@
 """The per-chunk transformation of a chat-completions SSE stream.
 
-`sse.parse → redactor.feed → sse.encode`: each event's `delta.content` goes through one
-streaming redactor per choice index. An event whose content comes out unchanged, and every
-event without content (role, tool_calls, usage, comments), is relayed byte for byte;
-held-back text is flushed into the choice's `finish_reason` chunk, or before `[DONE]`.
-No aiohttp here: it is fed events and returns bytes to write.
+Fed the upstream's bytes as they arrive (framing by `sse.SSEParser`): each event's
+`delta.content` goes through one streaming redactor per choice index. An event whose
+content comes out unchanged, and every event without content (role, tool_calls, usage,
+comments), is relayed byte for byte; held-back text is flushed into the choice's
+`finish_reason` chunk, or before `[DONE]`. No aiohttp here: bytes in, bytes to write out.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from .redact import OnRedaction, Redactor, StreamRedactor
 
 # The common chat-completions chunk, seen as bytes: its delta text, JSON-escaped.
 _CONTENT = re.compile(rb'"content": ?"([^"\\\n]*(?:\\.[^"\\\n]*)*)"')
-_DONE_EVENT = b"data: [DONE]\n\n"
 # Events the fast path leaves to the exact one: the end, usage, a choice's last chunk.
 _SPECIAL_MARKS = (b"data: [DONE]\n", b'"usage":{', b'"usage": {', b'"finish_reason":"', b'"finish_reason": "')
 _OTHER_CHOICE = re.compile(rb'"index": ?[1-9]')
@@ -206,29 +205,24 @@ def _first_special(blocks: bytes) -> int:
 
 def _moved(blocks: bytes, texts: list[str], held: str, emitted: int) -> bytes:
     """The events with their texts moved: `held` (text held back before) goes out first, and
-    of held + texts only the first `emitted` characters go out now. Only the first event and
-    the last few (those reaching into the text held back now) can change; the events between
-    stay as received."""
+    of held + texts only the first `emitted` characters go out now. The i-th delta string in
+    the bytes carries texts[i]; only the first and the last few (those reaching into the text
+    held back now) can change, and only those strings are replaced."""
     whole = held + "".join(texts)
-    if len(texts) == 1:  # one event per read: the paced, token-by-token case
-        return _with_content(blocks, whole[:emitted])
-    tail: list[bytes] = []
-    cut, end, i = len(blocks), len(whole), len(texts) - 1
-    while i > 0 and end > emitted:  # event i carries whole[end - len(texts[i]) : end]
-        start = end - len(texts[i])
-        event_start = blocks.rfind(b"\n\ndata: ", 0, cut - 2) + 2
-        tail.append(_with_content(blocks[event_start:cut], whole[start : max(start, emitted)]))
-        cut, end, i = event_start, start, i - 1
-    first_end = blocks.find(b"\n\n") + 2
-    first_text = whole[: min(len(held) + len(texts[0]), emitted)]
-    first = blocks[:first_end] if first_text == texts[0] else _with_content(blocks[:first_end], first_text)
-    return b"".join((first, blocks[first_end:cut], *reversed(tail)))
-
-
-def _with_content(event: bytes, text: str) -> bytes:
-    m = _CONTENT.search(event)
-    assert m is not None  # the fast path only takes events that have one
-    return event[: m.start(1)] + orjson.dumps(text)[1:-1] + event[m.end(1) :]
+    pieces: list[bytes] = []
+    copied = 0
+    end = len(held)  # where texts[i] ends in whole
+    for i, m in enumerate(_CONTENT.finditer(blocks)):
+        start = 0 if i == 0 else end
+        end += len(texts[i])
+        if i and end <= emitted:
+            continue  # sent now, where it was
+        now = whole[start : max(start, min(end, emitted))]
+        if now != texts[i]:
+            pieces += (blocks[copied : m.start(1)], orjson.dumps(now)[1:-1])
+            copied = m.end(1)
+    pieces.append(blocks[copied:])
+    return b"".join(pieces)
 
 
 def _template_of(data: bytes) -> dict[str, Any] | None:
