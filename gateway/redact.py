@@ -7,8 +7,9 @@ candidate is PII or a look-alike left as it is. Every pattern has a bounded leng
 carries the design:
 
 * Speed. Text without "@" or digits is returned after one C-level search; emails are only
-  looked for around an "@"; the digit kinds use a pattern that rejects most positions on
-  their first character. The stdlib `re` engine does all of it.
+  looked for at an "@" (one candidate start each); the digit kinds only inside runs of the
+  characters they are made of, long enough to hold one (found by a pattern the regex engine
+  scans for at C speed). The stdlib `re` engine does all of it.
 * Exact streaming. `StreamRedactor` emits a prefix only once nothing that arrives later
   can change how it is redacted. A match still in the making must reach the end of the
   text, so it lies in the trailing run of characters it could consist of, within
@@ -50,7 +51,10 @@ ALL_KINDS = tuple(_PATTERNS)
 # except "+" phones (4). Looking for such runs first skips ordinary text at C speed:
 # the pattern starts with a character class, which the regex engine scans for directly.
 _DIGIT_RUN = re.compile(r"[0-9(A-Z+](?:(?<=\+)[0-9A-Z ()+.-]{3,}|[0-9A-Z ()+.-]{10,})")
+_DIGIT_RUN_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ ()+.-"  # the class above, for str.rstrip
+_NOT_FIRST_CHARS = " ).-"  # in a run, but no match starts with one
 _LOCAL_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-"  # an address's local part
+_EMAIL_CHARS = _LOCAL_CHARS + "@"  # what an address still in the making ends with
 # Every match contains one of these: text without any is returned untouched.
 _TRIGGERS = "@0123456789"
 _TRIGGER = re.compile(r"[@0-9]")
@@ -251,12 +255,6 @@ class Redactor:
         return "".join(pieces), settled
 
 
-# What a match still in the making can consist of, at the very end of the text.
-_EMAIL_CHARS = _LOCAL_CHARS + "@"
-_DIGIT_RUN_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ ()+.-"
-_NOT_FIRST_CHARS = " ).-"  # in a run, but no match starts with one
-
-
 def build_redactor(kinds: Iterable[str]) -> Redactor | None:
     """None when no kind is enabled (`REDACT_KINDS=`): callers then skip redaction entirely."""
     chosen = tuple(k for k in ALL_KINDS if k in set(kinds))
@@ -301,9 +299,7 @@ class StreamRedactor:
     def feed(self, piece: str) -> str:
         text = self._text + piece
         out, settled = self._redactor.settle(text, self._start, self._on_redaction)
-        keep_from = max(0, settled - _CONTEXT)
-        self._text = text[keep_from:]
-        self._start = settled - keep_from
+        self._keep(text, settled)
         return out
 
     def feed_unmasked(self, piece: str) -> tuple[str, int] | None:
@@ -317,10 +313,14 @@ class StreamRedactor:
         if masked:
             return None
         emitted = settled - self._start
+        self._keep(text, settled)
+        return held, emitted
+
+    def _keep(self, text: str, settled: int) -> None:
+        """Hold text[settled:], with a little context before it for the look-behinds."""
         keep_from = max(0, settled - _CONTEXT)
         self._text = text[keep_from:]
         self._start = settled - keep_from
-        return held, emitted
 
     def flush(self) -> str:
         text, start = self._text, self._start
