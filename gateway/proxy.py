@@ -32,7 +32,7 @@ from .keys import STATE
 from .lifecycle import Lifecycle
 from .memo import RedactionMemo
 from .models import RequestState
-from .redact import OnRedaction, Redactor
+from .redact import Redactor
 from .relay import StreamRelay, usage_of
 from .telemetry import Telemetry
 from .upstream import Upstream, UpstreamReply
@@ -106,25 +106,21 @@ class ChatProxy:
     def _redact_messages(self, messages: list[Any], state: RequestState) -> bool:
         """Redact every text the client sends: string content and `text` parts."""
         assert self._memo is not None and state.tenant is not None
-        memo, tenant, count = self._memo, state.tenant.name, self._count_request_redaction
-
-        def redact(text: str, count: OnRedaction) -> str:
-            return memo.redact(tenant, text, count)
-
+        redact, tenant, count = self._memo.redact, state.tenant.name, self._count_request_redaction
         changed = False
         for message in messages:
             if not isinstance(message, dict):
                 continue
             content = message.get("content")
             if isinstance(content, str):
-                clean = redact(content, count)
+                clean = redact(tenant, content, count)
                 if clean != content:
                     message["content"] = clean
                     changed = True
             elif isinstance(content, list):
                 for part in content:
                     if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                        clean = redact(part["text"], count)
+                        clean = redact(tenant, part["text"], count)
                         if clean != part["text"]:
                             part["text"] = clean
                             changed = True
