@@ -142,7 +142,7 @@ class Metrics:
             registry=r,
             buckets=LATENCY_BUCKETS,
         )
-        # Fixed label sets: hold aioprometheus' bucket aggregators and observe them directly.
+        # Fixed label sets: aioprometheus' bucket aggregators, filled from _Latencies on scrape.
         duration_counts, ttfb_counts = BucketCounts(*LATENCY_BUCKETS), BucketCounts(*LATENCY_BUCKETS)
         duration.set_value({"route": CHAT_ROUTE}, duration_counts)
         ttfb.set_value({}, ttfb_counts)
