@@ -67,14 +67,14 @@ class StreamRelay:
             return self._run(blocks)
         cut = blocks.rfind(b"\n\n", 0, special) + 2  # where the special event begins
         if cut == 1:
-            return self.events(sse.parse_blocks(blocks))
-        return self._run(blocks[:cut]) + self.events(sse.parse_blocks(blocks[cut:]))
+            return self._events(sse.parse_blocks(blocks))
+        return self._run(blocks[:cut]) + self._events(sse.parse_blocks(blocks[cut:]))
 
     def close(self) -> bytes:
         """The upstream ended: a last event without its blank line, then held text."""
-        return self.events(self._parser.close()) + self.finish()
+        return self._events(self._parser.close()) + self.finish()
 
-    def events(self, events: list[sse.Event]) -> bytes:
+    def _events(self, events: list[sse.Event]) -> bytes:
         return b"".join(self._event(event) for event in events)
 
     def finish(self) -> bytes:
@@ -91,7 +91,7 @@ class StreamRelay:
 
     def _run(self, blocks: bytes) -> bytes:
         out = self._fast(blocks)
-        return self.events(sse.parse_blocks(blocks)) if out is None else out
+        return self._events(sse.parse_blocks(blocks)) if out is None else out
 
     def _fast(self, blocks: bytes) -> bytes | None:
         """The run of events as one text (see the class docstring); None: not this path."""
@@ -153,7 +153,7 @@ class StreamRelay:
         if not isinstance(choices, list):
             return False
         if self._template is None:
-            self._template = {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
+            self._template = _template_from(chunk)
         changed = False
         for choice in choices:
             if not isinstance(choice, dict):
@@ -230,8 +230,11 @@ def _template_of(data: bytes) -> dict[str, Any] | None:
         chunk = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(chunk, dict):
-        return None
+    return _template_from(chunk) if isinstance(chunk, dict) else None
+
+
+def _template_from(chunk: dict[str, Any]) -> dict[str, Any]:
+    """What a synthetic flush chunk copies from the upstream's chunks."""
     return {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
 
 
