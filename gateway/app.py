@@ -27,8 +27,9 @@ from .proxy import ChatProxy
 from .redact import build_redactor
 from .shedding import Shedder
 from .stores import store_from_url
-from .telemetry import CHAT_ROUTE, Metrics, RequestLog, Telemetry, Tracing
+from .telemetry import CHAT_ROUTE, Metrics, RequestLog, Telemetry
 from .tenancy import Tenancy
+from .tracing import Tracing
 from .upstream import Upstream
 
 

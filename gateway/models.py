@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .tracing import Span
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,5 +44,5 @@ class RequestState:
     upstream_ttfb: float | None = None  # seconds
     usage: Usage | None = None
     response_model: str | None = None
-    span: object | None = None  # the server span, when tracing is on
+    span: Span | None = None  # the server span, when tracing is on
     client_gone: bool = False  # the client hung up before the response was complete

@@ -1,9 +1,8 @@
-"""Metrics (aioprometheus), traces (OpenTelemetry, OTLP/HTTP) and the JSON request log.
+"""Metrics (aioprometheus) and the JSON request log; traces are in gateway/tracing.py.
 
-The only module that touches aioprometheus or OpenTelemetry. Metrics live in a private
-registry built per app. Spans are exported in batches from a background thread, so a
-slow or dead collector never delays a request. Tenants and keys are never label values,
-and client-chosen label values (the model) are capped.
+The only module that touches aioprometheus. Metrics live in a private registry built per
+app. Tenants and keys are never label values, and client-chosen label values (the model)
+are capped.
 """
 
 from __future__ import annotations
@@ -13,9 +12,7 @@ import bisect
 import itertools
 import sys
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO
 
 import orjson
 from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
@@ -23,6 +20,7 @@ from aioprometheus.histogram import Histogram as BucketCounts
 from aioprometheus.renderer import render
 
 from .models import RequestState
+from .tracing import Tracing
 
 CHAT_ROUTE = "/v1/chat/completions"
 # LLM latencies run from milliseconds (errors, cache hits) to minutes (long generations).
@@ -196,88 +194,6 @@ class Metrics:
         self._duration.publish()
         self._ttfb.publish()
         return render(self.registry, accept)
-
-
-class Tracing:
-    """Server and client spans, W3C propagation, OTLP/HTTP export in batches."""
-
-    def __init__(self, endpoint: str, service_name: str) -> None:
-        # Imported here so a gateway without tracing does not pay for the SDK at start-up.
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-        url = endpoint.rstrip("/")
-        if not url.endswith("/v1/traces"):
-            url += "/v1/traces"
-        # The sampler comes from the standard OTEL_TRACES_SAMPLER(_ARG) variables.
-        self._provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-        self._provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=url, timeout=5)))
-        self._tracer = self._provider.get_tracer("secure-llm-gateway")
-        self._propagator = TraceContextTextMapPropagator()
-        self._server_kind = SpanKind.SERVER
-        self._client_kind = SpanKind.CLIENT
-        self._set_in_context = set_span_in_context
-        self._error_status = Status(StatusCode.ERROR)
-
-    def start_server_span(self, method: str, route: str, path: str, headers: Mapping[str, str]) -> Any:
-        """Named by the bounded route ("other" for unknown paths); the raw path is an attribute."""
-        parent = self._propagator.extract(headers)
-        return self._tracer.start_span(
-            f"{method} {route}",
-            context=parent,
-            kind=self._server_kind,
-            attributes={"http.request.method": method, "url.path": path},
-        )
-
-    def end_server_span(self, span: Any, state: RequestState, status: int) -> None:
-        attrs: dict[str, Any] = {"http.status_code": status, "http.response.status_code": status}
-        if state.tenant is not None:
-            attrs["tenant"] = state.tenant.public_id
-        if state.model is not None:
-            attrs["model"] = state.model
-            attrs["gen_ai.request.model"] = state.model
-            attrs["gen_ai.operation.name"] = "chat"
-        if state.response_model is not None:
-            attrs["gen_ai.response.model"] = state.response_model
-        if state.usage is not None:
-            attrs["gen_ai.usage.input_tokens"] = state.usage.prompt_tokens
-            attrs["gen_ai.usage.output_tokens"] = state.usage.completion_tokens
-        attrs["request.id"] = state.request_id
-        if status >= 400:
-            attrs["error"] = True
-            span.set_status(self._error_status)
-        span.set_attributes(attrs)
-        span.end()
-
-    def trace_id(self, span: Any) -> str:
-        return format(span.get_span_context().trace_id, "032x")
-
-    @contextmanager
-    def client_span(self, server_span: Any, model: str | None) -> Iterator[dict[str, str]]:
-        """A client span around the upstream call; yields the headers that carry it."""
-        name = f"chat {model}" if model else "chat"
-        attributes = {"gen_ai.request.model": model} if model else None
-        # Not made the current span: nothing reads the context, and attaching it costs.
-        span = self._tracer.start_span(
-            name, context=self._set_in_context(server_span), kind=self._client_kind, attributes=attributes
-        )
-        try:
-            carrier: dict[str, str] = {}
-            self._propagator.inject(carrier, context=self._set_in_context(span))
-            yield carrier
-        except BaseException as exc:
-            span.record_exception(exc)
-            span.set_status(self._error_status)
-            raise
-        finally:
-            span.end()
-
-    def shutdown(self) -> None:
-        self._provider.shutdown()
 
 
 class RequestLog:

@@ -197,6 +197,9 @@ async def test_spans_reach_an_otlp_receiver(
             assert r.status == 404
         async with session.get(gateway.url + "/healthz") as r:  # probes are not traced
             assert r.status == 200
+        # a caller that did not sample its trace: not exported, but still propagated upstream
+        unsampled = f"00-{'ab' * 16}-00f067aa0ba902b7-00"
+        assert await call(session, gateway, "unsampled", traceparent=unsampled) == 200
         assert await call(session, gateway, "last") == 200  # exported after anything before it
 
     async def spans_arrived() -> bool:
@@ -219,7 +222,12 @@ async def test_spans_reach_an_otlp_receiver(
     assert rejected["attrs"]["error"] is True  # type: ignore[index]
     not_found = next(s for s in servers if s["attrs"]["http.status_code"] == 404)  # type: ignore[index]
     assert not_found["name"] == "GET other" and not_found["attrs"]["error"] is True  # type: ignore[index]
-    assert len(servers) == 3  # no span for /healthz
+    assert len(servers) == 3  # no span for /healthz, none for the unsampled trace
+    assert not [s for s in receiver.spans if s["trace_id"] == "ab" * 16]
+    upstream_headers = [{k.lower(): v for k, v in r["headers"].items()} for r in mock.requests()]
+    assert any(
+        h["traceparent"].startswith(f"00-{'ab' * 16}-") and h["traceparent"].endswith("-00") for h in upstream_headers
+    )
     [client] = clients
     assert client["trace_id"] == incoming_trace and client["parent"] == ok["span_id"]
     # the upstream got a traceparent naming the client span
