@@ -101,6 +101,10 @@ async def test_redis_key_always_has_a_ttl(redis_server: RedisServer) -> None:
         redis_server.cli("PERSIST", "quota:demo")
         await store.hit("quota:demo", 60_000)
         assert 0 < int(redis_server.cli("TTL", "quota:demo")) <= 60
+        # Hits sent together in one script call: each key gets its own window.
+        await asyncio.gather(store.hit("quota:long", 600_000), store.hit("quota:short", 5_000))
+        assert 60 < int(redis_server.cli("TTL", "quota:long")) <= 600
+        assert 0 < int(redis_server.cli("TTL", "quota:short")) <= 5
     finally:
         await store.close()
 
