@@ -9,6 +9,8 @@ comments), is relayed byte for byte; held-back text is flushed into the choice's
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 from typing import Any
 
@@ -20,8 +22,12 @@ from .redact import OnRedaction, Redactor, StreamRedactor
 
 # The common chat-completions chunk, seen as bytes: its delta text, JSON-escaped.
 _CONTENT = re.compile(rb'"content": ?"([^"\\\n]*(?:\\.[^"\\\n]*)*)"')
-# Events the fast path leaves to the exact one: the end, usage, a choice's last chunk.
-_SPECIAL_MARKS = (b"data: [DONE]\n", b'"usage":{', b'"usage": {', b'"finish_reason":"', b'"finish_reason": "')
+# Events the fast path leaves to the exact one: the end, usage, a choice's last chunk; in
+# the JSON spacing the upstream writes (a mark in the other spacing that slipped through
+# still carries no delta text or leaves the fast path on the count of deltas).
+_DONE_MARK = b"data: [DONE]\n"
+_COMPACT_MARKS = (_DONE_MARK, b'"usage":{', b'"finish_reason":"')
+_SPACED_MARKS = (_DONE_MARK, b'"usage": {', b'"finish_reason": "')
 _OTHER_CHOICE = re.compile(rb'"index": ?[1-9]')
 
 
@@ -196,7 +202,9 @@ class StreamRelay:
 def _first_special(blocks: bytes) -> int:
     """Where the first special mark is, or -1 (bytes.find: faster than a regex here)."""
     first = len(blocks)
-    for mark in _SPECIAL_MARKS:
+    colon = blocks.find(b'":', 0, 256)  # the first key's: `"id": "` or `"id":"`
+    marks = _SPACED_MARKS if blocks[colon + 2 : colon + 3] == b" " else _COMPACT_MARKS
+    for mark in marks:
         at = blocks.find(mark, 0, first)  # only before the first one found so far
         if at >= 0:
             first = at
@@ -207,22 +215,42 @@ def _moved(blocks: bytes, texts: list[str], held: str, emitted: int) -> bytes:
     """The events with their texts moved: `held` (text held back before) goes out first, and
     of held + texts only the first `emitted` characters go out now. The i-th delta string in
     the bytes carries texts[i]; only the first and the last few (those reaching into the text
-    held back now) can change, and only those strings are replaced."""
+    held back now) can change, so only they are looked up, from each end, and replaced."""
     whole = held + "".join(texts)
+    n = len(texts)
+    ends = list(itertools.accumulate(map(len, texts), initial=len(held)))  # texts[i] ends at ends[i + 1]
+    tail = bisect.bisect_right(ends, emitted, 1) - 1  # the first delta reaching past `emitted`
+    located = list(zip(range(tail, n), _last_contents(blocks, n - tail), strict=True))
+    if tail > 0:
+        first = _CONTENT.search(blocks)
+        assert first is not None  # the fast path counted n of them
+        located.insert(0, (0, first))
     pieces: list[bytes] = []
     copied = 0
-    end = len(held)  # where texts[i] ends in whole
-    for i, m in enumerate(_CONTENT.finditer(blocks)):
-        start = 0 if i == 0 else end
-        end += len(texts[i])
-        if i and end <= emitted:
-            continue  # sent now, where it was
-        now = whole[start : max(start, min(end, emitted))]
+    for i, m in located:
+        start = 0 if i == 0 else ends[i]
+        now = whole[start : max(start, min(ends[i + 1], emitted))]
         if now != texts[i]:
             pieces += (blocks[copied : m.start(1)], orjson.dumps(now)[1:-1])
             copied = m.end(1)
     pieces.append(blocks[copied:])
     return b"".join(pieces)
+
+
+def _last_contents(blocks: bytes, count: int) -> list[re.Match[bytes]]:
+    """The last `count` delta strings: searched from the start of the count-th event from the
+    end; if those events hold some other number of them, from the start."""
+    if count == 0:
+        return []
+    at = len(blocks)
+    for _ in range(count):
+        at = blocks.rfind(b"\n\ndata: ", 0, at)
+        if at < 0:
+            break  # the first event
+    found = list(_CONTENT.finditer(blocks, at + 2 if at >= 0 else 0))
+    if len(found) != count:
+        found = list(_CONTENT.finditer(blocks))[-count:]
+    return found
 
 
 def _template_of(data: bytes) -> dict[str, Any] | None:
