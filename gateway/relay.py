@@ -108,6 +108,8 @@ class StreamRelay:
             return blocks
         if _OTHER_CHOICE.search(blocks):
             return None  # several choices: each has its own text
+        if n == 1:
+            return self._one(blocks)
         raws = _CONTENT.findall(blocks)
         if len(raws) != n:
             return None
@@ -115,18 +117,39 @@ class StreamRelay:
             texts: list[str] = orjson.loads(b'["' + b'","'.join(raws) + b'"]')
         except orjson.JSONDecodeError:
             return None
-        stream = self._streams.get(0)
-        if stream is None:
-            stream = self._streams[0] = self._stream()
-            if self._template is None:
-                self._template = _template_of(blocks[6 : blocks.index(b"\n")])
-        result = stream.feed_unmasked("".join(texts))
+        result = self._stream_of_choice_0(blocks).feed_unmasked("".join(texts))
         if result is None:
             return None
         held, emitted = result
         if not held and emitted == sum(map(len, texts)):
             return blocks  # the common case: every event as received
         return _moved(blocks, texts, held, emitted)
+
+    def _one(self, event: bytes) -> bytes | None:
+        """`_fast` for a read of one event, the usual case for a live stream: no lists."""
+        found = _CONTENT.search(event)
+        if found is None:
+            return None
+        try:
+            text: str = orjson.loads(b'"' + found.group(1) + b'"')
+        except orjson.JSONDecodeError:
+            return None
+        result = self._stream_of_choice_0(event).feed_unmasked(text)
+        if result is None:
+            return None
+        held, emitted = result
+        now = (held + text)[:emitted] if held else text[:emitted]
+        if now == text:
+            return event
+        return event[: found.start(1)] + orjson.dumps(now)[1:-1] + event[found.end(1) :]
+
+    def _stream_of_choice_0(self, blocks: bytes) -> StreamRedactor:
+        stream = self._streams.get(0)
+        if stream is None:
+            stream = self._streams[0] = self._stream()
+            if self._template is None:
+                self._template = _template_of(blocks[6 : blocks.index(b"\n")])
+        return stream
 
     def _event(self, event: sse.Event) -> bytes:
         """The exact path: one event, parsed, redacted per choice, re-encoded if changed."""
