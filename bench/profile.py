@@ -1,7 +1,7 @@
 """Where the gateway's CPU goes under one bench load: py-spy samples the pinned gateway
 while wrk drives it, then the hottest functions are printed (own time and with callees).
 
-    .venv/bin/python bench/profile.py json|stream|redis|tracing [seconds]
+    .venv/bin/python bench/profile.py json|unique|stream|redis|tracing|paced [seconds]
 
 Needs py-spy (`pip install py-spy`); the same nginx upstream and wrk as `make bench`.
 """
@@ -20,6 +20,7 @@ import run  # bench/run.py: the same upstreams, loads and pinning
 
 SCENARIOS = {
     "json": (run.JSON_BODY, "json", {}),
+    "unique": (run.UNIQUE_BODY, "json", {}),  # a new prompt every request: the memo never hits
     "stream": (run.STREAM_BODY, "sse", {}),
     "redis": (run.JSON_BODY, "json", {"REDIS_URL": "redis"}),
     "tracing": (run.JSON_BODY, "json", {"OTEL_EXPORTER_OTLP_ENDPOINT": "otlp"}),
