@@ -22,9 +22,11 @@ from .redact import OnRedaction, Redactor, StreamRedactor
 
 # The common chat-completions chunk, seen as bytes: its delta text, JSON-escaped.
 _CONTENT = re.compile(rb'"content": ?"([^"\\\n]*(?:\\.[^"\\\n]*)*)"')
-# Events the fast path leaves to the exact one: the end, usage, a choice's last chunk; in
-# the JSON spacing the upstream writes (a mark in the other spacing that slipped through
-# still carries no delta text or leaves the fast path on the count of deltas).
+# Events the fast path leaves to the exact one: the end, usage, a choice's last chunk,
+# looked for in the JSON spacing of the read's first event. An upstream that mixed spacings
+# within one stream would lose nothing: such a chunk without delta text fails the delta
+# count and takes the exact path anyway; with delta text, its held text would go out in a
+# chunk of its own before [DONE] instead of inside it.
 _DONE_MARK = b"data: [DONE]\n"
 _COMPACT_MARKS = (_DONE_MARK, b'"usage":{', b'"finish_reason":"')
 _SPACED_MARKS = (_DONE_MARK, b'"usage": {', b'"finish_reason": "')
