@@ -91,6 +91,10 @@ class Tracing:
         # (OTEL_TRACES_SAMPLER and _ARG), the id generator and the resource.
         provider = TracerProvider(resource=Resource.create({"service.name": service_name}), shutdown_on_exit=False)
         self._sampler = provider.sampler
+        if isinstance(provider.get_tracer(SCOPE_NAME), trace.NoOpTracer):  # OTEL_SDK_DISABLED=true
+            from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+            self._sampler = ALWAYS_OFF  # nothing recorded; trace context still passed on
         self._new_trace_id = provider.id_generator.generate_trace_id
         self._new_span_id = provider.id_generator.generate_span_id
         self._random_ids = _RANDOM_TRACE_ID if provider.id_generator.is_trace_id_random() else 0

@@ -134,3 +134,13 @@ def test_the_sampler_comes_from_the_standard_variables(monkeypatch: pytest.Monke
     assert not server.sampled
     with tracing.client_span(server, "m") as sent:
         assert int(sent["traceparent"].rsplit("-", 1)[1], 16) & 0x01 == 0  # not sampled
+
+
+def test_the_sdk_switch_turns_recording_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    tracing = Tracing("http://127.0.0.1:9", "gw")
+    incoming = headers(traceparent=f"00-{INCOMING_TRACE}-{INCOMING_SPAN}-01")
+    server = tracing.start_server_span("POST", "/v1/chat/completions", "/v1/chat/completions", incoming)
+    assert not server.sampled
+    with tracing.client_span(server, "m") as sent:
+        assert sent["traceparent"].startswith(f"00-{INCOMING_TRACE}-")
