@@ -103,7 +103,9 @@ class Upstream:
         # No connection limit: MAX_CONCURRENCY is the one admission limit; keep-alive reuse.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        # No cookie jar: a cookie the provider sets on one tenant's call (a load balancer's,
+        # say) must never ride along on another tenant's calls.
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
 
     async def close(self) -> None:
         if self._session is not None:

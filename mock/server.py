@@ -6,7 +6,8 @@ The same knobs per request, as headers the gateway forwards: x-mock-latency-ms,
 x-mock-chunk-delay-ms, x-mock-echo, x-mock-reply, plus x-mock-deltas (a JSON array of
 exact deltas), x-mock-status (answer with that status and an OpenAI-style error),
 x-mock-die-after (drop the connection after N deltas), x-mock-no-done (end without [DONE]),
-x-mock-done-delay-ms (send the chunked terminator that long after [DONE]).
+x-mock-done-delay-ms (send the chunked terminator that long after [DONE]), x-mock-set-cookie
+(answer with that Set-Cookie, as a provider's load balancer does).
 
 What it saw, for tests: GET /_mock/requests (headers and body of recent requests),
 GET /_mock/events (client disconnects), DELETE /_mock/requests (forget both).
@@ -88,6 +89,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     completion_id = "chatcmpl-" + request_id[:24]
     created = int(time.time())
     usage = {"prompt_tokens": 9, "completion_tokens": len(deltas), "total_tokens": 9 + len(deltas)}
+    cookie = {"Set-Cookie": request.headers["x-mock-set-cookie"]} if "x-mock-set-cookie" in request.headers else {}
     if body.get("stream") is not True:
         choices = [
             {"index": i, "message": {"role": "assistant", "content": "".join(deltas)}, "finish_reason": "stop"}
@@ -101,12 +103,13 @@ async def chat(request: web.Request) -> web.StreamResponse:
                 "model": model,
                 "choices": choices,
                 "usage": usage,
-            }
+            },
+            headers=cookie,
         )
 
     chunk_delay = int(_knob(request, "x-mock-chunk-delay-ms", "CHUNK_DELAY_MS", "120")) / 1000
     die_after = int(request.headers.get("x-mock-die-after", "-1"))
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **cookie})
     await response.prepare(request)
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:

@@ -126,6 +126,22 @@ def test_upstream_gets_the_gateway_key_never_the_clients(shared_gateway: Gateway
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_upstream_cookies_are_never_kept_nor_passed_on(start_gateway: GatewayFactory, mock: Mock, stream: bool) -> None:
+    # A provider's load balancer sets a cookie on one tenant's call: it must not ride along on
+    # the next tenant's calls (nor on any later call), and the client never sees it either.
+    # The upstream is named by host name: aiohttp keeps no cookies for IP addresses anyway.
+    gateway = start_gateway(OPENAI_BASE_URL=f"http://localhost:{mock.port}")
+    body = {"model": "m", "messages": MESSAGES, "stream": stream}
+    status, headers, _ = asyncio.run(
+        post(gateway, body, **{"X-Api-Key": "tenant-a", "x-mock-set-cookie": "affinity=a-secret; Path=/"})
+    )
+    assert status == 200 and "set-cookie" not in headers
+    assert asyncio.run(post(gateway, body, **{"X-Api-Key": "tenant-b"}))[0] == 200
+    later = {k.lower(): v for k, v in mock.requests()[-1]["headers"].items()}
+    assert "cookie" not in later
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_first_byte_timeout_is_504(start_gateway: GatewayFactory, mock: Mock, stream: bool) -> None:
     gateway = start_gateway(TIMEOUT_SECS="1")
     started = time.monotonic()
