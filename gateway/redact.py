@@ -35,9 +35,10 @@ _EMAIL = (
 # Payment cards: 13-19 digits in groups, issuer prefixes 2-6 (timestamps start with 1).
 _CARD = r"(?<![A-Za-z0-9_.,-])[2-6][0-9]{3}(?:[ -]?[0-9]){9,15}(?![A-Za-z0-9_-]|[.,][0-9])"
 # Phones: international (+CC ...) or North American with separators; bare digit runs
-# (order numbers, timestamps) and dates never qualify.
+# (order numbers, timestamps) and dates never qualify. A bracket belongs to a phone only
+# in a pair around a group, as in "+44 (0)20": "(call +1 415 555 2671)" keeps its ")".
 _PHONE = (
-    r"(?<![A-Za-z0-9_+.-])(?:\+[1-9][0-9]{0,2}(?:[ .-]?\(?[0-9]{1,4}\)?){2,5}"
+    r"(?<![A-Za-z0-9_+.-])(?:\+[1-9][0-9]{0,2}(?:[ .-]?(?:\([0-9]{1,4}\)|[0-9]{1,4})){2,5}"
     r"|(?:\([2-9][0-9]{2}\) ?|[2-9][0-9]{2}[ .-])[2-9][0-9]{2}[ .-][0-9]{4})(?![A-Za-z0-9_-]|[.,][0-9])"
 )
 _IBAN = r"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])"

@@ -17,7 +17,14 @@ assert REDACTOR is not None
 PII = {
     "email": ["jane.doe@example.com", "a.b+tag@mail.example.co.uk", "x@y.io", "JOHN_SMITH@Corp.COM"],
     "card": ["4242 4242 4242 4242", "4111-1111-1111-1111", "5555555555554444", "378282246310005"],
-    "phone": ["+1 415 555 2671", "(415) 555-2671", "415-555-2671", "+44 20 7946 0958", "+4930123456"],
+    "phone": [
+        "+1 415 555 2671",
+        "(415) 555-2671",
+        "415-555-2671",
+        "+44 20 7946 0958",
+        "+4930123456",
+        "+44 (0)20 7946 0958",
+    ],
     "iban": ["DE89 3704 0044 0532 0130 00", "GB82WEST12345698765432", "FR1420041010050500013M02606"],
     "ssn": ["123-45-6789", "078-05-1120"],
 }
@@ -50,7 +57,24 @@ LOOK_ALIKES = [
 ]
 
 ORDINARY = st.sampled_from(
-    ["Hello", " ", "world", ", ", ".", "\n", "the order ", "costs ", "at ", "on ", "call me", "é", "👋", *LOOK_ALIKES]
+    [
+        "Hello",
+        " ",
+        "world",
+        ", ",
+        ".",
+        "(",
+        ")",
+        "\n",
+        "the order ",
+        "costs ",
+        "at ",
+        "on ",
+        "call me",
+        "é",
+        "👋",
+        *LOOK_ALIKES,
+    ]
 )
 PII_VALUES = st.sampled_from([v for values in PII.values() for v in values])
 
@@ -72,6 +96,19 @@ def test_mask_formats_follow_the_seed() -> None:
     assert REDACTOR.redact("jane@example.com") == "j***e@example.com"
     assert REDACTOR.redact("4242 4242 4242 4242") == "CC_MASKED_LAST4_4242"
     assert REDACTOR.redact("+1 415 555 2671") == "PHONE_MASKED_LAST2_71"
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("(call +1 415 555 2671)", "(call PHONE_MASKED_LAST2_71)"),
+        ("Jane (+44 20 7946 0958) called", "Jane (PHONE_MASKED_LAST2_58) called"),
+        ("+1 (415) 555-2671.", "PHONE_MASKED_LAST2_71."),
+        ("+44 (0)20 7946 0958", "PHONE_MASKED_LAST2_58"),
+    ],
+)
+def test_brackets_around_a_phone_stay_and_brackets_inside_it_are_masked(text: str, redacted: str) -> None:
+    assert REDACTOR.redact(text) == redacted
 
 
 def test_only_selected_kinds() -> None:
