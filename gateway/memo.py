@@ -42,24 +42,20 @@ class RedactionMemo:
         digest.update(text.encode("utf-8", "surrogatepass"))
         key = digest.digest()
         entries = self._entries
-        hit = entries.get(key)
-        if hit is not None:
+        entry = entries.get(key)
+        if entry is None:
+            masked: list[str] = []
+            entry = entries[key] = (self._redactor.redact(text, masked.append), tuple(masked))
+            self._chars += len(entry[0])
+            while self._chars > self._max_chars:
+                _, (old, _) = entries.popitem(last=False)
+                self._chars -= len(old)
+        else:
             entries.move_to_end(key)
-            clean, kinds = hit
-            if on_redaction is not None:
-                for kind in kinds:
-                    on_redaction(kind)
-            return clean
-        masked: list[str] = []
-        clean = self._redactor.redact(text, masked.append)
-        if on_redaction is not None:
-            for kind in masked:
+        clean, kinds = entry
+        if on_redaction is not None:  # counted on every request, hit or miss
+            for kind in kinds:
                 on_redaction(kind)
-        entries[key] = (clean, tuple(masked))
-        self._chars += len(clean)
-        while self._chars > self._max_chars:
-            _, (old, _) = entries.popitem(last=False)
-            self._chars -= len(old)
         return clean
 
     def __len__(self) -> int:

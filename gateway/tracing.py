@@ -43,7 +43,6 @@ class Span:
         "name",
         "parent_id",
         "remote_parent",
-        "sampled",
         "span_id",
         "start_ns",
         "trace_flags",
@@ -59,7 +58,6 @@ class Span:
         self.span_id = span_id
         self.parent_id = parent_id
         self.trace_flags = trace_flags
-        self.sampled = bool(trace_flags & _SAMPLED)
         self.remote_parent = False
         self.trace_state = ""
         self.attributes: dict[str, str | bool | int | float] = {}
@@ -67,6 +65,10 @@ class Span:
         self.exception: str | None = None
         self.start_ns = time.time_ns()
         self.end_ns = 0
+
+    @property
+    def sampled(self) -> bool:
+        return bool(self.trace_flags & _SAMPLED)
 
     def traceparent(self) -> str:
         return f"00-{self.trace_id:032x}-{self.span_id:016x}-{self.trace_flags:02x}"
