@@ -91,6 +91,7 @@ def report(samples: Path, top: int = 45) -> None:
     own: collections.Counter[str] = collections.Counter()
     by_package: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
+    gateway_lines: collections.Counter[str] = collections.Counter()
     total = 0
     for line in samples.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -101,6 +102,10 @@ def report(samples: Path, top: int = 45) -> None:
         by_package[_package(stack.split(";")[-1])] += n
         for frame in set(frames):
             inclusive[frame] += n
+        innermost = next((f for f in reversed(stack.split(";")) if "/gateway/" in f), None)
+        if innermost is not None:  # charge library time to the gateway line that called it
+            name, _, where = innermost.rpartition(" (")
+            gateway_lines[name + " " + where.rstrip(")").split("/gateway/")[1]] += n
     print(f"{total} samples\n\nown time by package:")
     for package, n in by_package.most_common(12):
         print(f"  {n / total:6.1%}  {package}")
@@ -109,6 +114,9 @@ def report(samples: Path, top: int = 45) -> None:
         print(f"  {n / total:6.1%}  {frame}")
     print("\nwith callees:")
     for frame, n in inclusive.most_common(top):
+        print(f"  {n / total:6.1%}  {frame}")
+    print("\nthe gateway's own lines (with callees outside gateway/):")
+    for frame, n in gateway_lines.most_common(top):
         print(f"  {n / total:6.1%}  {frame}")
 
 

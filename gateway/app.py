@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import IO
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from . import keys
 from .config import Settings
@@ -18,10 +19,12 @@ from .middlewares import (
     add_gateway_headers,
     admission,
     draining_check,
-    errors_middleware,
+    not_found,
+    observed,
     ratelimit_check,
-    telemetry_middleware,
+    rendered_errors,
     tenancy_check,
+    wrong_method,
 )
 from .proxy import ChatProxy
 from .redact import build_redactor
@@ -68,20 +71,29 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         checks.append(ratelimit_check(TokenBucket(settings.rps, settings.burst), telemetry))
     shedder = Shedder(settings.max_concurrency) if settings.max_concurrency else None
 
-    # Telemetry outermost so it sees every final status, rendered errors included.
-    app = web.Application(
-        middlewares=[telemetry_middleware(telemetry), errors_middleware()],
-        client_max_size=settings.max_body_bytes,
-    )
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
     app[keys.UPSTREAM] = upstream
     app[keys.STORE] = store
     app[keys.TELEMETRY] = telemetry
     app[keys.LIFECYCLE] = lifecycle
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_post(CHAT_ROUTE, admission(proxy.handle, checks, shedder, quota, telemetry))
+
+    def served(handler: Handler, route: str) -> Handler:
+        return observed(rendered_errors(handler), route, telemetry)
+
+    routes: list[tuple[str, str, Handler]] = [
+        ("GET", "/healthz", healthz),
+        ("GET", "/readyz", readyz),
+        ("GET", "/metrics", metrics),
+        ("POST", CHAT_ROUTE, admission(proxy.handle, checks, shedder, quota, telemetry)),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, served(handler, path))
+        allowed = "GET,HEAD" if method == "GET" else method
+        if method == "GET":
+            app.router.add_route("HEAD", path, served(handler, path))
+        app.router.add_route("*", path, served(wrong_method(allowed), path))
+    app.router.add_route("*", "/{path:.*}", served(not_found, "other"))
     app.cleanup_ctx.append(resources)
     app.on_response_prepare.append(add_gateway_headers)
     return app

@@ -1,6 +1,9 @@
 """Thin adapters from HTTP to the policies, one per step; the order lives in app.py.
 
-Each factory closes over its collaborators; none holds policy of its own.
+Each factory closes over its collaborators; none holds policy of its own. They wrap each
+route's handler once, at start-up, rather than being aiohttp middlewares: for those aiohttp looks
+the chain up in a cache on every request, calls each through a partial and adds a layer of
+its own.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Handler
 
 from .errors import (
     GatewayError,
@@ -34,7 +37,6 @@ from .shedding import Shedder
 from .telemetry import CHAT_ROUTE, Metrics, Telemetry
 from .tenancy import Tenancy, client_ip, presented_key
 
-KNOWN_ROUTES = frozenset({CHAT_ROUTE, "/healthz", "/readyz", "/metrics"})
 _UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 log = logging.getLogger("gateway")
@@ -56,22 +58,25 @@ class RequestIds:
         return f"{self._prefix}{next(self._counter):08x}"
 
 
-def telemetry_middleware(telemetry: Telemetry) -> Middleware:
-    metrics, tracing, request_log = telemetry.metrics, telemetry.tracing, telemetry.log
-    request_id_from = RequestIds()
+_request_ids = RequestIds()  # one per process: ids stay unique across routes
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+
+def observed(handler: Handler, route: str, telemetry: Telemetry) -> Handler:
+    """The outermost step of every route: request id, metrics, server span and log line, so
+    it sees every final status, rendered errors included. `route` is the metrics label."""
+    metrics, request_log = telemetry.metrics, telemetry.log
+    tracing = telemetry.tracing if route not in _UNTRACED else None  # probes and scrapes would drown the rest
+    is_chat = route == CHAT_ROUTE
+    request_id_from = _request_ids
+
+    async def observe(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         state = request[STATE] = RequestState(request_id_from(request.headers.get("x-request-id")))
-        path = request.path
-        route = path if path in KNOWN_ROUTES else "other"
-        is_chat = route == CHAT_ROUTE
         metrics.request_started(route)
         if is_chat:
             metrics.chat_started()
-        if tracing is not None and route not in _UNTRACED:  # probes and scrapes would drown the rest
-            state.span = tracing.start_server_span(request.method, route, path, request.headers)
+        if tracing is not None:
+            state.span = tracing.start_server_span(request.method, route, request.path, request.headers)
         status = 500
         try:
             response = await handler(request)
@@ -97,21 +102,20 @@ def telemetry_middleware(telemetry: Telemetry) -> Middleware:
             if state.span is not None and tracing is not None:
                 trace_id = tracing.trace_id(state.span)
                 tracing.end_server_span(state.span, state, status)
-            request_log.write(state, request.method, path, status, elapsed, trace_id)
+            request_log.write(state, request.method, request.path, status, elapsed, trace_id)
 
-    return middleware
+    return observe
 
 
-def errors_middleware() -> Middleware:
+def rendered_errors(handler: Handler) -> Handler:
     """Every error becomes OpenAI-shaped JSON here, and only here."""
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def render(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
         except GatewayError as error:
             return error_response(error)
-        except web.HTTPException as exc:  # from the router or aiohttp's body-size limit
+        except web.HTTPException as exc:  # aiohttp's body-size limit
             return error_response(_from_http_exception(exc))
         except asyncio.CancelledError:
             raise
@@ -119,7 +123,20 @@ def errors_middleware() -> Middleware:
             log.exception("unhandled error (request %s)", request[STATE].request_id)
             return error_response(GatewayError())
 
-    return middleware
+    return render
+
+
+async def not_found(request: web.Request) -> web.StreamResponse:
+    raise NotFound()
+
+
+def wrong_method(allowed: str) -> Handler:
+    """The handler for any other method on a known path (`allowed`: the Allow header)."""
+
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        raise MethodNotAllowed(headers={"Allow": allowed})
+
+    return refuse
 
 
 def error_response(error: GatewayError) -> web.Response:
@@ -129,11 +146,6 @@ def error_response(error: GatewayError) -> web.Response:
 
 
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:
-    if exc.status == 404:
-        return NotFound()
-    if exc.status == 405:
-        allow = exc.headers.get("Allow", "")
-        return MethodNotAllowed(headers={"Allow": allow} if allow else None)
     if exc.status == 413:
         return PayloadTooLarge("request body is too large")
     error = GatewayError(exc.reason, code="http_error")

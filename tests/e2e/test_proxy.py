@@ -285,9 +285,15 @@ async def test_unknown_paths_and_methods_are_json_errors(shared_gateway: Gateway
         async with session.get(shared_gateway.url + CHAT) as r:
             assert r.status == 405
             assert (await r.json())["error"]["code"] == "method_not_allowed"
+            assert r.headers["Allow"] == "POST"
             assert "x-ratelimit-limit-requests" not in r.headers  # no quota spent on a 405
+            assert r.headers["x-request-id"]
+        async with session.post(shared_gateway.url + "/healthz") as r:
+            assert r.status == 405 and r.headers["Allow"] == "GET,HEAD"
         async with session.get(shared_gateway.url + "/healthz") as r:
             assert r.status == 200 and await r.text() == "ok"
+        async with session.head(shared_gateway.url + "/healthz") as r:
+            assert r.status == 200
 
 
 async def test_request_id_is_the_clients_or_a_new_one(shared_gateway: Gateway, mock: Mock) -> None:

@@ -76,6 +76,10 @@ async def test_every_metric_after_a_mix_of_outcomes(start_gateway: GatewayFactor
         gone = await session.post(gateway.url + CHAT, json=body(True), headers={"X-Api-Key": "gone", **slow})
         await gone.content.readline()
         gone.close()
+        async with session.get(gateway.url + "/v1/nope") as r:  # unknown paths share one label
+            assert r.status == 404
+        async with session.get(gateway.url + CHAT) as r:
+            assert r.status == 405
     wait_until(lambda: samples(gateway)["inflight_requests"] == 0, what="inflight back to 0")
     s = samples(gateway)
     model = 'model="gpt-4o-mini",route="/v1/chat/completions"'
@@ -85,7 +89,10 @@ async def test_every_metric_after_a_mix_of_outcomes(start_gateway: GatewayFactor
     assert s[f'http_requests_total{{{model},status="499"}}'] == 1
     assert s['http_requests_total{model="unknown",route="/v1/chat/completions",status="429"}'] == 2
     assert s['http_requests_total{model="unknown",route="/v1/chat/completions",status="503"}'] == 1
-    assert s[f"requests_total{ROUTE}"] == 12
+    assert s[f"requests_total{ROUTE}"] == 13
+    assert s['requests_total{route="other"}'] == 1
+    assert s['http_requests_total{model="unknown",route="other",status="404"}'] == 1
+    assert s['http_requests_total{model="unknown",route="/v1/chat/completions",status="405"}'] == 1
     assert s['quota_block_total{reason="exceeded"}'] == 1
     assert s["ratelimit_block_total"] == 1
     for event, count in {
@@ -96,10 +103,10 @@ async def test_every_metric_after_a_mix_of_outcomes(start_gateway: GatewayFactor
         "store_error": 0,
     }.items():
         assert s[f'cb_events_total{{event="{event}"}}'] == count, event
-    assert s[f"request_duration_seconds_count{ROUTE}"] == 12
+    assert s[f"request_duration_seconds_count{ROUTE}"] == 13
     assert s["upstream_ttfb_seconds_count"] == 8  # every request that got an upstream answer in time
     # Buckets are cumulative: the 2 s timeout lands above 1 s, every request at or below +Inf.
-    assert s[f'request_duration_seconds_bucket{{le="+Inf",{ROUTE[1:-1]}}}'] == 12
+    assert s[f'request_duration_seconds_bucket{{le="+Inf",{ROUTE[1:-1]}}}'] == 13
     assert s[f'request_duration_seconds_bucket{{le="0.5",{ROUTE[1:-1]}}}'] <= 11
     assert s['upstream_ttfb_seconds_bucket{le="+Inf"}'] == 8
     assert s["upstream_ttfb_seconds_sum"] > 0
