@@ -74,11 +74,14 @@ def _key_value(key: str, value: object) -> bytes:
 class Encoder:
     """Encodes batches of spans for one resource and one instrumentation scope."""
 
-    def __init__(self, resource_attributes: Mapping[str, object], scope_name: str) -> None:
+    def __init__(
+        self, resource_attributes: Mapping[str, object], scope_name: str, unique_keys: Iterable[str] = ()
+    ) -> None:
         resource = b"".join(_field(b"\x0a", _key_value(k, v)) for k, v in resource_attributes.items())
         self._resource = _field(b"\x0a", resource)  # ResourceSpans.resource = 1
         self._scope = _field(b"\x0a", _field(b"\x0a", scope_name.encode()))  # ScopeSpans.scope = 1
         self._attributes: dict[tuple[str, type, object], bytes] = {}
+        self._unique_keys = frozenset(unique_keys)  # a new value every span: never cached
 
     def request(self, spans: Iterable[EncodableSpan]) -> bytes:
         """An ExportTraceServiceRequest holding the spans."""
@@ -123,11 +126,13 @@ class Encoder:
         return b"".join(parts)
 
     def _attribute(self, key: str, value: object) -> bytes:
+        if key in self._unique_keys:
+            return _field(b"\x4a", _key_value(key, value))
         cache_key = (key, value.__class__, value)  # the type too: True == 1 as dict keys
         encoded = self._attributes.get(cache_key)
         if encoded is None:
             encoded = _field(b"\x4a", _key_value(key, value))
             if len(self._attributes) >= _CACHE_LIMIT:
-                self._attributes.clear()  # unique values (request ids) must not grow it for ever
+                self._attributes.clear()  # client-chosen values (paths) must not grow it for ever
             self._attributes[cache_key] = encoded
         return encoded

@@ -37,7 +37,9 @@ def value_of(any_value: object) -> object:
 
 
 @given(
-    attributes=st.dictionaries(st.text(min_size=1, max_size=20), attribute_values, max_size=8),
+    attributes=st.dictionaries(
+        st.one_of(st.just("request.id"), st.text(min_size=1, max_size=20)), attribute_values, max_size=8
+    ),
     name=st.text(max_size=30),
     parent=st.integers(min_value=0, max_value=2**64 - 1),
     remote=st.booleans(),
@@ -54,12 +56,12 @@ def test_encoded_spans_decode_to_what_was_recorded(
     exception: str | None,
     trace_state: str,
 ) -> None:
-    encoder = Encoder({"service.name": "gw", "replicas": 3}, SCOPE_NAME)
+    encoder = Encoder({"service.name": "gw", "replicas": 3}, SCOPE_NAME, unique_keys=("request.id",))
     span = Span(name, 3, 2**128 - 7, 2**64 - 3, parent, 0x03)
     span.attributes = attributes  # type: ignore[assignment]
     span.remote_parent, span.failed, span.exception, span.trace_state = remote, failed, exception, trace_state
     span.end_ns = span.start_ns + 1234
-    # twice: the second encoding comes from the attribute cache and must be the same
+    # twice: the second encoding comes from the attribute cache (but request.id's) and must be the same
     [resource_spans] = decode(encoder.request([span, span])).resource_spans
     assert {a.key: value_of(a.value) for a in resource_spans.resource.attributes} == {
         "service.name": "gw",
@@ -144,3 +146,16 @@ def test_the_sdk_switch_turns_recording_off(monkeypatch: pytest.MonkeyPatch) -> 
     assert not server.sampled
     with tracing.client_span(server, "m") as sent:
         assert sent["traceparent"].startswith(f"00-{INCOMING_TRACE}-")
+
+
+def test_an_upstream_call_that_raises_ends_its_span_failed(tracing: Tracing, monkeypatch: pytest.MonkeyPatch) -> None:
+    ended: list[Span] = []
+    monkeypatch.setattr(tracing, "_end", ended.append)
+    server = tracing.start_server_span("POST", "/v1/chat/completions", "/v1/chat/completions", headers())
+    with pytest.raises(TimeoutError), tracing.client_span(server, "m"):
+        raise TimeoutError
+    with tracing.client_span(server, "m"):
+        pass
+    failed, ok = ended
+    assert failed.failed and failed.exception == "TimeoutError" and failed.parent_id == server.span_id
+    assert not ok.failed and ok.exception is None
