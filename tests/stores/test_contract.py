@@ -109,6 +109,51 @@ async def test_redis_key_always_has_a_ttl(redis_server: RedisServer) -> None:
         await store.close()
 
 
+def script_calls(server: RedisServer) -> int:
+    stats = server.cli("INFO", "commandstats")
+    line = next((row for row in stats.splitlines() if row.startswith("cmdstat_evalsha:")), "")
+    return int(line.split("calls=")[1].split(",")[0]) if line else 0
+
+
+async def test_hits_that_arrive_while_a_batch_is_out_go_together(redis_server: RedisServer) -> None:
+    # 100 hits, one per loop turn. A round trip takes several turns, so hits that come
+    # while one batch is out wait and go in the next: far fewer calls than hits, and every
+    # count still exact.
+    store = RedisStore(redis_server.url, cluster=False, timeout=0.5)
+    await store.open()
+    try:
+        await store.hit("quota:warm", 60_000)  # connected, script loaded
+        before = script_calls(redis_server)
+
+        async def hit_after(turns: int) -> int:
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            return (await store.hit("quota:spread", 60_000))[0]
+
+        counts = await asyncio.gather(*(hit_after(i) for i in range(100)))
+        assert sorted(counts) == list(range(1, 101))
+        assert script_calls(redis_server) - before <= 50
+    finally:
+        await store.close()
+
+
+async def test_a_hit_given_up_before_its_batch_goes_out_is_not_counted(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url, cluster=False, timeout=0.5)
+    await store.open()
+    try:
+        first = asyncio.create_task(store.hit("quota:first", 60_000))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the first hit's batch is out
+        waiting = asyncio.create_task(store.hit("quota:gave-up", 60_000))
+        await asyncio.sleep(0)  # queued behind it
+        waiting.cancel()  # its request went away (client gone, deadline)
+        assert (await first)[0] == 1
+        assert (await store.hit("quota:next", 60_000))[0] == 1  # a batch after the one it was in
+        assert redis_server.cli("EXISTS", "quota:gave-up") == "0"
+    finally:
+        await store.close()
+
+
 async def test_unreachable_redis_raises_store_unavailable_then_recovers(
     redis_factory: Callable[[], RedisServer],
 ) -> None:
