@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -35,6 +36,19 @@ def run(settings: Settings) -> int:
     if settings.workers > 1:
         return _supervise(settings)
     return _run_one(settings)
+
+
+def _settle_gc() -> None:
+    """Tune the cyclic garbage collector for serving, once start-up is done.
+
+    What start-up built (modules, the app, the SDKs, the pools) lives as long as the process,
+    yet every full collection walked it again: on the bench, collections took ~0.5 ms and ran
+    every ~16 requests, ~35 µs a request. Frozen, it is never scanned again; and young objects
+    (a request's) are collected every 10,000 allocations instead of 700, so most are freed by
+    reference counting before a collection ever looks at them."""
+    gc.collect()  # start-up's garbage goes now, not into the frozen set
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 def _run_one(settings: Settings, on_ready: Callable[[], None] | None = None) -> int:
@@ -73,6 +87,7 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("SIGHUP ignored (reserved for reload)"))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # a worker blocked them until now
+    _settle_gc()
     log.info("serving on %s:%s", settings.listen_host, settings.listen_port)
     lifecycle.notify("READY=1")
     if on_ready is not None:
