@@ -16,6 +16,7 @@ from .config import Settings
 from .lifecycle import Lifecycle
 from .limits import Quota, TokenBucket
 from .middlewares import (
+    RequestIds,
     add_gateway_headers,
     admission,
     draining_check,
@@ -78,8 +79,11 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     app[keys.TELEMETRY] = telemetry
     app[keys.LIFECYCLE] = lifecycle
 
+    # Made here, in each worker process (after the fork): every worker gets its own id prefix.
+    request_ids = RequestIds()
+
     def served(handler: Handler, route: str) -> Handler:
-        return observed(rendered_errors(handler), route, telemetry)
+        return observed(rendered_errors(handler), route, telemetry, request_ids)
 
     routes: list[tuple[str, str, Handler]] = [
         ("GET", "/healthz", healthz),

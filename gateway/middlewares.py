@@ -58,16 +58,12 @@ class RequestIds:
         return f"{self._prefix}{next(self._counter):08x}"
 
 
-_request_ids = RequestIds()  # one per process: ids stay unique across routes
-
-
-def observed(handler: Handler, route: str, telemetry: Telemetry) -> Handler:
+def observed(handler: Handler, route: str, telemetry: Telemetry, request_id_from: RequestIds) -> Handler:
     """The outermost step of every route: request id, metrics, server span and log line, so
     it sees every final status, rendered errors included. `route` is the metrics label."""
     metrics, request_log = telemetry.metrics, telemetry.log
     tracing = telemetry.tracing if route not in _UNTRACED else None  # probes and scrapes would drown the rest
     is_chat = route == CHAT_ROUTE
-    request_id_from = _request_ids
 
     async def observe(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()

@@ -257,6 +257,13 @@ async def test_workers_share_the_port_and_the_redis_quota(
     counts = await statuses([gateway], 60, 30, key="workers")
     assert counts == {200: 10, 429: 50}
     assert redis_server.cli("GET", "quota:workers") == "60"
+    # Request ids stay unique across workers: each has its own prefix (one connection per
+    # request here, so the kernel spreads them over both workers).
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        results = await asyncio.gather(*(call(session, gateway, "workers") for _ in range(40)))
+    ids = [headers["x-request-id"] for _, headers, _ in results]
+    assert len(set(ids)) == len(ids)
+    assert len({request_id[:-8] for request_id in ids}) == 2  # both workers answered, each its own prefix
     gateway.process.signal(signal.SIGTERM)  # the parent forwards it to every worker
     assert await asyncio.to_thread(gateway.process.wait, 15) == 0
 
