@@ -92,12 +92,11 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         ("POST", CHAT_ROUTE, admission(proxy.handle, checks, shedder, quota, telemetry)),
     ]
     for method, path, handler in routes:
-        app.router.add_route(method, path, served(handler, path))
-        allowed = "GET,HEAD" if method == "GET" else method
-        if method == "GET":
-            app.router.add_route("HEAD", path, served(handler, path))
-        app.router.add_route("*", path, served(wrong_method(allowed), path))
-    app.router.add_route("*", "/{path:.*}", served(not_found, "other"))
+        methods = ("GET", "HEAD") if method == "GET" else (method,)
+        for each in methods:
+            app.router.add_route(each, path, served(handler, path))
+        app.router.add_route("*", path, served(wrong_method(",".join(methods)), path))  # any other: 405
+    app.router.add_route("*", "/{path:.*}", served(not_found, "other"))  # last: any other path
     app.cleanup_ctx.append(resources)
     app.on_response_prepare.append(add_gateway_headers)
     return app

@@ -15,7 +15,7 @@ endpoint, OTEL_EXPORTER_OTLP_HEADERS, compression, TLS, retries).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
@@ -185,7 +185,7 @@ class Tracing:
         headers = {"traceparent": span.traceparent()}
         if span.trace_state:
             headers["tracestate"] = span.trace_state
-        return ClientSpan(self, span, headers)
+        return ClientSpan(span, headers, self._end)
 
     def _end(self, span: Span) -> None:
         span.end_ns = time.time_ns()
@@ -199,12 +199,12 @@ class ClientSpan:
     """What `Tracing.client_span` returns: a plain context manager, cheaper per request than
     a @contextmanager generator. An exception marks the span failed, with its type."""
 
-    __slots__ = ("_span", "_tracing", "headers")
+    __slots__ = ("_end", "_span", "headers")
 
-    def __init__(self, tracing: Tracing, span: Span, headers: dict[str, str]) -> None:
-        self._tracing = tracing
+    def __init__(self, span: Span, headers: dict[str, str], end: Callable[[Span], None]) -> None:
         self._span = span
         self.headers = headers
+        self._end = end
 
     def __enter__(self) -> dict[str, str]:
         return self.headers
@@ -217,7 +217,7 @@ class ClientSpan:
             span.exception = exc_type.__name__
             span.failed = True
         if span.sampled:
-            self._tracing._end(span)
+            self._end(span)
 
 
 class _Exporter:
