@@ -1,4 +1,4 @@
-"""create_app(settings): builds every component, the middleware chain and the routes.
+"""create_app(settings): builds every component, and the routes with their wrappers.
 
 Importing this module does nothing; tests build a fresh app per case.
 """

@@ -1,8 +1,8 @@
 """The one error hierarchy and its OpenAI-shaped rendering.
 
-Every error the gateway itself produces is a `GatewayError`; the outermost middleware
-renders it as `{"error": {"message", "type", "code"}}`, and `sse.error_event` renders the
-same body as a final event once a stream has started.
+Every error the gateway itself produces is a `GatewayError`; `rendered_errors`, which
+wraps every route, renders it as `{"error": {"message", "type", "code"}}`, and
+`sse.error_event` renders the same body as a final event once a stream has started.
 """
 
 from __future__ import annotations

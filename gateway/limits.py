@@ -1,6 +1,6 @@
 """Admission policy: the per-key token bucket and the per-tenant fixed-window quota.
 
-Both return values (`Decision`, a retry delay); only the middlewares turn them into HTTP.
+Both return values (`Decision`, a retry delay); only middlewares.py turns them into HTTP.
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
 
 # Admission: SPEC §4's steps. The cheap local ones are plain functions that raise to refuse;
 # the concurrency slot and the quota (a store round trip) come last. They wrap the chat
-# handler itself rather than being middlewares: a 404/405 never reaches them (so it spends
+# handler itself rather than being layers of their own: a 404/405 never reaches them (so it spends
 # no tokens or quota), and the request pays for one call per step, not one coroutine.
 Check = Callable[[web.Request, RequestState], None]
 

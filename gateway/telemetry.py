@@ -248,7 +248,7 @@ class RequestLog:
 
 
 class Telemetry:
-    """What the telemetry middleware and the proxy use; tracing is optional."""
+    """What the `observed` wrapper and the proxy use; tracing is optional."""
 
     def __init__(self, metrics: Metrics, tracing: Tracing | None, log: RequestLog) -> None:
         self.metrics = metrics
