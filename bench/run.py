@@ -30,7 +30,7 @@ DURATION = int(os.environ.get("BENCH_SECS", "8"))  # per side and scenario, spli
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "4"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "50"))
 STREAMS = int(os.environ.get("BENCH_STREAMS", "500"))
-ONLY = set(os.environ.get("BENCH_ONLY", "json,unique,stream,redis,tracing,paced").split(","))
+ONLY = set(os.environ.get("BENCH_ONLY", "json,unique,stream,unredacted,redis,tracing,paced").split(","))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROMPT = (
     "Please summarise this note. Customer Jane Doe (jane.doe@example.com, +1 415 555 2671) paid with "
@@ -239,18 +239,23 @@ def streams(port: int) -> dict[str, float]:
     return dict(json.loads(out))
 
 
-def gateway(upstream_port: int, **env: str) -> tuple[Proc, int]:
-    port = free_port()
-    cwd = Path(tempfile.mkdtemp())
-    base = {
+def gateway_settings(upstream_url: str, port: int) -> dict[str, str]:
+    """Every feature on; quota, rate limit and concurrency limit too high to reject."""
+    return {
         "LISTEN_ADDR": f"127.0.0.1:{port}",
-        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}",
+        "OPENAI_BASE_URL": upstream_url,
         "OPENAI_API_KEY": "sk-bench",
         "RPS": "1000000",
         "BURST": "1000000",
         "DEFAULT_QUOTA": "1000000000",
         "MAX_CONCURRENCY": "100000",
     }
+
+
+def gateway(upstream_port: int, **env: str) -> tuple[Proc, int]:
+    port = free_port()
+    cwd = Path(tempfile.mkdtemp())
+    base = gateway_settings(f"http://127.0.0.1:{upstream_port}", port)
     command = os.environ.get("GATEWAY_CMD", f"{PY} {ROOT / 'gateway.py'}").split()
     proc = Proc(command, SUT_CPU, {**base, **env}, cwd=cwd)
     wait_port(port)
@@ -320,6 +325,8 @@ def run() -> list[dict[str, Any]]:
             wrk_pair("non-stream, a new prompt every request", json_port, UNIQUE_BODY)
         if "stream" in ONLY:
             wrk_pair("stream (40 events), memory store", sse_port, STREAM_BODY)
+        if "unredacted" in ONLY:  # for reference, not a target: what streaming redaction costs
+            wrk_pair("stream (40 events), redaction off (reference)", sse_port, STREAM_BODY, REDACT_KINDS="")
         if "redis" in ONLY:
             wrk_pair(
                 "non-stream, quotas on redis-server",

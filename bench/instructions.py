@@ -1,0 +1,114 @@
+"""Instructions per request, counted by callgrind: an A/B for hot-path changes that this
+machine's noise does not blur.
+
+    .venv/bin/python bench/instructions.py [json stream unredacted paced]
+
+wrk's figures move by ±5% between runs here; callgrind counts the instructions the process
+executes, and the count repeats to within about 1%. It sees user space only: what the kernel
+does for a syscall is not in it, so it ranks code changes, not whole-request cost. Each side
+(bare relay, gateway) runs under valgrind against the same nginx upstream as `make bench`;
+after a warm-up that is not counted, a fixed number of requests (`INSTR_REQUESTS`, 10 at a
+time) is counted. To compare two commits, run each checkout's copy with the same venv:
+`.venv/bin/python /tmp/other-checkout/bench/instructions.py` measures that checkout's gateway.
+Needs valgrind (Debian's `valgrind`); about 20 s a side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import run  # bench/run.py: the same upstreams, replies and gateway settings
+
+REQUESTS = int(os.environ.get("INSTR_REQUESTS", "300"))
+WARM_UP = 100
+# scenario: (request body, upstream, extra gateway settings)
+SCENARIOS: dict[str, tuple[dict[str, Any], str, dict[str, str]]] = {
+    "json": (run.JSON_BODY, "json", {}),
+    "stream": (run.STREAM_BODY, "sse", {}),
+    "unredacted": (run.STREAM_BODY, "sse", {"REDACT_KINDS": ""}),  # what streaming redaction costs
+    "paced": (run.STREAM_BODY, "paced", {}),  # one event per read: the per-event path
+}
+
+
+async def _post(port: int, body: dict[str, Any], count: int) -> None:
+    limit = asyncio.Semaphore(10)
+    async with aiohttp.ClientSession() as session:
+
+        async def one() -> None:
+            async with limit, session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as reply:
+                await reply.read()
+                if reply.status != 200:
+                    raise RuntimeError(f"status {reply.status}")
+
+        await asyncio.gather(*(one() for _ in range(count)))
+
+
+def _counted(argv: list[str], env: dict[str, str], port: int, body: dict[str, Any], tmp: Path) -> float:
+    """Thousands of instructions per request of the process `argv` (serving on `port`)."""
+    out = tmp / f"callgrind.{port}"
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    proc = run.Proc(valgrind + argv, run.SUT_CPU, env, cwd=tmp)
+    try:
+        run.wait_port(port, timeout=120)  # start-up under valgrind is slow
+        asyncio.run(_post(port, body, WARM_UP))
+        subprocess.run(["callgrind_control", "--instr=on", str(proc.pid)], check=True, capture_output=True)
+        asyncio.run(_post(port, body, REQUESTS))
+        subprocess.run(["callgrind_control", "--instr=off", str(proc.pid)], check=True, capture_output=True)
+    finally:
+        proc.stop()
+    totals = [line for line in out.read_text().splitlines() if line.startswith("totals:")]
+    return int(totals[0].split()[1]) / REQUESTS / 1000
+
+
+def main() -> None:
+    for tool in ("valgrind", "callgrind_control", "nginx", "node", "taskset"):
+        if shutil.which(tool) is None:
+            sys.exit(f"needs {tool}")
+    chosen = sys.argv[1:] or list(SCENARIOS)
+    tmp = Path(tempfile.mkdtemp(prefix="instructions-"))
+    json_port, sse_port, paced_port = (run.free_port() for _ in range(3))
+    helpers = [
+        run.nginx(tmp, json_port, sse_port),
+        run.Proc(["node", str(run.ROOT / "bench" / "paced_upstream.js")], run.LOAD_CPU, {"PORT": str(paced_port)}),
+    ]
+    upstreams = {"json": json_port, "sse": sse_port, "paced": paced_port}
+    print(f"thousands of instructions per request (callgrind), {REQUESTS} requests, 10 at a time")
+    print("| scenario | bare relay | gateway | bare / gateway |\n|---|---|---|---|")
+    try:
+        for port in upstreams.values():
+            run.wait_port(port)
+        for name in chosen:
+            body, upstream, settings = SCENARIOS[name]
+            url = f"http://127.0.0.1:{upstreams[upstream]}"
+            bare_port, gateway_port = run.free_port(), run.free_port()
+            bare = _counted(
+                [run.PY, str(run.ROOT / "bench" / "bare_relay.py")],
+                {"UPSTREAM": url, "PORT": str(bare_port)},
+                bare_port,
+                body,
+                tmp,
+            )
+            gateway = _counted(
+                [run.PY, str(run.ROOT / "gateway.py")],
+                {**run.gateway_settings(url, gateway_port), **settings},
+                gateway_port,
+                body,
+                tmp,
+            )
+            print(f"| {name} | {bare:.0f} | {gateway:.0f} | {bare / gateway:.0%} |", flush=True)
+    finally:
+        for helper in helpers:
+            helper.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
