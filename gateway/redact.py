@@ -186,10 +186,28 @@ class Redactor:
             yield best
             pos = best.end()
 
-    def _may_match(self, text: str, pos: int) -> bool:
-        """Whether text[pos:] can hold a complete match: an "@", or a run long enough."""
-        if not has_trigger(text, pos):
-            return False
+    def hold(self, text: str, pos: int) -> int:
+        """Where the tail that more text could still turn into (part of) a match begins: the
+        trailing run of characters a match could be made of, within MAX_MATCH of the end."""
+        n = len(text)
+        near_end = n - MAX_MATCH if n - MAX_MATCH > pos else pos  # not max(): this runs per chunk
+        hold = n
+        if self.email is not None:
+            hold = len(text.rstrip(_EMAIL_CHARS))
+            if hold < near_end:
+                hold = near_end
+        if self.others is not None:
+            start = len(text.rstrip(_DIGIT_RUN_CHARS))
+            if start < near_end:
+                start = near_end
+            start = n - len(text[start:].lstrip(_NOT_FIRST_CHARS))  # no match starts with those
+            if start < hold:
+                hold = start
+        return hold
+
+    def may_match(self, text: str, pos: int) -> bool:
+        """Whether text[pos:] can hold a complete match: an "@", or a run long enough (a run
+        of capitals without digits passes too; the exact search then finds nothing there)."""
         if self.email is not None and text.find("@", pos) >= 0:
             return True
         return self.others is not None and _DIGIT_RUN.search(text, pos) is not None
@@ -228,19 +246,10 @@ class Redactor:
         MAX_MATCH of the end). A complete match is final once MAX_MATCH characters from its
         start are known.
         """
+        hold = self.hold(text, pos)
+        if not self.may_match(text, pos):  # the common case: nothing complete to check
+            return text[pos:hold], hold
         n = len(text)
-        near_end = max(pos, n - MAX_MATCH)
-        hold = n
-        if self.email is not None:
-            hold = max(near_end, len(text.rstrip(_EMAIL_CHARS)))
-        if self.others is not None:
-            # The trailing run of digit-kind characters, from where a match could start.
-            start = max(near_end, len(text.rstrip(_DIGIT_RUN_CHARS)))
-            start += len(text) - start - len(text[start:].lstrip(_NOT_FIRST_CHARS))
-            hold = min(hold, start)
-        if not self._may_match(text, pos):  # the common case: nothing complete to check
-            settled = max(hold, pos)
-            return text[pos:settled], settled
         pieces: list[str] = []
         for m in self._matches(text, pos):
             if m.start() >= hold:
@@ -307,19 +316,23 @@ class StreamRedactor:
         """`feed`, for the common case that nothing gets masked: returns the text held before
         and how many characters of held + piece are emitted now (the output is exactly
         that prefix). When something would be masked: None, and nothing changes."""
-        held = self._text[self._start :]
+        start = self._start
         text = self._text + piece
-        masked: list[str] = []
-        _, settled = self._redactor.settle(text, self._start, masked.append)
-        if masked:
-            return None
-        emitted = settled - self._start
+        redactor = self._redactor
+        if redactor.may_match(text, start):  # something complete to check: the whole settle
+            masked: list[str] = []
+            _, settled = redactor.settle(text, start, masked.append)
+            if masked:
+                return None
+        else:
+            settled = redactor.hold(text, start)
+        held = self._text[start:]
         self._keep(text, settled)
-        return held, emitted
+        return held, settled - start
 
     def _keep(self, text: str, settled: int) -> None:
         """Hold text[settled:], with a little context before it for the look-behinds."""
-        keep_from = max(0, settled - _CONTEXT)
+        keep_from = settled - _CONTEXT if settled > _CONTEXT else 0
         self._text = text[keep_from:]
         self._start = settled - keep_from
 

@@ -31,6 +31,9 @@ _DONE_MARK = b"data: [DONE]\n"
 _COMPACT_MARKS = (_DONE_MARK, b'"usage":{', b'"finish_reason":"')
 _SPACED_MARKS = (_DONE_MARK, b'"usage": {', b'"finish_reason": "')
 _OTHER_CHOICE = re.compile(rb'"index": ?[1-9]')
+# The marks and another choice at once, in either spacing, for a read of one event: there
+# one short regex search costs less than five bytes searches.
+_SPECIAL_OR_OTHER_CHOICE = re.compile(rb'"(?:finish_reason": ?"|usage": ?\{|index": ?[1-9])')
 
 
 class StreamRelay:
@@ -70,6 +73,8 @@ class StreamRelay:
         blocks = self._parser.complete(chunk)
         if not blocks:
             return b""
+        if blocks.find(b"\n") == len(blocks) - 2:  # one one-line event: a live stream's usual read
+            return self._single(blocks)
         special = _first_special(blocks)
         if special < 0:
             return self._run(blocks)
@@ -127,6 +132,14 @@ class StreamRelay:
             return blocks  # the common case: every event as received
         return _moved(blocks, texts, held, emitted)
 
+    def _single(self, event: bytes) -> bytes:
+        """A read of one one-line event: `feed` with one short search instead of block scans."""
+        if self._redactor is not None and event.startswith(b"data: {") and not _SPECIAL_OR_OTHER_CHOICE.search(event):
+            out = self._one(event)
+            if out is not None:
+                return out
+        return self._events(sse.parse_blocks(event))
+
     def _one(self, event: bytes) -> bytes | None:
         """`_fast` for a read of one event, the usual case for a live stream: no lists."""
         found = _CONTENT.search(event)
@@ -161,8 +174,8 @@ class StreamRelay:
         if data == sse.DONE:
             self.done = True
             return self.finish() + event.raw
-        wants_usage = b'"usage":{' in data or b'"usage": {' in data
-        if not wants_usage and (self._redactor is None or (b'"content"' not in data and not self._holding())):
+        wants_usage = data.find(b'"usage":{') >= 0 or data.find(b'"usage": {') >= 0  # find: see SSEParser.complete
+        if not wants_usage and (self._redactor is None or (data.find(b'"content"') < 0 and not self._holding())):
             return event.raw
         try:
             chunk = orjson.loads(data)

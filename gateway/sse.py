@@ -39,11 +39,15 @@ class SSEParser:
     def complete(self, chunk: bytes) -> bytes:
         """The whole event blocks this read completes, as one bytes (line endings normalised,
         each block ending in a blank line); b"" while an event is still incomplete."""
+        # bytes.find, not `in`: for `b"x" in data` CPython first tries b"x" as an integer and
+        # builds a TypeError it then drops, which costs more than the search on a short read.
+        if not self._pending and not self._cr and chunk.endswith(b"\n\n") and chunk.find(b"\r") < 0:
+            return chunk  # whole events, nothing carried over: a live stream's usual read
         if self._cr:
             self._cr = False
             if chunk.startswith(b"\n"):
                 chunk = chunk[1:]
-        if b"\r" in chunk:
+        if chunk.find(b"\r") >= 0:
             self._cr = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buf = self._pending + chunk if self._pending else chunk
@@ -72,7 +76,7 @@ def _parse_block(block: bytes) -> Event | None:
     block = block.lstrip(b"\n")
     if not block:
         return None
-    if block.startswith(b"data: ") and b"\n" not in block:  # the common one-line event
+    if block.startswith(b"data: ") and block.find(b"\n") < 0:  # the common one-line event
         return Event(block + b"\n\n", block[6:])
     data: list[bytes] = []
     for line in block.split(b"\n"):
@@ -86,7 +90,7 @@ def _parse_block(block: bytes) -> Event | None:
 
 def encode(data: bytes) -> bytes:
     """One event from a payload; a multi-line payload becomes several data lines."""
-    if b"\n" in data:
+    if data.find(b"\n") >= 0:
         return b"".join(b"data: " + line + b"\n" for line in data.split(b"\n")) + b"\n"
     return b"data: " + data + b"\n\n"
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Callable
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +21,7 @@ REDACTOR = build_redactor(ALL_KINDS)
 
 
 def chunk(content: str | None = None, finish: str | None = None, index: int = 0, **extra: object) -> bytes:
+    """A chat-completions chunk as OpenAI's Python-style JSON spacing has it."""
     delta = {} if content is None else {"content": content}
     body = {
         "id": "c1",
@@ -29,6 +32,12 @@ def chunk(content: str | None = None, finish: str | None = None, index: int = 0,
         **extra,
     }
     return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def compact_chunk(content: str, finish: str | None = None, **extra: object) -> bytes:
+    """The same without spaces, as most upstreams send it."""
+    body = {"id": "c1", "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}], **extra}
+    return b"data: " + json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
 def run(relay: StreamRelay, *blocks: bytes) -> bytes:
@@ -92,15 +101,28 @@ def test_usage_is_read_from_the_stream() -> None:
     assert relay.response_model == "gpt-x"
 
 
+@pytest.mark.parametrize("encode", [chunk, compact_chunk])
+def test_a_finish_chunk_with_text_carries_the_held_text(encode: Callable[..., bytes]) -> None:
+    # Read one event at a time, as from a live stream: the text held back goes out in the
+    # finish chunk itself, not in one added before [DONE].
+    relay = StreamRelay(REDACTOR, None)
+    wire = run(relay, encode("Hello. "), encode("Bye.", finish="stop"), b"data: [DONE]\n\n")
+    assert wire == encode("Hello. ") + encode("Bye.", finish="stop") + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("encode", [chunk, compact_chunk])
+def test_usage_in_a_chunk_with_text_is_counted(encode: Callable[..., bytes]) -> None:
+    relay = StreamRelay(REDACTOR, None)
+    usage = {"prompt_tokens": 3, "completion_tokens": 5}
+    wire = run(relay, encode("Hello. "), encode("Bye. ", usage=usage), b"data: [DONE]\n\n")
+    assert contents(wire) == "Hello. Bye. "
+    assert relay.usage is not None and (relay.usage.prompt_tokens, relay.usage.completion_tokens) == (3, 5)
+
+
 def test_upstream_break_flushes_held_text() -> None:
     relay = StreamRelay(REDACTOR, None)
     wire = run(relay, chunk("mail me at bob@example"))
     assert contents(wire + relay.finish()) == "mail me at bob@example"  # a partial address is not an address
-
-
-def compact_chunk(content: str) -> bytes:
-    body = {"id": "c1", "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]}
-    return b"data: " + json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
 @st.composite
