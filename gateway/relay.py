@@ -20,8 +20,11 @@ from . import sse
 from .models import Usage
 from .redact import OnRedaction, Redactor, StreamRedactor
 
-# The common chat-completions chunk, seen as bytes: its delta text, JSON-escaped.
-_CONTENT = re.compile(rb'"content": ?"([^"\\\n]*(?:\\.[^"\\\n]*)*)"')
+# The common chat-completions chunk, seen as bytes: its delta text, JSON-escaped. Only a
+# "content" string directly inside a "delta" object counts (no object nested before it, so no
+# other field's "content" is taken for it; JSON escapes every quote inside a string, so the
+# keys found are real keys).
+_CONTENT = re.compile(rb'"delta": ?\{[^{}\n]*?"content": ?"([^"\\\n]*(?:\\.[^"\\\n]*)*)"')
 # Events the fast path leaves to the exact one: the end, usage, a choice's last chunk,
 # looked for in the JSON spacing of the read's first event. An upstream that mixed spacings
 # within one stream would lose nothing: such a chunk without delta text fails the delta
@@ -143,8 +146,8 @@ class StreamRelay:
     def _one(self, event: bytes) -> bytes | None:
         """`_fast` for a read of one event, the usual case for a live stream: no lists."""
         found = _CONTENT.search(event)
-        if found is None:
-            return None
+        if found is None or event.find(b'"delta"', found.end()) >= 0:
+            return None  # no delta text, or a second delta (two choices 0?): the exact path
         try:
             text: str = orjson.loads(b'"' + found.group(1) + b'"')
         except orjson.JSONDecodeError:

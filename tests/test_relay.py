@@ -119,6 +119,19 @@ def test_usage_in_a_chunk_with_text_is_counted(encode: Callable[..., bytes]) -> 
     assert relay.usage is not None and (relay.usage.prompt_tokens, relay.usage.completion_tokens) == (3, 5)
 
 
+def test_only_a_delta_text_is_taken_for_the_reply() -> None:
+    # A "content" string elsewhere in a chunk (some OpenAI-compatible servers echo a
+    # message) is not the reply: the delta's own text is redacted, read by read or all at once.
+    def with_note(text: str) -> bytes:
+        choice = {"index": 0, "message": {"content": "a note"}, "delta": {"content": text}, "finish_reason": None}
+        return b"data: " + json.dumps({"id": "c1", "choices": [choice]}).encode() + b"\n\n"
+
+    events = [with_note("mail jane.doe@example.com "), with_note("or call +1 415 555 2671 "), chunk(None, "stop")]
+    for reads in (events, [b"".join(events)]):
+        wire = run(StreamRelay(REDACTOR, None), *reads, b"data: [DONE]\n\n")
+        assert contents(wire) == "mail j***e@example.com or call PHONE_MASKED_LAST2_71 "
+
+
 def test_upstream_break_flushes_held_text() -> None:
     relay = StreamRelay(REDACTOR, None)
     wire = run(relay, chunk("mail me at bob@example"))
