@@ -33,7 +33,7 @@ from .lifecycle import Lifecycle
 from .memo import RedactionMemo
 from .models import RequestState
 from .redact import Redactor
-from .relay import StreamRelay, usage_of
+from .relay import StreamRelay, loads_reply, usage_of
 from .telemetry import Telemetry
 from .upstream import Upstream, UpstreamReply
 
@@ -141,8 +141,8 @@ class ChatProxy:
         if reply.status >= 300:
             return self._upstream_failure(reply, data)
         try:
-            answer = orjson.loads(data)
-        except orjson.JSONDecodeError:
+            answer = loads_reply(data)
+        except (ValueError, RecursionError):  # not JSON: relayed as it came
             return web.Response(body=data, status=reply.status, content_type="application/json")
         if isinstance(answer, dict):
             state.usage = usage_of(answer)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import json
 import re
 from typing import Any
 
@@ -181,9 +182,9 @@ class StreamRelay:
         if not wants_usage and (self._redactor is None or (data.find(b'"content"') < 0 and not self._holding())):
             return event.raw
         try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return event.raw
+            chunk = loads_reply(data)
+        except (ValueError, RecursionError):
+            return event.raw  # not JSON: nothing in it is a delta
         if not isinstance(chunk, dict):
             return event.raw
         if wants_usage:
@@ -296,8 +297,8 @@ def _last_contents(blocks: bytes, count: int) -> list[re.Match[bytes]]:
 
 def _template_of(data: bytes) -> dict[str, Any] | None:
     try:
-        chunk = orjson.loads(data)
-    except orjson.JSONDecodeError:
+        chunk = loads_reply(data)
+    except (ValueError, RecursionError):
         return None
     return _template_from(chunk) if isinstance(chunk, dict) else None
 
@@ -305,6 +306,27 @@ def _template_of(data: bytes) -> dict[str, Any] | None:
 def _template_from(chunk: dict[str, Any]) -> dict[str, Any]:
     """What a synthetic flush chunk copies from the upstream's chunks."""
     return {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
+
+
+def loads_reply(data: bytes) -> Any:
+    """The upstream's JSON (a reply or a chunk), parsed. JSON's grammar allows a lone UTF-16
+    surrogate escape ("\\ud800": half of an emoji, say), which orjson refuses; rather than relay
+    such a reply unredacted, the stdlib parses it and each lone surrogate becomes U+FFFD (it
+    has no UTF-8 form anyway). ValueError or RecursionError: not JSON."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return _without_lone_surrogates(json.loads(data))
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):  # json.loads already joined every valid pair
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def usage_of(body: dict[str, Any]) -> Usage | None:

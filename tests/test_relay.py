@@ -132,6 +132,16 @@ def test_only_a_delta_text_is_taken_for_the_reply() -> None:
         assert contents(wire) == "mail j***e@example.com or call PHONE_MASKED_LAST2_71 "
 
 
+def test_a_lone_surrogate_escape_does_not_let_a_chunk_past_redaction() -> None:
+    # JSON allows "\ud800" (half of an emoji); orjson refuses it. Such a chunk is still
+    # redacted, the lone half becoming U+FFFD; a whole pair stays the emoji it is.
+    wire = [chunk("mail jane.doe@example.com \ud800 ok "), chunk("bye \U0001f600 ")]
+    assert b"\\ud800" in wire[0] and b"\\ud83d\\ude00" in wire[1]  # as the stdlib's encoder sends them
+    for reads in (wire, [b"".join(wire)]):
+        out = run(StreamRelay(REDACTOR, None), *reads, b"data: [DONE]\n\n")
+        assert contents(out) == "mail j***e@example.com \ufffd ok bye \U0001f600 "
+
+
 def test_upstream_break_flushes_held_text() -> None:
     relay = StreamRelay(REDACTOR, None)
     wire = run(relay, chunk("mail me at bob@example"))

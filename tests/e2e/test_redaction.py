@@ -101,6 +101,22 @@ async def test_split_pii_examples_from_the_issue(shared_gateway: Gateway, mock: 
     assert "".join(emitted) == "Mail j***e@example.com and pay with CC_MASKED_LAST4_4242 now"
 
 
+# Half of an emoji, as a JSON escape: valid JSON that orjson refuses to parse.
+HALF_EMOJI_DELTAS = ["mail jane.doe@example.com ", "\ud83d ok"]
+HALF_EMOJI_REDACTED = "mail j***e@example.com \ufffd ok"
+
+
+def test_a_reply_with_a_lone_surrogate_escape_is_still_redacted(shared_gateway: Gateway, mock: Mock) -> None:
+    reply = sdk(shared_gateway, **{"x-mock-deltas": json.dumps(HALF_EMOJI_DELTAS)}).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert reply.choices[0].message.content == HALF_EMOJI_REDACTED
+
+
+async def test_a_stream_with_a_lone_surrogate_escape_is_still_redacted(shared_gateway: Gateway, mock: Mock) -> None:
+    assert "".join(await stream_through(shared_gateway, HALF_EMOJI_DELTAS)) == HALF_EMOJI_REDACTED
+
+
 async def test_redactions_are_counted_by_kind_and_direction(start_gateway: GatewayFactory, mock: Mock) -> None:
     gateway = start_gateway()
     sdk(gateway, **{"x-mock-reply": "call 415-555-2671"}).chat.completions.create(
