@@ -138,6 +138,10 @@ class ChatProxy:
             if reply is not None:
                 reply.close()
             raise self._upstream_exception(exc) from None
+        return self._json_answer(state, reply, data)
+
+    def _json_answer(self, state: RequestState, reply: UpstreamReply, data: bytes) -> web.Response:
+        """A whole JSON reply: relayed with message.content redacted (an error as such)."""
         if reply.status >= 300:
             return self._upstream_failure(reply, data)
         try:
@@ -189,21 +193,26 @@ class ChatProxy:
         started = time.perf_counter()
         relay = StreamRelay(self._redactor, self._count_response_redaction)
         reply: UpstreamReply | None = None
-        failure: bytes | None = None
+        whole: bytes | None = None
         try:
             try:
                 async with self._deadline():
                     reply = await self._upstream.post(body, headers)
-                    if reply.status >= 300:
-                        failure = await reply.read()
+                    if reply.status >= 300 or reply.is_json:
+                        # An error, or a server without streaming answering with one JSON reply.
+                        whole = await reply.read()
                     else:
                         chunks = reply.chunks()
                         first = await _first_events(chunks, relay)
             except (TimeoutError, UpstreamError) as exc:
                 raise self._upstream_exception(exc) from None
-            if failure is not None:
-                return self._upstream_failure(reply, failure)
             state.upstream_ttfb = time.perf_counter() - started
+            if whole is not None:
+                if reply.status >= 300 or not whole.lstrip().startswith((b"data:", b":", b"event:", b"id:")):
+                    return self._json_answer(state, reply, whole)
+                # Events under a JSON content type: still relayed as events, redacted.
+                chunks = reply.chunks()  # at its end: the body is read
+                first = relay.feed(whole) + relay.close()
             response = web.StreamResponse(headers=SSE_HEADERS)
             try:
                 await response.prepare(request)

@@ -7,7 +7,9 @@ x-mock-chunk-delay-ms, x-mock-echo, x-mock-reply, plus x-mock-deltas (a JSON arr
 exact deltas), x-mock-status (answer with that status and an OpenAI-style error),
 x-mock-die-after (drop the connection after N deltas), x-mock-no-done (end without [DONE]),
 x-mock-done-delay-ms (send the chunked terminator that long after [DONE]), x-mock-set-cookie
-(answer with that Set-Cookie, as a provider's load balancer does).
+(answer with that Set-Cookie, as a provider's load balancer does), x-mock-ignore-stream (answer
+a stream request with one JSON reply, as servers without streaming do), x-mock-stream-type
+(the Content-Type of a stream, text/event-stream unless set).
 
 What it saw, for tests: GET /_mock/requests (headers and body of recent requests),
 GET /_mock/events (client disconnects), DELETE /_mock/requests (forget both).
@@ -90,7 +92,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     created = int(time.time())
     usage = {"prompt_tokens": 9, "completion_tokens": len(deltas), "total_tokens": 9 + len(deltas)}
     cookie = {"Set-Cookie": request.headers["x-mock-set-cookie"]} if "x-mock-set-cookie" in request.headers else {}
-    if body.get("stream") is not True:
+    if body.get("stream") is not True or "x-mock-ignore-stream" in request.headers:
         choices = [
             {"index": i, "message": {"role": "assistant", "content": "".join(deltas)}, "finish_reason": "stop"}
             for i in range(n)
@@ -109,7 +111,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
     chunk_delay = int(_knob(request, "x-mock-chunk-delay-ms", "CHUNK_DELAY_MS", "120")) / 1000
     die_after = int(request.headers.get("x-mock-die-after", "-1"))
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **cookie})
+    content_type = request.headers.get("x-mock-stream-type", "text/event-stream")
+    response = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache", **cookie})
     await response.prepare(request)
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:

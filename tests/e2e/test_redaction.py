@@ -117,6 +117,39 @@ async def test_a_stream_with_a_lone_surrogate_escape_is_still_redacted(shared_ga
     assert "".join(await stream_through(shared_gateway, HALF_EMOJI_DELTAS)) == HALF_EMOJI_REDACTED
 
 
+async def test_a_stream_request_answered_with_one_json_reply_is_redacted(shared_gateway: Gateway, mock: Mock) -> None:
+    # A server without streaming answers `"stream": true` with a plain JSON reply.
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    headers = {"x-mock-ignore-stream": "1", "x-mock-reply": "mail jane.doe@example.com now"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(shared_gateway.url + "/v1/chat/completions", json=body, headers=headers) as response,
+    ):
+        assert response.status == 200 and response.content_type == "application/json"
+        answer = await response.json()
+    assert answer["choices"][0]["message"]["content"] == "mail j***e@example.com now"
+
+
+async def test_events_under_a_json_content_type_are_relayed_as_events_and_redacted(
+    shared_gateway: Gateway, mock: Mock
+) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    headers = {"x-mock-stream-type": "application/json", "x-mock-deltas": json.dumps(["mail jane.doe@exa", "mple.com"])}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(shared_gateway.url + "/v1/chat/completions", json=body, headers=headers) as response,
+    ):
+        assert response.status == 200 and response.content_type == "text/event-stream"
+        wire = await response.read()
+    texts = [
+        choice["delta"].get("content") or ""
+        for line in wire.split(b"\n")
+        if line.startswith(b"data: {")
+        for choice in json.loads(line[6:])["choices"]
+    ]
+    assert "".join(texts) == "mail j***e@example.com" and wire.endswith(b"data: [DONE]\n\n")
+
+
 async def test_redactions_are_counted_by_kind_and_direction(start_gateway: GatewayFactory, mock: Mock) -> None:
     gateway = start_gateway()
     sdk(gateway, **{"x-mock-reply": "call 415-555-2671"}).chat.completions.create(
