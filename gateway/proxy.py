@@ -38,6 +38,7 @@ from .telemetry import Telemetry
 from .upstream import Upstream, UpstreamReply
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_EVENT_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")  # how an SSE body can begin
 
 
 class ChatProxy:
@@ -141,13 +142,16 @@ class ChatProxy:
         return self._json_answer(state, reply, data)
 
     def _json_answer(self, state: RequestState, reply: UpstreamReply, data: bytes) -> web.Response:
-        """A whole JSON reply: relayed with message.content redacted (an error as such)."""
+        """A whole reply: JSON with message.content redacted, events through the relay (an
+        upstream that streams whatever was asked), an error as such."""
         if reply.status >= 300:
             return self._upstream_failure(reply, data)
         try:
             answer = loads_reply(data)
-        except (ValueError, RecursionError):  # not JSON: relayed as it came
-            return web.Response(body=data, status=reply.status, content_type="application/json")
+        except (ValueError, RecursionError):
+            if data.lstrip().startswith(_EVENT_STARTS):
+                return self._events_answer(state, reply, data)
+            return web.Response(body=data, status=reply.status, content_type="application/json")  # not JSON
         if isinstance(answer, dict):
             state.usage = usage_of(answer)
             if isinstance(answer.get("model"), str):
@@ -155,6 +159,12 @@ class ChatProxy:
             if self._redactor is not None and self._redact_answer(answer):
                 data = orjson.dumps(answer)
         return web.Response(body=data, status=reply.status, content_type="application/json")
+
+    def _events_answer(self, state: RequestState, reply: UpstreamReply, data: bytes) -> web.Response:
+        relay = StreamRelay(self._redactor, self._count_response_redaction)
+        body = relay.feed(data) + relay.close()
+        state.usage, state.response_model = relay.usage, relay.response_model
+        return web.Response(body=body, status=reply.status, headers=SSE_HEADERS)
 
     def _upstream_exception(self, exc: BaseException) -> BaseException:
         """A deadline or upstream failure as the error to raise (counted); anything else as is."""
@@ -208,11 +218,7 @@ class ChatProxy:
                 raise self._upstream_exception(exc) from None
             state.upstream_ttfb = time.perf_counter() - started
             if whole is not None:
-                if reply.status >= 300 or not whole.lstrip().startswith((b"data:", b":", b"event:", b"id:")):
-                    return self._json_answer(state, reply, whole)
-                # Events under a JSON content type: still relayed as events, redacted.
-                chunks = reply.chunks()  # at its end: the body is read
-                first = relay.feed(whole) + relay.close()
+                return self._json_answer(state, reply, whole)
             response = web.StreamResponse(headers=SSE_HEADERS)
             try:
                 await response.prepare(request)

@@ -7,9 +7,9 @@ x-mock-chunk-delay-ms, x-mock-echo, x-mock-reply, plus x-mock-deltas (a JSON arr
 exact deltas), x-mock-status (answer with that status and an OpenAI-style error),
 x-mock-die-after (drop the connection after N deltas), x-mock-no-done (end without [DONE]),
 x-mock-done-delay-ms (send the chunked terminator that long after [DONE]), x-mock-set-cookie
-(answer with that Set-Cookie, as a provider's load balancer does), x-mock-ignore-stream (answer
-a stream request with one JSON reply, as servers without streaming do), x-mock-stream-type
-(the Content-Type of a stream, text/event-stream unless set).
+(answer with that Set-Cookie, as a provider's load balancer does), x-mock-answer (json or
+events: answer so whatever the request's "stream" says, as servers that cannot stream or always
+do), x-mock-stream-type (the Content-Type of a stream, text/event-stream unless set).
 
 What it saw, for tests: GET /_mock/requests (headers and body of recent requests),
 GET /_mock/events (client disconnects), DELETE /_mock/requests (forget both).
@@ -92,7 +92,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     created = int(time.time())
     usage = {"prompt_tokens": 9, "completion_tokens": len(deltas), "total_tokens": 9 + len(deltas)}
     cookie = {"Set-Cookie": request.headers["x-mock-set-cookie"]} if "x-mock-set-cookie" in request.headers else {}
-    if body.get("stream") is not True or "x-mock-ignore-stream" in request.headers:
+    answer = request.headers.get("x-mock-answer") or ("events" if body.get("stream") is True else "json")
+    if answer == "json":
         choices = [
             {"index": i, "message": {"role": "assistant", "content": "".join(deltas)}, "finish_reason": "stop"}
             for i in range(n)

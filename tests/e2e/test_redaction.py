@@ -120,7 +120,7 @@ async def test_a_stream_with_a_lone_surrogate_escape_is_still_redacted(shared_ga
 async def test_a_stream_request_answered_with_one_json_reply_is_redacted(shared_gateway: Gateway, mock: Mock) -> None:
     # A server without streaming answers `"stream": true` with a plain JSON reply.
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    headers = {"x-mock-ignore-stream": "1", "x-mock-reply": "mail jane.doe@example.com now"}
+    headers = {"x-mock-answer": "json", "x-mock-reply": "mail jane.doe@example.com now"}
     async with (
         aiohttp.ClientSession() as session,
         session.post(shared_gateway.url + "/v1/chat/completions", json=body, headers=headers) as response,
@@ -130,11 +130,15 @@ async def test_a_stream_request_answered_with_one_json_reply_is_redacted(shared_
     assert answer["choices"][0]["message"]["content"] == "mail j***e@example.com now"
 
 
-async def test_events_under_a_json_content_type_are_relayed_as_events_and_redacted(
-    shared_gateway: Gateway, mock: Mock
+@pytest.mark.parametrize("stream", [True, False])
+async def test_events_where_json_was_expected_are_relayed_as_events_and_redacted(
+    shared_gateway: Gateway, mock: Mock, stream: bool
 ) -> None:
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    headers = {"x-mock-stream-type": "application/json", "x-mock-deltas": json.dumps(["mail jane.doe@exa", "mple.com"])}
+    # A stream under a JSON content type, and a stream answering a request without "stream".
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    headers = {"x-mock-answer": "events", "x-mock-deltas": json.dumps(["mail jane.doe@exa", "mple.com"])}
+    if stream:
+        headers["x-mock-stream-type"] = "application/json"
     async with (
         aiohttp.ClientSession() as session,
         session.post(shared_gateway.url + "/v1/chat/completions", json=body, headers=headers) as response,
