@@ -181,10 +181,14 @@ class Gateway:
             self.wait_ready()
 
     def wait_ready(self, timeout: float = 15.0) -> None:
+        workers = int(self.env.get("WORKERS", "1"))
+
         def ready() -> bool:
             if self.process.proc.poll() is not None:
                 raise AssertionError(f"gateway exited: {self.process.errors()}")
-            return _answers(self.port, "/healthz")
+            # Every worker serving, not just the first to bind: the others would get no
+            # connections until they do.
+            return self.process.errors().count("serving on") >= workers and _answers(self.port, "/healthz")
 
         wait_until(ready, timeout=timeout, what="the gateway")
 
