@@ -249,6 +249,10 @@ class Redactor:
         hold = self.hold(text, pos)
         if not self.may_match(text, pos):  # the common case: nothing complete to check
             return text[pos:hold], hold
+        return self.settle_matches(text, pos, hold, on_redaction)
+
+    def settle_matches(self, text: str, pos: int, hold: int, on_redaction: OnRedaction | None) -> tuple[str, int]:
+        """`settle` once `hold` is known and text[pos:] may hold a complete match."""
         n = len(text)
         pieces: list[str] = []
         for m in self._matches(text, pos):
@@ -319,13 +323,12 @@ class StreamRedactor:
         start = self._start
         text = self._text + piece
         redactor = self._redactor
-        if redactor.may_match(text, start):  # something complete to check: the whole settle
+        settled = redactor.hold(text, start)
+        if redactor.may_match(text, start):  # something complete to check
             masked: list[str] = []
-            _, settled = redactor.settle(text, start, masked.append)
+            _, settled = redactor.settle_matches(text, start, settled, masked.append)
             if masked:
                 return None
-        else:
-            settled = redactor.hold(text, start)
         held = self._text[start:]
         self._keep(text, settled)
         return held, settled - start
