@@ -148,13 +148,27 @@ def test_upstream_break_flushes_held_text() -> None:
     assert contents(wire + relay.finish()) == "mail me at bob@example"  # a partial address is not an address
 
 
+def varying_chunk(content: str, finish: str | None = None) -> bytes:
+    """A chunk with a field that changes from chunk to chunk (as OpenAI's "obfuscation")."""
+    return compact_chunk(content, finish, obfuscation="x" * (len(content) % 7))
+
+
+# Texts JSON must escape: quotes, backslashes (one ending a delta, too), control characters.
+JSON_ESCAPED = st.sampled_from(['"', "\\", 'say "hi" ', "C:\\", "\\n", "\t", "\u2028", "\x01"])
+
+
 @st.composite
 def wire_in_reads(draw: st.DrawFn) -> tuple[list[str], bool, list[bytes]]:
-    """A reply as deltas, encoded as the upstream would send it, cut into arbitrary reads."""
+    """A reply as deltas, encoded as the upstream would send it, in one read (a burst) or
+    cut into arbitrary reads."""
     deltas = [d for _, pieces in draw(st.lists(split_reply(), min_size=1, max_size=3)) for d in pieces]
-    encode = draw(st.sampled_from([chunk, compact_chunk]))
+    for at, text in draw(st.lists(st.tuples(st.integers(0, len(deltas)), JSON_ESCAPED), max_size=3)):
+        deltas.insert(at, text)
+    encode = draw(st.sampled_from([chunk, compact_chunk, varying_chunk]))
     finish = draw(st.booleans())
     wire = b"".join(encode(d) for d in deltas) + (chunk(None, "stop") if finish else b"") + b"data: [DONE]\n\n"
+    if draw(st.booleans()):
+        return deltas, finish, [wire]
     cuts = sorted(draw(st.lists(st.integers(0, len(wire)), max_size=12)))
     bounds = [0, *cuts, len(wire)]
     return deltas, finish, [wire[a:b] for a, b in itertools.pairwise(bounds)]
@@ -181,3 +195,48 @@ def test_deltas_that_end_between_words_are_relayed_byte_for_byte_in_any_reads() 
     for cut in range(len(wire)):
         relay = StreamRelay(REDACTOR, None)
         assert relay.feed(wire[:cut]) + relay.feed(wire[cut:]) == wire
+
+
+@pytest.mark.parametrize("encode", [chunk, compact_chunk])
+def test_a_whole_reply_in_one_read_passes_unchanged(encode: Callable[..., bytes]) -> None:
+    # A fast upstream's burst: the text ends in this read, so nothing is held back, and
+    # no text moves into a chunk of its own.
+    wire = b"".join(encode(f" token{i}") for i in range(40)) + encode(None, "stop") + b"data: [DONE]\n\n"
+    relay = StreamRelay(REDACTOR, None)
+    assert relay.feed(wire) == wire and relay.done
+
+
+@pytest.mark.parametrize("encode", [chunk, compact_chunk, varying_chunk])
+def test_a_burst_with_pii_across_events_is_masked(encode: Callable[..., bytes]) -> None:
+    texts = ["Write to jane", ".doe@exam", 'ple.com or "call" +1 415 ', "555 2671", " C:\\", " bye"]
+    counted: list[str] = []
+    relay = StreamRelay(REDACTOR, counted.append)
+    wire = relay.feed(b"".join(encode(t) for t in texts) + b"data: [DONE]\n\n")
+    assert contents(wire) == 'Write to j***e@example.com or "call" PHONE_MASKED_LAST2_71 C:\\ bye'
+    assert sorted(counted) == ["email", "phone"]
+    assert wire.endswith(b"data: [DONE]\n\n") and relay.done
+
+
+def test_an_event_built_otherwise_inside_a_burst_is_still_read() -> None:
+    # Events alike but for one in the middle that carries usage and a second field: its text
+    # is still redacted and its usage still counted.
+    usage = {"prompt_tokens": 3, "completion_tokens": 5}
+    events = [compact_chunk("mail jane"), compact_chunk(".doe@example.com", usage=usage), compact_chunk(" ok")]
+    relay = StreamRelay(REDACTOR, None)
+    wire = relay.feed(b"".join(events) + b"data: [DONE]\n\n")
+    assert contents(wire) == "mail j***e@example.com ok"
+    assert relay.usage is not None and relay.usage.completion_tokens == 5
+
+
+def test_a_quote_in_a_burst_does_not_hide_a_field() -> None:
+    # Built like its neighbours at both ends, but its "text" closes the string and the
+    # choices early: the usage it carries is still counted.
+    first = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}\n\n'
+    hidden = (
+        b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"a"}}],'
+        b'"usage":{"prompt_tokens":1,"completion_tokens":2},"more":[{"delta":{"x":"b"},"finish_reason":null}]}\n\n'
+    )
+    wire = first + hidden + first + b"data: [DONE]\n\n"
+    relay = StreamRelay(None, None)
+    assert relay.feed(wire) == wire
+    assert relay.usage is not None and relay.usage.completion_tokens == 2
