@@ -247,15 +247,18 @@ class ChatProxy:
         self, response: web.StreamResponse, relay: StreamRelay, first: bytes, chunks: AsyncIterator[bytes]
     ) -> None:
         try:
-            await response.write(first)
+            out = first
             while not relay.done:
-                chunk = await anext(chunks, None)
-                if chunk is None:  # upstream ended without [DONE]
-                    await response.write(relay.close())
-                    return
-                out = relay.feed(chunk)
                 if out:
                     await response.write(out)
+                chunk = await anext(chunks, None)
+                if chunk is None:  # upstream ended without [DONE]
+                    out = relay.close()
+                    break
+                out = relay.feed(chunk)
+            # The last events and the end of the body in one write (with the headers too when
+            # the whole reply came in the first read): one send instead of two.
+            await response.write_eof(out)
         except UpstreamStreamBroken as exc:
             self._telemetry.metrics.cb_event("upstream_error")
             await response.write(relay.finish() + sse.error_event(exc))
