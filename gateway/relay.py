@@ -55,10 +55,12 @@ class StreamRelay:
     """
 
     __slots__ = (
+        "_head",
         "_on_redaction",
         "_parser",
         "_redactor",
         "_streams",
+        "_tail",
         "_template",
         "done",
         "response_model",
@@ -72,6 +74,10 @@ class StreamRelay:
         self._streams: dict[int, StreamRedactor] = {}
         # id/model/... for a synthetic flush chunk; bytes: an event's JSON, parsed only if one is needed
         self._template: dict[str, Any] | bytes | None = None
+        # The last plain text event's bytes before and after its delta text ("data: " and the
+        # blank line included): the next events are usually built alike, and one that starts
+        # and ends so, with no quote in between, is known to be one without a search.
+        self._head = self._tail = b"\x00"
         self.usage: Usage | None = None
         self.response_model: str | None = None
         self.done = False
@@ -136,7 +142,8 @@ class StreamRelay:
         if _OTHER_CHOICE.search(blocks):
             return None  # several choices: each has its own text
         if n == 1:
-            return self._one(blocks)
+            span = self._text_span(blocks)
+            return None if span is None else self._one(blocks, *span)
         raws = _CONTENT.findall(blocks)
         if len(raws) != n:
             return None
@@ -152,13 +159,10 @@ class StreamRelay:
         whole-read byte operations instead of scans per mark, which on a 40-event read cost
         several times more. The events after the run take the other paths; None: no run of
         two or more here (the first event is special, or the second is built otherwise)."""
-        first = blocks[:first_end]
-        if not first.startswith(b"data: {") or _SPECIAL_OR_OTHER_CHOICE.search(first):
+        span = self._text_span(blocks[: first_end + 2])
+        if span is None:
             return None
-        found = _CONTENT.search(first)
-        if found is None or first.find(b'"delta"', found.end()) >= 0:
-            return None
-        head, tail = first[6 : found.start(1)], first[found.end(1) :]  # around the text, "data: " left out
+        head, tail = self._head[6:], self._tail[:-2]  # around the text, "data: " and the blank line left out
         second_end = blocks.find(b"\n", first_end + 2)
         if not (blocks.startswith(b"data: " + head, first_end + 2) and blocks.endswith(tail, 0, second_end)):
             return None  # the second event is built otherwise: no run (a cheap look before the splitting)
@@ -204,22 +208,38 @@ class StreamRelay:
         return _moved(blocks, texts, held, emitted)
 
     def _single(self, event: bytes) -> bytes:
-        """A read of one one-line event: `feed` with one short search instead of block scans."""
-        if self._redactor is not None and event.startswith(b"data: {") and not _SPECIAL_OR_OTHER_CHOICE.search(event):
-            out = self._one(event)
-            if out is not None:
-                return out
+        """A read of one one-line event: `feed` with two short searches, or none when it is
+        built like the last one, instead of block scans."""
+        if self._redactor is not None:
+            span = self._text_span(event)
+            if span is not None:
+                out = self._one(event, *span)
+                if out is not None:
+                    return out
         if event == _DONE_EVENT:
             return self._done(event)
         return self._events(sse.parse_blocks(event))
 
-    def _one(self, event: bytes) -> bytes | None:
-        """`_fast` for a read of one event, the usual case for a live stream: no lists."""
+    def _text_span(self, event: bytes) -> tuple[int, int] | None:
+        """Where a plain text event of choice 0 (one one-line event, not special) has its delta
+        text, JSON-escaped; None: not such an event. Built like the last one, it is such an
+        event if what lies between is one JSON string's inside, as `_one` checks by decoding it."""
+        head, tail = self._head, self._tail
+        if event.startswith(head) and event.endswith(tail):
+            return len(head), len(event) - len(tail)
+        if not event.startswith(b"data: {") or _SPECIAL_OR_OTHER_CHOICE.search(event):
+            return None
         found = _CONTENT.search(event)
         if found is None or event.find(b'"delta"', found.end()) >= 0:
-            return None  # no delta text, or a second delta (two choices 0?): the exact path
+            return None  # no delta text, or a second delta (two choices 0?)
+        self._head, self._tail = event[: found.start(1)], event[found.end(1) :]
+        return found.start(1), found.end(1)
+
+    def _one(self, event: bytes, start: int, end: int) -> bytes | None:
+        """`_fast` for a read of one event, the usual case for a live stream: no lists."""
+        raw = event[start:end]
         try:
-            text: str = orjson.loads(b'"' + found.group(1) + b'"')
+            text: str = orjson.loads(b'"' + raw + b'"')
         except orjson.JSONDecodeError:
             return None
         result = self._stream_of_choice_0(event).feed_unmasked(text)
@@ -229,7 +249,7 @@ class StreamRelay:
         now = (held + text)[:emitted] if held else text[:emitted]
         if now == text:
             return event
-        return event[: found.start(1)] + orjson.dumps(now)[1:-1] + event[found.end(1) :]
+        return event[:start] + orjson.dumps(now)[1:-1] + event[end:]
 
     def _stream_of_choice_0(self, blocks: bytes) -> StreamRedactor:
         stream = self._streams.get(0)

@@ -228,15 +228,16 @@ def test_an_event_built_otherwise_inside_a_burst_is_still_read() -> None:
     assert relay.usage is not None and relay.usage.completion_tokens == 5
 
 
-def test_a_quote_in_a_burst_does_not_hide_a_field() -> None:
+def test_a_quote_in_a_text_does_not_hide_a_field() -> None:
     # Built like its neighbours at both ends, but its "text" closes the string and the
-    # choices early: the usage it carries is still counted.
-    first = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}\n\n'
+    # choices early: the usage it carries is still counted, read by read or all at once.
+    first = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"a "},"finish_reason":null}]}\n\n'
     hidden = (
-        b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"a"}}],'
+        b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"a "}}],'
         b'"usage":{"prompt_tokens":1,"completion_tokens":2},"more":[{"delta":{"x":"b"},"finish_reason":null}]}\n\n'
     )
-    wire = first + hidden + first + b"data: [DONE]\n\n"
-    relay = StreamRelay(None, None)
-    assert relay.feed(wire) == wire
-    assert relay.usage is not None and relay.usage.completion_tokens == 2
+    wire = [first, hidden, first, b"data: [DONE]\n\n"]
+    for redactor, reads in itertools.product((None, REDACTOR), (wire, [b"".join(wire)])):
+        relay = StreamRelay(redactor, None)
+        assert run(relay, *reads) == b"".join(wire)
+        assert relay.usage is not None and relay.usage.completion_tokens == 2
