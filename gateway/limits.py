@@ -134,10 +134,10 @@ def format_reset(ms: int) -> str:
     """OpenAI's duration format for x-ratelimit-reset-*: 12ms, 1s, 1.5s, 6m0s."""
     if ms < 1000:
         return f"{ms}ms"
-    seconds = ms / 1000
+    seconds, fraction = divmod(ms, 1000)  # integers: round() and :g on a float cost 5x more
     if seconds < 60:
-        return f"{round(seconds, 3):g}s"
-    minutes, rest = divmod(int(seconds), 60)
+        return f"{seconds}.{fraction:03d}".rstrip("0") + "s" if fraction else f"{seconds}s"
+    minutes, rest = divmod(seconds, 60)
     return f"{minutes}m{rest}s"
 
 
