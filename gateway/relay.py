@@ -34,6 +34,7 @@ _CONTENT = re.compile(rb'"delta": ?\{[^{}\n]*?"content": ?"([^"\\\n]*(?:\\.[^"\\
 # chunk of its own before [DONE] instead of inside it.
 _DONE_MARK = b"data: [DONE]\n"
 _DONE_EVENT = b"data: [DONE]\n\n"
+_AS_RECEIVED = ("", -1)  # StreamRelay._settled: the events go out unchanged
 _EMPTY_CONTENTS = (b'"content":null', b'"content": null', b'"content":""', b'"content": ""')
 _COMPACT_MARKS = (_DONE_MARK, b'"usage":{', b'"finish_reason":"')
 _SPACED_MARKS = (_DONE_MARK, b'"usage": {', b'"finish_reason": "')
@@ -151,7 +152,10 @@ class StreamRelay:
             texts: list[str] = orjson.loads(b'["' + b'","'.join(raws) + b'"]')
         except orjson.JSONDecodeError:
             return None
-        return self._unmasked(blocks, texts)
+        result = self._settled(blocks, texts)
+        if result is None:
+            return None
+        return blocks if result is _AS_RECEIVED else _moved(blocks, texts, *result)
 
     def _templated(self, blocks: bytes, first_end: int) -> bytes | None:
         """A burst of events built alike (a fast upstream, or one replaying a reply): each one
@@ -190,22 +194,28 @@ class StreamRelay:
             # The reply ends in this read with no more text (a finish chunk, usage, [DONE]):
             # nothing need be held back, so no text moves and no chunk is added to flush it.
             final = rest.find(_DONE_MARK) >= 0 and _without_text(rest)
-            redacted = self._unmasked(run, texts, final)
-            if redacted is None:
+            result = self._settled(run, texts, final)
+            if result is None:
                 return None
-            run = redacted
+            if result is not _AS_RECEIVED:
+                # Texts moved: the run rebuilt from the template, no event looked up.
+                for i, now in _texts_moved(texts, *result):
+                    raws[i] = orjson.dumps(now)[1:-1]
+                run = b"data: " + head + (tail + b"\n\ndata: " + head).join(raws) + tail + b"\n\n"
         return run + self._blocks(rest) if rest else run
 
-    def _unmasked(self, blocks: bytes, texts: list[str], final: bool = False) -> bytes | None:
-        """The events carrying `texts` (choice 0's), as they go out when nothing in them is
-        masked; None when something is (they then take the exact path)."""
+    def _settled(self, blocks: bytes, texts: list[str], final: bool = False) -> tuple[str, int] | None:
+        """Choice 0's `texts` through its redactor when nothing in them is masked: the text
+        held back before and how much of it and the texts goes out now, or `_AS_RECEIVED`
+        when that is exactly the texts. None when something is masked (then nothing changed:
+        the events take the exact path)."""
         result = self._stream_of_choice_0(blocks).feed_unmasked("".join(texts), final)
         if result is None:
             return None
         held, emitted = result
         if not held and emitted == sum(map(len, texts)):
-            return blocks  # the common case: every event as received
-        return _moved(blocks, texts, held, emitted)
+            return _AS_RECEIVED  # the common case: every event as received
+        return result
 
     def _single(self, event: bytes) -> bytes:
         """A read of one one-line event: `feed` with two short searches, or none when it is
@@ -352,29 +362,42 @@ def _without_text(events: bytes) -> bool:
 
 
 def _moved(blocks: bytes, texts: list[str], held: str, emitted: int) -> bytes:
-    """The events with their texts moved: `held` (text held back before) goes out first, and
-    of held + texts only the first `emitted` characters go out now. The i-th delta string in
-    the bytes carries texts[i]; only the first and the last few (those reaching into the text
-    held back now) can change, so only they are looked up, from each end, and replaced."""
+    """The events with their texts moved (see `_texts_moved`). The i-th delta string in the
+    bytes carries texts[i]; only the changed ones, the first and some of the last, are looked
+    up, from each end, and replaced."""
+    changed = _texts_moved(texts, held, emitted)
+    n = len(texts)
+    last = min((i for i, _ in changed if i > 0), default=n)
+    located = dict(zip(range(last, n), _last_contents(blocks, n - last), strict=True))
+    if changed and changed[0][0] == 0 and 0 not in located:
+        first = _CONTENT.search(blocks)
+        assert first is not None  # the fast path counted n of them
+        located[0] = first
+    pieces: list[bytes] = []
+    copied = 0
+    for i, now in changed:
+        m = located[i]
+        pieces += (blocks[copied : m.start(1)], orjson.dumps(now)[1:-1])
+        copied = m.end(1)
+    pieces.append(blocks[copied:])
+    return b"".join(pieces)
+
+
+def _texts_moved(texts: list[str], held: str, emitted: int) -> list[tuple[int, str]]:
+    """Which texts change, and to what, when `held` (text held back before) goes out first
+    and of held + texts only the first `emitted` characters go out now: the first, and those
+    reaching into the text held back now."""
     whole = held + "".join(texts)
     n = len(texts)
     ends = list(itertools.accumulate(map(len, texts), initial=len(held)))  # texts[i] ends at ends[i + 1]
-    tail = bisect.bisect_right(ends, emitted, 1) - 1  # the first delta reaching past `emitted`
-    located = list(zip(range(tail, n), _last_contents(blocks, n - tail), strict=True))
-    if tail > 0:
-        first = _CONTENT.search(blocks)
-        assert first is not None  # the fast path counted n of them
-        located.insert(0, (0, first))
-    pieces: list[bytes] = []
-    copied = 0
-    for i, m in located:
+    tail = bisect.bisect_right(ends, emitted, 1) - 1  # the first text reaching past `emitted`
+    changed: list[tuple[int, str]] = []
+    for i in itertools.chain((0,) if tail > 0 else (), range(tail, n)):
         start = 0 if i == 0 else ends[i]
         now = whole[start : max(start, min(ends[i + 1], emitted))]
         if now != texts[i]:
-            pieces += (blocks[copied : m.start(1)], orjson.dumps(now)[1:-1])
-            copied = m.end(1)
-    pieces.append(blocks[copied:])
-    return b"".join(pieces)
+            changed.append((i, now))
+    return changed
 
 
 def _last_contents(blocks: bytes, count: int) -> list[re.Match[bytes]]:
