@@ -209,11 +209,12 @@ class StreamRelay:
         held back before and how much of it and the texts goes out now, or `_AS_RECEIVED`
         when that is exactly the texts. None when something is masked (then nothing changed:
         the events take the exact path)."""
-        result = self._stream_of_choice_0(blocks).feed_unmasked("".join(texts), final)
+        text = "".join(texts)
+        result = self._stream_of_choice_0(blocks).feed_unmasked(text, final)
         if result is None:
             return None
         held, emitted = result
-        if not held and emitted == sum(map(len, texts)):
+        if not held and emitted == len(text):
             return _AS_RECEIVED  # the common case: every event as received
         return result
 
