@@ -152,7 +152,7 @@ class StreamRelay:
             texts: list[str] = orjson.loads(b'["' + b'","'.join(raws) + b'"]')
         except orjson.JSONDecodeError:
             return None
-        result = self._settled(blocks, texts)
+        result = self._settled(blocks, "".join(texts))
         if result is None:
             return None
         return blocks if result is _AS_RECEIVED else _moved(blocks, texts, *result)
@@ -168,48 +168,57 @@ class StreamRelay:
             return None
         head, tail = self._head[6:], self._tail[:-2]  # around the text, "data: " and the blank line left out
         second_end = blocks.find(b"\n", first_end + 2)
-        if not (blocks.startswith(b"data: " + head, first_end + 2) and blocks.endswith(tail, 0, second_end)):
+        if not (blocks.startswith(self._head, first_end + 2) and blocks.endswith(tail, 0, second_end)):
             return None  # the second event is built otherwise: no run (a cheap look before the splitting)
-        pieces = blocks[6:-2].split(b"\n\ndata: ")  # each event's JSON, if all are one-line data events
+        pieces = blocks.split(b"\n\ndata: ")  # each event's JSON, if all are one-line data events
+        pieces[0], pieces[-1] = pieces[0][6:], pieces[-1][:-2]  # "data: " and the last blank line
         n = len(pieces)
         while n and not (pieces[n - 1].startswith(head) and pieces[n - 1].endswith(tail)):
             n -= 1  # the special events at the end: [DONE], the finish chunk, usage
         if n < 2:
             return None
         raws = list(map(operator.itemgetter(slice(len(head), -len(tail))), pieces[:n]))
-        run = b"data: " + head + (tail + b"\n\ndata: " + head).join(raws) + tail + b"\n\n"
+        run = self._head + (tail + b"\n\ndata: " + head).join(raws) + self._tail
         if not blocks.startswith(run):
             return None  # some event in between is built otherwise
         rest = blocks[len(run) :]
-        # No quote in any text and none ending in a backslash: each is the whole JSON string
-        # (so no event hides another field, usage say, behind a quote in its text).
-        array = b'["' + b'","'.join(raws) + b'"]'
-        if array.count(b'"') != 2 * n or array.find(b'\\"') >= 0:
+        joined = b"".join(raws)
+        plain = joined.find(b'"') < 0 and joined.find(b"\\") < 0  # no escapes: the usual text
+        texts = None if plain else _whole_strings(raws)
+        if not plain and texts is None:
             return None
+        changed = False
         if self._redactor is not None:
             try:
-                texts: list[str] = orjson.loads(array)
+                text: str = orjson.loads(b'"' + joined + b'"') if plain else "".join(texts or ())
             except orjson.JSONDecodeError:
                 return None
             # The reply ends in this read with no more text (a finish chunk, usage, [DONE]):
             # nothing need be held back, so no text moves and no chunk is added to flush it.
             final = rest.find(_DONE_MARK) >= 0 and _without_text(rest)
-            result = self._settled(run, texts, final)
+            result = self._settled(run, text, final)
             if result is None:
                 return None
             if result is not _AS_RECEIVED:
                 # Texts moved: the run rebuilt from the template, no event looked up.
+                if texts is None:
+                    texts = [raw.decode() for raw in raws]  # no escapes: the bytes are the text
                 for i, now in _texts_moved(texts, *result):
                     raws[i] = orjson.dumps(now)[1:-1]
-                run = b"data: " + head + (tail + b"\n\ndata: " + head).join(raws) + tail + b"\n\n"
-        return run + self._blocks(rest) if rest else run
+                run = self._head + (tail + b"\n\ndata: " + head).join(raws) + self._tail
+                changed = True
+        if not rest:
+            return run if changed else blocks
+        after = self._blocks(rest)
+        if not changed and after is rest:
+            return blocks  # every event as received: no copy of the read
+        return run + after
 
-    def _settled(self, blocks: bytes, texts: list[str], final: bool = False) -> tuple[str, int] | None:
-        """Choice 0's `texts` through its redactor when nothing in them is masked: the text
-        held back before and how much of it and the texts goes out now, or `_AS_RECEIVED`
-        when that is exactly the texts. None when something is masked (then nothing changed:
-        the events take the exact path)."""
-        text = "".join(texts)
+    def _settled(self, blocks: bytes, text: str, final: bool = False) -> tuple[str, int] | None:
+        """Choice 0's text (the events' texts joined) through its redactor when nothing in it
+        is masked: the text held back before and how much of it and the text goes out now, or
+        `_AS_RECEIVED` when that is exactly the text. None when something is masked (then
+        nothing changed: the events take the exact path)."""
         result = self._stream_of_choice_0(blocks).feed_unmasked(text, final)
         if result is None:
             return None
@@ -354,6 +363,20 @@ def _first_special(blocks: bytes) -> int:
         if at >= 0:
             first = at
     return first if first < len(blocks) else -1
+
+
+def _whole_strings(raws: list[bytes]) -> list[str] | None:
+    """The texts, each decoded on its own, if each is a whole JSON string's inside: no quote
+    in it and no backslash ending it (so no event hides another field, usage say, behind a
+    quote in its text). None if not."""
+    array = b'["' + b'","'.join(raws) + b'"]'
+    if array.count(b'"') != 2 * len(raws) or array.find(b'\\"') >= 0:
+        return None
+    try:
+        texts: list[str] = orjson.loads(array)
+    except orjson.JSONDecodeError:
+        return None
+    return texts
 
 
 def _without_text(events: bytes) -> bool:
