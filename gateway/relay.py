@@ -34,6 +34,7 @@ _CONTENT = re.compile(rb'"delta": ?\{[^{}\n]*?"content": ?"([^"\\\n]*(?:\\.[^"\\
 # chunk of its own before [DONE] instead of inside it.
 _DONE_MARK = b"data: [DONE]\n"
 _DONE_EVENT = b"data: [DONE]\n\n"
+_DONE_AFTER_EVENT = b"\n\n" + _DONE_EVENT  # [DONE] after another event
 _AS_RECEIVED = ("", -1)  # StreamRelay._settled: the events go out unchanged
 _EMPTY_CONTENTS = (b'"content":null', b'"content": null', b'"content":""', b'"content": ""')
 _COMPACT_MARKS = (_DONE_MARK, b'"usage":{', b'"finish_reason":"')
@@ -47,12 +48,16 @@ _SPECIAL_OR_OTHER_CHOICE = re.compile(rb'"(?:finish_reason": ?"|usage": ?\{|inde
 class StreamRelay:
     """Feed the upstream's bytes as they arrive; get back the bytes to send on.
 
-    Fast path: a run of one-line `data:` events of a single choice, none of them special,
-    is checked as one text: its deltas are decoded in one call and fed to the redactor
+    Fast paths, for one-line `data:` events of a single choice, none of them special: a
+    read of one event (a live stream) is found by the template of the last one or two
+    short searches (`_single`); a read of many events built alike is checked against the
+    first one's template with whole-read byte operations (`_templated`); other runs by one
+    regex pass (`_fast`). Their texts are decoded in one call and fed to the redactor
     together. When nothing is masked the events go out as received, except the few whose
     text moves because a tail is held back (rewritten with just their content replaced).
     Anything else (several choices, masking, usage, the finish chunk, comments, odd
-    framing) takes the exact path: parse, redact and re-encode event by event.
+    framing) takes the exact path: parse, redact and re-encode event by event. With
+    redaction off, reads go out as received and only usage and [DONE] are looked for.
     """
 
     __slots__ = (
@@ -88,6 +93,8 @@ class StreamRelay:
         blocks = self._parser.complete(chunk)
         if not blocks:
             return b""
+        if self._redactor is None:
+            return self._unredacted(blocks)
         first_end = blocks.find(b"\n")
         if first_end == len(blocks) - 2:  # one one-line event: a live stream's usual read
             return self._single(blocks)
@@ -96,6 +103,15 @@ class StreamRelay:
             if out is not None:
                 return out
         return self._blocks(blocks)
+
+    def _unredacted(self, blocks: bytes) -> bytes:
+        """Redaction off: every event goes out as received; only usage (tokens for the metrics)
+        and [DONE] are looked for, and with no usage object anywhere one search finds the end."""
+        if blocks.find(b'"usage"') >= 0 and (blocks.find(b'"usage":{') >= 0 or blocks.find(b'"usage": {') >= 0):
+            return self._blocks(blocks)  # read exactly, event by event where it matters
+        if blocks.startswith(_DONE_EVENT) or blocks.rfind(_DONE_AFTER_EVENT) >= 0:  # from the end: it is last
+            self.done = True
+        return blocks
 
     def _blocks(self, blocks: bytes) -> bytes:
         """Whole events, as they came: the fast path up to the first special one, then exact."""
@@ -187,26 +203,24 @@ class StreamRelay:
         texts = None if plain else _whole_strings(raws)
         if not plain and texts is None:
             return None
-        changed = False
-        if self._redactor is not None:
-            try:
-                text: str = orjson.loads(b'"' + joined + b'"') if plain else "".join(texts or ())
-            except orjson.JSONDecodeError:
-                return None
-            # The reply ends in this read with no more text (a finish chunk, usage, [DONE]):
-            # nothing need be held back, so no text moves and no chunk is added to flush it.
-            final = rest.find(_DONE_MARK) >= 0 and _without_text(rest)
-            result = self._settled(run, text, final)
-            if result is None:
-                return None
-            if result is not _AS_RECEIVED:
-                # Texts moved: the run rebuilt from the template, no event looked up.
-                if texts is None:
-                    texts = [raw.decode() for raw in raws]  # no escapes: the bytes are the text
-                for i, now in _texts_moved(texts, *result):
-                    raws[i] = orjson.dumps(now)[1:-1]
-                run = self._head + (tail + b"\n\ndata: " + head).join(raws) + self._tail
-                changed = True
+        try:
+            text: str = orjson.loads(b'"' + joined + b'"') if plain else "".join(texts or ())
+        except orjson.JSONDecodeError:
+            return None
+        # The reply ends in this read with no more text (a finish chunk, usage, [DONE]):
+        # nothing need be held back, so no text moves and no chunk is added to flush it.
+        final = rest.find(_DONE_MARK) >= 0 and _without_text(rest)
+        result = self._settled(run, text, final)
+        if result is None:
+            return None
+        changed = result is not _AS_RECEIVED
+        if changed:
+            # Texts moved: the run rebuilt from the template, no event looked up.
+            if texts is None:
+                texts = [raw.decode() for raw in raws]  # no escapes: the bytes are the text
+            for i, now in _texts_moved(texts, *result):
+                raws[i] = orjson.dumps(now)[1:-1]
+            run = self._head + (tail + b"\n\ndata: " + head).join(raws) + self._tail
         if not rest:
             return run if changed else blocks
         after = self._blocks(rest)
@@ -230,12 +244,11 @@ class StreamRelay:
     def _single(self, event: bytes) -> bytes:
         """A read of one one-line event: `feed` with two short searches, or none when it is
         built like the last one, instead of block scans."""
-        if self._redactor is not None:
-            span = self._text_span(event)
-            if span is not None:
-                out = self._one(event, *span)
-                if out is not None:
-                    return out
+        span = self._text_span(event)
+        if span is not None:
+            out = self._one(event, *span)
+            if out is not None:
+                return out
         if event == _DONE_EVENT:
             return self._done(event)
         return self._events(sse.parse_blocks(event))

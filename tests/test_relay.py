@@ -241,3 +241,16 @@ def test_a_quote_in_a_text_does_not_hide_a_field() -> None:
         relay = StreamRelay(redactor, None)
         assert run(relay, *reads) == b"".join(wire)
         assert relay.usage is not None and relay.usage.completion_tokens == 2
+
+
+def test_with_redaction_off_events_pass_as_received_and_the_end_and_usage_are_seen() -> None:
+    usage = {"prompt_tokens": 3, "completion_tokens": 5}
+    events = [compact_chunk("mail jane.doe@example.com "), compact_chunk("ok", usage=usage), b"data: [DONE]\n\n"]
+    for reads in (events, [b"".join(events)], [b"".join(events[:2]), events[2]]):
+        relay = StreamRelay(None, None)
+        assert run(relay, *reads) == b"".join(events) and relay.done
+        assert relay.usage is not None and relay.usage.completion_tokens == 5
+    # A second data line makes an event that is not [DONE]: the stream goes on.
+    relay = StreamRelay(None, None)
+    assert run(relay, compact_chunk("a"), b"data: [DONE]\ndata: more\n\n") and not relay.done
+    assert run(relay, b"data: [DONE]\n\n") and relay.done
