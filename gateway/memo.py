@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 
-from .redact import OnRedaction, Redactor, has_trigger
+from .redact import Redactor, has_trigger
+
+CountMasks = Callable[[str, int], None]  # called with each kind masked and how many times
 
 MIN_CHARS = 64  # shorter texts are cheaper to redact than to look up
 MAX_CHARS = 16_384  # longer ones are rarely resent verbatim, and would crowd the table
@@ -28,15 +31,18 @@ class RedactionMemo:
     def __init__(self, redactor: Redactor, max_chars: int = 2_000_000) -> None:
         self._redactor = redactor
         self._secret = os.urandom(32)
-        self._entries: OrderedDict[bytes, tuple[str, tuple[str, ...]]] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[str, tuple[tuple[str, int], ...]]] = OrderedDict()
         self._chars = 0  # the table's size: the redacted texts' characters
         self._max_chars = max_chars
 
-    def redact(self, tenant: str, text: str, on_redaction: OnRedaction | None) -> str:
+    def redact(self, tenant: str, text: str, count: CountMasks | None) -> str:
+        """The text redacted; `count` gets each kind masked in it and how many times (a
+        remembered text's masks are counted again: every request's are)."""
         if not has_trigger(text, 0):
             return text  # nothing here can be PII (the redactor's own first check)
         if not MIN_CHARS <= len(text) <= MAX_CHARS:
-            return self._redactor.redact(text, on_redaction)
+            clean, kinds = self._redacted(text)
+            return _counted(clean, kinds, count)
         digest = hashlib.blake2b(tenant.encode(), key=self._secret, digest_size=16)
         digest.update(b"\0")
         digest.update(text.encode("utf-8", "surrogatepass"))
@@ -44,19 +50,26 @@ class RedactionMemo:
         entries = self._entries
         entry = entries.get(key)
         if entry is None:
-            masked: list[str] = []
-            entry = entries[key] = (self._redactor.redact(text, masked.append), tuple(masked))
+            entry = entries[key] = self._redacted(text)
             self._chars += len(entry[0])
             while self._chars > self._max_chars:
                 _, (old, _) = entries.popitem(last=False)
                 self._chars -= len(old)
         else:
             entries.move_to_end(key)
-        clean, kinds = entry
-        if on_redaction is not None:  # counted on every request, hit or miss
-            for kind in kinds:
-                on_redaction(kind)
-        return clean
+        return _counted(*entry, count)
+
+    def _redacted(self, text: str) -> tuple[str, tuple[tuple[str, int], ...]]:
+        masked: list[str] = []
+        clean = self._redactor.redact(text, masked.append)
+        return clean, tuple(Counter(masked).items())
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _counted(clean: str, kinds: tuple[tuple[str, int], ...], count: CountMasks | None) -> str:
+    if count is not None:  # one call per kind, not per mask: a resent history can hold many
+        for kind, times in kinds:
+            count(kind, times)
+    return clean

@@ -60,7 +60,7 @@ class ChatProxy:
         self._max_body = max_body_bytes
         self._draining: set[asyncio.Task[None]] = set()
         metrics = telemetry.metrics
-        self._count_request_redaction = lambda kind: metrics.redacted(kind, "request")
+        self._count_request_redactions = lambda kind, times: metrics.redacted(kind, "request", times)
         self._count_response_redaction = lambda kind: metrics.redacted(kind, "response")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -107,7 +107,7 @@ class ChatProxy:
     def _redact_messages(self, messages: list[Any], state: RequestState) -> bool:
         """Redact every text the client sends: string content and `text` parts."""
         assert self._memo is not None and state.tenant is not None
-        redact, tenant, count = self._memo.redact, state.tenant.name, self._count_request_redaction
+        redact, tenant, count = self._memo.redact, state.tenant.name, self._count_request_redactions
         changed = False
         for message in messages:
             if not isinstance(message, dict):

@@ -180,8 +180,8 @@ class Metrics:
     def rate_limited(self) -> None:
         self.ratelimit_blocks.add(())
 
-    def redacted(self, kind: str, direction: str) -> None:
-        self.redactions.add((kind, direction))
+    def redacted(self, kind: str, direction: str, times: int = 1) -> None:
+        self.redactions.add((kind, direction), times)
 
     def tokens_used(self, model: str | None, prompt: int, completion: int) -> None:
         label = self.model_label(model)

@@ -12,12 +12,18 @@ SYSTEM = "You are a support agent. Escalate to ops@example.com or +1 415 555 267
 
 def test_a_resent_text_gets_the_same_redaction_and_counts_again() -> None:
     memo = RedactionMemo(REDACTOR)
-    first: list[str] = []
-    again: list[str] = []
-    assert memo.redact("t1", SYSTEM, first.append) == REDACTOR.redact(SYSTEM)
-    assert memo.redact("t1", SYSTEM, again.append) == REDACTOR.redact(SYSTEM)
-    assert first == again == ["email", "phone", "email", "phone"]  # every request's masks are counted
+    first: list[tuple[str, int]] = []
+    again: list[tuple[str, int]] = []
+    assert memo.redact("t1", SYSTEM, lambda kind, n: first.append((kind, n))) == REDACTOR.redact(SYSTEM)
+    assert memo.redact("t1", SYSTEM, lambda kind, n: again.append((kind, n))) == REDACTOR.redact(SYSTEM)
+    assert first == again == [("email", 2), ("phone", 2)]  # every request's masks are counted
     assert len(memo) == 1
+
+
+def test_texts_not_remembered_are_counted_too() -> None:
+    counted: list[tuple[str, int]] = []
+    assert RedactionMemo(REDACTOR).redact("t", "a@b.io c@d.io", lambda kind, n: counted.append((kind, n)))
+    assert counted == [("email", 2)]
 
 
 def test_tenants_do_not_share_entries() -> None:
@@ -33,7 +39,7 @@ def test_nothing_that_could_be_pii_is_kept() -> None:
     for key, (clean, kinds) in memo._entries.items():
         assert len(key) == 16 and b"ops@" not in key and b"tenant-key" not in key
         assert "ops@example.com" not in clean and "415 555" not in clean
-        assert kinds == ("email", "phone", "email", "phone")
+        assert kinds == (("email", 2), ("phone", 2))
 
 
 def test_short_texts_and_texts_without_triggers_are_not_kept() -> None:
