@@ -209,7 +209,7 @@ class StreamRelay:
             return None
         # The reply ends in this read with no more text (a finish chunk, usage, [DONE]):
         # nothing need be held back, so no text moves and no chunk is added to flush it.
-        final = rest.find(_DONE_MARK) >= 0 and _without_text(rest)
+        final = (rest.startswith(_DONE_EVENT) or rest.find(_DONE_AFTER_EVENT) >= 0) and _without_text(rest)
         result = self._settled(run, text, final)
         if result is None:
             return None

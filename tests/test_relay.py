@@ -254,3 +254,13 @@ def test_with_redaction_off_events_pass_as_received_and_the_end_and_usage_are_se
     relay = StreamRelay(None, None)
     assert run(relay, compact_chunk("a"), b"data: [DONE]\ndata: more\n\n") and not relay.done
     assert run(relay, b"data: [DONE]\n\n") and relay.done
+
+
+def test_a_done_line_inside_another_event_does_not_end_the_text() -> None:
+    # "data: [DONE]" as the second data line of an event is not the end: text held back at
+    # the end of this read still joins the next read's (the address is masked whole).
+    odd = b'data: {"id":"c1","choices":[]}\ndata: [DONE]\n\n'
+    relay = StreamRelay(REDACTOR, None)
+    wire = run(relay, compact_chunk("mail ") + compact_chunk("jane") + odd, compact_chunk(".doe@example.com "))
+    assert odd in wire
+    assert contents(wire.replace(odd, b"") + relay.finish()) == "mail j***e@example.com "
