@@ -15,7 +15,7 @@ from gateway import sse
 from gateway.redact import ALL_KINDS, build_redactor
 from gateway.relay import StreamRelay
 
-from .test_redact import split_reply
+from .test_redact import ORDINARY, PII_VALUES, split_reply
 
 REDACTOR = build_redactor(ALL_KINDS)
 
@@ -264,3 +264,69 @@ def test_a_done_line_inside_another_event_does_not_end_the_text() -> None:
     wire = run(relay, compact_chunk("mail ") + compact_chunk("jane") + odd, compact_chunk(".doe@example.com "))
     assert odd in wire
     assert contents(wire.replace(odd, b"") + relay.finish()) == "mail j***e@example.com "
+
+
+def any_chunk(compact: bool, choice: dict[str, object], **extra: object) -> bytes:
+    body = {"id": "c1", "object": "chat.completion.chunk", "choices": [choice], **extra}
+    return b"data: " + json.dumps(body, separators=(",", ":") if compact else None).encode() + b"\n\n"
+
+
+@st.composite
+def mixed_stream(draw: st.DrawFn) -> tuple[dict[int, str], tuple[int, int] | None, list[bytes]]:
+    """A stream as upstreams send them: text for two choices (some events with a field that
+    changes from event to event), role, tool-call and usage chunks and comments between, the
+    finish chunk last; in one read, one event per read, or cut anywhere."""
+    compact = draw(st.booleans())
+    texts: dict[int, str] = {0: "", 1: ""}
+    usage: tuple[int, int] | None = None
+    events: list[bytes] = []
+    kinds = st.sampled_from(["text"] * 6 + ["choice 1", "role", "tool", "usage", "comment"])
+    for kind in draw(st.lists(kinds, max_size=25)):
+        if kind in ("text", "choice 1"):
+            index = 0 if kind == "text" else 1
+            text = "".join(draw(st.lists(st.one_of(ORDINARY, PII_VALUES, JSON_ESCAPED), max_size=3)))
+            texts[index] += text
+            extra = {"obfuscation": "x" * len(text)} if draw(st.booleans()) else {}
+            choice = {"index": index, "delta": {"content": text}, "finish_reason": None}
+            events.append(any_chunk(compact, choice, **extra))
+        elif kind == "role":
+            events.append(any_chunk(compact, {"index": 0, "delta": {"role": "assistant", "content": ""}}))
+        elif kind == "tool":
+            events.append(any_chunk(compact, {"index": 0, "delta": {"tool_calls": [{"index": 0}]}}))
+        elif kind == "usage":
+            usage = (draw(st.integers(1, 9)), draw(st.integers(1, 9)))
+            body = {"id": "c1", "choices": [], "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1]}}
+            events.append(b"data: " + json.dumps(body).encode() + b"\n\n")
+        else:
+            events.append(b": ping\n\n")
+    last = draw(st.sampled_from(["", "bye", "jane.doe@example.com"]))
+    texts[0] += last
+    events.append(any_chunk(compact, {"index": 0, "delta": {"content": last} if last else {}, "finish_reason": "stop"}))
+    events.append(b"data: [DONE]\n\n")
+    wire = b"".join(events)
+    mode = draw(st.sampled_from(["one read", "per event", "cut"]))
+    if mode == "one read":
+        return texts, usage, [wire]
+    if mode == "per event":
+        return texts, usage, events
+    cuts = sorted(draw(st.lists(st.integers(0, len(wire)), max_size=10)))
+    return texts, usage, [wire[a:b] for a, b in itertools.pairwise([0, *cuts, len(wire)])]
+
+
+@settings(max_examples=int(os.environ.get("RELAY_EXAMPLES", "600")), deadline=None)
+@given(mixed_stream())
+def test_each_choice_gets_its_redacted_text_among_other_events(
+    case: tuple[dict[int, str], tuple[int, int] | None, list[bytes]],
+) -> None:
+    texts, usage, reads = case
+    relay = StreamRelay(REDACTOR, None)
+    wire = b"".join(relay.feed(read) for read in reads)
+    assert relay.done and wire.endswith(b"data: [DONE]\n\n")
+    got = {0: "", 1: ""}
+    for event in sse.SSEParser().feed(wire):
+        if event.data and event.data != sse.DONE:
+            for choice in json.loads(event.data)["choices"]:
+                got[choice["index"]] += choice.get("delta", {}).get("content") or ""
+    assert got == {i: REDACTOR.redact(text) for i, text in texts.items()}
+    if usage is not None:
+        assert relay.usage is not None and (relay.usage.prompt_tokens, relay.usage.completion_tokens) == usage
