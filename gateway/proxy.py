@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -212,8 +211,7 @@ class ChatProxy:
                         # An error, or a server without streaming answering with one JSON reply.
                         whole = await reply.read()
                     else:
-                        chunks = reply.chunks()
-                        first = await _first_events(chunks, relay)
+                        first = await _first_events(reply, relay)
             except (TimeoutError, UpstreamError) as exc:
                 raise self._upstream_exception(exc) from None
             state.upstream_ttfb = time.perf_counter() - started
@@ -222,11 +220,11 @@ class ChatProxy:
             response = web.StreamResponse(headers=SSE_HEADERS)
             try:
                 await response.prepare(request)
-                await self._pump(response, relay, first, chunks)
+                await self._pump(response, relay, first, reply)
                 await response.write_eof()
                 if relay.done and not reply.at_eof:
                     # Hand the upstream over: the client may leave (and cancel us) now.
-                    self._release_later(reply, chunks)
+                    self._release_later(reply)
                     reply = None
             except ConnectionResetError:
                 # The client hung up between our writes (not always seen as a cancellation):
@@ -238,21 +236,21 @@ class ChatProxy:
             if reply is not None:
                 reply.close()  # an unfinished upstream stream is cut: the LLM stops generating
 
-    def _release_later(self, reply: UpstreamReply, chunks: AsyncIterator[bytes]) -> None:
-        task = asyncio.get_running_loop().create_task(_drain(reply, chunks))
+    def _release_later(self, reply: UpstreamReply) -> None:
+        task = asyncio.get_running_loop().create_task(_drain(reply))
         self._draining.add(task)  # a reference, or the task could be collected mid-way
         task.add_done_callback(self._draining.discard)
 
     async def _pump(
-        self, response: web.StreamResponse, relay: StreamRelay, first: bytes, chunks: AsyncIterator[bytes]
+        self, response: web.StreamResponse, relay: StreamRelay, first: bytes, reply: UpstreamReply
     ) -> None:
         try:
             out = first
             while not relay.done:
                 if out:
                     await response.write(out)
-                chunk = await anext(chunks, None)
-                if chunk is None:  # upstream ended without [DONE]
+                chunk = await reply.next_chunk()
+                if not chunk:  # upstream ended without [DONE]
                     out = relay.close()
                     break
                 out = relay.feed(chunk)
@@ -272,11 +270,11 @@ class ChatProxy:
             await _try_write(response, relay.finish() + sse.error_event(ShuttingDown()))
 
 
-async def _first_events(chunks: AsyncIterator[bytes], relay: StreamRelay) -> bytes:
+async def _first_events(reply: UpstreamReply, relay: StreamRelay) -> bytes:
     """Read until the first whole event: what to send first (the deadline covers this)."""
     while True:
-        chunk = await anext(chunks, None)
-        if chunk is None:
+        chunk = await reply.next_chunk()
+        if not chunk:
             out = relay.close()
             if not out:
                 raise UpstreamStreamBroken("upstream closed the stream before any event")
@@ -286,13 +284,13 @@ async def _first_events(chunks: AsyncIterator[bytes], relay: StreamRelay) -> byt
             return out
 
 
-async def _drain(reply: UpstreamReply, chunks: AsyncIterator[bytes]) -> None:
+async def _drain(reply: UpstreamReply) -> None:
     """Read what follows [DONE] (the chunked terminator) so the upstream connection goes back
     to the pool instead of being closed: no new TCP and TLS handshake for the next request."""
     try:
         with contextlib.suppress(TimeoutError, UpstreamError):
             async with asyncio.timeout(1):
-                async for _ in chunks:
+                while await reply.next_chunk():
                     pass
     finally:
         reply.close()  # a no-op once the end of the body has released the connection
