@@ -107,7 +107,7 @@ class StreamRelay:
     def _unredacted(self, blocks: bytes) -> bytes:
         """Redaction off: every event goes out as received; only usage (tokens for the metrics)
         and [DONE] are looked for, and with no usage object anywhere one search finds the end."""
-        if blocks.find(b'"usage"') >= 0 and (blocks.find(b'"usage":{') >= 0 or blocks.find(b'"usage": {') >= 0):
+        if _carries_usage(blocks):
             return self._blocks(blocks)  # read exactly, event by event where it matters
         if blocks.startswith(_DONE_EVENT) or blocks.rfind(_DONE_AFTER_EVENT) >= 0:  # from the end: it is last
             self.done = True
@@ -199,14 +199,17 @@ class StreamRelay:
             return None  # some event in between is built otherwise
         rest = blocks[len(run) :]
         joined = b"".join(raws)
-        plain = joined.find(b'"') < 0 and joined.find(b"\\") < 0  # no escapes: the usual text
-        texts = None if plain else _whole_strings(raws)
-        if not plain and texts is None:
-            return None
-        try:
-            text: str = orjson.loads(b'"' + joined + b'"') if plain else "".join(texts or ())
-        except orjson.JSONDecodeError:
-            return None
+        texts: list[str] | None = None  # each event's text, decoded only when needed
+        if joined.find(b'"') < 0 and joined.find(b"\\") < 0:  # no escapes: the usual text
+            try:
+                text: str = orjson.loads(b'"' + joined + b'"')
+            except orjson.JSONDecodeError:
+                return None
+        else:
+            texts = _whole_strings(raws)
+            if texts is None:
+                return None
+            text = "".join(texts)
         # The reply ends in this read with no more text (a finish chunk, usage, [DONE]):
         # nothing need be held back, so no text moves and no chunk is added to flush it.
         final = (rest.startswith(_DONE_EVENT) or rest.find(_DONE_AFTER_EVENT) >= 0) and _without_text(rest)
@@ -299,7 +302,7 @@ class StreamRelay:
             return event.raw
         if data == sse.DONE:
             return self._done(event.raw)
-        wants_usage = data.find(b'"usage":{') >= 0 or data.find(b'"usage": {') >= 0  # find: see SSEParser.complete
+        wants_usage = _carries_usage(data)
         if not wants_usage and (self._redactor is None or (data.find(b'"content"') < 0 and not self._holding())):
             return event.raw
         try:
@@ -376,6 +379,11 @@ def _first_special(blocks: bytes) -> int:
         if at >= 0:
             first = at
     return first if first < len(blocks) else -1
+
+
+def _carries_usage(data: bytes) -> bool:
+    """Whether a usage object is in these events (bytes.find: see SSEParser.complete)."""
+    return data.find(b'"usage"') >= 0 and (data.find(b'"usage":{') >= 0 or data.find(b'"usage": {') >= 0)
 
 
 def _whole_strings(raws: list[bytes]) -> list[str] | None:

@@ -162,6 +162,11 @@ async def test_redactions_are_counted_by_kind_and_direction(start_gateway: Gatew
     metrics = gateway.metrics()
     assert 'redactions_total{direction="request",kind="email"} 1' in metrics
     assert 'redactions_total{direction="response",kind="phone"} 1' in metrics
+    # A resent system prompt (remembered, not scanned again) is counted on every request.
+    system = "You are a support agent; escalate to ops@example.com or to billing@example.com when unsure."
+    for _ in range(2):
+        sdk(gateway).chat.completions.create(model="m", messages=[{"role": "system", "content": system}])
+    assert 'redactions_total{direction="request",kind="email"} 5' in gateway.metrics()
 
 
 @pytest.mark.parametrize(("kinds", "masked"), [("", False), ("card", False), ("email", True)])
