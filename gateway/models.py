@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .tracing import Span
@@ -46,3 +46,5 @@ class RequestState:
     response_model: str | None = None
     span: Span | None = None  # the server span, when tracing is on
     client_gone: bool = False  # the client hung up before the response was complete
+    body: bytes = b""  # the request body, decoded (Content-Encoding undone), as received
+    payload: dict[str, Any] | None = None  # the body parsed: a JSON object (the body step checks)
