@@ -2,7 +2,8 @@
 
 Knobs (environment): PORT (4000), LATENCY_MS (first-byte delay, 0), CHUNK_DELAY_MS (delay
 between streamed deltas, 120), MOCK_ECHO=1 (reply with the last user message), MOCK_REPLY.
-The same knobs per request, as headers the gateway forwards: x-mock-latency-ms,
+The same knobs per request, as headers (`x-mock-NAME`, or `x-stainless-mock-NAME` through the
+gateway, whose allow-list passes the X-Stainless-* family): x-mock-latency-ms,
 x-mock-chunk-delay-ms, x-mock-echo, x-mock-reply, plus x-mock-deltas (a JSON array of
 exact deltas), x-mock-status (answer with that status and an OpenAI-style error),
 x-mock-die-after (drop the connection after N deltas), x-mock-no-done (end without [DONE]),
@@ -34,7 +35,14 @@ EVENTS: web.AppKey[list[dict[str, Any]]] = web.AppKey("events", list)
 
 
 def _knob(request: web.Request, header: str, env: str, default: str) -> str:
-    return request.headers.get(header) or os.environ.get(env) or default
+    return _header(request, header) or os.environ.get(env) or default
+
+
+def _header(request: web.Request, name: str, default: str | None = None) -> str | None:
+    """A knob header: `x-mock-NAME`, or `x-stainless-mock-NAME` — the form that passes through
+    the gateway, whose header allow-list forwards the X-Stainless-* family (SPEC §5)."""
+    headers = request.headers
+    return headers.get(name) or headers.get("x-stainless-" + name[2:]) or default
 
 
 def _last_user_text(messages: Any) -> str:
@@ -49,7 +57,7 @@ def _last_user_text(messages: Any) -> str:
 
 
 def _deltas(request: web.Request, body: dict[str, Any]) -> list[str]:
-    exact = request.headers.get("x-mock-deltas")
+    exact = _header(request, "x-mock-deltas")
     if exact:
         return [str(d) for d in json.loads(exact)]
     if _knob(request, "x-mock-echo", "MOCK_ECHO", "0") == "1":
@@ -80,7 +88,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     latency = int(_knob(request, "x-mock-latency-ms", "LATENCY_MS", "0")) / 1000
     if latency:
         await asyncio.sleep(latency)
-    status = int(request.headers.get("x-mock-status", "200"))
+    status = int(_header(request, "x-mock-status", "200"))
     if status != 200:
         error = {"error": {"message": f"mock upstream error {status}", "type": "mock_error", "code": str(status)}}
         return web.json_response(error, status=status)
@@ -91,8 +99,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
     completion_id = "chatcmpl-" + request_id[:24]
     created = int(time.time())
     usage = {"prompt_tokens": 9, "completion_tokens": len(deltas), "total_tokens": 9 + len(deltas)}
-    cookie = {"Set-Cookie": request.headers["x-mock-set-cookie"]} if "x-mock-set-cookie" in request.headers else {}
-    answer = request.headers.get("x-mock-answer") or ("events" if body.get("stream") is True else "json")
+    set_cookie = _header(request, "x-mock-set-cookie")
+    cookie = {"Set-Cookie": set_cookie} if set_cookie is not None else {}
+    answer = _header(request, "x-mock-answer") or ("events" if body.get("stream") is True else "json")
     if answer == "json":
         choices = [
             {"index": i, "message": {"role": "assistant", "content": "".join(deltas)}, "finish_reason": "stop"}
@@ -111,8 +120,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
         )
 
     chunk_delay = int(_knob(request, "x-mock-chunk-delay-ms", "CHUNK_DELAY_MS", "120")) / 1000
-    die_after = int(request.headers.get("x-mock-die-after", "-1"))
-    content_type = request.headers.get("x-mock-stream-type", "text/event-stream")
+    die_after = int(_header(request, "x-mock-die-after", "-1"))
+    content_type = _header(request, "x-mock-stream-type", "text/event-stream")
     response = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache", **cookie})
     await response.prepare(request)
 
@@ -146,10 +155,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
         await response.write(event([{"index": i, "delta": {}, "finish_reason": "stop"} for i in range(n)]))
         if (body.get("stream_options") or {}).get("include_usage"):
             await response.write(event([], usage=usage))
-        if "x-mock-no-done" not in request.headers:
+        if _header(request, "x-mock-no-done") is None:
             await response.write(b"data: [DONE]\n\n")
         # The chunked terminator may trail [DONE] in a later packet, as real upstreams' does.
-        await asyncio.sleep(int(request.headers.get("x-mock-done-delay-ms", "0")) / 1000)
+        await asyncio.sleep(int(_header(request, "x-mock-done-delay-ms", "0")) / 1000)
         await response.write_eof()
     except (asyncio.CancelledError, ConnectionError) as exc:
         request.app[EVENTS].append(

@@ -108,10 +108,10 @@ async def test_rate_limit_without_key_is_per_ip_and_path(start_gateway: GatewayF
 
 async def test_load_shedding(start_gateway: GatewayFactory, mock: Mock) -> None:
     gateway = start_gateway(MAX_CONCURRENCY="1")
-    counts = await statuses([gateway], 20, 20, key="stress", **{"x-mock-latency-ms": "300"})
+    counts = await statuses([gateway], 20, 20, key="stress", **{"x-stainless-mock-latency-ms": "300"})
     assert counts[503] >= 15 and counts[200] >= 1
     async with aiohttp.ClientSession() as session:
-        status, _headers, _body = await call(session, gateway, "stress", **{"x-mock-latency-ms": "300"})
+        status, _headers, _body = await call(session, gateway, "stress", **{"x-stainless-mock-latency-ms": "300"})
     assert status == 200
     metrics = gateway.metrics()
     assert 'cb_events_total{event="load_shed"}' in metrics
@@ -122,7 +122,9 @@ async def test_a_stream_holds_its_slot_until_the_last_byte(start_gateway: Gatewa
     stream_body = dict(BODY, stream=True)
     async with aiohttp.ClientSession() as session:
         async with session.post(
-            gateway.url + CHAT, json=stream_body, headers={"x-mock-chunk-delay-ms": "200", "x-mock-reply": "a b c d"}
+            gateway.url + CHAT,
+            json=stream_body,
+            headers={"x-stainless-mock-chunk-delay-ms": "200", "x-stainless-mock-reply": "a b c d"},
         ) as streaming:
             assert streaming.status == 200
             await streaming.content.readline()  # headers and a first event are out

@@ -21,7 +21,10 @@ BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream":
 
 async def test_sigterm_lets_a_paced_stream_finish_then_exits_0(start_gateway: GatewayFactory, mock: Mock) -> None:
     gateway = start_gateway(SHUTDOWN_GRACE_SECS="10")
-    headers = {"x-mock-chunk-delay-ms": "150", "x-mock-reply": "one two three four five six seven eight"}
+    headers = {
+        "x-stainless-mock-chunk-delay-ms": "150",
+        "x-stainless-mock-reply": "one two three four five six seven eight",
+    }
     async with aiohttp.ClientSession() as session, session.post(gateway.url + CHAT, json=BODY, headers=headers) as r:
         await r.content.readline()
         signalled = time.monotonic()
@@ -48,7 +51,7 @@ async def test_sigterm_lets_a_paced_stream_finish_then_exits_0(start_gateway: Ga
 
 async def test_streams_past_the_grace_period_end_with_an_error_event(start_gateway: GatewayFactory, mock: Mock) -> None:
     gateway = start_gateway(SHUTDOWN_GRACE_SECS="1")
-    headers = {"x-mock-chunk-delay-ms": "400", "x-mock-reply": " ".join(["word"] * 30)}
+    headers = {"x-stainless-mock-chunk-delay-ms": "400", "x-stainless-mock-reply": " ".join(["word"] * 30)}
     async with aiohttp.ClientSession() as session, session.post(gateway.url + CHAT, json=BODY, headers=headers) as r:
         await r.content.readline()
         gateway.process.signal(signal.SIGTERM)

@@ -43,7 +43,7 @@ def test_non_stream_content_is_what_the_upstream_sent(shared_gateway: Gateway, m
 
 
 def test_stream_content_is_what_the_upstream_sent(shared_gateway: Gateway, mock: Mock) -> None:
-    stream = client(shared_gateway, **{"x-mock-reply": "one two three, four."}).chat.completions.create(
+    stream = client(shared_gateway, **{"x-stainless-mock-reply": "one two three, four."}).chat.completions.create(
         model="gpt-4o-mini", messages=MESSAGES, stream=True
     )
     chunks = list(stream)
@@ -56,7 +56,11 @@ async def test_stream_deltas_arrive_as_the_upstream_sends_them(shared_gateway: G
     started = time.monotonic()
     arrivals: list[float] = []
     body = {"model": "m", "messages": MESSAGES, "stream": True}
-    headers = {"x-mock-reply": "a b c d e f ", "x-mock-chunk-delay-ms": "300", "Content-Type": "application/json"}
+    headers = {
+        "x-stainless-mock-reply": "a b c d e f ",
+        "x-stainless-mock-chunk-delay-ms": "300",
+        "Content-Type": "application/json",
+    }
     async with (
         aiohttp.ClientSession() as session,
         session.post(shared_gateway.url + CHAT, json=body, headers=headers) as r,
@@ -133,7 +137,7 @@ def test_upstream_cookies_are_never_kept_nor_passed_on(start_gateway: GatewayFac
     gateway = start_gateway(OPENAI_BASE_URL=f"http://localhost:{mock.port}")
     body = {"model": "m", "messages": MESSAGES, "stream": stream}
     status, headers, _ = asyncio.run(
-        post(gateway, body, **{"X-Api-Key": "tenant-a", "x-mock-set-cookie": "affinity=a-secret; Path=/"})
+        post(gateway, body, **{"X-Api-Key": "tenant-a", "x-stainless-mock-set-cookie": "affinity=a-secret; Path=/"})
     )
     assert status == 200 and "set-cookie" not in headers
     assert asyncio.run(post(gateway, body, **{"X-Api-Key": "tenant-b"}))[0] == 200
@@ -146,7 +150,7 @@ def test_first_byte_timeout_is_504(start_gateway: GatewayFactory, mock: Mock, st
     gateway = start_gateway(TIMEOUT_SECS="1")
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as caught:
-        response = client(gateway, **{"x-mock-latency-ms": "3000"}).chat.completions.create(
+        response = client(gateway, **{"x-stainless-mock-latency-ms": "3000"}).chat.completions.create(
             model="m", messages=MESSAGES, stream=stream
         )
         list(response) if stream else None  # type: ignore[call-overload]
@@ -158,9 +162,9 @@ def test_first_byte_timeout_is_504(start_gateway: GatewayFactory, mock: Mock, st
 
 def test_a_slow_stream_after_its_first_event_is_not_cut(start_gateway: GatewayFactory, mock: Mock) -> None:
     gateway = start_gateway(TIMEOUT_SECS="1")
-    stream = client(gateway, **{"x-mock-chunk-delay-ms": "400", "x-mock-reply": "a b c d"}).chat.completions.create(
-        model="m", messages=MESSAGES, stream=True
-    )
+    stream = client(
+        gateway, **{"x-stainless-mock-chunk-delay-ms": "400", "x-stainless-mock-reply": "a b c d"}
+    ).chat.completions.create(model="m", messages=MESSAGES, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "a b c d"
 
 
@@ -172,7 +176,9 @@ async def test_upstream_statuses(
     shared_gateway: Gateway, mock: Mock, upstream: int, expected: int, stream: bool
 ) -> None:
     status, headers, body = await post(
-        shared_gateway, {"model": "m", "messages": MESSAGES, "stream": stream}, **{"x-mock-status": str(upstream)}
+        shared_gateway,
+        {"model": "m", "messages": MESSAGES, "stream": stream},
+        **{"x-stainless-mock-status": str(upstream)},
     )
     assert status == expected
     error = json.loads(body)["error"]
@@ -194,7 +200,7 @@ async def test_unreachable_upstream_is_502(start_gateway: GatewayFactory) -> Non
 
 async def test_client_disconnect_cancels_the_upstream_at_once(shared_gateway: Gateway, mock: Mock) -> None:
     body = {"model": "m", "messages": MESSAGES, "stream": True}
-    headers = {"x-mock-chunk-delay-ms": "500", "x-mock-reply": "a b c d e f g h i j"}
+    headers = {"x-stainless-mock-chunk-delay-ms": "500", "x-stainless-mock-reply": "a b c d e f g h i j"}
     async with aiohttp.ClientSession() as session:
         response = await session.post(shared_gateway.url + CHAT, json=body, headers=headers)
         await response.content.readline()  # the stream has started
@@ -209,7 +215,7 @@ async def test_upstream_dying_mid_stream_ends_with_an_error_event(shared_gateway
     status, _, body = await post(
         shared_gateway,
         {"model": "m", "messages": MESSAGES, "stream": True},
-        **{"x-mock-die-after": "2", "x-mock-reply": "a b c d e f"},
+        **{"x-stainless-mock-die-after": "2", "x-stainless-mock-reply": "a b c d e f"},
     )
     assert status == 200
     events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
@@ -224,7 +230,7 @@ async def test_upstream_ending_without_done_still_ends_cleanly(shared_gateway: G
     status, _, body = await post(
         shared_gateway,
         {"model": "m", "messages": MESSAGES, "stream": True},
-        **{"x-mock-no-done": "1", "x-mock-reply": "last word jane"},
+        **{"x-stainless-mock-no-done": "1", "x-stainless-mock-reply": "last word jane"},
     )
     assert status == 200
     contents = [
@@ -345,8 +351,8 @@ async def test_chaos_leaves_the_gateway_serving_and_clean(start_gateway: Gateway
     async def one(session: aiohttp.ClientSession, i: int) -> int | str:
         headers = {
             "X-Api-Key": f"k{i % 5}",
-            "x-mock-die-after": rng.choice(["1", "3", "-1"]),
-            "x-mock-chunk-delay-ms": "3",
+            "x-stainless-mock-die-after": rng.choice(["1", "3", "-1"]),
+            "x-stainless-mock-chunk-delay-ms": "3",
         }
         try:
             async with session.post(gateway.url + CHAT, data=rng.choice(bodies), headers=headers) as r:
@@ -373,7 +379,7 @@ async def test_chaos_leaves_the_gateway_serving_and_clean(start_gateway: Gateway
 def test_upstream_connections_are_reused(shared_gateway: Gateway, mock: Mock, stream: bool) -> None:
     # The upstream's chunked terminator trails [DONE] by 50 ms (as over a real network); the
     # requests are spaced wider than that, so each can find the previous connection pooled.
-    sdk = client(shared_gateway, **{"x-mock-done-delay-ms": "50"})
+    sdk = client(shared_gateway, **{"x-stainless-mock-done-delay-ms": "50"})
     for _ in range(3):
         reply = sdk.chat.completions.create(model="m", messages=MESSAGES, stream=stream)
         list(reply) if stream else None  # type: ignore[call-overload]

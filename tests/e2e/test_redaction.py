@@ -26,7 +26,7 @@ def sdk(gateway: Gateway, **headers: str) -> openai.OpenAI:
 
 def test_pii_in_the_prompt_never_reaches_the_upstream(shared_gateway: Gateway, mock: Mock) -> None:
     prompt = "I am jane.doe@example.com, card 4242 4242 4242 4242, phone +1 415 555 2671, order 123456789012."
-    reply = sdk(shared_gateway, **{"x-mock-echo": "1"}).chat.completions.create(
+    reply = sdk(shared_gateway, **{"x-stainless-mock-echo": "1"}).chat.completions.create(
         model="m",
         messages=[
             {"role": "system", "content": "ssn 123-45-6789"},
@@ -53,7 +53,7 @@ def test_pii_in_the_prompt_never_reaches_the_upstream(shared_gateway: Gateway, m
 
 def test_non_stream_reply_is_redacted(shared_gateway: Gateway, mock: Mock) -> None:
     text = "Reach Jane at jane@example.com or 4111-1111-1111-1111; released 3.11.7 on 2024-01-15."
-    reply = sdk(shared_gateway, **{"x-mock-reply": text}).chat.completions.create(
+    reply = sdk(shared_gateway, **{"x-stainless-mock-reply": text}).chat.completions.create(
         model="m", messages=[{"role": "user", "content": "hi"}]
     )
     assert (
@@ -68,7 +68,7 @@ async def stream_through(gateway: Gateway, deltas: list[str]) -> list[str]:
     async with (
         aiohttp.ClientSession() as session,
         session.post(
-            gateway.url + "/v1/chat/completions", json=body, headers={"x-mock-deltas": json.dumps(deltas)}
+            gateway.url + "/v1/chat/completions", json=body, headers={"x-stainless-mock-deltas": json.dumps(deltas)}
         ) as response,
     ):
         assert response.status == 200
@@ -107,7 +107,7 @@ HALF_EMOJI_REDACTED = "mail j***e@example.com \ufffd ok"
 
 
 def test_a_reply_with_a_lone_surrogate_escape_is_still_redacted(shared_gateway: Gateway, mock: Mock) -> None:
-    reply = sdk(shared_gateway, **{"x-mock-deltas": json.dumps(HALF_EMOJI_DELTAS)}).chat.completions.create(
+    reply = sdk(shared_gateway, **{"x-stainless-mock-deltas": json.dumps(HALF_EMOJI_DELTAS)}).chat.completions.create(
         model="m", messages=[{"role": "user", "content": "hi"}]
     )
     assert reply.choices[0].message.content == HALF_EMOJI_REDACTED
@@ -120,7 +120,7 @@ async def test_a_stream_with_a_lone_surrogate_escape_is_still_redacted(shared_ga
 async def test_a_stream_request_answered_with_one_json_reply_is_redacted(shared_gateway: Gateway, mock: Mock) -> None:
     # A server without streaming answers `"stream": true` with a plain JSON reply.
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    headers = {"x-mock-answer": "json", "x-mock-reply": "mail jane.doe@example.com now"}
+    headers = {"x-stainless-mock-answer": "json", "x-stainless-mock-reply": "mail jane.doe@example.com now"}
     async with (
         aiohttp.ClientSession() as session,
         session.post(shared_gateway.url + "/v1/chat/completions", json=body, headers=headers) as response,
@@ -136,9 +136,12 @@ async def test_events_where_json_was_expected_are_relayed_as_events_and_redacted
 ) -> None:
     # A stream under a JSON content type, and a stream answering a request without "stream".
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-    headers = {"x-mock-answer": "events", "x-mock-deltas": json.dumps(["mail jane.doe@exa", "mple.com"])}
+    headers = {
+        "x-stainless-mock-answer": "events",
+        "x-stainless-mock-deltas": json.dumps(["mail jane.doe@exa", "mple.com"]),
+    }
     if stream:
-        headers["x-mock-stream-type"] = "application/json"
+        headers["x-stainless-mock-stream-type"] = "application/json"
     async with (
         aiohttp.ClientSession() as session,
         session.post(shared_gateway.url + "/v1/chat/completions", json=body, headers=headers) as response,
@@ -156,7 +159,7 @@ async def test_events_where_json_was_expected_are_relayed_as_events_and_redacted
 
 async def test_redactions_are_counted_by_kind_and_direction(start_gateway: GatewayFactory, mock: Mock) -> None:
     gateway = start_gateway()
-    sdk(gateway, **{"x-mock-reply": "call 415-555-2671"}).chat.completions.create(
+    sdk(gateway, **{"x-stainless-mock-reply": "call 415-555-2671"}).chat.completions.create(
         model="m", messages=[{"role": "user", "content": "me: a@b.com"}]
     )
     metrics = gateway.metrics()
@@ -174,7 +177,7 @@ def test_redact_kinds_selects_what_is_masked(
     start_gateway: GatewayFactory, mock: Mock, kinds: str, masked: bool
 ) -> None:
     gateway = start_gateway(REDACT_KINDS=kinds)
-    reply = sdk(gateway, **{"x-mock-echo": "1"}).chat.completions.create(
+    reply = sdk(gateway, **{"x-stainless-mock-echo": "1"}).chat.completions.create(
         model="m", messages=[{"role": "user", "content": "jane@example.com"}]
     )
     assert (reply.choices[0].message.content == "j***e@example.com") is masked

@@ -51,7 +51,7 @@ async def test_every_metric_after_a_mix_of_outcomes(start_gateway: GatewayFactor
         TIMEOUT_SECS="1",
         REDACT_KINDS="email",
     )
-    slow = {"x-mock-chunk-delay-ms": "300", "x-mock-reply": "a b c d e"}
+    slow = {"x-stainless-mock-chunk-delay-ms": "300", "x-stainless-mock-reply": "a b c d e"}
     async with aiohttp.ClientSession() as session:
         assert await call(session, gateway, "ok-1") == 200
         assert await call(session, gateway, "ok-2", stream=True) == 200
@@ -60,8 +60,8 @@ async def test_every_metric_after_a_mix_of_outcomes(start_gateway: GatewayFactor
         assert await call(session, gateway, "quota-2") == 429  # rate limit (BURST=1)
         await asyncio.sleep(1.1)
         assert await call(session, gateway, "quota") == 429  # quota (limit 1)
-        assert await call(session, gateway, "timeout", **{"x-mock-latency-ms": "2000"}) == 504
-        assert await call(session, gateway, "badgw", **{"x-mock-status": "401"}) == 502
+        assert await call(session, gateway, "timeout", **{"x-stainless-mock-latency-ms": "2000"}) == 504
+        assert await call(session, gateway, "badgw", **{"x-stainless-mock-status": "401"}) == 502
         # two slow streams hold both slots: the third request is shed
         held = [
             await session.post(gateway.url + CHAT, json=body(True), headers={"X-Api-Key": f"hold-{i}", **slow})
