@@ -13,35 +13,18 @@ from multidict import CIMultiDictProxy
 
 from .errors import UpstreamError, UpstreamStreamBroken
 
-# Never forwarded: hop-by-hop headers (RFC 9110 §7.6.1), what aiohttp sets itself, the
-# client's credentials, and what would leak the client to the LLM provider.
-_DROPPED = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "content-type",  # set by us: a second one from the client would duplicate it
-        "accept-encoding",
-        "authorization",
-        "x-api-key",
-        "cookie",
-        "x-forwarded-for",
-        "x-forwarded-host",
-        "x-forwarded-proto",
-        "forwarded",
-        "x-real-ip",
-        "traceparent",
-        "tracestate",
-    }
-)
+# The client headers that reach the upstream (SPEC §5), by lower-case name: an allow-list,
+# so the client's credentials (Authorization, X-Api-Key, Azure's api-key, Cookie), its
+# OpenAI-Organization/-Project (the operator's key decides who pays), Content-Encoding
+# (aiohttp has already decoded the body), Content-Length, hop-by-hop, X-Forwarded-*,
+# Forwarded, X-Real-IP and trace context stay behind, and so does any header invented later.
+# Content-Type is the gateway's own: the body sent is always UTF-8 JSON it has parsed.
+_PASSED = frozenset({"accept", "user-agent", "openai-beta", "idempotency-key", "anthropic-version", "anthropic-beta"})
+_PASSED_PREFIX = "x-stainless-"  # the official SDKs' platform and retry headers
+# Comma-separated lists (RFC 9110 §5.3): repeated lines are joined in order. A repeat of
+# any other header keeps its first value, as `headers.get` does wherever the gateway reads one.
+_LISTS = frozenset({"accept", "openai-beta", "anthropic-beta"})
+_NOTHING_NAMED: frozenset[str] = frozenset()
 
 
 class UpstreamReply:
@@ -89,13 +72,29 @@ class UpstreamReply:
 class Upstream:
     """The session is opened in the app's cleanup context (it needs the running loop)."""
 
-    __slots__ = ("_auth", "_connect_timeout", "_session", "_url")
+    __slots__ = ("_connect_timeout", "_own", "_session", "_url")
 
-    def __init__(self, url: str, api_key: str | None, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None,
+        connect_timeout: float,
+        *,
+        organization: str | None = None,
+        project: str | None = None,
+    ) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._url = url
-        self._auth = f"Bearer {api_key}" if api_key else None
         self._connect_timeout = connect_timeout
+        # What the gateway itself says on every call: built once, added per request.
+        own = {"Content-Type": "application/json"}
+        if api_key:
+            own["Authorization"] = f"Bearer {api_key}"
+        if organization:
+            own["OpenAI-Organization"] = organization
+        if project:
+            own["OpenAI-Project"] = project
+        self._own = own
 
     async def open(self) -> None:
         # No connection limit: MAX_CONCURRENCY is the one admission limit; keep-alive reuse.
@@ -109,18 +108,32 @@ class Upstream:
         if self._session is not None:
             await self._session.close()
 
-    def headers_for(self, incoming: CIMultiDictProxy[str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        """Client headers minus the dropped ones, plus our credential and trace context."""
-        connection_named = incoming.get("connection")
-        named = {h.strip().lower() for h in connection_named.split(",")} if connection_named else ()
-        out = {
-            name: value
-            for name, value in incoming.items()
-            if (lower := name.lower()) not in _DROPPED and lower not in named
-        }
-        out["Content-Type"] = "application/json"
-        if self._auth:
-            out["Authorization"] = self._auth
+    def headers_for(
+        self,
+        incoming: CIMultiDictProxy[str],
+        extra: Mapping[str, str] | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> dict[str, str]:
+        """The allowed client headers, then the gateway's own: its credential and content
+        type, the operator's organization and project, `x-request-id` and `extra` (the
+        trace context). One pass over the client's headers, a set lookup each."""
+        connection = incoming.get("connection")
+        # RFC 9110 §7.6.1: what the client's Connection header names is hop-by-hop.
+        hop = frozenset(h.strip().lower() for h in connection.split(",")) if connection else _NOTHING_NAMED
+        out: dict[str, str] = {}
+        for name, value in incoming.items():
+            lower = name.lower()
+            if (lower in _PASSED or lower.startswith(_PASSED_PREFIX)) and value and lower not in hop:
+                # Keyed by the lower-case name, so "accept" and "Accept" can never go out as two.
+                prior = out.get(lower)
+                if prior is None:
+                    out[lower] = value
+                elif lower in _LISTS:
+                    out[lower] = f"{prior}, {value}"
+        out.update(self._own)  # no allowed name collides: the gateway's own always win
+        if request_id:
+            out["x-request-id"] = request_id
         if extra:
             out.update(extra)
         return out

@@ -1,0 +1,262 @@
+"""The header allow-list toward the upstream (SPEC §5), over real HTTP on loopback.
+
+A client writes raw request bytes (odd casing and repeated lines kept exactly) to a small
+aiohttp front whose handler does what the proxy does: `headers_for` then `Upstream.post`.
+The upstream is a real aiohttp server that records the header lines as they arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+import pytest
+from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.upstream import Upstream
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+
+# (header line the client sends) -> the client's value must never reach the upstream.
+DENIED = [
+    b"Authorization: Bearer sk-client-secret",
+    b"X-Api-Key: sk-client-secret",
+    b"api-key: sk-azure-client-secret",
+    b"Cookie: session=client-secret",
+    b"OpenAI-Organization: org-client",
+    b"OpenAI-Project: proj-client",
+    b"Proxy-Authorization: Basic Y2xpZW50OnNlY3JldA==",
+    b"X-Forwarded-For: 203.0.113.7",
+    b"X-Forwarded-Host: internal.example",
+    b"X-Forwarded-Proto: http",
+    b"Forwarded: for=203.0.113.7",
+    b"X-Real-IP: 203.0.113.7",
+    b"Keep-Alive: timeout=5",
+    b"TE: trailers",
+    b"Via: 1.1 client-proxy",
+    b"traceparent: 00-11111111111111111111111111111111-2222222222222222-01",
+    b"tracestate: client=secret",
+    b"x-request-id: client-chosen-id",
+    b"Accept-Encoding: br, zstd, client",
+    b"X-Custom-Header: client",
+    b"Origin: https://client.example",
+    b"X-Stainless-Hop: named-by-connection",  # hop-by-hop: the Connection line names it
+]
+DENIED_NAMES = [line.split(b":")[0].decode().lower() for line in DENIED]
+
+
+async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, int(runner.addresses[0][1])
+
+
+Relay = Callable[..., Awaitable[list[tuple[str, str]]]]
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[Relay]:
+    """relay(header lines, body[, Connection value]) -> the header lines the upstream got."""
+    received: list[list[tuple[str, str]]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        await request.read()
+        received.append([(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.raw_headers])
+        return web.json_response({})
+
+    upstream_app = web.Application()
+    upstream_app.router.add_post("/v1/chat/completions", record)
+    upstream_runner, upstream_port = await serve(upstream_app)
+    upstream = Upstream(
+        f"http://127.0.0.1:{upstream_port}/v1/chat/completions",
+        "sk-upstream",
+        5.0,
+        organization="org-operator",
+        project="proj-operator",
+    )
+    await upstream.open()
+
+    async def front(request: web.Request) -> web.Response:
+        headers = upstream.headers_for(request.headers, {"traceparent": TRACEPARENT}, request_id="gw-req-1")
+        reply = await upstream.post(await request.read(), headers)
+        await reply.read()
+        return web.Response(status=reply.status)
+
+    front_app = web.Application()
+    front_app.router.add_post("/v1/chat/completions", front)
+    front_runner, front_port = await serve(front_app)
+
+    async def send(lines: list[bytes], body: bytes, connection: bytes = b"close") -> list[tuple[str, str]]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", front_port)
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway.example\r\n"
+        head += b"".join(line + b"\r\n" for line in lines)
+        head += b"Content-Length: %d\r\nConnection: %s\r\n\r\n" % (len(body), connection)
+        writer.write(head + body)
+        status_line = await reader.readline()
+        await reader.read()
+        writer.close()
+        assert b" 200 " in status_line, status_line
+        assert len(received) == 1
+        return received.pop()
+
+    yield send
+    await front_runner.cleanup()
+    await upstream.close()
+    await upstream_runner.cleanup()
+
+
+def values(arrived: list[tuple[str, str]], name: str) -> list[str]:
+    return [value for key, value in arrived if key.lower() == name]
+
+
+async def test_denied_headers_never_arrive_and_the_gateways_own_do(relay: Relay) -> None:
+    arrived = await relay(DENIED, BODY, b"close, X-Stainless-Hop")
+    for name in DENIED_NAMES:
+        if name in ("authorization", "openai-organization", "openai-project", "traceparent", "x-request-id"):
+            continue  # the gateway's own, checked below
+        if name == "accept-encoding":  # aiohttp's client asks for what it can decode itself
+            assert all("client" not in value for value in values(arrived, name)), arrived
+            continue
+        assert values(arrived, name) == [], name
+    assert values(arrived, "authorization") == ["Bearer sk-upstream"]
+    assert values(arrived, "openai-organization") == ["org-operator"]
+    assert values(arrived, "openai-project") == ["proj-operator"]
+    assert values(arrived, "traceparent") == [TRACEPARENT]
+    assert values(arrived, "x-request-id") == ["gw-req-1"]
+    assert values(arrived, "content-type") == ["application/json"]
+    assert "sk-client-secret" not in repr(arrived)
+
+
+async def test_allowed_headers_arrive_whatever_their_casing(relay: Relay) -> None:
+    lines = [
+        b"aCCePT: text/event-stream",
+        b"uSER-aGENT: OpenAI/Python 1.99.0",
+        b"openai-BETA: assistants=v2",
+        b"IDEMPOTENCY-KEY: idem-1",
+        b"x-STAINLESS-lang: python",
+        b"X-Stainless-Retry-Count: 0",
+        b"Anthropic-Version: 2023-06-01",
+        b"ANTHROPIC-BETA: tools-2024-04-04",
+        b"Content-Type: application/json; charset=utf-8",
+    ]
+    arrived = await relay(lines, BODY)
+    assert values(arrived, "accept") == ["text/event-stream"]
+    assert values(arrived, "user-agent") == ["OpenAI/Python 1.99.0"]
+    assert values(arrived, "openai-beta") == ["assistants=v2"]
+    assert values(arrived, "idempotency-key") == ["idem-1"]
+    assert values(arrived, "x-stainless-lang") == ["python"]
+    assert values(arrived, "x-stainless-retry-count") == ["0"]
+    assert values(arrived, "anthropic-version") == ["2023-06-01"]
+    assert values(arrived, "anthropic-beta") == ["tools-2024-04-04"]
+    # The body sent is always JSON the gateway has parsed: one Content-Type, the gateway's.
+    assert values(arrived, "content-type") == ["application/json"]
+
+
+async def test_repeated_headers_go_out_once(relay: Relay) -> None:
+    # (aiohttp's parser itself refuses a repeated User-Agent or Content-Type with 400.)
+    lines = [
+        b"Accept: application/json",
+        b"accept: text/event-stream",
+        b"anthropic-beta: a-1",
+        b"Anthropic-Beta: b-2",
+        b"Idempotency-Key: first-key",
+        b"IDEMPOTENCY-KEY: second-key",
+        b"X-Stainless-Os: Linux",
+        b"X-Stainless-Arch: x64",
+        b"x-stainless-os: MacOS",
+    ]
+    arrived = await relay(lines, BODY)
+    names = [name.lower() for name, _ in arrived]
+    assert len(names) == len(set(names)), arrived  # never one name twice, in any casing
+    assert values(arrived, "accept") == ["application/json, text/event-stream"]  # lists join in order
+    assert values(arrived, "anthropic-beta") == ["a-1, b-2"]
+    assert values(arrived, "idempotency-key") == ["first-key"]  # the rest: the first, as headers.get reads
+    assert values(arrived, "x-stainless-os") == ["Linux"]
+    assert values(arrived, "x-stainless-arch") == ["x64"]
+
+
+async def test_a_gzipped_request_body_arrives_decoded_without_its_encoding(relay: Relay) -> None:
+    arrived = await relay([b"Content-Encoding: gzip"], gzip.compress(BODY))
+    assert values(arrived, "content-encoding") == []
+    assert values(arrived, "content-length") == [str(len(BODY))]
+
+
+def test_without_organization_or_project_none_is_sent() -> None:
+    upstream = Upstream("http://127.0.0.1:1/v1/chat/completions", None, 1.0)
+    incoming = CIMultiDictProxy(CIMultiDict([("OpenAI-Organization", "org-client"), ("Authorization", "Bearer x")]))
+    assert upstream.headers_for(incoming) == {"Content-Type": "application/json"}
+
+
+# Names a client might send: allowed, denied and the gateway's own, in random casing.
+_NAMES = st.sampled_from(
+    [
+        "accept",
+        "user-agent",
+        "openai-beta",
+        "idempotency-key",
+        "anthropic-version",
+        "anthropic-beta",
+        "x-stainless-lang",
+        "x-stainless-os",
+        "x-stainless-",
+        "content-type",
+        "authorization",
+        "x-api-key",
+        "api-key",
+        "cookie",
+        "openai-organization",
+        "openai-project",
+        "content-encoding",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "x-forwarded-for",
+        "forwarded",
+        "traceparent",
+        "tracestate",
+        "x-request-id",
+        "x-stainlessfoo",
+        "xx-stainless-lang",
+    ]
+) | st.from_regex(r"[A-Za-z0-9-]{1,20}", fullmatch=True)
+_ALLOWED = {"accept", "user-agent", "openai-beta", "idempotency-key", "anthropic-version", "anthropic-beta"}
+_OWN = {"content-type", "authorization", "openai-organization", "x-request-id", "traceparent"}
+
+
+def _casing(name: str, flips: list[bool]) -> str:
+    return "".join(c.upper() if flip else c for c, flip in zip(name, flips + [False] * len(name), strict=False))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(_NAMES, st.lists(st.booleans(), max_size=24), st.text(st.characters(min_codepoint=0x20), max_size=8)),
+        max_size=30,
+    )
+)
+def test_only_allowed_names_and_the_gateways_own_go_out(sent: list[tuple[str, list[bool], str]]) -> None:
+    upstream = Upstream("http://127.0.0.1:1/v1/chat/completions", "sk-upstream", 1.0, organization="org-op")
+    incoming = CIMultiDictProxy(CIMultiDict([(_casing(name, flips), value) for name, flips, value in sent]))
+    out = upstream.headers_for(incoming, {"traceparent": TRACEPARENT}, request_id="gw-1")
+    names = [name.lower() for name in out]
+    assert len(names) == len(set(names))
+    for name in names:
+        assert name in _ALLOWED or name in _OWN or name.startswith("x-stainless-"), name
+    assert out["Authorization"] == "Bearer sk-upstream" and out["OpenAI-Organization"] == "org-op"
+    assert out["x-request-id"] == "gw-1" and out["traceparent"] == TRACEPARENT
+    assert out["Content-Type"] == "application/json"
+    first_connection = incoming.get("connection")
+    hop = {t.strip().lower() for t in first_connection.split(",")} if first_connection else set()
+    for sent_name, _, value in sent:
+        name = sent_name.lower()
+        passes = name in _ALLOWED or name.startswith("x-stainless-")
+        if passes and value and name not in hop:
+            assert name in names, name  # every allowed header with a value arrives
