@@ -11,14 +11,27 @@ from .errors import InvalidApiKey
 from .models import Tenant
 
 ANONYMOUS = "anonymous"
+MAX_KEY_BYTES = 256
+_OWS = " \t"
+
+
+def well_formed(key: str) -> bool:
+    """1-256 printable ASCII characters, space excluded (0x21-0x7E): a bearer token has none
+    of the rest (RFC 6750's b64token is narrower still), and a key past this is refused
+    before it can cost anything: no hashing of megabytes, no UnicodeEncodeError, no huge
+    tenant names in the process's tables."""
+    return 0 < len(key) <= MAX_KEY_BYTES and key.isascii() and key.isprintable() and " " not in key
 
 
 def presented_key(api_key_header: str | None, authorization: str | None) -> str | None:
-    """`X-Api-Key`, else the bearer token of `Authorization` (what OpenAI SDKs send)."""
+    """`X-Api-Key`, else the bearer token of `Authorization` (what OpenAI SDKs send).
+
+    Only spaces and tabs are trimmed (HTTP's own whitespace): str.strip() would also eat
+    control characters such as \\x1f, and a key carrying one is malformed, not another key."""
     if api_key_header:
-        return api_key_header.strip() or None
+        return api_key_header.strip(_OWS) or None
     if authorization and authorization[:7].lower() == "bearer ":
-        return authorization[7:].strip() or None
+        return authorization[7:].strip(_OWS) or None
     return None
 
 
@@ -34,7 +47,10 @@ class Tenancy:
         return bool(self._digests)
 
     def resolve(self, key: str | None, peer_ip: str, path: str) -> Tenant:
-        """Raises InvalidApiKey in keyed mode for a missing or unknown key."""
+        """Raises InvalidApiKey for a malformed key (both modes) and, in keyed mode, for a
+        missing or unknown one."""
+        if key is not None and not well_formed(key):
+            raise InvalidApiKey()
         if self._digests:
             if key is None:
                 raise InvalidApiKey()

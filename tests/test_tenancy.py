@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.errors import InvalidApiKey
 from gateway.tenancy import Tenancy, client_ip, presented_key
@@ -56,3 +59,70 @@ def test_forwarded_for_is_trusted_only_from_trusted_proxies() -> None:
     assert client_ip("10.0.0.2", "1.1.1.1", trusted) == "1.1.1.1"
     assert client_ip("10.0.0.2", "6.6.6.6, 1.1.1.1, 10.0.0.7", trusted) == "1.1.1.1"  # right-most untrusted
     assert client_ip("10.0.0.2", "1.1.1.1", ()) == "10.0.0.2"
+
+
+MALFORMED = [
+    "k" * 257,  # one byte past the limit
+    "sk-" + "a" * 100_000,
+    "sk key",  # a space: bearer tokens have none
+    "sk\tkey",
+    "sk-key\x7f",
+    "sk-\x00key",
+    "sk-clé",  # non-ASCII
+    "sk-\udcffkey",  # an invalid UTF-8 byte as aiohttp decodes headers (surrogateescape)
+    "",
+]
+
+
+@pytest.mark.parametrize("key", MALFORMED, ids=range(len(MALFORMED)))
+def test_a_malformed_key_is_refused_in_open_mode(key: str) -> None:
+    with pytest.raises(InvalidApiKey):
+        Tenancy({}, None).resolve(key, "1.2.3.4", "/v1/chat/completions")
+    with pytest.raises(InvalidApiKey):
+        Tenancy({}, b"secret").resolve(key, "1.2.3.4", "/v1/chat/completions")
+
+
+@pytest.mark.parametrize("key", MALFORMED, ids=range(len(MALFORMED)))
+def test_a_malformed_key_is_refused_in_keyed_mode_even_if_listed(key: str) -> None:
+    # Refused for its shape, before any lookup: even a digest that matches does not admit it.
+    listed = {hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest(): "acme"}
+    with pytest.raises(InvalidApiKey):
+        Tenancy(listed, None).resolve(key, "1.2.3.4", "/v1/chat/completions")
+
+
+def test_the_longest_key_and_every_printable_character_are_admitted() -> None:
+    tenancy = Tenancy({}, None)
+    longest = "k" * 256
+    assert tenancy.resolve(longest, "ip", "/").name == longest
+    every = "".join(chr(c) for c in range(0x21, 0x7F))
+    assert tenancy.resolve(every, "ip", "/").name == every
+
+
+def test_a_bearer_token_with_a_space_inside_is_refused() -> None:
+    key = presented_key(None, "Bearer sk-one sk-two")
+    with pytest.raises(InvalidApiKey):
+        Tenancy({}, None).resolve(key, "ip", "/")
+
+
+@settings(max_examples=500)
+@given(st.text(max_size=300) | st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7F), max_size=300))
+def test_a_key_is_admitted_exactly_when_it_is_1_to_256_printable_ascii(key: str) -> None:
+    well_formed = re.fullmatch(r"[!-~]{1,256}", key) is not None
+    listed = {hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest(): "t"}
+    for tenancy, name in ((Tenancy({}, None), key), (Tenancy(listed, None), "t")):
+        if well_formed:
+            assert tenancy.resolve(key, "ip", "/").name == name
+        else:
+            with pytest.raises(InvalidApiKey):
+                tenancy.resolve(key, "ip", "/")
+
+
+@pytest.mark.parametrize("header", ["sk-key\x1f", "\x1csk-key", "sk-key\x0b", "sk-key\x85"])
+def test_a_control_character_at_either_end_is_not_trimmed_away(header: str) -> None:
+    # Only HTTP's whitespace (space, tab) is trimmed; anything else makes the key malformed.
+    for key in (presented_key(header, None), presented_key(None, "Bearer " + header)):
+        assert key == header
+        with pytest.raises(InvalidApiKey):
+            Tenancy({}, None).resolve(key, "ip", "/")
+    assert presented_key(" \tsk-key\t ", None) == "sk-key"
+    assert presented_key(None, "Bearer   sk-key ") == "sk-key"
