@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 
 from .errors import StoreUnavailable
 from .models import Decision
-from .stores import QuotaStore
+from .stores import QuotaStore, digest
 
 
 class TokenBucket:
@@ -21,6 +21,8 @@ class TokenBucket:
     A bucket idle long enough to have refilled is the same as no bucket, so buckets are
     kept in LRU order and dropped from the cold end once full again; `max_keys` caps the
     table even under a flood of distinct keys (evicting a cold bucket only forgives it).
+    Buckets are filed under a 16-byte digest of the key, so each costs the same few hundred
+    bytes however long the key (a client-chosen path or forwarded address inside it).
     """
 
     __slots__ = ("_buckets", "_burst", "_clock", "_max_keys", "_rate", "_refill_secs")
@@ -28,9 +30,11 @@ class TokenBucket:
     def __init__(
         self, rate: float, burst: int, max_keys: int = 100_000, clock: Callable[[], float] = time.monotonic
     ) -> None:
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
         self._rate = rate
         self._burst = float(burst)
-        self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # key -> [tokens, updated]
+        self._buckets: OrderedDict[bytes, list[float]] = OrderedDict()  # digest -> [tokens, updated]
         self._max_keys = max_keys
         self._refill_secs = burst / rate if rate > 0 else 0.0
         self._clock = clock
@@ -43,12 +47,13 @@ class TokenBucket:
         """Spend one token; return 0.0 if admitted, else seconds until a token is due."""
         now = self._clock()
         buckets = self._buckets
-        bucket = buckets.get(key)
+        slot = digest(key)
+        bucket = buckets.get(slot)
         if bucket is None:
-            bucket = buckets[key] = [self._burst, now]
+            bucket = buckets[slot] = [self._burst, now]
             self._evict(now)
         else:
-            buckets.move_to_end(key)
+            buckets.move_to_end(slot)
             bucket[0] = min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
             bucket[1] = now
         if bucket[0] >= 1.0:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
+from collections.abc import Callable
+
 import pytest
 
 from gateway.errors import StoreUnavailable
@@ -48,6 +52,84 @@ async def test_memory_store_forgets_expired_windows() -> None:
         await store.hit(f"quota:{i}", 60_000)
         clock.now += 0.001
     assert len(store) <= 60_001
+
+
+def bytes_per_key(fill: Callable[[int], object], count: int) -> float:
+    """What `fill(i)` for i < count leaves allocated, per key (the keys themselves are dropped)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for i in range(count):
+            fill(i)
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] / count
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize(
+    "long_key",
+    [
+        lambda i: f"key:{i:08d}" + "k" * 248,  # the longest tenant key
+        lambda i: f"ip:203.0.113.{i % 250}:/v1/chat/completions/{i}/" + "p" * 4000,  # a client-chosen path
+        lambda i: f"ip:{i}" + "\udcff" * 2000 + ":/p",  # a forwarded address, invalid UTF-8 included
+    ],
+    ids=["key", "path", "address"],
+)
+def test_a_bucket_costs_the_same_whatever_the_keys_length(long_key: Callable[[int], str]) -> None:
+    clock = Clock()
+    short, long = TokenBucket(5, 10, clock=clock), TokenBucket(5, 10, clock=clock)
+    short_cost = bytes_per_key(lambda i: short.take(f"key:{i}"), 20_000)
+    long_cost = bytes_per_key(lambda i: long.take(long_key(i)), 20_000)
+    assert len(short) == len(long) == 20_000
+    assert long_cost < short_cost * 1.1 + 8, (short_cost, long_cost)
+    assert long_cost < 400
+
+
+async def test_a_quota_window_costs_the_same_whatever_the_keys_length() -> None:
+    short, long = MemoryStore(clock=Clock()), MemoryStore(clock=Clock())
+    keys = {short: lambda i: f"quota:{i}", long: lambda i: f"quota:{i:08d}" + "k" * 250}
+    costs = {}
+    for store, key in keys.items():
+        gc.collect()
+        tracemalloc.start()
+        for i in range(20_000):
+            await store.hit(key(i), 60_000)
+        gc.collect()
+        costs[store] = tracemalloc.get_traced_memory()[0] / 20_000
+        tracemalloc.stop()
+    assert len(short) == len(long) == 20_000
+    assert costs[long] < costs[short] * 1.1 + 8, costs
+    assert costs[long] < 400
+
+
+async def test_memory_store_is_bounded_under_a_flood_within_one_window() -> None:
+    clock = Clock()
+    store = MemoryStore(clock=clock, max_keys=1_000)
+    assert (await store.hit("quota:early", 60_000))[0] == 1
+    for i in range(20_000):  # all inside one window: nothing has expired
+        await store.hit(f"quota:{i}" + "k" * 250, 60_000)
+    assert len(store) == 1_000
+    # The windows nearest their end went first (forgiven early); the newest are still counted.
+    assert (await store.hit("quota:19999" + "k" * 250, 60_000))[0] == 2
+    assert (await store.hit("quota:early", 60_000))[0] == 1
+    assert len(store) == 1_000
+
+
+def test_tables_need_room_for_one_key() -> None:
+    with pytest.raises(ValueError):
+        TokenBucket(5, 10, max_keys=0)
+    with pytest.raises(ValueError):
+        MemoryStore(max_keys=0)
+
+
+async def test_keys_that_differ_only_at_the_end_are_counted_apart() -> None:
+    clock = Clock()
+    bucket, store = TokenBucket(1, 1, clock=clock), MemoryStore(clock=clock)
+    base = "key:" + "k" * 250
+    assert [bucket.take(base + c) for c in "ab"] == [0.0, 0.0]
+    assert bucket.take(base + "a") > 0
+    assert [(await store.hit(base + c, 60_000))[0] for c in "aba"] == [1, 1, 2]
 
 
 class FailingStore(MemoryStore):

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Protocol
+
+
+def digest(key: str) -> bytes:
+    """A fixed-size stand-in for a key in the process's own tables: 16 bytes of BLAKE2b,
+    whatever the key's length (2^64 keys before a collision is even likely). surrogatepass:
+    any str encodes, even one decoded from a header's invalid UTF-8."""
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 class QuotaStore(Protocol):

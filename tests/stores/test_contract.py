@@ -85,6 +85,14 @@ async def test_concurrent_hits_are_counted_exactly_once(store: StoreFactory) -> 
         assert sorted(c for c, _ in counts[i::5]) == list(range(1, 41))
 
 
+async def test_long_keys_that_differ_only_at_the_end_are_counted_apart(store: StoreFactory) -> None:
+    # A tenant may be a 256-byte key: each is its own counter, however a backend files it.
+    base = unique("long") + "k" * 256
+    async with store() as s:
+        counts = [(await s.hit(base + suffix, 60_000))[0] for suffix in ("a", "b", "a", "a")]
+    assert counts == [1, 1, 2, 3]
+
+
 async def test_ping(store: StoreFactory) -> None:
     async with store() as s:
         assert await s.ping() is True
