@@ -8,7 +8,9 @@ The upstream is a real aiohttp server that records the header lines as they arri
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
@@ -193,6 +195,28 @@ def test_without_organization_or_project_none_is_sent() -> None:
     upstream = Upstream("http://127.0.0.1:1/v1/chat/completions", None, 1.0)
     incoming = CIMultiDictProxy(CIMultiDict([("OpenAI-Organization", "org-client"), ("Authorization", "Bearer x")]))
     assert upstream.headers_for(incoming) == {"Content-Type": "application/json"}
+
+
+def test_header_names_are_decided_alike_past_the_names_remembered() -> None:
+    # The verdict per spelling is remembered for a bounded number of spellings: a client
+    # inventing names can neither grow the process nor change what passes.
+    upstream = Upstream("http://127.0.0.1:1/v1/chat/completions", None, 1.0)
+
+    def sent(names: list[str]) -> dict[str, str]:
+        return upstream.headers_for(CIMultiDictProxy(CIMultiDict([(name, "v") for name in names])))
+
+    for batch in range(20):
+        out = sent([f"X-Invented-{batch}-{i}" for i in range(500)] + [f"X-Stainless-Batch-{batch}", "X-Api-Key"])
+        assert out == {"Content-Type": "application/json", f"x-stainless-batch-{batch}": "v"}
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for batch in range(20):
+            sent([f"X-Later-{batch}-{i}" for i in range(500)])
+        gc.collect()
+        assert tracemalloc.get_traced_memory()[0] < 64_000  # nothing kept per new name
+    finally:
+        tracemalloc.stop()
 
 
 # Names a client might send: allowed, denied and the gateway's own, in random casing.
