@@ -2,7 +2,9 @@
 
 SIGTERM/SIGINT drain and exit 0; SIGHUP is logged and otherwise ignored (reserved for
 reload). With WORKERS=N the parent forks N workers that share the port (SO_REUSEPORT)
-and forwards termination signals to them.
+and forwards termination signals to them. A start-up failure is one `StartupError` line
+from `run`, the same with one process or N: each worker tells the parent, through a pipe of
+its own, that it serves or why it could not; the parent stops the others and speaks once.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import dataclasses
 import gc
 import logging
 import os
+import select
 import signal
+import socket
 import sys
+import traceback
 from collections.abc import Callable
+from typing import NoReturn
 
 from aiohttp import web
 
@@ -28,14 +34,44 @@ log = logging.getLogger("gateway")
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-class ListenError(Exception):
+class StartupError(Exception):
+    """The gateway could not start; the message is the one line to print."""
+
+
+class ListenError(StartupError):
     """The address could not be bound (in use, not ours, no permission)."""
 
 
 def run(settings: Settings) -> int:
+    _check_address(settings.listen_host, settings.listen_port)
     if settings.workers > 1:
         return _supervise(settings)
     return _run_one(settings)
+
+
+def _check_address(host: str, port: int) -> None:
+    """Bind the address once, as the listener will (SO_REUSEADDR, v6-only), and let it go.
+
+    Workers bind with SO_REUSEPORT, which lets them share the port with any process of the
+    same user that does too: a second gateway started by mistake would quietly take half
+    the traffic. Bound without it, this check fails as a single process does, whoever
+    holds the port, with the same line either way."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+    except OSError as exc:
+        raise _listen_error(host, port, exc) from None
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> ListenError:
+    reason = os.strerror(exc.errno) if isinstance(exc.errno, int) and exc.errno > 0 else str(exc)
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return ListenError(f"cannot listen on {shown}: {reason}")
 
 
 def _settle_gc() -> None:
@@ -78,9 +114,9 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
     )
     try:
         await site.start()
-    except OSError as exc:
+    except OSError as exc:  # taken since _check_address looked
         await runner.cleanup()
-        raise ListenError(f"cannot listen on {settings.listen_host}:{settings.listen_port}: {exc.strerror}") from None
+        raise _listen_error(settings.listen_host, settings.listen_port, exc) from None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -106,28 +142,27 @@ def _supervise(settings: Settings) -> int:
     once every worker serves, STOPPING=1 when it passes a stop signal on."""
     notifier = Lifecycle(0, settings.notify_socket)
     worker_settings = dataclasses.replace(settings, notify_socket=None)
-    ready_read, ready_write = os.pipe()
-    children: list[int] = []
+    reports: dict[int, int] = {}  # the read end of each worker's report pipe -> its pid
+    _flush_std_streams()  # else each worker inherits, and writes again, what is still buffered
     for _ in range(settings.workers):
+        read_end, write_end = os.pipe()
         # Blocked until the worker's loop handles them, so an early SIGTERM drains, not kills.
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:
-            os.close(ready_read)
-
-            def tell_parent() -> None:
-                os.write(ready_write, b".")
-
-            code = 1
-            try:
-                code = _run_one(worker_settings, on_ready=tell_parent)
-            finally:
-                os._exit(code)
+            for fd in (read_end, *reports):
+                os.close(fd)
+            _work(worker_settings, write_end)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        children.append(pid)
-    os.close(ready_write)
+        # Only the worker holds the write end now: end of file on it means the worker is gone.
+        os.close(write_end)
+        reports[read_end] = pid
+    children = list(reports.values())
+    stopping = False
 
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         notifier.notify("STOPPING=1")
         for child in children:
             with contextlib.suppress(ProcessLookupError):
@@ -136,16 +171,70 @@ def _supervise(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    ready = 0
-    while ready < settings.workers and (byte := os.read(ready_read, 1)):
-        ready += len(byte)
-    if ready == settings.workers:
+    failure = _await_workers(reports)
+    if failure is None and not stopping:
         notifier.notify("READY=1")
+    else:  # the workers that did start stop again: it is all of them or none
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
     status = 0
     for child in children:
         _, code = os.waitpid(child, 0)
         status = status or os.waitstatus_to_exitcode(code)
+    if failure is not None and not stopping:
+        if failure:
+            raise StartupError(failure)
+        return status or 1  # the worker printed its own traceback, as one process would
     return status
+
+
+def _await_workers(reports: dict[int, int]) -> str | None:
+    """None once every worker serves; else why one could not ("" if it said so itself)."""
+    pending = dict(reports)
+    try:
+        while pending:
+            readable, _, _ = select.select(list(pending), [], [])
+            for fd in readable:
+                # One short write per worker: it arrives whole (pipe writes up to PIPE_BUF are atomic).
+                message = os.read(fd, 4096).decode(errors="replace")
+                pid = pending.pop(fd)
+                os.close(fd)
+                if message == "ready":
+                    continue
+                if message.startswith("failed"):
+                    return message[len("failed") :].strip()
+                return f"worker {pid} exited before serving"
+    finally:
+        for fd in pending:
+            os.close(fd)
+    return None
+
+
+def _work(settings: Settings, report: int) -> NoReturn:
+    """A forked worker: serve, then leave by os._exit (the parent's exit handlers are not ours)."""
+    code = 1
+    try:
+        code = _run_one(settings, on_ready=lambda: _tell(report, "ready"))
+    except StartupError as error:
+        _tell(report, f"failed {error}")
+    except Exception:
+        traceback.print_exc()
+        _tell(report, "failed")
+    finally:
+        _flush_std_streams()  # os._exit flushes nothing
+        os._exit(code)
+
+
+def _flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed or a broken pipe: nothing to save
+            stream.flush()
+
+
+def _tell(report: int, message: str) -> None:
+    with contextlib.suppress(OSError):  # the parent is gone: nobody to tell
+        os.write(report, " ".join(message.split()).encode()[:4000])
 
 
 def configure_logging() -> None:

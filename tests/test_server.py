@@ -1,0 +1,94 @@
+"""server.py: the address check before serving, and workers reporting a failed start-up to
+the parent, which speaks once (the e2e start-up tests cover the CLI on any build)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.server import ListenError, _check_address
+
+from .harness import ROOT, RedisServer, base_env
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock
+
+
+def test_a_free_address_passes_and_stays_free() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _check_address("127.0.0.1", port)
+    with socket.socket() as again:  # the check let go of it
+        again.bind(("127.0.0.1", port))
+
+
+def test_a_port_in_use_is_refused(listener: socket.socket) -> None:
+    port = listener.getsockname()[1]
+    with pytest.raises(ListenError) as caught:
+        _check_address("127.0.0.1", port)
+    assert str(caught.value) == f"cannot listen on 127.0.0.1:{port}: Address already in use"
+    with pytest.raises(ListenError, match=f"cannot listen on 0.0.0.0:{port}: Address already in use"):
+        _check_address("0.0.0.0", port)  # the wildcard overlaps it too
+
+
+def test_a_port_shared_with_so_reuseport_is_refused_too() -> None:
+    """As a worker of another gateway holds it: with SO_REUSEPORT a new worker could join."""
+    with socket.socket() as worker:
+        worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        worker.bind(("127.0.0.1", 0))
+        worker.listen()
+        port = worker.getsockname()[1]
+        with pytest.raises(ListenError, match="Address already in use"):
+            _check_address("127.0.0.1", port)
+
+
+def test_an_address_that_is_not_ours_is_refused() -> None:
+    with pytest.raises(ListenError, match=r"cannot listen on 192\.0\.2\.1:\d+: Cannot assign requested address"):
+        _check_address("192.0.2.1", 8080)  # TEST-NET-1: on no interface of this machine
+
+
+def test_ipv6_is_shown_in_brackets() -> None:
+    try:
+        v6 = socket.socket(socket.AF_INET6)
+        v6.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with v6:
+        v6.listen()
+        port = v6.getsockname()[1]
+        with pytest.raises(ListenError, match=rf"cannot listen on \[::1\]:{port}: Address already in use"):
+            _check_address("::1", port)
+
+
+# The source entry point with the address check turned off, so that the workers themselves
+# meet the port in use: what a port taken between the check and the bind looks like.
+UNCHECKED = (
+    "import runpy, sys; import gateway.server as server; "
+    "server._check_address = lambda host, port: None; "
+    f"sys.argv = ['gateway']; runpy.run_path({str(ROOT / 'gateway.py')!r}, run_name='__main__')"
+)
+
+
+@pytest.mark.parametrize("workers", ["1", "2", "3"])
+def test_workers_that_cannot_listen_are_one_line_from_the_parent(
+    listener: socket.socket, redis_server: RedisServer, workers: str
+) -> None:
+    port = listener.getsockname()[1]
+    env = base_env() | {"LISTEN_ADDR": f"127.0.0.1:{port}", "WORKERS": workers, "REDIS_URL": redis_server.url}
+    with tempfile.TemporaryDirectory() as cwd:
+        result = subprocess.run(
+            [sys.executable, "-c", UNCHECKED], env=env, cwd=cwd, capture_output=True, text=True, timeout=30
+        )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use"]
