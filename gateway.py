@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from gateway import __version__
-from gateway.config import ConfigError, load_settings
-from gateway.server import ListenError, configure_logging, run
+from gateway.config import ConfigError, export_sdk_environment, load_settings
+from gateway.server import StartupError, configure_logging, run
 
 
 def main() -> int:
@@ -23,12 +22,13 @@ def main() -> int:
             print(f"config error: {line}", file=sys.stderr)
         return 2
     if args.check_config:
-        print(json.dumps(settings.describe(), indent=2, default=str))
+        print("\n".join(f"{name}={value}" for name, value in settings.describe()))
         return 0
+    export_sdk_environment(settings)
     configure_logging()
     try:
         return run(settings)
-    except ListenError as error:
+    except StartupError as error:  # the same one line whether one process or WORKERS of them
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -3,25 +3,40 @@
 `.env` is loaded from the working directory (an explicit path: a PyInstaller bundle has
 no source tree to search from) and the real environment wins over it. Every bad variable
 is reported at once; `load_settings` raises `ConfigError` with one line per variable.
+`Settings.describe()` is what `--check-config` prints: the variables by the names an operator
+sets, every secret masked.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
+from dotenv import dotenv_values
 from environs import Env, EnvError, EnvValidationError
 from marshmallow.validate import OneOf, Range
 
 T = TypeVar("T")
 REDACT_KIND_NAMES = ("email", "card", "phone", "iban", "ssn")
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+MAX_KEY_BYTES = 256  # SPEC §4: a longer presented key gets 401, so a longer listed key could never match
+MASK = "***"
+# OTEL_* variables the gateway reads itself; every other one is the OpenTelemetry SDK's own.
+_GATEWAY_OTEL = frozenset({"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME"})
+# Query parameters known to carry no secret; every other query value is masked when printed.
+_PLAIN_QUERY_KEYS = frozenset(
+    {"db", "protocol", "api-version", "ssl_cert_reqs", "ssl_check_hostname", "timeout", "socket_timeout"}
+)
+_SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL|HEADERS")
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
 
 
 class ConfigError(Exception):
@@ -38,6 +53,8 @@ class Settings:
     listen_port: int = 8080
     upstream_base_url: str = "https://api.openai.com"
     upstream_api_key: str | None = field(default=None, repr=False)
+    openai_organization: str | None = None  # sent upstream as OpenAI-Organization
+    openai_project: str | None = None  # sent upstream as OpenAI-Project
     rps: float = 5.0
     burst: int = 10
     redis_url: str | None = field(default=None, repr=False)
@@ -48,12 +65,16 @@ class Settings:
     quota_fail_mode: Literal["open", "closed"] = "open"
     store_timeout_secs: float = 0.25
     timeout_secs: float = 60.0
+    stream_idle_secs: float = 300.0  # after the first upstream chunk, silence this long ends a stream
     max_concurrency: int = 0
     max_body_bytes: int = 8 * 1024 * 1024
-    otlp_endpoint: str | None = None
+    otlp_endpoint: str | None = field(default=None, repr=False)
     service_name: str = "secure-llm-gateway"
-    # sha256(key) -> tenant name; plaintext keys are never kept.
+    # sha256(key) -> tenant name; plaintext keys are never kept. All keys, and those of TENANT_KEYS
+    # alone (a reload of TENANT_KEYS_FILE merges its new contents with these).
     tenant_key_digests: Mapping[bytes, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    inline_key_digests: Mapping[bytes, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    tenant_keys_file: str | None = None
     hash_identifiers: bool = False
     hash_secret: bytes | None = field(default=None, repr=False)
     trusted_proxies: tuple[IpNetwork, ...] = ()
@@ -62,49 +83,126 @@ class Settings:
     model_label_limit: int = 50
     workers: int = 1
     notify_socket: str | None = None  # systemd's NOTIFY_SOCKET, set by the service manager
+    # The OTEL_* variables the OpenTelemetry SDK reads from os.environ itself (sampler, batching,
+    # exporter headers), from the environment or `.env`; see `export_sdk_environment`.
+    sdk_environment: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
 
     @property
     def upstream_chat_url(self) -> str:
-        base = self.upstream_base_url.rstrip("/")
-        if base.endswith("/v1"):
-            base = base[: -len("/v1")]
-        return base + "/v1/chat/completions"
+        parts = urlsplit(self.upstream_base_url)
+        path = parts.path.rstrip("/")
+        if path.endswith("/v1"):
+            path = path[: -len("/v1")]
+        # The path is extended, the query (e.g. an api-version) kept after it.
+        return urlunsplit(parts._replace(path=path + "/v1/chat/completions"))
 
     @property
     def keyed_mode(self) -> bool:
         return bool(self.tenant_key_digests)
 
-    def describe(self) -> dict[str, object]:
-        """The effective configuration for `--check-config`, with every secret masked."""
-        out: dict[str, object] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("upstream_api_key", "hash_secret"):
-                value = "(set, masked)" if value else "(unset)"
-            elif f.name == "tenant_key_digests":
-                value = sorted(set(value.values()))
-                out["tenants"] = value
-                continue
-            elif f.name == "redis_url" and value:
-                value = _mask_url_password(value)
-            elif isinstance(value, Mapping):
-                value = dict(value)
-            elif isinstance(value, frozenset):
-                value = sorted(value)
-            elif isinstance(value, tuple):
-                value = [str(v) for v in value]
-            out[f.name] = value
-        out["upstream_chat_url"] = self.upstream_chat_url
-        out["mode"] = "keyed" if self.keyed_mode else "open"
-        return out
+    def describe(self) -> list[tuple[str, str]]:
+        """`--check-config`: (variable, effective value) under the names an operator sets,
+        every secret masked, every value on one printable line."""
+        s = self
+        pairs = [
+            ("LISTEN_ADDR", _host_port(s.listen_host, s.listen_port)),
+            ("OPENAI_BASE_URL", mask_url(s.upstream_base_url)),
+            ("OPENAI_API_KEY", MASK if s.upstream_api_key else ""),
+            ("OPENAI_ORGANIZATION", s.openai_organization or ""),
+            ("OPENAI_PROJECT", s.openai_project or ""),
+            ("RPS", _number(s.rps)),
+            ("BURST", str(s.burst)),
+            ("TRUSTED_PROXIES", ",".join(str(net) for net in s.trusted_proxies)),
+            ("MAX_CONCURRENCY", str(s.max_concurrency)),
+            ("REDIS_URL", mask_url(s.redis_url) if s.redis_url else ""),
+            ("REDIS_CLUSTER", _flag(s.redis_cluster)),
+            ("DEFAULT_QUOTA", str(s.default_quota)),
+            ("QUOTA_WINDOW_SECS", str(s.quota_window_secs)),
+            ("TENANT_QUOTAS", ",".join(f"{s._tenant_shown(name)}={limit}" for name, limit in s.tenant_quotas.items())),
+            ("QUOTA_FAIL_MODE", s.quota_fail_mode),
+            ("STORE_TIMEOUT_MS", _number(round(s.store_timeout_secs * 1000, 3))),
+            ("TENANT_KEYS", ",".join(f"{name}={MASK}" for name in s.inline_key_digests.values())),
+            ("TENANT_KEYS_FILE", s.tenant_keys_file or ""),
+            ("HASH_IDENTIFIERS", _flag(s.hash_identifiers)),
+            ("HASH_SECRET", MASK if s.hash_secret else ""),
+            ("TIMEOUT_SECS", _number(s.timeout_secs)),
+            ("STREAM_IDLE_SECS", _number(s.stream_idle_secs)),
+            ("MAX_BODY_BYTES", str(s.max_body_bytes)),
+            ("REDACT_KINDS", ",".join(kind for kind in REDACT_KIND_NAMES if kind in s.redact_kinds)),
+            ("MODEL_LABEL_LIMIT", str(s.model_label_limit)),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", mask_url(s.otlp_endpoint) if s.otlp_endpoint else ""),
+            ("OTEL_SERVICE_NAME", s.service_name),
+            *sorted((name, _mask_sdk_value(name, value)) for name, value in s.sdk_environment.items()),
+            ("SHUTDOWN_GRACE_SECS", _number(s.shutdown_grace_secs)),
+            ("WORKERS", str(s.workers)),
+        ]
+        return [(name, _one_line(value)) for name, value in pairs]
+
+    def _tenant_shown(self, name: str) -> str:
+        # In open mode a tenant is the key its clients present (SPEC §4): a secret like any key.
+        return name if self.keyed_mode else MASK
 
 
-def _mask_url_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
-    return parts._replace(netloc=netloc).geturl()
+def export_sdk_environment(settings: Settings) -> None:
+    """Put `.env`'s OTEL_* values into os.environ, where the OpenTelemetry SDK reads them
+    (environs keeps `.env` to itself); a variable already in the environment stays as it is."""
+    for name, value in settings.sdk_environment.items():
+        os.environ.setdefault(name, value)
+
+
+# --- printing: nothing secret, nothing that could pass for a second line ---
+
+
+def mask_url(url: str) -> str:
+    """The URL with its user info, its query values (but a few known harmless ones) and its
+    fragment masked: `redis://:***@host`, `https://***@proxy`, `?password=***`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return MASK
+    if "@" in parts.path + parts.query + parts.fragment:
+        return MASK  # user info with an unencoded / ? or #: no telling where it ends
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        netloc = (MASK if user else "") + (":" + MASK if colon else "") + "@" + hostport
+    query = "&".join(_mask_query_item(item) for item in parts.query.split("&")) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, MASK if parts.fragment else ""))
+
+
+def _mask_query_item(item: str) -> str:
+    key, eq, _ = item.partition("=")
+    if not eq:
+        return MASK  # a bare value may be a token itself
+    return item if key.lower() in _PLAIN_QUERY_KEYS else f"{key}={MASK}"
+
+
+def _mask_sdk_value(name: str, value: str) -> str:
+    if "HEADERS" in name:  # `authorization=Bearer x,api-key=y`: the names stay, the values go
+        return ",".join(f"{item.partition('=')[0].strip()}={MASK}" for item in value.split(",") if item.strip())
+    if _SECRET_NAME.search(name):
+        return MASK if value else ""
+    if name.endswith("ENDPOINT"):
+        return mask_url(value) if value else ""
+    return _URL_USERINFO.sub(rf"\1{MASK}@", value)  # a URL inside, e.g. in OTEL_RESOURCE_ATTRIBUTES
+
+
+def _one_line(value: str) -> str:
+    # A control character (a newline in `.env`, say) is shown escaped, never acted upon.
+    return value if value.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
 
 
 # --- parsers: each raises EnvError with a message that never echoes a secret ---
@@ -114,26 +212,64 @@ def _parse_listen_addr(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise EnvError("expected host:port, e.g. 0.0.0.0:8080")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    host = host.strip("[]") or "0.0.0.0"
+    if not _is_ip(host) and not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
+        raise EnvError("the host is neither an IP address nor a host name")
+    return host, int(port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_url(value: str, schemes: tuple[str, ...], what: str) -> str:
+    """`value`, a URL with one of `schemes` and a host (a path will do for unix://)."""
+    if any(not c.isprintable() or c.isspace() for c in value):
+        raise EnvError("the URL has white space or control characters")
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # its text may quote the URL: not repeated
+        raise EnvError("not a URL") from None
+    if "@" in parts.path + parts.query + parts.fragment:
+        # An unencoded / ? or # in a password moves the rest of the user info into the path:
+        # the host would be wrong, and the password could not be told apart to be masked.
+        raise EnvError("an '@' after the host: percent-encode (%40, %2F, %3F, %23) a user name or password")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise EnvError("the port is not a number in 0..65535") from None
+    if parts.scheme not in schemes:
+        raise EnvError(f"expected {what}")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise EnvError("the URL has no host")
+    return value
 
 
 def _parse_http_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise EnvError("expected an http:// or https:// URL with a host")
-    try:
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError as exc:
-        raise EnvError("the port is not a number in 0..65535") from exc
+    if urlsplit(_check_url(value, ("http", "https"), "an http:// or https:// URL with a host")).fragment:
+        raise EnvError("a URL fragment (#...) is never sent to a server")
+    return value
+
+
+def _parse_otlp_url(value: str) -> str:
+    if urlsplit(_parse_http_url(value)).query:
+        raise EnvError("an OTLP endpoint has no query: /v1/traces is appended to it")
     return value
 
 
 def _parse_redis_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise EnvError("expected a redis://, rediss:// or unix:// URL")
-    if parts.scheme != "unix" and not parts.hostname:
-        raise EnvError("the URL has no host")
+    _check_url(value, ("redis", "rediss", "unix"), "a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def _parse_header_value(value: str) -> str:
+    value = value.strip()
+    if len(value) > 256 or not all(" " <= c <= "~" for c in value):
+        raise EnvError("expected up to 256 printable ASCII characters (it is sent as a header)")
     return value
 
 
@@ -147,7 +283,7 @@ def _parse_tenant_quotas(value: str) -> Mapping[str, int]:
     return MappingProxyType(quotas)
 
 
-def _key_digest(key: str) -> bytes:
+def _key_digest(key: str, entry: str) -> bytes:
     if key.startswith("sha256:"):
         hexdigest = key[len("sha256:") :]
         try:
@@ -155,21 +291,51 @@ def _key_digest(key: str) -> bytes:
         except ValueError:
             digest = b""
         if len(digest) != 32:
-            raise EnvError("a sha256: entry needs 64 hex digits")
+            raise EnvError(f"{entry}: a sha256: key needs 64 hex digits")
         return digest
+    # SPEC §4: such a key is refused (401) when presented, so listing it would lock its tenant out.
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise EnvError(f"{entry}: the key is longer than {MAX_KEY_BYTES} bytes, so no client could present it")
+    if not all(" " <= c <= "~" for c in key):
+        raise EnvError(f"{entry}: the key has characters outside printable ASCII, so no client could present it")
     return hashlib.sha256(key.encode()).digest()
 
 
-def _parse_tenant_key_entries(entries: list[str], where: str) -> dict[bytes, str]:
+def parse_tenant_key_entries(
+    entries: list[tuple[int, str]], unit: str, known: Mapping[bytes, str] | None = None
+) -> dict[bytes, str]:
+    """Numbered `name=key` entries → {sha256(key): name}. Raises EnvError naming the entry by
+    `unit` and number ("line 3"), never by its text: it holds a secret. A key listed twice
+    (here or in `known`) is an error too: which tenant it names would depend on the order."""
     digests: dict[bytes, str] = {}
-    for number, entry in enumerate(entries, start=1):
-        name, sep, key = entry.partition("=")
+    for number, text in entries:
+        entry = f"{unit} {number}"
+        name, sep, key = text.partition("=")
         name, key = name.strip(), key.strip()
         if not sep or not name or not key:
-            # Never echo the entry: it holds a secret.
-            raise EnvError(f"entry {number} of {where} is not name=key")
-        digests[_key_digest(key)] = name
+            raise EnvError(f"{entry} is not name=key")
+        if not name.isprintable():
+            raise EnvError(f"{entry}: the tenant name has control characters")
+        digest = _key_digest(key, entry)
+        if digest in digests or (known is not None and digest in known):
+            raise EnvError(f"{entry}: the key is listed already (each key names one tenant)")
+        digests[digest] = name
     return digests
+
+
+def read_tenant_keys_file(path: str, known: Mapping[bytes, str] | None = None) -> dict[bytes, str]:
+    """The keys of TENANT_KEYS_FILE, one `name=key` per line, `#` comments. Raises EnvError;
+    a file without a single key is one too (it would turn keyed mode into open mode)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")  # numbered as an editor shows them
+    except OSError as exc:
+        raise EnvError(f"cannot read {_one_line(path)}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise EnvError(f"{_one_line(path)} is not UTF-8 text") from None
+    entries = [(n, ln) for n, ln in enumerate(lines, start=1) if ln.strip() and not ln.lstrip().startswith("#")]
+    if not entries:
+        raise EnvError(f"{_one_line(path)} has no name=key entry")
+    return parse_tenant_key_entries(entries, "line", known)
 
 
 def _parse_trusted_proxies(value: str) -> tuple[IpNetwork, ...]:
@@ -194,9 +360,19 @@ def load_settings(env_file: Path | None = None) -> Settings:
     """Read `.env` (working directory by default) under the real environment; validate all."""
     env = Env(eager=False)
     dotenv = env_file if env_file is not None else Path.cwd() / ".env"
+    from_file: dict[str, str] = {}
     if dotenv.is_file():
         env.read_env(str(dotenv), recurse=False, override=False)  # into env, under os.environ
-    return _read(env)
+        # The same parse as environs' (it calls dotenv_values too), for the SDK's variables.
+        from_file = {k: v for k, v in dotenv_values(dotenv).items() if v is not None}
+    return _read(env, _sdk_environment(from_file))
+
+
+def _sdk_environment(from_file: Mapping[str, str]) -> Mapping[str, str]:
+    merged = {**from_file, **os.environ}  # the real environment wins
+    return MappingProxyType(
+        {k: v for k, v in sorted(merged.items()) if k.startswith("OTEL_") and k not in _GATEWAY_OTEL}
+    )
 
 
 class _Reader:
@@ -216,30 +392,29 @@ class _Reader:
             self.errors[name] = str(exc)
             return default
 
-    def tenant_keys(self) -> dict[bytes, str]:
-        digests: dict[bytes, str] = {}
+    def tenant_keys(self) -> tuple[dict[bytes, str], dict[bytes, str], str | None]:
+        """(all keys, those of TENANT_KEYS, the TENANT_KEYS_FILE path)."""
+        inline: dict[bytes, str] = {}
         raw_keys = self.env.str("TENANT_KEYS", None)
         if raw_keys:
             try:
-                digests.update(_parse_tenant_key_entries(raw_keys.split(","), "TENANT_KEYS"))
+                items = [item for item in raw_keys.split(",") if item.strip()]  # a trailing comma is no entry
+                inline = parse_tenant_key_entries(list(enumerate(items, start=1)), "entry")
             except EnvError as exc:
                 self.errors["TENANT_KEYS"] = str(exc)
-        keys_file = self.env.str("TENANT_KEYS_FILE", None)
+        keys_file = self.env.str("TENANT_KEYS_FILE", None) or None
+        from_file: dict[bytes, str] = {}
         if keys_file:
             try:
-                lines = Path(keys_file).read_text().splitlines()
-                entries = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-                digests.update(_parse_tenant_key_entries(entries, "TENANT_KEYS_FILE"))
-            except OSError as exc:
-                self.errors["TENANT_KEYS_FILE"] = f"cannot read {keys_file}: {exc.strerror}"
+                from_file = read_tenant_keys_file(keys_file, inline)
             except EnvError as exc:
                 self.errors["TENANT_KEYS_FILE"] = str(exc)
-        return digests
+        return inline | from_file, inline, keys_file
 
 
-def _read(env: Env) -> Settings:
+def _read(env: Env, sdk_environment: Mapping[str, str]) -> Settings:
     r = _Reader(env)
-    non_negative, positive = Range(min=0), Range(min=1)
+    non_negative, positive, above_zero = Range(min=0), Range(min=1), Range(min=0, min_inclusive=False)
     host, port = r.custom("LISTEN_ADDR", _parse_listen_addr, ("0.0.0.0", 8080))
     base_url = r.custom("OPENAI_BASE_URL", _parse_http_url, "https://api.openai.com")
     redis_url = r.custom("REDIS_URL", _parse_redis_url, None)
@@ -247,27 +422,34 @@ def _read(env: Env) -> Settings:
     tenant_quotas = r.custom("TENANT_QUOTAS", _parse_tenant_quotas, no_quotas)
     no_proxies: tuple[IpNetwork, ...] = ()
     trusted = r.custom("TRUSTED_PROXIES", _parse_trusted_proxies, no_proxies)
-    otlp = r.custom("OTEL_EXPORTER_OTLP_ENDPOINT", _parse_http_url, None)
+    otlp = r.custom("OTEL_EXPORTER_OTLP_ENDPOINT", _parse_otlp_url, None)
+    organization = r.custom("OPENAI_ORGANIZATION", _parse_header_value, None) or None
+    project = r.custom("OPENAI_PROJECT", _parse_header_value, None) or None
     if env.str("REDACT_KINDS", None) is None:
         redact_kinds = frozenset(REDACT_KIND_NAMES)
     else:  # set but empty turns redaction off
         redact_kinds = r.custom("REDACT_KINDS", _parse_redact_kinds, frozenset())
-    digests = r.tenant_keys()
+    digests, inline_digests, keys_file = r.tenant_keys()
     hash_identifiers = bool(env.bool("HASH_IDENTIFIERS", False))
     hash_secret = env.str("HASH_SECRET", None)
     if hash_identifiers and not hash_secret:
         r.errors["HASH_SECRET"] = "required when HASH_IDENTIFIERS=true"
+    api_key = env.str("OPENAI_API_KEY", None) or None
+    if api_key and "OPENAI_BASE_URL" not in r.errors and urlsplit(base_url).netloc.rpartition("@")[1]:
+        # aiohttp refuses a request that has both, so every request would fail.
+        r.errors["OPENAI_BASE_URL"] = "user info in the URL and OPENAI_API_KEY cannot both be sent (drop one)"
 
     store_timeout_ms = env.int("STORE_TIMEOUT_MS", 250, validate=positive)
     settings = dict(
-        upstream_api_key=env.str("OPENAI_API_KEY", None) or None,
+        upstream_api_key=api_key,
         rps=env.float("RPS", 5.0, validate=non_negative),
         burst=env.int("BURST", 10, validate=positive),
         redis_cluster=env.bool("REDIS_CLUSTER", False),
         default_quota=env.int("DEFAULT_QUOTA", 120, validate=non_negative),
         quota_window_secs=env.int("QUOTA_WINDOW_SECS", 60, validate=positive),
         quota_fail_mode=env.str("QUOTA_FAIL_MODE", "open", validate=OneOf(["open", "closed"])),
-        timeout_secs=env.float("TIMEOUT_SECS", 60.0, validate=Range(min=0, min_inclusive=False)),
+        timeout_secs=env.float("TIMEOUT_SECS", 60.0, validate=above_zero),
+        stream_idle_secs=env.float("STREAM_IDLE_SECS", 300.0, validate=above_zero),
         max_concurrency=env.int("MAX_CONCURRENCY", 0, validate=non_negative),
         max_body_bytes=env.int("MAX_BODY_BYTES", 8 * 1024 * 1024, validate=positive),
         service_name=env.str("OTEL_SERVICE_NAME", "secure-llm-gateway") or "secure-llm-gateway",
@@ -293,15 +475,20 @@ def _read(env: Env) -> Settings:
         listen_host=host,
         listen_port=port,
         upstream_base_url=base_url,
+        openai_organization=organization,
+        openai_project=project,
         redis_url=redis_url,
         tenant_quotas=tenant_quotas,
         trusted_proxies=trusted,
         otlp_endpoint=otlp,
         redact_kinds=redact_kinds,
         tenant_key_digests=MappingProxyType(digests),
+        inline_key_digests=MappingProxyType(inline_digests),
+        tenant_keys_file=keys_file,
         hash_identifiers=hash_identifiers,
         hash_secret=hash_secret.encode() if hash_identifiers and hash_secret else None,
         store_timeout_secs=store_timeout_ms / 1000,
+        sdk_environment=sdk_environment,
         **settings,  # type: ignore[arg-type]  # environs' values, validated above
     )
 

@@ -1,16 +1,21 @@
-"""Configuration: defaults, .env under the real environment, every bad variable reported."""
+"""Configuration: defaults, .env under the real environment, every bad variable reported,
+and `--check-config` printing every variable by its name with nothing secret in it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.config import ConfigError, load_settings
+from gateway.config import ConfigError, export_sdk_environment, load_settings, mask_url
 
-from .harness import ROOT, base_env
+from .harness import base_env, gateway_argv
 
 ALL_VARS = [
     "LISTEN_ADDR",
@@ -40,12 +45,17 @@ ALL_VARS = [
     "STORE_TIMEOUT_MS",
     "MODEL_LABEL_LIMIT",
     "NOTIFY_SOCKET",
+    "OPENAI_ORGANIZATION",
+    "OPENAI_PROJECT",
+    "STREAM_IDLE_SECS",
 ]
+# What --check-config prints: every variable an operator sets (NOTIFY_SOCKET is systemd's).
+PRINTED = [name for name in ALL_VARS if name != "NOTIFY_SOCKET"]
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in ALL_VARS:
+    for name in ALL_VARS + [n for n in os.environ if n.startswith("OTEL_")]:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
 
@@ -58,12 +68,20 @@ def test_defaults_match_the_spec() -> None:
     assert (s.quota_fail_mode, s.timeout_secs, s.max_concurrency) == ("open", 60, 0)
     assert s.redis_url is None and s.service_name == "secure-llm-gateway"
     assert s.max_body_bytes == 8 * 1024 * 1024 and s.shutdown_grace_secs == 30
+    assert s.stream_idle_secs == 300 and s.openai_organization is None and s.openai_project is None
 
 
 @pytest.mark.parametrize("base", ["http://up:4000", "http://up:4000/", "http://up:4000/v1", "http://up:4000/v1/"])
 def test_v1_is_not_doubled(monkeypatch: pytest.MonkeyPatch, base: str) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", base)
     assert load_settings().upstream_chat_url == "http://up:4000/v1/chat/completions"
+
+
+def test_a_query_stays_after_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", "https://azure.example/openai/v1?api-version=2024-10-21")
+    assert (
+        load_settings().upstream_chat_url == "https://azure.example/openai/v1/chat/completions?api-version=2024-10-21"
+    )
 
 
 def test_dotenv_is_read_and_the_environment_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -90,6 +108,7 @@ def test_tenant_keys_are_kept_hashed_and_never_echoed(monkeypatch: pytest.Monkey
     s = load_settings()
     assert sorted(s.tenant_key_digests.values()) == ["acme", "beta"]
     assert "sk-acme-1" not in repr(s) and "sk-acme-1" not in str(s.describe())
+    assert dict(s.describe())["TENANT_KEYS"] == "acme=***,beta=***"
     monkeypatch.setenv("TENANT_KEYS", "acme=sk-acme-1,sk-oops-no-name")
     with pytest.raises(ConfigError) as caught:
         load_settings()
@@ -108,11 +127,14 @@ def test_workers_need_redis(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings()
 
 
-def run_gateway(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def run_gateway(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """The real entry point (GATEWAY_CMD's build, if set), in an empty working directory
+    unless `cwd` is given: a developer's .env must not leak in."""
     full = {k: v for k, v in base_env().items() if k not in ALL_VARS} | env
-    return subprocess.run(
-        [sys.executable, str(ROOT / "gateway.py"), *args], env=full, capture_output=True, text=True, timeout=30
-    )
+    with tempfile.TemporaryDirectory() as empty:
+        return subprocess.run(
+            [*gateway_argv(), *args], env=full, cwd=cwd or empty, capture_output=True, text=True, timeout=30
+        )
 
 
 def test_bad_value_stops_start_up_with_one_line_and_status_2() -> None:
@@ -120,21 +142,6 @@ def test_bad_value_stops_start_up_with_one_line_and_status_2() -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["config error: RPS: Not a valid number."]
     assert "Traceback" not in result.stderr
-
-
-def test_check_config_masks_secrets() -> None:
-    result = run_gateway(
-        "--check-config",
-        OPENAI_API_KEY="sk-very-secret",
-        REDIS_URL="redis://:hunter2@localhost:6379/0",
-        TENANT_KEYS="acme=sk-acme-secret",
-        HASH_IDENTIFIERS="true",
-        HASH_SECRET="pepper-secret",
-    )
-    assert result.returncode == 0, result.stderr
-    for secret in ("sk-very-secret", "hunter2", "sk-acme-secret", "pepper-secret"):
-        assert secret not in result.stdout
-    assert '"mode": "keyed"' in result.stdout and "acme" in result.stdout
 
 
 def test_tenant_keys_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -147,19 +154,6 @@ def test_tenant_keys_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
         load_settings()
 
 
-def test_a_port_in_use_is_one_clear_line() -> None:
-    import socket
-
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = run_gateway(LISTEN_ADDR=f"127.0.0.1:{port}")
-    assert result.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
 def test_version_flag() -> None:
     result = run_gateway("--version")
     assert result.returncode == 0
@@ -169,3 +163,331 @@ def test_version_flag() -> None:
 def test_store_timeout_is_given_in_milliseconds(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STORE_TIMEOUT_MS", "400")
     assert load_settings().store_timeout_secs == 0.4
+
+
+# --- check-config: every variable by its own name, nothing secret ---
+
+SECRETS = {
+    "OPENAI_API_KEY": "sk-apikey-S3CRET0",
+    "HASH_SECRET": "pepper-S3CRET1",
+}
+HOSTILE_URLS = {
+    "OPENAI_BASE_URL": "https://proxyuser-S3CRET2:proxypass-S3CRET3@up.example:8443/v1"
+    "?api-version=2024-10-21&token=tok-S3CRET4&api_key=key-S3CRET5&sig=sig-S3CRET6",
+    "REDIS_URL": "rediss://default:redispass-S3CRET7@redis.example:6380/0?password=qpass-S3CRET8&db=0",
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "https://otlpuser-S3CRET9@collector.example:4318",
+}
+
+
+def check_config_lines(result: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    pairs = [line.split("=", 1) for line in lines]
+    assert all(len(pair) == 2 for pair in pairs), lines
+    names = [name for name, _ in pairs]
+    assert len(names) == len(set(names)), names  # each variable once
+    return dict(pairs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("with_api_key", [False, True])
+def test_check_config_prints_every_variable_and_no_secret(tmp_path: Path, with_api_key: bool) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# tenants\nfile-tenant=sk-filekey-S3CRETa\nother = sha256:" + "ab" * 32 + "\n")
+    env = {
+        **HOSTILE_URLS,
+        "HASH_SECRET": SECRETS["HASH_SECRET"],
+        "HASH_IDENTIFIERS": "true",
+        "TENANT_KEYS": "acme=sk-acme-S3CRETb,beta=sk-beta-S3CRETc",
+        "TENANT_KEYS_FILE": str(keys_file),
+        "TENANT_QUOTAS": "acme=5,file-tenant=7",
+        "WORKERS": "2",
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer bearer-S3CRETd,x-api-key=hdr-S3CRETe",
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod",
+    }
+    if with_api_key:  # user info and a key would both be Authorization: that is refused
+        env["OPENAI_API_KEY"] = SECRETS["OPENAI_API_KEY"]
+        env["OPENAI_BASE_URL"] = "https://up.example/v1?key=qkey-S3CRETf&api-version=1"
+    result = run_gateway("--check-config", **env)
+    printed = check_config_lines(result)
+    assert "S3CRET" not in result.stdout + result.stderr  # every secret above carries the marker
+    assert set(printed) == set(PRINTED) | {"OTEL_EXPORTER_OTLP_HEADERS", "OTEL_RESOURCE_ATTRIBUTES"}
+    assert printed["REDIS_URL"] == "rediss://***:***@redis.example:6380/0?password=***&db=0"
+    assert printed["OTEL_EXPORTER_OTLP_ENDPOINT"] == "https://***@collector.example:4318"
+    assert printed["TENANT_KEYS"] == "acme=***,beta=***"
+    assert printed["TENANT_QUOTAS"] == "acme=5,file-tenant=7"  # keyed mode: names, not keys
+    assert printed["TENANT_KEYS_FILE"] == str(keys_file)
+    assert printed["HASH_SECRET"] == "***"
+    assert printed["OTEL_EXPORTER_OTLP_HEADERS"] == "authorization=***,x-api-key=***"
+    assert printed["OTEL_RESOURCE_ATTRIBUTES"] == "deployment.environment=prod"
+    if with_api_key:
+        assert printed["OPENAI_API_KEY"] == "***"
+        assert printed["OPENAI_BASE_URL"] == "https://up.example/v1?key=***&api-version=1"
+    else:
+        assert printed["OPENAI_API_KEY"] == ""
+        assert printed["OPENAI_BASE_URL"] == (
+            "https://***:***@up.example:8443/v1?api-version=2024-10-21&token=***&api_key=***&sig=***"
+        )
+
+
+def test_check_config_shows_values_as_an_operator_writes_them() -> None:
+    printed = check_config_lines(
+        run_gateway(
+            "--check-config",
+            LISTEN_ADDR="[::1]:9090",
+            RPS="2.5",
+            BURST="3",
+            TRUSTED_PROXIES="127.0.0.1,10.0.0.0/8",
+            TENANT_QUOTAS="tenantA=5,tenantB=8",
+            REDACT_KINDS="",
+            TIMEOUT_SECS="1.5",
+            STREAM_IDLE_SECS="45",
+            STORE_TIMEOUT_MS="400",
+            OPENAI_ORGANIZATION="org-abc",
+            OPENAI_PROJECT="proj_def",
+            OTEL_SERVICE_NAME="gw\nOPENAI_API_KEY=forged",  # a newline cannot forge a line
+        )
+    )
+    assert printed["LISTEN_ADDR"] == "[::1]:9090"
+    assert (printed["RPS"], printed["BURST"], printed["TIMEOUT_SECS"]) == ("2.5", "3", "1.5")
+    assert printed["TRUSTED_PROXIES"] == "127.0.0.1/32,10.0.0.0/8"
+    assert printed["TENANT_QUOTAS"] == "***=5,***=8"  # open mode: these names are the keys clients send
+    assert printed["REDACT_KINDS"] == ""  # off, as written
+    assert (printed["STREAM_IDLE_SECS"], printed["STORE_TIMEOUT_MS"]) == ("45", "400")
+    assert (printed["OPENAI_ORGANIZATION"], printed["OPENAI_PROJECT"]) == ("org-abc", "proj_def")
+    assert printed["OTEL_SERVICE_NAME"] == "gw\\nOPENAI_API_KEY=forged"
+    assert printed["OPENAI_API_KEY"] == ""
+    assert printed["REDIS_CLUSTER"] == "false" and printed["WORKERS"] == "1"
+
+
+def test_printed_values_read_back_give_the_same_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Non-secret lines are valid input: what is printed is what is in force."""
+    for name, value in {
+        "LISTEN_ADDR": "127.0.0.1:9999",
+        "RPS": "0.25",
+        "TRUSTED_PROXIES": "::1,10.1.0.0/16",
+        "TENANT_QUOTAS": "a=1,b=2",
+        "REDACT_KINDS": "card,email",
+        "STORE_TIMEOUT_MS": "125",
+        "OPENAI_ORGANIZATION": "org-1",
+        "REDIS_URL": "redis://127.0.0.1:6379/2",
+        "WORKERS": "3",
+    }.items():
+        monkeypatch.setenv(name, value)
+    first = load_settings()
+    masked = [name for name, value in first.describe() if "***" in value]
+    assert masked == ["TENANT_QUOTAS"]  # open mode: its tenants are keys
+    for name, value in first.describe():
+        if name not in masked:
+            monkeypatch.setenv(name, value)
+    assert load_settings() == first
+
+
+# hypothesis: secrets of any shape an operator could write inside a URL
+SECRET_CHARS = st.sampled_from("abcXYZ0189-._~!$'()+,;%:")
+secrets_st = st.text(SECRET_CHARS, min_size=12, max_size=40).map(lambda s: "Q" + s + "Q")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    user=secrets_st,
+    password=secrets_st,
+    value=secrets_st.filter(lambda s: "&" not in s),
+    scheme=st.sampled_from(["https", "http", "redis", "rediss"]),
+    key=st.sampled_from(["password", "token", "key", "Secret", "X-Amz-Signature", "pass%77ord", "auth"]),
+)
+def test_mask_url_never_shows_user_info_or_query_secrets(
+    user: str, password: str, value: str, scheme: str, key: str
+) -> None:
+    for url in (
+        f"{scheme}://{user}:{password}@host.example:1234/0?{key}={value}&db=1",
+        f"{scheme}://:{password}@host.example/0?{key}={value}",
+        f"{scheme}://{user}@host.example/path?{value}",
+        f"{scheme}://host.example/?db=0&{key}={value}#{password}",
+    ):
+        masked = mask_url(url)
+        for secret in (user, password, value):
+            assert secret not in masked, (url, masked)
+        assert "host.example" in masked
+
+
+# What an environment can hold: no NUL; lone surrogates only as undecodable bytes (surrogateescape).
+ENV_CHARS = st.characters(exclude_characters="\x00", exclude_categories=["Cs"]) | st.sampled_from("\udc80\udcff")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(ENV_CHARS, max_size=80))
+def test_any_url_is_masked_to_one_printable_line_or_refused(text: str) -> None:
+    masked = mask_url(text)
+    for name in ("OPENAI_BASE_URL", "REDIS_URL", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        with mock.patch.dict(os.environ, {name: text}):
+            try:
+                printed = dict(load_settings().describe())[name]
+            except ConfigError as error:
+                assert all("\n" not in line and "\r" not in line for line in error.lines)
+                assert len(error.lines) == 1 and error.lines[0].startswith(name + ":")
+                continue
+        assert printed.isprintable()
+        assert printed == masked or not text  # empty: the default
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    name=st.sampled_from(PRINTED),
+    value=st.text(ENV_CHARS, max_size=60),
+)
+def test_any_value_is_settings_or_one_config_error_line(name: str, value: str) -> None:
+    with mock.patch.dict(os.environ, {name: value, "REDIS_URL": os.environ.get("REDIS_URL", "redis://h")}):
+        try:
+            described = load_settings().describe()
+        except ConfigError as error:
+            assert [line.split(":")[0] for line in error.lines] == [name]
+            assert "\n" not in str(error.lines[0]) and "\r" not in error.lines[0]
+            return
+    assert all(v.isprintable() for _, v in described)
+    assert {n for n, _ in described} == set(PRINTED)
+
+
+# --- tenant keys that no client could ever present are refused at start-up ---
+
+
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [
+        ("k" * 257, "is longer than 256 bytes"),
+        ("sk-caf\u00e9-key", "has characters outside printable ASCII"),
+        ("sk-tab\there", "has characters outside printable ASCII"),
+        ("sk-del\x7fkey", "has characters outside printable ASCII"),
+    ],
+)
+def test_unpresentable_tenant_keys_are_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, key: str, problem: str
+) -> None:
+    monkeypatch.setenv("TENANT_KEYS", f"acme=sk-fine,beta={key}")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.lines == [f"TENANT_KEYS: entry 2: the key {problem}, so no client could present it"]
+    monkeypatch.delenv("TENANT_KEYS")
+    keys = tmp_path / "keys"
+    keys.write_text(f"# comment\nacme=sk-fine\n\nbeta={key}\n")
+    monkeypatch.setenv("TENANT_KEYS_FILE", str(keys))
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.lines == [f"TENANT_KEYS_FILE: line 4: the key {problem}, so no client could present it"]
+
+
+def test_the_longest_presentable_key_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TENANT_KEYS", "acme=" + "k" * 256 + ",spaced=sk with spaces ~")
+    assert sorted(load_settings().tenant_key_digests.values()) == ["acme", "spaced"]
+
+
+def test_a_key_listed_twice_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TENANT_KEYS", "acme=sk-same,beta=sk-same")
+    with pytest.raises(ConfigError, match="TENANT_KEYS: entry 2: the key is listed already"):
+        load_settings()
+    keys = tmp_path / "keys"
+    keys.write_text("beta=sk-same\n")
+    monkeypatch.setenv("TENANT_KEYS", "acme=sk-same")
+    monkeypatch.setenv("TENANT_KEYS_FILE", str(keys))
+    with pytest.raises(ConfigError, match="TENANT_KEYS_FILE: line 1: the key is listed already"):
+        load_settings()
+
+
+def test_an_empty_keys_file_is_refused_not_open_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# every key revoked\n\n")
+    monkeypatch.setenv("TENANT_KEYS_FILE", str(keys))
+    with pytest.raises(ConfigError, match=r"TENANT_KEYS_FILE: .* has no name=key entry"):
+        load_settings()
+
+
+# --- new settings ---
+
+
+def test_stream_idle_secs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAM_IDLE_SECS", "12.5")
+    assert load_settings().stream_idle_secs == 12.5
+    for bad in ("0", "-1", "soon", "nan"):
+        monkeypatch.setenv("STREAM_IDLE_SECS", bad)
+        with pytest.raises(ConfigError) as caught:
+            load_settings()
+        assert [line.split(":")[0] for line in caught.value.lines] == ["STREAM_IDLE_SECS"]
+
+
+def test_openai_organization_and_project(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_ORGANIZATION", " org-abc ")
+    monkeypatch.setenv("OPENAI_PROJECT", "proj_123")
+    s = load_settings()
+    assert (s.openai_organization, s.openai_project) == ("org-abc", "proj_123")
+    monkeypatch.setenv("OPENAI_ORGANIZATION", "org-abc\r\nX-Injected: 1")
+    monkeypatch.setenv("OPENAI_PROJECT", "p" * 257)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert [line.split(":")[0] for line in caught.value.lines] == ["OPENAI_ORGANIZATION", "OPENAI_PROJECT"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("OPENAI_BASE_URL", "https://user:pa/ss-S3CRET@proxy.example", "percent-encode"),
+        ("REDIS_URL", "redis://:pa?ss-S3CRET@redis.example", "percent-encode"),
+        ("REDIS_URL", "redis://u:12#ss-S3CRET@redis.example", "percent-encode"),
+        ("REDIS_URL", "redis://u:pass-S3CRET@redis.example:notaport", "port"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c.example:4318?token=S3CRET", "no query"),
+        ("OPENAI_BASE_URL", "https://up.example/#S3CRET", "fragment"),
+        ("OPENAI_BASE_URL", "https://up.example/S3CRET\n", "white space"),
+        ("LISTEN_ADDR", "bad host\n:8080", "neither an IP"),
+    ],
+)
+def test_ambiguous_urls_are_refused_without_echoing_them(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, problem: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    [line] = caught.value.lines
+    assert line.startswith(name + ":") and problem in line and "S3CRET" not in line
+
+
+def test_user_info_and_an_api_key_together_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", "https://user:pw-S3CRET@proxy.example")
+    assert load_settings().upstream_api_key is None  # alone, aiohttp sends it as Basic auth
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-S3CRET")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.lines == [
+        "OPENAI_BASE_URL: user info in the URL and OPENAI_API_KEY cannot both be sent (drop one)"
+    ]
+
+
+def test_sdk_variables_from_dotenv_reach_os_environ_under_the_real_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    names = ["OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", "OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_MAX_QUEUE_SIZE"]
+    for name in names:  # set, then removed: monkeypatch restores "absent" after the test
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
+    (tmp_path / ".env").write_text(
+        "OTEL_TRACES_SAMPLER=traceidratio\nOTEL_TRACES_SAMPLER_ARG=0.25\n"
+        "OTEL_BSP_SCHEDULE_DELAY=100\nOTEL_SERVICE_NAME=from-dotenv\n"
+    )
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "250")  # the real environment wins
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "64")
+    s = load_settings()
+    assert dict(s.sdk_environment) == {
+        "OTEL_BSP_MAX_QUEUE_SIZE": "64",
+        "OTEL_BSP_SCHEDULE_DELAY": "250",
+        "OTEL_TRACES_SAMPLER": "traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.25",
+    }
+    assert s.service_name == "from-dotenv"  # read by the gateway itself, not passed on
+    assert "OTEL_TRACES_SAMPLER" not in os.environ
+    export_sdk_environment(s)
+    assert [os.environ.get(name) for name in names] == ["traceidratio", "0.25", "250", "64"]
+
+
+def test_every_variable_is_documented() -> None:
+    root = Path(__file__).resolve().parent.parent
+    example, readme = (root / ".env.example").read_text(), (root / "README.md").read_text()
+    for name in PRINTED:
+        assert f"{name}=" in example, f"{name} is not in .env.example"
+        assert f"`{name}`" in readme, f"{name} is not in README's configuration table"

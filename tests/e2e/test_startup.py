@@ -1,0 +1,126 @@
+"""Start-up on the real process (GATEWAY_CMD's build, if set): a failure is one line on stderr
+and the same exit status whether one process serves or WORKERS of them; `.env` reaches the
+OpenTelemetry SDK's own variables."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from ..conftest import GatewayFactory
+from ..harness import Mock, RedisServer, base_env, free_port, gateway_argv, http_get, wait_until
+
+CHAT = "/v1/chat/completions"
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def start_up(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the gateway to its exit (a failing start-up), in an empty working directory."""
+    cwd = tmp_path / f"cwd-{free_port()}"
+    cwd.mkdir()
+    full = base_env() | {"RPS": "0"} | env
+    return subprocess.run(gateway_argv(), env=full, cwd=cwd, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+def test_a_port_in_use_is_the_same_one_line_with_any_number_of_workers(
+    tmp_path: Path, taken_port: int, redis_server: RedisServer
+) -> None:
+    results = {
+        workers: start_up(tmp_path, LISTEN_ADDR=f"127.0.0.1:{taken_port}", WORKERS=workers, REDIS_URL=redis_server.url)
+        for workers in ("1", "2", "4")
+    }
+    for result in results.values():
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [f"error: cannot listen on 127.0.0.1:{taken_port}: Address already in use"]
+
+
+def test_a_second_gateway_cannot_share_the_port_of_one_with_workers(
+    start_gateway: GatewayFactory, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Workers bind with SO_REUSEPORT; a second gateway (same user) doing so too would quietly
+    take a share of the first one's connections. It is refused like any port in use."""
+    first = start_gateway(WORKERS="2", REDIS_URL=redis_server.url)
+    second = start_up(tmp_path, LISTEN_ADDR=f"127.0.0.1:{first.port}", WORKERS="2", REDIS_URL=redis_server.url)
+    assert second.returncode == 1
+    assert second.stderr.splitlines() == [f"error: cannot listen on 127.0.0.1:{first.port}: Address already in use"]
+    assert http_get(first.port, "/healthz")[0] == 200
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_bad_configuration_and_unreadable_files_are_one_line_status_2(tmp_path: Path, workers: str) -> None:
+    result = start_up(
+        tmp_path, WORKERS=workers, REDIS_URL="redis://127.0.0.1:1/0", TENANT_KEYS_FILE=str(tmp_path / "missing")
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"config error: TENANT_KEYS_FILE: cannot read {tmp_path / 'missing'}: No such file or directory"
+    ]
+
+
+def test_tenant_keys_no_client_could_present_are_refused_without_the_key(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("acme=sk-fine\nbeta=sk-" + "S3CRET" * 50 + "\n")
+    result = start_up(tmp_path, TENANT_KEYS_FILE=str(keys))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "config error: TENANT_KEYS_FILE: line 2: the key is longer than 256 bytes, so no client could present it"
+    ]
+
+
+class DotenvGateway:
+    """A gateway in a working directory of our own, so that it holds a `.env`."""
+
+    def __init__(self, tmp_path: Path, mock: Mock, dotenv: str, **env: str) -> None:
+        self.port = free_port()
+        cwd = tmp_path / f"gw-{self.port}"
+        cwd.mkdir()
+        (cwd / ".env").write_text(dotenv)
+        full = base_env() | {"LISTEN_ADDR": f"127.0.0.1:{self.port}", "OPENAI_BASE_URL": mock.url, "RPS": "0"} | env
+        self.process = subprocess.Popen(gateway_argv(), env=full, cwd=cwd, stdout=subprocess.DEVNULL)
+        wait_until(self.ready, what="the gateway")
+
+    def ready(self) -> bool:
+        assert self.process.poll() is None, "the gateway exited"
+        try:
+            return http_get(self.port, "/healthz")[0] == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.process.kill()  # no graceful export to a collector that is not there
+        self.process.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("real_env", "sampled"),
+    [({}, False), ({"OTEL_TRACES_SAMPLER": "always_on"}, True)],
+    ids=["from-dotenv", "real-environment-wins"],
+)
+async def test_dotenv_sampler_reaches_the_sdk(
+    tmp_path: Path, mock: Mock, real_env: dict[str, str], sampled: bool
+) -> None:
+    # The collector is never reached: only the sampling decision matters, seen in traceparent.
+    dotenv = f"OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:{free_port()}\nOTEL_TRACES_SAMPLER=always_off\n"
+    gateway = DotenvGateway(tmp_path, mock, dotenv, **real_env)
+    try:
+        url = f"http://127.0.0.1:{gateway.port}{CHAT}"
+        async with aiohttp.ClientSession() as session, session.post(url, json=BODY) as response:
+            assert response.status == 200
+    finally:
+        gateway.stop()
+    [request] = mock.requests()
+    flags = int({k.lower(): v for k, v in request["headers"].items()}["traceparent"].split("-")[3], 16)
+    assert bool(flags & 0x01) is sampled  # W3C's sampled flag
