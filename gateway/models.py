@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .tracing import Span
+    from opentelemetry.trace import Span
 
 
 @dataclass(frozen=True, slots=True)

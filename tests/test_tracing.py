@@ -1,161 +1,381 @@
-"""Spans: what the hand-written OTLP encoder writes decodes with opentelemetry-proto to what
-was recorded, and the W3C propagation and sampling decisions a collector would see."""
+"""Spans from gateway/tracing.py as a real OTLP/HTTP receiver gets them (decoded with
+opentelemetry-proto), and the W3C propagation and sampling decisions a collector would see."""
 
 from __future__ import annotations
 
+import gzip
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
+from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
+from opentelemetry.sdk.trace import TracerProvider
 
-from gateway.otlp import Encoder
-from gateway.tracing import SCOPE_NAME, Span, Tracing
+from gateway.models import RequestState, Tenant, Usage
+from gateway.tracing import SCOPE_NAME, Tracing
+
+from .harness import wait_until
 
 INCOMING_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 INCOMING_SPAN = "00f067aa0ba902b7"
-
-attribute_values = st.one_of(
-    st.text(max_size=40),
-    st.booleans(),
-    st.integers(min_value=-(2**63), max_value=2**63 - 1),
-    st.floats(allow_nan=False),
-)
+CHAT = "/v1/chat/completions"
 
 
-def decode(data: bytes) -> ExportTraceServiceRequest:
-    request = ExportTraceServiceRequest()
-    request.ParseFromString(data)
-    return request
+@dataclass
+class Received:
+    """One span as the receiver decoded it."""
+
+    name: str
+    kind: int
+    trace_id: str
+    span_id: str
+    parent: str
+    flags: int
+    trace_state: str
+    status: int
+    attrs: dict[str, Any]
+    events: list[tuple[str, dict[str, Any]]]
+    service: str
+    scope: str
 
 
-def value_of(any_value: object) -> object:
-    field = any_value.WhichOneof("value")  # type: ignore[attr-defined]
-    return getattr(any_value, field) if field else None
+def _value(any_value: Any) -> Any:
+    kind = any_value.WhichOneof("value")
+    return getattr(any_value, kind) if kind else None
 
 
-@given(
-    attributes=st.dictionaries(
-        st.one_of(st.just("request.id"), st.text(min_size=1, max_size=20)), attribute_values, max_size=8
-    ),
-    name=st.text(max_size=30),
-    parent=st.integers(min_value=0, max_value=2**64 - 1),
-    remote=st.booleans(),
-    failed=st.booleans(),
-    exception=st.one_of(st.none(), st.sampled_from(["UpstreamError", "CancelledError"])),
-    trace_state=st.sampled_from(["", "vendor=abc,other=1"]),
-)
-def test_encoded_spans_decode_to_what_was_recorded(
-    attributes: dict[str, object],
-    name: str,
-    parent: int,
-    remote: bool,
-    failed: bool,
-    exception: str | None,
-    trace_state: str,
-) -> None:
-    encoder = Encoder({"service.name": "gw", "replicas": 3}, SCOPE_NAME, unique_keys=("request.id",))
-    span = Span(name, 3, 2**128 - 7, 2**64 - 3, parent, 0x03)
-    span.attributes = attributes  # type: ignore[assignment]
-    span.remote_parent, span.failed, span.exception, span.trace_state = remote, failed, exception, trace_state
-    span.end_ns = span.start_ns + 1234
-    # twice: the second encoding comes from the attribute cache (but request.id's) and must be the same
-    [resource_spans] = decode(encoder.request([span, span])).resource_spans
-    assert {a.key: value_of(a.value) for a in resource_spans.resource.attributes} == {
-        "service.name": "gw",
-        "replicas": 3,
-    }
-    [scope_spans] = resource_spans.scope_spans
-    assert scope_spans.scope.name == SCOPE_NAME
-    first, second = scope_spans.spans
-    assert first == second
-    assert first.name == name and first.kind == PbSpan.SPAN_KIND_CLIENT
-    assert first.trace_id == (2**128 - 7).to_bytes(16, "big") and first.span_id == (2**64 - 3).to_bytes(8, "big")
-    assert first.parent_span_id == (parent.to_bytes(8, "big") if parent else b"")
-    assert first.start_time_unix_nano == span.start_ns and first.end_time_unix_nano == span.start_ns + 1234
-    assert [(a.key, value_of(a.value)) for a in first.attributes] == list(attributes.items())
-    assert first.trace_state == trace_state
-    assert first.flags == 0x03 | 0x100 | (0x200 if remote else 0)
-    assert first.status.code == (Status.STATUS_CODE_ERROR if failed else Status.STATUS_CODE_UNSET)
-    if exception is None:
-        assert not first.events
-    else:
-        [event] = first.events
-        assert event.name == "exception" and event.attributes[0].value.string_value == exception
+def decode(data: bytes) -> list[Received]:
+    export = ExportTraceServiceRequest()
+    export.ParseFromString(data)
+    out = []
+    for resource_spans in export.resource_spans:
+        resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                out.append(
+                    Received(
+                        name=span.name,
+                        kind=span.kind,
+                        trace_id=span.trace_id.hex(),
+                        span_id=span.span_id.hex(),
+                        parent=span.parent_span_id.hex(),
+                        flags=span.flags,
+                        trace_state=span.trace_state,
+                        status=span.status.code,
+                        attrs={a.key: _value(a.value) for a in span.attributes},
+                        events=[(e.name, {a.key: _value(a.value) for a in e.attributes}) for e in span.events],
+                        service=resource["service.name"],
+                        scope=scope_spans.scope.name,
+                    )
+                )
+    return out
+
+
+@dataclass
+class Receiver:
+    """A real OTLP/HTTP endpoint on a loopback port, in a thread (the exporter's sends are
+    blocking, from the SDK's own thread)."""
+
+    url: str
+    spans: list[Received] = field(default_factory=list)
+    posts: int = 0
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # http.server calls it by this name
+            data = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.headers.get("Content-Encoding") == "gzip":
+                data = gzip.decompress(data)
+            spans = decode(data) if self.path == "/v1/traces" else []
+            with lock:
+                received.spans.extend(spans)
+                received.posts += 1
+            self.send_response(200 if self.path == "/v1/traces" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    received = Receiver(f"http://127.0.0.1:{server.server_address[1]}")
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield received
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def standard_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", "OTEL_SDK_DISABLED", "OTEL_RESOURCE_ATTRIBUTES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "20")  # the receiver sees spans within ms
+
+
+@pytest.fixture
+def make_tracing(receiver: Receiver) -> Iterator[Any]:
+    made: list[Tracing] = []
+
+    def make(url: str = receiver.url) -> Tracing:
+        tracing = Tracing(url, "gw")
+        made.append(tracing)
+        return tracing
+
+    yield make
+    for tracing in made:
+        tracing.shutdown()
 
 
 def headers(**values: str) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(CIMultiDict(values))
 
 
-@pytest.fixture
-def tracing(monkeypatch: pytest.MonkeyPatch) -> Tracing:
-    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
-    return Tracing("http://127.0.0.1:9", "gw")  # nothing is ended, so nothing is sent
+def state(model: str | None = "gpt-4o", tenant: str = "acme") -> RequestState:
+    return RequestState(
+        "req-1",
+        tenant=Tenant(tenant, tenant, f"key:{tenant}"),
+        model=model,
+        usage=Usage(9, 12),
+        response_model="gpt-4o-2024-08-06",
+    )
 
 
-def test_a_request_without_traceparent_starts_a_sampled_trace(tracing: Tracing) -> None:
-    server = tracing.start_server_span("POST", "/v1/chat/completions", "/v1/chat/completions", headers())
-    assert server.sampled and server.parent_id == 0 and not server.remote_parent
-    with tracing.client_span(server, "gpt-4o") as sent:
-        version, trace_id, span_id, flags = sent["traceparent"].split("-")
-    assert version == "00" and trace_id == tracing.trace_id(server) and span_id != f"{server.span_id:016x}"
-    assert int(flags, 16) & 0x01  # sampled
-    assert "tracestate" not in sent
+def one_request(
+    tracing: Tracing, incoming: CIMultiDictProxy[str], status: int = 200, model: str = "gpt-4o", tenant: str = "acme"
+) -> tuple[trace.Span, dict[str, str]]:
+    """What the middleware and the proxy do for one request; returns the server span and the
+    headers sent upstream."""
+    server = tracing.start_server_span("POST", CHAT, CHAT, incoming)
+    with tracing.client_span(server, model) as sent:
+        sent = dict(sent)
+    tracing.end_server_span(server, state(model, tenant), status)
+    return server, sent
 
 
-def test_an_incoming_traceparent_and_tracestate_are_continued(tracing: Tracing) -> None:
-    incoming = headers(traceparent=f"00-{INCOMING_TRACE}-{INCOMING_SPAN}-01", tracestate="vendor=abc")
-    server = tracing.start_server_span("POST", "/v1/chat/completions", "/v1/chat/completions", incoming)
-    assert tracing.trace_id(server) == INCOMING_TRACE
-    assert server.parent_id == int(INCOMING_SPAN, 16) and server.remote_parent
-    with tracing.client_span(server, None) as sent:
-        assert sent["traceparent"].startswith(f"00-{INCOMING_TRACE}-") and sent["traceparent"].endswith("-01")
-        assert sent["tracestate"] == "vendor=abc"
+def arrived(receiver: Receiver, tenant: str) -> Received:
+    def find() -> Received | None:
+        return next((s for s in receiver.spans if s.attrs.get("tenant") == tenant), None)
+
+    found: Received = wait_until(find, what=f"the server span of {tenant}")
+    return found
 
 
-def test_an_unsampled_parent_is_not_recorded_but_still_propagated(tracing: Tracing) -> None:
-    incoming = headers(traceparent=f"00-{INCOMING_TRACE}-{INCOMING_SPAN}-00")
-    server = tracing.start_server_span("POST", "/v1/chat/completions", "/v1/chat/completions", incoming)
-    assert not server.sampled
-    with tracing.client_span(server, "m") as sent:
-        assert sent["traceparent"].startswith(f"00-{INCOMING_TRACE}-") and sent["traceparent"].endswith("-00")
+def sampled(span: trace.Span) -> bool:
+    return span.get_span_context().trace_flags.sampled
 
 
-def test_a_malformed_traceparent_starts_a_new_trace(tracing: Tracing) -> None:
-    server = tracing.start_server_span("GET", "other", "/x", headers(traceparent="00-zz-yy-01"))
-    assert server.sampled and server.parent_id == 0 and tracing.trace_id(server) != "0" * 32
+def traceparent(trace_id: str, span_id: str, flags: str) -> str:
+    return f"00-{trace_id}-{span_id}-{flags}"
 
 
-def test_the_sampler_comes_from_the_standard_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
-    tracing = Tracing("http://127.0.0.1:9", "gw")
-    server = tracing.start_server_span("POST", "/v1/chat/completions", "/v1/chat/completions", headers())
-    assert not server.sampled
-    with tracing.client_span(server, "m") as sent:
-        assert int(sent["traceparent"].rsplit("-", 1)[1], 16) & 0x01 == 0  # not sampled
+def test_a_request_makes_a_server_and_a_client_span(receiver: Receiver, make_tracing: Any) -> None:
+    tracing = make_tracing(receiver.url)
+    server_span, sent = one_request(tracing, headers())
+    server = arrived(receiver, "acme")
+    [client] = wait_until(lambda: [s for s in receiver.spans if s.kind == PbSpan.SPAN_KIND_CLIENT], what="client")
+    assert server.kind == PbSpan.SPAN_KIND_SERVER and server.name == f"POST {CHAT}"
+    assert server.service == "gw" and server.scope == SCOPE_NAME
+    assert server.parent == "" and server.trace_id == tracing.trace_id(server_span)
+    assert server.attrs == {
+        "http.request.method": "POST",
+        "url.path": CHAT,
+        "http.status_code": 200,
+        "http.response.status_code": 200,
+        "tenant": "acme",
+        "model": "gpt-4o",
+        "gen_ai.request.model": "gpt-4o",
+        "gen_ai.operation.name": "chat",
+        "gen_ai.response.model": "gpt-4o-2024-08-06",
+        "gen_ai.usage.input_tokens": 9,
+        "gen_ai.usage.output_tokens": 12,
+        "request.id": "req-1",
+    }
+    assert server.status == Status.STATUS_CODE_UNSET
+    assert client.name == "chat gpt-4o" and client.attrs == {"gen_ai.request.model": "gpt-4o"}
+    assert client.trace_id == server.trace_id and client.parent == server.span_id
+    assert client.status == Status.STATUS_CODE_UNSET and not client.events
+    # the upstream is told the client span: sampled, and (W3C level 2) with a random trace id
+    assert sent == {"traceparent": traceparent(server.trace_id, client.span_id, "03")}
 
 
-def test_the_sdk_switch_turns_recording_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
-    tracing = Tracing("http://127.0.0.1:9", "gw")
-    incoming = headers(traceparent=f"00-{INCOMING_TRACE}-{INCOMING_SPAN}-01")
-    server = tracing.start_server_span("POST", "/v1/chat/completions", "/v1/chat/completions", incoming)
-    assert not server.sampled
-    with tracing.client_span(server, "m") as sent:
-        assert sent["traceparent"].startswith(f"00-{INCOMING_TRACE}-")
+def test_an_error_status_marks_the_server_span(receiver: Receiver, make_tracing: Any) -> None:
+    tracing = make_tracing(receiver.url)
+    for status, tenant in ((429, "limited"), (404, "lost"), (399, "fine")):
+        span = tracing.start_server_span("POST", CHAT, CHAT, headers())
+        tracing.end_server_span(span, state(tenant=tenant), status)
+    limited, lost, fine = (arrived(receiver, t) for t in ("limited", "lost", "fine"))
+    for failed in (limited, lost):
+        assert failed.attrs["error"] is True and failed.status == Status.STATUS_CODE_ERROR
+    assert "error" not in fine.attrs and fine.status == Status.STATUS_CODE_UNSET
 
 
-def test_an_upstream_call_that_raises_ends_its_span_failed(tracing: Tracing, monkeypatch: pytest.MonkeyPatch) -> None:
-    ended: list[Span] = []
-    monkeypatch.setattr(tracing, "_end", ended.append)
-    server = tracing.start_server_span("POST", "/v1/chat/completions", "/v1/chat/completions", headers())
+def test_an_upstream_call_that_raises_ends_its_span_failed(receiver: Receiver, make_tracing: Any) -> None:
+    tracing = make_tracing(receiver.url)
+    server = tracing.start_server_span("POST", CHAT, CHAT, headers())
     with pytest.raises(TimeoutError), tracing.client_span(server, "m"):
-        raise TimeoutError
-    with tracing.client_span(server, "m"):
-        pass
-    failed, ok = ended
-    assert failed.failed and failed.exception == "TimeoutError" and failed.parent_id == server.span_id
-    assert not ok.failed and ok.exception is None
+        raise TimeoutError("secret detail")
+    tracing.end_server_span(server, state(tenant="raised"), 504)
+    arrived(receiver, "raised")
+    [client] = [s for s in receiver.spans if s.kind == PbSpan.SPAN_KIND_CLIENT]
+    assert client.status == Status.STATUS_CODE_ERROR
+    assert client.events == [("exception", {"exception.type": "TimeoutError"})]  # the type, not the message
+
+
+def test_an_incoming_traceparent_and_tracestate_are_continued(receiver: Receiver, make_tracing: Any) -> None:
+    tracing = make_tracing(receiver.url)
+    incoming = headers(traceparent=traceparent(INCOMING_TRACE, INCOMING_SPAN, "01"), tracestate="vendor=abc")
+    server_span, sent = one_request(tracing, incoming)
+    assert tracing.trace_id(server_span) == INCOMING_TRACE
+    server = arrived(receiver, "acme")
+    [client] = wait_until(lambda: [s for s in receiver.spans if s.kind == PbSpan.SPAN_KIND_CLIENT], what="client")
+    assert server.trace_id == INCOMING_TRACE and server.parent == INCOMING_SPAN
+    assert server.flags & 0x300 == 0x300  # the parent is remote
+    assert server.trace_state == "vendor=abc" and client.trace_state == "vendor=abc"
+    assert sent == {"traceparent": traceparent(INCOMING_TRACE, client.span_id, "01"), "tracestate": "vendor=abc"}
+
+
+def test_an_unsampled_parent_is_not_recorded_but_still_propagated(receiver: Receiver, make_tracing: Any) -> None:
+    tracing = make_tracing(receiver.url)
+    server, sent = one_request(tracing, headers(traceparent=traceparent(INCOMING_TRACE, INCOMING_SPAN, "00")))
+    assert not sampled(server)
+    assert sent["traceparent"].startswith(f"00-{INCOMING_TRACE}-") and sent["traceparent"].endswith("-00")
+    assert sent["traceparent"].split("-")[2] != INCOMING_SPAN  # a span of its own, though unrecorded
+    one_request(tracing, headers(), tenant="marker")
+    marker = arrived(receiver, "marker")  # what was ended before it has been sent by now
+    wait_until(lambda: len(receiver.spans) == 2, what="the marker's client span")
+    assert all(s.trace_id == marker.trace_id for s in receiver.spans)
+
+
+TRACEPARENT_SENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-0[0-3]")
+
+
+# One receiver for every example (spans ended here are sent, and a live receiver makes each
+# example's shutdown quick).
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    value=st.one_of(
+        st.text(),
+        st.from_regex(r"\A[0-9a-f]{2}-[0-9a-fA-F]{32}-[0-9a-fA-F]{16}-[0-9a-f]{2}\Z"),
+        st.builds(
+            lambda t, s, f, tail: f"{t}-{s}-{f}{tail}",
+            st.sampled_from(["00-" + "0" * 32, "00-" + INCOMING_TRACE, "ff-" + INCOMING_TRACE, "01-" + INCOMING_TRACE]),
+            st.sampled_from(["0" * 16, INCOMING_SPAN]),
+            st.sampled_from(["00", "01", "ff", "1"]),
+            st.sampled_from(["", "-x", " ", "\t", "\r\nx-evil: 1"]),
+        ),
+    ),
+    trace_state=st.one_of(st.none(), st.text(max_size=300), st.just("a=1,b=2\r\nx-evil: 1")),
+)
+def test_any_incoming_trace_context_gives_a_valid_span_and_safe_headers(
+    receiver: Receiver, value: str, trace_state: str | None
+) -> None:
+    tracing = Tracing(receiver.url, "gw")
+    try:
+        incoming = {"traceparent": value} | ({"tracestate": trace_state} if trace_state is not None else {})
+        server = tracing.start_server_span("POST", CHAT, CHAT, headers(**incoming))
+        context = server.get_span_context()
+        assert context.is_valid  # the caller's trace, or a new one
+        with tracing.client_span(server, "m") as sent:
+            assert set(sent) <= {"traceparent", "tracestate"}
+            assert TRACEPARENT_SENT.fullmatch(sent["traceparent"])
+            assert sent["traceparent"][3:35] == f"{context.trace_id:032x}"
+            assert all(" " <= c <= "~" for c in sent.get("tracestate", ""))  # nothing that breaks a header
+    finally:
+        tracing.shutdown()
+
+
+def test_a_malformed_traceparent_starts_a_new_trace(receiver: Receiver, make_tracing: Any) -> None:
+    tracing = make_tracing(receiver.url)
+    one_request(tracing, headers(traceparent=f"00-{INCOMING_TRACE}-zz-01"))
+    server = arrived(receiver, "acme")
+    assert server.parent == "" and server.trace_id not in (INCOMING_TRACE, "0" * 32)
+
+
+def test_the_sampler_comes_from_the_standard_variables(monkeypatch: pytest.MonkeyPatch, make_tracing: Any) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    server, sent = one_request(make_tracing(), headers())
+    assert not sampled(server) and sent["traceparent"].endswith("-02")  # not sampled; random id
+
+
+def test_the_ratio_sampler_decides_by_trace_id(monkeypatch: pytest.MonkeyPatch, make_tracing: Any) -> None:
+    """traceidratio samples a trace whose id's low 64 bits are below ratio * 2^64, whatever
+    the caller's flag; the client span follows its server span."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.1")
+    tracing = make_tracing()
+    low, high = "ab" * 8 + "0" * 16, "ab" * 8 + "f" * 16
+    kept, kept_sent = one_request(tracing, headers(traceparent=traceparent(low, INCOMING_SPAN, "00")))
+    dropped, dropped_sent = one_request(tracing, headers(traceparent=traceparent(high, INCOMING_SPAN, "01")))
+    assert sampled(kept) and kept_sent["traceparent"].endswith("-01")
+    assert not sampled(dropped) and dropped_sent["traceparent"].endswith("-00")
+
+
+def test_parentbased_ratio_follows_the_caller_and_samples_its_share_of_new_traces(
+    monkeypatch: pytest.MonkeyPatch, make_tracing: Any
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.1")
+    tracing = make_tracing()
+    high = "ab" * 8 + "f" * 16  # the ratio alone would drop it: the caller's flag decides
+    followed, _ = one_request(tracing, headers(traceparent=traceparent(high, INCOMING_SPAN, "01")))
+    assert sampled(followed)
+    roots = [tracing.start_server_span("POST", CHAT, CHAT, headers()) for _ in range(2000)]
+    assert all(s.is_recording() == ((s.get_span_context().trace_id & (2**64 - 1)) < 2**64 // 10) for s in roots)
+    assert 0 < sum(s.is_recording() for s in roots) < len(roots)
+
+
+def test_the_sdk_switch_turns_recording_off_and_passes_the_context_on(
+    monkeypatch: pytest.MonkeyPatch, receiver: Receiver, make_tracing: Any
+) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    tracing = make_tracing(receiver.url)
+    incoming = traceparent(INCOMING_TRACE, INCOMING_SPAN, "01")
+    server, sent = one_request(tracing, headers(traceparent=incoming))
+    assert not server.is_recording() and tracing.trace_id(server) == INCOMING_TRACE
+    assert sent["traceparent"] == incoming  # the caller's context, flag and all, as it came
+    server, sent = one_request(tracing, headers())
+    assert tracing.trace_id(server) is None and sent == {}  # no trace to log or pass on
+    tracing.shutdown()
+    assert receiver.posts == 0
+
+
+def test_each_app_has_its_own_provider(receiver: Receiver, make_tracing: Any) -> None:
+    first, second = make_tracing(), Tracing(receiver.url, "second-app")
+    one_request(second, headers(), tenant="second")
+    one_request(first, headers(), tenant="first")
+    second.shutdown()
+    assert arrived(receiver, "first").service == "gw" and arrived(receiver, "second").service == "second-app"
+    assert not isinstance(trace.get_tracer_provider(), TracerProvider)  # the global one is untouched
+
+
+@pytest.mark.timeout(20)
+def test_a_collector_that_never_answers_holds_neither_requests_nor_shutdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Accepts connections (the kernel completes them) and never reads or answers: each export
+    # would wait for the exporter's whole timeout, set far past this test's hang guard.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "60")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2")
+    with socket.socket() as sink:
+        sink.bind(("127.0.0.1", 0))
+        sink.listen(64)
+        tracing = Tracing(f"http://127.0.0.1:{sink.getsockname()[1]}", "gw")
+        for _ in range(50):
+            one_request(tracing, headers())
+        tracing.shutdown()  # flushes for a bounded time, then gives up on the stuck export
