@@ -1,0 +1,343 @@
+"""API surfaces: which fields of a reply or an event carry text, described as data.
+
+A description is a tree shaped like the JSON it reads: a dict names the keys to descend into,
+`Each(spec)` a list whose items are told apart by their integer "index" member (a choice, a
+tool call), `All(spec)` a list read item by item (a reply's content blocks), and a leaf says
+what its string is: `TEXT`, `JSON_TEXT` (a JSON document as a string, tool-call arguments: a
+mask never breaks it), `DROP` (gone with redaction on) or `KEEP` (passes untouched: thinking
+and its signature). Every string a description does not name is redacted whole. The relay
+keeps one streaming redactor per leaf and per indices on the way to it, so text split across
+events is redacted as one. Redacting one more field is one more leaf.
+
+Each surface also says where a stream's text streams end (so held text is flushed in time),
+how a flush is written, what ends the stream, where usage is, and how an error event looks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import orjson
+
+from . import sse
+from .errors import GatewayError
+from .models import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    json_text: bool = False  # the string holds a JSON document: a mask outside its strings is quoted
+    drop: bool = False  # with redaction on, the value goes out as null
+    keep: bool = False  # passes as it came, never redacted (a signature covers it)
+
+
+TEXT = Leaf()
+JSON_TEXT = Leaf(json_text=True)
+DROP = Leaf(drop=True)
+KEEP = Leaf(keep=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Each:
+    """A list of objects, each told apart by its integer "index" member."""
+
+    spec: Spec
+
+
+@dataclass(frozen=True, slots=True)
+class All:
+    """A list of objects read alike (whole replies only: no text streams across them)."""
+
+    spec: Spec
+
+
+Spec = dict[str, "Spec | Each | All | Leaf"]
+Path = tuple[str | int, ...]  # keys, and the "index" of list items (ints), from the event's root
+
+
+class Surface:
+    """One API's event stream, for the relay. Subclasses fill in the blanks."""
+
+    spec: ClassVar[Spec]  # an event's described fields
+    reply_spec: ClassVar[Spec]  # a whole (JSON) reply's
+    done_data: ClassVar[bytes | None] = None  # an event whose data ends the stream ([DONE])
+    done_types: ClassVar[frozenset[str]] = frozenset()  # event types that end it
+
+    def root(self, event: dict[str, Any]) -> Path | None:
+        """Where the event's streams are keyed from; None: it cannot be read as described."""
+        return ()
+
+    def flush_before(self, event: dict[str, Any]) -> list[Path] | None:
+        """Streams (by path prefix) whose held text must go out in events before this one;
+        None: none."""
+        return None
+
+    def flush_into(self, event: dict[str, Any]) -> list[Path] | None:
+        """Streams whose held text goes out inside this event (after its own text)."""
+        return None
+
+    def flush_events(self, held: list[tuple[Path, str]], first: dict[str, Any] | None) -> bytes:
+        """Events that carry held text (the end came without a place for it)."""
+        raise NotImplementedError
+
+    def usage(self, event: dict[str, Any], before: Usage | None) -> Usage | None:
+        return before
+
+    def error_event(self, error: GatewayError) -> bytes:
+        return sse.error_event(error)
+
+    def template(self, event: dict[str, Any]) -> dict[str, Any]:
+        """What a flush event copies from the stream's first event."""
+        return {}
+
+
+def put(root: dict[str, Any], path: Path, text: str) -> None:
+    """Append `text` to the string at `path`, creating what is missing on the way (an int
+    step is the list item with that "index")."""
+    node: Any = root
+    for step, following in itertools.pairwise(path):
+        if type(step) is int:
+            item = next((i for i in node if type(i) is dict and i.get("index") == step), None)
+            if item is None:
+                item = {"index": step}
+                node.append(item)
+            node = item
+        else:
+            want = list if type(following) is int else dict
+            child = node.get(step)
+            if type(child) is not want:
+                child = node[step] = want()
+            node = child
+    leaf = path[-1]
+    assert type(leaf) is str
+    before = node.get(leaf)
+    node[leaf] = before + text if type(before) is str else text
+
+
+# --- Chat completions (SPEC §6) ---------------------------------------------------------
+# A message's texts, in a stream chunk's "delta" or a reply's "message", per choice (and per
+# tool call). Log probabilities echo the text token by token (PII split across tokens would
+# pass): with redaction on they are dropped, and requests asking for them are refused.
+_CHAT_MESSAGE: Spec = {
+    "content": TEXT,
+    "refusal": TEXT,
+    "tool_calls": Each({"function": {"arguments": JSON_TEXT}}),
+}
+
+
+class ChatSurface(Surface):
+    spec: ClassVar[Spec] = {"choices": Each({"delta": _CHAT_MESSAGE, "logprobs": DROP})}
+    reply_spec: ClassVar[Spec] = {"choices": Each({"message": _CHAT_MESSAGE, "logprobs": DROP})}
+    done_data = sse.DONE
+
+    def flush_into(self, event: dict[str, Any]) -> list[Path] | None:
+        """The choices this chunk finishes: their held text goes out in it."""
+        choices = event.get("choices")
+        if type(choices) is not list:
+            return None
+        return [
+            ("choices", choice["index"])
+            for choice in choices
+            if type(choice) is dict and type(choice.get("index")) is int and choice.get("finish_reason") is not None
+        ] or None
+
+    def flush_events(self, held: list[tuple[Path, str]], first: dict[str, Any] | None) -> bytes:
+        chunk = dict(first or {"object": "chat.completion.chunk"})
+        chunk["choices"] = []
+        for path, text in held:
+            put(chunk, path, text)
+        for choice in chunk["choices"]:
+            choice.setdefault("finish_reason", None)
+        return sse.encode(orjson.dumps(chunk))
+
+    def template(self, event: dict[str, Any]) -> dict[str, Any]:
+        return {k: event[k] for k in ("id", "object", "created", "model") if k in event}
+
+    def usage(self, event: dict[str, Any], before: Usage | None) -> Usage | None:
+        return chat_usage(event) or before
+
+
+def chat_usage(body: dict[str, Any]) -> Usage | None:
+    usage = body.get("usage")
+    if type(usage) is not dict:
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if type(prompt) is int and type(completion) is int and prompt >= 0 and completion >= 0:
+        return Usage(prompt, completion)
+    return None
+
+
+CHAT = ChatSurface()
+
+
+# --- Anthropic Messages (SPEC §11) ------------------------------------------------------
+# A stream's events are keyed by their content block's "index"; text and tool input JSON
+# stream per block. Thinking and its signature pass untouched (the signature covers them).
+_THINKING: Spec = {"thinking": KEEP, "signature": KEEP, "data": KEEP}
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_type(status: int) -> str:
+    return _ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+
+
+class MessagesSurface(Surface):
+    spec: ClassVar[Spec] = {
+        "delta": {"text": TEXT, "partial_json": JSON_TEXT, **_THINKING},
+        "content_block": _THINKING,
+        "message": {"content": All(_THINKING)},
+    }
+    reply_spec: ClassVar[Spec] = {"content": All({"text": TEXT, **_THINKING})}
+    done_types: ClassVar[frozenset[str]] = frozenset({"message_stop"})
+
+    def root(self, event: dict[str, Any]) -> Path | None:
+        kind = event.get("type")
+        if type(kind) is str and kind.startswith("content_block_"):
+            index = event.get("index")
+            return (index,) if type(index) is int else None
+        return ()
+
+    def flush_before(self, event: dict[str, Any]) -> list[Path] | None:
+        """A block's held text goes out before its content_block_stop (and any left before
+        the message's end)."""
+        kind = event.get("type")
+        if kind == "content_block_stop":
+            index = event.get("index")
+            return [(index,)] if type(index) is int else [()]
+        if kind in ("message_delta", "message_stop"):
+            return [()]
+        return None
+
+    def flush_events(self, held: list[tuple[Path, str]], first: dict[str, Any] | None) -> bytes:
+        out = []
+        for path, text in held:
+            index, field = path[0], path[-1]
+            delta = (
+                {"type": "input_json_delta", "partial_json": text}
+                if field == "partial_json"
+                else {"type": "text_delta", "text": text}
+            )
+            data = orjson.dumps({"type": "content_block_delta", "index": index, "delta": delta})
+            out.append(b"event: content_block_delta\ndata: " + data + b"\n\n")
+        return b"".join(out)
+
+    def usage(self, event: dict[str, Any], before: Usage | None) -> Usage | None:
+        kind = event.get("type")
+        if kind == "message_start":
+            message = event.get("message")
+            usage = message.get("usage") if type(message) is dict else None
+        elif kind == "message_delta":
+            usage = event.get("usage")
+        else:
+            return before
+        if type(usage) is not dict:
+            return before
+        prompt = anthropic_input_tokens(usage)
+        completion = usage.get("output_tokens")
+        return Usage(
+            prompt if prompt is not None else (before.prompt_tokens if before else 0),
+            completion if type(completion) is int and completion >= 0 else (before.completion_tokens if before else 0),
+        )
+
+    def error_event(self, error: GatewayError) -> bytes:
+        body = {"type": "error", "error": {"type": anthropic_error_type(error.status), "message": error.message}}
+        return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
+
+
+def anthropic_input_tokens(usage: dict[str, Any]) -> int | None:
+    """input_tokens plus the cache's read and creation tokens; None when none is reported."""
+    counts = [usage.get(k) for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")]
+    present = [c for c in counts if type(c) is int and c >= 0]
+    return sum(present) if present else None
+
+
+def anthropic_usage(reply: dict[str, Any]) -> Usage | None:
+    usage = reply.get("usage")
+    if type(usage) is not dict:
+        return None
+    prompt, completion = anthropic_input_tokens(usage), usage.get("output_tokens")
+    if prompt is None or type(completion) is not int or completion < 0:
+        return None
+    return Usage(prompt, completion)
+
+
+MESSAGES = MessagesSurface()
+
+
+# --- Request texts: what a client sends, per API (SPEC §6, §11) -------------------------
+TextSlot = tuple[Any, Any, bool]  # (holder, key or index, JSON text?): holder[key] is a str to redact
+
+
+def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
+    """String content, `text` parts, refusals and tool-call arguments of every message."""
+    for message in payload.get("messages") or ():
+        if type(message) is not dict:
+            continue
+        content = message.get("content")
+        if type(content) is str:
+            yield message, "content", False
+        elif type(content) is list:
+            for part in content:
+                if type(part) is dict and part.get("type") == "text" and type(part.get("text")) is str:
+                    yield part, "text", False
+        if type(message.get("refusal")) is str:
+            yield message, "refusal", False
+        calls = message.get("tool_calls")
+        for call in calls if type(calls) is list else ():
+            function = call.get("function") if type(call) is dict else None
+            if type(function) is dict and type(function.get("arguments")) is str:
+                yield function, "arguments", True
+
+
+def messages_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
+    """`system`, message content strings, `text` blocks, `tool_result` text and the string
+    values of `tool_use` input; thinking blocks pass unchanged."""
+    yield from _blocks_texts(payload, "system")
+    for message in payload.get("messages") or ():
+        if type(message) is dict:
+            yield from _blocks_texts(message, "content")
+
+
+def _blocks_texts(holder: dict[str, Any], key: str) -> Iterator[TextSlot]:
+    value = holder.get(key)
+    if type(value) is str:
+        yield holder, key, False
+        return
+    if type(value) is not list:
+        return
+    for block in value:
+        if type(block) is not dict:
+            continue
+        kind = block.get("type")
+        if kind == "text" and type(block.get("text")) is str:
+            yield block, "text", False
+        elif kind == "tool_result":
+            yield from _blocks_texts(block, "content")
+        elif kind == "tool_use":
+            yield from _strings_in(block, "input")
+
+
+def _strings_in(holder: Any, key: Any) -> Iterator[TextSlot]:
+    value = holder[key] if type(holder) is list else holder.get(key)
+    if type(value) is str:
+        yield holder, key, False
+    elif type(value) is dict:
+        for name in value:
+            yield from _strings_in(value, name)
+    elif type(value) is list:
+        for position in range(len(value)):
+            yield from _strings_in(value, position)

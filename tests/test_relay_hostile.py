@@ -1,0 +1,264 @@
+"""The relay against hostile and odd upstream events (issue 15): side fields, repeated and
+escaped keys, wrong types, and a fuzz target over well- and ill-formed streams."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway import sse
+from gateway.redact import ALL_KINDS, build_redactor
+from gateway.relay import StreamRelay
+
+REDACTOR = build_redactor(ALL_KINDS)
+assert REDACTOR is not None
+EMAIL = "jane.doe@example.com"
+CARD = "4242 4242 4242 4242"
+# PII that must never reach the client in clear, and fragments that show it did.
+CORPUS = [EMAIL, CARD, "4242424242424242", "+1 415 555 2671", "DE89 3704 0044 0532 0130 00", "078-05-1120"]
+
+
+def event(body: object) -> bytes:
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def delta_chunk(delta: dict[str, Any], index: object = 0, finish: str | None = None, **extra: Any) -> bytes:
+    return event(
+        {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
+    )
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def relay_all(*reads: bytes) -> bytes:
+    relay = StreamRelay(REDACTOR, None)
+    out = b"".join(relay.feed(r) for r in reads)
+    return out + relay.close()
+
+
+def texts(wire: bytes, field: str = "content") -> str:
+    out = []
+    for ev in sse.SSEParser().feed(wire):
+        if ev.data and ev.data != sse.DONE:
+            for choice in json.loads(ev.data).get("choices", []):
+                out.append((choice.get("delta") or {}).get(field) or "")
+    return "".join(out)
+
+
+def assert_no_clear_pii(wire: bytes) -> None:
+    # Decode the JSON too: an escape must not hide a value either.
+    decoded = wire.decode("utf-8", "replace")
+    for ev in sse.SSEParser().feed(wire):
+        if ev.data and ev.data != sse.DONE:
+            with contextlib.suppress(ValueError, RecursionError):
+                decoded += json.dumps(json.loads(ev.data), ensure_ascii=False)
+    for value in CORPUS:
+        assert value not in decoded, value
+
+
+def test_logprobs_tokens_never_carry_the_text_in_clear() -> None:
+    tokens = [{"token": t, "logprob": -0.1} for t in ["jane", ".doe", "@example", ".com"]]
+    wire = relay_all(
+        event({"id": "c1", "choices": [{"index": 0, "delta": {"content": EMAIL}, "logprobs": {"content": tokens}}]}),
+        DONE,
+    )
+    assert_no_clear_pii(wire)
+    assert "jane" not in wire.decode() and "@example" in wire.decode()
+
+
+def test_refusal_and_tool_call_arguments_are_redacted_across_events() -> None:
+    wire = relay_all(
+        delta_chunk({"refusal": "I won't mail jane.doe@exa"}),
+        delta_chunk({"refusal": "mple.com, sorry"}),
+        delta_chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "t",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": '{"card": 4242 4242'},
+                    }
+                ]
+            }
+        ),
+        delta_chunk(
+            {"tool_calls": [{"index": 0, "function": {"arguments": ' 4242 4242, "to": "jane.doe@example.com"}'}}]}
+        ),
+        delta_chunk({}, finish="tool_calls"),
+        DONE,
+    )
+    assert_no_clear_pii(wire)
+    assert texts(wire, "refusal") == "I won't mail j***e@example.com, sorry"
+    arguments = "".join(
+        call["function"].get("arguments", "")
+        for ev in sse.SSEParser().feed(wire)
+        if ev.data and ev.data != sse.DONE
+        for choice in json.loads(ev.data)["choices"]
+        for call in choice["delta"].get("tool_calls", [])
+    )
+    assert json.loads(arguments) == {"card": "CC_MASKED_LAST4_4242", "to": "j***e@example.com"}
+
+
+def test_a_chunk_with_a_list_index_gets_no_second_response_and_no_clear_text() -> None:
+    wire = relay_all(delta_chunk({"content": "hello "}), delta_chunk({"content": EMAIL}, index=[0]), DONE)
+    assert_no_clear_pii(wire)
+    assert wire.endswith(DONE) and b"HTTP/1.1" not in wire
+
+
+def test_a_string_index_does_not_lose_held_text() -> None:
+    wire = relay_all(delta_chunk({"content": "write to jane"}), delta_chunk({"content": "x"}, index="0"), DONE)
+    assert texts(wire) == "write to xjane"  # the odd chunk's text goes out as it comes; "jane" is not lost
+
+
+def test_a_repeated_content_key_never_relays_the_first_value_in_clear() -> None:
+    raw = (
+        b'data: {"id":"c1","choices":[{"index":0,'
+        b'"delta":{"content":"jane.doe@example.com","content":"ok"},"finish_reason":null}]}\n\n'
+    )
+    wire = relay_all(raw, DONE)
+    assert_no_clear_pii(wire)
+    assert texts(wire) == "ok"
+
+
+def test_a_repeated_delta_key_never_relays_the_first_value_in_clear() -> None:
+    raw = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"jane.doe@example.com"},"delta":{}}]}\n\n'
+    assert_no_clear_pii(relay_all(raw, DONE))
+
+
+def test_an_escaped_key_is_read_as_the_key_it_spells() -> None:
+    raw = b'data: {"id":"c1","choices":[{"index":0,"delta":{"\\u0063ontent":"jane.doe@example.com"}}]}\n\n'
+    wire = relay_all(raw, DONE)
+    assert_no_clear_pii(wire)
+    assert texts(wire) == "j***e@example.com"
+
+
+def test_content_that_is_not_a_string_is_redacted_whole() -> None:
+    wire = relay_all(delta_chunk({"content": [EMAIL, {"text": CARD}]}), DONE)
+    assert_no_clear_pii(wire)
+
+
+def test_an_event_that_is_not_json_is_redacted_as_text() -> None:
+    wire = relay_all(b"data: mail jane.doe@example.com now\n\n", DONE)
+    assert_no_clear_pii(wire)
+    assert b"j***e@example.com" in wire
+
+
+def test_side_fields_and_unknown_fields_are_redacted() -> None:
+    wire = relay_all(delta_chunk({"content": "hi", "note": EMAIL}, user={"phone": "+1 415 555 2671"}), DONE)
+    assert_no_clear_pii(wire)
+
+
+def test_a_compact_event_without_pii_goes_out_byte_for_byte() -> None:
+    role = delta_chunk({"role": "assistant", "content": ""}, system_fingerprint="fp_1", service_tier="default")
+    finish = delta_chunk({}, finish="stop")
+    usage = event({"id": "c1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+    wire = role + delta_chunk({"content": "Hello there. "}) + finish + usage + DONE
+    relay = StreamRelay(REDACTOR, None)
+    assert relay.feed(wire) == wire
+    assert relay.usage is not None and relay.usage.prompt_tokens == 3
+
+
+def test_many_distinct_indices_are_bounded() -> None:
+    reads = [delta_chunk({"content": f"word{i} "}, index=i) for i in range(2000)]
+    relay = StreamRelay(REDACTOR, None)
+    for read in reads:
+        relay.feed(read)
+    assert len(relay._streams) <= 256
+
+
+# --- fuzz: random well- and ill-formed chat streams -------------------------------------
+
+ORDINARY = st.sampled_from(["Hello", " ", "world", ", ", ".", "order 12345", "v3.11.7", "é", "👋", '"q"', "\\"])
+PII = st.sampled_from(CORPUS)
+TEXT = st.lists(st.one_of(ORDINARY, PII), min_size=1, max_size=12).map(" | ".join).map(lambda t: t + " | ")
+
+
+@st.composite
+def hostile_event(draw: st.DrawFn) -> bytes:
+    kind = draw(st.integers(0, 7))
+    text = " | " + draw(TEXT)  # apart from the text around it: glued, "x4242 ..." is not a card
+    if kind == 0:
+        return delta_chunk({"content": text}, index=draw(st.sampled_from([[0], "0", None, 1.5, True, -1, 2**70])))
+    if kind == 1:
+        return (
+            f'data: {{"choices":[{{"index":0,"delta":{{"content":{json.dumps(text)},"content":" | "}}}}]}}\n\n'.encode()
+        )
+    if kind == 2:
+        return b"data: " + text.encode() + b"\n\n"
+    if kind == 3:
+        return delta_chunk({"content": {"nested": text}})
+    if kind == 4:
+        return event({"choices": 5, "extra": text})
+    if kind == 5:
+        return event([text, {"content": text}])
+    if kind == 6:
+        return b": comment " + text.encode().replace(b"\n", b" ") + b"\n\n"
+    return delta_chunk({"content": text}, logprobs={"content": [{"token": text}]})
+
+
+@st.composite
+def fuzz_stream(draw: st.DrawFn) -> tuple[list[str], bool, list[bytes]]:
+    well_formed = draw(st.booleans())
+    deltas = draw(st.lists(TEXT, min_size=1, max_size=8))
+    # PII split across deltas: cut the joined text anywhere.
+    whole = "".join(deltas)
+    cuts = sorted(draw(st.lists(st.integers(0, len(whole)), max_size=10)))
+    pieces = [whole[a:b] for a, b in itertools.pairwise([0, *cuts, len(whole)]) if whole[a:b]]
+    events = [delta_chunk({"content": p}) for p in pieces]
+    if not well_formed:
+        for _ in range(draw(st.integers(1, 4))):
+            events.insert(draw(st.integers(0, len(events))), draw(hostile_event()))
+    wire = b"".join(events) + delta_chunk({}, finish="stop") + DONE
+    reads_cuts = sorted(draw(st.lists(st.integers(0, len(wire)), max_size=10)))
+    reads = [wire[a:b] for a, b in itertools.pairwise([0, *reads_cuts, len(wire)])]
+    return pieces, well_formed, reads
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "400")), deadline=None)
+@given(fuzz_stream())
+def test_fuzz_no_clear_pii_valid_sse_and_exact_text(case: tuple[list[str], bool, list[bytes]]) -> None:
+    pieces, well_formed, reads = case
+    relay = StreamRelay(REDACTOR, None)
+    wire = b"".join(relay.feed(r) for r in reads) + relay.close()
+    assert_no_clear_pii(wire)
+    events = sse.SSEParser().feed(wire)
+    assert events and events[-1].data == sse.DONE and wire.endswith(b"\n\n")  # valid SSE, ended
+    if well_formed:
+        assert texts(wire) == REDACTOR.redact("".join(pieces))
+
+
+class _AlwaysScrub(StreamRelay):
+    __slots__ = ()
+
+    def _side_may_match(self, data: bytes) -> bool:
+        return True
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "400")), deadline=None)
+@given(fuzz_stream())
+def test_the_shortcut_equals_the_full_walk(case: tuple[list[str], bool, list[bytes]]) -> None:
+    # The one fast path (no escape and nothing PII could be made of: only the described fields
+    # are looked at) gives exactly what walking every string gives.
+    _, _, reads = case
+    fast, full = StreamRelay(REDACTOR, None), _AlwaysScrub(REDACTOR, None)
+    assert b"".join(fast.feed(r) for r in reads) + fast.close() == b"".join(full.feed(r) for r in reads) + full.close()
+
+
+def test_an_event_nested_past_the_stack_is_redacted_as_text() -> None:
+    deep = b"[" * 3000 + b'"jane.doe@example.com"' + b"]" * 3000
+    wire = relay_all(b'data: {"choices":' + deep + b"}\n\n", DONE)
+    assert_no_clear_pii(wire)
+    assert wire.endswith(DONE)
