@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
+import secrets
 import time
 import uuid
 from collections import deque
@@ -125,21 +127,38 @@ async def chat(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache", **cookie})
     await response.prepare(request)
 
+    wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
     def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        # OpenAI's layout: compact JSON, service_tier and system_fingerprint on every chunk,
+        # "usage": null on each when usage was asked for, and an "obfuscation" padding field
+        # whose length varies from chunk to chunk.
         chunk = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
+            "service_tier": "default",
+            "system_fingerprint": "fp_mock0001",
             "choices": choices,
+            **({"usage": None} if wants_usage else {}),
             **extra,
         }
-        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        chunk["obfuscation"] = secrets.token_urlsafe(random.randint(1, 12))[: random.randint(1, 16)]
+        return b"data: " + json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
     try:
         await response.write(
             event(
-                [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(n)]
+                [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": "", "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                    for i in range(n)
+                ]
             )
         )
         for number, delta in enumerate(deltas):
@@ -150,15 +169,203 @@ async def chat(request: web.Request) -> web.StreamResponse:
             if chunk_delay:
                 await asyncio.sleep(chunk_delay)
             await response.write(
-                event([{"index": i, "delta": {"content": delta}, "finish_reason": None} for i in range(n)])
+                event(
+                    [
+                        {"index": i, "delta": {"content": delta}, "logprobs": None, "finish_reason": None}
+                        for i in range(n)
+                    ]
+                )
             )
-        await response.write(event([{"index": i, "delta": {}, "finish_reason": "stop"} for i in range(n)]))
-        if (body.get("stream_options") or {}).get("include_usage"):
+        await response.write(
+            event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": "stop"} for i in range(n)])
+        )
+        if wants_usage:
             await response.write(event([], usage=usage))
         if _header(request, "x-mock-no-done") is None:
             await response.write(b"data: [DONE]\n\n")
         # The chunked terminator may trail [DONE] in a later packet, as real upstreams' does.
         await asyncio.sleep(int(_header(request, "x-mock-done-delay-ms", "0")) / 1000)
+        await response.write_eof()
+    except (asyncio.CancelledError, ConnectionError) as exc:
+        request.app[EVENTS].append(
+            {"id": request_id, "event": "client_disconnected", "at": time.time(), "error": type(exc).__name__}
+        )
+        raise
+    return response
+
+
+ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+def _anthropic_user_text(body: dict[str, Any]) -> str:
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+    return ""
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return (
+        f"event: {event}\ndata: ".encode()
+        + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+        + b"\n\n"
+    )
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """Anthropic's Messages API: a JSON reply, or its event stream (message_start,
+    content_block_start/delta/stop for text and, with x-mock-tool-input, a tool_use block with
+    input_json_delta, ping, message_delta with usage and stop_reason, message_stop)."""
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        error = {"type": "error", "error": {"type": "invalid_request_error", "message": "bad json"}}
+        return web.json_response(error, status=400)
+    request_id = uuid.uuid4().hex
+    request.app[SEEN].append(
+        {
+            "id": request_id,
+            "headers": dict(request.headers),
+            "header_list": list(request.headers.items()),
+            "body": body,
+            "at": time.time(),
+            "path": request.path,
+        }
+    )
+    latency = int(_knob(request, "x-mock-latency-ms", "LATENCY_MS", "0")) / 1000
+    if latency:
+        await asyncio.sleep(latency)
+    status = int(_header(request, "x-mock-status", "200") or "200")
+    if status != 200:
+        kind = ANTHROPIC_ERRORS.get(status, "api_error")
+        headers = {"retry-after": _header(request, "x-mock-retry-after") or "1"} if status in (429, 529) else {}
+        error = {"type": "error", "error": {"type": kind, "message": f"mock upstream error {status}"}}
+        return web.json_response(error, status=status, headers=headers)
+    exact = _header(request, "x-mock-deltas")
+    if exact:
+        deltas = [str(d) for d in json.loads(exact)]
+    else:
+        text = (
+            _anthropic_user_text(body)
+            if _knob(request, "x-mock-echo", "MOCK_ECHO", "0") == "1"
+            else (_knob(request, "x-mock-reply", "MOCK_REPLY", DEFAULT_REPLY))
+        )
+        deltas = re.findall(r"\S+\s*|\s+", text) or [""]
+    tool_input = _header(request, "x-mock-tool-input")  # a JSON object's text, streamed in pieces
+    model = body.get("model", "claude-sonnet-4-5")
+    message_id = "msg_" + request_id[:24]
+    usage_in = {"input_tokens": 21, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 4, "output_tokens": 1}
+    out_tokens = len(deltas) + (3 if tool_input else 0)
+    stop_reason = "tool_use" if tool_input else "end_turn"
+    if body.get("stream") is not True:
+        content: list[dict[str, Any]] = [{"type": "text", "text": "".join(deltas)}]
+        if tool_input:
+            content.append({"type": "tool_use", "id": "toolu_mock1", "name": "lookup", "input": json.loads(tool_input)})
+        return web.json_response(
+            {
+                "id": message_id,
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": content,
+                "stop_reason": stop_reason,
+                "stop_sequence": None,
+                "usage": {**usage_in, "output_tokens": out_tokens},
+            }
+        )
+    chunk_delay = int(_knob(request, "x-mock-chunk-delay-ms", "CHUNK_DELAY_MS", "120")) / 1000
+    die_after = int(_header(request, "x-mock-die-after", "-1") or "-1")
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    try:
+        await response.write(
+            _sse(
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": {
+                        "id": message_id,
+                        "type": "message",
+                        "role": "assistant",
+                        "model": model,
+                        "content": [],
+                        "stop_reason": None,
+                        "stop_sequence": None,
+                        "usage": usage_in,
+                    },
+                },
+            )
+        )
+        await response.write(
+            _sse(
+                "content_block_start",
+                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            )
+        )
+        await response.write(_sse("ping", {"type": "ping"}))
+        for number, delta in enumerate(deltas):
+            if number == die_after:
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            if chunk_delay:
+                await asyncio.sleep(chunk_delay)
+            await response.write(
+                _sse(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": delta}},
+                )
+            )
+        await response.write(_sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        if tool_input:
+            await response.write(
+                _sse(
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": 1,
+                        "content_block": {"type": "tool_use", "id": "toolu_mock1", "name": "lookup", "input": {}},
+                    },
+                )
+            )
+            step = max(1, len(tool_input) // 3)
+            for at in range(0, len(tool_input), step):
+                await response.write(
+                    _sse(
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": 1,
+                            "delta": {"type": "input_json_delta", "partial_json": tool_input[at : at + step]},
+                        },
+                    )
+                )
+            await response.write(_sse("content_block_stop", {"type": "content_block_stop", "index": 1}))
+        await response.write(
+            _sse(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                    "usage": {"output_tokens": out_tokens},
+                },
+            )
+        )
+        await response.write(_sse("message_stop", {"type": "message_stop"}))
         await response.write_eof()
     except (asyncio.CancelledError, ConnectionError) as exc:
         request.app[EVENTS].append(
@@ -187,6 +394,7 @@ def create_mock_app() -> web.Application:
     app[SEEN] = deque(maxlen=1000)
     app[EVENTS] = []
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/messages", messages)
     app.router.add_get("/_mock/requests", seen)
     app.router.add_get("/_mock/events", events)
     app.router.add_delete("/_mock/requests", forget)
