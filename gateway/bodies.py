@@ -1,0 +1,115 @@
+"""Request bodies (SPEC §5): the size limit, Content-Encoding, and the JSON object with its model.
+
+Pure functions over bytes; the body middleware reads the request and calls them, ahead of rate
+limiting, so a malformed request costs no token and no quota, and a refused one still names
+its model. The gateway is served with aiohttp's request decompression off (`SERVER_OPTIONS` in
+app.py) and decodes here instead: aiohttp would answer a coding it cannot decode (br, zstd) with
+a plain-text 400 before any middleware runs, and log a traceback for a gzip body that is not
+gzip. Here every outcome is the gateway's own error, observed and logged like any other.
+
+One coding per request: `gzip` (or its alias `x-gzip`), `deflate` (zlib-wrapped, as RFC 9110
+says, or raw, as some clients send it) or `identity`; anything else is 415 with
+`Accept-Encoding: gzip, deflate` (RFC 9110 §15.5.16). Output is produced at most `limit + 1`
+bytes at a time, so a small body that inflates to gigabytes costs no more than the limit.
+"""
+
+from __future__ import annotations
+
+import zlib
+from types import MappingProxyType
+from typing import Any
+
+import orjson
+
+from .errors import BadRequest, GatewayError, PayloadTooLarge
+
+_GZIP = 16 + zlib.MAX_WBITS
+_ZLIB = zlib.MAX_WBITS
+_RAW_DEFLATE = -zlib.MAX_WBITS
+# A body may hold several gzip members (RFC 1952 §2.2); each costs a decompressor, so a body
+# made of thousands of empty members is refused rather than looped over.
+MAX_GZIP_MEMBERS = 16
+
+
+class UnsupportedEncoding(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_content_encoding"
+
+    def __init__(self, coding: str) -> None:
+        shown = f" {coding!r}" if len(coding) <= 32 else ""  # never echo a long header back
+        super().__init__(
+            f"Content-Encoding{shown} is not supported: send gzip, deflate or an unencoded body",
+            headers=MappingProxyType({"Accept-Encoding": "gzip, deflate"}),
+        )
+
+
+def check_length(declared: int | None, limit: int) -> None:
+    """A declared Content-Length over the limit is refused before a byte is read."""
+    if declared is not None and declared > limit:
+        raise too_large(limit)
+
+
+def too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body is larger than {limit} bytes")
+
+
+def decode(data: bytes, content_encoding: str | None, limit: int) -> bytes:
+    """The body with its Content-Encoding undone; no more than `limit` bytes decoded."""
+    if content_encoding is None:
+        return data
+    coding = content_encoding.strip(" \t").lower()
+    if coding in ("", "identity"):
+        return data
+    if coding in ("gzip", "x-gzip"):
+        return _inflate(data, _GZIP, limit, "gzip", members=MAX_GZIP_MEMBERS)
+    if coding == "deflate":
+        return _inflate(data, _ZLIB if _is_zlib(data) else _RAW_DEFLATE, limit, "deflate")
+    raise UnsupportedEncoding(coding)
+
+
+def parse(body: bytes) -> tuple[dict[str, Any], str]:
+    """The body as a JSON object, and its `model` (a non-empty string)."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:  # its message names a position, never the content
+        raise BadRequest(f"request body is not valid UTF-8 JSON: {exc.msg}", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required and must be a string", code="missing_model")
+    return payload, model
+
+
+def _is_zlib(data: bytes) -> bool:
+    """RFC 1950's two-byte header: method 8 (deflate), and a check making it a multiple of 31."""
+    return len(data) >= 2 and data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0
+
+
+def _inflate(data: bytes, wbits: int, limit: int, name: str, members: int = 1) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    rest = data
+    for _ in range(members):
+        decompressor = zlib.decompressobj(wbits)
+        try:
+            part = decompressor.decompress(rest, limit - size + 1)
+        except zlib.error:
+            raise _undecodable(name, "it does not decode") from None
+        size += len(part)
+        if size > limit:
+            raise too_large(limit)
+        if not decompressor.eof:
+            raise _undecodable(name, "it is truncated")
+        parts.append(part)
+        rest = decompressor.unused_data
+        if not rest:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+    if members > 1:
+        raise _undecodable(name, f"it has more than {members} members")
+    raise _undecodable(name, "bytes follow the compressed data")
+
+
+def _undecodable(name: str, why: str) -> BadRequest:
+    return BadRequest(f"request body is marked Content-Encoding: {name} but {why}", code="invalid_content_encoding")

@@ -1,0 +1,188 @@
+"""Request bodies: the size limit, Content-Encoding (gzip, deflate, refused codings), JSON."""
+
+from __future__ import annotations
+
+import gzip
+import tracemalloc
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway import bodies
+from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
+
+LIMIT = 1000
+JSON = b'{"model": "gpt-4o-mini", "messages": []}'
+
+
+def raw_deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+ENCODERS = {"gzip": gzip.compress, "x-gzip": gzip.compress, "deflate": zlib.compress, "raw-deflate": raw_deflate}
+
+
+def encode(coding: str, data: bytes) -> tuple[str, bytes]:
+    return ("deflate" if coding == "raw-deflate" else coding), ENCODERS[coding](data)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "x-gzip", "deflate", "raw-deflate"])
+def test_encoded_bodies_are_decoded(coding: str) -> None:
+    header, data = encode(coding, JSON)
+    assert bodies.decode(data, header, LIMIT) == JSON
+    assert bodies.decode(data, f" {header.upper()}\t", LIMIT) == JSON  # codings are case-insensitive
+
+
+@pytest.mark.parametrize("header", [None, "", "identity", "Identity "])
+def test_unencoded_bodies_pass_as_they_are(header: str | None) -> None:
+    assert bodies.decode(JSON, header, LIMIT) is JSON
+
+
+@pytest.mark.parametrize("header", ["br", "zstd", "compress", "gzip, deflate", "gzip,gzip", "chunked", "x" * 500])
+def test_other_codings_are_415_naming_what_is_accepted(header: str) -> None:
+    with pytest.raises(bodies.UnsupportedEncoding) as caught:
+        bodies.decode(JSON, header, LIMIT)
+    error = caught.value
+    assert error.status == 415 and error.code == "unsupported_content_encoding"
+    assert error.headers["Accept-Encoding"] == "gzip, deflate"
+    assert "x" * 33 not in error.message  # a long header is not echoed back
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "why"),
+    [
+        ("gzip", b"this is not gzip at all", "does not decode"),
+        ("gzip", JSON, "does not decode"),  # marked gzip, sent plain
+        ("gzip", gzip.compress(JSON)[:-4], "truncated"),  # the trailer (CRC, size) cut off
+        ("gzip", gzip.compress(JSON)[:15], "truncated"),
+        ("gzip", b"", "truncated"),
+        ("gzip", gzip.compress(JSON) + b"garbage", "does not decode"),
+        ("deflate", b"\x78\x9c not deflate", "does not decode"),
+        ("deflate", zlib.compress(JSON)[:-2], "truncated"),
+        ("deflate", zlib.compress(JSON) + b"more", "bytes follow"),
+    ],
+)
+def test_a_body_that_fails_to_decode_is_a_clear_400(header: str, data: bytes, why: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        bodies.decode(data, header, LIMIT)
+    assert caught.value.code == "invalid_content_encoding"
+    assert header in caught.value.message and why in caught.value.message
+
+
+def test_gzip_members_are_joined_up_to_a_bound() -> None:
+    members = [gzip.compress(b"[1,"), gzip.compress(b"2]")]
+    assert bodies.decode(b"".join(members), "gzip", LIMIT) == b"[1,2]"
+    many = gzip.compress(b" ") * (bodies.MAX_GZIP_MEMBERS + 1)
+    with pytest.raises(BadRequest, match="members"):
+        bodies.decode(many, "gzip", LIMIT)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "raw-deflate"])
+def test_the_decoded_size_counts_against_the_limit(coding: str) -> None:
+    header, data = encode(coding, b" " * LIMIT)
+    assert len(bodies.decode(data, header, LIMIT)) == LIMIT  # the limit itself is allowed
+    header, data = encode(coding, b" " * (LIMIT + 1))
+    assert len(data) < 100
+    with pytest.raises(PayloadTooLarge):
+        bodies.decode(data, header, LIMIT)
+    # across gzip members too
+    with pytest.raises(PayloadTooLarge):
+        bodies.decode(gzip.compress(b" " * 600) * 2, "gzip", LIMIT)
+
+
+def test_a_decompression_bomb_costs_no_more_than_the_limit() -> None:
+    limit = 1024 * 1024
+    compressor, zeros = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS), b"\0" * (1024 * 1024)
+    bomb = b"".join(compressor.compress(zeros) for _ in range(256)) + compressor.flush()  # 256 MiB in ~1 MB
+    tracemalloc.start()
+    try:
+        with pytest.raises(PayloadTooLarge):
+            bodies.decode(bomb, "gzip", limit)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * limit + len(bomb)  # the output (built in blocks, then joined), the input left: not 256 MiB
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_reading() -> None:
+    bodies.check_length(None, LIMIT)
+    bodies.check_length(LIMIT, LIMIT)
+    with pytest.raises(PayloadTooLarge) as caught:
+        bodies.check_length(LIMIT + 1, LIMIT)
+    assert caught.value.status == 413 and caught.value.code == "request_too_large"
+    assert str(LIMIT) in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"{not json", "invalid_json"),
+        (b"\xff\xfe{}", "invalid_json"),
+        (b"", "invalid_json"),
+        (b"[" * 5000, "invalid_json"),  # nesting past orjson's limit: an error, not a crash
+        (b'"a string"', "invalid_request"),
+        (b"[1, 2]", "invalid_request"),
+        (b"null", "invalid_request"),
+        (b'{"messages": []}', "missing_model"),
+        (b'{"model": ""}', "missing_model"),
+        (b'{"model": 4}', "missing_model"),
+        (b'{"model": ["m"]}', "missing_model"),
+    ],
+)
+def test_parse_refuses_what_is_not_an_object_with_a_model(body: bytes, code: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        bodies.parse(body)
+    assert caught.value.status == 400 and caught.value.code == code
+
+
+def test_parse_returns_the_object_and_its_model() -> None:
+    payload, model = bodies.parse(b'{"model": "m\\u00e9", "n": 2, "unknown": {"kept": true}}')
+    assert model == "mé" and payload == {"model": "mé", "n": 2, "unknown": {"kept": True}}
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=2 * LIMIT), coding=st.sampled_from(sorted(ENCODERS)))
+def test_any_body_round_trips_or_is_too_large(data: bytes, coding: str) -> None:
+    header, encoded = encode(coding, data)
+    if len(data) <= LIMIT:
+        assert bodies.decode(encoded, header, LIMIT) == data
+    else:
+        with pytest.raises(PayloadTooLarge):
+            bodies.decode(encoded, header, LIMIT)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    data=st.binary(max_size=LIMIT),
+    coding=st.sampled_from(sorted(ENCODERS)),
+    cut=st.integers(min_value=0),
+    flip=st.integers(min_value=0),
+    junk=st.binary(max_size=64),
+)
+def test_any_damaged_body_is_the_gateways_own_error(data: bytes, coding: str, cut: int, flip: int, junk: bytes) -> None:
+    """Cut short, a byte changed, or followed by junk: decoded (a few damages still decode to
+    something) or refused with a GatewayError — never zlib's or any other exception."""
+    header, encoded = encode(coding, data)
+    damaged = [encoded[: cut % (len(encoded) + 1)], encoded + junk]
+    if encoded:
+        at = flip % len(encoded)
+        damaged.append(encoded[:at] + bytes([encoded[at] ^ 0x55]) + encoded[at + 1 :])
+    for body in damaged:
+        try:
+            bodies.decode(body, header, LIMIT)
+        except GatewayError as error:
+            assert error.status in (400, 413)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.binary(max_size=200))
+def test_parse_of_any_bytes_is_an_object_with_a_model_or_a_400(body: bytes) -> None:
+    try:
+        payload, model = bodies.parse(body)
+    except BadRequest as error:
+        assert error.status == 400
+    else:
+        assert isinstance(payload, dict) and payload["model"] == model and isinstance(model, str) and model
