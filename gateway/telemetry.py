@@ -1,22 +1,20 @@
 """Metrics (aioprometheus) and the JSON request log; traces are in gateway/tracing.py.
 
-The only module that touches aioprometheus. Metrics live in a private registry built per
-app. Tenants and keys are never label values, and client-chosen label values (the model)
-are capped.
+The only module that touches aioprometheus, and only through its public API. Metrics live in
+a private registry built per app. Tenants and keys are never label values, and client-chosen
+label values (the model) are checked and capped, so /metrics always parses.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
-import itertools
+import re
 import sys
 import time
 from typing import IO
 
 import orjson
 from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
-from aioprometheus.histogram import Histogram as BucketCounts
 from aioprometheus.renderer import render
 
 from .models import RequestState
@@ -27,10 +25,22 @@ CHAT_ROUTE = "/v1/chat/completions"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
 CB_EVENTS = ("timeout", "load_shed", "store_error", "upstream_error", "client_disconnect")
 OTHER = "other"
+UNKNOWN = "unknown"  # no model named (rejected before the body was read)
+# aioprometheus writes label values into the text format as they are, unescaped: a `"`, `\`
+# or line break in one would end the value early and let a client write its own lines. So a
+# client-chosen value is kept only when it is made of characters that need no escaping and
+# that model names use (`gpt-4o-mini`, `meta-llama/Llama-3-8B`, `ft:gpt-4o:org:x:id`,
+# `llama3.1:8b`, `@cf/meta/llama-3`, `anthropic.claude-v2:1`); anything else is `other`.
+MODEL_LABEL_MAX = 64
+_MODEL_LABEL = re.compile(r"[A-Za-z0-9._:/@+-]+")
 
 
 class BoundedLabels:
-    """Client-chosen label values: the first `limit` distinct ones, then `other`."""
+    """Client-chosen label values: the first `limit` distinct acceptable ones, then `other`.
+
+    A value is acceptable when it is 1..MODEL_LABEL_MAX characters from [A-Za-z0-9._:/@+-];
+    a rejected value does not take one of the `limit` places.
+    """
 
     __slots__ = ("_limit", "_seen")
 
@@ -40,59 +50,39 @@ class BoundedLabels:
 
     def __call__(self, value: str | None) -> str:
         if not value:
-            return "unknown"
+            return UNKNOWN
         if value in self._seen:
             return value
-        if len(self._seen) >= self._limit or len(value) > 100:
+        if len(self._seen) >= self._limit or len(value) > MODEL_LABEL_MAX or not _MODEL_LABEL.fullmatch(value):
             return OTHER
         self._seen.add(value)
         return value
 
 
 class _Family:
-    """One aioprometheus collector fed from a plain dict of label-value tuples.
+    """A counter or gauge whose values are counted in a plain dict on the request path and
+    handed to aioprometheus with its public `set` when /metrics is scraped.
 
-    The request path only bumps a dict entry; label dicts are built and handed to
-    aioprometheus (which serialises them per call) only when /metrics is scraped.
+    Why not `Counter.inc` per event: aioprometheus serialises the label dict to JSON and
+    validates the label names on every call (twice per `add`), ~2.5-3.5 µs an event, ~20 µs
+    for a request's eight events; a dict update is ~0.1 µs (bench/metrics_cost.py).
     """
 
-    __slots__ = ("collector", "counts", "names")
+    __slots__ = ("_collector", "_counts", "_names")
 
     def __init__(self, collector: Counter | Gauge, *names: str) -> None:
-        self.collector = collector
-        self.names = names
-        self.counts: dict[tuple[str, ...], float] = {}
+        self._collector = collector
+        self._names = names
+        self._counts: dict[tuple[str, ...], int] = {}
 
-    def add(self, key: tuple[str, ...], amount: float = 1) -> None:
-        counts = self.counts
+    def add(self, key: tuple[str, ...], amount: int = 1) -> None:
+        counts = self._counts
         counts[key] = counts.get(key, 0) + amount
 
     def publish(self) -> None:
-        for key, value in self.counts.items():
-            self.collector.set(dict(zip(self.names, key, strict=True)), value)
-
-
-class _Latencies:
-    """A histogram with fixed labels: one bisect per observation; the cumulative bucket
-    counts aioprometheus renders are worked out only when /metrics is scraped."""
-
-    __slots__ = ("_counts", "_sum", "_target")
-
-    def __init__(self, target: BucketCounts) -> None:
-        self._target = target
-        self._counts = [0] * len(LATENCY_BUCKETS)
-        self._sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self._counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self._sum += seconds
-
-    def publish(self) -> None:
-        target = self._target
-        for bound, count in zip(LATENCY_BUCKETS, itertools.accumulate(self._counts), strict=True):
-            target.buckets[bound] = count
-        target.sum = self._sum
-        target.observations = sum(self._counts)
+        names, collector = self._names, self._collector
+        for key, value in self._counts.items():
+            collector.set(dict(zip(names, key, strict=True)), value)
 
 
 class Metrics:
@@ -128,23 +118,22 @@ class Metrics:
             self.ratelimit_blocks,
             self.tokens,
         )
-        duration = Histogram(
+        # Observed per request through the public `observe` (~2.3 µs each: it walks every
+        # bucket); a series appears with its first observation.
+        self._duration = Histogram(
             "request_duration_seconds",
             "Whole-request latency (streams until the last byte).",
             registry=r,
             buckets=LATENCY_BUCKETS,
         )
-        ttfb = Histogram(
+        self._ttfb = Histogram(
             "upstream_ttfb_seconds",
             "Upstream time to first byte (first event for streams).",
             registry=r,
             buckets=LATENCY_BUCKETS,
         )
-        # Fixed label sets: aioprometheus' bucket aggregators, filled from _Latencies on scrape.
-        duration_counts, ttfb_counts = BucketCounts(*LATENCY_BUCKETS), BucketCounts(*LATENCY_BUCKETS)
-        duration.set_value({"route": CHAT_ROUTE}, duration_counts)
-        ttfb.set_value({}, ttfb_counts)
-        self._duration, self._ttfb = _Latencies(duration_counts), _Latencies(ttfb_counts)
+        self._chat_route: dict[str, str] = {"route": CHAT_ROUTE}  # built once, not per observation
+        self._no_labels: dict[str, str] = {}
         self.model_label = BoundedLabels(model_label_limit)
         # Every family shows from the start, at zero.
         self.inflight.add((), 0)
@@ -166,10 +155,10 @@ class Metrics:
     def response_sent(self, route: str, model: str | None, status: int, seconds: float) -> None:
         self.responses.add((route, self.model_label(model), str(status)))
         if route == CHAT_ROUTE:
-            self._duration.observe(seconds)
+            self._duration.observe(self._chat_route, seconds)
 
     def upstream_first_byte(self, seconds: float) -> None:
-        self._ttfb.observe(seconds)
+        self._ttfb.observe(self._no_labels, seconds)
 
     def cb_event(self, event: str) -> None:
         self.cb_events.add((event,))
@@ -191,8 +180,6 @@ class Metrics:
     def render(self, accept: list[str]) -> tuple[bytes, dict[str, str]]:
         for family in self._families:
             family.publish()
-        self._duration.publish()
-        self._ttfb.publish()
         return render(self.registry, accept)
 
 
