@@ -14,6 +14,7 @@ finishing chunk, or in a chunk of its own before the end. No aiohttp here.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,9 @@ from .models import Usage
 from .redact import OnRedaction, Redactor, StreamRedactor
 from .surfaces import CHAT, All, Each, Leaf, Path, Spec, Surface, chat_usage, put
 
+# What every card, phone, IBAN or SSN lies in (redact.py's `_DIGIT_RUN`, over bytes): a run
+# of digits, capitals and separators at least 11 long, or shorter after a "+".
+_RUN_IN_BYTES = re.compile(rb"[0-9(A-Z+](?:(?<=\+)[0-9A-Z ()+.-]{3,}|[0-9A-Z ()+.-]{10,})")
 MAX_STREAMS = 256  # text streams per reply; past that (a hostile upstream), texts are redacted whole
 
 
@@ -141,8 +145,8 @@ class StreamRelay:
         return out + _with_data(event, _dumps(chunk), self._whole)
 
     def _side_may_match(self, data: bytes) -> bool:
-        assert self._redactor is not None
-        return self._redactor.may_match(data.decode("utf-8", "replace"), 0)
+        """Whether any string in the event could hold PII (looked for in its raw bytes)."""
+        return data.find(b"@") >= 0 or _RUN_IN_BYTES.search(data) is not None
 
     def _leaf(self, path: Path, leaf: Leaf, text: str) -> str:
         """A described field's text through its stream (past `MAX_STREAMS` of them: whole)."""
