@@ -20,18 +20,35 @@ class Event:
     data: bytes | None  # the data lines joined with \n; None for comment-only blocks
 
 
+class EventTooLarge(ValueError):
+    """One event grew past the parser's limit before its end arrived (a hostile or broken
+    upstream): the relay ends the stream with an error event instead of holding more."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"upstream event larger than {limit} bytes")
+        self.limit = limit
+
+
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
 class SSEParser:
     """Feed bytes as they arrive; get back the events they complete.
 
     Handles \\n, \\r\\n and \\r line endings (a \\r\\n split across two reads included),
-    multi-line `data:`, comments and events split across reads.
+    multi-line `data:`, comments and events split across reads. Each byte is looked at a
+    bounded number of times, however many reads an event arrives in: what is pending is
+    only appended to, and only a read (plus the byte before it) is searched for the blank
+    line that ends an event. An event still incomplete past `max_event_bytes` raises
+    `EventTooLarge`: memory stays bounded whatever the upstream sends.
     """
 
-    __slots__ = ("_cr", "_pending")
+    __slots__ = ("_cr", "_limit", "_pending")
 
-    def __init__(self) -> None:
-        self._pending = b""
-        self._cr = False  # the previous read ended in \r: a \n opening the next is its pair
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._pending = bytearray()  # an incomplete event; never holds a blank line (\\n\\n)
+        self._cr = False  # the previous read ended in \\r: a \\n opening the next is its pair
+        self._limit = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[Event]:
         return parse_blocks(self.complete(chunk))
@@ -39,10 +56,13 @@ class SSEParser:
     def complete(self, chunk: bytes) -> bytes:
         """The whole event blocks this read completes, as one bytes (line endings normalised,
         each block ending in a blank line); b"" while an event is still incomplete."""
+        pending = self._pending
         # bytes.find, not `in`: for `b"x" in data` CPython first tries b"x" as an integer and
         # builds a TypeError it then drops, which costs more than the search on a short read.
-        if not self._pending and not self._cr and chunk.endswith(b"\n\n") and chunk.find(b"\r") < 0:
+        if not pending and not self._cr and chunk.endswith(b"\n\n") and chunk.find(b"\r") < 0:
             return chunk  # whole events, nothing carried over: a live stream's usual read
+        if not chunk:
+            return b""  # and a \r pending stays pending: the \n that may pair it is still to come
         if self._cr:
             self._cr = False
             if chunk.startswith(b"\n"):
@@ -50,17 +70,26 @@ class SSEParser:
         if chunk.find(b"\r") >= 0:
             self._cr = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buf = self._pending + chunk if self._pending else chunk
-        end = buf.rfind(b"\n\n") + 2
-        if end == 1:
-            self._pending = buf
+        # Where the last blank line ends: in this read, else across the boundary (a \n ending
+        # what was pending and one opening this read); what is pending holds none.
+        end = chunk.rfind(b"\n\n") + 2
+        if end == 1 and not (pending.endswith(b"\n") and chunk.startswith(b"\n")):
+            if len(pending) + len(chunk) > self._limit:
+                self._pending = bytearray()  # the stream cannot go on; free what it held
+                raise EventTooLarge(self._limit)
+            pending += chunk
             return b""
-        self._pending = buf[end:]
-        return buf[:end]
+        if not pending:
+            self._pending = bytearray(chunk[end:])
+            return chunk[:end] if end < len(chunk) else chunk
+        pending += chunk[:end]
+        blocks = bytes(pending)
+        self._pending = bytearray(chunk[end:])
+        return blocks
 
     def close(self) -> list[Event]:
         """End of input: a final block without its blank line is still dispatched."""
-        rest, self._pending = self._pending, b""
+        rest, self._pending = bytes(self._pending), bytearray()
         self._cr = False
         event = _parse_block(rest.rstrip(b"\n"))
         return [event] if event is not None else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -68,3 +69,77 @@ def test_unterminated_final_event_is_dispatched_on_close() -> None:
     parser = sse.SSEParser()
     assert parser.feed(b"data: tail") == []
     assert [e.data for e in parser.close()] == [b"tail"]
+
+
+LINES = st.sampled_from(
+    [b"data: a", b"data:b", b"data: ", b"data", b": c", b"event: e", b"id: 7", b'data: {"x": 1}', b""]
+)
+
+
+@st.composite
+def wire_streams(draw: st.DrawFn) -> bytes:
+    """Lines with every kind of line ending, blank lines (event ends) among them."""
+    lines = draw(st.lists(LINES, max_size=30))
+    endings = draw(st.lists(st.sampled_from([b"\n", b"\r\n", b"\r"]), min_size=len(lines), max_size=len(lines)))
+    return b"".join(line + end for line, end in zip(lines, endings, strict=True))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(wire_streams(), st.data())
+def test_any_split_of_any_stream_gives_the_events_of_one_read(wire: bytes, data: st.DataObject) -> None:
+    cuts = data.draw(st.lists(st.integers(0, len(wire)), max_size=20))
+    assert parse_in_reads(wire, cuts) == parse_in_reads(wire, [])
+
+
+@settings(max_examples=300, deadline=None)
+@given(wire_streams())
+def test_byte_by_byte_gives_the_events_of_one_read(wire: bytes) -> None:
+    assert parse_in_reads(wire, list(range(len(wire)))) == parse_in_reads(wire, [])
+
+
+def test_a_crlf_split_between_reads_is_one_line_ending() -> None:
+    parser = sse.SSEParser()
+    assert parser.feed(b"data: a\r") == []
+    assert parser.feed(b"") == []  # an empty read between the \r and its \n changes nothing
+    assert [e.data for e in parser.feed(b"\n\r")] == [b"a"]
+    assert parser.feed(b"\ndata: b\r\n") == []  # that \n paired the \r before it: no empty line
+    assert [e.data for e in parser.feed(b"\r\n")] == [b"b"]
+
+
+@pytest.mark.timeout(30)
+def test_one_large_event_in_many_reads_is_linear() -> None:
+    # 16 MB in 32,000 reads: the old parser re-joined and re-searched what was pending on every
+    # read (~256 GB of copying, minutes); now each byte is looked at a bounded number of times.
+    payload = b"x" * 16_000_000
+    wire = b"data: " + payload + b"\n\n"
+    parser = sse.SSEParser()  # the default limit, 16 MiB, lets it through
+    events: list[sse.Event] = []
+    for i in range(0, len(wire), 500):
+        events += parser.feed(wire[i : i + 500])
+    assert [e.data for e in events] == [payload]
+
+
+def test_an_event_past_the_limit_is_refused_not_held() -> None:
+    parser = sse.SSEParser(max_event_bytes=1000)
+    parser.feed(b"data: " + b"x" * 500)
+    with pytest.raises(sse.EventTooLarge, match="larger than 1000 bytes"):
+        parser.feed(b"x" * 600)
+    assert parser.close() == []  # nothing of it is kept
+
+
+def test_events_up_to_the_limit_pass_in_any_reads() -> None:
+    wire = (b"data: " + b"y" * 990 + b"\n\n") * 3
+    assert [e.data for e in parse_in_reads_limited(wire, 1000, 7)] == [b"y" * 990] * 3
+
+
+def parse_in_reads_limited(wire: bytes, limit: int, step: int) -> list[sse.Event]:
+    parser = sse.SSEParser(limit)
+    events: list[sse.Event] = []
+    for i in range(0, len(wire), step):
+        events += parser.feed(wire[i : i + step])
+    return events + parser.close()
+
+
+def test_event_too_large_is_a_value_error_with_the_limit() -> None:
+    error = sse.EventTooLarge(16)
+    assert isinstance(error, ValueError) and error.limit == 16
