@@ -27,8 +27,31 @@ from .redact import OnRedaction, Redactor, StreamRedactor
 from .surfaces import CHAT, All, Each, Leaf, Path, Spec, Surface, chat_usage, put
 
 # What every card, phone, IBAN or SSN lies in (redact.py's `_DIGIT_RUN`, over bytes): a run
-# of digits, capitals and separators at least 11 long, or shorter after a "+".
+# of digits, capitals and separators at least 11 long, or shorter after a "+". The regex tries
+# every digit and capital of an event; the runs are found first by mapping each byte to
+# "x" (a run character) or " " and searching for eleven "x": one C pass each.
 _RUN_IN_BYTES = re.compile(rb"[0-9(A-Z+](?:(?<=\+)[0-9A-Z ()+.-]{3,}|[0-9A-Z ()+.-]{10,})")
+_RUN_MAP = bytes(ord("x") if chr(b) in "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ ()+.-" else ord(" ") for b in range(256))
+_ELEVEN = b"x" * 11
+
+
+def side_may_match(data: bytes) -> bool:
+    """Whether any string in these bytes could hold PII: an "@", or a run the redactor's run
+    pattern accepts (a dated model name, "-2024-08-06", is eleven run characters but none)."""
+    if data.find(b"@") >= 0:
+        return True
+    if data.find(b"+") >= 0:
+        return _RUN_IN_BYTES.search(data) is not None  # a "+" phone's run may be short
+    mapped = data.translate(_RUN_MAP)
+    at = mapped.find(_ELEVEN)
+    while at >= 0:
+        end = mapped.find(b" ", at)
+        if end < 0:
+            end = len(data)
+        if _RUN_IN_BYTES.search(data, at, end) is not None:
+            return True
+        at = mapped.find(_ELEVEN, end)
+    return False
 MAX_STREAMS = 256  # text streams per reply; past that (a hostile upstream), texts are redacted whole
 
 
@@ -145,8 +168,7 @@ class StreamRelay:
         return out + _with_data(event, _dumps(chunk), self._whole)
 
     def _side_may_match(self, data: bytes) -> bool:
-        """Whether any string in the event could hold PII (looked for in its raw bytes)."""
-        return data.find(b"@") >= 0 or _RUN_IN_BYTES.search(data) is not None
+        return side_may_match(data)
 
     def _leaf(self, path: Path, leaf: Leaf, text: str) -> str:
         """A described field's text through its stream (past `MAX_STREAMS` of them: whole)."""
@@ -191,13 +213,36 @@ def walk(node: dict[str, Any], spec: Spec | None, path: Path, scrub: bool, leaf:
     type, and list items without an integer "index", are not described: scrubbed whole."""
     if not scrub:
         assert spec is not None
-        for name, sub in spec.items():
-            value = node.get(name)
-            if value is not None:
-                _visit(node, name, value, sub, path, scrub, leaf, whole)
+        _described(node, spec, path, leaf)
         return
     for name, value in node.items():
         _visit(node, name, value, spec.get(name) if spec is not None else None, path, scrub, leaf, whole)
+
+
+def _described(node: dict[str, Any], spec: Spec, path: Path, leaf: LeafText) -> None:
+    """`walk` without scrubbing, written out flat: only the described fields, each as its
+    description says (the per-event cost of a stream)."""
+    for name, sub in spec.items():
+        value = node.get(name)
+        if value is None:
+            continue
+        shape = type(sub)
+        if shape is Leaf:
+            if sub.drop:  # type: ignore[union-attr]
+                node[name] = None
+            elif type(value) is str and not sub.keep:  # type: ignore[union-attr]
+                node[name] = leaf((*path, name), sub, value)  # type: ignore[arg-type]
+        elif shape is dict:
+            if type(value) is dict:
+                _described(value, sub, (*path, name), leaf)  # type: ignore[arg-type]
+        elif type(value) is list:
+            items = sub.spec  # type: ignore[union-attr]
+            for position, item in enumerate(value):
+                if type(item) is dict:
+                    if shape is All:
+                        _described(item, items, (*path, name, position), leaf)
+                    elif type(index := item.get("index")) is int:
+                        _described(item, items, (*path, name, index), leaf)
 
 
 def _visit(

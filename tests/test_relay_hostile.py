@@ -262,3 +262,12 @@ def test_an_event_nested_past_the_stack_is_redacted_as_text() -> None:
     wire = relay_all(b'data: {"choices":' + deep + b"}\n\n", DONE)
     assert_no_clear_pii(wire)
     assert wire.endswith(DONE)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet=st.sampled_from("0123456789ABZaz -.()+@\"{}:,é"), max_size=80))
+def test_the_side_check_finds_every_run_the_run_pattern_finds(text: str) -> None:
+    from gateway.relay import _RUN_IN_BYTES, side_may_match
+
+    data = text.encode()
+    assert side_may_match(data) == (b"@" in data or _RUN_IN_BYTES.search(data) is not None)
