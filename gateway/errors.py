@@ -129,3 +129,17 @@ class UpstreamAuthRejected(UpstreamError):
 class UpstreamStreamBroken(UpstreamError):
     message = "upstream stream ended unexpectedly"
     code = "upstream_stream_broken"
+
+
+class UpstreamIdleTimeout(UpstreamError):
+    status = 504
+    code = "upstream_idle_timeout"
+    message = "upstream idle timeout"
+
+
+class LogprobsUnavailable(BadRequest):
+    code = "logprobs_unavailable"
+    message = (
+        "logprobs are unavailable while the gateway redacts PII: log probabilities repeat the completion's "
+        "tokens one by one, which the gateway cannot redact; ask without logprobs/top_logprobs"
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Any
 
@@ -16,13 +17,15 @@ import orjson
 from aiohttp import web
 
 from . import sse
-from .deadlines import Deadlines
 from .errors import (
     BadRequest,
+    GatewayError,
+    LogprobsUnavailable,
     PayloadTooLarge,
     ShuttingDown,
     UpstreamAuthRejected,
     UpstreamError,
+    UpstreamIdleTimeout,
     UpstreamStreamBroken,
     UpstreamTimeout,
     error_body,
@@ -31,13 +34,15 @@ from .keys import STATE
 from .lifecycle import Lifecycle
 from .memo import RedactionMemo
 from .models import RequestState
-from .redact import Redactor
-from .relay import StreamRelay, loads_reply, usage_of
+from .redact import YIELD_ABOVE_CHARS, Redactor, redact_yielding
+from .relay import StreamRelay, dumps_reply, loads_reply, redact_reply, usage_of
+from .surfaces import CHAT
 from .telemetry import Telemetry
 from .upstream import Upstream, UpstreamReply
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _EVENT_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")  # how an SSE body can begin
+log = logging.getLogger("gateway")
 
 
 class ChatProxy:
@@ -55,20 +60,30 @@ class ChatProxy:
         self._memo = RedactionMemo(redactor) if redactor is not None else None
         self._telemetry = telemetry
         self._lifecycle = lifecycle
-        self._deadline = Deadlines(timeout_secs)
+        self._timeout = timeout_secs
         self._max_body = max_body_bytes
         self._draining: set[asyncio.Task[None]] = set()
         metrics = telemetry.metrics
         self._count_request_redactions = lambda kind, times: metrics.redacted(kind, "request", times)
+        self._count_request_redaction = lambda kind: metrics.redacted(kind, "request")
         self._count_response_redaction = lambda kind: metrics.redacted(kind, "response")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         state = request[STATE]
-        body, payload = await self._read_payload(request)
+        body, payload = state.body, state.payload
+        if payload is None:  # no body step in front of this handler: read it here
+            body, payload = await self._read_payload(request)
+        if not isinstance(payload.get("model"), str) or not payload["model"]:
+            raise BadRequest("'model' is required and must be a string", code="missing_model")
+        if not isinstance(payload.get("messages"), list):
+            raise BadRequest("'messages' is required and must be an array", code="missing_messages")
         state.model = payload["model"]
         state.stream = payload.get("stream") is True
-        if self._memo is not None and self._redact_messages(payload["messages"], state):
-            body = orjson.dumps(payload)
+        if self._redactor is not None:
+            if payload.get("logprobs") is True or payload.get("top_logprobs") is not None:
+                raise LogprobsUnavailable()
+            if await self._redact_messages(payload["messages"], state):
+                body = orjson.dumps(payload)
         tracing = self._telemetry.tracing
         task = self._lifecycle.enter()
         try:
@@ -103,34 +118,51 @@ class ChatProxy:
             raise BadRequest("'messages' is required and must be an array", code="missing_messages")
         return body, payload
 
-    def _redact_messages(self, messages: list[Any], state: RequestState) -> bool:
-        """Redact every text the client sends: string content and `text` parts."""
-        assert self._memo is not None and state.tenant is not None
-        redact, tenant, count = self._memo.redact, state.tenant.name, self._count_request_redactions
+    async def _redact_messages(self, messages: list[Any], state: RequestState) -> bool:
+        """Redact every text the client sends (SPEC §6): string content, `text` parts, refusals
+        and tool-call arguments (as JSON text: a mask never breaks them)."""
+        assert self._redactor is not None and state.tenant is not None
         changed = False
         for message in messages:
             if not isinstance(message, dict):
                 continue
             content = message.get("content")
             if isinstance(content, str):
-                clean = redact(tenant, content, count)
-                if clean != content:
-                    message["content"] = clean
-                    changed = True
+                changed |= await self._redact_field(message, "content", state)
             elif isinstance(content, list):
                 for part in content:
                     if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                        clean = redact(tenant, part["text"], count)
-                        if clean != part["text"]:
-                            part["text"] = clean
-                            changed = True
+                        changed |= await self._redact_field(part, "text", state)
+            if isinstance(message.get("refusal"), str):
+                changed |= await self._redact_field(message, "refusal", state)
+            calls = message.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    clean = self._redactor.redact(function["arguments"], self._count_request_redaction, json_text=True)
+                    if clean != function["arguments"]:
+                        function["arguments"] = clean
+                        changed = True
         return changed
+
+    async def _redact_field(self, holder: dict[str, Any], key: str, state: RequestState) -> bool:
+        text: str = holder[key]
+        if len(text) > YIELD_ABOVE_CHARS:  # long: in slices, serving others in between (SPEC §6)
+            assert self._redactor is not None
+            clean = await redact_yielding(self._redactor, text, self._count_request_redaction)
+        else:
+            assert self._memo is not None and state.tenant is not None
+            clean = self._memo.redact(state.tenant.name, text, self._count_request_redactions)
+        if clean == text:
+            return False
+        holder[key] = clean
+        return True
 
     async def _relay_json(self, state: RequestState, body: bytes, headers: dict[str, str]) -> web.Response:
         started = time.perf_counter()
         reply: UpstreamReply | None = None
         try:
-            async with self._deadline():
+            async with asyncio.timeout(self._timeout):
                 reply = await self._upstream.post(body, headers)
                 state.upstream_ttfb = time.perf_counter() - started
                 data = await reply.read()  # the connection returns to the pool at EOF
@@ -150,13 +182,20 @@ class ChatProxy:
         except (ValueError, RecursionError):
             if data.lstrip().startswith(_EVENT_STARTS):
                 return self._events_answer(state, reply, data)
-            return web.Response(body=data, status=reply.status, content_type="application/json")  # not JSON
+            raise UpstreamError("upstream answered with a body that is not JSON") from None
         if isinstance(answer, dict):
             state.usage = usage_of(answer)
             if isinstance(answer.get("model"), str):
                 state.response_model = answer["model"]
-            if self._redactor is not None and self._redact_answer(answer):
-                data = orjson.dumps(answer)
+        if self._redactor is not None:
+            # Written from what was parsed, whatever its shape: a repeated or escaped key in
+            # the upstream's bytes never reaches the client (SPEC §6).
+            if isinstance(answer, dict):
+                redact_reply(self._redactor, answer, CHAT.reply_spec, self._count_response_redaction)
+                data = dumps_reply(answer)
+            else:
+                text = data.decode("utf-8", "replace")
+                data = self._redactor.redact(text, self._count_response_redaction, json_text=True).encode()
         return web.Response(body=data, status=reply.status, content_type="application/json")
 
     def _events_answer(self, state: RequestState, reply: UpstreamReply, data: bytes) -> web.Response:
@@ -173,19 +212,6 @@ class ChatProxy:
         if isinstance(exc, UpstreamError):
             self._telemetry.metrics.cb_event("upstream_error")
         return exc
-
-    def _redact_answer(self, answer: dict[str, Any]) -> bool:
-        assert self._redactor is not None
-        changed = False
-        for choice in answer.get("choices") or ():
-            message = choice.get("message") if isinstance(choice, dict) else None
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str):
-                clean = self._redactor.redact(content, self._count_response_redaction)
-                if clean != content:
-                    message["content"] = clean  # type: ignore[index]
-                    changed = True
-        return changed
 
     def _upstream_failure(self, reply: UpstreamReply, data: bytes) -> web.Response:
         """Relay the upstream's status and JSON error, except auth failures (our fault: 502)."""
@@ -205,7 +231,7 @@ class ChatProxy:
         whole: bytes | None = None
         try:
             try:
-                async with self._deadline():
+                async with asyncio.timeout(self._timeout):  # the first chunk, as the design card says
                     reply = await self._upstream.post(body, headers)
                     if reply.status >= 300 or reply.is_json:
                         # An error, or a server without streaming answering with one JSON reply.
@@ -241,9 +267,7 @@ class ChatProxy:
         self._draining.add(task)  # a reference, or the task could be collected mid-way
         task.add_done_callback(self._draining.discard)
 
-    async def _pump(
-        self, response: web.StreamResponse, relay: StreamRelay, first: bytes, reply: UpstreamReply
-    ) -> None:
+    async def _pump(self, response: web.StreamResponse, relay: StreamRelay, first: bytes, reply: UpstreamReply) -> None:
         try:
             out = first
             while not relay.done:
@@ -257,9 +281,11 @@ class ChatProxy:
             # The last events and the end of the body in one write (with the headers too when
             # the whole reply came in the first read): one send instead of two.
             await response.write_eof(out)
-        except UpstreamStreamBroken as exc:
-            self._telemetry.metrics.cb_event("upstream_error")
-            await response.write(relay.finish() + sse.error_event(exc))
+        except UpstreamError as exc:  # broken, or silent for STREAM_IDLE_SECS
+            self._telemetry.metrics.cb_event("timeout" if isinstance(exc, UpstreamIdleTimeout) else "upstream_error")
+            await _try_write(response, _finished(relay) + sse.error_event(exc))
+        except OSError:
+            raise  # the client's connection failed under our write: nobody to tell
         except asyncio.CancelledError:
             if not self._lifecycle.grace_expired:
                 raise  # the client hung up: nobody to tell
@@ -267,7 +293,21 @@ class ChatProxy:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            await _try_write(response, relay.finish() + sse.error_event(ShuttingDown()))
+            await _try_write(response, _finished(relay) + sse.error_event(ShuttingDown()))
+        except Exception:
+            # Headers are out: whatever failed, the client gets an error event, never a second
+            # HTTP response inside the body (SPEC §9).
+            log.exception("stream relay failed")
+            await _try_write(response, sse.error_event(GatewayError()))
+
+
+def _finished(relay: StreamRelay) -> bytes:
+    """The text still held, if the relay can give it; never raises (an error path)."""
+    try:
+        return relay.finish()
+    except Exception:
+        log.exception("flushing held text failed")
+        return b""
 
 
 async def _first_events(reply: UpstreamReply, relay: StreamRelay) -> bytes:
