@@ -20,7 +20,6 @@ from types import MappingProxyType
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from dotenv import dotenv_values
 from environs import Env, EnvError, EnvValidationError
 from marshmallow.validate import OneOf, Range
 
@@ -36,6 +35,7 @@ _PLAIN_QUERY_KEYS = frozenset(
     {"db", "protocol", "api-version", "ssl_cert_reqs", "ssl_check_hostname", "timeout", "socket_timeout"}
 )
 _SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL|HEADERS")
+_OTEL_ASSIGNMENT = re.compile(r"^[ \t]*(?:export[ \t]+)?(OTEL_[A-Za-z0-9_]+)[ \t]*=", re.MULTILINE)
 _URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
 
 
@@ -51,7 +51,7 @@ class ConfigError(Exception):
 class Settings:
     listen_host: str = "0.0.0.0"
     listen_port: int = 8080
-    upstream_base_url: str = "https://api.openai.com"
+    upstream_base_url: str = field(default="https://api.openai.com", repr=False)  # may hold user info
     upstream_api_key: str | None = field(default=None, repr=False)
     openai_organization: str | None = None  # sent upstream as OpenAI-Organization
     openai_project: str | None = None  # sent upstream as OpenAI-Project
@@ -360,19 +360,24 @@ def load_settings(env_file: Path | None = None) -> Settings:
     """Read `.env` (working directory by default) under the real environment; validate all."""
     env = Env(eager=False)
     dotenv = env_file if env_file is not None else Path.cwd() / ".env"
-    from_file: dict[str, str] = {}
+    otel_in_file: list[str] = []
     if dotenv.is_file():
+        try:  # read here first: environs would let an unreadable file out as a traceback
+            text = dotenv.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([f"{_one_line(str(dotenv))}: cannot read it: {exc.strerror}"]) from None
+        except UnicodeDecodeError:
+            raise ConfigError([f"{_one_line(str(dotenv))}: not UTF-8 text"]) from None
         env.read_env(str(dotenv), recurse=False, override=False)  # into env, under os.environ
-        # The same parse as environs' (it calls dotenv_values too), for the SDK's variables.
-        from_file = {k: v for k, v in dotenv_values(dotenv).items() if v is not None}
-    return _read(env, _sdk_environment(from_file))
+        otel_in_file = _OTEL_ASSIGNMENT.findall(text)
+    return _read(env, otel_in_file)
 
 
-def _sdk_environment(from_file: Mapping[str, str]) -> Mapping[str, str]:
-    merged = {**from_file, **os.environ}  # the real environment wins
-    return MappingProxyType(
-        {k: v for k, v in sorted(merged.items()) if k.startswith("OTEL_") and k not in _GATEWAY_OTEL}
-    )
+def _sdk_environment(env: Env, otel_in_file: list[str]) -> Mapping[str, str]:
+    """The SDK's OTEL_* variables, each as environs reads it: the real environment first."""
+    names = ({n for n in os.environ if n.startswith("OTEL_")} | set(otel_in_file)) - _GATEWAY_OTEL
+    values = {name: env.str(name, None) for name in sorted(names)}
+    return MappingProxyType({name: value for name, value in values.items() if value is not None})
 
 
 class _Reader:
@@ -412,8 +417,9 @@ class _Reader:
         return inline | from_file, inline, keys_file
 
 
-def _read(env: Env, sdk_environment: Mapping[str, str]) -> Settings:
+def _read(env: Env, otel_in_file: list[str]) -> Settings:
     r = _Reader(env)
+    sdk_environment = _sdk_environment(env, otel_in_file)
     non_negative, positive, above_zero = Range(min=0), Range(min=1), Range(min=0, min_inclusive=False)
     host, port = r.custom("LISTEN_ADDR", _parse_listen_addr, ("0.0.0.0", 8080))
     base_url = r.custom("OPENAI_BASE_URL", _parse_http_url, "https://api.openai.com")
@@ -455,7 +461,7 @@ def _read(env: Env, sdk_environment: Mapping[str, str]) -> Settings:
         service_name=env.str("OTEL_SERVICE_NAME", "secure-llm-gateway") or "secure-llm-gateway",
         shutdown_grace_secs=env.float("SHUTDOWN_GRACE_SECS", 30.0, validate=non_negative),
         model_label_limit=env.int("MODEL_LABEL_LIMIT", 50, validate=positive),
-        workers=env.int("WORKERS", 1, validate=positive),
+        workers=env.int("WORKERS", 1, validate=Range(min=1, max=1024)),  # a typo must not fork thousands
         notify_socket=env.str("NOTIFY_SOCKET", None) or None,
     )
     try:

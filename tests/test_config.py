@@ -207,6 +207,8 @@ def test_check_config_prints_every_variable_and_no_secret(tmp_path: Path, with_a
     if with_api_key:  # user info and a key would both be Authorization: that is refused
         env["OPENAI_API_KEY"] = SECRETS["OPENAI_API_KEY"]
         env["OPENAI_BASE_URL"] = "https://up.example/v1?key=qkey-S3CRETf&api-version=1"
+    with mock.patch.dict(os.environ, env):
+        assert "S3CRET" not in repr(load_settings())
     result = run_gateway("--check-config", **env)
     printed = check_config_lines(result)
     assert "S3CRET" not in result.stdout + result.stderr  # every secret above carries the marker
@@ -336,7 +338,9 @@ def test_any_url_is_masked_to_one_printable_line_or_refused(text: str) -> None:
     value=st.text(ENV_CHARS, max_size=60),
 )
 def test_any_value_is_settings_or_one_config_error_line(name: str, value: str) -> None:
-    with mock.patch.dict(os.environ, {name: value, "REDIS_URL": os.environ.get("REDIS_URL", "redis://h")}):
+    # What other variables a value needs (WORKERS>1 a Redis, HASH_IDENTIFIERS a secret) is set.
+    needed = {"REDIS_URL": "redis://h", "HASH_SECRET": "pepper"}
+    with mock.patch.dict(os.environ, needed | {name: value}):
         try:
             described = load_settings().describe()
         except ConfigError as error:
@@ -491,3 +495,27 @@ def test_every_variable_is_documented() -> None:
     for name in PRINTED:
         assert f"{name}=" in example, f"{name} is not in .env.example"
         assert f"`{name}`" in readme, f"{name} is not in README's configuration table"
+
+
+def test_an_unreadable_dotenv_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_bytes(b"RPS=5\nOPENAI_API_KEY=sk-\xff\xfe\n")
+    result = run_gateway("--check-config", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"config error: {tmp_path / '.env'}: not UTF-8 text"]
+
+
+def test_dotenv_is_parsed_once(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("RPS=7\nthis line is not an assignment\nOTEL_TRACES_SAMPLER=always_off\n")
+    result = run_gateway("--check-config", cwd=tmp_path)
+    printed = check_config_lines(result)
+    assert (printed["RPS"], printed["OTEL_TRACES_SAMPLER"]) == ("7", "always_off")
+    assert result.stderr.splitlines() == ["python-dotenv could not parse statement starting at line 2"]
+
+
+def test_workers_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("WORKERS", "1024")
+    assert load_settings().workers == 1024
+    monkeypatch.setenv("WORKERS", "5000")
+    with pytest.raises(ConfigError, match="WORKERS: Must be greater than or equal to 1 and less than or equal to 1024"):
+        load_settings()
