@@ -15,7 +15,7 @@ import dataclasses
 import gc
 import logging
 import os
-import select
+import selectors
 import signal
 import socket
 import sys
@@ -69,7 +69,8 @@ def _check_address(host: str, port: int) -> None:
 
 
 def _listen_error(host: str, port: int, exc: OSError) -> ListenError:
-    reason = os.strerror(exc.errno) if isinstance(exc.errno, int) and exc.errno > 0 else str(exc)
+    # os.strerror: the loop's own text quotes the address again; a lookup error has no errno.
+    reason = os.strerror(exc.errno) if isinstance(exc.errno, int) and exc.errno > 0 else exc.strerror or str(exc)
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return ListenError(f"cannot listen on {shown}: {reason}")
 
@@ -191,23 +192,25 @@ def _supervise(settings: Settings) -> int:
 
 def _await_workers(reports: dict[int, int]) -> str | None:
     """None once every worker serves; else why one could not ("" if it said so itself)."""
-    pending = dict(reports)
-    try:
-        while pending:
-            readable, _, _ = select.select(list(pending), [], [])
-            for fd in readable:
-                # One short write per worker: it arrives whole (pipe writes up to PIPE_BUF are atomic).
-                message = os.read(fd, 4096).decode(errors="replace")
-                pid = pending.pop(fd)
-                os.close(fd)
-                if message == "ready":
-                    continue
-                if message.startswith("failed"):
-                    return message[len("failed") :].strip()
-                return f"worker {pid} exited before serving"
-    finally:
-        for fd in pending:
-            os.close(fd)
+    with selectors.DefaultSelector() as selector:  # epoll: no FD_SETSIZE limit on WORKERS
+        for fd in reports:
+            selector.register(fd, selectors.EVENT_READ)
+        try:
+            while selector.get_map():
+                for key, _ in selector.select():
+                    fd = key.fd
+                    # One short write per worker: it arrives whole (pipe writes up to PIPE_BUF are atomic).
+                    message = os.read(fd, 4096).decode(errors="replace")
+                    selector.unregister(fd)
+                    os.close(fd)
+                    if message == "ready":
+                        continue
+                    if message.startswith("failed"):
+                        return message[len("failed") :].strip()
+                    return f"worker {reports[fd]} exited before serving"
+        finally:
+            for key in list(selector.get_map().values()):
+                os.close(key.fd)
     return None
 
 
