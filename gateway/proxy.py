@@ -1,4 +1,4 @@
-"""The chat-completions handler: validate, redact, relay (JSON or SSE), under deadlines.
+"""The chat-completions handler: validate, redact, relay (JSON or SSE), under asyncio deadlines.
 
 Non-stream: the whole upstream response must arrive within TIMEOUT_SECS. Stream: the first
 event must; after that events are relayed as they arrive. The request body is forwarded as

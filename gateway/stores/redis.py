@@ -15,7 +15,6 @@ from typing import Any
 import coredis
 from coredis.exceptions import RedisError
 
-from ..deadlines import Deadlines
 from ..errors import StoreUnavailable
 
 # A string constant, so the frozen build needs no data files.
@@ -52,7 +51,6 @@ class RedisStore:
         self._client = client_cls.from_url(url, stream_timeout=timeout, connect_timeout=timeout, decode_responses=False)
         self._cluster = cluster
         self._timeout = timeout
-        self._deadline = Deadlines(timeout)
         self._script = self._client.register_script(INCREMENT_WITH_EXPIRY)
         self._pending: list[tuple[str, int, asyncio.Future[tuple[int, int]]]] = []
         self._out: asyncio.Task[None] | None = None  # the batch Redis is working on
@@ -75,7 +73,7 @@ class RedisStore:
             loop.call_soon(self._send_batch)
         self._pending.append((key, window_ms, future))
         try:
-            async with self._deadline():
+            async with asyncio.timeout(self._timeout):
                 return await future
         except TimeoutError as exc:
             raise StoreUnavailable() from exc
@@ -96,7 +94,7 @@ class RedisStore:
     async def _run_batch(self, batch: list[tuple[str, int, asyncio.Future[tuple[int, int]]]]) -> None:
         try:
             # Its own deadline too: the next batch waits for this one, so it must end.
-            async with self._deadline():
+            async with asyncio.timeout(self._timeout):
                 if not self._cluster or len(batch) == 1:
                     keys, windows = [key for key, _, _ in batch], [window_ms for _, window_ms, _ in batch]
                     flat: list[Any] = await self._script(keys=keys, args=windows)
