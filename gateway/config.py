@@ -180,12 +180,17 @@ def _mask_query_item(item: str) -> str:
 
 def _mask_sdk_value(name: str, value: str) -> str:
     if "HEADERS" in name:  # `authorization=Bearer x,api-key=y`: the names stay, the values go
-        return ",".join(f"{item.partition('=')[0].strip()}={MASK}" for item in value.split(",") if item.strip())
+        return ",".join(_mask_header_item(item) for item in value.split(",") if item.strip())
     if _SECRET_NAME.search(name):
         return MASK if value else ""
     if name.endswith("ENDPOINT"):
         return mask_url(value) if value else ""
     return _URL_USERINFO.sub(rf"\1{MASK}@", value)  # a URL inside, e.g. in OTEL_RESOURCE_ATTRIBUTES
+
+
+def _mask_header_item(item: str) -> str:
+    name, eq, _ = item.partition("=")
+    return f"{name.strip()}={MASK}" if eq else MASK  # without "=", the item may be the secret itself
 
 
 def _one_line(value: str) -> str:

@@ -201,7 +201,7 @@ def test_check_config_prints_every_variable_and_no_secret(tmp_path: Path, with_a
         "TENANT_KEYS_FILE": str(keys_file),
         "TENANT_QUOTAS": "acme=5,file-tenant=7",
         "WORKERS": "2",
-        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer bearer-S3CRETd,x-api-key=hdr-S3CRETe",
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer bearer-S3CRETd,x-api-key=hdr-S3CRETe,tok-S3CRETg",
         "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod",
     }
     if with_api_key:  # user info and a key would both be Authorization: that is refused
@@ -219,7 +219,7 @@ def test_check_config_prints_every_variable_and_no_secret(tmp_path: Path, with_a
     assert printed["TENANT_QUOTAS"] == "acme=5,file-tenant=7"  # keyed mode: names, not keys
     assert printed["TENANT_KEYS_FILE"] == str(keys_file)
     assert printed["HASH_SECRET"] == "***"
-    assert printed["OTEL_EXPORTER_OTLP_HEADERS"] == "authorization=***,x-api-key=***"
+    assert printed["OTEL_EXPORTER_OTLP_HEADERS"] == "authorization=***,x-api-key=***,***"
     assert printed["OTEL_RESOURCE_ATTRIBUTES"] == "deployment.environment=prod"
     if with_api_key:
         assert printed["OPENAI_API_KEY"] == "***"
