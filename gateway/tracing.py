@@ -110,7 +110,15 @@ class Tracing:
         gives the `traceparent` (and `tracestate`) headers that name it.
 
         Its sampling follows the server span's (the parent-based samplers, the default, decide
-        so; so does the ratio sampler for a trace id it already sampled)."""
+        so; so does the ratio sampler for a trace id it already sampled).
+
+        Under an unsampled server span no client span is started: every sampler the SDK
+        names would drop it too, so the upstream is given the server span's own (unsampled)
+        context, which saves the SDK's span start (~5 µs) on most requests at a low ratio."""
+        headers: dict[str, str] = {}
+        if not server_span.is_recording():
+            self._propagator.inject(headers, trace.set_span_in_context(server_span, _NO_PARENT))
+            return ClientSpan(server_span, headers)  # not recording: its exit ends nothing
         attributes = {"gen_ai.request.model": model} if model else None
         span = self._tracer.start_span(
             f"chat {model}" if model else "chat",
@@ -118,7 +126,6 @@ class Tracing:
             SpanKind.CLIENT,
             attributes,
         )
-        headers: dict[str, str] = {}
         self._propagator.inject(headers, trace.set_span_in_context(span, _NO_PARENT))
         return ClientSpan(span, headers)
 
