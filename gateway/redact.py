@@ -586,14 +586,20 @@ _SLICE_SECONDS = 0.010  # a slower machine: slices shrink until one takes no lon
 
 
 async def redact_yielding(
-    redactor: Redactor, text: str, on_redaction: OnRedaction | None = None, json_text: bool = False
+    redactor: Redactor,
+    text: str,
+    on_redaction: OnRedaction | None = None,
+    json_text: bool = False,
+    *,
+    slice_chars: int = _SLICE_CHARS,
 ) -> str:
     """`redactor.redact(text, on_redaction, json_text)`, exactly (the split guarantee), for
-    a long text: fed through a stream in slices, yielding to the event loop after each, so
-    no slice keeps other requests waiting more than ~10 ms (SPEC §6: an 8 MiB prompt)."""
+    a long text: fed through a stream in slices of at most `slice_chars`, yielding to the
+    event loop after each, so no slice keeps other requests waiting more than ~10 ms
+    (SPEC §6: an 8 MiB prompt). Slices shrink while one takes longer than that."""
     stream = redactor.stream(on_redaction, json_text)
     pieces: list[str] = []
-    size = _SLICE_CHARS
+    size = slice_chars
     pos, n = 0, len(text)
     while pos < n:
         began = time.perf_counter()
@@ -602,8 +608,8 @@ async def redact_yielding(
         took = time.perf_counter() - began
         if took > _SLICE_SECONDS and size > 1024:
             size //= 2
-        elif took < _SLICE_SECONDS / 4 and size < _SLICE_CHARS:
-            size *= 2
+        elif took < _SLICE_SECONDS / 4 and size < slice_chars:
+            size = min(size * 2, slice_chars)
         await asyncio.sleep(0)
     pieces.append(stream.flush())
     return "".join(pieces)

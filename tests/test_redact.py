@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
 import os
+from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.redact import ALL_KINDS, MAX_MATCH, build_redactor
+from gateway.redact import ALL_KINDS, MAX_MATCH, YIELD_ABOVE_CHARS, build_redactor, redact_yielding
 
 REDACTOR = build_redactor(ALL_KINDS)
 assert REDACTOR is not None
@@ -169,13 +172,13 @@ def test_redaction_is_idempotent(text: str) -> None:
     assert REDACTOR.redact(once) == once
 
 
-def reference_redact(text: str) -> str:
+def reference_redact(text: str, patterns: dict[str, str] | None = None) -> str:
     """The definition: one alternation of every pattern, searched leftmost-first."""
     import re
 
     from gateway.redact import _MASKERS, _PATTERNS
 
-    pattern = re.compile("|".join(f"(?P<{k}>{p})" for k, p in _PATTERNS.items()))
+    pattern = re.compile("|".join(f"(?P<{k}>{p})" for k, p in (patterns or _PATTERNS).items()))
     out, pos = [], 0
     while (m := pattern.search(text, pos)) is not None:
         masked = _MASKERS[m.lastgroup](m.group())  # type: ignore[index]
@@ -188,3 +191,179 @@ def reference_redact(text: str) -> str:
 @given(replies)
 def test_fast_search_equals_one_alternation(text: str) -> None:
     assert REDACTOR.redact(text) == reference_redact(text)
+
+
+# The phone pattern before its digit groups were made possessive (they backtracked for
+# ~250 µs at a "+" before 25 digits): the outputs must be the same.
+OLD_PHONE = (
+    r"(?<![A-Za-z0-9_+.-])(?:\+[1-9][0-9]{0,2}(?:[ .-]?(?:\([0-9]{1,4}\)|[0-9]{1,4})){2,5}"
+    r"|(?:\([2-9][0-9]{2}\) ?|[2-9][0-9]{2}[ .-])[2-9][0-9]{2}[ .-][0-9]{4})(?![A-Za-z0-9_-]|[.,][0-9])"
+)
+PHONE_PARTS = st.sampled_from(
+    [
+        "+",
+        "+1",
+        "+44",
+        " ",
+        "-",
+        ".",
+        "(",
+        ")",
+        "(0)",
+        "x",
+        ",",
+        "1",
+        "12",
+        "123",
+        "1234",
+        "2671",
+        "555",
+        "4242",
+        "DE89",
+    ]
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(PHONE_PARTS, min_size=1, max_size=16).map("".join))
+def test_possessive_phone_groups_change_no_output(text: str) -> None:
+    from gateway.redact import _PATTERNS
+
+    assert REDACTOR.redact(text) == reference_redact(text, {**_PATTERNS, "phone": OLD_PHONE})
+
+
+# JSON texts (tool-call arguments): strings from the same parts as replies, numbers that are
+# card numbers (or almost), nested; dumped in every style the stdlib has.
+JSON_STRINGS = st.lists(st.one_of(ORDINARY, PII_VALUES, st.text(max_size=3)), max_size=5).map("".join)
+NUMBERS = st.one_of(
+    st.sampled_from([4242424242424242, 5555555555554444, 378282246310005, 4242424242424241, -4242424242424242]),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+JSON_VALUES = st.recursive(
+    st.one_of(JSON_STRINGS, NUMBERS, st.booleans(), st.none()),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(JSON_STRINGS, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@st.composite
+def json_documents(draw: st.DrawFn) -> tuple[object, str]:
+    value = draw(JSON_VALUES)
+    text = json.dumps(
+        value,
+        ensure_ascii=draw(st.booleans()),
+        indent=draw(st.sampled_from([None, 2])),
+        separators=draw(st.sampled_from([(",", ":"), (", ", ": ")])),
+    )
+    return value, text
+
+
+def expected_json(value: object) -> object:
+    """What redacting a JSON text must give, once parsed: every string (keys too) redacted as a
+    text of its own, and a bare number that is a card number its mask, as a string."""
+    if isinstance(value, str):
+        return REDACTOR.redact(value)
+    if isinstance(value, list):
+        return [expected_json(item) for item in value]
+    if isinstance(value, dict):
+        return {expected_json(k): expected_json(v) for k, v in value.items()}
+    if type(value) is int:
+        masked = REDACTOR.redact(str(value))
+        return masked if masked != str(value) else value
+    return value
+
+
+def stream_in_pieces(text: str, cuts: list[int], json_text: bool) -> str:
+    stream = REDACTOR.stream(json_text=json_text)
+    bounds = [0, *sorted(cuts), len(text)]
+    out = [stream.feed(text[a:b]) for a, b in itertools.pairwise(bounds)]
+    assert stream.held <= MAX_MATCH
+    return "".join(out) + stream.flush()
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_documents(), st.data())
+def test_json_text_stays_json_and_streams_equal_whole(document: tuple[object, str], data: st.DataObject) -> None:
+    value, text = document
+    counted: list[str] = []
+    whole = REDACTOR.redact(text, counted.append, json_text=True)
+    assert json.loads(whole) == expected_json(value)
+    cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=12))
+    assert stream_in_pieces(text, cuts, True) == whole
+
+
+JSONISH = st.lists(
+    st.one_of(
+        st.sampled_from(['"', "\\", "\\u", "00e9", ",", "+", "e", "[", "]", "{", "}", ":", " ", "1"]), PII_VALUES
+    ),
+    max_size=30,
+).map("".join)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.one_of(JSONISH, json_documents().map(lambda document: document[1])), st.data())
+def test_json_text_any_split_of_any_text_equals_whole(text: str, data: st.DataObject) -> None:
+    whole = REDACTOR.redact(text, json_text=True)
+    cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=len(text)))
+    assert stream_in_pieces(text, cuts, True) == whole
+    try:
+        json.loads(text)
+    except ValueError:
+        return
+    json.loads(whole)  # valid JSON in, valid JSON out
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ('{"card": 4242424242424242}', '{"card": "CC_MASKED_LAST4_4242"}'),
+        ('{"card": "4242424242424242"}', '{"card": "CC_MASKED_LAST4_4242"}'),
+        ("[4242424242424242,5555555555554444]", '["CC_MASKED_LAST4_4242","CC_MASKED_LAST4_4444"]'),
+        ('{"to": "jane.doe@example.com"}', '{"to": "j***e@example.com"}'),
+        ('{"n": "line\\n4242 4242 4242 4242"}', '{"n": "line\\nCC_MASKED_LAST4_4242"}'),  # an escape is a break
+        ('{"to": "caf\\u00e9jane@example.com"}', '{"to": "caf\\u00e9j***e@example.com"}'),  # never cut
+        ('{"x": 1e+4242424242424242}', '{"x": 1e+4242424242424242}'),  # an exponent is no card
+        ('{"n": -4242424242424242}', '{"n": -4242424242424242}'),
+        ("4242424242424242", '"CC_MASKED_LAST4_4242"'),
+    ],
+)
+def test_json_text_masks(text: str, redacted: str) -> None:
+    assert REDACTOR.redact(text, json_text=True) == redacted
+    assert stream_in_pieces(text, list(range(len(text))), True) == redacted
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(replies, JSONISH), st.booleans(), st.integers(1, 40))
+def test_redact_yielding_equals_redact(text: str, json_text: bool, slice_chars: int) -> None:
+    expected: list[str] = []
+    got: list[str] = []
+    whole = REDACTOR.redact(text, expected.append, json_text=json_text)
+    assert asyncio.run(redact_yielding(REDACTOR, text, got.append, json_text, slice_chars=slice_chars)) == whole
+    assert sorted(got) == sorted(expected)
+
+
+@pytest.mark.timeout(120)
+async def test_an_8_mib_prompt_is_redacted_in_slices_that_let_others_run() -> None:
+    line = "Jane (jane.doe@example.com, +1 415 555 2671) paid 4242 4242 4242 4242 on 2024-01-15. " + "ok " * 20
+    text = (line * (8 * 1024 * 1024 // len(line) + 1))[: 8 * 1024 * 1024]
+    assert len(text) > YIELD_ABOVE_CHARS
+    expected: list[str] = []
+    whole = REDACTOR.redact(text, expected.append)
+    turns = 0
+    done = False
+
+    async def other_request() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(other_request())
+    got: list[str] = []
+    result = await redact_yielding(REDACTOR, text, got.append)
+    done = True
+    await other
+    assert result == whole
+    assert Counter(got) == Counter(expected)
+    assert turns >= len(text) // 16_384  # the other task ran between every two slices
