@@ -16,11 +16,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import sse
 from .errors import (
     BadRequest,
     GatewayError,
-    LogprobsUnavailable,
     PayloadTooLarge,
     ShuttingDown,
     UpstreamAuthRejected,
@@ -35,8 +33,8 @@ from .lifecycle import Lifecycle
 from .memo import RedactionMemo
 from .models import RequestState
 from .redact import YIELD_ABOVE_CHARS, Redactor, redact_yielding
-from .relay import StreamRelay, dumps_reply, loads_reply, redact_reply, usage_of
-from .surfaces import CHAT
+from .relay import StreamRelay, dumps_reply, loads_reply, redact_reply
+from .surfaces import CHAT_API, Api
 from .telemetry import Telemetry
 from .upstream import Upstream, UpstreamReply
 
@@ -45,16 +43,23 @@ _EVENT_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")  # how an SSE bod
 log = logging.getLogger("gateway")
 
 
-class ChatProxy:
+class Proxy:
+    """One route's handler, for the API it is given (chat completions, Anthropic messages)."""
+
     def __init__(
         self,
+        api: Api,
         upstream: Upstream,
         redactor: Redactor | None,
         telemetry: Telemetry,
         lifecycle: Lifecycle,
         timeout_secs: float,
         max_body_bytes: int,
+        stream_idle_secs: float = 300.0,
     ) -> None:
+        self._api = api
+        self._idle = stream_idle_secs
+        self._surface = api.surface
         self._upstream = upstream
         self._redactor = redactor
         self._memo = RedactionMemo(redactor) if redactor is not None else None
@@ -75,32 +80,23 @@ class ChatProxy:
             body, payload = await self._read_payload(request)
         if not isinstance(payload.get("model"), str) or not payload["model"]:
             raise BadRequest("'model' is required and must be a string", code="missing_model")
-        if not isinstance(payload.get("messages"), list):
-            raise BadRequest("'messages' is required and must be an array", code="missing_messages")
+        self._api.check_request(payload, self._redactor is not None)
         state.model = payload["model"]
         state.stream = payload.get("stream") is True
-        if self._redactor is not None:
-            if payload.get("logprobs") is True or payload.get("top_logprobs") is not None:
-                raise LogprobsUnavailable()
-            if await self._redact_messages(payload["messages"], state):
-                body = orjson.dumps(payload)
+        if self._redactor is not None and await self._redact_request(payload, state):
+            body = orjson.dumps(payload)
         tracing = self._telemetry.tracing
         task = self._lifecycle.enter()
         try:
             if tracing is None or state.span is None:
-                return await self._relay(request, state, body, self._upstream.headers_for(request.headers))
+                return await self._relay(
+                    request, state, body, self._upstream.headers_for(request.headers, request_id=state.request_id)
+                )
             with tracing.client_span(state.span, state.model) as trace_headers:
-                headers = self._upstream.headers_for(request.headers, trace_headers)
+                headers = self._upstream.headers_for(request.headers, trace_headers, request_id=state.request_id)
                 return await self._relay(request, state, body, headers)
         finally:
             self._lifecycle.leave(task)
-
-    async def _relay(
-        self, request: web.Request, state: RequestState, body: bytes, headers: dict[str, str]
-    ) -> web.StreamResponse:
-        if state.stream:
-            return await self._relay_stream(request, state, body, headers)
-        return await self._relay_json(state, body, headers)
 
     async def _read_payload(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
         if request.content_length is not None and request.content_length > self._max_body:
@@ -112,51 +108,35 @@ class ChatProxy:
             raise BadRequest(f"request body is not valid UTF-8 JSON: {exc.msg}", code="invalid_json") from exc
         if not isinstance(payload, dict):
             raise BadRequest("request body must be a JSON object")
-        if not payload.get("model") or not isinstance(payload["model"], str):
-            raise BadRequest("'model' is required and must be a string", code="missing_model")
-        if not isinstance(payload.get("messages"), list):
-            raise BadRequest("'messages' is required and must be an array", code="missing_messages")
         return body, payload
 
-    async def _redact_messages(self, messages: list[Any], state: RequestState) -> bool:
-        """Redact every text the client sends (SPEC §6): string content, `text` parts, refusals
-        and tool-call arguments (as JSON text: a mask never breaks them)."""
-        assert self._redactor is not None and state.tenant is not None
+    async def _redact_request(self, payload: dict[str, Any], state: RequestState) -> bool:
+        """Redact every text the client sends, as the API's description lists them (SPEC §6,
+        §11); JSON texts (tool-call arguments) so that a mask never breaks them."""
+        assert self._redactor is not None
+        try:
+            slots = list(self._api.request_texts(payload))
+        except RecursionError:
+            raise BadRequest("request body is nested too deeply") from None
         changed = False
-        for message in messages:
-            if not isinstance(message, dict):
-                continue
-            content = message.get("content")
-            if isinstance(content, str):
-                changed |= await self._redact_field(message, "content", state)
-            elif isinstance(content, list):
-                for part in content:
-                    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                        changed |= await self._redact_field(part, "text", state)
-            if isinstance(message.get("refusal"), str):
-                changed |= await self._redact_field(message, "refusal", state)
-            calls = message.get("tool_calls")
-            for call in calls if isinstance(calls, list) else ():
-                function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                    clean = self._redactor.redact(function["arguments"], self._count_request_redaction, json_text=True)
-                    if clean != function["arguments"]:
-                        function["arguments"] = clean
-                        changed = True
+        for holder, key, json_text in slots:
+            text: str = holder[key]
+            if json_text or len(text) > YIELD_ABOVE_CHARS:  # long: in slices, serving others in between
+                clean = await redact_yielding(self._redactor, text, self._count_request_redaction, json_text)
+            else:
+                assert self._memo is not None and state.tenant is not None
+                clean = self._memo.redact(state.tenant.name, text, self._count_request_redactions)
+            if clean != text:
+                holder[key] = clean
+                changed = True
         return changed
 
-    async def _redact_field(self, holder: dict[str, Any], key: str, state: RequestState) -> bool:
-        text: str = holder[key]
-        if len(text) > YIELD_ABOVE_CHARS:  # long: in slices, serving others in between (SPEC §6)
-            assert self._redactor is not None
-            clean = await redact_yielding(self._redactor, text, self._count_request_redaction)
-        else:
-            assert self._memo is not None and state.tenant is not None
-            clean = self._memo.redact(state.tenant.name, text, self._count_request_redactions)
-        if clean == text:
-            return False
-        holder[key] = clean
-        return True
+    async def _relay(
+        self, request: web.Request, state: RequestState, body: bytes, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        if state.stream:
+            return await self._relay_stream(request, state, body, headers)
+        return await self._relay_json(state, body, headers)
 
     async def _relay_json(self, state: RequestState, body: bytes, headers: dict[str, str]) -> web.Response:
         started = time.perf_counter()
@@ -184,14 +164,14 @@ class ChatProxy:
                 return self._events_answer(state, reply, data)
             raise UpstreamError("upstream answered with a body that is not JSON") from None
         if isinstance(answer, dict):
-            state.usage = usage_of(answer)
+            state.usage = self._api.reply_usage(answer)
             if isinstance(answer.get("model"), str):
                 state.response_model = answer["model"]
         if self._redactor is not None:
             # Written from what was parsed, whatever its shape: a repeated or escaped key in
             # the upstream's bytes never reaches the client (SPEC §6).
             if isinstance(answer, dict):
-                redact_reply(self._redactor, answer, CHAT.reply_spec, self._count_response_redaction)
+                redact_reply(self._redactor, answer, self._surface.reply_spec, self._count_response_redaction)
                 data = dumps_reply(answer)
             else:
                 text = data.decode("utf-8", "replace")
@@ -199,7 +179,7 @@ class ChatProxy:
         return web.Response(body=data, status=reply.status, content_type="application/json")
 
     def _events_answer(self, state: RequestState, reply: UpstreamReply, data: bytes) -> web.Response:
-        relay = StreamRelay(self._redactor, self._count_response_redaction)
+        relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface)
         body = relay.feed(data) + relay.close()
         state.usage, state.response_model = relay.usage, relay.response_model
         return web.Response(body=body, status=reply.status, headers=SSE_HEADERS)
@@ -226,7 +206,7 @@ class ChatProxy:
         self, request: web.Request, state: RequestState, body: bytes, headers: dict[str, str]
     ) -> web.StreamResponse:
         started = time.perf_counter()
-        relay = StreamRelay(self._redactor, self._count_response_redaction)
+        relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface)
         reply: UpstreamReply | None = None
         whole: bytes | None = None
         try:
@@ -270,20 +250,30 @@ class ChatProxy:
     async def _pump(self, response: web.StreamResponse, relay: StreamRelay, first: bytes, reply: UpstreamReply) -> None:
         try:
             out = first
-            while not relay.done:
-                if out:
-                    await response.write(out)
-                chunk = await reply.next_chunk()
-                if not chunk:  # upstream ended without [DONE]
-                    out = relay.close()
-                    break
-                out = relay.feed(chunk)
+            loop = asyncio.get_running_loop()
+            # One timeout for the whole stream, moved before each read: the upstream may be
+            # silent STREAM_IDLE_SECS between two reads, however slowly the client takes them.
+            async with asyncio.timeout(None) as idle:
+                while not relay.done:
+                    if out:
+                        idle.reschedule(None)
+                        await response.write(out)
+                    idle.reschedule(loop.time() + self._idle)
+                    chunk = await reply.next_chunk()
+                    if not chunk:  # upstream ended without [DONE]
+                        out = relay.close()
+                        break
+                    out = relay.feed(chunk)
+                idle.reschedule(None)
             # The last events and the end of the body in one write (with the headers too when
             # the whole reply came in the first read): one send instead of two.
             await response.write_eof(out)
-        except UpstreamError as exc:  # broken, or silent for STREAM_IDLE_SECS
-            self._telemetry.metrics.cb_event("timeout" if isinstance(exc, UpstreamIdleTimeout) else "upstream_error")
-            await _try_write(response, _finished(relay) + sse.error_event(exc))
+        except TimeoutError:
+            self._telemetry.metrics.cb_event("timeout")
+            await _try_write(response, _finished(relay) + relay.error_event(UpstreamIdleTimeout()))
+        except UpstreamError as exc:  # the upstream broke mid-stream
+            self._telemetry.metrics.cb_event("upstream_error")
+            await _try_write(response, _finished(relay) + relay.error_event(exc))
         except OSError:
             raise  # the client's connection failed under our write: nobody to tell
         except asyncio.CancelledError:
@@ -293,12 +283,12 @@ class ChatProxy:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            await _try_write(response, _finished(relay) + sse.error_event(ShuttingDown()))
+            await _try_write(response, _finished(relay) + relay.error_event(ShuttingDown()))
         except Exception:
             # Headers are out: whatever failed, the client gets an error event, never a second
             # HTTP response inside the body (SPEC §9).
             log.exception("stream relay failed")
-            await _try_write(response, sse.error_event(GatewayError()))
+            await _try_write(response, relay.error_event(GatewayError()))
 
 
 def _finished(relay: StreamRelay) -> bytes:
@@ -340,3 +330,10 @@ async def _try_write(response: web.StreamResponse, data: bytes) -> None:
     with contextlib.suppress(OSError, TimeoutError):
         async with asyncio.timeout(1):
             await response.write(data)
+
+
+def chat_proxy(*args: Any) -> Proxy:  # until app.py names the API itself
+    return Proxy(CHAT_API, *args)
+
+
+ChatProxy = chat_proxy

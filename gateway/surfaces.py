@@ -16,14 +16,14 @@ how a flush is written, what ends the stream, where usage is, and how an error e
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
 
 from . import sse
-from .errors import GatewayError
+from .errors import BadRequest, GatewayError, LogprobsUnavailable
 from .models import Usage
 
 
@@ -341,3 +341,39 @@ def _strings_in(holder: Any, key: Any) -> Iterator[TextSlot]:
     elif type(value) is list:
         for position in range(len(value)):
             yield from _strings_in(value, position)
+
+
+# --- Whole APIs: a route's request checks, request texts, reply and event stream --------
+@dataclass(frozen=True, slots=True)
+class Api:
+    name: str  # the route's name (metrics label "route" is its path)
+    path: str
+    surface: Surface
+    check_request: Callable[[dict[str, Any], bool], None]  # (payload, redacting): raises BadRequest
+    request_texts: Callable[[dict[str, Any]], Iterator[TextSlot]]
+    reply_usage: Callable[[dict[str, Any]], Usage | None]
+    anthropic_errors: bool = False  # the gateway's own errors in Anthropic's shape (SPEC §11)
+
+
+def check_chat_request(payload: dict[str, Any], redacting: bool) -> None:
+    if type(payload.get("messages")) is not list:
+        raise BadRequest("'messages' is required and must be an array", code="missing_messages")
+    if redacting and (payload.get("logprobs") is True or payload.get("top_logprobs") is not None):
+        raise LogprobsUnavailable()
+
+
+def check_messages_request(payload: dict[str, Any], redacting: bool) -> None:
+    if type(payload.get("messages")) is not list:
+        raise BadRequest("'messages' is required and must be an array", code="missing_messages")
+
+
+CHAT_API = Api("chat", "/v1/chat/completions", CHAT, check_chat_request, chat_request_texts, chat_usage)
+MESSAGES_API = Api(
+    "messages",
+    "/v1/messages",
+    MESSAGES,
+    check_messages_request,
+    messages_request_texts,
+    anthropic_usage,
+    anthropic_errors=True,
+)

@@ -38,6 +38,9 @@ def _merged(passed: list[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
+ANTHROPIC_VERSION = "2023-06-01"  # sent when the client names none
+
+
 class UpstreamReply:
     """The upstream's answer once its headers have arrived."""
 
@@ -83,7 +86,7 @@ class UpstreamReply:
 class Upstream:
     """The session is opened in the app's cleanup context (it needs the running loop)."""
 
-    __slots__ = ("_connect_timeout", "_own", "_session", "_url", "_verdicts")
+    __slots__ = ("_connect_timeout", "_defaults", "_own", "_session", "_url", "_verdicts")
 
     def __init__(
         self,
@@ -93,14 +96,21 @@ class Upstream:
         *,
         organization: str | None = None,
         project: str | None = None,
+        anthropic: bool = False,
     ) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._url = url
         self._connect_timeout = connect_timeout
-        # What the gateway itself says on every call: built once, added per request.
+        # What the gateway itself says on every call: built once, added per request. An
+        # Anthropic upstream takes its key as x-api-key and needs an anthropic-version, the
+        # client's if it sent one (SPEC §11).
         own = {"Content-Type": "application/json"}
+        self._defaults = {"anthropic-version": ANTHROPIC_VERSION} if anthropic else {}
         if api_key:
-            own["Authorization"] = f"Bearer {api_key}"
+            if anthropic:
+                own["x-api-key"] = api_key
+            else:
+                own["Authorization"] = f"Bearer {api_key}"
         if organization:
             own["OpenAI-Organization"] = organization
         if project:
@@ -147,6 +157,8 @@ class Upstream:
             for named in connection.split(","):
                 out.pop(named.strip().lower(), None)
         out.update(self._own)  # no allowed name collides: the gateway's own always win
+        for name, value in self._defaults.items():
+            out.setdefault(name, value)
         if request_id:
             out["x-request-id"] = request_id
         if extra:

@@ -145,7 +145,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
             **extra,
         }
         chunk["obfuscation"] = secrets.token_urlsafe(random.randint(1, 12))[: random.randint(1, 16)]
-        return b"data: " + json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+        return b"data: " + _compact(chunk) + b"\n\n"
 
     try:
         await response.write(
@@ -217,12 +217,17 @@ def _anthropic_user_text(body: dict[str, Any]) -> str:
     return ""
 
 
+def _compact(value: Any) -> bytes:
+    """Compact JSON as the providers send it: UTF-8 as is, escapes only where UTF-8 has no
+    form (a lone surrogate, half an emoji, goes out as its \\u escape)."""
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
 def _sse(event: str, data: dict[str, Any]) -> bytes:
-    return (
-        f"event: {event}\ndata: ".encode()
-        + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
-        + b"\n\n"
-    )
+    return f"event: {event}\ndata: ".encode() + _compact(data) + b"\n\n"
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
