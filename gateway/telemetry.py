@@ -25,6 +25,7 @@ CHAT_ROUTE = "/v1/chat/completions"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
 CB_EVENTS = ("timeout", "load_shed", "store_error", "upstream_error", "client_disconnect")
 OTHER = "other"
+LOG_MODEL_MAX = 256
 UNKNOWN = "unknown"  # no model named (rejected before the body was read)
 # aioprometheus writes label values into the text format as they are, unescaped: a `"`, `\`
 # or line break in one would end the value early and let a client write its own lines. So a
@@ -186,6 +187,8 @@ class Metrics:
 class RequestLog:
     """One JSON line per request on stdout; never prompt or completion text, never a key.
 
+    The model is cut to LOG_MODEL_MAX characters: it is the client's, as long as its body.
+
     Lines are buffered and flushed at most every 100 ms, so a slow stdout reader costs one
     write per interval rather than one per request.
     """
@@ -210,7 +213,7 @@ class RequestLog:
             "method": method,
             "path": path,
             "tenant": state.tenant.public_id if state.tenant is not None else None,
-            "model": state.model,
+            "model": state.model[:LOG_MODEL_MAX] if state.model is not None else None,
             "stream": state.stream,
             "status": status,
             "duration_ms": _ms(seconds),

@@ -33,6 +33,10 @@ SCOPE_NAME = "secure-llm-gateway"
 # collector holds shutdown for the exporter's timeout (OTEL_EXPORTER_OTLP_TIMEOUT, 10 s)
 # once per queued batch, up to the processor's 30 s.
 SHUTDOWN_FLUSH_SECS = 2.0
+# Client-chosen text on a span is cut to this: a model name can be as long as the request
+# body, and a queued span keeps its text alive until it is exported (2048 spans by default).
+MAX_TEXT = 256
+MAX_PATH = 2048
 _NO_PARENT = Context()  # explicit: a request's span never picks up an ambient current span
 _ERROR = Status(StatusCode.ERROR)
 
@@ -71,7 +75,7 @@ class Tracing:
             f"{method} {route}",
             parent,
             SpanKind.SERVER,
-            {"http.request.method": method, "url.path": path},
+            {"http.request.method": method, "url.path": path[:MAX_PATH]},
         )
 
     def end_server_span(self, span: Span, state: RequestState, status: int) -> None:
@@ -84,11 +88,12 @@ class Tracing:
         if state.tenant is not None:
             attributes["tenant"] = state.tenant.public_id
         if state.model is not None:
-            attributes["model"] = state.model
-            attributes["gen_ai.request.model"] = state.model
+            model = state.model[:MAX_TEXT]  # the same object when short enough: no copy
+            attributes["model"] = model
+            attributes["gen_ai.request.model"] = model
             attributes["gen_ai.operation.name"] = "chat"
         if state.response_model is not None:
-            attributes["gen_ai.response.model"] = state.response_model
+            attributes["gen_ai.response.model"] = state.response_model[:MAX_TEXT]
         if state.usage is not None:
             attributes["gen_ai.usage.input_tokens"] = state.usage.prompt_tokens
             attributes["gen_ai.usage.output_tokens"] = state.usage.completion_tokens
@@ -119,6 +124,7 @@ class Tracing:
         if not server_span.is_recording():
             self._propagator.inject(headers, trace.set_span_in_context(server_span, _NO_PARENT))
             return ClientSpan(server_span, headers)  # not recording: its exit ends nothing
+        model = model[:MAX_TEXT] if model else None
         attributes = {"gen_ai.request.model": model} if model else None
         span = self._tracer.start_span(
             f"chat {model}" if model else "chat",

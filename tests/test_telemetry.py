@@ -17,7 +17,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.telemetry import CHAT_ROUTE, MODEL_LABEL_MAX, OTHER, UNKNOWN, BoundedLabels, Metrics
+from gateway.models import RequestState
+from gateway.telemetry import (
+    CHAT_ROUTE,
+    LOG_MODEL_MAX,
+    MODEL_LABEL_MAX,
+    OTHER,
+    UNKNOWN,
+    BoundedLabels,
+    Metrics,
+    RequestLog,
+)
 
 FAMILIES = {
     "requests",  # prometheus_client names a counter family without its _total
@@ -203,6 +213,19 @@ def test_a_scrape_does_not_change_what_the_next_one_says() -> None:
     metrics.request_started(CHAT_ROUTE)
     metrics.response_sent(CHAT_ROUTE, "m", 200, 0.1)
     assert scrape(metrics) == scrape(metrics)
+
+
+async def test_the_log_line_cuts_a_huge_model_name() -> None:
+    out = io.BytesIO()
+    log = RequestLog(out)
+    for model in ("m" * 1_000_000, "gpt-4o", None):
+        log.write(RequestState("r", model=model), "POST", CHAT_ROUTE, 200, 0.01, None)
+    log.flush()
+    assert [json.loads(line)["model"] for line in out.getvalue().splitlines()] == [
+        "m" * LOG_MODEL_MAX,
+        "gpt-4o",
+        None,
+    ]
 
 
 AiohttpClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]

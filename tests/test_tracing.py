@@ -23,7 +23,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Status
 from opentelemetry.sdk.trace import TracerProvider
 
 from gateway.models import RequestState, Tenant, Usage
-from gateway.tracing import SCOPE_NAME, Tracing
+from gateway.tracing import MAX_PATH, MAX_TEXT, SCOPE_NAME, Tracing
 
 from .harness import wait_until
 
@@ -235,6 +235,21 @@ def test_an_upstream_call_that_raises_ends_its_span_failed(receiver: Receiver, m
     [client] = [s for s in receiver.spans if s.kind == PbSpan.SPAN_KIND_CLIENT]
     assert client.status == Status.STATUS_CODE_ERROR
     assert client.events == [("exception", {"exception.type": "TimeoutError"})]  # the type, not the message
+
+
+def test_client_chosen_text_on_spans_is_cut(receiver: Receiver, make_tracing: Any) -> None:
+    """A model name as long as the body allows must not be held in the export queue whole."""
+    tracing = make_tracing()
+    huge = "m" * 1_000_000
+    server = tracing.start_server_span("POST", "other", "/" + "p" * 10_000, headers())
+    with tracing.client_span(server, huge):
+        pass
+    tracing.end_server_span(server, state(model=huge, tenant="huge"), 404)
+    span = arrived(receiver, "huge")
+    assert span.attrs["model"] == span.attrs["gen_ai.request.model"] == "m" * MAX_TEXT
+    assert span.attrs["url.path"] == "/" + "p" * (MAX_PATH - 1)
+    [client] = wait_until(lambda: [s for s in receiver.spans if s.kind == PbSpan.SPAN_KIND_CLIENT], what="client")
+    assert client.name == "chat " + "m" * MAX_TEXT and client.attrs["gen_ai.request.model"] == "m" * MAX_TEXT
 
 
 def test_an_incoming_traceparent_and_tracestate_are_continued(receiver: Receiver, make_tracing: Any) -> None:
