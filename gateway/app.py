@@ -1,15 +1,16 @@
-"""create_app(settings): builds every component, and the routes with their wrappers.
+"""create_app(settings): builds every component, the middleware chain and the routes.
 
 Importing this module does nothing; tests build a fresh app per case.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from types import MappingProxyType
 from typing import IO
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from . import keys
 from .config import Settings
@@ -17,14 +18,17 @@ from .lifecycle import Lifecycle
 from .limits import Quota, TokenBucket
 from .middlewares import (
     RequestIds,
+    RoutePlan,
     add_gateway_headers,
-    admission,
-    draining_check,
+    body,
+    draining,
     not_found,
     observed,
-    ratelimit_check,
+    quota,
+    rate_limit,
     rendered_errors,
-    tenancy_check,
+    shedding,
+    tenancy,
     wrong_method,
 )
 from .proxy import ChatProxy
@@ -36,6 +40,14 @@ from .tenancy import Tenancy
 from .tracing import Tracing
 from .upstream import Upstream
 
+# How the app is to be served (web.AppRunner's keyword arguments, by server.py and tests alike):
+# request bodies are decoded by the body middleware (bodies.py), not by aiohttp.
+SERVER_OPTIONS: Mapping[str, object] = MappingProxyType({"auto_decompress": False})
+
+# Routes that go through SPEC §4's admission; every other route is let through by its steps.
+ADMITTED_ROUTES = frozenset({"chat"})
+_UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
+
 
 def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> web.Application:
     tracing = Tracing(settings.otlp_endpoint, settings.service_name) if settings.otlp_endpoint else None
@@ -43,7 +55,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     store = store_from_url(settings.redis_url, cluster=settings.redis_cluster, timeout=settings.store_timeout_secs)
     upstream = Upstream(settings.upstream_chat_url, settings.upstream_api_key, settings.timeout_secs)
     lifecycle = Lifecycle(settings.shutdown_grace_secs, settings.notify_socket)
-    quota = Quota(
+    quotas = Quota(
         store,
         settings.default_quota,
         settings.tenant_quotas,
@@ -60,43 +72,58 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         settings.max_body_bytes,
     )
 
-    # Admission, in SPEC §4's order: nothing new while draining; who is calling (a bad key is
-    # refused before anything else), how fast; then (in `admission`) how many at once and
-    # how many this window. The cheap, local checks come before the quota's store round
-    # trip, so a flood is turned away before it reaches Redis. Disabled steps are left out.
-    checks = [
-        draining_check(lifecycle),
-        tenancy_check(Tenancy(settings.tenant_key_digests, settings.hash_secret), settings.trusted_proxies),
+    # (method, path, route name, handler). Every route has a name: its RoutePlan is looked up by it.
+    routes: list[tuple[str, str, str, Handler]] = [
+        ("GET", "/healthz", "healthz", healthz),
+        ("GET", "/readyz", "readyz", readyz),
+        ("GET", "/metrics", "metrics", metrics),
+        ("POST", CHAT_ROUTE, "chat", proxy.handle),
+    ]
+    plans: dict[str | None, RoutePlan] = {
+        name: RoutePlan(path, path not in _UNTRACED, path == CHAT_ROUTE, name in ADMITTED_ROUTES)
+        for _, path, name, _ in routes
+    }
+    # Any other method on a known path: 405, observed under that path, never admitted.
+    plans |= {
+        f"{name}.wrong_method": RoutePlan(path, path not in _UNTRACED, path == CHAT_ROUTE)
+        for _, path, name, _ in routes
+    }
+    plans["not_found"] = RoutePlan("other")
+
+    # Outermost first. `observed` sees every final status, so it wraps the renderer, which
+    # turns every error below into OpenAI JSON. Then SPEC §4's admission, in its order, on the
+    # ADMITTED_ROUTES only (a 404/405 or a probe spends nothing): nothing new while draining;
+    # who is calling (a bad key is refused before anything else); the body, read and checked
+    # once, so a malformed request costs no token or quota and a refused one still names its
+    # model; how fast; how many at once (the slot held until the handler returns: for a
+    # stream, its last byte); how many this window (a store round trip, so last). Disabled
+    # steps are left out.
+    chain: list[Middleware] = [
+        observed(MappingProxyType(plans), telemetry, RequestIds()),  # ids made per worker (after the fork)
+        rendered_errors(),
+        draining(lifecycle),
+        tenancy(Tenancy(settings.tenant_key_digests, settings.hash_secret), settings.trusted_proxies),
+        body(settings.max_body_bytes),
     ]
     if settings.rps > 0:
-        checks.append(ratelimit_check(TokenBucket(settings.rps, settings.burst), telemetry))
-    shedder = Shedder(settings.max_concurrency) if settings.max_concurrency else None
+        chain.append(rate_limit(TokenBucket(settings.rps, settings.burst), telemetry))
+    if settings.max_concurrency:
+        chain.append(shedding(Shedder(settings.max_concurrency), telemetry))
+    chain.append(quota(quotas, telemetry))
 
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=chain, client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
     app[keys.UPSTREAM] = upstream
     app[keys.STORE] = store
     app[keys.TELEMETRY] = telemetry
     app[keys.LIFECYCLE] = lifecycle
 
-    # Made here, in each worker process (after the fork): every worker gets its own id prefix.
-    request_ids = RequestIds()
-
-    def served(handler: Handler, route: str) -> Handler:
-        return observed(rendered_errors(handler), route, telemetry, request_ids)
-
-    routes: list[tuple[str, str, Handler]] = [
-        ("GET", "/healthz", healthz),
-        ("GET", "/readyz", readyz),
-        ("GET", "/metrics", metrics),
-        ("POST", CHAT_ROUTE, admission(proxy.handle, checks, shedder, quota, telemetry)),
-    ]
-    for method, path, handler in routes:
+    for method, path, name, handler in routes:
         methods = ("GET", "HEAD") if method == "GET" else (method,)
         for each in methods:
-            app.router.add_route(each, path, served(handler, path))
-        app.router.add_route("*", path, served(wrong_method(",".join(methods)), path))  # any other: 405
-    app.router.add_route("*", "/{path:.*}", served(not_found, "other"))  # last: any other path
+            app.router.add_route(each, path, handler, name=name)
+        app.router.add_route("*", path, wrong_method(",".join(methods)), name=f"{name}.wrong_method")
+    app.router.add_route("*", "/{path:.*}", not_found, name="not_found")  # last: any other path
     app.cleanup_ctx.append(resources)
     app.on_response_prepare.append(add_gateway_headers)
     return app

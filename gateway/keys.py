@@ -22,3 +22,9 @@ TELEMETRY: web.AppKey[Telemetry] = web.AppKey("telemetry")
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
 
 STATE = web.RequestKey("state", RequestState)
+# The same state, set only on the routes that go through admission (SPEC §4): one lookup tells
+# an admission step both whether to act and what it acts on.
+ADMITTED = web.RequestKey("admitted", RequestState)
+# The response whose headers are going out, set as it is prepared: after that an error can no
+# longer become an HTTP response of its own (SPEC §9), only the end of this one.
+STARTED = web.RequestKey("started", web.StreamResponse)

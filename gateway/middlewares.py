@@ -1,9 +1,11 @@
-"""Thin adapters from HTTP to the policies, one per step; the order lives in app.py.
+"""The middleware chain: thin `@web.middleware` adapters from HTTP to the policies.
 
-Each factory closes over its collaborators; none holds policy of its own. They wrap each
-route's handler once, at start-up, rather than being aiohttp middlewares: for those aiohttp looks
-the chain up in a cache on every request, calls each through a partial and adds a layer of
-its own.
+Each factory closes over its collaborators and returns one middleware; none holds policy of
+its own, and the order lives in app.py. What differs between routes is decided once, at
+start-up, as a `RoutePlan` per route name; the outermost step looks it up and, for a route
+that goes through admission, puts the request's state under `ADMITTED`, where each admission
+step finds it. Any other route — the probes, a 405, the 404 catch-all — passes through the
+admission steps untouched, so it spends no token and no quota.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
+from . import bodies
 from .errors import (
+    BadRequest,
     GatewayError,
     MethodNotAllowed,
     NotFound,
@@ -29,17 +35,30 @@ from .errors import (
     RateLimited,
     ShuttingDown,
 )
-from .keys import STATE
+from .keys import ADMITTED, STARTED, STATE
 from .lifecycle import Lifecycle
 from .limits import Quota, TokenBucket, format_reset, retry_headers
 from .models import RequestState
 from .shedding import Shedder
-from .telemetry import CHAT_ROUTE, Metrics, Telemetry
+from .telemetry import Telemetry
 from .tenancy import Tenancy, client_ip, presented_key
 
-_UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_RETRY_NOW = MappingProxyType({"Retry-After": "1"})
 log = logging.getLogger("gateway")
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    """What the chain does with one route, decided at start-up."""
+
+    label: str  # in metrics, span names and logs; bounded: a known path, or "other"
+    traced: bool = True  # probes and scrapes would drown the rest
+    chat: bool = False  # the chat gauges and histograms: in flight, first byte, tokens
+    admitted: bool = False  # through SPEC §4's admission steps
+
+
+OTHER = RoutePlan("other")
 
 
 class RequestIds:
@@ -58,21 +77,25 @@ class RequestIds:
         return f"{self._prefix}{next(self._counter):08x}"
 
 
-def observed(handler: Handler, route: str, telemetry: Telemetry, request_id_from: RequestIds) -> Handler:
-    """The outermost step of every route: request id, metrics, server span and log line, so
-    it sees every final status, rendered errors included. `route` is the metrics label."""
-    metrics, request_log = telemetry.metrics, telemetry.log
-    tracing = telemetry.tracing if route not in _UNTRACED else None  # probes and scrapes would drown the rest
-    is_chat = route == CHAT_ROUTE
+def observed(routes: Mapping[str | None, RoutePlan], telemetry: Telemetry, request_ids: RequestIds) -> Middleware:
+    """Outermost: request id, metrics, server span and log line, so it sees every final
+    status, rendered errors included. A route without a plan (none is left so) is `other`."""
+    metrics, request_log, tracing = telemetry.metrics, telemetry.log, telemetry.tracing
 
-    async def observe(request: web.Request) -> web.StreamResponse:
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
-        state = request[STATE] = RequestState(request_id_from(request.headers.get("x-request-id")))
-        metrics.request_started(route)
-        if is_chat:
+        route = routes.get(request.match_info.route.name, OTHER)
+        label = route.label
+        state = request[STATE] = RequestState(request_ids(request.headers.get("x-request-id")))
+        if route.admitted:
+            request[ADMITTED] = state
+        metrics.request_started(label)
+        if route.chat:
             metrics.chat_started()
-        if tracing is not None:
-            state.span = tracing.start_server_span(request.method, route, request.path, request.headers)
+        span = None
+        if tracing is not None and route.traced:
+            span = state.span = tracing.start_server_span(request.method, label, request.path, request.headers)
         status = 500
         try:
             response = await handler(request)
@@ -87,39 +110,167 @@ def observed(handler: Handler, route: str, telemetry: Telemetry, request_id_from
             raise
         finally:
             elapsed = time.perf_counter() - started
-            if is_chat:
+            if route.chat:
                 metrics.chat_finished()
                 if state.upstream_ttfb is not None:
                     metrics.upstream_first_byte(state.upstream_ttfb)
                 if state.usage is not None:
                     metrics.tokens_used(state.model, state.usage.prompt_tokens, state.usage.completion_tokens)
-            metrics.response_sent(route, state.model, status, elapsed)
+            metrics.response_sent(label, state.model, status, elapsed)
             trace_id = None
-            if state.span is not None and tracing is not None:
-                trace_id = tracing.trace_id(state.span)
-                tracing.end_server_span(state.span, state, status)
+            if span is not None and tracing is not None:
+                trace_id = tracing.trace_id(span)
+                tracing.end_server_span(span, state, status)
             request_log.write(state, request.method, request.path, status, elapsed, trace_id)
 
     return observe
 
 
-def rendered_errors(handler: Handler) -> Handler:
-    """Every error becomes OpenAI-shaped JSON here, and only here."""
+def rendered_errors() -> Middleware:
+    """Every error becomes OpenAI-shaped JSON here, and only here — unless the response's
+    headers are already out (a stream): then there is no second response to give, the error
+    is logged and the response ends (the relay has written the SSE error event)."""
 
-    async def render(request: web.Request) -> web.StreamResponse:
+    @web.middleware
+    async def render(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
-        except GatewayError as error:
-            return error_response(error)
-        except web.HTTPException as exc:  # aiohttp's body-size limit
-            return error_response(_from_http_exception(exc))
-        except asyncio.CancelledError:
-            raise
-        except Exception:
+        except Exception as exc:  # CancelledError is not an Exception: it passes
+            started: web.StreamResponse | None = request.get(STARTED)
+            if started is not None:
+                log.error(
+                    "request %s failed after its response started: %r",
+                    request[STATE].request_id,
+                    exc,
+                    exc_info=not isinstance(exc, GatewayError),
+                )
+                return started
+            if isinstance(exc, GatewayError):
+                return error_response(exc)
+            if isinstance(exc, web.HTTPException):
+                return error_response(_from_http_exception(exc))
             log.exception("unhandled error (request %s)", request[STATE].request_id)
             return error_response(GatewayError())
 
     return render
+
+
+# Admission: SPEC §4's steps, each acting only on requests with their state under ADMITTED.
+
+
+def draining(lifecycle: Lifecycle) -> Middleware:
+    """Nothing new while shutting down (/readyz says so too)."""
+
+    @web.middleware
+    async def refuse_while_draining(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if lifecycle.draining and ADMITTED in request:
+            raise ShuttingDown(headers=_RETRY_NOW)
+        return await handler(request)
+
+    return refuse_while_draining
+
+
+def tenancy(tenants: Tenancy, trusted_proxies: tuple[object, ...]) -> Middleware:
+    """Who is calling: a bad key is refused (401) before anything else is spent."""
+
+    @web.middleware
+    async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
+        state = request.get(ADMITTED)
+        if state is not None:
+            headers = request.headers
+            key = presented_key(headers.get("X-Api-Key"), headers.get("Authorization"))
+            ip = "" if key else client_ip(request.remote, headers.get("X-Forwarded-For"), trusted_proxies)
+            state.tenant = tenants.resolve(key, ip, request.path)
+        return await handler(request)
+
+    return identify
+
+
+def body(max_bytes: int) -> Middleware:
+    """The body read once, decoded and parsed (bodies.py) into the request's state."""
+
+    @web.middleware
+    async def read_body(request: web.Request, handler: Handler) -> web.StreamResponse:
+        state = request.get(ADMITTED)
+        if state is not None:
+            bodies.check_length(request.content_length, max_bytes)
+            try:
+                raw = await request.read()  # aiohttp holds it to client_max_size (= max_bytes)
+            except web.HTTPRequestEntityTooLarge:
+                raise bodies.too_large(max_bytes) from None
+            except web.RequestPayloadError:  # a broken chunked encoding, a short body
+                raise BadRequest("the request body could not be read", code="invalid_body") from None
+            headers = request.headers
+            coding = headers.get("Content-Encoding")
+            if coding is not None and len(codings := headers.getall("Content-Encoding")) > 1:
+                coding = ",".join(codings)  # several headers make one list (RFC 9110 §5.3)
+            state.body = decoded = bodies.decode(raw, coding, max_bytes)
+            state.payload, state.model = bodies.parse(decoded)
+        return await handler(request)
+
+    return read_body
+
+
+def rate_limit(bucket: TokenBucket, telemetry: Telemetry) -> Middleware:
+    """How fast: the tenant's token bucket (429 with Retry-After)."""
+    metrics = telemetry.metrics
+
+    @web.middleware
+    async def take_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        state = request.get(ADMITTED)
+        if state is not None:
+            tenant = state.tenant
+            assert tenant is not None, "the tenancy middleware runs first"
+            wait = bucket.take(tenant.rate_key)
+            if wait:
+                metrics.rate_limited()
+                raise RateLimited(headers=retry_headers(int(wait * 1000) + 1))
+        return await handler(request)
+
+    return take_token
+
+
+def shedding(shedder: Shedder, telemetry: Telemetry) -> Middleware:
+    """How many at once: the slot is held until the handler returns, for a stream after its
+    last byte (the handler returns once the stream has ended)."""
+    metrics = telemetry.metrics
+
+    @web.middleware
+    async def hold_slot(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if ADMITTED not in request:
+            return await handler(request)
+        if not shedder.try_acquire():
+            metrics.cb_event("load_shed")
+            raise Overloaded(headers=_RETRY_NOW)
+        try:
+            return await handler(request)
+        finally:
+            shedder.release()
+
+    return hold_slot
+
+
+def quota(quotas: Quota, telemetry: Telemetry) -> Middleware:
+    """How many this window: the store round trip, so it comes last."""
+    metrics = telemetry.metrics
+
+    @web.middleware
+    async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
+        state = request.get(ADMITTED)
+        if state is not None:
+            tenant = state.tenant
+            assert tenant is not None, "the tenancy middleware runs first"
+            decision = await quotas.check(tenant.name, tenant.public_id)
+            if decision is not None:
+                state.decision = decision
+                if not decision.allowed:
+                    metrics.quota_blocked()
+                    raise QuotaExceeded(
+                        f"quota exceeded (limit={decision.limit})", headers=retry_headers(decision.reset_after_ms)
+                    )
+        return await handler(request)
+
+    return count
 
 
 async def not_found(request: web.Request) -> web.StreamResponse:
@@ -128,9 +279,10 @@ async def not_found(request: web.Request) -> web.StreamResponse:
 
 def wrong_method(allowed: str) -> Handler:
     """The handler for any other method on a known path (`allowed`: the Allow header)."""
+    headers = MappingProxyType({"Allow": allowed})
 
     async def refuse(request: web.Request) -> web.StreamResponse:
-        raise MethodNotAllowed(headers={"Allow": allowed})
+        raise MethodNotAllowed(headers=headers)
 
     return refuse
 
@@ -150,87 +302,13 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     return error
 
 
-# Admission: SPEC §4's steps. The cheap local ones are plain functions that raise to refuse;
-# the concurrency slot and the quota (a store round trip) come last. They wrap the chat
-# handler itself rather than being layers of their own: a 404/405 never reaches them (so it spends
-# no tokens or quota), and the request pays for one call per step, not one coroutine.
-Check = Callable[[web.Request, RequestState], None]
-
-
-def admission(
-    handler: Handler, checks: Sequence[Check], shedder: Shedder | None, quota: Quota, telemetry: Telemetry
-) -> Handler:
-    metrics = telemetry.metrics
-    checks = tuple(checks)
-
-    async def admitted(request: web.Request) -> web.StreamResponse:
-        state = request[STATE]
-        for check in checks:
-            check(request, state)
-        if shedder is None:
-            await _check_quota(quota, metrics, state)
-            return await handler(request)
-        if not shedder.try_acquire():
-            metrics.cb_event("load_shed")
-            raise Overloaded(headers={"Retry-After": "1"})
-        try:  # the slot is held until the handler returns: for streams, after the last byte
-            await _check_quota(quota, metrics, state)
-            return await handler(request)
-        finally:
-            shedder.release()
-
-    return admitted
-
-
-def draining_check(lifecycle: Lifecycle) -> Check:
-    def check(request: web.Request, state: RequestState) -> None:
-        if lifecycle.draining:
-            raise ShuttingDown(headers={"Retry-After": "1"})
-
-    return check
-
-
-def tenancy_check(tenancy: Tenancy, trusted_proxies: tuple[object, ...]) -> Check:
-    def check(request: web.Request, state: RequestState) -> None:
-        headers = request.headers
-        key = presented_key(headers.get("X-Api-Key"), headers.get("Authorization"))
-        ip = "" if key else client_ip(request.remote, headers.get("X-Forwarded-For"), trusted_proxies)
-        state.tenant = tenancy.resolve(key, ip, request.path)
-
-    return check
-
-
-def ratelimit_check(bucket: TokenBucket, telemetry: Telemetry) -> Check:
-    metrics = telemetry.metrics
-
-    def check(request: web.Request, state: RequestState) -> None:
-        assert state.tenant is not None
-        wait = bucket.take(state.tenant.rate_key)
-        if wait:
-            metrics.rate_limited()
-            raise RateLimited(headers=retry_headers(int(wait * 1000) + 1))
-
-    return check
-
-
-async def _check_quota(quota: Quota, metrics: Metrics, state: RequestState) -> None:
-    tenant = state.tenant
-    assert tenant is not None
-    decision = await quota.check(tenant.name, tenant.public_id)
-    if decision is not None:
-        state.decision = decision
-        if not decision.allowed:
-            metrics.quota_blocked()
-            raise QuotaExceeded(
-                f"quota exceeded (limit={decision.limit})", headers=retry_headers(decision.reset_after_ms)
-            )
-
-
 async def add_gateway_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: x-request-id on everything, quota headers on chat responses."""
+    """on_response_prepare: x-request-id on everything, quota headers on admitted responses;
+    and the response noted as started (see keys.STARTED)."""
     state = request.get(STATE)
     if state is None:
         return
+    request[STARTED] = response
     headers = response.headers
     headers["x-request-id"] = state.request_id
     decision = state.decision

@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from .harness import Gateway, Mock, RedisCluster, RedisServer
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
+
+# What make_settings clears from the environment before setting a test's own variables.
+GATEWAY_VARIABLE_PREFIXES = ("OTEL_", "OPENAI_", "REDIS_", "TENANT_", "QUOTA_", "HASH_", "STREAM_", "TOKEN_")
+GATEWAY_VARIABLES = frozenset(
+    {
+        "LISTEN_ADDR",
+        "RPS",
+        "BURST",
+        "DEFAULT_QUOTA",
+        "TIMEOUT_SECS",
+        "MAX_CONCURRENCY",
+        "TRUSTED_PROXIES",
+        "REDACT_KINDS",
+        "MAX_BODY_BYTES",
+        "SHUTDOWN_GRACE_SECS",
+        "WORKERS",
+        "STORE_TIMEOUT_MS",
+        "MODEL_LABEL_LIMIT",
+        "NOTIFY_SOCKET",
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +103,22 @@ def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
     cluster = RedisCluster(tmp_path)
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Settings]:
+    """make_settings(VAR=value, ...) → Settings from gateway.config's loader, reading exactly
+    these variables: the test's own environment and any .env are kept out."""
+    from gateway.config import load_settings  # in process: only the tests that build an app import it
+
+    monkeypatch.chdir(tmp_path)  # an empty directory: no .env
+
+    def make(**env: str) -> Settings:
+        for name in list(os.environ):
+            if name.startswith(GATEWAY_VARIABLE_PREFIXES) or name in GATEWAY_VARIABLES:
+                monkeypatch.delenv(name)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return load_settings()
+
+    return make

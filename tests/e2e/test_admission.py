@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gzip
 import hashlib
 import json
 import signal
@@ -290,3 +291,24 @@ async def test_forwarded_for_is_believed_only_from_trusted_proxies(start_gateway
     # ...otherwise the header is ignored and every request is the peer's (127.0.0.1).
     untrusted = start_gateway(RPS="0.01", BURST="1")
     assert await anonymous_statuses(untrusted) == [200, 429, 429]
+
+
+async def test_encoded_bodies_through_the_process(start_gateway: GatewayFactory, mock: Mock) -> None:
+    """As served by server.py: gzip is decoded once (by the gateway, not by aiohttp as well), and
+    a body that does not decode is a 400 before any quota is spent, with no traceback logged."""
+    gateway = start_gateway(DEFAULT_QUOTA="1")
+    plain = json.dumps(dict(BODY, model="gzipped-model")).encode()
+    async with aiohttp.ClientSession() as session:
+
+        async def post(data: bytes, coding: str) -> tuple[int, dict[str, object]]:
+            headers = {"X-Api-Key": "enc", "Content-Type": "application/json", "Content-Encoding": coding}
+            async with session.post(gateway.url + CHAT, data=data, headers=headers) as r:
+                return r.status, await r.json()
+
+        for data, coding in ((b"not gzip", "gzip"), (plain, "br"), (gzip.compress(plain)[:-5], "gzip")):
+            status, body = await post(data, coding)
+            assert status in (400, 415) and body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+        status, body = await post(gzip.compress(plain), "gzip")
+        assert status == 200, body
+    assert [seen["body"]["model"] for seen in mock.requests()] == ["gzipped-model"]
+    assert "Traceback" not in gateway.process.errors()
