@@ -21,11 +21,11 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from aiohttp import web
 
-from .app import create_app
+from .app import SERVER_OPTIONS, create_app
 from .config import Settings
 from .keys import LIFECYCLE
 from .lifecycle import Lifecycle
@@ -104,7 +104,10 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
     app = create_app(settings)
     lifecycle = app[LIFECYCLE]
     # handler_cancellation: a client that hangs up cancels its handler, and so the upstream call.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+    # SERVER_OPTIONS: how create_app's middlewares expect to be served (bodies decoded by them, not
+    # by aiohttp). AppRunner passes its **kwargs on untyped, so the mapping's values are too.
+    options: dict[str, Any] = dict(SERVER_OPTIONS)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0, **options)
     await runner.setup()
     site = web.TCPSite(
         runner,
