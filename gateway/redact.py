@@ -70,7 +70,12 @@ _DIGIT_RUN_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ ()+.-"  # the class abo
 # passes: several times cheaper than the regex, which tries a match at every digit.
 _RUN_MAP = bytes(ord("x") if chr(b) in _DIGIT_RUN_CHARS else ord(" ") for b in range(256))
 _LONG_RUN = b"x" * 11
-_NOT_FIRST_CHARS = " ).-"  # in a run, but no match starts with one
+# Where a card, phone, IBAN or SSN can start: each one's look-behind and first character
+# (and for "+", "(" and a capital, the second, when it is known).
+_OTHER_START = re.compile(
+    r"(?<![A-Za-z0-9_.,-])[2-6]|(?<![A-Za-z0-9_+.-])(?:[2-9]|\+(?![^1-9])|\((?![^2-9]))"
+    r"|(?<![A-Za-z0-9])[A-Z](?![^A-Z])|(?<![A-Za-z0-9_-])[0-8]"
+)
 _LOCAL_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-"  # an address's local part
 _EMAIL_CHARS = _LOCAL_CHARS + "@"  # what an address still in the making ends with
 # Every match contains one of these: text without any is returned untouched.
@@ -219,21 +224,27 @@ class Redactor:
 
     def hold(self, text: str, pos: int) -> int:
         """Where the tail that more text could still turn into (part of) a match begins: the
-        trailing run of characters a match could be made of, within MAX_MATCH of the end."""
+        first place, within MAX_MATCH of the end and in the trailing run of characters a
+        match could be made of, where a match could start (its look-behind holds and its
+        first character fits). Holding no more than that keeps a stream's cost per piece
+        low on hostile text: nothing held is nothing searched again."""
         n = len(text)
         near_end = n - MAX_MATCH if n - MAX_MATCH > pos else pos  # not max(): this runs per chunk
         hold = n
         if self.email is not None:
-            hold = len(text.rstrip(_EMAIL_CHARS))
-            if hold < near_end:
-                hold = near_end
+            # Each address character is in the look-behind's set: in a run of them only the
+            # first can start an address, and only one that began near the end is unfinished.
+            start = len(text.rstrip(_EMAIL_CHARS))
+            if start >= near_end:
+                hold = start
         if self.others is not None:
             start = len(text.rstrip(_DIGIT_RUN_CHARS))
             if start < near_end:
                 start = near_end
-            start = n - len(text[start:].lstrip(_NOT_FIRST_CHARS))  # no match starts with those
             if start < hold:
-                hold = start
+                first = _OTHER_START.search(text, start, hold)
+                if first is not None:
+                    hold = first.start()
         return hold
 
     def may_match(self, text: str, pos: int) -> bool:
