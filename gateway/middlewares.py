@@ -294,6 +294,13 @@ def error_response(error: GatewayError) -> web.Response:
 
 
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:
+    """aiohttp's own refusals (its router's, for a request line such as `OPTIONS *` that no
+    route can match; its body-size limit) as the gateway's errors."""
+    if exc.status == 404:
+        return NotFound()
+    if exc.status == 405:
+        allowed = exc.headers.get("Allow")
+        return MethodNotAllowed(headers={"Allow": allowed} if allowed is not None else None)
     if exc.status == 413:
         return PayloadTooLarge("request body is too large")
     error = GatewayError(exc.reason, code="http_error")

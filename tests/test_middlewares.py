@@ -213,11 +213,18 @@ async def test_404_405_and_probes_spend_no_token_and_no_quota(start: GatewayFact
             async with client.head(path) as r:
                 assert r.status == 200
 
+    # A request line no route can match (aiohttp's router refuses it): JSON all the same.
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, answer = (await reader.read()).partition(b"\r\n\r\n")
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 404") and error_of(json.loads(answer))["code"] == "not_found"
+
     status, headers, _ = await gateway.post(key="sk-a")  # the only token, the only request of the quota
     assert status == 200 and headers["x-ratelimit-remaining-requests"] == "0"
     assert len(upstream.bodies) == 1
     samples = await gateway.samples()
-    assert samples[sample("http_requests_total", model="unknown", route="other", status="404")] == 12
+    assert samples[sample("http_requests_total", model="unknown", route="other", status="404")] == 13
     assert samples[sample("http_requests_total", model="unknown", route=CHAT, status="405")] == 9
     assert samples[sample("http_requests_total", model="unknown", route="/healthz", status="405")] == 3
     assert samples[sample("ratelimit_block_total")] == 0
@@ -349,7 +356,15 @@ async def test_http_exceptions_from_a_handler_are_openai_json(start: GatewayFact
     async def teapot(request: web.Request) -> web.StreamResponse:
         raise web.HTTPBadRequest(reason="Bad thing")
 
-    gateway = await start(routes=[("GET", "/test/large", too_large), ("GET", "/test/bad", teapot)])
+    async def not_allowed(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPMethodNotAllowed("PATCH", ["GET", "PUT"])
+
+    gateway = await start(
+        routes=[("GET", "/test/large", too_large), ("GET", "/test/bad", teapot), ("GET", "/test/405", not_allowed)]
+    )
+    async with gateway.client.get("/test/405") as r:
+        assert r.status == 405 and error_of(await r.json())["code"] == "method_not_allowed"
+        assert r.headers["Allow"] == "GET,PUT"
     async with gateway.client.get("/test/large") as r:
         assert r.status == 413 and error_of(await r.json())["code"] == "request_too_large"
     async with gateway.client.get("/test/bad") as r:
