@@ -464,10 +464,13 @@ class StreamRedactor:
 # that every pattern treats as a boundary (as it does a space).
 _BLANK = "\x00"
 _HEX = re.compile(r"[0-9A-Fa-f]*")
-# A string's body up to its closing quote, whole escapes included (a cut or malformed one
-# stops it: the character-by-character path takes those).
-_STRING_BODY = re.compile(r'[^"\\]*+(?:\\(?:u[0-9A-Fa-f]{4}|[^u])[^"\\]*+)*+')
-_ESCAPE = re.compile(r"\\(?:u[0-9A-Fa-f]{4}|[^u])")
+# An escape: a backslash and the character after it, and after a "u" up to 4 hex digits
+# (fewer only when a character that ends them is known). A string's body runs up to its
+# closing quote, whole escapes included; one cut by the piece's end stops it, and the
+# character-by-character path takes it.
+_ESCAPE_SOURCE = r"\\(?:u(?:[0-9A-Fa-f]{4}|[0-9A-Fa-f]{0,3}(?=[^0-9A-Fa-f]))|[^u])"
+_ESCAPE = re.compile(_ESCAPE_SOURCE)
+_STRING_BODY = re.compile(rf'[^"\\]*+(?:{_ESCAPE_SOURCE}[^"\\]*+)*+')
 # Outside strings, valid JSON has "," only between values and "+" only in an exponent.
 _OUTSIDE = str.maketrans({",": _BLANK, "+": "_"})
 
@@ -500,6 +503,13 @@ class JsonView:
         self._in_string, self._escape = value
 
     def view(self, piece: str) -> str:
+        if not self._escape and piece.find("\\") < 0:  # no escape: only the parts outside strings change
+            parts = piece.split('"')
+            outside = 1 if self._in_string else 0
+            parts[outside::2] = [part.translate(_OUTSIDE) for part in parts[outside::2]]
+            if len(parts) % 2 == 0:  # an odd number of quotes
+                self._in_string = not self._in_string
+            return '"'.join(parts)
         out: list[str] = []
         i, n = 0, len(piece)
         in_string, escape = self._in_string, self._escape
@@ -516,13 +526,15 @@ class JsonView:
             elif in_string:
                 j = _STRING_BODY.match(piece, i).end()  # type: ignore[union-attr]
                 body = piece[i:j]
-                out.append(_ESCAPE.sub(_blanked, body) if body.find("\\") >= 0 else body)
+                if body.find("\\") >= 0:  # blanked with the character after it: an escape may look at it
+                    body = _ESCAPE.sub(_blanked, piece[i : j + 1])[: j - i]
+                out.append(body)
                 if j == n:
                     break
                 if piece[j] == '"':
                     out.append('"')
                     in_string = False
-                else:  # a backslash the body stopped at: the last character, or "\\u" without 4 hex digits
+                else:  # a backslash the body stopped at: an escape the piece's end cuts
                     out.append(_BLANK)
                     escape = -1
                 i = j + 1

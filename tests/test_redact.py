@@ -367,3 +367,41 @@ async def test_an_8_mib_prompt_is_redacted_in_slices_that_let_others_run() -> No
     assert result == whole
     assert Counter(got) == Counter(expected)
     assert turns >= len(text) // 16_384  # the other task ran between every two slices
+
+
+def reference_view(text: str) -> str:
+    """JsonView's definition, one character at a time."""
+    out: list[str] = []
+    in_string, escape = False, 0
+    for c in text:
+        if escape < 0:  # the character after a backslash
+            out.append("\0")
+            escape = 4 if c == "u" else 0
+            continue
+        if escape > 0 and c in "0123456789abcdefABCDEF":  # a \u escape's hex digits
+            out.append("\0")
+            escape -= 1
+            continue
+        escape = 0
+        if c == '"':
+            in_string = not in_string
+            out.append(c)
+        elif in_string:
+            out.append("\0" if c == "\\" else c)
+            escape = -1 if c == "\\" else 0
+        else:
+            out.append({",": "\0", "+": "_"}.get(c, c))
+    return "".join(out)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.lists(st.sampled_from(['"', "\\", "u", "0", "e9", "x", ",", "+", " ", "4242"]), max_size=40).map("".join),
+    st.data(),
+)
+def test_json_view_equals_its_definition_for_any_split(text: str, data: st.DataObject) -> None:
+    from gateway.redact import JsonView
+
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=8)))
+    scan = JsonView()
+    assert "".join(scan.view(text[a:b]) for a, b in itertools.pairwise([0, *cuts, len(text)])) == reference_view(text)
