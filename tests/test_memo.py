@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from gateway.memo import RedactionMemo
-from gateway.redact import ALL_KINDS, build_redactor
+from gateway.redact import ALL_KINDS, YIELD_ABOVE_CHARS, build_redactor, redact_yielding
 
 REDACTOR = build_redactor(ALL_KINDS)
 assert REDACTOR is not None
@@ -57,3 +59,17 @@ def test_the_table_is_bounded_by_characters() -> None:
         assert memo.redact("t", text, None) == REDACTOR.redact(text)
     assert sum(len(clean) for clean, _ in memo._entries.values()) <= 1_000
     assert 0 < len(memo) < 50
+
+
+async def test_long_texts_count_the_same_through_redact_yielding() -> None:
+    # The proxy sends texts over YIELD_ABOVE_CHARS through redact_yielding (one call per
+    # mask), shorter ones through the memo (one call per kind): the totals must agree.
+    memo = RedactionMemo(REDACTOR)
+    long_text = SYSTEM * 200 + "card 4242 4242 4242 4242, " * 50
+    assert len(long_text) > YIELD_ABOVE_CHARS
+    for text in (SYSTEM, long_text):
+        per_kind: list[tuple[str, int]] = []
+        clean = memo.redact("t", text, lambda kind, n, into=per_kind: into.append((kind, n)))
+        per_mask: list[str] = []
+        assert await redact_yielding(REDACTOR, text, per_mask.append) == clean
+        assert dict(per_kind) == Counter(per_mask)
