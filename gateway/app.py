@@ -31,11 +31,12 @@ from .middlewares import (
     tenancy,
     wrong_method,
 )
-from .proxy import ChatProxy
+from .proxy import Proxy
 from .redact import build_redactor
 from .shedding import Shedder
 from .stores import store_from_url
-from .telemetry import CHAT_ROUTE, Metrics, RequestLog, Telemetry
+from .surfaces import CHAT_API, MESSAGES_API, Api
+from .telemetry import Metrics, RequestLog, Telemetry
 from .tenancy import Tenancy
 from .tracing import Tracing
 from .upstream import Upstream
@@ -45,7 +46,8 @@ from .upstream import Upstream
 SERVER_OPTIONS: Mapping[str, object] = MappingProxyType({"auto_decompress": False})
 
 # Routes that go through SPEC §4's admission; every other route is let through by its steps.
-ADMITTED_ROUTES = frozenset({"chat"})
+ADMITTED_ROUTES = frozenset({CHAT_API.name, MESSAGES_API.name})
+_ANTHROPIC_SHAPED = frozenset({MESSAGES_API.name})  # the gateway's own errors as Anthropic's (SPEC §11)
 _UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
@@ -53,7 +55,16 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     tracing = Tracing(settings.otlp_endpoint, settings.service_name) if settings.otlp_endpoint else None
     telemetry = Telemetry(Metrics(settings.model_label_limit), tracing, RequestLog(log_stream))
     store = store_from_url(settings.redis_url, cluster=settings.redis_cluster, timeout=settings.store_timeout_secs)
-    upstream = Upstream(settings.upstream_chat_url, settings.upstream_api_key, settings.timeout_secs)
+    upstream = Upstream(
+        settings.upstream_chat_url,
+        settings.upstream_api_key,
+        settings.timeout_secs,
+        organization=settings.openai_organization,
+        project=settings.openai_project,
+    )
+    anthropic = Upstream(
+        settings.upstream_messages_url, settings.anthropic_api_key, settings.timeout_secs, anthropic=True
+    )
     lifecycle = Lifecycle(settings.shutdown_grace_secs, settings.notify_socket)
     quotas = Quota(
         store,
@@ -63,29 +74,39 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         fail_open=settings.quota_fail_mode == "open",
         on_store_error=lambda: telemetry.metrics.cb_event("store_error"),
     )
-    proxy = ChatProxy(
-        upstream,
-        build_redactor(settings.redact_kinds),
-        telemetry,
-        lifecycle,
-        settings.timeout_secs,
-        settings.max_body_bytes,
-    )
+    redactor = build_redactor(settings.redact_kinds)
+
+    def proxy_for(api: Api, to: Upstream) -> Proxy:
+        return Proxy(
+            api,
+            to,
+            redactor,
+            telemetry,
+            lifecycle,
+            settings.timeout_secs,
+            settings.max_body_bytes,
+            stream_idle_secs=settings.stream_idle_secs,
+        )
 
     # (method, path, route name, handler). Every route has a name: its RoutePlan is looked up by it.
     routes: list[tuple[str, str, str, Handler]] = [
         ("GET", "/healthz", "healthz", healthz),
         ("GET", "/readyz", "readyz", readyz),
         ("GET", "/metrics", "metrics", metrics),
-        ("POST", CHAT_ROUTE, "chat", proxy.handle),
+        ("POST", CHAT_API.path, CHAT_API.name, proxy_for(CHAT_API, upstream).handle),
+        ("POST", MESSAGES_API.path, MESSAGES_API.name, proxy_for(MESSAGES_API, anthropic).handle),
     ]
     plans: dict[str | None, RoutePlan] = {
-        name: RoutePlan(path, path not in _UNTRACED, path == CHAT_ROUTE, name in ADMITTED_ROUTES)
+        name: RoutePlan(
+            path, path not in _UNTRACED, name in ADMITTED_ROUTES, name in ADMITTED_ROUTES, name in _ANTHROPIC_SHAPED
+        )
         for _, path, name, _ in routes
     }
     # Any other method on a known path: 405, observed under that path, never admitted.
     plans |= {
-        f"{name}.wrong_method": RoutePlan(path, path not in _UNTRACED, path == CHAT_ROUTE)
+        f"{name}.wrong_method": RoutePlan(
+            path, path not in _UNTRACED, name in ADMITTED_ROUTES, anthropic_errors=name in _ANTHROPIC_SHAPED
+        )
         for _, path, name, _ in routes
     }
     plans["not_found"] = RoutePlan("other")
@@ -100,7 +121,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     # steps are left out.
     chain: list[Middleware] = [
         observed(MappingProxyType(plans), telemetry, RequestIds()),  # ids made per worker (after the fork)
-        rendered_errors(),
+        rendered_errors(MappingProxyType(plans)),
         draining(lifecycle),
         tenancy(Tenancy(settings.tenant_key_digests, settings.hash_secret), settings.trusted_proxies),
         body(settings.max_body_bytes),
@@ -113,7 +134,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
 
     app = web.Application(middlewares=chain, client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
-    app[keys.UPSTREAM] = upstream
+    app[keys.UPSTREAMS] = (upstream, anthropic)
     app[keys.STORE] = store
     app[keys.TELEMETRY] = telemetry
     app[keys.LIFECYCLE] = lifecycle
@@ -130,13 +151,15 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
 
 
 async def resources(app: web.Application) -> AsyncIterator[None]:
-    upstream, store, telemetry = app[keys.UPSTREAM], app[keys.STORE], app[keys.TELEMETRY]
-    await upstream.open()
+    upstreams, store, telemetry = app[keys.UPSTREAMS], app[keys.STORE], app[keys.TELEMETRY]
+    for upstream in upstreams:
+        await upstream.open()
     open_store = getattr(store, "open", None)
     if open_store is not None:
         await open_store()
     yield
-    await upstream.close()
+    for upstream in upstreams:
+        await upstream.close()
     await store.close()
     telemetry.close()
 

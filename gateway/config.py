@@ -55,6 +55,8 @@ class Settings:
     upstream_api_key: str | None = field(default=None, repr=False)
     openai_organization: str | None = None  # sent upstream as OpenAI-Organization
     openai_project: str | None = None  # sent upstream as OpenAI-Project
+    anthropic_base_url: str = field(default="https://api.anthropic.com", repr=False)  # may hold user info
+    anthropic_api_key: str | None = field(default=None, repr=False)
     rps: float = 5.0
     burst: int = 10
     redis_url: str | None = field(default=None, repr=False)
@@ -97,6 +99,14 @@ class Settings:
         return urlunsplit(parts._replace(path=path + "/v1/chat/completions"))
 
     @property
+    def upstream_messages_url(self) -> str:
+        parts = urlsplit(self.anthropic_base_url)
+        path = parts.path.rstrip("/")
+        if path.endswith("/v1"):
+            path = path[: -len("/v1")]
+        return urlunsplit(parts._replace(path=path + "/v1/messages"))
+
+    @property
     def keyed_mode(self) -> bool:
         return bool(self.tenant_key_digests)
 
@@ -110,6 +120,8 @@ class Settings:
             ("OPENAI_API_KEY", MASK if s.upstream_api_key else ""),
             ("OPENAI_ORGANIZATION", s.openai_organization or ""),
             ("OPENAI_PROJECT", s.openai_project or ""),
+            ("ANTHROPIC_BASE_URL", mask_url(s.anthropic_base_url)),
+            ("ANTHROPIC_API_KEY", MASK if s.anthropic_api_key else ""),
             ("RPS", _number(s.rps)),
             ("BURST", str(s.burst)),
             ("TRUSTED_PROXIES", ",".join(str(net) for net in s.trusted_proxies)),
@@ -288,6 +300,33 @@ def _parse_tenant_quotas(value: str) -> Mapping[str, int]:
     return MappingProxyType(quotas)
 
 
+_SAMPLERS = frozenset(
+    {
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    }
+)
+
+
+def _check_sampler(sdk_environment: Mapping[str, str], errors: dict[str, str]) -> None:
+    """The SDK only warns on a bad sampler and then samples everything: refuse it here."""
+    sampler = sdk_environment.get("OTEL_TRACES_SAMPLER")
+    if sampler is not None and sampler not in _SAMPLERS:
+        errors["OTEL_TRACES_SAMPLER"] = "expected one of " + ", ".join(sorted(_SAMPLERS))
+    argument = sdk_environment.get("OTEL_TRACES_SAMPLER_ARG")
+    if argument is not None and (sampler or "").endswith("traceidratio"):
+        try:
+            ratio = float(argument)
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:
+            errors["OTEL_TRACES_SAMPLER_ARG"] = "expected a ratio from 0 to 1 (0.1 samples one trace in ten)"
+
+
 def _key_digest(key: str, entry: str) -> bytes:
     if key.startswith("sha256:"):
         hexdigest = key[len("sha256:") :]
@@ -301,8 +340,10 @@ def _key_digest(key: str, entry: str) -> bytes:
     # SPEC §4: such a key is refused (401) when presented, so listing it would lock its tenant out.
     if len(key.encode()) > MAX_KEY_BYTES:
         raise EnvError(f"{entry}: the key is longer than {MAX_KEY_BYTES} bytes, so no client could present it")
-    if not all(" " <= c <= "~" for c in key):
-        raise EnvError(f"{entry}: the key has characters outside printable ASCII, so no client could present it")
+    if not all("!" <= c <= "~" for c in key):  # as tenancy.py admits keys: no space either
+        raise EnvError(
+            f"{entry}: the key has a space or characters outside printable ASCII, so no client could present it"
+        )
     return hashlib.sha256(key.encode()).digest()
 
 
@@ -428,6 +469,7 @@ def _read(env: Env, otel_in_file: list[str]) -> Settings:
     non_negative, positive, above_zero = Range(min=0), Range(min=1), Range(min=0, min_inclusive=False)
     host, port = r.custom("LISTEN_ADDR", _parse_listen_addr, ("0.0.0.0", 8080))
     base_url = r.custom("OPENAI_BASE_URL", _parse_http_url, "https://api.openai.com")
+    anthropic_url = r.custom("ANTHROPIC_BASE_URL", _parse_http_url, "https://api.anthropic.com")
     redis_url = r.custom("REDIS_URL", _parse_redis_url, None)
     no_quotas: Mapping[str, int] = MappingProxyType({})
     tenant_quotas = r.custom("TENANT_QUOTAS", _parse_tenant_quotas, no_quotas)
@@ -450,9 +492,13 @@ def _read(env: Env, otel_in_file: list[str]) -> Settings:
         # aiohttp refuses a request that has both, so every request would fail.
         r.errors["OPENAI_BASE_URL"] = "user info in the URL and OPENAI_API_KEY cannot both be sent (drop one)"
 
+    anthropic_key = env.str("ANTHROPIC_API_KEY", None) or None
+    _check_sampler(sdk_environment, r.errors)
+
     store_timeout_ms = env.int("STORE_TIMEOUT_MS", 250, validate=positive)
     settings = dict(
         upstream_api_key=api_key,
+        anthropic_api_key=anthropic_key,
         rps=env.float("RPS", 5.0, validate=non_negative),
         burst=env.int("BURST", 10, validate=positive),
         redis_cluster=env.bool("REDIS_CLUSTER", False),
@@ -486,6 +532,7 @@ def _read(env: Env, otel_in_file: list[str]) -> Settings:
         listen_host=host,
         listen_port=port,
         upstream_base_url=base_url,
+        anthropic_base_url=anthropic_url,
         openai_organization=organization,
         openai_project=project,
         redis_url=redis_url,

@@ -34,6 +34,32 @@ class GatewayError(Exception):
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code)
 
+    def anthropic(self) -> tuple[int, bytes]:
+        """Status and body in Anthropic's shape (SPEC §11): overload and draining are 529."""
+        status = 529 if self.status == 503 else self.status
+        return status, orjson.dumps(
+            {"type": "error", "error": {"type": anthropic_error_type(status), "message": self.message}}
+        )
+
+
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_type(status: int) -> str:
+    return _ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
 
 def error_body(message: str, type_: str, code: str | None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type_, "code": code}})

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .upstream import Upstream
 
 SETTINGS = web.AppKey("settings", Settings)
-UPSTREAM: web.AppKey[Upstream] = web.AppKey("upstream")
+UPSTREAMS: web.AppKey[tuple[Upstream, ...]] = web.AppKey("upstreams")
 STORE: web.AppKey[QuotaStore] = web.AppKey("store")
 TELEMETRY: web.AppKey[Telemetry] = web.AppKey("telemetry")
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")

@@ -56,6 +56,7 @@ class RoutePlan:
     traced: bool = True  # probes and scrapes would drown the rest
     chat: bool = False  # the chat gauges and histograms: in flight, first byte, tokens
     admitted: bool = False  # through SPEC §4's admission steps
+    anthropic_errors: bool = False  # the gateway's own errors in Anthropic's shape (SPEC §11)
 
 
 OTHER = RoutePlan("other")
@@ -126,7 +127,7 @@ def observed(routes: Mapping[str | None, RoutePlan], telemetry: Telemetry, reque
     return observe
 
 
-def rendered_errors() -> Middleware:
+def rendered_errors(routes: Mapping[str | None, RoutePlan]) -> Middleware:
     """Every error becomes OpenAI-shaped JSON here, and only here — unless the response's
     headers are already out (a stream): then there is no second response to give, the error
     is logged and the response ends (the relay has written the SSE error event)."""
@@ -145,12 +146,13 @@ def rendered_errors() -> Middleware:
                     exc_info=not isinstance(exc, GatewayError),
                 )
                 return started
+            anthropic = routes.get(request.match_info.route.name, OTHER).anthropic_errors
             if isinstance(exc, GatewayError):
-                return error_response(exc)
+                return error_response(exc, anthropic)
             if isinstance(exc, web.HTTPException):
-                return error_response(_from_http_exception(exc))
+                return error_response(_from_http_exception(exc), anthropic)
             log.exception("unhandled error (request %s)", request[STATE].request_id)
-            return error_response(GatewayError())
+            return error_response(GatewayError(), anthropic)
 
     return render
 
@@ -287,8 +289,9 @@ def wrong_method(allowed: str) -> Handler:
     return refuse
 
 
-def error_response(error: GatewayError) -> web.Response:
-    response = web.Response(body=error.body(), status=error.status, content_type="application/json")
+def error_response(error: GatewayError, anthropic: bool = False) -> web.Response:
+    status, body = error.anthropic() if anthropic else (error.status, error.body())
+    response = web.Response(body=body, status=status, content_type="application/json")
     response.headers.update(error.headers)
     return response
 

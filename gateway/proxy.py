@@ -26,7 +26,6 @@ from .errors import (
     UpstreamIdleTimeout,
     UpstreamStreamBroken,
     UpstreamTimeout,
-    error_body,
 )
 from .keys import STATE
 from .lifecycle import Lifecycle
@@ -83,8 +82,11 @@ class Proxy:
         self._api.check_request(payload, self._redactor is not None)
         state.model = payload["model"]
         state.stream = payload.get("stream") is True
-        if self._redactor is not None and await self._redact_request(payload, state):
-            body = orjson.dumps(payload)
+        if self._redactor is not None:
+            await self._redact_request(payload, state)
+        # What the gateway read goes upstream, not the client's bytes: a repeated key (two
+        # "model"s, two "messages") means one thing here and must not mean another there.
+        body = orjson.dumps(payload)
         tracing = self._telemetry.tracing
         task = self._lifecycle.enter()
         try:
@@ -92,7 +94,7 @@ class Proxy:
                 return await self._relay(
                     request, state, body, self._upstream.headers_for(request.headers, request_id=state.request_id)
                 )
-            with tracing.client_span(state.span, state.model) as trace_headers:
+            with tracing.client_span(state.span, state.model, self._api.system) as trace_headers:
                 headers = self._upstream.headers_for(request.headers, trace_headers, request_id=state.request_id)
                 return await self._relay(request, state, body, headers)
         finally:
@@ -199,7 +201,8 @@ class Proxy:
         if reply.status in (401, 403):
             raise UpstreamAuthRejected()
         if not reply.is_json:
-            data = error_body(f"upstream answered {reply.status}", "upstream_error", "upstream_error")
+            error = UpstreamError(f"upstream answered {reply.status}")
+            data = error.anthropic()[1] if self._api.anthropic_errors else error.body()
         return web.Response(body=data, status=reply.status, content_type="application/json")
 
     async def _relay_stream(

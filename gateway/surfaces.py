@@ -177,24 +177,6 @@ CHAT = ChatSurface()
 # A stream's events are keyed by their content block's "index"; text and tool input JSON
 # stream per block. Thinking and its signature pass untouched (the signature covers them).
 _THINKING: Spec = {"thinking": KEEP, "signature": KEEP, "data": KEEP}
-_ANTHROPIC_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    502: "api_error",
-    503: "overloaded_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
-
-
-def anthropic_error_type(status: int) -> str:
-    return _ANTHROPIC_ERROR_TYPES.get(status, "api_error")
-
-
 class MessagesSurface(Surface):
     spec: ClassVar[Spec] = {
         "delta": {"text": TEXT, "partial_json": JSON_TEXT, **_THINKING},
@@ -254,8 +236,7 @@ class MessagesSurface(Surface):
         )
 
     def error_event(self, error: GatewayError) -> bytes:
-        body = {"type": "error", "error": {"type": anthropic_error_type(error.status), "message": error.message}}
-        return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
+        return b"event: error\ndata: " + error.anthropic()[1] + b"\n\n"
 
 
 def anthropic_input_tokens(usage: dict[str, Any]) -> int | None:
@@ -353,6 +334,7 @@ class Api:
     request_texts: Callable[[dict[str, Any]], Iterator[TextSlot]]
     reply_usage: Callable[[dict[str, Any]], Usage | None]
     anthropic_errors: bool = False  # the gateway's own errors in Anthropic's shape (SPEC §11)
+    system: str = "openai"  # gen_ai.system on the upstream call's span
 
 
 def check_chat_request(payload: dict[str, Any], redacting: bool) -> None:
@@ -376,4 +358,5 @@ MESSAGES_API = Api(
     messages_request_texts,
     anthropic_usage,
     anthropic_errors=True,
+    system="anthropic",
 )

@@ -59,7 +59,12 @@ def start_gateway(tmp_path: Path, mock_process: Mock) -> Iterator[GatewayFactory
     started: list[Gateway] = []
 
     def start(wait: bool = True, **env: str) -> Gateway:
-        full = {"OPENAI_BASE_URL": mock_process.url, "OPENAI_API_KEY": "sk-upstream-secret"} | env
+        full = {
+            "OPENAI_BASE_URL": mock_process.url,
+            "OPENAI_API_KEY": "sk-upstream-secret",
+            "ANTHROPIC_BASE_URL": mock_process.url,
+            "ANTHROPIC_API_KEY": "sk-ant-upstream-secret",
+        } | env
         gateway = Gateway(tmp_path, full, wait=wait)
         started.append(gateway)
         return gateway
@@ -73,7 +78,13 @@ def start_gateway(tmp_path: Path, mock_process: Mock) -> Iterator[GatewayFactory
 def shared_gateway(tmp_path_factory: pytest.TempPathFactory, mock_process: Mock) -> Iterator[Gateway]:
     """One default gateway per module for tests that don't need their own settings."""
     gateway = Gateway(
-        tmp_path_factory.mktemp("gw"), {"OPENAI_BASE_URL": mock_process.url, "OPENAI_API_KEY": "sk-upstream-secret"}
+        tmp_path_factory.mktemp("gw"),
+        {
+            "OPENAI_BASE_URL": mock_process.url,
+            "OPENAI_API_KEY": "sk-upstream-secret",
+            "ANTHROPIC_BASE_URL": mock_process.url,
+            "ANTHROPIC_API_KEY": "sk-ant-upstream-secret",
+        },
     )
     yield gateway
     gateway.stop()

@@ -207,7 +207,10 @@ def test_a_request_makes_a_server_and_a_client_span(receiver: Receiver, make_tra
         "request.id": "req-1",
     }
     assert server.status == Status.STATUS_CODE_UNSET
-    assert client.name == "chat gpt-4o" and client.attrs == {"gen_ai.request.model": "gpt-4o"}
+    assert client.name == "chat gpt-4o" and client.attrs == {
+        "gen_ai.system": "openai",
+        "gen_ai.request.model": "gpt-4o",
+    }
     assert client.trace_id == server.trace_id and client.parent == server.span_id
     assert client.status == Status.STATUS_CODE_UNSET and not client.events
     # the upstream is told the client span: sampled, and (W3C level 2) with a random trace id
