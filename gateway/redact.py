@@ -70,6 +70,7 @@ _DIGIT_RUN_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ ()+.-"  # the class abo
 # passes: several times cheaper than the regex, which tries a match at every digit.
 _RUN_MAP = bytes(ord("x") if chr(b) in _DIGIT_RUN_CHARS else ord(" ") for b in range(256))
 _LONG_RUN = b"x" * 11
+_NOT_FIRST_CHARS = " ).-"  # in a run, but no match starts with one
 # Where a card, phone, IBAN or SSN can start: each one's look-behind and first character
 # (and for "+", "(" and a capital, the second, when it is known).
 _OTHER_START = re.compile(
@@ -241,10 +242,14 @@ class Redactor:
             start = len(text.rstrip(_DIGIT_RUN_CHARS))
             if start < near_end:
                 start = near_end
-            if start < hold:
+            if hold - start > 16:  # long (hostile text): only where a match could start
                 first = _OTHER_START.search(text, start, hold)
                 if first is not None:
                     hold = first.start()
+            elif start < hold:  # short: cheaper to hold a little more (no match starts with those)
+                start = n - len(text[start:].lstrip(_NOT_FIRST_CHARS))
+                if start < hold:
+                    hold = start
         return hold
 
     def may_match(self, text: str, pos: int) -> bool:
@@ -283,13 +288,15 @@ class Redactor:
     def _next_email(self, text: str, pos: int) -> re.Match[str] | None:
         assert self.email is not None
         n = len(text)
+        misses = 0
         while (at := text.find("@", pos)) >= 0:
-            # memchr finds an "@"; the regex then skips, in one C pass, the "@"s no address
-            # can hold (none in prose; thousands in a hostile "@@@@" or "a@a@a@").
-            candidate = _EMAIL_AT.search(text, at)
-            if candidate is None:
-                return None
-            at = candidate.start()
+            if misses > 1:
+                # "@"s that hold no address, one after another: a regex skips the rest of
+                # them in one C pass (thousands in a hostile "@@@@" or "a.b@c.d a.b@c.d").
+                candidate = _EMAIL_AT.search(text, at)
+                if candidate is None:
+                    return None
+                at = candidate.start()
             # The local part is the run of its characters ending at the "@" (the look-behind
             # rules out any later start), at most 32 long and not before pos: one candidate.
             head = text[max(pos, at - 33) : at]
@@ -298,6 +305,7 @@ class Redactor:
                 m = self.email.match(text, start, min(n, at + MAX_MATCH))
                 if m is not None:
                     return m
+            misses += 1
             pos = at + 1
         return None
 
