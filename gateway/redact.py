@@ -13,9 +13,10 @@ carries the design:
 * Exact streaming. `StreamRedactor` emits a prefix only once nothing that arrives later
   can change how it is redacted. A match still in the making must reach the end of the
   text, so it lies in the trailing run of characters it could consist of, within
-  `MAX_MATCH` of the end; a complete match is final once `MAX_MATCH` characters from its
-  start are known. So the held tail is at most `MAX_MATCH` characters, and only while it
-  could still become PII: ordinary prose holds back at most its last word.
+  `MAX_MATCH` of the end, and starts where its look-behind holds; a complete match is
+  final once `MAX_MATCH` characters from its start are known. So the held tail is at most
+  `MAX_MATCH` characters, and only while it could still become PII: ordinary prose holds
+  back at most its last word, and hostile text ("((((", "@@@@") next to nothing.
 * Linear time, whatever the text (SPEC §6). Each search goes on from where the last one
   ended, never back over text already searched (a run of digits is found once, not once
   per candidate in it), and no pattern can backtrack more than a bounded amount at one
