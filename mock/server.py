@@ -12,6 +12,16 @@ x-mock-done-delay-ms (send the chunked terminator that long after [DONE]), x-moc
 events: answer so whatever the request's "stream" says, as servers that cannot stream or always
 do), x-mock-stream-type (the Content-Type of a stream, text/event-stream unless set).
 
+Anthropic's Messages API (POST /v1/messages) takes the same latency, chunk-delay, echo, reply,
+deltas, status (its error shape; 429 and 529 carry retry-after, x-mock-retry-after to choose)
+and die-after knobs, plus x-mock-tool-input (a JSON object: a tool_use block whose input is
+streamed as input_json_delta in three pieces, or in the exact pieces of x-mock-tool-deltas, a
+JSON array), x-mock-error-after (after N text deltas, Anthropic's own `event: error`,
+overloaded_error, and the end of the stream), x-mock-thinking (a thinking block before the text, its text streamed as
+thinking_delta, then x-mock-signature as signature_delta), x-mock-stop-reason, x-mock-usage (a
+JSON object merged into message_start's usage) and x-mock-delta-usage (a JSON object merged into
+message_delta's usage).
+
 What it saw, for tests: GET /_mock/requests (headers and body of recent requests),
 GET /_mock/events (client disconnects), DELETE /_mock/requests (forget both).
 """
@@ -269,15 +279,29 @@ async def messages(request: web.Request) -> web.StreamResponse:
             if _knob(request, "x-mock-echo", "MOCK_ECHO", "0") == "1"
             else (_knob(request, "x-mock-reply", "MOCK_REPLY", DEFAULT_REPLY))
         )
-        deltas = re.findall(r"\S+\s*|\s+", text) or [""]
+        deltas = _words(text)
     tool_input = _header(request, "x-mock-tool-input")  # a JSON object's text, streamed in pieces
+    tool_pieces = _header(request, "x-mock-tool-deltas")  # or exactly these pieces of it
+    pieces: list[str] = []
+    if tool_pieces:
+        pieces = [str(p) for p in json.loads(tool_pieces)]
+        tool_input = "".join(pieces)
+    elif tool_input:
+        step = max(1, len(tool_input) // 3)
+        pieces = [tool_input[at : at + step] for at in range(0, len(tool_input), step)]
+    thinking = _header(request, "x-mock-thinking")
+    signature = _header(request, "x-mock-signature", "EqQBCkYIARgCIkDmockSignature==")
     model = body.get("model", "claude-sonnet-4-5")
     message_id = "msg_" + request_id[:24]
     usage_in = {"input_tokens": 21, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 4, "output_tokens": 1}
-    out_tokens = len(deltas) + (3 if tool_input else 0)
-    stop_reason = "tool_use" if tool_input else "end_turn"
+    usage_in |= json.loads(_header(request, "x-mock-usage") or "{}")
+    out_tokens = len(deltas) + (3 if tool_input else 0) + (len(_words(thinking)) if thinking else 0)
+    stop_reason = _header(request, "x-mock-stop-reason") or ("tool_use" if tool_input else "end_turn")
     if body.get("stream") is not True:
-        content: list[dict[str, Any]] = [{"type": "text", "text": "".join(deltas)}]
+        content: list[dict[str, Any]] = []
+        if thinking is not None:
+            content.append({"type": "thinking", "thinking": thinking, "signature": signature})
+        content.append({"type": "text", "text": "".join(deltas)})
         if tool_input:
             content.append({"type": "tool_use", "id": "toolu_mock1", "name": "lookup", "input": json.loads(tool_input)})
         return web.json_response(
@@ -290,12 +314,24 @@ async def messages(request: web.Request) -> web.StreamResponse:
                 "stop_reason": stop_reason,
                 "stop_sequence": None,
                 "usage": {**usage_in, "output_tokens": out_tokens},
-            }
+            },
+            dumps=lambda value: _compact(value).decode(),
         )
     chunk_delay = int(_knob(request, "x-mock-chunk-delay-ms", "CHUNK_DELAY_MS", "120")) / 1000
     die_after = int(_header(request, "x-mock-die-after", "-1") or "-1")
+    error_after = int(_header(request, "x-mock-error-after", "-1") or "-1")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
+
+    def block_start(index: int, block: dict[str, Any]) -> bytes:
+        return _sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
+
+    def block_delta(index: int, delta: dict[str, Any]) -> bytes:
+        return _sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+
+    def block_stop(index: int) -> bytes:
+        return _sse("content_block_stop", {"type": "content_block_stop", "index": index})
+
     try:
         await response.write(
             _sse(
@@ -315,58 +351,49 @@ async def messages(request: web.Request) -> web.StreamResponse:
                 },
             )
         )
-        await response.write(
-            _sse(
-                "content_block_start",
-                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-            )
-        )
-        await response.write(_sse("ping", {"type": "ping"}))
+        index = 0
+        # As Anthropic does: one ping after the first content_block_start.
+        if thinking is not None:
+            await response.write(block_start(index, {"type": "thinking", "thinking": "", "signature": ""}))
+            await response.write(_sse("ping", {"type": "ping"}))
+            for piece in _words(thinking):
+                await response.write(block_delta(index, {"type": "thinking_delta", "thinking": piece}))
+            await response.write(block_delta(index, {"type": "signature_delta", "signature": signature}))
+            await response.write(block_stop(index))
+            index += 1
+        await response.write(block_start(index, {"type": "text", "text": ""}))
+        if thinking is None:
+            await response.write(_sse("ping", {"type": "ping"}))
         for number, delta in enumerate(deltas):
             if number == die_after:
                 assert request.transport is not None
                 request.transport.close()
                 return response
+            if number == error_after:  # as Anthropic ends a stream it cannot finish
+                error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+                await response.write(_sse("error", error))
+                await response.write_eof()
+                return response
             if chunk_delay:
                 await asyncio.sleep(chunk_delay)
-            await response.write(
-                _sse(
-                    "content_block_delta",
-                    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": delta}},
-                )
-            )
-        await response.write(_sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
+            await response.write(block_delta(index, {"type": "text_delta", "text": delta}))
+        await response.write(block_stop(index))
         if tool_input:
+            index += 1
             await response.write(
-                _sse(
-                    "content_block_start",
-                    {
-                        "type": "content_block_start",
-                        "index": 1,
-                        "content_block": {"type": "tool_use", "id": "toolu_mock1", "name": "lookup", "input": {}},
-                    },
-                )
+                block_start(index, {"type": "tool_use", "id": "toolu_mock1", "name": "lookup", "input": {}})
             )
-            step = max(1, len(tool_input) // 3)
-            for at in range(0, len(tool_input), step):
-                await response.write(
-                    _sse(
-                        "content_block_delta",
-                        {
-                            "type": "content_block_delta",
-                            "index": 1,
-                            "delta": {"type": "input_json_delta", "partial_json": tool_input[at : at + step]},
-                        },
-                    )
-                )
-            await response.write(_sse("content_block_stop", {"type": "content_block_stop", "index": 1}))
+            for piece in pieces:
+                await response.write(block_delta(index, {"type": "input_json_delta", "partial_json": piece}))
+            await response.write(block_stop(index))
+        delta_usage = {"output_tokens": out_tokens} | json.loads(_header(request, "x-mock-delta-usage") or "{}")
         await response.write(
             _sse(
                 "message_delta",
                 {
                     "type": "message_delta",
                     "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                    "usage": {"output_tokens": out_tokens},
+                    "usage": delta_usage,
                 },
             )
         )
@@ -378,6 +405,11 @@ async def messages(request: web.Request) -> web.StreamResponse:
         )
         raise
     return response
+
+
+def _words(text: str) -> list[str]:
+    """A text in the pieces a model streams: each word with the spaces after it."""
+    return re.findall(r"\S+\s*|\s+", text) or [""]
 
 
 async def seen(request: web.Request) -> web.Response:
