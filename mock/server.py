@@ -37,7 +37,7 @@ import secrets
 import time
 import uuid
 from collections import deque
-from typing import Any
+from typing import Any, overload
 
 from aiohttp import web
 
@@ -50,6 +50,10 @@ def _knob(request: web.Request, header: str, env: str, default: str) -> str:
     return _header(request, header) or os.environ.get(env) or default
 
 
+@overload
+def _header(request: web.Request, name: str) -> str | None: ...
+@overload
+def _header(request: web.Request, name: str, default: str) -> str: ...
 def _header(request: web.Request, name: str, default: str | None = None) -> str | None:
     """A knob header: `x-mock-NAME`, or `x-stainless-mock-NAME` — the form that passes through
     the gateway, whose header allow-list forwards the X-Stainless-* family (SPEC §5)."""
@@ -413,7 +417,8 @@ def _words(text: str) -> list[str]:
 
 
 async def seen(request: web.Request) -> web.Response:
-    return web.json_response(list(request.app[SEEN]))
+    recent = request.app[SEEN]
+    return web.json_response(list(recent))
 
 
 async def events(request: web.Request) -> web.Response:
