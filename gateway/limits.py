@@ -10,9 +10,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
-from .errors import StoreUnavailable
 from .models import Decision
-from .stores import QuotaStore, digest
+from .stores import QuotaStore, StoreGuard, digest
 
 
 class TokenBucket:
@@ -77,23 +76,10 @@ class TokenBucket:
 
 
 class Quota:
-    """Fixed-window request quota per tenant over a `QuotaStore`, with the fail mode.
+    """Fixed-window request quota per tenant over a `QuotaStore`; the fail mode is the
+    guard's (shared with the token budget: one outage, handled once)."""
 
-    After a store failure the store is skipped for `retry_after_secs` (the fail mode applies
-    at once instead of every request waiting out the store deadline), then tried again, so
-    service resumes by itself when the store comes back.
-    """
-
-    __slots__ = (
-        "_default",
-        "_fail_open",
-        "_on_store_error",
-        "_overrides",
-        "_retry_after",
-        "_skip_until",
-        "_store",
-        "_window_ms",
-    )
+    __slots__ = ("_default", "_guard", "_overrides", "_store", "_window_ms")
 
     def __init__(
         self,
@@ -101,18 +87,16 @@ class Quota:
         default_limit: int,
         overrides: Mapping[str, int],
         window_secs: int,
-        fail_open: bool,
-        on_store_error: Callable[[], None],
+        fail_open: bool = True,
+        on_store_error: Callable[[], None] = lambda: None,
         retry_after_secs: float = 1.0,
+        guard: StoreGuard | None = None,
     ) -> None:
         self._store = store
         self._default = default_limit
         self._overrides = overrides
         self._window_ms = window_secs * 1000
-        self._fail_open = fail_open
-        self._retry_after = retry_after_secs
-        self._skip_until = 0.0
-        self._on_store_error = on_store_error
+        self._guard = guard if guard is not None else StoreGuard(fail_open, on_store_error, retry_after_secs)
 
     def limit_for(self, tenant: str) -> int:
         return self._overrides.get(tenant, self._default)
@@ -120,18 +104,11 @@ class Quota:
     async def check(self, tenant: str, public_id: str) -> Decision | None:
         """The verdict, or None when the store is down and the mode is fail-open."""
         limit = self.limit_for(tenant)
-        now = time.monotonic()
-        try:
-            if now < self._skip_until:
-                raise StoreUnavailable()
-            count, ttl_ms = await self._store.hit("quota:" + public_id, self._window_ms)
-        except StoreUnavailable:
-            if now >= self._skip_until:  # a real failure, not a skipped call: back off
-                self._skip_until = time.monotonic() + self._retry_after
-            self._on_store_error()
-            if self._fail_open:
-                return None
-            raise
+        store, key, window_ms = self._store, "quota:" + public_id, self._window_ms
+        counted = await self._guard.call(lambda: store.hit(key, window_ms))
+        if counted is None:
+            return None
+        count, ttl_ms = counted
         return Decision(count <= limit, limit, max(0, limit - count), ttl_ms)
 
 

@@ -193,3 +193,53 @@ def test_reset_format_is_openais(ms: int, text: str) -> None:
 def test_retry_after_is_whole_seconds_rounded_up() -> None:
     assert retry_headers(1) == {"Retry-After": "1", "retry-after-ms": "1"}
     assert retry_headers(1001)["Retry-After"] == "2"
+
+
+async def test_a_window_behind_a_longer_one_still_ends() -> None:
+    # Windows of different lengths in one table: the expired one is not at the front, and
+    # must still count as ended.
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    await store.hit("quota:long", 60_000)
+    assert (await store.hit("quota:short", 1_000))[0] == 1
+    assert (await store.reserve("tokens:{long}", 5, 10, 60_000))[0]
+    assert (await store.reserve("tokens:{short}", 10, 10, 1_000))[0]
+    clock.now += 1.5
+    assert (await store.hit("quota:short", 1_000)) == (1, 1000)
+    assert (await store.reserve("tokens:{short}", 10, 10, 1_000))[:3] == (True, 10, 1000)
+
+
+async def test_memory_token_windows_are_forgotten_and_bounded() -> None:
+    clock = Clock()
+    store = MemoryStore(clock=clock, max_keys=1_000)
+    for i in range(5_000):  # one window length: expired ones go from the front
+        await store.reserve(f"tokens:{{{i}}}", 1, 10, 1_000)
+        clock.now += 0.001
+    assert len(store) <= 1_001
+    for i in range(5_000):  # a flood within one window: the hard cap holds
+        await store.reserve(f"tokens:{{flood{i}}}" + "k" * 250, 1, 10, 60_000)
+    assert len(store) == 1_000
+    # The windows nearest their end went first (forgiven early); the newest are still counted.
+    assert (await store.reserve("tokens:{flood4999}" + "k" * 250, 1, 10, 60_000))[:2] == (True, 2)
+    _, total, _, window = await store.reserve("tokens:{flood0}" + "k" * 250, 1, 10, 60_000)
+    assert total == 1
+    await store.settle("tokens:{flood0}" + "k" * 250, str(int(window) - 1), 0, 9)  # not its window: no change
+    assert (await store.reserve("tokens:{flood0}" + "k" * 250, 0, 10, 60_000))[:2] == (True, 1)
+    assert len(store) == 1_000
+
+
+async def test_a_token_window_costs_the_same_whatever_the_keys_length() -> None:
+    short, long = MemoryStore(clock=Clock()), MemoryStore(clock=Clock())
+    keys = {short: lambda i: f"tokens:{{{i}}}", long: lambda i: f"tokens:{{{i:08d}" + "k" * 250 + "}"}
+    costs = {}
+    for store, key in keys.items():
+        gc.collect()
+        tracemalloc.start()
+        for i in range(20_000):
+            await store.reserve(key(i), 100, 1000, 60_000)
+        gc.collect()
+        costs[store] = tracemalloc.get_traced_memory()[0] / 20_000
+        tracemalloc.stop()
+    assert len(short) == len(long) == 20_000
+    assert costs[long] < costs[short] * 1.1 + 8, costs
+    assert costs[long] < 400

@@ -1,9 +1,20 @@
-"""Quota storage: the `QuotaStore` protocol and the choice of backend from the URL."""
+"""Quota storage: the `QuotaStore` protocol, the choice of backend from the URL, and the guard
+that applies the fail mode when the store is down."""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Protocol
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+from ..errors import StoreUnavailable
+
+T = TypeVar("T")
+
+# Token amounts a store is given stay below this: far beyond any real budget, and exact in
+# Lua's numbers (doubles, exact to 2^53) and in Redis' 64-bit integers whatever is added up.
+MAX_TOKENS = 10**15
 
 
 def digest(key: str) -> bytes:
@@ -21,9 +32,64 @@ class QuotaStore(Protocol):
         """
         ...
 
+    async def reserve(self, key: str, amount: int, limit: int, window_ms: int) -> tuple[bool, int, int, str]:
+        """One atomic step on the token window `key` (started, `window_ms` long, if there is
+        none): hold `amount` more tokens if used + reserved + amount <= limit. Returns
+        (held?, used + reserved afterwards, ms until the window ends, the window's id).
+
+        The window's id names this window and no later one under the same key, so a settle
+        that arrives after the window ended changes nothing. Raises errors.StoreUnavailable.
+        """
+        ...
+
+    async def settle(self, key: str, window: str, reserved: int, used: int) -> None:
+        """One atomic step: release `reserved` held tokens of window `window` and count `used`
+        ones instead; nothing if that window has ended. Goes through even if the caller stops
+        waiting for it. Raises errors.StoreUnavailable."""
+        ...
+
     async def ping(self) -> bool: ...
 
     async def close(self) -> None: ...
+
+
+class StoreGuard:
+    """The fail mode, shared by every policy over one store (the request quota, the token
+    budget), so that one outage is handled once.
+
+    After a store failure the store is skipped for `retry_after_secs` (the fail mode applies
+    at once instead of every request waiting out the store deadline), then tried again, so
+    service resumes by itself when the store comes back. `on_error` counts each failed or
+    skipped call.
+    """
+
+    __slots__ = ("_fail_open", "_on_error", "_retry_after", "_skip_until")
+
+    def __init__(self, fail_open: bool, on_error: Callable[[], None], retry_after_secs: float = 1.0) -> None:
+        self._fail_open = fail_open
+        self._on_error = on_error
+        self._retry_after = retry_after_secs
+        self._skip_until = 0.0
+
+    @property
+    def fail_open(self) -> bool:
+        return self._fail_open
+
+    async def call(self, operation: Callable[[], Awaitable[T]]) -> T | None:
+        """`operation`'s result; None when the store is down and the mode is fail-open (in
+        fail-closed mode StoreUnavailable is raised)."""
+        now = time.monotonic()
+        try:
+            if now < self._skip_until:
+                raise StoreUnavailable()
+            return await operation()
+        except StoreUnavailable:
+            if now >= self._skip_until:  # a real failure, not a skipped call: back off
+                self._skip_until = time.monotonic() + self._retry_after
+            self._on_error()
+            if self._fail_open:
+                return None
+            raise
 
 
 def store_from_url(url: str | None, *, cluster: bool, timeout: float) -> QuotaStore:

@@ -191,3 +191,171 @@ async def test_redis_down_at_start_is_not_fatal(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable):
         await store.hit("quota:x", 1000)
     await store.close()
+
+
+# --- Token windows (SPEC §14): reserve and settle, each one atomic step ---------------------
+
+
+def token_key(prefix: str) -> str:
+    return "tokens:{" + f"{prefix}:{uuid.uuid4().hex}" + "}"
+
+
+async def wait_for_new_window(s: QuotaStore, key: str, limit: int, window_ms: int) -> tuple[bool, int, int, str]:
+    """Reserve the whole `limit` until it fits: the window that held tokens has ended."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        held = await s.reserve(key, limit, limit, window_ms)
+        if held[0]:
+            return held
+        assert asyncio.get_running_loop().time() < deadline, "the window never ended"
+        await asyncio.sleep(0.05)
+
+
+async def test_reservations_fit_the_budget_or_are_refused_unchanged(store: StoreFactory) -> None:
+    key = token_key("fit")
+    async with store() as s:
+        held, total, ttl, window = await s.reserve(key, 60, 100, 60_000)
+        assert (held, total) == (True, 60) and 0 < ttl <= 60_000 and window
+        assert (await s.reserve(key, 41, 100, 60_000))[:2] == (False, 60)  # 60 + 41 > 100: nothing held
+        again = await s.reserve(key, 40, 100, 60_000)  # exactly the budget fits
+        assert again[:2] == (True, 100) and again[3] == window  # the same window
+        assert (await s.reserve(key, 1, 100, 60_000))[:2] == (False, 100)
+        assert (await s.reserve(key, 0, 100, 60_000))[:2] == (True, 100)  # nothing more: fits
+        assert (await s.reserve(token_key("other"), 100, 100, 60_000))[:2] == (True, 100)  # tenants apart
+
+
+async def test_an_estimate_larger_than_the_budget_is_refused_and_starts_the_window(store: StoreFactory) -> None:
+    key = token_key("big")
+    async with store() as s:
+        held, total, ttl, _ = await s.reserve(key, 10**15 + 1, 10**15, 60_000)
+        assert (held, total) == (False, 0) and 0 < ttl <= 60_000  # Retry-After: to this window's end
+        assert (await s.reserve(key, 10**15, 10**15, 60_000))[:2] == (True, 10**15)  # exact up there too
+
+
+async def test_settle_replaces_the_reservation_with_the_usage(store: StoreFactory) -> None:
+    key = token_key("settle")
+    async with store() as s:
+        _, _, _, window = await s.reserve(key, 80, 100, 60_000)
+        await s.settle(key, window, 80, 30)  # used 30 of the 80 held
+        assert (await s.reserve(key, 70, 100, 60_000))[:2] == (True, 100)
+        await s.settle(key, window, 70, 0)  # released: no reply came
+        assert (await s.reserve(key, 71, 100, 60_000))[:2] == (False, 30)
+        _, _, _, same = await s.reserve(key, 10, 100, 60_000)
+        await s.settle(key, same, 10, 95)  # used more than it reserved: counted all the same
+        assert (await s.reserve(key, 0, 100, 60_000))[:2] == (False, 125)  # over: even nothing more is refused
+
+
+async def test_a_settle_names_its_window_and_changes_no_other(store: StoreFactory) -> None:
+    key, other = token_key("named"), token_key("named-other")
+    async with store() as s:
+        _, _, _, window = await s.reserve(key, 50, 100, 60_000)
+        await s.settle(key, window + "x", 50, 0)  # not this window's id
+        await s.settle(other, window, 50, 0)  # not that key's window
+        assert (await s.reserve(key, 51, 100, 60_000))[:2] == (False, 50)
+
+
+async def test_a_settle_after_its_window_ended_is_a_no_op(store: StoreFactory) -> None:
+    key = token_key("late")
+    async with store() as s:
+        _, _, _, old = await s.reserve(key, 60, 100, 300)
+        _, total, _, new = await wait_for_new_window(s, key, 100, 60_000)  # the next window, full
+        assert total == 100 and new != old
+        await s.settle(key, old, 60, 0)  # would free 60, in a window that is gone
+        await s.settle(key, old, 60, 10**15)  # would charge a huge usage to it
+        assert (await s.reserve(key, 1, 100, 60_000))[:2] == (False, 100)
+        assert (await s.reserve(key, 0, 100, 60_000))[:2] == (True, 100)
+
+
+async def test_reservations_nobody_settles_end_with_the_window(store: StoreFactory) -> None:
+    # A process that crashed with tokens held: nothing settles them, the window's end frees them.
+    key = token_key("crash")
+    async with store() as s:
+        assert (await s.reserve(key, 100, 100, 300))[0] is True
+        assert (await s.reserve(key, 1, 100, 300))[0] is False
+        _, total, ttl, _ = await wait_for_new_window(s, key, 100, 300)
+        assert total == 100 and 0 < ttl <= 300
+
+
+async def test_concurrent_reservations_never_exceed_the_budget(
+    store: StoreFactory, backend: tuple[str | None, bool]
+) -> None:
+    # 120 reservations of 7 at once against 100 tokens, split over two stores (two gateway
+    # processes) when there is a server to share: exactly 14 fit, whatever the interleaving.
+    key = token_key("race")
+    async with store() as first, store() as second:
+        stores = [first, second] if backend[0] is not None else [first]
+        results = await asyncio.gather(*(stores[i % len(stores)].reserve(key, 7, 100, 60_000) for i in range(120)))
+        assert sum(held for held, _, _, _ in results) == 14
+        assert max(total for _, total, _, _ in results) == 98
+        assert len({window for _, _, _, window in results}) == 1
+        # Settling frees room for exactly what was given back, still under concurrency.
+        windows = results[0][3]
+        await asyncio.gather(*(stores[i % len(stores)].settle(key, windows, 7, 2) for i in range(14)))
+        again = await asyncio.gather(*(stores[i % len(stores)].reserve(key, 7, 100, 60_000) for i in range(40)))
+        assert sum(held for held, _, _, _ in again) == (100 - 14 * 2) // 7
+
+
+async def test_hits_reservations_and_settlements_together(store: StoreFactory) -> None:
+    # Made in the same loop turn (on Redis: one batch), each is its own operation.
+    quota, tokens = unique("mixed"), token_key("mixed")
+    async with store() as s:
+        _, _, _, window = await s.reserve(tokens, 50, 100, 60_000)
+        results = await asyncio.gather(
+            s.hit(quota, 60_000),
+            s.settle(tokens, window, 50, 5),
+            s.reserve(tokens, 95, 100, 60_000),
+            s.hit(quota, 60_000),
+        )
+        assert results[0][0] == 1 and results[1] is None and results[2][:2] == (True, 100) and results[3][0] == 2
+
+
+async def test_long_token_keys_that_differ_only_at_the_end_are_apart(store: StoreFactory) -> None:
+    base = "tokens:{" + uuid.uuid4().hex + "k" * 256
+    async with store() as s:
+        assert (await s.reserve(base + "a}", 100, 100, 60_000))[0] is True
+        assert (await s.reserve(base + "b}", 100, 100, 60_000))[0] is True
+        assert (await s.reserve(base + "a}", 1, 100, 60_000))[0] is False
+
+
+async def test_redis_token_window_is_one_hash_with_a_ttl(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url, cluster=False, timeout=0.5)
+    await store.open()
+    try:
+        _, _, _, window = await store.reserve("tokens:{demo}", 300, 1000, 60_000)
+        fields = redis_server.cli("HGETALL", "tokens:{demo}").split("\n")
+        assert dict(zip(fields[::2], fields[1::2], strict=True)) == {"used": "0", "reserved": "300", "window": window}
+        assert 0 < int(redis_server.cli("PTTL", "tokens:{demo}")) <= 60_000
+        await store.settle("tokens:{demo}", window, 300, 123)
+        assert redis_server.cli("HMGET", "tokens:{demo}", "used", "reserved").split("\n") == ["123", "0"]
+        # A window that lost its TTL gets it back; one of another type is started anew.
+        redis_server.cli("PERSIST", "tokens:{demo}")
+        await store.reserve("tokens:{demo}", 1, 1000, 60_000)
+        assert 0 < int(redis_server.cli("PTTL", "tokens:{demo}")) <= 60_000
+        redis_server.cli("SET", "tokens:{odd}", "not a hash")
+        assert (await store.reserve("tokens:{odd}", 5, 10, 60_000))[:2] == (True, 5)
+        await store.settle("tokens:{odd}", "x", 5, 0)
+        redis_server.cli("SET", "tokens:{odd}", "not a hash")
+        await store.settle("tokens:{odd}", "x", 5, 0)  # no error: a key of another type is left alone
+        assert redis_server.cli("GET", "tokens:{odd}") == "not a hash"
+        # Amounts near the top stay integers (a Lua number could print as 1e+15).
+        _, _, _, top = await store.reserve("tokens:{top}", 10**15, 10**15, 60_000)
+        await store.settle("tokens:{top}", top, 10**15, 10**15 - 1)
+        assert redis_server.cli("HMGET", "tokens:{top}", "used", "reserved").split("\n") == [str(10**15 - 1), "0"]
+    finally:
+        await store.close()
+
+
+async def test_a_settle_goes_through_when_its_caller_stops_waiting(redis_server: RedisServer) -> None:
+    # The client of a stream left: the middleware's settle may be cancelled; the tokens are
+    # settled all the same.
+    store = RedisStore(redis_server.url, cluster=False, timeout=0.5)
+    await store.open()
+    try:
+        _, _, _, window = await store.reserve("tokens:{left}", 500, 1000, 60_000)
+        settling = asyncio.create_task(store.settle("tokens:{left}", window, 500, 20))
+        await asyncio.sleep(0)  # queued
+        settling.cancel()
+        wait_until_settled = await store.reserve("tokens:{left}", 980, 1000, 60_000)  # after it, in order
+        assert wait_until_settled[:2] == (True, 1000)
+    finally:
+        await store.close()
