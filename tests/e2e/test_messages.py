@@ -8,6 +8,7 @@ import collections
 import itertools
 import json
 import random
+import signal
 import time
 from typing import Any
 
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from gateway.redact import ALL_KINDS, build_redactor
 
 from ..conftest import GatewayFactory
-from ..harness import Gateway, Mock, free_port, wait_until
+from ..harness import Gateway, Mock, free_port, http_get, wait_until
 from ..test_redact import PII, PII_VALUES, split_reply
 from .test_telemetry import samples
 
@@ -497,6 +498,35 @@ def test_load_shedding_is_529_overloaded(start_gateway: GatewayFactory, mock: Mo
     assert len(mock.requests()) == 1
     wait_until(lambda: "inflight_requests 0" in gateway.metrics(), what="the slot to be free")
     assert sdk(gateway).messages.create(model=MODEL, max_tokens=8, messages=HI).content
+
+
+async def test_draining_is_529_and_the_stream_in_flight_finishes(start_gateway: GatewayFactory, mock: Mock) -> None:
+    gateway = start_gateway(SHUTDOWN_GRACE_SECS="10")
+    body = {"model": MODEL, "max_tokens": 8, "messages": HI, "stream": True}
+    reply = "one two three four five six seven eight nine ten"  # 2 s: time to drain and be refused
+    slow = knobs(chunk_delay_ms="200", reply=reply)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(gateway.url + MESSAGES, json=body, headers=slow) as held,
+    ):
+        first = await held.content.readline()  # the stream has started
+        gateway.process.signal(signal.SIGTERM)
+
+        def draining() -> bool:
+            try:
+                return http_get(gateway.port, "/readyz")[0] == 503
+            except OSError:
+                return False
+
+        await asyncio.to_thread(wait_until, draining, 5.0, 0.02, "the gateway to drain")
+        with pytest.raises(anthropic.OverloadedError) as caught:
+            await asyncio.to_thread(sdk(gateway).messages.create, model=MODEL, max_tokens=8, messages=HI)
+        assert caught.value.status_code == 529 and caught.value.type == "overloaded_error"
+        assert caught.value.api_message == "gateway is shutting down"
+        events = sse_events(first + await held.read())
+    assert events[-1][0] == "message_stop"
+    assert "".join(texts_by_block(events)[0]) == reply
+    assert await asyncio.to_thread(gateway.process.wait, 10) == 0
 
 
 @pytest.mark.parametrize("stream", [False, True])
