@@ -7,7 +7,7 @@ import aiohttp
 import uvloop
 from aiohttp import web
 
-UPSTREAM = os.environ["UPSTREAM"] + "/v1/chat/completions"
+UPSTREAM = os.environ["UPSTREAM"]
 PORT = int(os.environ.get("PORT", "8090"))
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
@@ -15,7 +15,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 async def relay(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
-    async with request.app[SESSION].post(UPSTREAM, data=body, headers=headers) as upstream:
+    async with request.app[SESSION].post(UPSTREAM + request.path, data=body, headers=headers) as upstream:
         response = web.StreamResponse(status=upstream.status, headers={"Content-Type": upstream.content_type})
         await response.prepare(request)
         async for chunk in upstream.content.iter_any():
@@ -34,6 +34,7 @@ def main() -> None:
     app = web.Application()
     app.cleanup_ctx.append(session_ctx)
     app.router.add_post("/v1/chat/completions", relay)
+    app.router.add_post("/v1/messages", relay)  # the same relay for Anthropic's route
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(app))
 

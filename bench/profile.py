@@ -22,6 +22,8 @@ SCENARIOS = {
     "json": (run.JSON_BODY, "json", {}),
     "unique": (run.UNIQUE_BODY, "json", {}),  # a new prompt every request: the memo never hits
     "stream": (run.STREAM_BODY, "sse", {}),
+    "openai": (run.STREAM_BODY, "openai", {}),  # OpenAI's real chunk layout
+    "anthropic": (run.MESSAGES_BODY, "anthropic", {}),  # through /v1/messages
     "redis": (run.JSON_BODY, "json", {"REDIS_URL": "redis"}),
     "tracing": (run.JSON_BODY, "json", {"OTEL_EXPORTER_OTLP_ENDPOINT": "otlp"}),
     "paced": (run.STREAM_BODY, "paced", {}),  # the node stream client, BENCH_STREAMS at once
@@ -33,9 +35,12 @@ def main() -> None:
     seconds = int(sys.argv[2]) if len(sys.argv) > 2 else 8
     body, upstream, env = SCENARIOS[scenario]
     tmp = Path(tempfile.mkdtemp(prefix="profile-"))
-    json_port, sse_port, redis_port, otlp_port, paced_port = (run.free_port() for _ in range(5))
+    json_port, sse_port, openai_port, anthropic_port, redis_port, otlp_port, paced_port = (
+        run.free_port() for _ in range(7)
+    )
+    replies = {"json": json_port, "sse": sse_port, "openai": openai_port, "anthropic": anthropic_port}
     helpers = [
-        run.nginx(tmp, json_port, sse_port),
+        run.nginx(tmp, replies),
         run.Proc(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"], run.LOAD_CPU),
         run.Proc([run.PY, str(run.ROOT / "bench" / "otlp_sink.py")], run.LOAD_CPU, {"PORT": str(otlp_port)}),
         run.Proc(["node", str(run.ROOT / "bench" / "paced_upstream.js")], run.LOAD_CPU, {"PORT": str(paced_port)}),
@@ -45,21 +50,22 @@ def main() -> None:
     if "OTEL_EXPORTER_OTLP_ENDPOINT" in env:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}", "OTEL_BSP_SCHEDULE_DELAY": "200"}
     try:
-        for port in (json_port, sse_port, redis_port, otlp_port, paced_port):
+        for port in (*replies.values(), redis_port, otlp_port, paced_port):
             run.wait_port(port)
-        gw, gw_port = run.gateway({"json": json_port, "sse": sse_port, "paced": paced_port}[upstream], **env)
+        gw, gw_port = run.gateway({**replies, "paced": paced_port}[upstream], **env)
+        path = "/v1/messages" if upstream == "anthropic" else "/v1/chat/completions"
         try:
             url = f"http://127.0.0.1:{gw_port}"
             samples = tmp / "samples.txt"
             if upstream == "paced":
                 load = threading.Thread(target=run.streams, args=(gw_port,))
             else:
-                run.wrk(tmp, url, body, 2)
-                load = threading.Thread(target=run.wrk, args=(tmp, url, body, seconds + 2))
+                run.wrk(tmp, url, body, 2, path)
+                load = threading.Thread(target=run.wrk, args=(tmp, url, body, seconds + 2, path))
             load.start()
             subprocess.run(
                 [
-                    "py-spy",
+                    str(Path(run.PY).parent / "py-spy"),
                     "record",
                     "--pid",
                     str(gw.pid),

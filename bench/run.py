@@ -30,7 +30,9 @@ DURATION = int(os.environ.get("BENCH_SECS", "8"))  # per side and scenario, spli
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "4"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "50"))
 STREAMS = int(os.environ.get("BENCH_STREAMS", "500"))
-ONLY = set(os.environ.get("BENCH_ONLY", "json,unique,stream,unredacted,redis,tracing,paced").split(","))
+ONLY = set(
+    os.environ.get("BENCH_ONLY", "json,unique,stream,openai,anthropic,unredacted,redis,tracing,paced").split(",")
+)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROMPT = (
     "Please summarise this note. Customer Jane Doe (jane.doe@example.com, +1 415 555 2671) paid with "
@@ -40,6 +42,7 @@ JSON_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PR
 UNIQUE_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Ticket NONCE. " + PROMPT}]}
 
 STREAM_BODY = {**JSON_BODY, "stream": True}
+MESSAGES_BODY = {"model": "claude-sonnet-4-5", "max_tokens": 1024, "messages": JSON_BODY["messages"], "stream": True}
 
 
 def free_port() -> int:
@@ -104,6 +107,105 @@ def sse_reply() -> str:
     return "".join(events) + "data: [DONE]\n\n"
 
 
+# Real-shaped replies (issue 17): what OpenAI and Anthropic send for a 40-token answer.
+REPLY_TEXT = (
+    "Sure! Here is a short summary of the note: the customer paid for order 123456789012 on "
+    "2024-01-15, version 3.11.7 is in use, and the total came to $1,234.56. Let me know if you "
+    "need anything else, such as a longer summary or the details"
+)
+TOKENS = [(" " if i else "") + w for i, w in enumerate(REPLY_TEXT.split())][:40]
+
+
+def openai_stream() -> str:
+    """OpenAI's chunk layout (2025): compact JSON, service_tier, system_fingerprint, logprobs,
+    "usage": null on every chunk (the request asked for usage), a per-chunk "obfuscation" pad
+    of varying length, a role chunk, text chunks, a finish chunk, a usage chunk, [DONE]."""
+    pads = "Zq3xQ kP9 aB7cD1eF 4g Hh2jK8LmN0 pQ r5StU6v wX7yZ"
+    common = {
+        "id": "chatcmpl-CB1nzHhVb8V4FnuQ3DJP6Ztgb7yUz",
+        "object": "chat.completion.chunk",
+        "created": 1756215412,
+        "model": "gpt-4o-mini-2024-07-18",
+        "service_tier": "default",
+        "system_fingerprint": "fp_560af6e559",
+    }
+
+    def chunk(n: int, choices: list[dict[str, Any]], usage: Any = None) -> str:
+        pad = pads.split(" ")[n % 8]
+        body = {**common, "choices": choices, "usage": usage, "obfuscation": pad}
+        return "data: " + json.dumps(body, separators=(",", ":"), ensure_ascii=False) + "\n\n"
+
+    def choice(delta: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
+        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+
+    events = [chunk(0, choice({"role": "assistant", "content": "", "refusal": None}))]
+    events += [chunk(i + 1, choice({"content": t})) for i, t in enumerate(TOKENS)]
+    events.append(chunk(41, choice({}, "stop")))
+    usage = {
+        "prompt_tokens": 98,
+        "completion_tokens": 40,
+        "total_tokens": 138,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+    events.append(chunk(42, [], usage))
+    return "".join(events) + "data: [DONE]\n\n"
+
+
+def anthropic_stream() -> str:
+    """Anthropic's Messages event stream for the same answer, event: lines included."""
+
+    def event(name: str, body: dict[str, Any]) -> str:
+        return f"event: {name}\ndata: " + json.dumps(body, separators=(",", ":"), ensure_ascii=False) + "\n\n"
+
+    message = {
+        "id": "msg_01XFDUDYJgAACzvnptvVoYEL",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-5-20250929",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": 98,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+            "output_tokens": 1,
+            "service_tier": "standard",
+        },
+    }
+    events = [event("message_start", {"type": "message_start", "message": message})]
+    events.append(
+        event(
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        )
+    )
+    events.append(event("ping", {"type": "ping"}))
+    for t in TOKENS:
+        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}}
+        events.append(event("content_block_delta", delta))
+    events.append(event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    events.append(
+        event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 40},
+            },
+        )
+    )
+    events.append(event("message_stop", {"type": "message_stop"}))
+    return "".join(events)
+
+
 JSON_REPLY = json.dumps(
     {
         "id": "chatcmpl-bench",
@@ -122,26 +224,36 @@ JSON_REPLY = json.dumps(
 )
 
 
-def nginx(tmp: Path, json_port: int, sse_port: int) -> Proc:
-    """Fixed replies as static files; POST to a static file is a 405 that error_page turns into 200."""
-    for name, text in (("json", JSON_REPLY), ("sse", sse_reply())):
-        path = tmp / name / "v1" / "chat"
-        path.mkdir(parents=True)
-        (path / "completions").write_text(text)
+REPLIES = {"json": JSON_REPLY, "sse": sse_reply(), "openai": openai_stream(), "anthropic": anthropic_stream()}
+
+
+def nginx(tmp: Path, ports: dict[str, int]) -> Proc:
+    """Fixed replies as static files, one server per reply, each at both routes' paths; POST to
+    a static file is a 405 that error_page turns into 200."""
+    servers = []
+    for name, port in ports.items():
+        (tmp / name / "v1" / "chat").mkdir(parents=True)
+        (tmp / name / "v1" / "chat" / "completions").write_text(REPLIES[name])
+        (tmp / name / "v1" / "messages").write_text(REPLIES[name])
+        kind = "application/json" if name == "json" else "text/event-stream"
+        servers.append(
+            f"  server {{ listen 127.0.0.1:{port}; root {tmp}/{name}; default_type {kind}; error_page 405 =200 $uri; }}"
+        )
     conf = tmp / "nginx.conf"
     conf.write_text(f"""
 daemon off; worker_processes 1; pid {tmp}/nginx.pid; error_log {tmp}/nginx-error.log; user root;
 events {{ worker_connections 4096; }}
 http {{
   access_log off; client_body_temp_path {tmp}; keepalive_requests 1000000;
-  server {{ listen 127.0.0.1:{json_port}; root {tmp}/json; default_type application/json; error_page 405 =200 $uri; }}
-  server {{ listen 127.0.0.1:{sse_port}; root {tmp}/sse; default_type text/event-stream; error_page 405 =200 $uri; }}
+{chr(10).join(servers)}
 }}
 """)
     return Proc(["nginx", "-c", str(conf), "-p", str(tmp)], LOAD_CPU)
 
 
-def wrk(tmp: Path, url: str, body: dict[str, Any], seconds: int) -> dict[str, float]:
+def wrk(
+    tmp: Path, url: str, body: dict[str, Any], seconds: int, path: str = "/v1/chat/completions"
+) -> dict[str, float]:
     script = tmp / "post.lua"
     lua = (
         'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
@@ -165,7 +277,7 @@ def wrk(tmp: Path, url: str, body: dict[str, Any], seconds: int) -> dict[str, fl
             "--latency",
             "-s",
             str(script),
-            url + "/v1/chat/completions",
+            url + path,
         ],
         capture_output=True,
         text=True,
@@ -190,18 +302,20 @@ def wrk(tmp: Path, url: str, body: dict[str, Any], seconds: int) -> dict[str, fl
     }
 
 
-def measure_wrk(tmp: Path, targets: list[tuple[Proc, int]], body: dict[str, Any]) -> list[dict[str, float]]:
+def measure_wrk(
+    tmp: Path, targets: list[tuple[Proc, int]], body: dict[str, Any], path: str = "/v1/chat/completions"
+) -> list[dict[str, float]]:
     """Each target measured ROUNDS times, interleaved (a, b, a, b, ...), so a machine that
     speeds up or slows down during the run shifts both sides alike. Requests, time and CPU
     are summed over the rounds; latency percentiles are the median round's."""
     for _, port in targets:
-        wrk(tmp, f"http://127.0.0.1:{port}", body, 2)  # warm-up: pools, caches, lazy imports
+        wrk(tmp, f"http://127.0.0.1:{port}", body, 2, path)  # warm-up: pools, caches, lazy imports
     rounds: list[list[dict[str, float]]] = [[] for _ in targets]
     seconds = max(2, DURATION // ROUNDS)
     for _ in range(ROUNDS):
         for (proc, port), results in zip(targets, rounds, strict=True):
             cpu_before = proc.cpu_seconds()
-            result = wrk(tmp, f"http://127.0.0.1:{port}", body, seconds)
+            result = wrk(tmp, f"http://127.0.0.1:{port}", body, seconds, path)
             result["cpu"] = proc.cpu_seconds() - cpu_before
             results.append(result)
     combined = []
@@ -244,6 +358,7 @@ def gateway_settings(upstream_url: str, port: int) -> dict[str, str]:
     return {
         "LISTEN_ADDR": f"127.0.0.1:{port}",
         "OPENAI_BASE_URL": upstream_url,
+        "ANTHROPIC_BASE_URL": upstream_url,
         "OPENAI_API_KEY": "sk-bench",
         "RPS": "1000000",
         "BURST": "1000000",
@@ -287,9 +402,11 @@ def paced_through(proc: Proc, port: int) -> tuple[dict[str, float], float]:
 
 def run() -> list[dict[str, Any]]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
-    json_port, sse_port, paced_port, redis_port, otlp_port = (free_port() for _ in range(5))
+    json_port, sse_port, openai_port, anthropic_port, paced_port, redis_port, otlp_port = (
+        free_port() for _ in range(7)
+    )
     helpers = [
-        nginx(tmp, json_port, sse_port),
+        nginx(tmp, {"json": json_port, "sse": sse_port, "openai": openai_port, "anthropic": anthropic_port}),
         Proc(["node", str(ROOT / "bench" / "paced_upstream.js")], LOAD_CPU, {"PORT": str(paced_port)}),
         Proc(
             ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -299,14 +416,16 @@ def run() -> list[dict[str, Any]]:
     ]
     rows: list[dict[str, Any]] = []
     try:
-        for port in (json_port, sse_port, paced_port, redis_port, otlp_port):
+        for port in (json_port, sse_port, openai_port, anthropic_port, paced_port, redis_port, otlp_port):
             wait_port(port)
 
-        def wrk_pair(name: str, upstream: int, body: dict[str, Any], **env: str) -> None:
+        def wrk_pair(
+            name: str, upstream: int, body: dict[str, Any], path: str = "/v1/chat/completions", **env: str
+        ) -> None:
             relay, relay_port = bare(upstream)
             gw, gw_port = gateway(upstream, **env)
             try:
-                baseline, measured = measure_wrk(tmp, [(relay, relay_port), (gw, gw_port)], body)
+                baseline, measured = measure_wrk(tmp, [(relay, relay_port), (gw, gw_port)], body, path)
             finally:
                 relay.stop()
                 gw.stop()
@@ -325,6 +444,10 @@ def run() -> list[dict[str, Any]]:
             wrk_pair("non-stream, a new prompt every request", json_port, UNIQUE_BODY)
         if "stream" in ONLY:
             wrk_pair("stream (40 events), memory store", sse_port, STREAM_BODY)
+        if "openai" in ONLY:
+            wrk_pair("stream, OpenAI's real chunk layout (43 events)", openai_port, STREAM_BODY)
+        if "anthropic" in ONLY:
+            wrk_pair("stream, Anthropic messages (46 events)", anthropic_port, MESSAGES_BODY, "/v1/messages")
         if "unredacted" in ONLY:  # for reference, not a target: what streaming redaction costs
             wrk_pair("stream (40 events), redaction off (reference)", sse_port, STREAM_BODY, REDACT_KINDS="")
         if "redis" in ONLY:

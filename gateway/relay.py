@@ -52,6 +52,8 @@ def side_may_match(data: bytes) -> bool:
             return True
         at = mapped.find(_ELEVEN, end)
     return False
+
+
 MAX_STREAMS = 256  # text streams per reply; past that (a hostile upstream), texts are redacted whole
 
 
@@ -60,8 +62,10 @@ class StreamRelay:
 
     __slots__ = (
         "_first",
+        "_last_plan",
         "_on_redaction",
         "_parser",
+        "_plans",
         "_redactor",
         "_streams",
         "_surface",
@@ -83,6 +87,8 @@ class StreamRelay:
         self._parser = sse.SSEParser(max_event_bytes) if max_event_bytes else sse.SSEParser()
         self._streams: dict[Path, StreamRedactor] = {}  # one per text field and indices, in order of arrival
         self._first: dict[str, Any] | None = None  # what a flush event copies from the first event
+        self._plans: dict[tuple[bytes, ...], Plan] = {}  # the fast path's, by event shape
+        self._last_plan: Plan | None = None
         self.usage: Usage | None = None
         self.response_model: str | None = None
         self.done = False
@@ -94,7 +100,18 @@ class StreamRelay:
             return b""
         if self._redactor is None:
             return self._unredacted(blocks)
-        return b"".join([self._event(event) for event in sse.parse_blocks(blocks)])
+        out: list[bytes] = []
+        for block in blocks.split(b"\n\n")[:-1]:  # whole events, each ended by a blank line
+            if not block:
+                continue  # a run of blank lines
+            raw = block + b"\n\n"
+            if self._plans and raw.find(b"\\") < 0:  # the fast path: an event of a shape seen before
+                written = self._templated(raw)
+                if written is not None:
+                    out.append(written)
+                    continue
+            out += [self._event(event) for event in sse.parse_blocks(raw)]
+        return b"".join(out)
 
     def close(self) -> bytes:
         """The upstream ended: a last event without its blank line, then held text."""
@@ -145,9 +162,12 @@ class StreamRelay:
         if data == surface.done_data:
             self.done = True
             return self.finish() + event.raw
+        pieces = _shape_of(event.raw)
         chunk = _loads_object(data)
         if chunk is None:
             return self._unreadable(event)
+        if pieces is not None and len(self._plans) < MAX_PLANS and _dumps(chunk) == data:
+            return self._learn(event, chunk, pieces)
         if self._first is None:
             self._first = surface.template(chunk)
         self._note(chunk)
@@ -166,6 +186,93 @@ class StreamRelay:
             for path, text in self._take_held(into):
                 put(chunk, path, text)
         return out + _with_data(event, _dumps(chunk), self._whole)
+
+    def _learn(self, event: sse.Event, chunk: dict[str, Any], pieces: list[bytes]) -> bytes:
+        """The exact path for an event whose bytes are what it parses to, noting how it went:
+        when the event is a plain one (nothing flushed, no usage, not the end, nothing PII
+        could be made of outside its volatile strings), events of its shape take the fast
+        path from now on."""
+        fed: list[tuple[Path, Leaf, str, str]] = []
+
+        def leaf(path: Path, described: Leaf, text: str) -> str:
+            now = self._leaf(path, described, text)
+            fed.append((path, described, text, now))
+            return now
+
+        surface = self._surface
+        if self._first is None:
+            self._first = surface.template(chunk)
+        plain = surface.usage(chunk, None) is None and surface.flush_before(chunk) is None
+        self._note(chunk)
+        plain = plain and not self.done
+        before = surface.flush_before(chunk)
+        out = self._flushed(before) if before is not None else b""
+        root = surface.root(chunk)
+        data = event.data
+        assert data is not None
+        scrub = root is None or self._side_may_match(data)
+        try:
+            walk(chunk, surface.spec if root is not None else None, root or (), scrub, leaf, self._whole)
+        except RecursionError:
+            return out + self._unreadable(event)
+        into = surface.flush_into(chunk)
+        if into is not None:
+            plain = False
+            for path, text in self._take_held(into):
+                put(chunk, path, text)
+        written = _with_data(event, _dumps(chunk), self._whole)
+        if plain and root is not None and _with_data(event, data, self._whole) == event.raw:
+            plan = _plan_of(pieces, fed)
+            outputs = {str(path[-1]).encode(): now for path, _, _, now in fed}
+            if plan is not None and _templated_output(pieces, outputs, plan) == written:
+                self._plans[_shape_key(pieces)] = (plan, _segments(pieces))
+        return out + written
+
+    def _templated(self, raw: bytes) -> bytes | None:
+        """The fast path, for an event without escapes: if it is built like an event learned
+        before (see `_learn`) but for its volatile strings, those are read from its bytes and
+        fed to their streams. None (nothing changed yet): it takes the exact path."""
+        plan = self._matching_plan(raw)
+        if plan is None:
+            return None
+        steps, segments, values = plan
+        texts: list[str] = []
+        for step, value in zip(steps, values, strict=True):
+            try:
+                text = value.decode()
+            except UnicodeDecodeError:
+                return None
+            if not text.isprintable():
+                return None  # a raw control character is not JSON: the exact path says what happens
+            if step is None and side_may_match(value):  # a side value must hold nothing PII is made of
+                return None
+            texts.append(text)
+        changed = False
+        for i, step in enumerate(steps):
+            if step is not None:
+                text = texts[i]
+                now = self._leaf(step[0], step[1], text)
+                if now != text:
+                    values[i] = orjson.dumps(now)[1:-1]
+                    changed = True
+        if not changed:
+            return raw
+        return b"".join([part for pair in zip(segments, values, strict=False) for part in pair] + [segments[-1]])
+
+    def _matching_plan(self, raw: bytes) -> tuple[tuple[Step, ...], list[bytes], list[bytes]] | None:
+        """The learned plan this event is built like (the last one used first), with its volatile
+        values: the bytes between the learned segments, each up to the next quote."""
+        last = self._last_plan
+        if last is not None:
+            values = _values_between(raw, last[1])
+            if values is not None:
+                return last[0], last[1], values
+        for steps, segments in self._plans.values():
+            values = _values_between(raw, segments)
+            if values is not None:
+                self._last_plan = (steps, segments)
+                return steps, segments, values
+        return None
 
     def _side_may_match(self, data: bytes) -> bool:
         return side_may_match(data)
@@ -201,6 +308,103 @@ class StreamRelay:
         model = chunk.get("model")
         if type(model) is str:
             self.response_model = model
+
+
+# The fast path. An event's volatile strings: the described texts, and side values that change
+# from event to event (OpenAI's "obfuscation" pad). Without escapes in an event, a string is
+# what lies between two quotes, so splitting its bytes around these strings leaves its
+# "shape": events of one shape parse alike but for these strings.
+_VOLATILE = re.compile(rb'"(content|refusal|arguments|text|partial_json|thinking|signature|obfuscation)":"([^"\\]*)"')
+MAX_PLANS = 16  # shapes remembered per stream (a role chunk, text chunks, a tool call's...)
+Step = tuple[Path, Leaf] | None  # a volatile string's: the stream it feeds, or None (a side value)
+Plan = tuple[tuple[Step, ...], list[bytes]]  # the steps, and the bytes between the volatile values
+
+
+def _shape_of(raw: bytes) -> list[bytes] | None:
+    """[outside, key, value, outside, key, value, ..., outside], or None when the event has an
+    escape (then a quote may hide inside a string, and bytes say nothing of structure)."""
+    if raw.find(b"\\") >= 0:
+        return None
+    return _VOLATILE.split(raw)
+
+
+def _shape_key(pieces: list[bytes]) -> tuple[bytes, ...]:
+    return (*pieces[0::3], *pieces[1::3])
+
+
+def _values_between(raw: bytes, segments: list[bytes]) -> list[bytes] | None:
+    """The values of `raw` if it is `segments` with a quote-free value between each two, else
+    None. (Without escapes, a string's value ends at the next quote.)"""
+    if not raw.startswith(segments[0]):
+        return None
+    values: list[bytes] = []
+    at = len(segments[0])
+    for segment in segments[1:]:
+        end = raw.find(b'"', at)
+        if end < 0 or not raw.startswith(segment, end):
+            return None
+        values.append(raw[at:end])
+        at = end + len(segment)
+    return values if at == len(raw) else None
+
+
+def _segments(pieces: list[bytes]) -> list[bytes]:
+    """The bytes between the volatile values of an event of this shape (quotes and keys included)."""
+    outside, keys = pieces[0::3], pieces[1::3]
+    segments = [outside[0] + b'"' + keys[0] + b'":"'] if keys else [outside[0]]
+    segments += [b'"' + outside[i] + b'"' + keys[i] + b'":"' for i in range(1, len(keys))]
+    if keys:
+        segments.append(b'"' + outside[-1])
+    return segments
+
+
+def _joined(pieces: list[bytes]) -> bytes:
+    out = [pieces[0]]
+    for i in range(1, len(pieces), 3):
+        out += (b'"', pieces[i], b'":"', pieces[i + 1], b'"', pieces[i + 2])
+    return b"".join(out)
+
+
+def _plan_of(pieces: list[bytes], fed: list[tuple[Path, Leaf, str, str]]) -> tuple[Step, ...] | None:
+    """Which stream each volatile string feeds (matched by key, each fed key once), or None
+    for a side value, which must hold nothing PII could be made of; None: no plan."""
+    keys = pieces[1::3]
+    by_key: dict[bytes, tuple[Path, Leaf, str]] = {}
+    for path, leaf, text, _ in fed:
+        key = str(path[-1]).encode()
+        if key in by_key or keys.count(key) != 1:
+            return None
+        by_key[key] = (path, leaf, text)
+    if len(by_key) != len(fed):
+        return None
+    plan: list[Step] = []
+    for key, value in zip(keys, pieces[2::3], strict=True):
+        fed_here = by_key.get(key)
+        if fed_here is None:
+            if side_may_match(value):
+                return None
+            plan.append(None)
+        else:
+            path, leaf, text = fed_here
+            if text.encode() != value:
+                return None
+            plan.append((path, leaf))
+    outside = b"".join(pieces[0::3])
+    if outside.find(b"@") >= 0 or side_may_match(outside):
+        return None  # something outside could be PII (the exact path scrubs then)
+    return tuple(plan)
+
+
+def _templated_output(pieces: list[bytes], outputs: dict[bytes, str], plan: tuple[Step, ...]) -> bytes:
+    """What the fast path writes for an event when its streams give out `outputs` (by key):
+    the learning-time check that the plan is exact."""
+    out = list(pieces)
+    for i, step in enumerate(plan):
+        if step is not None:
+            now = outputs[pieces[3 * i + 1]]
+            if now.encode() != out[3 * i + 2]:
+                out[3 * i + 2] = orjson.dumps(now)[1:-1]
+    return _joined(out)
 
 
 LeafText = Callable[[Path, Leaf, str], str]

@@ -265,9 +265,81 @@ def test_an_event_nested_past_the_stack_is_redacted_as_text() -> None:
 
 
 @settings(max_examples=2000, deadline=None)
-@given(st.text(alphabet=st.sampled_from("0123456789ABZaz -.()+@\"{}:,é"), max_size=80))
+@given(st.text(alphabet=st.sampled_from('0123456789ABZaz -.()+@"{}:,é'), max_size=80))
 def test_the_side_check_finds_every_run_the_run_pattern_finds(text: str) -> None:
     from gateway.relay import _RUN_IN_BYTES, side_may_match
 
     data = text.encode()
     assert side_may_match(data) == (b"@" in data or _RUN_IN_BYTES.search(data) is not None)
+
+
+class _ExactOnly(StreamRelay):
+    __slots__ = ()
+
+    def _templated(self, raw: bytes) -> bytes | None:
+        return None  # every event parsed
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "400")), deadline=None)
+@given(fuzz_stream(), st.booleans())
+def test_the_fast_path_equals_the_exact_path(case: tuple[list[str], bool, list[bytes]], messages: bool) -> None:
+    # Events of a shape seen before have their volatile strings read from their bytes; the
+    # result is byte for byte what parsing every event gives, on chat and Anthropic streams.
+    _, _, reads = case
+    if messages:  # the same texts as Anthropic events
+        from gateway.surfaces import MESSAGES
+
+        texts = [
+            t
+            for e in sse.SSEParser().feed(b"".join(reads))
+            if e.data and e.data != sse.DONE
+            for t in [_text_of(e.data)]
+            if t is not None
+        ]
+        wire = (
+            b"".join(
+                b"event: content_block_delta\ndata: "
+                + json.dumps(
+                    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}},
+                    separators=(",", ":"),
+                    ensure_ascii=False,
+                ).encode()
+                + b"\n\n"
+                for t in texts
+            )
+            + b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+        )
+        fast, exact = StreamRelay(REDACTOR, None, MESSAGES), _ExactOnly(REDACTOR, None, MESSAGES)
+        assert fast.feed(wire) + fast.close() == exact.feed(wire) + exact.close()
+        return
+    fast, exact = StreamRelay(REDACTOR, None), _ExactOnly(REDACTOR, None)
+    assert (
+        b"".join(fast.feed(r) for r in reads) + fast.close() == b"".join(exact.feed(r) for r in reads) + exact.close()
+    )
+
+
+def _text_of(data: bytes) -> str | None:
+    try:
+        chunk = json.loads(data)
+        text = chunk["choices"][0]["delta"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
+        return None
+    return text if isinstance(text, str) else None
+
+
+def test_events_of_one_shape_take_the_fast_path() -> None:
+    # The fast path is taken (a relay that refuses it writes the same bytes, checked above).
+    seen: list[bytes] = []
+
+    class Counting(StreamRelay):
+        __slots__ = ()
+
+        def _templated(self, raw: bytes) -> bytes | None:
+            out = super()._templated(raw)
+            if out is not None:
+                seen.append(raw)
+            return out
+
+    relay = Counting(REDACTOR, None)
+    relay.feed(b"".join(delta_chunk({"content": f" word{i}"}, obfuscation="x" * (i % 5 + 1)) for i in range(10)))
+    assert len(seen) >= 8
