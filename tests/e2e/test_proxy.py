@@ -168,6 +168,27 @@ def test_a_slow_stream_after_its_first_event_is_not_cut(start_gateway: GatewayFa
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "a b c d"
 
 
+async def test_a_stream_silent_for_stream_idle_secs_is_cut_with_an_error_event(
+    start_gateway: GatewayFactory, mock: Mock
+) -> None:
+    # SPEC §5: after the first chunk, an upstream silent STREAM_IDLE_SECS is cut (the socket
+    # and the concurrency slot are freed), the client told so in the stream.
+    gateway = start_gateway(STREAM_IDLE_SECS="0.5", MAX_CONCURRENCY="1")
+    started = time.monotonic()
+    status, _, body = await post(
+        gateway,
+        {"model": "m", "messages": MESSAGES, "stream": True},
+        **{"x-stainless-mock-chunk-delay-ms": "3000", "x-stainless-mock-reply": "a b"},
+    )
+    assert status == 200 and time.monotonic() - started < 2.5
+    events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
+    error = json.loads(events[-1])["error"]
+    assert error["message"] == "upstream idle timeout" and error["code"] == "upstream_idle_timeout"
+    # the slot is free again: the only one there is
+    reply = client(gateway).chat.completions.create(model="m", messages=MESSAGES)
+    assert reply.choices[0].message.content
+
+
 @pytest.mark.parametrize(
     ("upstream", "expected"), [(400, 400), (429, 429), (500, 500), (503, 503), (401, 502), (403, 502)]
 )
