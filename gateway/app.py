@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from . import keys
+from .budgets import TokenBudget
 from .config import Settings
 from .lifecycle import Lifecycle
 from .limits import Quota, TokenBucket
@@ -29,12 +30,13 @@ from .middlewares import (
     rendered_errors,
     shedding,
     tenancy,
+    token_budget,
     wrong_method,
 )
 from .proxy import Proxy
 from .redact import build_redactor
 from .shedding import Shedder
-from .stores import store_from_url
+from .stores import StoreGuard, store_from_url
 from .surfaces import CHAT_API, MESSAGES_API, Api
 from .telemetry import Metrics, RequestLog, Telemetry
 from .tenancy import Tenancy
@@ -47,6 +49,7 @@ SERVER_OPTIONS: Mapping[str, object] = MappingProxyType({"auto_decompress": Fals
 
 # Routes that go through SPEC §4's admission; every other route is let through by its steps.
 ADMITTED_ROUTES = frozenset({CHAT_API.name, MESSAGES_API.name})
+TOKEN_APIS = (CHAT_API, MESSAGES_API)  # the routes that produce tokens: budgeted (SPEC §14)
 _ANTHROPIC_SHAPED = frozenset({MESSAGES_API.name})  # the gateway's own errors as Anthropic's (SPEC §11)
 _UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -66,13 +69,16 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         settings.upstream_messages_url, settings.anthropic_api_key, settings.timeout_secs, anthropic=True
     )
     lifecycle = Lifecycle(settings.shutdown_grace_secs, settings.notify_socket)
-    quotas = Quota(
+    # One guard for every policy over the store: an outage is noticed, and backed off, once.
+    guard = StoreGuard(settings.quota_fail_mode == "open", lambda: telemetry.metrics.cb_event("store_error"))
+    quotas = Quota(store, settings.default_quota, settings.tenant_quotas, settings.quota_window_secs, guard=guard)
+    budget = TokenBudget(
         store,
-        settings.default_quota,
-        settings.tenant_quotas,
-        settings.quota_window_secs,
-        fail_open=settings.quota_fail_mode == "open",
-        on_store_error=lambda: telemetry.metrics.cb_event("store_error"),
+        settings.token_quota,
+        settings.tenant_token_quotas,
+        settings.token_window_secs,
+        settings.token_reserve_default,
+        guard,
     )
     redactor = build_redactor(settings.redact_kinds)
 
@@ -117,8 +123,10 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     # who is calling (a bad key is refused before anything else); the body, read and checked
     # once, so a malformed request costs no token or quota and a refused one still names its
     # model; how fast; how many at once (the slot held until the handler returns: for a
-    # stream, its last byte); how many this window (a store round trip, so last). Disabled
-    # steps are left out.
+    # stream, its last byte); how many this window (a store round trip, so last); how many
+    # tokens (SPEC §14: after the request quota, so a request refused for tokens has counted
+    # as a request; innermost, so it sees how the handler ended and settles from there).
+    # Disabled steps are left out.
     chain: list[Middleware] = [
         observed(MappingProxyType(plans), telemetry, RequestIds()),  # ids made per worker (after the fork)
         rendered_errors(MappingProxyType(plans)),
@@ -131,6 +139,8 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     if settings.max_concurrency:
         chain.append(shedding(Shedder(settings.max_concurrency), telemetry))
     chain.append(quota(quotas, telemetry))
+    if budget.enabled:
+        chain.append(token_budget(budget, MappingProxyType({api.name: api for api in TOKEN_APIS}), telemetry))
 
     app = web.Application(middlewares=chain, client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings

@@ -28,6 +28,8 @@ REDACT_KIND_NAMES = ("email", "card", "phone", "iban", "ssn")
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_KEY_BYTES = 256  # SPEC §4: a longer presented key gets 401, so a longer listed key could never match
 MASK = "***"
+MAX_TOKEN_QUOTA = 10**15  # token budgets stay exact in the store's arithmetic (stores.MAX_TOKENS)
+MAX_WINDOW_SECS = 366 * 24 * 3600  # a window in ms stays a small integer for the store
 # OTEL_* variables the gateway reads itself; every other one is the OpenTelemetry SDK's own.
 _GATEWAY_OTEL = frozenset({"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME"})
 # Query parameters known to carry no secret; every other query value is masked when printed.
@@ -65,6 +67,10 @@ class Settings:
     quota_window_secs: int = 60
     tenant_quotas: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     quota_fail_mode: Literal["open", "closed"] = "open"
+    token_quota: int = 0  # tokens per tenant per token window; 0: no budget (SPEC §14)
+    token_window_secs: int = 60
+    tenant_token_quotas: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    token_reserve_default: int = 1024  # reserved for the completion of a request with no max-tokens field
     store_timeout_secs: float = 0.25
     timeout_secs: float = 60.0
     stream_idle_secs: float = 300.0  # after the first upstream chunk, silence this long ends a stream
@@ -132,6 +138,13 @@ class Settings:
             ("QUOTA_WINDOW_SECS", str(s.quota_window_secs)),
             ("TENANT_QUOTAS", ",".join(f"{s._tenant_shown(name)}={limit}" for name, limit in s.tenant_quotas.items())),
             ("QUOTA_FAIL_MODE", s.quota_fail_mode),
+            ("TOKEN_QUOTA", str(s.token_quota)),
+            ("TOKEN_WINDOW_SECS", str(s.token_window_secs)),
+            (
+                "TENANT_TOKEN_QUOTAS",
+                ",".join(f"{s._tenant_shown(name)}={limit}" for name, limit in s.tenant_token_quotas.items()),
+            ),
+            ("TOKEN_RESERVE_DEFAULT", str(s.token_reserve_default)),
             ("STORE_TIMEOUT_MS", _number(round(s.store_timeout_secs * 1000, 3))),
             ("TENANT_KEYS", ",".join(f"{name}={MASK}" for name in s.inline_key_digests.values())),
             ("TENANT_KEYS_FILE", s.tenant_keys_file or ""),
@@ -296,6 +309,20 @@ def _parse_tenant_quotas(value: str) -> Mapping[str, int]:
         name, sep, limit = item.partition("=")
         if not sep or not name.strip() or not limit.strip().isdigit():
             raise EnvError(f"expected tenant=limit pairs like tenantA=5,tenantB=8, got {item!r}")
+        quotas[name.strip()] = int(limit)
+    return MappingProxyType(quotas)
+
+
+def _parse_tenant_token_quotas(value: str) -> Mapping[str, int]:
+    """`acme=100000,beta=5000`. An entry is named by its number, never quoted: in open mode a
+    tenant is the key its clients present."""
+    quotas: dict[str, int] = {}
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    for number, item in enumerate(items, start=1):
+        name, sep, limit = item.partition("=")
+        limit = limit.strip()
+        if not sep or not name.strip() or not re.fullmatch(r"[0-9]{1,16}", limit) or int(limit) > MAX_TOKEN_QUOTA:
+            raise EnvError(f"entry {number}: expected tenant=tokens (0 to 10^15), e.g. acme=100000,beta=5000")
         quotas[name.strip()] = int(limit)
     return MappingProxyType(quotas)
 
@@ -473,6 +500,7 @@ def _read(env: Env, otel_in_file: list[str]) -> Settings:
     redis_url = r.custom("REDIS_URL", _parse_redis_url, None)
     no_quotas: Mapping[str, int] = MappingProxyType({})
     tenant_quotas = r.custom("TENANT_QUOTAS", _parse_tenant_quotas, no_quotas)
+    tenant_token_quotas = r.custom("TENANT_TOKEN_QUOTAS", _parse_tenant_token_quotas, no_quotas)
     no_proxies: tuple[IpNetwork, ...] = ()
     trusted = r.custom("TRUSTED_PROXIES", _parse_trusted_proxies, no_proxies)
     otlp = r.custom("OTEL_EXPORTER_OTLP_ENDPOINT", _parse_otlp_url, None)
@@ -505,6 +533,9 @@ def _read(env: Env, otel_in_file: list[str]) -> Settings:
         default_quota=env.int("DEFAULT_QUOTA", 120, validate=non_negative),
         quota_window_secs=env.int("QUOTA_WINDOW_SECS", 60, validate=positive),
         quota_fail_mode=env.str("QUOTA_FAIL_MODE", "open", validate=OneOf(["open", "closed"])),
+        token_quota=env.int("TOKEN_QUOTA", 0, validate=Range(min=0, max=MAX_TOKEN_QUOTA)),
+        token_window_secs=env.int("TOKEN_WINDOW_SECS", 60, validate=Range(min=1, max=MAX_WINDOW_SECS)),
+        token_reserve_default=env.int("TOKEN_RESERVE_DEFAULT", 1024, validate=Range(min=0, max=MAX_TOKEN_QUOTA)),
         timeout_secs=env.float("TIMEOUT_SECS", 60.0, validate=above_zero),
         stream_idle_secs=env.float("STREAM_IDLE_SECS", 300.0, validate=above_zero),
         max_concurrency=env.int("MAX_CONCURRENCY", 0, validate=non_negative),
@@ -537,6 +568,7 @@ def _read(env: Env, otel_in_file: list[str]) -> Settings:
         openai_project=project,
         redis_url=redis_url,
         tenant_quotas=tenant_quotas,
+        tenant_token_quotas=tenant_token_quotas,
         trusted_proxies=trusted,
         otlp_endpoint=otlp,
         redact_kinds=redact_kinds,

@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from . import bodies
+from .budgets import TokenBudget, spent
 from .errors import (
     BadRequest,
     GatewayError,
@@ -40,6 +41,7 @@ from .lifecycle import Lifecycle
 from .limits import Quota, TokenBucket, format_reset, retry_headers
 from .models import RequestState
 from .shedding import Shedder
+from .surfaces import Api
 from .telemetry import Telemetry
 from .tenancy import Tenancy, client_ip, presented_key
 
@@ -275,6 +277,48 @@ def quota(quotas: Quota, telemetry: Telemetry) -> Middleware:
     return count
 
 
+def token_budget(budget: TokenBudget, apis: Mapping[str, Api], telemetry: Telemetry) -> Middleware:
+    """How many tokens this window (SPEC §14): the request's estimate held before the handler,
+    settled after it returns (for a stream, after its last byte) to what the reply used. On
+    the routes that produce tokens (`apis`, by route name), for tenants with a budget."""
+    metrics = telemetry.metrics
+
+    @web.middleware
+    async def hold_tokens(request: web.Request, handler: Handler) -> web.StreamResponse:
+        state = request.get(ADMITTED)
+        api = apis.get(request.match_info.route.name or "") if state is not None else None
+        if state is None or api is None:
+            return await handler(request)
+        tenant, payload = state.tenant, state.payload
+        assert tenant is not None and payload is not None, "the tenancy and body middlewares run first"
+        if not budget.limit_for(tenant.name):
+            return await handler(request)
+        decision = await budget.reserve(tenant.name, tenant.public_id, budget.estimate(api, payload))
+        if decision is None:  # the store is down, fail-open: admitted, nothing held
+            return await handler(request)
+        state.tokens = decision
+        if not decision.allowed:
+            metrics.quota_blocked("tokens")
+            raise QuotaExceeded(
+                f"token quota exceeded (limit={decision.limit})",
+                headers=retry_headers(decision.reset_after_ms),
+                code="token_quota_exceeded",
+            )
+        status: int | None = None
+        failed = False
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except Exception:  # not CancelledError: a client that left may have been generated for
+            failed = True
+            raise
+        finally:
+            await budget.settle(decision, spent(state.usage, failed, status))
+
+    return hold_tokens
+
+
 async def not_found(request: web.Request) -> web.StreamResponse:
     raise NotFound()
 
@@ -330,3 +374,8 @@ async def add_gateway_headers(request: web.Request, response: web.StreamResponse
         headers["x-ratelimit-limit-requests"] = str(decision.limit)
         headers["x-ratelimit-remaining-requests"] = str(decision.remaining)
         headers["x-ratelimit-reset-requests"] = format_reset(decision.reset_after_ms)
+    tokens = state.tokens
+    if tokens is not None:
+        headers["x-ratelimit-limit-tokens"] = str(tokens.limit)
+        headers["x-ratelimit-remaining-tokens"] = str(tokens.remaining)
+        headers["x-ratelimit-reset-tokens"] = format_reset(tokens.reset_after_ms)

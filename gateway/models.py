@@ -27,6 +27,19 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenDecision:
+    """A token-budget verdict (SPEC §14) and, when admitted, the reservation to settle."""
+
+    allowed: bool
+    limit: int
+    remaining: int  # what is left after this request's reservation (refused: before it)
+    reset_after_ms: int
+    reserved: int  # tokens held for this request (0 when refused)
+    key: str  # the store's key and the window the tokens are held in: a settle names both
+    window: str
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -39,6 +52,7 @@ class RequestState:
     request_id: str
     tenant: Tenant | None = None
     decision: Decision | None = None
+    tokens: TokenDecision | None = None  # the token budget's verdict and reservation
     model: str | None = None
     stream: bool = False
     upstream_ttfb: float | None = None  # seconds

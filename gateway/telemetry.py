@@ -23,6 +23,7 @@ from .tracing import Tracing
 CHAT_ROUTE = "/v1/chat/completions"
 # LLM latencies run from milliseconds (errors, cache hits) to minutes (long generations).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
+QUOTA_BLOCK_REASONS = ("exceeded", "tokens")  # the request quota, the token budget (SPEC §14)
 CB_EVENTS = ("timeout", "load_shed", "store_error", "upstream_error", "client_disconnect")
 OTHER = "other"
 LOG_MODEL_MAX = 256
@@ -138,7 +139,8 @@ class Metrics:
         self.model_label = BoundedLabels(model_label_limit)
         # Every family shows from the start, at zero.
         self.inflight.add((), 0)
-        self.quota_blocks.add(("exceeded",), 0)
+        for reason in QUOTA_BLOCK_REASONS:
+            self.quota_blocks.add((reason,), 0)
         self.ratelimit_blocks.add((), 0)
         for event in CB_EVENTS:
             self.cb_events.add((event,), 0)
@@ -164,8 +166,9 @@ class Metrics:
     def cb_event(self, event: str) -> None:
         self.cb_events.add((event,))
 
-    def quota_blocked(self) -> None:
-        self.quota_blocks.add(("exceeded",))
+    def quota_blocked(self, reason: str = "exceeded") -> None:
+        """A request refused by its tenant's quota: `exceeded` (requests) or `tokens`."""
+        self.quota_blocks.add((reason,))
 
     def rate_limited(self) -> None:
         self.ratelimit_blocks.add(())

@@ -50,6 +50,10 @@ ALL_VARS = [
     "STREAM_IDLE_SECS",
     "ANTHROPIC_BASE_URL",
     "ANTHROPIC_API_KEY",
+    "TOKEN_QUOTA",
+    "TOKEN_WINDOW_SECS",
+    "TENANT_TOKEN_QUOTAS",
+    "TOKEN_RESERVE_DEFAULT",
 ]
 # What --check-config prints: every variable an operator sets (NOTIFY_SOCKET is systemd's).
 PRINTED = [name for name in ALL_VARS if name != "NOTIFY_SOCKET"]
@@ -103,6 +107,44 @@ def test_every_bad_variable_is_reported_at_once(monkeypatch: pytest.MonkeyPatch)
         load_settings()
     names = [line.split(":")[0] for line in caught.value.lines]
     assert names == ["OPENAI_BASE_URL", "QUOTA_FAIL_MODE", "RPS", "TENANT_QUOTAS"]
+
+
+def test_token_budget_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings()
+    assert (s.token_quota, s.token_window_secs, s.token_reserve_default) == (0, 60, 1024)
+    assert dict(s.tenant_token_quotas) == {}
+    monkeypatch.setenv("TOKEN_QUOTA", "50000")
+    monkeypatch.setenv("TOKEN_WINDOW_SECS", "30")
+    monkeypatch.setenv("TENANT_TOKEN_QUOTAS", " acme = 100000, beta=0 ,")
+    monkeypatch.setenv("TOKEN_RESERVE_DEFAULT", "0")
+    s = load_settings()
+    assert (s.token_quota, s.token_window_secs, s.token_reserve_default) == (50000, 30, 0)
+    assert dict(s.tenant_token_quotas) == {"acme": 100000, "beta": 0}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("TOKEN_QUOTA", "-1"),
+        ("TOKEN_QUOTA", "1e6"),
+        ("TOKEN_QUOTA", str(10**15 + 1)),  # past what the store's arithmetic keeps exact
+        ("TOKEN_WINDOW_SECS", "0"),
+        ("TOKEN_RESERVE_DEFAULT", "many"),
+        ("TENANT_TOKEN_QUOTAS", "sk-open-mode-S3CRET=five"),
+        ("TENANT_TOKEN_QUOTAS", "sk-open-mode-S3CRET=²"),  # a digit to str.isdigit, not to int()
+        ("TENANT_TOKEN_QUOTAS", "sk-open-mode-S3CRET=" + "9" * 17),
+        ("TENANT_TOKEN_QUOTAS", "=5"),
+        ("TENANT_TOKEN_QUOTAS", "sk-open-mode-S3CRET"),
+    ],
+)
+def test_bad_token_budget_values_are_one_line_that_never_echoes_a_tenant(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert [line.split(":")[0] for line in caught.value.lines] == [name]
+    assert "S3CRET" not in str(caught.value)  # in open mode a tenant is its clients' key
 
 
 def test_tenant_keys_are_kept_hashed_and_never_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -203,6 +245,7 @@ def test_check_config_prints_every_variable_and_no_secret(tmp_path: Path, with_a
         "TENANT_KEYS": "acme=sk-acme-S3CRETb,beta=sk-beta-S3CRETc",
         "TENANT_KEYS_FILE": str(keys_file),
         "TENANT_QUOTAS": "acme=5,file-tenant=7",
+        "TENANT_TOKEN_QUOTAS": "acme=1000",
         "WORKERS": "2",
         "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer bearer-S3CRETd,x-api-key=hdr-S3CRETe,tok-S3CRETg",
         "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod",
@@ -222,6 +265,7 @@ def test_check_config_prints_every_variable_and_no_secret(tmp_path: Path, with_a
     assert printed["OTEL_EXPORTER_OTLP_ENDPOINT"] == "https://***@collector.example:4318"
     assert printed["TENANT_KEYS"] == "acme=***,beta=***"
     assert printed["TENANT_QUOTAS"] == "acme=5,file-tenant=7"  # keyed mode: names, not keys
+    assert printed["TENANT_TOKEN_QUOTAS"] == "acme=1000"
     assert printed["TENANT_KEYS_FILE"] == str(keys_file)
     assert printed["HASH_SECRET"] == "***"
     assert printed["OTEL_EXPORTER_OTLP_HEADERS"] == "authorization=***,x-api-key=***,***"
@@ -245,6 +289,7 @@ def test_check_config_shows_values_as_an_operator_writes_them() -> None:
             BURST="3",
             TRUSTED_PROXIES="127.0.0.1,10.0.0.0/8",
             TENANT_QUOTAS="tenantA=5,tenantB=8",
+            TENANT_TOKEN_QUOTAS="tenantA=900",
             REDACT_KINDS="",
             TIMEOUT_SECS="1.5",
             STREAM_IDLE_SECS="45",
@@ -258,6 +303,9 @@ def test_check_config_shows_values_as_an_operator_writes_them() -> None:
     assert (printed["RPS"], printed["BURST"], printed["TIMEOUT_SECS"]) == ("2.5", "3", "1.5")
     assert printed["TRUSTED_PROXIES"] == "127.0.0.1/32,10.0.0.0/8"
     assert printed["TENANT_QUOTAS"] == "***=5,***=8"  # open mode: these names are the keys clients send
+    assert printed["TENANT_TOKEN_QUOTAS"] == "***=900"
+    token_settings = ("TOKEN_QUOTA", "TOKEN_WINDOW_SECS", "TOKEN_RESERVE_DEFAULT")
+    assert [printed[name] for name in token_settings] == ["0", "60", "1024"]
     assert printed["REDACT_KINDS"] == ""  # off, as written
     assert (printed["STREAM_IDLE_SECS"], printed["STORE_TIMEOUT_MS"]) == ("45", "400")
     assert (printed["OPENAI_ORGANIZATION"], printed["OPENAI_PROJECT"]) == ("org-abc", "proj_def")
@@ -273,6 +321,9 @@ def test_printed_values_read_back_give_the_same_settings(monkeypatch: pytest.Mon
         "RPS": "0.25",
         "TRUSTED_PROXIES": "::1,10.1.0.0/16",
         "TENANT_QUOTAS": "a=1,b=2",
+        "TOKEN_QUOTA": "5000",
+        "TOKEN_WINDOW_SECS": "90",
+        "TOKEN_RESERVE_DEFAULT": "256",
         "REDACT_KINDS": "card,email",
         "STORE_TIMEOUT_MS": "125",
         "OPENAI_ORGANIZATION": "org-1",

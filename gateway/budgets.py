@@ -1,0 +1,120 @@
+"""Token budgets per tenant (SPEC §14): what a request is estimated to cost, its reservation
+in the store before it goes upstream, and what that reservation settles to afterwards.
+
+Reserve and settle are each one atomic store step (stores/), so with several processes on
+one store a window's budget is overrun only by requests in flight, each by what its usage
+exceeds its estimate. A reservation nobody settles (a crashed process) ends with its window.
+Decisions are values; middlewares.py turns them into 429s and headers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from .errors import BadRequest, StoreUnavailable
+from .models import TokenDecision, Usage
+from .stores import MAX_TOKENS, QuotaStore, StoreGuard
+
+if TYPE_CHECKING:
+    from .surfaces import Api
+
+# The request's bound on its completion, by the names the APIs give it: the first present.
+MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# Routes whose replies are no completion (embeddings): their texts alone are reserved.
+NO_COMPLETION = frozenset({"embeddings"})
+
+
+def estimate(texts: Iterable[str], payload: Mapping[str, Any], reserve_default: int, completion: bool = True) -> int:
+    """The characters of `texts`, summed, / 4 rounded up (once), plus the completion's bound:
+    the request's max-tokens field, or `reserve_default` without a usable one."""
+    tokens = -(-sum(map(len, texts)) // 4)
+    return tokens + completion_bound(payload, reserve_default) if completion else tokens
+
+
+def completion_bound(payload: Mapping[str, Any], reserve_default: int) -> int:
+    for name in MAX_TOKENS_FIELDS:
+        value = payload.get(name)
+        if value is None:  # absent, or null as some clients send "not set"
+            continue
+        # Anything but a count (a string, -1, 1.5, true) the upstream refuses, which releases
+        # the reservation: the default is held until then.
+        return value if type(value) is int and value >= 0 else reserve_default
+    return reserve_default
+
+
+def spent(usage: Usage | None, failed: bool, status: int | None) -> int | None:
+    """What a reservation settles to: the reply's usage when it is known; nothing (0) when no
+    reply came (the handler raised: the upstream unreachable or timed out, or the request
+    never sent) or the upstream answered with an error (it charges none); None — the
+    estimate stands — otherwise (no usage reported, or the client left before the end)."""
+    if usage is not None:
+        return usage.prompt_tokens + usage.completion_tokens
+    if failed or (status is not None and status >= 400):
+        return 0
+    return None
+
+
+class TokenBudget:
+    """Tokens per tenant per fixed window over a `QuotaStore` (the tenant's window is the
+    hash `tokens:{<public id>}`: one key, so one hash slot on a cluster). A limit of 0, the
+    default's or a tenant's, means no budget for that tenant."""
+
+    __slots__ = ("_default", "_guard", "_overrides", "_reserve_default", "_store", "_window_ms")
+
+    def __init__(
+        self,
+        store: QuotaStore,
+        default_limit: int,
+        overrides: Mapping[str, int],
+        window_secs: int,
+        reserve_default: int,
+        guard: StoreGuard,
+    ) -> None:
+        self._store = store
+        self._default = default_limit
+        self._overrides = overrides
+        self._window_ms = window_secs * 1000
+        self._reserve_default = reserve_default
+        self._guard = guard
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any tenant has a budget (TENANT_TOKEN_QUOTAS counts when TOKEN_QUOTA is 0)."""
+        return self._default > 0 or any(limit > 0 for limit in self._overrides.values())
+
+    def limit_for(self, tenant: str) -> int:
+        return self._overrides.get(tenant, self._default)
+
+    def estimate(self, api: Api, payload: dict[str, Any]) -> int:
+        try:
+            texts = [holder[key] for holder, key, _ in api.request_texts(payload)]
+        except RecursionError:
+            raise BadRequest("request body is nested too deeply") from None
+        return estimate(texts, payload, self._reserve_default, api.name not in NO_COMPLETION)
+
+    async def reserve(self, tenant: str, public_id: str, amount: int) -> TokenDecision | None:
+        """Hold `amount` tokens of the tenant's window if they fit (the tenant must have a
+        budget); None when the store is down and the mode is fail-open (nothing is held)."""
+        limit = self.limit_for(tenant)
+        # More than the limit can never be held: what the store is sent stays small.
+        amount = min(amount, limit + 1)
+        store, key, window_ms = self._store, "tokens:{" + public_id + "}", self._window_ms
+        held = await self._guard.call(lambda: store.reserve(key, amount, limit, window_ms))
+        if held is None:
+            return None
+        allowed, total, reset_after_ms, window = held
+        return TokenDecision(
+            allowed, limit, max(0, limit - total), reset_after_ms, amount if allowed else 0, key, window
+        )
+
+    async def settle(self, decision: TokenDecision, used: int | None) -> None:
+        """Replace the reservation with `used` tokens (None: the estimate stands). A store
+        failure leaves the reservation to end with its window (the guard counts it)."""
+        if used is None or not decision.allowed or used == decision.reserved:
+            return
+        store, used = self._store, min(used, MAX_TOKENS)
+        # Fail-closed raises: the request is answered already, and over-counting is the safe side.
+        with contextlib.suppress(StoreUnavailable):
+            await self._guard.call(lambda: store.settle(decision.key, decision.window, decision.reserved, used))
