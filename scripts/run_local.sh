@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 MOCK_PORT="${MOCK_PORT:-4000}"
 
-answers() { (echo > "/dev/tcp/$1/$2") 2>/dev/null; }
+# A connect that succeeds within a second (an address that is not ours could hang for minutes).
+answers() { timeout 1 bash -c 'echo > "/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null; }
 
 # The effective configuration, as the gateway will read it (.env under the environment): a bad
 # value stops here with the gateway's own one-line message, before anything is started.
