@@ -33,7 +33,7 @@ from .memo import RedactionMemo
 from .models import RequestState
 from .redact import YIELD_ABOVE_CHARS, Redactor, redact_yielding
 from .relay import StreamRelay, dumps_reply, loads_reply, redact_reply
-from .surfaces import CHAT_API, Api
+from .surfaces import CHAT_API, Api, ask_stream_usage
 from .telemetry import Telemetry
 from .upstream import Upstream, UpstreamReply
 
@@ -82,6 +82,7 @@ class Proxy:
         self._api.check_request(payload, self._redactor is not None)
         state.model = payload["model"]
         state.stream = payload.get("stream") is True
+        hidden_usage = state.stream and self._api.asks_stream_usage and ask_stream_usage(payload)
         if self._redactor is not None:
             await self._redact_request(payload, state)
         # What the gateway read goes upstream, not the client's bytes: a repeated key (two
@@ -91,12 +92,11 @@ class Proxy:
         task = self._lifecycle.enter()
         try:
             if tracing is None or state.span is None:
-                return await self._relay(
-                    request, state, body, self._upstream.headers_for(request.headers, request_id=state.request_id)
-                )
+                headers = self._upstream.headers_for(request.headers, request_id=state.request_id)
+                return await self._relay(request, state, body, headers, hidden_usage)
             with tracing.client_span(state.span, state.model, self._api.system) as trace_headers:
                 headers = self._upstream.headers_for(request.headers, trace_headers, request_id=state.request_id)
-                return await self._relay(request, state, body, headers)
+                return await self._relay(request, state, body, headers, hidden_usage)
         finally:
             self._lifecycle.leave(task)
 
@@ -134,10 +134,11 @@ class Proxy:
         return changed
 
     async def _relay(
-        self, request: web.Request, state: RequestState, body: bytes, headers: dict[str, str]
+        self, request: web.Request, state: RequestState, body: bytes, headers: dict[str, str], hidden_usage: bool
     ) -> web.StreamResponse:
+        """`hidden_usage`: the usage chunk was asked for by the gateway, not the client: not relayed."""
         if state.stream:
-            return await self._relay_stream(request, state, body, headers)
+            return await self._relay_stream(request, state, body, headers, hidden_usage)
         return await self._relay_json(state, body, headers)
 
     async def _relay_json(self, state: RequestState, body: bytes, headers: dict[str, str]) -> web.Response:
@@ -206,10 +207,10 @@ class Proxy:
         return web.Response(body=data, status=reply.status, content_type="application/json")
 
     async def _relay_stream(
-        self, request: web.Request, state: RequestState, body: bytes, headers: dict[str, str]
+        self, request: web.Request, state: RequestState, body: bytes, headers: dict[str, str], hidden_usage: bool
     ) -> web.StreamResponse:
         started = time.perf_counter()
-        relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface)
+        relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface, hide_usage=hidden_usage)
         reply: UpstreamReply | None = None
         whole: bytes | None = None
         try:

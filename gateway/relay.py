@@ -62,6 +62,7 @@ class StreamRelay:
 
     __slots__ = (
         "_first",
+        "_hide_usage",
         "_last_plan",
         "_on_redaction",
         "_parser",
@@ -80,10 +81,13 @@ class StreamRelay:
         on_redaction: OnRedaction | None,
         surface: Surface = CHAT,
         max_event_bytes: int = 0,
+        *,
+        hide_usage: bool = False,
     ) -> None:
         self._redactor = redactor
         self._on_redaction = on_redaction
         self._surface = surface
+        self._hide_usage = hide_usage  # a chunk with only usage, asked for by the gateway: noted, not relayed
         self._parser = sse.SSEParser(max_event_bytes) if max_event_bytes else sse.SSEParser()
         self._streams: dict[Path, StreamRedactor] = {}  # one per text field and indices, in order of arrival
         self._first: dict[str, Any] | None = None  # what a flush event copies from the first event
@@ -139,7 +143,9 @@ class StreamRelay:
         return held
 
     def _unredacted(self, blocks: bytes) -> bytes:
-        """Redaction off: the events go out as received; only usage and the end are looked for."""
+        """Redaction off: the events go out as received; only usage and the end are looked for
+        (and a usage chunk the client did not ask for is left out)."""
+        hidden: list[bytes] = []
         for event in sse.parse_blocks(blocks):
             data = event.data
             if data is None:
@@ -150,6 +156,11 @@ class StreamRelay:
                 chunk = _loads_object(data)
                 if chunk is not None:
                     self._note(chunk)
+                    if self._hide_usage and self._surface.usage_only(chunk):
+                        hidden.append(event.raw)
+        if hidden:
+            kept = [event.raw for event in sse.parse_blocks(blocks) if event.raw not in hidden]
+            return b"".join(kept)
         return blocks
 
     def _event(self, event: sse.Event) -> bytes:
@@ -166,6 +177,9 @@ class StreamRelay:
         chunk = _loads_object(data)
         if chunk is None:
             return self._unreadable(event)
+        if self._hide_usage and surface.usage_only(chunk):
+            self._note(chunk)
+            return self.finish()  # the usage the gateway asked for is its own; held text still goes
         if pieces is not None and len(self._plans) < MAX_PLANS and _dumps(chunk) == data:
             return self._learn(event, chunk, pieces)
         if self._first is None:

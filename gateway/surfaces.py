@@ -93,6 +93,10 @@ class Surface:
         """What a flush event copies from the stream's first event."""
         return {}
 
+    def usage_only(self, event: dict[str, Any]) -> bool:
+        """An event that carries only usage (the one a gateway's own usage request adds)."""
+        return False
+
 
 def put(root: dict[str, Any], path: Path, text: str) -> None:
     """Append `text` to the string at `path`, creating what is missing on the way (an int
@@ -158,6 +162,9 @@ class ChatSurface(Surface):
 
     def usage(self, event: dict[str, Any], before: Usage | None) -> Usage | None:
         return chat_usage(event) or before
+
+    def usage_only(self, event: dict[str, Any]) -> bool:
+        return event.get("choices") == [] and type(event.get("usage")) is dict
 
 
 def chat_usage(body: dict[str, Any]) -> Usage | None:
@@ -335,6 +342,7 @@ class Api:
     reply_usage: Callable[[dict[str, Any]], Usage | None]
     anthropic_errors: bool = False  # the gateway's own errors in Anthropic's shape (SPEC §11)
     system: str = "openai"  # gen_ai.system on the upstream call's span
+    asks_stream_usage: bool = False  # streams get stream_options.include_usage upstream (SPEC §14)
 
 
 def check_chat_request(payload: dict[str, Any], redacting: bool) -> None:
@@ -349,7 +357,19 @@ def check_messages_request(payload: dict[str, Any], redacting: bool) -> None:
         raise BadRequest("'messages' is required and must be an array", code="missing_messages")
 
 
-CHAT_API = Api("chat", "/v1/chat/completions", CHAT, check_chat_request, chat_request_texts, chat_usage)
+CHAT_API = Api(
+    "chat", "/v1/chat/completions", CHAT, check_chat_request, chat_request_texts, chat_usage, asks_stream_usage=True
+)
+
+
+def ask_stream_usage(payload: dict[str, Any]) -> bool:
+    """Have the upstream report usage at the stream's end (OpenAI's stream_options); True when
+    the client had not asked for it, so the usage chunk is its own and not relayed."""
+    options = payload.get("stream_options")
+    if type(options) is dict and options.get("include_usage") is True:
+        return False
+    payload["stream_options"] = {**(options if type(options) is dict else {}), "include_usage": True}
+    return True
 MESSAGES_API = Api(
     "messages",
     "/v1/messages",

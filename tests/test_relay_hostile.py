@@ -343,3 +343,15 @@ def test_events_of_one_shape_take_the_fast_path() -> None:
     relay = Counting(REDACTOR, None)
     relay.feed(b"".join(delta_chunk({"content": f" word{i}"}, obfuscation="x" * (i % 5 + 1)) for i in range(10)))
     assert len(seen) >= 8
+
+
+def test_a_usage_chunk_the_gateway_asked_for_is_noted_not_relayed() -> None:
+    usage = event({"id": "c1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+    wire = delta_chunk({"content": "Hi. "}) + delta_chunk({}, finish="stop") + usage + DONE
+    for redactor in (REDACTOR, None):
+        hidden = StreamRelay(redactor, None, hide_usage=True)
+        out = hidden.feed(wire)
+        assert b'"usage":{' not in out and out.endswith(DONE)
+        assert hidden.usage is not None and hidden.usage.prompt_tokens == 3
+        shown = StreamRelay(redactor, None)
+        assert b'"usage":{' in shown.feed(wire)

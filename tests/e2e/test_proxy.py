@@ -168,6 +168,21 @@ def test_a_slow_stream_after_its_first_event_is_not_cut(start_gateway: GatewayFa
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "a b c d"
 
 
+def test_usage_is_asked_for_upstream_and_relayed_only_when_the_client_asked(
+    shared_gateway: Gateway, mock: Mock
+) -> None:
+    # SPEC §14: the gateway asks every stream for usage (tokens_total, budgets); the usage
+    # chunk reaches the client only if it asked for it itself.
+    sdk = client(shared_gateway, **{"x-stainless-mock-reply": "one two"})
+    plain = list(sdk.chat.completions.create(model="m", messages=MESSAGES, stream=True))
+    assert all(chunk.usage is None for chunk in plain) and all(chunk.choices for chunk in plain)
+    assert mock.requests()[-1]["body"]["stream_options"] == {"include_usage": True}
+    asked = list(
+        sdk.chat.completions.create(model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True})
+    )
+    assert asked[-1].usage is not None and asked[-1].usage.prompt_tokens == 9 and not asked[-1].choices
+
+
 async def test_a_stream_silent_for_stream_idle_secs_is_cut_with_an_error_event(
     start_gateway: GatewayFactory, mock: Mock
 ) -> None:
