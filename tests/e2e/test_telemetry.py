@@ -115,7 +115,8 @@ async def test_every_metric_after_a_mix_of_outcomes(start_gateway: GatewayFactor
     assert s[f'request_duration_seconds_bucket{{le="0.5",{ROUTE[1:-1]}}}'] <= 11
     assert s['upstream_ttfb_seconds_bucket{le="+Inf"}'] == 8
     assert s["upstream_ttfb_seconds_sum"] > 0
-    assert s['tokens_total{kind="prompt",model="gpt-4o-mini"}'] == 9 * 3  # the 3 non-stream 200s report usage
+    # the 3 non-stream 200s and the 3 streams (the gateway asks every stream for usage) report it
+    assert s['tokens_total{kind="prompt",model="gpt-4o-mini"}'] == 9 * 6
     assert "redactions_total" in gateway.metrics()
 
 
