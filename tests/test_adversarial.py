@@ -1,0 +1,967 @@
+"""Adversarial review of the gateway (issues 15-17), in process: the app from create_app(settings)
+in front of a hostile upstream of our own on loopback (real HTTP both ways).
+
+Each test asserts what a user of the gateway would notice: no PII in clear past it (either
+way), JSON that stays JSON, an error that is the gateway's own (never a 500 for someone
+else's bad input, never a second response inside a stream), a gateway that keeps serving.
+A test marked xfail(strict=True) is a defect found by this review: it fails today, and its
+reason names the SPEC clause; the rest are defences that held, kept as regression tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDictProxy
+
+from gateway import keys, sse
+from gateway.app import SERVER_OPTIONS, create_app
+from gateway.config import Settings
+from gateway.redact import ALL_KINDS, Redactor, build_redactor
+from gateway.relay import StreamRelay
+from gateway.surfaces import MESSAGES
+
+_BUILT = build_redactor(ALL_KINDS)
+assert _BUILT is not None
+REDACTOR: Redactor = _BUILT
+CHAT = "/v1/chat/completions"
+MESSAGES_PATH = "/v1/messages"
+UPSTREAM_KEY = "sk-upstream-secret"
+ANTHROPIC_KEY = "sk-ant-upstream-secret"
+EMAIL = "jane.doe@example.com"
+PROMPT = [{"role": "user", "content": "hi"}]
+AiohttpClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+AiohttpServer = Callable[..., Awaitable[TestServer]]
+Answer = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# --- a hostile upstream: answers whatever the test scripts, records what it was sent ---------
+
+
+@dataclass
+class Seen:
+    path: str
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+@dataclass
+class Hostile:
+    url: str = ""
+    seen: list[Seen] = field(default_factory=list)
+    answer: Answer | None = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(Seen(request.path, request.headers, await request.read()))
+        if self.answer is None:
+            return web.json_response(chat_reply("pong"))
+        return await self.answer(request)
+
+    def sent(self) -> dict[str, Any]:
+        """The JSON body of the last request the upstream got."""
+        return dict(json.loads(self.seen[-1].body))
+
+
+def chat_reply(content: object, **message: object) -> dict[str, Any]:
+    return {
+        "id": "c1",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content, **message}}],
+    }
+
+
+def json_answer(body: object, status: int = 200) -> Answer:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=data, status=status, content_type="application/json")
+
+    return answer
+
+
+def events_answer(*reads: bytes, stall: asyncio.Event | None = None) -> Answer:
+    """An event stream written read by read; with `stall`, it then goes silent until set."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for read in reads:
+            await response.write(read)
+        if stall is not None:
+            await stall.wait()
+        await response.write_eof()
+        return response
+
+    return answer
+
+
+def ev(body: object) -> bytes:
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None, index: object = 0) -> bytes:
+    return ev(
+        {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
+        }
+    )
+
+
+def anthropic_ev(body: dict[str, Any]) -> bytes:
+    return f"event: {body['type']}\n".encode() + ev(body)
+
+
+DONE = b"data: [DONE]\n\n"
+ANTHROPIC_START = anthropic_ev(
+    {
+        "type": "message_start",
+        "message": {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "content": [],
+            "model": "claude",
+            "usage": {"input_tokens": 3, "output_tokens": 1},
+        },
+    }
+)
+ANTHROPIC_END = anthropic_ev(
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 5}}
+) + anthropic_ev({"type": "message_stop"})
+
+
+def events_of(wire: bytes) -> list[sse.Event]:
+    parser = sse.SSEParser()
+    return parser.feed(wire) + parser.close()
+
+
+def json_events(wire: bytes) -> list[dict[str, Any]]:
+    out = []
+    for event in events_of(wire):
+        if event.data is not None and event.data != sse.DONE:
+            try:
+                out.append(json.loads(event.data))
+            except (ValueError, RecursionError):
+                continue
+    return out
+
+
+def delta_text(wire: bytes, *path: str) -> str:
+    """The concatenation of choices[].delta.<path> over a chat stream."""
+    pieces = []
+    for body in json_events(wire):
+        for choice in body.get("choices") or ():
+            node: Any = choice.get("delta") or {}
+            for step in path:
+                node = node.get(step) if isinstance(node, dict) else None
+            if isinstance(node, str):
+                pieces.append(node)
+    return "".join(pieces)
+
+
+def decoded(wire: bytes) -> str:
+    """The wire, and every event's JSON decoded (an escape must not hide a value either)."""
+    text = wire.decode("utf-8", "replace")
+    for body in json_events(wire):
+        text += "\n" + json.dumps(body, ensure_ascii=False)
+    return text
+
+
+# --- the gateway, in process, in front of the hostile upstream -------------------------------
+
+
+@dataclass
+class Gateway:
+    app: web.Application
+    client: TestClient[web.Request, web.Application]
+    log: io.BytesIO
+
+    async def chat(self, body: dict[str, Any], **headers: str) -> tuple[int, bytes]:
+        return await self.post(CHAT, {"model": "m", "messages": PROMPT, **body}, **headers)
+
+    async def messages(self, body: dict[str, Any], **headers: str) -> tuple[int, bytes]:
+        return await self.post(
+            MESSAGES_PATH, {"model": "claude", "max_tokens": 10, "messages": PROMPT, **body}, **headers
+        )
+
+    async def post(self, path: str, body: object, **headers: str) -> tuple[int, bytes]:
+        headers.setdefault("X-Api-Key", "demo")
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        async with self.client.post(path, data=data, headers={"Content-Type": "application/json", **headers}) as r:
+            return r.status, await r.read()
+
+    async def healthy(self) -> bool:
+        async with self.client.get("/healthz") as r:
+            return r.status == 200 and await r.text() == "ok"
+
+
+@pytest.fixture
+async def hostile(aiohttp_server: AiohttpServer) -> Hostile:
+    upstream = Hostile()
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("POST", "/{path:.*}", upstream.handle)
+    server = await aiohttp_server(app)
+    upstream.url = str(server.make_url("")).rstrip("/")
+    return upstream
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+def start(aiohttp_client: AiohttpClient, make_settings: Callable[..., Settings], hostile: Hostile) -> GatewayFactory:
+    async def start(**env: str) -> Gateway:
+        defaults = {
+            "OPENAI_BASE_URL": hostile.url,
+            "OPENAI_API_KEY": UPSTREAM_KEY,
+            "ANTHROPIC_BASE_URL": hostile.url,
+            "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
+            "RPS": "0",
+            "DEFAULT_QUOTA": "100000",
+        }
+        log = io.BytesIO()
+        app = create_app(make_settings(**(defaults | env)), log_stream=log)
+        server = TestServer(app)
+        await server.start_server(**SERVER_OPTIONS)  # type: ignore[arg-type]  # as server.py passes them
+        return Gateway(app, await aiohttp_client(server), log)
+
+    return start
+
+
+@pytest.fixture
+async def gateway(start: GatewayFactory) -> AsyncIterator[Gateway]:
+    yield await start()
+
+
+# --- 1. Redaction misses: PII next to other digits (SPEC §6 "Detected: ... Luhn-valid cards") --
+
+# A candidate that fails its check (Luhn, digit count) is skipped whole: the search goes on
+# after its end, so a real card or phone inside it, or right after it, is never tried again.
+SWALLOWED = [
+    ("card 4242 4242 4242 4242 123", "4242 4242 4242 4242", "a card and its CVV"),
+    ("4111 1111 1111 1111 737 exp 12/27", "4111 1111 1111 1111", "a test card, CVV and expiry"),
+    ("4242 4242 4242 4242 12 27", "4242 4242 4242 4242", "a card and its expiry month and year"),
+    ("+1 415 555 2671 4242 4242 4242 4242", "4242 4242 4242 4242", "a phone, then a card"),
+    ("+44 20 7946 0958 4242 4242 4242 4242", "7946 0958", "a UK phone, then a card"),
+    ("+1 415 555 2671 415 555 2672", "555 2671", "two phones"),
+    ("4242 4242 4242 4242 415 555 2671", "4242 4242 4242 4242", "a card, then a phone"),
+]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §6: Luhn-valid cards and phones are detected; a rejected longer candidate "
+    "(redact.py Redactor._matches: pos = best.end() after a failed check) swallows them",
+)
+@pytest.mark.parametrize(("text", "clear"), [c[:2] for c in SWALLOWED], ids=[c[2] for c in SWALLOWED])
+def test_pii_next_to_more_digits_is_still_masked(text: str, clear: str) -> None:
+    assert clear not in REDACTOR.redact(text)
+
+
+LONG_EMAILS = [
+    "jane@mail.engineering.department.example-corp.com",  # 33 characters before the last dot
+    "jane@example.photography",  # an 11-letter TLD (IANA has them up to 24)
+    "christopher.alexander.montgomery1@example.com",  # a 33-character local part (RFC 5321: 64)
+]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §6: email addresses are detected; redact.py _EMAIL caps the local part at 32, "
+    "the domain before its last dot at 31 and the TLD at 10 characters, and a longer one is not masked at all",
+)
+@pytest.mark.parametrize("address", LONG_EMAILS)
+def test_real_addresses_with_long_parts_are_masked(address: str) -> None:
+    assert address not in REDACTOR.redact(f"write to {address} today")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §6: a card or phone grouped with no-break spaces (U+00A0, as word processors "
+    "and French formatting write them) is not masked: redact.py's classes know only ' ' and '-'",
+)
+@pytest.mark.parametrize("text", ["4242\u00a04242\u00a04242\u00a04242", "+1\u00a0415\u00a0555\u00a02671"])
+def test_pii_grouped_with_no_break_spaces_is_masked(text: str) -> None:
+    out = REDACTOR.redact(f"pay with {text} now")
+    assert "4242\u00a04242" not in out and "415\u00a0555" not in out
+
+
+HELD = [
+    ("4242 4242 4242 4242", "CC_MASKED_LAST4_4242"),
+    ("card 4242-4242-4242-4242, thanks", "card CC_MASKED_LAST4_4242, thanks"),
+    ("amex 3782 822463 10005.", "amex CC_MASKED_LAST4_0005."),
+    ("card 4242 4242 4242 4242 cvv 123", "card CC_MASKED_LAST4_4242 cvv 123"),
+    ("5555 5555 5555 4444 2027", "CC_MASKED_LAST4_4444 2027"),
+    ("Tel: +1 415 555 2671 Card: 4242 4242 4242 4242", "Tel: PHONE_MASKED_LAST2_71 Card: CC_MASKED_LAST4_4242"),
+    ("(415) 555-2671 or +44 7911 123456", "PHONE_MASKED_LAST2_71 or PHONE_MASKED_LAST2_56"),
+    ("JANE.DOE@EXAMPLE.COM", "J***E@EXAMPLE.COM"),
+    ("mailto:jane+tag@example.co.uk.", "mailto:j***g@example.co.uk."),
+    ("SSN: 219-09-9999", "SSN: SSN_MASKED"),
+    ("GB82 WEST 1234 5698 7654 32", "IBAN_MASKED_LAST4_5432"),
+    # Look-alikes pass unchanged.
+    ("order 123456789012 on 2024-01-15T10:20:30Z, v3.11.7, $1,234.56", None),
+    ("uuid 550e8400-e29b-41d4-a716-446655440000 and 4242 4242 4242 4241", None),
+]
+
+
+@pytest.mark.parametrize(("text", "masked"), HELD, ids=[t[:24] for t, _ in HELD])
+def test_what_is_masked_and_what_passes(text: str, masked: str | None) -> None:
+    assert REDACTOR.redact(text) == (masked if masked is not None else text)
+
+
+@pytest.mark.xfail(strict=True, reason="SPEC §6 through the gateway: a card followed by its CVV reaches the upstream")
+async def test_a_card_with_its_cvv_never_reaches_the_upstream(gateway: Gateway, hostile: Hostile) -> None:
+    status, _ = await gateway.chat({"messages": [{"role": "user", "content": "pay 4242 4242 4242 4242 123 now"}]})
+    assert status == 200
+    assert "4242 4242 4242 4242" not in hostile.seen[-1].body.decode()
+
+
+# --- 2. Request texts the upstream must not see (SPEC §6, §11) --------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §6 (request: refusal, tool-call arguments): an assistant message's legacy "
+    "function_call.arguments and a content part of type 'refusal' reach the upstream unredacted "
+    "(surfaces.py chat_request_texts knows neither)",
+)
+@pytest.mark.parametrize(
+    "message",
+    [
+        {
+            "role": "assistant",
+            "content": None,
+            "function_call": {"name": "mail", "arguments": json.dumps({"to": EMAIL})},
+        },
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": f"I will not write to {EMAIL}"}]},
+    ],
+    ids=["function_call", "refusal_part"],
+)
+async def test_every_message_text_is_redacted_before_the_upstream(
+    gateway: Gateway, hostile: Hostile, message: dict[str, Any]
+) -> None:
+    status, _ = await gateway.chat({"messages": [{"role": "user", "content": "hi"}, message]})
+    assert status == 200
+    assert EMAIL not in hostile.seen[-1].body.decode()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §11 (tool_use input is redacted like chat's tool-call arguments, whose JSON "
+    "keys are): an address used as a key of tool_use.input reaches the upstream; "
+    "surfaces.py _strings_in yields values only",
+)
+async def test_anthropic_tool_use_input_keys_are_redacted_before_the_upstream(
+    gateway: Gateway, hostile: Hostile
+) -> None:
+    hostile.answer = json_answer({"type": "message", "role": "assistant", "content": []})
+    block = {"type": "tool_use", "id": "toolu_1", "name": "invite", "input": {"guests": {EMAIL: "Jane"}}}
+    status, _ = await gateway.messages({"messages": [{"role": "assistant", "content": [block]}]})
+    assert status == 200
+    assert EMAIL not in hostile.seen[-1].body.decode()
+
+
+async def test_request_texts_in_every_listed_place_are_redacted(gateway: Gateway, hostile: Hostile) -> None:
+    messages = [
+        {"role": "system", "content": f"user {EMAIL}"},
+        {"role": "user", "content": [{"type": "text", "text": "card 4242 4242 4242 4242"}]},
+        {
+            "role": "assistant",
+            "refusal": "no +1 415 555 2671",
+            "content": None,
+            "tool_calls": [
+                {"id": "t", "type": "function", "function": {"name": "f", "arguments": '{"n": 4242424242424242}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "t", "content": f"sent to {EMAIL}"},
+    ]
+    status, _ = await gateway.chat({"messages": messages})
+    assert status == 200
+    sent = hostile.sent()
+    text = json.dumps(sent)
+    for value in (EMAIL, "4242 4242 4242 4242", "4242424242424242", "415 555 2671"):
+        assert value not in text
+    assert json.loads(sent["messages"][2]["tool_calls"][0]["function"]["arguments"]) == {"n": "CC_MASKED_LAST4_4242"}
+
+
+# --- 3. Hostile request bodies: the gateway's own 4xx, never a 500 ----------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §9 / issue 15 #10 (bad input is a clear error, never a crash): a body nested 255+ "
+    "deep parses (orjson reads 1024 levels) but proxy.py Proxy.handle's orjson.dumps(payload) "
+    "refuses past 254: 500 internal_error with a traceback, after the quota was spent",
+)
+@pytest.mark.parametrize("path", [CHAT, MESSAGES_PATH])
+async def test_a_deeply_nested_request_field_is_not_a_500(gateway: Gateway, path: str) -> None:
+    deep: object = "x"
+    for _ in range(300):
+        deep = [deep]
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "metadata": deep}
+    status, data = await gateway.post(path, body)
+    assert status < 500, data
+    assert await gateway.healthy()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[]",
+        b'{"model": 5, "messages": []}',
+        b'{"model": "m", "messages": "hi"}',
+        b'{"model": "m", "messages": [], "model": ["x"]}',
+        b'{"model": "m", "messages": [5, null, {"content": {"a": 1}}, {"content": [5, {"type": "text", "text": 7}]}]}',
+        b'{"model":"m","messages":[{"role":"user","content":"\\ud800 lone"}]}',
+        b"\xff\xfe{}",
+        b'{"model": "m", "messages": [' + b"[" * 2000 + b"]" * 2000 + b"]}",
+    ],
+    ids=["array", "model-int", "messages-str", "repeated-model", "odd-types", "lone-surrogate", "not-utf8", "too-deep"],
+)
+async def test_malformed_bodies_get_a_clear_4xx_or_a_relay(gateway: Gateway, body: bytes) -> None:
+    status, data = await gateway.post(CHAT, body)
+    assert status < 500, data
+    if status >= 400:
+        assert set(json.loads(data)["error"]) == {"message", "type", "code"}
+    assert await gateway.healthy()
+
+
+async def test_a_repeated_key_means_the_same_thing_upstream(gateway: Gateway, hostile: Hostile) -> None:
+    body = (
+        b'{"model":"m","messages":[{"role":"user","content":"'
+        + EMAIL.encode()
+        + b'"}],"messages":[{"role":"user","content":"hi"}]}'
+    )
+    status, _ = await gateway.post(CHAT, body)
+    assert status == 200
+    assert hostile.sent()["messages"] == [{"role": "user", "content": "hi"}]
+    assert EMAIL.encode() not in hostile.seen[-1].body
+
+
+# --- 4. Hostile upstream events (SPEC §6: never relayed with text in clear) ----------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §6: the id:/event: lines and comments of a [DONE] event or of an event whose "
+    "data is not JSON go out as received (relay.py StreamRelay._event returns event.raw for "
+    "[DONE]; _unreadable returns event.raw when the data is unchanged)",
+)
+@pytest.mark.parametrize(
+    "event",
+    [
+        b"id: " + EMAIL.encode() + b"\ndata: [DONE]\n\n",
+        b": " + EMAIL.encode() + b"\ndata: [DONE]\n\n",
+        b": " + EMAIL.encode() + b"\ndata: keep-alive\n\n",
+        b"event: 4242424242424242\ndata: keep-alive\n\n",
+    ],
+    ids=["done-id", "done-comment", "text-comment", "text-event-line"],
+)
+async def test_pii_on_the_other_lines_of_an_event_is_redacted(gateway: Gateway, hostile: Hostile, event: bytes) -> None:
+    hostile.answer = events_answer(chunk({"content": "hi"}), event, DONE)
+    status, wire = await gateway.chat({"stream": True})
+    assert status == 200
+    assert EMAIL not in wire.decode() and "4242424242424242" not in wire.decode()
+
+
+async def test_pii_on_the_other_lines_of_a_json_event_is_redacted(gateway: Gateway, hostile: Hostile) -> None:
+    lines = b"id: " + EMAIL.encode() + b"\n: 4242 4242 4242 4242\nevent: " + EMAIL.encode() + b"\n"
+    hostile.answer = events_answer(lines + chunk({"content": "hi"}), DONE)
+    status, wire = await gateway.chat({"stream": True})
+    assert status == 200 and delta_text(wire, "content") == "hi"
+    assert EMAIL not in wire.decode() and "4242 4242 4242 4242" not in wire.decode()
+
+
+SIDE_STREAMS = [
+    (("reasoning_content",), "DeepSeek/vLLM/Qwen reasoning text"),
+    (("reasoning",), "OpenRouter's reasoning text"),
+    (("audio", "transcript"), "OpenAI's audio transcript"),
+    (("function_call", "arguments"), "the legacy function_call arguments"),
+]
+
+
+def nested(path: tuple[str, ...], text: str) -> dict[str, Any]:
+    node: dict[str, Any] = {path[-1]: text}
+    for step in reversed(path[:-1]):
+        node = {step: node}
+    return node
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §6 (PII split across deltas is still redacted; an operator expects it of every "
+    "streamed text): text streamed in a delta field the chat surface does not describe is "
+    "redacted event by event (relay.walk scrubs it whole), so an address split across two "
+    "events passes (surfaces.py _CHAT_MESSAGE)",
+)
+@pytest.mark.parametrize("path", [p for p, _ in SIDE_STREAMS], ids=[w for _, w in SIDE_STREAMS])
+async def test_text_streamed_in_other_delta_fields_is_redacted_across_events(
+    gateway: Gateway, hostile: Hostile, path: tuple[str, ...]
+) -> None:
+    hostile.answer = events_answer(
+        chunk(nested(path, "write to jane.doe")), chunk(nested(path, "@example.com now")), chunk({}, "stop"), DONE
+    )
+    status, wire = await gateway.chat({"stream": True})
+    assert status == 200
+    assert EMAIL not in delta_text(wire, *path)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §6 (a mask never breaks the JSON inside arguments): the legacy "
+    "function_call.arguments is not described, so it is redacted as prose and a bare "
+    "number becomes a bare CC_MASKED_LAST4_4242 (surfaces.py _CHAT_MESSAGE)",
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_legacy_function_call_arguments_stay_json(gateway: Gateway, hostile: Hostile, stream: bool) -> None:
+    arguments = '{"card": 4242424242424242}'
+    call = {"name": "pay", "arguments": arguments}
+    if stream:
+        hostile.answer = events_answer(
+            chunk({"role": "assistant", "function_call": call}), chunk({}, "function_call"), DONE
+        )
+    else:
+        hostile.answer = json_answer(chat_reply(None, function_call=call))
+    status, data = await gateway.chat({"stream": stream})
+    assert status == 200
+    got = (
+        delta_text(data, "function_call", "arguments")
+        if stream
+        else json.loads(data)["choices"][0]["message"]["function_call"]["arguments"]
+    )
+    assert json.loads(got) == {"card": "CC_MASKED_LAST4_4242"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §6 (tool-call arguments redacted): PII written with JSON escapes inside the "
+    "arguments text (\\u0040 for '@', \\u0034 for '4') is blanked out of the view the "
+    "redactor searches (redact.py JsonView), yet the client's JSON parser turns it back into clear PII",
+)
+@pytest.mark.parametrize(
+    ("arguments", "clear"),
+    [('{"to": "jane.doe\\u0040example.com"}', EMAIL), ('{"card": "4242424\\u003242424242"}', "4242424242424242")],
+    ids=["escaped-at", "escaped-digits"],
+)
+async def test_escaped_pii_in_tool_call_arguments_is_redacted(
+    gateway: Gateway, hostile: Hostile, arguments: str, clear: str
+) -> None:
+    call = {"id": "t", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    hostile.answer = json_answer(chat_reply(None, tool_calls=[call]))
+    status, data = await gateway.chat({})
+    assert status == 200
+    got = json.loads(data)["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+    assert clear not in json.dumps(json.loads(got), ensure_ascii=False)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §6 (split PII redacted, whatever the upstream sends): after 256 text streams "
+    "(relay.py MAX_STREAMS) every new one is redacted event by event, so an upstream that "
+    "first opens 256 indices then splits an address across two events gets it through",
+)
+async def test_past_the_stream_bound_split_pii_is_still_redacted(gateway: Gateway, hostile: Hostile) -> None:
+    opening = b"".join(chunk({"content": "x"}, index=i) for i in range(1, 257))
+    hostile.answer = events_answer(opening, chunk({"content": "to jane.doe"}), chunk({"content": "@example.com"}), DONE)
+    status, wire = await gateway.chat({"stream": True})
+    assert status == 200
+    assert EMAIL not in "".join(
+        c["delta"].get("content", "") for body in json_events(wire) for c in body["choices"] if c["index"] == 0
+    )
+
+
+HOSTILE_EVENTS = [
+    (b'data: {"choices":[{"index":0,"delta":{"\\u0063ontent":"' + EMAIL.encode() + b'"}}]}\n\n', "escaped-key"),
+    (
+        b'data: {"choices":[{"index":0,"delta":{"content":"' + EMAIL.encode() + b'","content":"ok"}}]}\n\n',
+        "repeated-key",
+    ),
+    (b'data: {"choices":[{"index":[0],"delta":{"content":"' + EMAIL.encode() + b'"}}]}\n\n', "list-index"),
+    (b'data: {"choices":[{"index":0,"delta":{"content":["' + EMAIL.encode() + b'"]}}]}\n\n', "content-list"),
+    (b'data: {"choices":{"0":{"delta":{"content":"' + EMAIL.encode() + b'"}}}}\n\n', "choices-object"),
+    (b"data: not json " + EMAIL.encode() + b"\n\n", "not-json"),
+    (b"data: {" + b'"a":' * 3000 + b"1" + b"}" * 3000 + b"\n\n", "deep"),
+    (b"data: " + b"[" * 1000 + b'"' + EMAIL.encode() + b'"' + b"]" * 1000 + b"\n\n", "deep-lists"),
+    (b'data: {"choices":[{"index":0,"delta":{"content":"' + EMAIL.encode() + b'"}}]}\r\n\r\n', "crlf"),
+    (b'data: {"choices":[{"index":0,"delta":{"content":"jane.doe\\u0040example.com"}}]}\n\n', "escaped-at"),
+    (b'data: {"choices":[{"index":0,"delta":{"content":"\\ud800' + EMAIL.encode() + b'"}}]}\n\n', "lone-surrogate"),
+    (b'data: {"choices":[{"index":0,"delta":{"content":"\xff' + EMAIL.encode() + b'"}}]}\n\n', "bad-utf8"),
+    (
+        b'data: {"choices":[{"index":99999999999999999999999,"delta":{"content":"' + EMAIL.encode() + b'"}}]}\n\n',
+        "huge-index",
+    ),
+    (
+        b'data: {"choices":[{"index":0,"logprobs":{"content":[{"token":"' + EMAIL.encode() + b'"}]},"delta":{}}]}\n\n',
+        "logprobs",
+    ),
+    (b'data: {"error":{"message":"failed for ' + EMAIL.encode() + b'"}}\n\n', "error-event"),
+]
+
+
+@pytest.mark.parametrize("event", [e for e, _ in HOSTILE_EVENTS], ids=[n for _, n in HOSTILE_EVENTS])
+async def test_hostile_events_never_carry_pii_in_clear(gateway: Gateway, hostile: Hostile, event: bytes) -> None:
+    hostile.answer = events_answer(chunk({"content": "hi "}), event, chunk({"content": "bye"}, "stop"), DONE)
+    status, wire = await gateway.chat({"stream": True})
+    assert status == 200
+    assert EMAIL not in decoded(wire)
+    assert b"HTTP/1.1" not in wire
+    assert await gateway.healthy()
+
+
+async def test_an_event_split_at_every_byte_is_redacted_like_the_whole() -> None:
+    wire = (
+        chunk({"role": "assistant", "content": ""})
+        + chunk({"content": "mail jane.doe@exa"})
+        + chunk({"content": "mple.com or 4242 4242 "})
+        + chunk({"content": "4242 4242 now"}, "stop")
+        + DONE
+    )
+    wire = wire.replace(b"\n", b"\r\n")
+    relay = StreamRelay(REDACTOR, None)
+    out = b"".join(relay.feed(wire[i : i + 1]) for i in range(len(wire))) + relay.close()
+    assert delta_text(out, "content") == "mail j***e@example.com or CC_MASKED_LAST4_4242 now"
+    assert out.endswith(DONE)
+
+
+async def test_a_stream_without_done_still_flushes_held_text(gateway: Gateway, hostile: Hostile) -> None:
+    hostile.answer = events_answer(chunk({"content": "call jane"}), chunk({"content": ".doe@example.com"}))
+    status, wire = await gateway.chat({"stream": True})
+    assert status == 200 and delta_text(wire, "content") == "call j***e@example.com"
+
+
+async def test_a_silent_upstream_is_cut_with_an_sse_error(start: GatewayFactory, hostile: Hostile) -> None:
+    gateway = await start(STREAM_IDLE_SECS="0.3")
+    stall = asyncio.Event()
+    hostile.answer = events_answer(chunk({"content": "hello jane"}), stall=stall)
+    try:
+        async with asyncio.timeout(10):
+            status, wire = await gateway.chat({"stream": True})
+    finally:
+        stall.set()
+    assert status == 200
+    last = json_events(wire)[-1]
+    assert last["error"]["message"] == "upstream idle timeout"
+    assert delta_text(wire, "content") == "hello jane"  # held text flushed before the error
+    assert await gateway.healthy()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 15 #10 / SPEC §5 (any upstream answer is relayed or a 502, never a 500): a first "
+    "event past sse.MAX_EVENT_BYTES raises EventTooLarge (a ValueError) inside proxy._first_events, "
+    "which only maps TimeoutError/UpstreamError: 500 internal_error with a traceback",
+)
+async def test_an_oversized_first_event_is_a_502(gateway: Gateway, hostile: Hostile) -> None:
+    hostile.answer = events_answer(b"data: " + b"a" * (17 * 1024 * 1024))
+    status, data = await gateway.chat({"stream": True})
+    assert status == 502, data[:200]
+
+
+async def test_an_oversized_later_event_ends_the_stream_with_an_sse_error(gateway: Gateway, hostile: Hostile) -> None:
+    hostile.answer = events_answer(chunk({"content": "hi"}), b"data: " + b"a" * (17 * 1024 * 1024))
+    status, wire = await gateway.chat({"stream": True})
+    assert status == 200
+    assert b"HTTP/1.1" not in wire and "error" in json_events(wire)[-1]
+    assert await gateway.healthy()
+
+
+# --- 5. Hostile JSON replies --------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 15 #10 (any upstream JSON gets a relayed reply or a 502, never a 500): a reply "
+    "nested ~1000 deep parses, then relay.redact_reply's walk recurses past the stack; "
+    "proxy.py _json_answer does not catch the RecursionError: 500 with a traceback",
+)
+async def test_a_deeply_nested_json_reply_is_not_a_500(gateway: Gateway, hostile: Hostile) -> None:
+    hostile.answer = json_answer(b'{"choices": ' + b"[" * 1000 + b"]" * 1000 + b"}")
+    status, data = await gateway.chat({})
+    assert status in (200, 502), data
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b'{"choices": 5}',
+        b'{"choices": [{"index": "0", "message": {"content": 7}}]}',
+        b'{"choices": [{"index": 0, "message": {"content": "' + EMAIL.encode() + b'", "content": "ok"}}]}',
+        b'{"choices": [{"index": 0, "message": {"\\u0063ontent": "' + EMAIL.encode() + b'"}}]}',
+        b'["' + EMAIL.encode() + b'"]',
+        b'"' + EMAIL.encode() + b'"',
+        b'{"usage": {"prompt_tokens": -5, "completion_tokens": 1e400}, "model": "' + b"x" * 100_000 + b'"}',
+        b'{"a": 123456789012345678901234567890, "b": "' + EMAIL.encode() + b'"}',
+        b'{"a": "\\ud800 ' + EMAIL.encode() + b'"}',
+    ],
+    ids=[
+        "choices-int",
+        "wrong-types",
+        "repeated",
+        "escaped-key",
+        "array",
+        "string",
+        "odd-usage",
+        "bigint",
+        "lone-surrogate",
+    ],
+)
+async def test_odd_json_replies_are_relayed_redacted_or_502(gateway: Gateway, hostile: Hostile, reply: bytes) -> None:
+    hostile.answer = json_answer(reply)
+    status, data = await gateway.chat({})
+    assert status in (200, 502), data
+    if status == 200:
+        assert EMAIL not in decoded(b"data: " + data + b"\n\n")
+    assert await gateway.healthy()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §6 (no PII from a reply in clear): object keys are never redacted (relay.walk "
+    "redacts values only), so an address used as a key in a reply, or in an Anthropic "
+    "tool_use input, reaches the client",
+)
+@pytest.mark.parametrize("route", ["chat", "messages"])
+async def test_pii_in_reply_object_keys_is_redacted(gateway: Gateway, hostile: Hostile, route: str) -> None:
+    if route == "chat":
+        hostile.answer = json_answer({**chat_reply("hi"), "extra": {EMAIL: 1}})
+        status, data = await gateway.chat({})
+    else:
+        block = {"type": "tool_use", "id": "toolu_1", "name": "invite", "input": {"guests": {EMAIL: "Jane"}}}
+        hostile.answer = json_answer({"type": "message", "role": "assistant", "content": [block]})
+        status, data = await gateway.messages({"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200
+    assert EMAIL not in data.decode()
+
+
+# --- 6. Anthropic events (SPEC §11) ---------------------------------------------------------
+
+
+def text_delta(text: str, index: int = 0, **extra: object) -> bytes:
+    return anthropic_ev(
+        {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text, **extra}}
+    )
+
+
+async def test_anthropic_thinking_passes_and_text_is_redacted(gateway: Gateway, hostile: Hostile) -> None:
+    thinking = anthropic_ev(
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}}
+    )
+    thinking += anthropic_ev(
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": f"user is {EMAIL}"}}
+    )
+    thinking += anthropic_ev(
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "signature_delta", "signature": "Eq4242424242424242=="},
+        }
+    )
+    thinking += anthropic_ev({"type": "content_block_stop", "index": 0})
+    text = anthropic_ev({"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}})
+    text += (
+        text_delta("mail jane.doe@exa", 1)
+        + text_delta("mple.com", 1)
+        + anthropic_ev({"type": "content_block_stop", "index": 1})
+    )
+    hostile.answer = events_answer(ANTHROPIC_START, thinking, text, ANTHROPIC_END)
+    status, wire = await gateway.messages({"messages": [{"role": "user", "content": "hi"}], "stream": True})
+    assert status == 200
+    assert thinking in wire  # byte for byte: its signature covers it
+    assert (
+        "".join(b["delta"].get("text", "") for b in json_events(wire) if b["type"] == "content_block_delta")
+        == "mail j***e@example.com"
+    )
+    names = [e.raw.split(b"\n", 1)[0] for e in events_of(wire)]
+    assert names[-1] == b"event: message_stop"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §11 (text redacted per content block with the split guarantee): the text a "
+    "content_block_start carries is redacted event by event, apart from the block's "
+    "text_delta stream, so an address begun there and finished in the first delta passes",
+)
+async def test_anthropic_text_begun_in_content_block_start_is_redacted_with_its_deltas() -> None:
+    relay = StreamRelay(REDACTOR, None, MESSAGES)
+    start = anthropic_ev(
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": "to jane.doe"}}
+    )
+    wire = (
+        ANTHROPIC_START
+        + start
+        + text_delta("@example.com")
+        + anthropic_ev({"type": "content_block_stop", "index": 0})
+        + ANTHROPIC_END
+    )
+    out = relay.feed(wire) + relay.close()
+    text = "".join(
+        b.get("content_block", {}).get("text", "") + b.get("delta", {}).get("text", "")
+        for b in json_events(out)
+        if b["type"] in ("content_block_start", "content_block_delta")
+    )
+    assert EMAIL not in text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §11 (only thinking blocks pass unchanged): KEEP is matched by field name, not by "
+    "block type, so a 'data'/'signature'/'thinking' field on a text_delta is relayed in clear "
+    "(surfaces.py MessagesSurface.spec)",
+)
+async def test_anthropic_keep_fields_on_a_text_delta_are_not_a_side_channel() -> None:
+    relay = StreamRelay(REDACTOR, None, MESSAGES)
+    wire = ANTHROPIC_START + text_delta("hi", data=EMAIL) + ANTHROPIC_END
+    assert EMAIL not in decoded(relay.feed(wire) + relay.close())
+
+
+async def test_anthropic_tool_input_stays_json_when_masked_across_deltas(gateway: Gateway, hostile: Hostile) -> None:
+    start = anthropic_ev(
+        {
+            "type": "content_block_start",
+            "index": 0,
+            "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}},
+        }
+    )
+    pieces = ['{"n": 42424242', '42424242, "s": "jane', '.doe@example.com\\"x", "p": [415', "]}"]
+    deltas = b"".join(
+        anthropic_ev(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": p}}
+        )
+        for p in pieces
+    )
+    hostile.answer = events_answer(
+        ANTHROPIC_START, start, deltas, anthropic_ev({"type": "content_block_stop", "index": 0}), ANTHROPIC_END
+    )
+    status, wire = await gateway.messages({"messages": [{"role": "user", "content": "hi"}], "stream": True})
+    assert status == 200
+    arguments = "".join(
+        b["delta"].get("partial_json", "") for b in json_events(wire) if b["type"] == "content_block_delta"
+    )
+    assert json.loads(arguments) == {"n": "CC_MASKED_LAST4_4242", "s": 'j***e@example.com"x', "p": [415]}
+
+
+async def test_anthropic_pii_whole_in_a_content_block_start_is_redacted() -> None:
+    relay = StreamRelay(REDACTOR, None, MESSAGES)
+    start = anthropic_ev(
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": f"to {EMAIL}"}}
+    )
+    wire = ANTHROPIC_START + start + anthropic_ev({"type": "content_block_stop", "index": 0}) + ANTHROPIC_END
+    out = relay.feed(wire) + relay.close()
+    assert EMAIL not in decoded(out) and "j***e@example.com" in out.decode()
+
+
+JSON_ARGUMENTS = [
+    '{"n": 4242424242424242, "e": "jane.doe@example.com", "p": "+1 415 555 2671"}',
+    "[4242424242424242,5555555555554444]",
+    '{"s": "a\\"4242424242424242\\"b", "t": "x\\\\4242424242424242"}',
+    '{"k": "\\n4242 4242 4242 4242\\t", "m": "\\u00e9jane.doe@example.com"}',
+    '{"iban": "DE89 3704 0044 0532 0130 00", "ssn": "078-05-1120", "x": 1e+4242424242424242}',
+]
+
+
+def chat_arguments(pieces: list[str]) -> str:
+    relay = StreamRelay(REDACTOR, None)
+    calls = [chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in pieces]
+    out = relay.feed(b"".join(calls) + chunk({}, "tool_calls") + DONE) + relay.close()
+    return "".join(
+        call["function"].get("arguments", "")
+        for body in json_events(out)
+        for choice in body["choices"]
+        for call in choice["delta"].get("tool_calls", [])
+    )
+
+
+def anthropic_arguments(pieces: list[str]) -> str:
+    relay = StreamRelay(REDACTOR, None, MESSAGES)
+    deltas = b"".join(
+        anthropic_ev(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": p}}
+        )
+        for p in pieces
+    )
+    out = relay.feed(
+        ANTHROPIC_START + deltas + anthropic_ev({"type": "content_block_stop", "index": 0}) + ANTHROPIC_END
+    )
+    out += relay.close()
+    return "".join(b["delta"].get("partial_json", "") for b in json_events(out) if b["type"] == "content_block_delta")
+
+
+@pytest.mark.parametrize("document", JSON_ARGUMENTS)
+def test_streamed_json_arguments_split_anywhere_stay_json_and_masked(document: str) -> None:
+    whole = REDACTOR.redact(document, json_text=True)
+    parsed = json.loads(whole)
+    assert not any(
+        v in json.dumps(parsed, ensure_ascii=False) for v in (EMAIL, "4242424242424242", "415 555 2671", "078-05-1120")
+    )
+    for cut in range(len(document) + 1):
+        pieces = [document[:cut], document[cut:]]
+        assert chat_arguments(pieces) == whole, cut
+        assert anthropic_arguments(pieces) == whole, cut
+
+
+# --- 7. Upstream credentials and redirects (SPEC §5: the operator's key goes to its upstream only) --
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §5/§10 (the upstream key never leaves for anyone else): aiohttp follows redirects "
+    "(upstream.py Upstream.post: session.post without allow_redirects=False) and drops only "
+    "Authorization on a change of origin: x-api-key (ANTHROPIC_API_KEY) goes to whatever host "
+    "a 307 names, with the prompt",
+)
+@pytest.mark.parametrize("route", ["chat", "messages"])
+async def test_an_upstream_redirect_never_carries_the_key_elsewhere(
+    gateway: Gateway, hostile: Hostile, aiohttp_server: AiohttpServer, route: str
+) -> None:
+    elsewhere = Hostile()
+    app = web.Application()
+    app.router.add_route("POST", "/{path:.*}", elsewhere.handle)
+    server = await aiohttp_server(app)
+    target = str(server.make_url("/v1/x")).replace("127.0.0.1", "localhost")  # another origin
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPTemporaryRedirect(target)
+
+    hostile.answer = redirect
+    if route == "chat":
+        await gateway.chat({"messages": [{"role": "user", "content": "hi"}]})
+    else:
+        await gateway.messages({"messages": [{"role": "user", "content": "hi"}]})
+    for seen in elsewhere.seen:
+        headers = "\n".join(f"{k}: {v}" for k, v in seen.headers.items())
+        assert UPSTREAM_KEY not in headers and ANTHROPIC_KEY not in headers
+    assert not elsewhere.seen, "the gateway followed the upstream's redirect"
+
+
+# --- 8. After every failure the gateway still serves; secrets stay out of what it writes --------
+
+
+async def test_secrets_stay_out_of_logs_and_error_bodies(
+    gateway: Gateway, hostile: Hostile, caplog: pytest.LogCaptureFixture
+) -> None:
+    bodies = []
+    for answer in (
+        json_answer({"error": {"message": "bad key"}}, 401),
+        json_answer(b"<html>", 500),
+        events_answer(b"x" * 10),
+    ):
+        hostile.answer = answer
+        bodies.append((await gateway.chat({}))[1])
+        bodies.append((await gateway.chat({"stream": True}))[1])
+    gateway.app[keys.TELEMETRY].log.flush()
+    text = b"\n".join(bodies).decode() + gateway.log.getvalue().decode() + caplog.text
+    async with gateway.client.get("/metrics") as r:
+        text += await r.text()
+    assert UPSTREAM_KEY not in text and ANTHROPIC_KEY not in text
+    assert await gateway.healthy()
