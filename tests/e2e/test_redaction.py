@@ -181,3 +181,38 @@ def test_redact_kinds_selects_what_is_masked(
         model="m", messages=[{"role": "user", "content": "jane@example.com"}]
     )
     assert (reply.choices[0].message.content == "j***e@example.com") is masked
+
+
+def test_refusals_and_tool_call_arguments_in_the_request_are_redacted(shared_gateway: Gateway, mock: Mock) -> None:
+    # SPEC §6: every text the client sends, not only `content`; arguments stay valid JSON.
+    arguments = json.dumps({"to": "jane.doe@example.com", "card": 4242424242424242})
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "mail jane.doe@example.com"}]},
+        {"role": "assistant", "refusal": "I will not call +1 415 555 2671"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "send", "arguments": arguments}}],
+        },
+        {"role": "tool", "tool_call_id": "t1", "content": "sent to jane.doe@example.com"},
+    ]
+    sdk(shared_gateway).chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
+    sent = mock.requests()[-1]["body"]
+    assert "jane.doe" not in json.dumps(sent) and "555 2671" not in json.dumps(sent)
+    call = sent["messages"][2]["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(call) == {"to": "j***e@example.com", "card": "CC_MASKED_LAST4_4242"}
+
+
+@pytest.mark.parametrize("ask", [{"logprobs": True}, {"top_logprobs": 2}])
+def test_logprobs_are_refused_while_redacting(shared_gateway: Gateway, mock: Mock, ask: dict[str, object]) -> None:
+    before = len(mock.requests())
+    with pytest.raises(openai.BadRequestError) as raised:
+        sdk(shared_gateway).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], **ask)  # type: ignore[call-overload]
+    assert raised.value.code == "logprobs_unavailable" and "logprobs" in raised.value.message
+    assert len(mock.requests()) == before  # never reached the upstream
+
+
+def test_logprobs_pass_with_redaction_off(start_gateway: GatewayFactory, mock: Mock) -> None:
+    gateway = start_gateway(REDACT_KINDS="")
+    sdk(gateway).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], logprobs=True)
+    assert mock.requests()[-1]["body"]["logprobs"] is True
