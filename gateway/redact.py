@@ -260,6 +260,8 @@ class Redactor:
             return True
         if self.others is None:
             return False
+        if len(text) - pos >= 256 and not has_trigger(text, pos):
+            return False  # a long piece without a digit ("((((", capitals): nothing to search
         # Short (a live stream's delta), or with a "+" (a phone's run can then be short): the regex.
         if len(text) - pos < 48 or text.find("+", pos) >= 0:
             return _DIGIT_RUN.search(text, pos) is not None
