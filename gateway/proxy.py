@@ -87,7 +87,10 @@ class Proxy:
             await self._redact_request(payload, state)
         # What the gateway read goes upstream, not the client's bytes: a repeated key (two
         # "model"s, two "messages") means one thing here and must not mean another there.
-        body = orjson.dumps(payload)
+        try:
+            body = dumps_reply(payload)
+        except (RecursionError, ValueError):
+            raise BadRequest("request body is nested too deeply") from None
         tracing = self._telemetry.tracing
         task = self._lifecycle.enter()
         try:
@@ -204,7 +207,10 @@ class Proxy:
         if not reply.is_json:
             error = UpstreamError(f"upstream answered {reply.status}")
             data = error.anthropic()[1] if self._api.anthropic_errors else error.body()
-        return web.Response(body=data, status=reply.status, content_type="application/json")
+        # The provider's back-off advice reaches the client (the SDKs wait as long as it says).
+        return web.Response(
+            body=data, status=reply.status, content_type="application/json", headers=reply.retry_headers()
+        )
 
     async def _relay_stream(
         self, request: web.Request, state: RequestState, body: bytes, headers: dict[str, str], hidden_usage: bool

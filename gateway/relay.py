@@ -70,6 +70,7 @@ class StreamRelay:
         "_redactor",
         "_streams",
         "_surface",
+        "_usage_counts",
         "done",
         "response_model",
         "usage",
@@ -94,6 +95,7 @@ class StreamRelay:
         self._plans: dict[tuple[bytes, ...], Plan] = {}  # the fast path's, by event shape
         self._last_plan: Plan | None = None
         self.usage: Usage | None = None
+        self._usage_counts: dict[str, int] = {}  # the surface's, for usage reported in parts
         self.response_model: str | None = None
         self.done = False
 
@@ -216,7 +218,7 @@ class StreamRelay:
         surface = self._surface
         if self._first is None:
             self._first = surface.template(chunk)
-        plain = surface.usage(chunk, None) is None and surface.flush_before(chunk) is None
+        plain = surface.usage(chunk, None, {}) is None and surface.flush_before(chunk) is None
         self._note(chunk)
         plain = plain and not self.done
         before = surface.flush_before(chunk)
@@ -316,7 +318,7 @@ class StreamRelay:
 
     def _note(self, chunk: dict[str, Any]) -> None:
         surface = self._surface
-        self.usage = surface.usage(chunk, self.usage)
+        self.usage = surface.usage(chunk, self.usage, self._usage_counts)
         if type(chunk.get("type")) is str and chunk["type"] in surface.done_types:
             self.done = True
         model = chunk.get("model")

@@ -83,7 +83,8 @@ class Surface:
         """Events that carry held text (the end came without a place for it)."""
         raise NotImplementedError
 
-    def usage(self, event: dict[str, Any], before: Usage | None) -> Usage | None:
+    def usage(self, event: dict[str, Any], before: Usage | None, counts: dict[str, int]) -> Usage | None:
+        """The usage known after this event (`counts`: the stream's own scratch space)."""
         return before
 
     def error_event(self, error: GatewayError) -> bytes:
@@ -160,7 +161,7 @@ class ChatSurface(Surface):
     def template(self, event: dict[str, Any]) -> dict[str, Any]:
         return {k: event[k] for k in ("id", "object", "created", "model") if k in event}
 
-    def usage(self, event: dict[str, Any], before: Usage | None) -> Usage | None:
+    def usage(self, event: dict[str, Any], before: Usage | None, counts: dict[str, int]) -> Usage | None:
         return chat_usage(event) or before
 
     def usage_only(self, event: dict[str, Any]) -> bool:
@@ -184,6 +185,8 @@ CHAT = ChatSurface()
 # A stream's events are keyed by their content block's "index"; text and tool input JSON
 # stream per block. Thinking and its signature pass untouched (the signature covers them).
 _THINKING: Spec = {"thinking": KEEP, "signature": KEEP, "data": KEEP}
+
+
 class MessagesSurface(Surface):
     spec: ClassVar[Spec] = {
         "delta": {"text": TEXT, "partial_json": JSON_TEXT, **_THINKING},
@@ -191,7 +194,7 @@ class MessagesSurface(Surface):
         "message": {"content": All(_THINKING)},
     }
     reply_spec: ClassVar[Spec] = {"content": All({"text": TEXT, **_THINKING})}
-    done_types: ClassVar[frozenset[str]] = frozenset({"message_stop"})
+    done_types: ClassVar[frozenset[str]] = frozenset({"message_stop", "error"})  # the upstream's own error ends it too
 
     def root(self, event: dict[str, Any]) -> Path | None:
         kind = event.get("type")
@@ -207,7 +210,7 @@ class MessagesSurface(Surface):
         if kind == "content_block_stop":
             index = event.get("index")
             return [(index,)] if type(index) is int else [()]
-        if kind in ("message_delta", "message_stop"):
+        if kind in ("message_delta", "message_stop", "error"):
             return [()]
         return None
 
@@ -224,7 +227,9 @@ class MessagesSurface(Surface):
             out.append(b"event: content_block_delta\ndata: " + data + b"\n\n")
         return b"".join(out)
 
-    def usage(self, event: dict[str, Any], before: Usage | None) -> Usage | None:
+    def usage(self, event: dict[str, Any], before: Usage | None, counts: dict[str, int]) -> Usage | None:
+        """message_start's counts, then message_delta's, field by field: its cumulative values
+        win where it has them, the cache counts it leaves out stay (`counts` keeps them)."""
         kind = event.get("type")
         if kind == "message_start":
             message = event.get("message")
@@ -235,15 +240,21 @@ class MessagesSurface(Surface):
             return before
         if type(usage) is not dict:
             return before
-        prompt = anthropic_input_tokens(usage)
-        completion = usage.get("output_tokens")
-        return Usage(
-            prompt if prompt is not None else (before.prompt_tokens if before else 0),
-            completion if type(completion) is int and completion >= 0 else (before.completion_tokens if before else 0),
-        )
+        for name in _ANTHROPIC_COUNTS:
+            value = usage.get(name)
+            if type(value) is int and value >= 0:
+                counts[name] = value
+        prompt = anthropic_input_tokens(counts)
+        completion = counts.get("output_tokens")
+        if prompt is None and completion is None:
+            return before
+        return Usage(prompt or 0, completion or 0)
 
     def error_event(self, error: GatewayError) -> bytes:
         return b"event: error\ndata: " + error.anthropic()[1] + b"\n\n"
+
+
+_ANTHROPIC_COUNTS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens")
 
 
 def anthropic_input_tokens(usage: dict[str, Any]) -> int | None:
@@ -370,6 +381,8 @@ def ask_stream_usage(payload: dict[str, Any]) -> bool:
         return False
     payload["stream_options"] = {**(options if type(options) is dict else {}), "include_usage": True}
     return True
+
+
 MESSAGES_API = Api(
     "messages",
     "/v1/messages",

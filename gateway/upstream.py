@@ -39,6 +39,7 @@ def _merged(passed: list[tuple[str, str]]) -> dict[str, str]:
 
 
 ANTHROPIC_VERSION = "2023-06-01"  # sent when the client names none
+_RETRY_HEADERS = ("Retry-After", "retry-after-ms", "x-should-retry")
 
 
 class UpstreamReply:
@@ -56,6 +57,20 @@ class UpstreamReply:
     @property
     def is_json(self) -> bool:
         return self._response.content_type == "application/json"
+
+    def retry_headers(self) -> dict[str, str]:
+        """The upstream's back-off advice, to pass on with its error (Retry-After, retry-after-ms,
+        x-should-retry), when it gave some that reads as a number or a boolean."""
+        headers = self._response.headers
+        out = {}
+        for name in _RETRY_HEADERS:
+            value = headers.get(name)
+            if (value is not None and len(value) <= 32 and value.replace(".", "", 1).isdigit()) or value in (
+                "true",
+                "false",
+            ):
+                out[name] = value
+        return out
 
     async def read(self) -> bytes:
         try:

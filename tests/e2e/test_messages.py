@@ -592,10 +592,6 @@ def test_upstream_errors_are_relayed_as_they_came(
     assert error.api_message == f"mock upstream error {upstream}"  # the upstream's own body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway bug: an upstream error is relayed without its retry-after header (proxy.py _upstream_failure)",
-)
 @pytest.mark.parametrize("upstream", [429, 529])
 def test_the_upstreams_retry_after_reaches_the_client(shared_gateway: Gateway, mock: Mock, upstream: int) -> None:
     with pytest.raises(anthropic.APIStatusError) as caught:
@@ -616,10 +612,6 @@ def test_sdk_retries_an_upstream_429(shared_gateway: Gateway, mock: Mock) -> Non
     assert time.monotonic() - started < 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway bug: the upstream's retry-after is dropped, so the SDK backs off by its own schedule",
-)
 def test_sdk_retries_wait_as_long_as_the_upstreams_retry_after(shared_gateway: Gateway, mock: Mock) -> None:
     with pytest.raises(anthropic.RateLimitError):
         sdk(shared_gateway, knobs(status="429", retry_after="1"), retries=2).messages.create(
@@ -656,14 +648,6 @@ async def test_bad_body_is_400_invalid_request_error(
     assert mock.requests() == []  # never reached the upstream
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "gateway bug: a body nested 254 to ~990 levels deep parses (orjson reads up to 1024) but "
-        "proxy.Proxy.handle's orjson.dumps(payload) raises TypeError 'Recursion limit reached': 500 and a "
-        "traceback in the log (chat completions too)"
-    ),
-)
 @pytest.mark.parametrize("where", ["metadata", "tool_use"])
 @pytest.mark.parametrize("depth", [300, 900])
 async def test_a_deeply_nested_body_is_forwarded_or_refused_never_a_500(
@@ -772,14 +756,6 @@ def test_the_upstreams_own_error_event_is_relayed(shared_gateway: Gateway, mock:
     assert "".join(pieces) == "one two "
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "gateway bug: text held when the upstream's own error event arrives goes out after that event (at EOF), "
-        "so the error is not the stream's last event and the SDK never sees that text "
-        "(surfaces.MessagesSurface.flush_before has no case for 'error')"
-    ),
-)
 async def test_held_text_goes_out_before_the_upstreams_error_event(shared_gateway: Gateway, mock: Mock) -> None:
     status, _, wire = await post(
         shared_gateway,
@@ -850,13 +826,6 @@ def test_cumulative_input_counts_in_message_delta_win(start_gateway: GatewayFact
     assert s['tokens_total{kind="completion",model="claude-cumulative"}'] == 7
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "gateway bug: a message_delta reporting only input_tokens replaces the whole prompt count, dropping "
-        "message_start's cache tokens (surfaces.MessagesSurface.usage sums only what the delta reports)"
-    ),
-)
 def test_a_message_delta_with_input_tokens_alone_keeps_the_cache_counts(
     start_gateway: GatewayFactory, mock: Mock
 ) -> None:
