@@ -77,7 +77,7 @@ def parses(metrics: str) -> set[str]:
 
 # --- 1. Hostile prompts: linear cost, and the gateway keeps serving (SPEC §6) ---------------
 
-PROMPT_UNITS = ["4242 ", "AB12 ", "0123456789", "@a.b", "+1 ("]
+PROMPT_UNITS = ["4242 ", "AB12 ", "@a.b", "+1 ("]  # digits alone: tests/test_redact_adversarial.py
 
 
 @pytest.mark.parametrize("unit", PROMPT_UNITS)
@@ -269,22 +269,25 @@ def test_hostile_keys(shared_gateway: Gateway, mock: Mock, headers: dict[str, st
     "'aiohttp.server' logs it at ERROR with a traceback: the key in clear on stderr "
     "(server.py serve: aiohttp's default handle_error and logger are left as they are)",
 )
-@pytest.mark.parametrize("tail", [b"\r", b"\x00", b"\x7f"], ids=["CR", "NUL", "DEL"])
 def test_a_key_with_a_byte_the_parser_refuses_is_not_echoed_or_logged(
-    start_gateway: GatewayFactory, mock: Mock, tail: bytes
+    start_gateway: GatewayFactory, mock: Mock
 ) -> None:
     gateway = start_gateway(TENANT_KEYS="acme=sk-acme-secret-1")
-    out = raw_request(
-        gateway,
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Api-Key: sk-acme-secret-1"
-        + tail
-        + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
-    )
-    assert out.split(b" ", 2)[1].startswith(b"4"), out[:100]  # refused, as it must be ...
+    answers = [
+        raw_request(
+            gateway,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Api-Key: sk-acme-secret-1"
+            + tail
+            + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+        )
+        for tail in (b"\r", b"\x00", b"\x7f")  # a CRLF key file, NUL, DEL
+    ]
     gateway.stop()
-    assert b"sk-acme-secret" not in out  # ... but without the key in the answer
+    for out in answers:
+        assert out.split(b" ", 2)[1].startswith(b"4"), out[:100]  # refused, as it must be ...
+        assert b"sk-acme-secret" not in out  # ... but without the key in the answer
     assert "sk-acme-secret" not in gateway.process.errors() + gateway.process.output()
-    assert json.loads(out.split(b"\r\n\r\n", 1)[1])["error"]["code"]
+    assert all(json.loads(out.split(b"\r\n\r\n", 1)[1])["error"]["code"] for out in answers)
 
 
 def test_expect_100_continue_with_a_body_over_the_limit_is_refused_unread(start_gateway: GatewayFactory) -> None:
@@ -425,7 +428,7 @@ def test_check_config_masks_every_secret(tmp_path: Path) -> None:
 
 
 def test_hostile_traffic_leaves_no_secret_in_logs_metrics_or_bodies(start_gateway: GatewayFactory, mock: Mock) -> None:
-    gateway = start_gateway(TENANT_KEYS="acme=sk-tenant-secret-1", TIMEOUT_SECS="2")
+    gateway = start_gateway(TENANT_KEYS="acme=sk-tenant-secret-1", TIMEOUT_SECS="0.5")
     key = {"X-Api-Key": "sk-tenant-secret-1"}
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     claude = {"model": "c", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
@@ -436,7 +439,7 @@ def test_hostile_traffic_leaves_no_secret_in_logs_metrics_or_bodies(start_gatewa
         (MESSAGES, {**claude, "stream": True}, {**key, "x-stainless-mock-die-after": "1"}),
         (CHAT, chat, {**key, "x-stainless-mock-status": "401"}),
         (MESSAGES, claude, {**key, "x-stainless-mock-status": "403"}),
-        (CHAT, chat, {**key, "x-stainless-mock-latency-ms": "3000"}),
+        (CHAT, chat, {**key, "x-stainless-mock-latency-ms": "1500"}),
         (CHAT, b"{not json", key),
         (CHAT, chat, {"X-Api-Key": "sk-tenant-secret-2"}),
         (CHAT, chat, {"Authorization": "Bearer sk-tenant-secret-1x"}),
