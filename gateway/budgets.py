@@ -114,7 +114,7 @@ class TokenBudget:
         failure leaves the reservation to end with its window (the guard counts it)."""
         if used is None or not decision.allowed or used == decision.reserved:
             return
-        store, used = self._store, min(used, MAX_TOKENS)
+        store, used = self._store, min(max(used, 0), MAX_TOKENS)
         # Fail-closed raises: the request is answered already, and over-counting is the safe side.
         with contextlib.suppress(StoreUnavailable):
             await self._guard.call(lambda: store.settle(decision.key, decision.window, decision.reserved, used))

@@ -21,32 +21,34 @@ from coredis.exceptions import RedisError
 
 from ..errors import StoreUnavailable
 
-# A string constant, so the frozen build needs no data files. Each key comes with five
-# arguments, the first naming the operation, and each operation answers four values:
-#   h  window_ms                           -> count, ms left, 0, ''
-#   r  amount, limit, window_ms, new id    -> held (1/0), used + reserved, ms left, window id
-#   s  window id, reserved, used           -> applied (1/0), 0, 0, ''
+# A string constant, so the frozen build needs no data files. Each key comes with one
+# argument, the operation and its operands separated by spaces, and each operation answers
+# one string of numbers (one argument and one answer per key: coredis' work per argument and
+# per reply element is the costly part):
+#   "h window_ms"                           -> "count ms_left"
+#   "r amount limit window_ms new_id"       -> "held(1/0) used+reserved ms_left window_id"
+#   "s window_id reserved used"             -> "applied(1/0)"
 # A token window is a hash {used, reserved, window}. Its id is chosen by the caller that
 # starts it (unique per process and call), so a settle names the window it reserved in and
 # changes nothing in a later one under the same key. Nothing here raises on a key of another
 # type: a reservation starts a window over it, a settlement leaves it alone. Amounts are kept
-# below 2^53 by the caller; `%d` writes them back as integers (a Lua number may print as 2e+15).
+# below 2^53 by the caller; `%d` writes them as integers (a Lua number may print as 2e+15).
 OPERATIONS = """
 local out = {}
-local function int(n) return string.format('%d', n) end
 for i, key in ipairs(KEYS) do
-  local a = 5 * i - 4
-  local op = ARGV[a]
+  local f = {}
+  for word in string.gmatch(ARGV[i], '%S+') do f[#f + 1] = word end
+  local op = f[1]
   if op == 'h' then
     local count = redis.call('INCR', key)
     local ttl = redis.call('PTTL', key)
     if ttl < 0 then
-      redis.call('PEXPIRE', key, ARGV[a + 1])
-      ttl = tonumber(ARGV[a + 1])
+      redis.call('PEXPIRE', key, f[2])
+      ttl = tonumber(f[2])
     end
-    out[#out + 1] = count; out[#out + 1] = ttl; out[#out + 1] = 0; out[#out + 1] = ''
+    out[i] = string.format('%d %d', count, ttl)
   elseif op == 'r' then
-    local amount, limit, window_ms = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3]
+    local amount, limit, window_ms = tonumber(f[2]), tonumber(f[3]), f[4]
     local held = redis.pcall('HMGET', key, 'used', 'reserved', 'window')
     local used, reserved, window = 0, 0, false
     if held.err == nil then
@@ -54,7 +56,7 @@ for i, key in ipairs(KEYS) do
     end
     local ttl = redis.call('PTTL', key)
     if not window then
-      window, used, reserved = ARGV[a + 4], 0, 0
+      window, used, reserved = f[5], 0, 0
       redis.call('DEL', key)
       redis.call('HSET', key, 'used', 0, 'reserved', 0, 'window', window)
       redis.call('PEXPIRE', key, window_ms)
@@ -66,25 +68,26 @@ for i, key in ipairs(KEYS) do
     local ok = 0
     if used + reserved + amount <= limit then
       reserved = reserved + amount
-      redis.call('HSET', key, 'reserved', int(reserved))
+      redis.call('HSET', key, 'reserved', string.format('%d', reserved))
       ok = 1
     end
-    out[#out + 1] = ok; out[#out + 1] = used + reserved; out[#out + 1] = ttl; out[#out + 1] = window
+    out[i] = string.format('%d %d %d ', ok, used + reserved, ttl) .. window
   else
     local held = redis.pcall('HMGET', key, 'used', 'reserved', 'window')
     local applied = 0
-    if held.err == nil and held[3] == ARGV[a + 1] then
-      local reserved = math.max((tonumber(held[2]) or 0) - tonumber(ARGV[a + 2]), 0)
-      local used = math.min((tonumber(held[1]) or 0) + tonumber(ARGV[a + 3]), 2000000000000000)
-      redis.call('HSET', key, 'used', int(used), 'reserved', int(reserved))
+    if held.err == nil and held[3] == f[2] then
+      local reserved = math.max((tonumber(held[2]) or 0) - tonumber(f[3]), 0)
+      local used = math.min((tonumber(held[1]) or 0) + tonumber(f[4]), 2000000000000000)
+      redis.call('HSET', key, 'used', string.format('%d', used), 'reserved', string.format('%d', reserved))
       applied = 1
     end
-    out[#out + 1] = applied; out[#out + 1] = 0; out[#out + 1] = 0; out[#out + 1] = ''
+    out[i] = tostring(applied)
   end
 end
 return out
 """
-Operation = tuple[str, tuple[str | int, ...], "asyncio.Future[list[Any]]"]  # key, 5 arguments, answer
+
+Operation = tuple[str, str, "asyncio.Future[list[bytes]]"]  # key, operation, its answer's numbers
 
 
 class RedisStore:
@@ -125,26 +128,26 @@ class RedisStore:
             await self._client.__aexit__(None, None, None)
 
     async def hit(self, key: str, window_ms: int) -> tuple[int, int]:
-        answer = await self._run(key, ("h", window_ms, 0, 0, ""))
-        return int(answer[0]), max(1, int(answer[1]))
+        count, ttl = await self._run(key, f"h {window_ms}")
+        return int(count), max(1, int(ttl))
 
     async def reserve(self, key: str, amount: int, limit: int, window_ms: int) -> tuple[bool, int, int, str]:
         new_id = f"{self._window_prefix}{next(self._window_counter):x}"
-        answer = await self._run(key, ("r", amount, limit, window_ms, new_id))
-        window: str | bytes = answer[3]
-        window = window.decode() if type(window) is bytes else str(window)
-        return answer[0] == 1, int(answer[1]), max(1, int(answer[2])), window
+        held, total, ttl, window = await self._run(key, f"r {amount} {limit} {window_ms} {new_id}")
+        return held == b"1", int(total), max(1, int(ttl)), window.decode()
 
     async def settle(self, key: str, window: str, reserved: int, used: int) -> None:
+        if not (window.isascii() and window.isalnum()):  # ids are hex: nothing else names a window
+            return
         # Shielded: a caller that stops waiting (its client gone) still has its tokens settled.
-        await self._run(key, ("s", window, reserved, used, ""), shielded=True)
+        await self._run(key, f"s {window} {reserved} {used}", shielded=True)
 
-    async def _run(self, key: str, arguments: tuple[str | int, ...], shielded: bool = False) -> list[Any]:
+    async def _run(self, key: str, operation: str, shielded: bool = False) -> list[bytes]:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Any]] = loop.create_future()
+        future: asyncio.Future[list[bytes]] = loop.create_future()
         if not self._pending and self._out is None:  # nothing waiting, nothing out: go after this turn
             loop.call_soon(self._send_batch)
-        self._pending.append((key, arguments, future))
+        self._pending.append((key, operation, future))
         if shielded:
             future.add_done_callback(_retrieved)  # its waiter may be gone: no "never retrieved" log
         try:
@@ -173,20 +176,19 @@ class RedisStore:
             async with asyncio.timeout(self._timeout):
                 if not self._cluster or len(batch) == 1:
                     keys = [key for key, _, _ in batch]
-                    arguments = [argument for _, each, _ in batch for argument in each]
-                    flat: list[Any] = await self._script(keys=keys, args=arguments)
+                    answers: list[Any] = await self._script(keys=keys, args=[operation for _, operation, _ in batch])
                 else:
                     async with self._client.pipeline(transaction=False) as pipe:
-                        calls = [self._script(keys=[key], args=list(each), client=pipe) for key, each, _ in batch]
-                    flat = [value for call in calls for value in await call]
+                        calls = [self._script(keys=[key], args=[operation], client=pipe) for key, operation, _ in batch]
+                    answers = [answer for call in calls for answer in await call]
         except (TimeoutError, RedisError, OSError, RuntimeError):
             for _, _, future in batch:
                 if not future.done():
                     future.set_exception(StoreUnavailable())
             return
-        for i, (_, _, future) in enumerate(batch):
+        for (_, _, future), answer in zip(batch, answers, strict=True):
             if not future.done():  # its request may have been cancelled (client gone, deadline)
-                future.set_result(flat[4 * i : 4 * i + 4])
+                future.set_result(answer.split())
 
     async def ping(self) -> bool:
         try:
@@ -197,6 +199,6 @@ class RedisStore:
         return True
 
 
-def _retrieved(future: asyncio.Future[list[Any]]) -> None:
+def _retrieved(future: asyncio.Future[list[bytes]]) -> None:
     if not future.cancelled():
         future.exception()

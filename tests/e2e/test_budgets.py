@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from ..conftest import GatewayFactory
-from ..harness import Gateway, Mock, RedisCluster, RedisServer
+from ..harness import Gateway, Mock, RedisCluster, RedisServer, wait_until
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -151,7 +151,12 @@ async def test_two_processes_hold_one_budget_under_concurrency(
             assert 10 <= len(admitted) <= 40 and all(used == 12 for used in admitted)
             assert sum(admitted) <= 210 + 10 * 21
             port = server.port if isinstance(server, RedisServer) else server.nodes[0].port
-            assert redis_field(port, "tokens:{shared}", "reserved", kind == "cluster") == "0"
+            # A stream settles once its handler returns, just after its last byte went out.
+            await asyncio.to_thread(
+                wait_until,
+                lambda: redis_field(port, "tokens:{shared}", "reserved", kind == "cluster") == "0",
+                what="every reservation settled",
+            )
             assert int(redis_field(port, "tokens:{shared}", "used", kind == "cluster")) == sum(admitted)
             # What settled usage left is all there to spend (no false 429), from either process.
             room = 210 - sum(admitted)
