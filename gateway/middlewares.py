@@ -293,7 +293,7 @@ def token_budget(budget: TokenBudget, apis: Mapping[str, Api], telemetry: Teleme
         assert tenant is not None and payload is not None, "the tenancy and body middlewares run first"
         if not budget.limit_for(tenant.name):
             return await handler(request)
-        decision = await budget.reserve(tenant.name, tenant.public_id, budget.estimate(api, payload))
+        decision = await budget.reserve(tenant.name, tenant.public_id, await budget.estimate(api, payload))
         if decision is None:  # the store is down, fail-open: admitted, nothing held
             return await handler(request)
         state.tokens = decision

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDictProxy
 
 from gateway.app import SERVER_OPTIONS, create_app
-from gateway.budgets import TokenBudget, completion_bound, estimate, spent
+from gateway.budgets import TokenBudget, completion_bound, spent
 from gateway.config import Settings
 from gateway.errors import BadRequest, StoreUnavailable
 from gateway.limits import Quota
@@ -34,14 +34,20 @@ from .harness import free_port
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
+# A route whose replies are no completion (as /v1/embeddings will be), reading chat's texts.
+EMBEDDINGS = Api("embeddings", "/v1/embeddings", CHAT_API.surface, lambda p, r: None, chat_request_texts, chat_usage)
 AiohttpClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 AiohttpServer = Callable[..., Awaitable[TestServer]]
+
+
+def budget_over(store: MemoryStore, default: int = 100, overrides: dict[str, int] | None = None) -> TokenBudget:
+    return TokenBudget(store, default, overrides or {}, 60, 1024, StoreGuard(True, lambda: None))
 
 
 # --- the estimate ---------------------------------------------------------------------------
 
 
-def test_chat_estimate_counts_the_texts_redaction_reads() -> None:
+async def test_chat_estimate_counts_the_texts_redaction_reads() -> None:
     payload = {
         "model": "m",
         "max_tokens": 100,
@@ -61,11 +67,10 @@ def test_chat_estimate_counts_the_texts_redaction_reads() -> None:
         ],
         "tools": [{"type": "function", "function": {"name": "lookup", "description": "d" * 400}}],
     }
-    budget = TokenBudget(MemoryStore(), 1000, {}, 60, 1024, StoreGuard(True, lambda: None))
-    assert budget.estimate(CHAT_API, payload) == math.ceil(19 / 4) + 100
+    assert await budget_over(MemoryStore()).estimate(CHAT_API, payload) == math.ceil(19 / 4) + 100
 
 
-def test_messages_estimate_counts_system_blocks_tool_results_and_tool_input() -> None:
+async def test_messages_estimate_counts_system_blocks_tool_results_and_tool_input() -> None:
     payload = {
         "model": "claude",
         "max_tokens": 50,
@@ -82,15 +87,34 @@ def test_messages_estimate_counts_system_blocks_tool_results_and_tool_input() ->
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "res"}]},  # 3
         ],
     }
-    budget = TokenBudget(MemoryStore(), 1000, {}, 60, 1024, StoreGuard(True, lambda: None))
-    assert budget.estimate(MESSAGES_API, payload) == math.ceil(13 / 4) + 50
+    assert await budget_over(MemoryStore()).estimate(MESSAGES_API, payload) == math.ceil(13 / 4) + 50
 
 
 @given(st.lists(st.text(max_size=50), max_size=20), st.integers(min_value=0, max_value=10**6))
 def test_the_text_part_is_rounded_once_however_the_text_is_split(texts: list[str], reserve: int) -> None:
-    whole = estimate(["".join(texts)], {}, reserve)
-    assert estimate(texts, {}, reserve) == whole == math.ceil(len("".join(texts)) / 4) + reserve
-    assert estimate(texts, {"max_tokens": 3}, reserve, completion=False) == whole - reserve  # embeddings
+    budget = TokenBudget(MemoryStore(), 1000, {}, 60, reserve, StoreGuard(True, lambda: None))
+
+    def cost(contents: list[str], api: Api = CHAT_API) -> int:
+        payload = {"model": "m", "messages": [{"role": "user", "content": text} for text in contents]}
+        return asyncio.run(budget.estimate(api, payload))
+
+    whole = cost(["".join(texts)])
+    assert cost(texts) == whole == math.ceil(len("".join(texts)) / 4) + reserve
+    assert cost(texts, EMBEDDINGS) == whole - reserve
+
+
+async def test_the_loop_serves_others_while_a_huge_body_is_estimated() -> None:
+    order: list[str] = []
+
+    async def other() -> None:
+        order.append("other")
+
+    payload = {"model": "m", "messages": [{"role": "user", "content": "abcd"}] * 20_000}
+    task = asyncio.create_task(other())
+    assert await budget_over(MemoryStore()).estimate(CHAT_API, payload) == 20_000 + 1024
+    order.append("estimated")
+    await task
+    assert order == ["other", "estimated"]
 
 
 @pytest.mark.parametrize(
@@ -114,23 +138,18 @@ def test_completion_bound(payload: dict[str, Any], bound: int) -> None:
     assert completion_bound(payload, 1024) == bound
 
 
-def test_a_route_without_completions_reserves_its_texts_only() -> None:
-    embeddings = Api(
-        "embeddings", "/v1/embeddings", CHAT_API.surface, lambda p, r: None, chat_request_texts, chat_usage
-    )
-    budget = TokenBudget(MemoryStore(), 1000, {}, 60, 1024, StoreGuard(True, lambda: None))
+async def test_a_route_without_completions_reserves_its_texts_only() -> None:
     payload = {"model": "m", "messages": [{"role": "user", "content": "abcdefgh"}], "max_tokens": 5}
-    assert budget.estimate(embeddings, payload) == 2
+    assert await budget_over(MemoryStore()).estimate(EMBEDDINGS, payload) == 2
 
 
-def test_texts_nested_past_the_stack_are_a_bad_request() -> None:
+async def test_texts_nested_past_the_stack_are_a_bad_request() -> None:
     nested: Any = "deep"
     for _ in range(5000):
         nested = {"k": nested}
     payload = {"model": "c", "messages": [{"role": "user", "content": [{"type": "tool_use", "input": nested}]}]}
-    budget = TokenBudget(MemoryStore(), 1000, {}, 60, 1024, StoreGuard(True, lambda: None))
     with pytest.raises(BadRequest, match="nested too deeply"):
-        budget.estimate(MESSAGES_API, payload)
+        await budget_over(MemoryStore()).estimate(MESSAGES_API, payload)
 
 
 @pytest.mark.parametrize(
@@ -185,10 +204,6 @@ class FailingStore(MemoryStore):
         if self.fail:
             raise StoreUnavailable()
         await super().settle(key, window, reserved, used)
-
-
-def budget_over(store: MemoryStore, default: int = 100, overrides: dict[str, int] | None = None) -> TokenBudget:
-    return TokenBudget(store, default, overrides or {}, 60, 1024, StoreGuard(True, lambda: None))
 
 
 async def test_decisions_remaining_and_settlement() -> None:
