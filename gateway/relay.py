@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from . import sse
-from .errors import GatewayError
+from .errors import GatewayError, UpstreamError
 from .models import Usage
 from .redact import OnRedaction, Redactor, StreamRedactor
 from .surfaces import CHAT, All, Each, Leaf, Path, Spec, Surface, chat_usage, put
@@ -100,8 +100,12 @@ class StreamRelay:
         self.done = False
 
     def feed(self, chunk: bytes) -> bytes:
-        """b"" until an event is complete; then the events' bytes to send."""
-        blocks = self._parser.complete(chunk)
+        """b"" until an event is complete; then the events' bytes to send. An event past the
+        parser's size limit is the upstream's failure (UpstreamError)."""
+        try:
+            blocks = self._parser.complete(chunk)
+        except sse.EventTooLarge as exc:
+            raise UpstreamError(f"upstream sent an event larger than {exc.limit} bytes") from None
         if not blocks:
             return b""
         if self._redactor is None:
