@@ -468,9 +468,10 @@ async def test_a_timeout_releases_the_reservation(start: GatewayFactory, upstrea
 
 async def test_a_request_the_handler_refuses_releases_the_reservation(start: GatewayFactory) -> None:
     gateway = await start(TOKEN_QUOTA="1000")
-    status, headers, _ = await gateway.post({"model": "m", "messages": "not a list", "max_tokens": 90})
-    assert status == 400 and token_headers(headers) == ("1000", str(1000 - 90))
-    assert token_headers((await gateway.post(ask()))[1]) == ("1000", "900")
+    status, headers, body = await gateway.post(ask(logprobs=True))  # refused with redaction on
+    assert status == 400 and body["error"]["code"] == "logprobs_unavailable"
+    assert token_headers(headers) == ("1000", "900")  # it was held...
+    assert token_headers((await gateway.post(ask()))[1]) == ("1000", "900")  # ...and given back
 
 
 async def test_streams_settle_to_the_usage_chunk(start: GatewayFactory, upstream: Upstream) -> None:
@@ -542,3 +543,16 @@ async def test_the_messages_route_settles_and_refuses_in_anthropics_shape(
         "type": "error",
         "error": {"type": "rate_limit_error", "message": "token quota exceeded (limit=200)"},
     }
+
+
+@pytest.mark.parametrize("messages", [5, True, None, "text", {"role": "user"}])
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+async def test_a_body_the_handler_refuses_is_refused_before_anything_is_held(
+    start: GatewayFactory, upstream: Upstream, messages: object, path: str
+) -> None:
+    gateway = await start(TOKEN_QUOTA="1000")
+    status, _, body = await gateway.post({"model": "m", "messages": messages, "max_tokens": 10}, path=path)
+    assert status == 400, body
+    status, headers, _ = await gateway.post(ask())
+    assert status == 200 and token_headers(headers) == ("1000", "900")
+    assert upstream.bodies == [ask()]
