@@ -34,6 +34,25 @@ from .harness import free_port
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
+# Keys the APIs give meaning to: a body built from them reaches every branch of the texts walk.
+KEYS = [
+    "messages",
+    "system",
+    "content",
+    "role",
+    "text",
+    "type",
+    "refusal",
+    "tool_calls",
+    "function",
+    "arguments",
+    "input",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "tool_use",
+    "tool_result",
+]
 # A route whose replies are no completion (as /v1/embeddings will be), reading chat's texts.
 EMBEDDINGS = Api("embeddings", "/v1/embeddings", CHAT_API.surface, lambda p, r: None, chat_request_texts, chat_usage)
 AiohttpClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -101,6 +120,28 @@ def test_the_text_part_is_rounded_once_however_the_text_is_split(texts: list[str
     whole = cost(["".join(texts)])
     assert cost(texts) == whole == math.ceil(len("".join(texts)) / 4) + reserve
     assert cost(texts, EMBEDDINGS) == whole - reserve
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.sampled_from(KEYS),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=5), inner),
+    max_leaves=30,
+)
+
+
+@given(body=st.dictionaries(st.sampled_from(KEYS), JSON), api=st.sampled_from([CHAT_API, MESSAGES_API]))
+def test_any_body_is_an_estimate_or_a_bad_request(body: dict[str, Any], api: Api) -> None:
+    budget = budget_over(MemoryStore())
+    try:
+        cost = asyncio.run(budget.estimate(api, {"model": "m"} | body))
+    except BadRequest:
+        return
+    assert type(cost) is int and cost >= 0
 
 
 async def test_the_loop_serves_others_while_a_huge_body_is_estimated() -> None:
