@@ -523,14 +523,11 @@ async def test_streams_settle_to_the_usage_chunk(start: GatewayFactory, upstream
     assert token_headers((await gateway.post(ask()))[1]) == ("1000", str(1000 - 15 - 100))
 
 
-async def test_a_stream_without_usage_keeps_its_estimate_unless_the_gateway_asks_for_usage(
-    start: GatewayFactory, upstream: Upstream
-) -> None:
+async def test_a_stream_that_did_not_ask_for_usage_settles_to_it(start: GatewayFactory, upstream: Upstream) -> None:
     gateway = await start(TOKEN_QUOTA="1000")
     assert (await gateway.post(ask(stream=True)))[0] == 200
-    remaining = token_headers((await gateway.post(ask()))[1])
-    # 100 held and standing, or settled to 15 where the relay asks the upstream for usage (SPEC §14)
-    assert remaining in {("1000", "800"), ("1000", str(1000 - 15 - 100))}
+    assert upstream.bodies[0]["stream_options"] == {"include_usage": True}  # the gateway asked for it
+    assert token_headers((await gateway.post(ask()))[1]) == ("1000", str(1000 - 15 - 100))
 
 
 async def test_a_client_that_leaves_mid_stream_before_usage_keeps_the_estimate(

@@ -101,6 +101,18 @@ async def test_streams_and_the_messages_route_settle_to_their_usage(start_gatewa
         assert tokens_left(headers) == 1000 - first - 12 - 2 * second - 21
 
 
+async def test_a_stream_that_did_not_ask_for_usage_settles_to_it_all_the_same(
+    start_gateway: GatewayFactory, mock: Mock
+) -> None:
+    gateway = start_gateway(TOKEN_QUOTA="1000")
+    async with aiohttp.ClientSession() as session:
+        status, _, data = await post(session, gateway, ask(stream=True))
+        assert status == 200 and data.endswith(b"data: [DONE]\n\n")
+        assert b'"usage":{' not in data.replace(b" ", b"")  # the gateway asked for it, and kept it back
+        _, headers, _ = await post(session, gateway, ask())
+        assert tokens_left(headers) == 1000 - 12 - 21
+
+
 async def test_an_upstream_error_releases_what_it_held(start_gateway: GatewayFactory, mock: Mock) -> None:
     gateway = start_gateway(TOKEN_QUOTA="100")
     async with aiohttp.ClientSession() as session:
