@@ -124,6 +124,7 @@ class Proxy:
         except RecursionError:
             raise BadRequest("request body is nested too deeply") from None
         changed = False
+        since_yield = 0  # characters redacted since the loop last served others
         for holder, key, json_text in slots:
             text: str = holder[key]
             if json_text or len(text) > YIELD_ABOVE_CHARS:  # long: in slices, serving others in between
@@ -131,6 +132,10 @@ class Proxy:
             else:
                 assert self._memo is not None and state.tenant is not None
                 clean = self._memo.redact(state.tenant.name, text, self._count_request_redactions)
+                since_yield += len(text)
+                if since_yield > YIELD_ABOVE_CHARS:  # many texts add up like one long one (SPEC §6)
+                    since_yield = 0
+                    await asyncio.sleep(0)
             if clean != text:
                 holder[key] = clean
                 changed = True
@@ -177,8 +182,11 @@ class Proxy:
             # Written from what was parsed, whatever its shape: a repeated or escaped key in
             # the upstream's bytes never reaches the client (SPEC §6).
             if isinstance(answer, dict):
-                redact_reply(self._redactor, answer, self._surface.reply_spec, self._count_response_redaction)
-                data = dumps_reply(answer)
+                try:
+                    redact_reply(self._redactor, answer, self._surface.reply_spec, self._count_response_redaction)
+                    data = dumps_reply(answer)
+                except (RecursionError, ValueError):
+                    raise UpstreamError("upstream reply is nested too deeply") from None
             else:
                 text = data.decode("utf-8", "replace")
                 data = self._redactor.redact(text, self._count_response_redaction, json_text=True).encode()

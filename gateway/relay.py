@@ -178,7 +178,7 @@ class StreamRelay:
         surface = self._surface
         if data == surface.done_data:
             self.done = True
-            return self.finish() + event.raw
+            return self.finish() + _with_data(event, data, self._whole)  # its other lines redacted too
         pieces = _shape_of(event.raw)
         chunk = _loads_object(data)
         if chunk is None:
@@ -317,7 +317,7 @@ class StreamRelay:
         text = event.data.decode("utf-8", "replace")
         clean = self._whole(text, True)
         if clean == text and not _has_invalid_utf8(event.data):
-            return event.raw
+            return _with_data(event, event.data, self._whole)  # its other lines redacted too
         return _with_data(event, clean.encode(), self._whole)
 
     def _note(self, chunk: dict[str, Any]) -> None:
@@ -334,7 +334,10 @@ class StreamRelay:
 # from event to event (OpenAI's "obfuscation" pad). Without escapes in an event, a string is
 # what lies between two quotes, so splitting its bytes around these strings leaves its
 # "shape": events of one shape parse alike but for these strings.
-_VOLATILE = re.compile(rb'"(content|refusal|arguments|text|partial_json|thinking|signature|obfuscation)":"([^"\\]*)"')
+_VOLATILE = re.compile(
+    rb'"(content|refusal|arguments|reasoning_content|reasoning|transcript|text|partial_json|thinking|signature'
+    rb'|obfuscation)":"([^"\\]*)"'
+)
 MAX_PLANS = 16  # shapes remembered per stream (a role chunk, text chunks, a tool call's...)
 Step = tuple[Path, Leaf] | None  # a volatile string's: the stream it feeds, or None (a side value)
 Plan = tuple[tuple[Step, ...], list[bytes]]  # the steps, and the bytes between the volatile values

@@ -243,7 +243,25 @@ def _tell(report: int, message: str) -> None:
         os.write(report, " ".join(message.split()).encode()[:4000])
 
 
+class _NoClientBytes(logging.Filter):
+    """aiohttp's server logs a request it cannot parse with the offending bytes (a header line
+    with a stray control character quotes the whole line, a tenant key included): keep the
+    fact, drop the bytes and the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING or record.exc_info:
+            record.msg = "a request could not be parsed and was refused (its bytes are not logged)"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def configure_logging() -> None:
     # Operational messages go to stderr; stdout carries only the JSON request lines.
     logging.getLogger("coredis").setLevel(logging.WARNING)  # it logs every retry at INFO
+    logging.getLogger("aiohttp.server").addFilter(_NoClientBytes())
+    # The SDK's propagator warns on every malformed tracestate, quoting the client's text.
+    logging.getLogger("opentelemetry.trace").setLevel(logging.ERROR)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

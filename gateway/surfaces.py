@@ -130,6 +130,12 @@ _CHAT_MESSAGE: Spec = {
     "content": TEXT,
     "refusal": TEXT,
     "tool_calls": Each({"function": {"arguments": JSON_TEXT}}),
+    "function_call": {"arguments": JSON_TEXT},  # the legacy form of a tool call
+    # What OpenAI-compatible servers stream beside the answer: reasoning (DeepSeek, vLLM,
+    # OpenRouter), an audio reply's transcript.
+    "reasoning_content": TEXT,
+    "reasoning": TEXT,
+    "audio": {"transcript": TEXT},
 }
 
 
@@ -295,6 +301,13 @@ def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
                     yield part, "text", False
         if type(message.get("refusal")) is str:
             yield message, "refusal", False
+        if type(content) is list:
+            for part in content:
+                if type(part) is dict and part.get("type") == "refusal" and type(part.get("refusal")) is str:
+                    yield part, "refusal", False
+        legacy = message.get("function_call")
+        if type(legacy) is dict and type(legacy.get("arguments")) is str:
+            yield legacy, "arguments", True
         calls = message.get("tool_calls")
         for call in calls if type(calls) is list else ():
             function = call.get("function") if type(call) is dict else None

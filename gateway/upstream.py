@@ -194,7 +194,9 @@ class Upstream:
     async def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamReply:
         assert self._session is not None, "Upstream.open() was not awaited"
         try:
-            response = await self._session.post(self._url, data=body, headers=headers)
+            # Never follow a redirect: it would carry the prompt (and on an origin change aiohttp
+            # drops only Authorization, not x-api-key) to wherever the upstream points.
+            response = await self._session.post(self._url, data=body, headers=headers, allow_redirects=False)
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
         return UpstreamReply(response)

@@ -357,12 +357,6 @@ async def test_a_card_with_its_cvv_never_reaches_the_upstream(gateway: Gateway, 
 # --- 2. Request texts the upstream must not see (SPEC §6, §11) --------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §6 (request: refusal, tool-call arguments): an assistant message's legacy "
-    "function_call.arguments and a content part of type 'refusal' reach the upstream unredacted "
-    "(surfaces.py chat_request_texts knows neither)",
-)
 @pytest.mark.parametrize(
     "message",
     [
@@ -474,12 +468,6 @@ async def test_a_repeated_key_means_the_same_thing_upstream(gateway: Gateway, ho
 # --- 4. Hostile upstream events (SPEC §6: never relayed with text in clear) ----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §6: the id:/event: lines and comments of a [DONE] event or of an event whose "
-    "data is not JSON go out as received (relay.py StreamRelay._event returns event.raw for "
-    "[DONE]; _unreadable returns event.raw when the data is unchanged)",
-)
 @pytest.mark.parametrize(
     "event",
     [
@@ -520,13 +508,6 @@ def nested(path: tuple[str, ...], text: str) -> dict[str, Any]:
     return node
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §6 (PII split across deltas is still redacted; an operator expects it of every "
-    "streamed text): text streamed in a delta field the chat surface does not describe is "
-    "redacted event by event (relay.walk scrubs it whole), so an address split across two "
-    "events passes (surfaces.py _CHAT_MESSAGE)",
-)
 @pytest.mark.parametrize("path", [p for p, _ in SIDE_STREAMS], ids=[w for _, w in SIDE_STREAMS])
 async def test_text_streamed_in_other_delta_fields_is_redacted_across_events(
     gateway: Gateway, hostile: Hostile, path: tuple[str, ...]
@@ -539,12 +520,6 @@ async def test_text_streamed_in_other_delta_fields_is_redacted_across_events(
     assert EMAIL not in delta_text(wire, *path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §6 (a mask never breaks the JSON inside arguments): the legacy "
-    "function_call.arguments is not described, so it is redacted as prose and a bare "
-    "number becomes a bare CC_MASKED_LAST4_4242 (surfaces.py _CHAT_MESSAGE)",
-)
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_legacy_function_call_arguments_stay_json(gateway: Gateway, hostile: Hostile, stream: bool) -> None:
     arguments = '{"card": 4242424242424242}'
@@ -678,12 +653,6 @@ async def test_a_silent_upstream_is_cut_with_an_sse_error(start: GatewayFactory,
     assert await gateway.healthy()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 #10 / SPEC §5 (any upstream answer is relayed or a 502, never a 500): a first "
-    "event past sse.MAX_EVENT_BYTES raises EventTooLarge (a ValueError) inside proxy._first_events, "
-    "which only maps TimeoutError/UpstreamError: 500 internal_error with a traceback",
-)
 async def test_an_oversized_first_event_is_a_502(gateway: Gateway, hostile: Hostile) -> None:
     hostile.answer = events_answer(b"data: " + b"a" * (17 * 1024 * 1024))
     status, data = await gateway.chat({"stream": True})
@@ -701,12 +670,6 @@ async def test_an_oversized_later_event_ends_the_stream_with_an_sse_error(gatewa
 # --- 5. Hostile JSON replies --------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 #10 (any upstream JSON gets a relayed reply or a 502, never a 500): a reply "
-    "nested ~1000 deep parses, then relay.redact_reply's walk recurses past the stack; "
-    "proxy.py _json_answer does not catch the RecursionError: 500 with a traceback",
-)
 async def test_a_deeply_nested_json_reply_is_not_a_500(gateway: Gateway, hostile: Hostile) -> None:
     hostile.answer = json_answer(b'{"choices": ' + b"[" * 1000 + b"]" * 1000 + b"}")
     status, data = await gateway.chat({})
@@ -935,13 +898,6 @@ def test_streamed_json_arguments_split_anywhere_stay_json_and_masked(document: s
 # --- 7. Upstream credentials and redirects (SPEC §5: the operator's key goes to its upstream only) --
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §5/§10 (the upstream key never leaves for anyone else): aiohttp follows redirects "
-    "(upstream.py Upstream.post: session.post without allow_redirects=False) and drops only "
-    "Authorization on a change of origin: x-api-key (ANTHROPIC_API_KEY) goes to whatever host "
-    "a 307 names, with the prompt",
-)
 @pytest.mark.parametrize("route", ["chat", "messages"])
 async def test_an_upstream_redirect_never_carries_the_key_elsewhere(
     gateway: Gateway, hostile: Hostile, aiohttp_server: AiohttpServer, route: str

@@ -104,13 +104,6 @@ def many_texts(route: str) -> dict[str, Any]:
     return {"model": "claude", "max_tokens": 5, "messages": [{"role": "assistant", "content": [block]}]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §6 (while an 8 MiB prompt is redacted /healthz answers within 100 ms): "
-    "proxy.py Proxy._redact_request yields to the loop only inside a text longer than "
-    "YIELD_ABOVE_CHARS; 500 texts of 16,000 characters (or 400k short ones) are redacted "
-    "back to back: the loop stalls 1-2 s",
-)
 @pytest.mark.parametrize("route", [CHAT, MESSAGES])
 def test_8_mib_of_many_texts_leaves_healthz_answering(shared_gateway: Gateway, mock: Mock, route: str) -> None:
     with healthz_watch(shared_gateway) as latencies:
