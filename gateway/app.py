@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from . import keys
+from .bodies import BodyBudget
 from .budgets import TokenBudget
 from .config import Settings
 from .lifecycle import Lifecycle
@@ -132,7 +133,13 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         rendered_errors(MappingProxyType(plans)),
         draining(lifecycle),
         tenancy(Tenancy(settings.tenant_key_digests, settings.hash_secret), settings.trusted_proxies),
-        body(settings.max_body_bytes),
+        # Bodies being read at once: one per concurrency slot, or sixteen without a limit.
+        body(
+            settings.max_body_bytes,
+            BodyBudget(settings.max_body_bytes * (settings.max_concurrency or 16)),
+            settings.timeout_secs,
+            telemetry,
+        ),
     ]
     if settings.rps > 0:
         chain.append(rate_limit(TokenBucket(settings.rps, settings.burst), telemetry))

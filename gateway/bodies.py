@@ -44,6 +44,28 @@ class UnsupportedEncoding(GatewayError):
         )
 
 
+class BodyBudget:
+    """How many body bytes may be being read at once, across all requests. A body is read
+    whole before rate limiting (so a refused request names its model), which would let
+    clients that send almost all of a large body and stop hold memory no other limit sees:
+    each read first takes its declared length (or the limit, for a chunked body) from this
+    budget, and a request that does not fit is shed unread."""
+
+    __slots__ = ("_free",)
+
+    def __init__(self, total: int) -> None:
+        self._free = total
+
+    def take(self, size: int) -> bool:
+        if size > self._free:
+            return False
+        self._free -= size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self._free += size
+
+
 def check_length(declared: int | None, limit: int) -> None:
     """A declared Content-Length over the limit is refused before a byte is read."""
     if declared is not None and declared > limit:

@@ -305,12 +305,22 @@ def _parse_header_value(value: str) -> str:
 
 def _parse_tenant_quotas(value: str) -> Mapping[str, int]:
     quotas: dict[str, int] = {}
-    for item in filter(None, (i.strip() for i in value.split(","))):
+    for number, item in enumerate(filter(None, (i.strip() for i in value.split(","))), 1):
         name, sep, limit = item.partition("=")
-        if not sep or not name.strip() or not limit.strip().isdigit():
-            raise EnvError(f"expected tenant=limit pairs like tenantA=5,tenantB=8, got {item!r}")
+        if not sep or not name.strip() or not (limit.strip().isascii() and limit.strip().isdigit()):
+            # Named by its number, never quoted: in open mode a tenant is a key its clients present.
+            raise EnvError(f"entry {number}: expected tenant=limit pairs like tenantA=5,tenantB=8")
         quotas[name.strip()] = int(limit)
     return MappingProxyType(quotas)
+
+
+def _parse_api_key(value: str) -> str:
+    """An upstream key that can be sent as a header as it is (a stray CR from a CRLF .env, or a
+    pasted "…", would fail every request). Never echoed."""
+    value = value.strip()
+    if not all("!" <= c <= "~" for c in value):
+        raise EnvError("the key has a space, a line break or characters outside printable ASCII")
+    return value
 
 
 def _parse_tenant_token_quotas(value: str) -> Mapping[str, int]:
@@ -515,12 +525,12 @@ def _read(env: Env, otel_in_file: list[str]) -> Settings:
     hash_secret = env.str("HASH_SECRET", None)
     if hash_identifiers and not hash_secret:
         r.errors["HASH_SECRET"] = "required when HASH_IDENTIFIERS=true"
-    api_key = env.str("OPENAI_API_KEY", None) or None
+    api_key = r.custom("OPENAI_API_KEY", _parse_api_key, None) or None
     if api_key and "OPENAI_BASE_URL" not in r.errors and urlsplit(base_url).netloc.rpartition("@")[1]:
         # aiohttp refuses a request that has both, so every request would fail.
         r.errors["OPENAI_BASE_URL"] = "user info in the URL and OPENAI_API_KEY cannot both be sent (drop one)"
 
-    anthropic_key = env.str("ANTHROPIC_API_KEY", None) or None
+    anthropic_key = r.custom("ANTHROPIC_API_KEY", _parse_api_key, None) or None
     _check_sampler(sdk_environment, r.errors)
 
     store_timeout_ms = env.int("STORE_TIMEOUT_MS", 250, validate=positive)

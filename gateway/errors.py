@@ -98,6 +98,13 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    message = "the request body did not arrive in time"
+
+
 class RateLimited(GatewayError):
     status = 429
     type = "rate_limit_error"

@@ -34,6 +34,7 @@ from .errors import (
     PayloadTooLarge,
     QuotaExceeded,
     RateLimited,
+    RequestTimeout,
     ShuttingDown,
 )
 from .keys import ADMITTED, STARTED, STATE
@@ -190,20 +191,33 @@ def tenancy(tenants: Tenancy, trusted_proxies: tuple[object, ...]) -> Middleware
     return identify
 
 
-def body(max_bytes: int) -> Middleware:
-    """The body read once, decoded and parsed (bodies.py) into the request's state."""
+def body(max_bytes: int, budget: bodies.BodyBudget, read_timeout: float, telemetry: Telemetry) -> Middleware:
+    """The body read once, decoded and parsed (bodies.py) into the request's state: within
+    the bytes budget for bodies being read (else shed unread, 503) and within `read_timeout`
+    (else 408), so stalled uploads hold neither memory nor a connection for long."""
+    metrics = telemetry.metrics
 
     @web.middleware
     async def read_body(request: web.Request, handler: Handler) -> web.StreamResponse:
         state = request.get(ADMITTED)
         if state is not None:
-            bodies.check_length(request.content_length, max_bytes)
+            declared = request.content_length
+            bodies.check_length(declared, max_bytes)
+            size = declared if declared is not None else max_bytes
+            if not budget.take(size):
+                metrics.cb_event("load_shed")
+                raise Overloaded(headers=_RETRY_NOW)
             try:
-                raw = await request.read()  # aiohttp holds it to client_max_size (= max_bytes)
+                async with asyncio.timeout(read_timeout):
+                    raw = await request.read()  # aiohttp holds it to client_max_size (= max_bytes)
             except web.HTTPRequestEntityTooLarge:
                 raise bodies.too_large(max_bytes) from None
             except web.RequestPayloadError:  # a broken chunked encoding, a short body
                 raise BadRequest("the request body could not be read", code="invalid_body") from None
+            except TimeoutError:
+                raise RequestTimeout() from None
+            finally:
+                budget.give_back(size)
             headers = request.headers
             coding = headers.get("Content-Encoding")
             if coding is not None and len(codings := headers.getall("Content-Encoding")) > 1:

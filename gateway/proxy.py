@@ -254,9 +254,12 @@ class Proxy:
                 # The client hung up between our writes (not always seen as a cancellation):
                 # the upstream is cut below, and nobody is left to answer.
                 state.client_gone = True
-            state.usage, state.response_model = relay.usage, relay.response_model
             return response
         finally:
+            # Even when the client left (a cancellation): usage that arrived settles its tokens.
+            if relay.usage_final:
+                state.usage = relay.usage
+            state.response_model = relay.response_model
             if reply is not None:
                 reply.close()  # an unfinished upstream stream is cut: the LLM stops generating
 

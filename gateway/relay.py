@@ -72,6 +72,7 @@ class StreamRelay:
         "_surface",
         "_usage_counts",
         "done",
+        "usage_final",
         "response_model",
         "usage",
     )
@@ -96,6 +97,7 @@ class StreamRelay:
         self._last_plan: Plan | None = None
         self.usage: Usage | None = None
         self._usage_counts: dict[str, int] = {}  # the surface's, for usage reported in parts
+        self.usage_final = False  # the usage is the reply's last word (not message_start's first count)
         self.response_model: str | None = None
         self.done = False
 
@@ -322,7 +324,10 @@ class StreamRelay:
 
     def _note(self, chunk: dict[str, Any]) -> None:
         surface = self._surface
-        self.usage = surface.usage(chunk, self.usage, self._usage_counts)
+        usage = surface.usage(chunk, self.usage, self._usage_counts)
+        if usage is not self.usage:
+            self.usage = usage
+            self.usage_final = surface.usage_is_final(chunk)
         if type(chunk.get("type")) is str and chunk["type"] in surface.done_types:
             self.done = True
         model = chunk.get("model")

@@ -98,6 +98,10 @@ class Surface:
         """An event that carries only usage (the one a gateway's own usage request adds)."""
         return False
 
+    def usage_is_final(self, event: dict[str, Any]) -> bool:
+        """Whether the usage this event reported is the reply's final count."""
+        return True
+
 
 def put(root: dict[str, Any], path: Path, text: str) -> None:
     """Append `text` to the string at `path`, creating what is missing on the way (an int
@@ -255,6 +259,9 @@ class MessagesSurface(Surface):
         if prompt is None and completion is None:
             return before
         return Usage(prompt or 0, completion or 0)
+
+    def usage_is_final(self, event: dict[str, Any]) -> bool:
+        return event.get("type") == "message_delta"  # message_start's output count is provisional
 
     def error_event(self, error: GatewayError) -> bytes:
         return b"event: error\ndata: " + error.anthropic()[1] + b"\n\n"

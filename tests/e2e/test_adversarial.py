@@ -314,15 +314,6 @@ def rss_kib(gateway: Gateway) -> int:
     raise AssertionError("no VmRSS")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §4 (shedding and the rate limit come before anything costly; per-request "
-    "state bounded) and the unit's MemoryMax=512M: the body middleware reads every body "
-    "whole before the rate limit and MAX_CONCURRENCY are asked (app.py chain order), with "
-    "no read deadline; a client that sends 8 MiB less one byte and stops holds ~14 MiB of "
-    "the gateway each: ~35 such connections, from one key at RPS=1 and MAX_CONCURRENCY=1, "
-    "get the process killed",
-)
 def test_stalled_bodies_cannot_grow_the_gateway_past_its_limits(start_gateway: GatewayFactory) -> None:
     gateway = start_gateway(MAX_CONCURRENCY="1", RPS="1", BURST="1")
     before = rss_kib(gateway)
@@ -364,35 +355,19 @@ def check_config(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §2 (a bad value stops start-up with one line, exit 2): an upstream key that "
-    "cannot be sent as it is (a stray CR from a CRLF .env, a pasted '…') is accepted (config.py "
-    "_read leaves OPENAI_API_KEY/ANTHROPIC_API_KEY unchecked, while OPENAI_ORGANIZATION is "
-    "checked): with a CR every request is a 500 with a traceback; '…' goes out as UTF-8 and "
-    "the provider's 401 becomes a 502",
-)
 @pytest.mark.parametrize("value", ["sk-abc…def", "sk-abc\rdef"], ids=["ellipsis", "carriage-return"])
 def test_an_unsendable_upstream_key_stops_start_up(tmp_path: Path, value: str) -> None:
     result = check_config(tmp_path, OPENAI_API_KEY=value)
     assert result.returncode == 2 and "OPENAI_API_KEY" in result.stderr
 
 
-def test_an_unsendable_upstream_key_never_shows_in_logs_or_errors(start_gateway: GatewayFactory, mock: Mock) -> None:
-    gateway = start_gateway(OPENAI_API_KEY="sk-abc\r-secretpart")
-    status, _, data = post(gateway, CHAT, {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
-    print(f"\nan upstream key with a CR: {status} {data[:100]!r}")  # 500 today: see the start-up test
-    gateway.stop()
-    written = gateway.process.output() + gateway.process.errors() + data.decode("utf-8", "replace")
-    assert "secretpart" not in written
+def test_an_unsendable_upstream_key_never_shows_in_logs_or_errors(tmp_path: Path) -> None:
+    # Refused at start-up (see above), and the refusal does not quote it.
+    result = check_config(tmp_path, OPENAI_API_KEY="sk-abc\r-secretpart")
+    assert result.returncode == 2 and "OPENAI_API_KEY" in result.stderr
+    assert "secretpart" not in result.stdout + result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §2/§4 (open mode: a tenant is its key, a secret; --check-config masks tenant "
-    "names there): a malformed TENANT_QUOTAS item is echoed whole in the error "
-    "(config.py _parse_tenant_quotas: got {item!r})",
-)
 def test_a_bad_tenant_quotas_item_is_not_echoed(tmp_path: Path) -> None:
     result = check_config(tmp_path, TENANT_QUOTAS="sk-live-4f9a2b:5")
     assert result.returncode == 2 and "TENANT_QUOTAS" in result.stderr
