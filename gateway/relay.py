@@ -72,9 +72,9 @@ class StreamRelay:
         "_surface",
         "_usage_counts",
         "done",
-        "usage_final",
         "response_model",
         "usage",
+        "usage_final",
     )
 
     def __init__(
