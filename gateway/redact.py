@@ -38,26 +38,40 @@ MAX_MATCH = 80  # longest possible match plus look-ahead; the bound on held-back
 _CONTEXT = 2  # characters of look-behind the patterns need
 
 # ASCII classes throughout: \d and \w would also take other scripts' digits and letters.
-_EMAIL = (
-    r"(?<![A-Za-z0-9._%+*@-])[A-Za-z0-9._%+-]{1,32}"  # not after "*": masks stay masks
-    r"@[A-Za-z0-9][A-Za-z0-9.-]{0,30}\.[A-Za-z]{2,10}(?![A-Za-z0-9@-]|\.[A-Za-z0-9])"
-)
-# Payment cards: 13-19 digits in groups, issuer prefixes 2-6 (timestamps start with 1).
-_CARD = r"(?<![A-Za-z0-9_.,-])[2-6][0-9]{3}(?:[ -]?[0-9]){9,15}(?![A-Za-z0-9_-]|[.,][0-9])"
-# Phones: international (+CC ...) or North American with separators; bare digit runs
-# (order numbers, timestamps) and dates never qualify. A bracket belongs to a phone only
-# in a pair around a group, as in "+44 (0)20": "(call +1 415 555 2671)" keeps its ")".
-# A group's digits are possessive: backtracking into them only ever tried more, shorter
-# groups, which find no end a digit run does not already offer (a "+" and 25 digits took
-# ~250 µs a try), and changes nothing but the span of a "+" number too short to be a phone.
-_PHONE = (
-    r"(?<![A-Za-z0-9_+.-])(?:\+[1-9][0-9]{0,2}(?:[ .-]?(?:\([0-9]{1,4}\)|[0-9]{1,4}+)){2,5}"
-    r"|(?:\([2-9][0-9]{2}\) ?|[2-9][0-9]{2}[ .-])[2-9][0-9]{2}[ .-][0-9]{4})(?![A-Za-z0-9_-]|[.,][0-9])"
-)
-_IBAN = r"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])"
-_SSN = r"(?<![A-Za-z0-9_-])(?!000|666|9)[0-9]{3}-(?!00)[0-9]{2}-(?!0000)[0-9]{4}(?![A-Za-z0-9_-])"
-
-_PATTERNS = {"email": _EMAIL, "card": _CARD, "phone": _PHONE, "iban": _IBAN, "ssn": _SSN}
+# Each kind: (look-behind, body, look-ahead); a match is the three in a row.
+_CARD_AHEAD = r"(?![A-Za-z0-9_-]|[.,][0-9])"
+_PARTS = {
+    "email": (
+        r"(?<![A-Za-z0-9._%+*@-])",  # not after "*": masks stay masks
+        r"[A-Za-z0-9._%+-]{1,32}@[A-Za-z0-9][A-Za-z0-9.-]{0,30}\.[A-Za-z]{2,10}",
+        r"(?![A-Za-z0-9@-]|\.[A-Za-z0-9])",
+    ),
+    # Payment cards: 13-19 digits in groups, issuer prefixes 2-6 (timestamps start with 1).
+    "card": (r"(?<![A-Za-z0-9_.,-])", r"[2-6][0-9]{3}(?:[ -]?[0-9]){9,15}", _CARD_AHEAD),
+    # Phones: international (+CC ...) or North American with separators; bare digit runs
+    # (order numbers, timestamps) and dates never qualify. A bracket belongs to a phone only
+    # in a pair around a group, as in "+44 (0)20": "(call +1 415 555 2671)" keeps its ")".
+    # A group's digits are possessive: backtracking into them only ever tried more, shorter
+    # groups, which find no end a digit run does not already offer (a "+" and 25 digits took
+    # ~250 µs a try), and changes nothing but the span of a "+" number too short to be a phone.
+    "phone": (
+        r"(?<![A-Za-z0-9_+.-])",
+        r"(?:\+[1-9][0-9]{0,2}(?:[ .-]?(?:\([0-9]{1,4}\)|[0-9]{1,4}+)){2,5}"
+        r"|(?:\([2-9][0-9]{2}\) ?|[2-9][0-9]{2}[ .-])[2-9][0-9]{2}[ .-][0-9]{4})",
+        _CARD_AHEAD,
+    ),
+    "iban": (
+        r"(?<![A-Za-z0-9])",
+        r"[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?",
+        r"(?![A-Za-z0-9])",
+    ),
+    "ssn": (
+        r"(?<![A-Za-z0-9_-])",
+        r"(?!000|666|9)[0-9]{3}-(?!00)[0-9]{2}-(?!0000)[0-9]{4}",
+        r"(?![A-Za-z0-9_-])",
+    ),
+}
+_PATTERNS = {kind: "".join(parts) for kind, parts in _PARTS.items()}
 ALL_KINDS = tuple(_PATTERNS)
 
 
@@ -110,7 +124,7 @@ def _luhn_ok(digits: str) -> bool:
     return (sum(odd.encode()) + sum(even.encode()) - 48 * len(digits)) % 10 == 0
 
 
-def _mask_email(text: str) -> str | None:
+def _mask_email(text: str) -> str:
     """j***e@example.com: only letters of the local part are kept, never digits."""
     local, _, domain = text.partition("@")
     first = local[0] if local[0].isalpha() else ""
@@ -158,6 +172,50 @@ _MASKERS: dict[str, Callable[[str], str | None]] = {
 
 OnRedaction = Callable[[str], None]  # called with the kind of each redaction
 
+# A decision at one start: (start, end, kind, mask); mask None for a candidate that failed
+# its check at every length (end is then its start): a look-alike, left as it is.
+Found = tuple[int, int, str, "str | None"]
+
+_SHORTER = ("card", "phone", "iban")  # kinds that end at a group: a failed span may hold a shorter one
+_GROUPED = ("card", "phone")  # kinds that must not swallow the start of another card or phone
+_BREAK = re.compile(r"[^0-9A-Za-z]")  # where a shorter span of a grouped kind can end
+_INNER_START = re.compile(r"(?<=[^0-9A-Za-z])[0-9(]")  # where a card or phone can start inside one
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """One of the digit kinds: its pattern whole, and its body and look-ahead alone, to try
+    the shorter spans of a candidate that failed its check (or that swallows another)."""
+
+    name: str
+    pattern: re.Pattern[str]
+    body: re.Pattern[str]
+    ahead: re.Pattern[str]
+    mask: Callable[[str], str | None]
+
+    @classmethod
+    def build(cls, name: str) -> _Kind:
+        behind, body, ahead = _PARTS[name]
+        return cls(name, re.compile(behind + body + ahead), re.compile(body), re.compile(ahead), _MASKERS[name])
+
+    def spans(self, text: str, start: int, end: int) -> list[tuple[int, str]]:
+        """The (end, mask) of every valid match of this kind at `start`, longest first;
+        `end`: the end of its longest candidate there (a candidate's shorter spans end
+        inside it, at a group's end, where the look-ahead holds)."""
+        masked = self.mask(text[start:end])
+        spans = [(end, masked)] if masked is not None else []
+        if self.name in _SHORTER:
+            for b in reversed([m.start() for m in _BREAK.finditer(text, start + 1, end)]):
+                if self.ahead.match(text, b) is not None and self.body.fullmatch(text, start, b) is not None:
+                    masked = self.mask(text[start:b])
+                    if masked is not None:
+                        spans.append((b, masked))
+        return spans
+
+    def valid_at(self, text: str, start: int) -> bool:
+        m = self.pattern.match(text, start)
+        return m is not None and bool(self.spans(text, start, m.end()))
+
 
 @dataclass(frozen=True, slots=True)
 class Redactor:
@@ -170,6 +228,7 @@ class Redactor:
 
     email: re.Pattern[str] | None
     others: re.Pattern[str] | None  # card | phone | iban | ssn, the enabled ones, in that order
+    kinds: tuple[_Kind, ...]  # the same kinds, one by one
 
     def redact(self, text: str, on_redaction: OnRedaction | None = None, json_text: bool = False) -> str:
         """The text redacted. `json_text`: the text is a JSON document (tool-call arguments),
@@ -184,12 +243,13 @@ class Redactor:
             return text[pos:]
         pieces: list[str] = []
         copied = pos
-        for m in self._matches(text, pos):
-            masked = _masked(m, on_redaction)
+        for start, end, kind, masked in self._matches(text, pos):
             if masked is not None:
-                pieces.append(text[copied : m.start()])
+                if on_redaction is not None:
+                    on_redaction(kind)
+                pieces.append(text[copied:start])
                 pieces.append(masked)
-                copied = m.end()
+                copied = end
         pieces.append(text[copied:])
         return "".join(pieces)
 
@@ -202,27 +262,36 @@ class Redactor:
             return text
         return self.settle_json(view, text, 0, len(view), True, False, on_redaction)[0]
 
-    def _matches(self, text: str, pos: int) -> Iterator[re.Match[str]]:
-        """Candidates in order, each one searched from the end of the previous one."""
-        email_next: re.Match[str] | None = None
-        other_next: re.Match[str] | None = None
+    def _matches(self, text: str, pos: int) -> Iterator[Found]:
+        """Matches in order, each one searched from the end of the previous one, and the
+        candidates that failed their check at every length between them (mask None: a
+        stream must still hold one near its end). After a failed candidate the search goes
+        on from its next character, not its end: a card, or a phone, may start inside it."""
+        email_next: Found | None = None
+        other_next: Found | None = None
         email_done = self.email is None
         other_done = self.others is None
+        other_pos = pos  # where the search for the other kinds goes on (after a failed one)
         run_end = 0  # where the run of the last candidate of the other kinds ends
         while True:
-            if not email_done and (email_next is None or email_next.start() < pos):
-                email_next = self._next_email(text, pos)
-                email_done = email_next is None
-            if not other_done and (other_next is None or other_next.start() < pos):
-                other_next, run_end = self._next_other(text, pos, run_end)
+            if not email_done and (email_next is None or email_next[0] < pos):
+                found = self._next_email(text, pos)
+                email_done = found is None
+                if found is not None:
+                    email_next = (found.start(), found.end(), "email", _mask_email(found.group()))
+            if not other_done and (other_next is None or other_next[0] < pos):
+                other_next, run_end = self._next_other(text, other_pos if other_pos > pos else pos, run_end)
                 other_done = other_next is None
             best = email_next if not email_done else None
-            if not other_done and (best is None or other_next.start() < best.start()):  # type: ignore[union-attr]
+            if not other_done and (best is None or other_next[0] < best[0]):  # type: ignore[index]
                 best = other_next  # on a tie the email wins: it comes first in the alternation
             if best is None:
                 return
             yield best
-            pos = best.end()
+            if best[3] is None:
+                other_pos, other_next = best[0] + 1, None
+            else:
+                pos = best[1]
 
     def hold(self, text: str, pos: int) -> int:
         """Where the tail that more text could still turn into (part of) a match begins: the
@@ -267,26 +336,70 @@ class Redactor:
             return _DIGIT_RUN.search(text, pos) is not None
         return text[pos:].encode("utf-8", "surrogatepass").translate(_RUN_MAP).find(_LONG_RUN) >= 0
 
-    def _next_other(self, text: str, pos: int, run_end: int) -> tuple[re.Match[str] | None, int]:
-        """`others.search(text, pos)` and the end of the run it lies in, looking only inside
-        the runs a match could lie in. `run_end`: the end of the run the previous candidate
-        lay in. Searching on from inside that run, rather than finding the run again, keeps
-        a long run (1 MB of "4242 ") one pass instead of one pass per candidate in it."""
+    def _next_other(self, text: str, pos: int, run_end: int) -> tuple[Found | None, int]:
+        """The decision (`_decide`) at the first candidate of the other kinds from pos, and
+        the end of the run it lies in, looking only inside the runs a match could lie in.
+        `run_end`: the end of the run the previous candidate lay in. Searching on from
+        inside that run, rather than finding the run again, keeps a long run (1 MB of
+        "4242 ") one pass instead of one pass per candidate in it."""
         assert self.others is not None
         if pos < run_end:
             # Every match is at least as long as a run must be, so a match in the rest of
             # this run is one the run search from pos would have found: same result.
             m = self.others.search(text, pos, run_end + 2)  # +2: the look-ahead past its end
             if m is not None:
-                return m, run_end
+                return self._decide(text, m), run_end
             pos = run_end
         while (run := _DIGIT_RUN.search(text, pos)) is not None:
             end = run.end()
             m = self.others.search(text, run.start(), end + 2)
             if m is not None:
-                return m, end
+                return self._decide(text, m), end
             pos = end
         return None, len(text)
+
+    def _decide(self, text: str, m: re.Match[str]) -> Found:
+        """What is masked at m's start: the first kind, in the alternation's order, with a
+        valid span there, and its longest one, except that a card or phone never swallows
+        the start of another (a card's CVV, a phone's next number, a card after a phone).
+        Reads no further than MAX_MATCH from the start: a span ends within 39 characters
+        of it, and a card or phone starting inside one within 41 of that start."""
+        start = m.start()
+        first = m.lastgroup
+        seen = False
+        for kind in self.kinds:
+            if not seen:
+                if kind.name != first:
+                    continue
+                seen = True
+                end = m.end()
+            else:
+                other = kind.pattern.match(text, start)
+                if other is None:
+                    continue
+                end = other.end()
+            spans = kind.spans(text, start, end)
+            if spans and kind.name in _GROUPED:
+                spans = self._unswallowed(kind.name, text, start, spans)
+            if spans:
+                return start, spans[0][0], kind.name, spans[0][1]
+        return start, start, first or "", None
+
+    def _unswallowed(self, name: str, text: str, start: int, spans: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        """`spans` (longest first) without those that take in the start of a valid card or
+        phone lying past the shortest span's end ("4242 4242 4242 4242 123 415 555 2671"),
+        and for a phone, without those that take in the start of any valid card: a phone's
+        trailing groups are then the card's leading ones."""
+        shortest, longest = spans[-1][0], spans[0][0]
+        for q in _INNER_START.finditer(text, start + 1, longest):
+            at = q.start()
+            past = at >= shortest
+            for kind in self.kinds:
+                # A card anywhere in a phone; a card or phone past the shortest span of either.
+                counts = past if kind.name == "phone" else kind.name == "card" and (past or name == "phone")
+                if counts and kind.valid_at(text, at):
+                    return [span for span in spans if span[0] <= at]
+        return spans
 
     def _next_email(self, text: str, pos: int) -> re.Match[str] | None:
         assert self.email is not None
@@ -332,15 +445,18 @@ class Redactor:
         more text comes, so every match is complete (`hold` is then the end)."""
         n = len(text)
         pieces: list[str] = []
-        for m in self._matches(text, pos):
-            if m.start() >= hold:
+        for start, end, kind, masked in self._matches(text, pos):
+            if start >= hold:
                 break
-            if m.start() + MAX_MATCH > n and not final:
-                hold = m.start()
+            if start + MAX_MATCH > n and not final:
+                hold = start
                 break
-            masked = _masked(m, on_redaction)
-            pieces.append(text[pos : m.end()] if masked is None else text[pos : m.start()] + masked)
-            pos = m.end()
+            if masked is not None:
+                if on_redaction is not None:
+                    on_redaction(kind)
+                pieces.append(text[pos:start])
+                pieces.append(masked)
+                pos = end
         settled = max(hold, pos)
         pieces.append(text[pos:settled])
         return "".join(pieces), settled
@@ -363,19 +479,13 @@ class Redactor:
         n = len(view)
         pieces: list[str] = []
         counted = pos  # in_string is the state at `counted`
-        for m in self._matches(view, pos):
-            start, end = m.span()
+        for start, end, kind, masked in self._matches(view, pos):
             if start >= hold:
                 break
             if start + MAX_MATCH > n and not final:
                 hold = start
                 break
-            kind = m.lastgroup
-            assert kind is not None
-            masked = _MASKERS[kind](text[start:end])
-            if masked is None:
-                pieces.append(text[pos:end])
-            else:
+            if masked is not None:  # made from the view: equal to the text in a match's span
                 if on_redaction is not None:
                     on_redaction(kind)
                 if view.count('"', counted, start) & 1:
@@ -383,7 +493,7 @@ class Redactor:
                 counted = start
                 pieces.append(text[pos:start])
                 pieces.append(masked if in_string else f'"{masked}"')  # a bare number becomes a string
-            pos = end
+                pos = end
         settled = max(hold, pos)
         pieces.append(text[pos:settled])
         if view.count('"', counted, settled) & 1:
@@ -396,22 +506,13 @@ def build_redactor(kinds: Iterable[str]) -> Redactor | None:
     chosen = tuple(k for k in ALL_KINDS if k in set(kinds))
     if not chosen:
         return None
-    email = re.compile(f"(?P<email>{_EMAIL})") if "email" in chosen else None
+    email = re.compile(f"(?P<email>{_PATTERNS['email']})") if "email" in chosen else None
     rest = [k for k in chosen if k != "email"]
     # The look-ahead rejects most positions (letters, spaces) in one step.
     others = (
         re.compile("(?=[0-9+(A-Z])(?:" + "|".join(f"(?P<{k}>{_PATTERNS[k]})" for k in rest) + ")") if rest else None
     )
-    return Redactor(email, others)
-
-
-def _masked(match: re.Match[str], on_redaction: OnRedaction | None) -> str | None:
-    kind = match.lastgroup
-    assert kind is not None
-    masked = _MASKERS[kind](match.group())
-    if masked is not None and on_redaction is not None:
-        on_redaction(kind)
-    return masked  # None: a look-alike (failed checksum), left as it is
+    return Redactor(email, others, tuple(_Kind.build(k) for k in rest))
 
 
 class StreamRedactor:

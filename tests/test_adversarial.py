@@ -259,11 +259,6 @@ SWALLOWED = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §6: Luhn-valid cards and phones are detected; a rejected longer candidate "
-    "(redact.py Redactor._matches: pos = best.end() after a failed check) swallows them",
-)
 @pytest.mark.parametrize(("text", "clear"), [c[:2] for c in SWALLOWED], ids=[c[2] for c in SWALLOWED])
 def test_pii_next_to_more_digits_is_still_masked(text: str, clear: str) -> None:
     assert clear not in REDACTOR.redact(text)
@@ -347,7 +342,6 @@ def test_what_is_masked_and_what_passes(text: str, masked: str | None) -> None:
     assert REDACTOR.redact(text) == (masked if masked is not None else text)
 
 
-@pytest.mark.xfail(strict=True, reason="SPEC §6 through the gateway: a card followed by its CVV reaches the upstream")
 async def test_a_card_with_its_cvv_never_reaches_the_upstream(gateway: Gateway, hostile: Hostile) -> None:
     status, _ = await gateway.chat({"messages": [{"role": "user", "content": "pay 4242 4242 4242 4242 123 now"}]})
     assert status == 200
