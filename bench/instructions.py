@@ -34,6 +34,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], str, dict[str, str]]] = {
     "json": (run.JSON_BODY, "json", {}),
     "stream": (run.STREAM_BODY, "sse", {}),
     "unredacted": (run.STREAM_BODY, "sse", {"REDACT_KINDS": ""}),  # what streaming redaction costs
+    "openai": (run.STREAM_BODY, "openai", {}),  # OpenAI's real chunk layout
     "paced": (run.STREAM_BODY, "paced", {}),  # one event per read: the per-event path
 }
 
@@ -74,12 +75,12 @@ def main() -> None:
             sys.exit(f"needs {tool}")
     chosen = sys.argv[1:] or list(SCENARIOS)
     tmp = Path(tempfile.mkdtemp(prefix="instructions-"))
-    json_port, sse_port, paced_port = (run.free_port() for _ in range(3))
+    json_port, sse_port, openai_port, anthropic_port, paced_port = (run.free_port() for _ in range(5))
     helpers = [
-        run.nginx(tmp, json_port, sse_port),
+        run.nginx(tmp, {"json": json_port, "sse": sse_port, "openai": openai_port, "anthropic": anthropic_port}),
         run.Proc(["node", str(run.ROOT / "bench" / "paced_upstream.js")], run.LOAD_CPU, {"PORT": str(paced_port)}),
     ]
-    upstreams = {"json": json_port, "sse": sse_port, "paced": paced_port}
+    upstreams = {"json": json_port, "sse": sse_port, "openai": openai_port, "paced": paced_port}
     print(f"thousands of instructions per request (callgrind), {REQUESTS} requests, 10 at a time")
     print("| scenario | bare relay | gateway | bare / gateway |\n|---|---|---|---|")
     try:

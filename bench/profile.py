@@ -22,6 +22,7 @@ SCENARIOS = {
     "json": (run.JSON_BODY, "json", {}),
     "unique": (run.UNIQUE_BODY, "json", {}),  # a new prompt every request: the memo never hits
     "stream": (run.STREAM_BODY, "sse", {}),
+    "unredacted": (run.STREAM_BODY, "sse", {"REDACT_KINDS": ""}),
     "openai": (run.STREAM_BODY, "openai", {}),  # OpenAI's real chunk layout
     "anthropic": (run.MESSAGES_BODY, "anthropic", {}),  # through /v1/messages
     "redis": (run.JSON_BODY, "json", {"REDIS_URL": "redis"}),

@@ -153,6 +153,13 @@ class StreamRelay:
     def _unredacted(self, blocks: bytes) -> bytes:
         """Redaction off: the events go out as received; only usage and the end are looked for
         (and a usage chunk the client did not ask for is left out)."""
+        surface = self._surface
+        if blocks.find(b'"usage"') < 0 and not surface.done_types:  # most reads: one search
+            done = surface.done_data
+            if done is not None:  # an event of just its data line, at an event boundary (it is last)
+                event = b"data: " + done + b"\n\n"
+                self.done = blocks.startswith(event) or blocks.rfind(b"\n\n" + event) >= 0
+            return blocks
         hidden: list[bytes] = []
         for event in sse.parse_blocks(blocks):
             data = event.data
