@@ -31,7 +31,7 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "4"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "50"))
 STREAMS = int(os.environ.get("BENCH_STREAMS", "500"))
 ONLY = set(
-    os.environ.get("BENCH_ONLY", "json,unique,stream,openai,anthropic,unredacted,redis,tracing,paced").split(",")
+    os.environ.get("BENCH_ONLY", "json,unique,stream,openai,anthropic,unredacted,redis,budgets,tracing,paced").split(",")
 )
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROMPT = (
@@ -456,6 +456,14 @@ def run() -> list[dict[str, Any]]:
                 json_port,
                 JSON_BODY,
                 REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+            )
+        if "budgets" in ONLY:  # SPEC §14 on Redis: a reserve before and a settle after each request
+            wrk_pair(
+                "non-stream, quotas and token budgets on redis-server",
+                json_port,
+                JSON_BODY,
+                REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+                TOKEN_QUOTA="1000000000000",
             )
         if "tracing" in ONLY:
             # Every request sampled (the SDK's default sampler, set here so an OTEL_TRACES_SAMPLER
