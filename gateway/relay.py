@@ -157,8 +157,9 @@ class StreamRelay:
         if blocks.find(b'"usage"') < 0 and not surface.done_types:  # most reads: one search
             done = surface.done_data
             if done is not None:  # an event of just its data line, at an event boundary (it is last)
-                event = b"data: " + done + b"\n\n"
-                self.done = blocks.startswith(event) or blocks.rfind(b"\n\n" + event) >= 0
+                done_event = b"data: " + done + b"\n\n"
+                if blocks.startswith(done_event) or blocks.rfind(b"\n\n" + done_event) >= 0:
+                    self.done = True
             return blocks
         hidden: list[bytes] = []
         for event in sse.parse_blocks(blocks):
