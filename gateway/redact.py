@@ -40,6 +40,8 @@ _CONTEXT = 2  # characters of look-behind the patterns need
 # ASCII classes throughout: \d and \w would also take other scripts' digits and letters.
 # Each kind: (look-behind, body, look-ahead); a match is the three in a row.
 _CARD_AHEAD = r"(?![A-Za-z0-9_-]|[.,][0-9])"
+# Groups are also set apart by no-break spaces (U+00A0, U+202F: word processors, French).
+_SPACE = " \u00a0\u202f"
 _PARTS = {
     "email": (
         r"(?<![A-Za-z0-9._%+*@-])",  # not after "*": masks stay masks
@@ -47,18 +49,21 @@ _PARTS = {
         r"(?![A-Za-z0-9@-]|\.[A-Za-z0-9])",
     ),
     # Payment cards: 13-19 digits in groups, issuer prefixes 2-6 (timestamps start with 1).
-    "card": (r"(?<![A-Za-z0-9_.,-])", r"[2-6][0-9]{3}(?:[ -]?[0-9]){9,15}", _CARD_AHEAD),
+    "card": (r"(?<![A-Za-z0-9_.,-])", rf"[2-6][0-9]{{3}}(?:[{_SPACE}-]?[0-9]){{9,15}}", _CARD_AHEAD),
     # Phones: international (+CC ...) or North American with separators; bare digit runs
     # (order numbers, timestamps) and dates never qualify. A bracket belongs to a phone only
     # in a pair around a group, as in "+44 (0)20": "(call +1 415 555 2671)" keeps its ")".
     # A group's digits are possessive: backtracking into them only ever tried more, shorter
     # groups, which find no end a digit run does not already offer (a "+" and 25 digits took
     # ~250 µs a try), and changes nothing but the span of a "+" number too short to be a phone.
+    # A North American number may have its country code as "1-" ("1 ", "1."), and an
+    # extension after it ("x123" is left as it is, the number before it masked).
     "phone": (
         r"(?<![A-Za-z0-9_+.-])",
-        r"(?:\+[1-9][0-9]{0,2}(?:[ .-]?(?:\([0-9]{1,4}\)|[0-9]{1,4}+)){2,5}"
-        r"|(?:\([2-9][0-9]{2}\) ?|[2-9][0-9]{2}[ .-])[2-9][0-9]{2}[ .-][0-9]{4})",
-        _CARD_AHEAD,
+        rf"(?:\+[1-9][0-9]{{0,2}}(?:[{_SPACE}.-]?(?:\([0-9]{{1,4}}\)|[0-9]{{1,4}}+)){{2,5}}"
+        rf"|(?:1[{_SPACE}.-])?(?:\([2-9][0-9]{{2}}\)[{_SPACE}]?|[2-9][0-9]{{2}}[{_SPACE}.-])"
+        rf"[2-9][0-9]{{2}}[{_SPACE}.-][0-9]{{4}})",
+        r"(?![A-Za-wyz0-9_-]|x[A-Za-z]|[.,][0-9])",
     ),
     "iban": (
         r"(?<![A-Za-z0-9])",
@@ -78,18 +83,21 @@ ALL_KINDS = tuple(_PATTERNS)
 # Every card, phone, IBAN or SSN lies in a run of these characters, at least 11 long
 # except "+" phones (4). Looking for such runs first skips ordinary text at C speed:
 # the pattern starts with a character class, which the regex engine scans for directly.
-_DIGIT_RUN = re.compile(r"[0-9(A-Z+](?:(?<=\+)[0-9A-Z ()+.-]{3,}|[0-9A-Z ()+.-]{10,})")
-_DIGIT_RUN_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ ()+.-"  # the class above, for str.rstrip
+_DIGIT_RUN = re.compile(rf"[0-9(A-Z+](?:(?<=\+)[0-9A-Z{_SPACE}()+.-]{{3,}}|[0-9A-Z{_SPACE}()+.-]{{10,}})")
+_DIGIT_RUN_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ()+.-" + _SPACE  # the class above, for str.rstrip
 # The same runs looked for in bytes: each run character mapped to "x", all else (UTF-8's
 # bytes of other scripts included) to " ", then eleven "x" in a row searched for. Two C
-# passes: several times cheaper than the regex, which tries a match at every digit.
-_RUN_MAP = bytes(ord("x") if chr(b) in _DIGIT_RUN_CHARS else ord(" ") for b in range(256))
+# passes: several times cheaper than the regex, which tries a match at every digit. The
+# bytes of the no-break spaces (C2 A0, E2 80 AF) are run bytes too, wherever they are: a
+# run found where there is none only costs the exact search.
+_RUN_BYTES = frozenset(_DIGIT_RUN_CHARS.encode())
+_RUN_MAP = bytes(ord("x") if b in _RUN_BYTES else ord(" ") for b in range(256))
 _LONG_RUN = b"x" * 11
-_NOT_FIRST_CHARS = " ).-"  # in a run, but no match starts with one
+_NOT_FIRST_CHARS = ").-" + _SPACE  # in a run, but no match starts with one
 # Where a card, phone, IBAN or SSN can start: each one's look-behind and first character
 # (and for "+", "(" and a capital, the second, when it is known).
 _OTHER_START = re.compile(
-    r"(?<![A-Za-z0-9_.,-])[2-6]|(?<![A-Za-z0-9_+.-])(?:[2-9]|\+(?![^1-9])|\((?![^2-9]))"
+    r"(?<![A-Za-z0-9_.,-])[2-6]|(?<![A-Za-z0-9_+.-])(?:[1-9]|\+(?![^1-9])|\((?![^2-9]))"
     r"|(?<![A-Za-z0-9])[A-Z](?![^A-Z])|(?<![A-Za-z0-9_-])[0-8]"
 )
 _LOCAL_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-"  # an address's local part
@@ -108,7 +116,7 @@ def has_trigger(text: str, pos: int) -> bool:
     return any(text.find(c, pos) >= 0 for c in _TRIGGERS) if pos else any(c in text for c in _TRIGGERS)
 
 
-_SEPARATORS = str.maketrans("", "", " -+().")  # all a card or phone match holds besides digits
+_SEPARATORS = str.maketrans("", "", " -+()." + _SPACE)  # all a card or phone match holds besides digits
 
 
 def _digits(text: str) -> str:
@@ -172,12 +180,15 @@ _MASKERS: dict[str, Callable[[str], str | None]] = {
 
 OnRedaction = Callable[[str], None]  # called with the kind of each redaction
 
-# A decision at one start: (start, end, kind, mask); mask None for a candidate that failed
-# its check at every length (end is then its start): a look-alike, left as it is.
+# A match: (start, end, kind, mask); mask None for a candidate not decided (`_matches`).
 Found = tuple[int, int, str, "str | None"]
 
-_SHORTER = ("card", "phone", "iban")  # kinds that end at a group: a failed span may hold a shorter one
-_GROUPED = ("card", "phone")  # kinds that must not swallow the start of another card or phone
+# Cards and phones end at a group, so a span may hold a shorter one, and one that fails
+# its check at every length may hold another card or phone: the fewest characters a valid
+# span has (13 digits; "+" and 8). An IBAN or SSN candidate that fails its check is passed
+# over whole, as before (a card inside a mistyped IBAN stays unmasked): trying each of its
+# groups again made 1 MiB of "AB12 " cost 4.5 s.
+_SHORTEST = {"card": 13, "phone": 9}
 _BREAK = re.compile(r"[^0-9A-Za-z]")  # where a shorter span of a grouped kind can end
 _INNER_START = re.compile(r"(?<=[^0-9A-Za-z])[0-9(]")  # where a card or phone can start inside one
 
@@ -192,11 +203,22 @@ class _Kind:
     body: re.Pattern[str]
     ahead: re.Pattern[str]
     mask: Callable[[str], str | None]
+    shortest: int  # the fewest characters of a shorter span; 0: the kind has one length
+    rest: re.Pattern[str] | None  # the enabled kinds after this one, as one alternation
 
     @classmethod
-    def build(cls, name: str) -> _Kind:
+    def build(cls, name: str, after: list[str]) -> _Kind:
         behind, body, ahead = _PARTS[name]
-        return cls(name, re.compile(behind + body + ahead), re.compile(body), re.compile(ahead), _MASKERS[name])
+        rest = re.compile("|".join(f"(?P<{k}>{_PATTERNS[k]})" for k in after)) if after else None
+        return cls(
+            name,
+            re.compile(behind + body + ahead),
+            re.compile(body),
+            re.compile(ahead),
+            _MASKERS[name],
+            _SHORTEST.get(name, 0),
+            rest,
+        )
 
     def spans(self, text: str, start: int, end: int) -> list[tuple[int, str]]:
         """The (end, mask) of every valid match of this kind at `start`, longest first;
@@ -204,12 +226,13 @@ class _Kind:
         inside it, at a group's end, where the look-ahead holds)."""
         masked = self.mask(text[start:end])
         spans = [(end, masked)] if masked is not None else []
-        if self.name in _SHORTER:
-            for b in reversed([m.start() for m in _BREAK.finditer(text, start + 1, end)]):
-                if self.ahead.match(text, b) is not None and self.body.fullmatch(text, start, b) is not None:
-                    masked = self.mask(text[start:b])
-                    if masked is not None:
-                        spans.append((b, masked))
+        if self.shortest:
+            for b in reversed([m.start() for m in _BREAK.finditer(text, start + self.shortest, end)]):
+                # The check first: it turns down most (too few digits), and is safe on any
+                # part of a candidate; then whether the pattern ends there.
+                masked = self.mask(text[start:b])
+                if masked is not None and self.ahead.match(text, b) and self.body.fullmatch(text, start, b):
+                    spans.append((b, masked))
         return spans
 
     def valid_at(self, text: str, start: int) -> bool:
@@ -228,7 +251,7 @@ class Redactor:
 
     email: re.Pattern[str] | None
     others: re.Pattern[str] | None  # card | phone | iban | ssn, the enabled ones, in that order
-    kinds: tuple[_Kind, ...]  # the same kinds, one by one
+    kinds: dict[str, _Kind]  # the same kinds, one by one
 
     def redact(self, text: str, on_redaction: OnRedaction | None = None, json_text: bool = False) -> str:
         """The text redacted. `json_text`: the text is a JSON document (tool-call arguments),
@@ -243,7 +266,7 @@ class Redactor:
             return text[pos:]
         pieces: list[str] = []
         copied = pos
-        for start, end, kind, masked in self._matches(text, pos):
+        for start, end, kind, masked in self._matches(text, pos, len(text)):
             if masked is not None:
                 if on_redaction is not None:
                     on_redaction(kind)
@@ -262,16 +285,16 @@ class Redactor:
             return text
         return self.settle_json(view, text, 0, len(view), True, False, on_redaction)[0]
 
-    def _matches(self, text: str, pos: int) -> Iterator[Found]:
-        """Matches in order, each one searched from the end of the previous one, and the
-        candidates that failed their check at every length between them (mask None: a
-        stream must still hold one near its end). After a failed candidate the search goes
-        on from its next character, not its end: a card, or a phone, may start inside it."""
+    def _matches(self, text: str, pos: int, limit: int) -> Iterator[Found]:
+        """Matches in order, each one searched from the end of the previous one. After a
+        candidate that fails its check at every length the search goes on from its next
+        character, not its end: a card, or a phone, may start inside it. A candidate of the
+        other kinds at `limit` or later ends it undecided (mask None): a stream holds from
+        there whatever it is, so its check is not worth making."""
         email_next: Found | None = None
         other_next: Found | None = None
         email_done = self.email is None
         other_done = self.others is None
-        other_pos = pos  # where the search for the other kinds goes on (after a failed one)
         run_end = 0  # where the run of the last candidate of the other kinds ends
         while True:
             if not email_done and (email_next is None or email_next[0] < pos):
@@ -280,7 +303,7 @@ class Redactor:
                 if found is not None:
                     email_next = (found.start(), found.end(), "email", _mask_email(found.group()))
             if not other_done and (other_next is None or other_next[0] < pos):
-                other_next, run_end = self._next_other(text, other_pos if other_pos > pos else pos, run_end)
+                other_next, run_end = self._next_other(text, pos, run_end, limit)
                 other_done = other_next is None
             best = email_next if not email_done else None
             if not other_done and (best is None or other_next[0] < best[0]):  # type: ignore[index]
@@ -289,9 +312,8 @@ class Redactor:
                 return
             yield best
             if best[3] is None:
-                other_pos, other_next = best[0] + 1, None
-            else:
-                pos = best[1]
+                return
+            pos = best[1]
 
     def hold(self, text: str, pos: int) -> int:
         """Where the tail that more text could still turn into (part of) a match begins: the
@@ -336,54 +358,55 @@ class Redactor:
             return _DIGIT_RUN.search(text, pos) is not None
         return text[pos:].encode("utf-8", "surrogatepass").translate(_RUN_MAP).find(_LONG_RUN) >= 0
 
-    def _next_other(self, text: str, pos: int, run_end: int) -> tuple[Found | None, int]:
-        """The decision (`_decide`) at the first candidate of the other kinds from pos, and
-        the end of the run it lies in, looking only inside the runs a match could lie in.
-        `run_end`: the end of the run the previous candidate lay in. Searching on from
-        inside that run, rather than finding the run again, keeps a long run (1 MB of
-        "4242 ") one pass instead of one pass per candidate in it."""
+    def _next_other(self, text: str, pos: int, run_end: int, limit: int) -> tuple[Found | None, int]:
+        """The first match of the other kinds from pos (or the undecided candidate at
+        `limit`, see `_matches`), and the end of the run it lies in, looking only inside
+        the runs a match could lie in. `run_end`: the end of the run the previous candidate
+        lay in. Searching on from inside that run, rather than finding the run again, keeps
+        a long run (1 MB of "4242 ") one pass instead of one pass per candidate in it."""
         assert self.others is not None
-        if pos < run_end:
-            # Every match is at least as long as a run must be, so a match in the rest of
-            # this run is one the run search from pos would have found: same result.
-            m = self.others.search(text, pos, run_end + 2)  # +2: the look-ahead past its end
-            if m is not None:
-                return self._decide(text, m), run_end
-            pos = run_end
-        while (run := _DIGIT_RUN.search(text, pos)) is not None:
-            end = run.end()
-            m = self.others.search(text, run.start(), end + 2)
-            if m is not None:
-                return self._decide(text, m), end
-            pos = end
-        return None, len(text)
+        while True:
+            if pos < run_end:
+                # Every match is at least as long as a run must be, so a match in the rest of
+                # this run is one the run search from pos would have found: same result.
+                m = self.others.search(text, pos, run_end + 2)  # +2: the look-ahead past its end
+            else:
+                run = _DIGIT_RUN.search(text, pos)
+                if run is None:
+                    return None, len(text)
+                run_end = run.end()
+                m = self.others.search(text, run.start(), run_end + 2)
+            if m is None:
+                pos = run_end
+                continue
+            start = m.start()
+            if start >= limit:
+                return (start, start, "", None), run_end
+            found = self._decide(text, m)
+            if not isinstance(found, int):
+                return found, run_end
+            pos = found
 
-    def _decide(self, text: str, m: re.Match[str]) -> Found:
+    def _decide(self, text: str, m: re.Match[str]) -> Found | int:
         """What is masked at m's start: the first kind, in the alternation's order, with a
         valid span there, and its longest one, except that a card or phone never swallows
         the start of another (a card's CVV, a phone's next number, a card after a phone).
-        Reads no further than MAX_MATCH from the start: a span ends within 39 characters
-        of it, and a card or phone starting inside one within 41 of that start."""
+        Otherwise: where the search goes on. Reads no further than MAX_MATCH from the start:
+        a span ends within 39 characters of it, and a card or phone starting inside one
+        within 41 of that start."""
         start = m.start()
-        first = m.lastgroup
-        seen = False
-        for kind in self.kinds:
-            if not seen:
-                if kind.name != first:
-                    continue
-                seen = True
-                end = m.end()
-            else:
-                other = kind.pattern.match(text, start)
-                if other is None:
-                    continue
-                end = other.end()
-            spans = kind.spans(text, start, end)
-            if spans and kind.name in _GROUPED:
+        resume = len(text)
+        found: re.Match[str] | None = m
+        while found is not None:
+            kind = self.kinds[found.lastgroup]  # type: ignore[index]
+            spans = kind.spans(text, start, found.end())
+            if spans and kind.shortest:
                 spans = self._unswallowed(kind.name, text, start, spans)
             if spans:
                 return start, spans[0][0], kind.name, spans[0][1]
-        return start, start, first or "", None
+            resume = min(resume, start + 1 if kind.shortest else found.end())
+            found = None if kind.rest is None else kind.rest.match(text, start)
+        return resume  # a look-alike (failed checks), left as it is: where the search goes on
 
     def _unswallowed(self, name: str, text: str, start: int, spans: list[tuple[int, str]]) -> list[tuple[int, str]]:
         """`spans` (longest first) without those that take in the start of a valid card or
@@ -391,14 +414,17 @@ class Redactor:
         and for a phone, without those that take in the start of any valid card: a phone's
         trailing groups are then the card's leading ones."""
         shortest, longest = spans[-1][0], spans[0][0]
+        card, phone = self.kinds.get("card"), self.kinds.get("phone")
+        if shortest == longest and (name == "card" or card is None):
+            return spans  # the common case: one span, and nothing inside it counts
         for q in _INNER_START.finditer(text, start + 1, longest):
             at = q.start()
-            past = at >= shortest
-            for kind in self.kinds:
-                # A card anywhere in a phone; a card or phone past the shortest span of either.
-                counts = past if kind.name == "phone" else kind.name == "card" and (past or name == "phone")
-                if counts and kind.valid_at(text, at):
-                    return [span for span in spans if span[0] <= at]
+            if at >= shortest:
+                cut = (card is not None and card.valid_at(text, at)) or (phone is not None and phone.valid_at(text, at))
+            else:
+                cut = name == "phone" and card is not None and card.valid_at(text, at)
+            if cut:
+                return [span for span in spans if span[0] <= at]
         return spans
 
     def _next_email(self, text: str, pos: int) -> re.Match[str] | None:
@@ -445,7 +471,8 @@ class Redactor:
         more text comes, so every match is complete (`hold` is then the end)."""
         n = len(text)
         pieces: list[str] = []
-        for start, end, kind, masked in self._matches(text, pos):
+        limit = hold if final or hold <= n - MAX_MATCH else n - MAX_MATCH + 1
+        for start, end, kind, masked in self._matches(text, pos, limit):
             if start >= hold:
                 break
             if start + MAX_MATCH > n and not final:
@@ -479,7 +506,8 @@ class Redactor:
         n = len(view)
         pieces: list[str] = []
         counted = pos  # in_string is the state at `counted`
-        for start, end, kind, masked in self._matches(view, pos):
+        limit = hold if final or hold <= n - MAX_MATCH else n - MAX_MATCH + 1
+        for start, end, kind, masked in self._matches(view, pos, limit):
             if start >= hold:
                 break
             if start + MAX_MATCH > n and not final:
@@ -512,7 +540,7 @@ def build_redactor(kinds: Iterable[str]) -> Redactor | None:
     others = (
         re.compile("(?=[0-9+(A-Z])(?:" + "|".join(f"(?P<{k}>{_PATTERNS[k]})" for k in rest) + ")") if rest else None
     )
-    return Redactor(email, others, tuple(_Kind.build(k) for k in rest))
+    return Redactor(email, others, {k: _Kind.build(k, rest[i + 1 :]) for i, k in enumerate(rest)})
 
 
 class StreamRedactor:

@@ -174,16 +174,20 @@ def test_redaction_is_idempotent(text: str) -> None:
 
 def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = None) -> str:
     """The definition, slowly: at each position in turn, the first kind (in the order email,
-    card, phone, iban, ssn) with a valid span there (every length tried: look-behind, body,
-    look-ahead and check), its longest, except that a card or phone span may not take in the
-    start of a valid card or phone lying past its shortest span's end, nor a phone span the
-    start of any valid card; after a match the next search starts at its end."""
+    card, phone, iban, ssn) with a valid span there, then its longest span. A card or phone
+    span is any length its look-behind, body, look-ahead and check allow, except that it may
+    not take in the start of a valid card or phone lying past its shortest span's end, nor a
+    phone span the start of any valid card; the other kinds' span is the one their pattern
+    matches. After a match the next search starts at its end; after an IBAN candidate that
+    fails its check (and no card or phone there), the other kinds' search (not the email's)
+    goes on at the candidate's end."""
     import re
 
     from gateway.redact import _MASKERS, _PARTS, MAX_MATCH
 
     kinds = parts or _PARTS
     compiled = {k: (re.compile(b), re.compile(body), re.compile(a)) for k, (b, body, a) in kinds.items()}
+    whole = {k: re.compile(b + body + a) for k, (b, body, a) in kinds.items()}
 
     def ends(kind: str, s: int) -> list[int]:
         behind, body, ahead = compiled[kind]
@@ -195,10 +199,20 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
             if body.fullmatch(text, s, p) and ahead.match(text, p) and _MASKERS[kind](text[s:p]) is not None
         ]
 
-    def decide(s: int) -> tuple[int, str] | None:
+    def decide(s: int) -> tuple[int, str | None]:
+        resume = len(text)
         for kind in kinds:
+            if kind == "email":
+                continue
+            if kind not in ("card", "phone"):
+                m = whole[kind].match(text, s)
+                if m is not None:
+                    if _MASKERS[kind](m.group()) is not None:
+                        return m.end(), kind
+                    resume = min(resume, m.end())
+                continue
             valid = ends(kind, s)
-            if valid and kind in ("card", "phone"):
+            if valid:
                 shortest = valid[0]
                 for q in range(s + 1, valid[-1]):
                     past = q >= shortest
@@ -207,15 +221,23 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
                         break
             if valid:
                 return valid[-1], kind
-        return None
+            if whole[kind].match(text, s):
+                resume = s + 1
+        return min(resume, s + 1) if resume == len(text) else resume, None
 
-    out, pos, s = [], 0, 0
+    out, pos, s, other_from = [], 0, 0, 0
     while s < len(text):
-        found = decide(s)
-        if found is None:
+        email = whole["email"].match(text, s) if "email" in kinds else None
+        if email is not None:
+            end, kind = email.end(), "email"
+        elif s >= other_from:
+            end, kind = decide(s)
+            other_from = end
+        else:
+            end, kind = s + 1, None
+        if kind is None:
             s += 1
             continue
-        end, kind = found
         out.append(text[pos:s] + str(_MASKERS[kind](text[s:end])))
         pos = s = end
     return "".join(out) + text[pos:]
@@ -229,10 +251,12 @@ def test_fast_search_equals_the_definition(text: str) -> None:
 
 # The phone pattern before its digit groups were made possessive (they backtracked for
 # ~250 µs at a "+" before 25 digits): the outputs must be the same.
-OLD_PHONE_BODY = (
-    r"(?:\+[1-9][0-9]{0,2}(?:[ .-]?(?:\([0-9]{1,4}\)|[0-9]{1,4})){2,5}"
-    r"|(?:\([2-9][0-9]{2}\) ?|[2-9][0-9]{2}[ .-])[2-9][0-9]{2}[ .-][0-9]{4})"
-)
+def old_phone_body() -> str:
+    from gateway.redact import _PARTS
+
+    return _PARTS["phone"][1].replace("{1,4}+", "{1,4}")
+
+
 PHONE_PARTS = st.sampled_from(
     [
         "+",
@@ -263,7 +287,7 @@ PHONE_PARTS = st.sampled_from(
 def test_possessive_phone_groups_change_no_output(text: str) -> None:
     from gateway.redact import _PARTS
 
-    old = {**_PARTS, "phone": (_PARTS["phone"][0], OLD_PHONE_BODY, _PARTS["phone"][2])}
+    old = {**_PARTS, "phone": (_PARTS["phone"][0], old_phone_body(), _PARTS["phone"][2])}
     assert REDACTOR.redact(text) == reference_redact(text, old)
 
 
@@ -299,6 +323,11 @@ NUMBER_PARTS = st.sampled_from(
         "x",
         "@a.io",
         "j",
+        "1-",
+        "\u00a0",
+        "\u202f",
+        "4242\u00a04242\u00a04242\u00a04242",
+        "x12",
     ]
 )
 NUMBER_TEXTS = st.lists(NUMBER_PARTS, min_size=1, max_size=12).map("".join)
@@ -339,6 +368,29 @@ def test_numbers_next_to_numbers_stream_equal_whole_for_any_split(text: str, dat
 def test_pii_inside_a_failed_candidate_is_masked(text: str, redacted: str) -> None:
     assert REDACTOR.redact(text) == redacted
     assert stream_in_pieces(text, list(range(len(text))), False) == redacted
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("call 1-415-555-2671 now", "call PHONE_MASKED_LAST2_71 now"),
+        ("call 1 (415) 555-2671", "call PHONE_MASKED_LAST2_71"),
+        ("ext 415-555-2671x123", "ext PHONE_MASKED_LAST2_71x123"),
+        ("pay 4242\u00a04242\u00a04242\u00a04242 now", "pay CC_MASKED_LAST4_4242 now"),
+        ("pay 4242\u202f4242\u202f4242\u202f4242", "pay CC_MASKED_LAST4_4242"),
+        ("tel +33\u00a01\u00a023\u00a045\u00a067\u00a089", "tel PHONE_MASKED_LAST2_89"),
+        # Look-alikes stay.
+        ("415-555-2671xyz", None),
+        ("1920x1080 at 60 Hz", None),
+        ("1-800-FLOWERS", None),
+    ],
+)
+def test_north_american_prefix_extension_and_no_break_spaces(text: str, redacted: str | None) -> None:
+    expected = text if redacted is None else redacted
+    assert REDACTOR.redact(text) == expected
+    assert stream_in_pieces(text, list(range(len(text))), False) == expected
+    long = (text + " ") * 40  # long enough for the byte-level run search
+    assert REDACTOR.redact(long) == (expected + " ") * 40
 
 
 # JSON texts (tool-call arguments): strings from the same parts as replies, numbers that are
