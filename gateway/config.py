@@ -97,20 +97,11 @@ class Settings:
 
     @property
     def upstream_chat_url(self) -> str:
-        parts = urlsplit(self.upstream_base_url)
-        path = parts.path.rstrip("/")
-        if path.endswith("/v1"):
-            path = path[: -len("/v1")]
-        # The path is extended, the query (e.g. an api-version) kept after it.
-        return urlunsplit(parts._replace(path=path + "/v1/chat/completions"))
+        return _endpoint(self.upstream_base_url, "/v1/chat/completions")
 
     @property
     def upstream_messages_url(self) -> str:
-        parts = urlsplit(self.anthropic_base_url)
-        path = parts.path.rstrip("/")
-        if path.endswith("/v1"):
-            path = path[: -len("/v1")]
-        return urlunsplit(parts._replace(path=path + "/v1/messages"))
+        return _endpoint(self.anthropic_base_url, "/v1/messages")
 
     @property
     def keyed_mode(self) -> bool:
@@ -294,6 +285,16 @@ def _parse_otlp_url(value: str) -> str:
 def _parse_redis_url(value: str) -> str:
     _check_url(value, ("redis", "rediss", "unix"), "a redis://, rediss:// or unix:// URL")
     return value
+
+
+def _endpoint(base_url: str, route: str) -> str:
+    """The base URL with the route appended (a trailing /v1 not doubled); the path is
+    extended, the query (e.g. an api-version) kept after it."""
+    parts = urlsplit(base_url)
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[: -len("/v1")]
+    return urlunsplit(parts._replace(path=path + route))
 
 
 def _parse_header_value(value: str) -> str:
