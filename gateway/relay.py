@@ -30,8 +30,13 @@ from .surfaces import CHAT, All, Each, Leaf, Path, Spec, Surface, chat_usage, pu
 # of digits, capitals and separators at least 11 long, or shorter after a "+". The regex tries
 # every digit and capital of an event; the runs are found first by mapping each byte to
 # "x" (a run character) or " " and searching for eleven "x": one C pass each.
-_RUN_IN_BYTES = re.compile(rb"[0-9(A-Z+](?:(?<=\+)[0-9A-Z ()+.-]{3,}|[0-9A-Z ()+.-]{10,})")
-_RUN_MAP = bytes(ord("x") if chr(b) in "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ ()+.-" else ord(" ") for b in range(256))
+# The no-break spaces (U+00A0, U+202F) group digits too: one repetition each, whatever their
+# UTF-8 length; the byte map counts their bytes as run bytes wherever they stand (more runs to
+# confirm, none missed).
+_RUN_CHAR = rb"(?:[0-9A-Z ()+.-]|\xc2\xa0|\xe2\x80\xaf)"
+_RUN_IN_BYTES = re.compile(rb"[0-9(A-Z+](?:(?<=\+)" + _RUN_CHAR + rb"{3,}|" + _RUN_CHAR + rb"{10,})")
+_RUN_BYTES = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ ()+.-\xc2\xa0\xe2\x80\xaf")
+_RUN_MAP = bytes(ord("x") if b in _RUN_BYTES else ord(" ") for b in range(256))
 _ELEVEN = b"x" * 11
 
 
