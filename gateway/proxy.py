@@ -32,7 +32,7 @@ from .lifecycle import Lifecycle
 from .memo import RedactionMemo
 from .models import RequestState
 from .redact import YIELD_ABOVE_CHARS, Redactor, redact_yielding
-from .relay import StreamRelay, dumps_reply, loads_reply, redact_reply
+from .relay import StreamRelay, dumps_reply, loads_reply, redact_reply, reply_may_need_redaction
 from .surfaces import CHAT_API, Api, ask_stream_usage
 from .telemetry import Telemetry
 from .upstream import Upstream, UpstreamReply
@@ -182,6 +182,8 @@ class Proxy:
             # Written from what was parsed, whatever its shape: a repeated or escaped key in
             # the upstream's bytes never reaches the client (SPEC §6).
             if isinstance(answer, dict):
+                if not reply_may_need_redaction(data):  # the usual reply: nothing to look at
+                    return web.Response(body=data, status=reply.status, content_type="application/json")
                 try:
                     redact_reply(self._redactor, answer, self._surface.reply_spec, self._count_response_redaction)
                     data = dumps_reply(answer)

@@ -527,6 +527,16 @@ def _visit(
                 _visit(value, position, item, None, (), scrub, leaf, whole)  # not readable as described: whole
 
 
+def reply_may_need_redaction(data: bytes) -> bool:
+    """False when nothing in a whole reply's bytes could be PII: no escape (so every string is
+    its bytes), no "@", no run a card or phone could lie in, no log probabilities but null.
+    Then `redact_reply` would change nothing, and the reply can go out as it came."""
+    if data.find(b"\\") >= 0 or side_may_match(data):
+        return True
+    logprobs = data.count(b'"logprobs"')
+    return logprobs > 0 and logprobs != data.count(b'"logprobs":null')
+
+
 def redact_reply(redactor: Redactor, reply: dict[str, Any], spec: Spec, on_redaction: OnRedaction | None) -> None:
     """A whole reply: the described fields and every other string redacted whole, in place."""
 

@@ -265,7 +265,7 @@ def test_an_event_nested_past_the_stack_is_redacted_as_text() -> None:
 
 
 @settings(max_examples=2000, deadline=None)
-@given(st.text(alphabet=st.sampled_from("0123456789ABZaz -.()+@\"{}:,é\u00a0\u202f\u2000"), max_size=80))
+@given(st.text(alphabet=st.sampled_from('0123456789ABZaz -.()+@"{}:,é\u00a0\u202f\u2000'), max_size=80))
 def test_the_side_check_finds_every_run_the_redactor_looks_in(text: str) -> None:
     # The relay's check over bytes agrees with the redactor's own run pattern over the text
     # (no-break spaces included): a string it passes over holds nothing the redactor masks.
@@ -357,3 +357,29 @@ def test_a_usage_chunk_the_gateway_asked_for_is_noted_not_relayed() -> None:
         assert hidden.usage is not None and hidden.usage.prompt_tokens == 3
         shown = StreamRelay(redactor, None)
         assert b'"usage":{' in shown.feed(wire)
+
+
+REPLY_STRINGS = st.text(alphabet=st.sampled_from("0123456789ABZaz -.()+@é\u00a0"), max_size=40)
+REPLY_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**40), 2**40), REPLY_STRINGS),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(["content", "logprobs", "x", "n"]), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.dictionaries(st.sampled_from(["id", "choices", "usage", "note", "logprobs"]), REPLY_VALUES, max_size=5))
+def test_a_reply_passed_over_is_one_redaction_would_not_change(reply: dict[str, object]) -> None:
+    # The JSON reply's shortcut: when its bytes hold nothing PII could be made of, the full
+    # redaction (every string, logprobs dropped) leaves it as it is.
+    from gateway.relay import redact_reply, reply_may_need_redaction
+    from gateway.surfaces import CHAT
+
+    data = json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode()
+    if not reply_may_need_redaction(data):
+        redacted = json.loads(data)
+        redact_reply(REDACTOR, redacted, CHAT.reply_spec, None)
+        assert redacted == reply
