@@ -91,7 +91,6 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
             telemetry,
             lifecycle,
             settings.timeout_secs,
-            settings.max_body_bytes,
             stream_idle_secs=settings.stream_idle_secs,
         )
 

@@ -222,8 +222,7 @@ def body(max_bytes: int, budget: bodies.BodyBudget, read_timeout: float, telemet
             coding = headers.get("Content-Encoding")
             if coding is not None and len(codings := headers.getall("Content-Encoding")) > 1:
                 coding = ",".join(codings)  # several headers make one list (RFC 9110 §5.3)
-            state.body = decoded = bodies.decode(raw, coding, max_bytes)
-            state.payload, state.model = bodies.parse(decoded)
+            state.payload, state.model = bodies.parse(bodies.decode(raw, coding, max_bytes))
         return await handler(request)
 
     return read_body

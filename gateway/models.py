@@ -60,5 +60,4 @@ class RequestState:
     response_model: str | None = None
     span: Span | None = None  # the server span, when tracing is on
     client_gone: bool = False  # the client hung up before the response was complete
-    body: bytes = b""  # the request body, decoded (Content-Encoding undone), as received
     payload: dict[str, Any] | None = None  # the body parsed: a JSON object (the body step checks)

@@ -13,13 +13,11 @@ import logging
 import time
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from .errors import (
     BadRequest,
     GatewayError,
-    PayloadTooLarge,
     ShuttingDown,
     UpstreamAuthRejected,
     UpstreamError,
@@ -33,7 +31,7 @@ from .memo import RedactionMemo
 from .models import RequestState
 from .redact import YIELD_ABOVE_CHARS, Redactor, redact_yielding
 from .relay import StreamRelay, dumps_reply, loads_reply, redact_reply, reply_may_need_redaction
-from .surfaces import CHAT_API, Api, ask_stream_usage
+from .surfaces import Api, ask_stream_usage
 from .telemetry import Telemetry
 from .upstream import Upstream, UpstreamReply
 
@@ -53,7 +51,6 @@ class Proxy:
         telemetry: Telemetry,
         lifecycle: Lifecycle,
         timeout_secs: float,
-        max_body_bytes: int,
         stream_idle_secs: float = 300.0,
     ) -> None:
         self._api = api
@@ -65,7 +62,6 @@ class Proxy:
         self._telemetry = telemetry
         self._lifecycle = lifecycle
         self._timeout = timeout_secs
-        self._max_body = max_body_bytes
         self._draining: set[asyncio.Task[None]] = set()
         metrics = telemetry.metrics
         self._count_request_redactions = lambda kind, times: metrics.redacted(kind, "request", times)
@@ -74,13 +70,9 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         state = request[STATE]
-        body, payload = state.body, state.payload
-        if payload is None:  # no body step in front of this handler: read it here
-            body, payload = await self._read_payload(request)
-        if not isinstance(payload.get("model"), str) or not payload["model"]:
-            raise BadRequest("'model' is required and must be a string", code="missing_model")
+        payload = state.payload
+        assert payload is not None and state.model is not None, "the body middleware runs first"
         self._api.check_request(payload, self._redactor is not None)
-        state.model = payload["model"]
         state.stream = payload.get("stream") is True
         hidden_usage = state.stream and self._api.asks_stream_usage and ask_stream_usage(payload)
         if self._redactor is not None:
@@ -103,19 +95,7 @@ class Proxy:
         finally:
             self._lifecycle.leave(task)
 
-    async def _read_payload(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
-        if request.content_length is not None and request.content_length > self._max_body:
-            raise PayloadTooLarge(f"request body is larger than {self._max_body} bytes")
-        body = await request.read()  # aiohttp enforces client_max_size while reading
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"request body is not valid UTF-8 JSON: {exc.msg}", code="invalid_json") from exc
-        if not isinstance(payload, dict):
-            raise BadRequest("request body must be a JSON object")
-        return body, payload
-
-    async def _redact_request(self, payload: dict[str, Any], state: RequestState) -> bool:
+    async def _redact_request(self, payload: dict[str, Any], state: RequestState) -> None:
         """Redact every text the client sends, as the API's description lists them (SPEC §6,
         §11); JSON texts (tool-call arguments) so that a mask never breaks them."""
         assert self._redactor is not None
@@ -123,7 +103,6 @@ class Proxy:
             slots = list(self._api.request_texts(payload))
         except RecursionError:
             raise BadRequest("request body is nested too deeply") from None
-        changed = False
         since_yield = 0  # characters redacted since the loop last served others
         for holder, key, json_text in slots:
             text: str = holder[key]
@@ -138,8 +117,6 @@ class Proxy:
                     await asyncio.sleep(0)
             if clean != text:
                 holder[key] = clean
-                changed = True
-        return changed
 
     async def _relay(
         self, request: web.Request, state: RequestState, body: bytes, headers: dict[str, str], hidden_usage: bool
@@ -353,10 +330,3 @@ async def _try_write(response: web.StreamResponse, data: bytes) -> None:
     with contextlib.suppress(OSError, TimeoutError):
         async with asyncio.timeout(1):
             await response.write(data)
-
-
-def chat_proxy(*args: Any) -> Proxy:  # until app.py names the API itself
-    return Proxy(CHAT_API, *args)
-
-
-ChatProxy = chat_proxy

@@ -98,7 +98,7 @@ class StreamRelay:
         self._parser = sse.SSEParser(max_event_bytes) if max_event_bytes else sse.SSEParser()
         self._streams: dict[Path, StreamRedactor] = {}  # one per text field and indices, in order of arrival
         self._first: dict[str, Any] | None = None  # what a flush event copies from the first event
-        self._plans: dict[tuple[bytes, ...], Plan] = {}  # the fast path's, by event shape
+        self._plans: dict[tuple[bytes, ...], Plan] = {}  # the fast path's, by its segments
         self._last_plan: Plan | None = None
         self.usage: Usage | None = None
         self._usage_counts: dict[str, int] = {}  # the surface's, for usage reported in parts
@@ -185,6 +185,8 @@ class StreamRelay:
         return blocks
 
     def _event(self, event: sse.Event) -> bytes:
+        """The exact path: the event parsed, redacted, written from the parse. An event whose
+        bytes are what it parses to is also a candidate to learn from (see `_learn`)."""
         data = event.data
         if data is None:  # comments (a keep-alive), or fields without data: their text redacted whole
             text = event.raw.decode("utf-8", "replace")
@@ -194,61 +196,31 @@ class StreamRelay:
         if data == surface.done_data:
             self.done = True
             return self.finish() + _with_data(event, data, self._whole)  # its other lines redacted too
-        pieces = _shape_of(event.raw)
         chunk = _loads_object(data)
         if chunk is None:
             return self._unreadable(event)
         if self._hide_usage and surface.usage_only(chunk):
             self._note(chunk)
             return self.finish()  # the usage the gateway asked for is its own; held text still goes
-        if pieces is not None and len(self._plans) < MAX_PLANS and _dumps(chunk) == data:
-            return self._learn(event, chunk, pieces)
+        pieces = _shape_of(event.raw) if len(self._plans) < MAX_PLANS else None
+        if pieces is not None and _dumps(chunk) != data:
+            pieces = None  # not its own bytes (spacing, a repeated or escaped key): nothing to learn
+        # A plain event (no usage, nothing flushed before it, not the end) may be learned.
+        plain = pieces is not None and surface.usage(chunk, None, {}) is None
         if self._first is None:
             self._first = surface.template(chunk)
         self._note(chunk)
         before = surface.flush_before(chunk)
         out = self._flushed(before) if before is not None else b""
         root = surface.root(chunk)
+        fed: list[tuple[Path, Leaf, str, str]] = []
+        leaf = self._recorded(fed) if plain else self._leaf
         # The one shortcut: without an escape or anything PII could be made of in the whole
         # event, only the described fields need a look (their streams may hold text back).
         scrub = root is None or data.find(b"\\") >= 0 or self._side_may_match(data)
         try:
-            walk(chunk, surface.spec if root is not None else None, root or (), scrub, self._leaf, self._whole)
-        except RecursionError:  # nested past Python's stack: its text redacted whole instead
-            return out + self._unreadable(event)
-        into = surface.flush_into(chunk)
-        if into is not None:
-            for path, text in self._take_held(into):
-                put(chunk, path, text)
-        return out + _with_data(event, _dumps(chunk), self._whole)
-
-    def _learn(self, event: sse.Event, chunk: dict[str, Any], pieces: list[bytes]) -> bytes:
-        """The exact path for an event whose bytes are what it parses to, noting how it went:
-        when the event is a plain one (nothing flushed, no usage, not the end, nothing PII
-        could be made of outside its volatile strings), events of its shape take the fast
-        path from now on."""
-        fed: list[tuple[Path, Leaf, str, str]] = []
-
-        def leaf(path: Path, described: Leaf, text: str) -> str:
-            now = self._leaf(path, described, text)
-            fed.append((path, described, text, now))
-            return now
-
-        surface = self._surface
-        if self._first is None:
-            self._first = surface.template(chunk)
-        plain = surface.usage(chunk, None, {}) is None and surface.flush_before(chunk) is None
-        self._note(chunk)
-        plain = plain and not self.done
-        before = surface.flush_before(chunk)
-        out = self._flushed(before) if before is not None else b""
-        root = surface.root(chunk)
-        data = event.data
-        assert data is not None
-        scrub = root is None or self._side_may_match(data)
-        try:
             walk(chunk, surface.spec if root is not None else None, root or (), scrub, leaf, self._whole)
-        except RecursionError:
+        except RecursionError:  # nested past Python's stack: its text redacted whole instead
             return out + self._unreadable(event)
         into = surface.flush_into(chunk)
         if into is not None:
@@ -256,12 +228,42 @@ class StreamRelay:
             for path, text in self._take_held(into):
                 put(chunk, path, text)
         written = _with_data(event, _dumps(chunk), self._whole)
-        if plain and root is not None and _with_data(event, data, self._whole) == event.raw:
-            plan = _plan_of(pieces, fed)
-            outputs = {str(path[-1]).encode(): now for path, _, _, now in fed}
-            if plan is not None and _templated_output(pieces, outputs, plan) == written:
-                self._plans[_shape_key(pieces)] = (plan, _segments(pieces))
+        if plain and before is None and root is not None and not self.done:
+            assert pieces is not None
+            self._learn(event, pieces, fed, written)
         return out + written
+
+    def _recorded(self, fed: list[tuple[Path, Leaf, str, str]]) -> LeafText:
+        """`_leaf`, noting each described text and what its stream gave out."""
+
+        def leaf(path: Path, described: Leaf, text: str) -> str:
+            now = self._leaf(path, described, text)
+            fed.append((path, described, text, now))
+            return now
+
+        return leaf
+
+    def _learn(
+        self, event: sse.Event, pieces: list[bytes], fed: list[tuple[Path, Leaf, str, str]], written: bytes
+    ) -> None:
+        """Keep a plain event's shape for the fast path: which stream each volatile string
+        feeds, checked by writing the event the fast path's way and comparing with what the
+        exact path wrote. Only events as small as a real chunk (their shape is kept)."""
+        assert event.data is not None
+        if len(event.raw) > MAX_PLAN_BYTES or _with_data(event, event.data, self._whole) != event.raw:
+            return
+        plan = _plan_of(pieces, fed)
+        if plan is None:
+            return
+        segments = _segments(pieces)
+        outputs = {str(path[-1]).encode(): now for path, _, _, now in fed}
+        values = pieces[2::3]
+        values = [
+            value if step is None or outputs[key] == value.decode() else orjson.dumps(outputs[key])[1:-1]
+            for step, key, value in zip(plan, pieces[1::3], values, strict=True)
+        ]
+        if _rebuilt(segments, values) == written:
+            self._plans[tuple(segments)] = (plan, segments)
 
     def _templated(self, raw: bytes) -> bytes | None:
         """The fast path, for an event without escapes: if it is built like an event learned
@@ -290,9 +292,7 @@ class StreamRelay:
                 if now != text:
                     values[i] = orjson.dumps(now)[1:-1]
                     changed = True
-        if not changed:
-            return raw
-        return b"".join([part for pair in zip(segments, values, strict=False) for part in pair] + [segments[-1]])
+        return _rebuilt(segments, values) if changed else raw
 
     def _matching_plan(self, raw: bytes) -> tuple[tuple[Step, ...], list[bytes], list[bytes]] | None:
         """The learned plan this event is built like (the last one used first), with its volatile
@@ -357,6 +357,7 @@ _VOLATILE = re.compile(
     rb'|obfuscation)":"([^"\\]*)"'
 )
 MAX_PLANS = 16  # shapes remembered per stream (a role chunk, text chunks, a tool call's...)
+MAX_PLAN_BYTES = 4096  # larger events are never learned: each shape keeps its bytes
 Step = tuple[Path, Leaf] | None  # a volatile string's: the stream it feeds, or None (a side value)
 Plan = tuple[tuple[Step, ...], list[bytes]]  # the steps, and the bytes between the volatile values
 
@@ -369,8 +370,9 @@ def _shape_of(raw: bytes) -> list[bytes] | None:
     return _VOLATILE.split(raw)
 
 
-def _shape_key(pieces: list[bytes]) -> tuple[bytes, ...]:
-    return (*pieces[0::3], *pieces[1::3])
+def _rebuilt(segments: list[bytes], values: list[bytes]) -> bytes:
+    """An event of a learned shape, from its segments and these values between them."""
+    return b"".join([part for pair in zip(segments, values, strict=False) for part in pair] + [segments[-1]])
 
 
 def _values_between(raw: bytes, segments: list[bytes]) -> list[bytes] | None:
@@ -397,13 +399,6 @@ def _segments(pieces: list[bytes]) -> list[bytes]:
     if keys:
         segments.append(b'"' + outside[-1])
     return segments
-
-
-def _joined(pieces: list[bytes]) -> bytes:
-    out = [pieces[0]]
-    for i in range(1, len(pieces), 3):
-        out += (b'"', pieces[i], b'":"', pieces[i + 1], b'"', pieces[i + 2])
-    return b"".join(out)
 
 
 def _plan_of(pieces: list[bytes], fed: list[tuple[Path, Leaf, str, str]]) -> tuple[Step, ...] | None:
@@ -434,18 +429,6 @@ def _plan_of(pieces: list[bytes], fed: list[tuple[Path, Leaf, str, str]]) -> tup
     if outside.find(b"@") >= 0 or side_may_match(outside):
         return None  # something outside could be PII (the exact path scrubs then)
     return tuple(plan)
-
-
-def _templated_output(pieces: list[bytes], outputs: dict[bytes, str], plan: tuple[Step, ...]) -> bytes:
-    """What the fast path writes for an event when its streams give out `outputs` (by key):
-    the learning-time check that the plan is exact."""
-    out = list(pieces)
-    for i, step in enumerate(plan):
-        if step is not None:
-            now = outputs[pieces[3 * i + 1]]
-            if now.encode() != out[3 * i + 2]:
-                out[3 * i + 2] = orjson.dumps(now)[1:-1]
-    return _joined(out)
 
 
 LeafText = Callable[[Path, Leaf, str], str]

@@ -383,3 +383,14 @@ def test_a_reply_passed_over_is_one_redaction_would_not_change(reply: dict[str, 
         redacted = json.loads(data)
         redact_reply(REDACTOR, redacted, CHAT.reply_spec, None)
         assert redacted == reply
+
+
+def test_large_events_are_never_learned() -> None:
+    # A learned shape keeps the event's bytes: events past a real chunk's size are not kept,
+    # so a hostile upstream's megabyte events cost no memory beyond their own relay.
+    relay = StreamRelay(REDACTOR, None)
+    for i in range(20):
+        relay.feed(delta_chunk({"content": "hi "}, **{f"pad{i}": "x" * 1_000_000}))
+    assert len(relay._plans) == 0
+    relay.feed(delta_chunk({"content": "hi "}))
+    assert len(relay._plans) == 1
