@@ -15,6 +15,7 @@ from aiohttp.typedefs import Handler, Middleware
 from . import keys
 from .bodies import BodyBudget
 from .budgets import TokenBudget
+from .catalog import ModelList
 from .config import Settings
 from .lifecycle import Lifecycle
 from .limits import Quota, TokenBucket
@@ -34,6 +35,7 @@ from .middlewares import (
     token_budget,
     wrong_method,
 )
+from .openai_apis import EMBEDDINGS_API, RESPONSES_API
 from .proxy import Proxy
 from .redact import build_redactor
 from .shedding import Shedder
@@ -49,8 +51,10 @@ from .upstream import Upstream
 SERVER_OPTIONS: Mapping[str, object] = MappingProxyType({"auto_decompress": False})
 
 # Routes that go through SPEC §4's admission; every other route is let through by its steps.
-ADMITTED_ROUTES = frozenset({CHAT_API.name, MESSAGES_API.name})
-TOKEN_APIS = (CHAT_API, MESSAGES_API)  # the routes that produce tokens: budgeted (SPEC §14)
+ADMITTED_ROUTES = frozenset({CHAT_API.name, MESSAGES_API.name, RESPONSES_API.name, EMBEDDINGS_API.name})
+# The model list needs a valid key in keyed mode, and spends nothing (SPEC §12).
+IDENTIFIED_ROUTES = ADMITTED_ROUTES | {"models"}
+TOKEN_APIS = (CHAT_API, MESSAGES_API, RESPONSES_API, EMBEDDINGS_API)  # the routes that use tokens: budgeted (SPEC §14)
 _ANTHROPIC_SHAPED = frozenset({MESSAGES_API.name})  # the gateway's own errors as Anthropic's (SPEC §11)
 _UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -59,13 +63,20 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     tracing = Tracing(settings.otlp_endpoint, settings.service_name) if settings.otlp_endpoint else None
     telemetry = Telemetry(Metrics(settings.model_label_limit), tracing, RequestLog(log_stream))
     store = store_from_url(settings.redis_url, cluster=settings.redis_cluster, timeout=settings.store_timeout_secs)
-    upstream = Upstream(
-        settings.upstream_chat_url,
-        settings.upstream_api_key,
-        settings.timeout_secs,
-        organization=settings.openai_organization,
-        project=settings.openai_project,
-    )
+
+    def openai_upstream(url: str) -> Upstream:
+        return Upstream(
+            url,
+            settings.upstream_api_key,
+            settings.timeout_secs,
+            organization=settings.openai_organization,
+            project=settings.openai_project,
+        )
+
+    upstream = openai_upstream(settings.upstream_chat_url)
+    responses = openai_upstream(settings.upstream_responses_url)
+    embeddings = openai_upstream(settings.upstream_embeddings_url)
+    models = openai_upstream(settings.upstream_models_url)
     anthropic = Upstream(
         settings.upstream_messages_url, settings.anthropic_api_key, settings.timeout_secs, anthropic=True
     )
@@ -101,10 +112,18 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         ("GET", "/metrics", "metrics", metrics),
         ("POST", CHAT_API.path, CHAT_API.name, proxy_for(CHAT_API, upstream).handle),
         ("POST", MESSAGES_API.path, MESSAGES_API.name, proxy_for(MESSAGES_API, anthropic).handle),
+        ("POST", RESPONSES_API.path, RESPONSES_API.name, proxy_for(RESPONSES_API, responses).handle),
+        ("POST", EMBEDDINGS_API.path, EMBEDDINGS_API.name, proxy_for(EMBEDDINGS_API, embeddings).handle),
+        ("GET", "/v1/models", "models", ModelList(models, telemetry, settings.timeout_secs).handle),
     ]
     plans: dict[str | None, RoutePlan] = {
         name: RoutePlan(
-            path, path not in _UNTRACED, name in ADMITTED_ROUTES, name in ADMITTED_ROUTES, name in _ANTHROPIC_SHAPED
+            path,
+            path not in _UNTRACED,
+            name in ADMITTED_ROUTES,
+            name in ADMITTED_ROUTES,
+            name in _ANTHROPIC_SHAPED,
+            identified=name in IDENTIFIED_ROUTES,
         )
         for _, path, name, _ in routes
     }
@@ -150,7 +169,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
 
     app = web.Application(middlewares=chain, client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
-    app[keys.UPSTREAMS] = (upstream, anthropic)
+    app[keys.UPSTREAMS] = (upstream, anthropic, responses, embeddings, models)
     app[keys.STORE] = store
     app[keys.TELEMETRY] = telemetry
     app[keys.LIFECYCLE] = lifecycle

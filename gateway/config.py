@@ -100,6 +100,18 @@ class Settings:
         return _endpoint(self.upstream_base_url, "/v1/chat/completions")
 
     @property
+    def upstream_responses_url(self) -> str:
+        return _endpoint(self.upstream_base_url, "/v1/responses")
+
+    @property
+    def upstream_embeddings_url(self) -> str:
+        return _endpoint(self.upstream_base_url, "/v1/embeddings")
+
+    @property
+    def upstream_models_url(self) -> str:
+        return _endpoint(self.upstream_base_url, "/v1/models")
+
+    @property
     def upstream_messages_url(self) -> str:
         return _endpoint(self.anthropic_base_url, "/v1/messages")
 

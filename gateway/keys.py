@@ -25,6 +25,9 @@ STATE = web.RequestKey("state", RequestState)
 # The same state, set only on the routes that go through admission (SPEC §4): one lookup tells
 # an admission step both whether to act and what it acts on.
 ADMITTED = web.RequestKey("admitted", RequestState)
+# The state of a request whose caller is identified (SPEC §4 step 1): every admitted route's,
+# and GET /v1/models' (a valid key needed in keyed mode, nothing else spent).
+IDENTIFIED = web.RequestKey("identified", RequestState)
 # The response whose headers are going out, set as it is prepared: after that an error can no
 # longer become an HTTP response of its own (SPEC §9), only the end of this one.
 STARTED = web.RequestKey("started", web.StreamResponse)

@@ -37,7 +37,7 @@ from .errors import (
     RequestTimeout,
     ShuttingDown,
 )
-from .keys import ADMITTED, STARTED, STATE
+from .keys import ADMITTED, IDENTIFIED, STARTED, STATE
 from .lifecycle import Lifecycle
 from .limits import Quota, TokenBucket, format_reset, retry_headers
 from .models import RequestState
@@ -60,6 +60,7 @@ class RoutePlan:
     chat: bool = False  # the chat gauges and histograms: in flight, first byte, tokens
     admitted: bool = False  # through SPEC §4's admission steps
     anthropic_errors: bool = False  # the gateway's own errors in Anthropic's shape (SPEC §11)
+    identified: bool = False  # the caller's key checked (SPEC §4 step 1): every admitted route, the model list
 
 
 OTHER = RoutePlan("other")
@@ -92,6 +93,8 @@ def observed(routes: Mapping[str | None, RoutePlan], telemetry: Telemetry, reque
         route = routes.get(request.match_info.route.name, OTHER)
         label = route.label
         state = request[STATE] = RequestState(request_ids(request.headers.get("x-request-id")))
+        if route.identified:
+            request[IDENTIFIED] = state
         if route.admitted:
             request[ADMITTED] = state
         metrics.request_started(label)
@@ -180,7 +183,7 @@ def tenancy(tenants: Tenancy, trusted_proxies: tuple[object, ...]) -> Middleware
 
     @web.middleware
     async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
-        state = request.get(ADMITTED)
+        state = request.get(IDENTIFIED)
         if state is not None:
             headers = request.headers
             key = presented_key(headers.get("X-Api-Key"), headers.get("Authorization"))

@@ -1,4 +1,5 @@
-"""The chat-completions handler: validate, redact, relay (JSON or SSE), under asyncio deadlines.
+"""A POST route's handler (chat completions, messages, responses, embeddings): validate,
+redact, relay (JSON or SSE), under asyncio deadlines.
 
 Non-stream: the whole upstream response must arrive within TIMEOUT_SECS. Stream: the first
 event must; after that events are relayed as they arrive. The request body is forwarded as
@@ -73,7 +74,7 @@ class Proxy:
         payload = state.payload
         assert payload is not None and state.model is not None, "the body middleware runs first"
         self._api.check_request(payload, self._redactor is not None)
-        state.stream = payload.get("stream") is True
+        state.stream = self._api.streams and payload.get("stream") is True
         hidden_usage = state.stream and self._api.asks_stream_usage and ask_stream_usage(payload)
         if self._redactor is not None:
             await self._redact_request(payload, state)

@@ -8,7 +8,10 @@ written from what was parsed: with an upstream that sends compact JSON (OpenAI a
 Anthropic do) an unchanged event is its own bytes again, and what a parser would not see
 (a repeated key, an escaped key) never reaches the client. An event that is not the JSON
 object it should be has its text redacted whole. Held text is flushed into a choice's
-finishing chunk, or in a chunk of its own before the end. No aiohttp here.
+finishing chunk, or in a chunk of its own before the end. Where a surface's events repeat a
+streamed text whole (the Responses API's `.done` events and final response), the relay keeps
+what each text stream gave out and puts it in every such copy. Nothing after the event that
+ends a stream is relayed. No aiohttp here.
 """
 
 from __future__ import annotations
@@ -60,22 +63,25 @@ def side_may_match(data: bytes) -> bool:
 
 
 MAX_STREAMS = 256  # text streams per reply; past that (a hostile upstream), texts are redacted whole
+MAX_KEPT_CHARS = 4 * 1024 * 1024  # streamed text kept for its later copies, per reply
 
 
 class StreamRelay:
     """Feed the upstream's bytes as they arrive; get back the bytes to send on."""
 
     __slots__ = (
-        "_first",
         "_hide_usage",
+        "_kept",
+        "_kept_chars",
         "_last_plan",
         "_on_redaction",
         "_parser",
         "_plans",
         "_redactor",
+        "_scratch",
         "_streams",
         "_surface",
-        "_usage_counts",
+        "_templates",
         "done",
         "response_model",
         "usage",
@@ -97,11 +103,14 @@ class StreamRelay:
         self._hide_usage = hide_usage  # a chunk with only usage, asked for by the gateway: noted, not relayed
         self._parser = sse.SSEParser(max_event_bytes) if max_event_bytes else sse.SSEParser()
         self._streams: dict[Path, StreamRedactor] = {}  # one per text field and indices, in order of arrival
-        self._first: dict[str, Any] | None = None  # what a flush event copies from the first event
+        self._templates: dict[Path, dict[str, Any]] = {}  # what a flush event copies, by root: its first event
+        # What each text stream gave out, for the events that repeat it whole (None: too long to keep).
+        self._kept: dict[Path, list[str] | None] | None = {} if surface.keeps_copies else None
+        self._kept_chars = 0
         self._plans: dict[tuple[bytes, ...], Plan] = {}  # the fast path's, by its segments
         self._last_plan: Plan | None = None
         self.usage: Usage | None = None
-        self._usage_counts: dict[str, int] = {}  # the surface's, for usage reported in parts
+        self._scratch: dict[str, int] = {}  # the surface's: usage reported in parts, sequence numbers
         self.usage_final = False  # the usage is the reply's last word (not message_start's first count)
         self.response_model: str | None = None
         self.done = False
@@ -119,6 +128,8 @@ class StreamRelay:
             return self._unredacted(blocks)
         out: list[bytes] = []
         for block in blocks.split(b"\n\n")[:-1]:  # whole events, each ended by a blank line
+            if self.done:
+                break  # nothing follows the end of a stream (a [DONE] after response.completed)
             if not block:
                 continue  # a run of blank lines
             raw = block + b"\n\n"
@@ -132,18 +143,19 @@ class StreamRelay:
 
     def close(self) -> bytes:
         """The upstream ended: a last event without its blank line, then held text."""
-        return b"".join([self._event(event) for event in self._parser.close()]) + self.finish()
+        last = self._parser.close()
+        return b"".join([self._event(event) for event in last if not self.done]) + self.finish()
 
     def finish(self) -> bytes:
         """The upstream ended (or broke): whatever text is still held, in events of its own."""
         return self._flushed(None)
 
     def error_event(self, error: GatewayError) -> bytes:
-        return self._surface.error_event(error)
+        return self._surface.error_event(error, self._scratch)
 
     def _flushed(self, prefixes: list[Path] | None) -> bytes:
         held = self._take_held(prefixes)
-        return self._surface.flush_events(held, self._first) if held else b""
+        return self._surface.flush_events(held, self._templates, self._scratch) if held else b""
 
     def _take_held(self, prefixes: list[Path] | None) -> list[tuple[Path, str]]:
         """The held text of the streams under `prefixes` (None: all), flushed."""
@@ -153,6 +165,8 @@ class StreamRelay:
                 text = stream.flush()
                 if text:
                     held.append((path, text))
+                    if self._kept is not None:
+                        self._keep(path, text)
         return held
 
     def _unredacted(self, blocks: bytes) -> bytes:
@@ -207,19 +221,20 @@ class StreamRelay:
             pieces = None  # not its own bytes (spacing, a repeated or escaped key): nothing to learn
         # A plain event (no usage, nothing flushed before it, not the end) may be learned.
         plain = pieces is not None and surface.usage(chunk, None, {}) is None
-        if self._first is None:
-            self._first = surface.template(chunk)
+        root = surface.root(chunk)
+        templates = self._templates
+        if root is not None and root not in templates and len(templates) < MAX_STREAMS:
+            templates[root] = surface.template(chunk)
         self._note(chunk)
         before = surface.flush_before(chunk)
         out = self._flushed(before) if before is not None else b""
-        root = surface.root(chunk)
         fed: list[tuple[Path, Leaf, str, str]] = []
         leaf = self._recorded(fed) if plain else self._leaf
         # The one shortcut: without an escape or anything PII could be made of in the whole
         # event, only the described fields need a look (their streams may hold text back).
         scrub = root is None or data.find(b"\\") >= 0 or self._side_may_match(data)
         try:
-            walk(chunk, surface.spec if root is not None else None, root or (), scrub, leaf, self._whole)
+            walk(chunk, surface.spec_of(chunk) if root is not None else None, root or (), scrub, leaf, self._whole)
         except RecursionError:  # nested past Python's stack: its text redacted whole instead
             return out + self._unreadable(event)
         into = surface.flush_into(chunk)
@@ -314,13 +329,49 @@ class StreamRelay:
 
     def _leaf(self, path: Path, leaf: Leaf, text: str) -> str:
         """A described field's text through its stream (past `MAX_STREAMS` of them: whole)."""
+        if leaf.copy:
+            return self._copy(path, leaf, text)
         stream = self._streams.get(path)
         if stream is None:
             assert self._redactor is not None
             if len(self._streams) >= MAX_STREAMS:
-                return self._redactor.redact(text, self._on_redaction, json_text=leaf.json_text)
+                out = self._redactor.redact(text, self._on_redaction, json_text=leaf.json_text)
+                if self._kept is not None:
+                    self._keep(path, out)
+                return out
             stream = self._streams[path] = self._redactor.stream(self._on_redaction, json_text=leaf.json_text)
-        return stream.feed(text)
+        out = stream.feed(text)
+        if self._kept is not None:
+            self._keep(path, out)
+        return out
+
+    def _keep(self, path: Path, text: str) -> None:
+        """Note what a text stream gave out, for its later copies (bounded: past MAX_STREAMS
+        streams or MAX_KEPT_CHARS characters, copies are redacted whole instead)."""
+        kept = self._kept
+        assert kept is not None
+        pieces = kept.get(path)
+        if pieces is None:
+            if path in kept or len(kept) >= MAX_STREAMS:
+                return
+            pieces = kept[path] = []
+        if text:
+            self._kept_chars += len(text)
+            if self._kept_chars > MAX_KEPT_CHARS:
+                kept[path] = None
+                return
+            pieces.append(text)
+
+    def _copy(self, path: Path, leaf: Leaf, text: str) -> str:
+        """A later copy of a streamed text: the whole of what its stream gave out (its held
+        text went out before this event: see `Surface.flush_before`). A text that never
+        streamed, or too long to keep, is redacted whole."""
+        kept = self._kept.get(self._surface.stream_of(path)) if self._kept is not None else None
+        if kept is None:
+            return self._whole(text, leaf.json_text)
+        if len(kept) > 1:
+            kept[:] = ["".join(kept)]
+        return kept[0] if kept else ""
 
     def _whole(self, text: str, json_text: bool = False) -> str:
         assert self._redactor is not None
@@ -337,7 +388,7 @@ class StreamRelay:
 
     def _note(self, chunk: dict[str, Any]) -> None:
         surface = self._surface
-        usage = surface.usage(chunk, self.usage, self._usage_counts)
+        usage = surface.usage(chunk, self.usage, self._scratch)
         if usage is not self.usage:
             self.usage = usage
             self.usage_final = surface.usage_is_final(chunk)
@@ -457,7 +508,8 @@ def _described(node: dict[str, Any], spec: Spec, path: Path, leaf: LeafText) -> 
         shape = type(sub)
         if shape is Leaf:
             if sub.drop:  # type: ignore[union-attr]
-                node[name] = None
+                if value:  # an empty one carries no text: it stays as it came
+                    node[name] = None
             elif type(value) is str and not sub.keep:  # type: ignore[union-attr]
                 node[name] = leaf((*path, name), sub, value)  # type: ignore[arg-type]
         elif shape is dict:
@@ -479,7 +531,8 @@ def _visit(
     kind = type(value)
     if type(sub) is Leaf:
         if sub.drop:
-            node[name] = None
+            if value:
+                node[name] = None
         elif kind is str and not sub.keep:
             node[name] = leaf((*path, name), sub, value)
         elif scrub and not sub.keep:

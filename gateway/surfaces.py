@@ -4,10 +4,12 @@ A description is a tree shaped like the JSON it reads: a dict names the keys to 
 `Each(spec)` a list whose items are told apart by their integer "index" member (a choice, a
 tool call), `All(spec)` a list read item by item (a reply's content blocks), and a leaf says
 what its string is: `TEXT`, `JSON_TEXT` (a JSON document as a string, tool-call arguments: a
-mask never breaks it), `DROP` (gone with redaction on) or `KEEP` (passes untouched: thinking
-and its signature). Every string a description does not name is redacted whole. The relay
-keeps one streaming redactor per leaf and per indices on the way to it, so text split across
-events is redacted as one. Redacting one more field is one more leaf.
+mask never breaks it), `DROP` (gone with redaction on), `KEEP` (passes untouched: thinking
+and its signature) or `COPY` / `JSON_COPY` (a later copy of a streamed text, as the Responses
+API repeats a part's whole text once it is done: it carries what that text's stream gave out).
+Every string a description does not name is redacted whole. The relay keeps one streaming
+redactor per leaf and per indices on the way to it, so text split across events is redacted
+as one. Redacting one more field is one more leaf.
 
 Each surface also says where a stream's text streams end (so held text is flushed in time),
 how a flush is written, what ends the stream, where usage is, and how an error event looks.
@@ -32,12 +34,15 @@ class Leaf:
     json_text: bool = False  # the string holds a JSON document: a mask outside its strings is quoted
     drop: bool = False  # with redaction on, the value goes out as null
     keep: bool = False  # passes as it came, never redacted (a signature covers it)
+    copy: bool = False  # a later copy of a streamed text: what its stream gave out (Surface.stream_of)
 
 
 TEXT = Leaf()
 JSON_TEXT = Leaf(json_text=True)
-DROP = Leaf(drop=True)
+DROP = Leaf(drop=True)  # an empty value (null, [], "") stays as it is: it carries no text
 KEEP = Leaf(keep=True)
+COPY = Leaf(copy=True)
+JSON_COPY = Leaf(json_text=True, copy=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +70,19 @@ class Surface:
     reply_spec: ClassVar[Spec]  # a whole (JSON) reply's
     done_data: ClassVar[bytes | None] = None  # an event whose data ends the stream ([DONE])
     done_types: ClassVar[frozenset[str]] = frozenset()  # event types that end it
+    keeps_copies: ClassVar[bool] = False  # events repeat streamed texts whole (COPY leaves)
 
     def root(self, event: dict[str, Any]) -> Path | None:
         """Where the event's streams are keyed from; None: it cannot be read as described."""
         return ()
+
+    def spec_of(self, event: dict[str, Any]) -> Spec:
+        """The event's description (one for every event, unless the API's events differ)."""
+        return self.spec
+
+    def stream_of(self, path: Path) -> Path:
+        """The stream (its leaf's path) whose text a COPY leaf at `path` repeats."""
+        raise NotImplementedError
 
     def flush_before(self, event: dict[str, Any]) -> list[Path] | None:
         """Streams (by path prefix) whose held text must go out in events before this one;
@@ -79,19 +93,23 @@ class Surface:
         """Streams whose held text goes out inside this event (after its own text)."""
         return None
 
-    def flush_events(self, held: list[tuple[Path, str]], first: dict[str, Any] | None) -> bytes:
-        """Events that carry held text (the end came without a place for it)."""
+    def flush_events(
+        self, held: list[tuple[Path, str]], templates: dict[Path, dict[str, Any]], counts: dict[str, int]
+    ) -> bytes:
+        """Events that carry held text (the end came without a place for it). `templates`:
+        `template` of the first event of each root."""
         raise NotImplementedError
 
     def usage(self, event: dict[str, Any], before: Usage | None, counts: dict[str, int]) -> Usage | None:
-        """The usage known after this event (`counts`: the stream's own scratch space)."""
+        """The usage known after this event (`counts`: the stream's own scratch space, where
+        a surface may note more than usage: the Responses API's sequence numbers)."""
         return before
 
-    def error_event(self, error: GatewayError) -> bytes:
+    def error_event(self, error: GatewayError, counts: dict[str, int]) -> bytes:
         return sse.error_event(error)
 
     def template(self, event: dict[str, Any]) -> dict[str, Any]:
-        """What a flush event copies from the stream's first event."""
+        """What a flush event copies from the first event of a root (see `root`)."""
         return {}
 
     def usage_only(self, event: dict[str, Any]) -> bool:
@@ -159,8 +177,10 @@ class ChatSurface(Surface):
             if type(choice) is dict and type(choice.get("index")) is int and choice.get("finish_reason") is not None
         ] or None
 
-    def flush_events(self, held: list[tuple[Path, str]], first: dict[str, Any] | None) -> bytes:
-        chunk = dict(first or {"object": "chat.completion.chunk"})
+    def flush_events(
+        self, held: list[tuple[Path, str]], templates: dict[Path, dict[str, Any]], counts: dict[str, int]
+    ) -> bytes:
+        chunk = dict(templates.get(()) or {"object": "chat.completion.chunk"})
         chunk["choices"] = []
         for path, text in held:
             put(chunk, path, text)
@@ -224,7 +244,9 @@ class MessagesSurface(Surface):
             return [()]
         return None
 
-    def flush_events(self, held: list[tuple[Path, str]], first: dict[str, Any] | None) -> bytes:
+    def flush_events(
+        self, held: list[tuple[Path, str]], templates: dict[Path, dict[str, Any]], counts: dict[str, int]
+    ) -> bytes:
         out = []
         for path, text in held:
             index, field = path[0], path[-1]
@@ -263,7 +285,7 @@ class MessagesSurface(Surface):
     def usage_is_final(self, event: dict[str, Any]) -> bool:
         return event.get("type") == "message_delta"  # message_start's output count is provisional
 
-    def error_event(self, error: GatewayError) -> bytes:
+    def error_event(self, error: GatewayError, counts: dict[str, int]) -> bytes:
         return b"event: error\ndata: " + error.anthropic()[1] + b"\n\n"
 
 
@@ -374,6 +396,7 @@ class Api:
     anthropic_errors: bool = False  # the gateway's own errors in Anthropic's shape (SPEC §11)
     system: str = "openai"  # gen_ai.system on the upstream call's span
     asks_stream_usage: bool = False  # streams get stream_options.include_usage upstream (SPEC §14)
+    streams: bool = True  # "stream": true is answered as a stream (embeddings never are)
 
 
 def check_chat_request(payload: dict[str, Any], redacting: bool) -> None:

@@ -200,3 +200,12 @@ class Upstream:
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
         return UpstreamReply(response)
+
+    async def get(self, headers: Mapping[str, str]) -> UpstreamReply:
+        """A GET of the upstream's URL (the model list), under the same rules as `post`."""
+        assert self._session is not None, "Upstream.open() was not awaited"
+        try:
+            response = await self._session.get(self._url, headers=headers, allow_redirects=False)
+        except (aiohttp.ClientError, ConnectionError, OSError) as exc:
+            raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
+        return UpstreamReply(response)

@@ -22,6 +22,8 @@ thinking_delta, then x-mock-signature as signature_delta), x-mock-stop-reason, x
 JSON object merged into message_start's usage) and x-mock-delta-usage (a JSON object merged into
 message_delta's usage).
 
+The Responses API (POST /v1/responses), embeddings and GET /v1/models: see openai_apis.py.
+
 What it saw, for tests: GET /_mock/requests (headers and body of recent requests),
 GET /_mock/events (client disconnects), DELETE /_mock/requests (forget both).
 """
@@ -39,6 +41,7 @@ import uuid
 from collections import deque
 from typing import Any, overload
 
+import openai_apis  # beside this file: the mock runs as a script (python mock/server.py)
 from aiohttp import web
 
 DEFAULT_REPLY = "Hello! This is a mock response from the upstream."
@@ -437,6 +440,7 @@ def create_mock_app() -> web.Application:
     app[EVENTS] = []
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/messages", messages)
+    openai_apis.add_routes(app, SEEN, EVENTS)
     app.router.add_get("/_mock/requests", seen)
     app.router.add_get("/_mock/events", events)
     app.router.add_delete("/_mock/requests", forget)

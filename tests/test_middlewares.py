@@ -202,7 +202,7 @@ async def test_404_405_and_probes_spend_no_token_and_no_quota(start: GatewayFact
                 assert r.status == 405 and r.headers["Allow"] == "POST"
                 assert error_of(await r.json())["code"] == "method_not_allowed"
                 assert "x-ratelimit-limit-requests" not in r.headers and r.headers["x-request-id"]
-        for path in ("/v1/models", "/v1/chat/completions/", "/%2e%2e/etc", "/healthz/x"):
+        for path in ("/v1/unknown", "/v1/chat/completions/", "/%2e%2e/etc", "/healthz/x"):
             async with client.post(path, json=chat(), headers={"X-Api-Key": "sk-a"}) as r:
                 assert r.status == 404 and error_of(await r.json())["code"] == "not_found"
         async with client.post("/healthz") as r:

@@ -321,7 +321,7 @@ async def test_oversized_body_is_413(start_gateway: GatewayFactory, mock: Mock) 
 
 async def test_unknown_paths_and_methods_are_json_errors(shared_gateway: Gateway) -> None:
     async with aiohttp.ClientSession() as session:
-        async with session.get(shared_gateway.url + "/v1/models") as r:
+        async with session.get(shared_gateway.url + "/v1/unknown") as r:
             assert r.status == 404
             assert (await r.json())["error"]["code"] == "not_found"
         async with session.get(shared_gateway.url + CHAT) as r:

@@ -1,0 +1,68 @@
+"""GET /v1/models (SPEC §12): the models a client may ask for, in OpenAI's list shape.
+
+Without routing the list is the upstream's own answer, relayed as it came; `ModelList.models`
+is the one place that produces it. In keyed mode the caller's key is checked first (the
+tenancy step); the route spends no rate-limit token and no quota. The upstream call follows
+SPEC §5: the whole answer within TIMEOUT_SECS (else 504), its status and JSON error relayed,
+401/403 (the gateway's own credential refused) as 502, no connection as 502.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+
+from .errors import UpstreamAuthRejected, UpstreamError, UpstreamTimeout
+from .keys import STATE
+from .models import RequestState
+from .telemetry import Telemetry
+from .upstream import Upstream
+
+
+class ModelList:
+    """The handler of GET /v1/models."""
+
+    def __init__(self, upstream: Upstream, telemetry: Telemetry, timeout_secs: float) -> None:
+        self._upstream = upstream
+        self._telemetry = telemetry
+        self._timeout = timeout_secs
+
+    async def handle(self, request: web.Request) -> web.Response:
+        status, body, headers = await self.models(request, request[STATE])
+        return web.Response(body=body, status=status, content_type="application/json", headers=headers)
+
+    async def models(self, request: web.Request, state: RequestState) -> tuple[int, bytes, dict[str, str]]:
+        """(status, JSON body, headers) of the list: the upstream's answer."""
+        tracing = self._telemetry.tracing
+        if tracing is None or state.span is None:
+            return await self._fetch(state, self._upstream.headers_for(request.headers, request_id=state.request_id))
+        with tracing.client_span(state.span, None) as trace_headers:
+            headers = self._upstream.headers_for(request.headers, trace_headers, request_id=state.request_id)
+            return await self._fetch(state, headers)
+
+    async def _fetch(self, state: RequestState, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+        metrics = self._telemetry.metrics
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout):
+                reply = await self._upstream.get(headers)
+                state.upstream_ttfb = time.perf_counter() - started
+                try:
+                    data = await reply.read()
+                finally:
+                    reply.close()
+        except TimeoutError:
+            metrics.cb_event("timeout")
+            raise UpstreamTimeout() from None
+        except UpstreamError:
+            metrics.cb_event("upstream_error")
+            raise
+        if reply.status in (401, 403):
+            metrics.cb_event("upstream_error")
+            raise UpstreamAuthRejected()
+        if not reply.is_json:
+            metrics.cb_event("upstream_error")
+            raise UpstreamError(f"upstream answered {reply.status} with a body that is not JSON")
+        return reply.status, data, reply.retry_headers() if reply.status >= 300 else {}
