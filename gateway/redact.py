@@ -592,9 +592,12 @@ class StreamRedactor:
         self._start = settled - keep_from
 
     def flush(self) -> str:
+        """The held text, redacted as final. Text fed after a flush (an upstream that goes on
+        after a part's end) is a text of its own, with no look-behind into this one: a match
+        reaching back into text already sent could otherwise hide what follows it in clear."""
         text, start = self._text, self._start
-        self._text = text[-_CONTEXT:]
-        self._start = len(self._text)
+        self._text = ""
+        self._start = 0
         if start == len(text):
             return ""
         return self._redactor.redact_from(text, start, self._on_redaction)  # the tail is final now
@@ -708,7 +711,11 @@ class JsonStreamRedactor(StreamRedactor):
         return self._settle(piece, False, self._on_redaction)
 
     def flush(self) -> str:
-        return self._settle("", True, self._on_redaction)
+        out = self._settle("", True, self._on_redaction)
+        # As StreamRedactor.flush: what follows is read with no look-behind (the JSON state stays).
+        self._text = self._view = ""
+        self._start = 0
+        return out
 
     def feed_unmasked(self, piece: str, final: bool = False) -> tuple[str, int] | None:
         saved = (self._text, self._view, self._start, self._in_string, self._scan.state)

@@ -70,6 +70,7 @@ class StreamRelay:
     """Feed the upstream's bytes as they arrive; get back the bytes to send on."""
 
     __slots__ = (
+        "_ended",
         "_hide_usage",
         "_kept",
         "_kept_chars",
@@ -103,6 +104,7 @@ class StreamRelay:
         self._hide_usage = hide_usage  # a chunk with only usage, asked for by the gateway: noted, not relayed
         self._parser = sse.SSEParser(max_event_bytes) if max_event_bytes else sse.SSEParser()
         self._streams: dict[Path, StreamRedactor] = {}  # one per text field and indices, in order of arrival
+        self._ended: set[Path] = set()  # streams whose held text was flushed: they take no more text
         self._templates: dict[Path, dict[str, Any]] = {}  # what a flush event copies, by root: its first event
         # What each text stream gave out, for the events that repeat it whole (None: too long to keep).
         self._kept: dict[Path, list[str] | None] | None = {} if surface.keeps_copies else None
@@ -158,15 +160,22 @@ class StreamRelay:
         return self._surface.flush_events(held, self._templates, self._scratch) if held else b""
 
     def _take_held(self, prefixes: list[Path] | None) -> list[tuple[Path, str]]:
-        """The held text of the streams under `prefixes` (None: all), flushed."""
+        """The held text of the streams under `prefixes` (None: all), flushed. A stream whose
+        held text went out this way has ended: text the upstream sends it later is dropped,
+        as it would make PII with what was sent ("jane.doe", flushed, then "@example.com")."""
         held: list[tuple[Path, str]] = []
-        for path, stream in self._streams.items():
-            if stream.held and (prefixes is None or any(path[: len(p)] == p for p in prefixes)):
-                text = stream.flush()
-                if text:
-                    held.append((path, text))
-                    if self._kept is not None:
-                        self._keep(path, text)
+        ended = [
+            path
+            for path, stream in self._streams.items()
+            if stream.held and (prefixes is None or any(path[: len(p)] == p for p in prefixes))
+        ]
+        for path in ended:
+            text = self._streams.pop(path).flush()
+            self._ended.add(path)
+            if text:
+                held.append((path, text))
+                if self._kept is not None:
+                    self._keep(path, text)
         return held
 
     def _unredacted(self, blocks: bytes) -> bytes:
@@ -334,7 +343,9 @@ class StreamRelay:
         stream = self._streams.get(path)
         if stream is None:
             assert self._redactor is not None
-            if len(self._streams) >= MAX_STREAMS:
+            if path in self._ended:
+                return ""
+            if len(self._streams) + len(self._ended) >= MAX_STREAMS:
                 out = self._redactor.redact(text, self._on_redaction, json_text=leaf.json_text)
                 if self._kept is not None:
                     self._keep(path, out)
@@ -378,10 +389,11 @@ class StreamRelay:
         return self._redactor.redact(text, self._on_redaction, json_text=json_text)
 
     def _unreadable(self, event: sse.Event) -> bytes:
-        """An event that is not a JSON object: its text redacted whole (JSON stays JSON)."""
+        """An event that is not a JSON object: its text redacted whole (JSON stays JSON; text
+        that is no JSON is read as text: "+44 20 7946 0958" is a phone there, not a number)."""
         assert event.data is not None
         text = event.data.decode("utf-8", "replace")
-        clean = self._whole(text, True)
+        clean = self._whole(text, _is_json(event.data))
         if clean == text and not _has_invalid_utf8(event.data):
             return _with_data(event, event.data, self._whole)  # its other lines redacted too
         return _with_data(event, clean.encode(), self._whole)
@@ -602,6 +614,16 @@ def _with_data(event: sse.Event, data: bytes, whole: WholeText) -> bytes:
             text = line.decode("utf-8", "replace")
             lines.append(whole(text).encode() + b"\n")
     return b"".join(lines) + b"\n"
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        loads_reply(data)
+    except ValueError:
+        return False
+    except RecursionError:
+        return True  # JSON nested past the parser's stack
+    return True
 
 
 def _has_invalid_utf8(data: bytes) -> bool:

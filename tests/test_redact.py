@@ -163,6 +163,27 @@ def test_prose_is_held_back_by_at_most_a_word() -> None:
     assert stream.flush() == "and"
 
 
+@settings(max_examples=300, deadline=None)
+@given(split_reply(), split_reply(), st.booleans())
+def test_text_fed_after_a_flush_never_shows_pii_in_clear(
+    before: tuple[str, list[str]], after: tuple[str, list[str]], json_text: bool
+) -> None:
+    # An upstream that goes on after a part's end: the text after the flush is redacted as a
+    # text of its own (a match reaching back into what was sent must not hide the rest).
+    stream = REDACTOR.stream(json_text=json_text)
+    emitted = [stream.feed(piece) for piece in before[1]] + [stream.flush()]
+    emitted += [stream.feed(piece) for piece in after[1]] + [stream.flush()]
+    assert "".join(emitted[len(before[1]) + 1 :]) == REDACTOR.redact(after[0], json_text=json_text)
+
+
+def test_a_match_reaching_back_across_a_flush_leaves_nothing_in_clear() -> None:
+    for json_text, head in ((False, "write j"), (True, '{"to": "j')):
+        stream = REDACTOR.stream(json_text=json_text)
+        stream.feed(head)
+        stream.flush()
+        assert "ane.doe@example.com" not in stream.feed("ane.doe@example.com, ok") + stream.flush()
+
+
 @settings(max_examples=500, deadline=None)
 @given(st.lists(st.one_of(ORDINARY, PII_VALUES), min_size=1, max_size=30).map(" ".join))
 def test_redaction_is_idempotent(text: str) -> None:

@@ -394,3 +394,16 @@ def test_large_events_are_never_learned() -> None:
     assert len(relay._plans) == 0
     relay.feed(delta_chunk({"content": "hi "}))
     assert len(relay._plans) == 1
+
+
+def test_text_after_a_choices_end_cannot_complete_pii_with_what_was_flushed() -> None:
+    # "jane.doe" is held, then flushed into the finishing chunk; an upstream that goes on
+    # after it ("@example.com") would make an email of the two: a stream that ended takes no
+    # more text.
+    wire = relay_all(
+        delta_chunk({"content": "write jane.doe"}),
+        delta_chunk({}, finish="stop"),
+        delta_chunk({"content": "@example.com now"}),
+        DONE,
+    )
+    assert texts(wire) == "write jane.doe"
