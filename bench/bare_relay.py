@@ -35,6 +35,8 @@ def main() -> None:
     app.cleanup_ctx.append(session_ctx)
     app.router.add_post("/v1/chat/completions", relay)
     app.router.add_post("/v1/messages", relay)  # the same relay for Anthropic's route
+    app.router.add_post("/v1/responses", relay)  # and for the Responses API and embeddings
+    app.router.add_post("/v1/embeddings", relay)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(app))
 

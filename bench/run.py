@@ -31,7 +31,9 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "4"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "50"))
 STREAMS = int(os.environ.get("BENCH_STREAMS", "500"))
 ONLY = set(
-    os.environ.get("BENCH_ONLY", "json,unique,stream,openai,anthropic,unredacted,redis,budgets,tracing,paced").split(",")
+    os.environ.get(
+        "BENCH_ONLY", "json,unique,stream,openai,anthropic,responses,embeddings,unredacted,redis,budgets,tracing,paced"
+    ).split(",")
 )
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROMPT = (
@@ -43,6 +45,8 @@ UNIQUE_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": 
 
 STREAM_BODY = {**JSON_BODY, "stream": True}
 MESSAGES_BODY = {"model": "claude-sonnet-4-5", "max_tokens": 1024, "messages": JSON_BODY["messages"], "stream": True}
+RESPONSES_BODY = {"model": "gpt-4o-mini", "input": PROMPT, "stream": True}
+EMBEDDINGS_BODY = {"model": "text-embedding-3-small", "input": PROMPT}
 
 
 def free_port() -> int:
@@ -206,6 +210,90 @@ def anthropic_stream() -> str:
     return "".join(events)
 
 
+def responses_stream() -> str:
+    """The Responses API's event stream for the same answer, as OpenAI writes it now: `event:`
+    lines, the type first and the other fields in alphabetical order, a sequence_number on
+    every event, `logprobs: []` and an `obfuscation` pad on each delta; created, in_progress,
+    the message item's added/part added, 40 deltas, the three .done copies, completed."""
+    number = iter(range(1000))
+    pads = ["Zq3xQ", "kP9", "aB7cD1eF", "4g", "Hh2jK8LmN0", "pQ", "r5StU6v", "wX7yZ"]
+
+    def event(kind: str, **fields: Any) -> str:
+        data = {"type": kind, **dict(sorted({**fields, "sequence_number": next(number)}.items()))}
+        return f"event: {kind}\ndata: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False) + "\n\n"
+
+    item_id = "msg_68b2f1c3a4e88190a3f1a0b2c3d4e5f60b1c2d3e4f5a6b7c"
+    response = {
+        "id": "resp_68b2f1c2f9d48190b5c6a7d8e9f0a1b20c3d4e5f6a7b8c9d",
+        "object": "response",
+        "created_at": 1756215412,
+        "status": "in_progress",
+        "background": False,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": None,
+        "max_output_tokens": None,
+        "model": "gpt-4o-mini-2024-07-18",
+        "output": [],
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None},
+        "service_tier": "default",
+        "store": True,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}, "verbosity": "medium"},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": None,
+        "user": None,
+        "metadata": {},
+    }
+    text = "".join(TOKENS)
+    where = {"content_index": 0, "item_id": item_id, "output_index": 0}
+    part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+    item = {"id": item_id, "type": "message", "status": "completed", "content": [part], "role": "assistant"}
+    usage = {
+        "input_tokens": 98,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 40,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 138,
+    }
+    events = [event("response.created", response=response), event("response.in_progress", response=response)]
+    events.append(event("response.output_item.added", item={**item, "status": "in_progress", "content": []}, output_index=0))
+    events.append(event("response.content_part.added", part={**part, "text": ""}, **where))
+    events += [
+        event("response.output_text.delta", delta=t, logprobs=[], obfuscation=pads[i % 8], **where)
+        for i, t in enumerate(TOKENS)
+    ]
+    events.append(event("response.output_text.done", logprobs=[], text=text, **where))
+    events.append(event("response.content_part.done", part=part, **where))
+    events.append(event("response.output_item.done", item=item, output_index=0))
+    final = {**response, "status": "completed", "output": [item], "usage": usage}
+    events.append(event("response.completed", response=final))
+    return "".join(events)
+
+
+def embeddings_reply() -> str:
+    """An embedding of 1536 dimensions as the official SDKs ask for it (base64 float32)."""
+    import base64
+    import random as rnd
+    import struct
+
+    floats = [rnd.Random(i).uniform(-0.1, 0.1) for i in range(1536)]
+    vector = base64.b64encode(struct.pack("<1536f", *floats)).decode()
+    return json.dumps(
+        {
+            "object": "list",
+            "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+            "model": "text-embedding-3-small",
+            "usage": {"prompt_tokens": 98, "total_tokens": 98},
+        }
+    )
+
+
 JSON_REPLY = json.dumps(
     {
         "id": "chatcmpl-bench",
@@ -224,18 +312,26 @@ JSON_REPLY = json.dumps(
 )
 
 
-REPLIES = {"json": JSON_REPLY, "sse": sse_reply(), "openai": openai_stream(), "anthropic": anthropic_stream()}
+REPLIES = {
+    "json": JSON_REPLY,
+    "sse": sse_reply(),
+    "openai": openai_stream(),
+    "anthropic": anthropic_stream(),
+    "responses": responses_stream(),
+    "embeddings": embeddings_reply(),
+}
 
 
 def nginx(tmp: Path, ports: dict[str, int]) -> Proc:
-    """Fixed replies as static files, one server per reply, each at both routes' paths; POST to
+    """Fixed replies as static files, one server per reply, each at every route's path; POST to
     a static file is a 405 that error_page turns into 200."""
     servers = []
     for name, port in ports.items():
         (tmp / name / "v1" / "chat").mkdir(parents=True)
         (tmp / name / "v1" / "chat" / "completions").write_text(REPLIES[name])
-        (tmp / name / "v1" / "messages").write_text(REPLIES[name])
-        kind = "application/json" if name == "json" else "text/event-stream"
+        for route in ("messages", "responses", "embeddings"):
+            (tmp / name / "v1" / route).write_text(REPLIES[name])
+        kind = "application/json" if name in ("json", "embeddings") else "text/event-stream"
         servers.append(
             f"  server {{ listen 127.0.0.1:{port}; root {tmp}/{name}; default_type {kind}; error_page 405 =200 $uri; }}"
         )
@@ -405,8 +501,10 @@ def run() -> list[dict[str, Any]]:
     json_port, sse_port, openai_port, anthropic_port, paced_port, redis_port, otlp_port = (
         free_port() for _ in range(7)
     )
+    responses_port, embeddings_port = free_port(), free_port()
+    fixed = {"json": json_port, "sse": sse_port, "openai": openai_port, "anthropic": anthropic_port}
     helpers = [
-        nginx(tmp, {"json": json_port, "sse": sse_port, "openai": openai_port, "anthropic": anthropic_port}),
+        nginx(tmp, fixed | {"responses": responses_port, "embeddings": embeddings_port}),
         Proc(["node", str(ROOT / "bench" / "paced_upstream.js")], LOAD_CPU, {"PORT": str(paced_port)}),
         Proc(
             ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -416,7 +514,7 @@ def run() -> list[dict[str, Any]]:
     ]
     rows: list[dict[str, Any]] = []
     try:
-        for port in (json_port, sse_port, openai_port, anthropic_port, paced_port, redis_port, otlp_port):
+        for port in (*fixed.values(), responses_port, embeddings_port, paced_port, redis_port, otlp_port):
             wait_port(port)
 
         def wrk_pair(
@@ -448,6 +546,10 @@ def run() -> list[dict[str, Any]]:
             wrk_pair("stream, OpenAI's real chunk layout (43 events)", openai_port, STREAM_BODY)
         if "anthropic" in ONLY:
             wrk_pair("stream, Anthropic messages (46 events)", anthropic_port, MESSAGES_BODY, "/v1/messages")
+        if "responses" in ONLY:
+            wrk_pair("stream, OpenAI Responses API's real event layout (47 events)", responses_port, RESPONSES_BODY, "/v1/responses")
+        if "embeddings" in ONLY:
+            wrk_pair("non-stream, embeddings (1536 dims, base64)", embeddings_port, EMBEDDINGS_BODY, "/v1/embeddings")
         if "unredacted" in ONLY:  # for reference, not a target: what streaming redaction costs
             wrk_pair("stream (40 events), redaction off (reference)", sse_port, STREAM_BODY, REDACT_KINDS="")
         if "redis" in ONLY:
