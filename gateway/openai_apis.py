@@ -75,6 +75,7 @@ class ResponsesSurface(Surface):
     reply_spec: ClassVar[Spec] = {"output": All(_ITEM_REPLY)}
     done_types: ClassVar[frozenset[str]] = _TERMINAL
     keeps_copies: ClassVar[bool] = True
+    numbered: ClassVar[str | None] = "sequence_number"
 
     def root(self, event: dict[str, Any]) -> Path | None:
         """A delta's stream (output index, container, index, field); a copy's place (output

@@ -75,6 +75,8 @@ class StreamRelay:
         "_kept",
         "_kept_chars",
         "_last_plan",
+        "_number_key",
+        "_numbered",
         "_on_redaction",
         "_parser",
         "_plans",
@@ -109,6 +111,10 @@ class StreamRelay:
         # What each text stream gave out, for the events that repeat it whole (None: too long to keep).
         self._kept: dict[Path, list[str] | None] | None = {} if surface.keeps_copies else None
         self._kept_chars = 0
+        # A number every event of the surface carries (the Responses API's sequence_number): the
+        # fast path reads it apart from an event's shape, and notes it for the surface.
+        self._numbered = surface.numbered
+        self._number_key = b'"' + surface.numbered.encode() + b'":' if surface.numbered else b""
         self._plans: dict[tuple[bytes, ...], Plan] = {}  # the fast path's, by its segments
         self._last_plan: Plan | None = None
         self.usage: Usage | None = None
@@ -225,7 +231,7 @@ class StreamRelay:
         if self._hide_usage and surface.usage_only(chunk):
             self._note(chunk)
             return self.finish()  # the usage the gateway asked for is its own; held text still goes
-        pieces = _shape_of(event.raw) if len(self._plans) < MAX_PLANS else None
+        pieces = _shape_of(self._unnumbered(event.raw)[0]) if len(self._plans) < MAX_PLANS else None
         if pieces is not None and _dumps(chunk) != data:
             pieces = None  # not its own bytes (spacing, a repeated or escaped key): nothing to learn
         # A plain event (no usage, nothing flushed before it, not the end) may be learned.
@@ -274,11 +280,12 @@ class StreamRelay:
         feeds, checked by writing the event the fast path's way and comparing with what the
         exact path wrote. Only events as small as a real chunk (their shape is kept)."""
         assert event.data is not None
-        if len(event.raw) > MAX_PLAN_BYTES or _with_data(event, event.data, self._whole) != event.raw:
+        if len(event.raw) > MAX_PLAN_BYTES:
             return
         plan = _plan_of(pieces, fed)
-        if plan is None:
+        if plan is None or _with_data(event, event.data, self._whole) != event.raw:
             return
+        written = self._unnumbered(written)[0]
         segments = _segments(pieces)
         outputs = {str(path[-1]).encode(): now for path, _, _, now in fed}
         values = pieces[2::3]
@@ -293,6 +300,7 @@ class StreamRelay:
         """The fast path, for an event without escapes: if it is built like an event learned
         before (see `_learn`) but for its volatile strings, those are read from its bytes and
         fed to their streams. None (nothing changed yet): it takes the exact path."""
+        raw, number = self._unnumbered(raw)
         plan = self._matching_plan(raw)
         if plan is None:
             return None
@@ -316,7 +324,29 @@ class StreamRelay:
                 if now != text:
                     values[i] = orjson.dumps(now)[1:-1]
                     changed = True
-        return _rebuilt(segments, values) if changed else raw
+        out = _rebuilt(segments, values) if changed else raw
+        if number is None:
+            return out
+        assert self._numbered is not None
+        self._scratch[self._numbered] = int(number)
+        at = out.find(self._number_key) + len(self._number_key)
+        return out[:at] + number + out[at:]
+
+    def _unnumbered(self, raw: bytes) -> tuple[bytes, bytes | None]:
+        """`raw` without the digits of the surface's numbered key, and those digits; `raw` and
+        None when the surface numbers nothing, or the key is not there exactly once with digits
+        (then the shape holds whatever stands there)."""
+        key = self._number_key
+        if not key:
+            return raw, None
+        at = raw.find(key)
+        if at < 0 or raw.find(key, at + 1) >= 0:
+            return raw, None
+        start = at + len(key)
+        digits = _DIGITS.match(raw, start)
+        if digits is None:
+            return raw, None
+        return raw[:start] + raw[digits.end() :], digits.group()
 
     def _matching_plan(self, raw: bytes) -> tuple[tuple[Step, ...], list[bytes], list[bytes]] | None:
         """The learned plan this event is built like (the last one used first), with its volatile
@@ -417,8 +447,9 @@ class StreamRelay:
 # "shape": events of one shape parse alike but for these strings.
 _VOLATILE = re.compile(
     rb'"(content|refusal|arguments|reasoning_content|reasoning|transcript|text|partial_json|thinking|signature'
-    rb'|obfuscation)":"([^"\\]*)"'
+    rb'|delta|obfuscation)":"([^"\\]*)"'
 )
+_DIGITS = re.compile(rb"[0-9]{1,15}")
 MAX_PLANS = 16  # shapes remembered per stream (a role chunk, text chunks, a tool call's...)
 MAX_PLAN_BYTES = 4096  # larger events are never learned: each shape keeps its bytes
 Step = tuple[Path, Leaf] | None  # a volatile string's: the stream it feeds, or None (a side value)
@@ -603,6 +634,18 @@ def _with_data(event: sse.Event, data: bytes, whole: WholeText) -> bytes:
     raw = event.raw
     if raw.startswith(b"data: ") and raw.find(b"\n") == len(raw) - 2:
         return b"data: " + data + b"\n\n" if data != event.data else raw
+    # "event: NAME\ndata: DATA\n\n" (Anthropic, the Responses API): a name line that is ASCII
+    # and holds nothing PII could be made of is what redacting it whole would leave.
+    first = raw.find(b"\n")
+    if (
+        raw.startswith(b"event: ")
+        and raw.startswith(b"data: ", first + 1)
+        and raw.find(b"\n", first + 1) == len(raw) - 2
+        and data.find(b"\n") < 0
+        and raw[:first].isascii()
+        and not side_may_match(raw[:first])
+    ):
+        return raw[: first + 7] + data + b"\n\n" if data != event.data else raw
     lines: list[bytes] = []
     placed = False
     for line in raw[:-2].split(b"\n"):

@@ -71,6 +71,7 @@ class Surface:
     done_data: ClassVar[bytes | None] = None  # an event whose data ends the stream ([DONE])
     done_types: ClassVar[frozenset[str]] = frozenset()  # event types that end it
     keeps_copies: ClassVar[bool] = False  # events repeat streamed texts whole (COPY leaves)
+    numbered: ClassVar[str | None] = None  # a number every event carries (noted in `usage`'s counts)
 
     def root(self, event: dict[str, Any]) -> Path | None:
         """Where the event's streams are keyed from; None: it cannot be read as described."""

@@ -441,6 +441,30 @@ def test_the_fast_path_equals_the_exact_path(reads: list[bytes]) -> None:
     )
 
 
+def test_deltas_of_one_shape_take_the_fast_path_and_their_numbers_are_noted() -> None:
+    # Each delta has its own sequence number: the fast path reads it apart from the shape
+    # (the exact path gives the same bytes: checked above), and notes it for the error event.
+    seen: list[bytes] = []
+
+    class Counting(StreamRelay):
+        __slots__ = ()
+
+        def _templated(self, raw: bytes) -> bytes | None:
+            out = super()._templated(raw)
+            if out is not None:
+                seen.append(raw)
+            return out
+
+    words = [" lorem", " ipsum", " dolor", " sit", " amet", " consectetur", " adipiscing", " elit", " sed", " do"]
+    r = Counting(REDACTOR, None, RESPONSES)
+    out = r.feed(numbered(text_item(words)[:12]))  # added, part added, ten deltas: 0..11
+    assert len(seen) >= 8
+    tail = r.finish() + r.error_event(UpstreamStreamBroken())
+    assert deltas_of(out + tail, 0) == "".join(words)
+    assert [e["sequence_number"] for e in events(out)] == list(range(12))
+    assert events(tail)[-1]["sequence_number"] == 12
+
+
 def test_a_huge_event_is_the_upstreams_failure_not_held() -> None:
     r = StreamRelay(REDACTOR, None, RESPONSES, max_event_bytes=64 * 1024)
     r.feed(b"event: response.output_text.delta\ndata: " + b'{"delta":"' + b"x" * 1024)
