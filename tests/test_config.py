@@ -80,7 +80,11 @@ def test_defaults_match_the_spec() -> None:
 @pytest.mark.parametrize("base", ["http://up:4000", "http://up:4000/", "http://up:4000/v1", "http://up:4000/v1/"])
 def test_v1_is_not_doubled(monkeypatch: pytest.MonkeyPatch, base: str) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", base)
-    assert load_settings().upstream_chat_url == "http://up:4000/v1/chat/completions"
+    settings = load_settings()
+    assert settings.upstream_chat_url == "http://up:4000/v1/chat/completions"
+    assert settings.upstream_responses_url == "http://up:4000/v1/responses"
+    assert settings.upstream_embeddings_url == "http://up:4000/v1/embeddings"
+    assert settings.upstream_models_url == "http://up:4000/v1/models"
 
 
 def test_a_query_stays_after_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
