@@ -14,6 +14,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from . import keys
 from .bodies import BodyBudget
+from .breaker import Breakers
 from .budgets import TokenBudget
 from .config import Settings
 from .lifecycle import Lifecycle
@@ -36,6 +37,7 @@ from .middlewares import (
 )
 from .proxy import Proxy
 from .redact import build_redactor
+from .router import Router
 from .shedding import Shedder
 from .stores import StoreGuard, store_from_url
 from .surfaces import CHAT_API, MESSAGES_API, Api
@@ -82,6 +84,18 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         guard,
     )
     redactor = build_redactor(settings.redact_kinds)
+    router = None
+    if settings.routes is not None:  # SPEC §13; breakers per upstream name, kept across reloads
+        breakers = Breakers(settings.cb_failures, settings.cb_open_secs, telemetry.metrics.circuit)
+        router = Router(
+            settings.routes,
+            breakers,
+            settings.timeout_secs,
+            organization=settings.openai_organization,
+            project=settings.openai_project,
+        )
+        for name in settings.routes.upstreams:
+            breakers[name]
 
     def proxy_for(api: Api, to: Upstream) -> Proxy:
         return Proxy(
@@ -154,6 +168,8 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     app[keys.STORE] = store
     app[keys.TELEMETRY] = telemetry
     app[keys.LIFECYCLE] = lifecycle
+    if router is not None:
+        app[keys.ROUTER] = router
 
     for method, path, name, handler in routes:
         methods = ("GET", "HEAD") if method == "GET" else (method,)
@@ -170,12 +186,17 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     upstreams, store, telemetry = app[keys.UPSTREAMS], app[keys.STORE], app[keys.TELEMETRY]
     for upstream in upstreams:
         await upstream.open()
+    router = app.get(keys.ROUTER)
+    if router is not None:
+        await router.open()
     open_store = getattr(store, "open", None)
     if open_store is not None:
         await open_store()
     yield
     for upstream in upstreams:
         await upstream.close()
+    if router is not None:
+        await router.close()
     await store.close()
     telemetry.close()
 

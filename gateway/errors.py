@@ -141,6 +141,27 @@ class ShuttingDown(GatewayError):
     message = "gateway is shutting down"
 
 
+class ModelNotFound(GatewayError):
+    """No route of ROUTES_FILE matches the request's model (SPEC §13)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str, why: str = "is not routed by this gateway") -> None:
+        shown = model[:128] if model.isprintable() else repr(model[:128])
+        super().__init__(f"The model '{shown}' {why}")
+
+
+class UpstreamUnavailable(GatewayError):
+    """Every upstream of the model's route is skipped: circuit open, or a Retry-After."""
+
+    status = 503
+    type = "server_error"
+    code = "circuit_open"
+    message = "upstream unavailable"
+
+
 class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"

@@ -11,6 +11,7 @@ from .models import RequestState
 
 if TYPE_CHECKING:
     from .lifecycle import Lifecycle
+    from .router import Router
     from .stores import QuotaStore
     from .telemetry import Telemetry
     from .upstream import Upstream
@@ -20,6 +21,7 @@ UPSTREAMS: web.AppKey[tuple[Upstream, ...]] = web.AppKey("upstreams")
 STORE: web.AppKey[QuotaStore] = web.AppKey("store")
 TELEMETRY: web.AppKey[Telemetry] = web.AppKey("telemetry")
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
+ROUTER: web.AppKey[Router] = web.AppKey("router")  # only with ROUTES_FILE; read through router.router_for
 
 STATE = web.RequestKey("state", RequestState)
 # The same state, set only on the routes that go through admission (SPEC §4): one lookup tells

@@ -387,6 +387,8 @@ async def add_gateway_headers(request: web.Request, response: web.StreamResponse
         headers["x-ratelimit-limit-requests"] = str(decision.limit)
         headers["x-ratelimit-remaining-requests"] = str(decision.remaining)
         headers["x-ratelimit-reset-requests"] = format_reset(decision.reset_after_ms)
+    if state.upstream is not None:  # ROUTES_FILE's upstream that answered (SPEC §13)
+        headers["x-gateway-upstream"] = state.upstream
     tokens = state.tokens
     if tokens is not None:
         headers["x-ratelimit-limit-tokens"] = str(tokens.limit)

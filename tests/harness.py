@@ -146,6 +146,20 @@ class Mock:
         conn.getresponse().read()
         conn.close()
 
+    def fault(self, **fault: object) -> None:
+        """Fail this instance (mock/server.py's POST /_mock/fault: status, retry_after,
+        latency_ms, drop, die_after, count), whatever the requests' headers say."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+        conn.request("POST", "/_mock/fault", json.dumps(fault), {"Content-Type": "application/json"})
+        assert conn.getresponse().status == 200
+        conn.close()
+
+    def heal(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+        conn.request("DELETE", "/_mock/fault")
+        conn.getresponse().read()
+        conn.close()
+
     def stop(self) -> None:
         self.process.stop()
 
