@@ -32,6 +32,9 @@ GATEWAY_VARIABLES = frozenset(
         "STORE_TIMEOUT_MS",
         "MODEL_LABEL_LIMIT",
         "NOTIFY_SOCKET",
+        "ROUTES_FILE",
+        "CB_FAILURES",
+        "CB_OPEN_SECS",
     }
 )
 

@@ -54,6 +54,9 @@ ALL_VARS = [
     "TOKEN_WINDOW_SECS",
     "TENANT_TOKEN_QUOTAS",
     "TOKEN_RESERVE_DEFAULT",
+    "ROUTES_FILE",
+    "CB_FAILURES",
+    "CB_OPEN_SECS",
 ]
 # What --check-config prints: every variable an operator sets (NOTIFY_SOCKET is systemd's).
 PRINTED = [name for name in ALL_VARS if name != "NOTIFY_SOCKET"]
