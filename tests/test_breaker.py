@@ -52,7 +52,7 @@ def test_one_trial_when_half_open_success_closes() -> None:
 
 
 def test_a_failed_trial_reopens_for_twice_as_long_up_to_the_cap_and_a_close_resets_it() -> None:
-    breaker, events = recorded(failures=1, open_secs=10)
+    breaker, _events = recorded(failures=1, open_secs=10)
     fail(breaker, 0)
     now, lengths = 0.0, []
     for _ in range(5):
@@ -109,7 +109,7 @@ def test_retry_after_skips_without_counting_a_failure() -> None:
 
 
 def test_a_trial_answered_with_retry_after_frees_its_place() -> None:
-    breaker, events = recorded(failures=1)
+    breaker, _events = recorded(failures=1)
     fail(breaker, 0)
     trial = breaker.acquire(10, DEADLINE)
     assert trial is not None

@@ -109,8 +109,8 @@ def test_each_problem_is_one_line_naming_the_file(tmp_path: Path, text: str, pro
 def test_an_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read it: No such file"):
         load_routes(str(tmp_path / "missing.toml"), ENV)
-    (tmp_path / "latin1.toml").write_bytes(b'# caf\xe9\n')
-    with pytest.raises(ConfigError, match="not valid TOML|not UTF-8"):
+    (tmp_path / "latin1.toml").write_bytes(b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"not valid TOML|not UTF-8"):
         load_routes(str(tmp_path / "latin1.toml"), ENV)
 
 
