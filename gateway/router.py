@@ -28,6 +28,11 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 MIN_ATTEMPT_SECS = 1.0  # SPEC §13: an attempt's share of TIMEOUT_SECS is never less
+# Anthropic events with no chat form (thinking, pings) still show the upstream alive: past this
+# long without a chat event, one SSE comment goes out, so STREAM_IDLE_SECS never cuts a model
+# that is thinking (SSE clients, the openai SDK among them, skip comments).
+KEEP_ALIVE_SECS = 15.0
+_KEEP_ALIVE = b": keep-alive\n\n"
 
 
 def router_for(request: web.Request) -> Router | None:
@@ -195,13 +200,14 @@ class AnthropicAsChat:
     Message as a completion, events as chunks. The proxy relays it as it would an OpenAI
     upstream's, redaction included."""
 
-    __slots__ = ("_created", "_include_usage", "_reply", "_stream")
+    __slots__ = ("_created", "_include_usage", "_last_out", "_reply", "_stream")
 
     def __init__(self, reply: Reply, include_usage: bool) -> None:
         self._reply = reply
         self._include_usage = include_usage
         self._created = int(time.time())
         self._stream = translate.ChatStream(include_usage, self._created)
+        self._last_out = time.monotonic()
 
     @property
     def status(self) -> int:
@@ -226,16 +232,21 @@ class AnthropicAsChat:
         return translate.whole_reply(self.status, data, self._include_usage, self._created)
 
     async def next_chunk(self) -> bytes:
-        """The next chat events, b"" at the end: Anthropic events without a chat form (a ping)
-        are read past, so an empty answer always means the end."""
+        """The next chat events, b"" at the end: Anthropic events without a chat form (a ping,
+        thinking) are read past, so an empty answer always means the end."""
         stream = self._stream
         while True:
             data = await self._reply.next_chunk()
             if not data:
                 return stream.close()
             out = stream.feed(data)
+            now = time.monotonic()
             if out:
+                self._last_out = now
                 return out
+            if now - self._last_out >= KEEP_ALIVE_SECS:
+                self._last_out = now
+                return _KEEP_ALIVE
 
     def close(self) -> None:
         self._reply.close()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from gateway import router as router_module
 from gateway.breaker import OPEN, Breakers
 from gateway.errors import ModelNotFound
-from gateway.router import Router, body_for, is_fallback_status
+from gateway.router import AnthropicAsChat, Router, body_for, is_fallback_status
 from gateway.routing import Route, RouteTable, Target, UpstreamConfig
 from gateway.surfaces import CHAT_API, MESSAGES_API
 
@@ -119,3 +120,33 @@ def test_unrouted_models() -> None:
 )
 def test_which_answers_fall_back(status: int, falls_back: bool) -> None:
     assert is_fallback_status(status) is falls_back
+
+
+class Events:
+    """An Anthropic stream's reads, as an UpstreamReply gives them."""
+
+    def __init__(self, *reads: bytes) -> None:
+        self.reads = list(reads)
+        self.status, self.is_json, self.at_eof = 200, False, False
+
+    async def next_chunk(self) -> bytes:
+        return self.reads.pop(0) if self.reads else b""
+
+
+START = b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","model":"c","usage":{}}}\n\n'
+THINKING = b'data: {"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"hm"}}\n\n'
+TEXT = b'data: {"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":"Hi"}}\n\n'
+
+
+@pytest.mark.parametrize("keep_alive_secs", [15.0, 0.0])
+async def test_thinking_reads_past_or_keeps_the_stream_alive(
+    monkeypatch: pytest.MonkeyPatch, keep_alive_secs: float
+) -> None:
+    monkeypatch.setattr(router_module, "KEEP_ALIVE_SECS", keep_alive_secs)
+    reply = AnthropicAsChat(Events(START, THINKING, THINKING, TEXT), include_usage=False)  # type: ignore[arg-type]
+    reads = [await reply.next_chunk() for _ in range(4)]
+    assert b'"role":"assistant"' in reads[0]
+    if keep_alive_secs:  # the thinking is read past: the next chat event comes next
+        assert b'"content":"Hi"' in reads[1] and reads[2:] == [b"", b""]
+    else:  # silence in chat terms as long as the limit: a comment goes out instead
+        assert reads[1:3] == [b": keep-alive\n\n"] * 2 and b'"content":"Hi"' in reads[3]
