@@ -57,7 +57,7 @@ class Leg:
 
 
 class Router:
-    __slots__ = ("_breakers", "_legs", "clients", "table")
+    __slots__ = ("_connect_timeout", "_legs", "_organization", "_project", "breakers", "clients", "table")
 
     def __init__(
         self,
@@ -69,7 +69,9 @@ class Router:
         project: str | None = None,
     ) -> None:
         self.table = table
-        self._breakers = breakers
+        self.breakers = breakers
+        self._connect_timeout = connect_timeout
+        self._organization, self._project = organization, project
         # The operator's OpenAI organization and project go with the OpenAI key: to the
         # upstreams that are sent OPENAI_API_KEY.
         self.clients = {
@@ -100,6 +102,14 @@ class Router:
                 )
                 self._legs[(api.name, id(route))] = legs
 
+    def reloaded(self, table: RouteTable) -> Router:
+        """A router for a new ROUTES_FILE (SIGHUP): the same breakers, so an upstream that keeps
+        its name keeps its state. Its clients are opened (`open`) before it serves; this one is
+        closed once the requests that run under it have ended."""
+        return Router(
+            table, self.breakers, self._connect_timeout, organization=self._organization, project=self._project
+        )
+
     async def open(self) -> None:
         for client in self.clients.values():
             await client.open()
@@ -119,7 +129,7 @@ class Router:
         return legs
 
     def attempts(self, legs: tuple[Leg, ...], total_secs: float) -> Attempts:
-        return Attempts(legs, self._breakers, total_secs)
+        return Attempts(legs, self.breakers, total_secs)
 
 
 def body_for(leg: Leg, payload: dict[str, Any], body: bytes) -> bytes:

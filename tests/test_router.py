@@ -150,3 +150,17 @@ async def test_thinking_reads_past_or_keeps_the_stream_alive(
         assert b'"content":"Hi"' in reads[1] and reads[2:] == [b"", b""]
     else:  # silence in chat terms as long as the limit: a comment goes out instead
         assert reads[1:3] == [b": keep-alive\n\n"] * 2 and b'"content":"Hi"' in reads[3]
+
+
+def test_a_reloaded_router_keeps_the_breakers() -> None:
+    clock = Clock()
+    r = router(clock)
+    attempts = r.attempts(r.legs(CHAT_API, "gpt-only"), 5.0)
+    attempt = attempts.next()
+    assert attempt is not None
+    attempts.failed(attempt)
+    table = RouteTable(UPSTREAMS, (Route("*", (Target(UPSTREAMS["a"]), Target(UPSTREAMS["b"]))),))
+    again = r.reloaded(table)
+    assert again.breakers is r.breakers and again.table is table
+    next_attempt = again.attempts(again.legs(CHAT_API, "anything"), 5.0).next()
+    assert next_attempt is not None and next_attempt.leg.name == "b"  # a is still open
