@@ -45,6 +45,8 @@ def side_may_match(data: bytes) -> bool:
     pattern accepts (a dated model name, "-2024-08-06", is eleven run characters but none)."""
     if data.find(b"@") >= 0:
         return True
+    if len(data) < 11 and data.find(b"+") < 0:
+        return False  # too short for a run (a pad, an id): the common case, decided here
     if data.find(b"+") >= 0:
         return _RUN_IN_BYTES.search(data) is not None  # a "+" phone's run may be short
     mapped = data.translate(_RUN_MAP)
