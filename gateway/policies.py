@@ -156,7 +156,9 @@ class Policies:
                     self._labels.get(policy, policy),
                 )
 
-    def __len__(self) -> int:
+    @property
+    def cached(self) -> int:
+        """How many decisions are kept."""
         return len(self._cache)
 
 
@@ -258,14 +260,15 @@ def _read(variable: str, path: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([f"{variable}: cannot read {_one_line(path)}: {exc.strerror}"]) from None
+        raise ConfigError([f"{variable}: cannot read {_shown(path)}: {exc.strerror}"]) from None
     except UnicodeDecodeError:
         raise _bad(variable, path, "not UTF-8 text") from None
 
 
 def _bad(variable: str, path: str, problem: str) -> ConfigError:
-    return ConfigError([f"{variable}: {_one_line(path)}: {_one_line(problem)}"])
+    return ConfigError([f"{variable}: {_shown(path)}: {' '.join(problem.split())}"])
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+def _shown(path: str) -> str:
+    # A control character in a path is shown escaped, never printed as a second line.
+    return path if path.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import policies
-from gateway.config import ConfigError
+from gateway.config import ConfigError, Settings
 from gateway.models import Tenant
 from gateway.policies import LONG_MAX, NO_PERMIT, Context, Policies, max_tokens, principal_of, request_context
 
@@ -197,7 +198,7 @@ def test_a_cached_decision_is_the_uncached_one(requests: list[tuple[str, str, st
     cached = policies.load(str(EXAMPLE_POLICIES), str(EXAMPLE_ENTITIES), cache_size=8)
     for request in requests + requests[::-1]:
         assert cached.decide(*request) == cached.evaluate(*request)
-        assert len(cached) <= 8
+        assert cached.cached <= 8
 
 
 def test_the_cache_is_bounded_least_recently_used_first(tmp_path: Path) -> None:
@@ -206,9 +207,9 @@ def test_the_cache_is_bounded_least_recently_used_first(tmp_path: Path) -> None:
     loaded.decide("a", "chat", "m2", PLAIN)
     loaded.decide("a", "chat", "m1", PLAIN)  # m1 used last: m2 goes first
     loaded.decide("a", "chat", "m3", PLAIN)
-    assert len(loaded) == 2
+    assert loaded.cached == 2
     loaded.decide("a", "chat", "x" * 10_000, PLAIN)  # too long to keep
-    assert len(loaded) == 2
+    assert loaded.cached == 2
 
 
 # --- loading: one line naming the variable, the file and the problem ---
@@ -298,3 +299,18 @@ def test_a_policy_that_fails_to_evaluate_is_logged_once_without_the_request(
             assert loaded.decide(secret, "chat", "m", PLAIN).allowed  # Cedar skips the failing forbid
     assert len(caplog.records) == 1
     assert "needs-plan" in caplog.text and "sk-open-mode" not in caplog.text
+
+
+# --- the step in the chain ---
+
+
+def test_the_policy_step_is_in_the_chain_only_with_a_policy_file(make_settings: Callable[..., Settings]) -> None:
+    from gateway.app import create_app
+
+    def steps(**env: str) -> list[str]:
+        return [step.__name__ for step in create_app(make_settings(**env)).middlewares]
+
+    assert "check_policy" not in steps(RPS="5")
+    chain = steps(RPS="5", POLICY_FILE=str(EXAMPLE_POLICIES))
+    # After tenancy and the body (it reads the model and the context from it), before rate limiting.
+    assert chain.index("identify") < chain.index("read_body") < chain.index("check_policy") < chain.index("take_token")
