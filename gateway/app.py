@@ -27,6 +27,7 @@ from .middlewares import (
     draining,
     not_found,
     observed,
+    policy,
     quota,
     rate_limit,
     rendered_errors,
@@ -37,12 +38,12 @@ from .middlewares import (
 )
 from .proxy import Proxy
 from .redact import build_redactor
+from .reload import LiveConfig
 from .router import Router
 from .shedding import Shedder
 from .stores import StoreGuard, store_from_url
 from .surfaces import CHAT_API, MESSAGES_API, Api
 from .telemetry import Metrics, RequestLog, Telemetry
-from .tenancy import Tenancy
 from .tracing import Tracing
 from .upstream import Upstream
 
@@ -72,6 +73,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         settings.upstream_messages_url, settings.anthropic_api_key, settings.timeout_secs, anthropic=True
     )
     lifecycle = Lifecycle(settings.shutdown_grace_secs, settings.notify_socket)
+    # What lives in files (tenant keys, policies): read now, and again on SIGHUP (server.py).
     # One guard for every policy over the store: an outage is noticed, and backed off, once.
     guard = StoreGuard(settings.quota_fail_mode == "open", lambda: telemetry.metrics.cb_event("store_error"))
     quotas = Quota(store, settings.default_quota, settings.tenant_quotas, settings.quota_window_secs, guard=guard)
@@ -96,6 +98,8 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         )
         for name in settings.routes.upstreams:
             breakers[name]
+
+    live = LiveConfig(settings, telemetry.metrics.config_reloaded, router)
 
     def proxy_for(api: Api, to: Upstream) -> Proxy:
         return Proxy(
@@ -136,16 +140,17 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     # ADMITTED_ROUTES only (a 404/405 or a probe spends nothing): nothing new while draining;
     # who is calling (a bad key is refused before anything else); the body, read and checked
     # once, so a malformed request costs no token or quota and a refused one still names its
-    # model; how fast; how many at once (the slot held until the handler returns: for a
-    # stream, its last byte); how many this window (a store round trip, so last); how many
-    # tokens (SPEC §14: after the request quota, so a request refused for tokens has counted
-    # as a request; innermost, so it sees how the handler ended and settles from there).
+    # model; whether the tenant may at all (SPEC §15's policies, which read the body); how
+    # fast; how many at once (the slot held until the handler returns: for a stream, its last
+    # byte); how many this window (a store round trip, so last); how many tokens (SPEC §14:
+    # after the request quota, so a request refused for tokens has counted as a request;
+    # innermost, so it sees how the handler ended and settles from there).
     # Disabled steps are left out.
     chain: list[Middleware] = [
         observed(MappingProxyType(plans), telemetry, RequestIds()),  # ids made per worker (after the fork)
         rendered_errors(MappingProxyType(plans)),
         draining(lifecycle),
-        tenancy(Tenancy(settings.tenant_key_digests, settings.hash_secret), settings.trusted_proxies),
+        tenancy(live, settings.trusted_proxies),
         # Bodies being read at once: one per concurrency slot, or sixteen without a limit.
         body(
             settings.max_body_bytes,
@@ -154,6 +159,8 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
             telemetry,
         ),
     ]
+    if settings.policy_file:
+        chain.append(policy())
     if settings.rps > 0:
         chain.append(rate_limit(TokenBucket(settings.rps, settings.burst), telemetry))
     if settings.max_concurrency:
@@ -168,8 +175,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     app[keys.STORE] = store
     app[keys.TELEMETRY] = telemetry
     app[keys.LIFECYCLE] = lifecycle
-    if router is not None:
-        app[keys.ROUTER] = router
+    app[keys.LIVE_CONFIG] = live
 
     for method, path, name, handler in routes:
         methods = ("GET", "HEAD") if method == "GET" else (method,)
@@ -186,7 +192,8 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     upstreams, store, telemetry = app[keys.UPSTREAMS], app[keys.STORE], app[keys.TELEMETRY]
     for upstream in upstreams:
         await upstream.open()
-    router = app.get(keys.ROUTER)
+    live = app[keys.LIVE_CONFIG]
+    router = live.current.router
     if router is not None:
         await router.open()
     open_store = getattr(store, "open", None)
@@ -195,8 +202,7 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     yield
     for upstream in upstreams:
         await upstream.close()
-    if router is not None:
-        await router.close()
+    await live.close_routers()
     await store.close()
     telemetry.close()
 

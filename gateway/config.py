@@ -86,6 +86,8 @@ class Settings:
     tenant_key_digests: Mapping[bytes, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     inline_key_digests: Mapping[bytes, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     tenant_keys_file: str | None = None
+    policy_file: str | None = None  # Cedar policies (SPEC §15); both reread on SIGHUP
+    policy_entities_file: str | None = None
     hash_identifiers: bool = False
     hash_secret: bytes | None = field(default=None, repr=False)
     trusted_proxies: tuple[IpNetwork, ...] = ()
@@ -153,6 +155,8 @@ class Settings:
             ("TENANT_KEYS_FILE", s.tenant_keys_file or ""),
             ("HASH_IDENTIFIERS", _flag(s.hash_identifiers)),
             ("HASH_SECRET", MASK if s.hash_secret else ""),
+            ("POLICY_FILE", s.policy_file or ""),
+            ("POLICY_ENTITIES_FILE", s.policy_entities_file or ""),
             ("TIMEOUT_SECS", _number(s.timeout_secs)),
             ("STREAM_IDLE_SECS", _number(s.stream_idle_secs)),
             ("MAX_BODY_BYTES", str(s.max_body_bytes)),
@@ -555,6 +559,10 @@ def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
     else:  # set but empty turns redaction off
         redact_kinds = r.custom("REDACT_KINDS", _parse_redact_kinds, frozenset())
     digests, inline_digests, keys_file = r.tenant_keys()
+    policy_file = env.str("POLICY_FILE", None) or None
+    policy_entities_file = env.str("POLICY_ENTITIES_FILE", None) or None
+    if policy_entities_file and not policy_file:
+        r.errors["POLICY_ENTITIES_FILE"] = "needs POLICY_FILE: entities alone decide nothing"
     hash_identifiers = bool(env.bool("HASH_IDENTIFIERS", False))
     hash_secret = env.str("HASH_SECRET", None)
     if hash_identifiers and not hash_secret:
@@ -630,6 +638,8 @@ def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
         tenant_key_digests=MappingProxyType(digests),
         inline_key_digests=MappingProxyType(inline_digests),
         tenant_keys_file=keys_file,
+        policy_file=policy_file,
+        policy_entities_file=policy_entities_file,
         hash_identifiers=hash_identifiers,
         hash_secret=hash_secret.encode() if hash_identifiers and hash_secret else None,
         store_timeout_secs=store_timeout_ms / 1000,

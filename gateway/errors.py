@@ -78,6 +78,15 @@ class InvalidApiKey(GatewayError):
     message = "invalid api key"
 
 
+class PermissionDenied(GatewayError):
+    """Refused by a Cedar policy (SPEC §15); the message names the denying policies."""
+
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+    message = "permission denied"
+
+
 class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"

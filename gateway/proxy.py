@@ -35,7 +35,17 @@ from .memo import RedactionMemo
 from .models import RequestState
 from .redact import YIELD_ABOVE_CHARS, Redactor, redact_yielding
 from .relay import StreamRelay, dumps_reply, loads_reply, redact_reply, reply_may_need_redaction
-from .router import AnthropicAsChat, Attempt, Attempts, Leg, body_for, include_usage, is_fallback_status, router_for
+from .router import (
+    AnthropicAsChat,
+    Attempt,
+    Attempts,
+    Leg,
+    Router,
+    body_for,
+    include_usage,
+    is_fallback_status,
+    router_for,
+)
 from .surfaces import Api, ask_stream_usage
 from .telemetry import Telemetry
 from .upstream import Reply, Upstream
@@ -76,11 +86,20 @@ class Proxy:
         self._count_response_redaction = lambda kind: metrics.redacted(kind, "response")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        router = router_for(request)
+        if router is None:
+            return await self._handle(request, None)
+        router.enter()  # a router a reload replaces stays open until its last request ends
+        try:
+            return await self._handle(request, router)
+        finally:
+            router.leave()
+
+    async def _handle(self, request: web.Request, router: Router | None) -> web.StreamResponse:
         state = request[STATE]
         payload = state.payload
         assert payload is not None and state.model is not None, "the body middleware runs first"
         self._api.check_request(payload, self._redactor is not None)
-        router = router_for(request)
         legs = router.legs(self._api, state.model) if router is not None else None  # before any work: 404
         state.stream = payload.get("stream") is True
         hidden_usage = state.stream and self._api.asks_stream_usage and ask_stream_usage(payload)

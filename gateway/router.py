@@ -2,12 +2,15 @@
 the deadline and its breaker's permit, and the adapter that reads an Anthropic answer as chat.
 
 `router_for(request)` is the one place the request path finds the routes (None without
-ROUTES_FILE); a reload swaps what it returns. A `Router` holds one client per named upstream
-(opened and closed with the app) and shares the process's breakers, which outlive it.
+ROUTES_FILE): the router of the configuration snapshot the request runs under (reload.py), so
+a SIGHUP swaps what later requests get. A `Router` holds one client per named upstream and
+shares the process's breakers, which outlive it; a router a reload replaced is closed once
+the last request that runs under it has ended.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Mapping
@@ -19,7 +22,7 @@ import orjson
 from . import translate
 from .breaker import Breaker, Breakers, Permit
 from .errors import ModelNotFound
-from .keys import ROUTER
+from .keys import CONFIG, LIVE_CONFIG
 from .routing import Kind, RouteTable
 from .surfaces import CHAT_API, MESSAGES_API, Api
 from .upstream import Reply, Upstream
@@ -37,7 +40,10 @@ _KEEP_ALIVE = b": keep-alive\n\n"
 
 def router_for(request: web.Request) -> Router | None:
     """The routes this request runs under; None: no ROUTES_FILE, the single upstreams serve."""
-    return request.app.get(ROUTER)
+    config = request.get(CONFIG)  # set by the tenancy step on admitted routes
+    if config is None:
+        config = request.app[LIVE_CONFIG].current
+    return config.router
 
 
 def is_fallback_status(status: int) -> bool:
@@ -57,7 +63,19 @@ class Leg:
 
 
 class Router:
-    __slots__ = ("_connect_timeout", "_legs", "_organization", "_project", "breakers", "clients", "table")
+    __slots__ = (
+        "_active",
+        "_closed",
+        "_closing",
+        "_connect_timeout",
+        "_legs",
+        "_organization",
+        "_project",
+        "_retired",
+        "breakers",
+        "clients",
+        "table",
+    )
 
     def __init__(
         self,
@@ -70,6 +88,10 @@ class Router:
     ) -> None:
         self.table = table
         self.breakers = breakers
+        self._active = 0  # requests running under this router
+        self._retired = False  # a reload replaced it: closed when the last of them ends
+        self._closing: asyncio.Task[None] | None = None
+        self._closed = False
         self._connect_timeout = connect_timeout
         self._organization, self._project = organization, project
         # The operator's OpenAI organization and project go with the OpenAI key: to the
@@ -114,9 +136,32 @@ class Router:
         for client in self.clients.values():
             await client.open()
 
+    def enter(self) -> None:
+        self._active += 1
+
+    def leave(self) -> None:
+        self._active -= 1
+        if self._retired and not self._active:
+            self._close_soon()
+
+    def retire(self) -> None:
+        """A reload replaced this router: its clients close once no request uses them."""
+        self._retired = True
+        if not self._active:
+            self._close_soon()
+
+    def _close_soon(self) -> None:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self.close())
+
     async def close(self) -> None:
+        self._closed = True
         for client in self.clients.values():
             await client.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def legs(self, api: Api, model: str) -> tuple[Leg, ...]:
         """The model's upstreams in order, for this API; 404 model_not_found when none."""

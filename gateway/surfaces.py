@@ -65,6 +65,11 @@ class Surface:
     reply_spec: ClassVar[Spec]  # a whole (JSON) reply's
     done_data: ClassVar[bytes | None] = None  # an event whose data ends the stream ([DONE])
     done_types: ClassVar[frozenset[str]] = frozenset()  # event types that end it
+    done_markers: ClassVar[tuple[bytes, ...]] = ()  # those types as they appear in an event's bytes
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        cls.done_markers = tuple(b'"' + name.encode() + b'"' for name in sorted(cls.done_types))
 
     def root(self, event: dict[str, Any]) -> Path | None:
         """Where the event's streams are keyed from; None: it cannot be read as described."""

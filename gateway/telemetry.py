@@ -26,6 +26,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 QUOTA_BLOCK_REASONS = ("exceeded", "tokens")  # the request quota, the token budget (SPEC §14)
 CIRCUIT_EVENTS = ("open", "half_open", "close")  # with ROUTES_FILE (SPEC §13)
 CB_EVENTS = ("timeout", "load_shed", "store_error", "upstream_error", "client_disconnect")
+RELOAD_RESULTS = ("ok", "refused")  # config_reloads_total (SPEC §10)
 OTHER = "other"
 LOG_MODEL_MAX = 256
 UNKNOWN = "unknown"  # no model named (rejected before the body was read)
@@ -114,6 +115,9 @@ class Metrics:
         self.tokens = family(
             Counter, "tokens_total", "Tokens reported by the upstream, by kind and model.", "kind", "model"
         )
+        self.reloads = family(
+            Counter, "config_reloads_total", "SIGHUP reloads of the file-backed configuration, by result.", "result"
+        )
         self._family = family
         self.circuits: _Family | None = None  # made with the first breaker: only with ROUTES_FILE
         self._families = [
@@ -125,6 +129,7 @@ class Metrics:
             self.cb_events,
             self.ratelimit_blocks,
             self.tokens,
+            self.reloads,
         ]
         # Observed per request through the public `observe` (~2.3 µs each: it walks every
         # bucket); a series appears with its first observation.
@@ -151,6 +156,8 @@ class Metrics:
         for event in CB_EVENTS:
             self.cb_events.add((event,), 0)
         self.requests.add((CHAT_ROUTE,), 0)
+        for result in RELOAD_RESULTS:
+            self.reloads.add((result,), 0)
 
     def request_started(self, route: str) -> None:
         self.requests.add((route,))
@@ -200,6 +207,9 @@ class Metrics:
         label = self.model_label(model)
         self.tokens.add(("prompt", label), prompt)
         self.tokens.add(("completion", label), completion)
+
+    def config_reloaded(self, ok: bool) -> None:
+        self.reloads.add((RELOAD_RESULTS[0] if ok else RELOAD_RESULTS[1],))
 
     def render(self, accept: list[str]) -> tuple[bytes, dict[str, str]]:
         for family in self._families:

@@ -179,12 +179,17 @@ class Upstream:
         self._verdicts: dict[str, str] = {}  # header name as spelled -> lower-case if it passes, else ""
 
     async def open(self) -> None:
+        self._open_session()
+
+    def _open_session(self) -> aiohttp.ClientSession:
         # No connection limit: MAX_CONCURRENCY is the one admission limit; keep-alive reuse.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
         # No cookie jar: a cookie the provider sets on one tenant's call (a load balancer's,
         # say) must never ride along on another tenant's calls.
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
+        session = aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
+        self._session = session
+        return session
 
     async def close(self) -> None:
         if self._session is not None:
@@ -237,11 +242,12 @@ class Upstream:
         return verdict
 
     async def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamReply:
-        assert self._session is not None, "Upstream.open() was not awaited"
+        # Opened with the app, or here on first use (the clients of routes a reload brought).
+        session = self._session if self._session is not None else self._open_session()
         try:
             # Never follow a redirect: it would carry the prompt (and on an origin change aiohttp
             # drops only Authorization, not x-api-key) to wherever the upstream points.
-            response = await self._session.post(self._url, data=body, headers=headers, allow_redirects=False)
+            response = await session.post(self._url, data=body, headers=headers, allow_redirects=False)
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
         return UpstreamReply(response)

@@ -576,3 +576,54 @@ def test_a_missing_routes_file_stops_start_up(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [
         f"config error: ROUTES_FILE: {missing}: cannot read it: No such file or directory"
     ]
+
+
+# --- SIGHUP reload of ROUTES_FILE (SPEC §10) ----------------------------------------------
+
+
+def _reloads(gateway: Gateway, result: str) -> int:
+    import re
+
+    match = re.search(rf'^config_reloads_total{{result="{result}"}} (\d+)', gateway.metrics(), re.MULTILINE)
+    return int(float(match.group(1))) if match else 0
+
+
+async def test_a_reload_moves_a_model_to_another_upstream_and_a_stream_in_flight_finishes(
+    start_gateway: GatewayFactory, ups: dict[str, Mock], tmp_path: Path
+) -> None:
+    import signal
+
+    path = tmp_path / "routes.toml"
+    first = routes_toml(ups, free_port())
+    path.write_text(first)
+    keys = {"KEY_A": "sk-a", "KEY_B": "sk-b", "KEY_CLAUDE": "sk-ant-claude"}
+    gateway = start_gateway(ROUTES_FILE=str(path), **keys)
+    status, headers, _ = await post(gateway, {"model": "solo", "messages": HI})
+    assert (status, headers["x-gateway-upstream"]) == (200, "a")
+
+    async with aiohttp.ClientSession() as session:
+        # A slow stream on the old routes: it must finish after the reload swapped them.
+        slow = {"model": "solo", "messages": HI, "stream": True}
+        async with session.post(gateway.url + CHAT, json=slow, headers=knobs(chunk_delay_ms=150)) as streaming:
+            assert streaming.status == 200
+            first_line = await streaming.content.readline()
+            assert first_line.startswith(b"data: ")
+
+            moved = 'match = "solo"\nupstreams = [{ upstream = "c" }]'
+            path.write_text(first.replace('match = "solo"\nupstreams = [{ upstream = "a" }]', moved))
+            gateway.process.signal(signal.SIGHUP)
+            await asyncio.to_thread(wait_until, lambda: _reloads(gateway, "ok") == 1, what="the reload")
+            status, headers, _ = await post(gateway, {"model": "solo", "messages": HI})
+            assert (status, headers["x-gateway-upstream"]) == (200, "c")
+
+            rest = await streaming.read()
+            assert rest.rstrip().endswith(b"data: [DONE]") and b'"error"' not in rest
+
+    # A routes file that no longer validates is refused, and the routes in force stay.
+    path.write_text(first + '\n[[models]]\nmatch = "x"\nupstreams = [{ upstream = "nowhere" }]\n')
+    gateway.process.signal(signal.SIGHUP)
+    await asyncio.to_thread(wait_until, lambda: _reloads(gateway, "refused") == 1, what="the refused reload")
+    status, headers, _ = await post(gateway, {"model": "solo", "messages": HI})
+    assert (status, headers["x-gateway-upstream"]) == (200, "c")
+    [refusal] = [line for line in gateway.process.errors().splitlines() if "reload refused" in line]
+    assert "ROUTES_FILE" in refusal and "nowhere" in refusal
