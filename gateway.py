@@ -7,6 +7,7 @@ import sys
 
 from gateway import __version__
 from gateway.config import ConfigError, export_sdk_environment, load_settings
+from gateway.reload import load as load_files
 from gateway.server import StartupError, configure_logging, run
 
 
@@ -17,6 +18,7 @@ def main() -> int:
     args = parser.parse_args()
     try:
         settings = load_settings()
+        load_files(settings)  # the policy and key files parse (each worker reads them again)
     except ConfigError as error:
         for line in error.lines:
             print(f"config error: {line}", file=sys.stderr)

@@ -35,6 +35,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], str, dict[str, str]]] = {
     "stream": (run.STREAM_BODY, "sse", {}),
     "unredacted": (run.STREAM_BODY, "sse", {"REDACT_KINDS": ""}),  # what streaming redaction costs
     "openai": (run.STREAM_BODY, "openai", {}),  # OpenAI's real chunk layout
+    "openai_unredacted": (run.STREAM_BODY, "openai", {"REDACT_KINDS": ""}),
     "paced": (run.STREAM_BODY, "paced", {}),  # one event per read: the per-event path
 }
 

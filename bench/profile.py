@@ -24,6 +24,7 @@ SCENARIOS = {
     "stream": (run.STREAM_BODY, "sse", {}),
     "unredacted": (run.STREAM_BODY, "sse", {"REDACT_KINDS": ""}),
     "openai": (run.STREAM_BODY, "openai", {}),  # OpenAI's real chunk layout
+    "openai_unredacted": (run.STREAM_BODY, "openai", {"REDACT_KINDS": ""}),
     "anthropic": (run.MESSAGES_BODY, "anthropic", {}),  # through /v1/messages
     "redis": (run.JSON_BODY, "json", {"REDIS_URL": "redis"}),
     "tracing": (run.JSON_BODY, "json", {"OTEL_EXPORTER_OTLP_ENDPOINT": "otlp"}),

@@ -14,6 +14,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from . import keys
 from .bodies import BodyBudget
+from .breaker import Breakers
 from .budgets import TokenBudget
 from .catalog import ModelList
 from .config import Settings
@@ -27,6 +28,7 @@ from .middlewares import (
     draining,
     not_found,
     observed,
+    policy,
     quota,
     rate_limit,
     rendered_errors,
@@ -38,11 +40,12 @@ from .middlewares import (
 from .openai_apis import EMBEDDINGS_API, RESPONSES_API
 from .proxy import Proxy
 from .redact import build_redactor
+from .reload import LiveConfig
+from .router import Router
 from .shedding import Shedder
 from .stores import StoreGuard, store_from_url
 from .surfaces import CHAT_API, MESSAGES_API, Api
 from .telemetry import Metrics, RequestLog, Telemetry
-from .tenancy import Tenancy
 from .tracing import Tracing
 from .upstream import Upstream
 
@@ -81,6 +84,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         settings.upstream_messages_url, settings.anthropic_api_key, settings.timeout_secs, anthropic=True
     )
     lifecycle = Lifecycle(settings.shutdown_grace_secs, settings.notify_socket)
+    # What lives in files (tenant keys, policies): read now, and again on SIGHUP (server.py).
     # One guard for every policy over the store: an outage is noticed, and backed off, once.
     guard = StoreGuard(settings.quota_fail_mode == "open", lambda: telemetry.metrics.cb_event("store_error"))
     quotas = Quota(store, settings.default_quota, settings.tenant_quotas, settings.quota_window_secs, guard=guard)
@@ -93,6 +97,20 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         guard,
     )
     redactor = build_redactor(settings.redact_kinds)
+    router = None
+    if settings.routes is not None:  # SPEC §13; breakers per upstream name, kept across reloads
+        breakers = Breakers(settings.cb_failures, settings.cb_open_secs, telemetry.metrics.circuit)
+        router = Router(
+            settings.routes,
+            breakers,
+            settings.timeout_secs,
+            organization=settings.openai_organization,
+            project=settings.openai_project,
+        )
+        for name in settings.routes.upstreams:
+            breakers[name]
+
+    live = LiveConfig(settings, telemetry.metrics.config_reloaded, router)
 
     def proxy_for(api: Api, to: Upstream) -> Proxy:
         return Proxy(
@@ -141,16 +159,17 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     # ADMITTED_ROUTES only (a 404/405 or a probe spends nothing): nothing new while draining;
     # who is calling (a bad key is refused before anything else); the body, read and checked
     # once, so a malformed request costs no token or quota and a refused one still names its
-    # model; how fast; how many at once (the slot held until the handler returns: for a
-    # stream, its last byte); how many this window (a store round trip, so last); how many
-    # tokens (SPEC §14: after the request quota, so a request refused for tokens has counted
-    # as a request; innermost, so it sees how the handler ended and settles from there).
+    # model; whether the tenant may at all (SPEC §15's policies, which read the body); how
+    # fast; how many at once (the slot held until the handler returns: for a stream, its last
+    # byte); how many this window (a store round trip, so last); how many tokens (SPEC §14:
+    # after the request quota, so a request refused for tokens has counted as a request;
+    # innermost, so it sees how the handler ended and settles from there).
     # Disabled steps are left out.
     chain: list[Middleware] = [
         observed(MappingProxyType(plans), telemetry, RequestIds()),  # ids made per worker (after the fork)
         rendered_errors(MappingProxyType(plans)),
         draining(lifecycle),
-        tenancy(Tenancy(settings.tenant_key_digests, settings.hash_secret), settings.trusted_proxies),
+        tenancy(live, settings.trusted_proxies),
         # Bodies being read at once: one per concurrency slot, or sixteen without a limit.
         body(
             settings.max_body_bytes,
@@ -159,6 +178,8 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
             telemetry,
         ),
     ]
+    if settings.policy_file:
+        chain.append(policy())
     if settings.rps > 0:
         chain.append(rate_limit(TokenBucket(settings.rps, settings.burst), telemetry))
     if settings.max_concurrency:
@@ -173,6 +194,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     app[keys.STORE] = store
     app[keys.TELEMETRY] = telemetry
     app[keys.LIFECYCLE] = lifecycle
+    app[keys.LIVE_CONFIG] = live
 
     for method, path, name, handler in routes:
         methods = ("GET", "HEAD") if method == "GET" else (method,)
@@ -189,12 +211,17 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     upstreams, store, telemetry = app[keys.UPSTREAMS], app[keys.STORE], app[keys.TELEMETRY]
     for upstream in upstreams:
         await upstream.open()
+    live = app[keys.LIVE_CONFIG]
+    router = live.current.router
+    if router is not None:
+        await router.open()
     open_store = getattr(store, "open", None)
     if open_store is not None:
         await open_store()
     yield
     for upstream in upstreams:
         await upstream.close()
+    await live.close_routers()
     await store.close()
     telemetry.close()
 

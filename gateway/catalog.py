@@ -1,7 +1,8 @@
 """GET /v1/models (SPEC §12): the models a client may ask for, in OpenAI's list shape.
 
-Without routing the list is the upstream's own answer, relayed as it came; `ModelList.models`
-is the one place that produces it. In keyed mode the caller's key is checked first (the
+Without routing the list is the upstream's own answer, relayed as it came; with ROUTES_FILE it
+is the routed models (SPEC §13: exact names, and for a glob each rename target or the glob
+itself). `ModelList.models` is the one place that produces it. In keyed mode the caller's key is checked first (the
 tenancy step); the route spends no rate-limit token and no quota. The upstream call follows
 SPEC §5: the whole answer within TIMEOUT_SECS (else 504), its status and JSON error relayed,
 401/403 (the gateway's own credential refused) as 502, no connection as 502.
@@ -12,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import orjson
 from aiohttp import web
 
 from .errors import UpstreamAuthRejected, UpstreamError, UpstreamTimeout
 from .keys import STATE
 from .models import RequestState
+from .router import router_for
 from .telemetry import Telemetry
 from .upstream import Upstream
 
@@ -34,7 +37,12 @@ class ModelList:
         return web.Response(body=body, status=status, content_type="application/json", headers=headers)
 
     async def models(self, request: web.Request, state: RequestState) -> tuple[int, bytes, dict[str, str]]:
-        """(status, JSON body, headers) of the list: the upstream's answer."""
+        """(status, JSON body, headers) of the list: the routed models, or the upstream's answer."""
+        router = router_for(request)
+        if router is not None:
+            names = router.table.model_ids()
+            listed = [{"id": name, "object": "model", "created": 0, "owned_by": "gateway"} for name in names]
+            return 200, orjson.dumps({"object": "list", "data": listed}), {}
         tracing = self._telemetry.tracing
         if tracing is None or state.span is None:
             return await self._fetch(state, self._upstream.headers_for(request.headers, request_id=state.request_id))

@@ -17,11 +17,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from environs import Env, EnvError, EnvValidationError
 from marshmallow.validate import OneOf, Range
+
+if TYPE_CHECKING:
+    from .routing import RouteTable
 
 T = TypeVar("T")
 REDACT_KIND_NAMES = ("email", "card", "phone", "iban", "ssn")
@@ -83,6 +86,8 @@ class Settings:
     tenant_key_digests: Mapping[bytes, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     inline_key_digests: Mapping[bytes, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     tenant_keys_file: str | None = None
+    policy_file: str | None = None  # Cedar policies (SPEC §15); both reread on SIGHUP
+    policy_entities_file: str | None = None
     hash_identifiers: bool = False
     hash_secret: bytes | None = field(default=None, repr=False)
     trusted_proxies: tuple[IpNetwork, ...] = ()
@@ -94,6 +99,12 @@ class Settings:
     # The OTEL_* variables the OpenTelemetry SDK reads from os.environ itself (sampler, batching,
     # exporter headers), from the environment or `.env`; see `export_sdk_environment`.
     sdk_environment: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    # SPEC §13: ROUTES_FILE's table (None without the file: the single upstreams above serve),
+    # and the circuit breaker's consecutive failures and first open time.
+    routes_file: str | None = None
+    routes: RouteTable | None = field(default=None, repr=False)  # holds the upstreams' keys
+    cb_failures: int = 5
+    cb_open_secs: float = 30.0
 
     @property
     def upstream_chat_url(self) -> str:
@@ -135,6 +146,9 @@ class Settings:
             ("BURST", str(s.burst)),
             ("TRUSTED_PROXIES", ",".join(str(net) for net in s.trusted_proxies)),
             ("MAX_CONCURRENCY", str(s.max_concurrency)),
+            ("ROUTES_FILE", _one_line(s.routes_file or "")),
+            ("CB_FAILURES", str(s.cb_failures)),
+            ("CB_OPEN_SECS", _number(s.cb_open_secs)),
             ("REDIS_URL", mask_url(s.redis_url) if s.redis_url else ""),
             ("REDIS_CLUSTER", _flag(s.redis_cluster)),
             ("DEFAULT_QUOTA", str(s.default_quota)),
@@ -153,6 +167,8 @@ class Settings:
             ("TENANT_KEYS_FILE", s.tenant_keys_file or ""),
             ("HASH_IDENTIFIERS", _flag(s.hash_identifiers)),
             ("HASH_SECRET", MASK if s.hash_secret else ""),
+            ("POLICY_FILE", s.policy_file or ""),
+            ("POLICY_ENTITIES_FILE", s.policy_entities_file or ""),
             ("TIMEOUT_SECS", _number(s.timeout_secs)),
             ("STREAM_IDLE_SECS", _number(s.stream_idle_secs)),
             ("MAX_BODY_BYTES", str(s.max_body_bytes)),
@@ -336,6 +352,12 @@ def _parse_api_key(value: str) -> str:
     return value
 
 
+# What routing.py checks a ROUTES_FILE's upstreams with (EnvError, never echoing the value).
+parse_http_url = _parse_http_url
+parse_api_key = _parse_api_key
+endpoint = _endpoint
+
+
 def _parse_tenant_token_quotas(value: str) -> Mapping[str, int]:
     """`acme=100000,beta=5000`. An entry is named by its number, never quoted: in open mode a
     tenant is the key its clients present."""
@@ -466,7 +488,22 @@ def load_settings(env_file: Path | None = None) -> Settings:
             raise ConfigError([f"{_one_line(str(dotenv))}: not UTF-8 text"]) from None
         env.read_env(str(dotenv), recurse=False, override=False)  # into env, under os.environ
         otel_in_file = _OTEL_ASSIGNMENT.findall(text)
-    return _read(env, otel_in_file)
+    return _read(env, otel_in_file, dotenv)
+
+
+def environment(env_file: Path | None = None) -> dict[str, str]:
+    """The real environment over `.env`'s values: where ROUTES_FILE's `api_key_env` names are
+    looked up, at start-up and on a reload."""
+    from dotenv import dotenv_values  # environs' own .env reader
+
+    dotenv = env_file if env_file is not None else Path.cwd() / ".env"
+    values: dict[str, str] = {}
+    if dotenv.is_file():
+        try:
+            values = {k: v for k, v in dotenv_values(dotenv).items() if v is not None}
+        except (OSError, UnicodeDecodeError):
+            values = {}  # load_settings reports an unreadable .env itself
+    return values | dict(os.environ)
 
 
 def _sdk_environment(env: Env, otel_in_file: list[str]) -> Mapping[str, str]:
@@ -513,7 +550,7 @@ class _Reader:
         return inline | from_file, inline, keys_file
 
 
-def _read(env: Env, otel_in_file: list[str]) -> Settings:
+def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
     r = _Reader(env)
     sdk_environment = _sdk_environment(env, otel_in_file)
     non_negative, positive, above_zero = Range(min=0), Range(min=1), Range(min=0, min_inclusive=False)
@@ -534,6 +571,10 @@ def _read(env: Env, otel_in_file: list[str]) -> Settings:
     else:  # set but empty turns redaction off
         redact_kinds = r.custom("REDACT_KINDS", _parse_redact_kinds, frozenset())
     digests, inline_digests, keys_file = r.tenant_keys()
+    policy_file = env.str("POLICY_FILE", None) or None
+    policy_entities_file = env.str("POLICY_ENTITIES_FILE", None) or None
+    if policy_entities_file and not policy_file:
+        r.errors["POLICY_ENTITIES_FILE"] = "needs POLICY_FILE: entities alone decide nothing"
     hash_identifiers = bool(env.bool("HASH_IDENTIFIERS", False))
     hash_secret = env.str("HASH_SECRET", None)
     if hash_identifiers and not hash_secret:
@@ -545,6 +586,15 @@ def _read(env: Env, otel_in_file: list[str]) -> Settings:
 
     anthropic_key = r.custom("ANTHROPIC_API_KEY", _parse_api_key, None) or None
     _check_sampler(sdk_environment, r.errors)
+    routes_file = env.str("ROUTES_FILE", None) or None
+    routes = None
+    if routes_file:
+        from .routing import load_routes  # here: routing checks its URLs and keys with this module's parsers
+
+        try:
+            routes = load_routes(routes_file, environment(dotenv))
+        except ConfigError as error:
+            r.errors["ROUTES_FILE"] = error.lines[0].removeprefix("ROUTES_FILE: ")
 
     store_timeout_ms = env.int("STORE_TIMEOUT_MS", 250, validate=positive)
     settings = dict(
@@ -568,6 +618,8 @@ def _read(env: Env, otel_in_file: list[str]) -> Settings:
         model_label_limit=env.int("MODEL_LABEL_LIMIT", 50, validate=positive),
         workers=env.int("WORKERS", 1, validate=Range(min=1, max=1024)),  # a typo must not fork thousands
         notify_socket=env.str("NOTIFY_SOCKET", None) or None,
+        cb_failures=env.int("CB_FAILURES", 5, validate=Range(min=1, max=1_000_000)),
+        cb_open_secs=env.float("CB_OPEN_SECS", 30.0, validate=Range(min=0, max=3600, min_inclusive=False)),
     )
     try:
         env.seal()
@@ -598,10 +650,14 @@ def _read(env: Env, otel_in_file: list[str]) -> Settings:
         tenant_key_digests=MappingProxyType(digests),
         inline_key_digests=MappingProxyType(inline_digests),
         tenant_keys_file=keys_file,
+        policy_file=policy_file,
+        policy_entities_file=policy_entities_file,
         hash_identifiers=hash_identifiers,
         hash_secret=hash_secret.encode() if hash_identifiers and hash_secret else None,
         store_timeout_secs=store_timeout_ms / 1000,
         sdk_environment=sdk_environment,
+        routes_file=routes_file,
+        routes=routes,
         **settings,  # type: ignore[arg-type]  # environs' values, validated above
     )
 

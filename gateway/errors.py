@@ -78,6 +78,15 @@ class InvalidApiKey(GatewayError):
     message = "invalid api key"
 
 
+class PermissionDenied(GatewayError):
+    """Refused by a Cedar policy (SPEC §15); the message names the denying policies."""
+
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+    message = "permission denied"
+
+
 class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
@@ -139,6 +148,27 @@ class ShuttingDown(GatewayError):
     type = "server_error"
     code = "shutting_down"
     message = "gateway is shutting down"
+
+
+class ModelNotFound(GatewayError):
+    """No route of ROUTES_FILE matches the request's model (SPEC §13)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str, why: str = "is not routed by this gateway") -> None:
+        shown = model[:128] if model.isprintable() else repr(model[:128])
+        super().__init__(f"The model '{shown}' {why}")
+
+
+class UpstreamUnavailable(GatewayError):
+    """Every upstream of the model's route is skipped: circuit open, or a Retry-After."""
+
+    status = 503
+    type = "server_error"
+    code = "circuit_open"
+    message = "upstream unavailable"
 
 
 class UpstreamError(GatewayError):

@@ -32,19 +32,23 @@ from .errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    PermissionDenied,
     QuotaExceeded,
     RateLimited,
     RequestTimeout,
     ShuttingDown,
 )
-from .keys import ADMITTED, IDENTIFIED, STARTED, STATE
+from .keys import ADMITTED, CONFIG, IDENTIFIED, STARTED, STATE
 from .lifecycle import Lifecycle
 from .limits import Quota, TokenBucket, format_reset, retry_headers
 from .models import RequestState
+from .policies import ANY_MODEL, DEFAULT_UPSTREAM, principal_of, request_context
+from .reload import LiveConfig
+from .router import router_for
 from .shedding import Shedder
 from .surfaces import Api
 from .telemetry import Telemetry
-from .tenancy import Tenancy, client_ip, presented_key
+from .tenancy import client_ip, presented_key
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _RETRY_NOW = MappingProxyType({"Retry-After": "1"})
@@ -178,17 +182,19 @@ def draining(lifecycle: Lifecycle) -> Middleware:
     return refuse_while_draining
 
 
-def tenancy(tenants: Tenancy, trusted_proxies: tuple[object, ...]) -> Middleware:
-    """Who is calling: a bad key is refused (401) before anything else is spent."""
+def tenancy(live: LiveConfig, trusted_proxies: tuple[object, ...]) -> Middleware:
+    """Who is calling: a bad key is refused (401) before anything else is spent. The file-backed
+    configuration in force is taken here, once: the request runs under it (reload.py)."""
 
     @web.middleware
     async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
         state = request.get(IDENTIFIED)
         if state is not None:
+            config = request[CONFIG] = live.current
             headers = request.headers
             key = presented_key(headers.get("X-Api-Key"), headers.get("Authorization"))
             ip = "" if key else client_ip(request.remote, headers.get("X-Forwarded-For"), trusted_proxies)
-            state.tenant = tenants.resolve(key, ip, request.path)
+            state.tenant = config.tenancy.resolve(key, ip, request.path)
         return await handler(request)
 
     return identify
@@ -229,6 +235,50 @@ def body(max_bytes: int, budget: bodies.BodyBudget, read_timeout: float, telemet
         return await handler(request)
 
     return read_body
+
+
+def routed_upstream(request: web.Request, model: str | None) -> str:
+    """The name of the upstream the request goes to first, as policies see it
+    (context.upstream): `default` without ROUTES_FILE or for a model no route takes (the
+    proxy answers that one 404)."""
+    router = router_for(request)
+    if router is None or model is None:
+        return DEFAULT_UPSTREAM
+    route = router.table.lookup(model)
+    if route is None:
+        return DEFAULT_UPSTREAM
+    anthropic_only = request.match_info.route.name == "messages"  # /v1/messages goes to Anthropic upstreams only
+    for target in route.targets:
+        if not anthropic_only or target.upstream.kind == "anthropic":
+            return target.upstream.name
+    return DEFAULT_UPSTREAM
+
+
+def policy() -> Middleware:
+    """Whether this tenant may (SPEC §15): the Cedar policies of the request's own configuration
+    decide from its route, model and body, after tenancy and the body, before any token,
+    slot or quota is spent. Left out of the chain without POLICY_FILE."""
+
+    @web.middleware
+    async def check_policy(request: web.Request, handler: Handler) -> web.StreamResponse:
+        state = request[STATE]
+        tenant = state.tenant
+        if tenant is not None:  # an identified request, on any route that identifies its tenant
+            config = request[CONFIG]
+            policies = config.policies
+            assert policies is not None, "in the chain only with POLICY_FILE"
+            payload = state.payload
+            verdict = policies.decide(
+                principal_of(tenant, config.tenancy.keyed),
+                request.match_info.route.name or "",
+                state.model if payload is not None and state.model is not None else ANY_MODEL,
+                request_context(payload, routed_upstream(request, state.model)),
+            )
+            if not verdict.allowed:
+                raise PermissionDenied(verdict.message)
+        return await handler(request)
+
+    return check_policy
 
 
 def rate_limit(bucket: TokenBucket, telemetry: Telemetry) -> Middleware:
@@ -390,6 +440,8 @@ async def add_gateway_headers(request: web.Request, response: web.StreamResponse
         headers["x-ratelimit-limit-requests"] = str(decision.limit)
         headers["x-ratelimit-remaining-requests"] = str(decision.remaining)
         headers["x-ratelimit-reset-requests"] = format_reset(decision.reset_after_ms)
+    if state.upstream is not None:  # ROUTES_FILE's upstream that answered (SPEC §13)
+        headers["x-gateway-upstream"] = state.upstream
     tokens = state.tokens
     if tokens is not None:
         headers["x-ratelimit-limit-tokens"] = str(tokens.limit)

@@ -61,3 +61,4 @@ class RequestState:
     span: Span | None = None  # the server span, when tracing is on
     client_gone: bool = False  # the client hung up before the response was complete
     payload: dict[str, Any] | None = None  # the body parsed: a JSON object (the body step checks)
+    upstream: str | None = None  # ROUTES_FILE's upstream that answered: x-gateway-upstream

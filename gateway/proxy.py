@@ -12,6 +12,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from types import MappingProxyType
 from typing import Any
 
 from aiohttp import web
@@ -25,6 +28,7 @@ from .errors import (
     UpstreamIdleTimeout,
     UpstreamStreamBroken,
     UpstreamTimeout,
+    UpstreamUnavailable,
 )
 from .keys import STATE
 from .lifecycle import Lifecycle
@@ -32,12 +36,26 @@ from .memo import RedactionMemo
 from .models import RequestState
 from .redact import YIELD_ABOVE_CHARS, Redactor, redact_yielding
 from .relay import StreamRelay, dumps_reply, loads_reply, redact_reply, reply_may_need_redaction
+from .router import (
+    ROUTED_APIS,
+    AnthropicAsChat,
+    Attempt,
+    Attempts,
+    Leg,
+    Router,
+    body_for,
+    include_usage,
+    is_fallback_status,
+    router_for,
+)
 from .surfaces import Api, ask_stream_usage
 from .telemetry import Telemetry
-from .upstream import Upstream, UpstreamReply
+from .upstream import Reply, Upstream
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _EVENT_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")  # how an SSE body can begin
+_RETRY_AFTER_STATUSES = frozenset({429, 503, 529})  # SPEC §13: with Retry-After, a skip, not a failure
+_NO_TRACE: AbstractContextManager[Mapping[str, str]] = contextlib.nullcontext(MappingProxyType({}))
 log = logging.getLogger("gateway")
 
 
@@ -70,10 +88,24 @@ class Proxy:
         self._count_response_redaction = lambda kind: metrics.redacted(kind, "response")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        router = router_for(request)
+        if router is None:
+            return await self._handle(request, None)
+        router.enter()  # a router a reload replaces stays open until its last request ends
+        try:
+            return await self._handle(request, router)
+        finally:
+            router.leave()
+
+    async def _handle(self, request: web.Request, router: Router | None) -> web.StreamResponse:
         state = request[STATE]
         payload = state.payload
         assert payload is not None and state.model is not None, "the body middleware runs first"
         self._api.check_request(payload, self._redactor is not None)
+        # Before any work: an unrouted model is 404. ROUTES_FILE routes chat and messages;
+        # the other OpenAI routes go to OPENAI_BASE_URL.
+        routed = router is not None and self._api.name in ROUTED_APIS
+        legs = router.legs(self._api, state.model) if routed and router is not None else None
         state.stream = self._api.streams and payload.get("stream") is True
         hidden_usage = state.stream and self._api.asks_stream_usage and ask_stream_usage(payload)
         if self._redactor is not None:
@@ -87,6 +119,8 @@ class Proxy:
         tracing = self._telemetry.tracing
         task = self._lifecycle.enter()
         try:
+            if router is not None and legs is not None:
+                return await self._routed(request, state, body, router.attempts(legs, self._timeout), hidden_usage)
             if tracing is None or state.span is None:
                 headers = self._upstream.headers_for(request.headers, request_id=state.request_id)
                 return await self._relay(request, state, body, headers, hidden_usage)
@@ -129,7 +163,7 @@ class Proxy:
 
     async def _relay_json(self, state: RequestState, body: bytes, headers: dict[str, str]) -> web.Response:
         started = time.perf_counter()
-        reply: UpstreamReply | None = None
+        reply: Reply | None = None
         try:
             async with asyncio.timeout(self._timeout):
                 reply = await self._upstream.post(body, headers)
@@ -141,7 +175,7 @@ class Proxy:
             raise self._upstream_exception(exc) from None
         return self._json_answer(state, reply, data)
 
-    def _json_answer(self, state: RequestState, reply: UpstreamReply, data: bytes) -> web.Response:
+    def _json_answer(self, state: RequestState, reply: Reply, data: bytes) -> web.Response:
         """A whole reply: JSON with message.content redacted, events through the relay (an
         upstream that streams whatever was asked), an error as such."""
         if reply.status >= 300:
@@ -172,7 +206,7 @@ class Proxy:
                 data = self._redactor.redact(text, self._count_response_redaction, json_text=True).encode()
         return web.Response(body=data, status=reply.status, content_type="application/json")
 
-    def _events_answer(self, state: RequestState, reply: UpstreamReply, data: bytes) -> web.Response:
+    def _events_answer(self, state: RequestState, reply: Reply, data: bytes) -> web.Response:
         relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface)
         body = relay.feed(data) + relay.close()
         state.usage, state.response_model = relay.usage, relay.response_model
@@ -187,9 +221,12 @@ class Proxy:
             self._telemetry.metrics.cb_event("upstream_error")
         return exc
 
-    def _upstream_failure(self, reply: UpstreamReply, data: bytes) -> web.Response:
+    def _upstream_failure(self, reply: Reply, data: bytes) -> web.Response:
         """Relay the upstream's status and JSON error, except auth failures (our fault: 502)."""
         self._telemetry.metrics.cb_event("upstream_error")
+        return self._relayed_failure(reply, data)
+
+    def _relayed_failure(self, reply: Reply, data: bytes) -> web.Response:
         if reply.status in (401, 403):
             raise UpstreamAuthRejected()
         if not reply.is_json:
@@ -205,22 +242,34 @@ class Proxy:
     ) -> web.StreamResponse:
         started = time.perf_counter()
         relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface, hide_usage=hidden_usage)
-        reply: UpstreamReply | None = None
+        reply: Reply | None = None
         whole: bytes | None = None
         try:
+            async with asyncio.timeout(self._timeout):  # the first chunk, as the design card says
+                reply = await self._upstream.post(body, headers)
+                if reply.status >= 300 or reply.is_json:
+                    # An error, or a server without streaming answering with one JSON reply.
+                    whole = await reply.read()
+                else:
+                    first = await _first_events(reply, relay)
+        except BaseException as exc:
+            if reply is not None:
+                reply.close()
+            raise self._upstream_exception(exc) from None
+        state.upstream_ttfb = time.perf_counter() - started
+        if whole is not None:
             try:
-                async with asyncio.timeout(self._timeout):  # the first chunk, as the design card says
-                    reply = await self._upstream.post(body, headers)
-                    if reply.status >= 300 or reply.is_json:
-                        # An error, or a server without streaming answering with one JSON reply.
-                        whole = await reply.read()
-                    else:
-                        first = await _first_events(reply, relay)
-            except (TimeoutError, UpstreamError) as exc:
-                raise self._upstream_exception(exc) from None
-            state.upstream_ttfb = time.perf_counter() - started
-            if whole is not None:
                 return self._json_answer(state, reply, whole)
+            finally:
+                reply.close()
+        return await self._stream_answer(request, state, relay, reply, first)
+
+    async def _stream_answer(
+        self, request: web.Request, state: RequestState, relay: StreamRelay, reply: Reply, first: bytes
+    ) -> web.StreamResponse:
+        """The stream from its first events on: headers out, then events as they come."""
+        held: Reply | None = reply
+        try:
             response = web.StreamResponse(headers=SSE_HEADERS)
             try:
                 await response.prepare(request)
@@ -229,7 +278,7 @@ class Proxy:
                 if relay.done and not reply.at_eof:
                     # Hand the upstream over: the client may leave (and cancel us) now.
                     self._release_later(reply)
-                    reply = None
+                    held = None
             except ConnectionResetError:
                 # The client hung up between our writes (not always seen as a cancellation):
                 # the upstream is cut below, and nobody is left to answer.
@@ -240,15 +289,111 @@ class Proxy:
             if relay.usage_final:
                 state.usage = relay.usage
             state.response_model = relay.response_model
-            if reply is not None:
-                reply.close()  # an unfinished upstream stream is cut: the LLM stops generating
+            if held is not None:
+                held.close()  # an unfinished upstream stream is cut: the LLM stops generating
 
-    def _release_later(self, reply: UpstreamReply) -> None:
+    async def _routed(
+        self, request: web.Request, state: RequestState, body: bytes, attempts: Attempts, hidden_usage: bool
+    ) -> web.StreamResponse:
+        """SPEC §13: the route's upstreams in turn until one answers; a failure before anything
+        reached the client (no answer, 429, 5xx) moves on to the next. The last failure is the
+        client's; with no upstream tried (every breaker open), 503 circuit_open."""
+        payload = state.payload
+        assert payload is not None
+        started = time.perf_counter()
+        failure: AttemptFailed | None = None
+        while (attempt := attempts.next()) is not None:
+            try:
+                send = body_for(attempt.leg, payload, body)
+            except (RecursionError, ValueError):
+                attempts.abandoned(attempt)
+                raise BadRequest("request body is nested too deeply") from None
+            except BaseException:
+                attempts.abandoned(attempt)
+                raise
+            try:
+                with self._client_span(state, attempt.leg) as trace_headers:
+                    headers = attempt.leg.client.headers_for(
+                        request.headers, trace_headers, request_id=state.request_id
+                    )
+                    return await self._attempt(request, state, attempts, attempt, send, headers, hidden_usage, started)
+            except AttemptFailed as failed:
+                failure = failed
+        if failure is None:
+            raise UpstreamUnavailable(headers={"Retry-After": attempts.retry_after()})
+        if failure.reply is None:
+            raise failure.error
+        state.upstream = failure.upstream
+        return self._relayed_failure(failure.reply, failure.data)
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        state: RequestState,
+        attempts: Attempts,
+        attempt: Attempt,
+        send: bytes,
+        headers: dict[str, str],
+        hidden_usage: bool,
+        started: float,
+    ) -> web.StreamResponse:
+        """One upstream: its answer relayed, or AttemptFailed before anything was sent."""
+        leg = attempt.leg
+        relay = None
+        if state.stream:
+            relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface, hide_usage=hidden_usage)
+        reply: Reply | None = None
+        whole = first = b""
+        try:
+            async with asyncio.timeout(attempt.secs):  # this attempt's share of TIMEOUT_SECS
+                reply = await leg.client.post(send, headers)
+                if leg.translated:
+                    assert state.payload is not None
+                    reply = AnthropicAsChat(reply, include_usage(state.payload))
+                if relay is None or reply.status >= 300 or reply.is_json:
+                    whole = await reply.read()
+                    relay = None
+                else:
+                    first = await _first_events(reply, relay)
+        except (TimeoutError, UpstreamError) as exc:
+            if reply is not None:
+                reply.close()
+            attempts.failed(attempt)
+            error = self._upstream_exception(exc)
+            raise AttemptFailed(error, leg.name) from None
+        except BaseException:
+            if reply is not None:
+                reply.close()
+            attempts.abandoned(attempt)
+            raise
+        if is_fallback_status(reply.status):
+            self._telemetry.metrics.cb_event("upstream_error")
+            retry_after = reply.retry_after() if reply.status in _RETRY_AFTER_STATUSES else None
+            attempts.failed(attempt, retry_after)
+            reply.close()
+            raise AttemptFailed(UpstreamError(), leg.name, reply, whole)
+        attempts.answered(attempt)
+        state.upstream_ttfb = time.perf_counter() - started
+        state.upstream = leg.name
+        if relay is None:
+            try:
+                return self._json_answer(state, reply, whole)
+            finally:
+                reply.close()
+        return await self._stream_answer(request, state, relay, reply, first)
+
+    def _client_span(self, state: RequestState, leg: Leg) -> AbstractContextManager[Mapping[str, str]]:
+        tracing = self._telemetry.tracing
+        if tracing is None or state.span is None:
+            return _NO_TRACE
+        return tracing.client_span(state.span, state.model, leg.kind, upstream=leg.name)
+
+    def _release_later(self, reply: Reply) -> None:
         task = asyncio.get_running_loop().create_task(_drain(reply))
         self._draining.add(task)  # a reference, or the task could be collected mid-way
         task.add_done_callback(self._draining.discard)
 
-    async def _pump(self, response: web.StreamResponse, relay: StreamRelay, first: bytes, reply: UpstreamReply) -> None:
+    async def _pump(self, response: web.StreamResponse, relay: StreamRelay, first: bytes, reply: Reply) -> None:
         try:
             out = first
             loop = asyncio.get_running_loop()
@@ -292,6 +437,18 @@ class Proxy:
             await _try_write(response, relay.error_event(GatewayError()))
 
 
+class AttemptFailed(Exception):
+    """One upstream failed before anything reached the client: the next may be tried. `reply`
+    and `data`: the answer it gave (429, 5xx), relayed if it is the last."""
+
+    def __init__(self, error: BaseException, upstream: str, reply: Reply | None = None, data: bytes = b"") -> None:
+        super().__init__(type(error).__name__)
+        self.error = error
+        self.upstream = upstream
+        self.reply = reply
+        self.data = data
+
+
 def _finished(relay: StreamRelay) -> bytes:
     """The text still held, if the relay can give it; never raises (an error path)."""
     try:
@@ -301,7 +458,7 @@ def _finished(relay: StreamRelay) -> bytes:
         return b""
 
 
-async def _first_events(reply: UpstreamReply, relay: StreamRelay) -> bytes:
+async def _first_events(reply: Reply, relay: StreamRelay) -> bytes:
     """Read until the first whole event: what to send first (the deadline covers this)."""
     while True:
         chunk = await reply.next_chunk()
@@ -315,7 +472,7 @@ async def _first_events(reply: UpstreamReply, relay: StreamRelay) -> bytes:
             return out
 
 
-async def _drain(reply: UpstreamReply) -> None:
+async def _drain(reply: Reply) -> None:
     """Read what follows [DONE] (the chunked terminator) so the upstream connection goes back
     to the pool instead of being closed: no new TCP and TLS handshake for the next request."""
     try:

@@ -48,6 +48,8 @@ def side_may_match(data: bytes) -> bool:
     pattern accepts (a dated model name, "-2024-08-06", is eleven run characters but none)."""
     if data.find(b"@") >= 0:
         return True
+    if len(data) < 11 and data.find(b"+") < 0:
+        return False  # too short for a run (a pad, an id): the common case, decided here
     if data.find(b"+") >= 0:
         return _RUN_IN_BYTES.search(data) is not None  # a "+" phone's run may be short
     mapped = data.translate(_RUN_MAP)
@@ -61,6 +63,10 @@ def side_may_match(data: bytes) -> bool:
         at = mapped.find(_ELEVEN, end)
     return False
 
+
+# A "usage" key whose value is not null (anything else, an unexpected spacing included, is
+# worth parsing).
+_USAGE_VALUE = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(?!null[ \t\r\n,}])')
 
 MAX_STREAMS = 256  # text streams per reply; past that (a hostile upstream), texts are redacted whole
 MAX_KEPT_CHARS = 4 * 1024 * 1024  # streamed text kept for its later copies, per reply
@@ -134,19 +140,37 @@ class StreamRelay:
             return b""
         if self._redactor is None:
             return self._unredacted(blocks)
+        # Events going out as they came are not copied one by one: blocks[copied:at] is a run
+        # of them, added to `out` when something else has to go between.
         out: list[bytes] = []
-        for block in blocks.split(b"\n\n")[:-1]:  # whole events, each ended by a blank line
+        copied = at = 0
+        end = len(blocks)
+        while at < end:
             if self.done:
                 break  # nothing follows the end of a stream (a [DONE] after response.completed)
-            if not block:
-                continue  # a run of blank lines
-            raw = block + b"\n\n"
-            if self._plans and raw.find(b"\\") < 0:  # the fast path: an event of a shape seen before
-                written = self._templated(raw)
-                if written is not None:
-                    out.append(written)
-                    continue
-            out += [self._event(event) for event in sse.parse_blocks(raw)]
+            stop = blocks.find(b"\n\n", at) + 2  # every event ends with a blank line, and so do blocks
+            if stop == at + 2:  # a run of blank lines: nothing to send
+                out.append(blocks[copied:at])
+                copied = at = stop
+                continue
+            if self._plans and blocks.find(b"\\", at, stop) < 0:  # the fast path: a shape seen before
+                if self._number_key:  # events numbered one by one (Responses): matched without the number
+                    written = self._templated_numbered(blocks[at:stop])
+                    if written is not None:
+                        out += (blocks[copied:at], written)
+                        copied = at = stop
+                        continue
+                else:
+                    spliced = self._templated(blocks, at, stop, out, copied)
+                    if spliced is not None:
+                        copied, at = spliced, stop
+                        continue
+            out.append(blocks[copied:at])
+            out += [self._event(event) for event in sse.parse_blocks(blocks[at:stop])]
+            copied = at = stop
+        if copied == 0 and at >= end:
+            return blocks  # every event as it came
+        out.append(blocks[copied:at])  # up to the end of the stream, if it came
         return b"".join(out)
 
     def close(self) -> bytes:
@@ -186,32 +210,50 @@ class StreamRelay:
 
     def _unredacted(self, blocks: bytes) -> bytes:
         """Redaction off: the events go out as received; only usage and the end are looked for
-        (and a usage chunk the client did not ask for is left out)."""
+        (and a usage chunk the client did not ask for is left out). Only the events that may
+        hold a usage or end the stream are parsed (OpenAI puts `"usage":null` on every chunk
+        once usage is asked for: those are not)."""
         surface = self._surface
-        if blocks.find(b'"usage"') < 0 and not surface.done_types:  # most reads: one search
-            done = surface.done_data
-            if done is not None:  # an event of just its data line, at an event boundary (it is last)
-                done_event = b"data: " + done + b"\n\n"
-                if blocks.startswith(done_event) or blocks.rfind(b"\n\n" + done_event) >= 0:
+        done = surface.done_data
+        out: list[bytes] = []
+        copied = 0
+        for start, stop in self._worth_parsing(blocks):
+            hide = False
+            for event in sse.parse_blocks(blocks[start:stop]):
+                data = event.data
+                if data is None:
+                    continue
+                if data == done:
                     self.done = True
-            return blocks
-        hidden: list[bytes] = []
-        for event in sse.parse_blocks(blocks):
-            data = event.data
-            if data is None:
-                continue
-            if data == self._surface.done_data:
-                self.done = True
-            elif data.find(b'"usage"') >= 0 or self._surface.done_types:
+                    continue
                 chunk = _loads_object(data)
                 if chunk is not None:
                     self._note(chunk)
-                    if self._hide_usage and self._surface.usage_only(chunk):
-                        hidden.append(event.raw)
-        if hidden:
-            kept = [event.raw for event in sse.parse_blocks(blocks) if event.raw not in hidden]
-            return b"".join(kept)
-        return blocks
+                    hide = hide or (self._hide_usage and surface.usage_only(chunk))
+            if hide:
+                out.append(blocks[copied:start])
+                copied = stop
+        if not copied:
+            return blocks
+        out.append(blocks[copied:])
+        return b"".join(out)
+
+    def _worth_parsing(self, blocks: bytes) -> list[tuple[int, int]]:
+        """Where the events that may hold a usage (not null) or end the stream lie, in order."""
+        found = [m.start() for m in _USAGE_VALUE.finditer(blocks)] if blocks.find(b'"usage"') >= 0 else []
+        surface = self._surface
+        for marker in surface.done_markers if surface.done_data is None else (*surface.done_markers, surface.done_data):
+            at = blocks.find(marker)
+            while at >= 0:
+                found.append(at)
+                at = blocks.find(marker, at + 1)
+        spans: list[tuple[int, int]] = []
+        for at in sorted(found):
+            if spans and at < spans[-1][1]:
+                continue  # in the event already found
+            start = blocks.rfind(b"\n\n", 0, at)
+            spans.append((0 if start < 0 else start + 2, blocks.find(b"\n\n", at) + 2))
+        return spans
 
     def _event(self, event: sse.Event) -> bytes:
         """The exact path: the event parsed, redacted, written from the parse. An event whose
@@ -296,17 +338,19 @@ class StreamRelay:
         if _rebuilt(segments, values) == written:
             self._plans[tuple(segments)] = (plan, segments)
 
-    def _templated(self, raw: bytes) -> bytes | None:
-        """The fast path, for an event without escapes: if it is built like an event learned
-        before (see `_learn`) but for its volatile strings, those are read from its bytes and
-        fed to their streams. None (nothing changed yet): it takes the exact path."""
-        raw, number = self._unnumbered(raw)
-        plan = self._matching_plan(raw)
+    def _templated(self, blocks: bytes, at: int, stop: int, out: list[bytes], copied: int) -> int | None:
+        """The fast path, for the event blocks[at:stop], without escapes: if it is built like an
+        event learned before (see `_learn`) but for its volatile strings, those are read from
+        its bytes and fed to their streams, and a string its stream changed is spliced in
+        (what went before it is added to `out`). Returns where the bytes not yet in `out`
+        begin, or None (nothing changed yet): the event takes the exact path."""
+        plan = self._matching_plan(blocks, at, stop)
         if plan is None:
             return None
-        steps, segments, values = plan
+        steps, bounds = plan
         texts: list[str] = []
-        for step, value in zip(steps, values, strict=True):
+        for i, step in enumerate(steps):
+            value = blocks[bounds[2 * i] : bounds[2 * i + 1]]
             try:
                 text = value.decode()
             except UnicodeDecodeError:
@@ -316,21 +360,32 @@ class StreamRelay:
             if step is None and side_may_match(value):  # a side value must hold nothing PII is made of
                 return None
             texts.append(text)
-        changed = False
         for i, step in enumerate(steps):
             if step is not None:
                 text = texts[i]
                 now = self._leaf(step[0], step[1], text)
                 if now != text:
-                    values[i] = orjson.dumps(now)[1:-1]
-                    changed = True
-        out = _rebuilt(segments, values) if changed else raw
+                    out.append(blocks[copied : bounds[2 * i]])
+                    out.append(orjson.dumps(now)[1:-1])
+                    copied = bounds[2 * i + 1]
+        return copied
+
+    def _templated_numbered(self, raw: bytes) -> bytes | None:
+        """`_templated` for an event of a surface that numbers its events: the number is taken
+        out before the shape is matched, and put back in what is written."""
+        raw, number = self._unnumbered(raw)
+        pieces: list[bytes] = []
+        copied = self._templated(raw, 0, len(raw), pieces, 0)
+        if copied is None:
+            return None
+        out = b"".join([*pieces, raw[copied:]]) if pieces else raw
         if number is None:
             return out
         assert self._numbered is not None
         self._scratch[self._numbered] = int(number)
         at = out.find(self._number_key) + len(self._number_key)
         return out[:at] + number + out[at:]
+
 
     def _unnumbered(self, raw: bytes) -> tuple[bytes, bytes | None]:
         """`raw` without the digits of the surface's numbered key, and those digits; `raw` and
@@ -348,19 +403,19 @@ class StreamRelay:
             return raw, None
         return raw[:start] + raw[digits.end() :], digits.group()
 
-    def _matching_plan(self, raw: bytes) -> tuple[tuple[Step, ...], list[bytes], list[bytes]] | None:
-        """The learned plan this event is built like (the last one used first), with its volatile
-        values: the bytes between the learned segments, each up to the next quote."""
+    def _matching_plan(self, blocks: bytes, at: int, stop: int) -> tuple[tuple[Step, ...], list[int]] | None:
+        """The learned plan the event blocks[at:stop] is built like (the last one used first),
+        with where its volatile values begin and end."""
         last = self._last_plan
         if last is not None:
-            values = _values_between(raw, last[1])
-            if values is not None:
-                return last[0], last[1], values
+            bounds = _value_bounds(blocks, at, stop, last[1])
+            if bounds is not None:
+                return last[0], bounds
         for steps, segments in self._plans.values():
-            values = _values_between(raw, segments)
-            if values is not None:
+            bounds = _value_bounds(blocks, at, stop, segments)
+            if bounds is not None:
                 self._last_plan = (steps, segments)
-                return steps, segments, values
+                return steps, bounds
         return None
 
     def _side_may_match(self, data: bytes) -> bool:
@@ -469,20 +524,21 @@ def _rebuilt(segments: list[bytes], values: list[bytes]) -> bytes:
     return b"".join([part for pair in zip(segments, values, strict=False) for part in pair] + [segments[-1]])
 
 
-def _values_between(raw: bytes, segments: list[bytes]) -> list[bytes] | None:
-    """The values of `raw` if it is `segments` with a quote-free value between each two, else
-    None. (Without escapes, a string's value ends at the next quote.)"""
-    if not raw.startswith(segments[0]):
+def _value_bounds(blocks: bytes, at: int, stop: int, segments: list[bytes]) -> list[int] | None:
+    """If blocks[at:stop] is `segments` with a quote-free value between each two, where each
+    value begins and ends ([begin, end, begin, end, ...]); else None. (Without escapes, a
+    string's value ends at the next quote.)"""
+    if not blocks.startswith(segments[0], at, stop):
         return None
-    values: list[bytes] = []
-    at = len(segments[0])
+    bounds: list[int] = []
+    begin = at + len(segments[0])
     for segment in segments[1:]:
-        end = raw.find(b'"', at)
-        if end < 0 or not raw.startswith(segment, end):
+        end = blocks.find(b'"', begin, stop)
+        if end < 0 or not blocks.startswith(segment, end, stop):
             return None
-        values.append(raw[at:end])
-        at = end + len(segment)
-    return values if at == len(raw) else None
+        bounds += (begin, end)
+        begin = end + len(segment)
+    return bounds if begin == stop else None
 
 
 def _segments(pieces: list[bytes]) -> list[bytes]:

@@ -1,8 +1,8 @@
 """Serving: the event loop (uvloop when installed), signals, sd_notify, and WORKERS.
 
-SIGTERM/SIGINT drain and exit 0; SIGHUP is logged and otherwise ignored (reserved for
-reload). With WORKERS=N the parent forks N workers that share the port (SO_REUSEPORT)
-and forwards termination signals to them. A start-up failure is one `StartupError` line
+SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the file-backed configuration (reload.py).
+With WORKERS=N the parent forks N workers that share the port (SO_REUSEPORT) and forwards
+termination and reload signals to them. A start-up failure is one `StartupError` line
 from `run`, the same with one process or N: each worker tells the parent, through a pipe of
 its own, that it serves or why it could not; the parent stops the others and speaks once.
 """
@@ -26,12 +26,14 @@ from typing import Any, NoReturn
 from aiohttp import web
 
 from .app import SERVER_OPTIONS, create_app
-from .config import Settings
-from .keys import LIFECYCLE
+from .config import ConfigError, Settings
+from .keys import LIFECYCLE, LIVE_CONFIG
 from .lifecycle import Lifecycle
 
 log = logging.getLogger("gateway")
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# Held back in a new worker until its loop handles them: an early SIGHUP reloads, not kills.
+_HELD_SIGNALS = _STOP_SIGNALS | {signal.SIGHUP}
 
 
 class StartupError(Exception):
@@ -43,6 +45,8 @@ class ListenError(StartupError):
 
 
 def run(settings: Settings) -> int:
+    # Until the loop handles it (the files are read after this), a SIGHUP must not kill.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _check_address(settings.listen_host, settings.listen_port)
     if settings.workers > 1:
         return _supervise(settings)
@@ -101,7 +105,10 @@ def _run_one(settings: Settings, on_ready: Callable[[], None] | None = None) -> 
 
 
 async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ConfigError as error:  # a file changed since gateway.py checked it
+        raise StartupError(error.lines[0]) from None
     lifecycle = app[LIFECYCLE]
     # handler_cancellation: a client that hangs up cancels its handler, and so the upstream call.
     # SERVER_OPTIONS: how create_app's middlewares expect to be served (bodies decoded by them, not
@@ -125,8 +132,8 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("SIGHUP ignored (reserved for reload)"))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # a worker blocked them until now
+    loop.add_signal_handler(signal.SIGHUP, app[LIVE_CONFIG].reload)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)  # a worker blocked them until now
     _settle_gc()
     log.info("serving on %s:%s", settings.listen_host, settings.listen_port)
     lifecycle.notify("READY=1")
@@ -151,13 +158,13 @@ def _supervise(settings: Settings) -> int:
     for _ in range(settings.workers):
         read_end, write_end = os.pipe()
         # Blocked until the worker's loop handles them, so an early SIGTERM drains, not kills.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
         pid = os.fork()
         if pid == 0:
             for fd in (read_end, *reports):
                 os.close(fd)
             _work(worker_settings, write_end)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)
         # Only the worker holds the write end now: end of file on it means the worker is gone.
         os.close(write_end)
         reports[read_end] = pid
@@ -172,9 +179,14 @@ def _supervise(settings: Settings) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
 
+    def forward_reload(signum: int, _frame: object) -> None:
+        for child in children:  # each worker reloads its own configuration
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, forward_reload)
     failure = _await_workers(reports)
     if failure is None and not stopping:
         notifier.notify("READY=1")

@@ -72,6 +72,11 @@ class Surface:
     done_types: ClassVar[frozenset[str]] = frozenset()  # event types that end it
     keeps_copies: ClassVar[bool] = False  # events repeat streamed texts whole (COPY leaves)
     numbered: ClassVar[str | None] = None  # a number every event carries (noted in `usage`'s counts)
+    done_markers: ClassVar[tuple[bytes, ...]] = ()  # those types as they appear in an event's bytes
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        cls.done_markers = tuple(b'"' + name.encode() + b'"' for name in sorted(cls.done_types))
 
     def root(self, event: dict[str, Any]) -> Path | None:
         """Where the event's streams are keyed from; None: it cannot be read as described."""

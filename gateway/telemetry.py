@@ -24,7 +24,9 @@ CHAT_ROUTE = "/v1/chat/completions"
 # LLM latencies run from milliseconds (errors, cache hits) to minutes (long generations).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
 QUOTA_BLOCK_REASONS = ("exceeded", "tokens")  # the request quota, the token budget (SPEC §14)
+CIRCUIT_EVENTS = ("open", "half_open", "close")  # with ROUTES_FILE (SPEC §13)
 CB_EVENTS = ("timeout", "load_shed", "store_error", "upstream_error", "client_disconnect")
+RELOAD_RESULTS = ("ok", "refused")  # config_reloads_total (SPEC §10)
 OTHER = "other"
 LOG_MODEL_MAX = 256
 UNKNOWN = "unknown"  # no model named (rejected before the body was read)
@@ -81,6 +83,9 @@ class _Family:
         counts = self._counts
         counts[key] = counts.get(key, 0) + amount
 
+    def set(self, key: tuple[str, ...], value: int) -> None:
+        self._counts[key] = value
+
     def publish(self) -> None:
         names, collector = self._names, self._collector
         for key, value in self._counts.items():
@@ -110,7 +115,12 @@ class Metrics:
         self.tokens = family(
             Counter, "tokens_total", "Tokens reported by the upstream, by kind and model.", "kind", "model"
         )
-        self._families = (
+        self.reloads = family(
+            Counter, "config_reloads_total", "SIGHUP reloads of the file-backed configuration, by result.", "result"
+        )
+        self._family = family
+        self.circuits: _Family | None = None  # made with the first breaker: only with ROUTES_FILE
+        self._families = [
             self.requests,
             self.responses,
             self.inflight,
@@ -119,7 +129,8 @@ class Metrics:
             self.cb_events,
             self.ratelimit_blocks,
             self.tokens,
-        )
+            self.reloads,
+        ]
         # Observed per request through the public `observe` (~2.3 µs each: it walks every
         # bucket); a series appears with its first observation.
         self._duration = Histogram(
@@ -145,6 +156,8 @@ class Metrics:
         for event in CB_EVENTS:
             self.cb_events.add((event,), 0)
         self.requests.add((CHAT_ROUTE,), 0)
+        for result in RELOAD_RESULTS:
+            self.reloads.add((result,), 0)
 
     def request_started(self, route: str) -> None:
         self.requests.add((route,))
@@ -166,6 +179,20 @@ class Metrics:
     def cb_event(self, event: str) -> None:
         self.cb_events.add((event,))
 
+    def circuit(self, upstream: str, event: str | None, state: int) -> None:
+        """A breaker changed (`event`: open, half_open, close) or was made (None)."""
+        circuits = self.circuits
+        if circuits is None:  # routing is on: its events show from the start, at zero
+            circuits = self.circuits = self._family(
+                Gauge, "circuit_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open.", "upstream"
+            )
+            self._families.append(circuits)
+            for name in CIRCUIT_EVENTS:
+                self.cb_events.add((name,), 0)
+        if event is not None:
+            self.cb_events.add((event,))
+        circuits.set((upstream,), state)
+
     def quota_blocked(self, reason: str = "exceeded") -> None:
         """A request refused by its tenant's quota: `exceeded` (requests) or `tokens`."""
         self.quota_blocks.add((reason,))
@@ -180,6 +207,9 @@ class Metrics:
         label = self.model_label(model)
         self.tokens.add(("prompt", label), prompt)
         self.tokens.add(("completion", label), completion)
+
+    def config_reloaded(self, ok: bool) -> None:
+        self.reloads.add((RELOAD_RESULTS[0] if ok else RELOAD_RESULTS[1],))
 
     def render(self, accept: list[str]) -> tuple[bytes, dict[str, str]]:
         for family in self._families:
@@ -222,6 +252,8 @@ class RequestLog:
             "duration_ms": _ms(seconds),
             "upstream_ttfb_ms": _ms(state.upstream_ttfb) if state.upstream_ttfb is not None else None,
         }
+        if state.upstream is not None:
+            record["upstream"] = state.upstream
         if trace_id is not None:
             record["trace_id"] = trace_id
         self._buffer += orjson.dumps(record)

@@ -110,7 +110,9 @@ class Tracing:
         context = span.get_span_context()
         return format(context.trace_id, "032x") if context.is_valid else None
 
-    def client_span(self, server_span: Span, model: str | None, system: str = "openai") -> ClientSpan:
+    def client_span(
+        self, server_span: Span, model: str | None, system: str = "openai", upstream: str | None = None
+    ) -> ClientSpan:
         """A client span around the upstream call: `with tracing.client_span(...) as headers`
         gives the `traceparent` (and `tracestate`) headers that name it.
 
@@ -126,6 +128,8 @@ class Tracing:
             return ClientSpan(server_span, headers)  # not recording: its exit ends nothing
         model = model[:MAX_TEXT] if model else None
         attributes = {"gen_ai.system": system, **({"gen_ai.request.model": model} if model else {})}
+        if upstream is not None:  # ROUTES_FILE's upstream this attempt went to (SPEC §13)
+            attributes["gateway.upstream"] = upstream
         span = self._tracer.start_span(
             f"chat {model}" if model else "chat",
             trace.set_span_in_context(server_span, _NO_PARENT),

@@ -6,7 +6,10 @@ become `UpstreamError` (connection failure, 502) or `UpstreamStreamBroken` (mid-
 
 from __future__ import annotations
 
+import email.utils
+import time
 from collections.abc import Mapping
+from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -42,6 +45,26 @@ ANTHROPIC_VERSION = "2023-06-01"  # sent when the client names none
 _RETRY_HEADERS = ("Retry-After", "retry-after-ms", "x-should-retry")
 
 
+MAX_RETRY_AFTER_SECS = 3600.0  # an upstream's Retry-After is believed up to this (SPEC §13's skip)
+
+
+class Reply(Protocol):
+    """An upstream's answer as the proxy reads it: an `UpstreamReply`, or one translated
+    from another API (router.py's AnthropicAsChat)."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def is_json(self) -> bool: ...
+    @property
+    def at_eof(self) -> bool: ...
+    def retry_headers(self) -> dict[str, str]: ...
+    def retry_after(self) -> float | None: ...
+    async def read(self) -> bytes: ...
+    async def next_chunk(self) -> bytes: ...
+    def close(self) -> None: ...
+
+
 class UpstreamReply:
     """The upstream's answer once its headers have arrived."""
 
@@ -71,6 +94,28 @@ class UpstreamReply:
             ):
                 out[name] = value
         return out
+
+    def retry_after(self) -> float | None:
+        """Seconds the upstream asks to wait (`retry-after-ms`, else `Retry-After` as seconds
+        or an HTTP date), up to MAX_RETRY_AFTER_SECS; None when it names none."""
+        headers = self._response.headers
+        value = headers.get("retry-after-ms")
+        try:
+            if value is not None:
+                secs = float(value) / 1000
+            else:
+                value = headers.get("Retry-After")
+                if value is None:
+                    return None
+                if value.strip().isdigit():
+                    secs = float(value)
+                else:
+                    secs = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (ValueError, TypeError, OverflowError):
+            return None
+        if secs != secs:  # NaN
+            return None
+        return min(max(secs, 0.0), MAX_RETRY_AFTER_SECS)
 
     async def read(self) -> bytes:
         try:
@@ -134,12 +179,17 @@ class Upstream:
         self._verdicts: dict[str, str] = {}  # header name as spelled -> lower-case if it passes, else ""
 
     async def open(self) -> None:
+        self._open_session()
+
+    def _open_session(self) -> aiohttp.ClientSession:
         # No connection limit: MAX_CONCURRENCY is the one admission limit; keep-alive reuse.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
         # No cookie jar: a cookie the provider sets on one tenant's call (a load balancer's,
         # say) must never ride along on another tenant's calls.
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
+        session = aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
+        self._session = session
+        return session
 
     async def close(self) -> None:
         if self._session is not None:
@@ -192,11 +242,12 @@ class Upstream:
         return verdict
 
     async def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamReply:
-        assert self._session is not None, "Upstream.open() was not awaited"
+        # Opened with the app, or here on first use (the clients of routes a reload brought).
+        session = self._session if self._session is not None else self._open_session()
         try:
             # Never follow a redirect: it would carry the prompt (and on an origin change aiohttp
             # drops only Authorization, not x-api-key) to wherever the upstream points.
-            response = await self._session.post(self._url, data=body, headers=headers, allow_redirects=False)
+            response = await session.post(self._url, data=body, headers=headers, allow_redirects=False)
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
         return UpstreamReply(response)

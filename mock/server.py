@@ -26,6 +26,13 @@ The Responses API (POST /v1/responses), embeddings and GET /v1/models: see opena
 
 What it saw, for tests: GET /_mock/requests (headers and body of recent requests),
 GET /_mock/events (client disconnects), DELETE /_mock/requests (forget both).
+
+Faults of this instance, whatever the request's headers say (so a test can fail one upstream
+of several and watch traffic move): POST /_mock/fault with a JSON object — `status` (answer
+with it, in the route's error shape; `retry_after` adds that Retry-After), `latency_ms` (before
+answering), `drop` (true: close the connection without an answer), `die_after` (a stream's
+connection closes after N deltas), `count` (only the next N requests; then the fault is
+gone) — and DELETE /_mock/fault to heal. Faulted requests are recorded like any other.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from aiohttp import web
 DEFAULT_REPLY = "Hello! This is a mock response from the upstream."
 SEEN: web.AppKey[deque[dict[str, Any]]] = web.AppKey("seen", deque)
 EVENTS: web.AppKey[list[dict[str, Any]]] = web.AppKey("events", list)
+FAULT: web.AppKey[dict[str, Any]] = web.AppKey("fault", dict)
 
 
 def _knob(request: web.Request, header: str, env: str, default: str) -> str:
@@ -104,6 +112,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
         }
     )
 
+    injected = await _injected(request, openai_error)
+    if injected is not None:
+        return injected
     latency = int(_knob(request, "x-mock-latency-ms", "LATENCY_MS", "0")) / 1000
     if latency:
         await asyncio.sleep(latency)
@@ -139,7 +150,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         )
 
     chunk_delay = int(_knob(request, "x-mock-chunk-delay-ms", "CHUNK_DELAY_MS", "120")) / 1000
-    die_after = int(_header(request, "x-mock-die-after", "-1"))
+    die_after = request[DIE_AFTER] if DIE_AFTER in request else int(_header(request, "x-mock-die-after", "-1"))
     content_type = _header(request, "x-mock-stream-type", "text/event-stream")
     response = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache", **cookie})
     await response.prepare(request)
@@ -268,6 +279,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
             "path": request.path,
         }
     )
+    injected = await _injected(request, anthropic_error)
+    if injected is not None:
+        return injected
     latency = int(_knob(request, "x-mock-latency-ms", "LATENCY_MS", "0")) / 1000
     if latency:
         await asyncio.sleep(latency)
@@ -325,7 +339,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
             dumps=lambda value: _compact(value).decode(),
         )
     chunk_delay = int(_knob(request, "x-mock-chunk-delay-ms", "CHUNK_DELAY_MS", "120")) / 1000
-    die_after = int(_header(request, "x-mock-die-after", "-1") or "-1")
+    die_after = request[DIE_AFTER] if DIE_AFTER in request else int(_header(request, "x-mock-die-after", "-1") or "-1")
     error_after = int(_header(request, "x-mock-error-after", "-1") or "-1")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
@@ -414,6 +428,56 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return response
 
 
+DIE_AFTER: web.RequestKey[int] = web.RequestKey("die_after", int)
+
+
+def openai_error(status: int) -> dict[str, Any]:
+    return {"error": {"message": f"mock upstream error {status}", "type": "mock_error", "code": str(status)}}
+
+
+def anthropic_error(status: int) -> dict[str, Any]:
+    kind = ANTHROPIC_ERRORS.get(status, "overloaded_error" if status == 529 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": f"mock upstream error {status}"}}
+
+
+async def _injected(request: web.Request, error_body: Any) -> web.StreamResponse | None:
+    """This instance's fault (POST /_mock/fault) applied to a request: its answer, or None to
+    answer as usual (a `die_after` is left on the request for the stream to act on)."""
+    fault = request.app[FAULT]
+    if not fault:
+        return None
+    if "count" in fault:
+        fault["count"] -= 1
+        if fault["count"] <= 0:
+            fault = dict(fault)
+            request.app[FAULT].clear()  # this request is the last one it applies to
+    if fault.get("latency_ms"):
+        await asyncio.sleep(fault["latency_ms"] / 1000)
+    if fault.get("drop"):
+        assert request.transport is not None
+        request.transport.close()  # no status line, no body: a connection failure upstream
+        return web.Response()
+    if fault.get("die_after") is not None:
+        request[DIE_AFTER] = int(fault["die_after"])
+    status = fault.get("status")
+    if status:
+        headers = {"retry-after": str(fault["retry_after"])} if fault.get("retry_after") is not None else {}
+        return web.json_response(error_body(int(status)), status=int(status), headers=headers)
+    return None
+
+
+async def set_fault(request: web.Request) -> web.Response:
+    fault = await request.json()
+    request.app[FAULT].clear()
+    request.app[FAULT].update(fault)
+    return web.json_response(request.app[FAULT])
+
+
+async def heal(request: web.Request) -> web.Response:
+    request.app[FAULT].clear()
+    return web.Response(status=204)
+
+
 def _words(text: str) -> list[str]:
     """A text in the pieces a model streams: each word with the spaces after it."""
     return re.findall(r"\S+\s*|\s+", text) or [""]
@@ -438,12 +502,15 @@ def create_mock_app() -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[SEEN] = deque(maxlen=1000)
     app[EVENTS] = []
+    app[FAULT] = {}
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/messages", messages)
     openai_apis.add_routes(app, SEEN, EVENTS)
     app.router.add_get("/_mock/requests", seen)
     app.router.add_get("/_mock/events", events)
     app.router.add_delete("/_mock/requests", forget)
+    app.router.add_post("/_mock/fault", set_fault)
+    app.router.add_delete("/_mock/fault", heal)
     return app
 
 

@@ -35,7 +35,7 @@ scenario() {
   (cd "$WORK/$name" && exec env LISTEN_ADDR="127.0.0.1:$gw_port" OPENAI_BASE_URL="http://127.0.0.1:$mock_port" \
      OPENAI_API_KEY=sk-smoke $gw_env "${GATEWAY[@]}" >"$WORK/$name/gateway.log" 2>&1) & pids+=($!)
   wait_http "http://127.0.0.1:$gw_port/healthz"
-  if ! env HOST="http://127.0.0.1:$gw_port" $script_env "$ROOT/scripts/$script"; then
+  if ! env HOST="http://127.0.0.1:$gw_port" GATEWAY_PID="${pids[-1]}" $script_env "$ROOT/scripts/$script"; then
     echo "--- gateway output"; tail -20 "$WORK/$name/gateway.log"; return 1
   fi
   stop_all
@@ -55,4 +55,7 @@ scenario tenant-override "" "DEFAULT_QUOTA=100 TENANT_QUOTAS=tenantA=5,tenantB=8
 scenario ratelimit "" "RPS=5 BURST=10" smoke_test_ratelimit.sh ""
 scenario load-shed "LATENCY_MS=300" "MAX_CONCURRENCY=1 RPS=0" smoke_test_load_shed.sh ""
 scenario timeout "LATENCY_MS=5000" "TIMEOUT_SECS=2 RPS=0" smoke_test_timeout.sh "MAX_SECS=4"
+cp scripts/policies.example.cedar "$WORK/policies.cedar"; cp scripts/policy-entities.example.json "$WORK/entities.json"
+scenario policy-reload "" "RPS=0 POLICY_FILE=$WORK/policies.cedar POLICY_ENTITIES_FILE=$WORK/entities.json" \
+  smoke_test_policy_reload.sh "POLICY_FILE=$WORK/policies.cedar"
 echo "ALL SMOKE TESTS PASSED"

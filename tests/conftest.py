@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from gateway.config import Settings
 
 # What make_settings clears from the environment before setting a test's own variables.
-GATEWAY_VARIABLE_PREFIXES = ("OTEL_", "OPENAI_", "REDIS_", "TENANT_", "QUOTA_", "HASH_", "STREAM_", "TOKEN_")
+GATEWAY_VARIABLE_PREFIXES = ("OTEL_", "OPENAI_", "REDIS_", "TENANT_", "QUOTA_", "HASH_", "STREAM_", "TOKEN_", "POLICY_")
 GATEWAY_VARIABLES = frozenset(
     {
         "LISTEN_ADDR",
@@ -32,6 +32,9 @@ GATEWAY_VARIABLES = frozenset(
         "STORE_TIMEOUT_MS",
         "MODEL_LABEL_LIMIT",
         "NOTIFY_SOCKET",
+        "ROUTES_FILE",
+        "CB_FAILURES",
+        "CB_OPEN_SECS",
     }
 )
 

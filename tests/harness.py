@@ -115,7 +115,9 @@ class Process:
 
 
 def base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "OPENAI_", "REDIS_", "TENANT_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "OPENAI_", "REDIS_", "TENANT_", "POLICY_"))
+    }
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = str(ROOT)
     return env
@@ -143,6 +145,20 @@ class Mock:
     def forget(self) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
         conn.request("DELETE", "/_mock/requests")
+        conn.getresponse().read()
+        conn.close()
+
+    def fault(self, **fault: object) -> None:
+        """Fail this instance (mock/server.py's POST /_mock/fault: status, retry_after,
+        latency_ms, drop, die_after, count), whatever the requests' headers say."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+        conn.request("POST", "/_mock/fault", json.dumps(fault), {"Content-Type": "application/json"})
+        assert conn.getresponse().status == 200
+        conn.close()
+
+    def heal(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+        conn.request("DELETE", "/_mock/fault")
         conn.getresponse().read()
         conn.close()
 

@@ -54,6 +54,11 @@ ALL_VARS = [
     "TOKEN_WINDOW_SECS",
     "TENANT_TOKEN_QUOTAS",
     "TOKEN_RESERVE_DEFAULT",
+    "ROUTES_FILE",
+    "CB_FAILURES",
+    "CB_OPEN_SECS",
+    "POLICY_FILE",
+    "POLICY_ENTITIES_FILE",
 ]
 # What --check-config prints: every variable an operator sets (NOTIFY_SOCKET is systemd's).
 PRINTED = [name for name in ALL_VARS if name != "NOTIFY_SOCKET"]
@@ -111,6 +116,17 @@ def test_every_bad_variable_is_reported_at_once(monkeypatch: pytest.MonkeyPatch)
         load_settings()
     names = [line.split(":")[0] for line in caught.value.lines]
     assert names == ["OPENAI_BASE_URL", "QUOTA_FAIL_MODE", "RPS", "TENANT_QUOTAS"]
+
+
+def test_policy_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POLICY_ENTITIES_FILE", "/etc/gw/entities.json")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.lines == ["POLICY_ENTITIES_FILE: needs POLICY_FILE: entities alone decide nothing"]
+    monkeypatch.setenv("POLICY_FILE", "/etc/gw/policies.cedar")
+    s = load_settings()
+    assert (s.policy_file, s.policy_entities_file) == ("/etc/gw/policies.cedar", "/etc/gw/entities.json")
+    assert dict(s.describe())["POLICY_FILE"] == "/etc/gw/policies.cedar"
 
 
 def test_token_budget_settings(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -278,7 +278,7 @@ def test_the_side_check_finds_every_run_the_redactor_looks_in(text: str) -> None
 class _ExactOnly(StreamRelay):
     __slots__ = ()
 
-    def _templated(self, raw: bytes) -> bytes | None:
+    def _templated(self, blocks: bytes, at: int, stop: int, out: list[bytes], copied: int) -> int | None:
         return None  # every event parsed
 
 
@@ -336,11 +336,11 @@ def test_events_of_one_shape_take_the_fast_path() -> None:
     class Counting(StreamRelay):
         __slots__ = ()
 
-        def _templated(self, raw: bytes) -> bytes | None:
-            out = super()._templated(raw)
-            if out is not None:
-                seen.append(raw)
-            return out
+        def _templated(self, blocks: bytes, at: int, stop: int, out: list[bytes], copied: int) -> int | None:
+            spliced = super()._templated(blocks, at, stop, out, copied)
+            if spliced is not None:
+                seen.append(blocks[at:stop])
+            return spliced
 
     relay = Counting(REDACTOR, None)
     relay.feed(b"".join(delta_chunk({"content": f" word{i}"}, obfuscation="x" * (i % 5 + 1)) for i in range(10)))
@@ -407,3 +407,69 @@ def test_text_after_a_choices_end_cannot_complete_pii_with_what_was_flushed() ->
         DONE,
     )
     assert texts(wire) == "write jane.doe"
+
+
+def test_redaction_off_finds_usage_among_nulls_and_hides_only_the_asked_usage_chunk() -> None:
+    # With usage asked for, OpenAI puts "usage":null on every chunk; only the last chunk's
+    # usage is real. Redaction off, the relay must still find it (however it is spaced) and,
+    # when the gateway asked for it, leave out that one chunk and nothing else.
+    chunks = [delta_chunk({"content": f"w{i} "}, usage=None) for i in range(5)] + [
+        delta_chunk({}, finish="stop", usage=None)
+    ]
+    for spacing in (b'"usage":{', b'"usage" : {'):
+        usage = event({"id": "c1", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 5}})
+        usage = usage.replace(b'"usage":{', spacing)
+        wire = b"".join(chunks) + usage + DONE
+        for cut in (len(wire), 100, 7):
+            reads = [wire[i : i + cut] for i in range(0, len(wire), cut)]
+            shown, hidden = StreamRelay(None, None), StreamRelay(None, None, hide_usage=True)
+            assert b"".join(shown.feed(r) for r in reads) + shown.close() == wire
+            assert b"".join(hidden.feed(r) for r in reads) + hidden.close() == b"".join(chunks) + DONE
+            for relay in (shown, hidden):
+                assert relay.usage is not None and (relay.usage.prompt_tokens, relay.usage.completion_tokens) == (7, 5)
+                assert relay.done
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["text", "text_null_usage", "usage", "usage_spaced", "finish", "comment", "blank"]),
+        max_size=12,
+    ),
+    st.integers(min_value=1, max_value=64),
+    st.booleans(),
+)
+def test_redaction_off_notes_what_parsing_every_event_notes(kinds: list[str], cut: int, hide: bool) -> None:
+    # The redaction-off relay parses only the events that may hold a usage; what it notes,
+    # hides and sends is what parsing every event would give.
+    parts = {
+        "text": delta_chunk({"content": "usage "}),
+        "text_null_usage": delta_chunk({"content": '"usage":{'}, usage=None),
+        "usage": event({"id": "c1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}),
+        "usage_spaced": b'data: {"id": "c1", "choices": [], "usage" : {"prompt_tokens": 4, "completion_tokens": 1}}'
+        + b"\n\n",
+        "finish": delta_chunk({}, finish="stop", usage=None),
+        "comment": b": keep-alive\n\n",
+        "blank": b"\n\n",
+    }
+    wire = b"".join(parts[k] for k in kinds) + DONE
+    reads = [wire[i : i + cut] for i in range(0, len(wire), cut)]
+    relay = StreamRelay(None, None, hide_usage=hide)
+    out = b"".join(relay.feed(r) for r in reads) + relay.close()
+    noted = [json.loads(parts[k][6:])["usage"] for k in kinds if k.startswith("usage")]
+    if hide:  # the same events (blank lines between them may differ)
+        expected = b"".join(parts[k] for k in kinds if not k.startswith("usage")) + DONE
+        assert [e.raw.strip() for e in sse.SSEParser().feed(out)] == [
+            e.raw.strip() for e in sse.SSEParser().feed(expected)
+        ]
+    else:
+        assert out == wire
+    assert relay.done
+    if noted:
+        assert relay.usage is not None
+        assert (relay.usage.prompt_tokens, relay.usage.completion_tokens) == (
+            noted[-1]["prompt_tokens"],
+            noted[-1]["completion_tokens"],
+        )
+    else:
+        assert relay.usage is None

@@ -428,7 +428,7 @@ def test_fuzz_hostile_events_never_pass_pii_in_clear(reads: list[bytes]) -> None
 class _ExactOnly(StreamRelay):
     __slots__ = ()
 
-    def _templated(self, raw: bytes) -> bytes | None:
+    def _templated(self, blocks: bytes, at: int, stop: int, out: list[bytes], copied: int) -> int | None:
         return None
 
 
@@ -449,11 +449,11 @@ def test_deltas_of_one_shape_take_the_fast_path_and_their_numbers_are_noted() ->
     class Counting(StreamRelay):
         __slots__ = ()
 
-        def _templated(self, raw: bytes) -> bytes | None:
-            out = super()._templated(raw)
-            if out is not None:
-                seen.append(raw)
-            return out
+        def _templated(self, blocks: bytes, at: int, stop: int, out: list[bytes], copied: int) -> int | None:
+            spliced = super()._templated(blocks, at, stop, out, copied)
+            if spliced is not None:
+                seen.append(blocks[at:stop])
+            return spliced
 
     words = [" lorem", " ipsum", " dolor", " sit", " amet", " consectetur", " adipiscing", " elit", " sed", " do"]
     r = Counting(REDACTOR, None, RESPONSES)

@@ -38,6 +38,7 @@ FAMILIES = {
     "cb_events",
     "ratelimit_block",
     "tokens",
+    "config_reloads",
     "request_duration_seconds",
     "upstream_ttfb_seconds",
 }

@@ -1,0 +1,274 @@
+"""Cedar policies (SPEC §15): POLICY_FILE and POLICY_ENTITIES_FILE, parsed once per load, and
+the decisions they make, cached.
+
+The only module that touches cedarpy. A load parses the policies into a `cedarpy.PolicySet` and
+the entities into a `cedarpy.Entities` once: cedarpy re-parses text on every call otherwise.
+A request is handed to Cedar as structured data (entity uids as `{"type", "id"}`, the context
+as a dict), never spliced into policy text, so no tenant or model name can change what a
+policy says. A decision is a pure function of (principal, action, model, context) under one
+load, so it is kept in a bounded LRU table that lives and dies with its `Policies` object: a
+reload builds a new one, and with it an empty table.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import cedarpy
+import orjson
+
+from .budgets import MAX_TOKENS_FIELDS
+from .config import ConfigError
+from .models import Tenant
+
+# SPEC §15's actions: one per route, named as the route is.
+ACTIONS = ("chat", "messages", "responses", "embeddings", "models")
+ANY_MODEL = "*"  # the resource of a request that names no model (GET /v1/models)
+DEFAULT_UPSTREAM = "default"  # context.upstream without ROUTES_FILE
+LONG_MAX = 2**63 - 1  # Cedar's Long is 64-bit
+NO_PERMIT = "no policy permits this request"
+CACHE_ENTRIES = 4096
+MAX_CACHED_ID = 256  # a longer model name is decided every time: it would crowd the table
+_EVALUATION_ERROR = re.compile(r"policy `([^`]+)`")
+log = logging.getLogger("gateway")
+
+
+class Context(NamedTuple):
+    """A request's Cedar context (a tuple: part of the cache key, hashed per request)."""
+
+    stream: bool
+    max_tokens: int
+    has_tools: bool
+    upstream: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    denied_by: tuple[str, ...] = ()  # the @id (else the Cedar id) of each forbid that applied
+
+    @property
+    def message(self) -> str:
+        if not self.denied_by:
+            return NO_PERMIT
+        return ("denied by policy " if len(self.denied_by) == 1 else "denied by policies ") + ", ".join(self.denied_by)
+
+
+ALLOW = Verdict(True)
+
+
+def request_context(payload: Mapping[str, Any] | None, upstream: str) -> Context:
+    """SPEC §15's context from the parsed body (None: a request without one)."""
+    if payload is None:
+        return Context(False, 0, False, upstream)
+    return Context(
+        payload.get("stream") is True,  # as the proxy decides whether to stream
+        max_tokens(payload),
+        bool(payload.get("tools")) or bool(payload.get("functions")),
+        upstream,
+    )
+
+
+def max_tokens(payload: Mapping[str, Any]) -> int:
+    """The first present of max_tokens, max_completion_tokens, max_output_tokens; 0 with none.
+    A value that is no count (a string, -1, 1.5) is taken as the most it could mean, so a
+    policy's `context.max_tokens <= 1000` cannot be slipped past by a lenient upstream."""
+    for name in MAX_TOKENS_FIELDS:
+        value = payload.get(name)
+        if value is None:  # absent, or null as some clients send "not set"
+            continue
+        return min(value, LONG_MAX) if type(value) is int and value >= 0 else LONG_MAX
+    return 0
+
+
+def principal_of(tenant: Tenant, keyed: bool) -> str:
+    """The tenant's name in keyed mode; in open mode its public id (the key, or with
+    HASH_IDENTIFIERS its hash: policy files then name no key)."""
+    return tenant.name if keyed else tenant.public_id
+
+
+class Policies:
+    """One load of the policy files, and the decisions made under it."""
+
+    __slots__ = ("_cache", "_cache_size", "_entities", "_failing", "_labels", "_policies")
+
+    def __init__(
+        self,
+        policies: cedarpy.PolicySet,
+        entities: cedarpy.Entities,
+        labels: Mapping[str, str],
+        cache_size: int = CACHE_ENTRIES,
+    ) -> None:
+        self._policies = policies
+        self._entities = entities
+        self._labels = labels  # Cedar's policy id -> what a denial names it by
+        self._cache: OrderedDict[tuple[str, str, str, Context], Verdict] = OrderedDict()
+        self._cache_size = cache_size
+        self._failing: set[str] = set()  # policies whose evaluation errors were logged
+
+    def decide(self, principal: str, action: str, model: str, context: Context) -> Verdict:
+        key = (principal, action, model, context)
+        cache = self._cache
+        verdict = cache.get(key)
+        if verdict is not None:
+            cache.move_to_end(key)
+            return verdict
+        verdict = self.evaluate(principal, action, model, context)
+        if self._cache_size and len(model) <= MAX_CACHED_ID and len(principal) <= MAX_CACHED_ID:
+            cache[key] = verdict
+            if len(cache) > self._cache_size:
+                cache.popitem(last=False)
+        return verdict
+
+    def evaluate(self, principal: str, action: str, model: str, context: Context) -> Verdict:
+        """Cedar's decision, uncached."""
+        request = {
+            "principal": {"type": "Tenant", "id": principal},
+            "action": {"type": "Action", "id": action},
+            "resource": {"type": "Model", "id": model},
+            "context": context._asdict(),
+        }
+        result = cedarpy.is_authorized(request, self._policies, self._entities)
+        diagnostics = result.diagnostics
+        if diagnostics.errors:
+            self._note_errors(diagnostics.errors)
+        if result.allowed:
+            return ALLOW
+        labels = self._labels
+        return Verdict(False, tuple(sorted({labels.get(reason, reason) for reason in diagnostics.reasons})))
+
+    def _note_errors(self, errors: list[str]) -> None:
+        """Cedar skips a policy whose evaluation fails (reading an attribute a tenant lacks,
+        say): said once per policy and load, without the request's names (a key, in open mode)."""
+        for error in errors:
+            match = _EVALUATION_ERROR.search(error)
+            policy = match.group(1) if match else "?"
+            if policy not in self._failing:
+                self._failing.add(policy)
+                log.warning(
+                    "policy %s could not be evaluated for a request and was skipped (guard attribute reads with `has`)",
+                    self._labels.get(policy, policy),
+                )
+
+    @property
+    def cached(self) -> int:
+        """How many decisions are kept."""
+        return len(self._cache)
+
+
+# --- loading: every problem is one ConfigError line naming the variable and the file ---
+
+
+def load(policy_file: str, entities_file: str | None = None, cache_size: int = CACHE_ENTRIES) -> Policies:
+    """Parse POLICY_FILE (Cedar) and POLICY_ENTITIES_FILE (Cedar entities JSON). Raises ConfigError."""
+    text = _read("POLICY_FILE", policy_file)
+    try:
+        policy_set = cedarpy.PolicySet.from_str(text)
+        est = orjson.loads(cedarpy.policies_to_json_str(text))
+    except ValueError as exc:
+        raise _bad("POLICY_FILE", policy_file, str(exc)) from None
+    if not len(policy_set):
+        raise _bad("POLICY_FILE", policy_file, "no policy in it (Cedar would deny every request)")
+    entities, entity_actions = _entities(entities_file)
+    unknown = sorted(set(_actions_named(est)) - set(ACTIONS) - entity_actions)
+    if unknown:
+        raise _bad(
+            "POLICY_FILE",
+            policy_file,
+            f'Action::"{unknown[0]}" is no route\'s action (they are: {", ".join(ACTIONS)})',
+        )
+    labels = {
+        policy_id: (body.get("annotations") or {}).get("id") or policy_id
+        for policy_id, body in est.get("staticPolicies", {}).items()
+    }
+    return Policies(policy_set, entities, labels, cache_size)
+
+
+def _entities(path: str | None) -> tuple[cedarpy.Entities, set[str]]:
+    """The parsed entities, and the ids of the Action entities among them (action groups)."""
+    if path is None:
+        return cedarpy.Entities.from_json_str("[]"), set()
+    text = _read("POLICY_ENTITIES_FILE", path)
+    try:
+        listed = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise _bad("POLICY_ENTITIES_FILE", path, f"not JSON: {exc.msg} (line {exc.lineno})") from None
+    if type(listed) is not list:
+        raise _bad("POLICY_ENTITIES_FILE", path, "expected a JSON array of entities")
+    for number, entry in enumerate(listed, start=1):
+        problem = _entity_problem(entry)
+        if problem:
+            raise _bad("POLICY_ENTITIES_FILE", path, f"entity {number}: {problem}")
+    try:
+        entities = cedarpy.Entities.from_json_str(text)
+    except ValueError as exc:
+        raise _bad("POLICY_ENTITIES_FILE", path, f"{_which_entity(listed)}{exc}") from None
+    actions = {uid["id"] for uid in (_uid(entry) for entry in listed) if uid.get("type") == "Action"}
+    return entities, actions
+
+
+def _entity_problem(entry: object) -> str:
+    if type(entry) is not dict:
+        return "not a JSON object"
+    uid = _uid(entry)
+    if type(uid.get("type")) is not str or type(uid.get("id")) is not str:
+        return 'needs "uid": {"type": "...", "id": "..."}'
+    if type(entry.get("attrs")) is not dict:
+        return 'needs "attrs": an object ({} for none)'
+    if type(entry.get("parents")) is not list:
+        return 'needs "parents": an array ([] for none)'
+    return ""
+
+
+def _uid(entry: dict[str, Any]) -> dict[str, Any]:
+    uid = entry.get("uid")
+    if type(uid) is dict and type(uid.get("__entity")) is dict:  # Cedar's escaped form
+        uid = uid["__entity"]
+    return uid if type(uid) is dict else {}
+
+
+def _which_entity(listed: list[Any]) -> str:
+    """The first entity Cedar refuses on its own (its messages name none); "" when only the
+    whole list fails (an entity listed twice: Cedar's message names it)."""
+    for number, entry in enumerate(listed, start=1):
+        try:
+            cedarpy.Entities.from_json_str(orjson.dumps([entry]).decode())
+        except ValueError:
+            return f"entity {number}: "
+    return ""
+
+
+def _actions_named(node: object) -> Iterator[str]:
+    """Every `Action::"…"` in a policy set's JSON form: scopes, and literals in conditions."""
+    if type(node) is dict:
+        if node.get("type") == "Action" and type(node.get("id")) is str:
+            yield node["id"]
+        for value in node.values():
+            yield from _actions_named(value)
+    elif type(node) is list:
+        for value in node:
+            yield from _actions_named(value)
+
+
+def _read(variable: str, path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{variable}: cannot read {_shown(path)}: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise _bad(variable, path, "not UTF-8 text") from None
+
+
+def _bad(variable: str, path: str, problem: str) -> ConfigError:
+    return ConfigError([f"{variable}: {_shown(path)}: {' '.join(problem.split())}"])
+
+
+def _shown(path: str) -> str:
+    # A control character in a path is shown escaped, never printed as a second line.
+    return path if path.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)

@@ -1,0 +1,313 @@
+"""ROUTES_FILE at run time (SPEC §13): a request's upstreams in order, each attempt's share of
+the deadline and its breaker's permit, and the adapter that reads an Anthropic answer as chat.
+
+`router_for(request)` is the one place the request path finds the routes (None without
+ROUTES_FILE): the router of the configuration snapshot the request runs under (reload.py), so
+a SIGHUP swaps what later requests get. A `Router` holds one client per named upstream and
+shares the process's breakers, which outlive it; a router a reload replaced is closed once
+the last request that runs under it has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from . import translate
+from .breaker import Breaker, Breakers, Permit
+from .errors import ModelNotFound
+from .keys import CONFIG, LIVE_CONFIG
+from .routing import Kind, RouteTable
+from .surfaces import CHAT_API, MESSAGES_API, Api
+from .upstream import Reply, Upstream
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+ROUTED_APIS = frozenset({CHAT_API.name, MESSAGES_API.name})  # what ROUTES_FILE routes (SPEC §13)
+MIN_ATTEMPT_SECS = 1.0  # SPEC §13: an attempt's share of TIMEOUT_SECS is never less
+# Anthropic events with no chat form (thinking, pings) still show the upstream alive: past this
+# long without a chat event, one SSE comment goes out, so STREAM_IDLE_SECS never cuts a model
+# that is thinking (SSE clients, the openai SDK among them, skip comments).
+KEEP_ALIVE_SECS = 15.0
+_KEEP_ALIVE = b": keep-alive\n\n"
+
+
+def router_for(request: web.Request) -> Router | None:
+    """The routes this request runs under; None: no ROUTES_FILE, the single upstreams serve."""
+    config = request.get(CONFIG)  # set by the tenancy step on admitted routes
+    if config is None:
+        config = request.app[LIVE_CONFIG].current
+    return config.router
+
+
+def is_fallback_status(status: int) -> bool:
+    """An answer that sends the request on to the next upstream: 429 or any 5xx (529 too)."""
+    return status == 429 or status >= 500
+
+
+@dataclass(frozen=True, slots=True)
+class Leg:
+    """One upstream of a route, as a request is sent to it."""
+
+    name: str
+    kind: Kind
+    model: str | None  # sent instead of the client's
+    client: Upstream
+    translated: bool  # a chat request to an Anthropic upstream
+
+
+class Router:
+    __slots__ = (
+        "_active",
+        "_closed",
+        "_closing",
+        "_connect_timeout",
+        "_legs",
+        "_organization",
+        "_project",
+        "_retired",
+        "breakers",
+        "clients",
+        "table",
+    )
+
+    def __init__(
+        self,
+        table: RouteTable,
+        breakers: Breakers,
+        connect_timeout: float,
+        *,
+        organization: str | None = None,
+        project: str | None = None,
+    ) -> None:
+        self.table = table
+        self.breakers = breakers
+        self._active = 0  # requests running under this router
+        self._retired = False  # a reload replaced it: closed when the last of them ends
+        self._closing: asyncio.Task[None] | None = None
+        self._closed = False
+        self._connect_timeout = connect_timeout
+        self._organization, self._project = organization, project
+        # The operator's OpenAI organization and project go with the OpenAI key: to the
+        # upstreams that are sent OPENAI_API_KEY.
+        self.clients = {
+            name: Upstream(
+                upstream.url,
+                upstream.api_key,
+                connect_timeout,
+                anthropic=upstream.kind == "anthropic",
+                organization=organization if upstream.api_key_env == "OPENAI_API_KEY" else None,
+                project=project if upstream.api_key_env == "OPENAI_API_KEY" else None,
+            )
+            for name, upstream in table.upstreams.items()
+        }
+        # Per route, what each API sends where: /v1/messages only to Anthropic upstreams.
+        self._legs: dict[tuple[str, int], tuple[Leg, ...]] = {}
+        for route in table.routes:
+            for api in (CHAT_API, MESSAGES_API):
+                legs = tuple(
+                    Leg(
+                        t.upstream.name,
+                        t.upstream.kind,
+                        t.model,
+                        self.clients[t.upstream.name],
+                        api is CHAT_API and t.upstream.kind == "anthropic",
+                    )
+                    for t in route.targets
+                    if api is CHAT_API or t.upstream.kind == "anthropic"
+                )
+                self._legs[(api.name, id(route))] = legs
+
+    def reloaded(self, table: RouteTable) -> Router:
+        """A router for a new ROUTES_FILE (SIGHUP): the same breakers, so an upstream that keeps
+        its name keeps its state. Its clients are opened (`open`) before it serves; this one is
+        closed once the requests that run under it have ended."""
+        return Router(
+            table, self.breakers, self._connect_timeout, organization=self._organization, project=self._project
+        )
+
+    async def open(self) -> None:
+        for client in self.clients.values():
+            await client.open()
+
+    def enter(self) -> None:
+        self._active += 1
+
+    def leave(self) -> None:
+        self._active -= 1
+        if self._retired and not self._active:
+            self._close_soon()
+
+    def retire(self) -> None:
+        """A reload replaced this router: its clients close once no request uses them."""
+        self._retired = True
+        if not self._active:
+            self._close_soon()
+
+    def _close_soon(self) -> None:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self.close())
+
+    async def close(self) -> None:
+        self._closed = True
+        for client in self.clients.values():
+            await client.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def legs(self, api: Api, model: str) -> tuple[Leg, ...]:
+        """The model's upstreams in order, for this API; 404 model_not_found when none."""
+        route = self.table.lookup(model)
+        if route is None:
+            raise ModelNotFound(model)
+        legs = self._legs[(api.name, id(route))]
+        if not legs:
+            raise ModelNotFound(model, "is routed only to OpenAI-compatible upstreams, which do not serve /v1/messages")
+        return legs
+
+    def attempts(self, legs: tuple[Leg, ...], total_secs: float) -> Attempts:
+        return Attempts(legs, self.breakers, total_secs)
+
+
+def body_for(leg: Leg, payload: dict[str, Any], body: bytes) -> bytes:
+    """What goes to this leg: the request as is, under its model name, or as a Messages request."""
+    if leg.translated:
+        return orjson.dumps(translate.chat_request(payload, leg.model or payload["model"]))
+    if leg.model is None or leg.model == payload["model"]:
+        return body
+    return orjson.dumps({**payload, "model": leg.model})
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    leg: Leg
+    permit: Permit
+    breaker: Breaker
+    secs: float  # its share of the deadline
+
+
+class Attempts:
+    """A request's way through its upstreams: skips those whose breaker refuses, gives each the
+    time left divided by the attempts left (at least MIN_ATTEMPT_SECS), and reports outcomes."""
+
+    __slots__ = ("_at", "_breakers", "_deadline", "_legs", "_skipped", "tried")
+
+    def __init__(self, legs: tuple[Leg, ...], breakers: Breakers, total_secs: float) -> None:
+        self._legs = legs
+        self._breakers = breakers
+        self._deadline = breakers.now() + total_secs
+        self._at = 0
+        self._skipped: list[Breaker] = []
+        self.tried = 0
+
+    def next(self) -> Attempt | None:
+        breakers, legs = self._breakers, self._legs
+        now = breakers.now()
+        while self._at < len(legs):
+            leg = legs[self._at]
+            self._at += 1
+            breaker = breakers[leg.name]
+            if not breaker.available(now):
+                self._skipped.append(breaker)
+                continue
+            left = 1 + sum(1 for later in legs[self._at :] if breakers[later.name].available(now))
+            secs = max(MIN_ATTEMPT_SECS, (self._deadline - now) / left)
+            permit = breaker.acquire(now, secs)
+            if permit is None:  # the same upstream twice in a list, its one trial just taken
+                self._skipped.append(breaker)
+                continue
+            self.tried += 1
+            return Attempt(leg, permit, breaker, secs)
+        return None
+
+    def answered(self, attempt: Attempt) -> None:
+        attempt.breaker.success(attempt.permit)
+
+    def failed(self, attempt: Attempt, retry_after: float | None = None) -> None:
+        """A failure before the first byte; with `retry_after` (429, 503, 529 that said when to
+        come back) the upstream is skipped that long instead, no failure counted."""
+        if retry_after is not None:
+            attempt.breaker.skip(attempt.permit, self._breakers.now(), retry_after)
+        else:
+            attempt.breaker.failure(attempt.permit, self._breakers.now())
+
+    def abandoned(self, attempt: Attempt) -> None:
+        """The request ended before its outcome was known (the client left)."""
+        attempt.breaker.release(attempt.permit)
+
+    def retry_after(self) -> str:
+        """Whole seconds until a skipped upstream may be tried again (for the 503)."""
+        now = self._breakers.now()
+        soonest = min((b.ready_at(now) for b in self._skipped), default=now + 1)
+        return str(max(1, math.ceil(soonest - now)))
+
+
+class AnthropicAsChat:
+    """An Anthropic answer read as a chat completion's (`Reply`): errors OpenAI-shaped, a
+    Message as a completion, events as chunks. The proxy relays it as it would an OpenAI
+    upstream's, redaction included."""
+
+    __slots__ = ("_created", "_include_usage", "_last_out", "_reply", "_stream")
+
+    def __init__(self, reply: Reply, include_usage: bool) -> None:
+        self._reply = reply
+        self._include_usage = include_usage
+        self._created = int(time.time())
+        self._stream = translate.ChatStream(include_usage, self._created)
+        self._last_out = time.monotonic()
+
+    @property
+    def status(self) -> int:
+        return self._reply.status
+
+    @property
+    def is_json(self) -> bool:
+        return self._reply.is_json
+
+    @property
+    def at_eof(self) -> bool:
+        return self._reply.at_eof
+
+    def retry_headers(self) -> dict[str, str]:
+        return self._reply.retry_headers()
+
+    def retry_after(self) -> float | None:
+        return self._reply.retry_after()
+
+    async def read(self) -> bytes:
+        data = await self._reply.read()
+        return translate.whole_reply(self.status, data, self._include_usage, self._created)
+
+    async def next_chunk(self) -> bytes:
+        """The next chat events, b"" at the end: Anthropic events without a chat form (a ping,
+        thinking) are read past, so an empty answer always means the end."""
+        stream = self._stream
+        while True:
+            data = await self._reply.next_chunk()
+            if not data:
+                return stream.close()
+            out = stream.feed(data)
+            now = time.monotonic()
+            if out:
+                self._last_out = now
+                return out
+            if now - self._last_out >= KEEP_ALIVE_SECS:
+                self._last_out = now
+                return _KEEP_ALIVE
+
+    def close(self) -> None:
+        self._reply.close()
+
+
+def include_usage(payload: Mapping[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True

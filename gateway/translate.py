@@ -1,0 +1,435 @@
+"""OpenAI Chat Completions ⇄ Anthropic Messages (SPEC §13), as pure functions of values.
+
+`chat_request`: a chat request → a Messages request. `chat_reply`: a Message → a chat
+completion. `ChatStream`: Anthropic's event stream, fed as bytes in any split → chat
+completion chunks as SSE bytes (what an OpenAI upstream would have sent: the gateway's chat
+relay redacts them like any other). `chat_error`: Anthropic's error body → OpenAI's.
+
+What a chat request says that Messages cannot (n > 1, logit_bias, response_format, seed,
+audio, …) is left out; a message the Messages API has no form for (an audio or file part,
+a legacy `function` role, tool-call arguments that are not a JSON object) is a 400.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from . import sse
+from .errors import BadRequest, UpstreamError
+from .relay import loads_reply
+
+DEFAULT_MAX_TOKENS = 4096  # Messages requires max_tokens; chat requests may leave it out
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+_DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def finish_reason(stop_reason: object) -> str | None:
+    if stop_reason is None:
+        return None
+    return FINISH_REASONS.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
+
+
+# --- request --------------------------------------------------------------------------
+
+
+def chat_request(payload: Mapping[str, Any], model: str) -> dict[str, Any]:
+    """The Messages request for this (already redacted) chat request, for `model`."""
+    system: list[dict[str, Any]] = []
+    messages: list[dict[str, Any]] = []
+    raw = payload.get("messages")
+    for position, message in enumerate(raw if isinstance(raw, list) else ()):
+        where = f"messages[{position}]"
+        if not isinstance(message, dict):
+            raise BadRequest(f"{where} is not an object")
+        role = message.get("role")
+        content = message.get("content")
+        if role in ("system", "developer"):
+            system += _text_blocks(content, where)
+        elif role == "user":
+            _append(messages, "user", _user_blocks(content, where))
+        elif role == "assistant":
+            _append(messages, "assistant", _assistant_blocks(message, where))
+        elif role == "tool":
+            _append(messages, "user", [_tool_result(message, where)])
+        else:
+            raise BadRequest(f"{where}.role {str(role)[:32]!r} has no form in an anthropic upstream's Messages API")
+    out: dict[str, Any] = {
+        "model": model,
+        "max_tokens": _max_tokens(payload),
+        "messages": [_compact(m) for m in messages],
+    }
+    if system:
+        out["system"] = system[0]["text"] if len(system) == 1 else system
+    stop = payload.get("stop")
+    if isinstance(stop, str):
+        out["stop_sequences"] = [stop]
+    elif isinstance(stop, list) and stop:
+        out["stop_sequences"] = stop
+    for name in ("temperature", "top_p"):
+        if payload.get(name) is not None:
+            out[name] = payload[name]
+    if payload.get("stream") is True:
+        out["stream"] = True
+    if isinstance(payload.get("user"), str):
+        out["metadata"] = {"user_id": payload["user"]}
+    tools = payload.get("tools")
+    if isinstance(tools, list) and tools:
+        out["tools"] = [_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
+    choice = _tool_choice(payload.get("tool_choice"))
+    if payload.get("parallel_tool_calls") is False and out.get("tools"):
+        choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
+    if choice is not None and (out.get("tools") or choice["type"] == "none"):
+        out["tool_choice"] = choice
+    return out
+
+
+def _max_tokens(payload: Mapping[str, Any]) -> object:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = payload.get(name)
+        if value is not None:
+            return value  # not a count: the upstream says so
+    return DEFAULT_MAX_TOKENS
+
+
+def _append(messages: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
+    """Consecutive messages of one role become one (tool results and the user's next words
+    are one user turn in the Messages API); a message with nothing in it is left out."""
+    if not blocks:
+        return
+    if messages and messages[-1]["role"] == role:
+        messages[-1]["content"] += blocks
+    else:
+        messages.append({"role": role, "content": blocks})
+
+
+def _compact(message: dict[str, Any]) -> dict[str, Any]:
+    content = message["content"]
+    if len(content) == 1 and content[0]["type"] == "text":
+        return {"role": message["role"], "content": content[0]["text"]}
+    return message
+
+
+def _text_blocks(content: object, where: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if content is None:
+        return []
+    if not isinstance(content, list):
+        raise BadRequest(f"{where}.content must be a string or an array of parts")
+    blocks = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") in ("text", "refusal"):
+            text = part.get(part["type"])
+            if isinstance(text, str) and text:
+                blocks.append({"type": "text", "text": text})
+        else:
+            raise BadRequest(f"{where}.content: only text parts can be sent here to an anthropic upstream")
+    return blocks
+
+
+def _user_blocks(content: object, where: str) -> list[dict[str, Any]]:
+    if not isinstance(content, list):
+        return _text_blocks(content, where)
+    blocks = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image_url":
+            blocks.append(_image(part.get("image_url"), where))
+        else:
+            blocks += _text_blocks([part], where)
+    return blocks
+
+
+def _image(image: object, where: str) -> dict[str, Any]:
+    url = image.get("url") if isinstance(image, dict) else image
+    if not isinstance(url, str):
+        raise BadRequest(f"{where}: an image_url part without a url")
+    if url.startswith("data:"):
+        header, comma, data = url[5:].partition(",")
+        media_type, _, encoding = header.partition(";")
+        if not comma or encoding != "base64" or not media_type:
+            raise BadRequest(f"{where}: an image data URL must be data:<media type>;base64,<data>")
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def _assistant_blocks(message: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
+    blocks = _text_blocks(message.get("content"), where)
+    if isinstance(message.get("refusal"), str) and message["refusal"]:
+        blocks.append({"type": "text", "text": message["refusal"]})
+    calls = message.get("tool_calls")
+    for number, call in enumerate(calls if isinstance(calls, list) else ()):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(call.get("id"), str):
+            raise BadRequest(f"{where}.tool_calls[{number}] needs an id and a function")
+        arguments = function.get("arguments") or "{}"
+        try:
+            tool_input = orjson.loads(arguments) if isinstance(arguments, str) else None
+        except orjson.JSONDecodeError:
+            tool_input = None
+        if not isinstance(tool_input, dict):
+            raise BadRequest(f"{where}.tool_calls[{number}].function.arguments must be a JSON object")
+        blocks.append({"type": "tool_use", "id": call["id"], "name": function.get("name"), "input": tool_input})
+    return blocks
+
+
+def _tool_result(message: Mapping[str, Any], where: str) -> dict[str, Any]:
+    call_id = message.get("tool_call_id")
+    if not isinstance(call_id, str):
+        raise BadRequest(f"{where}: a tool message needs its tool_call_id")
+    content = message.get("content")
+    result: dict[str, Any] = {"type": "tool_result", "tool_use_id": call_id}
+    if isinstance(content, str):
+        result["content"] = content
+    else:
+        result["content"] = _text_blocks(content, where)
+    return result
+
+
+def _tool(tool: object, where: str) -> dict[str, Any]:
+    function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise BadRequest(f"{where}: only function tools (with a name) can be sent to an anthropic upstream")
+    out: dict[str, Any] = {
+        "name": function["name"],
+        "input_schema": function.get("parameters") or {"type": "object", "properties": {}},
+    }
+    if isinstance(function.get("description"), str):
+        out["description"] = function["description"]
+    return out
+
+
+def _tool_choice(choice: object) -> dict[str, Any] | None:
+    if choice is None:
+        return None
+    if choice == "auto":
+        return {"type": "auto"}
+    if choice == "none":
+        return {"type": "none"}
+    if choice == "required":
+        return {"type": "any"}
+    function = choice.get("function") if isinstance(choice, dict) else None
+    if isinstance(function, dict) and isinstance(function.get("name"), str):
+        return {"type": "tool", "name": function["name"]}
+    raise BadRequest("tool_choice must be auto, none, required or a named function")
+
+
+# --- reply ----------------------------------------------------------------------------
+
+
+def chat_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
+    """Anthropic's counts as OpenAI's: the prompt includes the cache's reads and writes."""
+    counts = {k: v for k, v in usage.items() if type(v) is int and v >= 0}
+    cached = counts.get("cache_read_input_tokens", 0)
+    prompt = counts.get("input_tokens", 0) + cached + counts.get("cache_creation_input_tokens", 0)
+    completion = counts.get("output_tokens", 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def chat_reply(message: Mapping[str, Any], created: int) -> dict[str, Any]:
+    """A Message (the non-stream reply) as a chat completion."""
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    content = message.get("content")
+    for block in content if isinstance(content, list) else ():
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif block.get("type") == "tool_use":
+            arguments = orjson.dumps(block.get("input") if block.get("input") is not None else {}).decode()
+            calls.append(
+                {
+                    "id": block.get("id"),
+                    "type": "function",
+                    "function": {"name": block.get("name"), "arguments": arguments},
+                }
+            )
+    answer: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None, "refusal": None}
+    if calls:
+        answer["tool_calls"] = calls
+    usage = message.get("usage")
+    return {
+        "id": message.get("id"),
+        "object": "chat.completion",
+        "created": created,
+        "model": message.get("model"),
+        "choices": [
+            {
+                "index": 0,
+                "message": answer,
+                "logprobs": None,
+                "finish_reason": finish_reason(message.get("stop_reason")) or "stop",
+            }
+        ],
+        "usage": chat_usage(usage if isinstance(usage, dict) else {}),
+    }
+
+
+def chat_error(data: bytes) -> bytes:
+    """Anthropic's `{"type":"error","error":{"type","message"}}` as OpenAI's error body; any
+    other body as it came."""
+    try:
+        body = loads_reply(data)
+    except (ValueError, RecursionError):
+        return data
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return data
+    return _error_body(error)
+
+
+def _error_body(error: Mapping[str, Any]) -> bytes:
+    kind = error.get("type") if isinstance(error.get("type"), str) else "api_error"
+    message = error.get("message") if isinstance(error.get("message"), str) else "upstream error"
+    return orjson.dumps({"error": {"message": message, "type": kind, "code": kind}})
+
+
+def whole_reply(status: int, data: bytes, include_usage: bool, created: int) -> bytes:
+    """A whole Anthropic answer as chat's: an error, a Message, or a stream read to its end
+    (an upstream that streams whatever was asked); anything else as it came."""
+    if status >= 300:
+        return chat_error(data)
+    try:
+        body = loads_reply(data)
+    except (ValueError, RecursionError):
+        stream = ChatStream(include_usage, created)
+        return stream.feed(data) + stream.close()
+    return orjson.dumps(chat_reply(body, created)) if isinstance(body, dict) else data
+
+
+# --- stream ---------------------------------------------------------------------------
+
+
+class ChatStream:
+    """Anthropic's events in, chat.completion.chunk events out (SSE bytes, [DONE] last).
+
+    A text_delta is a `content` delta, a tool_use block a tool call (its input_json_delta
+    pieces the call's `arguments`), message_delta's stop reason the finish reason, and with
+    `include_usage` message_stop brings the usage chunk (`choices: []`) before [DONE].
+    Thinking, signatures and pings have no chat form and are left out. Anthropic's `error`
+    event becomes chat's in-stream error event, and ends the stream."""
+
+    __slots__ = ("_base", "_counts", "_created", "_include_usage", "_parser", "_tools", "done")
+
+    def __init__(self, include_usage: bool, created: int) -> None:
+        self._include_usage = include_usage
+        self._created = created
+        self._parser = sse.SSEParser()
+        self._base: dict[str, Any] = {"id": "", "object": "chat.completion.chunk", "created": created, "model": ""}
+        self._tools: dict[int, int] = {}  # content block index -> tool call index
+        self._counts: dict[str, int] = {}
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        try:
+            blocks = self._parser.complete(data)
+        except sse.EventTooLarge as exc:
+            raise UpstreamError(f"upstream sent an event larger than {exc.limit} bytes") from None
+        return self._translated(sse.parse_blocks(blocks)) if blocks else b""
+
+    def close(self) -> bytes:
+        return self._translated(self._parser.close())
+
+    def _translated(self, events: list[sse.Event]) -> bytes:
+        out: list[bytes] = []
+        for event in events:
+            if self.done or event.data is None:
+                continue
+            try:
+                value = loads_reply(event.data)
+            except (ValueError, RecursionError):
+                value = None
+            if not isinstance(value, dict):
+                raise UpstreamError("upstream sent an event that is not a JSON object")
+            for chunk in self.chunks(value):
+                out.append(chunk if isinstance(chunk, bytes) else b"data: " + orjson.dumps(chunk) + b"\n\n")
+        return b"".join(out)
+
+    def chunks(self, event: Mapping[str, Any]) -> list[dict[str, Any] | bytes]:
+        """The chat chunks (or raw events: [DONE]) one Anthropic event becomes."""
+        kind = event.get("type")
+        if kind == "message_start":
+            message = event.get("message")
+            if isinstance(message, dict):
+                self._base["id"] = message.get("id") or ""
+                self._base["model"] = message.get("model") or ""
+                self._count(message.get("usage"))
+            return [self._chunk({"role": "assistant", "content": ""})]
+        if kind == "content_block_start":
+            return self._block_start(event)
+        if kind == "content_block_delta":
+            return self._block_delta(event)
+        if kind == "message_delta":
+            self._count(event.get("usage"))
+            delta = event.get("delta")
+            reason = finish_reason(delta.get("stop_reason")) if isinstance(delta, dict) else None
+            return [self._chunk({}, reason or "stop")]
+        if kind == "message_stop":
+            self.done = True
+            if self._include_usage:
+                return [{**self._base, "choices": [], "usage": chat_usage(self._counts)}, _DONE_EVENT]
+            return [_DONE_EVENT]
+        if kind == "error":
+            self.done = True
+            error = event.get("error")
+            return [sse.encode(_error_body(error if isinstance(error, dict) else {}))]
+        return []  # ping, content_block_stop, and what a later API version adds
+
+    def _block_start(self, event: Mapping[str, Any]) -> list[dict[str, Any] | bytes]:
+        block, index = event.get("content_block"), event.get("index")
+        if not isinstance(block, dict) or type(index) is not int:
+            return []
+        if block.get("type") == "text" and isinstance(block.get("text"), str) and block["text"]:
+            return [self._chunk({"content": block["text"]})]
+        if block.get("type") != "tool_use":
+            return []
+        call = self._tools[index] = len(self._tools)
+        tool_input = block.get("input")
+        arguments = orjson.dumps(tool_input).decode() if isinstance(tool_input, dict) and tool_input else ""
+        function = {"name": block.get("name"), "arguments": arguments}
+        return [
+            self._chunk(
+                {"tool_calls": [{"index": call, "id": block.get("id"), "type": "function", "function": function}]}
+            )
+        ]
+
+    def _block_delta(self, event: Mapping[str, Any]) -> list[dict[str, Any] | bytes]:
+        delta = event.get("delta")
+        if not isinstance(delta, dict):
+            return []
+        kind = delta.get("type")
+        if kind == "text_delta" and isinstance(delta.get("text"), str):
+            return [self._chunk({"content": delta["text"]})]
+        if kind == "input_json_delta" and isinstance(delta.get("partial_json"), str):
+            call = self._tools.get(event.get("index"))  # type: ignore[arg-type]
+            if call is None:
+                return []
+            return [self._chunk({"tool_calls": [{"index": call, "function": {"arguments": delta["partial_json"]}}]})]
+        return []
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {**self._base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    def _count(self, usage: object) -> None:
+        """message_start's counts, then message_delta's cumulative ones where it has them."""
+        if isinstance(usage, dict):
+            for name, value in usage.items():
+                if type(value) is int and value >= 0:
+                    self._counts[name] = value

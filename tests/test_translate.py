@@ -1,0 +1,429 @@
+"""gateway/translate.py: chat completions ⇄ Anthropic Messages, by tables; the stream in any split."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from gateway.errors import BadRequest, UpstreamError
+from gateway.translate import ChatStream, chat_error, chat_reply, chat_request, finish_reason, whole_reply
+
+USER = {"role": "user", "content": "Hi"}
+TOOL = {
+    "type": "function",
+    "function": {"name": "lookup", "description": "Find", "parameters": {"type": "object", "properties": {}}},
+}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}}
+
+# (case, chat request fields, Messages request fields besides model)
+REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    ("plain", {"messages": [USER]}, {"max_tokens": 4096, "messages": [{"role": "user", "content": "Hi"}]}),
+    (
+        "system string",
+        {"messages": [{"role": "system", "content": "Be brief."}, USER]},
+        {"max_tokens": 4096, "system": "Be brief.", "messages": [{"role": "user", "content": "Hi"}]},
+    ),
+    (
+        "system parts, developer, and a system message mid-conversation",
+        {
+            "messages": [
+                {"role": "system", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]},
+                USER,
+                {"role": "developer", "content": "C"},
+            ]
+        },
+        {
+            "max_tokens": 4096,
+            "system": [{"type": "text", "text": t} for t in "ABC"],
+            "messages": [{"role": "user", "content": "Hi"}],
+        },
+    ),
+    (
+        "text and image parts",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0K", "detail": "low"}},
+                        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+                    ],
+                }
+            ]
+        },
+        {
+            "max_tokens": 4096,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0K"}},
+                        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}},
+                    ],
+                }
+            ],
+        },
+    ),
+    (
+        "a tool call and its result, then the user's next words: one user turn",
+        {
+            "messages": [
+                USER,
+                {"role": "assistant", "content": "Let me look.", "tool_calls": [CALL]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "found"},
+                {"role": "user", "content": "thanks"},
+            ],
+            "tools": [TOOL],
+            "tool_choice": "auto",
+        },
+        {
+            "max_tokens": 4096,
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "text": "Let me look."},
+                        {"type": "tool_use", "id": "call_1", "name": "lookup", "input": {"q": "x"}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "call_1", "content": "found"},
+                        {"type": "text", "text": "thanks"},
+                    ],
+                },
+            ],
+            "tools": [{"name": "lookup", "input_schema": {"type": "object", "properties": {}}, "description": "Find"}],
+            "tool_choice": {"type": "auto"},
+        },
+    ),
+    (
+        "limits, sampling, stop, user; what Messages has no field for is left out",
+        {
+            "messages": [USER],
+            "max_tokens": 10,
+            "max_completion_tokens": 20,
+            "stop": "END",
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "user": "u-1",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "n": 1,
+            "seed": 7,
+            "response_format": {"type": "json_object"},
+            "presence_penalty": 0.1,
+        },
+        {
+            "max_tokens": 20,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "stop_sequences": ["END"],
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "stream": True,
+            "metadata": {"user_id": "u-1"},
+        },
+    ),
+    (
+        "max_tokens alone, stop as a list",
+        {"messages": [USER], "max_tokens": 7, "stop": ["a", "b"]},
+        {"max_tokens": 7, "messages": [{"role": "user", "content": "Hi"}], "stop_sequences": ["a", "b"]},
+    ),
+    (
+        "tool_choice required, no parallel calls",
+        {"messages": [USER], "tools": [TOOL], "tool_choice": "required", "parallel_tool_calls": False},
+        {
+            "max_tokens": 4096,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "tools": [{"name": "lookup", "input_schema": {"type": "object", "properties": {}}, "description": "Find"}],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+        },
+    ),
+    (
+        "a named tool; an assistant tool call with empty arguments",
+        {
+            "messages": [
+                USER,
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{**CALL, "function": {"name": "lookup", "arguments": ""}}],
+                },
+                {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "ok"}]},
+            ],
+            "tools": [{"type": "function", "function": {"name": "lookup"}}],
+            "tool_choice": {"type": "function", "function": {"name": "lookup"}},
+        },
+        {
+            "max_tokens": 4096,
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "lookup", "input": {}}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "call_1", "content": [{"type": "text", "text": "ok"}]}
+                    ],
+                },
+            ],
+            "tools": [{"name": "lookup", "input_schema": {"type": "object", "properties": {}}}],
+            "tool_choice": {"type": "tool", "name": "lookup"},
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "chat", "messages"), REQUESTS, ids=[r[0] for r in REQUESTS])
+def test_requests(case: str, chat: dict[str, Any], messages: dict[str, Any]) -> None:
+    assert chat_request({"model": "claude-x", **chat}, "claude-y") == {"model": "claude-y", **messages}
+
+
+UNTRANSLATABLE = [
+    ({"messages": [{"role": "function", "name": "f", "content": "x"}]}, "messages[0].role 'function'"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, "only text parts"),
+    (
+        {"messages": [{"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f", "arguments": "[1]"}}]}]},
+        "must be a JSON object",
+    ),
+    ({"messages": [USER], "tools": [{"type": "custom", "custom": {"name": "x"}}]}, "only function tools"),
+    ({"messages": [USER], "tool_choice": "sometimes"}, "tool_choice must be"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,abc"}}]}]},
+        "data URL",
+    ),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
+    ({"messages": ["hi"]}, "messages[0] is not an object"),
+]
+
+
+@pytest.mark.parametrize(("chat", "problem"), UNTRANSLATABLE)
+def test_what_has_no_messages_form_is_a_400(chat: dict[str, Any], problem: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        chat_request({"model": "m", **chat}, "m")
+    assert caught.value.status == 400 and problem in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("stop_reason", "finish"),
+    [
+        ("end_turn", "stop"),
+        ("stop_sequence", "stop"),
+        ("max_tokens", "length"),
+        ("tool_use", "tool_calls"),
+        ("refusal", "content_filter"),
+        ("pause_turn", "stop"),
+        ("something_new", "stop"),
+        (None, None),
+    ],
+)
+def test_finish_reasons(stop_reason: str | None, finish: str | None) -> None:
+    assert finish_reason(stop_reason) == finish
+
+
+MESSAGE = {
+    "id": "msg_1",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-x",
+    "content": [
+        {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+        {"type": "text", "text": "Looking "},
+        {"type": "text", "text": "it up."},
+        {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"q": "x", "n": [1, 2]}},
+    ],
+    "stop_reason": "tool_use",
+    "usage": {"input_tokens": 10, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 2, "output_tokens": 7},
+}
+
+
+def test_a_reply() -> None:
+    reply = chat_reply(MESSAGE, created=1700000000)
+    ChatCompletion.model_validate(reply)  # what the SDK reads
+    assert reply["choices"] == [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": "Looking it up.",
+                "refusal": None,
+                "tool_calls": [
+                    {
+                        "id": "toolu_1",
+                        "type": "function",
+                        "function": {"name": "lookup", "arguments": '{"q":"x","n":[1,2]}'},
+                    }
+                ],
+            },
+            "logprobs": None,
+            "finish_reason": "tool_calls",
+        }
+    ]
+    assert reply["usage"] == {
+        "prompt_tokens": 17,
+        "completion_tokens": 7,
+        "total_tokens": 24,
+        "prompt_tokens_details": {"cached_tokens": 5},
+    }
+    assert (reply["id"], reply["model"], reply["created"], reply["object"]) == (
+        "msg_1",
+        "claude-x",
+        1700000000,
+        "chat.completion",
+    )
+
+
+def test_a_reply_with_only_a_tool_call_has_null_content() -> None:
+    reply = chat_reply({**MESSAGE, "content": [MESSAGE["content"][3]]}, created=1)  # type: ignore[index]
+    assert reply["choices"][0]["message"]["content"] is None
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+            {"error": {"message": "Overloaded", "type": "overloaded_error", "code": "overloaded_error"}},
+        ),
+        ({"error": {"message": "plain"}}, {"error": {"message": "plain", "type": "api_error", "code": "api_error"}}),
+        ({"detail": "not anthropic"}, {"detail": "not anthropic"}),
+    ],
+)
+def test_errors(body: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert json.loads(chat_error(orjson.dumps(body))) == expected
+    assert json.loads(whole_reply(529, orjson.dumps(body), False, 1)) == expected
+    assert chat_error(b"<html>") == b"<html>"
+
+
+def sse(event: dict[str, Any]) -> bytes:
+    return f"event: {event['type']}\ndata: ".encode() + orjson.dumps(event) + b"\n\n"
+
+
+STREAM = [
+    {
+        "type": "message_start",
+        "message": {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-x",
+            "content": [],
+            "usage": {"input_tokens": 10, "cache_read_input_tokens": 5, "output_tokens": 1},
+        },
+    },
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}},
+    {"type": "ping"},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hmm"}},
+    {"type": "content_block_stop", "index": 0},
+    {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
+    {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "Hello "}},
+    {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "there"}},
+    {"type": "content_block_stop", "index": 1},
+    {
+        "type": "content_block_start",
+        "index": 2,
+        "content_block": {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}},
+    },
+    {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": '{"q": '}},
+    {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": '"x"}'}},
+    {"type": "content_block_stop", "index": 2},
+    {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 12}},
+    {"type": "message_stop"},
+]
+STREAM_BYTES = b"".join(sse(e) for e in STREAM)
+
+
+def chunks_of(data: bytes) -> list[Any]:
+    out: list[Any] = []
+    for block in data.split(b"\n\n"):
+        if block:
+            assert block.startswith(b"data: ")
+            out.append("[DONE]" if block == b"data: [DONE]" else json.loads(block[6:]))
+    return out
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_a_stream(include_usage: bool) -> None:
+    stream = ChatStream(include_usage, created=1700000000)
+    chunks = chunks_of(stream.feed(STREAM_BYTES) + stream.close())
+    assert stream.done and chunks[-1] == "[DONE]"
+    for chunk in chunks[:-1]:
+        ChatCompletionChunk.model_validate(chunk)  # what the SDK reads
+        assert (chunk["id"], chunk["model"], chunk["created"]) == ("msg_1", "claude-x", 1700000000)
+    deltas = [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in chunks[:-1] if c["choices"]]
+    assert deltas == [
+        ({"role": "assistant", "content": ""}, None),
+        ({"content": "Hello "}, None),
+        ({"content": "there"}, None),
+        (
+            {
+                "tool_calls": [
+                    {"index": 0, "id": "toolu_1", "type": "function", "function": {"name": "lookup", "arguments": ""}}
+                ]
+            },
+            None,
+        ),
+        ({"tool_calls": [{"index": 0, "function": {"arguments": '{"q": '}}]}, None),
+        ({"tool_calls": [{"index": 0, "function": {"arguments": '"x"}'}}]}, None),
+        ({}, "tool_calls"),
+    ]
+    usage_chunks = [c for c in chunks[:-1] if not c["choices"]]
+    if include_usage:
+        assert usage_chunks == [
+            {
+                "id": "msg_1",
+                "object": "chat.completion.chunk",
+                "created": 1700000000,
+                "model": "claude-x",
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 15,
+                    "completion_tokens": 12,
+                    "total_tokens": 27,
+                    "prompt_tokens_details": {"cached_tokens": 5},
+                },
+            }
+        ]
+    else:
+        assert usage_chunks == []
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(STREAM_BYTES)), max_size=12))
+def test_a_stream_in_any_split_translates_alike(cuts: list[int]) -> None:
+    whole = ChatStream(True, 1)
+    expected = whole.feed(STREAM_BYTES) + whole.close()
+    stream = ChatStream(True, 1)
+    points = [0, *sorted(cuts), len(STREAM_BYTES)]
+    out = b"".join(stream.feed(STREAM_BYTES[a:b]) for a, b in itertools.pairwise(points))
+    assert out + stream.close() == expected
+
+
+def test_an_error_event_ends_the_stream_as_chats_error_event() -> None:
+    stream = ChatStream(True, 1)
+    error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    out = stream.feed(sse(STREAM[0]) + sse(error) + sse(STREAM[-1]))
+    chunks = chunks_of(out)
+    assert chunks[-1] == {"error": {"message": "Overloaded", "type": "overloaded_error", "code": "overloaded_error"}}
+    assert stream.done and "[DONE]" not in chunks
+
+
+def test_an_event_that_is_not_json_is_the_upstreams_failure() -> None:
+    stream = ChatStream(False, 1)
+    with pytest.raises(UpstreamError):
+        stream.feed(b"event: message_start\ndata: {not json\n\n")
+
+
+def test_a_whole_stream_where_a_reply_was_asked() -> None:
+    out = whole_reply(200, STREAM_BYTES, False, 1)
+    assert chunks_of(out)[-1] == "[DONE]"
+    assert json.loads(whole_reply(200, orjson.dumps(MESSAGE), False, 1))["choices"][0]["finish_reason"] == "tool_calls"
