@@ -176,6 +176,8 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
             BodyBudget(settings.max_body_bytes * (settings.max_concurrency or 16)),
             settings.timeout_secs,
             telemetry,
+            MappingProxyType({api.name: api for api in TOKEN_APIS}),  # every admitted route's API
+            redactor is not None,
         ),
     ]
     if settings.policy_file:

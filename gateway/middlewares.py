@@ -44,7 +44,7 @@ from .limits import Quota, TokenBucket, format_reset, retry_headers
 from .models import RequestState
 from .policies import ANY_MODEL, DEFAULT_UPSTREAM, principal_of, request_context
 from .reload import LiveConfig
-from .router import router_for
+from .router import ROUTED_APIS, router_for
 from .shedding import Shedder
 from .surfaces import Api
 from .telemetry import Telemetry
@@ -195,15 +195,33 @@ def tenancy(live: LiveConfig, trusted_proxies: tuple[object, ...]) -> Middleware
             key = presented_key(headers.get("X-Api-Key"), headers.get("Authorization"))
             ip = "" if key else client_ip(request.remote, headers.get("X-Forwarded-For"), trusted_proxies)
             state.tenant = config.tenancy.resolve(key, ip, request.path)
+            router = config.router
+            if router is not None:
+                # From here the request holds its router: one a reload replaces meanwhile
+                # (the body still uploading, the quota's round trip) stays open for it.
+                router.enter()
+                try:
+                    return await handler(request)
+                finally:
+                    router.leave()
         return await handler(request)
 
     return identify
 
 
-def body(max_bytes: int, budget: bodies.BodyBudget, read_timeout: float, telemetry: Telemetry) -> Middleware:
+def body(
+    max_bytes: int,
+    budget: bodies.BodyBudget,
+    read_timeout: float,
+    telemetry: Telemetry,
+    apis: Mapping[str, Api],
+    redacting: bool,
+) -> Middleware:
     """The body read once, decoded and parsed (bodies.py) into the request's state: within
     the bytes budget for bodies being read (else shed unread, 503) and within `read_timeout`
-    (else 408), so stalled uploads hold neither memory nor a connection for long."""
+    (else 408), so stalled uploads hold neither memory nor a connection for long. Then the
+    route's own checks of it (`Api.check_request`, by route name): a malformed request is
+    refused here, before it spends a rate-limit token or quota."""
     metrics = telemetry.metrics
 
     @web.middleware
@@ -232,6 +250,9 @@ def body(max_bytes: int, budget: bodies.BodyBudget, read_timeout: float, telemet
             if coding is not None and len(codings := headers.getall("Content-Encoding")) > 1:
                 coding = ",".join(codings)  # several headers make one list (RFC 9110 §5.3)
             state.payload, state.model = bodies.parse(bodies.decode(raw, coding, max_bytes))
+            api = apis.get(request.match_info.route.name or "")
+            if api is not None:
+                api.check_request(state.payload, redacting)
         return await handler(request)
 
     return read_body
@@ -242,8 +263,8 @@ def routed_upstream(request: web.Request, model: str | None) -> str:
     (context.upstream): `default` without ROUTES_FILE or for a model no route takes (the
     proxy answers that one 404)."""
     router = router_for(request)
-    if router is None or model is None:
-        return DEFAULT_UPSTREAM
+    if router is None or model is None or request.match_info.route.name not in ROUTED_APIS:
+        return DEFAULT_UPSTREAM  # the other routes go to OPENAI_BASE_URL
     route = router.table.lookup(model)
     if route is None:
         return DEFAULT_UPSTREAM

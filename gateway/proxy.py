@@ -42,7 +42,6 @@ from .router import (
     Attempt,
     Attempts,
     Leg,
-    Router,
     body_for,
     include_usage,
     is_fallback_status,
@@ -88,20 +87,10 @@ class Proxy:
         self._count_response_redaction = lambda kind: metrics.redacted(kind, "response")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        router = router_for(request)
-        if router is None:
-            return await self._handle(request, None)
-        router.enter()  # a router a reload replaces stays open until its last request ends
-        try:
-            return await self._handle(request, router)
-        finally:
-            router.leave()
-
-    async def _handle(self, request: web.Request, router: Router | None) -> web.StreamResponse:
+        router = router_for(request)  # held by the request since the tenancy step (router.enter)
         state = request[STATE]
         payload = state.payload
         assert payload is not None and state.model is not None, "the body middleware runs first"
-        self._api.check_request(payload, self._redactor is not None)
         # Before any work: an unrouted model is 404. ROUTES_FILE routes chat and messages;
         # the other OpenAI routes go to OPENAI_BASE_URL.
         routed = router is not None and self._api.name in ROUTED_APIS
@@ -304,7 +293,7 @@ class Proxy:
         failure: AttemptFailed | None = None
         while (attempt := attempts.next()) is not None:
             try:
-                send = body_for(attempt.leg, payload, body)
+                send = body_for(attempt.leg, payload, body, self._redactor, self._count_request_redaction)
             except (RecursionError, ValueError):
                 attempts.abandoned(attempt)
                 raise BadRequest("request body is nested too deeply") from None
@@ -355,6 +344,10 @@ class Proxy:
                     relay = None
                 else:
                     first = await _first_events(reply, relay)
+                    if _is_error_event(first) and attempts.more():
+                        # A stream that opens with an error (Anthropic's overloaded_error) has
+                        # sent the client nothing yet: the next upstream may answer instead.
+                        raise UpstreamError("upstream opened its stream with an error event")
         except (TimeoutError, UpstreamError) as exc:
             if reply is not None:
                 reply.close()
@@ -456,6 +449,12 @@ def _finished(relay: StreamRelay) -> bytes:
     except Exception:
         log.exception("flushing held text failed")
         return b""
+
+
+def _is_error_event(first: bytes) -> bool:
+    """Whether the first events read are an error: Anthropic's `event: error`, or OpenAI's
+    `data: {"error": ...}` (a translated Anthropic error too)."""
+    return first.startswith((b"event: error\n", b'data: {"error"'))
 
 
 async def _first_events(reply: Reply, relay: StreamRelay) -> bytes:

@@ -23,8 +23,9 @@ from . import translate
 from .breaker import Breaker, Breakers, Permit
 from .errors import ModelNotFound
 from .keys import CONFIG, LIVE_CONFIG
+from .redact import OnRedaction, Redactor
 from .routing import Kind, RouteTable
-from .surfaces import CHAT_API, MESSAGES_API, Api
+from .surfaces import CHAT_API, MESSAGES_API, Api, strings_in
 from .upstream import Reply, Upstream
 
 if TYPE_CHECKING:
@@ -178,10 +179,26 @@ class Router:
         return Attempts(legs, self.breakers, total_secs)
 
 
-def body_for(leg: Leg, payload: dict[str, Any], body: bytes) -> bytes:
-    """What goes to this leg: the request as is, under its model name, or as a Messages request."""
+def body_for(
+    leg: Leg,
+    payload: dict[str, Any],
+    body: bytes,
+    redactor: Redactor | None = None,
+    on_redaction: OnRedaction | None = None,
+) -> bytes:
+    """What goes to this leg: the request as is, under its model name, or as a Messages request.
+    Translated, tool-call arguments (JSON text, redacted as such) are parsed into `tool_use`
+    input: their strings are redacted again as the strings they now are (an escape such as
+    \\u0040 in the text is an "@" in them)."""
     if leg.translated:
-        return orjson.dumps(translate.chat_request(payload, leg.model or payload["model"]))
+        request = translate.chat_request(payload, leg.model or payload["model"])
+        if redactor is not None:
+            for message in request.get("messages") or ():
+                for block in message.get("content") if type(message.get("content")) is list else ():
+                    if type(block) is dict and block.get("type") == "tool_use":
+                        for holder, key, _ in strings_in(block, "input"):
+                            holder[key] = redactor.redact(holder[key], on_redaction)
+        return orjson.dumps(request)
     if leg.model is None or leg.model == payload["model"]:
         return body
     return orjson.dumps({**payload, "model": leg.model})
@@ -228,6 +245,11 @@ class Attempts:
             self.tried += 1
             return Attempt(leg, permit, breaker, secs)
         return None
+
+    def more(self) -> bool:
+        """Whether an upstream is left to try after this one (its breaker lets it)."""
+        breakers, now = self._breakers, self._breakers.now()
+        return any(breakers[leg.name].available(now) for leg in self._legs[self._at :])
 
     def answered(self, attempt: Attempt) -> None:
         attempt.breaker.success(attempt.permit)

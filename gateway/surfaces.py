@@ -375,19 +375,19 @@ def _blocks_texts(holder: dict[str, Any], key: str) -> Iterator[TextSlot]:
         elif kind == "tool_result":
             yield from _blocks_texts(block, "content")
         elif kind == "tool_use":
-            yield from _strings_in(block, "input")
+            yield from strings_in(block, "input")
 
 
-def _strings_in(holder: Any, key: Any) -> Iterator[TextSlot]:
+def strings_in(holder: Any, key: Any) -> Iterator[TextSlot]:
     value = holder[key] if type(holder) is list else holder.get(key)
     if type(value) is str:
         yield holder, key, False
     elif type(value) is dict:
         for name in value:
-            yield from _strings_in(value, name)
+            yield from strings_in(value, name)
     elif type(value) is list:
         for position in range(len(value)):
-            yield from _strings_in(value, position)
+            yield from strings_in(value, position)
 
 
 # --- Whole APIs: a route's request checks, request texts, reply and event stream --------

@@ -95,7 +95,9 @@ def chat_request(payload: Mapping[str, Any], model: str) -> dict[str, Any]:
 
 
 def _max_tokens(payload: Mapping[str, Any]) -> object:
-    for name in ("max_completion_tokens", "max_tokens"):
+    # The order policies (SPEC §15) and the token budget (§14) read them in: a cap they check
+    # is the cap Anthropic gets, whatever else the request names.
+    for name in ("max_tokens", "max_completion_tokens"):
         value = payload.get(name)
         if value is not None:
             return value  # not a count: the upstream says so

@@ -109,11 +109,12 @@ REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         },
     ),
     (
-        "limits, sampling, stop, user; what Messages has no field for is left out",
+        "limits (max_tokens first, as policies and budgets read it), sampling, stop, user; what Messages has"
+        " no field for is left out",
         {
             "messages": [USER],
-            "max_tokens": 10,
-            "max_completion_tokens": 20,
+            "max_tokens": 20,
+            "max_completion_tokens": 10,
             "stop": "END",
             "temperature": 0.5,
             "top_p": 0.9,

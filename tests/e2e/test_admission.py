@@ -312,3 +312,22 @@ async def test_encoded_bodies_through_the_process(start_gateway: GatewayFactory,
         assert status == 200, body
     assert [seen["body"]["model"] for seen in mock.requests()] == ["gzipped-model"]
     assert "Traceback" not in gateway.process.errors()
+
+
+async def test_a_malformed_request_spends_no_quota_on_any_route(start_gateway: GatewayFactory, mock: Mock) -> None:
+    # Each route's own checks of the body run before the rate limit and the quota: a request
+    # refused as malformed (400) costs nothing, so it can never turn into a 429 either.
+    gateway = start_gateway(DEFAULT_QUOTA="2", RPS="0")
+    bad = [
+        ("/v1/responses", {"model": "m", "input": 5}),
+        ("/v1/embeddings", {"model": "m"}),
+        (CHAT, {"model": "m", "messages": "not a list"}),
+        (CHAT, {"model": "m", "messages": [], "logprobs": True}),  # redaction on: logprobs refused
+        ("/v1/messages", {"model": "m", "max_tokens": 5}),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            for path, body in bad:
+                async with session.post(gateway.url + path, json=body, headers={"X-Api-Key": "demo"}) as response:
+                    assert response.status == 400, (path, body, await response.text())
+        assert [(await call(session, gateway))[0] for _ in range(3)] == [200, 200, 429]
