@@ -36,6 +36,8 @@ SCENARIOS: dict[str, tuple[dict[str, Any], str, dict[str, str]]] = {
     "unredacted": (run.STREAM_BODY, "sse", {"REDACT_KINDS": ""}),  # what streaming redaction costs
     "openai": (run.STREAM_BODY, "openai", {}),  # OpenAI's real chunk layout
     "openai_unredacted": (run.STREAM_BODY, "openai", {"REDACT_KINDS": ""}),
+    "routes": (run.JSON_BODY, "json", {"ROUTES": "20"}),  # a 20-route ROUTES_FILE (run.routes_file)
+    "policies": (run.JSON_BODY, "json", {"POLICIES": "20"}),  # a 20-policy Cedar file (run.policy_files)
     "paced": (run.STREAM_BODY, "paced", {}),  # one event per read: the per-event path
 }
 
@@ -45,7 +47,12 @@ async def _post(port: int, body: dict[str, Any], count: int) -> None:
     async with aiohttp.ClientSession() as session:
 
         async def one() -> None:
-            async with limit, session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as reply:
+            async with (
+                limit,
+                session.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers={"X-Api-Key": "bench"}
+                ) as reply,
+            ):
                 await reply.read()
                 if reply.status != 200:
                     raise RuntimeError(f"status {reply.status}")
@@ -90,6 +97,10 @@ def main() -> None:
         for name in chosen:
             body, upstream, settings = SCENARIOS[name]
             url = f"http://127.0.0.1:{upstreams[upstream]}"
+            if settings.pop("ROUTES", None):
+                settings |= run.routes_file(tmp, upstreams[upstream])
+            if settings.pop("POLICIES", None):
+                settings |= run.policy_files(tmp)
             bare_port, gateway_port = run.free_port(), run.free_port()
             bare = _counted(
                 [run.PY, str(run.ROOT / "bench" / "bare_relay.py")],

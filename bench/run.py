@@ -32,7 +32,9 @@ CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "50"))
 STREAMS = int(os.environ.get("BENCH_STREAMS", "500"))
 ONLY = set(
     os.environ.get(
-        "BENCH_ONLY", "json,unique,stream,openai,anthropic,responses,embeddings,unredacted,redis,budgets,tracing,paced"
+        "BENCH_ONLY",
+        "json,unique,stream,openai,anthropic,responses,embeddings,unredacted,redis,budgets,tracing,policies,routes,"
+        "production,paced",
     ).split(",")
 )
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -449,6 +451,34 @@ def streams(port: int) -> dict[str, float]:
     return dict(json.loads(out))
 
 
+def policy_files(tmp: Path) -> dict[str, str]:
+    """A 20-policy Cedar file (bench/policy_cost.py's) whose plans admit the bench's tenant and model."""
+    import policy_cost  # bench/policy_cost.py
+
+    listed = json.loads(policy_cost.entities())
+    listed += [
+        {"uid": {"type": "Tenant", "id": "bench"}, "attrs": {}, "parents": [{"type": "Plan", "id": "team"}]},
+        {"uid": {"type": "Model", "id": "gpt-4o-mini"}, "attrs": {}, "parents": [{"type": "Tier", "id": "team"}]},
+    ]
+    (tmp / "policies.cedar").write_text(policy_cost.twenty_policies())
+    (tmp / "entities.json").write_text(json.dumps(listed))
+    return {"POLICY_FILE": str(tmp / "policies.cedar"), "POLICY_ENTITIES_FILE": str(tmp / "entities.json")}
+
+
+def routes_file(tmp: Path, upstream_port: int) -> dict[str, str]:
+    """A 20-route ROUTES_FILE: 19 others first (globs among them), the bench's model last."""
+    models = "".join(
+        f'[[models]]\nmatch = "{name}"\nupstreams = [{{ upstream = "main" }}]\n\n'
+        for name in [*(f"other-{n}" for n in range(10)), *(f"family-{n}-*" for n in range(9)), "gpt-4o-mini"]
+    )
+    path = tmp / "routes.toml"
+    path.write_text(
+        f'[upstreams.main]\nkind = "openai"\nbase_url = "http://127.0.0.1:{upstream_port}"\n'
+        f'api_key_env = "OPENAI_API_KEY"\n\n{models}'
+    )
+    return {"ROUTES_FILE": str(path)}
+
+
 def gateway_settings(upstream_url: str, port: int) -> dict[str, str]:
     """Every feature on; quota, rate limit and concurrency limit too high to reject."""
     return {
@@ -584,6 +614,28 @@ def run() -> list[dict[str, Any]]:
                     OTEL_TRACES_SAMPLER=sampler,
                     OTEL_TRACES_SAMPLER_ARG=ratio,
                 )
+        if "policies" in ONLY:  # SPEC §15: a 20-policy Cedar file (decisions cached)
+            wrk_pair("non-stream, 20 Cedar policies", json_port, JSON_BODY, **policy_files(tmp))
+        if "routes" in ONLY:  # SPEC §13: a 20-route ROUTES_FILE, the bench's model the last route
+            wrk_pair("non-stream, 20-route ROUTES_FILE", json_port, JSON_BODY, **routes_file(tmp, json_port))
+        if "production" in ONLY:  # everything on at once (issue 23's production configuration)
+            production = {
+                "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+                "TOKEN_QUOTA": "1000000000000",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
+                "OTEL_BSP_SCHEDULE_DELAY": "200",
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "0.1",
+                **policy_files(tmp),
+            }
+            wrk_pair("production: non-stream", json_port, JSON_BODY, **production, **routes_file(tmp, json_port))
+            wrk_pair(
+                "production: stream, OpenAI's real chunk layout",
+                openai_port,
+                STREAM_BODY,
+                **production,
+                **routes_file(tmp, openai_port),
+            )
         if "paced" not in ONLY:
             return rows
 
