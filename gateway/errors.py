@@ -34,9 +34,12 @@ class GatewayError(Exception):
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code)
 
+    overload = False  # load shedding and draining: Anthropic's 529 on /v1/messages (SPEC §11)
+
     def anthropic(self) -> tuple[int, bytes]:
-        """Status and body in Anthropic's shape (SPEC §11): overload and draining are 529."""
-        status = 529 if self.status == 503 else self.status
+        """Status and body in Anthropic's shape (SPEC §11): overload and draining are 529; any
+        other 503 (every upstream's circuit open, the quota store down) stays 503."""
+        status = 529 if self.overload else self.status
         return status, orjson.dumps(
             {"type": "error", "error": {"type": anthropic_error_type(status), "message": self.message}}
         )
@@ -129,6 +132,7 @@ class QuotaExceeded(GatewayError):
 
 class Overloaded(GatewayError):
     status = 503
+    overload = True
     type = "server_error"
     code = "server_overloaded"
     message = "server overloaded"
@@ -145,6 +149,7 @@ class StoreUnavailable(GatewayError):
 
 class ShuttingDown(GatewayError):
     status = 503
+    overload = True
     type = "server_error"
     code = "shutting_down"
     message = "gateway is shutting down"

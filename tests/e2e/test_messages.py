@@ -264,6 +264,8 @@ def redacted_values(value: Any) -> Any:
         return redact(value)
     if isinstance(value, list):
         return [redacted_values(item) for item in value]
+    if isinstance(value, int) and redact(str(value)) != str(value):
+        return redact(str(value))  # a bare number that is a card: a quoted mask (the JSON stays JSON)
     return value
 
 

@@ -264,3 +264,17 @@ def test_embeddings_policy_sees_the_upstream_it_is_sent_to(tmp_path: Path, fakes
     gw = gateway(ROUTES_FILE=str(routes_file(tmp_path, fakes)), POLICY_FILE=str(policy))
     status, _, _ = post(gw.port, "/v1/embeddings", {"model": "claude-embed", "input": "hello"})
     assert status == 403  # it went to OPENAI_BASE_URL ("default") and the policy forbids that
+
+
+def test_every_circuit_open_on_messages_is_503_circuit_open_not_529(tmp_path: Path, fakes, gateway) -> None:
+    # SPEC §13: nothing left to try is 503 `upstream unavailable`; §11 keeps 529 for load
+    # shedding and draining only, so /v1/messages answers this 503 too (Anthropic-shaped).
+    fakes["claude"].script({"status": 500, "body": "{}"})
+    path = tmp_path / "r.toml"
+    write_routes(path, {"claude": ("anthropic", fakes["claude"].url)}, [("claude-*", [("claude", None)])])
+    gw = gateway(ROUTES_FILE=str(path), CB_FAILURES="1", CB_OPEN_SECS="60")
+    body = {"model": "claude-x", "max_tokens": 5, "messages": HI}
+    assert post(gw.port, "/v1/messages", body)[0] == 500  # the failure that opens the breaker
+    status, headers, data = post(gw.port, "/v1/messages", body)
+    assert status == 503 and "retry-after" in headers, (status, data)
+    assert json.loads(data) == {"type": "error", "error": {"type": "api_error", "message": "upstream unavailable"}}
