@@ -1,23 +1,29 @@
 """More OpenAI APIs (SPEC §12) as surfaces: the Responses API and embeddings.
 
 The Responses API streams each text — a message's output text or refusal, a reasoning item's
-text or summary, a function call's arguments — as deltas keyed by their `output_index` and,
+text or summary, a function, MCP or custom tool call's arguments or input, a code
+interpreter's code, the audio's transcript — as deltas keyed by their `output_index` and,
 inside the item, their `content_index` or `summary_index`; then repeats it whole, several
 times: in its `.done` event, its part's `content_part.done`, its item's `output_item.done` and
 the terminal response (`response.completed`, `.incomplete`, `.failed`). Each text is one
 stream of the relay, rooted at (output index, "content" or "summary", index, field) or
-(output index, "arguments"); the events that repeat it describe it as a COPY leaf, which
-carries what that stream gave out, so every later copy is the redaction of the whole text
-and the same as the deltas the client was sent. Held text goes out, as a delta of its own,
-before the first copy (the `.done` event). The stream has no [DONE]: it ends with the
-terminal response; an error is the API's own `error` event.
+(output index, field); the events that repeat it describe it as a COPY leaf, which carries
+what that stream gave out, so every later copy is the redaction of the whole text and the same
+as the deltas the client was sent. Held text goes out, as a delta of its own, before the first
+copy (the `.done` event). Any other `*.delta` event (a type this module does not know yet) is
+a stream too, its `delta` string (or each string of a `delta` object) keyed by its type and
+its integer `*_index` fields, flushed before its `.done`: a new event type is no way round the
+split guarantee. The stream has no [DONE]: it ends with the terminal response; an error is the
+API's own `error` event.
 
 Embeddings never stream: their `input` strings are redacted, token arrays pass, and the
-vectors of the reply (floats or base64) pass untouched.
+vectors of the reply (numbers, or base64) pass untouched — only those: an `embedding` that is
+anything else is redacted like any other string.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -25,31 +31,39 @@ import orjson
 
 from .errors import BadRequest, GatewayError, LogprobsUnavailable
 from .models import Usage
-from .surfaces import COPY, DROP, JSON_COPY, JSON_TEXT, KEEP, TEXT, All, Api, Path, Spec, Surface, TextSlot
+from .surfaces import COPY, DROP, JSON_COPY, JSON_TEXT, TEXT, All, Api, Leaf, Path, Spec, Surface, TextSlot
 
 # --- The Responses API -----------------------------------------------------------------
 # An output item's texts: a message's parts (output text, refusal), a reasoning item's text
-# parts and summary, a function call's arguments. Log probabilities echo the text token by
-# token: dropped (and requests asking for them refused).
+# parts and summary, a function or MCP call's arguments, a custom tool call's input, a code
+# interpreter call's code. Log probabilities echo the text token by token: dropped (and
+# requests asking for them refused).
 _ITEM: Spec = {
     "content": All({"text": COPY, "refusal": COPY, "logprobs": DROP}),
     "summary": All({"text": COPY}),
     "arguments": JSON_COPY,
+    "input": COPY,
+    "code": COPY,
 }
 _ITEM_REPLY: Spec = {
     "content": All({"text": TEXT, "refusal": TEXT, "logprobs": DROP}),
     "summary": All({"text": TEXT}),
     "arguments": JSON_TEXT,
 }
-# Delta events: the item's container ("content", "summary", or none) and the field they stream.
+# Delta events: where their stream is keyed ("content" or "summary": a part of an output item;
+# None: the output item; "audio": the response's one transcript) and the field they stream.
 _DELTAS: dict[str, tuple[str | None, str, Spec]] = {
     "response.output_text.delta": ("content", "text", {"delta": TEXT, "logprobs": DROP}),
     "response.refusal.delta": ("content", "refusal", {"delta": TEXT}),
     "response.reasoning_text.delta": ("content", "text", {"delta": TEXT}),
     "response.reasoning_summary_text.delta": ("summary", "text", {"delta": TEXT}),
     "response.function_call_arguments.delta": (None, "arguments", {"delta": JSON_TEXT}),
+    "response.mcp_call_arguments.delta": (None, "arguments", {"delta": JSON_TEXT}),
+    "response.custom_tool_call_input.delta": (None, "input", {"delta": TEXT}),
+    "response.code_interpreter_call_code.delta": (None, "code", {"delta": TEXT}),
+    "response.audio.transcript.delta": ("audio", "transcript", {"delta": TEXT}),
 }
-# Events that repeat a text whole: the container they are rooted in, and where the copies are.
+# Events that repeat a text whole: where they are keyed, and where the copies are.
 _COPIES: dict[str, tuple[str | None, Spec]] = {
     "response.output_text.done": ("content", {"text": COPY, "logprobs": DROP}),
     "response.refusal.done": ("content", {"refusal": COPY}),
@@ -58,15 +72,27 @@ _COPIES: dict[str, tuple[str | None, Spec]] = {
     "response.content_part.done": ("content", {"part": {"text": COPY, "refusal": COPY, "logprobs": DROP}}),
     "response.reasoning_summary_part.done": ("summary", {"part": {"text": COPY}}),
     "response.function_call_arguments.done": (None, {"arguments": JSON_COPY}),
+    "response.mcp_call_arguments.done": (None, {"arguments": JSON_COPY}),
+    "response.custom_tool_call_input.done": (None, {"input": COPY}),
+    "response.code_interpreter_call_code.done": (None, {"code": COPY}),
+    "response.audio.transcript.done": ("audio", {}),  # no text: its stream ends there
     "response.output_item.done": (None, {"item": _ITEM}),
 }
 _FINAL: Spec = {"response": {"output": All(_ITEM)}}
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _NOTHING: Spec = {}
+_ANY_DELTA: Spec = {"delta": TEXT}  # an unknown delta event's text
+# Deltas that are no text: the audio itself (base64, decoded delta by delta: never held back;
+# an unknown event, every string of it redacted whole).
+_NOT_TEXT_DELTAS = frozenset({"response.audio.delta"})
+# The names an unknown event's type, indices and delta fields may have to be keyed by (and
+# written in the events carrying held text): OpenAI's own, lower-case words. Nothing PII is
+# made of fits, and an event line stays one line.
+_NAME = re.compile(r"[a-z_.]+")
 _INDEX_OF = {"content": "content_index", "summary": "summary_index"}
 # The steps of a copy's path that name its stream (the rest, "response", "output", "item",
 # "part", are where the copy sits).
-_STREAM_STEPS = frozenset({"content", "summary", "text", "refusal", "arguments"})
+_STREAM_STEPS = frozenset({"content", "summary", "text", "refusal", "arguments", "input", "code"})
 _MAX_SEQUENCE = 2**53  # a sequence number the gateway may count on from
 
 
@@ -79,7 +105,8 @@ class ResponsesSurface(Surface):
 
     def root(self, event: dict[str, Any]) -> Path | None:
         """A delta's stream (output index, container, index, field); a copy's place (output
-        index, container, index); () for any other event. None: indices that are not integers."""
+        index, container, index); an unknown delta's (output index, type, index name, index,
+        ...); () for any other event. None: indices that are not integers."""
         kind = event.get("type")
         if type(kind) is not str:
             return ()
@@ -90,6 +117,8 @@ class ResponsesSurface(Surface):
         copy = _COPIES.get(kind)
         if copy is not None:
             return _place(event, copy[0])
+        if _is_unknown_delta(kind):
+            return _event_root(event, kind)
         return ()
 
     def spec_of(self, event: dict[str, Any]) -> Spec:
@@ -102,14 +131,21 @@ class ResponsesSurface(Surface):
         copy = _COPIES.get(kind)
         if copy is not None:
             return copy[1]
-        return _FINAL if kind in _TERMINAL else _NOTHING
+        if kind in _TERMINAL:
+            return _FINAL
+        if _is_unknown_delta(kind):
+            fields = event.get("delta")
+            if type(fields) is dict:  # each field its own stream (a shell's stdout and stderr)
+                return {"delta": {name: TEXT for name in fields if _NAME.fullmatch(name)}}
+            return _ANY_DELTA
+        return _NOTHING
 
     def stream_of(self, path: Path) -> Path:
         return (*(step for step in path if type(step) is int or step in _STREAM_STEPS), "delta")
 
     def flush_before(self, event: dict[str, Any]) -> list[Path] | None:
-        """A text's held part goes out before its first copy; everything held, before the end
-        (or the upstream's error)."""
+        """A text's held part goes out before its first copy (an unknown delta's, before its
+        `.done`); everything held, before the end (or the upstream's error)."""
         kind = event.get("type")
         if type(kind) is not str:
             return None
@@ -118,14 +154,20 @@ class ResponsesSurface(Surface):
             return [place if place is not None else ()]
         if kind in _TERMINAL or kind == "error":
             return [()]
+        if kind.endswith(".done"):
+            delta = kind[:-5] + ".delta"
+            if _is_unknown_delta(delta):
+                place = _event_root(event, delta)
+                return [place] if place is not None else None
         return None
 
     def template(self, event: dict[str, Any]) -> dict[str, Any]:
-        """A delta's own fields but its text, for a delta that carries held text."""
+        """A delta's own fields but its text, for a delta that carries held text: its type,
+        item and integer indices."""
         return {
-            name: event[name]
-            for name in ("type", "item_id", "output_index", "content_index", "summary_index")
-            if name in event
+            name: value
+            for name, value in event.items()
+            if name in ("type", "item_id") or (type(value) is int and name.endswith("_index") and _NAME.fullmatch(name))
         }
 
     def flush_events(
@@ -135,13 +177,14 @@ class ResponsesSurface(Surface):
         go out before (or the last one, at the end): the numbers stay in order."""
         out = []
         for path, text in held:
-            event = dict(templates.get(path[:-1]) or _bare_delta(path))
+            root = path[: path.index("delta")]  # the stream's root: its path is (*root, "delta"[, field])
+            event = dict(templates.get(root) or _bare_delta(root))
             kind = event["type"]
             event["sequence_number"] = counts.get("sequence_number", 0)
-            event["delta"] = text
+            event["delta"] = {path[-1]: text} if len(path) > len(root) + 1 else text
             if kind == "response.output_text.delta":
                 event["logprobs"] = []
-            out.append(b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n")
+            out.append(b"event: " + str(kind).encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n")
         return b"".join(out)
 
     def usage(self, event: dict[str, Any], before: Usage | None, counts: dict[str, int]) -> Usage | None:
@@ -169,6 +212,8 @@ class ResponsesSurface(Surface):
 
 
 def _place(event: dict[str, Any], container: str | None) -> Path | None:
+    if container == "audio":
+        return ("audio",)
     output = event.get("output_index")
     if type(output) is not int:
         return None
@@ -178,24 +223,65 @@ def _place(event: dict[str, Any], container: str | None) -> Path | None:
     return (output, container, index) if type(index) is int else None
 
 
+def _is_unknown_delta(kind: str) -> bool:
+    return (
+        kind.endswith(".delta")
+        and kind not in _DELTAS
+        and kind not in _NOT_TEXT_DELTAS
+        and _NAME.fullmatch(kind) is not None
+    )
+
+
+def _event_root(event: dict[str, Any], kind: str) -> Path | None:
+    """An unknown delta's stream: (output index, type, then each other `*_index` field's name
+    and value, by name); without an output index, (type, ...). None: an index that is not an
+    integer, or not named in OpenAI's way."""
+    indices: list[str | int] = []
+    for name in sorted(name for name in event if name.endswith("_index") and name != "output_index"):
+        value = event[name]
+        if type(value) is not int or _NAME.fullmatch(name) is None:
+            return None
+        indices += (name, value)
+    if "output_index" not in event:
+        return (kind, *indices)
+    output = event["output_index"]
+    return (output, kind, *indices) if type(output) is int else None
+
+
 _BARE_TYPES = {
     ("content", "text"): "response.output_text.delta",
     ("content", "refusal"): "response.refusal.delta",
     ("summary", "text"): "response.reasoning_summary_text.delta",
+    ("arguments",): "response.function_call_arguments.delta",
+    ("input",): "response.custom_tool_call_input.delta",
+    ("code",): "response.code_interpreter_call_code.delta",
 }
 
 
-def _bare_delta(path: Path) -> dict[str, Any]:
+def _bare_delta(root: Path) -> dict[str, Any]:
     """A delta event for held text whose stream's first event was not kept (past the bound)."""
-    if path[1] == "arguments":
-        return {"type": "response.function_call_arguments.delta", "item_id": "", "output_index": path[0]}
-    container = str(path[1])
-    return {
-        "type": _BARE_TYPES[(container, str(path[3]))],
-        "item_id": "",
-        "output_index": path[0],
-        _INDEX_OF[container]: path[2],
-    }
+    if root == ("audio", "transcript"):
+        return {"type": "response.audio.transcript.delta"}
+    output = root[0]
+    if type(output) is not int:  # an unknown delta's, without an output index: (type, name, index, ...)
+        return {"type": output, **_indices(root[1:])}
+    step = root[1]
+    if step in _INDEX_OF:
+        container = str(step)
+        return {
+            "type": _BARE_TYPES[(container, str(root[3]))],
+            "item_id": "",
+            "output_index": output,
+            _INDEX_OF[container]: root[2],
+        }
+    bare = _BARE_TYPES.get((str(step),))
+    if bare is not None:
+        return {"type": bare, "item_id": "", "output_index": output}
+    return {"type": step, "output_index": output, **_indices(root[2:])}
+
+
+def _indices(pairs: Path) -> dict[str, Any]:
+    return {str(name): index for name, index in zip(pairs[0::2], pairs[1::2], strict=True)}
 
 
 def responses_usage(response: dict[str, Any]) -> Usage | None:
@@ -209,45 +295,109 @@ def responses_usage(response: dict[str, Any]) -> Usage | None:
 
 
 def responses_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
-    """`instructions`, and `input`: a string, or items whose `content` is a string or has
-    text parts (input_text, and the output_text and refusal parts of earlier turns), function
-    calls' arguments and function call outputs. Reasoning items pass unchanged."""
-    if type(payload.get("instructions")) is str:
-        yield payload, "instructions", False
-    value = payload.get("input")
-    if type(value) is str:
-        yield payload, "input", False
-        return
+    """Every text the client sends: `instructions` and `input` (a string, or input items) and
+    the values of a stored prompt's `variables`. An item's `content` or `output` is a string,
+    or parts whose text is read (images and files but their names, and audio, pass); its
+    `arguments` are JSON text (function and MCP calls); every other string in it is redacted
+    whole — a custom tool's input, a shell's stdout, a patch's diff, an item type not known
+    yet — but ids, enums and binary data (`_NOT_TEXT`). Reasoning items pass unchanged (their
+    encrypted content goes with them), as do generated images."""
+    for key in ("instructions", "input"):
+        if key in payload:
+            yield from _items(payload, key)
+    prompt = payload.get("prompt")
+    variables = prompt.get("variables") if type(prompt) is dict else None
+    if type(variables) is dict:
+        for name in variables:
+            yield from _part(variables, name)
+
+
+# Strings that are no text: ids, enums, binary data (base64 images and files, encrypted
+# reasoning) and references to it. Redacting them would only break them.
+_NOT_TEXT = frozenset(
+    {
+        "type",
+        "id",
+        "call_id",
+        "item_id",
+        "approval_request_id",
+        "status",
+        "role",
+        "detail",
+        "encrypted_content",
+        "image_url",
+        "file_id",
+        "file_data",
+        "file_url",
+    }
+)
+_UNREAD_ITEMS = frozenset({"reasoning", "item_reference", "image_generation_call"})
+_UNREAD_PARTS = frozenset({"input_audio"})  # base64 audio
+_TEXT_PARTS = {"input_text": "text", "output_text": "text", "text": "text", "refusal": "refusal"}
+
+
+def _items(holder: Any, key: Any) -> Iterator[TextSlot]:
+    """A string, or a list of input items."""
+    value = holder[key]
     if type(value) is not list:
+        yield from _strings(holder, key)
         return
     for position, item in enumerate(value):
-        if type(item) is str:  # no item OpenAI takes, but its text must not reach it in clear
-            yield value, position, False
-        elif type(item) is dict:
-            kind = item.get("type")
-            if kind == "function_call":
-                if type(item.get("arguments")) is str:
-                    yield item, "arguments", True
-            elif kind == "function_call_output":
-                yield from _content_texts(item, "output")
-            else:
-                yield from _content_texts(item, "content")
+        if type(item) is dict:
+            yield from _item(item)
+        else:  # a bare string, a nested list: no item OpenAI takes, but its text must not reach it in clear
+            yield from _strings(value, position)
 
 
-_TEXT_PARTS = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
+def _item(item: dict[str, Any]) -> Iterator[TextSlot]:
+    if item.get("type") in _UNREAD_ITEMS:
+        return
+    for name, value in item.items():
+        if type(value) is str and name in _NOT_TEXT:
+            continue
+        if name in ("content", "output"):
+            yield from _content(item, name)
+        elif name == "arguments" and type(value) is str:
+            yield item, name, True
+        else:
+            yield from _strings(item, name)
 
 
-def _content_texts(holder: dict[str, Any], key: str) -> Iterator[TextSlot]:
-    value = holder.get(key)
+def _content(holder: dict[str, Any], key: str) -> Iterator[TextSlot]:
+    """A string, parts, or one part."""
+    value = holder[key]
+    if type(value) is list:
+        for position in range(len(value)):
+            yield from _part(value, position)
+    else:
+        yield from _part(holder, key)
+
+
+def _part(holder: Any, key: Any) -> Iterator[TextSlot]:
+    """A text part's text; audio passes; anything else, every string but `_NOT_TEXT`'s."""
+    value = holder[key]
+    if type(value) is dict:
+        kind = value.get("type")
+        field = _TEXT_PARTS.get(kind) if type(kind) is str else None
+        if field is not None and type(value.get(field)) is str:
+            yield value, field, False
+            return
+        if kind in _UNREAD_PARTS:
+            return
+    yield from _strings(holder, key)
+
+
+def _strings(holder: Any, key: Any) -> Iterator[TextSlot]:
+    value = holder[key]
     if type(value) is str:
         yield holder, key, False
+    elif type(value) is dict:
+        for name, inner in value.items():
+            if type(inner) is not str or name not in _NOT_TEXT:
+                yield from _strings(value, name)
     elif type(value) is list:
-        for part in value:
-            kind = part.get("type") if type(part) is dict else None
-            if type(kind) is str:
-                field = _TEXT_PARTS.get(kind)
-                if field is not None and type(part.get(field)) is str:
-                    yield part, field, False
+        for position in range(len(value)):
+            yield from _strings(value, position)
 
 
 class ResponsesLogprobsUnavailable(LogprobsUnavailable):
@@ -277,13 +427,19 @@ RESPONSES_API = Api(
 
 
 # --- Embeddings ------------------------------------------------------------------------
+# A vector: kept as it came if it is base64 (a list of numbers has nothing to redact); any
+# other value, a string with an "@" or a space, strings in a list, is redacted like any other
+# (relay.walk reads a KEEP that is JSON_TEXT so).
+_VECTOR = Leaf(keep=True, json_text=True)
+
+
 class EmbeddingsSurface(Surface):
     """A reply's vectors pass untouched (a base64 vector is no text); every other string is
     redacted whole. Embeddings never stream: an upstream that sends events anyway has every
     string of them redacted whole."""
 
     spec: ClassVar[Spec] = _NOTHING
-    reply_spec: ClassVar[Spec] = {"data": All({"embedding": KEEP})}
+    reply_spec: ClassVar[Spec] = {"data": All({"embedding": _VECTOR})}
 
     def flush_events(
         self, held: list[tuple[Path, str]], templates: dict[Path, dict[str, Any]], counts: dict[str, int]

@@ -176,6 +176,8 @@ class StreamRelay:
     def close(self) -> bytes:
         """The upstream ended: a last event without its blank line, then held text."""
         last = self._parser.close()
+        if self._redactor is None:
+            return b"".join([event.raw for event in last if not self.done and not self._noted(event)])
         return b"".join([self._event(event) for event in last if not self.done]) + self.finish()
 
     def finish(self) -> bytes:
@@ -209,34 +211,43 @@ class StreamRelay:
         return held
 
     def _unredacted(self, blocks: bytes) -> bytes:
-        """Redaction off: the events go out as received; only usage and the end are looked for
-        (and a usage chunk the client did not ask for is left out). Only the events that may
-        hold a usage or end the stream are parsed (OpenAI puts `"usage":null` on every chunk
-        once usage is asked for: those are not)."""
-        surface = self._surface
-        done = surface.done_data
+        """Redaction off: the events go out as received, up to the one that ends the stream
+        (nothing after it); only usage and the end are looked for (and a usage chunk the
+        client did not ask for is left out). Only the events that may hold a usage or end the
+        stream are parsed (OpenAI puts `"usage":null` on every chunk once usage is asked for:
+        those are not)."""
+        if self.done:
+            return b""
         out: list[bytes] = []
         copied = 0
         for start, stop in self._worth_parsing(blocks):
             hide = False
             for event in sse.parse_blocks(blocks[start:stop]):
-                data = event.data
-                if data is None:
-                    continue
-                if data == done:
-                    self.done = True
-                    continue
-                chunk = _loads_object(data)
-                if chunk is not None:
-                    self._note(chunk)
-                    hide = hide or (self._hide_usage and surface.usage_only(chunk))
+                hide = self._noted(event) or hide
             if hide:
                 out.append(blocks[copied:start])
                 copied = stop
+            if self.done:
+                out.append(blocks[copied:stop])
+                return b"".join(out)
         if not copied:
             return blocks
         out.append(blocks[copied:])
         return b"".join(out)
+
+    def _noted(self, event: sse.Event) -> bool:
+        """Redaction off: the event's usage and end noted; whether it is a usage chunk to hide."""
+        data = event.data
+        if data is None:
+            return False
+        if data == self._surface.done_data:
+            self.done = True
+            return False
+        chunk = _loads_object(data)
+        if chunk is None:
+            return False
+        self._note(chunk)
+        return self._hide_usage and self._surface.usage_only(chunk)
 
     def _worth_parsing(self, blocks: bytes) -> list[tuple[int, int]]:
         """Where the events that may hold a usage (not null) or end the stream lie, in order."""
@@ -279,9 +290,6 @@ class StreamRelay:
         # A plain event (no usage, nothing flushed before it, not the end) may be learned.
         plain = pieces is not None and surface.usage(chunk, None, {}) is None
         root = surface.root(chunk)
-        templates = self._templates
-        if root is not None and root not in templates and len(templates) < MAX_STREAMS:
-            templates[root] = surface.template(chunk)
         self._note(chunk)
         before = surface.flush_before(chunk)
         out = self._flushed(before) if before is not None else b""
@@ -294,6 +302,9 @@ class StreamRelay:
             walk(chunk, surface.spec_of(chunk) if root is not None else None, root or (), scrub, leaf, self._whole)
         except RecursionError:  # nested past Python's stack: its text redacted whole instead
             return out + self._unreadable(event)
+        templates = self._templates
+        if root is not None and root not in templates and len(templates) < MAX_STREAMS:
+            templates[root] = surface.template(chunk)  # redacted: an id the upstream filled with PII stays masked
         into = surface.flush_into(chunk)
         if into is not None:
             plain = False
@@ -385,7 +396,6 @@ class StreamRelay:
         self._scratch[self._numbered] = int(number)
         at = out.find(self._number_key) + len(self._number_key)
         return out[:at] + number + out[at:]
-
 
     def _unnumbered(self, raw: bytes) -> tuple[bytes, bytes | None]:
         """`raw` without the digits of the surface's numbered key, and those digits; `raw` and
@@ -632,9 +642,12 @@ def _visit(
         if sub.drop:
             if value:
                 node[name] = None
-        elif kind is str and not sub.keep:
+        elif sub.keep:
+            if scrub and not _kept(sub, value):
+                _visit(node, name, value, None, (), scrub, leaf, whole)  # not what it should be: as any value
+        elif kind is str:
             node[name] = leaf((*path, name), sub, value)
-        elif scrub and not sub.keep:
+        elif scrub:
             _visit(node, name, value, None, (), scrub, leaf, whole)  # not the string it should be: whole
     elif kind is str:
         if scrub and value:
@@ -660,6 +673,20 @@ def _visit(
                     continue
             if scrub:
                 _visit(value, position, item, None, (), scrub, leaf, whole)  # not readable as described: whole
+
+
+# Base64 (no "@", no space, no separator a phone or a card is written with).
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
+def _kept(leaf: Leaf, value: Any) -> bool:
+    """Whether a KEEP leaf's value passes as it came: a string. A KEEP that is also JSON_TEXT
+    is data, not text (an embedding's vector): base64, or a list of numbers. Anything else is
+    read like an undescribed value."""
+    kind = type(value)
+    if kind is str:
+        return not leaf.json_text or _BASE64.fullmatch(value) is not None
+    return leaf.json_text and kind is list and all(type(item) is float or type(item) is int for item in value)
 
 
 def reply_may_need_redaction(data: bytes) -> bool:

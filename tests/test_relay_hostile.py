@@ -409,6 +409,18 @@ def test_text_after_a_choices_end_cannot_complete_pii_with_what_was_flushed() ->
     assert texts(wire) == "write jane.doe"
 
 
+def test_redaction_off_relays_nothing_after_done() -> None:
+    # Review of issue 18, D3: as with redaction on, what follows the end in the same read (or
+    # later) is not relayed; a last event without its blank line is relayed as it came.
+    wire = delta_chunk({"content": "Hi"}) + delta_chunk({}, finish="stop") + DONE
+    more = delta_chunk({"content": EMAIL}) + DONE
+    for cut in (len(wire) - 3, len(wire), len(wire) + 5):
+        relay = StreamRelay(None, None)
+        assert relay.feed((wire + more)[:cut]) + relay.feed((wire + more)[cut:]) + relay.close() == wire
+    relay = StreamRelay(None, None)
+    assert relay.feed(wire[:-2]) + relay.close() == wire and relay.done
+
+
 def test_redaction_off_finds_usage_among_nulls_and_hides_only_the_asked_usage_chunk() -> None:
     # With usage asked for, OpenAI puts "usage":null on every chunk; only the last chunk's
     # usage is real. Redaction off, the relay must still find it (however it is spaced) and,
@@ -438,10 +450,14 @@ def test_redaction_off_finds_usage_among_nulls_and_hides_only_the_asked_usage_ch
     ),
     st.integers(min_value=1, max_value=64),
     st.booleans(),
+    st.lists(st.sampled_from(["text", "usage", "done"]), max_size=3),
 )
-def test_redaction_off_notes_what_parsing_every_event_notes(kinds: list[str], cut: int, hide: bool) -> None:
+def test_redaction_off_notes_what_parsing_every_event_notes(
+    kinds: list[str], cut: int, hide: bool, after: list[str]
+) -> None:
     # The redaction-off relay parses only the events that may hold a usage; what it notes,
-    # hides and sends is what parsing every event would give.
+    # hides and sends is what parsing every event would give. Nothing after [DONE] is sent
+    # (nor noted), whatever the reads.
     parts = {
         "text": delta_chunk({"content": "usage "}),
         "text_null_usage": delta_chunk({"content": '"usage":{'}, usage=None),
@@ -453,7 +469,8 @@ def test_redaction_off_notes_what_parsing_every_event_notes(kinds: list[str], cu
         "blank": b"\n\n",
     }
     wire = b"".join(parts[k] for k in kinds) + DONE
-    reads = [wire[i : i + cut] for i in range(0, len(wire), cut)]
+    trailing = b"".join(DONE if k == "done" else parts[k] for k in after)
+    reads = [(wire + trailing)[i : i + cut] for i in range(0, len(wire + trailing), cut)]
     relay = StreamRelay(None, None, hide_usage=hide)
     out = b"".join(relay.feed(r) for r in reads) + relay.close()
     noted = [json.loads(parts[k][6:])["usage"] for k in kinds if k.startswith("usage")]

@@ -83,6 +83,29 @@ def call(arguments: str, status: str = "completed") -> dict[str, Any]:
     }
 
 
+# The tool calls whose text streams: the delta's kind → the item's type, the field its .done
+# event and the item carry the whole text in, and whether it is JSON (openai-python's types).
+TOOLS = {
+    "function_call_arguments": ("function_call", "arguments", True),
+    "mcp_call_arguments": ("mcp_call", "arguments", True),
+    "custom_tool_call_input": ("custom_tool_call", "input", False),
+    "code_interpreter_call_code": ("code_interpreter_call", "code", False),
+}
+TOOL_FIELDS = {item_type: field for item_type, field, _ in TOOLS.values()}
+
+
+def tool(kind: str, text: str, status: str = "completed") -> dict[str, Any]:
+    if kind == "function_call_arguments":
+        return call(text, status)
+    item_type, field, _ = TOOLS[kind]
+    extra: dict[str, Any] = {
+        "mcp_call": {"server_label": "s", "name": "send", "output": None, "error": None},
+        "custom_tool_call": {"call_id": "c", "name": "shell"},
+        "code_interpreter_call": {"container_id": "cntr_1", "outputs": None},
+    }[item_type]
+    return {"id": f"{item_type}_1", "type": item_type, "status": status, field: text, **extra}
+
+
 def text_item(deltas: list[str], index: int = 0, field: str = "text") -> list[Event]:
     """One message item's events: added, its part's, its deltas, the three copies."""
     kind = "refusal" if field == "refusal" else "output_text"
@@ -99,16 +122,15 @@ def text_item(deltas: list[str], index: int = 0, field: str = "text") -> list[Ev
     ]
 
 
-def call_item(deltas: list[str], index: int) -> list[Event]:
-    arguments = "".join(deltas)
+def call_item(deltas: list[str], index: int, kind: str = "function_call_arguments") -> list[Event]:
+    """A tool call item's events: added, its text's deltas, its .done, the item done."""
+    text = "".join(deltas)
+    where = {"item_id": tool(kind, "")["id"], "output_index": index}
     return [
-        e("response.output_item.added", output_index=index, item=call("", "in_progress")),
-        *[
-            e("response.function_call_arguments.delta", item_id="fc_1", output_index=index, delta=d, obfuscation="p")
-            for d in deltas
-        ],
-        e("response.function_call_arguments.done", item_id="fc_1", output_index=index, arguments=arguments),
-        e("response.output_item.done", output_index=index, item=call(arguments)),
+        e("response.output_item.added", output_index=index, item=tool(kind, "", "in_progress")),
+        *[e(f"response.{kind}.delta", **where, delta=d, obfuscation="p") for d in deltas],
+        e(f"response.{kind}.done", **where, **{TOOLS[kind][1]: text}),
+        e("response.output_item.done", output_index=index, item=tool(kind, text)),
     ]
 
 
@@ -154,8 +176,8 @@ def copies_of(wire: bytes, index: int) -> list[str]:
         if e.get("output_index") == index:
             if kind in ("response.output_text.done", "response.refusal.done"):
                 out.append(e.get("text", e.get("refusal")))
-            elif kind == "response.function_call_arguments.done":
-                out.append(e["arguments"])
+            elif kind.endswith(".done") and kind[len("response.") : -len(".done")] in TOOLS:
+                out.append(e[TOOLS[kind[len("response.") : -len(".done")]][1]])
             elif kind == "response.content_part.done":
                 out.append(e["part"].get("text", e["part"].get("refusal")))
             elif kind == "response.output_item.done":
@@ -166,8 +188,8 @@ def copies_of(wire: bytes, index: int) -> list[str]:
 
 
 def _item_text(item: dict[str, Any]) -> str:
-    if item["type"] == "function_call":
-        return str(item["arguments"])
+    if item["type"] in TOOL_FIELDS:
+        return str(item[TOOL_FIELDS[item["type"]]])
     return str(item["content"][0].get("text", item["content"][0].get("refusal")))
 
 
@@ -237,6 +259,110 @@ def test_function_call_arguments_stay_json_with_masks_in_deltas_and_copies() -> 
     assert json.loads(streamed) == {"to": "j***e@example.com", "card": "CC_MASKED_LAST4_4242", "n": 3}
     assert copies_of(out, 1) == [streamed] * 3  # arguments.done, output_item.done, completed
     assert_no_clear_pii(out)
+
+
+@pytest.mark.parametrize(
+    ("kind", "pieces"),
+    [
+        ("mcp_call_arguments", ['{"to": "jane.doe@exa', 'mple.com", "n": 3}']),
+        ("custom_tool_call_input", ["send to jane.doe@exa", "mple.com and call +1 415 ", "555 2671"]),
+        ("code_interpreter_call_code", ["x = 'jane.doe@exa", "mple.com'; card = '4242 4242 ", "4242 4242'"]),
+    ],
+)
+def test_other_tool_texts_are_redacted_across_deltas_and_in_every_copy(kind: str, pieces: list[str]) -> None:
+    # Review of issue 18, D1: these streamed texts were redacted event by event (split PII passed).
+    text = "".join(pieces)
+    out, _ = relay(
+        whole_stream(text_item(["Calling."]) + call_item(pieces, 1, kind), [message("Calling."), tool(kind, text)])
+    )
+    expected = REDACTOR.redact(text, json_text=TOOLS[kind][2])
+    assert deltas_of(out, 1, kind) == expected != text
+    assert copies_of(out, 1) == [expected] * 3  # the .done, output_item.done, completed
+    assert_no_clear_pii(out)
+    if TOOLS[kind][2]:
+        assert json.loads(expected) == {"to": "j***e@example.com", "n": 3}
+
+
+def test_a_tool_texts_held_part_goes_out_before_its_done_as_a_delta_of_its_kind() -> None:
+    kind = "custom_tool_call_input"
+    out, _ = relay(whole_stream(call_item(["mail jane.doe@exa", "mple.com"], 0, kind), [tool(kind, "x")]))
+    kinds = [event["type"] for event in events(out)]
+    flushed = [event for event in events(out) if event["type"] == f"response.{kind}.delta"][-1]
+    assert (flushed["delta"], flushed["item_id"], flushed["output_index"]) == (
+        "j***e@example.com",
+        "custom_tool_call_1",
+        0,
+    )
+    assert kinds.index(f"response.{kind}.done") == len(kinds) - 3  # the held delta went out just before
+
+
+def test_the_audio_transcript_is_one_stream_and_the_audio_passes_as_it_came() -> None:
+    # The transcript's deltas carry no output index: the response's one transcript. The audio
+    # deltas are base64, decoded one by one: never held back, never changed.
+    audio = [e("response.audio.delta", delta="UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAEAfAAABAAgAZGF0YQAAAAA=")]
+    transcript = [e("response.audio.transcript.delta", delta=d) for d in ("call me at jane.doe@exa", "mple.com ok")]
+    wire = whole_stream(
+        [*audio, *transcript, *audio, e("response.audio.transcript.done"), e("response.audio.done")], []
+    )
+    out, _ = relay(wire)
+    said = "".join(event["delta"] for event in events(out) if event["type"] == "response.audio.transcript.delta")
+    assert said == "call me at j***e@example.com ok"
+    assert [event for event in events(out) if event["type"] == "response.audio.delta"] == [
+        event for event in events(wire) if event["type"] == "response.audio.delta"
+    ]
+    kinds = [event["type"] for event in events(out)]
+    assert kinds.index("response.audio.transcript.done") > max(
+        i for i, k in enumerate(kinds) if k == "response.audio.transcript.delta"
+    )
+
+
+@pytest.mark.parametrize(
+    "where",
+    [{"output_index": 2}, {"output_index": 2, "command_index": 1}, {}],
+    ids=["output-index", "two-indices", "no-index"],
+)
+def test_an_unknown_delta_event_is_a_stream_of_its_own(where: dict[str, Any]) -> None:
+    # A delta event the surface does not know yet is keyed by its type and integer *_index
+    # fields: split PII in it is redacted; its held text goes out before its .done.
+    kind = "response.future_tool_call_text"
+    items = [e(f"{kind}.delta", item_id="ft_1", **where, delta=d) for d in ("to jane.doe@exa", "mple.com")]
+    items.append(e(f"{kind}.done", item_id="ft_1", **where, text="to jane.doe@example.com"))
+    out, _ = relay(whole_stream(items, []))
+    deltas = [event for event in events(out) if event["type"] == f"{kind}.delta"]
+    assert "".join(d["delta"] for d in deltas) == "to j***e@example.com"
+    assert {k: deltas[-1][k] for k in ("item_id", *where)} == {"item_id": "ft_1", **where}  # the held part, keyed alike
+    assert events(out)[-2] == {
+        **e(f"{kind}.done", item_id="ft_1", **where, text="to j***e@example.com"),
+        "sequence_number": 4,
+    }
+    assert_no_clear_pii(out)
+
+
+def test_an_unknown_delta_object_has_each_field_streamed() -> None:
+    # OpenAI's shell output: {"delta": {"stdout": ..., "stderr": ...}} per (output, command).
+    kind = "response.shell_call_output_content"
+    where = {"item_id": "sh_1", "output_index": 0, "command_index": 0}
+    pieces = [
+        {"stdout": "mail jane.doe@exa"},
+        {"stdout": "mple.com\n", "stderr": "card 4242 4242 "},
+        {"stderr": "4242 4242"},
+    ]
+    out, _ = relay(
+        whole_stream([*[e(f"{kind}.delta", **where, delta=p) for p in pieces], e(f"{kind}.done", **where)], [])
+    )
+    deltas = [event["delta"] for event in events(out) if event["type"] == f"{kind}.delta"]
+    assert "".join(d.get("stdout", "") for d in deltas) == "mail j***e@example.com\n"
+    assert "".join(d.get("stderr", "") for d in deltas) == "card CC_MASKED_LAST4_4242"
+    assert_no_clear_pii(out)
+
+
+def test_an_id_filled_with_pii_stays_masked_in_the_delta_that_carries_held_text() -> None:
+    # The held text's event copies its stream's first delta's fields: as redacted, not as sent.
+    where = {"item_id": EMAIL, "output_index": 0, "content_index": 0}
+    items = [e("response.output_text.delta", **where, delta=d, logprobs=[]) for d in ("hi ", "jane")]
+    out, _ = relay(numbered(items))
+    assert_no_clear_pii(out)
+    assert [event["item_id"] for event in events(out)] == ["j***e@example.com"] * 3
 
 
 def test_a_copy_of_a_text_that_never_streamed_is_redacted_whole() -> None:
@@ -313,6 +439,20 @@ def test_redaction_off_notes_usage_and_the_end() -> None:
     assert out == wire and r.done and r.usage is not None and r.usage.prompt_tokens == 21
 
 
+def test_redaction_off_relays_nothing_after_the_terminal_event() -> None:
+    # Review of issue 18, D3: with redaction off too, a [DONE] (or anything) after
+    # response.completed is left out, in the same read as the end or in a later one, and a
+    # last event without its blank line is relayed as it came.
+    wire = whole_stream(text_item(["Hi ", EMAIL]), [message("Hi " + EMAIL)])
+    for after in (b"data: [DONE]\n\n", ev(e("response.output_text.delta", output_index=0, delta="more"))):
+        for cut in (len(wire) - 7, len(wire), len(wire) + 3):
+            both = wire + after
+            out, r = relay(both[:cut], both[cut:], redactor=None)
+            assert out == wire and r.done and r.usage is not None
+    out, r = relay(wire[:-2], redactor=None)  # the upstream ends without the last blank line
+    assert out == wire and r.done
+
+
 # --- Any split, any interleaving --------------------------------------------------------
 
 ARG_VALUES = st.one_of(PII_VALUES, st.sampled_from(["order 123456789012", "v3.11.7", "ok", "", 'say "hi"']))
@@ -320,14 +460,15 @@ ARG_VALUES = st.one_of(PII_VALUES, st.sampled_from(["order 123456789012", "v3.11
 
 @st.composite
 def interleaved(draw: st.DrawFn) -> tuple[list[str], list[str], list[bytes]]:
-    """Two output items — two messages, or a message and a function call — each text split
+    """Two output items — two messages, or a message and a tool call (function, MCP, custom
+    tool, code interpreter) — each text split
     anywhere into deltas, their events interleaved in any order (each item's own in order),
     numbered as sent, the stream cut into reads anywhere. (texts, their kinds, reads)"""
-    kinds = ["output_text", draw(st.sampled_from(["output_text", "function_call_arguments"]))]
+    kinds = ["output_text", draw(st.sampled_from(["output_text", *TOOLS]))]
     texts: list[str] = []
     splits: list[list[str]] = []
     for kind in kinds:
-        if kind == "function_call_arguments":
+        if kind in TOOLS and TOOLS[kind][2]:  # JSON arguments
             values = draw(st.lists(ARG_VALUES, min_size=1, max_size=4))
             text = json.dumps({f"k{i}": v for i, v in enumerate(values)})
         else:
@@ -335,12 +476,12 @@ def interleaved(draw: st.DrawFn) -> tuple[list[str], list[str], list[bytes]]:
         cuts = sorted(draw(st.lists(st.integers(0, len(text)), max_size=8)))
         texts.append(text)
         splits.append([text[a:b] for a, b in itertools.pairwise([0, *cuts, len(text)])])
-    calls = kinds[1] == "function_call_arguments"
+    calls = kinds[1] in TOOLS
     first = text_item(splits[0], 0)
-    second = call_item(splits[1], 1) if calls else text_item(splits[1], 1)
+    second = call_item(splits[1], 1, kinds[1]) if calls else text_item(splits[1], 1)
     order = draw(st.permutations([0] * len(first) + [1] * len(second)))
     queues = [iter(first), iter(second)]
-    output = [message(texts[0]), call(texts[1]) if calls else message(texts[1])]
+    output = [message(texts[0]), tool(kinds[1], texts[1]) if calls else message(texts[1])]
     wire = whole_stream([next(queues[i]) for i in order], output)
     cuts = sorted(draw(st.lists(st.integers(0, len(wire)), max_size=8)))
     return texts, kinds, [wire[a:b] for a, b in itertools.pairwise([0, *cuts, len(wire)])]
@@ -355,10 +496,10 @@ def test_any_split_and_interleaving_streams_the_redaction_of_each_whole_text_and
     out, r = relay(*reads)
     assert r.done and events(out)[-1]["type"] == "response.completed"
     for index, (text, kind) in enumerate(zip(texts, kinds, strict=True)):
-        whole = REDACTOR.redact(text, json_text=kind == "function_call_arguments")
+        whole = REDACTOR.redact(text, json_text=kind in TOOLS and TOOLS[kind][2])
         assert deltas_of(out, index, kind) == whole
         # Every later copy: the .done, the part's (messages), the item's, the final response's.
-        assert copies_of(out, index) == [whole] * (3 if kind == "function_call_arguments" else 4)
+        assert copies_of(out, index) == [whole] * (3 if kind in TOOLS else 4)
     for value in CORPUS:
         if any(value in t for t in texts) and all(value not in REDACTOR.redact(t) for t in texts):
             assert value not in out.decode()
@@ -375,7 +516,7 @@ def hostile_event(draw: st.DrawFn) -> bytes:
     text = " | " + draw(HOSTILE_TEXT) + " | "
     where = {"item_id": "msg_0", "output_index": 0, "content_index": 0}
     delta = "response.output_text.delta"
-    kind = draw(st.integers(0, 11))
+    kind = draw(st.integers(0, 14))
     if kind == 0:  # an index that is no integer
         bad = draw(st.sampled_from([[0], "0", None, 1.5, True, -1, 2**70]))
         return ev({"type": delta, **where, "output_index": bad, "delta": text})
@@ -401,6 +542,24 @@ def hostile_event(draw: st.DrawFn) -> bytes:
         return ev({"type": "response.content_part.done", **where, "part": text})
     if kind == 10:  # a comment
         return b": " + text.encode().replace(b"\n", b" ") + b"\n\n"
+    if kind == 11:  # another tool's text, or an unknown delta (keyed alike, or by odd indices)
+        other = draw(
+            st.sampled_from(["response.custom_tool_call_input.delta", "response.x_y.delta", "response.X.delta"])
+        )
+        index = draw(st.sampled_from([0, 1, "0", None]))
+        return ev({"type": other, "output_index": 0, "command_index": index, "item_id": text, "delta": text})
+    if kind == 12:  # an unknown delta object
+        return ev(
+            {
+                "type": "response.shell_call_output_content.delta",
+                "output_index": 0,
+                "delta": {"stdout": text, "Odd": [text]},
+            }
+        )
+    if kind == 13:  # the audio's transcript, and its end
+        return ev(
+            {"type": draw(st.sampled_from(["response.audio.transcript.delta", "response.x_y.done"])), "delta": text}
+        )
     return ev({"type": "response.completed", "response": {"output": text, "usage": {"input_tokens": text}}})
 
 
@@ -535,11 +694,139 @@ def test_request_texts_are_instructions_input_and_the_text_of_items() -> None:
         ("plain content", False),
         ("input text part", False),
         ("earlier answer", False),
+        ("f", False),  # a function's name: a string like any other (it changes only if it is PII)
         ('{"to": "x"}', True),
         ("tool said hi", False),
         ("tool part", False),
     ]
     assert texts(list(responses_request_texts({"model": "m", "input": "just a string"}))) == [("just a string", False)]
+
+
+# Review of issue 18, D2: texts in other items, in a prompt's variables, in instructions
+# that are items. Each body holds EMAIL (or CARD) somewhere the client wrote it.
+OTHER_TEXTS: dict[str, dict[str, Any]] = {
+    "custom_tool_call_output": {
+        "input": [{"type": "custom_tool_call_output", "call_id": "c", "output": f"mail {EMAIL}"}]
+    },
+    "custom_tool_call_output_parts": {
+        "input": [
+            {"type": "custom_tool_call_output", "call_id": "c", "output": [{"type": "input_text", "text": EMAIL}]}
+        ]
+    },
+    "custom_tool_call": {"input": [{"type": "custom_tool_call", "call_id": "c", "name": "n", "input": EMAIL}]},
+    "local_shell_call_output": {"input": [{"type": "local_shell_call_output", "id": "x", "output": EMAIL}]},
+    "local_shell_call": {
+        "input": [
+            {
+                "type": "local_shell_call",
+                "id": "x",
+                "call_id": "c",
+                "action": {"type": "exec", "command": ["mail", EMAIL]},
+            }
+        ]
+    },
+    "mcp_call": {
+        "input": [{"type": "mcp_call", "id": "x", "server_label": "s", "name": "n", "arguments": "{}", "output": EMAIL}]
+    },
+    "mcp_call_arguments": {
+        "input": [
+            {"type": "mcp_call", "id": "x", "server_label": "s", "name": "n", "arguments": f'{{"to": "{EMAIL}"}}'}
+        ]
+    },
+    "shell_call_output": {
+        "input": [
+            {
+                "type": "shell_call_output",
+                "call_id": "c",
+                "output": [
+                    {
+                        "stdout": f"sent to {EMAIL}",
+                        "stderr": f"card {CARD}",
+                        "outcome": {"type": "exit", "exit_code": 0},
+                    }
+                ],
+            }
+        ]
+    },
+    "apply_patch_call": {
+        "input": [
+            {
+                "type": "apply_patch_call",
+                "call_id": "c",
+                "status": "completed",
+                "operation": {"type": "update_file", "path": "a.txt", "diff": f"@@ -1 +1 @@\n-x\n+mail {EMAIL}\n"},
+            }
+        ]
+    },
+    "computer_call_typing": {
+        "input": [{"type": "computer_call", "id": "x", "call_id": "c", "action": {"type": "type", "text": EMAIL}}]
+    },
+    "a_future_item": {"input": [{"type": "future_item", "id": "x", "payload": {"notes": [EMAIL]}}]},
+    "text_part": {"input": [{"role": "user", "content": [{"type": "text", "text": EMAIL}]}]},
+    "unknown_part": {"input": [{"role": "user", "content": [{"type": "input_future", "body": EMAIL}]}]},
+    "file_name": {
+        "input": [{"role": "user", "content": [{"type": "input_file", "filename": f"{EMAIL}.pdf", "file_id": "f"}]}]
+    },
+    "nested_input_arrays": {"input": [[{"role": "user", "content": EMAIL}], [EMAIL]]},
+    "prompt_variables": {"prompt": {"id": "pmpt_1", "variables": {"customer": EMAIL}}},
+    "prompt_variables_part": {
+        "prompt": {"id": "pmpt_1", "variables": {"customer": {"type": "input_text", "text": EMAIL}}}
+    },
+    "instructions_items": {"instructions": [{"role": "system", "content": EMAIL}], "input": "hi"},
+    "instructions_parts": {
+        "instructions": [{"type": "message", "role": "developer", "content": [{"type": "input_text", "text": EMAIL}]}]
+    },
+}
+
+
+def redacted_request(payload: dict[str, Any]) -> dict[str, Any]:
+    """The body as the gateway sends it on: each text slot redacted (JSON texts as JSON)."""
+    body = json.loads(json.dumps(payload))
+    for holder, key, json_text in list(responses_request_texts(body)):
+        holder[key] = redact(holder[key], json_text=json_text)
+    return dict(body)
+
+
+@pytest.mark.parametrize("name", list(OTHER_TEXTS))
+def test_every_text_the_client_sends_is_a_request_text(name: str) -> None:
+    sent = json.dumps(redacted_request({"model": "m", **OTHER_TEXTS[name]}))
+    assert EMAIL not in sent and CARD not in sent and "j***e@example.com" in sent
+
+
+def test_ids_enums_and_binary_data_are_no_request_texts() -> None:
+    # A base64 image or file may hold a run an IBAN or a card could be made of, an id a run of
+    # digits: never "redacted" (which would only break them); reasoning passes with its
+    # encrypted content, a generated image as it came.
+    blob = "GB82WEST12345698765432" + "4242424242424242" + "AAAA"
+    payload = {
+        "model": "m",
+        "input": [
+            {
+                "role": "user",
+                "content": [{"type": "input_image", "image_url": "data:image/png;base64," + blob, "detail": "auto"}],
+            },
+            {
+                "role": "user",
+                "content": [{"type": "input_file", "file_data": blob, "file_id": "file-4242424242424242"}],
+            },
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": blob, "format": "wav"}}]},
+            {
+                "type": "computer_call_output",
+                "call_id": "call_4242424242424242",
+                "output": {"type": "computer_screenshot", "image_url": blob},
+            },
+            {
+                "type": "reasoning",
+                "id": "rs_1",
+                "encrypted_content": blob,
+                "summary": [{"type": "summary_text", "text": "x"}],
+            },
+            {"type": "image_generation_call", "id": "ig_1", "result": blob, "status": "completed"},
+            {"type": "compaction", "id": "cmp_1", "encrypted_content": blob},
+            {"type": "mcp_approval_response", "approval_request_id": "mcpr_4242424242424242", "approve": True},
+        ],
+    }
+    assert redacted_request(payload) == payload
 
 
 @pytest.mark.parametrize("value", [5, {"role": "user"}, None, True, 1.5])
@@ -609,3 +896,60 @@ def test_an_embeddings_vector_passes_untouched_whatever_it_looks_like() -> None:
     reply = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": vector}], "note": EMAIL}
     redact_reply(REDACTOR, reply, EMBEDDINGS.reply_spec, None)
     assert reply["data"][0]["embedding"] == vector and reply["note"] == "j***e@example.com"
+
+
+@pytest.mark.parametrize(
+    "embedding",
+    [[EMAIL, CARD], EMAIL, f"call {CARD}", [0.1, EMAIL], {"v": EMAIL}],
+    ids=["strings", "an-address", "a-card", "mixed", "an-object"],
+)
+def test_an_embedding_that_is_no_vector_is_redacted_like_any_text(embedding: object) -> None:
+    # Review of issue 18, D7: only numbers and base64 pass untouched.
+    reply = {
+        "object": "list",
+        "data": [{"index": 0, "embedding": embedding}, {"index": 1, "embedding": [0.5, -1, 2e-3]}],
+    }
+    redact_reply(REDACTOR, reply, EMBEDDINGS.reply_spec, None)
+    text = json.dumps(reply)
+    assert EMAIL not in text and CARD not in text and ("j***e@example.com" in text or "CC_MASKED" in text)
+    assert reply["data"][1]["embedding"] == [0.5, -1, 2e-3]  # type: ignore[index]
+
+
+# --- Known, not fixed -------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §6 (no PII from a reply in clear): object keys are never redacted (relay.walk "
+    "redacts values only; as for chat and messages in tests/test_adversarial.py), so an address "
+    "used as a key in a Responses event or reply reaches the client",
+)
+@pytest.mark.parametrize("stream", [True, False])
+def test_pii_in_an_object_key_is_redacted(stream: bool) -> None:
+    response = {"id": "r", "output": [], "metadata": {EMAIL: "v"}}
+    if stream:
+        out, _ = relay(numbered([e("response.completed", response=response)]))
+        assert EMAIL.encode() not in out
+    else:
+        redact_reply(REDACTOR, response, RESPONSES.reply_spec, None)
+        assert EMAIL not in json.dumps(response)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §6 (split PII redacted, whatever the upstream sends): past 256 text streams "
+    "(relay.py MAX_STREAMS; every (output_index, content_index) is one) each new one is redacted "
+    "event by event, so an upstream that opens 256 parts first then splits an address passes it "
+    "(as for chat in tests/test_adversarial.py)",
+)
+def test_past_the_stream_bound_split_pii_is_still_redacted() -> None:
+    from gateway.relay import MAX_STREAMS
+
+    opening = [
+        e("response.output_text.delta", item_id="m", output_index=i, content_index=0, delta="ok ")
+        for i in range(MAX_STREAMS)
+    ]
+    where = {"item_id": "m", "output_index": MAX_STREAMS, "content_index": 0}
+    split = [e("response.output_text.delta", **where, delta=d) for d in ("mail jane.doe@exa", "mple.com")]
+    out, _ = relay(numbered(opening + split))
+    assert EMAIL not in deltas_of(out, MAX_STREAMS)
