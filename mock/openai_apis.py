@@ -12,8 +12,11 @@ status), die-after (drop the connection after N deltas), error-after (after N de
 `error` event, and the end), answer (json or events, whatever "stream" says), plus refusal
 (the message is a refusal with this text, streamed as refusal deltas), tool-input (a JSON
 object: a function_call item after the message, its arguments streamed in three pieces, or
-in the exact pieces of tool-deltas, a JSON array) and incomplete (a reason: the response ends
-incomplete).
+in the exact pieces of tool-deltas, a JSON array), custom-tool-deltas (a JSON array: a
+custom_tool_call item last, its input streamed in these pieces as
+response.custom_tool_call_input.delta), incomplete (a reason: the response ends incomplete)
+and trailing-done (1: a `data: [DONE]` after the terminal event, in the same write, as some
+OpenAI-compatible servers send).
 
 POST /v1/embeddings: deterministic vectors (`dimensions`, default 8), floats or base64 as
 `encoding_format` asks; usage counts words (or tokens). GET /v1/models: a fixed list. Both take
@@ -124,9 +127,10 @@ async def _respond(request: web.Request, body: dict[str, Any], request_id: str) 
     elif tool_input:
         step = max(1, len(tool_input) // 3)
         pieces = [tool_input[at : at + step] for at in range(0, len(tool_input), step)]
+    custom_pieces = [str(p) for p in json.loads(_header(request, "x-mock-custom-tool-deltas") or "[]")]
     incomplete = _header(request, "x-mock-incomplete")
-    message_id, call_id = "msg_" + request_id[:24], "fc_" + request_id[:24]
-    output_tokens = len(deltas) + len(pieces)
+    message_id, call_id, custom_id = "msg_" + request_id[:24], "fc_" + request_id[:24], "ctc_" + request_id[:24]
+    output_tokens = len(deltas) + len(pieces) + len(custom_pieces)
     usage = {
         "input_tokens": 9,
         "input_tokens_details": {"cached_tokens": 0},
@@ -181,8 +185,19 @@ async def _respond(request: web.Request, body: dict[str, Any], request_id: str) 
             "name": "lookup",
         }
 
-    text, arguments = "".join(deltas), "".join(pieces)
+    def custom(status: str, tool_input: str) -> dict[str, Any]:
+        return {
+            "id": custom_id,
+            "type": "custom_tool_call",
+            "status": status,
+            "call_id": "call_" + request_id[:24],
+            "input": tool_input,
+            "name": "shell",
+        }
+
+    text, arguments, custom_input = "".join(deltas), "".join(pieces), "".join(custom_pieces)
     final_output = [message("completed", text)] + ([call("completed", arguments)] if pieces else [])
+    final_output += [custom("completed", custom_input)] if custom_pieces else []
     final_status = "incomplete" if incomplete else "completed"
     final = {
         **response,
@@ -249,7 +264,18 @@ async def _respond(request: web.Request, body: dict[str, Any], request_id: str) 
             event("response.function_call_arguments.done", arguments=arguments, item_id=call_id, output_index=1)
         )
         await stream.write(event("response.output_item.done", item=call("completed", arguments), output_index=1))
-    await stream.write(event("response." + final_status, response=final))
+    if custom_pieces:
+        where = {"item_id": custom_id, "output_index": len(final_output) - 1}
+        index = where["output_index"]
+        await stream.write(event("response.output_item.added", item=custom("in_progress", ""), output_index=index))
+        for piece in custom_pieces:
+            await stream.write(event("response.custom_tool_call_input.delta", delta=piece, obfuscation=pad(), **where))
+        await stream.write(event("response.custom_tool_call_input.done", input=custom_input, **where))
+        await stream.write(
+            event("response.output_item.done", item=custom("completed", custom_input), output_index=index)
+        )
+    trailing = b"data: [DONE]\n\n" if _header(request, "x-mock-trailing-done") == "1" else b""
+    await stream.write(event("response." + final_status, response=final) + trailing)
     await stream.write_eof()
     return stream
 

@@ -236,6 +236,65 @@ def test_streamed_function_call_arguments_are_json_with_masks(shared_gateway: Ga
     assert json.loads(final.output[1].arguments) == expected  # type: ignore[union-attr]
 
 
+def test_a_custom_tools_input_split_across_deltas_is_masked_everywhere(shared_gateway: Gateway, mock: Mock) -> None:
+    # Review of issue 18, D1: the custom tool's input streamed as custom_tool_call_input deltas
+    # was redacted delta by delta, so an address split across two passed.
+    pieces = ["send the report to jane.doe@exa", "mple.com, card 4242 4242 ", "4242 4242"]
+    with sdk(shared_gateway, knobs(custom_tool_deltas=pieces)).responses.stream(model=MODEL, input="hi") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    expected = redact("".join(pieces))
+    assert expected == "send the report to j***e@example.com, card CC_MASKED_LAST4_4242"
+    assert "".join(e.delta for e in events if e.type == "response.custom_tool_call_input.delta") == expected
+    assert [e.input for e in events if e.type == "response.custom_tool_call_input.done"] == [expected]
+    item = final.output[-1]
+    assert item.type == "custom_tool_call" and item.input == expected
+    seen = "".join(e.model_dump_json(warnings=False) for e in events)
+    assert "jane.doe@example.com" not in seen and "4242 4242 4242 4242" not in seen
+
+
+def test_texts_of_every_item_type_and_prompt_variables_never_reach_the_upstream(
+    shared_gateway: Gateway, mock: Mock
+) -> None:
+    # Review of issue 18, D2: custom tool calls and their outputs, shell and MCP items, a
+    # stored prompt's variables and instructions given as items reached the upstream in clear.
+    email, masked = "jane.doe@example.com", "j***e@example.com"
+    sdk(shared_gateway).responses.create(
+        model=MODEL,
+        prompt={"id": "pmpt_1", "variables": {"customer": email, "note": {"type": "input_text", "text": email}}},
+        input=[
+            {"type": "custom_tool_call", "call_id": "c1", "name": "shell", "input": f"mail {email}"},
+            {"type": "custom_tool_call_output", "call_id": "c1", "output": f"sent to {email}"},
+            {"type": "local_shell_call_output", "id": "lsh_1", "output": email},
+            {
+                "type": "shell_call_output",
+                "call_id": "c2",
+                "output": [{"stdout": email, "stderr": "", "outcome": {"type": "exit", "exit_code": 0}}],
+            },
+            {
+                "type": "mcp_call",
+                "id": "mcp_1",
+                "server_label": "crm",
+                "name": "find",
+                "arguments": f'{{"q": "{email}"}}',
+                "output": email,
+            },
+        ],
+        extra_body={"instructions": [{"role": "developer", "content": f"The user is {email}"}]},
+    )
+    [sent] = upstream_bodies(mock, RESPONSES)
+    assert email not in json.dumps(sent)
+    assert sent["prompt"] == {
+        "id": "pmpt_1",
+        "variables": {"customer": masked, "note": {"type": "input_text", "text": masked}},
+    }
+    assert sent["instructions"] == [{"role": "developer", "content": f"The user is {masked}"}]
+    items = sent["input"]
+    assert (items[0]["input"], items[0]["call_id"], items[1]["output"]) == (f"mail {masked}", "c1", f"sent to {masked}")
+    assert items[2]["output"] == items[3]["output"][0]["stdout"] == items[4]["output"] == masked
+    assert json.loads(items[4]["arguments"]) == {"q": masked}
+
+
 def test_prompt_pii_never_reaches_the_upstream(shared_gateway: Gateway, mock: Mock) -> None:
     sdk(shared_gateway).responses.create(
         model=MODEL,
@@ -263,6 +322,22 @@ def test_prompt_pii_never_reaches_the_upstream(shared_gateway: Gateway, mock: Mo
     assert json.loads(sent["input"][2]["arguments"]) == {"to": "j***e@example.com"}
     assert sent["input"][3]["output"] == "sent to j***e@example.com"
     assert sent["metadata"] == {"ticket": "order 123456789012"}  # every other field as sent
+
+
+async def test_with_redaction_off_nothing_after_the_terminal_event_is_relayed(
+    start_gateway: GatewayFactory, mock: Mock
+) -> None:
+    # Review of issue 18, D3: an upstream's [DONE] after response.completed (in the same read)
+    # went out on a route that has none, when the gateway did not redact.
+    gateway = start_gateway(REDACT_KINDS="")
+    status, _, wire = await post(
+        gateway,
+        RESPONSES,
+        {"model": MODEL, "input": "hi", "stream": True},
+        knobs(trailing_done="1", deltas=["a ", "b"]),
+    )
+    assert status == 200 and b"[DONE]" not in wire and wire.endswith(b"\n\n")
+    assert sse_events(wire)[-1]["type"] == "response.completed" and streamed(sse_events(wire)) == "a b"
 
 
 # --- Responses: bad input, errors -------------------------------------------------------
