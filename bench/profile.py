@@ -27,6 +27,7 @@ SCENARIOS = {
     "openai_unredacted": (run.STREAM_BODY, "openai", {"REDACT_KINDS": ""}),
     "anthropic": (run.MESSAGES_BODY, "anthropic", {}),  # through /v1/messages
     "redis": (run.JSON_BODY, "json", {"REDIS_URL": "redis"}),
+    "budgets": (run.JSON_BODY, "json", {"REDIS_URL": "redis", "TOKEN_QUOTA": "1000000000000"}),
     "tracing": (run.JSON_BODY, "json", {"OTEL_EXPORTER_OTLP_ENDPOINT": "otlp"}),
     "paced": (run.STREAM_BODY, "paced", {}),  # the node stream client, BENCH_STREAMS at once
 }
