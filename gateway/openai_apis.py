@@ -31,7 +31,7 @@ import orjson
 
 from .errors import BadRequest, GatewayError, LogprobsUnavailable
 from .models import Usage
-from .surfaces import COPY, DROP, JSON_COPY, JSON_TEXT, TEXT, All, Api, Leaf, Path, Spec, Surface, TextSlot
+from .surfaces import COPY, DROP, JSON_COPY, JSON_TEXT, TEXT, All, Api, Leaf, Path, Spec, Surface, TextSlot, usage_of
 
 # --- The Responses API -----------------------------------------------------------------
 # An output item's texts: a message's parts (output text, refusal), a reasoning item's text
@@ -285,13 +285,7 @@ def _indices(pairs: Path) -> dict[str, Any]:
 
 
 def responses_usage(response: dict[str, Any]) -> Usage | None:
-    usage = response.get("usage")
-    if type(usage) is not dict:
-        return None
-    prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
-    if type(prompt) is int and type(completion) is int and prompt >= 0 and completion >= 0:
-        return Usage(prompt, completion)
-    return None
+    return usage_of(response, "input_tokens", "output_tokens")
 
 
 def responses_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:

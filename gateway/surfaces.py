@@ -205,10 +205,15 @@ class ChatSurface(Surface):
 
 
 def chat_usage(body: dict[str, Any]) -> Usage | None:
+    return usage_of(body, "prompt_tokens", "completion_tokens")
+
+
+def usage_of(body: dict[str, Any], prompt_key: str, completion_key: str) -> Usage | None:
+    """The body's `usage` under these two count names, if both are counts."""
     usage = body.get("usage")
     if type(usage) is not dict:
         return None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    prompt, completion = usage.get(prompt_key), usage.get(completion_key)
     if type(prompt) is int and type(completion) is int and prompt >= 0 and completion >= 0:
         return Usage(prompt, completion)
     return None
