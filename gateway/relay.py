@@ -66,7 +66,10 @@ def side_may_match(data: bytes) -> bool:
 
 # A "usage" key whose value is not null (anything else, an unexpected spacing included, is
 # worth parsing).
-_USAGE_VALUE = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(?!null[ \t\r\n,}])')
+_USAGE_VALUE = re.compile(
+    rb'"(?:u|\\u0075)(?:s|\\u0073)(?:a|\\u0061)(?:g|\\u0067)(?:e|\\u0065)"'  # the key, its letters escaped or not
+    rb"[ \t\r\n]*:[ \t\r\n]*(?!null[ \t\r\n,}])"
+)
 
 MAX_STREAMS = 256  # text streams per reply; past that (a hostile upstream), texts are redacted whole
 MAX_KEPT_CHARS = 4 * 1024 * 1024  # streamed text kept for its later copies, per reply
@@ -149,6 +152,8 @@ class StreamRelay:
             if self.done:
                 break  # nothing follows the end of a stream (a [DONE] after response.completed)
             stop = blocks.find(b"\n\n", at) + 2  # every event ends with a blank line, and so do blocks
+            if stop < 2:
+                break  # what is left is the tail of a run of blank lines ("\n\n\n"): nothing to send
             if stop == at + 2:  # a run of blank lines: nothing to send
                 out.append(blocks[copied:at])
                 copied = at = stop
@@ -251,7 +256,9 @@ class StreamRelay:
 
     def _worth_parsing(self, blocks: bytes) -> list[tuple[int, int]]:
         """Where the events that may hold a usage (not null) or end the stream lie, in order."""
-        found = [m.start() for m in _USAGE_VALUE.finditer(blocks)] if blocks.find(b'"usage"') >= 0 else []
+        # The key as it usually comes, or with an escape in it (a hostile upstream's "\u0075sage").
+        maybe = blocks.find(b'"usage"') >= 0 or blocks.find(b"\\u00") >= 0
+        found = [m.start() for m in _USAGE_VALUE.finditer(blocks)] if maybe else []
         surface = self._surface
         for marker in surface.done_markers if surface.done_data is None else (*surface.done_markers, surface.done_data):
             at = blocks.find(marker)

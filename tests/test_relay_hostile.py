@@ -7,6 +7,8 @@ import contextlib
 import itertools
 import json
 import os
+import signal
+from collections.abc import Iterator
 from typing import Any
 
 from hypothesis import given, settings
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 from gateway import sse
 from gateway.redact import ALL_KINDS, build_redactor
 from gateway.relay import StreamRelay
+from gateway.surfaces import CHAT
 
 REDACTOR = build_redactor(ALL_KINDS)
 assert REDACTOR is not None
@@ -376,7 +379,6 @@ def test_a_reply_passed_over_is_one_redaction_would_not_change(reply: dict[str, 
     # The JSON reply's shortcut: when its bytes hold nothing PII could be made of, the full
     # redaction (every string, logprobs dropped) leaves it as it is.
     from gateway.relay import redact_reply, reply_may_need_redaction
-    from gateway.surfaces import CHAT
 
     data = json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode()
     if not reply_may_need_redaction(data):
@@ -490,3 +492,62 @@ def test_redaction_off_notes_what_parsing_every_event_notes(
         )
     else:
         assert relay.usage is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(["text", "pii", "blank", "comment", "crlf_blank"]), max_size=10),
+    st.integers(min_value=1, max_value=40),
+    st.booleans(),
+)
+def test_blank_line_runs_cut_anywhere_end_and_match_the_exact_path(kinds: list[str], cut: int, messages: bool) -> None:
+    # Extra blank lines, and reads that cut a blank-line run (its third newline arriving with
+    # the events before it), once made `feed` loop for ever. Every such stream ends, its text
+    # masked, byte for byte what the exact path gives.
+    from gateway.surfaces import MESSAGES
+
+    if messages:
+        parts = {
+            "text": b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+            b'"delta":{"type":"text_delta","text":"mail "}}\n\n',
+            "pii": b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+            b'"delta":{"type":"text_delta","text":"jane.doe@example.com "}}\n\n',
+        }
+        end = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    else:
+        parts = {"text": delta_chunk({"content": "mail "}), "pii": delta_chunk({"content": EMAIL + " "})}
+        end = DONE
+    parts |= {"blank": b"\n", "comment": b": keep-alive\n\n", "crlf_blank": b"\r\n"}
+    wire = b"".join(parts[k] for k in kinds) + end
+    reads = [wire[i : i + cut] for i in range(0, len(wire), cut)]
+    surface = MESSAGES if messages else CHAT
+    fast, exact = StreamRelay(REDACTOR, None, surface), _ExactOnly(REDACTOR, None, surface)
+    with _deadline(2):  # each example its own: a hang fails it, and its shrinking, at once
+        out = b"".join(fast.feed(r) for r in reads) + fast.close()
+        assert out == b"".join(exact.feed(r) for r in reads) + exact.close()
+    assert EMAIL.encode() not in out and fast.done
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int) -> Iterator[None]:
+    def expired(*_: object) -> None:
+        raise TimeoutError(f"the relay did not return within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_redaction_off_counts_a_usage_under_an_escaped_key() -> None:
+    # Only events that may hold a usage are parsed with redaction off: a key written with
+    # escapes ("\u0075sage") is one too, or tokens_total and budgets would miss that usage.
+    for key in (b'"\\u0075sage"', b'"us\\u0061ge"', b'"\\u0075\\u0073\\u0061\\u0067\\u0065"'):
+        raw = b'data: {"id":"c1","choices":[],' + key + b':{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+        on, off = StreamRelay(REDACTOR, None), StreamRelay(None, None, hide_usage=True)
+        on.feed(raw)
+        assert off.feed(raw + DONE) == DONE  # noted, and hidden as the gateway asked
+        assert on.usage is not None and off.usage == on.usage
