@@ -44,7 +44,7 @@ from .limits import Quota, TokenBucket, format_reset, retry_headers
 from .models import RequestState
 from .policies import ANY_MODEL, DEFAULT_UPSTREAM, principal_of, request_context
 from .reload import LiveConfig
-from .router import ROUTED_APIS, router_for
+from .router import router_for
 from .shedding import Shedder
 from .surfaces import Api
 from .telemetry import Telemetry
@@ -263,16 +263,10 @@ def routed_upstream(request: web.Request, model: str | None) -> str:
     (context.upstream): `default` without ROUTES_FILE or for a model no route takes (the
     proxy answers that one 404)."""
     router = router_for(request)
-    if router is None or model is None or request.match_info.route.name not in ROUTED_APIS:
-        return DEFAULT_UPSTREAM  # the other routes go to OPENAI_BASE_URL
-    route = router.table.lookup(model)
-    if route is None:
+    if router is None or model is None:
         return DEFAULT_UPSTREAM
-    anthropic_only = request.match_info.route.name == "messages"  # /v1/messages goes to Anthropic upstreams only
-    for target in route.targets:
-        if not anthropic_only or target.upstream.kind == "anthropic":
-            return target.upstream.name
-    return DEFAULT_UPSTREAM
+    # The proxy's own choice (on the other routes: OPENAI_BASE_URL, `default`).
+    return router.first_upstream(request.match_info.route.name or "", model) or DEFAULT_UPSTREAM
 
 
 def policy() -> Middleware:

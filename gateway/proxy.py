@@ -93,8 +93,7 @@ class Proxy:
         assert payload is not None and state.model is not None, "the body middleware runs first"
         # Before any work: an unrouted model is 404. ROUTES_FILE routes chat and messages;
         # the other OpenAI routes go to OPENAI_BASE_URL.
-        routed = router is not None and self._api.name in ROUTED_APIS
-        legs = router.legs(self._api, state.model) if routed and router is not None else None
+        legs = router.legs(self._api, state.model) if router is not None and self._api.name in ROUTED_APIS else None
         state.stream = self._api.streams and payload.get("stream") is True
         hidden_usage = state.stream and self._api.asks_stream_usage and ask_stream_usage(payload)
         if self._redactor is not None:

@@ -165,6 +165,13 @@ class Router:
     def closed(self) -> bool:
         return self._closed
 
+    def first_upstream(self, route_name: str, model: str) -> str | None:
+        """The name of the upstream a request of this route for `model` is sent to first; None
+        when no route takes the model or the route is not one ROUTES_FILE routes."""
+        route = self.table.lookup(model)
+        legs = self._legs.get((route_name, id(route))) if route is not None else None
+        return legs[0].name if legs else None
+
     def legs(self, api: Api, model: str) -> tuple[Leg, ...]:
         """The model's upstreams in order, for this API; 404 model_not_found when none."""
         route = self.table.lookup(model)
