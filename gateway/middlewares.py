@@ -235,8 +235,11 @@ def body(
                 metrics.cb_event("load_shed")
                 raise Overloaded(headers=_RETRY_NOW)
             try:
-                async with asyncio.timeout(read_timeout):
-                    raw = await request.read()  # aiohttp holds it to client_max_size (= max_bytes)
+                if request.content.is_eof():  # all of it has arrived: read() cannot wait, no deadline needed
+                    raw = await request.read()
+                else:
+                    async with asyncio.timeout(read_timeout):
+                        raw = await request.read()  # aiohttp holds it to client_max_size (= max_bytes)
             except web.HTTPRequestEntityTooLarge:
                 raise bodies.too_large(max_bytes) from None
             except web.RequestPayloadError:  # a broken chunked encoding, a short body

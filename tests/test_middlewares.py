@@ -303,6 +303,25 @@ async def test_bad_bodies_are_refused_before_they_spend_a_token_or_quota(
     assert [line["status"] for line in lines] == [expected for _, expected, _ in cases] + [200]
 
 
+async def test_a_body_still_arriving_at_the_deadline_is_408(start: GatewayFactory, upstream: Upstream) -> None:
+    """The read deadline holds for a body not yet all in (one that is, is read without one)."""
+    gateway = await start(TIMEOUT_SECS="0.2")
+    release = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:  # chunked: half a body, then nothing until the answer
+        yield b'{"model": "gpt-4o-mini", '
+        await release.wait()
+
+    try:
+        status, _, body = await gateway.post(data=stalled())
+    finally:
+        release.set()
+    assert (status, error_of(body)["code"]) == (408, "request_timeout")
+    assert not upstream.bodies
+    status, _, _ = await gateway.post()  # a whole body: no deadline to wait out
+    assert status == 200
+
+
 async def test_refused_requests_name_their_model_in_log_and_metrics(start: GatewayFactory, upstream: Upstream) -> None:
     gateway = await start(RPS="0.001", BURST="2", DEFAULT_QUOTA="1", MAX_CONCURRENCY="1")
     assert (await gateway.post(chat(model="m-ok"), key="t"))[0] == 200
