@@ -111,7 +111,7 @@ class TokenBudget:
         # More than the limit can never be held: what the store is sent stays small.
         amount = min(amount, limit + 1)
         store, key, window_ms = self._store, "tokens:{" + public_id + "}", self._window_ms
-        held = await self._guard.call(lambda: store.reserve(key, amount, limit, window_ms))
+        held = await self._guard.call(store.reserve, key, amount, limit, window_ms)
         if held is None:
             return None
         allowed, total, reset_after_ms, window = held
@@ -127,4 +127,4 @@ class TokenBudget:
         store, used = self._store, min(max(used, 0), MAX_TOKENS)
         # Fail-closed raises: the request is answered already, and over-counting is the safe side.
         with contextlib.suppress(StoreUnavailable):
-            await self._guard.call(lambda: store.settle(decision.key, decision.window, decision.reserved, used))
+            await self._guard.call(store.settle, decision.key, decision.window, decision.reserved, used)

@@ -104,8 +104,7 @@ class Quota:
     async def check(self, tenant: str, public_id: str) -> Decision | None:
         """The verdict, or None when the store is down and the mode is fail-open."""
         limit = self.limit_for(tenant)
-        store, key, window_ms = self._store, "quota:" + public_id, self._window_ms
-        counted = await self._guard.call(lambda: store.hit(key, window_ms))
+        counted = await self._guard.call(self._store.hit, "quota:" + public_id, self._window_ms)
         if counted is None:
             return None
         count, ttl_ms = counted
