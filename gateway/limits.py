@@ -111,13 +111,17 @@ class Quota:
         return Decision(count <= limit, limit, max(0, limit - count), ttl_ms)
 
 
+# ".5", ".25", ".125" ... by milliseconds ("" for none): looked up, not formatted, per response.
+_FRACTIONS = ("", *(f".{ms:03d}".rstrip("0") for ms in range(1, 1000)))
+
+
 def format_reset(ms: int) -> str:
     """OpenAI's duration format for x-ratelimit-reset-*: 12ms, 1s, 1.5s, 6m0s."""
     if ms < 1000:
         return f"{ms}ms"
     seconds, fraction = divmod(ms, 1000)  # integers: round() and :g on a float cost 5x more
     if seconds < 60:
-        return f"{seconds}.{fraction:03d}".rstrip("0") + "s" if fraction else f"{seconds}s"
+        return f"{seconds}{_FRACTIONS[fraction]}s"
     minutes, rest = divmod(seconds, 60)
     return f"{minutes}m{rest}s"
 

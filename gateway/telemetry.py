@@ -265,11 +265,12 @@ class RequestLog:
         self, state: RequestState, method: str, path: str, status: int, seconds: float, trace_id: str | None
     ) -> None:
         now = time.time()
-        if int(now) != self._second:  # formatted once a second, not once a request
-            self._second = int(now)
-            self._timestamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        second, millis = divmod(int(now * 1000), 1000)
+        if second != self._second:  # formatted once a second, not once a request
+            self._second = second
+            self._timestamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         record: dict[str, object] = {
-            "ts": f"{self._timestamp}.{int(now * 1000) % 1000:03d}Z",
+            "ts": self._timestamp + _MILLIS[millis],
             "request_id": state.request_id,
             "method": method,
             "path": path,
@@ -298,6 +299,9 @@ class RequestLog:
                 self._stream.flush()
             except (OSError, ValueError):
                 pass  # stdout gone (closed pipe): logging must never fail a request
+
+
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))  # a timestamp's ends, looked up rather than formatted
 
 
 def _ms(seconds: float) -> float:
