@@ -82,7 +82,8 @@ class Proxy:
         self._timeout = timeout_secs
         self._draining: set[asyncio.Task[None]] = set()
         metrics = telemetry.metrics
-        self._count_request_redactions = lambda kind, times: metrics.redacted(kind, "request", times)
+        # Straight to the family: a resent conversation counts its masks on every request.
+        self._count_request_redactions = lambda kind, times: metrics.redactions.add((kind, "request"), times)
         self._count_request_redaction = lambda kind: metrics.redacted(kind, "request")
         self._count_response_redaction = lambda kind: metrics.redacted(kind, "response")
 
