@@ -281,7 +281,7 @@ def test_the_side_check_finds_every_run_the_redactor_looks_in(text: str) -> None
 class _ExactOnly(StreamRelay):
     __slots__ = ()
 
-    def _templated(self, blocks: bytes, at: int, stop: int, out: list[bytes], copied: int) -> int | None:
+    def _templated(self, blocks: bytes, at: int, out: list[bytes], copied: int) -> tuple[int, int] | None:
         return None  # every event parsed
 
 
@@ -339,10 +339,10 @@ def test_events_of_one_shape_take_the_fast_path() -> None:
     class Counting(StreamRelay):
         __slots__ = ()
 
-        def _templated(self, blocks: bytes, at: int, stop: int, out: list[bytes], copied: int) -> int | None:
-            spliced = super()._templated(blocks, at, stop, out, copied)
+        def _templated(self, blocks: bytes, at: int, out: list[bytes], copied: int) -> tuple[int, int] | None:
+            spliced = super()._templated(blocks, at, out, copied)
             if spliced is not None:
-                seen.append(blocks[at:stop])
+                seen.append(blocks[at : spliced[1]])
             return spliced
 
     relay = Counting(REDACTOR, None)

@@ -587,7 +587,7 @@ def test_fuzz_hostile_events_never_pass_pii_in_clear(reads: list[bytes]) -> None
 class _ExactOnly(StreamRelay):
     __slots__ = ()
 
-    def _templated(self, blocks: bytes, at: int, stop: int, out: list[bytes], copied: int) -> int | None:
+    def _templated(self, blocks: bytes, at: int, out: list[bytes], copied: int) -> tuple[int, int] | None:
         return None
 
 
@@ -608,10 +608,10 @@ def test_deltas_of_one_shape_take_the_fast_path_and_their_numbers_are_noted() ->
     class Counting(StreamRelay):
         __slots__ = ()
 
-        def _templated(self, blocks: bytes, at: int, stop: int, out: list[bytes], copied: int) -> int | None:
-            spliced = super()._templated(blocks, at, stop, out, copied)
+        def _templated(self, blocks: bytes, at: int, out: list[bytes], copied: int) -> tuple[int, int] | None:
+            spliced = super()._templated(blocks, at, out, copied)
             if spliced is not None:
-                seen.append(blocks[at:stop])
+                seen.append(blocks[at : spliced[1]])
             return spliced
 
     words = [" lorem", " ipsum", " dolor", " sit", " amet", " consectetur", " adipiscing", " elit", " sed", " do"]
