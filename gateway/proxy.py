@@ -73,6 +73,7 @@ class Proxy:
     ) -> None:
         self._api = api
         self._idle = stream_idle_secs
+        self._idle_slack = min(1.0, stream_idle_secs / 50)  # how late the idle timeout may fire (see _pump)
         self._surface = api.surface
         self._upstream = upstream
         self._redactor = redactor
@@ -261,7 +262,7 @@ class Proxy:
             response = web.StreamResponse(headers=SSE_HEADERS)
             try:
                 await response.prepare(request)
-                await self._pump(response, relay, first, reply)
+                await self._pump(request, response, relay, first, reply)
                 await response.write_eof()
                 if relay.done and not reply.at_eof:
                     # Hand the upstream over: the client may leave (and cancel us) now.
@@ -385,18 +386,33 @@ class Proxy:
         self._draining.add(task)  # a reference, or the task could be collected mid-way
         task.add_done_callback(self._draining.discard)
 
-    async def _pump(self, response: web.StreamResponse, relay: StreamRelay, first: bytes, reply: Reply) -> None:
+    async def _pump(
+        self, request: web.Request, response: web.StreamResponse, relay: StreamRelay, first: bytes, reply: Reply
+    ) -> None:
         try:
             out = first
             loop = asyncio.get_running_loop()
-            # One timeout for the whole stream, moved before each read: the upstream may be
-            # silent STREAM_IDLE_SECS between two reads, however slowly the client takes them.
+            # One timeout for the whole stream: the upstream may be silent STREAM_IDLE_SECS
+            # between two reads, however slowly the client takes them. Moving a timer costs
+            # more than relaying a small event, so the deadline is set `slack` later than it
+            # must be and moved again only once that much time has passed: it never fires
+            # early, and at most `slack` late. A write that may wait for the client (its
+            # socket's buffer is not empty) stops the clock; one that cannot leaves it be.
+            transport = request.transport
+            fits = transport.get_write_buffer_limits()[1] if transport is not None else -1
+            slack = self._idle_slack
+            armed: float | None = None  # when the deadline was last moved; None: stopped
             async with asyncio.timeout(None) as idle:
                 while not relay.done:
                     if out:
-                        idle.reschedule(None)
+                        if transport is None or transport.get_write_buffer_size() or len(out) > fits:
+                            idle.reschedule(None)
+                            armed = None
                         await response.write(out)
-                    idle.reschedule(loop.time() + self._idle)
+                    now = loop.time()
+                    if armed is None or now - armed > slack:
+                        idle.reschedule(now + self._idle + slack)
+                        armed = now
                     chunk = await reply.next_chunk()
                     if not chunk:  # upstream ended without [DONE]
                         out = relay.close()

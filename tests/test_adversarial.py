@@ -646,6 +646,25 @@ async def test_a_silent_upstream_is_cut_with_an_sse_error(start: GatewayFactory,
     assert await gateway.healthy()
 
 
+async def test_a_client_slower_than_stream_idle_secs_still_gets_the_whole_stream(
+    start: GatewayFactory, hostile: Hostile
+) -> None:
+    # SPEC §5: the idle timeout measures the upstream's silence, not the client's: a client
+    # that reads nothing for longer than STREAM_IDLE_SECS, while the gateway's writes wait
+    # for it (32 MB: more than the sockets buffer), still gets every event and the end.
+    gateway = await start(STREAM_IDLE_SECS="0.3")
+    piece = "x" * 8000
+    hostile.answer = events_answer(b"".join(chunk({"content": piece}) for _ in range(4000)) + DONE)
+    body = json.dumps({"model": "m", "messages": PROMPT, "stream": True})
+    headers = {"Content-Type": "application/json", "X-Api-Key": "demo"}
+    async with gateway.client.post(CHAT, data=body, headers=headers) as reply:
+        first = await reply.content.readany()
+        await asyncio.sleep(1.0)  # the slow client: nothing read for three idle timeouts
+        wire = first + await reply.read()
+    assert not any("error" in event for event in json_events(wire))
+    assert wire.endswith(DONE) and len(delta_text(wire, "content")) == 4000 * len(piece)
+
+
 async def test_an_oversized_first_event_is_a_502(gateway: Gateway, hostile: Hostile) -> None:
     hostile.answer = events_answer(b"data: " + b"a" * (17 * 1024 * 1024))
     status, data = await gateway.chat({"stream": True})
