@@ -563,8 +563,17 @@ class StreamRedactor:
 
     def feed(self, piece: str) -> str:
         text = self._text + piece
-        out, settled = self._redactor.settle(text, self._start, self._on_redaction)
-        self._keep(text, settled)
+        start = self._start
+        redactor = self._redactor
+        # Redactor.settle and _keep, written out: this runs once per streamed event.
+        hold = redactor.hold(text, start)
+        if redactor.may_match(text, start):
+            out, settled = redactor.settle_matches(text, start, hold, self._on_redaction)
+        else:
+            out, settled = text[start:hold], hold  # the common case: nothing complete to check
+        keep_from = settled - _CONTEXT if settled > _CONTEXT else 0
+        self._text = text[keep_from:]
+        self._start = settled - keep_from
         return out
 
     def feed_unmasked(self, piece: str, final: bool = False) -> tuple[str, int] | None:

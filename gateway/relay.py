@@ -387,8 +387,12 @@ class StreamRelay:
             return None
         steps = plan[0]
         texts: list[str] = []
-        for i, step in enumerate(steps):
-            value = blocks[bounds[2 * i] : bounds[2 * i + 1]]
+        values = iter(bounds)
+        for step, begin, end in zip(steps, values, values, strict=False):  # bounds[-1]: the end, left over
+            value = blocks[begin:end]
+            if step is None and value.isalnum() and len(value) < 11:
+                texts.append("")  # a side value of ASCII letters and digits, too short for a run: nothing
+                continue
             try:
                 text = value.decode()
             except UnicodeDecodeError:
@@ -398,19 +402,19 @@ class StreamRelay:
             if step is None and side_may_match(value):  # a side value must hold nothing PII is made of
                 return None
             texts.append(text)
-        for i, step in enumerate(steps):
+        values = iter(bounds)
+        for step, text, begin, end in zip(steps, texts, values, values, strict=False):
             if step is None:
                 continue
             if step is NUMBER:
                 assert self._numbered is not None
-                self._scratch[self._numbered] = int(texts[i])
+                self._scratch[self._numbered] = int(text)
                 continue
-            text = texts[i]
             now = self._leaf(step[0], step[1], text)
             if now != text:
-                out.append(blocks[copied : bounds[2 * i]])
+                out.append(blocks[copied:begin])
                 out.append(orjson.dumps(now)[1:-1])
-                copied = bounds[2 * i + 1]
+                copied = end
         return copied, stop
 
     def _side_may_match(self, data: bytes) -> bool:
