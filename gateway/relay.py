@@ -318,7 +318,9 @@ class StreamRelay:
             for path, text in self._take_held(into):
                 put(chunk, path, text)
         written = _with_data(event, _dumps(chunk), self._whole)
-        if plain and before is None and root is not None and not self.done:
+        # An event whose texts are all empty opens a part (OpenAI's role chunk, Anthropic's
+        # content_block_start): one of its shape seldom follows, so it is not worth learning.
+        if plain and before is None and root is not None and not self.done and any(text for _, _, text, _ in fed):
             self._learn(event, fed, written)
         return out + written
 
