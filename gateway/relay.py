@@ -27,7 +27,7 @@ import orjson
 from . import sse
 from .errors import GatewayError, UpstreamError
 from .models import Usage
-from .redact import OnRedaction, Redactor, StreamRedactor
+from .redact import OnRedaction, Redactor, StreamRedactor, has_trigger
 from .surfaces import CHAT, All, Each, Leaf, Path, Spec, Surface, chat_usage, put
 
 # What every card, phone, IBAN or SSN lies in (redact.py's `_DIGIT_RUN`, over bytes): a run
@@ -426,6 +426,8 @@ class StreamRelay:
         """A described field's text through its stream (past `MAX_STREAMS` of them: whole)."""
         if leaf.copy:
             return self._copy(path, leaf, text)
+        if leaf.joins is not None:
+            path = path[: len(path) - len(leaf.joins)] + leaf.joins
         stream = self._streams.get(path)
         if stream is None:
             assert self._redactor is not None
@@ -603,6 +605,16 @@ def walk(node: dict[str, Any], spec: Spec | None, path: Path, scrub: bool, leaf:
         return
     for name, value in node.items():
         _visit(node, name, value, spec.get(name) if spec is not None else None, path, scrub, leaf, whole)
+    if has_trigger("".join(node), 0):  # a key holds "@" or a digit: keys are text too
+        _rekeyed(node, whole)
+
+
+def _rekeyed(node: dict[str, Any], whole: WholeText) -> None:
+    """The object's keys redacted whole, in place and in order (an address used as a key is
+    masked; two keys that mask alike keep the last value)."""
+    items = [(whole(name), value) for name, value in node.items()]
+    node.clear()
+    node.update(items)
 
 
 def _described(node: dict[str, Any], spec: Spec, path: Path, leaf: LeafText) -> None:
@@ -627,7 +639,7 @@ def _described(node: dict[str, Any], spec: Spec, path: Path, leaf: LeafText) -> 
             for position, item in enumerate(value):
                 if type(item) is dict:
                     if shape is All:
-                        _described(item, items, (*path, name, position), leaf)
+                        _described(item, sub.spec_for(item), (*path, name, position), leaf)  # type: ignore[union-attr]
                     elif type(index := item.get("index")) is int:
                         _described(item, items, (*path, name, index), leaf)
 
@@ -667,7 +679,7 @@ def _visit(
                         walk(item, sub.spec, (*path, name, index), scrub, leaf, whole)
                         continue
                 elif kind_of_list is All:
-                    walk(item, sub.spec, (*path, name, position), scrub, leaf, whole)
+                    walk(item, sub.spec_for(item), (*path, name, position), scrub, leaf, whole)
                     continue
             if scrub:
                 _visit(value, position, item, None, (), scrub, leaf, whole)  # not readable as described: whole

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import orjson
@@ -35,6 +35,9 @@ class Leaf:
     drop: bool = False  # with redaction on, the value goes out as null
     keep: bool = False  # passes as it came, never redacted (a signature covers it)
     copy: bool = False  # a later copy of a streamed text: what its stream gave out (Surface.stream_of)
+    # Feeds the stream of a sibling field: its path with the last len(joins) keys replaced by
+    # these (a block's opening text and its deltas are one text).
+    joins: tuple[str, ...] | None = None
 
 
 TEXT = Leaf()
@@ -54,9 +57,17 @@ class Each:
 
 @dataclass(frozen=True, slots=True)
 class All:
-    """A list of objects read alike (whole replies only: no text streams across them)."""
+    """A list of objects read alike (whole replies only: no text streams across them); an
+    item whose "type" `by_type` lists is read by that description instead."""
 
     spec: Spec
+    by_type: dict[str, Spec] | None = field(default=None, compare=False)
+
+    def spec_for(self, item: dict[str, Any]) -> Spec:
+        if self.by_type is None:
+            return self.spec
+        kind = item.get("type")
+        return self.by_type.get(kind, self.spec) if type(kind) is str else self.spec
 
 
 Spec = dict[str, "Spec | Each | All | Leaf"]
@@ -226,16 +237,34 @@ CHAT = ChatSurface()
 # A stream's events are keyed by their content block's "index"; text and tool input JSON
 # stream per block. Thinking and its signature pass untouched (the signature covers them).
 _THINKING: Spec = {"thinking": KEEP, "signature": KEEP, "data": KEEP}
+# A text block's opening text (content_block_start's, usually "") is the start of its deltas' text.
+_BLOCK_TEXT = Leaf(joins=("delta", "text"))
+# Thinking is passed as it came only in thinking events (its signature covers it); on any
+# other event those fields are text like any other.
+_THINKING_TYPES = frozenset({"thinking", "redacted_thinking", "thinking_delta", "signature_delta"})
+_THINKING_BLOCKS = {"thinking": _THINKING, "redacted_thinking": _THINKING}
 
 
 class MessagesSurface(Surface):
     spec: ClassVar[Spec] = {
-        "delta": {"text": TEXT, "partial_json": JSON_TEXT, **_THINKING},
-        "content_block": _THINKING,
-        "message": {"content": All(_THINKING)},
+        "delta": {"text": TEXT, "partial_json": JSON_TEXT},
+        "content_block": {"text": _BLOCK_TEXT},
+        "message": {"content": All({}, _THINKING_BLOCKS)},
     }
-    reply_spec: ClassVar[Spec] = {"content": All({"text": TEXT, **_THINKING})}
+    thinking_spec: ClassVar[Spec] = {
+        "delta": {"text": TEXT, "partial_json": JSON_TEXT, **_THINKING},
+        "content_block": {"text": _BLOCK_TEXT, **_THINKING},
+        "message": {"content": All({}, _THINKING_BLOCKS)},
+    }
+    reply_spec: ClassVar[Spec] = {"content": All({"text": TEXT}, _THINKING_BLOCKS)}
     done_types: ClassVar[frozenset[str]] = frozenset({"message_stop", "error"})  # the upstream's own error ends it too
+
+    def spec_of(self, event: dict[str, Any]) -> Spec:
+        part = event.get("delta")
+        if type(part) is not dict:
+            part = event.get("content_block")
+        kind = part.get("type") if type(part) is dict else None
+        return self.thinking_spec if type(kind) is str and kind in _THINKING_TYPES else self.spec
 
     def root(self, event: dict[str, Any]) -> Path | None:
         kind = event.get("type")

@@ -722,12 +722,6 @@ async def test_odd_json_replies_are_relayed_redacted_or_502(gateway: Gateway, ho
     assert await gateway.healthy()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §6 (no PII from a reply in clear): object keys are never redacted (relay.walk "
-    "redacts values only), so an address used as a key in a reply, or in an Anthropic "
-    "tool_use input, reaches the client",
-)
 @pytest.mark.parametrize("route", ["chat", "messages"])
 async def test_pii_in_reply_object_keys_is_redacted(gateway: Gateway, hostile: Hostile, route: str) -> None:
     if route == "chat":
@@ -783,12 +777,6 @@ async def test_anthropic_thinking_passes_and_text_is_redacted(gateway: Gateway, 
     assert names[-1] == b"event: message_stop"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §11 (text redacted per content block with the split guarantee): the text a "
-    "content_block_start carries is redacted event by event, apart from the block's "
-    "text_delta stream, so an address begun there and finished in the first delta passes",
-)
 async def test_anthropic_text_begun_in_content_block_start_is_redacted_with_its_deltas() -> None:
     relay = StreamRelay(REDACTOR, None, MESSAGES)
     start = anthropic_ev(
@@ -810,16 +798,31 @@ async def test_anthropic_text_begun_in_content_block_start_is_redacted_with_its_
     assert EMAIL not in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §11 (only thinking blocks pass unchanged): KEEP is matched by field name, not by "
-    "block type, so a 'data'/'signature'/'thinking' field on a text_delta is relayed in clear "
-    "(surfaces.py MessagesSurface.spec)",
-)
 async def test_anthropic_keep_fields_on_a_text_delta_are_not_a_side_channel() -> None:
     relay = StreamRelay(REDACTOR, None, MESSAGES)
     wire = ANTHROPIC_START + text_delta("hi", data=EMAIL) + ANTHROPIC_END
     assert EMAIL not in decoded(relay.feed(wire) + relay.close())
+    # ... nor on a text block's start
+    start = anthropic_ev(
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": "", "signature": EMAIL}}
+    )
+    relay = StreamRelay(REDACTOR, None, MESSAGES)
+    assert EMAIL not in decoded(relay.feed(ANTHROPIC_START + start + ANTHROPIC_END) + relay.close())
+
+
+async def test_anthropic_keep_fields_on_a_text_block_of_a_reply_are_not_a_side_channel(
+    gateway: Gateway, hostile: Hostile
+) -> None:
+    # SPEC §11: a thinking block passes as it came (its signature covers it); the same fields
+    # on a text block are text like any other.
+    thinking = {"type": "thinking", "thinking": f"user is {EMAIL}", "signature": "Eq4242424242424242=="}
+    text = {"type": "text", "text": "hi", "signature": EMAIL, "data": EMAIL}
+    hostile.answer = json_answer({"type": "message", "role": "assistant", "content": [thinking, text]})
+    status, data = await gateway.messages({"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200
+    content = json.loads(data)["content"]
+    assert content[0] == thinking
+    assert EMAIL not in json.dumps(content[1]) and content[1]["text"] == "hi"
 
 
 async def test_anthropic_tool_input_stays_json_when_masked_across_deltas(gateway: Gateway, hostile: Hostile) -> None:
