@@ -433,7 +433,7 @@ class StreamRelay:
             assert self._redactor is not None
             if path in self._ended:
                 return ""
-            if len(self._streams) + len(self._ended) >= MAX_STREAMS:
+            if len(self._streams) + len(self._ended) >= MAX_STREAMS and not self._evicted_idle():
                 out = self._redactor.redact(text, self._on_redaction, json_text=leaf.json_text)
                 if self._kept is not None:
                     self._keep(path, out)
@@ -443,6 +443,17 @@ class StreamRelay:
         if self._kept is not None:
             self._keep(path, out)
         return out
+
+    def _evicted_idle(self) -> bool:
+        """At the bound on text streams, forget the plain ones that hold nothing back: no
+        suffix of what they gave out can start PII, so text that comes for them later loses
+        nothing by starting afresh (a look-behind then sees the start of a text, which only
+        ever allows more matches). JSON text streams keep their place in the document, and
+        ended ones must stay ended. Whether room was made."""
+        idle = [path for path, stream in self._streams.items() if not stream.held and type(stream) is StreamRedactor]
+        for path in idle:
+            del self._streams[path]
+        return bool(idle)
 
     def _keep(self, path: Path, text: str) -> None:
         """Note what a text stream gave out, for its later copies (bounded: past MAX_STREAMS

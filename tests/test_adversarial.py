@@ -557,9 +557,10 @@ async def test_escaped_pii_in_tool_call_arguments_is_redacted(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="SPEC §6 (split PII redacted, whatever the upstream sends): after 256 text streams "
-    "(relay.py MAX_STREAMS) every new one is redacted event by event, so an upstream that "
-    "first opens 256 indices then splits an address across two events gets it through",
+    reason="SPEC §6 (split PII redacted, whatever the upstream sends): past 256 text streams "
+    "(relay.py MAX_STREAMS) that all still hold text back (none can be let go), every new one is "
+    "redacted event by event, so an upstream that first opens 256 indices, each ending in a "
+    "letter, then splits an address across two events gets it through",
 )
 async def test_past_the_stream_bound_split_pii_is_still_redacted(gateway: Gateway, hostile: Hostile) -> None:
     opening = b"".join(chunk({"content": "x"}, index=i) for i in range(1, 257))

@@ -182,6 +182,37 @@ def test_many_distinct_indices_are_bounded() -> None:
     assert len(relay._streams) <= 256
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(CORPUS), st.integers(1, 40), st.integers(0, 4), st.booleans())
+def test_past_the_stream_bound_idle_streams_are_let_go_and_split_pii_stays_masked(
+    pii: str, cut: int, reused: int, in_new: bool
+) -> None:
+    # Five streams (bound 3 here) whose texts end where nothing is held; then PII split
+    # across two events, in a new stream or in one that was let go (it starts afresh): masked.
+    import gateway.relay as relay_module
+
+    text = f"write to {pii} now"
+    cut = min(cut, len(text) - 1)
+    target = 9 if in_new else reused
+    opening = [delta_chunk({"content": "ok. "}, index=i) for i in range(5)]
+    split = [delta_chunk({"content": piece}, index=target) for piece in (text[:cut], text[cut:])]
+    bound = relay_module.MAX_STREAMS
+    relay_module.MAX_STREAMS = 3
+    try:
+        relay = StreamRelay(REDACTOR, None)
+        wire = b"".join(relay.feed(read) for read in [*opening, *split, DONE]) + relay.close()
+    finally:
+        relay_module.MAX_STREAMS = bound
+    texts = "".join(
+        c["delta"].get("content") or ""
+        for e in sse.SSEParser().feed(wire)
+        if e.data and e.data != sse.DONE
+        for c in json.loads(e.data)["choices"]
+        if c["index"] == target
+    )
+    assert pii not in texts and texts.endswith(" now")
+
+
 # --- fuzz: random well- and ill-formed chat streams -------------------------------------
 
 ORDINARY = st.sampled_from(["Hello", " ", "world", ", ", ".", "order 12345", "v3.11.7", "é", "👋", '"q"', "\\"])

@@ -926,16 +926,7 @@ def test_pii_in_an_object_key_is_redacted(stream: bool) -> None:
         assert EMAIL not in json.dumps(response)
 
 
-# --- Known, not fixed -------------------------------------------------------------------
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §6 (split PII redacted, whatever the upstream sends): past 256 text streams "
-    "(relay.py MAX_STREAMS; every (output_index, content_index) is one) each new one is redacted "
-    "event by event, so an upstream that opens 256 parts first then splits an address passes it "
-    "(as for chat in tests/test_adversarial.py)",
-)
+# Past the bound, streams that hold nothing back are let go: the new one is a stream too.
 def test_past_the_stream_bound_split_pii_is_still_redacted() -> None:
     from gateway.relay import MAX_STREAMS
 
