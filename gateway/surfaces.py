@@ -27,6 +27,7 @@ import orjson
 from . import sse
 from .errors import BadRequest, GatewayError, LogprobsUnavailable
 from .models import Usage
+from .redact import has_trigger
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +357,24 @@ MESSAGES = MessagesSurface()
 TextSlot = tuple[Any, Any, bool]  # (holder, key or index, JSON text?): holder[key] is a str to redact
 
 
+class ObjectKeys:
+    """An object's keys as text slots: `keys[name]` is the name, and assigning a new one
+    renames the key (it moves to the end: key order means nothing in JSON; a name that was
+    already there keeps the renamed key's value)."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, node: dict[str, Any]) -> None:
+        self.node = node
+
+    def __getitem__(self, name: str) -> str:
+        return name
+
+    def __setitem__(self, name: str, new: str) -> None:
+        if new != name:
+            self.node[new] = self.node.pop(name)
+
+
 def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
     """String content, `text` parts, refusals and tool-call arguments of every message."""
     for message in payload.get("messages") or ():
@@ -413,12 +432,19 @@ def _blocks_texts(holder: dict[str, Any], key: str) -> Iterator[TextSlot]:
 
 
 def strings_in(holder: Any, key: Any) -> Iterator[TextSlot]:
+    """Every string under holder[key], and every object key there that holds "@" or a digit
+    (an address used as a key): each key after its object's values, so that renaming it
+    cannot hide a value still to come."""
     value = holder[key] if type(holder) is list else holder.get(key)
     if type(value) is str:
         yield holder, key, False
     elif type(value) is dict:
         for name in value:
             yield from strings_in(value, name)
+        if has_trigger("".join(value), 0):
+            keys = ObjectKeys(value)
+            for name in [name for name in value if has_trigger(name, 0)]:
+                yield keys, name, False
     elif type(value) is list:
         for position in range(len(value)):
             yield from strings_in(value, position)

@@ -370,12 +370,6 @@ async def test_every_message_text_is_redacted_before_the_upstream(
     assert EMAIL not in hostile.seen[-1].body.decode()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §11 (tool_use input is redacted like chat's tool-call arguments, whose JSON "
-    "keys are): an address used as a key of tool_use.input reaches the upstream; "
-    "surfaces.py _strings_in yields values only",
-)
 async def test_anthropic_tool_use_input_keys_are_redacted_before_the_upstream(
     gateway: Gateway, hostile: Hostile
 ) -> None:
