@@ -399,7 +399,9 @@ class Proxy:
             # early, and at most `slack` late. A write that may wait for the client (its
             # socket's buffer is not empty) stops the clock; one that cannot leaves it be.
             transport = request.transport
-            fits = transport.get_write_buffer_limits()[1] if transport is not None else -1
+            # What one write may add to an empty buffer without pausing the protocol (its high-
+            # water mark, less room for the chunk's framing that aiohttp adds).
+            fits = transport.get_write_buffer_limits()[1] - 64 if transport is not None else -1
             slack = self._idle_slack
             armed: float | None = None  # when the deadline was last moved; None: stopped
             async with asyncio.timeout(None) as idle:

@@ -321,7 +321,7 @@ class StreamRelay:
         # An event whose texts are all empty opens a part (OpenAI's role chunk, Anthropic's
         # content_block_start): one of its shape seldom follows, so it is not worth learning.
         if plain and before is None and root is not None and not self.done and any(text for _, _, text, _ in fed):
-            self._learn(event, fed, written)
+            self._learn(event, chunk, fed, written)
         return out + written
 
     def _recorded(self, fed: list[tuple[Path, Leaf, str, str]]) -> LeafText:
@@ -334,10 +334,13 @@ class StreamRelay:
 
         return leaf
 
-    def _learn(self, event: sse.Event, fed: list[tuple[Path, Leaf, str, str]], written: bytes) -> None:
+    def _learn(
+        self, event: sse.Event, chunk: dict[str, Any], fed: list[tuple[Path, Leaf, str, str]], written: bytes
+    ) -> None:
         """Keep a plain event's shape for the fast path: the bytes between its volatile values,
-        and which stream each value feeds. Kept only when writing the event the fast path's
-        way gives what the exact path wrote."""
+        which stream each value feeds, and the model it names (noted as the exact path notes
+        it). Kept only when writing the event the fast path's way gives what the exact path
+        wrote."""
         assert event.data is not None
         raw = event.raw
         slots = [(m.start(2), m.end(2), m.group(1)) for m in _VOLATILE.finditer(raw)]
@@ -345,7 +348,10 @@ class StreamRelay:
         if key:  # the surface's number (sequence_number): a value of its own, read as digits
             at = raw.find(key)
             digits = _DIGITS.match(raw, at + len(key)) if at >= 0 and raw.find(key, at + 1) < 0 else None
-            if digits is not None:
+            number = chunk.get(self._numbered) if self._numbered else None
+            # Only the event's own number, written as it parses (not a nested key's, not a
+            # float's integer part, not the head of a longer number).
+            if digits is not None and type(number) is int and str(number).encode() == digits.group():
                 slots.append((digits.start(), digits.end(), b""))
                 slots.sort()
         steps = _steps_of(raw, slots, fed)
@@ -363,7 +369,8 @@ class StreamRelay:
             for step, (begin, end, name) in zip(steps, slots, strict=True)
         ]
         if _rebuilt(segments, values) == written:
-            plan = self._plans[segments] = (steps, segments)
+            model = chunk.get("model")
+            plan = self._plans[segments] = (steps, segments, model if type(model) is str else None)
             self._last_plan = plan
 
     def _templated(self, blocks: bytes, at: int, out: list[bytes], copied: int) -> tuple[int, int] | None:
@@ -383,6 +390,8 @@ class StreamRelay:
             else:
                 return None
         stop = bounds[-1]
+        if plan[2] is not None:
+            self.response_model = plan[2]  # as the exact path notes it (the shape holds the name)
         # Without an escape, a string's value is what lies between its quotes; values that are
         # printable text hold no line break, so the event ends where the shape does.
         if blocks.find(b"\\", at, stop) >= 0:
@@ -394,6 +403,11 @@ class StreamRelay:
             value = blocks[begin:end]
             if step is None and value.isalnum() and len(value) < 11:
                 texts.append("")  # a side value of ASCII letters and digits, too short for a run: nothing
+                continue
+            if step is NUMBER:
+                if len(value) > 1 and value[0] == 48:
+                    return None  # "007" is no JSON number: the exact path reads the event as text
+                texts.append(value.decode())
                 continue
             try:
                 text = value.decode()
@@ -530,7 +544,8 @@ class Number(enum.Enum):
 NUMBER = Number.STEP
 # A volatile value's step: the stream it feeds, None (a side value), or NUMBER.
 Step = tuple[Path, Leaf] | Literal[Number.STEP] | None
-Plan = tuple[tuple[Step, ...], tuple[bytes, ...]]  # the steps, and the bytes between the values
+# The steps, the bytes between the values, and the model the shape names.
+Plan = tuple[tuple[Step, ...], tuple[bytes, ...], str | None]
 
 
 def _rebuilt(segments: tuple[bytes, ...], values: list[bytes]) -> bytes:
