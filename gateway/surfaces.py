@@ -181,7 +181,12 @@ _CHAT_MESSAGE: Spec = {
 
 class ChatSurface(Surface):
     spec: ClassVar[Spec] = {"choices": Each({"delta": _CHAT_MESSAGE, "logprobs": DROP})}
-    reply_spec: ClassVar[Spec] = {"choices": Each({"message": _CHAT_MESSAGE, "logprobs": DROP})}
+    # A reply's tool calls are a plain list (only a stream's carry an "index").
+    reply_spec: ClassVar[Spec] = {
+        "choices": Each(
+            {"message": {**_CHAT_MESSAGE, "tool_calls": All({"function": {"arguments": JSON_TEXT}})}, "logprobs": DROP}
+        )
+    }
     done_data = sse.DONE
 
     def flush_into(self, event: dict[str, Any]) -> list[Path] | None:

@@ -527,12 +527,6 @@ async def test_legacy_function_call_arguments_stay_json(gateway: Gateway, hostil
     assert json.loads(got) == {"card": "CC_MASKED_LAST4_4242"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §6 (tool-call arguments redacted): PII written with JSON escapes inside the "
-    "arguments text (\\u0040 for '@', \\u0034 for '4') is blanked out of the view the "
-    "redactor searches (redact.py JsonView), yet the client's JSON parser turns it back into clear PII",
-)
 @pytest.mark.parametrize(
     ("arguments", "clear"),
     [('{"to": "jane.doe\\u0040example.com"}', EMAIL), ('{"card": "4242424\\u003242424242"}', "4242424242424242")],
@@ -547,6 +541,17 @@ async def test_escaped_pii_in_tool_call_arguments_is_redacted(
     assert status == 200
     got = json.loads(data)["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
     assert clear not in json.dumps(json.loads(got), ensure_ascii=False)
+
+
+async def test_a_masked_number_in_reply_tool_call_arguments_keeps_them_json(gateway: Gateway, hostile: Hostile) -> None:
+    # A JSON reply's tool calls have no "index": their arguments are still JSON text, and a
+    # card written as a bare number is masked as a string.
+    call = {"id": "t", "type": "function", "function": {"name": "f", "arguments": '{"card": 4242424242424242}'}}
+    hostile.answer = json_answer(chat_reply(None, tool_calls=[call]))
+    status, data = await gateway.chat({})
+    assert status == 200
+    got = json.loads(data)["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(got) == {"card": "CC_MASKED_LAST4_4242"}
 
 
 @pytest.mark.xfail(
