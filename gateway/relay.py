@@ -285,14 +285,15 @@ class StreamRelay:
         if self._hide_usage and surface.usage_only(chunk):
             self._note(chunk)
             return self.finish()  # the usage the gateway asked for is its own; held text still goes
-        # An event is learned from (see `_learn`) when it is small, has no escape and is plain:
-        # no usage, nothing flushed before or into it, not the end. (That it is its own bytes
-        # again, no spacing, no repeated or escaped key, `_learn` checks by writing it.)
+        # An event is learned from (see `_learn`) when it is small, has no escape and is its
+        # own bytes again (no spacing, no repeated or escaped key), and is plain: no usage,
+        # nothing flushed before or into it, not the end.
         raw = event.raw
         plain = (
             len(self._plans) < MAX_PLANS
             and len(raw) <= MAX_PLAN_BYTES
             and raw.find(b"\\") < 0
+            and _dumps(chunk) == data
             and surface.usage(chunk, None, {}) is None
         )
         root = surface.root(chunk)
