@@ -123,19 +123,24 @@ class Proxy:
         """Redact every text the client sends, as the API's description lists them (SPEC §6,
         §11); JSON texts (tool-call arguments) so that a mask never breaks them."""
         assert self._redactor is not None
-        try:
-            slots = list(self._api.request_texts(payload))
-        except RecursionError:
-            raise BadRequest("request body is nested too deeply") from None
-        since_yield = 0  # characters redacted since the loop last served others
-        for holder, key, json_text in slots:
+        texts = self._api.request_texts(payload)
+        # Walked as it goes, not listed first: a body may hold hundreds of thousands of texts.
+        since_yield = 0  # characters (and texts) redacted since the loop last served others
+        while True:
+            try:
+                slot = next(texts, None)
+            except RecursionError:
+                raise BadRequest("request body is nested too deeply") from None
+            if slot is None:
+                break
+            holder, key, json_text = slot
             text: str = holder[key]
             if json_text or len(text) > YIELD_ABOVE_CHARS:  # long: in slices, serving others in between
                 clean = await redact_yielding(self._redactor, text, self._count_request_redaction, json_text)
             else:
                 assert self._memo is not None and state.tenant is not None
                 clean = self._memo.redact(state.tenant.name, text, self._count_request_redactions)
-                since_yield += len(text)
+                since_yield += len(text) + 16  # finding a text costs too, however short
                 if since_yield > YIELD_ABOVE_CHARS:  # many texts add up like one long one (SPEC §6)
                     since_yield = 0
                     await asyncio.sleep(0)

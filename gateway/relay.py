@@ -20,7 +20,7 @@ import enum
 import json
 import re
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 
@@ -72,7 +72,8 @@ _USAGE_VALUE = re.compile(
     rb"[ \t\r\n]*:[ \t\r\n]*(?!null[ \t\r\n,}])"
 )
 
-MAX_STREAMS = 256  # text streams per reply; past that (a hostile upstream), texts are redacted whole
+MAX_STREAMS = 256  # text streams open at once; past that (a hostile upstream), texts are redacted whole
+MAX_ENDED = 16_384  # ended streams remembered (a path each), so that text sent after its end is dropped
 MAX_KEPT_CHARS = 4 * 1024 * 1024  # streamed text kept for its later copies, per reply
 
 
@@ -306,7 +307,10 @@ class StreamRelay:
         # event, only the described fields need a look (their streams may hold text back).
         scrub = root is None or data.find(b"\\") >= 0 or self._side_may_match(data)
         try:
-            walk(chunk, surface.spec_of(chunk) if root is not None else None, root or (), scrub, leaf, self._whole)
+            if root is None:  # no index to key its streams by: its texts whole, JSON ones as JSON
+                walk(chunk, surface.spec_of(chunk), (), True, _read_whole(self._whole), self._whole)
+            else:
+                walk(chunk, surface.spec_of(chunk), root, scrub, leaf, self._whole)
         except RecursionError:  # nested past Python's stack: its text redacted whole instead
             return out + self._unreadable(event)
         templates = self._templates
@@ -447,7 +451,7 @@ class StreamRelay:
             assert self._redactor is not None
             if path in self._ended:
                 return ""
-            if len(self._streams) + len(self._ended) >= MAX_STREAMS and not self._evicted_idle():
+            if (len(self._streams) >= MAX_STREAMS and not self._evicted_idle()) or len(self._ended) >= MAX_ENDED:
                 out = self._redactor.redact(text, self._on_redaction, json_text=leaf.json_text)
                 if self._kept is not None:
                     self._keep(path, out)
@@ -618,7 +622,22 @@ def _steps_of(
 
 
 LeafText = Callable[[Path, Leaf, str], str]
-WholeText = Callable[[str], str]
+
+
+class WholeText(Protocol):
+    """Redacts a text whole (a JSON text as JSON)."""
+
+    def __call__(self, text: str, json_text: bool = False) -> str: ...
+
+
+def _read_whole(whole: WholeText) -> LeafText:
+    """A described field's text redacted whole, as its description says (JSON or prose): for
+    a part that cannot be told apart by its index, so has no stream."""
+
+    def leaf(path: Path, described: Leaf, text: str) -> str:
+        return whole(text, described.json_text)
+
+    return leaf
 
 
 def walk(node: dict[str, Any], spec: Spec | None, path: Path, scrub: bool, leaf: LeafText, whole: WholeText) -> None:
@@ -703,7 +722,9 @@ def _visit(
                     index = item.get("index")
                     if type(index) is int:
                         walk(item, sub.spec, (*path, name, index), scrub, leaf, whole)
-                        continue
+                    elif scrub:  # no index to key its streams by: its texts whole, JSON ones as JSON
+                        walk(item, sub.spec, (), scrub, _read_whole(whole), whole)
+                    continue
                 elif kind_of_list is All:
                     walk(item, sub.spec_for(item), (*path, name, position), scrub, leaf, whole)
                     continue
@@ -741,8 +762,8 @@ def redact_reply(redactor: Redactor, reply: dict[str, Any], spec: Spec, on_redac
     def leaf(path: Path, described: Leaf, text: str) -> str:
         return redactor.redact(text, on_redaction, json_text=described.json_text)
 
-    def whole(text: str) -> str:
-        return redactor.redact(text, on_redaction)
+    def whole(text: str, json_text: bool = False) -> str:
+        return redactor.redact(text, on_redaction, json_text=json_text)
 
     walk(reply, spec, (), True, leaf, whole)
 

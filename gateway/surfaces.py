@@ -249,28 +249,36 @@ _BLOCK_TEXT = Leaf(joins=("delta", "text"))
 # other event those fields are text like any other.
 _THINKING_TYPES = frozenset({"thinking", "redacted_thinking", "thinking_delta", "signature_delta"})
 _THINKING_BLOCKS = {"thinking": _THINKING, "redacted_thinking": _THINKING}
+_DELTA: Spec = {"text": TEXT, "partial_json": JSON_TEXT}
+_BLOCK: Spec = {"text": _BLOCK_TEXT}
+
+
+def _is_thinking(part: Any) -> bool:
+    kind = part.get("type") if type(part) is dict else None
+    return type(kind) is str and kind in _THINKING_TYPES
 
 
 class MessagesSurface(Surface):
     spec: ClassVar[Spec] = {
-        "delta": {"text": TEXT, "partial_json": JSON_TEXT},
-        "content_block": {"text": _BLOCK_TEXT},
+        "delta": _DELTA,
+        "content_block": _BLOCK,
         "message": {"content": All({}, _THINKING_BLOCKS)},
     }
-    thinking_spec: ClassVar[Spec] = {
-        "delta": {"text": TEXT, "partial_json": JSON_TEXT, **_THINKING},
-        "content_block": {"text": _BLOCK_TEXT, **_THINKING},
-        "message": {"content": All({}, _THINKING_BLOCKS)},
+    # By whether the event's delta, and its content_block, is thinking: each part by its own type.
+    specs: ClassVar[dict[tuple[bool, bool], Spec]] = {
+        (delta, block): {
+            "delta": {**_DELTA, **_THINKING} if delta else _DELTA,
+            "content_block": {**_BLOCK, **_THINKING} if block else _BLOCK,
+            "message": {"content": All({}, _THINKING_BLOCKS)},
+        }
+        for delta in (False, True)
+        for block in (False, True)
     }
     reply_spec: ClassVar[Spec] = {"content": All({"text": TEXT}, _THINKING_BLOCKS)}
     done_types: ClassVar[frozenset[str]] = frozenset({"message_stop", "error"})  # the upstream's own error ends it too
 
     def spec_of(self, event: dict[str, Any]) -> Spec:
-        part = event.get("delta")
-        if type(part) is not dict:
-            part = event.get("content_block")
-        kind = part.get("type") if type(part) is dict else None
-        return self.thinking_spec if type(kind) is str and kind in _THINKING_TYPES else self.spec
+        return self.specs[_is_thinking(event.get("delta")), _is_thinking(event.get("content_block"))]
 
     def root(self, event: dict[str, Any]) -> Path | None:
         kind = event.get("type")
