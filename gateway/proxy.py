@@ -73,6 +73,7 @@ class Proxy:
     ) -> None:
         self._api = api
         self._idle = stream_idle_secs
+        self._idle_slack = min(1.0, stream_idle_secs / 50)  # how late the idle timeout may fire (see _pump)
         self._surface = api.surface
         self._upstream = upstream
         self._redactor = redactor
@@ -123,19 +124,24 @@ class Proxy:
         """Redact every text the client sends, as the API's description lists them (SPEC §6,
         §11); JSON texts (tool-call arguments) so that a mask never breaks them."""
         assert self._redactor is not None
-        try:
-            slots = list(self._api.request_texts(payload))
-        except RecursionError:
-            raise BadRequest("request body is nested too deeply") from None
-        since_yield = 0  # characters redacted since the loop last served others
-        for holder, key, json_text in slots:
+        texts = self._api.request_texts(payload)
+        # Walked as it goes, not listed first: a body may hold hundreds of thousands of texts.
+        since_yield = 0  # characters (and texts) redacted since the loop last served others
+        while True:
+            try:
+                slot = next(texts, None)
+            except RecursionError:
+                raise BadRequest("request body is nested too deeply") from None
+            if slot is None:
+                break
+            holder, key, json_text = slot
             text: str = holder[key]
             if json_text or len(text) > YIELD_ABOVE_CHARS:  # long: in slices, serving others in between
                 clean = await redact_yielding(self._redactor, text, self._count_request_redaction, json_text)
             else:
                 assert self._memo is not None and state.tenant is not None
                 clean = self._memo.redact(state.tenant.name, text, self._count_request_redactions)
-                since_yield += len(text)
+                since_yield += len(text) + 16  # finding a text costs too, however short
                 if since_yield > YIELD_ABOVE_CHARS:  # many texts add up like one long one (SPEC §6)
                     since_yield = 0
                     await asyncio.sleep(0)
@@ -262,7 +268,7 @@ class Proxy:
             response = web.StreamResponse(headers=SSE_HEADERS)
             try:
                 await response.prepare(request)
-                await self._pump(response, relay, first, reply)
+                await self._pump(request, response, relay, first, reply)
                 await response.write_eof()
                 if relay.done and not reply.at_eof:
                     # Hand the upstream over: the client may leave (and cancel us) now.
@@ -386,18 +392,35 @@ class Proxy:
         self._draining.add(task)  # a reference, or the task could be collected mid-way
         task.add_done_callback(self._draining.discard)
 
-    async def _pump(self, response: web.StreamResponse, relay: StreamRelay, first: bytes, reply: Reply) -> None:
+    async def _pump(
+        self, request: web.Request, response: web.StreamResponse, relay: StreamRelay, first: bytes, reply: Reply
+    ) -> None:
         try:
             out = first
             loop = asyncio.get_running_loop()
-            # One timeout for the whole stream, moved before each read: the upstream may be
-            # silent STREAM_IDLE_SECS between two reads, however slowly the client takes them.
+            # One timeout for the whole stream: the upstream may be silent STREAM_IDLE_SECS
+            # between two reads, however slowly the client takes them. Moving a timer costs
+            # more than relaying a small event, so the deadline is set `slack` later than it
+            # must be and moved again only once that much time has passed: it never fires
+            # early, and at most `slack` late. A write that may wait for the client (its
+            # socket's buffer is not empty) stops the clock; one that cannot leaves it be.
+            transport = request.transport
+            # What one write may add to an empty buffer without pausing the protocol (its high-
+            # water mark, less room for the chunk's framing that aiohttp adds).
+            fits = transport.get_write_buffer_limits()[1] - 64 if transport is not None else -1
+            slack = self._idle_slack
+            armed: float | None = None  # when the deadline was last moved; None: stopped
             async with asyncio.timeout(None) as idle:
                 while not relay.done:
                     if out:
-                        idle.reschedule(None)
+                        if transport is None or transport.get_write_buffer_size() or len(out) > fits:
+                            idle.reschedule(None)
+                            armed = None
                         await response.write(out)
-                    idle.reschedule(loop.time() + self._idle)
+                    now = loop.time()
+                    if armed is None or now - armed > slack:
+                        idle.reschedule(now + self._idle + slack)
+                        armed = now
                     chunk = await reply.next_chunk()
                     if not chunk:  # upstream ended without [DONE]
                         out = relay.close()

@@ -289,6 +289,7 @@ class Redactor:
         return JsonStreamRedactor(self, on_redaction) if json_text else StreamRedactor(self, on_redaction)
 
     def _redact_json(self, text: str, on_redaction: OnRedaction | None) -> str:
+        text = JsonUnescaper().feed(text, final=True)
         view = JsonView().view(text)
         if not has_trigger(view, 0):
             return text
@@ -572,8 +573,17 @@ class StreamRedactor:
 
     def feed(self, piece: str) -> str:
         text = self._text + piece
-        out, settled = self._redactor.settle(text, self._start, self._on_redaction)
-        self._keep(text, settled)
+        start = self._start
+        redactor = self._redactor
+        # Redactor.settle and _keep, written out: this runs once per streamed event.
+        hold = redactor.hold(text, start)
+        if redactor.may_match(text, start):
+            out, settled = redactor.settle_matches(text, start, hold, self._on_redaction)
+        else:
+            out, settled = text[start:hold], hold  # the common case: nothing complete to check
+        keep_from = settled - _CONTEXT if settled > _CONTEXT else 0
+        self._text = text[keep_from:]
+        self._start = settled - keep_from
         return out
 
     def feed_unmasked(self, piece: str, final: bool = False) -> tuple[str, int] | None:
@@ -625,6 +635,54 @@ _ESCAPE = re.compile(_ESCAPE_SOURCE)
 _STRING_BODY = re.compile(rf'[^"\\]*+(?:{_ESCAPE_SOURCE}[^"\\]*+)*+')
 # Outside strings, valid JSON has "," only between values and "+" only in an exponent.
 _OUTSIDE = str.maketrans({",": _BLANK, "+": "_"})
+
+
+# An escape of a JSON text as the unescaper reads it: a backslash and the character after it,
+# a "\u" with up to 4 hex digits, or a lone backslash at the end.
+_ANY_ESCAPE = re.compile(r"\\(?:u[0-9A-Fa-f]{0,4}|[^u]|\Z)", re.S)
+# What an escape may be written as instead: printable ASCII but the quote and the backslash, and
+# the no-break spaces that group digits. A JSON parser reads either form as the same character.
+_PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"} | {"\u00a0", "\u202f"}
+
+
+class JsonUnescaper:
+    """A JSON text's escapes of ordinary characters written as those characters, piece by
+    piece ("\\u0040" becomes "@"): the JSON means the same, and PII written with escapes,
+    which a client's parser would turn back into clear text, is matched like any other. An
+    escape the piece's end may have cut waits for the next piece (`final`: none comes)."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = ""
+
+    @property
+    def pending(self) -> str:
+        """An escape cut by the last piece's end, waiting for its rest."""
+        return self._pending
+
+    @pending.setter
+    def pending(self, value: str) -> None:
+        self._pending = value
+
+    def feed(self, piece: str, final: bool = False) -> str:
+        text = self._pending + piece if self._pending else piece
+        self._pending = ""
+        if text.find("\\") < 0:
+            return text
+        end = len(text)
+
+        def plain(escape: re.Match[str]) -> str:
+            written = escape.group()
+            if len(written) == 6:
+                character = chr(int(written[2:], 16))
+                return character if character in _PLAIN else written
+            if escape.end() == end and not final and (len(written) == 1 or written[1] == "u"):
+                self._pending = written  # "\\" or "\\u00" at the end: the next piece finishes it
+                return ""
+            return written
+
+        return _ANY_ESCAPE.sub(plain, text)
 
 
 def _blanked(escape: re.Match[str]) -> str:
@@ -708,31 +766,32 @@ class JsonStreamRedactor(StreamRedactor):
     `JsonView`, a mask outside a string quoted. The same split guarantee, against
     `redact(text, json_text=True)`."""
 
-    __slots__ = ("_in_string", "_scan", "_view")
+    __slots__ = ("_in_string", "_plain", "_scan", "_view")
 
     def __init__(self, redactor: Redactor, on_redaction: OnRedaction | None) -> None:
         super().__init__(redactor, on_redaction)
+        self._plain = JsonUnescaper()
         self._scan = JsonView()
         self._view = ""  # the view of _text
         self._in_string = False  # whether the held tail starts inside a string
 
     def feed(self, piece: str) -> str:
-        return self._settle(piece, False, self._on_redaction)
+        return self._settle(self._plain.feed(piece), False, self._on_redaction)
 
     def flush(self) -> str:
-        out = self._settle("", True, self._on_redaction)
+        out = self._settle(self._plain.feed("", final=True), True, self._on_redaction)
         # As StreamRedactor.flush: what follows is read with no look-behind (the JSON state stays).
         self._text = self._view = ""
         self._start = 0
         return out
 
     def feed_unmasked(self, piece: str, final: bool = False) -> tuple[str, int] | None:
-        saved = (self._text, self._view, self._start, self._in_string, self._scan.state)
+        saved = (self._text, self._view, self._start, self._in_string, self._scan.state, self._plain.pending)
         held = self._text[self._start :]
         masked: list[str] = []
-        out = self._settle(piece, final, masked.append)
+        out = self._settle(self._plain.feed(piece, final), final, masked.append)
         if masked:  # put everything back: the caller feeds the piece again
-            self._text, self._view, self._start, self._in_string, self._scan.state = saved
+            self._text, self._view, self._start, self._in_string, self._scan.state, self._plain.pending = saved
             return None
         return held, len(out)
 

@@ -16,17 +16,18 @@ ends a stream is relayed. No aiohttp here.
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import orjson
 
 from . import sse
 from .errors import GatewayError, UpstreamError
 from .models import Usage
-from .redact import OnRedaction, Redactor, StreamRedactor
+from .redact import OnRedaction, Redactor, StreamRedactor, has_trigger
 from .surfaces import CHAT, All, Each, Leaf, Path, Spec, Surface, chat_usage, put
 
 # What every card, phone, IBAN or SSN lies in (redact.py's `_DIGIT_RUN`, over bytes): a run
@@ -71,7 +72,8 @@ _USAGE_VALUE = re.compile(
     rb"[ \t\r\n]*:[ \t\r\n]*(?!null[ \t\r\n,}])"
 )
 
-MAX_STREAMS = 256  # text streams per reply; past that (a hostile upstream), texts are redacted whole
+MAX_STREAMS = 256  # text streams open at once; past that (a hostile upstream), texts are redacted whole
+MAX_ENDED = 16_384  # ended streams remembered (a path each), so that text sent after its end is dropped
 MAX_KEPT_CHARS = 4 * 1024 * 1024  # streamed text kept for its later copies, per reply
 
 
@@ -151,6 +153,11 @@ class StreamRelay:
         while at < end:
             if self.done:
                 break  # nothing follows the end of a stream (a [DONE] after response.completed)
+            if self._last_plan is not None:  # the fast path: an event of a shape seen before
+                spliced = self._templated(blocks, at, out, copied)
+                if spliced is not None:
+                    copied, at = spliced
+                    continue
             stop = blocks.find(b"\n\n", at) + 2  # every event ends with a blank line, and so do blocks
             if stop < 2:
                 break  # what is left is the tail of a run of blank lines ("\n\n\n"): nothing to send
@@ -158,18 +165,6 @@ class StreamRelay:
                 out.append(blocks[copied:at])
                 copied = at = stop
                 continue
-            if self._plans and blocks.find(b"\\", at, stop) < 0:  # the fast path: a shape seen before
-                if self._number_key:  # events numbered one by one (Responses): matched without the number
-                    written = self._templated_numbered(blocks[at:stop])
-                    if written is not None:
-                        out += (blocks[copied:at], written)
-                        copied = at = stop
-                        continue
-                else:
-                    spliced = self._templated(blocks, at, stop, out, copied)
-                    if spliced is not None:
-                        copied, at = spliced, stop
-                        continue
             out.append(blocks[copied:at])
             out += [self._event(event) for event in sse.parse_blocks(blocks[at:stop])]
             copied = at = stop
@@ -291,11 +286,17 @@ class StreamRelay:
         if self._hide_usage and surface.usage_only(chunk):
             self._note(chunk)
             return self.finish()  # the usage the gateway asked for is its own; held text still goes
-        pieces = _shape_of(self._unnumbered(event.raw)[0]) if len(self._plans) < MAX_PLANS else None
-        if pieces is not None and _dumps(chunk) != data:
-            pieces = None  # not its own bytes (spacing, a repeated or escaped key): nothing to learn
-        # A plain event (no usage, nothing flushed before it, not the end) may be learned.
-        plain = pieces is not None and surface.usage(chunk, None, {}) is None
+        # An event is learned from (see `_learn`) when it is small, has no escape and is its
+        # own bytes again (no spacing, no repeated or escaped key), and is plain: no usage,
+        # nothing flushed before or into it, not the end.
+        raw = event.raw
+        plain = (
+            len(self._plans) < MAX_PLANS
+            and len(raw) <= MAX_PLAN_BYTES
+            and raw.find(b"\\") < 0
+            and _dumps(chunk) == data
+            and surface.usage(chunk, None, {}) is None
+        )
         root = surface.root(chunk)
         self._note(chunk)
         before = surface.flush_before(chunk)
@@ -306,7 +307,10 @@ class StreamRelay:
         # event, only the described fields need a look (their streams may hold text back).
         scrub = root is None or data.find(b"\\") >= 0 or self._side_may_match(data)
         try:
-            walk(chunk, surface.spec_of(chunk) if root is not None else None, root or (), scrub, leaf, self._whole)
+            if root is None:  # no index to key its streams by: its texts whole, JSON ones as JSON
+                walk(chunk, surface.spec_of(chunk), (), True, _read_whole(self._whole), self._whole)
+            else:
+                walk(chunk, surface.spec_of(chunk), root, scrub, leaf, self._whole)
         except RecursionError:  # nested past Python's stack: its text redacted whole instead
             return out + self._unreadable(event)
         templates = self._templates
@@ -318,9 +322,10 @@ class StreamRelay:
             for path, text in self._take_held(into):
                 put(chunk, path, text)
         written = _with_data(event, _dumps(chunk), self._whole)
-        if plain and before is None and root is not None and not self.done:
-            assert pieces is not None
-            self._learn(event, pieces, fed, written)
+        # An event whose texts are all empty opens a part (OpenAI's role chunk, Anthropic's
+        # content_block_start): one of its shape seldom follows, so it is not worth learning.
+        if plain and before is None and root is not None and not self.done and any(text for _, _, text, _ in fed):
+            self._learn(event, chunk, fed, written)
         return out + written
 
     def _recorded(self, fed: list[tuple[Path, Leaf, str, str]]) -> LeafText:
@@ -334,41 +339,80 @@ class StreamRelay:
         return leaf
 
     def _learn(
-        self, event: sse.Event, pieces: list[bytes], fed: list[tuple[Path, Leaf, str, str]], written: bytes
+        self, event: sse.Event, chunk: dict[str, Any], fed: list[tuple[Path, Leaf, str, str]], written: bytes
     ) -> None:
-        """Keep a plain event's shape for the fast path: which stream each volatile string
-        feeds, checked by writing the event the fast path's way and comparing with what the
-        exact path wrote. Only events as small as a real chunk (their shape is kept)."""
+        """Keep a plain event's shape for the fast path: the bytes between its volatile values,
+        which stream each value feeds, and the model it names (noted as the exact path notes
+        it). Kept only when writing the event the fast path's way gives what the exact path
+        wrote."""
         assert event.data is not None
-        if len(event.raw) > MAX_PLAN_BYTES:
+        raw = event.raw
+        slots = [(m.start(2), m.end(2), m.group(1)) for m in _VOLATILE.finditer(raw)]
+        key = self._number_key
+        if key:  # the surface's number (sequence_number): a value of its own, read as digits
+            at = raw.find(key)
+            digits = _DIGITS.match(raw, at + len(key)) if at >= 0 and raw.find(key, at + 1) < 0 else None
+            number = chunk.get(self._numbered) if self._numbered else None
+            # Only the event's own number, written as it parses (not a nested key's, not a
+            # float's integer part, not the head of a longer number).
+            if digits is not None and type(number) is int and str(number).encode() == digits.group():
+                slots.append((digits.start(), digits.end(), b""))
+                slots.sort()
+        steps = _steps_of(raw, slots, fed)
+        if steps is None or _with_data(event, event.data, self._whole) != raw:
             return
-        plan = _plan_of(pieces, fed)
-        if plan is None or _with_data(event, event.data, self._whole) != event.raw:
-            return
-        written = self._unnumbered(written)[0]
-        segments = _segments(pieces)
+        segments = tuple(
+            raw[begin:end]
+            for begin, end in zip([0] + [e for _, e, _ in slots], [b for b, _, _ in slots] + [len(raw)], strict=True)
+        )
         outputs = {str(path[-1]).encode(): now for path, _, _, now in fed}
-        values = pieces[2::3]
         values = [
-            value if step is None or outputs[key] == value.decode() else orjson.dumps(outputs[key])[1:-1]
-            for step, key, value in zip(plan, pieces[1::3], values, strict=True)
+            raw[begin:end]
+            if step is None or step is NUMBER or outputs[name] == raw[begin:end].decode()
+            else orjson.dumps(outputs[name])[1:-1]
+            for step, (begin, end, name) in zip(steps, slots, strict=True)
         ]
         if _rebuilt(segments, values) == written:
-            self._plans[tuple(segments)] = (plan, segments)
+            model = chunk.get("model")
+            plan = self._plans[segments] = (steps, segments, model if type(model) is str else None)
+            self._last_plan = plan
 
-    def _templated(self, blocks: bytes, at: int, stop: int, out: list[bytes], copied: int) -> int | None:
-        """The fast path, for the event blocks[at:stop], without escapes: if it is built like an
-        event learned before (see `_learn`) but for its volatile strings, those are read from
-        its bytes and fed to their streams, and a string its stream changed is spliced in
-        (what went before it is added to `out`). Returns where the bytes not yet in `out`
-        begin, or None (nothing changed yet): the event takes the exact path."""
-        plan = self._matching_plan(blocks, at, stop)
-        if plan is None:
+    def _templated(self, blocks: bytes, at: int, out: list[bytes], copied: int) -> tuple[int, int] | None:
+        """The fast path, for the event that begins at blocks[at]: if it is built like an event
+        learned before (see `_learn`) but for its volatile values, those are read from its
+        bytes and fed to their streams, and a string its stream changed is spliced in (what
+        went before it is added to `out`). Returns where the bytes not yet in `out` begin and
+        where the event ends; None (nothing changed yet): the event takes the exact path."""
+        plan = self._last_plan
+        assert plan is not None
+        bounds = _value_bounds(blocks, at, plan[1])
+        if bounds is None:
+            for other in self._plans.values():
+                if other is not plan and (bounds := _value_bounds(blocks, at, other[1])) is not None:
+                    self._last_plan = plan = other
+                    break
+            else:
+                return None
+        stop = bounds[-1]
+        if plan[2] is not None:
+            self.response_model = plan[2]  # as the exact path notes it (the shape holds the name)
+        # Without an escape, a string's value is what lies between its quotes; values that are
+        # printable text hold no line break, so the event ends where the shape does.
+        if blocks.find(b"\\", at, stop) >= 0:
             return None
-        steps, bounds = plan
+        steps = plan[0]
         texts: list[str] = []
-        for i, step in enumerate(steps):
-            value = blocks[bounds[2 * i] : bounds[2 * i + 1]]
+        values = iter(bounds)
+        for step, begin, end in zip(steps, values, values, strict=False):  # bounds[-1]: the end, left over
+            value = blocks[begin:end]
+            if step is None and value.isalnum() and len(value) < 11:
+                texts.append("")  # a side value of ASCII letters and digits, too short for a run: nothing
+                continue
+            if step is NUMBER:
+                if len(value) > 1 and value[0] == 48:
+                    return None  # "007" is no JSON number: the exact path reads the event as text
+                texts.append(value.decode())
+                continue
             try:
                 text = value.decode()
             except UnicodeDecodeError:
@@ -378,62 +422,20 @@ class StreamRelay:
             if step is None and side_may_match(value):  # a side value must hold nothing PII is made of
                 return None
             texts.append(text)
-        for i, step in enumerate(steps):
-            if step is not None:
-                text = texts[i]
-                now = self._leaf(step[0], step[1], text)
-                if now != text:
-                    out.append(blocks[copied : bounds[2 * i]])
-                    out.append(orjson.dumps(now)[1:-1])
-                    copied = bounds[2 * i + 1]
-        return copied
-
-    def _templated_numbered(self, raw: bytes) -> bytes | None:
-        """`_templated` for an event of a surface that numbers its events: the number is taken
-        out before the shape is matched, and put back in what is written."""
-        raw, number = self._unnumbered(raw)
-        pieces: list[bytes] = []
-        copied = self._templated(raw, 0, len(raw), pieces, 0)
-        if copied is None:
-            return None
-        out = b"".join([*pieces, raw[copied:]]) if pieces else raw
-        if number is None:
-            return out
-        assert self._numbered is not None
-        self._scratch[self._numbered] = int(number)
-        at = out.find(self._number_key) + len(self._number_key)
-        return out[:at] + number + out[at:]
-
-    def _unnumbered(self, raw: bytes) -> tuple[bytes, bytes | None]:
-        """`raw` without the digits of the surface's numbered key, and those digits; `raw` and
-        None when the surface numbers nothing, or the key is not there exactly once with digits
-        (then the shape holds whatever stands there)."""
-        key = self._number_key
-        if not key:
-            return raw, None
-        at = raw.find(key)
-        if at < 0 or raw.find(key, at + 1) >= 0:
-            return raw, None
-        start = at + len(key)
-        digits = _DIGITS.match(raw, start)
-        if digits is None:
-            return raw, None
-        return raw[:start] + raw[digits.end() :], digits.group()
-
-    def _matching_plan(self, blocks: bytes, at: int, stop: int) -> tuple[tuple[Step, ...], list[int]] | None:
-        """The learned plan the event blocks[at:stop] is built like (the last one used first),
-        with where its volatile values begin and end."""
-        last = self._last_plan
-        if last is not None:
-            bounds = _value_bounds(blocks, at, stop, last[1])
-            if bounds is not None:
-                return last[0], bounds
-        for steps, segments in self._plans.values():
-            bounds = _value_bounds(blocks, at, stop, segments)
-            if bounds is not None:
-                self._last_plan = (steps, segments)
-                return steps, bounds
-        return None
+        values = iter(bounds)
+        for step, text, begin, end in zip(steps, texts, values, values, strict=False):
+            if step is None:
+                continue
+            if step is NUMBER:
+                assert self._numbered is not None
+                self._scratch[self._numbered] = int(text)
+                continue
+            now = self._leaf(step[0], step[1], text)
+            if now != text:
+                out.append(blocks[copied:begin])
+                out.append(orjson.dumps(now)[1:-1])
+                copied = end
+        return copied, stop
 
     def _side_may_match(self, data: bytes) -> bool:
         return side_may_match(data)
@@ -442,12 +444,14 @@ class StreamRelay:
         """A described field's text through its stream (past `MAX_STREAMS` of them: whole)."""
         if leaf.copy:
             return self._copy(path, leaf, text)
+        if leaf.joins is not None:
+            path = path[: len(path) - len(leaf.joins)] + leaf.joins
         stream = self._streams.get(path)
         if stream is None:
             assert self._redactor is not None
             if path in self._ended:
                 return ""
-            if len(self._streams) + len(self._ended) >= MAX_STREAMS:
+            if (len(self._streams) >= MAX_STREAMS and not self._evicted_idle()) or len(self._ended) >= MAX_ENDED:
                 out = self._redactor.redact(text, self._on_redaction, json_text=leaf.json_text)
                 if self._kept is not None:
                     self._keep(path, out)
@@ -457,6 +461,17 @@ class StreamRelay:
         if self._kept is not None:
             self._keep(path, out)
         return out
+
+    def _evicted_idle(self) -> bool:
+        """At the bound on text streams, forget the plain ones that hold nothing back: no
+        suffix of what they gave out can start PII, so text that comes for them later loses
+        nothing by starting afresh (a look-behind then sees the start of a text, which only
+        ever allows more matches). JSON text streams keep their place in the document, and
+        ended ones must stay ended. Whether room was made."""
+        idle = [path for path, stream in self._streams.items() if not stream.held and type(stream) is StreamRedactor]
+        for path in idle:
+            del self._streams[path]
+        return bool(idle)
 
     def _keep(self, path: Path, text: str) -> None:
         """Note what a text stream gave out, for its later copies (bounded: past MAX_STREAMS
@@ -524,82 +539,105 @@ _VOLATILE = re.compile(
 _DIGITS = re.compile(rb"[0-9]{1,15}")
 MAX_PLANS = 16  # shapes remembered per stream (a role chunk, text chunks, a tool call's...)
 MAX_PLAN_BYTES = 4096  # larger events are never learned: each shape keeps its bytes
-Step = tuple[Path, Leaf] | None  # a volatile string's: the stream it feeds, or None (a side value)
-Plan = tuple[tuple[Step, ...], list[bytes]]  # the steps, and the bytes between the volatile values
 
 
-def _shape_of(raw: bytes) -> list[bytes] | None:
-    """[outside, key, value, outside, key, value, ..., outside], or None when the event has an
-    escape (then a quote may hide inside a string, and bytes say nothing of structure)."""
-    if raw.find(b"\\") >= 0:
-        return None
-    return _VOLATILE.split(raw)
+class Number(enum.Enum):
+    STEP = "number"  # the step of the surface's number (`Surface.numbered`)
 
 
-def _rebuilt(segments: list[bytes], values: list[bytes]) -> bytes:
+NUMBER = Number.STEP
+# A volatile value's step: the stream it feeds, None (a side value), or NUMBER.
+Step = tuple[Path, Leaf] | Literal[Number.STEP] | None
+# The steps, the bytes between the values, and the model the shape names.
+Plan = tuple[tuple[Step, ...], tuple[bytes, ...], str | None]
+
+
+def _rebuilt(segments: tuple[bytes, ...], values: list[bytes]) -> bytes:
     """An event of a learned shape, from its segments and these values between them."""
     return b"".join([part for pair in zip(segments, values, strict=False) for part in pair] + [segments[-1]])
 
 
-def _value_bounds(blocks: bytes, at: int, stop: int, segments: list[bytes]) -> list[int] | None:
-    """If blocks[at:stop] is `segments` with a quote-free value between each two, where each
-    value begins and ends ([begin, end, begin, end, ...]); else None. (Without escapes, a
-    string's value ends at the next quote.)"""
-    if not blocks.startswith(segments[0], at, stop):
+def _value_bounds(blocks: bytes, at: int, segments: tuple[bytes, ...]) -> list[int] | None:
+    """If the bytes from `at` are `segments` with a value between each two, where each value
+    begins and ends and where the last segment ends ([begin, end, begin, end, ..., stop]);
+    else None. A value ends at the next quote (a string without escapes), or, where the
+    next segment does not begin with one, after its digits (the surface's number)."""
+    if not blocks.startswith(segments[0], at):
         return None
     bounds: list[int] = []
     begin = at + len(segments[0])
     for segment in segments[1:]:
-        end = blocks.find(b'"', begin, stop)
-        if end < 0 or not blocks.startswith(segment, end, stop):
+        if segment.startswith(b'"'):
+            end = blocks.find(b'"', begin)
+        else:
+            digits = _DIGITS.match(blocks, begin)
+            end = -1 if digits is None else digits.end()
+        if end < 0 or not blocks.startswith(segment, end):
             return None
         bounds += (begin, end)
         begin = end + len(segment)
-    return bounds if begin == stop else None
+    bounds.append(begin)
+    return bounds
 
 
-def _segments(pieces: list[bytes]) -> list[bytes]:
-    """The bytes between the volatile values of an event of this shape (quotes and keys included)."""
-    outside, keys = pieces[0::3], pieces[1::3]
-    segments = [outside[0] + b'"' + keys[0] + b'":"'] if keys else [outside[0]]
-    segments += [b'"' + outside[i] + b'"' + keys[i] + b'":"' for i in range(1, len(keys))]
-    if keys:
-        segments.append(b'"' + outside[-1])
-    return segments
-
-
-def _plan_of(pieces: list[bytes], fed: list[tuple[Path, Leaf, str, str]]) -> tuple[Step, ...] | None:
-    """Which stream each volatile string feeds (matched by key, each fed key once), or None
-    for a side value, which must hold nothing PII could be made of; None: no plan."""
-    keys = pieces[1::3]
-    by_key: dict[bytes, tuple[Path, Leaf, str]] = {}
+def _steps_of(
+    raw: bytes, slots: list[tuple[int, int, bytes]], fed: list[tuple[Path, Leaf, str, str]]
+) -> tuple[Step, ...] | None:
+    """Which stream each volatile value feeds (matched by key, each fed key once), None for
+    a side value, which must hold nothing PII could be made of, NUMBER for the surface's
+    number; None: no plan."""
+    names = [name for _, _, name in slots]
+    by_name: dict[bytes, tuple[Path, Leaf, str]] = {}
     for path, leaf, text, _ in fed:
-        key = str(path[-1]).encode()
-        if key in by_key or keys.count(key) != 1:
+        name = str(path[-1]).encode()
+        if name in by_name or names.count(name) != 1:
             return None
-        by_key[key] = (path, leaf, text)
-    if len(by_key) != len(fed):
+        by_name[name] = (path, leaf, text)
+    if len(by_name) != len(fed):
         return None
-    plan: list[Step] = []
-    for key, value in zip(keys, pieces[2::3], strict=True):
-        fed_here = by_key.get(key)
+    steps: list[Step] = []
+    outside: list[bytes] = []
+    copied = 0
+    for begin, end, name in slots:
+        outside.append(raw[copied:begin])
+        copied = end
+        value = raw[begin:end]
+        if not name:
+            steps.append(NUMBER)
+            continue
+        fed_here = by_name.get(name)
         if fed_here is None:
             if side_may_match(value):
                 return None
-            plan.append(None)
+            steps.append(None)
         else:
             path, leaf, text = fed_here
             if text.encode() != value:
                 return None
-            plan.append((path, leaf))
-    outside = b"".join(pieces[0::3])
-    if outside.find(b"@") >= 0 or side_may_match(outside):
+            steps.append((path, leaf))
+    outside.append(raw[copied:])
+    if side_may_match(b"".join(outside)):
         return None  # something outside could be PII (the exact path scrubs then)
-    return tuple(plan)
+    return tuple(steps)
 
 
 LeafText = Callable[[Path, Leaf, str], str]
-WholeText = Callable[[str], str]
+
+
+class WholeText(Protocol):
+    """Redacts a text whole (a JSON text as JSON)."""
+
+    def __call__(self, text: str, json_text: bool = False) -> str: ...
+
+
+def _read_whole(whole: WholeText) -> LeafText:
+    """A described field's text redacted whole, as its description says (JSON or prose): for
+    a part that cannot be told apart by its index, so has no stream."""
+
+    def leaf(path: Path, described: Leaf, text: str) -> str:
+        return whole(text, described.json_text)
+
+    return leaf
 
 
 def walk(node: dict[str, Any], spec: Spec | None, path: Path, scrub: bool, leaf: LeafText, whole: WholeText) -> None:
@@ -612,6 +650,16 @@ def walk(node: dict[str, Any], spec: Spec | None, path: Path, scrub: bool, leaf:
         return
     for name, value in node.items():
         _visit(node, name, value, spec.get(name) if spec is not None else None, path, scrub, leaf, whole)
+    if has_trigger("".join(node), 0):  # a key holds "@" or a digit: keys are text too
+        _rekeyed(node, whole)
+
+
+def _rekeyed(node: dict[str, Any], whole: WholeText) -> None:
+    """The object's keys redacted whole, in place and in order (an address used as a key is
+    masked; two keys that mask alike keep the last value)."""
+    items = [(whole(name), value) for name, value in node.items()]
+    node.clear()
+    node.update(items)
 
 
 def _described(node: dict[str, Any], spec: Spec, path: Path, leaf: LeafText) -> None:
@@ -636,7 +684,7 @@ def _described(node: dict[str, Any], spec: Spec, path: Path, leaf: LeafText) -> 
             for position, item in enumerate(value):
                 if type(item) is dict:
                     if shape is All:
-                        _described(item, items, (*path, name, position), leaf)
+                        _described(item, sub.spec_for(item), (*path, name, position), leaf)  # type: ignore[union-attr]
                     elif type(index := item.get("index")) is int:
                         _described(item, items, (*path, name, index), leaf)
 
@@ -674,9 +722,11 @@ def _visit(
                     index = item.get("index")
                     if type(index) is int:
                         walk(item, sub.spec, (*path, name, index), scrub, leaf, whole)
-                        continue
+                    elif scrub:  # no index to key its streams by: its texts whole, JSON ones as JSON
+                        walk(item, sub.spec, (), scrub, _read_whole(whole), whole)
+                    continue
                 elif kind_of_list is All:
-                    walk(item, sub.spec, (*path, name, position), scrub, leaf, whole)
+                    walk(item, sub.spec_for(item), (*path, name, position), scrub, leaf, whole)
                     continue
             if scrub:
                 _visit(value, position, item, None, (), scrub, leaf, whole)  # not readable as described: whole
@@ -712,8 +762,8 @@ def redact_reply(redactor: Redactor, reply: dict[str, Any], spec: Spec, on_redac
     def leaf(path: Path, described: Leaf, text: str) -> str:
         return redactor.redact(text, on_redaction, json_text=described.json_text)
 
-    def whole(text: str) -> str:
-        return redactor.redact(text, on_redaction)
+    def whole(text: str, json_text: bool = False) -> str:
+        return redactor.redact(text, on_redaction, json_text=json_text)
 
     walk(reply, spec, (), True, leaf, whole)
 

@@ -17,13 +17,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from . import translate
 from .breaker import Breaker, Breakers, Permit
 from .errors import ModelNotFound
 from .keys import CONFIG, LIVE_CONFIG
 from .redact import OnRedaction, Redactor
+from .relay import dumps_reply
 from .routing import Kind, RouteTable
 from .surfaces import CHAT_API, MESSAGES_API, Api, strings_in
 from .upstream import Reply, Upstream
@@ -205,10 +204,10 @@ def body_for(
                     if type(block) is dict and block.get("type") == "tool_use":
                         for holder, key, _ in strings_in(block, "input"):
                             holder[key] = redactor.redact(holder[key], on_redaction)
-        return orjson.dumps(request)
+        return dumps_reply(request)  # nested past orjson's depth: the stdlib's, or RecursionError (a 400)
     if leg.model is None or leg.model == payload["model"]:
         return body
-    return orjson.dumps({**payload, "model": leg.model})
+    return dumps_reply({**payload, "model": leg.model})
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import orjson
@@ -27,6 +27,7 @@ import orjson
 from . import sse
 from .errors import BadRequest, GatewayError, LogprobsUnavailable
 from .models import Usage
+from .redact import has_trigger
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,9 @@ class Leaf:
     drop: bool = False  # with redaction on, the value goes out as null
     keep: bool = False  # passes as it came, never redacted (a signature covers it)
     copy: bool = False  # a later copy of a streamed text: what its stream gave out (Surface.stream_of)
+    # Feeds the stream of a sibling field: its path with the last len(joins) keys replaced by
+    # these (a block's opening text and its deltas are one text).
+    joins: tuple[str, ...] | None = None
 
 
 TEXT = Leaf()
@@ -54,9 +58,17 @@ class Each:
 
 @dataclass(frozen=True, slots=True)
 class All:
-    """A list of objects read alike (whole replies only: no text streams across them)."""
+    """A list of objects read alike (whole replies only: no text streams across them); an
+    item whose "type" `by_type` lists is read by that description instead."""
 
     spec: Spec
+    by_type: dict[str, Spec] | None = field(default=None, compare=False)
+
+    def spec_for(self, item: dict[str, Any]) -> Spec:
+        if self.by_type is None:
+            return self.spec
+        kind = item.get("type")
+        return self.by_type.get(kind, self.spec) if type(kind) is str else self.spec
 
 
 Spec = dict[str, "Spec | Each | All | Leaf"]
@@ -169,7 +181,12 @@ _CHAT_MESSAGE: Spec = {
 
 class ChatSurface(Surface):
     spec: ClassVar[Spec] = {"choices": Each({"delta": _CHAT_MESSAGE, "logprobs": DROP})}
-    reply_spec: ClassVar[Spec] = {"choices": Each({"message": _CHAT_MESSAGE, "logprobs": DROP})}
+    # A reply's tool calls are a plain list (only a stream's carry an "index").
+    reply_spec: ClassVar[Spec] = {
+        "choices": Each(
+            {"message": {**_CHAT_MESSAGE, "tool_calls": All({"function": {"arguments": JSON_TEXT}})}, "logprobs": DROP}
+        )
+    }
     done_data = sse.DONE
 
     def flush_into(self, event: dict[str, Any]) -> list[Path] | None:
@@ -226,16 +243,42 @@ CHAT = ChatSurface()
 # A stream's events are keyed by their content block's "index"; text and tool input JSON
 # stream per block. Thinking and its signature pass untouched (the signature covers them).
 _THINKING: Spec = {"thinking": KEEP, "signature": KEEP, "data": KEEP}
+# A text block's opening text (content_block_start's, usually "") is the start of its deltas' text.
+_BLOCK_TEXT = Leaf(joins=("delta", "text"))
+# Thinking is passed as it came only in thinking events (its signature covers it); on any
+# other event those fields are text like any other.
+_THINKING_TYPES = frozenset({"thinking", "redacted_thinking", "thinking_delta", "signature_delta"})
+_THINKING_BLOCKS = {"thinking": _THINKING, "redacted_thinking": _THINKING}
+_DELTA: Spec = {"text": TEXT, "partial_json": JSON_TEXT}
+_BLOCK: Spec = {"text": _BLOCK_TEXT}
+
+
+def _is_thinking(part: Any) -> bool:
+    kind = part.get("type") if type(part) is dict else None
+    return type(kind) is str and kind in _THINKING_TYPES
 
 
 class MessagesSurface(Surface):
     spec: ClassVar[Spec] = {
-        "delta": {"text": TEXT, "partial_json": JSON_TEXT, **_THINKING},
-        "content_block": _THINKING,
-        "message": {"content": All(_THINKING)},
+        "delta": _DELTA,
+        "content_block": _BLOCK,
+        "message": {"content": All({}, _THINKING_BLOCKS)},
     }
-    reply_spec: ClassVar[Spec] = {"content": All({"text": TEXT, **_THINKING})}
+    # By whether the event's delta, and its content_block, is thinking: each part by its own type.
+    specs: ClassVar[dict[tuple[bool, bool], Spec]] = {
+        (delta, block): {
+            "delta": {**_DELTA, **_THINKING} if delta else _DELTA,
+            "content_block": {**_BLOCK, **_THINKING} if block else _BLOCK,
+            "message": {"content": All({}, _THINKING_BLOCKS)},
+        }
+        for delta in (False, True)
+        for block in (False, True)
+    }
+    reply_spec: ClassVar[Spec] = {"content": All({"text": TEXT}, _THINKING_BLOCKS)}
     done_types: ClassVar[frozenset[str]] = frozenset({"message_stop", "error"})  # the upstream's own error ends it too
+
+    def spec_of(self, event: dict[str, Any]) -> Spec:
+        return self.specs[_is_thinking(event.get("delta")), _is_thinking(event.get("content_block"))]
 
     def root(self, event: dict[str, Any]) -> Path | None:
         kind = event.get("type")
@@ -327,6 +370,24 @@ MESSAGES = MessagesSurface()
 TextSlot = tuple[Any, Any, bool]  # (holder, key or index, JSON text?): holder[key] is a str to redact
 
 
+class ObjectKeys:
+    """An object's keys as text slots: `keys[name]` is the name, and assigning a new one
+    renames the key (it moves to the end: key order means nothing in JSON; a name that was
+    already there keeps the renamed key's value)."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, node: dict[str, Any]) -> None:
+        self.node = node
+
+    def __getitem__(self, name: str) -> str:
+        return name
+
+    def __setitem__(self, name: str, new: str) -> None:
+        if new != name:
+            self.node[new] = self.node.pop(name)
+
+
 def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
     """String content, `text` parts, refusals and tool-call arguments of every message."""
     for message in payload.get("messages") or ():
@@ -384,12 +445,19 @@ def _blocks_texts(holder: dict[str, Any], key: str) -> Iterator[TextSlot]:
 
 
 def strings_in(holder: Any, key: Any) -> Iterator[TextSlot]:
+    """Every string under holder[key], and every object key there that holds "@" or a digit
+    (an address used as a key): each key after its object's values, so that renaming it
+    cannot hide a value still to come."""
     value = holder[key] if type(holder) is list else holder.get(key)
     if type(value) is str:
         yield holder, key, False
     elif type(value) is dict:
         for name in value:
             yield from strings_in(value, name)
+        if has_trigger("".join(value), 0):
+            keys = ObjectKeys(value)
+            for name in [name for name in value if has_trigger(name, 0)]:
+                yield keys, name, False
     elif type(value) is list:
         for position in range(len(value)):
             yield from strings_in(value, position)

@@ -370,12 +370,6 @@ async def test_every_message_text_is_redacted_before_the_upstream(
     assert EMAIL not in hostile.seen[-1].body.decode()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §11 (tool_use input is redacted like chat's tool-call arguments, whose JSON "
-    "keys are): an address used as a key of tool_use.input reaches the upstream; "
-    "surfaces.py _strings_in yields values only",
-)
 async def test_anthropic_tool_use_input_keys_are_redacted_before_the_upstream(
     gateway: Gateway, hostile: Hostile
 ) -> None:
@@ -533,12 +527,6 @@ async def test_legacy_function_call_arguments_stay_json(gateway: Gateway, hostil
     assert json.loads(got) == {"card": "CC_MASKED_LAST4_4242"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §6 (tool-call arguments redacted): PII written with JSON escapes inside the "
-    "arguments text (\\u0040 for '@', \\u0034 for '4') is blanked out of the view the "
-    "redactor searches (redact.py JsonView), yet the client's JSON parser turns it back into clear PII",
-)
 @pytest.mark.parametrize(
     ("arguments", "clear"),
     [('{"to": "jane.doe\\u0040example.com"}', EMAIL), ('{"card": "4242424\\u003242424242"}', "4242424242424242")],
@@ -555,11 +543,23 @@ async def test_escaped_pii_in_tool_call_arguments_is_redacted(
     assert clear not in json.dumps(json.loads(got), ensure_ascii=False)
 
 
+async def test_a_masked_number_in_reply_tool_call_arguments_keeps_them_json(gateway: Gateway, hostile: Hostile) -> None:
+    # A JSON reply's tool calls have no "index": their arguments are still JSON text, and a
+    # card written as a bare number is masked as a string.
+    call = {"id": "t", "type": "function", "function": {"name": "f", "arguments": '{"card": 4242424242424242}'}}
+    hostile.answer = json_answer(chat_reply(None, tool_calls=[call]))
+    status, data = await gateway.chat({})
+    assert status == 200
+    got = json.loads(data)["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(got) == {"card": "CC_MASKED_LAST4_4242"}
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="SPEC §6 (split PII redacted, whatever the upstream sends): after 256 text streams "
-    "(relay.py MAX_STREAMS) every new one is redacted event by event, so an upstream that "
-    "first opens 256 indices then splits an address across two events gets it through",
+    reason="SPEC §6 (split PII redacted, whatever the upstream sends): past 256 text streams "
+    "(relay.py MAX_STREAMS) that all still hold text back (none can be let go), every new one is "
+    "redacted event by event, so an upstream that first opens 256 indices, each ending in a "
+    "letter, then splits an address across two events gets it through",
 )
 async def test_past_the_stream_bound_split_pii_is_still_redacted(gateway: Gateway, hostile: Hostile) -> None:
     opening = b"".join(chunk({"content": "x"}, index=i) for i in range(1, 257))
@@ -646,6 +646,25 @@ async def test_a_silent_upstream_is_cut_with_an_sse_error(start: GatewayFactory,
     assert await gateway.healthy()
 
 
+async def test_a_client_slower_than_stream_idle_secs_still_gets_the_whole_stream(
+    start: GatewayFactory, hostile: Hostile
+) -> None:
+    # SPEC §5: the idle timeout measures the upstream's silence, not the client's: a client
+    # that reads nothing for longer than STREAM_IDLE_SECS, while the gateway's writes wait
+    # for it (32 MB: more than the sockets buffer), still gets every event and the end.
+    gateway = await start(STREAM_IDLE_SECS="0.3")
+    piece = "x" * 8000
+    hostile.answer = events_answer(b"".join(chunk({"content": piece}) for _ in range(4000)) + DONE)
+    body = json.dumps({"model": "m", "messages": PROMPT, "stream": True})
+    headers = {"Content-Type": "application/json", "X-Api-Key": "demo"}
+    async with gateway.client.post(CHAT, data=body, headers=headers) as reply:
+        first = await reply.content.readany()
+        await asyncio.sleep(1.0)  # the slow client: nothing read for three idle timeouts
+        wire = first + await reply.read()
+    assert not any("error" in event for event in json_events(wire))
+    assert wire.endswith(DONE) and len(delta_text(wire, "content")) == 4000 * len(piece)
+
+
 async def test_an_oversized_first_event_is_a_502(gateway: Gateway, hostile: Hostile) -> None:
     hostile.answer = events_answer(b"data: " + b"a" * (17 * 1024 * 1024))
     status, data = await gateway.chat({"stream": True})
@@ -703,12 +722,6 @@ async def test_odd_json_replies_are_relayed_redacted_or_502(gateway: Gateway, ho
     assert await gateway.healthy()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §6 (no PII from a reply in clear): object keys are never redacted (relay.walk "
-    "redacts values only), so an address used as a key in a reply, or in an Anthropic "
-    "tool_use input, reaches the client",
-)
 @pytest.mark.parametrize("route", ["chat", "messages"])
 async def test_pii_in_reply_object_keys_is_redacted(gateway: Gateway, hostile: Hostile, route: str) -> None:
     if route == "chat":
@@ -764,12 +777,6 @@ async def test_anthropic_thinking_passes_and_text_is_redacted(gateway: Gateway, 
     assert names[-1] == b"event: message_stop"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §11 (text redacted per content block with the split guarantee): the text a "
-    "content_block_start carries is redacted event by event, apart from the block's "
-    "text_delta stream, so an address begun there and finished in the first delta passes",
-)
 async def test_anthropic_text_begun_in_content_block_start_is_redacted_with_its_deltas() -> None:
     relay = StreamRelay(REDACTOR, None, MESSAGES)
     start = anthropic_ev(
@@ -791,16 +798,31 @@ async def test_anthropic_text_begun_in_content_block_start_is_redacted_with_its_
     assert EMAIL not in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §11 (only thinking blocks pass unchanged): KEEP is matched by field name, not by "
-    "block type, so a 'data'/'signature'/'thinking' field on a text_delta is relayed in clear "
-    "(surfaces.py MessagesSurface.spec)",
-)
 async def test_anthropic_keep_fields_on_a_text_delta_are_not_a_side_channel() -> None:
     relay = StreamRelay(REDACTOR, None, MESSAGES)
     wire = ANTHROPIC_START + text_delta("hi", data=EMAIL) + ANTHROPIC_END
     assert EMAIL not in decoded(relay.feed(wire) + relay.close())
+    # ... nor on a text block's start
+    start = anthropic_ev(
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": "", "signature": EMAIL}}
+    )
+    relay = StreamRelay(REDACTOR, None, MESSAGES)
+    assert EMAIL not in decoded(relay.feed(ANTHROPIC_START + start + ANTHROPIC_END) + relay.close())
+
+
+async def test_anthropic_keep_fields_on_a_text_block_of_a_reply_are_not_a_side_channel(
+    gateway: Gateway, hostile: Hostile
+) -> None:
+    # SPEC §11: a thinking block passes as it came (its signature covers it); the same fields
+    # on a text block are text like any other.
+    thinking = {"type": "thinking", "thinking": f"user is {EMAIL}", "signature": "Eq4242424242424242=="}
+    text = {"type": "text", "text": "hi", "signature": EMAIL, "data": EMAIL}
+    hostile.answer = json_answer({"type": "message", "role": "assistant", "content": [thinking, text]})
+    status, data = await gateway.messages({"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200
+    content = json.loads(data)["content"]
+    assert content[0] == thinking
+    assert EMAIL not in json.dumps(content[1]) and content[1]["text"] == "hi"
 
 
 async def test_anthropic_tool_input_stays_json_when_masked_across_deltas(gateway: Gateway, hostile: Hostile) -> None:

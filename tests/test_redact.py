@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import os
+import random
 from collections import Counter
 
 import pytest
@@ -473,6 +474,42 @@ def test_json_text_stays_json_and_streams_equal_whole(document: tuple[object, st
     assert json.loads(whole) == expected_json(value)
     cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=12))
     assert stream_in_pieces(text, cuts, True) == whole
+
+
+def escaped_inside_strings(text: str, chosen: random.Random) -> str:
+    """The JSON text with about a third of its strings' characters written as \\u escapes
+    (a client's parser reads the same document)."""
+    out: list[str] = []
+    in_string, i = False, 0
+    while i < len(text):
+        c = text[i]
+        if in_string and c == "\\":
+            width = 6 if text[i + 1] == "u" else 2
+            out.append(text[i : i + width])
+            i += width
+            continue
+        if c == '"':
+            in_string = not in_string
+        elif in_string and ord(c) < 0x10000 and chosen.random() < 0.3:
+            c = f"\\u{ord(c):04x}"
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_documents(), st.randoms(use_true_random=False), st.data())
+def test_json_text_written_with_escapes_is_redacted_as_a_parser_reads_it(
+    document: tuple[object, str], chosen: random.Random, data: st.DataObject
+) -> None:
+    # "jane.doe\u0040example.com" is an address to the client that parses the arguments.
+    value, text = document
+    escaped = escaped_inside_strings(text, chosen)
+    assert json.loads(escaped) == json.loads(text)
+    whole = REDACTOR.redact(escaped, json_text=True)
+    assert json.loads(whole) == expected_json(value)
+    cuts = data.draw(st.lists(st.integers(0, len(escaped)), max_size=12))
+    assert stream_in_pieces(escaped, cuts, True) == whole
 
 
 JSONISH = st.lists(

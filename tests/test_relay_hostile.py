@@ -182,6 +182,37 @@ def test_many_distinct_indices_are_bounded() -> None:
     assert len(relay._streams) <= 256
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(CORPUS), st.integers(1, 40), st.integers(0, 4), st.booleans())
+def test_past_the_stream_bound_idle_streams_are_let_go_and_split_pii_stays_masked(
+    pii: str, cut: int, reused: int, in_new: bool
+) -> None:
+    # Five streams (bound 3 here) whose texts end where nothing is held; then PII split
+    # across two events, in a new stream or in one that was let go (it starts afresh): masked.
+    import gateway.relay as relay_module
+
+    text = f"write to {pii} now"
+    cut = min(cut, len(text) - 1)
+    target = 9 if in_new else reused
+    opening = [delta_chunk({"content": "ok. "}, index=i) for i in range(5)]
+    split = [delta_chunk({"content": piece}, index=target) for piece in (text[:cut], text[cut:])]
+    bound = relay_module.MAX_STREAMS
+    relay_module.MAX_STREAMS = 3
+    try:
+        relay = StreamRelay(REDACTOR, None)
+        wire = b"".join(relay.feed(read) for read in [*opening, *split, DONE]) + relay.close()
+    finally:
+        relay_module.MAX_STREAMS = bound
+    texts = "".join(
+        c["delta"].get("content") or ""
+        for e in sse.SSEParser().feed(wire)
+        if e.data and e.data != sse.DONE
+        for c in json.loads(e.data)["choices"]
+        if c["index"] == target
+    )
+    assert pii not in texts and texts.endswith(" now")
+
+
 # --- fuzz: random well- and ill-formed chat streams -------------------------------------
 
 ORDINARY = st.sampled_from(["Hello", " ", "world", ", ", ".", "order 12345", "v3.11.7", "é", "👋", '"q"', "\\"])
@@ -281,7 +312,7 @@ def test_the_side_check_finds_every_run_the_redactor_looks_in(text: str) -> None
 class _ExactOnly(StreamRelay):
     __slots__ = ()
 
-    def _templated(self, blocks: bytes, at: int, stop: int, out: list[bytes], copied: int) -> int | None:
+    def _templated(self, blocks: bytes, at: int, out: list[bytes], copied: int) -> tuple[int, int] | None:
         return None  # every event parsed
 
 
@@ -339,10 +370,10 @@ def test_events_of_one_shape_take_the_fast_path() -> None:
     class Counting(StreamRelay):
         __slots__ = ()
 
-        def _templated(self, blocks: bytes, at: int, stop: int, out: list[bytes], copied: int) -> int | None:
-            spliced = super()._templated(blocks, at, stop, out, copied)
+        def _templated(self, blocks: bytes, at: int, out: list[bytes], copied: int) -> tuple[int, int] | None:
+            spliced = super()._templated(blocks, at, out, copied)
             if spliced is not None:
-                seen.append(blocks[at:stop])
+                seen.append(blocks[at : spliced[1]])
             return spliced
 
     relay = Counting(REDACTOR, None)

@@ -1,0 +1,82 @@
+"""Review: the fast path's number slot (the Responses API's sequence_number) against the exact
+path. Each case is a stream the exact path reads one way and the fast path another: the fast
+path reads digits where the exact path notes no number (a nested key, a key in the event
+line, a float, a number past 15 digits) or sees no JSON at all (leading zeros)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.openai_apis import RESPONSES
+from gateway.redact import ALL_KINDS, build_redactor
+from gateway.relay import StreamRelay
+
+REDACTOR = build_redactor(ALL_KINDS)
+_WHERE = b'"type":"response.output_text.delta","item_id":"m","output_index":0,"content_index":0'
+# A .done copy: the held text ("jane") goes out before it, in an event numbered by the relay.
+_DONE = (
+    b'event: response.output_text.done\ndata: {"type":"response.output_text.done","item_id":"m",'
+    b'"output_index":0,"content_index":0,"text":"x"}\n\n'
+)
+
+
+class _ExactOnly(StreamRelay):
+    __slots__ = ()
+
+    def _templated(self, blocks: bytes, at: int, out: list[bytes], copied: int) -> tuple[int, int] | None:
+        return None
+
+
+def _delta(text: bytes, tail: bytes, name: bytes = b"response.output_text.delta") -> bytes:
+    return b"event: " + name + b"\ndata: {" + _WHERE + b',"delta":"' + text + b'"' + tail + b"}\n\n"
+
+
+CASES = {
+    # openai's own numbers, but written with leading zeros: not JSON (the exact path reads the
+    # event as text), while the fast path streams its delta and notes 7
+    "leading zeros": [_delta(b"Hi there", b',"sequence_number":1'), _delta(b" ok jane", b',"sequence_number":007')],
+    # learned with 16 digits: the slot holds 15 of them, the 16th is read as part of the shape
+    "sixteen digits": [
+        _delta(b"Hi there", b',"sequence_number":1000000000000006'),
+        _delta(b" ok jane", b',"sequence_number":2000000000000006'),
+    ],
+    # a float: the exact path notes no number (not an int); the fast path notes its integer part
+    "float": [_delta(b"Hi there", b',"sequence_number":1.5'), _delta(b" ok jane", b',"sequence_number":7.5')],
+    # the key only nested: the exact path notes none; the fast path reads the nested digits
+    "nested key": [
+        _delta(b"Hi there", b',"meta":{"sequence_number":1}'),
+        _delta(b" ok jane", b',"meta":{"sequence_number":77}'),
+    ],
+    # the key only in the event line
+    "key in the event line": [
+        _delta(b"Hi there", b"", b'x"sequence_number":1'),
+        _delta(b" ok jane", b"", b'x"sequence_number":42'),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_number_slot_reads_what_the_exact_path_reads(name: str) -> None:
+    wire = b"".join(CASES[name]) + _DONE
+    fast, exact = StreamRelay(REDACTOR, None, RESPONSES), _ExactOnly(REDACTOR, None, RESPONSES)
+    assert fast.feed(wire) + fast.close() == exact.feed(wire) + exact.close()
+
+
+def test_the_fast_path_notes_the_model_as_the_exact_path_does() -> None:
+    # The fast path skips `_note`: an event of a learned shape naming a model after another
+    # event named another leaves the other in `response_model` (the trace's gen_ai.response.model).
+    from gateway.surfaces import CHAT
+
+    def event(model: bytes, text: bytes) -> bytes:
+        return (
+            b'data: {"id":"c","model":"'
+            + model
+            + b'","choices":[{"index":0,"delta":{"content":"'
+            + text
+            + b'"},"finish_reason":null}]}\n\n'
+        )
+
+    wire = event(b"gpt-4o", b"Hello") + event(b"gpt-4o-mini", b" there") + event(b"gpt-4o", b" again")
+    fast, exact = StreamRelay(REDACTOR, None, CHAT), _ExactOnly(REDACTOR, None, CHAT)
+    assert fast.feed(wire) == exact.feed(wire)
+    assert fast.response_model == exact.response_model
