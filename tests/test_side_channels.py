@@ -58,7 +58,6 @@ def block_text(wire: bytes, index: int) -> str:
 # --- 1. The stream bound counts ended streams, which are never let go (relay._leaf) ---------
 
 
-
 def test_split_pii_after_256_ended_content_blocks_is_masked() -> None:
     relay = StreamRelay(REDACTOR, None, MESSAGES)
     n = 300
@@ -74,7 +73,6 @@ def test_split_pii_after_256_ended_content_blocks_is_masked() -> None:
 
 
 # --- 2. JSON texts scrubbed whole are read as prose: no unescaping, masks break the JSON -----
-
 
 
 def test_reply_choice_without_index_keeps_arguments_json_and_masked() -> None:
@@ -96,7 +94,6 @@ def test_reply_choice_without_index_keeps_arguments_json_and_masked() -> None:
     redact_reply(REDACTOR, reply, CHAT.reply_spec, None)
     arguments = reply["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
     assert json.loads(arguments) == {"to": "j***e@example.com", "n": "CC_MASKED_LAST4_4242"}
-
 
 
 @pytest.mark.parametrize("route", ["chat", "messages"])
@@ -131,7 +128,6 @@ def _strings(node: object) -> list[str]:
 # --- 3. spec_of picks the thinking description from the delta alone ------------------------
 
 
-
 def test_a_thinking_delta_does_not_make_a_text_blocks_fields_keep() -> None:
     relay = StreamRelay(REDACTOR, None, MESSAGES)
     event = anthropic_ev(
@@ -156,7 +152,6 @@ def test_a_thinking_delta_does_not_make_a_text_blocks_fields_keep() -> None:
     "the characters ('\\u0041' -> 'A'), so that PII written with escapes is masked; the JSON "
     "means the same, its bytes differ",
 )
-
 def test_a_json_text_without_pii_passes_byte_for_byte() -> None:
     relay = StreamRelay(REDACTOR, None, MESSAGES)
     event = anthropic_ev(
@@ -181,7 +176,6 @@ api_key_env = "ANTHROPIC_API_KEY"
 match = "claude-*"
 upstreams = [{{ upstream = "claude" }}]
 """
-
 
 
 async def test_deep_arguments_routed_to_anthropic_are_not_a_500(
