@@ -259,11 +259,6 @@ def _is_thinking(part: Any) -> bool:
 
 
 class MessagesSurface(Surface):
-    spec: ClassVar[Spec] = {
-        "delta": _DELTA,
-        "content_block": _BLOCK,
-        "message": {"content": All({}, _THINKING_BLOCKS)},
-    }
     # By whether the event's delta, and its content_block, is thinking: each part by its own type.
     specs: ClassVar[dict[tuple[bool, bool], Spec]] = {
         (delta, block): {
@@ -274,6 +269,7 @@ class MessagesSurface(Surface):
         for delta in (False, True)
         for block in (False, True)
     }
+    spec: ClassVar[Spec] = specs[False, False]
     reply_spec: ClassVar[Spec] = {"content": All({"text": TEXT}, _THINKING_BLOCKS)}
     done_types: ClassVar[frozenset[str]] = frozenset({"message_stop", "error"})  # the upstream's own error ends it too
 

@@ -55,7 +55,7 @@ def block_text(wire: bytes, index: int) -> str:
     )
 
 
-# --- 1. The stream bound counts ended streams, which are never let go (relay._leaf) ---------
+# --- 1. Ended streams do not fill the bound on open ones (relay._leaf) ------------------------
 
 
 def test_split_pii_after_256_ended_content_blocks_is_masked() -> None:
@@ -72,7 +72,7 @@ def test_split_pii_after_256_ended_content_blocks_is_masked() -> None:
     assert block_text(out, n) == "mail j***e@example.com"
 
 
-# --- 2. JSON texts scrubbed whole are read as prose: no unescaping, masks break the JSON -----
+# --- 2. JSON texts in parts without an index are still read as JSON --------------------------
 
 
 def test_reply_choice_without_index_keeps_arguments_json_and_masked() -> None:
@@ -125,7 +125,7 @@ def _strings(node: object) -> list[str]:
     return []
 
 
-# --- 3. spec_of picks the thinking description from the delta alone ------------------------
+# --- 3. Thinking fields are kept per part, by that part's own type ----------------------------
 
 
 def test_a_thinking_delta_does_not_make_a_text_blocks_fields_keep() -> None:
@@ -164,7 +164,7 @@ def test_a_json_text_without_pii_passes_byte_for_byte() -> None:
     assert relay.feed(ANTHROPIC_START + event) == ANTHROPIC_START + event
 
 
-# --- 5. Router: a translated request nested past orjson's depth is a 500 ---------------------
+# --- 5. Router: a translated request nested past orjson's depth is a 4xx, not a 500 ----------
 
 ROUTES = """
 [upstreams.claude]
