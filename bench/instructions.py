@@ -1,7 +1,7 @@
 """Instructions per request, counted by callgrind: an A/B for hot-path changes that this
 machine's noise does not blur.
 
-    .venv/bin/python bench/instructions.py [json stream unredacted paced]
+    .venv/bin/python bench/instructions.py [json stream unredacted paced redis budgets]
 
 wrk's figures move by ±5% between runs here; callgrind counts the instructions the process
 executes, and the count repeats to within about 1%. It sees user space only: what the kernel
@@ -39,6 +39,10 @@ SCENARIOS: dict[str, tuple[dict[str, Any], str, dict[str, str]]] = {
     "routes": (run.JSON_BODY, "json", {"ROUTES": "20"}),  # a 20-route ROUTES_FILE (run.routes_file)
     "policies": (run.JSON_BODY, "json", {"POLICIES": "20"}),  # a 20-policy Cedar file (run.policy_files)
     "paced": (run.STREAM_BODY, "paced", {}),  # one event per read: the per-event path
+    "redis": (run.JSON_BODY, "json", {"REDIS_URL": "redis"}),  # quotas on redis-server
+    # SPEC §14 on Redis: token budgets beside the quota (a reserve before, a settle after)
+    "budgets": (run.JSON_BODY, "json", {"REDIS_URL": "redis", "TOKEN_QUOTA": "1000000000000"}),
+    "budgets_memory": (run.JSON_BODY, "json", {"TOKEN_QUOTA": "1000000000000"}),  # the policy without Redis
 }
 
 
@@ -83,11 +87,15 @@ def main() -> None:
             sys.exit(f"needs {tool}")
     chosen = sys.argv[1:] or list(SCENARIOS)
     tmp = Path(tempfile.mkdtemp(prefix="instructions-"))
-    json_port, sse_port, openai_port, anthropic_port, paced_port = (run.free_port() for _ in range(5))
+    json_port, sse_port, openai_port, anthropic_port, paced_port, redis_port = (run.free_port() for _ in range(6))
     helpers = [
         run.nginx(tmp, {"json": json_port, "sse": sse_port, "openai": openai_port, "anthropic": anthropic_port}),
         run.Proc(["node", str(run.ROOT / "bench" / "paced_upstream.js")], run.LOAD_CPU, {"PORT": str(paced_port)}),
     ]
+    if any("REDIS_URL" in SCENARIOS[name][2] for name in chosen):
+        redis = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        helpers.append(run.Proc(redis, run.LOAD_CPU))
+        run.wait_port(redis_port)
     upstreams = {"json": json_port, "sse": sse_port, "openai": openai_port, "paced": paced_port}
     print(f"thousands of instructions per request (callgrind), {REQUESTS} requests, 10 at a time")
     print("| scenario | bare relay | gateway | bare / gateway |\n|---|---|---|---|")
@@ -101,6 +109,8 @@ def main() -> None:
                 settings |= run.routes_file(tmp, upstreams[upstream])
             if settings.pop("POLICIES", None):
                 settings |= run.policy_files(tmp)
+            if "REDIS_URL" in settings:
+                settings["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             bare_port, gateway_port = run.free_port(), run.free_port()
             bare = _counted(
                 [run.PY, str(run.ROOT / "bench" / "bare_relay.py")],

@@ -49,7 +49,7 @@ def main() -> None:
         run.Proc(["node", str(run.ROOT / "bench" / "paced_upstream.js")], run.LOAD_CPU, {"PORT": str(paced_port)}),
     ]
     if "REDIS_URL" in env:
-        env = {"REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
+        env = {**env, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}  # TOKEN_QUOTA kept
     if "OTEL_EXPORTER_OTLP_ENDPOINT" in env:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}", "OTEL_BSP_SCHEDULE_DELAY": "200"}
     try:
