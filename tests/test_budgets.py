@@ -477,6 +477,24 @@ async def test_a_spent_budget_is_429_after_the_request_quota_counted(start: Gate
     assert await gateway.sample("quota_block_total", reason="exceeded") == 0
 
 
+async def test_a_request_over_its_request_quota_holds_no_tokens(start: GatewayFactory, upstream: Upstream) -> None:
+    # The quota and the reservation are one store step: the quota's refusal comes first.
+    gateway = await start(TOKEN_QUOTA="1000", DEFAULT_QUOTA="1", QUOTA_WINDOW_SECS="1", TOKEN_WINDOW_SECS="60")
+    status, headers, _ = await gateway.post(ask())
+    assert status == 200 and token_headers(headers) == ("1000", "900")
+    status, headers, body = await gateway.post(ask())
+    assert status == 429 and body["error"]["message"] == "quota exceeded (limit=1)"
+    assert token_headers(headers) is None and headers["x-ratelimit-remaining-requests"] == "0"
+    assert await gateway.sample("quota_block_total", reason="exceeded") == 1
+    assert await gateway.sample("quota_block_total", reason="tokens") == 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while (answer := await gateway.post(ask()))[0] == 429:  # the request quota's next window
+        assert loop.time() < deadline, "the request quota's window never ended"
+        await asyncio.sleep(0.05)
+    assert token_headers(answer[1]) == ("1000", str(1000 - 15 - 100))  # the first's 15 used, this one's 100
+
+
 async def test_an_estimate_larger_than_the_budget_is_refused(start: GatewayFactory, upstream: Upstream) -> None:
     gateway = await start(TOKEN_QUOTA="1000")
     status, headers, body = await gateway.post(ask(max_tokens=10**40))

@@ -17,6 +17,9 @@ P = ParamSpec("P")
 # Lua's numbers (doubles, exact to 2^53) and in Redis' 64-bit integers whatever is added up.
 MAX_TOKENS = 10**15
 
+# A reservation's answer: (held?, used + reserved afterwards, ms until the window ends, the window's id).
+Held = tuple[bool, int, int, str]
+
 
 def digest(key: str) -> bytes:
     """A fixed-size stand-in for a key in the process's own tables: 16 bytes of BLAKE2b,
@@ -33,7 +36,7 @@ class QuotaStore(Protocol):
         """
         ...
 
-    async def reserve(self, key: str, amount: int, limit: int, window_ms: int) -> tuple[bool, int, int, str]:
+    async def reserve(self, key: str, amount: int, limit: int, window_ms: int) -> Held:
         """One atomic step on the token window `key` (started, `window_ms` long, if there is
         none): hold `amount` more tokens if used + reserved + amount <= limit. Returns
         (held?, used + reserved afterwards, ms until the window ends, the window's id).
@@ -41,6 +44,23 @@ class QuotaStore(Protocol):
         The window's id names this window and no later one under the same key, so a settle
         that arrives after the window ended changes nothing. Raises errors.StoreUnavailable.
         """
+        ...
+
+    async def hit_and_reserve(
+        self,
+        counter: str,
+        counter_window_ms: int,
+        counter_limit: int,
+        key: str,
+        amount: int,
+        limit: int,
+        window_ms: int,
+    ) -> tuple[tuple[int, int], Held | None]:
+        """`hit(counter, counter_window_ms)`, then, only if its count is within
+        `counter_limit`, `reserve(key, amount, limit, window_ms)`: (the hit's answer, the
+        reservation's or None). One atomic step where both keys are on one server; on a
+        cluster, where they may not be, the two steps in that order. Raises
+        errors.StoreUnavailable."""
         ...
 
     async def settle(self, key: str, window: str, reserved: int, used: int) -> None:

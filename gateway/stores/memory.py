@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from . import MAX_TOKENS, digest
+from . import MAX_TOKENS, Held, digest
 
 _COUNT, _EXPIRES = 0, 1  # a request window: [count, expires_at]
 _USED, _RESERVED, _ENDS, _ID = 0, 1, 2, 3  # a token window: [used, reserved, expires_at, id]
@@ -44,7 +44,7 @@ class MemoryStore:
         entry[_COUNT] += 1
         return int(entry[_COUNT]), max(1, int((entry[_EXPIRES] - now) * 1000))
 
-    async def reserve(self, key: str, amount: int, limit: int, window_ms: int) -> tuple[bool, int, int, str]:
+    async def reserve(self, key: str, amount: int, limit: int, window_ms: int) -> Held:
         now = self._clock()
         slot = digest(key)
         entry = self._live(self._token_windows, slot, now, _ENDS)
@@ -55,6 +55,21 @@ class MemoryStore:
             entry[_RESERVED] += amount
         total = int(entry[_USED] + entry[_RESERVED])
         return held, total, max(1, int((entry[_ENDS] - now) * 1000)), str(int(entry[_ID]))
+
+    async def hit_and_reserve(
+        self,
+        counter: str,
+        counter_window_ms: int,
+        counter_limit: int,
+        key: str,
+        amount: int,
+        limit: int,
+        window_ms: int,
+    ) -> tuple[tuple[int, int], Held | None]:
+        counted = await self.hit(counter, counter_window_ms)  # neither awaits anything: one step
+        if counted[0] > counter_limit:
+            return counted, None
+        return counted, await self.reserve(key, amount, limit, window_ms)
 
     async def settle(self, key: str, window: str, reserved: int, used: int) -> None:
         entry = self._live(self._token_windows, digest(key), self._clock(), _ENDS)

@@ -20,58 +20,76 @@ import coredis
 from coredis.exceptions import RedisError
 
 from ..errors import StoreUnavailable
+from . import Held
 
-# A string constant, so the frozen build needs no data files. Each key comes with one
-# argument, the operation and its operands separated by spaces, and each operation answers
-# one string of numbers (one argument and one answer per key: coredis' work per argument and
-# per reply element is the costly part):
+# A string constant, so the frozen build needs no data files. Each operation is one argument,
+# the operation and its operands separated by spaces, takes its keys in order (one, or two for
+# "q") and answers one string of numbers (coredis' work per argument and per reply element is
+# the costly part):
 #   "h window_ms"                           -> "count ms_left"
 #   "r amount limit window_ms new_id"       -> "held(1/0) used+reserved ms_left window_id"
 #   "s window_id reserved used"             -> "applied(1/0)"
+#   "q window_ms count_limit amount limit token_window_ms new_id"  (keys: counter, token window)
+#        -> "count ms_left", followed by r's answer when count <= count_limit (else nothing held)
 # A token window is a hash {used, reserved, window}. Its id is chosen by the caller that
 # starts it (unique per process and call), so a settle names the window it reserved in and
 # changes nothing in a later one under the same key. Nothing here raises on a key of another
 # type: a reservation starts a window over it, a settlement leaves it alone. Amounts are kept
 # below 2^53 by the caller; `%d` writes them as integers (a Lua number may print as 2e+15).
 OPERATIONS = """
-local out = {}
-for i, key in ipairs(KEYS) do
+local function hit(key, window_ms)
+  local count = redis.call('INCR', key)
+  local ttl = redis.call('PTTL', key)
+  if ttl < 0 then
+    redis.call('PEXPIRE', key, window_ms)
+    ttl = tonumber(window_ms)
+  end
+  return count, string.format('%d %d', count, ttl)
+end
+local function reserve(key, amount, limit, window_ms, new_id)
+  amount, limit = tonumber(amount), tonumber(limit)
+  local held = redis.pcall('HMGET', key, 'used', 'reserved', 'window')
+  local used, reserved, window = 0, 0, false
+  if held.err == nil then
+    used, reserved, window = tonumber(held[1]) or 0, tonumber(held[2]) or 0, held[3]
+  end
+  local ttl = redis.call('PTTL', key)
+  if not window then
+    window, used, reserved = new_id, 0, 0
+    redis.call('DEL', key)
+    redis.call('HSET', key, 'used', 0, 'reserved', 0, 'window', window)
+    redis.call('PEXPIRE', key, window_ms)
+    ttl = tonumber(window_ms)
+  elseif ttl < 0 then
+    redis.call('PEXPIRE', key, window_ms)
+    ttl = tonumber(window_ms)
+  end
+  local ok = 0
+  if used + reserved + amount <= limit then
+    reserved = reserved + amount
+    redis.call('HSET', key, 'reserved', string.format('%d', reserved))
+    ok = 1
+  end
+  return string.format('%d %d %d ', ok, used + reserved, ttl) .. window
+end
+local out, k = {}, 1
+for i, arg in ipairs(ARGV) do
   local f = {}
-  for word in string.gmatch(ARGV[i], '%S+') do f[#f + 1] = word end
-  local op = f[1]
+  for word in string.gmatch(arg, '%S+') do f[#f + 1] = word end
+  local op, key = f[1], KEYS[k]
+  k = k + 1
   if op == 'h' then
-    local count = redis.call('INCR', key)
-    local ttl = redis.call('PTTL', key)
-    if ttl < 0 then
-      redis.call('PEXPIRE', key, f[2])
-      ttl = tonumber(f[2])
-    end
-    out[i] = string.format('%d %d', count, ttl)
+    local _, answer = hit(key, f[2])
+    out[i] = answer
   elseif op == 'r' then
-    local amount, limit, window_ms = tonumber(f[2]), tonumber(f[3]), f[4]
-    local held = redis.pcall('HMGET', key, 'used', 'reserved', 'window')
-    local used, reserved, window = 0, 0, false
-    if held.err == nil then
-      used, reserved, window = tonumber(held[1]) or 0, tonumber(held[2]) or 0, held[3]
+    out[i] = reserve(key, f[2], f[3], f[4], f[5])
+  elseif op == 'q' then
+    local count, answer = hit(key, f[2])
+    if count <= tonumber(f[3]) then
+      answer = answer .. ' ' .. reserve(KEYS[k], f[4], f[5], f[6], f[7])
     end
-    local ttl = redis.call('PTTL', key)
-    if not window then
-      window, used, reserved = f[5], 0, 0
-      redis.call('DEL', key)
-      redis.call('HSET', key, 'used', 0, 'reserved', 0, 'window', window)
-      redis.call('PEXPIRE', key, window_ms)
-      ttl = tonumber(window_ms)
-    elseif ttl < 0 then
-      redis.call('PEXPIRE', key, window_ms)
-      ttl = tonumber(window_ms)
-    end
-    local ok = 0
-    if used + reserved + amount <= limit then
-      reserved = reserved + amount
-      redis.call('HSET', key, 'reserved', string.format('%d', reserved))
-      ok = 1
-    end
-    out[i] = string.format('%d %d %d ', ok, used + reserved, ttl) .. window
+    k = k + 1
+    out[i] = answer
   else
     local held = redis.pcall('HMGET', key, 'used', 'reserved', 'window')
     local applied = 0
@@ -87,7 +105,8 @@ end
 return out
 """
 
-Operation = tuple[str, str, "asyncio.Future[list[bytes]]"]  # key, operation, its answer's numbers
+# keys, operation, its answer's numbers, and whether it goes even if its waiter has left
+Operation = tuple[tuple[str, ...], str, "asyncio.Future[list[bytes]]", bool]
 
 
 class RedisStore:
@@ -100,7 +119,13 @@ class RedisStore:
     out wait for it and then go together, so batches grow with the load instead of the round
     trips, and one process's operations reach Redis in the order they were made. On a cluster
     the keys may live on different nodes, so each key gets its own call in one
-    non-transactional pipeline, which coredis splits by node."""
+    non-transactional pipeline, which coredis splits by node.
+
+    Deadlines are the batches': a batch must be answered `timeout` after its first operation
+    was made, so no operation waits longer than that (a later one of the same batch may be
+    failed sooner: when a batch fails, the guard backs every caller off the store anyway), and
+    an operation needs no timer of its own. A batch out is always answered within its deadline,
+    which is no later than that of the next batch, so a batch never starts late."""
 
     def __init__(self, url: str, *, cluster: bool, timeout: float) -> None:
         # Skip coredis' per-call argument checks: our script and PING are fixed and typed.
@@ -111,6 +136,7 @@ class RedisStore:
         self._timeout = timeout
         self._script = self._client.register_script(OPERATIONS)
         self._pending: list[Operation] = []
+        self._deadline = 0.0  # the pending batch's: `timeout` after its first operation
         self._out: asyncio.Task[None] | None = None  # the batch Redis is working on
         self._open = False
         # Ids for the token windows this process starts: unique across processes and restarts.
@@ -128,41 +154,59 @@ class RedisStore:
             await self._client.__aexit__(None, None, None)
 
     async def hit(self, key: str, window_ms: int) -> tuple[int, int]:
-        count, ttl = await self._run(key, f"h {window_ms}")
+        count, ttl = await self._run((key,), f"h {window_ms}")
         return int(count), max(1, int(ttl))
 
-    async def reserve(self, key: str, amount: int, limit: int, window_ms: int) -> tuple[bool, int, int, str]:
+    async def reserve(self, key: str, amount: int, limit: int, window_ms: int) -> Held:
         new_id = f"{self._window_prefix}{next(self._window_counter):x}"
-        held, total, ttl, window = await self._run(key, f"r {amount} {limit} {window_ms} {new_id}")
-        return held == b"1", int(total), max(1, int(ttl)), window.decode()
+        return _held(await self._run((key,), f"r {amount} {limit} {window_ms} {new_id}"))
+
+    async def hit_and_reserve(
+        self,
+        counter: str,
+        counter_window_ms: int,
+        counter_limit: int,
+        key: str,
+        amount: int,
+        limit: int,
+        window_ms: int,
+    ) -> tuple[tuple[int, int], Held | None]:
+        if self._cluster:  # the two keys may live on different nodes: two steps, in order
+            counted = await self.hit(counter, counter_window_ms)
+            if counted[0] > counter_limit:
+                return counted, None
+            return counted, await self.reserve(key, amount, limit, window_ms)
+        new_id = f"{self._window_prefix}{next(self._window_counter):x}"
+        answer = await self._run(
+            (counter, key), f"q {counter_window_ms} {counter_limit} {amount} {limit} {window_ms} {new_id}"
+        )
+        counted = int(answer[0]), max(1, int(answer[1]))
+        return counted, _held(answer[2:]) if len(answer) > 2 else None
 
     async def settle(self, key: str, window: str, reserved: int, used: int) -> None:
         if not (window.isascii() and window.isalnum()):  # ids are hex: nothing else names a window
             return
-        # Shielded: a caller that stops waiting (its client gone) still has its tokens settled.
-        await self._run(key, f"s {window} {reserved} {used}", shielded=True)
+        # Sent even if the caller stops waiting (its client gone): its tokens are settled all the same.
+        await self._run((key,), f"s {window} {reserved} {used}", True)
 
-    async def _run(self, key: str, operation: str, shielded: bool = False) -> list[bytes]:
+    def _run(self, keys: tuple[str, ...], operation: str, goes: bool = False) -> asyncio.Future[list[bytes]]:
+        """The operation's answer, to await: its numbers, or StoreUnavailable."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[bytes]] = loop.create_future()
-        if not self._pending and self._out is None:  # nothing waiting, nothing out: go after this turn
-            loop.call_soon(self._send_batch)
-        self._pending.append((key, operation, future))
-        if shielded:
-            future.add_done_callback(_retrieved)  # its waiter may be gone: no "never retrieved" log
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await (asyncio.shield(future) if shielded else future)
-        except TimeoutError as exc:
-            raise StoreUnavailable() from exc
+        if not self._pending:
+            self._deadline = loop.time() + self._timeout
+            if self._out is None:  # nothing out: go after this turn
+                loop.call_soon(self._send_batch)
+        self._pending.append((keys, operation, future, goes))
+        return future
 
     def _send_batch(self) -> None:
-        # An operation whose caller gave up waiting (deadline, client gone) is not sent:
-        # a hit is not counted, a reservation not held. A settlement is shielded: it goes.
-        batch = [operation for operation in self._pending if not operation[2].done()]
+        # An operation whose caller gave up waiting (client gone, a deadline of its own) is
+        # not sent: a hit is not counted, a reservation not held. A settlement goes all the same.
+        batch = [operation for operation in self._pending if operation[3] or not operation[2].done()]
         self._pending = []
         if batch:
-            self._out = asyncio.get_running_loop().create_task(self._run_batch(batch))
+            self._out = asyncio.get_running_loop().create_task(self._run_batch(batch, self._deadline))
             self._out.add_done_callback(self._batch_done)
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
@@ -170,25 +214,33 @@ class RedisStore:
         if self._pending:
             self._send_batch()
 
-    async def _run_batch(self, batch: list[Operation]) -> None:
+    async def _run_batch(self, batch: list[Operation], deadline: float) -> None:
+        answers: list[Any] | None = None
         try:
-            # Its own deadline too: the next batch waits for this one, so it must end.
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout_at(deadline):
                 if not self._cluster or len(batch) == 1:
-                    keys = [key for key, _, _ in batch]
-                    answers: list[Any] = await self._script(keys=keys, args=[operation for _, operation, _ in batch])
+                    keys = [key for operation in batch for key in operation[0]]
+                    answers = await self._script(keys=keys, args=[operation[1] for operation in batch])
                 else:
                     async with self._client.pipeline(transaction=False) as pipe:
-                        calls = [self._script(keys=[key], args=[operation], client=pipe) for key, operation, _ in batch]
+                        calls = [
+                            self._script(keys=list(keys), args=[operation], client=pipe)
+                            for keys, operation, _, _ in batch
+                        ]
                     answers = [answer for call in calls for answer in await call]
         except (TimeoutError, RedisError, OSError, RuntimeError):
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(StoreUnavailable())
-            return
-        for (_, _, future), answer in zip(batch, answers, strict=True):
-            if not future.done():  # its request may have been cancelled (client gone, deadline)
-                future.set_result(answer.split())
+            answers = None
+        finally:
+            # Every waiter hears back, whatever happened here (this task cancelled included):
+            # no operation has a timer of its own.
+            if answers is None or len(answers) != len(batch):
+                for _, _, future, _ in batch:
+                    if not future.done():
+                        future.set_exception(StoreUnavailable())
+            else:
+                for (_, _, future, _), answer in zip(batch, answers, strict=True):
+                    if not future.done():  # its request may have been cancelled (client gone, deadline)
+                        future.set_result(answer.split())
 
     async def ping(self) -> bool:
         try:
@@ -199,6 +251,6 @@ class RedisStore:
         return True
 
 
-def _retrieved(future: asyncio.Future[list[bytes]]) -> None:
-    if not future.cancelled():
-        future.exception()
+def _held(answer: list[bytes]) -> Held:
+    held, total, ttl, window = answer
+    return held == b"1", int(total), max(1, int(ttl)), window.decode()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.errors import StoreUnavailable
 from gateway.stores import QuotaStore, store_from_url
@@ -358,4 +361,128 @@ async def test_a_settle_goes_through_when_its_caller_stops_waiting(redis_server:
         wait_until_settled = await store.reserve("tokens:{left}", 980, 1000, 60_000)  # after it, in order
         assert wait_until_settled[:2] == (True, 1000)
     finally:
+        await store.close()
+
+
+# --- A request counted and its tokens held in one step (SPEC §4's quota, then §14) ----------
+
+
+async def test_tokens_are_held_only_for_a_request_within_its_quota(store: StoreFactory) -> None:
+    quota, tokens = unique("admit"), token_key("admit")
+    async with store() as s:
+        (count, ttl), held = await s.hit_and_reserve(quota, 60_000, 2, tokens, 60, 100, 60_000)
+        assert count == 1 and 0 < ttl <= 60_000 and held is not None and held[:2] == (True, 60)
+        (count, _), held = await s.hit_and_reserve(quota, 60_000, 2, tokens, 50, 100, 60_000)
+        assert count == 2 and held is not None and held[:2] == (False, 60)  # refused for tokens: counted
+        (count, _), held = await s.hit_and_reserve(quota, 60_000, 2, tokens, 10, 100, 60_000)
+        assert count == 3 and held is None  # over its quota: nothing held, not even tried
+        assert (await s.reserve(tokens, 40, 100, 60_000))[:2] == (True, 100)  # the first 60 alone are held
+        assert (await s.hit(quota, 60_000))[0] == 4
+
+
+async def test_concurrent_requests_are_counted_and_held_exactly(
+    store: StoreFactory, backend: tuple[str | None, bool]
+) -> None:
+    # 60 requests at once (two gateway processes when there is a server to share) against a
+    # quota of 30 and 100 tokens, 7 each: counts 1..60, and exactly 14 of the first 30 hold tokens.
+    quota, tokens = unique("race-admit"), token_key("race-admit")
+    async with store() as first, store() as second:
+        stores = [first, second] if backend[0] is not None else [first]
+        results = await asyncio.gather(
+            *(stores[i % len(stores)].hit_and_reserve(quota, 60_000, 30, tokens, 7, 100, 60_000) for i in range(60))
+        )
+    assert sorted(count for (count, _), _ in results) == list(range(1, 61))
+    assert all((held is None) == (count > 30) for (count, _), held in results)
+    holds = [held for _, held in results if held is not None]
+    assert sum(held[0] for held in holds) == 14 and max(held[1] for held in holds) == 98
+
+
+Step = tuple[int, int, int]  # the quota's limit, the estimate, the usage it settles to
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 60), st.integers(0, 80)), min_size=1, max_size=12))
+def test_one_step_answers_as_the_hit_then_the_reservation(backend: tuple[str | None, bool], steps: list[Step]) -> None:
+    """The one-step path (one operation of the script on Redis) against the plain one: the
+    hit, then, if the request is within its quota, the reservation — each settled as it goes."""
+
+    async def run() -> None:
+        url, cluster = backend
+        s = store_from_url(url, cluster=cluster, timeout=2)
+        if isinstance(s, RedisStore):
+            await s.open()
+        try:
+            one = (unique("one"), token_key("one"))
+            plain = (unique("plain"), token_key("plain"))
+            for quota_limit, amount, used in steps:
+                counted, held = await s.hit_and_reserve(one[0], 60_000, quota_limit, one[1], amount, 100, 60_000)
+                plain_counted = await s.hit(plain[0], 60_000)
+                plain_held = None
+                if plain_counted[0] <= quota_limit:
+                    plain_held = await s.reserve(plain[1], amount, 100, 60_000)
+                assert counted[0] == plain_counted[0]
+                assert (held and held[:2]) == (plain_held and plain_held[:2])
+                if held is not None and plain_held is not None and held[0]:
+                    await s.settle(one[1], held[3], amount, used)
+                    await s.settle(plain[1], plain_held[3], amount, used)
+        finally:
+            await s.close()
+
+    asyncio.run(run())
+
+
+async def test_a_request_counted_and_held_is_one_operation(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url, cluster=False, timeout=0.5)
+    await store.open()
+    try:
+        await store.hit("quota:warm", 60_000)  # connected, script loaded
+        before = script_calls(redis_server)
+        await store.hit_and_reserve("quota:one", 60_000, 5, "tokens:{one}", 10, 100, 60_000)
+        assert script_calls(redis_server) - before == 1
+        assert redis_server.cli("GET", "quota:one") == "1"
+        assert redis_server.cli("HGET", "tokens:{one}", "reserved") == "10"
+    finally:
+        await store.close()
+
+
+async def test_the_script_is_loaded_again_when_redis_lost_it(backend: tuple[str | None, bool]) -> None:
+    # A flushed (or restarted) server has no script: the next call loads it and goes through.
+    url, cluster = backend
+    if url is None:
+        pytest.skip("a Redis backend's script")
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    flush = ["redis-cli", "--cluster", "call", f"127.0.0.1:{port}"] if cluster else ["redis-cli", "-p", port]
+    store = RedisStore(url, cluster=cluster, timeout=0.5)
+    await store.open()
+    try:
+        key = unique("flushed")
+        assert (await store.hit(key, 60_000))[0] == 1
+        subprocess.run([*flush, "SCRIPT", "FLUSH"], check=True, capture_output=True, timeout=5)
+        assert (await store.hit(key, 60_000))[0] == 2
+        subprocess.run([*flush, "SCRIPT", "FLUSH"], check=True, capture_output=True, timeout=5)
+        counts = await asyncio.gather(*(store.hit(key, 60_000) for _ in range(5)))  # a batch (a pipeline)
+        assert sorted(count for count, _ in counts) == [3, 4, 5, 6, 7]
+    finally:
+        await store.close()
+
+
+async def test_no_operation_waits_longer_than_the_deadline_even_behind_a_batch(redis_server: RedisServer) -> None:
+    # Redis holds every script call (CLIENT PAUSE): the batch out fails at its deadline, and
+    # one made while it was out fails no later than its own, though it waited for that batch.
+    store = RedisStore(redis_server.url, cluster=False, timeout=0.3)
+    await store.open()
+    loop = asyncio.get_running_loop()
+    try:
+        await store.hit("quota:warm", 60_000)
+        redis_server.cli("CLIENT", "PAUSE", "3000", "WRITE")
+        first = asyncio.ensure_future(store.hit("quota:paused", 60_000))
+        await asyncio.sleep(0.1)  # its batch is out, waiting on Redis
+        made = loop.time()
+        with pytest.raises(StoreUnavailable):
+            await store.hit("quota:behind", 60_000)
+        assert loop.time() - made < 0.3 + 0.08  # its own deadline, not that of a batch sent 0.2 s later
+        with pytest.raises(StoreUnavailable):
+            await first
+    finally:
+        redis_server.cli("CLIENT", "UNPAUSE")
         await store.close()
