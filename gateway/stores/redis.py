@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 import coredis
-from coredis.exceptions import RedisError
+from coredis.exceptions import NoScriptError, RedisError
 
 from ..errors import StoreUnavailable
 from . import Held
@@ -220,7 +220,7 @@ class RedisStore:
             async with asyncio.timeout_at(deadline):
                 if not self._cluster or len(batch) == 1:
                     keys = [key for operation in batch for key in operation[0]]
-                    answers = await self._script(keys=keys, args=[operation[1] for operation in batch])
+                    answers = await self._evalsha(keys, [operation[1] for operation in batch])
                 else:
                     async with self._client.pipeline(transaction=False) as pipe:
                         calls = [
@@ -241,6 +241,17 @@ class RedisStore:
                 for (_, _, future, _), answer in zip(batch, answers, strict=True):
                     if not future.done():  # its request may have been cancelled (client gone, deadline)
                         future.set_result(answer.split())
+
+    async def _evalsha(self, keys: list[str], args: list[str]) -> Any:
+        """The script by its digest, loaded first if Redis does not have it (a restarted or
+        flushed server). Script's own call does the same, but builds a retrying request per
+        call: ~140k instructions a batch (callgrind), a sixth of coredis' whole round trip."""
+        client, sha = self._client, self._script.sha
+        try:
+            return await client.evalsha(sha, keys, args)
+        except NoScriptError:
+            await client.script_load(OPERATIONS)
+            return await client.evalsha(sha, keys, args)
 
     async def ping(self) -> bool:
         try:
