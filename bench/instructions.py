@@ -7,8 +7,8 @@ wrk's figures move by ±5% between runs here; callgrind counts the instructions 
 executes, and the count repeats to within about 1%. It sees user space only: what the kernel
 does for a syscall is not in it, so it ranks code changes, not whole-request cost. Each side
 (bare relay, gateway) runs under valgrind against the same nginx upstream as `make bench`;
-after a warm-up that is not counted, a fixed number of requests (`INSTR_REQUESTS`, 10 at a
-time) is counted. To compare two commits, run each checkout's copy with the same venv:
+after a warm-up that is not counted, a fixed number of requests (`INSTR_REQUESTS`,
+`INSTR_CONCURRENCY` at a time: 10) is counted. To compare two commits, run each checkout's copy with the same venv:
 `.venv/bin/python /tmp/other-checkout/bench/instructions.py` measures that checkout's gateway.
 Needs valgrind (Debian's `valgrind`); about 20 s a side.
 """
@@ -28,6 +28,9 @@ import aiohttp
 import run  # bench/run.py: the same upstreams, replies and gateway settings
 
 REQUESTS = int(os.environ.get("INSTR_REQUESTS", "300"))
+# Requests in flight: with Redis, how many store operations share a batch follows it (wrk's 50
+# give batches of ~25; 10 under valgrind give ~2.5, so each batch's cost shows more).
+CONCURRENCY = int(os.environ.get("INSTR_CONCURRENCY", "10"))
 WARM_UP = 100
 # scenario: (request body, upstream, extra gateway settings)
 SCENARIOS: dict[str, tuple[dict[str, Any], str, dict[str, str]]] = {
@@ -47,7 +50,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], str, dict[str, str]]] = {
 
 
 async def _post(port: int, body: dict[str, Any], count: int) -> None:
-    limit = asyncio.Semaphore(10)
+    limit = asyncio.Semaphore(CONCURRENCY)
     async with aiohttp.ClientSession() as session:
 
         async def one() -> None:
@@ -97,7 +100,7 @@ def main() -> None:
         helpers.append(run.Proc(redis, run.LOAD_CPU))
         run.wait_port(redis_port)
     upstreams = {"json": json_port, "sse": sse_port, "openai": openai_port, "paced": paced_port}
-    print(f"thousands of instructions per request (callgrind), {REQUESTS} requests, 10 at a time")
+    print(f"thousands of instructions per request (callgrind), {REQUESTS} requests, {CONCURRENCY} at a time")
     print("| scenario | bare relay | gateway | bare / gateway |\n|---|---|---|---|")
     try:
         for port in upstreams.values():

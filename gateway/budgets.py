@@ -4,6 +4,8 @@ in the store before it goes upstream, and what that reservation settles to after
 Reserve and settle are each one atomic store step (stores/), so with several processes on
 one store a window's budget is overrun only by requests in flight, each by what its usage
 exceeds its estimate. A reservation nobody settles (a crashed process) ends with its window.
+In the gateway the reservation rides the request quota's own store step (`Quota.check_and_hold`):
+`hold` says what to ask the store, `decision` reads its answer.
 Decisions are values; middlewares.py turns them into 429s and headers.
 """
 

@@ -380,7 +380,7 @@ def quota_and_budget(quotas: Quota, budget: TokenBudget, apis: Mapping[str, Api]
             return await count(request, handler)
         hold = budget.hold(tenant.name, tenant.public_id, await budget.estimate(api, payload))
         checked = await quotas.check_and_hold(tenant.name, tenant.public_id, hold)
-        if checked is None:  # the store is down, fail-open: admitted, nothing counted or held
+        if checked is None:  # the store is down, fail-open: admitted without a verdict, nothing held
             return await handler(request)
         decision, held = checked
         state.decision = decision

@@ -3,7 +3,8 @@
 One Lua script does every operation, each atomically: a request counter's increment with its
 expiry (no counter can ever exist without a TTL; it also repairs one that somehow lost it),
 a token reservation (the window's hash created with its TTL when there is none, the check
-and the hold in one step) and a token settlement. It takes any number of keys, so a batch
+and the hold in one step), both of those for one request (its tokens held only if its count
+is within the quota) and a token settlement. It takes any number of keys, so a batch
 of operations of any kinds costs one command. Every call has a deadline; coredis errors and
 timeouts become `StoreUnavailable` here, and the policies decide what that means. coredis
 reconnects by itself when Redis returns.
