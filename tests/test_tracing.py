@@ -21,9 +21,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.models import RequestState, Tenant, Usage
-from gateway.tracing import MAX_PATH, MAX_TEXT, SCOPE_NAME, Tracing
+from gateway.tracing import MAX_PATH, MAX_TEXT, SCOPE_NAME, Tracing, trace_headers
 
 from .harness import wait_until
 
@@ -278,6 +280,66 @@ def test_an_unsampled_parent_is_not_recorded_but_still_propagated(receiver: Rece
     marker = arrived(receiver, "marker")  # what was ended before it has been sent by now
     wait_until(lambda: len(receiver.spans) == 2, what="the marker's client span")
     assert all(s.trace_id == marker.trace_id for s in receiver.spans)
+
+
+def test_an_unsampled_new_trace_passes_the_server_spans_own_context_and_sends_nothing(
+    monkeypatch: pytest.MonkeyPatch, receiver: Receiver
+) -> None:
+    """Under an unsampled server span no client span is started: the upstream is told the
+    server span (the trace id the log line has, the server span's id, not sampled) and the
+    collector gets nothing; an exception in the upstream call still reaches the caller."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")  # every new trace dropped
+    tracing = Tracing(receiver.url, "gw")
+    server, sent = one_request(tracing, headers())
+    context = server.get_span_context()
+    assert not server.is_recording() and context.is_valid
+    assert sent == {"traceparent": traceparent(str(tracing.trace_id(server)), f"{context.span_id:016x}", "02")}
+    with pytest.raises(TimeoutError), tracing.client_span(server, "m"):
+        raise TimeoutError
+    tracing.shutdown()
+    assert receiver.posts == 0
+
+
+def test_a_sampled_caller_is_recorded_under_a_ratio_that_drops_every_new_trace(
+    monkeypatch: pytest.MonkeyPatch, receiver: Receiver, make_tracing: Any
+) -> None:
+    """The caller's sampled flag decides (parent-based): both spans are recorded and the
+    upstream is told the client span, sampled, with the caller's tracestate."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    tracing = make_tracing(receiver.url)
+    incoming = headers(traceparent=traceparent(INCOMING_TRACE, INCOMING_SPAN, "01"), tracestate="vendor=abc")
+    server_span, sent = one_request(tracing, incoming)
+    assert sampled(server_span)
+    server = arrived(receiver, "acme")
+    [client] = wait_until(lambda: [s for s in receiver.spans if s.kind == PbSpan.SPAN_KIND_CLIENT], what="client")
+    assert server.trace_id == client.trace_id == INCOMING_TRACE and client.parent == server.span_id
+    assert sent == {"traceparent": traceparent(INCOMING_TRACE, client.span_id, "01"), "tracestate": "vendor=abc"}
+
+
+_TRACE_STATE_KEYS = st.from_regex(r"\A[a-z][a-z0-9_\-*/]{0,20}(@[a-z][a-z0-9_\-*/]{0,13})?\Z")
+_TRACE_STATE_VALUES = st.from_regex(r"\A[!-+\--<>-~]{0,30}[!-+\--<>-~]\Z")
+
+
+@given(
+    trace_id=st.one_of(st.just(0), st.integers(0, 2**128 - 1)),
+    span_id=st.one_of(st.just(0), st.integers(0, 2**64 - 1)),
+    remote=st.booleans(),
+    flags=st.integers(0, 255),
+    state=st.lists(st.tuples(_TRACE_STATE_KEYS, _TRACE_STATE_VALUES), max_size=5, unique_by=lambda kv: kv[0]),
+)
+def test_trace_headers_are_what_the_propagator_injects(
+    trace_id: int, span_id: int, remote: bool, flags: int, state: list[tuple[str, str]]
+) -> None:
+    """The fast path (headers formatted from the span context's public fields) against the
+    plain one (TraceContextTextMapPropagator.inject with the span put in a context)."""
+    context = SpanContext(trace_id, span_id, remote, TraceFlags(flags), TraceState(state))
+    assert len(context.trace_state) == len(state)  # every generated entry is a valid one
+    injected: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(injected, trace.set_span_in_context(NonRecordingSpan(context)))
+    assert trace_headers(context) == injected
+    assert trace_headers(trace.INVALID_SPAN_CONTEXT) == {}
 
 
 TRACEPARENT_SENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-0[0-3]")
