@@ -84,10 +84,11 @@ def usage_values(blocks: bytes) -> list[int]:
     found = []
     at = blocks.find(_USAGE_KEY)
     while at >= 0:
-        if _AFTER_USAGE_KEY.match(blocks, at + 7) is not None:
+        if _AFTER_USAGE_KEY.match(blocks, at + len(_USAGE_KEY)) is not None:
             found.append(at)
         at = blocks.find(_USAGE_KEY, at + 1)
     return found
+
 
 MAX_STREAMS = 256  # text streams open at once; past that (a hostile upstream), texts are redacted whole
 MAX_ENDED = 16_384  # ended streams remembered (a path each), so that text sent after its end is dropped
@@ -560,21 +561,20 @@ def _rebuilt(segments: tuple[bytes, ...], values: list[bytes]) -> bytes:
 
 class Values(list[tuple[Fed, int, int]]):
     """What `Plan.read` found: (step, begin, end) of each value that feeds a stream or is the
-    surface's number, in order; and where the event ends."""
+    surface's number, in order; and where the event ends (a list with one more attribute,
+    not a pair: one allocation less an event)."""
 
     __slots__ = ("stop",)
     stop: int
 
 
 class Plan:
-    """A learned shape: the bytes between its volatile values (`segments`), what each value
-    is (`steps`), and the model the shape names."""
+    """A learned shape (the bytes between its volatile values, and what each value is) and
+    the model it names."""
 
-    __slots__ = ("head", "model", "rest", "segments", "steps")
+    __slots__ = ("head", "model", "rest")
 
     def __init__(self, steps: tuple[Step, ...], segments: tuple[bytes, ...], model: str | None) -> None:
-        self.steps = steps
-        self.segments = segments
         self.model = model
         self.head = segments[0]
         # Each value's step, the segment after it, and whether the value is a string (it ends
@@ -585,9 +585,10 @@ class Plan:
 
     def read(self, blocks: bytes, at: int) -> Values | None:
         """If the bytes from `at` are this shape, with no escape, and every side value holds
-        nothing PII could be made of: the values to feed and where the event ends; else None.
+        nothing PII could be made of: the values to feed and where the shape ends; else None.
         A value ends at the next quote (a string without escapes), or, where the next segment
-        does not begin with one, after its digits (the surface's number)."""
+        does not begin with one, after its digits (the surface's number). The event ends
+        where the shape does once the caller has found its texts printable (no line break)."""
         if not blocks.startswith(self.head, at):
             return None
         found = Values()
@@ -605,8 +606,7 @@ class Plan:
             elif not _plain_side(blocks[begin:end]):
                 return None
             begin = end + len(segment)
-        # Without an escape, a string's value is what lies between its quotes; values that are
-        # printable text hold no line break, so the event ends where the shape does.
+        # Without an escape, a string's value is what lies between its quotes.
         if blocks.find(b"\\", at, begin) >= 0:
             return None
         found.stop = begin

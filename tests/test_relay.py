@@ -350,7 +350,7 @@ def test_each_choice_gets_its_redacted_text_among_other_events(
 # over the whole chunk is what it must agree with (a usage missed is tokens not counted).
 USAGE_BITS = [b'"usage"', b":", b" ", b"\t", b"null", b",", b"}", b"{", b"1", b'"', b"\n", b"nul", b'"usag"', b"x"]
 USAGE_BITS += [b'"usage":', b'"usage":null,', b'"usage": 1', b'"usage"\n:\tnull}', b'"usage":{"total_tokens":3}']
-USAGE_BITS += [b"nullx", b'usage":1']
+USAGE_BITS += [b"nullx", b'usage":1', b'"\\u0075sage":1', b'"usag\\u0065" : null', b"\\u00"]  # escapes: the regex
 
 
 @settings(max_examples=1000)
