@@ -1,7 +1,7 @@
 """Instructions per request, counted by callgrind: an A/B for hot-path changes that this
 machine's noise does not blur.
 
-    .venv/bin/python bench/instructions.py [json stream unredacted paced redis budgets]
+    .venv/bin/python bench/instructions.py [json stream unredacted paced tracing tracing10 redis budgets …]
 
 wrk's figures move by ±5% between runs here; callgrind counts the instructions the process
 executes, and the count repeats to within about 1%. It sees user space only: what the kernel
@@ -42,11 +42,32 @@ SCENARIOS: dict[str, tuple[dict[str, Any], str, dict[str, str]]] = {
     "routes": (run.JSON_BODY, "json", {"ROUTES": "20"}),  # a 20-route ROUTES_FILE (run.routes_file)
     "policies": (run.JSON_BODY, "json", {"POLICIES": "20"}),  # a 20-policy Cedar file (run.policy_files)
     "paced": (run.STREAM_BODY, "paced", {}),  # one event per read: the per-event path
+    # Spans sent to bench/otlp_sink.py (callgrind counts every thread: the batch processor's
+    # encoding and sending too); wrk-like roots (no incoming traceparent). A batch goes when
+    # it is full, never on a timer (whose firings would depend on valgrind's pace): 512 spans
+    # as the bench's 100% row sends them, 64 as its 10% row sends ~130 every 200 ms.
+    "tracing": (run.JSON_BODY, "json", {"OTLP": "512", "OTEL_TRACES_SAMPLER": "parentbased_always_on"}),
+    "tracing10": (
+        run.JSON_BODY,
+        "json",
+        {"OTLP": "64", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+    ),
+    # Every new trace dropped: what the unsampled nine in ten cost, without tracing10's noise
+    # (which requests the trace ids pick moves it by ~0.5%).
+    "tracing0": (
+        run.JSON_BODY,
+        "json",
+        {"OTLP": "64", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"},
+    ),
     "redis": (run.JSON_BODY, "json", {"REDIS_URL": "redis"}),  # quotas on redis-server
     # SPEC §14 on Redis: token budgets beside the quota (a reserve before, a settle after)
     "budgets": (run.JSON_BODY, "json", {"REDIS_URL": "redis", "TOKEN_QUOTA": "1000000000000"}),
     "budgets_memory": (run.JSON_BODY, "json", {"TOKEN_QUOTA": "1000000000000"}),  # the policy without Redis
 }
+# Counted requests where REQUESTS does not fit: at 100%, two full batches (1,024 spans) fall in
+# the window whatever it starts with, so export is counted for exactly the spans made in it; at
+# 10%, the trace ids decide what is sampled: enough requests that the sampled share is stable.
+COUNTED = {"tracing": 512, "tracing10": 4096}
 
 
 async def _post(port: int, body: dict[str, Any], count: int) -> None:
@@ -67,7 +88,9 @@ async def _post(port: int, body: dict[str, Any], count: int) -> None:
         await asyncio.gather(*(one() for _ in range(count)))
 
 
-def _counted(argv: list[str], env: dict[str, str], port: int, body: dict[str, Any], tmp: Path) -> float:
+def _counted(
+    argv: list[str], env: dict[str, str], port: int, body: dict[str, Any], tmp: Path, requests: int = REQUESTS
+) -> float:
     """Thousands of instructions per request of the process `argv` (serving on `port`)."""
     out = tmp / f"callgrind.{port}"
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
@@ -76,12 +99,12 @@ def _counted(argv: list[str], env: dict[str, str], port: int, body: dict[str, An
         run.wait_port(port, timeout=120)  # start-up under valgrind is slow
         asyncio.run(_post(port, body, WARM_UP))
         subprocess.run(["callgrind_control", "--instr=on", str(proc.pid)], check=True, capture_output=True)
-        asyncio.run(_post(port, body, REQUESTS))
+        asyncio.run(_post(port, body, requests))
         subprocess.run(["callgrind_control", "--instr=off", str(proc.pid)], check=True, capture_output=True)
     finally:
         proc.stop()
     totals = [line for line in out.read_text().splitlines() if line.startswith("totals:")]
-    return int(totals[0].split()[1]) / REQUESTS / 1000
+    return int(totals[0].split()[1]) / requests / 1000
 
 
 def main() -> None:
@@ -90,23 +113,31 @@ def main() -> None:
             sys.exit(f"needs {tool}")
     chosen = sys.argv[1:] or list(SCENARIOS)
     tmp = Path(tempfile.mkdtemp(prefix="instructions-"))
-    json_port, sse_port, openai_port, anthropic_port, paced_port, redis_port = (run.free_port() for _ in range(6))
+    json_port, sse_port, openai_port, anthropic_port, paced_port, otlp_port, redis_port = (
+        run.free_port() for _ in range(7)
+    )
     helpers = [
         run.nginx(tmp, {"json": json_port, "sse": sse_port, "openai": openai_port, "anthropic": anthropic_port}),
         run.Proc(["node", str(run.ROOT / "bench" / "paced_upstream.js")], run.LOAD_CPU, {"PORT": str(paced_port)}),
+        run.Proc([run.PY, str(run.ROOT / "bench" / "otlp_sink.py")], run.LOAD_CPU, {"PORT": str(otlp_port)}),
     ]
     if any("REDIS_URL" in SCENARIOS[name][2] for name in chosen):
         redis = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         helpers.append(run.Proc(redis, run.LOAD_CPU))
         run.wait_port(redis_port)
     upstreams = {"json": json_port, "sse": sse_port, "openai": openai_port, "paced": paced_port}
-    print(f"thousands of instructions per request (callgrind), {REQUESTS} requests, {CONCURRENCY} at a time")
+    counts = ", ".join(f"{name} {COUNTED[name]}" for name in chosen if name in COUNTED)
+    print(
+        f"thousands of instructions per request (callgrind), {REQUESTS} requests ({counts or 'each'}), {CONCURRENCY} at a time"
+    )
     print("| scenario | bare relay | gateway | bare / gateway |\n|---|---|---|---|")
     try:
-        for port in upstreams.values():
+        for port in (*upstreams.values(), otlp_port):
             run.wait_port(port)
         for name in chosen:
             body, upstream, settings = SCENARIOS[name]
+            settings = dict(settings)  # its markers are popped below
+            requests = COUNTED.get(name, REQUESTS)
             url = f"http://127.0.0.1:{upstreams[upstream]}"
             if settings.pop("ROUTES", None):
                 settings |= run.routes_file(tmp, upstreams[upstream])
@@ -114,6 +145,12 @@ def main() -> None:
                 settings |= run.policy_files(tmp)
             if "REDIS_URL" in settings:
                 settings["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+            if batch := settings.pop("OTLP", None):
+                settings |= {
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
+                    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": batch,
+                    "OTEL_BSP_SCHEDULE_DELAY": "3600000",
+                }
             bare_port, gateway_port = run.free_port(), run.free_port()
             bare = _counted(
                 [run.PY, str(run.ROOT / "bench" / "bare_relay.py")],
@@ -121,6 +158,7 @@ def main() -> None:
                 bare_port,
                 body,
                 tmp,
+                requests,
             )
             gateway = _counted(
                 [run.PY, str(run.ROOT / "gateway.py")],
@@ -128,6 +166,7 @@ def main() -> None:
                 gateway_port,
                 body,
                 tmp,
+                requests,
             )
             print(f"| {name} | {bare:.0f} | {gateway:.0f} | {bare / gateway:.0%} |", flush=True)
     finally:

@@ -1,7 +1,7 @@
 """Where the gateway's CPU goes under one bench load: py-spy samples the pinned gateway
 while wrk drives it, then the hottest functions are printed (own time and with callees).
 
-    .venv/bin/python bench/profile.py json|unique|stream|redis|tracing|paced [seconds]
+    .venv/bin/python bench/profile.py json|unique|stream|redis|tracing|tracing10|paced [seconds]
 
 Needs py-spy (`pip install py-spy`); the same nginx upstream and wrk as `make bench`.
 """
@@ -28,7 +28,20 @@ SCENARIOS = {
     "anthropic": (run.MESSAGES_BODY, "anthropic", {}),  # through /v1/messages
     "redis": (run.JSON_BODY, "json", {"REDIS_URL": "redis"}),
     "budgets": (run.JSON_BODY, "json", {"REDIS_URL": "redis", "TOKEN_QUOTA": "1000000000000"}),
-    "tracing": (run.JSON_BODY, "json", {"OTEL_EXPORTER_OTLP_ENDPOINT": "otlp"}),
+    "tracing": (
+        run.JSON_BODY,
+        "json",
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "otlp", "OTEL_TRACES_SAMPLER": "parentbased_always_on"},
+    ),
+    "tracing10": (
+        run.JSON_BODY,
+        "json",
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "otlp",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.1",
+        },
+    ),
     "paced": (run.STREAM_BODY, "paced", {}),  # the node stream client, BENCH_STREAMS at once
 }
 
@@ -51,7 +64,7 @@ def main() -> None:
     if "REDIS_URL" in env:
         env = {**env, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}  # TOKEN_QUOTA kept
     if "OTEL_EXPORTER_OTLP_ENDPOINT" in env:
-        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}", "OTEL_BSP_SCHEDULE_DELAY": "200"}
+        env = env | {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}", "OTEL_BSP_SCHEDULE_DELAY": "200"}
     try:
         for port in (*replies.values(), redis_port, otlp_port, paced_port):
             run.wait_port(port)

@@ -264,7 +264,9 @@ def responses_stream() -> str:
         "total_tokens": 138,
     }
     events = [event("response.created", response=response), event("response.in_progress", response=response)]
-    events.append(event("response.output_item.added", item={**item, "status": "in_progress", "content": []}, output_index=0))
+    events.append(
+        event("response.output_item.added", item={**item, "status": "in_progress", "content": []}, output_index=0)
+    )
     events.append(event("response.content_part.added", part={**part, "text": ""}, **where))
     events += [
         event("response.output_text.delta", delta=t, logprobs=[], obfuscation=pads[i % 8], **where)
@@ -577,7 +579,12 @@ def run() -> list[dict[str, Any]]:
         if "anthropic" in ONLY:
             wrk_pair("stream, Anthropic messages (46 events)", anthropic_port, MESSAGES_BODY, "/v1/messages")
         if "responses" in ONLY:
-            wrk_pair("stream, OpenAI Responses API's real event layout (47 events)", responses_port, RESPONSES_BODY, "/v1/responses")
+            wrk_pair(
+                "stream, OpenAI Responses API's real event layout (47 events)",
+                responses_port,
+                RESPONSES_BODY,
+                "/v1/responses",
+            )
         if "embeddings" in ONLY:
             wrk_pair("non-stream, embeddings (1536 dims, base64)", embeddings_port, EMBEDDINGS_BODY, "/v1/embeddings")
         if "unredacted" in ONLY:  # for reference, not a target: what streaming redaction costs

@@ -67,10 +67,28 @@ def side_may_match(data: bytes) -> bool:
 
 # A "usage" key whose value is not null (anything else, an unexpected spacing included, is
 # worth parsing).
+_NOT_NULL = rb"[ \t\r\n]*:[ \t\r\n]*(?!null[ \t\r\n,}])"
 _USAGE_VALUE = re.compile(
     rb'"(?:u|\\u0075)(?:s|\\u0073)(?:a|\\u0061)(?:g|\\u0067)(?:e|\\u0065)"'  # the key, its letters escaped or not
-    rb"[ \t\r\n]*:[ \t\r\n]*(?!null[ \t\r\n,}])"
+    + _NOT_NULL
 )
+_USAGE_KEY = b'"usage"'
+_AFTER_USAGE_KEY = re.compile(_NOT_NULL)  # `_USAGE_VALUE` past an unescaped key
+
+
+def usage_values(blocks: bytes) -> list[int]:
+    """Where `_USAGE_VALUE` matches, in order. Without an escape it is found by its key:
+    a regex that starts at every quote of a chunk costs ten times as much."""
+    if blocks.find(b"\\") >= 0 and blocks.find(b"\\u00") >= 0:  # memchr first: ~40x faster than a 4-byte find
+        return [m.start() for m in _USAGE_VALUE.finditer(blocks)]
+    found = []
+    at = blocks.find(_USAGE_KEY)
+    while at >= 0:
+        if _AFTER_USAGE_KEY.match(blocks, at + len(_USAGE_KEY)) is not None:
+            found.append(at)
+        at = blocks.find(_USAGE_KEY, at + 1)
+    return found
+
 
 MAX_STREAMS = 256  # text streams open at once; past that (a hostile upstream), texts are redacted whole
 MAX_ENDED = 16_384  # ended streams remembered (a path each), so that text sent after its end is dropped
@@ -251,9 +269,7 @@ class StreamRelay:
 
     def _worth_parsing(self, blocks: bytes) -> list[tuple[int, int]]:
         """Where the events that may hold a usage (not null) or end the stream lie, in order."""
-        # The key as it usually comes, or with an escape in it (a hostile upstream's "\u0075sage").
-        maybe = blocks.find(b'"usage"') >= 0 or blocks.find(b"\\u00") >= 0
-        found = [m.start() for m in _USAGE_VALUE.finditer(blocks)] if maybe else []
+        found = usage_values(blocks)  # the key as it usually comes, or escaped ("\u0075sage")
         surface = self._surface
         for marker in surface.done_markers if surface.done_data is None else (*surface.done_markers, surface.done_data):
             at = blocks.find(marker)
@@ -374,7 +390,7 @@ class StreamRelay:
         ]
         if _rebuilt(segments, values) == written:
             model = chunk.get("model")
-            plan = self._plans[segments] = (steps, segments, model if type(model) is str else None)
+            plan = self._plans[segments] = Plan(steps, segments, model if type(model) is str else None)
             self._last_plan = plan
 
     def _templated(self, blocks: bytes, at: int, out: list[bytes], copied: int) -> tuple[int, int] | None:
@@ -385,29 +401,19 @@ class StreamRelay:
         where the event ends; None (nothing changed yet): the event takes the exact path."""
         plan = self._last_plan
         assert plan is not None
-        bounds = _value_bounds(blocks, at, plan[1])
-        if bounds is None:
+        found = plan.read(blocks, at)
+        if found is None:
             for other in self._plans.values():
-                if other is not plan and (bounds := _value_bounds(blocks, at, other[1])) is not None:
+                if other is not plan and (found := other.read(blocks, at)) is not None:
                     self._last_plan = plan = other
                     break
             else:
                 return None
-        stop = bounds[-1]
-        if plan[2] is not None:
-            self.response_model = plan[2]  # as the exact path notes it (the shape holds the name)
-        # Without an escape, a string's value is what lies between its quotes; values that are
-        # printable text hold no line break, so the event ends where the shape does.
-        if blocks.find(b"\\", at, stop) >= 0:
-            return None
-        steps = plan[0]
+        # Every value is read and checked before any stream is fed: an event the fast path
+        # gives up on reaches the exact path with nothing changed.
         texts: list[str] = []
-        values = iter(bounds)
-        for step, begin, end in zip(steps, values, values, strict=False):  # bounds[-1]: the end, left over
+        for step, begin, end in found:
             value = blocks[begin:end]
-            if step is None and value.isalnum() and len(value) < 11:
-                texts.append("")  # a side value of ASCII letters and digits, too short for a run: nothing
-                continue
             if step is NUMBER:
                 if len(value) > 1 and value[0] == 48:
                     return None  # "007" is no JSON number: the exact path reads the event as text
@@ -419,13 +425,10 @@ class StreamRelay:
                 return None
             if not text.isprintable():
                 return None  # a raw control character is not JSON: the exact path says what happens
-            if step is None and side_may_match(value):  # a side value must hold nothing PII is made of
-                return None
             texts.append(text)
-        values = iter(bounds)
-        for step, text, begin, end in zip(steps, texts, values, values, strict=False):
-            if step is None:
-                continue
+        if plan.model is not None:
+            self.response_model = plan.model  # as the exact path notes it (the shape holds the name)
+        for (step, begin, end), text in zip(found, texts, strict=True):
             if step is NUMBER:
                 assert self._numbered is not None
                 self._scratch[self._numbered] = int(text)
@@ -435,7 +438,7 @@ class StreamRelay:
                 out.append(blocks[copied:begin])
                 out.append(orjson.dumps(now)[1:-1])
                 copied = end
-        return copied, stop
+        return copied, found.stop
 
     def _side_may_match(self, data: bytes) -> bool:
         return side_may_match(data)
@@ -547,9 +550,8 @@ class Number(enum.Enum):
 
 NUMBER = Number.STEP
 # A volatile value's step: the stream it feeds, None (a side value), or NUMBER.
-Step = tuple[Path, Leaf] | Literal[Number.STEP] | None
-# The steps, the bytes between the values, and the model the shape names.
-Plan = tuple[tuple[Step, ...], tuple[bytes, ...], str | None]
+Fed = tuple[Path, Leaf] | Literal[Number.STEP]  # a value that feeds a stream, or the number
+Step = Fed | None
 
 
 def _rebuilt(segments: tuple[bytes, ...], values: list[bytes]) -> bytes:
@@ -557,27 +559,70 @@ def _rebuilt(segments: tuple[bytes, ...], values: list[bytes]) -> bytes:
     return b"".join([part for pair in zip(segments, values, strict=False) for part in pair] + [segments[-1]])
 
 
-def _value_bounds(blocks: bytes, at: int, segments: tuple[bytes, ...]) -> list[int] | None:
-    """If the bytes from `at` are `segments` with a value between each two, where each value
-    begins and ends and where the last segment ends ([begin, end, begin, end, ..., stop]);
-    else None. A value ends at the next quote (a string without escapes), or, where the
-    next segment does not begin with one, after its digits (the surface's number)."""
-    if not blocks.startswith(segments[0], at):
-        return None
-    bounds: list[int] = []
-    begin = at + len(segments[0])
-    for segment in segments[1:]:
-        if segment.startswith(b'"'):
-            end = blocks.find(b'"', begin)
-        else:
-            digits = _DIGITS.match(blocks, begin)
-            end = -1 if digits is None else digits.end()
-        if end < 0 or not blocks.startswith(segment, end):
+class Values(list[tuple[Fed, int, int]]):
+    """What `Plan.read` found: (step, begin, end) of each value that feeds a stream or is the
+    surface's number, in order; and where the event ends (a list with one more attribute,
+    not a pair: one allocation less an event)."""
+
+    __slots__ = ("stop",)
+    stop: int
+
+
+class Plan:
+    """A learned shape (the bytes between its volatile values, and what each value is) and
+    the model it names."""
+
+    __slots__ = ("head", "model", "rest")
+
+    def __init__(self, steps: tuple[Step, ...], segments: tuple[bytes, ...], model: str | None) -> None:
+        self.model = model
+        self.head = segments[0]
+        # Each value's step, the segment after it, and whether the value is a string (it ends
+        # at the next quote) or the surface's number (it ends after its digits).
+        self.rest = tuple(
+            (step, segment, segment.startswith(b'"')) for step, segment in zip(steps, segments[1:], strict=True)
+        )
+
+    def read(self, blocks: bytes, at: int) -> Values | None:
+        """If the bytes from `at` are this shape, with no escape, and every side value holds
+        nothing PII could be made of: the values to feed and where the shape ends; else None.
+        A value ends at the next quote (a string without escapes), or, where the next segment
+        does not begin with one, after its digits (the surface's number). The event ends
+        where the shape does once the caller has found its texts printable (no line break)."""
+        if not blocks.startswith(self.head, at):
             return None
-        bounds += (begin, end)
-        begin = end + len(segment)
-    bounds.append(begin)
-    return bounds
+        found = Values()
+        begin = at + len(self.head)
+        for step, segment, quoted in self.rest:
+            if quoted:
+                end = blocks.find(b'"', begin)
+            else:
+                digits = _DIGITS.match(blocks, begin)
+                end = -1 if digits is None else digits.end()
+            if end < 0 or not blocks.startswith(segment, end):
+                return None
+            if step is not None:
+                found.append((step, begin, end))
+            elif not _plain_side(blocks[begin:end]):
+                return None
+            begin = end + len(segment)
+        # Without an escape, a string's value is what lies between its quotes.
+        if blocks.find(b"\\", at, begin) >= 0:
+            return None
+        found.stop = begin
+        return found
+
+
+def _plain_side(value: bytes) -> bool:
+    """Whether a side value (a pad, an id) passes as it came: printable UTF-8 that holds
+    nothing PII could be made of."""
+    if value.isalnum() and len(value) < 11:
+        return True  # ASCII letters and digits, too short for a run: the common case
+    try:
+        text = value.decode()
+    except UnicodeDecodeError:
+        return False
+    return text.isprintable() and not side_may_match(value)
 
 
 def _steps_of(

@@ -108,7 +108,7 @@ class Tracing:
         """The span's trace id in hex, for the log line; None when there is no trace (the SDK
         disabled and no incoming traceparent)."""
         context = span.get_span_context()
-        return format(context.trace_id, "032x") if context.is_valid else None
+        return f"{context.trace_id:032x}" if context.is_valid else None
 
     def client_span(
         self, server_span: Span, model: str | None, system: str = "openai", upstream: str | None = None
@@ -122,10 +122,8 @@ class Tracing:
         Under an unsampled server span no client span is started: every sampler the SDK
         names would drop it too, so the upstream is given the server span's own (unsampled)
         context, which saves the SDK's span start (~5 µs) on most requests at a low ratio."""
-        headers: dict[str, str] = {}
         if not server_span.is_recording():
-            self._propagator.inject(headers, trace.set_span_in_context(server_span, _NO_PARENT))
-            return ClientSpan(server_span, headers)  # not recording: its exit ends nothing
+            return ClientSpan(None, self._headers(server_span))
         model = model[:MAX_TEXT] if model else None
         attributes = {"gen_ai.system": system, **({"gen_ai.request.model": model} if model else {})}
         if upstream is not None:  # ROUTES_FILE's upstream this attempt went to (SPEC §13)
@@ -136,8 +134,14 @@ class Tracing:
             SpanKind.CLIENT,
             attributes,
         )
+        return ClientSpan(span, self._headers(span))
+
+    def _headers(self, span: Span) -> dict[str, str]:
+        """What the upstream is told of this span: W3C `traceparent` (and `tracestate`),
+        written by the SDK's propagator."""
+        headers: dict[str, str] = {}
         self._propagator.inject(headers, trace.set_span_in_context(span, _NO_PARENT))
-        return ClientSpan(span, headers)
+        return headers
 
     def shutdown(self) -> None:
         """Send what is queued, for at most SHUTDOWN_FLUSH_SECS, then stop the export thread."""
@@ -151,11 +155,12 @@ class Tracing:
 class ClientSpan:
     """What `Tracing.client_span` returns: a plain context manager, cheaper per request than
     a @contextmanager generator. An exception marks the span failed, with an `exception`
-    event naming its type (not its message or traceback: neither is the collector's business)."""
+    event naming its type (not its message or traceback: neither is the collector's business).
+    Under an unsampled server span there is no span (None), only the headers to pass on."""
 
     __slots__ = ("_span", "headers")
 
-    def __init__(self, span: Span, headers: dict[str, str]) -> None:
+    def __init__(self, span: Span | None, headers: dict[str, str]) -> None:
         self._span = span
         self.headers = headers
 
@@ -166,7 +171,7 @@ class ClientSpan:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         span = self._span
-        if not span.is_recording():
+        if span is None:
             return
         if exc_type is not None:
             span.add_event("exception", {"exception.type": exc_type.__name__})

@@ -344,3 +344,19 @@ def test_each_choice_gets_its_redacted_text_among_other_events(
     assert got == {i: REDACTOR.redact(text) for i, text in texts.items()}
     if usage is not None:
         assert relay.usage is not None and (relay.usage.prompt_tokens, relay.usage.completion_tokens) == usage
+
+
+# The unredacted path finds the events that may hold a usage by the key's bytes; the regex
+# over the whole chunk is what it must agree with (a usage missed is tokens not counted).
+USAGE_BITS = [b'"usage"', b":", b" ", b"\t", b"null", b",", b"}", b"{", b"1", b'"', b"\n", b"nul", b'"usag"', b"x"]
+USAGE_BITS += [b'"usage":', b'"usage":null,', b'"usage": 1', b'"usage"\n:\tnull}', b'"usage":{"total_tokens":3}']
+USAGE_BITS += [b"nullx", b'usage":1', b'"\\u0075sage":1', b'"usag\\u0065" : null', b"\\u00"]  # escapes: the regex
+
+
+@settings(max_examples=1000)
+@given(st.lists(st.sampled_from(USAGE_BITS), max_size=40))
+def test_usage_found_by_key_where_the_regex_finds_it(bits: list[bytes]) -> None:
+    from gateway.relay import _USAGE_VALUE, usage_values
+
+    blocks = b"".join(bits)
+    assert usage_values(blocks) == [m.start() for m in _USAGE_VALUE.finditer(blocks)]

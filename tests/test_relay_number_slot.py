@@ -80,3 +80,28 @@ def test_the_fast_path_notes_the_model_as_the_exact_path_does() -> None:
     fast, exact = StreamRelay(REDACTOR, None, CHAT), _ExactOnly(REDACTOR, None, CHAT)
     assert fast.feed(wire) == exact.feed(wire)
     assert fast.response_model == exact.response_model
+
+
+@pytest.mark.parametrize(("pad", "model"), [(b"\xff", "m"), (b"\x01", "m"), (b"a\\u0040b", "gpt-4o")])
+def test_an_event_the_fast_path_gives_up_on_leaves_the_model_to_the_exact_path(pad: bytes, model: str) -> None:
+    # An event of a learned shape whose side value fails its check (invalid UTF-8, a control
+    # character, an escape) takes the exact path: the model must be what that path notes,
+    # not the learned shape's (found by a review: it was noted before the values were checked).
+    # An event that is no JSON names no model; one with an escape names its own.
+    from gateway.surfaces import CHAT
+
+    def event(model: bytes, tail: bytes) -> bytes:
+        return (
+            b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"'
+            + model
+            + b'","choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]'
+            + tail
+            + b"}\n\n"
+        )
+
+    wire = (
+        event(b"gpt-4o", b',"obfuscation":"x"') + event(b"m", b"") + event(b"gpt-4o", b',"obfuscation":"' + pad + b'"')
+    )
+    fast, exact = StreamRelay(REDACTOR, None, CHAT), _ExactOnly(REDACTOR, None, CHAT)
+    assert fast.feed(wire) == exact.feed(wire)
+    assert fast.response_model == exact.response_model == model

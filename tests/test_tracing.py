@@ -280,6 +280,42 @@ def test_an_unsampled_parent_is_not_recorded_but_still_propagated(receiver: Rece
     assert all(s.trace_id == marker.trace_id for s in receiver.spans)
 
 
+def test_an_unsampled_new_trace_passes_the_server_spans_own_context_and_sends_nothing(
+    monkeypatch: pytest.MonkeyPatch, receiver: Receiver
+) -> None:
+    """Under an unsampled server span no client span is started: the upstream is told the
+    server span (the trace id the log line has, the server span's id, not sampled) and the
+    collector gets nothing; an exception in the upstream call still reaches the caller."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")  # every new trace dropped
+    tracing = Tracing(receiver.url, "gw")
+    server, sent = one_request(tracing, headers())
+    context = server.get_span_context()
+    assert not server.is_recording() and context.is_valid
+    assert sent == {"traceparent": traceparent(str(tracing.trace_id(server)), f"{context.span_id:016x}", "02")}
+    with pytest.raises(TimeoutError), tracing.client_span(server, "m"):
+        raise TimeoutError
+    tracing.shutdown()
+    assert receiver.posts == 0
+
+
+def test_a_sampled_caller_is_recorded_under_a_ratio_that_drops_every_new_trace(
+    monkeypatch: pytest.MonkeyPatch, receiver: Receiver, make_tracing: Any
+) -> None:
+    """The caller's sampled flag decides (parent-based): both spans are recorded and the
+    upstream is told the client span, sampled, with the caller's tracestate."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    tracing = make_tracing(receiver.url)
+    incoming = headers(traceparent=traceparent(INCOMING_TRACE, INCOMING_SPAN, "01"), tracestate="vendor=abc")
+    server_span, sent = one_request(tracing, incoming)
+    assert sampled(server_span)
+    server = arrived(receiver, "acme")
+    [client] = wait_until(lambda: [s for s in receiver.spans if s.kind == PbSpan.SPAN_KIND_CLIENT], what="client")
+    assert server.trace_id == client.trace_id == INCOMING_TRACE and client.parent == server.span_id
+    assert sent == {"traceparent": traceparent(INCOMING_TRACE, client.span_id, "01"), "tracestate": "vendor=abc"}
+
+
 TRACEPARENT_SENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-0[0-3]")
 
 
