@@ -750,7 +750,9 @@ def _visit(
         elif scrub:
             _visit(node, name, value, None, (), scrub, leaf, whole)  # not the string it should be: whole
     elif kind is str:
-        if scrub and value:
+        # A string with no "@" and no digit is what redacting it whole gives (redact_from's
+        # own first test): most side strings of a reply ("assistant", "stop", ids in hex).
+        if scrub and value and has_trigger(value, 0):
             node[name] = whole(value)
     elif kind is dict:
         if type(sub) is dict:
