@@ -163,7 +163,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     # fast; how many at once (the slot held until the handler returns: for a stream, its last
     # byte); how many this window (a store round trip, so last), with token budgets on how
     # many tokens too (SPEC §14: after the request quota, so a request refused for tokens has
-    # counted as a request; both in one store step; innermost, so it sees how the handler
+    # counted as a request; one middleware for both; innermost, so it sees how the handler
     # ended and settles from there).
     # Disabled steps are left out.
     chain: list[Middleware] = [

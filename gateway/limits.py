@@ -111,9 +111,9 @@ class Quota:
         return Decision(count <= limit, limit, max(0, limit - count), ttl_ms)
 
     async def check_and_hold(self, tenant: str, public_id: str, hold: TokenHold) -> tuple[Decision, Held | None] | None:
-        """`check`, and in the same store step the token reservation `hold` if the quota admits
-        the request (SPEC §14: the token step comes after the quota, so a request it refuses
-        holds nothing): the verdict and the store's answer to `hold` (None when not tried).
+        """`check`, then (`QuotaStore.hit_and_reserve`) the token reservation `hold` if the
+        quota admits the request (SPEC §14: the token step comes after the quota, so a request
+        it refuses holds nothing): the verdict and the store's answer to `hold` (None when not tried).
         None when the store is down and the mode is fail-open."""
         limit = self.limit_for(tenant)
         store = self._store

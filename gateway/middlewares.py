@@ -361,9 +361,9 @@ def quota(quotas: Quota, telemetry: Telemetry) -> Middleware:
 
 def quota_and_budget(quotas: Quota, budget: TokenBudget, apis: Mapping[str, Api], telemetry: Telemetry) -> Middleware:
     """`quota`, and how many tokens this window (SPEC §14) on the routes that produce them
-    (`apis`, by route name) for tenants with a budget: the request's estimate is held in the
-    same store step that counts the request — only if the quota admits it, so a request the
-    quota refuses holds nothing, and one refused for tokens has counted — and settled after
+    (`apis`, by route name) for tenants with a budget: the request's estimate is held once the
+    quota has counted the request — only if the quota admits it, so a request the quota
+    refuses holds nothing, and one refused for tokens has counted — and settled after
     the handler returns (for a stream, after its last byte) to what the reply used."""
     metrics = telemetry.metrics
     count = quota(quotas, telemetry)

@@ -58,9 +58,9 @@ class QuotaStore(Protocol):
     ) -> tuple[tuple[int, int], Held | None]:
         """`hit(counter, counter_window_ms)`, then, only if its count is within
         `counter_limit`, `reserve(key, amount, limit, window_ms)`: (the hit's answer, the
-        reservation's or None). One atomic step where both keys are on one server; on a
-        cluster, where they may not be, the two steps in that order. Raises
-        errors.StoreUnavailable."""
+        reservation's or None). The reservation is sent only once the hit has answered: a
+        hit whose answer is lost (a stalled store) then never leaves tokens held for a
+        request that was refused. Raises errors.StoreUnavailable."""
         ...
 
     async def settle(self, key: str, window: str, reserved: int, used: int) -> None:

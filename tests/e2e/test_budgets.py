@@ -230,3 +230,55 @@ async def test_a_redis_restart_in_each_fail_mode(
             assert loop.time() < deadline, f"budgets never came back: {status}"
             await asyncio.sleep(0.1)
         assert tokens_left(headers) == 1000 - 21
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+async def test_requests_during_a_redis_stall_leave_the_budget_as_it_was(
+    start_gateway: GatewayFactory, mock: Mock, redis_server: RedisServer, mode: str
+) -> None:
+    # Redis stalls (SIGSTOP) past STORE_TIMEOUT_MS while requests come, then runs what it was
+    # sent. Refused (closed) or admitted without a verdict (open), those requests must not
+    # hold tokens afterwards: the tenant's next request fits (found by a review: with the
+    # quota hit and the reservation in one operation, the stalled batch held 10 x 100).
+    gateway = start_gateway(
+        REDIS_URL=redis_server.url, TOKEN_QUOTA="1000", QUOTA_FAIL_MODE=mode, STORE_TIMEOUT_MS="300"
+    )
+    async with aiohttp.ClientSession() as session:
+        assert (await post(session, gateway, ask()))[0] == 200
+        assert redis_server.process is not None
+        redis_server.process.signal(signal.SIGSTOP)
+        try:
+
+            async def later(i: int) -> int:
+                await asyncio.sleep(0.02 * i)
+                return (await post(session, gateway, ask(max_tokens=99)))[0]  # estimate 100 each
+
+            statuses = await asyncio.gather(*(later(i) for i in range(10)))
+        finally:
+            redis_server.process.signal(signal.SIGCONT)
+        assert set(statuses) == ({503} if mode == "closed" else {200})
+        await asyncio.sleep(1.2)  # the store guard's back-off over
+        status, _, body = await post(session, gateway, ask(max_tokens=199))  # estimate 200
+        assert status == 200, body
+        reserved = redis_server.cli("HGET", "tokens:{demo}", "reserved")
+        assert reserved == "0", reserved
+
+
+async def test_a_client_that_leaves_during_the_store_step_holds_no_tokens(
+    start_gateway: GatewayFactory, mock: Mock, redis_server: RedisServer
+) -> None:
+    gateway = start_gateway(REDIS_URL=redis_server.url, TOKEN_QUOTA="1000", STORE_TIMEOUT_MS="3000")
+    async with aiohttp.ClientSession() as session:
+        assert (await post(session, gateway, ask()))[0] == 200
+        redis_server.cli("CLIENT", "PAUSE", "800", "WRITE")
+        with pytest.raises(asyncio.TimeoutError):
+            async with session.post(
+                gateway.url + CHAT,
+                json=ask(max_tokens=500),
+                headers={"X-Api-Key": "demo"},
+                timeout=aiohttp.ClientTimeout(total=0.3),
+            ) as response:
+                await response.read()
+        wait_until(lambda: redis_server.cli("GET", "quota:demo") == "2", what="the late hit counted")
+        await asyncio.sleep(0.5)
+        assert redis_server.cli("HGET", "tokens:{demo}", "reserved") == "0"

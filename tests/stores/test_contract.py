@@ -431,17 +431,48 @@ def test_one_step_answers_as_the_hit_then_the_reservation(backend: tuple[str | N
     asyncio.run(run())
 
 
-async def test_a_request_counted_and_held_is_one_operation(redis_server: RedisServer) -> None:
-    store = RedisStore(redis_server.url, cluster=False, timeout=0.5)
+async def wait_until(check: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_reservation_goes_only_after_its_hit_answered(redis_server: RedisServer) -> None:
+    # Redis holds the hit past its deadline, then runs it: the request was refused (or admitted
+    # without a verdict), so no tokens may be held for it, and the reservation was never sent.
+    # (With both in one script operation, the stalled batch held them with no id to release.)
+    store = RedisStore(redis_server.url, cluster=False, timeout=0.3)
     await store.open()
     try:
-        await store.hit("quota:warm", 60_000)  # connected, script loaded
-        before = script_calls(redis_server)
-        await store.hit_and_reserve("quota:one", 60_000, 5, "tokens:{one}", 10, 100, 60_000)
-        assert script_calls(redis_server) - before == 1
-        assert redis_server.cli("GET", "quota:one") == "1"
-        assert redis_server.cli("HGET", "tokens:{one}", "reserved") == "10"
+        await store.hit("quota:warm", 60_000)
+        redis_server.cli("CLIENT", "PAUSE", "600", "WRITE")
+        with pytest.raises(StoreUnavailable):
+            await store.hit_and_reserve("quota:stalled", 60_000, 5, "tokens:{stalled}", 10, 100, 60_000)
+        await wait_until(lambda: redis_server.cli("GET", "quota:stalled") == "1")  # the hit ran late
+        await asyncio.sleep(0.2)
+        assert redis_server.cli("EXISTS", "tokens:{stalled}") == "0"
     finally:
+        redis_server.cli("CLIENT", "UNPAUSE")
+        await store.close()
+
+
+async def test_a_reservation_whose_caller_left_while_it_was_out_is_released(redis_server: RedisServer) -> None:
+    # The client goes away while its reservation is out: Redis still runs it, and the store
+    # gives back what it held when the answer comes (the request never went upstream).
+    store = RedisStore(redis_server.url, cluster=False, timeout=2.0)
+    await store.open()
+    try:
+        await store.hit("quota:warm", 60_000)
+        redis_server.cli("CLIENT", "PAUSE", "400", "WRITE")
+        left = asyncio.ensure_future(store.reserve("tokens:{left}", 30, 100, 60_000))
+        await asyncio.sleep(0.1)  # out, waiting on Redis
+        left.cancel()
+        await wait_until(lambda: redis_server.cli("HGET", "tokens:{left}", "window") != "")  # it ran
+        await wait_until(lambda: redis_server.cli("HGET", "tokens:{left}", "reserved") == "0")
+        assert redis_server.cli("HGET", "tokens:{left}", "used") == "0"
+    finally:
+        redis_server.cli("CLIENT", "UNPAUSE")
         await store.close()
 
 
