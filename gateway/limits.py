@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 from .models import Decision, TokenHold
-from .stores import Held, QuotaStore, StoreGuard, digest
+from .stores import Held, QuotaStore, StoreGuard, digest, hit_and_reserve
 
 
 class TokenBucket:
@@ -111,14 +111,15 @@ class Quota:
         return Decision(count <= limit, limit, max(0, limit - count), ttl_ms)
 
     async def check_and_hold(self, tenant: str, public_id: str, hold: TokenHold) -> tuple[Decision, Held | None] | None:
-        """`check`, then (`QuotaStore.hit_and_reserve`) the token reservation `hold` if the
+        """`check`, then (`stores.hit_and_reserve`) the token reservation `hold` if the
         quota admits the request (SPEC §14: the token step comes after the quota, so a request
         it refuses holds nothing): the verdict and the store's answer to `hold` (None when not tried).
         None when the store is down and the mode is fail-open."""
         limit = self.limit_for(tenant)
         store = self._store
         answered = await self._guard.call(
-            store.hit_and_reserve,
+            hit_and_reserve,
+            store,
             "quota:" + public_id,
             self._window_ms,
             limit,

@@ -46,23 +46,6 @@ class QuotaStore(Protocol):
         """
         ...
 
-    async def hit_and_reserve(
-        self,
-        counter: str,
-        counter_window_ms: int,
-        counter_limit: int,
-        key: str,
-        amount: int,
-        limit: int,
-        window_ms: int,
-    ) -> tuple[tuple[int, int], Held | None]:
-        """`hit(counter, counter_window_ms)`, then, only if its count is within
-        `counter_limit`, `reserve(key, amount, limit, window_ms)`: (the hit's answer, the
-        reservation's or None). The reservation is sent only once the hit has answered: a
-        hit whose answer is lost (a stalled store) then never leaves tokens held for a
-        request that was refused. Raises errors.StoreUnavailable."""
-        ...
-
     async def settle(self, key: str, window: str, reserved: int, used: int) -> None:
         """One atomic step: release `reserved` held tokens of window `window` and count `used`
         ones instead; nothing if that window has ended. Goes through even if the caller stops
@@ -73,6 +56,29 @@ class QuotaStore(Protocol):
 
     async def close(self) -> None: ...
 
+
+
+async def hit_and_reserve(
+    store: QuotaStore,
+    counter: str,
+    counter_window_ms: int,
+    counter_limit: int,
+    key: str,
+    amount: int,
+    limit: int,
+    window_ms: int,
+) -> tuple[tuple[int, int], Held | None]:
+    """`store.hit(counter, counter_window_ms)`, then, only if its count is within
+    `counter_limit`, `store.reserve(key, amount, limit, window_ms)`: (the hit's answer, the
+    reservation's or None). Two steps, the reservation sent only once the hit has answered.
+    One script operation for both on Redis was ~7% fewer instructions a request, but a batch
+    whose answer is lost (Redis stalled past the deadline, then running it) would hold the
+    tokens of requests that were refused or never went upstream, with no window id to release
+    them by; a lost hit alone costs one count, as it always did. Raises errors.StoreUnavailable."""
+    counted = await store.hit(counter, counter_window_ms)
+    if counted[0] > counter_limit:
+        return counted, None
+    return counted, await store.reserve(key, amount, limit, window_ms)
 
 class StoreGuard:
     """The fail mode, shared by every policy over one store (the request quota, the token

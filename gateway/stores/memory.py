@@ -56,21 +56,6 @@ class MemoryStore:
         total = int(entry[_USED] + entry[_RESERVED])
         return held, total, max(1, int((entry[_ENDS] - now) * 1000)), str(int(entry[_ID]))
 
-    async def hit_and_reserve(
-        self,
-        counter: str,
-        counter_window_ms: int,
-        counter_limit: int,
-        key: str,
-        amount: int,
-        limit: int,
-        window_ms: int,
-    ) -> tuple[tuple[int, int], Held | None]:
-        counted = await self.hit(counter, counter_window_ms)  # neither awaits anything: one step
-        if counted[0] > counter_limit:
-            return counted, None
-        return counted, await self.reserve(key, amount, limit, window_ms)
-
     async def settle(self, key: str, window: str, reserved: int, used: int) -> None:
         entry = self._live(self._token_windows, digest(key), self._clock(), _ENDS)
         if entry is None or str(int(entry[_ID])) != window:

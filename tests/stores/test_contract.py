@@ -10,11 +10,9 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from gateway.errors import StoreUnavailable
-from gateway.stores import QuotaStore, store_from_url
+from gateway.stores import QuotaStore, hit_and_reserve, store_from_url
 from gateway.stores.redis import RedisStore
 
 from ..harness import RedisCluster, RedisServer
@@ -370,11 +368,11 @@ async def test_a_settle_goes_through_when_its_caller_stops_waiting(redis_server:
 async def test_tokens_are_held_only_for_a_request_within_its_quota(store: StoreFactory) -> None:
     quota, tokens = unique("admit"), token_key("admit")
     async with store() as s:
-        (count, ttl), held = await s.hit_and_reserve(quota, 60_000, 2, tokens, 60, 100, 60_000)
+        (count, ttl), held = await hit_and_reserve(s, quota, 60_000, 2, tokens, 60, 100, 60_000)
         assert count == 1 and 0 < ttl <= 60_000 and held is not None and held[:2] == (True, 60)
-        (count, _), held = await s.hit_and_reserve(quota, 60_000, 2, tokens, 50, 100, 60_000)
+        (count, _), held = await hit_and_reserve(s, quota, 60_000, 2, tokens, 50, 100, 60_000)
         assert count == 2 and held is not None and held[:2] == (False, 60)  # refused for tokens: counted
-        (count, _), held = await s.hit_and_reserve(quota, 60_000, 2, tokens, 10, 100, 60_000)
+        (count, _), held = await hit_and_reserve(s, quota, 60_000, 2, tokens, 10, 100, 60_000)
         assert count == 3 and held is None  # over its quota: nothing held, not even tried
         assert (await s.reserve(tokens, 40, 100, 60_000))[:2] == (True, 100)  # the first 60 alone are held
         assert (await s.hit(quota, 60_000))[0] == 4
@@ -389,46 +387,12 @@ async def test_concurrent_requests_are_counted_and_held_exactly(
     async with store() as first, store() as second:
         stores = [first, second] if backend[0] is not None else [first]
         results = await asyncio.gather(
-            *(stores[i % len(stores)].hit_and_reserve(quota, 60_000, 30, tokens, 7, 100, 60_000) for i in range(60))
+            *(hit_and_reserve(stores[i % len(stores)], quota, 60_000, 30, tokens, 7, 100, 60_000) for i in range(60))
         )
     assert sorted(count for (count, _), _ in results) == list(range(1, 61))
     assert all((held is None) == (count > 30) for (count, _), held in results)
     holds = [held for _, held in results if held is not None]
     assert sum(held[0] for held in holds) == 14 and max(held[1] for held in holds) == 98
-
-
-Step = tuple[int, int, int]  # the quota's limit, the estimate, the usage it settles to
-
-
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 60), st.integers(0, 80)), min_size=1, max_size=12))
-def test_one_step_answers_as_the_hit_then_the_reservation(backend: tuple[str | None, bool], steps: list[Step]) -> None:
-    """The one-step path (one operation of the script on Redis) against the plain one: the
-    hit, then, if the request is within its quota, the reservation — each settled as it goes."""
-
-    async def run() -> None:
-        url, cluster = backend
-        s = store_from_url(url, cluster=cluster, timeout=2)
-        if isinstance(s, RedisStore):
-            await s.open()
-        try:
-            one = (unique("one"), token_key("one"))
-            plain = (unique("plain"), token_key("plain"))
-            for quota_limit, amount, used in steps:
-                counted, held = await s.hit_and_reserve(one[0], 60_000, quota_limit, one[1], amount, 100, 60_000)
-                plain_counted = await s.hit(plain[0], 60_000)
-                plain_held = None
-                if plain_counted[0] <= quota_limit:
-                    plain_held = await s.reserve(plain[1], amount, 100, 60_000)
-                assert counted[0] == plain_counted[0]
-                assert (held and held[:2]) == (plain_held and plain_held[:2])
-                if held is not None and plain_held is not None and held[0]:
-                    await s.settle(one[1], held[3], amount, used)
-                    await s.settle(plain[1], plain_held[3], amount, used)
-        finally:
-            await s.close()
-
-    asyncio.run(run())
 
 
 async def wait_until(check: Callable[[], bool], within: float = 5.0) -> None:
@@ -448,7 +412,7 @@ async def test_a_reservation_goes_only_after_its_hit_answered(redis_server: Redi
         await store.hit("quota:warm", 60_000)
         redis_server.cli("CLIENT", "PAUSE", "600", "WRITE")
         with pytest.raises(StoreUnavailable):
-            await store.hit_and_reserve("quota:stalled", 60_000, 5, "tokens:{stalled}", 10, 100, 60_000)
+            await hit_and_reserve(store, "quota:stalled", 60_000, 5, "tokens:{stalled}", 10, 100, 60_000)
         await wait_until(lambda: redis_server.cli("GET", "quota:stalled") == "1")  # the hit ran late
         await asyncio.sleep(0.2)
         assert redis_server.cli("EXISTS", "tokens:{stalled}") == "0"
