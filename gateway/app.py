@@ -30,11 +30,11 @@ from .middlewares import (
     observed,
     policy,
     quota,
-    quota_and_budget,
     rate_limit,
     rendered_errors,
     shedding,
     tenancy,
+    token_budget,
     wrong_method,
 )
 from .openai_apis import EMBEDDINGS_API, RESPONSES_API
@@ -161,10 +161,10 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     # once, so a malformed request costs no token or quota and a refused one still names its
     # model; whether the tenant may at all (SPEC §15's policies, which read the body); how
     # fast; how many at once (the slot held until the handler returns: for a stream, its last
-    # byte); how many this window (a store round trip, so last), with token budgets on how
-    # many tokens too (SPEC §14: after the request quota, so a request refused for tokens has
-    # counted as a request; one middleware for both; innermost, so it sees how the handler
-    # ended and settles from there).
+    # byte); how many this window (a store round trip, so last); how many tokens (SPEC §14:
+    # after the request quota, so a request refused for tokens has counted as a request, and
+    # one the quota refuses holds nothing; innermost, so it sees how the handler ended and
+    # settles from there).
     # Disabled steps are left out.
     chain: list[Middleware] = [
         observed(MappingProxyType(plans), telemetry, RequestIds()),  # ids made per worker (after the fork)
@@ -187,12 +187,9 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         chain.append(rate_limit(TokenBucket(settings.rps, settings.burst), telemetry))
     if settings.max_concurrency:
         chain.append(shedding(Shedder(settings.max_concurrency), telemetry))
+    chain.append(quota(quotas, telemetry))
     if budget.enabled:
-        chain.append(
-            quota_and_budget(quotas, budget, MappingProxyType({api.name: api for api in TOKEN_APIS}), telemetry)
-        )
-    else:
-        chain.append(quota(quotas, telemetry))
+        chain.append(token_budget(budget, MappingProxyType({api.name: api for api in TOKEN_APIS}), telemetry))
 
     app = web.Application(middlewares=chain, client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings

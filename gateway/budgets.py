@@ -4,8 +4,6 @@ in the store before it goes upstream, and what that reservation settles to after
 Reserve and settle are each one atomic store step (stores/), so with several processes on
 one store a window's budget is overrun only by requests in flight, each by what its usage
 exceeds its estimate. A reservation nobody settles (a crashed process) ends with its window.
-In the gateway the reservation rides the request quota's own store step (`Quota.check_and_hold`):
-`hold` says what to ask the store, `decision` reads its answer.
 Decisions are values; middlewares.py turns them into 429s and headers.
 """
 
@@ -17,8 +15,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .errors import BadRequest, StoreUnavailable
-from .models import TokenDecision, TokenHold, Usage
-from .stores import MAX_TOKENS, Held, QuotaStore, StoreGuard
+from .models import TokenDecision, Usage
+from .stores import MAX_TOKENS, QuotaStore, StoreGuard
 
 if TYPE_CHECKING:
     from .surfaces import Api
@@ -106,27 +104,20 @@ class TokenBudget:
             raise BadRequest("request body is nested too deeply") from None
         return estimate(chars, payload, self._reserve_default, api.name not in NO_COMPLETION)
 
-    def hold(self, tenant: str, public_id: str, amount: int) -> TokenHold:
-        """What reserving `amount` tokens for the tenant (who must have a budget) asks the store."""
-        limit = self.limit_for(tenant)
-        # More than the limit can never be held: what the store is sent stays small.
-        return TokenHold("tokens:{" + public_id + "}", min(amount, limit + 1), limit, self._window_ms)
-
-    @staticmethod
-    def decision(hold: TokenHold, held: Held) -> TokenDecision:
-        """The verdict on `hold` from the store's answer."""
-        allowed, total, reset_after_ms, window = held
-        limit = hold.limit
-        return TokenDecision(
-            allowed, limit, max(0, limit - total), reset_after_ms, hold.amount if allowed else 0, hold.key, window
-        )
-
     async def reserve(self, tenant: str, public_id: str, amount: int) -> TokenDecision | None:
         """Hold `amount` tokens of the tenant's window if they fit (the tenant must have a
         budget); None when the store is down and the mode is fail-open (nothing is held)."""
-        hold = self.hold(tenant, public_id, amount)
-        held = await self._guard.call(self._store.reserve, hold.key, hold.amount, hold.limit, hold.window_ms)
-        return None if held is None else self.decision(hold, held)
+        limit = self.limit_for(tenant)
+        # More than the limit can never be held: what the store is sent stays small.
+        amount = min(amount, limit + 1)
+        key = "tokens:{" + public_id + "}"
+        held = await self._guard.call(self._store.reserve, key, amount, limit, self._window_ms)
+        if held is None:
+            return None
+        allowed, total, reset_after_ms, window = held
+        return TokenDecision(
+            allowed, limit, max(0, limit - total), reset_after_ms, amount if allowed else 0, key, window
+        )
 
     async def settle(self, decision: TokenDecision, used: int | None) -> None:
         """Replace the reservation with `used` tokens (None: the estimate stands). A store

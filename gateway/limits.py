@@ -10,8 +10,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
-from .models import Decision, TokenHold
-from .stores import Held, QuotaStore, StoreGuard, digest, hit_and_reserve
+from .models import Decision
+from .stores import QuotaStore, StoreGuard, digest
 
 
 class TokenBucket:
@@ -109,29 +109,6 @@ class Quota:
             return None
         count, ttl_ms = counted
         return Decision(count <= limit, limit, max(0, limit - count), ttl_ms)
-
-    async def check_and_hold(self, tenant: str, public_id: str, hold: TokenHold) -> tuple[Decision, Held | None] | None:
-        """`check`, then (`stores.hit_and_reserve`) the token reservation `hold` if the
-        quota admits the request (SPEC §14: the token step comes after the quota, so a request
-        it refuses holds nothing): the verdict and the store's answer to `hold` (None when not tried).
-        None when the store is down and the mode is fail-open."""
-        limit = self.limit_for(tenant)
-        store = self._store
-        answered = await self._guard.call(
-            hit_and_reserve,
-            store,
-            "quota:" + public_id,
-            self._window_ms,
-            limit,
-            hold.key,
-            hold.amount,
-            hold.limit,
-            hold.window_ms,
-        )
-        if answered is None:
-            return None
-        (count, ttl_ms), held = answered
-        return Decision(count <= limit, limit, max(0, limit - count), ttl_ms), held
 
 
 # ".5", ".25", ".125" ... by milliseconds ("" for none): looked up, not formatted, per response.

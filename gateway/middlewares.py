@@ -19,7 +19,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import NoReturn
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -42,13 +41,13 @@ from .errors import (
 from .keys import ADMITTED, CONFIG, IDENTIFIED, STARTED, STATE
 from .lifecycle import Lifecycle
 from .limits import Quota, TokenBucket, format_reset, retry_headers
-from .models import Decision, RequestState
+from .models import RequestState
 from .policies import ANY_MODEL, DEFAULT_UPSTREAM, principal_of, request_context
 from .reload import LiveConfig
 from .router import router_for
 from .shedding import Shedder
 from .surfaces import Api
-from .telemetry import Metrics, Telemetry
+from .telemetry import Telemetry
 from .tenancy import client_ip, presented_key
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -353,46 +352,40 @@ def quota(quotas: Quota, telemetry: Telemetry) -> Middleware:
             if decision is not None:
                 state.decision = decision
                 if not decision.allowed:
-                    _over_quota(decision, metrics)
+                    metrics.quota_blocked()
+                    raise QuotaExceeded(
+                        f"quota exceeded (limit={decision.limit})", headers=retry_headers(decision.reset_after_ms)
+                    )
         return await handler(request)
 
     return count
 
 
-def quota_and_budget(quotas: Quota, budget: TokenBudget, apis: Mapping[str, Api], telemetry: Telemetry) -> Middleware:
-    """`quota`, and how many tokens this window (SPEC §14) on the routes that produce them
-    (`apis`, by route name) for tenants with a budget: the request's estimate is held once the
-    quota has counted the request — only if the quota admits it, so a request the quota
-    refuses holds nothing, and one refused for tokens has counted — and settled after
-    the handler returns (for a stream, after its last byte) to what the reply used."""
+def token_budget(budget: TokenBudget, apis: Mapping[str, Api], telemetry: Telemetry) -> Middleware:
+    """How many tokens this window (SPEC §14): the request's estimate held before the handler,
+    settled after it returns (for a stream, after its last byte) to what the reply used. On
+    the routes that produce tokens (`apis`, by route name), for tenants with a budget."""
     metrics = telemetry.metrics
-    count = quota(quotas, telemetry)
 
     @web.middleware
-    async def count_and_hold(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def hold_tokens(request: web.Request, handler: Handler) -> web.StreamResponse:
         state = request.get(ADMITTED)
         api = apis.get(request.match_info.route.name or "") if state is not None else None
         if state is None or api is None:
-            return await count(request, handler)
+            return await handler(request)
         tenant, payload = state.tenant, state.payload
         assert tenant is not None and payload is not None, "the tenancy and body middlewares run first"
         if not budget.limit_for(tenant.name):
-            return await count(request, handler)
-        hold = budget.hold(tenant.name, tenant.public_id, await budget.estimate(api, payload))
-        checked = await quotas.check_and_hold(tenant.name, tenant.public_id, hold)
-        if checked is None:  # the store is down, fail-open: admitted without a verdict, nothing held
             return await handler(request)
-        decision, held = checked
-        state.decision = decision
+        decision = await budget.reserve(tenant.name, tenant.public_id, await budget.estimate(api, payload))
+        if decision is None:  # the store is down, fail-open: admitted, nothing held
+            return await handler(request)
+        state.tokens = decision
         if not decision.allowed:
-            _over_quota(decision, metrics)
-        assert held is not None, "a request within its quota has its reservation tried"
-        tokens = state.tokens = budget.decision(hold, held)
-        if not tokens.allowed:
             metrics.quota_blocked("tokens")
             raise QuotaExceeded(
-                f"token quota exceeded (limit={tokens.limit})",
-                headers=retry_headers(tokens.reset_after_ms),
+                f"token quota exceeded (limit={decision.limit})",
+                headers=retry_headers(decision.reset_after_ms),
                 code="token_quota_exceeded",
             )
         status: int | None = None
@@ -405,14 +398,9 @@ def quota_and_budget(quotas: Quota, budget: TokenBudget, apis: Mapping[str, Api]
             failed = True
             raise
         finally:
-            await budget.settle(tokens, spent(state.usage, failed, status))
+            await budget.settle(decision, spent(state.usage, failed, status))
 
-    return count_and_hold
-
-
-def _over_quota(decision: Decision, metrics: Metrics) -> NoReturn:
-    metrics.quota_blocked()
-    raise QuotaExceeded(f"quota exceeded (limit={decision.limit})", headers=retry_headers(decision.reset_after_ms))
+    return hold_tokens
 
 
 async def not_found(request: web.Request) -> web.StreamResponse:

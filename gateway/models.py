@@ -27,16 +27,6 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
-class TokenHold:
-    """A reservation to ask the store for (SPEC §14): `amount` tokens of the tenant's window `key`."""
-
-    key: str
-    amount: int
-    limit: int
-    window_ms: int
-
-
-@dataclass(frozen=True, slots=True)
 class TokenDecision:
     """A token-budget verdict (SPEC §14) and, when admitted, the reservation to settle."""
 

@@ -478,7 +478,7 @@ async def test_a_spent_budget_is_429_after_the_request_quota_counted(start: Gate
 
 
 async def test_a_request_over_its_request_quota_holds_no_tokens(start: GatewayFactory, upstream: Upstream) -> None:
-    # The quota and the reservation are one store step: the quota's refusal comes first.
+    # The quota step comes first: a request it refuses never reaches the token step.
     gateway = await start(TOKEN_QUOTA="1000", DEFAULT_QUOTA="1", QUOTA_WINDOW_SECS="1", TOKEN_WINDOW_SECS="60")
     status, headers, _ = await gateway.post(ask())
     assert status == 200 and token_headers(headers) == ("1000", "900")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import StoreUnavailable
-from gateway.stores import QuotaStore, hit_and_reserve, store_from_url
+from gateway.stores import Held, QuotaStore, store_from_url
 from gateway.stores.redis import RedisStore
 
 from ..harness import RedisCluster, RedisServer
@@ -362,20 +362,16 @@ async def test_a_settle_goes_through_when_its_caller_stops_waiting(redis_server:
         await store.close()
 
 
-# --- A request counted and its tokens held in one step (SPEC §4's quota, then §14) ----------
+# --- A request counted, then its tokens held (SPEC §4's quota, then §14) ------------------
 
 
-async def test_tokens_are_held_only_for_a_request_within_its_quota(store: StoreFactory) -> None:
-    quota, tokens = unique("admit"), token_key("admit")
-    async with store() as s:
-        (count, ttl), held = await hit_and_reserve(s, quota, 60_000, 2, tokens, 60, 100, 60_000)
-        assert count == 1 and 0 < ttl <= 60_000 and held is not None and held[:2] == (True, 60)
-        (count, _), held = await hit_and_reserve(s, quota, 60_000, 2, tokens, 50, 100, 60_000)
-        assert count == 2 and held is not None and held[:2] == (False, 60)  # refused for tokens: counted
-        (count, _), held = await hit_and_reserve(s, quota, 60_000, 2, tokens, 10, 100, 60_000)
-        assert count == 3 and held is None  # over its quota: nothing held, not even tried
-        assert (await s.reserve(tokens, 40, 100, 60_000))[:2] == (True, 100)  # the first 60 alone are held
-        assert (await s.hit(quota, 60_000))[0] == 4
+async def admit(
+    store: QuotaStore, quota: str, quota_limit: int, tokens: str, amount: int
+) -> tuple[tuple[int, int], Held | None]:
+    """What the quota and token middlewares ask the store, in their order: the hit, then the
+    reservation for a request within its quota."""
+    counted = await store.hit(quota, 60_000)
+    return counted, (await store.reserve(tokens, amount, 100, 60_000) if counted[0] <= quota_limit else None)
 
 
 async def test_concurrent_requests_are_counted_and_held_exactly(
@@ -386,9 +382,7 @@ async def test_concurrent_requests_are_counted_and_held_exactly(
     quota, tokens = unique("race-admit"), token_key("race-admit")
     async with store() as first, store() as second:
         stores = [first, second] if backend[0] is not None else [first]
-        results = await asyncio.gather(
-            *(hit_and_reserve(stores[i % len(stores)], quota, 60_000, 30, tokens, 7, 100, 60_000) for i in range(60))
-        )
+        results = await asyncio.gather(*(admit(stores[i % len(stores)], quota, 30, tokens, 7) for i in range(60)))
     assert sorted(count for (count, _), _ in results) == list(range(1, 61))
     assert all((held is None) == (count > 30) for (count, _), held in results)
     holds = [held for _, held in results if held is not None]
@@ -400,25 +394,6 @@ async def wait_until(check: Callable[[], bool], within: float = 5.0) -> None:
     while not check():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
-
-
-async def test_a_reservation_goes_only_after_its_hit_answered(redis_server: RedisServer) -> None:
-    # Redis holds the hit past its deadline, then runs it: the request was refused (or admitted
-    # without a verdict), so no tokens may be held for it, and the reservation was never sent.
-    # (With both in one script operation, the stalled batch held them with no id to release.)
-    store = RedisStore(redis_server.url, cluster=False, timeout=0.3)
-    await store.open()
-    try:
-        await store.hit("quota:warm", 60_000)
-        redis_server.cli("CLIENT", "PAUSE", "600", "WRITE")
-        with pytest.raises(StoreUnavailable):
-            await hit_and_reserve(store, "quota:stalled", 60_000, 5, "tokens:{stalled}", 10, 100, 60_000)
-        await wait_until(lambda: redis_server.cli("GET", "quota:stalled") == "1")  # the hit ran late
-        await asyncio.sleep(0.2)
-        assert redis_server.cli("EXISTS", "tokens:{stalled}") == "0"
-    finally:
-        redis_server.cli("CLIENT", "UNPAUSE")
-        await store.close()
 
 
 async def test_a_reservation_whose_caller_left_while_it_was_out_is_released(redis_server: RedisServer) -> None:
