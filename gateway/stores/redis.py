@@ -94,8 +94,8 @@ end
 return out
 """
 
-# keys, operation, its answer's numbers, and whether it goes even if its waiter has left
-Operation = tuple[tuple[str, ...], str, "asyncio.Future[list[bytes]]", bool]
+# key, operation, its answer's numbers, and whether it goes even if its waiter has left
+Operation = tuple[str, str, "asyncio.Future[list[bytes]]", bool]
 
 
 class RedisStore:
@@ -143,20 +143,20 @@ class RedisStore:
             await self._client.__aexit__(None, None, None)
 
     async def hit(self, key: str, window_ms: int) -> tuple[int, int]:
-        count, ttl = await self._run((key,), f"h {window_ms}")
+        count, ttl = await self._run(key, f"h {window_ms}")
         return int(count), max(1, int(ttl))
 
     async def reserve(self, key: str, amount: int, limit: int, window_ms: int) -> Held:
         new_id = f"{self._window_prefix}{next(self._window_counter):x}"
-        return _held(await self._run((key,), f"r {amount} {limit} {window_ms} {new_id}"))
+        return _held(await self._run(key, f"r {amount} {limit} {window_ms} {new_id}"))
 
     async def settle(self, key: str, window: str, reserved: int, used: int) -> None:
         if not (window.isascii() and window.isalnum()):  # ids are hex: nothing else names a window
             return
         # Sent even if the caller stops waiting (its client gone): its tokens are settled all the same.
-        await self._run((key,), f"s {window} {reserved} {used}", True)
+        await self._run(key, f"s {window} {reserved} {used}", True)
 
-    def _run(self, keys: tuple[str, ...], operation: str, goes: bool = False) -> asyncio.Future[list[bytes]]:
+    def _run(self, key: str, operation: str, goes: bool = False) -> asyncio.Future[list[bytes]]:
         """The operation's answer, to await: its numbers, or StoreUnavailable."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[bytes]] = loop.create_future()
@@ -164,7 +164,7 @@ class RedisStore:
             self._deadline = loop.time() + self._timeout
             if self._out is None:  # nothing out: go after this turn
                 loop.call_soon(self._send_batch)
-        self._pending.append((keys, operation, future, goes))
+        self._pending.append((key, operation, future, goes))
         return future
 
     def _send_batch(self) -> None:
@@ -186,13 +186,12 @@ class RedisStore:
         try:
             async with asyncio.timeout_at(deadline):
                 if not self._cluster or len(batch) == 1:
-                    keys = [key for operation in batch for key in operation[0]]
+                    keys = [operation[0] for operation in batch]
                     answers = await self._evalsha(keys, [operation[1] for operation in batch])
                 else:
                     async with self._client.pipeline(transaction=False) as pipe:
                         calls = [
-                            self._script(keys=list(keys), args=[operation], client=pipe)
-                            for keys, operation, _, _ in batch
+                            self._script(keys=[key], args=[operation], client=pipe) for key, operation, _, _ in batch
                         ]
                     answers = [answer for call in calls for answer in await call]
         except (TimeoutError, RedisError, OSError, RuntimeError):
@@ -205,11 +204,11 @@ class RedisStore:
                     if not future.done():
                         future.set_exception(StoreUnavailable())
             else:
-                for (its_keys, operation, future, _), answer in zip(batch, answers, strict=True):
+                for (key, operation, future, _), answer in zip(batch, answers, strict=True):
                     if not future.done():
                         future.set_result(answer.split())
                     elif operation.startswith("r "):  # its caller left while it was out
-                        self._release(its_keys[0], operation, answer)
+                        self._release(key, operation, answer)
 
     def _release(self, key: str, operation: str, answer: bytes) -> None:
         """A reservation whose caller left while it was out (client gone): what it held
@@ -217,7 +216,7 @@ class RedisStore:
         held, _, _, window = answer.split()
         if held == b"1":
             amount = operation.split(" ", 2)[1]
-            release = self._run((key,), f"s {window.decode()} {amount} 0", True)
+            release = self._run(key, f"s {window.decode()} {amount} 0", True)
             release.add_done_callback(_retrieved)  # nobody waits for it
 
     async def _evalsha(self, keys: list[str], args: list[str]) -> Any:
