@@ -7,7 +7,6 @@ any, is never touched. GATEWAY_CMD runs the suite against another build of the g
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import os
@@ -57,21 +56,6 @@ def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(interval)
-
-
-async def wait_until_async(
-    condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = ""
-) -> Any:
-    """wait_until for an async test: the test's own loop keeps running between polls (a
-    connection the test closed is only closed once its loop turns)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
-        await asyncio.sleep(interval)
 
 
 def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from ..conftest import GatewayFactory
-from ..harness import Gateway, Mock, RedisCluster, RedisServer, wait_until, wait_until_async
+from ..harness import Gateway, Mock, RedisCluster, RedisServer, wait_until
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -283,7 +283,9 @@ async def test_a_client_that_leaves_during_the_store_step_holds_no_tokens(
                     timeout=aiohttp.ClientTimeout(total=0.3),
                 ) as response:
                     await response.read()
-            await wait_until_async(
+            # In a thread: the test's loop must turn to close the connection it gave up.
+            await asyncio.to_thread(
+                wait_until,
                 lambda: 'cb_events_total{event="client_disconnect"} 1' in gateway.metrics(),
                 what="the gateway to see the client go",
             )
