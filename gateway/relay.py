@@ -394,51 +394,94 @@ class StreamRelay:
             self._last_plan = plan
 
     def _templated(self, blocks: bytes, at: int, out: list[bytes], copied: int) -> tuple[int, int] | None:
-        """The fast path, for the event that begins at blocks[at]: if it is built like an event
-        learned before (see `_learn`) but for its volatile values, those are read from its
-        bytes and fed to their streams, and a string its stream changed is spliced in (what
-        went before it is added to `out`). Returns where the bytes not yet in `out` begin and
-        where the event ends; None (nothing changed yet): the event takes the exact path."""
-        plan = self._last_plan
+        """The fast path, for the run of events that begins at blocks[at], each built like an
+        event learned before (see `_learn`) but for its volatile values: those are read from
+        the bytes and fed to their streams, and a string its stream changed is spliced in
+        (what went before it is added to `out`). Returns where the bytes not yet in `out`
+        begin and where the run ends; None (nothing changed yet): the event takes the exact
+        path."""
+        run: list[Value] = []  # every value of the run
+        plans, plan = self._plans, self._last_plan
         assert plan is not None
-        found = plan.read(blocks, at)
-        if found is None:
-            for other in self._plans.values():
-                if other is not plan and (found := other.read(blocks, at)) is not None:
-                    self._last_plan = plan = other
+        stop, end = at, len(blocks)
+        while stop < end:
+            ended = plan.read(blocks, stop, run)
+            if ended < 0:
+                for other in plans.values():
+                    if other is not plan and (ended := other.read(blocks, stop, run)) >= 0:
+                        plan = other
+                        break
+                else:
                     break
+            if plan.model is not None:
+                self.response_model = plan.model  # as the exact path notes it (the shape holds the name)
+            stop = ended
+        self._last_plan = plan
+        if stop == at:
+            return None
+        edits: list[tuple[int, int, str]] = []  # (begin, end, text) of each value changed
+        self._fed(run, edits)
+        for begin, value_end, now in edits:
+            out.append(blocks[copied:begin])
+            out.append(orjson.dumps(now)[1:-1])
+            copied = value_end
+        return copied, stop
+
+    def _fed(self, run: list[Value], edits: list[tuple[int, int, str]]) -> None:
+        """Feed a run's values to their streams; note in `edits` each one whose text changed.
+        A stream given several texts of the run is fed them at once: one decision on what to
+        hold back for the run, not one an event (the texts are sent together anyway). Its
+        output is spread over its texts in order: each goes out as it came unless held text
+        comes out before it or its own is held back. The split guarantee (see
+        `StreamRedactor`) makes the concatenation what feeding them one by one gives."""
+        scratch, numbered = self._scratch, self._numbered
+        streams: dict[Path, list[tuple[Path, Leaf, int, int, str]]] = {}
+        for step, begin, end, text in run:
+            if step is NUMBER:
+                assert numbered is not None
+                scratch[numbered] = int(text)
+                continue
+            path, leaf = step
+            key = path if leaf.joins is None else path[: len(path) - len(leaf.joins)] + leaf.joins
+            values = streams.get(key)
+            if values is None:
+                streams[key] = [(path, leaf, begin, end, text)]
             else:
-                return None
-        # Every value is read and checked before any stream is fed: an event the fast path
-        # gives up on reaches the exact path with nothing changed.
-        texts: list[str] = []
-        for step, begin, end in found:
-            value = blocks[begin:end]
-            if step is NUMBER:
-                if len(value) > 1 and value[0] == 48:
-                    return None  # "007" is no JSON number: the exact path reads the event as text
-                texts.append(value.decode())
+                values.append((path, leaf, begin, end, text))
+        for key, values in streams.items():
+            stream = self._streams.get(key)
+            result = None
+            # Plain text streams only: a JSON one may rewrite escapes, and a copy reads what
+            # its stream gave out so far. Otherwise, and when something gets masked: one by one.
+            if len(values) > 1 and type(stream) is StreamRedactor and not values[0][1].copy:
+                joined = "".join([text for _, _, _, _, text in values])
+                result = stream.feed_unmasked(joined)
+            if result is None:
+                for path, leaf, begin, end, text in values:
+                    now = self._leaf(path, leaf, text)
+                    if now != text:
+                        edits.append((begin, end, now))
                 continue
-            try:
-                text = value.decode()
-            except UnicodeDecodeError:
-                return None
-            if not text.isprintable():
-                return None  # a raw control character is not JSON: the exact path says what happens
-            texts.append(text)
-        if plan.model is not None:
-            self.response_model = plan.model  # as the exact path notes it (the shape holds the name)
-        for (step, begin, end), text in zip(found, texts, strict=True):
-            if step is NUMBER:
-                assert self._numbered is not None
-                self._scratch[self._numbered] = int(text)
-                continue
-            now = self._leaf(step[0], step[1], text)
-            if now != text:
-                out.append(blocks[copied:begin])
-                out.append(orjson.dumps(now)[1:-1])
-                copied = end
-        return copied, found.stop
+            held, emitted = result
+            if not held and emitted == len(joined):
+                if self._kept is not None:
+                    self._keep(key, joined)
+                continue  # the common case: every text goes out as it came
+            given = held + joined
+            if self._kept is not None:
+                self._keep(key, given[:emitted])
+            shown, through = 0, len(held)
+            for _, _, begin, end, text in values:
+                if shown == through and through + len(text) <= emitted:
+                    shown = through = through + len(text)
+                    continue  # out as it came, with nothing before it: no slice to make
+                through += len(text)
+                upto = max(shown, min(through, emitted))
+                if given[shown:upto] != text:
+                    edits.append((begin, end, given[shown:upto]))
+                shown = upto
+        if len(streams) > 1:
+            edits.sort()
 
     def _side_may_match(self, data: bytes) -> bool:
         return side_may_match(data)
@@ -559,13 +602,9 @@ def _rebuilt(segments: tuple[bytes, ...], values: list[bytes]) -> bytes:
     return b"".join([part for pair in zip(segments, values, strict=False) for part in pair] + [segments[-1]])
 
 
-class Values(list[tuple[Fed, int, int]]):
-    """What `Plan.read` found: (step, begin, end) of each value that feeds a stream or is the
-    surface's number, in order; and where the event ends (a list with one more attribute,
-    not a pair: one allocation less an event)."""
-
-    __slots__ = ("stop",)
-    stop: int
+# A value `Plan.read` found that feeds a stream or is the surface's number: its step, where
+# it lies, and its text.
+Value = tuple[Fed, int, int, str]
 
 
 class Plan:
@@ -583,15 +622,16 @@ class Plan:
             (step, segment, segment.startswith(b'"')) for step, segment in zip(steps, segments[1:], strict=True)
         )
 
-    def read(self, blocks: bytes, at: int) -> Values | None:
-        """If the bytes from `at` are this shape, with no escape, and every side value holds
-        nothing PII could be made of: the values to feed and where the shape ends; else None.
-        A value ends at the next quote (a string without escapes), or, where the next segment
-        does not begin with one, after its digits (the surface's number). The event ends
-        where the shape does once the caller has found its texts printable (no line break)."""
+    def read(self, blocks: bytes, at: int, run: list[Value]) -> int:
+        """If the bytes from `at` are an event of this shape, with no escape, every side value
+        holds nothing PII could be made of and every value is what the exact path would read
+        as the same text: the values to feed added to `run`, and where the event ends; else
+        -1, and `run` as it was. A value ends at the next quote (a string without escapes),
+        or, where the next segment does not begin with one, after its digits (the surface's
+        number)."""
         if not blocks.startswith(self.head, at):
-            return None
-        found = Values()
+            return -1
+        mark = len(run)
         begin = at + len(self.head)
         for step, segment, quoted in self.rest:
             if quoted:
@@ -600,17 +640,30 @@ class Plan:
                 digits = _DIGITS.match(blocks, begin)
                 end = -1 if digits is None else digits.end()
             if end < 0 or not blocks.startswith(segment, end):
-                return None
-            if step is not None:
-                found.append((step, begin, end))
-            elif not _plain_side(blocks[begin:end]):
-                return None
+                break
+            value = blocks[begin:end]
+            if step is None:
+                if not _plain_side(value):
+                    break
+            elif step is NUMBER:
+                if len(value) > 1 and value[0] == 48:
+                    break  # "007" is no JSON number: the exact path reads the event as text
+                run.append((step, begin, end, value.decode()))
+            else:
+                try:
+                    text = value.decode()
+                except UnicodeDecodeError:
+                    break
+                if not text.isprintable():
+                    break  # a raw control character is not JSON: the exact path says what happens
+                run.append((step, begin, end, text))
             begin = end + len(segment)
-        # Without an escape, a string's value is what lies between its quotes.
-        if blocks.find(b"\\", at, begin) >= 0:
-            return None
-        found.stop = begin
-        return found
+        else:
+            # Without an escape, a string's value is what lies between its quotes.
+            if blocks.find(b"\\", at, begin) < 0:
+                return begin
+        del run[mark:]
+        return -1
 
 
 def _plain_side(value: bytes) -> bool:
