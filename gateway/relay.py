@@ -428,60 +428,64 @@ class StreamRelay:
         return copied, stop
 
     def _fed(self, run: list[Value], edits: list[tuple[int, int, str]]) -> None:
-        """Feed a run's values to their streams; note in `edits` each one whose text changed.
-        A stream given several texts of the run is fed them at once: one decision on what to
-        hold back for the run, not one an event (the texts are sent together anyway). Its
-        output is spread over its texts in order: each goes out as it came unless held text
-        comes out before it or its own is held back. The split guarantee (see
-        `StreamRedactor`) makes the concatenation what feeding them one by one gives."""
+        """Feed a run's values to their streams; note in `edits`, in order, each one whose
+        text changed. When the run's texts all go to one live plain-text stream, it is fed
+        them at once: one decision on what to hold back for the run, not one an event (the
+        texts are sent together anyway). Its output is spread over the texts in order: each
+        goes out as it came unless held text comes out before it or its own is held back;
+        the split guarantee (see `StreamRedactor`) makes the whole what feeding them one by
+        one gives. Anything else goes one by one, in the run's order: with several streams,
+        which one the stream bound lets go (`_evicted_idle`) and which one's copies stop
+        being kept (`MAX_KEPT_CHARS`) follow the order texts arrive in."""
         scratch, numbered = self._scratch, self._numbered
-        streams: dict[Path, list[tuple[Path, Leaf, int, int, str]]] = {}
-        for step, begin, end, text in run:
+        first: tuple[Path, Leaf] | None = None  # the first text's step
+        one_stream = True
+        for step, _, _, text in run:
             if step is NUMBER:
                 assert numbered is not None
                 scratch[numbered] = int(text)
-                continue
-            path, leaf = step
-            key = path if leaf.joins is None else path[: len(path) - len(leaf.joins)] + leaf.joins
-            values = streams.get(key)
-            if values is None:
-                streams[key] = [(path, leaf, begin, end, text)]
-            else:
-                values.append((path, leaf, begin, end, text))
-        for key, values in streams.items():
-            stream = self._streams.get(key)
-            result = None
-            # Plain text streams only: a JSON one may rewrite escapes, and a copy reads what
-            # its stream gave out so far. Otherwise, and when something gets masked: one by one.
-            if len(values) > 1 and type(stream) is StreamRedactor and not values[0][1].copy:
-                joined = "".join([text for _, _, _, _, text in values])
-                result = stream.feed_unmasked(joined)
-            if result is None:
-                for path, leaf, begin, end, text in values:
-                    now = self._leaf(path, leaf, text)
+            elif first is None:
+                first = step
+            elif step is not first and step != first:  # a plan's steps are shared by its events
+                one_stream = False
+        if first is None:
+            return
+        path, leaf = first
+        key = path if leaf.joins is None else path[: len(path) - len(leaf.joins)] + leaf.joins
+        stream = self._streams.get(key)
+        result = None
+        # A plain text stream only: a JSON one may rewrite escapes, and a copy reads what its
+        # stream gave out so far. And when something gets masked: one by one.
+        if one_stream and len(run) > 1 and type(stream) is StreamRedactor and not leaf.copy:
+            joined = "".join([text for step, _, _, text in run if step is not NUMBER])
+            result = stream.feed_unmasked(joined)
+        if result is None:
+            for step, begin, end, text in run:
+                if step is not NUMBER:
+                    now = self._leaf(step[0], step[1], text)
                     if now != text:
                         edits.append((begin, end, now))
-                continue
-            held, emitted = result
-            if not held and emitted == len(joined):
-                if self._kept is not None:
-                    self._keep(key, joined)
-                continue  # the common case: every text goes out as it came
-            given = held + joined
+            return
+        held, emitted = result
+        if not held and emitted == len(joined):
             if self._kept is not None:
-                self._keep(key, given[:emitted])
-            shown, through = 0, len(held)
-            for _, _, begin, end, text in values:
-                if shown == through and through + len(text) <= emitted:
-                    shown = through = through + len(text)
-                    continue  # out as it came, with nothing before it: no slice to make
-                through += len(text)
-                upto = max(shown, min(through, emitted))
-                if given[shown:upto] != text:
-                    edits.append((begin, end, given[shown:upto]))
-                shown = upto
-        if len(streams) > 1:
-            edits.sort()
+                self._keep(key, joined)
+            return  # the common case: every text goes out as it came
+        given = held + joined
+        if self._kept is not None:
+            self._keep(key, given[:emitted])
+        shown, through = 0, len(held)
+        for step, begin, end, text in run:
+            if step is NUMBER:
+                continue
+            if shown == through and through + len(text) <= emitted:
+                shown = through = through + len(text)
+                continue  # out as it came, with nothing before it: no slice to make
+            through += len(text)
+            upto = max(shown, min(through, emitted))
+            if given[shown:upto] != text:
+                edits.append((begin, end, given[shown:upto]))
+            shown = upto
 
     def _side_may_match(self, data: bytes) -> bool:
         return side_may_match(data)
