@@ -127,7 +127,7 @@ def observed(routes: Mapping[str | None, RoutePlan], telemetry: Telemetry, reque
                     metrics.upstream_first_byte(state.upstream_ttfb)
                 if state.usage is not None:
                     metrics.tokens_used(state.model, state.usage.prompt_tokens, state.usage.completion_tokens)
-            metrics.response_sent(label, state.model, status, elapsed)
+            metrics.response_sent(label, state.model, status, elapsed, route.chat)
             trace_id = None
             if span is not None and tracing is not None:
                 trace_id = tracing.trace_id(span)

@@ -173,7 +173,8 @@ class Metrics:
             registry=r,
             buckets=LATENCY_BUCKETS,
         )
-        self._duration = _Series(duration, {"route": CHAT_ROUTE})
+        self._duration = duration
+        self._durations: dict[str, _Series] = {}  # by route: the proxied routes' (a fixed few)
         self._ttfb = _Series(ttfb, {})
         self.model_label = BoundedLabels(model_label_limit)
         # Every family shows from the start, at zero.
@@ -196,10 +197,15 @@ class Metrics:
     def chat_finished(self) -> None:
         self.inflight.add((), -1)
 
-    def response_sent(self, route: str, model: str | None, status: int, seconds: float) -> None:
+    def response_sent(self, route: str, model: str | None, status: int, seconds: float, timed: bool = False) -> None:
+        """`timed`: a proxied route's request, whose whole duration is observed (not probes,
+        scrapes or unknown paths)."""
         self.responses.add((route, self.model_label(model), str(status)))
-        if route == CHAT_ROUTE:
-            self._duration.observe(seconds)
+        if timed:
+            series = self._durations.get(route)
+            if series is None:
+                series = self._durations[route] = _Series(self._duration, {"route": route})
+            series.observe(seconds)
 
     def upstream_first_byte(self, seconds: float) -> None:
         self._ttfb.observe(seconds)

@@ -94,7 +94,7 @@ def models_in(samples: Samples) -> set[str]:
 def test_hostile_model_names_become_other_and_metrics_still_parse() -> None:
     metrics = Metrics(50)
     for model in [*HOSTILE, "gpt-4o", None, ""]:
-        metrics.response_sent(CHAT_ROUTE, model, 200, 0.01)
+        metrics.response_sent(CHAT_ROUTE, model, 200, 0.01, timed=True)
         metrics.tokens_used(model, 1, 2)
     names, samples = scrape(metrics)
     assert names == FAMILIES  # nothing forged
@@ -109,7 +109,7 @@ def test_any_model_names_keep_metrics_parsable_and_bounded(models: list[str | No
     limit = 5
     metrics = Metrics(limit)
     for model in models:
-        metrics.response_sent(CHAT_ROUTE, model, 200, 0.01)
+        metrics.response_sent(CHAT_ROUTE, model, 200, 0.01, timed=True)
         metrics.tokens_used(model, 1, 1)
     names, samples = scrape(metrics)
     assert names == FAMILIES
@@ -158,9 +158,9 @@ def test_counts_and_histograms_after_known_events() -> None:
     assert samples[key("inflight_requests")] == 4
     for seconds, status in zip(durations, (200, 200, 429, 504), strict=True):
         metrics.chat_finished()
-        metrics.response_sent(CHAT_ROUTE, "gpt-4o", status, seconds)
+        metrics.response_sent(CHAT_ROUTE, "gpt-4o", status, seconds, timed=True)
     metrics.request_started("other")
-    metrics.response_sent("other", None, 404, 0.001)  # not a chat request: no duration observed
+    metrics.response_sent("other", None, 404, 0.001)  # not a proxied request: no duration observed
     metrics.upstream_first_byte(0.2)
     metrics.upstream_first_byte(2.0)
     metrics.tokens_used("gpt-4o", 9, 12)
@@ -212,7 +212,7 @@ def test_counts_and_histograms_after_known_events() -> None:
 def test_a_scrape_does_not_change_what_the_next_one_says() -> None:
     metrics = Metrics(50)
     metrics.request_started(CHAT_ROUTE)
-    metrics.response_sent(CHAT_ROUTE, "m", 200, 0.1)
+    metrics.response_sent(CHAT_ROUTE, "m", 200, 0.1, timed=True)
     assert scrape(metrics) == scrape(metrics)
 
 

@@ -120,6 +120,34 @@ async def test_every_metric_after_a_mix_of_outcomes(start_gateway: GatewayFactor
     assert "redactions_total" in gateway.metrics()
 
 
+async def test_every_proxied_route_has_its_latency_histogram(start_gateway: GatewayFactory, mock: Mock) -> None:
+    # Whole-request latency on each API, under its own route (it was recorded for chat only);
+    # probes and scrapes are not timed.
+    gateway = start_gateway(RPS="0")
+    asks = {
+        "/v1/chat/completions": body(),
+        "/v1/messages": {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+        "/v1/responses": {"model": "gpt-4o-mini", "input": "hi"},
+        "/v1/embeddings": {"model": "text-embedding-3-small", "input": "hi"},
+    }
+    async with aiohttp.ClientSession() as session:
+        for path, ask in asks.items():
+            for _ in range(2):
+                async with session.post(gateway.url + path, json=ask, headers={"X-Api-Key": "demo"}) as r:
+                    await r.read()
+                    assert r.status == 200, path
+        async with session.get(gateway.url + "/healthz") as r:
+            await r.read()
+    s = samples(gateway)
+    for path in asks:
+        assert s[f'request_duration_seconds_count{{route="{path}"}}'] == 2, path
+    assert 'request_duration_seconds_count{route="/healthz"}' not in s
+
+
 async def test_model_labels_are_bounded(start_gateway: GatewayFactory, mock: Mock) -> None:
     gateway = start_gateway(MODEL_LABEL_LIMIT="20", REDACT_KINDS="")
     async with aiohttp.ClientSession() as session:
