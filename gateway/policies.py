@@ -175,7 +175,8 @@ def load(policy_file: str, entities_file: str | None = None, cache_size: int = C
         raise _bad("POLICY_FILE", policy_file, str(exc)) from None
     if not len(policy_set):
         raise _bad("POLICY_FILE", policy_file, "no policy in it (Cedar would deny every request)")
-    entities, entity_actions = _entities(entities_file)
+    entities, listed = _entities(entities_file)
+    entity_actions = {uid["id"] for uid in (_uid(entry) for entry in listed) if uid.get("type") == "Action"}
     unknown = sorted(set(_actions_named(est)) - set(ACTIONS) - entity_actions)
     if unknown:
         raise _bad(
@@ -187,13 +188,22 @@ def load(policy_file: str, entities_file: str | None = None, cache_size: int = C
         policy_id: (body.get("annotations") or {}).get("id") or policy_id
         for policy_id, body in est.get("staticPolicies", {}).items()
     }
+    schema = _schema(listed, _types_named(est))
+    if schema is not None:
+        checked = cedarpy.validate_policies(text, orjson.dumps(schema).decode())
+        if not checked.validation_passed:
+            error = checked.errors[0]
+            name = labels.get(error.policy_id, error.policy_id)
+            # Cedar's message names the policy by its Cedar id: the @id says more.
+            message = error.error.replace(f"policy `{error.policy_id}`", f"policy `{name}`")
+            raise _bad("POLICY_FILE", policy_file, f"does not validate: {message}")
     return Policies(policy_set, entities, labels, cache_size)
 
 
-def _entities(path: str | None) -> tuple[cedarpy.Entities, set[str]]:
-    """The parsed entities, and the ids of the Action entities among them (action groups)."""
+def _entities(path: str | None) -> tuple[cedarpy.Entities, list[dict[str, Any]]]:
+    """The parsed entities, and the file's list of them."""
     if path is None:
-        return cedarpy.Entities.from_json_str("[]"), set()
+        return cedarpy.Entities.from_json_str("[]"), []
     text = _read("POLICY_ENTITIES_FILE", path)
     try:
         listed = orjson.loads(text)
@@ -209,8 +219,117 @@ def _entities(path: str | None) -> tuple[cedarpy.Entities, set[str]]:
         entities = cedarpy.Entities.from_json_str(text)
     except ValueError as exc:
         raise _bad("POLICY_ENTITIES_FILE", path, f"{_which_entity(listed)}{exc}") from None
-    actions = {uid["id"] for uid in (_uid(entry) for entry in listed) if uid.get("type") == "Action"}
-    return entities, actions
+    return entities, listed
+
+
+# SPEC §15's request shape, fixed: what every policy is checked against.
+_CONTEXT = {
+    "type": "Record",
+    "attributes": {
+        "stream": {"type": "Boolean"},
+        "max_tokens": {"type": "Long"},
+        "has_tools": {"type": "Boolean"},
+        "upstream": {"type": "String"},
+    },
+}
+
+
+def _schema(listed: list[dict[str, Any]], named: set[str]) -> dict[str, Any] | None:
+    """The Cedar schema requests are made under (SPEC §15): principal Tenant, resource Model,
+    the route actions (and the action groups of POLICY_ENTITIES_FILE) and the fixed context;
+    the entity types the entities file and the policies name, any of them a possible group of
+    any other; the attributes the entities file gives each type, typed by their values. An
+    attribute is required only on a type every entity of which comes from the file and has it
+    (not Tenant or Model: a request may name one the file does not list). Cedar's validator
+    then refuses what could never evaluate: a context field or attribute that does not exist,
+    a comparison of a Long with a String, an attribute read without `has` where some entities
+    lack it. None (no check beyond parsing) when the file's values give an attribute no one
+    Cedar type."""
+    kinds: dict[str, dict[str, Any]] = {}  # type -> {"count": n, "attrs": {name: type}, "seen": {name: n}}
+    groups: dict[str, list[str]] = {action: [] for action in ACTIONS}  # action -> its groups
+    for entry in listed:
+        uid = _uid(entry)
+        parents = [_ref(parent) for parent in entry["parents"]]
+        if uid["type"] == "Action":
+            groups.setdefault(uid["id"], []).extend(p["id"] for p in parents if p.get("type") == "Action")
+            continue
+        kind = kinds.setdefault(uid["type"], {"count": 0, "attrs": {}, "seen": {}})
+        kind["count"] += 1
+        for name, value in entry["attrs"].items():
+            typed = _cedar_type(value)
+            if typed is None or kind["attrs"].setdefault(name, typed) != typed:
+                return None
+            kind["seen"][name] = kind["seen"].get(name, 0) + 1
+        named.update(p["type"] for p in parents if type(p.get("type")) is str and p["type"] != "Action")
+    every = sorted({"Tenant", "Model"} | named | set(kinds) - {"Action"})
+    entity_types = {}
+    for name in every:
+        kind = kinds.get(name, {"count": 0, "attrs": {}, "seen": {}})
+        open_ended = name in ("Tenant", "Model")
+        attributes = {
+            attr: {**typed, "required": not open_ended and kind["seen"][attr] == kind["count"]}
+            for attr, typed in kind["attrs"].items()
+        }
+        entity_types[name] = {"memberOfTypes": every, "shape": {"type": "Record", "attributes": attributes}}
+    applies = {"principalTypes": ["Tenant"], "resourceTypes": ["Model"], "context": _CONTEXT}
+    actions: dict[str, dict[str, Any]] = {
+        action: {"memberOf": [{"id": group} for group in member_of]} for action, member_of in groups.items()
+    }
+    for action in ACTIONS:
+        actions[action]["appliesTo"] = applies
+    for member_of in groups.values():
+        for group in member_of:
+            actions.setdefault(group, {"memberOf": []})
+    return {"": {"entityTypes": entity_types, "actions": actions}}
+
+
+def _cedar_type(value: object) -> dict[str, Any] | None:
+    """The Cedar type of an attribute's value in Cedar's entities JSON; None: none to tell
+    (an empty or mixed set, an extension value, a number that is no Long)."""
+    if type(value) is bool:
+        return {"type": "Boolean"}
+    if type(value) is int:
+        return {"type": "Long"}
+    if type(value) is str:
+        return {"type": "String"}
+    if type(value) is list:
+        elements = [_cedar_type(item) for item in value]
+        if not elements or elements[0] is None or any(e != elements[0] for e in elements):
+            return None
+        return {"type": "Set", "element": elements[0]}
+    if type(value) is dict:
+        if "__extn" in value:
+            return None
+        if "__entity" in value:
+            uid = _ref(value)
+            return {"type": "Entity", "name": uid["type"]} if type(uid.get("type")) is str else None
+        attributes = {}
+        for name, item in value.items():
+            typed = _cedar_type(item)
+            if typed is None:
+                return None
+            attributes[name] = typed
+        return {"type": "Record", "attributes": attributes}
+    return None
+
+
+def _types_named(node: object) -> set[str]:
+    """Every entity type a policy set's JSON form names (but Action)."""
+    found: set[str] = set()
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            kind = item.get("type")
+            if type(kind) is str and type(item.get("id")) is str and kind != "Action":
+                found.add(kind)
+            entity_type = item.get("entity_type")
+            if type(entity_type) is str:
+                found.add(entity_type)
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+    return found
 
 
 def _entity_problem(entry: object) -> str:
@@ -224,6 +343,14 @@ def _entity_problem(entry: object) -> str:
     if type(entry.get("parents")) is not list:
         return 'needs "parents": an array ([] for none)'
     return ""
+
+
+def _ref(value: object) -> dict[str, Any]:
+    """An entity reference (a parent, an attribute's value): {"type", "id"}, or Cedar's
+    escaped form of it."""
+    if type(value) is dict and type(value.get("__entity")) is dict:
+        value = value["__entity"]
+    return value if type(value) is dict else {}
 
 
 def _uid(entry: dict[str, Any]) -> dict[str, Any]:

@@ -236,6 +236,67 @@ def test_a_policy_file_that_does_not_parse_or_validate_is_one_config_line(
     assert line.startswith(f"POLICY_FILE: {path}: ") and problem in line and "\n" not in line
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        # A misspelt context field: the forbid would never apply (Cedar skips a policy it
+        # cannot evaluate), so a request it meant to stop would pass (found by a review).
+        (
+            '@id("cap") forbid(principal, action, resource) when { context.max_token > 1000 };',
+            "policy `cap`, attribute `max_token` in context",
+        ),
+        (
+            'forbid(principal, action, resource) when { context.max_tokens > "1000" };',
+            "expected Long but saw String",
+        ),
+        ('permit(principal, action, resource) when { principal.tier == "gold" };', "attribute `tier`"),
+        ("permit(principal, action, resource) when { context.stream == 1 };", "does not validate"),
+    ],
+)
+def test_a_policy_that_could_never_evaluate_stops_the_load(tmp_path: Path, text: str, problem: str) -> None:
+    path = write(tmp_path, "p.cedar", "permit(principal, action, resource);\n" + text)
+    with pytest.raises(ConfigError) as caught:
+        policies.load(path)
+    (line,) = caught.value.lines
+    assert line.startswith(f"POLICY_FILE: {path}: does not validate: ") and problem in line and "\n" not in line
+
+
+def test_attributes_and_groups_of_the_entities_file_validate(tmp_path: Path) -> None:
+    # Typed by the file's values; read on a tenant, one the file may not list, under `has`.
+    listed = [
+        {
+            "uid": {"type": "Tenant", "id": "a"},
+            "attrs": {"tier": "gold", "seats": 3},
+            "parents": [{"type": "Plan", "id": "p"}],
+        },
+        {"uid": {"type": "Plan", "id": "p"}, "attrs": {"cap": 1000}, "parents": []},
+    ]
+    loaded = policies.load(
+        write(
+            tmp_path,
+            "p.cedar",
+            'permit(principal in Plan::"p", action, resource) when { principal has tier && principal.tier == "gold" };\n'
+            "forbid(principal, action, resource) when { principal has seats && principal.seats < context.max_tokens };\n"
+            'permit(principal in Group::"never", action, resource);',  # a group no entity is in: valid
+        ),
+        write(tmp_path, "e.json", orjson.dumps(listed).decode()),
+    )
+    assert loaded.decide("a", "chat", "m", PLAIN).allowed
+    assert not loaded.decide("a", "chat", "m", Context(False, 5, False, "default")).allowed
+    assert not loaded.decide("b", "chat", "m", PLAIN).allowed
+    # Without `has`: some tenants have no such attribute, the read could fail.
+    with pytest.raises(ConfigError, match="does not validate"):
+        policies.load(
+            write(tmp_path, "q.cedar", 'permit(principal, action, resource) when { principal.tier == "gold" };'),
+            write(tmp_path, "e.json", orjson.dumps(listed).decode()),
+        )
+
+
+def test_the_example_files_validate() -> None:
+    assert policies.load(str(EXAMPLE_POLICIES), str(EXAMPLE_ENTITIES)) is not None
+    assert policies.load(str(EXAMPLE_POLICIES)) is not None  # its groups are named, so known, without the file
+
+
 def test_unreadable_policy_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         policies.load(str(tmp_path / "missing.cedar"))
@@ -291,12 +352,14 @@ def test_a_policy_that_fails_to_evaluate_is_logged_once_without_the_request(
             tmp_path,
             "p.cedar",
             "permit(principal, action, resource);\n"
-            '@id("needs-plan") forbid(principal, action, resource) when { principal.plan == "free" };',
+            # Valid Cedar that still fails at run time: a Long overflow.
+            '@id("needs-plan") forbid(principal, action, resource)'
+            " when { context.max_tokens * 4611686018427387904 > 0 };",
         )
     )
     with caplog.at_level(logging.WARNING, logger="gateway"):
         for secret in ("sk-open-mode-key-1", "sk-open-mode-key-2"):
-            assert loaded.decide(secret, "chat", "m", PLAIN).allowed  # Cedar skips the failing forbid
+            assert loaded.decide(secret, "chat", "m", Context(False, 8, False, "default")).allowed  # skipped
     assert len(caplog.records) == 1
     assert "needs-plan" in caplog.text and "sk-open-mode" not in caplog.text
 
