@@ -275,8 +275,10 @@ def test_attributes_and_groups_of_the_entities_file_validate(tmp_path: Path) -> 
         write(
             tmp_path,
             "p.cedar",
-            'permit(principal in Plan::"p", action, resource) when { principal has tier && principal.tier == "gold" };\n'
-            "forbid(principal, action, resource) when { principal has seats && principal.seats < context.max_tokens };\n"
+            'permit(principal in Plan::"p", action, resource)\n'
+            '  when { principal has tier && principal.tier == "gold" };\n'
+            "forbid(principal, action, resource)\n"
+            "  when { principal has seats && principal.seats < context.max_tokens };\n"
             'permit(principal in Group::"never", action, resource);',  # a group no entity is in: valid
         ),
         write(tmp_path, "e.json", orjson.dumps(listed).decode()),
