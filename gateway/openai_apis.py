@@ -99,7 +99,8 @@ _MAX_SEQUENCE = 2**53  # a sequence number the gateway may count on from
 class ResponsesSurface(Surface):
     spec: ClassVar[Spec] = _NOTHING  # per event type: see spec_of
     reply_spec: ClassVar[Spec] = {"output": All(_ITEM_REPLY)}
-    done_types: ClassVar[frozenset[str]] = _TERMINAL
+    # The stream's four terminal events: the three that carry the response, and `error`.
+    done_types: ClassVar[frozenset[str]] = _TERMINAL | {"error"}
     keeps_copies: ClassVar[bool] = True
     numbered: ClassVar[str | None] = "sequence_number"
 

@@ -424,6 +424,10 @@ class Proxy:
                     chunk = await reply.next_chunk()
                     if not chunk:  # upstream ended without [DONE]
                         out = relay.close()
+                        if relay.cut_short:  # ended cleanly, but before its last event: as if it broke
+                            if out:
+                                await response.write(out)
+                            raise UpstreamStreamBroken()
                         break
                     out = relay.feed(chunk)
                 idle.reschedule(None)

@@ -198,6 +198,14 @@ class StreamRelay:
             return b"".join([event.raw for event in last if not self.done and not self._noted(event)])
         return b"".join([self._event(event) for event in last if not self.done]) + self.finish()
 
+    @property
+    def cut_short(self) -> bool:
+        """The upstream ended without the event that ends its API's streams, where that is an
+        event of its own (Anthropic's message_stop, the Responses API's terminal events): the
+        reply is incomplete. (A chat stream's [DONE] is left out by some OpenAI-compatible
+        servers: its absence alone says nothing.)"""
+        return not self.done and self._surface.done_data is None
+
     def finish(self) -> bytes:
         """The upstream ended (or broke): whatever text is still held, in events of its own."""
         return self._flushed(None)

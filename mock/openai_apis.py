@@ -9,7 +9,8 @@ response.completed (response.incomplete with x-mock-incomplete). Knobs as for ch
 (x-mock-NAME or x-stainless-mock-NAME): latency-ms, chunk-delay-ms, echo (the last user input
 text), reply, deltas (a JSON array of exact deltas), status (an OpenAI-style error with that
 status), die-after (drop the connection after N deltas), error-after (after N deltas the API's
-`error` event, and the end), answer (json or events, whatever "stream" says), plus refusal
+`error` event, and the end), no-done (end the body cleanly before the terminal event), answer
+(json or events, whatever "stream" says), plus refusal
 (the message is a refusal with this text, streamed as refusal deltas), tool-input (a JSON
 object: a function_call item after the message, its arguments streamed in three pieces, or
 in the exact pieces of tool-deltas, a JSON array), custom-tool-deltas (a JSON array: a
@@ -274,6 +275,9 @@ async def _respond(request: web.Request, body: dict[str, Any], request_id: str) 
         await stream.write(
             event("response.output_item.done", item=custom("completed", custom_input), output_index=index)
         )
+    if _header(request, "x-mock-no-done") is not None:  # a clean end, but before the terminal event
+        await stream.write_eof()
+        return stream
     trailing = b"data: [DONE]\n\n" if _header(request, "x-mock-trailing-done") == "1" else b""
     await stream.write(event("response." + final_status, response=final) + trailing)
     await stream.write_eof()

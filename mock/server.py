@@ -19,8 +19,9 @@ streamed as input_json_delta in three pieces, or in the exact pieces of x-mock-t
 JSON array), x-mock-error-after (after N text deltas, Anthropic's own `event: error`,
 overloaded_error, and the end of the stream), x-mock-thinking (a thinking block before the text, its text streamed as
 thinking_delta, then x-mock-signature as signature_delta), x-mock-stop-reason, x-mock-usage (a
-JSON object merged into message_start's usage) and x-mock-delta-usage (a JSON object merged into
-message_delta's usage).
+JSON object merged into message_start's usage), x-mock-delta-usage (a JSON object merged into
+message_delta's usage) and x-mock-no-done (end the body cleanly before message_delta and
+message_stop).
 
 The Responses API (POST /v1/responses), embeddings and GET /v1/models: see openai_apis.py.
 
@@ -407,6 +408,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
             for piece in pieces:
                 await response.write(block_delta(index, {"type": "input_json_delta", "partial_json": piece}))
             await response.write(block_stop(index))
+        if _header(request, "x-mock-no-done") is not None:  # a clean end, but before message_delta and message_stop
+            await response.write_eof()
+            return response
         delta_usage = {"output_tokens": out_tokens} | json.loads(_header(request, "x-mock-delta-usage") or "{}")
         await response.write(
             _sse(

@@ -404,11 +404,12 @@ def test_a_mid_stream_failure_is_a_responses_error_event_after_the_held_text() -
 
 def test_the_upstreams_own_error_event_is_relayed_after_the_held_text() -> None:
     error = e("error", code="server_error", message="The server had an error", param=None)
-    out, r = relay(numbered([*text_item(["mail jane.doe@exa"])[:3], error]))
+    late = e("response.output_text.delta", output_index=0, content_index=0, item_id="msg_1", delta="late")
+    out, r = relay(numbered([*text_item(["mail jane.doe@exa"])[:3], error, late]))
     kinds = [event["type"] for event in events(out)]
-    assert kinds[-2:] == ["response.output_text.delta", "error"]
+    assert kinds[-2:] == ["response.output_text.delta", "error"]  # nothing after it
     assert deltas_of(out, 0) == redact("mail jane.doe@exa")
-    assert not r.done  # the stream ends when the upstream ends it
+    assert r.done  # one of the stream's four terminal events (with the three that carry the response)
 
 
 def test_nothing_after_the_terminal_event_is_relayed() -> None:

@@ -745,6 +745,28 @@ async def test_upstream_dying_mid_stream_ends_with_an_error_event(shared_gateway
     assert message.content[0].text == DEFAULT_REPLY  # type: ignore[union-attr]
 
 
+async def test_a_stream_the_upstream_ends_before_message_stop_ends_with_an_error_event(
+    shared_gateway: Gateway, mock: Mock
+) -> None:
+    # A body that ends cleanly without message_stop is a reply cut short, not a short reply:
+    # the client is told, as when the connection breaks (found by a black-box review: the SDK
+    # returned the partial text with stop_reason None and no error).
+    status, _, wire = await post(
+        shared_gateway,
+        {"model": MODEL, "max_tokens": 8, "messages": HI, "stream": True},
+        knobs(deltas=["mail ", "jane.doe@example.com", " later"], no_done="1"),
+    )
+    assert status == 200
+    events = sse_events(wire)
+    assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "api_error"
+    assert "".join(texts_by_block(events)[0]) == "mail j***e@example.com later"
+    with (
+        pytest.raises(anthropic.APIStatusError),
+        sdk(shared_gateway, knobs(no_done="1")).messages.stream(model=MODEL, max_tokens=8, messages=HI) as stream,
+    ):
+        list(stream.text_stream)
+
+
 def test_the_upstreams_own_error_event_is_relayed(shared_gateway: Gateway, mock: Mock) -> None:
     # Anthropic ends a stream it cannot finish with its own `event: error` (overloaded_error).
     client = sdk(shared_gateway, knobs(deltas=["one ", "two ", "three"], error_after="2"))

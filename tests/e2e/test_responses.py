@@ -411,6 +411,23 @@ async def test_the_upstreams_own_error_event_is_relayed_after_the_held_text(
     assert events[-1]["code"] == "server_error" and streamed(events) == redact("mail jane.doe@exa")
 
 
+async def test_a_stream_the_upstream_ends_before_its_terminal_event_ends_with_an_error_event(
+    shared_gateway: Gateway, mock: Mock
+) -> None:
+    # The body ends cleanly, but with no response.completed (or .incomplete/.failed/error): a
+    # reply cut short, told to the client as a broken stream (found by a black-box review).
+    _, _, wire = await post(
+        shared_gateway,
+        RESPONSES,
+        {"model": MODEL, "input": "hi", "stream": True},
+        knobs(deltas=["mail ", "jane.doe@example.com"], no_done="1"),
+    )
+    events = sse_events(wire)
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "upstream_stream_broken"
+    assert [e["type"] for e in events].count("error") == 1 and not any(e["type"] in TERMINAL for e in events)
+    assert streamed(events) == "mail j***e@example.com"
+
+
 @pytest.mark.parametrize(("upstream", "error"), [(429, openai.RateLimitError), (500, openai.InternalServerError)])
 def test_upstream_errors_are_relayed(shared_gateway: Gateway, mock: Mock, upstream: int, error: type) -> None:
     with pytest.raises(error) as caught:
