@@ -127,6 +127,8 @@ def observed(routes: Mapping[str | None, RoutePlan], telemetry: Telemetry, reque
                     metrics.upstream_first_byte(state.upstream_ttfb)
                 if state.usage is not None:
                     metrics.tokens_used(state.model, state.usage.prompt_tokens, state.usage.completion_tokens)
+                elif state.prompt_tokens_seen:
+                    metrics.tokens_used(state.model, state.prompt_tokens_seen, 0)
             metrics.response_sent(label, state.model, status, elapsed, route.chat)
             trace_id = None
             if span is not None and tracing is not None:

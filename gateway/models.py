@@ -57,6 +57,9 @@ class RequestState:
     stream: bool = False
     upstream_ttfb: float | None = None  # seconds
     usage: Usage | None = None
+    # The input tokens a reply that never finished reported (Anthropic's message_start): in
+    # tokens_total when no final usage came, the prompt having been read all the same.
+    prompt_tokens_seen: int | None = None
     response_model: str | None = None
     span: Span | None = None  # the server span, when tracing is on
     client_gone: bool = False  # the client hung up before the response was complete

@@ -283,6 +283,8 @@ class Proxy:
             # Even when the client left (a cancellation): usage that arrived settles its tokens.
             if relay.usage_final:
                 state.usage = relay.usage
+            elif relay.usage is not None:
+                state.prompt_tokens_seen = relay.usage.prompt_tokens
             state.response_model = relay.response_model
             if held is not None:
                 held.close()  # an unfinished upstream stream is cut: the LLM stops generating

@@ -828,6 +828,25 @@ def test_usage_feeds_tokens_total_and_the_route_is_labelled(
     assert line["status"] == 200 and line["model"] == "claude-usage"
 
 
+@pytest.mark.parametrize("ending", ["die_after", "error_after", "no_done"])
+def test_a_stream_that_never_finishes_still_counts_its_input_tokens(
+    start_gateway: GatewayFactory, mock: Mock, ending: str
+) -> None:
+    # message_start reported the input tokens; no message_delta came (the connection broke,
+    # Anthropic's own error, a body ended early): the prompt was read all the same (SPEC §11).
+    gateway = start_gateway()
+    usage = {"input_tokens": 100, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+    client = sdk(gateway, knobs(usage=usage, reply="a b c", **{ending: "1"}))
+    with (
+        pytest.raises(anthropic.APIStatusError),
+        client.messages.stream(model="claude-cut", max_tokens=8, messages=HI) as events,
+    ):
+        list(events.text_stream)
+    s = wait_until(lambda: (s := samples(gateway)).get('tokens_total{kind="prompt",model="claude-cut"}') and s)
+    assert s['tokens_total{kind="prompt",model="claude-cut"}'] == 100
+    assert s['tokens_total{kind="completion",model="claude-cut"}'] == 0
+
+
 def test_completion_tokens_are_the_last_message_delta_count(start_gateway: GatewayFactory, mock: Mock) -> None:
     gateway = start_gateway()
     headers = knobs(reply="a b", delta_usage={"output_tokens": 42})
