@@ -63,5 +63,6 @@ class RequestState:
     response_model: str | None = None
     span: Span | None = None  # the server span, when tracing is on
     client_gone: bool = False  # the client hung up before the response was complete
+    answering: bool = False  # a stream's headers are going out: the answer has begun
     payload: dict[str, Any] | None = None  # the body parsed: a JSON object (the body step checks)
     upstream: str | None = None  # ROUTES_FILE's upstream that answered: x-gateway-upstream

@@ -55,6 +55,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 _EVENT_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")  # how an SSE body can begin
 _RETRY_AFTER_STATUSES = frozenset({429, 503, 529})  # SPEC §13: with Retry-After, a skip, not a failure
 _NO_TRACE: AbstractContextManager[Mapping[str, str]] = contextlib.nullcontext(MappingProxyType({}))
+_RETRY_SOON = MappingProxyType({"Retry-After": "1"})  # another instance, or this one restarted
 log = logging.getLogger("gateway")
 
 
@@ -117,6 +118,14 @@ class Proxy:
             with tracing.client_span(state.span, state.model, self._api.system) as trace_headers:
                 headers = self._upstream.headers_for(request.headers, trace_headers, request_id=state.request_id)
                 return await self._relay(request, state, body, headers, hidden_usage)
+        except asyncio.CancelledError:
+            # Our drain cut the request past the grace before any answer went out (a stream
+            # already answering ends in `_pump` with its own error event): the client gets a
+            # 503 it can retry elsewhere, not a connection closed without a reply.
+            if not self._lifecycle.grace_expired or state.answering:
+                raise
+            task.uncancel()
+            raise ShuttingDown(headers=_RETRY_SOON) from None
         finally:
             self._lifecycle.leave(task)
 
@@ -267,6 +276,7 @@ class Proxy:
         try:
             response = web.StreamResponse(headers=SSE_HEADERS)
             try:
+                state.answering = True
                 await response.prepare(request)
                 await self._pump(request, response, relay, first, reply)
                 await response.write_eof()

@@ -64,6 +64,30 @@ async def test_streams_past_the_grace_period_end_with_an_error_event(start_gatew
     wait_until(lambda: mock.events(), what="the upstream to see the cut")  # the upstream call was cancelled too
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_still_waiting_for_its_upstream_at_the_grace_gets_a_503(
+    start_gateway: GatewayFactory, mock: Mock, stream: bool
+) -> None:
+    # Cut before any answer went out (a JSON reply, or a stream's first event, still on its
+    # way): 503 shutting_down with Retry-After, not a connection closed without a reply (found
+    # by a black-box review; a stream already answering ends with its error event, above).
+    gateway = start_gateway(SHUTDOWN_GRACE_SECS="1")
+    async with aiohttp.ClientSession() as session:
+        pending = asyncio.ensure_future(
+            session.post(
+                gateway.url + CHAT, json={**BODY, "stream": stream}, headers={"x-stainless-mock-latency-ms": "5000"}
+            )
+        )
+        await asyncio.to_thread(wait_until, lambda: mock.requests(), 10.0, 0.02, "the upstream call")
+        gateway.process.signal(signal.SIGTERM)
+        async with await pending as r:
+            assert r.status == 503 and r.headers["Retry-After"] == "1"
+            assert (await r.json())["error"]["code"] == "shutting_down"
+    assert await asyncio.to_thread(gateway.process.wait, 10) == 0
+    lines = [line for line in gateway.log_lines() if line["path"] == CHAT]
+    assert [line["status"] for line in lines] == [503]
+
+
 def test_sd_notify_ready_then_stopping(start_gateway: GatewayFactory, tmp_path: Path) -> None:
     path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
