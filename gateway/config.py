@@ -77,6 +77,7 @@ class Settings:
     store_timeout_secs: float = 0.25
     timeout_secs: float = 60.0
     stream_idle_secs: float = 300.0  # after the first upstream chunk, silence this long ends a stream
+    client_idle_secs: float = 75.0  # a client connection with no request (begun) this long is closed
     max_concurrency: int = 0
     max_body_bytes: int = 8 * 1024 * 1024
     otlp_endpoint: str | None = field(default=None, repr=False)
@@ -171,6 +172,7 @@ class Settings:
             ("POLICY_ENTITIES_FILE", s.policy_entities_file or ""),
             ("TIMEOUT_SECS", _number(s.timeout_secs)),
             ("STREAM_IDLE_SECS", _number(s.stream_idle_secs)),
+            ("CLIENT_IDLE_SECS", _number(s.client_idle_secs)),
             ("MAX_BODY_BYTES", str(s.max_body_bytes)),
             ("REDACT_KINDS", ",".join(kind for kind in REDACT_KIND_NAMES if kind in s.redact_kinds)),
             ("MODEL_LABEL_LIMIT", str(s.model_label_limit)),
@@ -611,6 +613,7 @@ def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
         token_reserve_default=env.int("TOKEN_RESERVE_DEFAULT", 1024, validate=Range(min=0, max=MAX_TOKEN_QUOTA)),
         timeout_secs=env.float("TIMEOUT_SECS", 60.0, validate=above_zero),
         stream_idle_secs=env.float("STREAM_IDLE_SECS", 300.0, validate=above_zero),
+        client_idle_secs=env.float("CLIENT_IDLE_SECS", 75.0, validate=above_zero),
         max_concurrency=env.int("MAX_CONCURRENCY", 0, validate=non_negative),
         max_body_bytes=env.int("MAX_BODY_BYTES", 8 * 1024 * 1024, validate=positive),
         service_name=env.str("OTEL_SERVICE_NAME", "secure-llm-gateway") or "secure-llm-gateway",

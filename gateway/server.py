@@ -114,7 +114,17 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
     # SERVER_OPTIONS: how create_app's middlewares expect to be served (bodies decoded by them, not
     # by aiohttp). AppRunner passes its **kwargs on untyped, so the mapping's values are too.
     options: dict[str, Any] = dict(SERVER_OPTIONS)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0, **options)
+    # keepalive_timeout: a connection idle between requests, or that never finishes sending its
+    # request line and headers (aiohttp's timer runs from the connection's start), is closed
+    # after CLIENT_IDLE_SECS: slow or silent clients cannot hold sockets for ever.
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=2.0,
+        keepalive_timeout=settings.client_idle_secs,
+        **options,
+    )
     await runner.setup()
     site = web.TCPSite(
         runner,

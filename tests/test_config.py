@@ -48,6 +48,7 @@ ALL_VARS = [
     "OPENAI_ORGANIZATION",
     "OPENAI_PROJECT",
     "STREAM_IDLE_SECS",
+    "CLIENT_IDLE_SECS",
     "ANTHROPIC_BASE_URL",
     "ANTHROPIC_API_KEY",
     "TOKEN_QUOTA",
@@ -491,6 +492,17 @@ def test_stream_idle_secs(monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(ConfigError) as caught:
             load_settings()
         assert [line.split(":")[0] for line in caught.value.lines] == ["STREAM_IDLE_SECS"]
+
+
+def test_client_idle_secs(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().client_idle_secs == 75.0
+    monkeypatch.setenv("CLIENT_IDLE_SECS", "2.5")
+    assert load_settings().client_idle_secs == 2.5
+    for bad in ("0", "-1", "soon", "nan"):
+        monkeypatch.setenv("CLIENT_IDLE_SECS", bad)
+        with pytest.raises(ConfigError) as caught:
+            load_settings()
+        assert [line.split(":")[0] for line in caught.value.lines] == ["CLIENT_IDLE_SECS"]
 
 
 def test_openai_organization_and_project(monkeypatch: pytest.MonkeyPatch) -> None:

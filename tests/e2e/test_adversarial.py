@@ -314,6 +314,26 @@ def rss_kib(gateway: Gateway) -> int:
     raise AssertionError("no VmRSS")
 
 
+def test_connections_that_never_finish_a_request_are_closed(start_gateway: GatewayFactory) -> None:
+    # Silent, or stopped inside the request line and headers: closed after CLIENT_IDLE_SECS,
+    # so one client cannot hold sockets for ever and run the process out of descriptors
+    # (found by a black-box review: they stayed open for the hour aiohttp's default allows).
+    gateway = start_gateway(CLIENT_IDLE_SECS="1")
+    openings = [b"", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n", b"GET /healthz HTTP/1.1\r\nHo"]
+    sockets = [socket.create_connection(("127.0.0.1", gateway.port), timeout=10) for _ in openings]
+    try:
+        for sock, opening in zip(sockets, openings, strict=True):
+            sock.sendall(opening)
+        started = time.monotonic()
+        for sock in sockets:
+            assert sock.recv(1024) == b""  # closed by the gateway, nothing sent
+        assert time.monotonic() - started < 5
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert http_get(gateway.port, "/healthz")[0] == 200
+
+
 def test_stalled_bodies_cannot_grow_the_gateway_past_its_limits(start_gateway: GatewayFactory) -> None:
     gateway = start_gateway(MAX_CONCURRENCY="1", RPS="1", BURST="1")
     before = rss_kib(gateway)
