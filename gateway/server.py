@@ -19,8 +19,9 @@ import selectors
 import signal
 import socket
 import sys
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 from aiohttp import web
@@ -145,7 +146,7 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
     loop.add_signal_handler(signal.SIGHUP, app[LIVE_CONFIG].reload)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)  # a worker blocked them until now
     _settle_gc()
-    log.info("serving on %s:%s", settings.listen_host, settings.listen_port)
+    log.info("serving on %s:%s (pid %d)", settings.listen_host, settings.listen_port, os.getpid())
     lifecycle.notify("READY=1")
     if on_ready is not None:
         on_ready()
@@ -164,19 +165,8 @@ def _supervise(settings: Settings) -> int:
     notifier = Lifecycle(0, settings.notify_socket)
     worker_settings = dataclasses.replace(settings, notify_socket=None)
     reports: dict[int, int] = {}  # the read end of each worker's report pipe -> its pid
-    _flush_std_streams()  # else each worker inherits, and writes again, what is still buffered
     for _ in range(settings.workers):
-        read_end, write_end = os.pipe()
-        # Blocked until the worker's loop handles them, so an early SIGTERM drains, not kills.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
-        pid = os.fork()
-        if pid == 0:
-            for fd in (read_end, *reports):
-                os.close(fd)
-            _work(worker_settings, write_end)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)
-        # Only the worker holds the write end now: end of file on it means the worker is gone.
-        os.close(write_end)
+        pid, read_end = _fork_worker(worker_settings, reports)
         reports[read_end] = pid
     children = list(reports.values())
     stopping = False
@@ -198,13 +188,14 @@ def _supervise(settings: Settings) -> int:
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, forward_reload)
     failure = _await_workers(reports)
+    status = 0
     if failure is None and not stopping:
         notifier.notify("READY=1")
+        status = _replace_dead_workers(worker_settings, children, lambda: stopping)
     else:  # the workers that did start stop again: it is all of them or none
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGTERM)
-    status = 0
     for child in children:
         _, code = os.waitpid(child, 0)
         status = status or os.waitstatus_to_exitcode(code)
@@ -212,6 +203,54 @@ def _supervise(settings: Settings) -> int:
         if failure:
             raise StartupError(failure)
         return status or 1  # the worker printed its own traceback, as one process would
+    return status
+
+
+def _fork_worker(settings: Settings, inherited: Iterable[int] = ()) -> tuple[int, int]:
+    """A new worker: its pid, and the read end of the pipe on which it reports (ready or
+    failed; end of file when it is gone). `inherited`: the parent's other report pipes,
+    closed in the child."""
+    _flush_std_streams()  # else the worker inherits, and writes again, what is still buffered
+    read_end, write_end = os.pipe()
+    # Blocked until the worker's loop handles them, so an early SIGTERM drains, not kills.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    pid = os.fork()
+    if pid == 0:
+        for fd in (read_end, *inherited):
+            os.close(fd)
+        _work(settings, write_end)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)
+    # Only the worker holds the write end now: end of file on it means the worker is gone.
+    os.close(write_end)
+    return pid, read_end
+
+
+def _replace_dead_workers(settings: Settings, children: list[int], stopping: Callable[[], bool]) -> int:
+    """Until a stop signal is passed on: a worker that dies (killed, out of memory, a crash)
+    is logged and replaced a second later (a worker that cannot start again does not spin),
+    so the port keeps its WORKERS. `children` is kept current in place (the signal handlers
+    read it). Returns the first non-zero exit status of the workers that ended on the stop."""
+    status = 0
+    while children:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        if pid not in children:
+            continue
+        children.remove(pid)
+        if stopping():
+            status = status or os.waitstatus_to_exitcode(code)
+            continue
+        ended = os.waitstatus_to_exitcode(code)
+        how = f"was killed by signal {-ended}" if ended < 0 else f"exited with status {ended}"
+        log.error("worker %d %s; starting another", pid, how)
+        time.sleep(1)
+        if stopping():
+            continue
+        new_pid, report = _fork_worker(settings)
+        os.close(report)  # its report is not awaited: the others serve meanwhile
+        children.append(new_pid)
     return status
 
 

@@ -7,6 +7,8 @@ import collections
 import gzip
 import hashlib
 import json
+import os
+import re
 import signal
 import time
 
@@ -269,6 +271,30 @@ async def test_workers_share_the_port_and_the_redis_quota(
     prefixes = {request_id[:-8] for request_id in ids}
     assert len(prefixes) == 2, f"one worker answered all: {gateway.process.errors()}"  # each has its own prefix
     gateway.process.signal(signal.SIGTERM)  # the parent forwards it to every worker
+    assert await asyncio.to_thread(gateway.process.wait, 15) == 0
+
+
+async def test_a_worker_that_dies_is_logged_and_replaced(
+    start_gateway: GatewayFactory, redis_server: RedisServer, mock: Mock
+) -> None:
+    # A worker killed (the OOM killer, a crash) is replaced; the port keeps WORKERS processes
+    # (found by a black-box review: the parent noticed nothing, and said nothing).
+    gateway = start_gateway(WORKERS="2", REDIS_URL=redis_server.url)
+    pids = [int(pid) for pid in re.findall(r"serving on \S+ \(pid (\d+)\)", gateway.process.errors())]
+    assert len(pids) == 2
+    os.kill(pids[0], signal.SIGKILL)
+    await asyncio.to_thread(
+        wait_until,
+        lambda: gateway.process.errors().count("serving on") == 3,
+        10.0,
+        0.05,
+        "a new worker serving",
+    )
+    assert f"worker {pids[0]} was killed by signal 9; starting another" in gateway.process.errors()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        results = await asyncio.gather(*(call(session, gateway, "after") for _ in range(20)))
+    assert {status for status, _, _ in results} == {200}
+    gateway.process.signal(signal.SIGTERM)
     assert await asyncio.to_thread(gateway.process.wait, 15) == 0
 
 
