@@ -13,6 +13,7 @@ from types import MappingProxyType
 import orjson
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+_RETRY_SOON: Mapping[str, str] = MappingProxyType({"Retry-After": "1"})
 
 
 class GatewayError(Exception):
@@ -145,6 +146,12 @@ class StoreUnavailable(GatewayError):
     type = "server_error"
     code = "store_unavailable"
     message = "quota store unavailable"
+
+    def __init__(
+        self, message: str | None = None, headers: Mapping[str, str] | None = None, code: str | None = None
+    ) -> None:
+        # The store is skipped for a second after a failure (stores.StoreGuard): try again then.
+        super().__init__(message, _RETRY_SOON if headers is None else headers, code)
 
 
 class ShuttingDown(GatewayError):

@@ -192,8 +192,8 @@ async def test_redis_outage_fail_closed(start_gateway: GatewayFactory, redis_ser
         async with session.get(gateway.url + "/readyz") as r:
             assert r.status == 200
         redis_server.kill()
-        status, _, body = await call(session, gateway)
-        assert status == 503
+        status, headers, body = await call(session, gateway)
+        assert status == 503 and headers["retry-after"] == "1"  # the store's back-off
         assert body["error"]["code"] == "store_unavailable"  # type: ignore[index]
         async with session.get(gateway.url + "/readyz") as r:
             assert r.status == 503
