@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from environs import EnvError
 
@@ -184,6 +185,9 @@ def _upstream(name: str, value: object, environ: Mapping[str, str]) -> UpstreamC
         parse_http_url(base_url)
     except EnvError as exc:
         raise _Problem(f"{where}.base_url: {exc}") from None
+    if urlsplit(base_url).password is not None:
+        # The file holds no secret (SPEC §13): a password in a URL is one, whatever its name.
+        raise _Problem(f"{where}.base_url: holds a password; put credentials in api_key_env's variable")
     variable = value.get("api_key_env")
     if not isinstance(variable, str) or not _VARIABLE.fullmatch(variable):
         raise _Problem(f"{where}.api_key_env: required, the name of the environment variable holding its key")

@@ -80,6 +80,10 @@ BAD = [
     (_file(UPSTREAM.replace('base_url = "http://127.0.0.1:1"\n', "")), "upstreams.a.base_url: required"),
     (_file(UPSTREAM.replace('"openai"', '"gemini"')), 'upstreams.a.kind: expected "openai" or "anthropic"'),
     (_file(UPSTREAM + 'api_key = "sk-in-the-file"\n'), "upstreams.a: unknown key(s) 'api_key'"),
+    (
+        _file(UPSTREAM.replace("http://127.0.0.1:1", "http://user:PASSW0RD@127.0.0.1:1")),
+        "upstreams.a.base_url: holds a password",
+    ),
     (_file(models=ROUTE.replace('"m"', '"gpt-[4"')), "models[1].match: bad glob 'gpt-[4': a '[' set is never closed"),
     (_file(models=ROUTE.replace('"m"', '""')), "models[1].match: empty"),
     (_file(models=ROUTE.replace('"m"', '"a b"')), "models[1].match: white space"),
@@ -103,7 +107,7 @@ def test_each_problem_is_one_line_naming_the_file(tmp_path: Path, text: str, pro
     [line] = caught.value.lines
     assert line.startswith(f"ROUTES_FILE: {path}: ")
     assert problem in line
-    assert "\n" not in line and "sk-" not in line and "sk two" not in line
+    assert "\n" not in line and "sk-" not in line and "sk two" not in line and "PASSW0RD" not in line
 
 
 def test_an_unreadable_file(tmp_path: Path) -> None:
