@@ -397,7 +397,8 @@ class Proxy:
         tracing = self._telemetry.tracing
         if tracing is None or state.span is None:
             return _NO_TRACE
-        return tracing.client_span(state.span, state.model, leg.kind, upstream=leg.name)
+        # The model this upstream is asked for: the route's name for it, else the client's.
+        return tracing.client_span(state.span, leg.model or state.model, leg.kind, upstream=leg.name)
 
     def _release_later(self, reply: Reply) -> None:
         task = asyncio.get_running_loop().create_task(_drain(reply))

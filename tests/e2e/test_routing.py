@@ -508,6 +508,28 @@ async def test_each_attempt_is_a_client_span(start: Any, ups: dict[str, Mock], c
     assert [e for e, _ in failed.events] == ["exception"]
 
 
+async def test_a_client_span_names_the_model_its_upstream_was_asked_for(
+    start: Any, ups: dict[str, Mock], collector: Collector
+) -> None:
+    # claude-* falls back to b as gpt-4o: that attempt's span says gpt-4o (found by a review:
+    # it said the client's model), the first attempt's the client's.
+    gateway = start(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.port}", OTEL_BSP_SCHEDULE_DELAY="100")
+    ups["claude"].fault(status=500)
+    status, _, _ = await post(
+        gateway, {"model": "claude-x", "max_tokens": 5, "messages": HI}, **{"X-Api-Key": "renamed"}
+    )
+    assert status == 200
+    server = await collector.wait_for("renamed")
+
+    def children() -> list[Any] | None:
+        found = [s for s in collector.spans if s.parent == server.span_id]
+        return found if len(found) >= 2 else None
+
+    clients = wait_until(children, what="the client spans")
+    models = {s.attrs["gateway.upstream"]: s.attrs["gen_ai.request.model"] for s in clients}
+    assert models == {"claude": "claude-x", "b": "gpt-4o"}
+
+
 def test_without_routes_file_no_upstream_header(start_gateway: GatewayFactory) -> None:
     gateway = start_gateway()
     raw = sdk(gateway).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI)
