@@ -484,25 +484,19 @@ def test_an_empty_keys_file_is_refused_not_open_mode(monkeypatch: pytest.MonkeyP
 # --- new settings ---
 
 
-def test_stream_idle_secs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("STREAM_IDLE_SECS", "12.5")
-    assert load_settings().stream_idle_secs == 12.5
+@pytest.mark.parametrize(("variable", "default"), [("STREAM_IDLE_SECS", 300.0), ("CLIENT_IDLE_SECS", 75.0)])
+def test_idle_timeouts(monkeypatch: pytest.MonkeyPatch, variable: str, default: float) -> None:
+    def value() -> float:
+        return float(getattr(load_settings(), variable.lower()))
+
+    assert value() == default
+    monkeypatch.setenv(variable, "12.5")
+    assert value() == 12.5
     for bad in ("0", "-1", "soon", "nan"):
-        monkeypatch.setenv("STREAM_IDLE_SECS", bad)
+        monkeypatch.setenv(variable, bad)
         with pytest.raises(ConfigError) as caught:
             load_settings()
-        assert [line.split(":")[0] for line in caught.value.lines] == ["STREAM_IDLE_SECS"]
-
-
-def test_client_idle_secs(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert load_settings().client_idle_secs == 75.0
-    monkeypatch.setenv("CLIENT_IDLE_SECS", "2.5")
-    assert load_settings().client_idle_secs == 2.5
-    for bad in ("0", "-1", "soon", "nan"):
-        monkeypatch.setenv("CLIENT_IDLE_SECS", bad)
-        with pytest.raises(ConfigError) as caught:
-            load_settings()
-        assert [line.split(":")[0] for line in caught.value.lines] == ["CLIENT_IDLE_SECS"]
+        assert [line.split(":")[0] for line in caught.value.lines] == [variable]
 
 
 def test_openai_organization_and_project(monkeypatch: pytest.MonkeyPatch) -> None:

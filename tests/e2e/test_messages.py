@@ -719,11 +719,22 @@ async def test_unreachable_upstream_is_502_api_error(start_gateway: GatewayFacto
 # --- Mid-stream failure: event: error, and the gateway keeps serving --------------------
 
 
-async def test_upstream_dying_mid_stream_ends_with_an_error_event(shared_gateway: Gateway, mock: Mock) -> None:
+@pytest.mark.parametrize(
+    ("ending", "text"),
+    [
+        (("die_after", "2"), "mail j***e@example.com"),  # the connection breaks after two deltas
+        # A body that ends cleanly without message_stop: a reply cut short, not a short reply
+        # (found by a black-box review: the SDK returned the partial text, stop_reason None).
+        (("no_done", "1"), "mail j***e@example.com later"),
+    ],
+)
+async def test_a_stream_the_upstream_does_not_finish_ends_with_an_error_event(
+    shared_gateway: Gateway, mock: Mock, ending: tuple[str, str], text: str
+) -> None:
     status, _, wire = await post(
         shared_gateway,
         {"model": MODEL, "max_tokens": 8, "messages": HI, "stream": True},
-        knobs(deltas=["mail ", "jane.doe@example.com", " later"], die_after="2"),
+        knobs(deltas=["mail ", "jane.doe@example.com", " later"], **dict([ending])),
     )
     assert status == 200
     events = sse_events(wire)
@@ -732,39 +743,18 @@ async def test_upstream_dying_mid_stream_ends_with_an_error_event(shared_gateway
     assert data["error"]["type"] == "api_error" and data["error"]["message"]
     assert [n for n, _ in events].count("error") == 1 and "message_stop" not in [n for n, _ in events]
     # The address was held (it could have gone on, ".com.au"): it goes out masked before the error.
-    assert "".join(texts_by_block(events)[0]) == "mail j***e@example.com"
+    assert "".join(texts_by_block(events)[0]) == text
     # The SDK reports the same event as an error.
+    knob = {ending[0]: "1"}
     with (
         pytest.raises(anthropic.APIStatusError) as caught,
-        sdk(shared_gateway, knobs(die_after="1")).messages.stream(model=MODEL, max_tokens=8, messages=HI) as stream,
+        sdk(shared_gateway, knobs(**knob)).messages.stream(model=MODEL, max_tokens=8, messages=HI) as stream,
     ):
         list(stream.text_stream)
     assert caught.value.type == "api_error"
     # and the gateway keeps serving
     message = sdk(shared_gateway).messages.create(model=MODEL, max_tokens=8, messages=HI)
     assert message.content[0].text == DEFAULT_REPLY  # type: ignore[union-attr]
-
-
-async def test_a_stream_the_upstream_ends_before_message_stop_ends_with_an_error_event(
-    shared_gateway: Gateway, mock: Mock
-) -> None:
-    # A body that ends cleanly without message_stop is a reply cut short, not a short reply:
-    # the client is told, as when the connection breaks (found by a black-box review: the SDK
-    # returned the partial text with stop_reason None and no error).
-    status, _, wire = await post(
-        shared_gateway,
-        {"model": MODEL, "max_tokens": 8, "messages": HI, "stream": True},
-        knobs(deltas=["mail ", "jane.doe@example.com", " later"], no_done="1"),
-    )
-    assert status == 200
-    events = sse_events(wire)
-    assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "api_error"
-    assert "".join(texts_by_block(events)[0]) == "mail j***e@example.com later"
-    with (
-        pytest.raises(anthropic.APIStatusError),
-        sdk(shared_gateway, knobs(no_done="1")).messages.stream(model=MODEL, max_tokens=8, messages=HI) as stream,
-    ):
-        list(stream.text_stream)
 
 
 def test_the_upstreams_own_error_event_is_relayed(shared_gateway: Gateway, mock: Mock) -> None:

@@ -397,16 +397,16 @@ async def test_upstream_dying_mid_stream_ends_with_a_responses_error_event(share
     assert sdk(shared_gateway).responses.create(model=MODEL, input="hi").output_text == DEFAULT_REPLY
 
 
+async def streamed_events(gateway: Gateway, **knob_values: str | list[str]) -> list[dict[str, Any]]:
+    """The events of a plain stream request with the mock's knobs."""
+    _, _, wire = await post(gateway, RESPONSES, {"model": MODEL, "input": "hi", "stream": True}, knobs(**knob_values))
+    return sse_events(wire)
+
+
 async def test_the_upstreams_own_error_event_is_relayed_after_the_held_text(
     shared_gateway: Gateway, mock: Mock
 ) -> None:
-    _, _, wire = await post(
-        shared_gateway,
-        RESPONSES,
-        {"model": MODEL, "input": "hi", "stream": True},
-        knobs(deltas=["mail jane.doe@exa", "mple.com"], error_after="1"),
-    )
-    events = sse_events(wire)
+    events = await streamed_events(shared_gateway, deltas=["mail jane.doe@exa", "mple.com"], error_after="1")
     assert [e["type"] for e in events][-2:] == ["response.output_text.delta", "error"]
     assert events[-1]["code"] == "server_error" and streamed(events) == redact("mail jane.doe@exa")
 
@@ -416,13 +416,7 @@ async def test_a_stream_the_upstream_ends_before_its_terminal_event_ends_with_an
 ) -> None:
     # The body ends cleanly, but with no response.completed (or .incomplete/.failed/error): a
     # reply cut short, told to the client as a broken stream (found by a black-box review).
-    _, _, wire = await post(
-        shared_gateway,
-        RESPONSES,
-        {"model": MODEL, "input": "hi", "stream": True},
-        knobs(deltas=["mail ", "jane.doe@example.com"], no_done="1"),
-    )
-    events = sse_events(wire)
+    events = await streamed_events(shared_gateway, deltas=["mail ", "jane.doe@example.com"], no_done="1")
     assert events[-1]["type"] == "error" and events[-1]["code"] == "upstream_stream_broken"
     assert [e["type"] for e in events].count("error") == 1 and not any(e["type"] in TERMINAL for e in events)
     assert streamed(events) == "mail j***e@example.com"
