@@ -40,11 +40,15 @@ MODEL_LABEL_MAX = 64
 _MODEL_LABEL = re.compile(r"[A-Za-z0-9._:/@+-]+")
 
 
+_OWN_WORDS = frozenset({OTHER, UNKNOWN})
+
+
 class BoundedLabels:
     """Client-chosen label values: the first `limit` distinct acceptable ones, then `other`.
 
-    A value is acceptable when it is 1..MODEL_LABEL_MAX characters from [A-Za-z0-9._:/@+-];
-    a rejected value does not take one of the `limit` places.
+    A value is acceptable when it is 1..MODEL_LABEL_MAX characters from [A-Za-z0-9._:/@+-]
+    and not one of the gateway's own words (`other`, `unknown`: a client naming its model so
+    would pass for them); a rejected value does not take one of the `limit` places.
     """
 
     __slots__ = ("_limit", "_seen")
@@ -58,7 +62,12 @@ class BoundedLabels:
             return UNKNOWN
         if value in self._seen:
             return value
-        if len(self._seen) >= self._limit or len(value) > MODEL_LABEL_MAX or not _MODEL_LABEL.fullmatch(value):
+        if (
+            len(self._seen) >= self._limit
+            or len(value) > MODEL_LABEL_MAX
+            or not _MODEL_LABEL.fullmatch(value)
+            or value in _OWN_WORDS
+        ):
             return OTHER
         self._seen.add(value)
         return value
