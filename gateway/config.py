@@ -314,6 +314,11 @@ def _parse_otlp_url(value: str) -> str:
 
 def _parse_redis_url(value: str) -> str:
     _check_url(value, ("redis", "rediss", "unix"), "a redis://, rediss:// or unix:// URL")
+    parts = urlsplit(value)
+    database = parts.path.strip("/") if parts.scheme != "unix" else ""
+    if database and not (database.isascii() and database.isdigit()):
+        # redis://host/abc would run on database 0 without a word: say so instead.
+        raise EnvError("the path is a database number (redis://host:6379/0)")
     return value
 
 
@@ -341,6 +346,8 @@ def _parse_tenant_quotas(value: str) -> Mapping[str, int]:
         if not sep or not name.strip() or not (limit.strip().isascii() and limit.strip().isdigit()):
             # Named by its number, never quoted: in open mode a tenant is a key its clients present.
             raise EnvError(f"entry {number}: expected tenant=limit pairs like tenantA=5,tenantB=8")
+        if name.strip() in quotas:  # which one was meant? (TENANT_KEYS refuses a repeat too)
+            raise EnvError(f"entry {number}: names a tenant an earlier entry names")
         quotas[name.strip()] = int(limit)
     return MappingProxyType(quotas)
 
@@ -370,6 +377,8 @@ def _parse_tenant_token_quotas(value: str) -> Mapping[str, int]:
         limit = limit.strip()
         if not sep or not name.strip() or not re.fullmatch(r"[0-9]{1,16}", limit) or int(limit) > MAX_TOKEN_QUOTA:
             raise EnvError(f"entry {number}: expected tenant=tokens (0 to 10^15), e.g. acme=100000,beta=5000")
+        if name.strip() in quotas:
+            raise EnvError(f"entry {number}: names a tenant an earlier entry names")
         quotas[name.strip()] = int(limit)
     return MappingProxyType(quotas)
 

@@ -518,6 +518,9 @@ def test_openai_organization_and_project(monkeypatch: pytest.MonkeyPatch) -> Non
         ("REDIS_URL", "redis://:pa?ss-S3CRET@redis.example", "percent-encode"),
         ("REDIS_URL", "redis://u:12#ss-S3CRET@redis.example", "percent-encode"),
         ("REDIS_URL", "redis://u:pass-S3CRET@redis.example:notaport", "port"),
+        ("REDIS_URL", "redis://u:pass-S3CRET@redis.example/abc", "database number"),  # else db 0, silently
+        ("TENANT_QUOTAS", "S3CRET=1,S3CRET=2", "entry 2: names a tenant an earlier entry names"),
+        ("TENANT_TOKEN_QUOTAS", "a=1,S3CRET=2,S3CRET=3", "entry 3: names a tenant an earlier entry names"),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c.example:4318?token=S3CRET", "no query"),
         ("OPENAI_BASE_URL", "https://up.example/#S3CRET", "fragment"),
         ("OPENAI_BASE_URL", "https://up.example/S3CRET\n", "white space"),
