@@ -366,7 +366,7 @@ def _which_entity(listed: list[Any]) -> str:
     for number, entry in enumerate(listed, start=1):
         try:
             cedarpy.Entities.from_json_str(orjson.dumps([entry]).decode())
-        except ValueError:
+        except (ValueError, TypeError):  # TypeError: nested past what orjson writes (Cedar refused it too)
             return f"entity {number}: "
     return ""
 

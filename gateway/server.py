@@ -251,6 +251,9 @@ def _replace_dead_workers(settings: Settings, children: list[int], stopping: Cal
         new_pid, report = _fork_worker(settings)
         os.close(report)  # its report is not awaited: the others serve meanwhile
         children.append(new_pid)
+        if stopping():  # the stop came while it was being made: the signal passed it by
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(new_pid, signal.SIGTERM)
     return status
 
 

@@ -335,6 +335,14 @@ def test_an_action_group_from_the_entities_file_is_known(tmp_path: Path) -> None
             ' {"uid": {"type": "Tenant", "id": "a"}, "attrs": {"x": 1}, "parents": []}]',
             'duplicate entity entry `Tenant::"a"`',
         ),
+        (  # nested past what orjson writes back: was a traceback, not a line
+            '[{"uid": {"type": "Tenant", "id": "a"}, "attrs": {"n": '
+            + '{"a": ' * 900
+            + '"x"'
+            + "}" * 900
+            + '}, "parents": []}]',
+            "entity 1: ",
+        ),
     ],
 )
 def test_an_entities_file_that_does_not_parse_is_one_config_line(tmp_path: Path, text: str, problem: str) -> None:

@@ -62,21 +62,25 @@ def test_the_number_slot_reads_what_the_exact_path_reads(name: str) -> None:
     assert fast.feed(wire) + fast.close() == exact.feed(wire) + exact.close()
 
 
+def chat_event(model: bytes, text: bytes = b"a", tail: bytes = b"") -> bytes:
+    """A compact chat chunk naming `model`, with `text` as its content and `tail` after its choices."""
+    return (
+        b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"'
+        + model
+        + b'","choices":[{"index":0,"delta":{"content":"'
+        + text
+        + b'"},"finish_reason":null}]'
+        + tail
+        + b"}\n\n"
+    )
+
+
 def test_the_fast_path_notes_the_model_as_the_exact_path_does() -> None:
     # The fast path skips `_note`: an event of a learned shape naming a model after another
     # event named another leaves the other in `response_model` (the trace's gen_ai.response.model).
     from gateway.surfaces import CHAT
 
-    def event(model: bytes, text: bytes) -> bytes:
-        return (
-            b'data: {"id":"c","model":"'
-            + model
-            + b'","choices":[{"index":0,"delta":{"content":"'
-            + text
-            + b'"},"finish_reason":null}]}\n\n'
-        )
-
-    wire = event(b"gpt-4o", b"Hello") + event(b"gpt-4o-mini", b" there") + event(b"gpt-4o", b" again")
+    wire = chat_event(b"gpt-4o", b"Hello") + chat_event(b"gpt-4o-mini", b" there") + chat_event(b"gpt-4o", b" again")
     fast, exact = StreamRelay(REDACTOR, None, CHAT), _ExactOnly(REDACTOR, None, CHAT)
     assert fast.feed(wire) == exact.feed(wire)
     assert fast.response_model == exact.response_model
@@ -90,17 +94,10 @@ def test_an_event_the_fast_path_gives_up_on_leaves_the_model_to_the_exact_path(p
     # An event that is no JSON names no model; one with an escape names its own.
     from gateway.surfaces import CHAT
 
-    def event(model: bytes, tail: bytes) -> bytes:
-        return (
-            b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"'
-            + model
-            + b'","choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]'
-            + tail
-            + b"}\n\n"
-        )
-
     wire = (
-        event(b"gpt-4o", b',"obfuscation":"x"') + event(b"m", b"") + event(b"gpt-4o", b',"obfuscation":"' + pad + b'"')
+        chat_event(b"gpt-4o", tail=b',"obfuscation":"x"')
+        + chat_event(b"m")
+        + chat_event(b"gpt-4o", tail=b',"obfuscation":"' + pad + b'"')
     )
     fast, exact = StreamRelay(REDACTOR, None, CHAT), _ExactOnly(REDACTOR, None, CHAT)
     assert fast.feed(wire) == exact.feed(wire)
