@@ -72,22 +72,17 @@ _USAGE_VALUE = re.compile(
     rb'"(?:u|\\u0075)(?:s|\\u0073)(?:a|\\u0061)(?:g|\\u0067)(?:e|\\u0065)"'  # the key, its letters escaped or not
     + _NOT_NULL
 )
-_USAGE_KEY = b'"usage"'
-_AFTER_USAGE_KEY = re.compile(_NOT_NULL)  # `_USAGE_VALUE` past an unescaped key
+# The same without escapes: a literal prefix, which the regex engine finds with a fast search
+# (a look-ahead, so that a key whose value is null does not hide a key inside it).
+_USAGE_KEY_VALUE = re.compile(rb'"usage"(?=' + _NOT_NULL + rb")")
 
 
 def usage_values(blocks: bytes) -> list[int]:
     """Where `_USAGE_VALUE` matches, in order. Without an escape it is found by its key:
-    a regex that starts at every quote of a chunk costs ten times as much."""
+    a regex that may start at every quote of a chunk costs ten times as much."""
     if blocks.find(b"\\") >= 0 and blocks.find(b"\\u00") >= 0:  # memchr first: ~40x faster than a 4-byte find
         return [m.start() for m in _USAGE_VALUE.finditer(blocks)]
-    found = []
-    at = blocks.find(_USAGE_KEY)
-    while at >= 0:
-        if _AFTER_USAGE_KEY.match(blocks, at + len(_USAGE_KEY)) is not None:
-            found.append(at)
-        at = blocks.find(_USAGE_KEY, at + 1)
-    return found
+    return [m.start() for m in _USAGE_KEY_VALUE.finditer(blocks)]
 
 
 MAX_STREAMS = 256  # text streams open at once; past that (a hostile upstream), texts are redacted whole
