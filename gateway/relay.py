@@ -28,7 +28,7 @@ from . import sse
 from .errors import GatewayError, UpstreamError
 from .models import Usage
 from .redact import OnRedaction, Redactor, StreamRedactor, has_trigger
-from .surfaces import CHAT, All, Each, Leaf, Path, Spec, Surface, chat_usage, put
+from .surfaces import CARD_SIZED, CHAT, All, Each, Leaf, Path, Spec, Surface, chat_usage, put
 
 # What every card, phone, IBAN or SSN lies in (redact.py's `_DIGIT_RUN`, over bytes): a run
 # of digits, capitals and separators at least 11 long, or shorter after a "+". The regex tries
@@ -814,6 +814,9 @@ def _visit(
         # own first test): most side strings of a reply ("assistant", "stop", ids in hex).
         if scrub and value and has_trigger(value, 0):
             node[name] = whole(value)
+    elif kind is int:
+        if scrub and (value >= CARD_SIZED or value <= -CARD_SIZED) and name != _SEQUENCE:
+            _masked_number(node, name, value, whole)
     elif kind is dict:
         if type(sub) is dict:
             walk(value, sub, (*path, name), scrub, leaf, whole)
@@ -837,6 +840,20 @@ def _visit(
                     continue
             if scrub:
                 _visit(value, position, item, None, (), scrub, leaf, whole)  # not readable as described: whole
+
+
+# A JSON number long enough to be a card number (13 digits or more): a model writes one as
+# a bare number in a tool's input as readily as in a string, and the client reads its digits.
+# Masked like the string of its digits (the mask is a string, as in JSON text); the Responses
+# API's sequence_number is the protocol's own counter (the fast path's number slot), not text.
+_SEQUENCE = "sequence_number"
+
+
+def _masked_number(node: Any, name: str | int, value: int, whole: WholeText) -> None:
+    digits = str(value)
+    masked = whole(digits)
+    if masked != digits:
+        node[name] = masked
 
 
 # Base64 (no "@", no space, no separator a phone or a card is written with).

@@ -440,13 +440,36 @@ def _blocks_texts(holder: dict[str, Any], key: str) -> Iterator[TextSlot]:
             yield from strings_in(block, "input")
 
 
+class NumberText:
+    """A JSON number as a text slot: `slot[key]` is its digits, and assigning other text (its
+    mask) replaces the number with that string; its own digits back leave the number as it was."""
+
+    __slots__ = ("holder",)
+
+    def __init__(self, holder: Any) -> None:
+        self.holder = holder
+
+    def __getitem__(self, key: Any) -> str:
+        return str(self.holder[key])
+
+    def __setitem__(self, key: Any, new: str) -> None:
+        if new != str(self.holder[key]):
+            self.holder[key] = new
+
+
+CARD_SIZED = 10**12  # a number of 13 digits or more could be a card number
+
+
 def strings_in(holder: Any, key: Any) -> Iterator[TextSlot]:
-    """Every string under holder[key], and every object key there that holds "@" or a digit
-    (an address used as a key): each key after its object's values, so that renaming it
-    cannot hide a value still to come."""
+    """Every string under holder[key], every number long enough to be a card number (a
+    model's tool input holds a bare one as readily as a string), and every object key there
+    that holds "@" or a digit (an address used as a key): each key after its object's
+    values, so that renaming it cannot hide a value still to come."""
     value = holder[key] if type(holder) is list else holder.get(key)
     if type(value) is str:
         yield holder, key, False
+    elif type(value) is int and (value >= CARD_SIZED or value <= -CARD_SIZED):
+        yield NumberText(holder), key, False
     elif type(value) is dict:
         for name in value:
             yield from strings_in(value, name)

@@ -853,6 +853,34 @@ async def test_anthropic_tool_input_stays_json_when_masked_across_deltas(gateway
     assert json.loads(arguments) == {"n": "CC_MASKED_LAST4_4242", "s": 'j***e@example.com"x', "p": [415]}
 
 
+async def test_anthropic_tool_input_card_as_a_bare_number_is_masked_both_ways(
+    gateway: Gateway, hostile: Hostile
+) -> None:
+    # SPEC §11: tool_use input is redacted like chat's tool-call arguments, where a card
+    # written as a bare number is masked (a quoted mask); the stream masked it in
+    # partial_json, the JSON reply and the request passed it as it came (a black-box review).
+    # As in JSON text (test_redact.expected_json), a negative number is no card number.
+    tool_input = {"n": 4242424242424242, "m": [-4242424242424242, 1796559500, 4242424242424241], "s": "x"}
+    block = {"type": "tool_use", "id": "t", "name": "f", "input": tool_input}
+    masked = {"n": "CC_MASKED_LAST4_4242", "m": [-4242424242424242, 1796559500, 4242424242424241], "s": "x"}
+    hostile.answer = json_answer({"type": "message", "role": "assistant", "content": [block]})
+    turn = [{"role": "assistant", "content": [block]}, {"role": "user", "content": "ok"}]
+    status, data = await gateway.messages({"messages": turn})
+    assert status == 200
+    assert json.loads(data)["content"][0]["input"] == masked
+    assert hostile.sent()["messages"][0]["content"][0]["input"] == masked
+    # ... and whole in a stream's content_block_start, or as a text delta's "text"
+    start = anthropic_ev({"type": "content_block_start", "index": 0, "content_block": block})
+    number_text = anthropic_ev(
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": 4242424242424242}}
+    )
+    hostile.answer = events_answer(ANTHROPIC_START, start, number_text, ANTHROPIC_END)
+    status, wire = await gateway.messages({"messages": [{"role": "user", "content": "hi"}], "stream": True})
+    assert status == 200
+    start_out, delta_out = (e for e in json_events(wire) if e["type"] in ("content_block_start", "content_block_delta"))
+    assert start_out["content_block"]["input"] == masked and delta_out["delta"]["text"] == "CC_MASKED_LAST4_4242"
+
+
 async def test_anthropic_pii_whole_in_a_content_block_start_is_redacted() -> None:
     relay = StreamRelay(REDACTOR, None, MESSAGES)
     start = anthropic_ev(
