@@ -31,7 +31,22 @@ import orjson
 
 from .errors import BadRequest, GatewayError, LogprobsUnavailable
 from .models import Usage
-from .surfaces import COPY, DROP, JSON_COPY, JSON_TEXT, TEXT, All, Api, Leaf, Path, Spec, Surface, TextSlot, usage_of
+from .surfaces import (
+    COPY,
+    DROP,
+    JSON_COPY,
+    JSON_TEXT,
+    TEXT,
+    All,
+    Api,
+    Leaf,
+    Path,
+    Spec,
+    Surface,
+    TextSlot,
+    int_or_absent,
+    usage_of,
+)
 
 # --- The Responses API -----------------------------------------------------------------
 # An output item's texts: a message's parts (output text, refusal), a reasoning item's text
@@ -103,6 +118,9 @@ class ResponsesSurface(Surface):
     done_types: ClassVar[frozenset[str]] = _TERMINAL | {"error"}
     keeps_copies: ClassVar[bool] = True
     numbered: ClassVar[str | None] = "sequence_number"
+
+    def misindexed(self, event: dict[str, Any]) -> bool:
+        return not all(int_or_absent(event, name) for name in event if name.endswith("_index"))
 
     def root(self, event: dict[str, Any]) -> Path | None:
         """A delta's stream (output index, container, index, field); a copy's place (output

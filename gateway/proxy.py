@@ -280,7 +280,9 @@ class Proxy:
                 await response.prepare(request)
                 await self._pump(request, response, relay, first, reply)
                 await response.write_eof()
-                if relay.done and not reply.at_eof:
+                if relay.failure is not None:  # an event the relay could not pass: the upstream is cut
+                    self._telemetry.metrics.cb_event("upstream_error")
+                elif relay.done and not reply.at_eof:
                     # Hand the upstream over: the client may leave (and cancel us) now.
                     self._release_later(reply)
                     held = None

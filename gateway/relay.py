@@ -110,6 +110,7 @@ class StreamRelay:
         "_surface",
         "_templates",
         "done",
+        "failure",
         "response_model",
         "usage",
         "usage_final",
@@ -146,6 +147,7 @@ class StreamRelay:
         self.usage_final = False  # the usage is the reply's last word (not message_start's first count)
         self.response_model: str | None = None
         self.done = False
+        self.failure: UpstreamError | None = None  # the upstream event that ended the stream early
 
     def feed(self, chunk: bytes) -> bytes:
         """b"" until an event is complete; then the events' bytes to send. An event past the
@@ -302,6 +304,12 @@ class StreamRelay:
         chunk = _loads_object(data)
         if chunk is None:
             return self._unreadable(event)
+        if surface.misindexed(chunk):
+            # Whatever the gateway fed its text to, a client could file it elsewhere and join
+            # it to text that was redacted apart from it: the stream ends here (SPEC §6).
+            self.done = True
+            self.failure = UpstreamError("upstream sent an event whose index is not an integer")
+            return self.finish() + self.error_event(self.failure)
         if self._hide_usage and surface.usage_only(chunk):
             self._note(chunk)
             return self.finish()  # the usage the gateway asked for is its own; held text still goes

@@ -98,6 +98,12 @@ class Surface:
         """The event's description (one for every event, unless the API's events differ)."""
         return self.spec
 
+    def misindexed(self, event: dict[str, Any]) -> bool:
+        """Whether an index that keys the event's streams is there but no integer ("0", 0.0,
+        true, [0]): clients read such a one as the integer (a lax parser, JavaScript's
+        property names), so its text would join a stream the gateway never fed it to."""
+        return False
+
     def stream_of(self, path: Path) -> Path:
         """The stream (its leaf's path) whose text a COPY leaf at `path` repeats."""
         raise NotImplementedError
@@ -179,6 +185,13 @@ _CHAT_MESSAGE: Spec = {
 }
 
 
+def int_or_absent(part: dict[str, Any], name: str = "index") -> bool:
+    """The part's index is an integer, or absent (null counts as absent: no client files a
+    part under it)."""
+    index = part.get(name)
+    return index is None or type(index) is int
+
+
 class ChatSurface(Surface):
     spec: ClassVar[Spec] = {"choices": Each({"delta": _CHAT_MESSAGE, "logprobs": DROP})}
     # A reply's tool calls are a plain list (only a stream's carry an "index").
@@ -188,6 +201,20 @@ class ChatSurface(Surface):
         )
     }
     done_data = sse.DONE
+
+    def misindexed(self, event: dict[str, Any]) -> bool:
+        choices = event.get("choices")
+        if type(choices) is not list:
+            return False
+        for choice in choices:
+            if type(choice) is dict:
+                if not int_or_absent(choice):
+                    return True
+                delta = choice.get("delta")
+                calls = delta.get("tool_calls") if type(delta) is dict else None
+                if type(calls) is list and not all(int_or_absent(call) for call in calls if type(call) is dict):
+                    return True
+        return False
 
     def flush_into(self, event: dict[str, Any]) -> list[Path] | None:
         """The choices this chunk finishes: their held text goes out in it."""
@@ -277,11 +304,18 @@ class MessagesSurface(Surface):
         return self.specs[_is_thinking(event.get("delta")), _is_thinking(event.get("content_block"))]
 
     def root(self, event: dict[str, Any]) -> Path | None:
+        """A content block's events are keyed by its index; no other event carries a text
+        stream (a text an event of another type, or of no type, holds is redacted whole: a
+        held part of it would have no block to go out in)."""
         kind = event.get("type")
         if type(kind) is str and kind.startswith("content_block_"):
             index = event.get("index")
             return (index,) if type(index) is int else None
-        return ()
+        return None
+
+    def misindexed(self, event: dict[str, Any]) -> bool:
+        kind = event.get("type")
+        return type(kind) is str and kind.startswith("content_block_") and not int_or_absent(event)
 
     def flush_before(self, event: dict[str, Any]) -> list[Path] | None:
         """A block's held text goes out before its content_block_stop (and any left before

@@ -11,18 +11,22 @@ from typing import Any
 
 import pytest
 
+from gateway.openai_apis import RESPONSES
 from gateway.relay import StreamRelay, redact_reply
 from gateway.surfaces import CHAT, MESSAGES
 from tests.test_adversarial import (  # noqa: F401  (fixtures)
     ANTHROPIC_START,
     DONE,
     EMAIL,
+    PROMPT,
     REDACTOR,
+    Gateway,
     GatewayFactory,
     Hostile,
     anthropic_ev,
     chunk,
     decoded,
+    events_answer,
     gateway,
     hostile,
     json_answer,
@@ -100,11 +104,11 @@ def test_reply_choice_without_index_keeps_arguments_json_and_masked() -> None:
 def test_json_text_of_an_unreadable_part_is_unescaped_before_matching(route: str) -> None:
     if route == "chat":
         relay = StreamRelay(REDACTOR, None, CHAT)
-        wire = chunk({"tool_calls": [{"index": "0", "function": {"arguments": ESCAPED_ONLY}}]}) + DONE
+        wire = chunk({"tool_calls": [{"function": {"arguments": ESCAPED_ONLY}}]}) + DONE  # no index
     else:
         relay = StreamRelay(REDACTOR, None, MESSAGES)
         delta = {"type": "input_json_delta", "partial_json": ESCAPED_ONLY}
-        wire = ANTHROPIC_START + anthropic_ev({"type": "content_block_delta", "index": "0", "delta": delta})
+        wire = ANTHROPIC_START + anthropic_ev({"type": "content_block_delta", "delta": delta})  # no index
     out = relay.feed(wire) + relay.close()
     texts = [
         value
@@ -209,3 +213,88 @@ async def test_deep_arguments_routed_to_anthropic_are_not_a_500(
     }
     status, data = await gw.post(CHAT_PATH, body)
     assert status < 500, data
+
+
+# --- An index that is there but no integer ("0", 0.0, true, [0]) -------------------------
+# A lax client reads such an index as the integer (pydantic takes "0", 0.0 and true; JavaScript
+# files a part under "0" for [0] too), so the text of that event would join a stream the
+# gateway never fed it to: "jane.doe@exa" redacted alone, then "mple.com" in block 0, and the
+# client holds the address (found by a black-box review). The stream ends with an error event.
+BAD_INDICES = ["0", 0.0, True, [0]]
+SPLIT = ("jane.doe@exa", "mple.com")
+
+
+def _responses_delta(text: str, **indices: object) -> bytes:
+    body = {"type": "response.output_text.delta", "item_id": "m", "output_index": 0, "content_index": 0}
+    return f"event: {body['type']}\ndata: ".encode() + json.dumps({**body, **indices, "delta": text}).encode() + b"\n\n"
+
+
+def _misindexed_stream(route: str, bad: object) -> tuple[StreamRelay, bytes]:
+    if route == "chat":
+        return StreamRelay(REDACTOR, None, CHAT), chunk({"content": SPLIT[0]}, index=bad) + chunk({"content": SPLIT[1]})
+    if route == "chat tool call":
+        first, rest = (
+            {"index": i, "function": {"arguments": '{"to":"' + t}} for i, t in ((bad, SPLIT[0]), (0, SPLIT[1]))
+        )
+        return StreamRelay(REDACTOR, None, CHAT), chunk({"tool_calls": [first]}) + chunk({"tool_calls": [rest]})
+    if route == "messages":
+        first, rest = (
+            anthropic_ev({"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": t}})
+            for i, t in ((bad, SPLIT[0]), (0, SPLIT[1]))
+        )
+        return StreamRelay(REDACTOR, None, MESSAGES), ANTHROPIC_START + first + rest
+    name = route.split()[-1]
+    return StreamRelay(REDACTOR, None, RESPONSES), _responses_delta(SPLIT[0], **{name: bad}) + _responses_delta(
+        SPLIT[1]
+    )
+
+
+@pytest.mark.parametrize("bad", BAD_INDICES, ids=repr)
+@pytest.mark.parametrize(
+    "route", ["chat", "chat tool call", "messages", "responses output_index", "responses content_index"]
+)
+def test_an_index_that_is_no_integer_ends_the_stream_with_an_error(route: str, bad: object) -> None:
+    relay, wire = _misindexed_stream(route, bad)
+    out = relay.feed(wire)
+    out += relay.close()
+    assert SPLIT[0] not in decoded(out) and SPLIT[1] not in decoded(out)
+    last = json_events(out)[-1]
+    assert ("error" in last or last.get("type") == "error") and "index is not an integer" in json.dumps(last)
+    assert relay.done and relay.failure is not None
+
+
+@pytest.mark.parametrize("read_by_read", [False, True])
+def test_an_index_left_out_or_null_still_streams(read_by_read: bool) -> None:
+    """Absent or null, an index names no part a client could file the text under: the text
+    is redacted whole and the stream goes on."""
+    relay = StreamRelay(REDACTOR, None, CHAT)
+    reads = [chunk({"content": "one "}, index=None), chunk({"content": "two"}), chunk({}, "stop") + DONE]
+    out = b"".join(relay.feed(read) for read in reads) if read_by_read else relay.feed(b"".join(reads))
+    out += relay.close()
+    assert relay.failure is None and out.endswith(DONE)
+    assert "".join(c["delta"].get("content") or "" for e in json_events(out) for c in e["choices"]) == "one two"
+
+
+async def test_a_typeless_anthropic_event_is_redacted_whole_and_no_block_is_made_up(
+    gateway: Gateway,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+) -> None:
+    """An event with no type is no block's: its text redacted whole, nothing of it held (held
+    text went out later in a content_block_delta of index "delta", which the SDK choked on)."""
+    typeless = b"data: " + json.dumps({"index": 0, "delta": {"text": SPLIT[0]}}).encode() + b"\n\n"
+    text = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": SPLIT[1]}}
+    hostile.answer = events_answer(
+        ANTHROPIC_START,
+        anthropic_ev({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        typeless,
+        anthropic_ev(text),
+        anthropic_ev({"type": "content_block_stop", "index": 0}),
+        anthropic_ev({"type": "message_stop"}),
+    )
+    status, wire = await gateway.post(
+        "/v1/messages", {"model": "c", "max_tokens": 9, "messages": PROMPT, "stream": True}
+    )
+    assert status == 200
+    for body in json_events(wire):
+        assert type(body.get("index", 0)) is int, body
+    assert SPLIT[0] in decoded(wire)  # no address in it alone: it goes out as it came
