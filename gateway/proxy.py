@@ -34,7 +34,7 @@ from .keys import STATE
 from .lifecycle import Lifecycle
 from .memo import RedactionMemo
 from .models import RequestState
-from .redact import YIELD_ABOVE_CHARS, Redactor, redact_yielding
+from .redact import YIELD_ABOVE_CHARS, OnRedaction, Redactor, redact_sliced, redact_yielding
 from .relay import StreamRelay, dumps_reply, loads_reply, redact_reply, reply_may_need_redaction
 from .router import (
     ROUTED_APIS,
@@ -177,9 +177,9 @@ class Proxy:
             if reply is not None:
                 reply.close()
             raise self._upstream_exception(exc) from None
-        return self._json_answer(state, reply, data)
+        return await self._json_answer(state, reply, data)
 
-    def _json_answer(self, state: RequestState, reply: Reply, data: bytes) -> web.Response:
+    async def _json_answer(self, state: RequestState, reply: Reply, data: bytes) -> web.Response:
         """A whole reply: JSON with message.content redacted, events through the relay (an
         upstream that streams whatever was asked), an error as such."""
         if reply.status >= 300:
@@ -195,20 +195,42 @@ class Proxy:
             if isinstance(answer.get("model"), str):
                 state.response_model = answer["model"]
         if self._redactor is not None:
-            # Written from what was parsed, whatever its shape: a repeated or escaped key in
-            # the upstream's bytes never reaches the client (SPEC §6).
-            if isinstance(answer, dict):
-                if not reply_may_need_redaction(data):  # the usual reply: nothing to look at
-                    return web.Response(body=data, status=reply.status, content_type="application/json")
-                try:
-                    redact_reply(self._redactor, answer, self._surface.reply_spec, self._count_response_redaction)
-                    data = dumps_reply(answer)
-                except (RecursionError, ValueError):
-                    raise UpstreamError("upstream reply is nested too deeply") from None
-            else:
-                text = data.decode("utf-8", "replace")
-                data = self._redactor.redact(text, self._count_response_redaction, json_text=True).encode()
+            # The usual reply: nothing to look at. (A long one goes to the thread unchecked:
+            # the check is a scan of its own, seconds for megabytes of digits.)
+            if isinstance(answer, dict) and len(data) <= YIELD_ABOVE_CHARS and not reply_may_need_redaction(data):
+                return web.Response(body=data, status=reply.status, content_type="application/json")
+            data = await self._redacted_reply(answer, data)
         return web.Response(body=data, status=reply.status, content_type="application/json")
+
+    async def _redacted_reply(self, answer: Any, data: bytes) -> bytes:
+        """The whole reply redacted and written. A long one is redacted in a worker thread, as a
+        long prompt is in slices: scanning megabytes takes seconds, and the loop keeps serving
+        others meanwhile (SPEC §6). The thread owns `answer` alone; its redactions are counted
+        here, on the loop, once it is done."""
+        if len(data) <= YIELD_ABOVE_CHARS:
+            return self._redact_reply(answer, data, self._count_response_redaction)
+        kinds: list[str] = []
+        clean = await asyncio.to_thread(self._redact_reply, answer, data, kinds.append)
+        metrics = self._telemetry.metrics
+        for kind in kinds:
+            metrics.redacted(kind, "response")
+        return clean
+
+    def _redact_reply(self, answer: Any, data: bytes, on_redaction: OnRedaction) -> bytes:
+        assert self._redactor is not None
+        sliced = len(data) > YIELD_ABOVE_CHARS  # in the worker thread (see _redacted_reply)
+        if not isinstance(answer, dict):
+            text = data.decode("utf-8", "replace")
+            if sliced:
+                return redact_sliced(self._redactor, text, on_redaction, json_text=True).encode()
+            return self._redactor.redact(text, on_redaction, json_text=True).encode()
+        # Written from what was parsed, whatever its shape: a repeated or escaped key in the
+        # upstream's bytes never reaches the client (SPEC §6).
+        try:
+            redact_reply(self._redactor, answer, self._surface.reply_spec, on_redaction, sliced)
+            return dumps_reply(answer)
+        except (RecursionError, ValueError):
+            raise UpstreamError("upstream reply is nested too deeply") from None
 
     def _events_answer(self, state: RequestState, reply: Reply, data: bytes) -> web.Response:
         relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface)
@@ -263,7 +285,7 @@ class Proxy:
         state.upstream_ttfb = time.perf_counter() - started
         if whole is not None:
             try:
-                return self._json_answer(state, reply, whole)
+                return await self._json_answer(state, reply, whole)
             finally:
                 reply.close()
         return await self._stream_answer(request, state, relay, reply, first)
@@ -390,7 +412,7 @@ class Proxy:
         state.upstream = leg.name
         if relay is None:
             try:
-                return self._json_answer(state, reply, whole)
+                return await self._json_answer(state, reply, whole)
             finally:
                 reply.close()
         return await self._stream_answer(request, state, relay, reply, first)

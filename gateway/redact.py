@@ -851,3 +851,23 @@ async def redact_yielding(
         await asyncio.sleep(0)
     pieces.append(stream.flush())
     return "".join(pieces)
+
+
+def redact_sliced(
+    redactor: Redactor,
+    text: str,
+    on_redaction: OnRedaction | None = None,
+    json_text: bool = False,
+    *,
+    slice_chars: int = _SLICE_CHARS,
+) -> str:
+    """`redactor.redact(text, on_redaction, json_text)`, exactly (the split guarantee), for a
+    text redacted off the event loop, in a worker thread: fed through a stream in slices, so
+    no single call into the regex engine holds the GIL for long (one search over megabytes
+    can take seconds), and the loop's thread gets it back every few milliseconds."""
+    if len(text) <= slice_chars:
+        return redactor.redact(text, on_redaction, json_text)
+    stream = redactor.stream(on_redaction, json_text)
+    pieces = [stream.feed(text[pos : pos + slice_chars]) for pos in range(0, len(text), slice_chars)]
+    pieces.append(stream.flush())
+    return "".join(pieces)

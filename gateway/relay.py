@@ -17,6 +17,7 @@ ends a stream is relayed. No aiohttp here.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -27,7 +28,7 @@ import orjson
 from . import sse
 from .errors import GatewayError, UpstreamError
 from .models import Usage
-from .redact import OnRedaction, Redactor, StreamRedactor, has_trigger
+from .redact import OnRedaction, Redactor, StreamRedactor, has_trigger, redact_sliced
 from .surfaces import CARD_SIZED, CHAT, All, Each, Leaf, Path, Spec, Surface, chat_usage, put
 
 # What every card, phone, IBAN or SSN lies in (redact.py's `_DIGIT_RUN`, over bytes): a run
@@ -888,14 +889,18 @@ def reply_may_need_redaction(data: bytes) -> bool:
     return logprobs > 0 and logprobs != data.count(b'"logprobs":null')
 
 
-def redact_reply(redactor: Redactor, reply: dict[str, Any], spec: Spec, on_redaction: OnRedaction | None) -> None:
-    """A whole reply: the described fields and every other string redacted whole, in place."""
+def redact_reply(
+    redactor: Redactor, reply: dict[str, Any], spec: Spec, on_redaction: OnRedaction | None, sliced: bool = False
+) -> None:
+    """A whole reply: the described fields and every other string redacted whole, in place.
+    `sliced`: long texts in slices (`redact_sliced`), for a reply redacted in a worker thread."""
+    redact = functools.partial(redact_sliced, redactor) if sliced else redactor.redact
 
     def leaf(path: Path, described: Leaf, text: str) -> str:
-        return redactor.redact(text, on_redaction, json_text=described.json_text)
+        return redact(text, on_redaction, json_text=described.json_text)
 
     def whole(text: str, json_text: bool = False) -> str:
-        return redactor.redact(text, on_redaction, json_text=json_text)
+        return redact(text, on_redaction, json_text=json_text)
 
     walk(reply, spec, (), True, leaf, whole)
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.redact import ALL_KINDS, MAX_MATCH, YIELD_ABOVE_CHARS, build_redactor, redact_yielding
+from gateway.redact import ALL_KINDS, MAX_MATCH, YIELD_ABOVE_CHARS, build_redactor, redact_sliced, redact_yielding
 
 REDACTOR = build_redactor(ALL_KINDS)
 assert REDACTOR is not None
@@ -559,6 +559,17 @@ def test_redact_yielding_equals_redact(text: str, json_text: bool, slice_chars: 
     got: list[str] = []
     whole = REDACTOR.redact(text, expected.append, json_text=json_text)
     assert asyncio.run(redact_yielding(REDACTOR, text, got.append, json_text, slice_chars=slice_chars)) == whole
+    assert sorted(got) == sorted(expected)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(replies, JSONISH), st.booleans(), st.integers(1, 40))
+def test_redact_sliced_equals_redact(text: str, json_text: bool, slice_chars: int) -> None:
+    # A long reply is redacted in a worker thread this way (proxy._redacted_reply).
+    expected: list[str] = []
+    got: list[str] = []
+    whole = REDACTOR.redact(text, expected.append, json_text=json_text)
+    assert redact_sliced(REDACTOR, text, got.append, json_text, slice_chars=slice_chars) == whole
     assert sorted(got) == sorted(expected)
 
 
