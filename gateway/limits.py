@@ -116,14 +116,18 @@ _FRACTIONS = ("", *(f".{ms:03d}".rstrip("0") for ms in range(1, 1000)))
 
 
 def format_reset(ms: int) -> str:
-    """OpenAI's duration format for x-ratelimit-reset-*: 12ms, 1s, 1.5s, 6m0s."""
+    """OpenAI's duration format for x-ratelimit-reset-* (Go's time.Duration): 12ms, 1s, 1.5s,
+    6m0s, 1m59.5s, 1h1m40s; the milliseconds kept at every size (never early)."""
     if ms < 1000:
         return f"{ms}ms"
     seconds, fraction = divmod(ms, 1000)  # integers: round() and :g on a float cost 5x more
     if seconds < 60:
         return f"{seconds}{_FRACTIONS[fraction]}s"
     minutes, rest = divmod(seconds, 60)
-    return f"{minutes}m{rest}s"
+    if minutes < 60:
+        return f"{minutes}m{rest}{_FRACTIONS[fraction]}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes}m{rest}{_FRACTIONS[fraction]}s"
 
 
 def retry_headers(ms: int) -> dict[str, str]:

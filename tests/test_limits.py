@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import gc
+import re
 import tracemalloc
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.errors import StoreUnavailable
 from gateway.limits import Quota, TokenBucket, format_reset, retry_headers
@@ -184,10 +187,26 @@ async def test_store_failure_follows_the_mode_and_backs_off(fail_open: bool) -> 
         (59_999, "59.999s"),
         (360_000, "6m0s"),
         (61_000, "1m1s"),
+        (119_500, "1m59.5s"),  # not 1m59s: a reset never reported early
+        (3_600_000, "1h0m0s"),
+        (3_700_000, "1h1m40s"),  # Go's time.Duration has hours (not 61m40s)
+        (90_061_001, "25h1m1.001s"),
     ],
 )
 def test_reset_format_is_openais(ms: int, text: str) -> None:
     assert format_reset(ms) == text
+
+
+_GO_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?")
+
+
+@given(st.integers(0, 10**10))
+def test_reset_reads_back_as_the_same_duration(ms: int) -> None:
+    """Read as Go's time.ParseDuration reads it, the header is the window's rest, to the ms."""
+    match = _GO_DURATION.fullmatch(format_reset(ms))
+    assert match is not None
+    hours, minutes, seconds, millis = (g or "0" for g in match.groups())
+    assert int(hours) * 3_600_000 + int(minutes) * 60_000 + round(float(seconds) * 1000) + int(millis) == ms
 
 
 def test_retry_after_is_whole_seconds_rounded_up() -> None:
