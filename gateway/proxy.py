@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from types import MappingProxyType
 from typing import Any
@@ -35,7 +35,7 @@ from .lifecycle import Lifecycle
 from .memo import RedactionMemo
 from .models import RequestState
 from .redact import YIELD_ABOVE_CHARS, OnRedaction, Redactor, redact_sliced, redact_yielding
-from .relay import StreamRelay, dumps_reply, loads_reply, redact_reply, reply_may_need_redaction
+from .relay import ASIDE_BYTES, StreamRelay, dumps_reply, loads_reply, redact_reply, reply_may_need_redaction
 from .router import (
     ROUTED_APIS,
     AnthropicAsChat,
@@ -88,6 +88,7 @@ class Proxy:
         self._count_request_redactions = lambda kind, times: metrics.redactions.add((kind, "request"), times)
         self._count_request_redaction = lambda kind: metrics.redacted(kind, "request")
         self._count_response_redaction = lambda kind: metrics.redacted(kind, "response")
+        self._count_response_redactions = lambda kind, times: metrics.redactions.add((kind, "response"), times)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         router = router_for(request)  # held by the request since the tenancy step (router.enter)
@@ -189,7 +190,7 @@ class Proxy:
             answer = loads_reply(data)
         except (ValueError, RecursionError):
             if data.lstrip().startswith(_EVENT_STARTS):
-                return self._events_answer(state, reply, data)
+                return await self._events_answer(state, reply, data)
             raise UpstreamError("upstream answered with a body that is not JSON") from None
         if isinstance(answer, dict):
             state.usage = self._api.reply_usage(answer)
@@ -233,9 +234,13 @@ class Proxy:
         except (RecursionError, ValueError):
             raise UpstreamError("upstream reply is nested too deeply") from None
 
-    def _events_answer(self, state: RequestState, reply: Reply, data: bytes) -> web.Response:
+    async def _events_answer(self, state: RequestState, reply: Reply, data: bytes) -> web.Response:
         relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface)
-        body = relay.feed(data) + relay.close()
+        if len(data) > ASIDE_BYTES:
+            body = await _aside(relay, data, self._count_response_redactions)
+            body += await _aside(relay, None, self._count_response_redactions)
+        else:
+            body = relay.feed(data) + relay.close()
         state.usage, state.response_model = relay.usage, relay.response_model
         return web.Response(body=body, status=reply.status, headers=SSE_HEADERS)
 
@@ -278,7 +283,7 @@ class Proxy:
                     # An error, or a server without streaming answering with one JSON reply.
                     whole = await reply.read()
                 else:
-                    first = await _first_events(reply, relay)
+                    first = await _first_events(reply, relay, self._count_response_redactions)
         except BaseException as exc:
             if reply is not None:
                 reply.close()
@@ -386,7 +391,7 @@ class Proxy:
                     whole = await reply.read()
                     relay = None
                 else:
-                    first = await _first_events(reply, relay)
+                    first = await _first_events(reply, relay, self._count_response_redactions)
                     if _is_error_event(first) and attempts.more():
                         # A stream that opens with an error (Anthropic's overloaded_error) has
                         # sent the client nothing yet: the next upstream may answer instead.
@@ -450,6 +455,7 @@ class Proxy:
             fits = transport.get_write_buffer_limits()[1] - 64 if transport is not None else -1
             slack = self._idle_slack
             armed: float | None = None  # when the deadline was last moved; None: stopped
+            counted = self._count_response_redactions
             async with asyncio.timeout(None) as idle:
                 while not relay.done:
                     if out:
@@ -463,13 +469,19 @@ class Proxy:
                         armed = now
                     chunk = await reply.next_chunk()
                     if not chunk:  # upstream ended without [DONE]
-                        out = relay.close()
+                        long = len(relay.parser.pending) > ASIDE_BYTES
+                        out = await _aside(relay, None, counted) if long else relay.close()
                         if relay.cut_short:  # ended cleanly, but before its last event: as if it broke
                             if out:
                                 await response.write(out)
                             raise UpstreamStreamBroken()
                         break
-                    out = relay.feed(chunk)
+                    if len(chunk) + len(relay.parser.pending) <= ASIDE_BYTES:  # the usual read: small events
+                        out = relay.feed(chunk)
+                    else:  # the clock stops: the time is ours, not the upstream's silence
+                        idle.reschedule(None)
+                        armed = None
+                        out = await _aside(relay, chunk, counted)
                 idle.reschedule(None)
             # The last events and the end of the body in one write (with the headers too when
             # the whole reply came in the first read): one send instead of two.
@@ -510,7 +522,11 @@ class AttemptFailed(Exception):
 
 
 def _finished(relay: StreamRelay) -> bytes:
-    """The text still held, if the relay can give it; never raises (an error path)."""
+    """The text still held, if the relay can give it; never raises (an error path). A relay a
+    worker thread still has (the task was cancelled while it waited) gives nothing: what it
+    holds stays unsent."""
+    if relay.busy:
+        return b""
     try:
         return relay.finish()
     except Exception:
@@ -524,18 +540,42 @@ def _is_error_event(first: bytes) -> bool:
     return first.startswith((b"event: error\n", b'data: {"error"'))
 
 
-async def _first_events(reply: Reply, relay: StreamRelay) -> bytes:
+async def _first_events(reply: Reply, relay: StreamRelay, counted: Counted) -> bytes:
     """Read until the first whole event: what to send first (the deadline covers this)."""
     while True:
         chunk = await reply.next_chunk()
+        long = len(chunk) + len(relay.parser.pending) > ASIDE_BYTES  # see _pump
         if not chunk:
-            out = relay.close()
+            out = await _aside(relay, None, counted) if long else relay.close()
             if not out:
                 raise UpstreamStreamBroken("upstream closed the stream before any event")
             return out
-        out = relay.feed(chunk)
+        out = await _aside(relay, chunk, counted) if long else relay.feed(chunk)
         if out:
             return out
+
+
+Counted = Callable[[str, int], None]  # redactions of a kind, and how many
+
+
+async def _aside(relay: StreamRelay, chunk: bytes | None, counted: Counted) -> bytes:
+    """`relay.feed(chunk)` (`relay.close()` for None) in a worker thread: a read that completes
+    a long event (megabytes of text take seconds to scan) while the loop keeps serving others
+    (SPEC §6). The relay is this task's alone, and the task waits. Cancelled meanwhile (the
+    client left, a deadline), it goes on at once and the thread finishes on its own: `busy`
+    keeps the loop off the relay until then, and its redactions are counted when it is done."""
+    noted: dict[str, int] = {}
+    relay.busy = True
+    work = asyncio.ensure_future(asyncio.to_thread(relay.aside, chunk, noted))
+
+    def count(_: object) -> None:  # on the loop, once the thread is done, whoever still waits
+        for kind, times in noted.items():
+            counted(kind, times)
+
+    work.add_done_callback(count)
+    # Shielded: a cancelled wait leaves the thread's result to the shield, which retrieves it
+    # (an exception nobody retrieved would be logged as an error).
+    return await asyncio.shield(work)
 
 
 async def _drain(reply: Reply) -> None:

@@ -868,6 +868,12 @@ def redact_sliced(
     if len(text) <= slice_chars:
         return redactor.redact(text, on_redaction, json_text)
     stream = redactor.stream(on_redaction, json_text)
-    pieces = [stream.feed(text[pos : pos + slice_chars]) for pos in range(0, len(text), slice_chars)]
-    pieces.append(stream.flush())
-    return "".join(pieces)
+    return feed_sliced(stream, text, slice_chars=slice_chars) + stream.flush()
+
+
+def feed_sliced(stream: StreamRedactor, text: str, *, slice_chars: int = _SLICE_CHARS) -> str:
+    """`stream.feed(text)`, exactly (the split guarantee), in slices: for a long text fed in a
+    worker thread (see `redact_sliced`)."""
+    if len(text) <= slice_chars:
+        return stream.feed(text)
+    return "".join([stream.feed(text[pos : pos + slice_chars]) for pos in range(0, len(text), slice_chars)])

@@ -28,7 +28,7 @@ import orjson
 from . import sse
 from .errors import GatewayError, UpstreamError
 from .models import Usage
-from .redact import OnRedaction, Redactor, StreamRedactor, has_trigger, redact_sliced
+from .redact import YIELD_ABOVE_CHARS, OnRedaction, Redactor, StreamRedactor, feed_sliced, has_trigger, redact_sliced
 from .surfaces import CARD_SIZED, CHAT, All, Each, Leaf, Path, Spec, Surface, chat_usage, put
 
 # What every card, phone, IBAN or SSN lies in (redact.py's `_DIGIT_RUN`, over bytes): a run
@@ -39,7 +39,11 @@ from .surfaces import CARD_SIZED, CHAT, All, Each, Leaf, Path, Spec, Surface, ch
 # UTF-8 length; the byte map counts their bytes as run bytes wherever they stand (more runs to
 # confirm, none missed).
 _RUN_CHAR = rb"(?:[0-9A-Z ()+.-]|\xc2\xa0|\xe2\x80\xaf)"
-_RUN_IN_BYTES = re.compile(rb"[0-9(A-Z+](?:(?<=\+)" + _RUN_CHAR + rb"{3,}|" + _RUN_CHAR + rb"{10,})")
+# Whether there is a match, not how far it goes: no repetition runs past the length it needs
+# (greedy, a search went to the end of a megabyte run of digits, ~0.3 s in one C call).
+_RUN_IN_BYTES = re.compile(rb"[0-9(A-Z+](?:(?<=\+)" + _RUN_CHAR + rb"{3}|" + _RUN_CHAR + rb"{10})")
+_LONGEST_RUN = 1 + 10 * 3  # bytes a match of _RUN_IN_BYTES spans at most (a no-break space is 3)
+_SEARCH_BYTES = 64 * 1024  # a long event's bytes searched this many at a time (a few ms each)
 _RUN_BYTES = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ ()+.-\xc2\xa0\xe2\x80\xaf")
 _RUN_MAP = bytes(ord("x") if b in _RUN_BYTES else ord(" ") for b in range(256))
 _ELEVEN = b"x" * 11
@@ -52,17 +56,32 @@ def side_may_match(data: bytes) -> bool:
         return True
     if len(data) < 11 and data.find(b"+") < 0:
         return False  # too short for a run (a pad, an id): the common case, decided here
-    if data.find(b"+") >= 0:
-        return _RUN_IN_BYTES.search(data) is not None  # a "+" phone's run may be short
+    if data.find(b"+") >= 0:  # a "+" phone's run may be short
+        if len(data) <= _SEARCH_BYTES:
+            return _RUN_IN_BYTES.search(data) is not None
+        return _run_in(data, 0, len(data))
     mapped = data.translate(_RUN_MAP)
     at = mapped.find(_ELEVEN)
     while at >= 0:
         end = mapped.find(b" ", at)
         if end < 0:
             end = len(data)
-        if _RUN_IN_BYTES.search(data, at, end) is not None:
+        if end - at <= _SEARCH_BYTES:
+            if _RUN_IN_BYTES.search(data, at, end) is not None:
+                return True
+        elif _run_in(data, at, end):
             return True
         at = mapped.find(_ELEVEN, end)
+    return False
+
+
+def _run_in(data: bytes, at: int, end: int) -> bool:
+    """Whether `_RUN_IN_BYTES` matches in data[at:end], searched in windows that overlap by a
+    match's length: one search over megabytes holds the GIL as long (~60 ms for 15 MiB of
+    dashes, in an event relayed in a worker thread: see `StreamRelay.aside`)."""
+    for start in range(at, end, _SEARCH_BYTES):
+        if _RUN_IN_BYTES.search(data, start, min(start + _SEARCH_BYTES + _LONGEST_RUN, end)) is not None:
+            return True
     return False
 
 
@@ -89,6 +108,29 @@ def usage_values(blocks: bytes) -> list[int]:
 MAX_STREAMS = 256  # text streams open at once; past that (a hostile upstream), texts are redacted whole
 MAX_ENDED = 16_384  # ended streams remembered (a path each), so that text sent after its end is dropped
 MAX_KEPT_CHARS = 4 * 1024 * 1024  # streamed text kept for its later copies, per reply
+# A read whose events may add up to more bytes than this is relayed in a worker thread (see
+# `StreamRelay.aside`): on the loop it could take ~60 ms of the costliest text, ~1 s a MiB.
+ASIDE_BYTES = 64 * 1024
+
+
+class _Redactions:
+    """The relay's `on_redaction`: each redaction reported as it happens, or, while the relay
+    works in a worker thread, counted by kind in `noted`, for the loop to report after (the
+    metrics are the loop's; one report per kind, not one per mask)."""
+
+    __slots__ = ("noted", "report")
+
+    def __init__(self, report: OnRedaction | None) -> None:
+        self.report = report
+        self.noted: dict[str, int] | None = None
+
+    def __call__(self, kind: str) -> None:
+        noted = self.noted
+        if noted is None:
+            assert self.report is not None
+            self.report(kind)
+        else:
+            noted[kind] = noted.get(kind, 0) + 1
 
 
 class StreamRelay:
@@ -103,15 +145,18 @@ class StreamRelay:
         "_number_key",
         "_numbered",
         "_on_redaction",
-        "_parser",
         "_plans",
+        "_redactions",
         "_redactor",
         "_scratch",
+        "_sliced",
         "_streams",
         "_surface",
         "_templates",
+        "busy",
         "done",
         "failure",
+        "parser",
         "response_model",
         "usage",
         "usage_final",
@@ -127,10 +172,14 @@ class StreamRelay:
         hide_usage: bool = False,
     ) -> None:
         self._redactor = redactor
-        self._on_redaction = on_redaction
+        self._redactions = _Redactions(on_redaction)
+        self._on_redaction = self._redactions if on_redaction is not None else None
+        self._sliced = False  # in a worker thread: long texts go to the redactor in slices
+        self.busy = False  # a worker thread has it (see `aside`): the loop must leave it be
         self._surface = surface
         self._hide_usage = hide_usage  # a chunk with only usage, asked for by the gateway: noted, not relayed
-        self._parser = sse.SSEParser(max_event_bytes) if max_event_bytes else sse.SSEParser()
+        # Its framing; `parser.pending`: the bytes of an incomplete event (read, not written, outside).
+        self.parser = sse.SSEParser(max_event_bytes) if max_event_bytes else sse.SSEParser()
         self._streams: dict[Path, StreamRedactor] = {}  # one per text field and indices, in order of arrival
         self._ended: set[Path] = set()  # streams whose held text was flushed: they take no more text
         self._templates: dict[Path, dict[str, Any]] = {}  # what a flush event copies, by root: its first event
@@ -154,7 +203,7 @@ class StreamRelay:
         """b"" until an event is complete; then the events' bytes to send. An event past the
         parser's size limit is the upstream's failure (UpstreamError)."""
         try:
-            blocks = self._parser.complete(chunk)
+            blocks = self.parser.complete(chunk)
         except sse.EventTooLarge as exc:
             raise UpstreamError(f"upstream sent an event larger than {exc.limit} bytes") from None
         if not blocks:
@@ -189,9 +238,25 @@ class StreamRelay:
         out.append(blocks[copied:at])  # up to the end of the stream, if it came
         return b"".join(out)
 
+    def aside(self, chunk: bytes | None, noted: dict[str, int]) -> bytes:
+        """`feed(chunk)` (`close()` for None), in a worker thread while the loop serves others:
+        for a read whose events are long (megabytes of text take seconds to scan). Long texts
+        go to the redactor in slices, so that no call into the regex engine holds the GIL for
+        long; redactions are counted in `noted` by kind, for the loop to report. The caller
+        sets `busy` before it hands the relay over, and touches it no more until it is clear."""
+        redactions = self._redactions
+        self._sliced = True
+        redactions.noted = noted
+        try:
+            return self.feed(chunk) if chunk is not None else self.close()
+        finally:
+            self._sliced = False
+            redactions.noted = None
+            self.busy = False
+
     def close(self) -> bytes:
         """The upstream ended: a last event without its blank line, then held text."""
-        last = self._parser.close()
+        last = self.parser.close()
         if self._redactor is None:
             return b"".join([event.raw for event in last if not self.done and not self._noted(event)])
         return b"".join([self._event(event) for event in last if not self.done]) + self.finish()
@@ -470,7 +535,8 @@ class StreamRelay:
         # stream gave out so far. And when something gets masked: one by one.
         if one_stream and len(run) > 1 and type(stream) is StreamRedactor and not leaf.copy:
             joined = "".join([text for step, _, _, text in run if step is not NUMBER])
-            result = stream.feed_unmasked(joined)
+            if not self._sliced or len(joined) <= YIELD_ABOVE_CHARS:  # else one by one, each in slices
+                result = stream.feed_unmasked(joined)
         if result is None:
             for step, begin, end, text in run:
                 if step is not NUMBER:
@@ -514,12 +580,12 @@ class StreamRelay:
             if path in self._ended:
                 return ""
             if (len(self._streams) >= MAX_STREAMS and not self._evicted_idle()) or len(self._ended) >= MAX_ENDED:
-                out = self._redactor.redact(text, self._on_redaction, json_text=leaf.json_text)
+                out = self._whole(text, leaf.json_text)
                 if self._kept is not None:
                     self._keep(path, out)
                 return out
             stream = self._streams[path] = self._redactor.stream(self._on_redaction, json_text=leaf.json_text)
-        out = stream.feed(text)
+        out = stream.feed(text) if not self._sliced else feed_sliced(stream, text)
         if self._kept is not None:
             self._keep(path, out)
         return out
@@ -565,6 +631,8 @@ class StreamRelay:
 
     def _whole(self, text: str, json_text: bool = False) -> str:
         assert self._redactor is not None
+        if self._sliced:
+            return redact_sliced(self._redactor, text, self._on_redaction, json_text)
         return self._redactor.redact(text, self._on_redaction, json_text=json_text)
 
     def _unreadable(self, event: sse.Event) -> bytes:

@@ -43,10 +43,12 @@ class SSEParser:
     `EventTooLarge`: memory stays bounded whatever the upstream sends.
     """
 
-    __slots__ = ("_cr", "_limit", "_pending")
+    __slots__ = ("_cr", "_limit", "pending")
 
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
-        self._pending = bytearray()  # an incomplete event; never holds a blank line (\\n\\n)
+        # An incomplete event; never holds a blank line (\\n\\n). Read, not written, outside: how
+        # long the events a read completes may be is its length and the read's.
+        self.pending = bytearray()
         self._cr = False  # the previous read ended in \\r: a \\n opening the next is its pair
         self._limit = max_event_bytes
 
@@ -56,7 +58,7 @@ class SSEParser:
     def complete(self, chunk: bytes) -> bytes:
         """The whole event blocks this read completes, as one bytes (line endings normalised,
         each block ending in a blank line); b"" while an event is still incomplete."""
-        pending = self._pending
+        pending = self.pending
         # bytes.find, not `in`: for `b"x" in data` CPython first tries b"x" as an integer and
         # builds a TypeError it then drops, which costs more than the search on a short read.
         if not pending and not self._cr and chunk.endswith(b"\n\n") and chunk.find(b"\r") < 0:
@@ -75,21 +77,21 @@ class SSEParser:
         end = chunk.rfind(b"\n\n") + 2
         if end == 1 and not (pending.endswith(b"\n") and chunk.startswith(b"\n")):
             if len(pending) + len(chunk) > self._limit:
-                self._pending = bytearray()  # the stream cannot go on; free what it held
+                self.pending = bytearray()  # the stream cannot go on; free what it held
                 raise EventTooLarge(self._limit)
             pending += chunk
             return b""
         if not pending:
-            self._pending = bytearray(chunk[end:])
+            self.pending = bytearray(chunk[end:])
             return chunk[:end] if end < len(chunk) else chunk
         pending += chunk[:end]
         blocks = bytes(pending)
-        self._pending = bytearray(chunk[end:])
+        self.pending = bytearray(chunk[end:])
         return blocks
 
     def close(self) -> list[Event]:
         """End of input: a final block without its blank line is still dispatched."""
-        rest, self._pending = bytes(self._pending), bytearray()
+        rest, self.pending = bytes(self.pending), bytearray()
         self._cr = False
         event = _parse_block(rest.rstrip(b"\n"))
         return [event] if event is not None else []

@@ -11,6 +11,7 @@ import signal
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -629,3 +630,107 @@ def test_redaction_off_counts_a_usage_under_an_escaped_key() -> None:
         on.feed(raw)
         assert off.feed(raw + DONE) == DONE  # noted, and hidden as the gateway asked
         assert on.usage is not None and off.usage == on.usage
+
+
+@contextlib.contextmanager
+def _thin_slices(chars: int) -> Iterator[None]:
+    """The relay's slices for the worker thread (16 KiB) cut to a few characters, so that short
+    texts are cut as megabytes are."""
+    from unittest import mock
+
+    from gateway import redact, relay
+
+    with (
+        mock.patch.object(
+            relay, "feed_sliced", lambda stream, text: redact.feed_sliced(stream, text, slice_chars=chars)
+        ),
+        mock.patch.object(
+            relay,
+            "redact_sliced",
+            lambda r, text, on, json_text=False: redact.redact_sliced(r, text, on, json_text, slice_chars=chars),
+        ),
+        mock.patch.object(relay, "YIELD_ABOVE_CHARS", chars),
+    ):
+        yield
+
+
+def _kinds(counted: list[str]) -> dict[str, int]:
+    return {kind: counted.count(kind) for kind in sorted(set(counted))}
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "400")), deadline=None)
+@given(fuzz_stream(), st.integers(1, 7), st.lists(st.booleans(), min_size=1))
+def test_a_read_relayed_aside_equals_one_relayed_on_the_loop(
+    case: tuple[list[str], bool, list[bytes]], chars: int, aside: list[bool]
+) -> None:
+    # What the proxy does with a read of long events (`aside`, in a worker thread: texts in
+    # slices, redactions noted for the loop) gives what `feed` gives, and the same counts. But
+    # for one thing: a run of fast-path events whose texts add up past a slice is fed one by
+    # one, not at once, so a stream's text may be spread over the read's events otherwise.
+    _, _, reads = case
+    counted: list[str] = []
+    loop = StreamRelay(REDACTOR, counted.append)
+    expected = [loop.feed(r) for r in reads] + [loop.close()]
+    reported: list[str] = []
+    noted: dict[str, int] = {}
+    relay = StreamRelay(REDACTOR, reported.append)
+    got = []
+    with _thin_slices(chars):
+        for number, read in enumerate([*reads, None]):
+            if aside[number % len(aside)]:
+                relay.busy = True
+                got.append(relay.aside(read, noted))
+                assert not relay.busy
+            else:
+                got.append(relay.feed(read) if read is not None else relay.close())
+    assert_same_but_for_splits(got, expected)
+    for kind in reported:
+        noted[kind] = noted.get(kind, 0) + 1
+    assert dict(sorted(noted.items())) == _kinds(counted)
+
+
+@pytest.mark.parametrize("unit", ["4242 4242 4242 4241 ", "4242 4242 4242 4242 jane@example.com ", "+1 (", "-"])
+@pytest.mark.parametrize("where", ["content", "arguments", "side", "comment"])
+def test_a_long_event_relayed_aside_equals_it_relayed_on_the_loop(unit: str, where: str) -> None:
+    # 256 KiB (megabytes cost seconds each way): the 16 KiB slices themselves, every field kind.
+    text = unit * (256 * 1024 // len(unit))
+    if where == "content":
+        big = delta_chunk({"content": text})
+    elif where == "arguments":
+        big = delta_chunk({"tool_calls": [{"index": 0, "function": {"arguments": json.dumps({"a": text})}}]})
+    elif where == "side":
+        big = delta_chunk({"content": "hi"}, side=text)
+    else:
+        big = b": " + text.encode() + b"\n\n"
+    reads = [delta_chunk({"role": "assistant", "content": "hi "}), big[:1000], big[1000:], DONE]
+    counted: list[str] = []
+    loop = StreamRelay(REDACTOR, counted.append)
+    expected = b"".join(loop.feed(r) for r in reads) + loop.close()
+    noted: dict[str, int] = {}
+    reported: list[str] = []
+    relay = StreamRelay(REDACTOR, reported.append)
+    got = relay.feed(reads[0]) + relay.feed(reads[1])
+    relay.busy = True
+    got += relay.aside(reads[2], noted)
+    assert not reported  # from the thread: noted, for the loop to report
+    got += relay.feed(reads[3]) + relay.close()
+    assert got == expected
+    for kind in reported:  # what was held and flushed on the loop after
+        noted[kind] = noted.get(kind, 0) + 1
+    assert dict(sorted(noted.items())) == _kinds(counted)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.text(alphabet=st.sampled_from('0123456789ABZaz -.()+@"{}:,é\u00a0\u202f\u2000'), max_size=300),
+    st.integers(1, 40),
+)
+def test_the_side_check_in_windows_finds_what_one_search_finds(text: str, window: int) -> None:
+    # A long event's bytes are searched in windows (one search over megabytes holds the GIL).
+    from unittest import mock
+
+    from gateway import relay
+    from gateway.redact import _DIGIT_RUN
+
+    with mock.patch.object(relay, "_SEARCH_BYTES", window):
+        assert relay.side_may_match(text.encode()) == ("@" in text or _DIGIT_RUN.search(text) is not None)
