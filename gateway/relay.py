@@ -651,7 +651,7 @@ class StreamRelay:
         if usage is not self.usage:
             self.usage = usage
             self.usage_final = surface.usage_is_final(chunk)
-        if type(chunk.get("type")) is str and chunk["type"] in surface.done_types:
+        if surface.ends(chunk):
             self.done = True
         model = chunk.get("model")
         if type(model) is str:

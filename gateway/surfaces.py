@@ -108,6 +108,11 @@ class Surface:
         """The stream (its leaf's path) whose text a COPY leaf at `path` repeats."""
         raise NotImplementedError
 
+    def ends(self, event: dict[str, Any]) -> bool:
+        """Whether the event ends the stream (nothing after it is relayed)."""
+        kind = event.get("type")
+        return type(kind) is str and kind in self.done_types
+
     def flush_before(self, event: dict[str, Any]) -> list[Path] | None:
         """Streams (by path prefix) whose held text must go out in events before this one;
         None: none."""
@@ -216,6 +221,16 @@ class ChatSurface(Surface):
                     return True
         return False
 
+    def ends(self, event: dict[str, Any]) -> bool:
+        """An in-stream error (`data: {"error": {...}}`, OpenAI's, or a translated Anthropic
+        `event: error`) is the stream's last event (SPEC §5, §9)."""
+        return type(event.get("error")) is dict
+
+    def flush_before(self, event: dict[str, Any]) -> list[Path] | None:
+        """An error ends the stream: all held text goes out before it, where a client that
+        stops at the error (the openai SDK raises there) still reads it."""
+        return [()] if self.ends(event) else None
+
     def flush_into(self, event: dict[str, Any]) -> list[Path] | None:
         """The choices this chunk finishes: their held text goes out in it."""
         choices = event.get("choices")
@@ -263,6 +278,8 @@ def usage_of(body: dict[str, Any], prompt_key: str, completion_key: str) -> Usag
     return None
 
 
+# Where `ChatSurface.ends` may hold (read with redaction off): an error chunk's key.
+ChatSurface.done_markers = (b'"error"',)
 CHAT = ChatSurface()
 
 

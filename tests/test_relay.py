@@ -360,3 +360,17 @@ def test_usage_found_by_key_where_the_regex_finds_it(bits: list[bytes]) -> None:
 
     blocks = b"".join(bits)
     assert usage_values(blocks) == [m.start() for m in _USAGE_VALUE.finditer(blocks)]
+
+
+@pytest.mark.parametrize("redactor", [REDACTOR, None])
+def test_an_upstream_error_event_ends_the_stream_after_the_held_text(redactor: object) -> None:
+    """An OpenAI in-stream error (or a translated Anthropic `event: error`) is the stream's last
+    event: text held back for redaction goes out before it, not after it, where a client that
+    stops at the error (the openai SDK raises there) would never see it (SPEC §5, §9)."""
+    relay = StreamRelay(redactor, None)  # type: ignore[arg-type]
+    error = b'data: {"error": {"message": "boom", "type": "server_error", "code": null}}\n\n'
+    wire = run(relay, chunk("Hello "), chunk("jane"), error, chunk(" more")) + relay.close()
+    events = [event.data for event in sse.SSEParser().feed(wire) if event.data]
+    assert json.loads(events[-1]) == {"error": {"message": "boom", "type": "server_error", "code": None}}
+    assert contents(wire) == "Hello jane"
+    assert relay.done
