@@ -49,12 +49,12 @@ from .router import (
 )
 from .surfaces import Api, ask_stream_usage
 from .telemetry import Telemetry
-from .tracing import passed_trace_context
 from .upstream import Reply, Upstream
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _EVENT_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")  # how an SSE body can begin
 _RETRY_AFTER_STATUSES = frozenset({429, 503, 529})  # SPEC §13: with Retry-After, a skip, not a failure
+_NO_TRACE: AbstractContextManager[Mapping[str, str]] = contextlib.nullcontext(MappingProxyType({}))
 _RETRY_SOON = MappingProxyType({"Retry-After": "1"})  # another instance, or this one restarted
 log = logging.getLogger("gateway")
 
@@ -114,8 +114,7 @@ class Proxy:
             if router is not None and legs is not None:
                 return await self._routed(request, state, body, router.attempts(legs, self._timeout), hidden_usage)
             if tracing is None or state.span is None:
-                trace_headers = passed_trace_context(request.headers)
-                headers = self._upstream.headers_for(request.headers, trace_headers, request_id=state.request_id)
+                headers = self._upstream.headers_for(request.headers, request_id=state.request_id)
                 return await self._relay(request, state, body, headers, hidden_usage)
             with tracing.client_span(state.span, state.model, self._api.system) as trace_headers:
                 headers = self._upstream.headers_for(request.headers, trace_headers, request_id=state.request_id)
@@ -349,7 +348,7 @@ class Proxy:
                 attempts.abandoned(attempt)
                 raise
             try:
-                with self._client_span(request, state, attempt.leg) as trace_headers:
+                with self._client_span(state, attempt.leg) as trace_headers:
                     headers = attempt.leg.client.headers_for(
                         request.headers, trace_headers, request_id=state.request_id
                     )
@@ -423,12 +422,10 @@ class Proxy:
                 reply.close()
         return await self._stream_answer(request, state, relay, reply, first)
 
-    def _client_span(
-        self, request: web.Request, state: RequestState, leg: Leg
-    ) -> AbstractContextManager[Mapping[str, str]]:
+    def _client_span(self, state: RequestState, leg: Leg) -> AbstractContextManager[Mapping[str, str]]:
         tracing = self._telemetry.tracing
         if tracing is None or state.span is None:
-            return contextlib.nullcontext(passed_trace_context(request.headers))
+            return _NO_TRACE
         # The model this upstream is asked for: the route's name for it, else the client's.
         return tracing.client_span(state.span, leg.model or state.model, leg.kind, upstream=leg.name)
 

@@ -11,10 +11,9 @@ OTEL_SDK_DISABLED (then nothing is recorded and an incoming trace context is pas
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Mapping
-from types import MappingProxyType, TracebackType
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 from opentelemetry import trace
@@ -40,25 +39,6 @@ MAX_TEXT = 256
 MAX_PATH = 2048
 _NO_PARENT = Context()  # explicit: a request's span never picks up an ambient current span
 _ERROR = Status(StatusCode.ERROR)
-
-
-# W3C Trace Context's traceparent: version (ff is invalid), trace id, parent id (neither all
-# zeros), flags; lower-case hex.
-_TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
-MAX_TRACESTATE = 512  # W3C: vendors may drop a longer one; the gateway does
-_NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
-
-
-def passed_trace_context(headers: Mapping[str, str]) -> Mapping[str, str]:
-    """Tracing off (no OTLP endpoint): the caller's trace context, if it is valid, goes
-    upstream as it came, so a trace runs on through a gateway that records none of it."""
-    parent = headers.get("traceparent")
-    if parent is None or _TRACEPARENT.fullmatch(parent) is None:
-        return _NO_CONTEXT
-    state = headers.get("tracestate")
-    if state and len(state) <= MAX_TRACESTATE and state.isascii() and state.isprintable():
-        return {"traceparent": parent, "tracestate": state}
-    return {"traceparent": parent}
 
 
 class Tracing:

@@ -26,13 +26,6 @@ from gateway.models import RequestState, Tenant, Usage
 from gateway.tracing import MAX_PATH, MAX_TEXT, SCOPE_NAME, Tracing
 
 from .harness import wait_until
-from .test_adversarial import (  # noqa: F401  (fixtures)
-    GatewayFactory,
-    Hostile,
-    hostile,
-    json_answer,
-    start,
-)
 
 INCOMING_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 INCOMING_SPAN = "00f067aa0ba902b7"
@@ -440,38 +433,3 @@ def test_a_collector_that_never_answers_holds_neither_requests_nor_shutdown(
         for _ in range(50):
             one_request(tracing, headers())
         tracing.shutdown()  # flushes for a bounded time, then gives up on the stuck export
-
-
-# --- Tracing off: the caller's trace context goes on as it came --------------------------
-VALID_PARENT = f"00-{INCOMING_TRACE}-{INCOMING_SPAN}-01"
-
-
-@pytest.mark.parametrize(
-    ("incoming", "sent"),
-    [
-        ({"traceparent": VALID_PARENT}, {"traceparent": VALID_PARENT}),
-        (
-            {"traceparent": VALID_PARENT, "tracestate": "vendor=abc"},
-            {"traceparent": VALID_PARENT, "tracestate": "vendor=abc"},
-        ),
-        ({"traceparent": VALID_PARENT, "tracestate": "v=" + "a" * 600}, {"traceparent": VALID_PARENT}),  # too long
-        ({"tracestate": "vendor=abc"}, {}),  # a state without a parent means nothing
-        ({"traceparent": f"00-{'0' * 32}-{INCOMING_SPAN}-01"}, {}),  # all-zero trace id
-        ({"traceparent": f"00-{INCOMING_TRACE}-{'0' * 16}-01"}, {}),  # all-zero parent id
-        ({"traceparent": f"ff-{INCOMING_TRACE}-{INCOMING_SPAN}-01"}, {}),  # version ff
-        ({"traceparent": VALID_PARENT.upper()}, {}),
-        ({"traceparent": VALID_PARENT + "-00"}, {}),  # version 00 has four fields
-    ],
-)
-async def test_without_tracing_a_valid_trace_context_reaches_the_upstream(
-    start: GatewayFactory,  # noqa: F811
-    hostile: Hostile,  # noqa: F811
-    incoming: dict[str, str],
-    sent: dict[str, str],
-) -> None:
-    gateway = await start()  # no OTEL_EXPORTER_OTLP_ENDPOINT: nothing recorded
-    hostile.answer = json_answer({"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}]})
-    status, _ = await gateway.chat({}, **incoming)
-    assert status == 200
-    arrived = hostile.seen[-1].headers
-    assert {name: arrived[name] for name in ("traceparent", "tracestate") if name in arrived} == sent
