@@ -15,8 +15,10 @@ carries the design:
   text, so it lies in the trailing run of characters it could consist of, within
   `MAX_MATCH` of the end, and starts where its look-behind holds; a complete match is
   final once `MAX_MATCH` characters from its start are known. So the held tail is at most
-  `MAX_MATCH` characters, and only while it could still become PII: ordinary prose holds
-  back at most its last word, and hostile text ("((((", "@@@@") next to nothing.
+  `MAX_MATCH` characters (128: a 64-character local part, the "@", 61 of its domain and two
+  of look-ahead), and only while it could still become PII: ordinary prose holds back at
+  most its last word (of a run of letters or digits longer than 64, its last 64: the local
+  part of an address whose "@" may come), and hostile text ("((((", "@@@@") next to nothing.
 * Linear time, whatever the text (SPEC §6). Each search goes on from where the last one
   ended, never back over text already searched (a run of digits is found once, not once
   per candidate in it), and no pattern can backtrack more than a bounded amount at one
@@ -34,20 +36,44 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-MAX_MATCH = 80  # longest possible match plus look-ahead; the bound on held-back text
+MAX_MATCH = 128  # longest possible match plus look-ahead; the bound on held-back text
 _CONTEXT = 2  # characters of look-behind the patterns need
 
-# ASCII classes throughout: \d and \w would also take other scripts' digits and letters.
+# ASCII classes for the digit kinds: \d and \w would also take other scripts' digits. An
+# address may hold letters of any script (internationalised mail, RFC 6531), never their digits.
+_LETTER = r"[^\W\d_]"  # a letter of any script (and a few number signs, as "²"), never a digit
+_LOCAL = rf"(?:{_LETTER}|[0-9._%+-])"  # a character of an address's local part
+_LOCAL_MAX = 64  # RFC 5321. Of a longer run of local characters before an "@", its last 64 are masked
+# The domain characters a match reads after its "@": MAX_MATCH less the local part, the "@" and
+# the look-ahead's two. A domain that ends within them is matched whole; a longer one (RFC 1035:
+# up to 253) is matched as far as that, when a dot has come by then: the mask keeps the domain
+# as it came, so where the match ends in it changes nothing in the output.
+_DOMAIN_SEEN = MAX_MATCH - _LOCAL_MAX - 3
+
+
+def _email_parts(letter: str) -> tuple[str, str, str]:
+    """The email pattern's (look-behind, body, look-ahead), its letters those of `letter`."""
+    alnum, local, domain = rf"(?:{letter}|[0-9])", rf"(?:{letter}|[0-9._%+-])", rf"(?:{letter}|[0-9.-])"
+    return (
+        # Not after "*" (masks stay masks) nor "@"; inside a run of local characters only at
+        # its last 64 before the "@".
+        rf"(?:(?<![0-9._%+*@-])(?<!{letter})|(?<={local})(?={local}{{{_LOCAL_MAX}}}@))",
+        rf"{local}{{1,{_LOCAL_MAX}}}@(?:"
+        # A domain within sight, whole: up to its end, a dot and a top-level domain of letters.
+        rf"(?!{domain}{{{_DOMAIN_SEEN + 1}}}){alnum}{domain}{{0,{_DOMAIN_SEEN - 1}}}\.{letter}{{2,}}+"
+        rf"(?!{alnum}|[@-]|\.{alnum})"
+        # A longer one, with a dot in sight: as far as can be seen.
+        rf"|(?={alnum}{domain}{{0,{_DOMAIN_SEEN - 3}}}\.{alnum}){domain}{{{_DOMAIN_SEEN}}}(?={domain}))",
+        "",  # the look-ahead of each kind of domain is in the body
+    )
+
+
 # Each kind: (look-behind, body, look-ahead); a match is the three in a row.
 _CARD_AHEAD = r"(?![A-Za-z0-9_-]|[.,][0-9])"
 # Groups are also set apart by no-break spaces (U+00A0, U+202F: word processors, French).
 _SPACE = " \u00a0\u202f"
 _PARTS = {
-    "email": (
-        r"(?<![A-Za-z0-9._%+*@-])",  # not after "*": masks stay masks
-        r"[A-Za-z0-9._%+-]{1,32}@[A-Za-z0-9][A-Za-z0-9.-]{0,30}\.[A-Za-z]{2,10}",
-        r"(?![A-Za-z0-9@-]|\.[A-Za-z0-9])",
-    ),
+    "email": _email_parts(_LETTER),
     # Payment cards: 13-19 digits in groups, issuer prefixes 2-6 (timestamps start with 1).
     "card": (r"(?<![A-Za-z0-9_.,-])", rf"[2-6][0-9]{{3}}(?:[{_SPACE}-]?[0-9]){{9,15}}", _CARD_AHEAD),
     # Phones: international (+CC ...) or North American with separators; bare digit runs
@@ -100,12 +126,21 @@ _OTHER_START = re.compile(
     r"(?<![A-Za-z0-9_.,-])[2-6]|(?<![A-Za-z0-9_+.-])(?:[1-9]|\+(?![^1-9])|\((?![^2-9]))"
     r"|(?<![A-Za-z0-9])[A-Z](?![^A-Z])|(?<![A-Za-z0-9_-])[0-8]"
 )
-_LOCAL_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-"  # an address's local part
-_EMAIL_CHARS = _LOCAL_CHARS + "@"  # what an address still in the making ends with
+# An address's local part, and what one still in the making ends with: ASCII, for str.rstrip;
+# letters of other scripts are then found by the exact class (`_run_start`).
+_LOCAL_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-"
+_EMAIL_CHARS = _LOCAL_CHARS + "@"
+_LOCAL_RUN = re.compile(f"{_LOCAL}*")  # matched on reversed text: a run's length from its end
+_EMAIL_RUN = re.compile(f"(?:{_LOCAL}|@)*")
 # Every match contains one of these: text without any is returned untouched.
 _TRIGGERS = "@0123456789"
-# An "@" an address could hold: a local-part character before it, the start of a domain after.
-_EMAIL_AT = re.compile(r"@(?=[A-Za-z0-9][A-Za-z0-9.-]{0,30}\.[A-Za-z]{2})(?<=[A-Za-z0-9._%+-]@)")
+# An "@" an address could hold: a local-part character before it, after it a domain the pattern
+# could take (a top-level domain in sight, or a run past sight). Wider classes than the pattern's
+# (\w takes every script's digits, and "_"): one class, not a choice of two, is several times
+# faster, and this only skips the "@"s that no address can hold.
+_EMAIL_AT = re.compile(
+    rf"@(?=[^\W_][\w.-]{{0,{_DOMAIN_SEEN - 4}}}\.[^\W\d_]{{2}}|[^\W_][\w.-]{{{_DOMAIN_SEEN}}})(?<=[\w.%+-]@)"
+)
 _TRIGGER = re.compile(r"[@0-9]")
 
 
@@ -123,6 +158,16 @@ def has_trigger(text: str, pos: int) -> bool:
         if c in text:
             return True
     return False
+
+
+def _run_start(text: str, lo: int, hi: int, chars: str = _LOCAL_CHARS, run: re.Pattern[str] = _LOCAL_RUN) -> int:
+    """Where the run of local-part characters (with `_EMAIL_CHARS`: and "@"s) that ends at
+    `hi` begins, looking no further back than `lo`."""
+    head = text[lo:hi]
+    kept = len(head.rstrip(chars))
+    if kept and head[kept - 1] > "\x7f":  # maybe a letter of another script: the exact class
+        kept = len(head) - run.match(head[::-1]).end()  # type: ignore[union-attr]
+    return lo + kept
 
 
 _SEPARATORS = str.maketrans("", "", " -+()." + _SPACE)  # all a card or phone match holds besides digits
@@ -259,6 +304,7 @@ class Redactor:
     """
 
     email: re.Pattern[str] | None
+    email_ascii: re.Pattern[str] | None  # the same, for ASCII text: single classes, several times faster
     others: re.Pattern[str] | None  # card | phone | iban | ssn, the enabled ones, in that order
     kinds: dict[str, _Kind]  # the same kinds, one by one
 
@@ -335,11 +381,12 @@ class Redactor:
         near_end = n - MAX_MATCH if n - MAX_MATCH > pos else pos  # not max(): this runs per chunk
         hold = n
         if self.email is not None:
-            # Each address character is in the look-behind's set: in a run of them only the
-            # first can start an address, and only one that began near the end is unfinished.
+            # The common case first: an ASCII run of address characters that begins in sight.
             start = len(text.rstrip(_EMAIL_CHARS))
-            if start >= near_end:
+            if start >= near_end and (not start or text[start - 1] < "\x80"):
                 hold = start
+            else:
+                hold = self._email_hold(text, near_end)
         if self.others is not None:
             start = len(text.rstrip(_DIGIT_RUN_CHARS))
             if start < near_end:
@@ -352,6 +399,30 @@ class Redactor:
                 start = n - len(text[start:].lstrip(_NOT_FIRST_CHARS))
                 if start < hold:
                     hold = start
+        return hold
+
+    @staticmethod
+    def _email_hold(text: str, near_end: int) -> int:
+        """`hold` for addresses: where one still in the making could start, in the trailing
+        run of address characters (local-part characters and "@"), from `near_end` on."""
+        n = len(text)
+        lo = near_end - 1 if near_end else 0
+        start = _run_start(text, lo, n, _EMAIL_CHARS, _EMAIL_RUN)
+        if start >= near_end:  # the run begins in sight: as the first of a run, it may start one
+            return start
+        # A longer run: an address starts inside it only as the last 64 local-part characters
+        # before an "@" (one after another of them, so never after an "@"). Either the "@" is
+        # still to come, after a trailing run of them...
+        hold = n
+        tail = n - _LOCAL_MAX if n - _LOCAL_MAX > near_end else near_end
+        local = _run_start(text, tail - 1, n)
+        if local < n:
+            hold = local + 1 if local >= tail else tail
+        # ... or it is here, at least 64 in from near_end (of two such "@"s, the later one's
+        # 64 characters would hold the earlier one).
+        at = text.find("@", near_end + _LOCAL_MAX)
+        if at >= 0 and at - _LOCAL_MAX < hold and _run_start(text, at - _LOCAL_MAX - 1, at) == at - _LOCAL_MAX - 1:
+            hold = at - _LOCAL_MAX
         return hold
 
     def may_match(self, text: str, pos: int) -> bool:
@@ -449,12 +520,13 @@ class Redactor:
                 if candidate is None:
                     return None
                 at = candidate.start()
-            # The local part is the run of its characters ending at the "@" (the look-behind
-            # rules out any later start), at most 32 long and not before pos: one candidate.
-            head = text[max(pos, at - 33) : at]
-            start = at - (len(head) - len(head.rstrip(_LOCAL_CHARS)))
-            if at - 32 <= start < at:
-                m = self.email.match(text, start, min(n, at + MAX_MATCH))
+            # The local part is the run of its characters ending at the "@" (the look-behind rules
+            # out any later start), or that run's last 64: one candidate, not before pos.
+            start = _run_start(text, max(pos, at - _LOCAL_MAX), at)
+            if start < at:
+                end = min(n, at + MAX_MATCH)  # all the pattern reads (look-behind: one before start)
+                ascii_only = text[start - 1 if start else 0 : end].isascii()
+                m = (self.email_ascii if ascii_only else self.email).match(text, start, end)  # type: ignore[union-attr]
                 if m is not None:
                     return m
             misses += 1
@@ -544,13 +616,16 @@ def build_redactor(kinds: Iterable[str]) -> Redactor | None:
     chosen = tuple(k for k in ALL_KINDS if k in set(kinds))
     if not chosen:
         return None
-    email = re.compile(f"(?P<email>{_PATTERNS['email']})") if "email" in chosen else None
+    email = email_ascii = None
+    if "email" in chosen:
+        email = re.compile(f"(?P<email>{_PATTERNS['email']})")
+        email_ascii = re.compile("(?P<email>{})".format("".join(_email_parts("[A-Za-z]"))))
     rest = [k for k in chosen if k != "email"]
     # The look-ahead rejects most positions (letters, spaces) in one step.
     others = (
         re.compile("(?=[0-9+(A-Z])(?:" + "|".join(f"(?P<{k}>{_PATTERNS[k]})" for k in rest) + ")") if rest else None
     )
-    return Redactor(email, others, {k: _Kind.build(k, rest[i + 1 :]) for i, k in enumerate(rest)})
+    return Redactor(email, email_ascii, others, {k: _Kind.build(k, rest[i + 1 :]) for i, k in enumerate(rest)})
 
 
 class StreamRedactor:
@@ -639,10 +714,24 @@ _OUTSIDE = str.maketrans({",": _BLANK, "+": "_"})
 
 # An escape of a JSON text as the unescaper reads it: a backslash and the character after it,
 # a "\u" with up to 4 hex digits, or a lone backslash at the end.
-_ANY_ESCAPE = re.compile(r"\\(?:u[0-9A-Fa-f]{0,4}|[^u]|\Z)", re.S)
-# What an escape may be written as instead: printable ASCII but the quote and the backslash, and
-# the no-break spaces that group digits. A JSON parser reads either form as the same character.
+# A character past U+FFFF is written as two escapes, a surrogate pair: one escape here, and at the
+# text's end a high surrogate with what has come of a low one, which the next piece may finish.
+_HIGH = r"u[dD][89abAB][0-9A-Fa-f]{2}"
+_ANY_ESCAPE = re.compile(
+    rf"\\(?:{_HIGH}\\u[dD][c-fC-F][0-9A-Fa-f]{{2}}|{_HIGH}(?:\\(?:u(?:[dD](?:[c-fC-F][0-9A-Fa-f]?)?)?)?)?\Z"
+    r"|u[0-9A-Fa-f]{0,4}|[^u]|\Z)",
+    re.S,
+)
+# What an escape may be written as instead: printable ASCII but the quote and the backslash, the
+# no-break spaces that group digits, and letters (an address's, "j\\u00e4ne"). A JSON parser reads
+# either form as the same character.
+_A_LETTER = re.compile(_LETTER)  # as an address reads it, "²" too: escaped or not, the same text
 _PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"} | {"\u00a0", "\u202f"}
+
+
+def _surrogate(written: str) -> bool:
+    """Whether an escape is a high surrogate, alone or with part of a low one after it."""
+    return 6 <= len(written) < 12 and written[2] in "dD" and written[3] in "89abAB"
 
 
 class JsonUnescaper:
@@ -674,13 +763,21 @@ class JsonUnescaper:
 
         def plain(escape: re.Match[str]) -> str:
             written = escape.group()
-            if len(written) == 6:
-                character = chr(int(written[2:], 16))
-                return character if character in _PLAIN else written
-            if escape.end() == end and not final and (len(written) == 1 or written[1] == "u"):
-                self._pending = written  # "\\" or "\\u00" at the end: the next piece finishes it
+            size = len(written)
+            if (
+                escape.end() == end
+                and not final
+                and ((size < 6 and (size == 1 or written[1] == "u")) or _surrogate(written))
+            ):
+                self._pending = written  # "\\", "\\u00", "\\ud83d" at the end: the next piece finishes it
                 return ""
-            return written
+            if size == 6:
+                character = chr(int(written[2:], 16))
+            elif size == 12:
+                character = chr(0x10000 + (int(written[2:6], 16) - 0xD800) * 0x400 + int(written[8:], 16) - 0xDC00)
+            else:
+                return written
+            return character if character in _PLAIN or _A_LETTER.match(character) else written
 
         return _ANY_ESCAPE.sub(plain, text)
 

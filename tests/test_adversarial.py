@@ -277,13 +277,6 @@ LONG_EMAILS = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §6: email addresses are detected; redact.py _EMAIL caps the local part at 32, "
-    "the domain before its last dot at 31 and the TLD at 10 characters, and a longer one is not masked at all "
-    "(kept: the longest address bounds the text a stream holds back, which SPEC §6 wants to a few dozen "
-    "characters; 64/63/24 would double it to ~160)",
-)
 @pytest.mark.parametrize("address", LONG_EMAILS)
 def test_real_addresses_with_long_parts_are_masked(address: str) -> None:
     assert address not in REDACTOR.redact(f"write to {address} today")

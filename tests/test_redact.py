@@ -19,7 +19,18 @@ REDACTOR = build_redactor(ALL_KINDS)
 assert REDACTOR is not None
 
 PII = {
-    "email": ["jane.doe@example.com", "a.b+tag@mail.example.co.uk", "x@y.io", "JOHN_SMITH@Corp.COM"],
+    "email": [
+        "jane.doe@example.com",
+        "a.b+tag@mail.example.co.uk",
+        "x@y.io",
+        "JOHN_SMITH@Corp.COM",
+        "jane@students.engineering.university-example.edu",  # a domain of 44 characters
+        "ops@" + "sub-domain." * 12 + "example.com",  # longer than a match sees
+        "b" * 40 + "@example.org",  # local parts over 32 characters, and over RFC 5321's 64
+        "c" * 70 + "@example.org",
+        "jäne@exämple.com",  # internationalised (RFC 6531)
+        "δοκιμή@παράδειγμα.δοκιμή",
+    ],
     "card": ["4242 4242 4242 4242", "4111-1111-1111-1111", "5555555555554444", "378282246310005"],
     "phone": [
         "+1 415 555 2671",
@@ -100,6 +111,47 @@ def test_mask_formats_follow_the_seed() -> None:
     assert REDACTOR.redact("jane@example.com") == "j***e@example.com"
     assert REDACTOR.redact("4242 4242 4242 4242") == "CC_MASKED_LAST4_4242"
     assert REDACTOR.redact("+1 415 555 2671") == "PHONE_MASKED_LAST2_71"
+
+
+# Addresses that passed in clear, or half masked, before: a domain over 42 characters, a local
+# part over 32, letters of other scripts (the local part's start leaked: "jän***@example.com").
+ADDRESSES = [
+    ("jane@students.engineering.university-example.edu", "j***e@students.engineering.university-example.edu"),
+    ("ops@" + "sub-domain." * 12 + "example.com.", "o***s@" + "sub-domain." * 12 + "example.com."),
+    ("x" * 33 + "@example.com", "x***x@example.com"),
+    ("mail " + "y" * 64 + "@example.com!", "mail y***y@example.com!"),
+    ("z" * 65 + "@example.com", "zz***z@example.com"),  # past RFC 5321's 64: its last 64 masked
+    ("w" * 200 + "@example.com", "w" * 136 + "w***w@example.com"),
+    ("jane@exämple.com", "j***e@exämple.com"),
+    ("jäne@example.com", "j***e@example.com"),
+    ("Écrire à élodie@exemple.fr.", "Écrire à é***e@exemple.fr."),
+    ("δοκιμή@παράδειγμα.δοκιμή", "δ***ή@παράδειγμα.δοκιμή"),
+    ("用户@例子.广告", "用***@例子.广告"),
+]
+
+
+@pytest.mark.parametrize(("text", "redacted"), ADDRESSES)
+def test_long_and_international_addresses_are_masked(text: str, redacted: str) -> None:
+    assert REDACTOR.redact(text) == redacted
+    assert REDACTOR.redact(redacted) == redacted  # a mask stays a mask
+    for cut in range(len(text) + 1):  # and in a stream, split anywhere
+        assert stream_in_pieces(text, [cut], False) == redacted
+    assert stream_in_pieces(text, list(range(len(text))), False) == redacted
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "jane@" + "a" * 70 + ".example.com",  # a first label past RFC 1035's 63: no dot in sight
+        "a@b@example.com",  # a local part after an "@"
+        "*" + "x" * 40 + "@example.com",  # a mask's tail
+        "jane@exämple.c0m",
+        "jane@١٢٣.com",  # digits of other scripts are no letters
+    ],
+)
+def test_addresses_that_stay_as_they_are(text: str) -> None:
+    assert REDACTOR.redact(text) == text
+    assert stream_in_pieces(text, list(range(len(text))), False) == text
 
 
 @pytest.mark.parametrize(
@@ -541,7 +593,10 @@ def test_json_text_any_split_of_any_text_equals_whole(text: str, data: st.DataOb
         ("[4242424242424242,5555555555554444]", '["CC_MASKED_LAST4_4242","CC_MASKED_LAST4_4444"]'),
         ('{"to": "jane.doe@example.com"}', '{"to": "j***e@example.com"}'),
         ('{"n": "line\\n4242 4242 4242 4242"}', '{"n": "line\\nCC_MASKED_LAST4_4242"}'),  # an escape is a break
-        ('{"to": "caf\\u00e9jane@example.com"}', '{"to": "caf\\u00e9j***e@example.com"}'),  # never cut
+        ('{"to": "caf\\u00b7jane@example.com"}', '{"to": "caf\\u00b7j***e@example.com"}'),  # never cut
+        # An escaped letter is that letter, as the client's parser reads it: one local part.
+        ('{"to": "j\\u00e4ne@ex\\u00e4mple.com"}', '{"to": "j***e@exämple.com"}'),
+        ('{"to": "caf\\u00e9jane@example.com"}', '{"to": "c***e@example.com"}'),
         ('{"x": 1e+4242424242424242}', '{"x": 1e+4242424242424242}'),  # an exponent is no card
         ('{"n": -4242424242424242}', '{"n": -4242424242424242}'),
         ("4242424242424242", '"CC_MASKED_LAST4_4242"'),
