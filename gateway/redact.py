@@ -61,7 +61,7 @@ def _email_parts(letter: str) -> tuple[str, str, str]:
         rf"{local}{{1,{_LOCAL_MAX}}}@(?:"
         # A domain within sight, whole: up to its end, a dot and a top-level domain of letters.
         rf"(?!{domain}{{{_DOMAIN_SEEN + 1}}}){alnum}{domain}{{0,{_DOMAIN_SEEN - 1}}}\.{letter}{{2,}}+"
-        rf"(?!{alnum}|[@-]|\.{alnum})"
+        rf"(?!{alnum}|-|\.{alnum})"  # an "@" may follow: "jane@example.com@x" holds jane's address
         # A longer one, with a dot in sight: as far as can be seen.
         rf"|(?={alnum}{domain}{{0,{_DOMAIN_SEEN - 3}}}\.{alnum}){domain}{{{_DOMAIN_SEEN}}}(?={domain}))",
         "",  # the look-ahead of each kind of domain is in the body

@@ -127,6 +127,9 @@ ADDRESSES = [
     ("Écrire à élodie@exemple.fr.", "Écrire à é***e@exemple.fr."),
     ("δοκιμή@παράδειγμα.δοκιμή", "δ***ή@παράδειγμα.δοκιμή"),
     ("用户@例子.广告", "用***@例子.广告"),
+    # An address followed by an "@" is still one (hypothesis put "@exam" after one in a stream).
+    (" jane.doe@example.com@exam", " j***e@example.com@exam"),
+    ("a@b.com@c.com", "a***@b.com@c.com"),
 ]
 
 
