@@ -102,7 +102,8 @@ def usage_values(blocks: bytes) -> list[int]:
     a regex that may start at every quote of a chunk costs ten times as much."""
     if blocks.find(b"\\") >= 0 and blocks.find(b"\\u00") >= 0:  # memchr first: ~40x faster than a 4-byte find
         return [m.start() for m in _USAGE_VALUE.finditer(blocks)]
-    return [m.start() for m in _USAGE_KEY_VALUE.finditer(blocks)]
+    first = blocks.find(b'"usage"')  # memchr speed; the regex engine's prefix search is ~5x slower
+    return [] if first < 0 else [m.start() for m in _USAGE_KEY_VALUE.finditer(blocks, first)]
 
 
 MAX_STREAMS = 256  # text streams open at once; past that (a hostile upstream), texts are redacted whole
