@@ -1042,6 +1042,29 @@ async def test_one_long_event_leaves_healthz_answering(
     assert max(latencies) < 0.25  # SPEC's 100 ms, with room for a loaded machine
 
 
+async def response_redactions(gateway: Gateway) -> float:
+    """redactions_total{direction="response"} as /metrics reports it (one kind at a time here)."""
+    async with gateway.client.get("/metrics") as m:
+        for family in text_string_to_metric_families(await m.text()):
+            for sample in family.samples:
+                if sample.name == "redactions_total" and sample.labels.get("direction") == "response":
+                    return sample.value
+    return 0.0
+
+
+async def test_a_long_json_reply_is_masked_and_counted_mask_by_mask(gateway: Gateway, hostile: Hostile) -> None:
+    # Over 16 KiB, a reply is redacted in a worker thread; its masks are counted on the loop
+    # after it, by kind.
+    addresses = 2_000
+    text = "write to jane.doe@example.com " * addresses
+    reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+    hostile.answer = json_answer(reply)
+    status, data = await gateway.chat({})
+    assert status == 200
+    assert json.loads(data)["choices"][0]["message"]["content"] == "write to j***e@example.com " * addresses
+    assert await response_redactions(gateway) == addresses
+
+
 async def test_a_client_gone_while_a_long_event_is_relayed_aside(
     gateway: Gateway, hostile: Hostile, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1058,18 +1081,10 @@ async def test_a_client_gone_while_a_long_event_is_relayed_aside(
         await asyncio.sleep(0.2)  # the long event is being redacted now
         r.close()
 
-    async def counted() -> float:
-        async with gateway.client.get("/metrics") as m:
-            for family in text_string_to_metric_families(await m.text()):
-                for sample in family.samples:
-                    if sample.name == "redactions_total" and sample.labels.get("direction") == "response":
-                        return sample.value
-        return 0.0
-
     async with asyncio.timeout(30):
-        while await counted() < cards:
+        while await response_redactions(gateway) < cards:
             await asyncio.sleep(0.05)
-    assert await counted() == cards
+    assert await response_redactions(gateway) == cards
     await asyncio.sleep(0.1)
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert await gateway.healthy()
