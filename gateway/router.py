@@ -22,7 +22,7 @@ from .breaker import Breaker, Breakers, Permit
 from .errors import ModelNotFound
 from .keys import CONFIG, LIVE_CONFIG
 from .redact import OnRedaction, Redactor
-from .relay import dumps_reply
+from .relay import ASIDE_BYTES, dumps_reply
 from .routing import Kind, RouteTable
 from .surfaces import CHAT_API, MESSAGES_API, Api, strings_in
 from .upstream import Reply, Upstream
@@ -313,6 +313,8 @@ class AnthropicAsChat:
 
     async def read(self) -> bytes:
         data = await self._reply.read()
+        if len(data) > ASIDE_BYTES:  # megabytes take tens of ms to parse and write: not on the loop
+            return await asyncio.to_thread(translate.whole_reply, self.status, data, self._include_usage, self._created)
         return translate.whole_reply(self.status, data, self._include_usage, self._created)
 
     async def next_chunk(self) -> bytes:
@@ -323,7 +325,10 @@ class AnthropicAsChat:
             data = await self._reply.next_chunk()
             if not data:
                 return stream.close()
-            out = stream.feed(data)
+            if len(data) + stream.pending <= ASIDE_BYTES:  # the usual read: small events
+                out = stream.feed(data)
+            else:  # a long event, translated in a worker thread while the loop serves others
+                out = await asyncio.to_thread(stream.feed, data)
             now = time.monotonic()
             if out:
                 self._last_out = now

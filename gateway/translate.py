@@ -339,6 +339,11 @@ class ChatStream:
         self._counts: dict[str, int] = {}
         self.done = False
 
+    @property
+    def pending(self) -> int:
+        """Bytes read of an event not yet complete."""
+        return len(self._parser.pending)
+
     def feed(self, data: bytes) -> bytes:
         try:
             blocks = self._parser.complete(data)

@@ -60,7 +60,7 @@ async def handle(request):
     )
 
 
-app = web.Application()
+app = web.Application(client_max_size=64 * 2**20)  # scripts may hold replies of megabytes
 app.router.add_post("/_cfg", cfg)
 app.router.add_get("/_seen", seen)
 app.router.add_route("*", "/{tail:.*}", handle)
