@@ -15,6 +15,7 @@ bytes at a time, so a small body that inflates to gigabytes costs no more than t
 
 from __future__ import annotations
 
+import re
 import zlib
 from types import MappingProxyType
 from typing import Any
@@ -29,6 +30,20 @@ _RAW_DEFLATE = -zlib.MAX_WBITS
 # A body may hold several gzip members (RFC 1952 §2.2); each costs a decompressor, so a body
 # made of thousands of empty members is refused rather than looped over.
 MAX_GZIP_MEMBERS = 16
+# A body of megabytes of tiny values ("[[],[],…]", "[1,1,…]") costs ~0.5 s to parse and
+# seconds to walk, all of it holding the event loop (orjson keeps the GIL while it parses):
+# one request would stall every other client. Such a body is refused before it is parsed
+# (400 `body_too_complex`): at most 100,000 arrays and objects and 2,000,000 values, which
+# parse in ~50 ms. No real request comes near (an 8 MiB prompt is ~2M tokens, past every
+# model's context; OpenAI takes 300k tokens of token arrays). Counted only in bodies over
+# 256 KiB (any smaller one parses in ~15 ms), first as bytes (fast, but the brackets and
+# commas of text count too), then, only if those reach a limit, outside strings, in a worker
+# thread (a prompt of JSON text has brackets by the hundred thousand, and is no such body).
+MAX_CONTAINERS = 100_000
+MAX_VALUES = 2_000_000
+COUNT_ABOVE_BYTES = 256 * 1024
+_SCAN_SLICE = 64 * 1024  # of a string, scanned by one regex call (no long hold of the GIL)
+_STRING_PART = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*')  # a string's characters, up to its closing quote
 
 
 class UnsupportedEncoding(GatewayError):
@@ -91,7 +106,8 @@ def decode(data: bytes, content_encoding: str | None, limit: int) -> bytes:
 
 
 def parse(body: bytes) -> tuple[dict[str, Any], str]:
-    """The body as a JSON object, and its `model` (a non-empty string)."""
+    """The body as a JSON object, and its `model` (a non-empty string). A body that
+    `may_be_too_complex` must have passed `check_structure` first."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:  # its message names a position, never the content
@@ -102,6 +118,47 @@ def parse(body: bytes) -> tuple[dict[str, Any], str]:
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' is required and must be a string", code="missing_model")
     return payload, model
+
+
+def may_be_too_complex(body: bytes) -> bool:
+    """Whether the body's bytes reach a structure limit (see MAX_CONTAINERS): if so,
+    `check_structure` tells whether its JSON does."""
+    if len(body) <= COUNT_ABOVE_BYTES:
+        return False
+    return body.count(b"[") + body.count(b"{") > MAX_CONTAINERS or body.count(b",") >= MAX_VALUES
+
+
+def check_structure(body: bytes, max_containers: int = MAX_CONTAINERS, max_values: int = MAX_VALUES) -> None:
+    """Refuses a body whose JSON has more arrays and objects, or values, than the limits
+    (MAX_CONTAINERS, MAX_VALUES): 400 `body_too_complex`, saying which. Brackets and commas inside strings
+    do not count. Linear, and for a worker thread: no regex call scans more than
+    _SCAN_SLICE bytes, so the event loop gets the GIL back in between."""
+    containers = commas = 0
+    at, end = 0, len(body)
+    while at < end:
+        quote = body.find(b'"', at)
+        outside = end if quote < 0 else quote
+        containers += body.count(b"[", at, outside) + body.count(b"{", at, outside)
+        commas += body.count(b",", at, outside)
+        if containers > max_containers:
+            raise BadRequest(
+                f"request body has more than {max_containers} JSON arrays and objects", code="body_too_complex"
+            )
+        if commas >= max_values:
+            raise BadRequest(f"request body has more than {max_values} JSON values", code="body_too_complex")
+        if quote < 0:
+            return
+        at = quote + 1  # inside a string: to its closing quote, a slice at a time
+        while True:
+            part = _STRING_PART.match(body, at, min(at + _SCAN_SLICE, end))
+            assert part is not None  # the pattern matches the empty string too
+            stop = part.end()
+            if stop < end and body[stop] == 0x22:  # the closing quote
+                at = stop + 1
+                break
+            if stop in (at, end):
+                return  # the body ends inside a string: no JSON (`parse` says so)
+            at = stop  # the slice ended: inside the string, or before an escape cut in two
 
 
 def _is_zlib(data: bytes) -> bool:

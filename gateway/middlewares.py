@@ -254,7 +254,10 @@ def body(
             coding = headers.get("Content-Encoding")
             if coding is not None and len(codings := headers.getall("Content-Encoding")) > 1:
                 coding = ",".join(codings)  # several headers make one list (RFC 9110 §5.3)
-            state.payload, state.model = bodies.parse(bodies.decode(raw, coding, max_bytes))
+            body = bodies.decode(raw, coding, max_bytes)
+            if bodies.may_be_too_complex(body):  # counted outside strings, off the loop
+                await asyncio.to_thread(bodies.check_structure, body)
+            state.payload, state.model = bodies.parse(body)
             api = apis.get(request.match_info.route.name or "")
             if api is not None:
                 api.check_request(state.payload, redacting)

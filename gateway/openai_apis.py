@@ -469,9 +469,13 @@ def check_embeddings_request(payload: dict[str, Any], redacting: bool) -> None:
     raise BadRequest("'input' must be a string, an array of strings, or an array of token arrays", code="invalid_input")
 
 
+_INTS = frozenset({int})  # a token array's item types (bool is not int here)
+
+
 def _embeddable(item: object) -> bool:
     kind = type(item)
-    return kind is str or kind is int or (kind is list and all(type(t) is int for t in item))  # type: ignore[attr-defined]
+    # The types checked in C (map), not item by item in Python: ~2x faster on long token arrays.
+    return kind is str or kind is int or (kind is list and _INTS.issuperset(map(type, item)))  # type: ignore[call-overload]
 
 
 def embeddings_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import json
 import tracemalloc
 import zlib
+from unittest.mock import patch
 
 import pytest
 from hypothesis import given, settings
@@ -186,3 +188,62 @@ def test_parse_of_any_bytes_is_an_object_with_a_model_or_a_400(body: bytes) -> N
         assert error.status == 400
     else:
         assert isinstance(payload, dict) and payload["model"] == model and isinstance(model, str) and model
+
+
+# --- structure limits: a body of megabytes of tiny values is refused before it is parsed --------
+
+TRICKY_TEXT = st.text(alphabet=st.sampled_from('[]{},"\\ aé\n\u2028😀'), max_size=12)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | TRICKY_TEXT,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(TRICKY_TEXT, inner, max_size=5),
+    max_leaves=40,
+)
+
+
+def true_counts(value: object) -> tuple[int, int]:
+    """Arrays and objects, and the commas between values, of a parsed JSON value."""
+    if isinstance(value, list):
+        inner = [true_counts(item) for item in value]
+        return 1 + sum(c for c, _ in inner), max(len(value) - 1, 0) + sum(v for _, v in inner)
+    if isinstance(value, dict):
+        inner = [true_counts(item) for item in value.values()]
+        return 1 + sum(c for c, _ in inner), max(len(value) - 1, 0) + sum(v for _, v in inner)
+    return 0, 0
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=JSON_VALUES, spaced=st.booleans(), slice_bytes=st.sampled_from([2, 3, 7, 64 * 1024]))
+def test_the_structure_count_sees_only_what_is_outside_strings(value: object, spaced: bool, slice_bytes: int) -> None:
+    """Brackets, braces, commas, quotes and backslashes inside strings never count; at the
+    limit a body passes, one under it is refused. Strings are scanned in slices as small as
+    two bytes, so an escape cut in two by a slice is read as one."""
+    body = json.dumps({"model": "m", "v": value}, ensure_ascii=not spaced, separators=None if spaced else (",", ":"))
+    containers, commas = true_counts({"model": "m", "v": value})
+    data = body.encode()
+    with patch.object(bodies, "_SCAN_SLICE", slice_bytes):
+        bodies.check_structure(data, max_containers=containers, max_values=commas + 1)
+        with pytest.raises(BadRequest) as caught:
+            bodies.check_structure(data, max_containers=containers - 1, max_values=commas + 1)
+        assert caught.value.code == "body_too_complex"
+        if commas:
+            with pytest.raises(BadRequest):
+                bodies.check_structure(data, max_containers=containers, max_values=commas)
+
+
+def test_megabytes_of_tiny_arrays_are_refused_and_json_text_is_not() -> None:
+    hostile = b'{"model":"m","input":[' + b",".join([b"[]"] * 300_000) + b"]}"
+    assert bodies.may_be_too_complex(hostile)
+    with pytest.raises(BadRequest) as caught:
+        bodies.check_structure(hostile)
+    assert caught.value.code == "body_too_complex" and "100000 JSON arrays and objects" in caught.value.message
+    # A prompt of JSON text: its brackets and commas by the hundred thousand are inside one string.
+    text = '{"email": "jane@example.com", "n": [1, 2]}, ' * 60_000
+    prompt = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode()
+    assert bodies.may_be_too_complex(prompt)  # its bytes reach the limit...
+    bodies.check_structure(prompt)  # ...its JSON does not
+    assert bodies.parse(prompt)[0]["messages"][0]["content"] == text
+
+
+def test_a_body_under_the_counting_size_is_not_counted() -> None:
+    small = b'{"model":"m","input":[' + b",".join([b"[]"] * 80_000) + b"]}"
+    assert len(small) <= bodies.COUNT_ABOVE_BYTES and not bodies.may_be_too_complex(small)

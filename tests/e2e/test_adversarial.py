@@ -113,6 +113,37 @@ def test_8_mib_of_many_texts_leaves_healthz_answering(shared_gateway: Gateway, m
     assert max(latencies) < 0.1
 
 
+TINY_VALUES = {
+    "arrays": b",".join([b"[]"] * (8 * MIB // 3 - 100)),
+    "objects": b",".join([b"{}"] * (8 * MIB // 3 - 100)),
+    "numbers": b",".join([b"1"] * (8 * MIB // 2 - 100)),
+}
+
+
+@pytest.mark.parametrize("route", ["/v1/embeddings", CHAT])
+@pytest.mark.parametrize("values", sorted(TINY_VALUES))
+def test_8_mib_of_tiny_values_is_refused_at_once_and_healthz_answers(
+    shared_gateway: Gateway, route: str, values: str
+) -> None:
+    """Millions of tiny JSON values took 0.4-1.6 s to parse and check, holding the event loop
+    (orjson keeps the GIL): /healthz waited as long. Now refused (400) before they are parsed."""
+    field = b'"input"' if route != CHAT else b'"messages"'
+    body = b'{"model":"m",' + field + b":[" + TINY_VALUES[values] + b"]}"
+    with healthz_watch(shared_gateway) as latencies:
+        status, _, data = post(shared_gateway, route, body)
+    print(f"\n{values} on {route}: /healthz worst {max(latencies) * 1000:.0f} ms of {len(latencies)}")
+    assert status == 400 and json.loads(data)["error"]["code"] == "body_too_complex", data[:300]
+    assert max(latencies) < 0.1
+
+
+def test_a_prompt_of_json_text_is_not_too_complex(shared_gateway: Gateway, mock: Mock) -> None:
+    """Its brackets and commas, by the hundred thousand, are text inside one string."""
+    text = '{"n": [1, 2], "ok": true}, ' * 50_000
+    status, _, data = post(shared_gateway, CHAT, {"model": "m", "messages": [{"role": "user", "content": text}]})
+    assert status == 200, data[:300]
+    assert mock.requests()[-1]["body"]["messages"][0]["content"] == text
+
+
 def test_a_hostile_stream_prompt_on_messages_is_masked_and_served(shared_gateway: Gateway, mock: Mock) -> None:
     text = "4242 4242 4242 4242 jane.doe@example.com " * (2 * MIB // 40)
     body = {"model": "claude", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": text}]}
