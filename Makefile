@@ -23,7 +23,7 @@ run: $(STAMP) .env
 
 ## test: the whole suite (real redis-server processes on free ports, real gateway processes)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway mock tests bench gateway.py

@@ -42,6 +42,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], str, dict[str, str]]] = {
     "routes": (run.JSON_BODY, "json", {"ROUTES": "20"}),  # a 20-route ROUTES_FILE (run.routes_file)
     "policies": (run.JSON_BODY, "json", {"POLICIES": "20"}),  # a 20-policy Cedar file (run.policy_files)
     "paced": (run.STREAM_BODY, "paced", {}),  # one event per read: the per-event path
+    "paced_unredacted": (run.STREAM_BODY, "paced", {"REDACT_KINDS": ""}),  # the same, redaction off
     # Spans sent to bench/otlp_sink.py (callgrind counts every thread: the batch processor's
     # encoding and sending too); wrk-like roots (no incoming traceparent). A batch goes when
     # it is full, never on a timer (whose firings would depend on valgrind's pace): 512 spans
@@ -172,6 +173,9 @@ def main() -> None:
     finally:
         for helper in helpers:
             helper.stop()
+        if keep := os.environ.get("INSTR_KEEP"):  # the callgrind files, for callgrind_annotate
+            for out in tmp.glob("callgrind.*"):
+                shutil.copy(out, keep)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
