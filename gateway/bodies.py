@@ -15,6 +15,7 @@ bytes at a time, so a small body that inflates to gigabytes costs no more than t
 
 from __future__ import annotations
 
+import asyncio
 import re
 import zlib
 from types import MappingProxyType
@@ -42,6 +43,10 @@ MAX_GZIP_MEMBERS = 16
 MAX_CONTAINERS = 100_000
 MAX_VALUES = 2_000_000
 COUNT_ABOVE_BYTES = 256 * 1024
+# An upstream's reply is held to the same number of arrays and objects (a hostile or broken
+# upstream could stall the loop as a client could), but not of values: an embeddings reply in
+# floats has millions, and parses at ~30 ms a million.
+REPLY_MAX_VALUES = 1 << 62
 _SCAN_SLICE = 64 * 1024  # of a string, scanned by one regex call (no long hold of the GIL)
 _STRING_PART = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*')  # a string's characters, up to its closing quote
 
@@ -120,19 +125,29 @@ def parse(body: bytes) -> tuple[dict[str, Any], str]:
     return payload, model
 
 
-def may_be_too_complex(body: bytes) -> bool:
+def may_be_too_complex(body: bytes, max_values: int = MAX_VALUES) -> bool:
     """Whether the body's bytes reach a structure limit (see MAX_CONTAINERS): if so,
-    `check_structure` tells whether its JSON does."""
+    `structure_excess` tells whether its JSON does."""
     if len(body) <= COUNT_ABOVE_BYTES:
         return False
-    return body.count(b"[") + body.count(b"{") > MAX_CONTAINERS or body.count(b",") >= MAX_VALUES
+    if body.count(b"[") + body.count(b"{") > MAX_CONTAINERS:
+        return True
+    return max_values <= len(body) and body.count(b",") >= max_values
 
 
 def check_structure(body: bytes, max_containers: int = MAX_CONTAINERS, max_values: int = MAX_VALUES) -> None:
-    """Refuses a body whose JSON has more arrays and objects, or values, than the limits
-    (MAX_CONTAINERS, MAX_VALUES): 400 `body_too_complex`, saying which. Brackets and commas inside strings
-    do not count. Linear, and for a worker thread: no regex call scans more than
-    _SCAN_SLICE bytes, so the event loop gets the GIL back in between."""
+    """Refuses a request body whose JSON has more arrays and objects, or values, than the
+    limits (MAX_CONTAINERS, MAX_VALUES): 400 `body_too_complex`, saying which."""
+    excess = structure_excess(body, max_containers, max_values)
+    if excess is not None:
+        raise BadRequest(f"request body has {excess}", code="body_too_complex")
+
+
+def structure_excess(body: bytes, max_containers: int = MAX_CONTAINERS, max_values: int = MAX_VALUES) -> str | None:
+    """What the JSON in `body` has more of than the limits ("more than N JSON values"), or
+    None. Brackets and commas inside strings do not count. Linear, and for a worker thread:
+    no regex call scans more than _SCAN_SLICE bytes, so the event loop gets the GIL back in
+    between."""
     containers = commas = 0
     at, end = 0, len(body)
     while at < end:
@@ -141,13 +156,11 @@ def check_structure(body: bytes, max_containers: int = MAX_CONTAINERS, max_value
         containers += body.count(b"[", at, outside) + body.count(b"{", at, outside)
         commas += body.count(b",", at, outside)
         if containers > max_containers:
-            raise BadRequest(
-                f"request body has more than {max_containers} JSON arrays and objects", code="body_too_complex"
-            )
+            return f"more than {max_containers} JSON arrays and objects"
         if commas >= max_values:
-            raise BadRequest(f"request body has more than {max_values} JSON values", code="body_too_complex")
+            return f"more than {max_values} JSON values"
         if quote < 0:
-            return
+            return None
         at = quote + 1  # inside a string: to its closing quote, a slice at a time
         while True:
             part = _STRING_PART.match(body, at, min(at + _SCAN_SLICE, end))
@@ -157,8 +170,17 @@ def check_structure(body: bytes, max_containers: int = MAX_CONTAINERS, max_value
                 at = stop + 1
                 break
             if stop in (at, end):
-                return  # the body ends inside a string: no JSON (`parse` says so)
+                return None  # the body ends inside a string: no JSON (its parse says so)
             at = stop  # the slice ended: inside the string, or before an escape cut in two
+    return None
+
+
+async def reply_structure_excess(data: bytes) -> str | None:
+    """`structure_excess` of an upstream's reply (arrays and objects only), counted in a
+    worker thread when its bytes reach the limit; None for every usual reply."""
+    if not may_be_too_complex(data, REPLY_MAX_VALUES):
+        return None
+    return await asyncio.to_thread(structure_excess, data, MAX_CONTAINERS, REPLY_MAX_VALUES)
 
 
 def _is_zlib(data: bytes) -> bool:

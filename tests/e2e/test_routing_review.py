@@ -283,17 +283,42 @@ def test_every_circuit_open_on_messages_is_503_circuit_open_not_529(tmp_path: Pa
 
 def test_a_long_translated_reply_leaves_healthz_answering(tmp_path: Path, fakes, gateway) -> None:
     # SPEC §6 (the gateway keeps serving others) through §13's translation: an Anthropic
-    # Message of ~5 MiB in 100,000 content blocks took ~0.5 s to translate to a chat
-    # completion on the event loop, and /healthz waited that long; it is translated in a
-    # worker thread now. Every block still arrives, as a tool call.
-    blocks = [{"type": "tool_use", "id": f"toolu_{i}", "name": "f", "input": {}} for i in range(100_000)]
+    # Message of 49,000 tool calls (just under the bound on arrays and objects, see the next
+    # test) arrives whole, as tool calls, and /healthz answers meanwhile. (Translated on the
+    # event loop, it held /healthz 100-116 ms here; in a worker thread 27-36 ms. 100,000
+    # blocks, before the bound, held it ~0.5 s.)
+    blocks = [{"type": "tool_use", "id": f"toolu_{i}", "name": "f", "input": {}} for i in range(49_000)]
     message = {**json.loads(OK_MESSAGE), "content": blocks, "stop_reason": "tool_use"}
     fakes["claude"].script({"status": 200, "body": json.dumps(message)})
-    gw = gateway(ROUTES_FILE=str(routes_file(tmp_path, fakes)), MAX_BODY_BYTES="1000000")
+    gw = gateway(ROUTES_FILE=str(routes_file(tmp_path, fakes)))
     with healthz_watch(gw) as latencies:
         status, _, data = post(gw.port, "/v1/chat/completions", {"model": "claude-x", "messages": HI})
-    print(f"\n100,000 blocks translated, /healthz worst {max(latencies) * 1000:.0f} ms of {len(latencies)}")
+    print(f"\n49,000 blocks translated, /healthz worst {max(latencies) * 1000:.0f} ms of {len(latencies)}")
     assert status == 200, data[:300]
     calls = json.loads(data)["choices"][0]["message"]["tool_calls"]
-    assert [call["id"] for call in calls[:2]] == ["toolu_0", "toolu_1"] and len(calls) == 100_000
+    assert [call["id"] for call in calls[:2]] == ["toolu_0", "toolu_1"] and len(calls) == 49_000
     assert max(latencies) < 0.25  # SPEC's 100 ms, with room for a loaded machine
+
+
+HOSTILE_REPLY = (
+    '{"id":"c","object":"chat.completion","model":"gpt-4o","choices":[],"x":[' + ",".join(["[]"] * 2_500_000) + "]}"
+)
+
+
+def test_a_reply_of_megabytes_of_tiny_values_is_an_upstream_error(tmp_path: Path, fakes, gateway) -> None:
+    # The same bound as a request's (SPEC §6: the gateway keeps serving others): 7 MiB of "[]"
+    # in a reply held /healthz ~0.5 s while orjson parsed it. Now 502 before it is parsed; on
+    # a route, the next upstream answers instead (a translated one is checked before it is
+    # translated).
+    fakes["backup"].script({"status": 200, "body": HOSTILE_REPLY})
+    gw = gateway()
+    with healthz_watch(gw) as latencies:
+        status, _, data = post(gw.port, "/v1/chat/completions", {"model": "gpt-4o", "messages": HI})
+    print(f"\nhostile reply, /healthz worst {max(latencies) * 1000:.0f} ms of {len(latencies)}")
+    assert status == 502 and "more than 100000 JSON arrays and objects" in json.loads(data)["error"]["message"]
+    assert max(latencies) < 0.25
+    fakes["claude"].script({"status": 200, "body": HOSTILE_REPLY.replace('"choices":[]', '"content":[]')})
+    fakes["backup"].script({"status": 200, "body": OK_CHAT})
+    routed = gateway(ROUTES_FILE=str(routes_file(tmp_path, fakes)))
+    status, headers, data = post(routed.port, "/v1/chat/completions", {"model": "claude-x", "messages": HI})
+    assert status == 200 and json.loads(data)["choices"][0]["message"]["content"] == "ok", data[:300]
