@@ -370,9 +370,12 @@ class StreamRelay:
             clean = self._whole(text)
             return event.raw if clean == text else clean.encode()
         surface = self._surface
-        if data == surface.done_data:
+        done = surface.done_data
+        # The openai SDKs (Python and Node) end a stream at data that starts with [DONE]
+        # ("[DONE] " included): held text must go out before it, and nothing after it is read.
+        if done is not None and data.startswith(done):
             self.done = True
-            return self.finish() + _with_data(event, data, self._whole)  # its other lines redacted too
+            return self.finish() + _with_data(event, done, self._whole)  # its other lines redacted too
         try:
             chunk = _loads_object(data, deep=True)
         except RecursionError:

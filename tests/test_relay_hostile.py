@@ -800,3 +800,18 @@ def test_text_beside_what_the_gateway_cannot_read_stays_in_its_stream(api: str, 
 def test_a_bom_does_not_hide_the_first_event_from_redaction() -> None:
     wire = relay_all(b"\xef\xbb\xbf" + _chat("Write to jane.doe@"), _chat("example.com today."), DONE)
     assert _client_text(wire, "content") == "Write to j***e@example.com today."
+
+
+@pytest.mark.parametrize("done", [b"[DONE] ", b"[DONE]\r", b"[DONE]x jane.doe@example.com"])
+def test_data_that_starts_with_done_ends_the_stream_after_held_text(done: bytes) -> None:
+    # The openai SDKs stop at data that starts with [DONE]: text held back (a number that may
+    # become a card) went out after it, where the client no longer read ("Build " only).
+    wire = relay_all(_chat("Build 4242 4242"), b"data: " + done + b"\n\n", _chat(" more"))
+    read: list[str] = []
+    for ev in sse.SSEParser().feed(wire):
+        assert ev.data is not None
+        if ev.data.decode().startswith("[DONE]"):
+            break
+        read += [choice["delta"].get("content", "") for choice in json.loads(ev.data)["choices"]]
+    assert "".join(read) == "Build 4242 4242"
+    assert wire.endswith(b"data: [DONE]\n\n") and b"jane" not in wire
