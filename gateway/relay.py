@@ -359,16 +359,27 @@ class StreamRelay:
     def _event(self, event: sse.Event) -> bytes:
         """The exact path: the event parsed, redacted, written from the parse. An event whose
         bytes are what it parses to is also a candidate to learn from (see `_learn`)."""
+        if not event.raw.isascii() and _has_invalid_utf8(event.raw):
+            # Read as every client reads it: EventSource decodes with U+FFFD for each invalid
+            # byte, and what the gateway writes is valid UTF-8 anyway; read raw, such an event
+            # would not parse here while it parses there, and its text escape its stream.
+            event = sse.parse_blocks(event.raw.decode("utf-8", "replace").encode())[0]
         data = event.data
         if data is None:  # comments (a keep-alive), or fields without data: their text redacted whole
             text = event.raw.decode("utf-8", "replace")
             clean = self._whole(text)
             return event.raw if clean == text else clean.encode()
         surface = self._surface
-        if data == surface.done_data:
+        done = surface.done_data
+        # The openai SDKs (Python and Node) end a stream at data that starts with [DONE]
+        # ("[DONE] " included): held text must go out before it, and nothing after it is read.
+        if done is not None and data.startswith(done):
             self.done = True
-            return self.finish() + _with_data(event, data, self._whole)  # its other lines redacted too
-        chunk = _loads_object(data)
+            return self.finish() + _with_data(event, done, self._whole)  # its other lines redacted too
+        try:
+            chunk = _loads_object(data, deep=True)
+        except RecursionError:
+            return self._too_deep()
         if chunk is None:
             return self._unreadable(event)
         if surface.misindexed(chunk):
@@ -383,44 +394,52 @@ class StreamRelay:
         # An event is learned from (see `_learn`) when it is small, has no escape and is its
         # own bytes again (no spacing, no repeated or escaped key), and is plain: no usage,
         # nothing flushed before or into it, not the end.
-        raw = event.raw
-        plain = (
-            len(self._plans) < MAX_PLANS
-            and len(raw) <= MAX_PLAN_BYTES
-            and raw.find(b"\\") < 0
-            and _dumps(chunk) == data
-            and surface.usage(chunk, None, {}) is None
-        )
-        root = surface.root(chunk)
-        self._note(chunk)
-        before = surface.flush_before(chunk)
-        out = self._flushed(before) if before is not None else b""
-        fed: list[tuple[Path, Leaf, str, str]] = []
-        leaf = self._recorded(fed) if plain else self._leaf
-        # The one shortcut: without an escape or anything PII could be made of in the whole
-        # event, only the described fields need a look (their streams may hold text back).
-        scrub = root is None or data.find(b"\\") >= 0 or self._side_may_match(data)
+        out = b""
         try:
+            raw = event.raw
+            plain = (
+                len(self._plans) < MAX_PLANS
+                and len(raw) <= MAX_PLAN_BYTES
+                and raw.find(b"\\") < 0
+                and _dumps(chunk) == data
+                and surface.usage(chunk, None, {}) is None
+            )
+            root = surface.root(chunk)
+            self._note(chunk)
+            before = surface.flush_before(chunk)
+            out = self._flushed(before) if before is not None else b""
+            fed: list[tuple[Path, Leaf, str, str]] = []
+            leaf = self._recorded(fed) if plain else self._leaf
+            # The one shortcut: without an escape or anything PII could be made of in the whole
+            # event, only the described fields need a look (their streams may hold text back).
+            scrub = root is None or data.find(b"\\") >= 0 or self._side_may_match(data)
             if root is None:  # no index to key its streams by: its texts whole, JSON ones as JSON
                 walk(chunk, surface.spec_of(chunk), (), True, _read_whole(self._whole), self._whole)
             else:
                 walk(chunk, surface.spec_of(chunk), root, scrub, leaf, self._whole)
-        except RecursionError:  # nested past Python's stack: its text redacted whole instead
-            return out + self._unreadable(event)
-        templates = self._templates
-        if root is not None and root not in templates and len(templates) < MAX_STREAMS:
-            templates[root] = surface.template(chunk)  # redacted: an id the upstream filled with PII stays masked
-        into = surface.flush_into(chunk)
-        if into is not None:
-            plain = False
-            for path, text in self._take_held(into):
-                put(chunk, path, text)
-        written = _with_data(event, _dumps(chunk), self._whole)
-        # An event whose texts are all empty opens a part (OpenAI's role chunk, Anthropic's
-        # content_block_start): one of its shape seldom follows, so it is not worth learning.
-        if plain and before is None and root is not None and not self.done and any(text for _, _, text, _ in fed):
-            self._learn(event, chunk, fed, written)
-        return out + written
+            templates = self._templates
+            if root is not None and root not in templates and len(templates) < MAX_STREAMS:
+                templates[root] = surface.template(chunk)  # redacted: an id the upstream filled with PII stays masked
+            into = surface.flush_into(chunk)
+            if into is not None:
+                plain = False
+                for path, text in self._take_held(into):
+                    put(chunk, path, text)
+            written = _with_data(event, _dumps(chunk), self._whole)
+            # An event whose texts are all empty opens a part (OpenAI's role chunk, Anthropic's
+            # content_block_start): one of its shape seldom follows, so it is not worth learning.
+            if plain and before is None and root is not None and not self.done and any(text for _, _, text, _ in fed):
+                self._learn(event, chunk, fed, written)
+            return out + written
+        except RecursionError:  # parsed, but too deep to walk or write: some of its text may be in its streams
+            return out + self._too_deep()
+
+    def _too_deep(self) -> bytes:
+        """An event nested past what the gateway can read (a client's parser may read it, and
+        join its text to a stream's): the stream ends here, held text first (SPEC §6)."""
+        self.done = True
+        self.failure = UpstreamError("upstream sent an event nested too deeply to read")
+        return self.finish() + self.error_event(self.failure)
 
     def _recorded(self, fed: list[tuple[Path, Leaf, str, str]]) -> LeafText:
         """`_leaf`, noting each described text and what its stream gave out."""
@@ -1030,10 +1049,16 @@ def _dumps(value: Any) -> bytes:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _loads_object(data: bytes) -> dict[str, Any] | None:
+def _loads_object(data: bytes, deep: bool = False) -> dict[str, Any] | None:
+    """The JSON object in `data`; None if it is none. RecursionError (nested past the parser's
+    stack) is raised with `deep`, else None too."""
     try:
         value = loads_reply(data)
-    except (ValueError, RecursionError):
+    except ValueError:
+        return None
+    except RecursionError:
+        if deep:
+            raise
         return None
     return value if type(value) is dict else None
 

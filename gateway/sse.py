@@ -30,6 +30,7 @@ class EventTooLarge(ValueError):
 
 
 MAX_EVENT_BYTES = 16 * 1024 * 1024
+BOM = b"\xef\xbb\xbf"
 
 
 class SSEParser:
@@ -40,16 +41,19 @@ class SSEParser:
     bounded number of times, however many reads an event arrives in: what is pending is
     only appended to, and only a read (plus the byte before it) is searched for the blank
     line that ends an event. An event still incomplete past `max_event_bytes` raises
-    `EventTooLarge`: memory stays bounded whatever the upstream sends.
+    `EventTooLarge`: memory stays bounded whatever the upstream sends. A UTF-8 byte order
+    mark opening the stream is dropped, as the SSE spec's decoding (EventSource) drops it:
+    kept, it would hide the first event's `data:` line from the gateway and not from them.
     """
 
-    __slots__ = ("_cr", "_limit", "pending")
+    __slots__ = ("_cr", "_head", "_limit", "pending")
 
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         # An incomplete event; never holds a blank line (\\n\\n). Read, not written, outside: how
         # long the events a read completes may be is its length and the read's.
         self.pending = bytearray()
         self._cr = False  # the previous read ended in \\r: a \\n opening the next is its pair
+        self._head: bytes | None = b""  # the stream's first bytes while they may be a BOM; None after
         self._limit = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[Event]:
@@ -58,6 +62,14 @@ class SSEParser:
     def complete(self, chunk: bytes) -> bytes:
         """The whole event blocks this read completes, as one bytes (line endings normalised,
         each block ending in a blank line); b"" while an event is still incomplete."""
+        if self._head is not None:
+            chunk = self._head + chunk
+            if len(chunk) < len(BOM) and BOM.startswith(chunk):
+                self._head = chunk  # b"\\xef" alone: the read that follows says whether a BOM opens the stream
+                return b""
+            self._head = None
+            if chunk.startswith(BOM):
+                chunk = chunk[len(BOM) :]
         pending = self.pending
         # bytes.find, not `in`: for `b"x" in data` CPython first tries b"x" as an integer and
         # builds a TypeError it then drops, which costs more than the search on a short read.
@@ -91,8 +103,8 @@ class SSEParser:
 
     def close(self) -> list[Event]:
         """End of input: a final block without its blank line is still dispatched."""
-        rest, self.pending = bytes(self.pending), bytearray()
-        self._cr = False
+        rest, self.pending = (self._head or b"") + bytes(self.pending), bytearray()
+        self._cr, self._head = False, None
         event = _parse_block(rest.rstrip(b"\n"))
         return [event] if event is not None else []
 

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 from collections.abc import Iterator
 from typing import Any
@@ -298,11 +299,16 @@ def test_the_shortcut_equals_the_full_walk(case: tuple[list[str], bool, list[byt
     assert b"".join(fast.feed(r) for r in reads) + fast.close() == b"".join(full.feed(r) for r in reads) + full.close()
 
 
-def test_an_event_nested_past_the_stack_is_redacted_as_text() -> None:
+def test_an_event_nested_past_the_stack_ends_the_stream() -> None:
+    # Redacted whole as text, it went out while JavaScript's parser reads it (any depth), its
+    # text cut off from its stream's: see test_text_beside_what_the_gateway_cannot_read_...
     deep = b"[" * 3000 + b'"jane.doe@example.com"' + b"]" * 3000
     wire = relay_all(b'data: {"choices":' + deep + b"}\n\n", DONE)
     assert_no_clear_pii(wire)
-    assert wire.endswith(DONE)
+    assert b"jane" not in wire and not wire.endswith(DONE)
+    assert json.loads(list(sse.SSEParser().feed(wire))[-1].data)["error"]["message"] == (
+        "upstream sent an event nested too deeply to read"
+    )
 
 
 @settings(max_examples=2000, deadline=None)
@@ -734,3 +740,78 @@ def test_the_side_check_in_windows_finds_what_one_search_finds(text: str, window
 
     with mock.patch.object(relay, "_SEARCH_BYTES", window):
         assert relay.side_may_match(text.encode()) == ("@" in text or _DIGIT_RUN.search(text) is not None)
+
+
+# --- Events a client reads where the gateway could not: their text must not escape its stream --
+def _client_text(wire: bytes, key: str) -> str:
+    """The `key` strings a client joins: one that decodes the stream as EventSource does (U+FFFD
+    for invalid UTF-8, a leading BOM dropped) and parses JSON at any depth (JavaScript's)."""
+    text = wire.decode("utf-8-sig", "replace")
+    return "".join(json.loads(f'"{m}"') for m in re.findall(f'"{key}":"((?:[^"\\\\]|\\\\.)*)"', text))
+
+
+def _chat(text: str, side: bytes = b"") -> bytes:
+    wire = delta_chunk({"content": text})
+    return wire[: -len(b"}\n\n")] + side + b"}\n\n" if side else wire
+
+
+def _block(text: str, side: bytes = b"") -> bytes:
+    body = b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":' + json.dumps(text).encode()
+    return b"event: content_block_delta\ndata: " + body + b"}" + side + b"}\n\n"
+
+
+def _output_text(text: str, side: bytes = b"") -> bytes:
+    body = b'{"type":"response.output_text.delta","item_id":"m","output_index":0,"content_index":0,"delta":'
+    return b"event: response.output_text.delta\ndata: " + body + json.dumps(text).encode() + side + b"}\n\n"
+
+
+_DEEP_LISTS = b',"x":' + b"[" * 1100 + b"]" * 1100  # past any parser's depth here, not JavaScript's
+_DEEP_OBJECTS = b',"x":' + b'{"a":' * 600 + b"1" + b"}" * 600  # parsed, but past the walk's stack
+_PARSED_LISTS = b',"x":' + b"[" * 1000 + b"]" * 1000  # parsed (orjson), but past json.dumps's stack: was a 500
+
+
+@pytest.mark.parametrize(
+    "side",
+    [b',"x":"\xff"', _DEEP_LISTS, _DEEP_OBJECTS, _PARSED_LISTS],
+    ids=["bad-utf8", "deep-lists", "deep", "parsed-lists"],
+)
+@pytest.mark.parametrize("api", ["chat", "messages", "responses"])
+def test_text_beside_what_the_gateway_cannot_read_stays_in_its_stream(api: str, side: bytes) -> None:
+    # An invalid UTF-8 byte, or nesting past the parser's stack, in another field of the event:
+    # clients still read its text (EventSource writes U+FFFD, JavaScript parses any depth) and
+    # join it to the next event's. Redacted whole apart from its stream, "jane.doe@" went out
+    # in clear, then "example.com" (or the stream's mask after it: the address twice over).
+    from gateway.openai_apis import RESPONSES
+    from gateway.surfaces import MESSAGES
+
+    make, surface, key = {
+        "chat": (_chat, CHAT, "content"),
+        "messages": (_block, MESSAGES, "text"),
+        "responses": (_output_text, RESPONSES, "delta"),
+    }[api]
+    relay = StreamRelay(REDACTOR, None, surface)
+    wire = relay.feed(make("Write to jane.doe@", side)) + relay.feed(make("example.com today."))
+    wire += relay.close()
+    text = _client_text(wire, key)
+    assert EMAIL not in text
+    assert not ("jane.doe@" in text and "example.com" in text), text
+
+
+def test_a_bom_does_not_hide_the_first_event_from_redaction() -> None:
+    wire = relay_all(b"\xef\xbb\xbf" + _chat("Write to jane.doe@"), _chat("example.com today."), DONE)
+    assert _client_text(wire, "content") == "Write to j***e@example.com today."
+
+
+@pytest.mark.parametrize("done", [b"[DONE] ", b"[DONE]\r", b"[DONE]x jane.doe@example.com"])
+def test_data_that_starts_with_done_ends_the_stream_after_held_text(done: bytes) -> None:
+    # The openai SDKs stop at data that starts with [DONE]: text held back (a number that may
+    # become a card) went out after it, where the client no longer read ("Build " only).
+    wire = relay_all(_chat("Build 4242 4242"), b"data: " + done + b"\n\n", _chat(" more"))
+    read: list[str] = []
+    for ev in sse.SSEParser().feed(wire):
+        assert ev.data is not None
+        if ev.data.decode().startswith("[DONE]"):
+            break
+        read += [choice["delta"].get("content", "") for choice in json.loads(ev.data)["choices"]]
+    assert "".join(read) == "Build 4242 4242"
+    assert wire.endswith(b"data: [DONE]\n\n") and b"jane" not in wire

@@ -143,3 +143,21 @@ def parse_in_reads_limited(wire: bytes, limit: int, step: int) -> list[sse.Event
 def test_event_too_large_is_a_value_error_with_the_limit() -> None:
     error = sse.EventTooLarge(16)
     assert isinstance(error, ValueError) and error.limit == 16
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2, 3, 4])
+def test_a_bom_opening_the_stream_is_dropped_in_any_reads(cut: int) -> None:
+    # The SSE spec decodes the stream as UTF-8 without its BOM: EventSource (and parsers that
+    # follow it) then read the first line as `data:`. Kept, it would hide that event from the
+    # gateway's redaction while a client reads its text.
+    wire = b"\xef\xbb\xbfdata: a\n\ndata: b\n\n"
+    assert [e.data for e in parse_in_reads(wire, [cut])] == [b"a", b"b"]
+    parser = sse.SSEParser()
+    assert parser.complete(wire[:cut]) == b""
+    assert parser.complete(wire[cut:]) == b"data: a\n\ndata: b\n\n"
+
+
+def test_only_a_bom_opening_the_stream_is_dropped() -> None:
+    assert [e.data for e in parse_in_reads(b"data: a\n\n\xef\xbb\xbfdata: b\n\n", [])] == [b"a", None]
+    assert [e.data for e in parse_in_reads(b"\xef\xbbdata: a\n\n", [1])] == [None]  # not a whole BOM
+    assert [e.raw for e in parse_in_reads(b"\xef\xbb", [1])] == [b"\xef\xbb\n\n"]  # the stream ended there
