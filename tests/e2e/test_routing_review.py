@@ -320,5 +320,5 @@ def test_a_reply_of_megabytes_of_tiny_values_is_an_upstream_error(tmp_path: Path
     fakes["claude"].script({"status": 200, "body": HOSTILE_REPLY.replace('"choices":[]', '"content":[]')})
     fakes["backup"].script({"status": 200, "body": OK_CHAT})
     routed = gateway(ROUTES_FILE=str(routes_file(tmp_path, fakes)))
-    status, headers, data = post(routed.port, "/v1/chat/completions", {"model": "claude-x", "messages": HI})
+    status, _, data = post(routed.port, "/v1/chat/completions", {"model": "claude-x", "messages": HI})
     assert status == 200 and json.loads(data)["choices"][0]["message"]["content"] == "ok", data[:300]
