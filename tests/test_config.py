@@ -629,3 +629,34 @@ def test_a_listed_key_with_a_space_is_refused_at_start_up(monkeypatch: pytest.Mo
     monkeypatch.setenv("TENANT_KEYS", "acme=sk with space")
     with pytest.raises(ConfigError, match="TENANT_KEYS"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("line", "name"),
+    [
+        ('REDIS_URL="redis://:p4ss-SECRET@127.0.0.1:6379/0', "REDIS_URL"),
+        ("QUOTA_FAIL_MODE='closed", "QUOTA_FAIL_MODE"),
+        ('  export OPENAI_API_KEY="sk-SECRET', "OPENAI_API_KEY"),
+    ],
+)
+def test_an_assignment_dotenv_cannot_parse_stops_start_up(tmp_path: Path, line: str, name: str) -> None:
+    # An unclosed quote made python-dotenv drop the line with a warning: the gateway then started on
+    # the default (no REDIS_URL: each process its own quota; QUOTA_FAIL_MODE=open), status 0.
+    (tmp_path / ".env").write_text(f"RPS=7\n{line}\nBURST=20\n")
+    result = run_gateway("--check-config", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"config error: {name}: {tmp_path / '.env'} line 2 does not parse (an unclosed quote?)"
+    ]
+    assert "SECRET" not in result.stdout + result.stderr
+
+
+def test_an_unparsable_dotenv_line_under_a_set_variable_or_no_assignment_only_warns(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text('RPS="7\nthis line is not an assignment\nBURST=20\n')
+    result = run_gateway("--check-config", cwd=tmp_path, RPS="3")
+    assert result.returncode == 0
+    assert (check_config_lines(result)["RPS"], check_config_lines(result)["BURST"]) == ("3", "20")
+    assert result.stderr.splitlines() == [
+        "python-dotenv could not parse statement starting at line 1",
+        "python-dotenv could not parse statement starting at line 2",
+    ]
