@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from environs import Env, EnvError, EnvValidationError
 from marshmallow.validate import OneOf, Range
@@ -322,7 +322,28 @@ def _parse_redis_url(value: str) -> str:
     if database and not (database.isascii() and database.isdigit()):
         # redis://host/abc would run on database 0 without a word: say so instead.
         raise EnvError("the path is a database number (redis://host:6379/0)")
+    if parts.scheme == "unix" and not parts.path:
+        raise EnvError("a unix:// URL needs the socket's path (unix:///run/redis/redis.sock)")
+    _check_redis_options(value)
     return value
+
+
+def _check_redis_options(value: str) -> None:
+    """coredis reads the URL's query options (db, timeout, ssl_cert_reqs, ...) only when the
+    store is made, where one it cannot use was a traceback: read them here, the way it will."""
+    import coredis  # here: only a configuration with REDIS_URL pays for the import
+
+    try:
+        coredis.ConnectionPool.from_url(value)
+    except Exception:  # whatever it raises: its text may quote a value, so it is not repeated
+        parts = urlsplit(value)
+        for name, option in parse_qsl(parts.query, keep_blank_values=True):
+            alone = urlunsplit(parts._replace(query=urlencode({name: option})))
+            try:
+                coredis.ConnectionPool.from_url(alone)
+            except Exception:
+                raise EnvError(f"the query option {_one_line(name)!r} has a value coredis cannot use") from None
+        raise EnvError("coredis cannot read this URL") from None
 
 
 def _endpoint(base_url: str, route: str) -> str:

@@ -660,3 +660,29 @@ def test_an_unparsable_dotenv_line_under_a_set_variable_or_no_assignment_only_wa
         "python-dotenv could not parse statement starting at line 1",
         "python-dotenv could not parse statement starting at line 2",
     ]
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("rediss://:pw-S3CRET@cache.example:6380/0?ssl_cert_reqs=bogus", "query option 'ssl_cert_reqs'"),
+        ("redis://:pw-S3CRET@cache.example:6379/0?timeout=soon", "query option 'timeout'"),
+        ("redis://cache.example:6379/0?max_connections=many&password=pw-S3CRET", "query option 'max_connections'"),
+        ("redis://cache.example:6379/0?db=two", "query option 'db'"),
+        ("unix://", "needs the socket's path"),
+    ],
+)
+def test_a_redis_url_coredis_cannot_use_stops_start_up(value: str, problem: str) -> None:
+    # Accepted by --check-config, they were a traceback and exit status 1 when the store was
+    # made (or, unix:// without a path, a store that failed every call: quotas never enforced).
+    result = run_gateway("--check-config", REDIS_URL=value)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("config error: REDIS_URL: ") and problem in line
+    assert "S3CRET" not in result.stdout + result.stderr
+
+
+def test_redis_url_query_options_coredis_reads_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value in ("redis://cache.example:6379/0?db=1&timeout=2&max_connections=8", "unix:///run/redis.sock?db=2"):
+        monkeypatch.setenv("REDIS_URL", value)
+        assert load_settings().redis_url == value
