@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from environs import Env, EnvError, EnvValidationError
 from marshmallow.validate import OneOf, Range
@@ -40,6 +41,8 @@ _PLAIN_QUERY_KEYS = frozenset(
     {"db", "protocol", "api-version", "ssl_cert_reqs", "ssl_check_hostname", "timeout", "socket_timeout"}
 )
 _SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL|HEADERS")
+_DOTENV_LINES = re.compile(r"\r\n|\n|\r")  # the line breaks python-dotenv counts
+_ASSIGNMENT = re.compile(r"[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_.]*)[ \t]*=")
 _OTEL_ASSIGNMENT = re.compile(r"^[ \t]*(?:export[ \t]+)?(OTEL_[A-Za-z0-9_]+)[ \t]*=", re.MULTILINE)
 _URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
 
@@ -319,7 +322,28 @@ def _parse_redis_url(value: str) -> str:
     if database and not (database.isascii() and database.isdigit()):
         # redis://host/abc would run on database 0 without a word: say so instead.
         raise EnvError("the path is a database number (redis://host:6379/0)")
+    if parts.scheme == "unix" and not parts.path:
+        raise EnvError("a unix:// URL needs the socket's path (unix:///run/redis/redis.sock)")
+    _check_redis_options(value)
     return value
+
+
+def _check_redis_options(value: str) -> None:
+    """coredis reads the URL's query options (db, timeout, ssl_cert_reqs, ...) only when the
+    store is made, where one it cannot use was a traceback: read them here, the way it will."""
+    import coredis  # here: only a configuration with REDIS_URL pays for the import
+
+    try:
+        coredis.ConnectionPool.from_url(value)
+    except Exception:  # whatever it raises: its text may quote a value, so it is not repeated
+        parts = urlsplit(value)
+        for name, option in parse_qsl(parts.query, keep_blank_values=True):
+            alone = urlunsplit(parts._replace(query=urlencode({name: option})))
+            try:
+                coredis.ConnectionPool.from_url(alone)
+            except Exception:
+                raise EnvError(f"the query option {_one_line(name)!r} has a value coredis cannot use") from None
+        raise EnvError("coredis cannot read this URL") from None
 
 
 def _endpoint(base_url: str, route: str) -> str:
@@ -497,9 +521,43 @@ def load_settings(env_file: Path | None = None) -> Settings:
             raise ConfigError([f"{_one_line(str(dotenv))}: cannot read it: {exc.strerror}"]) from None
         except UnicodeDecodeError:
             raise ConfigError([f"{_one_line(str(dotenv))}: not UTF-8 text"]) from None
-        env.read_env(str(dotenv), recurse=False, override=False)  # into env, under os.environ
+        unparsed = _UnparsedAssignments(_DOTENV_LINES.split(text))
+        dotenv_log = logging.getLogger("dotenv.main")  # python-dotenv warns there of a line it drops
+        dotenv_log.addFilter(unparsed)
+        try:
+            env.read_env(str(dotenv), recurse=False, override=False)  # into env, under os.environ
+        finally:
+            dotenv_log.removeFilter(unparsed)
+        if unparsed.found:  # the variable would be left at its default: refuse, naming it (never its value)
+            where = _one_line(str(dotenv))
+            raise ConfigError(
+                [f"{name}: {where} line {line} does not parse (an unclosed quote?)" for line, name in unparsed.found]
+            )
         otel_in_file = _OTEL_ASSIGNMENT.findall(text)
     return _read(env, otel_in_file, dotenv)
+
+
+class _UnparsedAssignments(logging.Filter):
+    """Watches python-dotenv's warning of a line it could not parse (and dropped): when the line
+    assigns a variable the real environment does not set (`NAME="value` with its quote unclosed),
+    the variable would silently keep its default, so it is noted for start-up to refuse; any other
+    line keeps the warning and is ignored, as before."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__()
+        self.lines = lines
+        self.found: list[tuple[int, str]] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if not (str(record.msg).startswith("python-dotenv could not parse") and args and isinstance(args[0], int)):
+            return True
+        line = args[0]
+        match = _ASSIGNMENT.match(self.lines[line - 1]) if 0 < line <= len(self.lines) else None
+        if match is None or match.group(1) in os.environ:  # the real environment's value wins anyway
+            return True
+        self.found.append((line, match.group(1)))
+        return False
 
 
 def environment(env_file: Path | None = None) -> dict[str, str]:

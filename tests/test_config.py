@@ -629,3 +629,60 @@ def test_a_listed_key_with_a_space_is_refused_at_start_up(monkeypatch: pytest.Mo
     monkeypatch.setenv("TENANT_KEYS", "acme=sk with space")
     with pytest.raises(ConfigError, match="TENANT_KEYS"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("line", "name"),
+    [
+        ('REDIS_URL="redis://:p4ss-SECRET@127.0.0.1:6379/0', "REDIS_URL"),
+        ("QUOTA_FAIL_MODE='closed", "QUOTA_FAIL_MODE"),
+        ('  export OPENAI_API_KEY="sk-SECRET', "OPENAI_API_KEY"),
+    ],
+)
+def test_an_assignment_dotenv_cannot_parse_stops_start_up(tmp_path: Path, line: str, name: str) -> None:
+    # An unclosed quote made python-dotenv drop the line with a warning: the gateway then started on
+    # the default (no REDIS_URL: each process its own quota; QUOTA_FAIL_MODE=open), status 0.
+    (tmp_path / ".env").write_text(f"RPS=7\n{line}\nBURST=20\n")
+    result = run_gateway("--check-config", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"config error: {name}: {tmp_path / '.env'} line 2 does not parse (an unclosed quote?)"
+    ]
+    assert "SECRET" not in result.stdout + result.stderr
+
+
+def test_an_unparsable_dotenv_line_under_a_set_variable_or_no_assignment_only_warns(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text('RPS="7\nthis line is not an assignment\nBURST=20\n')
+    result = run_gateway("--check-config", cwd=tmp_path, RPS="3")
+    assert result.returncode == 0
+    assert (check_config_lines(result)["RPS"], check_config_lines(result)["BURST"]) == ("3", "20")
+    assert result.stderr.splitlines() == [
+        "python-dotenv could not parse statement starting at line 1",
+        "python-dotenv could not parse statement starting at line 2",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("rediss://:pw-S3CRET@cache.example:6380/0?ssl_cert_reqs=bogus", "query option 'ssl_cert_reqs'"),
+        ("redis://:pw-S3CRET@cache.example:6379/0?timeout=soon", "query option 'timeout'"),
+        ("redis://cache.example:6379/0?max_connections=many&password=pw-S3CRET", "query option 'max_connections'"),
+        ("redis://cache.example:6379/0?db=two", "query option 'db'"),
+        ("unix://", "needs the socket's path"),
+    ],
+)
+def test_a_redis_url_coredis_cannot_use_stops_start_up(value: str, problem: str) -> None:
+    # Accepted by --check-config, they were a traceback and exit status 1 when the store was
+    # made (or, unix:// without a path, a store that failed every call: quotas never enforced).
+    result = run_gateway("--check-config", REDIS_URL=value)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("config error: REDIS_URL: ") and problem in line
+    assert "S3CRET" not in result.stdout + result.stderr
+
+
+def test_redis_url_query_options_coredis_reads_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value in ("redis://cache.example:6379/0?db=1&timeout=2&max_connections=8", "unix:///run/redis.sock?db=2"):
+        monkeypatch.setenv("REDIS_URL", value)
+        assert load_settings().redis_url == value

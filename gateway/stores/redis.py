@@ -194,7 +194,10 @@ class RedisStore:
                             self._script(keys=[key], args=[operation], client=pipe) for key, operation, _, _ in batch
                         ]
                     answers = [answer for call in calls for answer in await call]
-        except (TimeoutError, RedisError, OSError, RuntimeError):
+        except TimeoutError:
+            answers = None
+            self._drop_connections()
+        except (RedisError, OSError, RuntimeError):
             answers = None
         finally:
             # Every waiter hears back, whatever happened here (this task cancelled included):
@@ -234,9 +237,20 @@ class RedisStore:
         try:
             async with asyncio.timeout(self._timeout):
                 await self._client.ping()
-        except (TimeoutError, RedisError, OSError, RuntimeError):
+        except TimeoutError:
+            self._drop_connections()
+            return False
+        except (RedisError, OSError, RuntimeError):
             return False
         return True
+
+    def _drop_connections(self) -> None:
+        """After a call that got no answer in time. coredis keeps the connection, and the
+        answer it still waits for there: on a connection that went silent (a NAT or load
+        balancer that forgot it, with no reset), every later call would time out behind it for
+        ever. The next call connects afresh; a late answer on the old one is lost, as its
+        callers were already told the store was unavailable."""
+        self._client.connection_pool.disconnect()
 
 
 def _held(answer: list[bytes]) -> Held:

@@ -456,3 +456,67 @@ async def test_no_operation_waits_longer_than_the_deadline_even_behind_a_batch(r
     finally:
         redis_server.cli("CLIENT", "UNPAUSE")
         await store.close()
+
+
+async def test_a_connection_that_went_silent_is_dropped_and_the_store_recovers(redis_server: RedisServer) -> None:
+    # A middlebox (NAT, conntrack, a cloud load balancer's idle timeout) forgets the store's
+    # connection: its bytes are dropped from then on, without a reset, while a new connection
+    # gets through. A call that timed out on it left coredis waiting for an answer that never
+    # comes, on a connection it kept using: every later call timed out too, for ever (fail-open:
+    # no quota enforced again; fail-closed: every request 503 and /readyz 503 until a restart).
+    from ..harness import free_port
+
+    silent: set[asyncio.StreamWriter] = set()  # client sides whose bytes are dropped
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            if client not in silent:
+                writer.write(data)
+
+    async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", redis_server.port)
+        for task in (
+            asyncio.create_task(pipe(client_reader, server_writer, client_writer)),
+            asyncio.create_task(pipe(server_reader, client_writer, client_writer)),
+        ):
+            tasks.add(task)
+
+    connections: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await relay(reader, writer)
+
+    port = free_port()
+    proxy = await asyncio.start_server(accept, "127.0.0.1", port)
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", cluster=False, timeout=0.3)
+    await store.open()
+    try:
+        assert (await store.hit("quota:silent", 60_000))[0] == 1
+        silent.update(connections)  # the middlebox forgets every flow open now
+        with pytest.raises(StoreUnavailable):
+            await store.hit("quota:silent", 60_000)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 3
+        while True:  # a new connection gets through: the store must use one
+            try:
+                await store.hit("quota:silent", 60_000)
+                break
+            except StoreUnavailable:
+                assert loop.time() < give_up, "the store kept its silent connection"
+                await asyncio.sleep(0.2)
+        silent.update(connections)  # again, found by /readyz's ping this time (no traffic)
+        assert await store.ping() is False
+        give_up = loop.time() + 3
+        while not await store.ping():
+            assert loop.time() < give_up, "the ping kept its silent connection"
+            await asyncio.sleep(0.2)
+        assert (await store.hit("quota:silent", 60_000))[0] == 3
+    finally:
+        await store.close()
+        proxy.close()
+        for task in tasks:
+            task.cancel()
+        for writer in connections:
+            writer.close()
