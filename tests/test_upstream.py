@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.upstream import Upstream
+from gateway.errors import UpstreamError
+from gateway.upstream import MAX_REPLY_BYTES, Upstream
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
@@ -284,3 +285,51 @@ def test_only_allowed_names_and_the_gateways_own_go_out(sent: list[tuple[str, li
         passes = name in _ALLOWED or name.startswith("x-stainless-")
         if passes and value and name not in hop:
             assert name in names, name  # every allowed header with a value arrives
+
+
+async def test_a_reply_that_inflates_past_the_cap_is_an_upstream_error_not_held_whole() -> None:
+    # A non-stream reply is read whole before it is parsed: with no cap, a 400 KB gzip body that
+    # inflates to 400 MB (aiohttp decodes what the gateway's Accept-Encoding invited) took the
+    # process past 700 MB, three at once past 4 GB. Read past the cap, it is an UpstreamError
+    # (502, or the next upstream of the route) and the connection is dropped.
+    cap = 1024 * 1024
+    inflated = b'{"content": "' + b"a" * (4 * cap) + b'"}'
+    bomb = gzip.compress(inflated)
+    assert len(bomb) < cap // 16
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        if request.query.get("size") == "small":
+            return web.Response(
+                body=gzip.compress(b'{"ok": true}'),
+                content_type="application/json",
+                headers={"Content-Encoding": "gzip"},
+            )
+        return web.Response(body=bomb, content_type="application/json", headers={"Content-Encoding": "gzip"})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner, port = await serve(app)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    bounded = Upstream(url, None, 5.0, max_reply_bytes=cap)
+    small = Upstream(url + "?size=small", None, 5.0, max_reply_bytes=cap)
+    await bounded.open()
+    await small.open()
+    try:
+        reply = await bounded.post(BODY, {"Content-Type": "application/json"})
+        assert reply.status == 200
+        with pytest.raises(UpstreamError, match="too large"):
+            await reply.read()
+        reply.close()
+        # Under the cap, the decoded body as before.
+        reply = await small.post(BODY, {"Content-Type": "application/json"})
+        assert orjson.loads(await reply.read()) == {"ok": True}
+    finally:
+        await bounded.close()
+        await small.close()
+        await runner.cleanup()
+
+
+def test_the_default_cap_leaves_room_for_the_largest_replies_the_apis_give() -> None:
+    # 2048 embeddings of 3072 floats, pretty-printed as OpenAI does (~23 bytes a number): ~145 MB.
+    assert MAX_REPLY_BYTES >= 2048 * 3072 * 23
