@@ -72,11 +72,14 @@ class Reply(Protocol):
 class UpstreamReply:
     """The upstream's answer once its headers have arrived."""
 
-    __slots__ = ("_limit", "_response")
+    __slots__ = ("_limit", "_response", "_secret")
 
-    def __init__(self, response: aiohttp.ClientResponse, limit: int = MAX_REPLY_BYTES) -> None:
+    def __init__(
+        self, response: aiohttp.ClientResponse, limit: int = MAX_REPLY_BYTES, secret: bytes | None = None
+    ) -> None:
         self._response = response
         self._limit = limit
+        self._secret = secret  # the operator's key: never handed back to the client (see read)
 
     @property
     def status(self) -> int:
@@ -136,7 +139,12 @@ class UpstreamReply:
                 parts.append(chunk)
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamStreamBroken() from exc
-        return b"".join(parts)
+        data = b"".join(parts)
+        # An error body that echoes the request it got (a debugging proxy, a validation error
+        # quoting the headers) would hand the operator's key to whoever made the call.
+        if self._secret is not None and self._response.status >= 300 and self._secret in data:
+            data = data.replace(self._secret, b"***")
+        return data
 
     async def next_chunk(self) -> bytes:
         """The body's next bytes as they arrive, b"" at its end; a connection that dies raises
@@ -161,7 +169,7 @@ class UpstreamReply:
 class Upstream:
     """The session is opened in the app's cleanup context (it needs the running loop)."""
 
-    __slots__ = ("_connect_timeout", "_defaults", "_max_reply", "_own", "_session", "_url", "_verdicts")
+    __slots__ = ("_connect_timeout", "_defaults", "_max_reply", "_own", "_secret", "_session", "_url", "_verdicts")
 
     def __init__(
         self,
@@ -176,6 +184,7 @@ class Upstream:
     ) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._max_reply = max_reply_bytes
+        self._secret = api_key.encode() if api_key and len(api_key) >= 8 else None  # masking "x" would garble
         self._url = url
         self._connect_timeout = connect_timeout
         # What the gateway itself says on every call: built once, added per request. An
@@ -267,7 +276,7 @@ class Upstream:
             response = await session.post(self._url, data=body, headers=headers, allow_redirects=False)
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
-        return UpstreamReply(response, self._max_reply)
+        return UpstreamReply(response, self._max_reply, self._secret)
 
     async def get(self, headers: Mapping[str, str]) -> UpstreamReply:
         """A GET of the upstream's URL (the model list), under the same rules as `post`."""
@@ -276,4 +285,4 @@ class Upstream:
             response = await self._session.get(self._url, headers=headers, allow_redirects=False)
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
-        return UpstreamReply(response, self._max_reply)
+        return UpstreamReply(response, self._max_reply, self._secret)

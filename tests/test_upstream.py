@@ -333,3 +333,36 @@ async def test_a_reply_that_inflates_past_the_cap_is_an_upstream_error_not_held_
 def test_the_default_cap_leaves_room_for_the_largest_replies_the_apis_give() -> None:
     # 2048 embeddings of 3072 floats, pretty-printed as OpenAI does (~23 bytes a number): ~145 MB.
     assert MAX_REPLY_BYTES >= 2048 * 3072 * 23
+
+
+async def test_an_error_body_that_echoes_the_request_never_carries_the_operators_key() -> None:
+    # The error body is relayed to the client (SPEC §5): one that quotes the request's headers
+    # would hand it the operator's key, OpenAI's Bearer or Anthropic's x-api-key alike.
+    async def echo(request: web.Request) -> web.Response:
+        await request.read()
+        status = int(request.query["status"])
+        return web.json_response({"error": {"message": "bad request", "headers": dict(request.headers)}}, status=status)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", echo)
+    runner, port = await serve(app)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        for anthropic in (False, True):
+            for status, masked in ((400, True), (503, True), (200, False)):
+                upstream = Upstream(f"{url}?status={status}", "sk-operator-secret-1", 5.0, anthropic=anthropic)
+                await upstream.open()
+                try:
+                    reply = await upstream.post(BODY, upstream.headers_for(CIMultiDictProxy(CIMultiDict())))
+                    data = await reply.read()
+                finally:
+                    await upstream.close()
+                headers = orjson.loads(data)["error"]["headers"]
+                sent = headers["x-api-key" if anthropic else "Authorization"]
+                if masked:
+                    assert b"sk-operator-secret-1" not in data
+                    assert sent == ("***" if anthropic else "Bearer ***")
+                else:  # a reply is the model's, relayed as it came
+                    assert "sk-operator-secret-1" in sent
+    finally:
+        await runner.cleanup()
