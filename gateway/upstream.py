@@ -96,7 +96,10 @@ class UpstreamReply:
         out = {}
         for name in _RETRY_HEADERS:
             value = headers.get(name)
-            if (value is not None and len(value) <= 32 and value.replace(".", "", 1).isdigit()) or value in (
+            # ASCII digits only: str.isdigit() also takes "٣" and "²", which no client reads as a number.
+            if (
+                value is not None and len(value) <= 32 and value.isascii() and value.replace(".", "", 1).isdigit()
+            ) or value in (
                 "true",
                 "false",
             ):

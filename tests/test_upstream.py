@@ -366,3 +366,28 @@ async def test_an_error_body_that_echoes_the_request_never_carries_the_operators
                     assert "sk-operator-secret-1" in sent
     finally:
         await runner.cleanup()
+
+
+async def test_only_ascii_numbers_of_the_upstreams_back_off_advice_are_passed_on() -> None:
+    # "٣" and "²" pass str.isdigit(): relayed, the client got a Retry-After in UTF-8 bytes.
+    async def limited(request: web.Request) -> web.Response:
+        await request.read()
+        value = request.query["v"]
+        return web.json_response({}, status=429, headers={"Retry-After": value, "retry-after-ms": value})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", limited)
+    runner, port = await serve(app)
+    try:
+        for value, passed in (("3", True), ("2.5", True), ("\u0663", False), ("\u00b2", False), ("3\u0663", False)):
+            upstream = Upstream(f"http://127.0.0.1:{port}/v1/chat/completions?v={value}", None, 5.0)
+            await upstream.open()
+            try:
+                reply = await upstream.post(BODY, {"Content-Type": "application/json"})
+                await reply.read()
+                expected = {"Retry-After": value, "retry-after-ms": value} if passed else {}
+                assert reply.retry_headers() == expected, value
+            finally:
+                await upstream.close()
+    finally:
+        await runner.cleanup()
