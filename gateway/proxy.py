@@ -459,6 +459,8 @@ class Proxy:
             fits = transport.get_write_buffer_limits()[1] - 64 if transport is not None else -1
             slack = self._idle_slack
             armed: float | None = None  # when the deadline was last moved; None: stopped
+            deadline = 0.0
+            progressed = False  # the last read completed an event
             counted = self._count_response_redactions
             async with asyncio.timeout(None) as idle:
                 while not relay.done:
@@ -468,9 +470,13 @@ class Proxy:
                             armed = None
                         await response.write(out)
                     now = loop.time()
-                    if armed is None or now - armed > slack:
-                        idle.reschedule(now + self._idle + slack)
+                    # Events move the deadline, bytes do not: an upstream trickling bytes into an
+                    # event it never ends is as silent as one sending nothing.
+                    if armed is None or (progressed and now - armed > slack):
+                        deadline = now + self._idle + slack
+                        idle.reschedule(deadline)
                         armed = now
+                    progressed = False
                     chunk = await reply.next_chunk()
                     if not chunk:  # upstream ended without [DONE]
                         long = len(relay.parser.pending) > ASIDE_BYTES
@@ -480,12 +486,18 @@ class Proxy:
                                 await response.write(out)
                             raise UpstreamStreamBroken()
                         break
-                    if len(chunk) + len(relay.parser.pending) <= ASIDE_BYTES:  # the usual read: small events
+                    held = len(chunk) + len(relay.parser.pending)  # less after the read: an event completed
+                    if held <= ASIDE_BYTES:  # the usual read: small events
                         out = relay.feed(chunk)
+                        progressed = len(relay.parser.pending) < held
                     else:  # the clock stops: the time is ours, not the upstream's silence
                         idle.reschedule(None)
-                        armed = None
                         out = await _aside(relay, chunk, counted)
+                        progressed = len(relay.parser.pending) < held
+                        if progressed:
+                            armed = None
+                        else:
+                            idle.reschedule(deadline)
                 idle.reschedule(None)
             # The last events and the end of the body in one write (with the headers too when
             # the whole reply came in the first read): one send instead of two.

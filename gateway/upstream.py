@@ -46,6 +46,10 @@ _RETRY_HEADERS = ("Retry-After", "retry-after-ms", "x-should-retry")
 
 
 MAX_RETRY_AFTER_SECS = 3600.0  # an upstream's Retry-After is believed up to this (SPEC §13's skip)
+# A reply read whole (JSON, an error) is held in memory: past this many decoded bytes it is an
+# upstream error. Room for the largest replies the APIs give (2048 embeddings of 3072 floats,
+# pretty-printed: ~145 MB), not for a body without end, or a small gzip one inflating ~1000x.
+MAX_REPLY_BYTES = 256 * 1024 * 1024
 
 
 class Reply(Protocol):
@@ -68,10 +72,14 @@ class Reply(Protocol):
 class UpstreamReply:
     """The upstream's answer once its headers have arrived."""
 
-    __slots__ = ("_response",)
+    __slots__ = ("_limit", "_response", "_secret")
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(
+        self, response: aiohttp.ClientResponse, limit: int = MAX_REPLY_BYTES, secret: bytes | None = None
+    ) -> None:
         self._response = response
+        self._limit = limit
+        self._secret = secret  # the operator's key: never handed back to the client (see read)
 
     @property
     def status(self) -> int:
@@ -88,7 +96,10 @@ class UpstreamReply:
         out = {}
         for name in _RETRY_HEADERS:
             value = headers.get(name)
-            if (value is not None and len(value) <= 32 and value.replace(".", "", 1).isdigit()) or value in (
+            # ASCII digits only: str.isdigit() also takes "٣" and "²", which no client reads as a number.
+            if (
+                value is not None and len(value) <= 32 and value.isascii() and value.replace(".", "", 1).isdigit()
+            ) or value in (
                 "true",
                 "false",
             ):
@@ -118,10 +129,25 @@ class UpstreamReply:
         return min(max(secs, 0.0), MAX_RETRY_AFTER_SECS)
 
     async def read(self) -> bytes:
+        """The whole body, decoded; past the limit an UpstreamError, the connection dropped."""
+        content = self._response.content
+        parts: list[bytes] = []
+        size = 0
         try:
-            return await self._response.read()
+            while chunk := await content.readany():
+                size += len(chunk)
+                if size > self._limit:
+                    self._response.close()
+                    raise UpstreamError("upstream reply too large")
+                parts.append(chunk)
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamStreamBroken() from exc
+        data = b"".join(parts)
+        # An error body that echoes the request it got (a debugging proxy, a validation error
+        # quoting the headers) would hand the operator's key to whoever made the call.
+        if self._secret is not None and self._response.status >= 300 and self._secret in data:
+            data = data.replace(self._secret, b"***")
+        return data
 
     async def next_chunk(self) -> bytes:
         """The body's next bytes as they arrive, b"" at its end; a connection that dies raises
@@ -146,7 +172,7 @@ class UpstreamReply:
 class Upstream:
     """The session is opened in the app's cleanup context (it needs the running loop)."""
 
-    __slots__ = ("_connect_timeout", "_defaults", "_own", "_session", "_url", "_verdicts")
+    __slots__ = ("_connect_timeout", "_defaults", "_max_reply", "_own", "_secret", "_session", "_url", "_verdicts")
 
     def __init__(
         self,
@@ -157,8 +183,11 @@ class Upstream:
         organization: str | None = None,
         project: str | None = None,
         anthropic: bool = False,
+        max_reply_bytes: int = MAX_REPLY_BYTES,
     ) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._max_reply = max_reply_bytes
+        self._secret = api_key.encode() if api_key and len(api_key) >= 8 else None  # masking "x" would garble
         self._url = url
         self._connect_timeout = connect_timeout
         # What the gateway itself says on every call: built once, added per request. An
@@ -250,7 +279,7 @@ class Upstream:
             response = await session.post(self._url, data=body, headers=headers, allow_redirects=False)
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
-        return UpstreamReply(response)
+        return UpstreamReply(response, self._max_reply, self._secret)
 
     async def get(self, headers: Mapping[str, str]) -> UpstreamReply:
         """A GET of the upstream's URL (the model list), under the same rules as `post`."""
@@ -259,4 +288,4 @@ class Upstream:
             response = await self._session.get(self._url, headers=headers, allow_redirects=False)
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
-        return UpstreamReply(response)
+        return UpstreamReply(response, self._max_reply, self._secret)

@@ -647,6 +647,37 @@ async def test_a_silent_upstream_is_cut_with_an_sse_error(start: GatewayFactory,
     assert await gateway.healthy()
 
 
+async def test_an_upstream_trickling_bytes_into_an_event_it_never_ends_is_cut_as_silent(
+    start: GatewayFactory, hostile: Hostile
+) -> None:
+    # SPEC §5: a byte every 50 ms, none of them ending an event, kept the stream open (and its
+    # MAX_CONCURRENCY slot taken) for as long as the upstream cared to go on, the client
+    # getting nothing; the idle timeout measured bytes, not events.
+    gateway = await start(STREAM_IDLE_SECS="0.3")
+    stop = asyncio.Event()
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk({"content": "hello jane"}) + b'data: {"id":"c1"')
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+            await response.write(b" ")
+        return response
+
+    hostile.answer = trickle
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(5):
+            status, wire = await gateway.chat({"stream": True})
+    finally:
+        stop.set()
+    assert status == 200
+    assert json_events(wire)[-1]["error"]["message"] == "upstream idle timeout"
+    assert delta_text(wire, "content") == "hello jane"
+    assert time.monotonic() - started < 3
+
+
 async def test_a_client_slower_than_stream_idle_secs_still_gets_the_whole_stream(
     start: GatewayFactory, hostile: Hostile
 ) -> None:

@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.upstream import Upstream
+from gateway.errors import UpstreamError
+from gateway.upstream import MAX_REPLY_BYTES, Upstream
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
@@ -284,3 +285,109 @@ def test_only_allowed_names_and_the_gateways_own_go_out(sent: list[tuple[str, li
         passes = name in _ALLOWED or name.startswith("x-stainless-")
         if passes and value and name not in hop:
             assert name in names, name  # every allowed header with a value arrives
+
+
+async def test_a_reply_that_inflates_past_the_cap_is_an_upstream_error_not_held_whole() -> None:
+    # A non-stream reply is read whole before it is parsed: with no cap, a 400 KB gzip body that
+    # inflates to 400 MB (aiohttp decodes what the gateway's Accept-Encoding invited) took the
+    # process past 700 MB, three at once past 4 GB. Read past the cap, it is an UpstreamError
+    # (502, or the next upstream of the route) and the connection is dropped.
+    cap = 1024 * 1024
+    inflated = b'{"content": "' + b"a" * (4 * cap) + b'"}'
+    bomb = gzip.compress(inflated)
+    assert len(bomb) < cap // 16
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        if request.query.get("size") == "small":
+            return web.Response(
+                body=gzip.compress(b'{"ok": true}'),
+                content_type="application/json",
+                headers={"Content-Encoding": "gzip"},
+            )
+        return web.Response(body=bomb, content_type="application/json", headers={"Content-Encoding": "gzip"})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner, port = await serve(app)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    bounded = Upstream(url, None, 5.0, max_reply_bytes=cap)
+    small = Upstream(url + "?size=small", None, 5.0, max_reply_bytes=cap)
+    await bounded.open()
+    await small.open()
+    try:
+        reply = await bounded.post(BODY, {"Content-Type": "application/json"})
+        assert reply.status == 200
+        with pytest.raises(UpstreamError, match="too large"):
+            await reply.read()
+        reply.close()
+        # Under the cap, the decoded body as before.
+        reply = await small.post(BODY, {"Content-Type": "application/json"})
+        assert orjson.loads(await reply.read()) == {"ok": True}
+    finally:
+        await bounded.close()
+        await small.close()
+        await runner.cleanup()
+
+
+def test_the_default_cap_leaves_room_for_the_largest_replies_the_apis_give() -> None:
+    # 2048 embeddings of 3072 floats, pretty-printed as OpenAI does (~23 bytes a number): ~145 MB.
+    assert MAX_REPLY_BYTES >= 2048 * 3072 * 23
+
+
+async def test_an_error_body_that_echoes_the_request_never_carries_the_operators_key() -> None:
+    # The error body is relayed to the client (SPEC §5): one that quotes the request's headers
+    # would hand it the operator's key, OpenAI's Bearer or Anthropic's x-api-key alike.
+    async def echo(request: web.Request) -> web.Response:
+        await request.read()
+        status = int(request.query["status"])
+        return web.json_response({"error": {"message": "bad request", "headers": dict(request.headers)}}, status=status)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", echo)
+    runner, port = await serve(app)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        for anthropic in (False, True):
+            for status, masked in ((400, True), (503, True), (200, False)):
+                upstream = Upstream(f"{url}?status={status}", "sk-operator-secret-1", 5.0, anthropic=anthropic)
+                await upstream.open()
+                try:
+                    reply = await upstream.post(BODY, upstream.headers_for(CIMultiDictProxy(CIMultiDict())))
+                    data = await reply.read()
+                finally:
+                    await upstream.close()
+                headers = orjson.loads(data)["error"]["headers"]
+                sent = headers["x-api-key" if anthropic else "Authorization"]
+                if masked:
+                    assert b"sk-operator-secret-1" not in data
+                    assert sent == ("***" if anthropic else "Bearer ***")
+                else:  # a reply is the model's, relayed as it came
+                    assert "sk-operator-secret-1" in sent
+    finally:
+        await runner.cleanup()
+
+
+async def test_only_ascii_numbers_of_the_upstreams_back_off_advice_are_passed_on() -> None:
+    # "٣" and "²" pass str.isdigit(): relayed, the client got a Retry-After in UTF-8 bytes.
+    async def limited(request: web.Request) -> web.Response:
+        await request.read()
+        value = request.query["v"]
+        return web.json_response({}, status=429, headers={"Retry-After": value, "retry-after-ms": value})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", limited)
+    runner, port = await serve(app)
+    try:
+        for value, passed in (("3", True), ("2.5", True), ("\u0663", False), ("\u00b2", False), ("3\u0663", False)):
+            upstream = Upstream(f"http://127.0.0.1:{port}/v1/chat/completions?v={value}", None, 5.0)
+            await upstream.open()
+            try:
+                reply = await upstream.post(BODY, {"Content-Type": "application/json"})
+                await reply.read()
+                expected = {"Retry-After": value, "retry-after-ms": value} if passed else {}
+                assert reply.retry_headers() == expected, value
+            finally:
+                await upstream.close()
+    finally:
+        await runner.cleanup()
