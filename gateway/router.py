@@ -328,7 +328,8 @@ class AnthropicAsChat:
             data = await self._reply.next_chunk()
             if not data:
                 return stream.close()
-            if len(data) + stream.pending <= ASIDE_BYTES:  # the usual read: small events
+            held = len(data) + stream.pending  # less after the read: an event completed
+            if held <= ASIDE_BYTES:  # the usual read: small events
                 out = stream.feed(data)
             else:  # a long event, translated in a worker thread while the loop serves others
                 out = await asyncio.to_thread(stream.feed, data)
@@ -336,7 +337,9 @@ class AnthropicAsChat:
             if out:
                 self._last_out = now
                 return out
-            if now - self._last_out >= KEEP_ALIVE_SECS:
+            # Only events (thinking, pings) earn a keep-alive: bytes of an event that never
+            # ends are silence, which STREAM_IDLE_SECS cuts, as on any other upstream.
+            if stream.pending < held and now - self._last_out >= KEEP_ALIVE_SECS:
                 self._last_out = now
                 return _KEEP_ALIVE
 

@@ -152,6 +152,19 @@ async def test_thinking_reads_past_or_keeps_the_stream_alive(
         assert reads[1:3] == [b": keep-alive\n\n"] * 2 and b'"content":"Hi"' in reads[3]
 
 
+async def test_bytes_of_an_event_never_ended_earn_no_keep_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trickling upstream (an event begun, then a byte at a time, never ended) is silence:
+    no keep-alive goes out for it, so the relay's STREAM_IDLE_SECS cuts it (a keep-alive is a
+    chat event to the relay, and would have kept it open for ever)."""
+    monkeypatch.setattr(router_module, "KEEP_ALIVE_SECS", 0.0)
+    trickle = [b'data: {"type":"content_block_delta"'] + [b" "] * 5
+    reply = AnthropicAsChat(Events(START, *trickle, b"}\n\n", THINKING, TEXT), include_usage=False)  # type: ignore[arg-type]
+    reads = [await reply.next_chunk() for _ in range(4)]
+    assert b'"role":"assistant"' in reads[0]
+    # One keep-alive once the trickled event ends, one for the thinking: none for the bytes.
+    assert reads[1:3] == [b": keep-alive\n\n"] * 2 and b'"content":"Hi"' in reads[3]
+
+
 def test_a_reloaded_router_keeps_the_breakers() -> None:
     clock = Clock()
     r = router(clock)
