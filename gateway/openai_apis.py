@@ -36,6 +36,9 @@ from .surfaces import (
     DROP,
     JSON_COPY,
     JSON_TEXT,
+    LEFT_OUT,
+    MISSING,
+    NOT_AN_INTEGER,
     TEXT,
     All,
     Api,
@@ -44,6 +47,7 @@ from .surfaces import (
     Spec,
     Surface,
     TextSlot,
+    carries_text,
     int_or_absent,
     usage_of,
 )
@@ -105,6 +109,17 @@ _NOT_TEXT_DELTAS = frozenset({"response.audio.delta"})
 # made of fits, and an event line stays one line.
 _NAME = re.compile(r"[a-z_.]+")
 _INDEX_OF = {"content": "content_index", "summary": "summary_index"}
+# The indices a delta's or copy's place is keyed by (see `_place`), by event type.
+_PLACE_KEYS: dict[str | None, tuple[str, ...]] = {
+    None: ("output_index",),
+    "content": ("output_index", "content_index"),
+    "summary": ("output_index", "summary_index"),
+    "audio": (),
+}
+_NEEDED = {
+    **{kind: _PLACE_KEYS[delta[0]] for kind, delta in _DELTAS.items()},
+    **{kind: _PLACE_KEYS[copy[0]] for kind, copy in _COPIES.items()},
+}
 # The steps of a copy's path that name its stream (the rest, "response", "output", "item",
 # "part", are where the copy sits).
 _STREAM_STEPS = frozenset({"content", "summary", "text", "refusal", "arguments", "input", "code"})
@@ -119,8 +134,25 @@ class ResponsesSurface(Surface):
     keeps_copies: ClassVar[bool] = True
     numbered: ClassVar[str | None] = "sequence_number"
 
-    def misindexed(self, event: dict[str, Any]) -> bool:
-        return not all(int_or_absent(event, name) for name in event if name.endswith("_index"))
+    def misindexed(self, event: dict[str, Any]) -> str | None:
+        """Beside an index that is no integer: a delta or copy that carries text without the
+        indices its place is keyed by (an unknown delta: with one of them null; left out, it
+        is keyed without it)."""
+        if not all(int_or_absent(event, name) for name in event if name.endswith("_index")):
+            return NOT_AN_INTEGER
+        kind = event.get("type")
+        if type(kind) is not str:
+            return None
+        needed = _NEEDED.get(kind)
+        if needed is not None:
+            lacking = any(type(event.get(name)) is not int for name in needed)
+        elif _is_unknown_delta(kind):
+            lacking = any(event[name] is None for name in event if name.endswith("_index"))
+        else:
+            return None
+        if not lacking:
+            return None
+        return MISSING if carries_text(event, self.spec_of(event)) else LEFT_OUT
 
     def root(self, event: dict[str, Any]) -> Path | None:
         """A delta's stream (output index, container, index, field); a copy's place (output

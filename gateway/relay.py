@@ -29,7 +29,7 @@ from . import sse
 from .errors import GatewayError, UpstreamError
 from .models import Usage
 from .redact import YIELD_ABOVE_CHARS, OnRedaction, Redactor, StreamRedactor, feed_sliced, has_trigger, redact_sliced
-from .surfaces import CARD_SIZED, CHAT, All, Each, Leaf, Path, Spec, Surface, chat_usage, put
+from .surfaces import CARD_SIZED, CHAT, LEFT_OUT, All, Each, Leaf, Path, Spec, Surface, chat_usage, put
 
 # What every card, phone, IBAN or SSN lies in (redact.py's `_DIGIT_RUN`, over bytes): a run
 # of digits, capitals and separators at least 11 long, or shorter after a "+". The regex tries
@@ -382,11 +382,12 @@ class StreamRelay:
             return self._too_deep()
         if chunk is None:
             return self._unreadable(event)
-        if surface.misindexed(chunk):
+        wrong = surface.misindexed(chunk)
+        if wrong is not None and wrong is not LEFT_OUT:
             # Whatever the gateway fed its text to, a client could file it elsewhere and join
             # it to text that was redacted apart from it: the stream ends here (SPEC §6).
             self.done = True
-            self.failure = UpstreamError("upstream sent an event whose index is not an integer")
+            self.failure = UpstreamError(f"upstream sent an event whose index is {wrong}")
             return self.finish() + self.error_event(self.failure)
         if self._hide_usage and surface.usage_only(chunk):
             self._note(chunk)
@@ -398,7 +399,8 @@ class StreamRelay:
         try:
             raw = event.raw
             plain = (
-                len(self._plans) < MAX_PLANS
+                wrong is None  # a part without its index: not a shape to learn (the fast path reads no index)
+                and len(self._plans) < MAX_PLANS
                 and len(raw) <= MAX_PLAN_BYTES
                 and raw.find(b"\\") < 0
                 and _dumps(chunk) == data

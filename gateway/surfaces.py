@@ -98,11 +98,17 @@ class Surface:
         """The event's description (one for every event, unless the API's events differ)."""
         return self.spec
 
-    def misindexed(self, event: dict[str, Any]) -> bool:
-        """Whether an index that keys the event's streams is there but no integer ("0", 0.0,
-        true, [0]): clients read such a one as the integer (a lax parser, JavaScript's
-        property names), so its text would join a stream the gateway never fed it to."""
-        return False
+    def misindexed(self, event: dict[str, Any]) -> str | None:
+        """What is wrong with an index that keys the event's streams (None: nothing).
+        `NOT_AN_INTEGER`: it is there but no integer ("0", 0.0, true, [0]): clients read such a
+        one as the integer (a lax parser, JavaScript's property names), so its text would join
+        a stream the gateway never fed it to. `MISSING`: a part that carries text has none
+        (absent or null): clients read it as the one part there is (openai-python's
+        `choices[0]`), and join its text to the text of the events around it, which the
+        gateway could only redact event by event. Both end the stream. `LEFT_OUT`: only
+        parts without text have none (a role or finish chunk): the event passes, but is not
+        learned for the fast path, which reads no index (the same shape could carry text)."""
+        return None
 
     def stream_of(self, path: Path) -> Path:
         """The stream (its leaf's path) whose text a COPY leaf at `path` repeats."""
@@ -190,15 +196,48 @@ _CHAT_MESSAGE: Spec = {
 }
 
 
+# What `Surface.misindexed` finds wrong with an index (the relay's error says "index is ...").
+NOT_AN_INTEGER = "not an integer"
+MISSING = "missing"
+LEFT_OUT = "left out"  # from parts without text only: no error
+
+
 def int_or_absent(part: dict[str, Any], name: str = "index") -> bool:
-    """The part's index is an integer, or absent (null counts as absent: no client files a
-    part under it)."""
+    """The part's index is an integer, or absent (null counts as absent): not `NOT_AN_INTEGER`
+    (whether an absent one matters depends on the part's text: see `carries_text`)."""
     index = part.get(name)
     return index is None or type(index) is int
 
 
+def carries_text(node: dict[str, Any], spec: Spec) -> bool:
+    """Whether anything but null or "" is where `spec` names a text (a leaf that is no DROP
+    and no KEEP, at any depth): a part without its index that carries some makes the stream
+    end (`Surface.misindexed`), one that carries none (a role or finish chunk) passes."""
+    for name, sub in spec.items():
+        value = node.get(name)
+        if value is None or value == "":
+            continue
+        shape = type(sub)
+        if shape is Leaf:
+            if not sub.drop and not sub.keep:  # type: ignore[union-attr]
+                return True
+        elif shape is dict:
+            if type(value) is dict and carries_text(value, sub):  # type: ignore[arg-type]
+                return True
+        elif type(value) is list:
+            for item in value:
+                if type(item) is dict:
+                    items = sub.spec_for(item) if shape is All else sub.spec  # type: ignore[union-attr]
+                    if carries_text(item, items):
+                        return True
+    return False
+
+
+_CHAT_CHOICE: Spec = {"delta": _CHAT_MESSAGE, "logprobs": DROP}
+
+
 class ChatSurface(Surface):
-    spec: ClassVar[Spec] = {"choices": Each({"delta": _CHAT_MESSAGE, "logprobs": DROP})}
+    spec: ClassVar[Spec] = {"choices": Each(_CHAT_CHOICE)}
     # A reply's tool calls are a plain list (only a stream's carry an "index").
     reply_spec: ClassVar[Spec] = {
         "choices": Each(
@@ -207,22 +246,29 @@ class ChatSurface(Surface):
     }
     done_data = sse.DONE
 
-    def misindexed(self, event: dict[str, Any]) -> bool:
+    def misindexed(self, event: dict[str, Any]) -> str | None:
         # Written out flat: every event of the exact path is checked (~40 of the synthetic bench's).
+        # A tool call without an index, in a choice that has one, passes (redacted whole):
+        # some OpenAI-compatible servers leave tool calls' indices out.
         choices = event.get("choices")
         if type(choices) is not list:
-            return False
+            return None
+        wrong = None
         for choice in choices:
             if type(choice) is dict:
                 index = choice.get("index")
-                if type(index) is not int and index is not None:
-                    return True
+                if type(index) is not int:
+                    if index is not None:
+                        return NOT_AN_INTEGER
+                    if carries_text(choice, _CHAT_CHOICE):
+                        return MISSING
+                    wrong = LEFT_OUT
                 delta = choice.get("delta")
                 if type(delta) is dict and "tool_calls" in delta:
                     calls = delta["tool_calls"]
                     if type(calls) is list and not all(int_or_absent(call) for call in calls if type(call) is dict):
-                        return True
-        return False
+                        return NOT_AN_INTEGER
+        return wrong
 
     def ends(self, event: dict[str, Any]) -> bool:
         """An in-stream error (`data: {"error": {...}}`, OpenAI's, or a translated Anthropic
@@ -333,9 +379,16 @@ class MessagesSurface(Surface):
             return (index,) if type(index) is int else None
         return None
 
-    def misindexed(self, event: dict[str, Any]) -> bool:
+    def misindexed(self, event: dict[str, Any]) -> str | None:
         kind = event.get("type")
-        return type(kind) is str and kind.startswith("content_block_") and not int_or_absent(event)
+        if type(kind) is not str or not kind.startswith("content_block_"):
+            return None
+        index = event.get("index")
+        if type(index) is int:
+            return None
+        if index is not None:
+            return NOT_AN_INTEGER
+        return MISSING if carries_text(event, self.spec_of(event)) else LEFT_OUT  # a content_block_stop passes
 
     def flush_before(self, event: dict[str, Any]) -> list[Path] | None:
         """A block's held text goes out before its content_block_stop (and any left before

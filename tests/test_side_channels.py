@@ -108,7 +108,9 @@ def test_json_text_of_an_unreadable_part_is_unescaped_before_matching(route: str
     else:
         relay = StreamRelay(REDACTOR, None, MESSAGES)
         delta = {"type": "input_json_delta", "partial_json": ESCAPED_ONLY}
-        wire = ANTHROPIC_START + anthropic_ev({"type": "content_block_delta", "delta": delta})  # no index
+        # An event of no type is no block's (a content_block_delta without an index that
+        # carries text ends the stream instead: see test_an_index_left_out_or_null_...).
+        wire = ANTHROPIC_START + b"data: " + json.dumps({"index": 0, "delta": delta}).encode() + b"\n\n"
     out = relay.feed(wire) + relay.close()
     texts = [
         value
@@ -263,16 +265,170 @@ def test_an_index_that_is_no_integer_ends_the_stream_with_an_error(route: str, b
     assert relay.done and relay.failure is not None
 
 
+# --- An index left out or null, on a part that carries text --------------------------------
+# Clients read such a part as the one there is (openai-python's choices[0], Anthropic's block
+# and the Responses API's part by their position) and join its text to the events around
+# it: "Write to jane.doe@" then "example.com today." made the address on the client's side
+# (found by a review), each redacted alone. The stream ends as for an index that is no integer.
+LEFT_OUT = ["absent", "null"]
+
+
+def _unindexed(body: dict[str, Any], name: str, how: str) -> dict[str, Any]:
+    """The body with its `name` member left out ("absent") or null."""
+    out = {k: v for k, v in body.items() if k != name}
+    if how == "null":
+        out[name] = None
+    return out
+
+
+def _unindexed_chat(delta: dict[str, Any], how: str) -> bytes:
+    choice = _unindexed({"index": 0, "delta": delta, "finish_reason": None}, "index", how)
+    body = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice]}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def _unindexed_stream(route: str, how: str) -> tuple[StreamRelay, bytes]:
+    """SPLIT over two events whose part has no index (the review's stream)."""
+    if route in ("chat content", "chat refusal"):
+        field = route.split()[-1]
+        return StreamRelay(REDACTOR, None, CHAT), b"".join(_unindexed_chat({field: t}, how) for t in SPLIT) + DONE
+    if route == "chat tool call":  # the tool calls have an index, their choice has none
+        first, rest = ({"index": 0, "function": {"arguments": a}} for a in ('{"to":"' + SPLIT[0], SPLIT[1] + '"}'))
+        wire = _unindexed_chat({"tool_calls": [first]}, how) + _unindexed_chat({"tool_calls": [rest]}, how)
+        return StreamRelay(REDACTOR, None, CHAT), wire + DONE
+    if route.startswith("messages"):
+        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": SPLIT[1]}}
+        if route == "messages start":  # the block opens with the first part, the delta has its index
+            opening = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": SPLIT[0]}}
+            wire = anthropic_ev(_unindexed(opening, "index", how)) + anthropic_ev(delta)
+        else:
+            wire = b"".join(
+                anthropic_ev(_unindexed({**delta, "delta": {"type": "text_delta", "text": t}}, "index", how))
+                for t in SPLIT
+            )
+        return StreamRelay(REDACTOR, None, MESSAGES), ANTHROPIC_START + wire
+    name = route.split()[-1]
+    deltas = []
+    for text in SPLIT:
+        body = {"type": "response.output_text.delta", "item_id": "m", "output_index": 0, "content_index": 0}
+        body = _unindexed({**body, "delta": text}, name, how)
+        deltas.append(f"event: {body['type']}\ndata: ".encode() + json.dumps(body).encode() + b"\n\n")
+    return StreamRelay(REDACTOR, None, RESPONSES), b"".join(deltas)
+
+
+@pytest.mark.parametrize("how", LEFT_OUT)
+@pytest.mark.parametrize(
+    "route",
+    [
+        "chat content",
+        "chat refusal",
+        "chat tool call",
+        "messages delta",
+        "messages start",
+        "responses output_index",
+        "responses content_index",
+    ],
+)
 @pytest.mark.parametrize("read_by_read", [False, True])
-def test_an_index_left_out_or_null_still_streams(read_by_read: bool) -> None:
-    """Absent or null, an index names no part a client could file the text under: the text
-    is redacted whole and the stream goes on."""
+def test_an_index_left_out_or_null_on_text_ends_the_stream_with_an_error(
+    route: str, how: str, read_by_read: bool
+) -> None:
+    relay, wire = _unindexed_stream(route, how)
+    reads = [e + b"\n\n" for e in wire.split(b"\n\n") if e] if read_by_read else [wire]
+    out = b"".join(relay.feed(read) for read in reads) + relay.close()
+    assert EMAIL not in decoded(out) and SPLIT[1] not in decoded(out)
+    last = json_events(out)[-1]
+    assert ("error" in last or last.get("type") == "error") and "index is missing" in json.dumps(last)
+    assert relay.done and relay.failure is not None
+
+
+@pytest.mark.parametrize("how", LEFT_OUT)
+def test_a_choice_without_an_index_is_not_learned_for_the_fast_path(how: str) -> None:
+    """Events whose second choice has no index and no text pass, but their shape is not
+    learned: the fast path reads no index, and the same shape would carry that choice's
+    text past the check ("call 555-12", "3-4567": no run long enough to be looked at)."""
+
+    def two_choices(content: str, refusal: str) -> bytes:
+        other = _unindexed({"index": 1, "delta": {"refusal": refusal}, "finish_reason": None}, "index", how)
+        body = {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}, other],
+        }
+        return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
     relay = StreamRelay(REDACTOR, None, CHAT)
-    reads = [chunk({"content": "one "}, index=None), chunk({"content": "two"}), chunk({}, "stop") + DONE]
+    pairs = [("Hello", ""), (" there", ""), ("x", "call 555-12"), ("y", "3-4567 now")]
+    out = b"".join(relay.feed(two_choices(c, r)) for c, r in pairs) + relay.close()
+    assert "555-12" not in decoded(out) and "3-4567" not in decoded(out)
+    assert "index is missing" in json.dumps(json_events(out)[-1])
+
+
+@pytest.mark.parametrize("how", LEFT_OUT)
+def test_held_text_goes_out_before_the_error_of_a_missing_index(how: str) -> None:
+    relay = StreamRelay(REDACTOR, None, CHAT)
+    out = relay.feed(chunk({"content": "write to jane"}) + _unindexed_chat({"content": ".doe@example.com"}, how))
+    out += relay.close()
+    texts = "".join(c["delta"].get("content") or "" for e in json_events(out) for c in e.get("choices", []))
+    assert texts == "write to jane" and "index is missing" in json.dumps(json_events(out)[-1])
+
+
+@pytest.mark.parametrize("how", LEFT_OUT)
+def test_a_responses_copy_without_its_indices_ends_the_stream(how: str) -> None:
+    """A `.done` text whose part cannot be told: the stream ends before it, held text first."""
+    relay = StreamRelay(REDACTOR, None, RESPONSES)
+    done = _unindexed(
+        {"type": "response.output_text.done", "item_id": "m", "output_index": 0, "content_index": 0, "text": EMAIL},
+        "output_index",
+        how,
+    )
+    wire = _responses_delta("write to ") + b"event: response.output_text.done\ndata: " + json.dumps(done).encode()
+    out = relay.feed(wire + b"\n\n") + relay.close()
+    assert EMAIL not in decoded(out)
+    assert "".join(e.get("delta", "") for e in json_events(out) if e["type"].endswith(".delta")) == "write to "
+    last = json_events(out)[-1]
+    assert last["type"] == "error" and "index is missing" in last["message"]
+
+
+@pytest.mark.parametrize("how", LEFT_OUT)
+@pytest.mark.parametrize("read_by_read", [False, True])
+def test_an_index_left_out_or_null_on_an_event_without_text_still_streams(how: str, read_by_read: bool) -> None:
+    """A role chunk or a finish chunk without an index carries no text a client could join:
+    it passes (so does a tool call without an index in a choice that has one, redacted whole:
+    some OpenAI-compatible servers leave those indices out)."""
+    relay = StreamRelay(REDACTOR, None, CHAT)
+    call = {"id": "t", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    reads = [
+        _unindexed_chat({"role": "assistant", "content": ""}, how),
+        chunk({"content": "one "}),
+        chunk({"tool_calls": [call]}),
+        _unindexed_chat({}, how).replace(b'"finish_reason": null', b'"finish_reason": "stop"') + DONE,
+    ]
     out = b"".join(relay.feed(read) for read in reads) if read_by_read else relay.feed(b"".join(reads))
     out += relay.close()
     assert relay.failure is None and out.endswith(DONE)
-    assert "".join(c["delta"].get("content") or "" for e in json_events(out) for c in e["choices"]) == "one two"
+    assert "".join(c["delta"].get("content") or "" for e in json_events(out) for c in e["choices"]) == "one "
+    assert [e["choices"][0]["finish_reason"] for e in json_events(out)][-1] == "stop"
+
+
+@pytest.mark.parametrize("how", LEFT_OUT)
+def test_text_less_anthropic_and_responses_events_without_an_index_still_stream(how: str) -> None:
+    relay = StreamRelay(REDACTOR, None, MESSAGES)
+    stop = anthropic_ev(_unindexed({"type": "content_block_stop", "index": 0}, "index", how))
+    out = relay.feed(ANTHROPIC_START + block(0, "one") + stop + anthropic_ev({"type": "message_stop"}))
+    assert relay.failure is None and relay.done and block_text(out, 0) == "one"
+    relay = StreamRelay(REDACTOR, None, RESPONSES)
+    empty = _unindexed(
+        {"type": "response.output_text.delta", "item_id": "m", "output_index": 0, "content_index": 0, "delta": ""},
+        "content_index",
+        how,
+    )
+    out = relay.feed(b"event: response.output_text.delta\ndata: " + json.dumps(empty).encode() + b"\n\n")
+    out += relay.feed(_responses_delta("two")) + relay.finish()
+    assert relay.failure is None and not relay.done
+    assert "".join(e["delta"] for e in json_events(out)) == "two"
 
 
 async def test_a_typeless_anthropic_event_is_redacted_whole_and_no_block_is_made_up(
