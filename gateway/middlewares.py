@@ -195,7 +195,12 @@ def tenancy(live: LiveConfig, trusted_proxies: tuple[object, ...]) -> Middleware
             config = request[CONFIG] = live.current
             headers = request.headers
             key = presented_key(headers.get("X-Api-Key"), headers.get("Authorization"))
-            ip = "" if key else client_ip(request.remote, headers.get("X-Forwarded-For"), trusted_proxies)
+            ip = ""
+            if not key:
+                # Every X-Forwarded-For line, as one list (RFC 9110 §5.3): a proxy that adds its
+                # own line after the client's (HAProxy's `option forwardfor`) puts the real hop last.
+                forwarded = headers.getall("X-Forwarded-For", None)
+                ip = client_ip(request.remote, ",".join(forwarded) if forwarded else None, trusted_proxies)
             state.tenant = config.tenancy.resolve(key, ip, request.path)
             router = config.router
             if router is not None:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from gateway import keys
@@ -191,6 +191,20 @@ async def test_admission_runs_in_the_spec_order(start: GatewayFactory, upstream:
         "code": "quota_exceeded",
     }
     assert len(upstream.bodies) == 2  # refused requests never reach the upstream
+
+
+async def test_every_forwarded_for_line_counts_behind_a_trusted_proxy(start: GatewayFactory) -> None:
+    """A proxy that adds its own X-Forwarded-For line after the client's (HAProxy's `option
+    forwardfor`) puts the client's real address last: the lines are one list (RFC 9110 §5.3).
+    Only the first line was read, so a client behind such a proxy chose its own rate-limit key
+    with a forged line of its own: three requests from one address, each admitted."""
+    gateway = await start(RPS="0.001", BURST="1", TRUSTED_PROXIES="127.0.0.1")
+    statuses = []
+    for i in range(3):
+        forged_then_real = CIMultiDict([("X-Forwarded-For", f"198.51.100.{i}"), ("X-Forwarded-For", "203.0.113.9")])
+        async with gateway.client.post(CHAT, json=chat(), headers=forged_then_real) as response:
+            statuses.append(response.status)
+    assert statuses == [200, 429, 429]
 
 
 async def test_404_405_and_probes_spend_no_token_and_no_quota(start: GatewayFactory, upstream: Upstream) -> None:
