@@ -246,8 +246,9 @@ class Upstream:
         out = dict(passed)
         if len(out) != len(passed):  # a name repeated, in any casing: rare, so handled apart
             out = _merged(passed)
-        connection = incoming.get("connection")
-        if connection:  # RFC 9110 §7.6.1: what the client's Connection header names is hop-by-hop
+        # RFC 9110 §7.6.1: what the client's Connection header names is hop-by-hop, on every
+        # one of its lines (§5.3: repeated lines are one list).
+        for connection in incoming.getall("connection", ()):
             for named in connection.split(","):
                 out.pop(named.strip().lower(), None)
         out.update(self._own)  # no allowed name collides: the gateway's own always win

@@ -138,6 +138,22 @@ async def test_denied_headers_never_arrive_and_the_gateways_own_do(relay: Relay)
     assert "sk-client-secret" not in repr(arrived)
 
 
+async def test_every_connection_line_names_hop_by_hop_headers(relay: Relay) -> None:
+    # Repeated Connection lines are one list (RFC 9110 §5.3): a header named on the second line
+    # is as hop-by-hop as one named on the first. Only the first line was read: the header the
+    # last line named reached the upstream.
+    lines = [
+        b"Connection: X-Stainless-First",
+        b"X-Stainless-First: a",
+        b"X-Stainless-Second: b",
+        b"X-Stainless-Kept: c",
+    ]
+    arrived = await relay(lines, BODY, b"close, X-Stainless-Second")
+    assert values(arrived, "x-stainless-first") == []
+    assert values(arrived, "x-stainless-second") == []
+    assert values(arrived, "x-stainless-kept") == ["c"]
+
+
 async def test_allowed_headers_arrive_whatever_their_casing(relay: Relay) -> None:
     lines = [
         b"aCCePT: text/event-stream",
@@ -278,8 +294,7 @@ def test_only_allowed_names_and_the_gateways_own_go_out(sent: list[tuple[str, li
     assert out["Authorization"] == "Bearer sk-upstream" and out["OpenAI-Organization"] == "org-op"
     assert out["x-request-id"] == "gw-1" and out["traceparent"] == TRACEPARENT
     assert out["Content-Type"] == "application/json"
-    first_connection = incoming.get("connection")
-    hop = {t.strip().lower() for t in first_connection.split(",")} if first_connection else set()
+    hop = {t.strip().lower() for line in incoming.getall("connection", ()) for t in line.split(",")}
     for sent_name, _, value in sent:
         name = sent_name.lower()
         passes = name in _ALLOWED or name.startswith("x-stainless-")
