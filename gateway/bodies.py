@@ -68,8 +68,9 @@ class BodyBudget:
     """How many body bytes may be being read at once, across all requests. A body is read
     whole before rate limiting (so a refused request names its model), which would let
     clients that send almost all of a large body and stop hold memory no other limit sees:
-    each read first takes its declared length (or the limit, for a chunked body) from this
-    budget, and a request that does not fit is shed unread."""
+    a body still arriving takes each part from this budget as it comes, and a request whose
+    next part does not fit is shed. What counts is what arrived, not the declared length: a
+    request that announces the largest body and sends none of it holds nothing."""
 
     __slots__ = ("_free",)
 

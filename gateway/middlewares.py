@@ -225,36 +225,46 @@ def body(
     redacting: bool,
 ) -> Middleware:
     """The body read once, decoded and parsed (bodies.py) into the request's state: within
-    the bytes budget for bodies being read (else shed unread, 503) and within `read_timeout`
+    the bytes budget for bodies being read (else shed, 503) and within `read_timeout`
     (else 408), so stalled uploads hold neither memory nor a connection for long. Then the
     route's own checks of it (`Api.check_request`, by route name): a malformed request is
     refused here, before it spends a rate-limit token or quota."""
     metrics = telemetry.metrics
 
+    async def read_held(request: web.Request) -> bytes:
+        """A body still arriving, each part taken from the budget as it comes (bytes that
+        arrived, not bytes announced: a client that declares a large body and sends none holds
+        nothing), all of it given back once read. A part that does not fit: shed (503)."""
+        body = bytearray()
+        try:
+            while chunk := await request.content.readany():
+                if len(body) + len(chunk) > max_bytes:
+                    raise bodies.too_large(max_bytes)
+                if not budget.take(len(chunk)):
+                    metrics.cb_event("load_shed")
+                    raise Overloaded(headers=_RETRY_NOW)
+                body += chunk
+        finally:
+            budget.give_back(len(body))
+        return bytes(body)
+
     @web.middleware
     async def read_body(request: web.Request, handler: Handler) -> web.StreamResponse:
         state = request.get(ADMITTED)
         if state is not None:
-            declared = request.content_length
-            bodies.check_length(declared, max_bytes)
-            size = declared if declared is not None else max_bytes
-            if not budget.take(size):
-                metrics.cb_event("load_shed")
-                raise Overloaded(headers=_RETRY_NOW)
+            bodies.check_length(request.content_length, max_bytes)
             try:
                 if request.content.is_eof():  # all of it has arrived: read() cannot wait, no deadline needed
-                    raw = await request.read()
+                    raw = await request.read()  # aiohttp holds it to client_max_size (= max_bytes)
                 else:
                     async with asyncio.timeout(read_timeout):
-                        raw = await request.read()  # aiohttp holds it to client_max_size (= max_bytes)
+                        raw = await read_held(request)
             except web.HTTPRequestEntityTooLarge:
                 raise bodies.too_large(max_bytes) from None
             except web.RequestPayloadError:  # a broken chunked encoding, a short body
                 raise BadRequest("the request body could not be read", code="invalid_body") from None
             except TimeoutError:
                 raise RequestTimeout() from None
-            finally:
-                budget.give_back(size)
             headers = request.headers
             coding = headers.get("Content-Encoding")
             if coding is not None and len(codings := headers.getall("Content-Encoding")) > 1:

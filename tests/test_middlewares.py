@@ -336,6 +336,29 @@ async def test_a_body_still_arriving_at_the_deadline_is_408(start: GatewayFactor
     assert status == 200
 
 
+async def test_bodies_not_yet_sent_hold_no_share_of_the_body_budget(start: GatewayFactory, upstream: Upstream) -> None:
+    """The budget of bodies being read counts bytes that arrived, not bytes announced: a
+    request that declares the largest body (or a chunked one) and sends none of it held the
+    whole of MAX_CONCURRENCY=1's budget until its read deadline, and every other request with
+    a body was shed (503 `server overloaded`) meanwhile; sixteen such sockets did it without
+    MAX_CONCURRENCY, from any client, before any rate limit."""
+    gateway = await start(MAX_CONCURRENCY="1", TIMEOUT_SECS="30")
+    server = gateway.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Api-Key: silent\r\n"
+            b"Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % (8 * 1024 * 1024)
+        )
+        # The 100 is written just before the middlewares run: once it is here, that request waits
+        # for its body inside the body middleware.
+        assert (await reader.readline()).startswith(b"HTTP/1.1 100")
+        status, _, body = await gateway.post(key="other")
+        assert status == 200, body
+    finally:
+        writer.close()
+
+
 async def test_refused_requests_name_their_model_in_log_and_metrics(start: GatewayFactory, upstream: Upstream) -> None:
     gateway = await start(RPS="0.001", BURST="2", DEFAULT_QUOTA="1", MAX_CONCURRENCY="1")
     assert (await gateway.post(chat(model="m-ok"), key="t"))[0] == 200
