@@ -26,6 +26,7 @@ from .middlewares import (
     add_gateway_headers,
     body,
     draining,
+    expect_continue,
     not_found,
     observed,
     policy,
@@ -199,12 +200,14 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     app[keys.LIFECYCLE] = lifecycle
     app[keys.LIVE_CONFIG] = live
 
+    expect = expect_continue(settings.max_body_bytes)
     for method, path, name, handler in routes:
         methods = ("GET", "HEAD") if method == "GET" else (method,)
         for each in methods:
-            app.router.add_route(each, path, handler, name=name)
-        app.router.add_route("*", path, wrong_method(",".join(methods)), name=f"{name}.wrong_method")
-    app.router.add_route("*", "/{path:.*}", not_found, name="not_found")  # last: any other path
+            app.router.add_route(each, path, handler, name=name, expect_handler=expect)
+        refuse = wrong_method(",".join(methods))
+        app.router.add_route("*", path, refuse, name=f"{name}.wrong_method", expect_handler=expect)
+    app.router.add_route("*", "/{path:.*}", not_found, name="not_found", expect_handler=expect)  # last: any other path
     app.cleanup_ctx.append(resources)
     app.on_response_prepare.append(add_gateway_headers)
     return app

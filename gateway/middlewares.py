@@ -16,11 +16,11 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.typedefs import Handler, Middleware
 
 from . import bodies
@@ -421,6 +421,25 @@ def token_budget(budget: TokenBudget, apis: Mapping[str, Api], telemetry: Teleme
             await budget.settle(decision, spent(state.usage, failed, status))
 
     return hold_tokens
+
+
+def expect_continue(max_bytes: int) -> Callable[[web.Request], Awaitable[None]]:
+    """Every route's `Expect` handler (RFC 9110 §10.1.1), run by aiohttp before the middlewares.
+    `100-continue` on HTTP/1.1: a 100, unless the declared body is over the limit (the body
+    middleware answers 413 at once: nothing to upload). Any other expectation is ignored, as a
+    server may: aiohttp's own answer, a plain-text 417 quoting the header, bypassed the
+    middlewares (no JSON error, no x-request-id, no log line)."""
+    continue_line = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+    async def expect(request: web.Request) -> None:
+        if request.version < HttpVersion11 or request.headers.get("Expect", "").lower() != "100-continue":
+            return
+        declared = request.content_length
+        transport = request.transport
+        if (declared is None or declared <= max_bytes) and transport is not None:
+            transport.write(continue_line)
+
+    return expect
 
 
 async def not_found(request: web.Request) -> web.StreamResponse:

@@ -359,6 +359,45 @@ async def test_bodies_not_yet_sent_hold_no_share_of_the_body_budget(start: Gatew
         writer.close()
 
 
+async def test_expectations_reach_the_gateway_not_aiohttps_plain_text(
+    start: GatewayFactory, upstream: Upstream
+) -> None:
+    """An `Expect` other than 100-continue got aiohttp's own 417, text/plain quoting the header,
+    before any middleware: no JSON error (Anthropic's on /v1/messages), no x-request-id, no
+    log line. It is ignored now, as RFC 9110 §10.1.1 allows. A 100-continue whose declared
+    body is over the limit gets its 413 at once, without first being asked for the body."""
+    gateway = await start(MAX_BODY_BYTES="1000")
+    server = gateway.client.server
+
+    async def exchange(head: bytes, body: bytes = b"") -> bytes:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        try:
+            writer.write(head + body)
+            answer = await reader.readuntil(b"\r\n\r\n")  # (an unread body keeps the connection open)
+            length = re.search(rb"Content-Length: (\d+)", answer)
+            return answer + (await reader.readexactly(int(length.group(1))) if length else b"")
+        finally:
+            writer.close()
+
+    payload = json.dumps(chat()).encode()
+    answer = await exchange(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Api-Key: demo\r\nExpect: 200-ok\r\n"
+        b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(payload),
+        payload,
+    )
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert b"\r\nx-request-id: " in answer
+    assert gateway.log_lines()[-1]["status"] == 200
+
+    answer = await exchange(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Api-Key: demo\r\nExpect: 100-continue\r\n"
+        b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: 5000\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_too_large"
+    assert len(upstream.bodies) == 1
+
+
 async def test_refused_requests_name_their_model_in_log_and_metrics(start: GatewayFactory, upstream: Upstream) -> None:
     gateway = await start(RPS="0.001", BURST="2", DEFAULT_QUOTA="1", MAX_CONCURRENCY="1")
     assert (await gateway.post(chat(model="m-ok"), key="t"))[0] == 200
