@@ -344,6 +344,17 @@ def _check_redis_options(value: str) -> None:
             except Exception:
                 raise EnvError(f"the query option {_one_line(name)!r} has a value coredis cannot use") from None
         raise EnvError("coredis cannot read this URL") from None
+    # Read, these change what the store gets back: decode_responses reaches coredis' parser as
+    # a string (any value fails every call, and /readyz's ping with a 500), and noreply makes
+    # every answer None (every call fails). Quotas never enforced, or every request 503.
+    for name, option in parse_qsl(urlsplit(value).query, keep_blank_values=True):
+        if (name == "decode_responses" and option) or (name == "noreply" and _truthy_query(option)):
+            raise EnvError(f"the query option {name!r} cannot be used: the store needs Redis's replies as they are")
+
+
+def _truthy_query(option: str) -> bool:
+    """A query flag as coredis reads it: empty is unset, 0/f/false/n/no are false."""
+    return option != "" and option.upper() not in ("0", "F", "FALSE", "N", "NO")
 
 
 def _endpoint(base_url: str, route: str) -> str:

@@ -364,6 +364,11 @@ class StreamRelay:
             # byte, and what the gateway writes is valid UTF-8 anyway; read raw, such an event
             # would not parse here while it parses there, and its text escape its stream.
             event = sse.parse_blocks(event.raw.decode("utf-8", "replace").encode())[0]
+        if event.raw.startswith(sse.BOM):
+            # A line opening with a BOM (the stream's own was dropped) names an unknown field:
+            # ignored. Written first in what the gateway sends, a client's decoder would drop
+            # it as the stream's BOM and read the line as data; as a comment, nobody reads it.
+            event = sse.parse_blocks(b":" + event.raw)[0]
         data = event.data
         if data is None:  # comments (a keep-alive), or fields without data: their text redacted whole
             text = event.raw.decode("utf-8", "replace")

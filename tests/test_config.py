@@ -670,6 +670,8 @@ def test_an_unparsable_dotenv_line_under_a_set_variable_or_no_assignment_only_wa
         ("redis://cache.example:6379/0?max_connections=many&password=pw-S3CRET", "query option 'max_connections'"),
         ("redis://cache.example:6379/0?db=two", "query option 'db'"),
         ("unix://", "needs the socket's path"),
+        ("redis://:pw-S3CRET@cache.example:6379/0?decode_responses=false", "query option 'decode_responses'"),
+        ("redis://cache.example:6379/0?noreply=true", "query option 'noreply'"),
     ],
 )
 def test_a_redis_url_coredis_cannot_use_stops_start_up(value: str, problem: str) -> None:
@@ -683,6 +685,10 @@ def test_a_redis_url_coredis_cannot_use_stops_start_up(value: str, problem: str)
 
 
 def test_redis_url_query_options_coredis_reads_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    for value in ("redis://cache.example:6379/0?db=1&timeout=2&max_connections=8", "unix:///run/redis.sock?db=2"):
+    for value in (
+        "redis://cache.example:6379/0?db=1&timeout=2&max_connections=8",
+        "unix:///run/redis.sock?db=2",
+        "redis://cache.example:6379/0?noreply=false&decode_responses=",
+    ):
         monkeypatch.setenv("REDIS_URL", value)
         assert load_settings().redis_url == value

@@ -802,6 +802,31 @@ def test_a_bom_does_not_hide_the_first_event_from_redaction() -> None:
     assert _client_text(wire, "content") == "Write to j***e@example.com today."
 
 
+@pytest.mark.parametrize("api", ["chat", "messages", "responses"])
+def test_a_second_bom_does_not_open_what_the_gateway_sends(api: str) -> None:
+    # The stream's BOM is dropped; a second one opens the first line, an unknown field for the
+    # gateway and for a client of the upstream. Written as it came, it opened the gateway's own
+    # stream, where a client's decoder (TextDecoder, EventSource) dropped it and read the line as
+    # data: "jane.doe@" there (redacted whole: nothing to mask) and "example.com" next, in clear.
+    from gateway.openai_apis import RESPONSES
+    from gateway.surfaces import MESSAGES
+
+    make, surface, key = {
+        "chat": (_chat, CHAT, "content"),
+        "messages": (_block, MESSAGES, "text"),
+        "responses": (_output_text, RESPONSES, "delta"),
+    }[api]
+    bom = b"\xef\xbb\xbf"
+    relay = StreamRelay(REDACTOR, None, surface)
+    wire = relay.feed(bom + bom + make("Write to jane.doe@")) + relay.feed(make("example.com today.")) + relay.close()
+    read: list[str] = []
+    for block in wire.decode("utf-8-sig").split("\n\n"):  # the client's decoder drops one BOM
+        lines = [line[5:].removeprefix(" ") for line in block.split("\n") if line.startswith("data:")]
+        if lines and lines != ["[DONE]"]:
+            read.append(_client_text(("\n".join(lines)).encode(), key))
+    assert EMAIL not in "".join(read) and not ("jane.doe@" in "".join(read) and "example.com" in "".join(read))
+
+
 @pytest.mark.parametrize("done", [b"[DONE] ", b"[DONE]\r", b"[DONE]x jane.doe@example.com"])
 def test_data_that_starts_with_done_ends_the_stream_after_held_text(done: bytes) -> None:
     # The openai SDKs stop at data that starts with [DONE]: text held back (a number that may

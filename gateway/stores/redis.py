@@ -22,6 +22,10 @@ from coredis.exceptions import NoScriptError, RedisError
 from ..errors import StoreUnavailable
 from . import Held
 
+# After the pool's connections are dropped for a timeout, the next timeouts keep them for this
+# many timeouts (see RedisStore._drop_connections).
+DROP_INTERVAL_TIMEOUTS = 4
+
 # A string constant, so the frozen build needs no data files. Each operation is one argument,
 # the operation and its operands separated by spaces, takes one key and answers one string of
 # numbers (coredis' work per argument and per reply element is the costly part):
@@ -128,6 +132,7 @@ class RedisStore:
         self._deadline = 0.0  # the pending batch's: `timeout` after its first operation
         self._out: asyncio.Task[None] | None = None  # the batch Redis is working on
         self._open = False
+        self._kept_until = 0.0  # the loop's time before which a timeout drops no connection (see _drop_connections)
         # Ids for the token windows this process starts: unique across processes and restarts.
         self._window_prefix = os.urandom(6).hex()
         self._window_counter = itertools.count(1)
@@ -249,7 +254,17 @@ class RedisStore:
         answer it still waits for there: on a connection that went silent (a NAT or load
         balancer that forgot it, with no reset), every later call would time out behind it for
         ever. The next call connects afresh; a late answer on the old one is lost, as its
-        callers were already told the store was unavailable."""
+        callers were already told the store was unavailable.
+
+        At most once in DROP_INTERVAL_TIMEOUTS timeouts (a second at least): a fresh
+        connection costs round trips of its own (HELLO, then the call), so on a reachable Redis
+        whose round trip is a third of the timeout or more, dropping after every timeout made
+        each call connect afresh and time out again, for ever (every request 503 with
+        QUOTA_FAIL_MODE=closed, where keeping the connection served them all)."""
+        now = asyncio.get_running_loop().time()
+        if now < self._kept_until:
+            return
+        self._kept_until = now + max(1.0, DROP_INTERVAL_TIMEOUTS * self._timeout)
         self._client.connection_pool.disconnect()
 
 

@@ -520,3 +520,52 @@ async def test_a_connection_that_went_silent_is_dropped_and_the_store_recovers(r
             task.cancel()
         for writer in connections:
             writer.close()
+
+
+async def test_a_slow_but_reachable_redis_keeps_its_connection(redis_server: RedisServer) -> None:
+    # A round trip of two thirds of the timeout: every call is answered in time on an open
+    # connection, but a fresh one (its HELLO, then the call) is not. Dropping the connections
+    # after each timeout made every call connect afresh and time out again, for ever.
+    from ..harness import free_port
+
+    delay = 0.1  # each way: a round trip of 0.2 s, under the 0.3 s timeout
+    tasks: set[asyncio.Task[None]] = set()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        while data := await reader.read(65536):
+            loop.call_later(delay, writer.write, data)  # in order: call_later keeps it for equal delays
+
+    async def accept(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", redis_server.port)
+        writers.extend((client_writer, server_writer))
+        for task in (
+            asyncio.create_task(pipe(client_reader, server_writer)),
+            asyncio.create_task(pipe(server_reader, client_writer)),
+        ):
+            tasks.add(task)
+
+    port = free_port()
+    proxy = await asyncio.start_server(accept, "127.0.0.1", port)
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", cluster=False, timeout=0.3)
+    await store.open()
+    try:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 4
+        answered = 0
+        while answered < 3:
+            try:
+                await store.hit("quota:slow", 60_000)
+                answered += 1
+            except StoreUnavailable:
+                assert loop.time() < give_up, "every call connected afresh and timed out"
+                await asyncio.sleep(0.05)
+        assert await store.ping()
+    finally:
+        await store.close()
+        proxy.close()
+        for task in tasks:
+            task.cancel()
+        for writer in writers:
+            writer.close()
