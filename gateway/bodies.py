@@ -47,9 +47,12 @@ MAX_VALUES = 2_000_000
 # ~0.5 s holding /healthz as long; 200,000 of them parse in ~50 ms.
 MAX_MEMBERS = 200_000
 COUNT_ABOVE_BYTES = 256 * 1024
-# An upstream's reply is held to the same number of arrays and objects (a hostile or broken
-# upstream could stall the loop as a client could), but not of values: an embeddings reply in
-# floats has millions, and parses at ~30 ms a million.
+# An upstream's reply is held to a number of arrays and objects too (a hostile or broken
+# upstream could stall the loop as a client could), ten times a request's: a reply with
+# `top_logprobs: 20` has 43 of them a token, so a 16,384-token one has ~700,000 (it parses in
+# ~0.5 s, a cost the client asked for); not to a number of values or members (an embeddings
+# reply in floats has millions of values, a logprobs one hundreds of thousands of members).
+REPLY_MAX_CONTAINERS = 1_000_000
 REPLY_MAX_VALUES = 1 << 62
 _SCAN_SLICE = 64 * 1024  # of a string, scanned by one regex call (no long hold of the GIL)
 _STRING_PART = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*')  # a string's characters, up to its closing quote
@@ -130,12 +133,14 @@ def parse(body: bytes) -> tuple[dict[str, Any], str]:
     return payload, model
 
 
-def may_be_too_complex(body: bytes, max_values: int = MAX_VALUES, max_members: int = MAX_MEMBERS) -> bool:
+def may_be_too_complex(
+    body: bytes, max_values: int = MAX_VALUES, max_members: int = MAX_MEMBERS, max_containers: int = MAX_CONTAINERS
+) -> bool:
     """Whether the body's bytes reach a structure limit (see MAX_CONTAINERS): if so,
     `structure_excess` tells whether its JSON does."""
     if len(body) <= COUNT_ABOVE_BYTES:
         return False
-    if body.count(b"[") + body.count(b"{") > MAX_CONTAINERS:
+    if body.count(b"[") + body.count(b"{") > max_containers:
         return True
     if max_members < len(body) and body.count(b":") > max_members:
         return True
@@ -191,11 +196,11 @@ def structure_excess(
 
 
 async def reply_structure_excess(data: bytes) -> str | None:
-    """`structure_excess` of an upstream's reply (arrays and objects only), counted in a
+    """`structure_excess` of an upstream's reply (REPLY_MAX_CONTAINERS only), counted in a
     worker thread when its bytes reach the limit; None for every usual reply."""
-    if not may_be_too_complex(data, REPLY_MAX_VALUES, REPLY_MAX_VALUES):
+    if not may_be_too_complex(data, REPLY_MAX_VALUES, REPLY_MAX_VALUES, REPLY_MAX_CONTAINERS):
         return None
-    return await asyncio.to_thread(structure_excess, data, MAX_CONTAINERS, REPLY_MAX_VALUES, REPLY_MAX_VALUES)
+    return await asyncio.to_thread(structure_excess, data, REPLY_MAX_CONTAINERS, REPLY_MAX_VALUES, REPLY_MAX_VALUES)
 
 
 def _is_zlib(data: bytes) -> bool:

@@ -272,3 +272,16 @@ def test_megabytes_of_object_members_are_refused() -> None:
 def test_a_body_under_the_counting_size_is_not_counted() -> None:
     small = b'{"model":"m","input":[' + b",".join([b"[]"] * 80_000) + b"]}"
     assert len(small) <= bodies.COUNT_ABOVE_BYTES and not bodies.may_be_too_complex(small)
+
+
+async def test_a_long_logprobs_reply_is_not_too_complex_and_megabytes_of_arrays_are() -> None:
+    """A reply with top_logprobs 20 has 43 arrays and objects a token: 4,096 tokens (176k, past
+    a request's bound) pass; 7 MiB of "[]" do not."""
+    top = [{"token": "a", "logprob": -0.1, "bytes": [97]} for _ in range(20)]
+    tokens = [{"token": "a", "logprob": -0.1, "bytes": [97], "top_logprobs": top} for _ in range(4096)]
+    reply = {"choices": [{"index": 0, "message": {"content": "a" * 4096}, "logprobs": {"content": tokens}}]}
+    data = json.dumps(reply).encode()
+    assert json.dumps(reply).count("{") + json.dumps(reply).count("[") > bodies.MAX_CONTAINERS
+    assert await bodies.reply_structure_excess(data) is None
+    hostile = b'{"choices":[],"x":[' + b",".join([b"[]"] * 2_500_000) + b"]}"
+    assert await bodies.reply_structure_excess(hostile) == "more than 1000000 JSON arrays and objects"
