@@ -34,14 +34,16 @@ MAX_GZIP_MEMBERS = 16
 # A body of megabytes of tiny values ("[[],[],…]", "[1,1,…]") costs ~0.5 s to parse and
 # seconds to walk, all of it holding the event loop (orjson keeps the GIL while it parses):
 # one request would stall every other client. Such a body is refused before it is parsed
-# (400 `body_too_complex`): at most 100,000 arrays and objects and 2,000,000 values, which
-# parse in ~50 ms. No real request comes near (an 8 MiB prompt is ~2M tokens, past every
-# model's context; OpenAI takes 300k tokens of token arrays). Counted only in bodies over
+# (400 `body_too_complex`): at most 100,000 arrays and objects and 500,000 values, which
+# parse in ~50 ms. Not 2,000,000: values are no ints alone, and 2M one-letter strings ("a",
+# 7.6 MiB) took ~130 ms in orjson alone, held /healthz 126-143 ms (180-250 ms spread over
+# 95,000 arrays; 144 ms as floats). No real request comes near (an 8 MiB prompt is ~2M tokens,
+# past every model's context; OpenAI takes 300k tokens of token arrays). Counted only in bodies over
 # 256 KiB (any smaller one parses in ~15 ms), first as bytes (fast, but the brackets and
 # commas of text count too), then, only if those reach a limit, outside strings, in a worker
 # thread (a prompt of JSON text has brackets by the hundred thousand, and is no such body).
 MAX_CONTAINERS = 100_000
-MAX_VALUES = 2_000_000
+MAX_VALUES = 500_000
 # Object members (their colons) too: a key costs ~10x a value (a new string, hashed, into a
 # dict), so 8 MiB of `{"0":0,"1":0,…}` (830k distinct keys, under the value limit) parsed in
 # ~0.5 s holding /healthz as long; 200,000 of them parse in ~50 ms.
