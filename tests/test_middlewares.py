@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from gateway import keys
+from gateway import bodies, keys
 from gateway.app import SERVER_OPTIONS, create_app
 from gateway.config import Settings
 from gateway.errors import UpstreamStreamBroken
@@ -357,6 +357,38 @@ async def test_bodies_not_yet_sent_hold_no_share_of_the_body_budget(start: Gatew
         assert status == 200, body
     finally:
         writer.close()
+
+
+async def test_structure_counts_run_one_at_a_time(
+    start: GatewayFactory, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A count of millions of tiny strings is bytecode by the step: three in threads at once
+    made each turn of the event loop wait for the GIL behind each (/healthz 170-500 ms, and
+    with QUOTA_FAIL_MODE=closed every tenant's request 503 store_unavailable for ~2 s, from
+    three gzip bodies of 26 KB). One runs at a time; the others wait their turn."""
+    running = peak = 0
+    lock = threading.Lock()
+    count = bodies.check_structure
+
+    def counted(body: bytes) -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.1)
+        try:
+            count(body)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(bodies, "check_structure", counted)
+    gateway = await start()
+    hostile = b'{"model":"m","messages":[' + b",".join([b"[]"] * 100_001) + b"]}"
+    answers = await asyncio.gather(*(gateway.post(data=hostile, key=f"k{i}") for i in range(3)))
+    assert [status for status, _, _ in answers] == [400] * 3
+    assert all(error_of(body)["code"] == "body_too_complex" for _, _, body in answers)
+    assert peak == 1
 
 
 async def test_expectations_reach_the_gateway_not_aiohttps_plain_text(
