@@ -39,6 +39,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], str, dict[str, str]]] = {
     "unredacted": (run.STREAM_BODY, "sse", {"REDACT_KINDS": ""}),  # what streaming redaction costs
     "openai": (run.STREAM_BODY, "openai", {}),  # OpenAI's real chunk layout
     "openai_unredacted": (run.STREAM_BODY, "openai", {"REDACT_KINDS": ""}),
+    "anthropic": (run.MESSAGES_BODY, "anthropic", {}),  # Anthropic's Messages stream on /v1/messages
     "routes": (run.JSON_BODY, "json", {"ROUTES": "20"}),  # a 20-route ROUTES_FILE (run.routes_file)
     "policies": (run.JSON_BODY, "json", {"POLICIES": "20"}),  # a 20-policy Cedar file (run.policy_files)
     "paced": (run.STREAM_BODY, "paced", {}),  # one event per read: the per-event path
@@ -72,15 +73,14 @@ COUNTED = {"tracing": 512, "tracing10": 4096}
 
 
 async def _post(port: int, body: dict[str, Any], count: int) -> None:
+    path = "/v1/messages" if body is run.MESSAGES_BODY else "/v1/chat/completions"
     limit = asyncio.Semaphore(CONCURRENCY)
     async with aiohttp.ClientSession() as session:
 
         async def one() -> None:
             async with (
                 limit,
-                session.post(
-                    f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers={"X-Api-Key": "bench"}
-                ) as reply,
+                session.post(f"http://127.0.0.1:{port}{path}", json=body, headers={"X-Api-Key": "bench"}) as reply,
             ):
                 await reply.read()
                 if reply.status != 200:
@@ -126,7 +126,13 @@ def main() -> None:
         redis = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         helpers.append(run.Proc(redis, run.LOAD_CPU))
         run.wait_port(redis_port)
-    upstreams = {"json": json_port, "sse": sse_port, "openai": openai_port, "paced": paced_port}
+    upstreams = {
+        "json": json_port,
+        "sse": sse_port,
+        "openai": openai_port,
+        "anthropic": anthropic_port,
+        "paced": paced_port,
+    }
     counts = ", ".join(f"{name} {COUNTED[name]}" for name in chosen if name in COUNTED)
     print(
         f"thousands of instructions per request (callgrind), {REQUESTS} requests ({counts or 'each'}), {CONCURRENCY} at a time"
