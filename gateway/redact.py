@@ -55,9 +55,10 @@ def _email_parts(letter: str) -> tuple[str, str, str]:
     """The email pattern's (look-behind, body, look-ahead), its letters those of `letter`."""
     alnum, local, domain = rf"(?:{letter}|[0-9])", rf"(?:{letter}|[0-9._%+-])", rf"(?:{letter}|[0-9.-])"
     return (
-        # Not after "*" (masks stay masks) nor "@"; inside a run of local characters only at
-        # its last 64 before the "@".
-        rf"(?:(?<![0-9._%+*@-])(?<!{letter})|(?<={local})(?={local}{{{_LOCAL_MAX}}}@))",
+        # Not after "@"; after "*" only with more than one character before the "@" (a mask's
+        # tail, "j***e@", stays a mask; "**jane@", Markdown's bold, is an address); inside a
+        # run of local characters only at its last 64 before the "@".
+        rf"(?:(?<![0-9._%+@-])(?<!{letter})(?:(?<!\*)|(?!{local}@))|(?<={local})(?={local}{{{_LOCAL_MAX}}}@))",
         rf"{local}{{1,{_LOCAL_MAX}}}@(?:"
         # A domain within sight, whole: up to its end, a dot and a top-level domain of letters.
         rf"(?!{domain}{{{_DOMAIN_SEEN + 1}}}){alnum}{domain}{{0,{_DOMAIN_SEEN - 1}}}\.{letter}{{2,}}+"
