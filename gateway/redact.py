@@ -75,8 +75,14 @@ _CARD_AHEAD = r"(?![A-Za-z0-9_-]|[.,][0-9])"
 _SPACE = " \u00a0\u202f"
 _PARTS = {
     "email": _email_parts(_LETTER),
-    # Payment cards: 13-19 digits in groups, issuer prefixes 2-6 (timestamps start with 1).
-    "card": (r"(?<![A-Za-z0-9_.,-])", rf"[2-6][0-9]{{3}}(?:[{_SPACE}-]?[0-9]){{9,15}}", _CARD_AHEAD),
+    # Payment cards: 13-19 digits in groups, issuer prefixes 2-6 (timestamps start with 1), or
+    # four groups of four set apart by dots. After a dot only when no digit is before it: "Card
+    # No.4111…" is a card, "3.4242…" a decimal and "v1.4242…" a version.
+    "card": (
+        r"(?<![A-Za-z0-9_,-])(?<![0-9]\.)",
+        rf"[2-6][0-9]{{3}}(?:(?:[{_SPACE}-]?[0-9]){{9,15}}|(?:\.[0-9]{{4}}){{3}})",
+        _CARD_AHEAD,
+    ),
     # Phones: international (+CC ...) or North American with separators; bare digit runs
     # (order numbers, timestamps) and dates never qualify. A bracket belongs to a phone only
     # in a pair around a group, as in "+44 (0)20": "(call +1 415 555 2671)" keeps its ")".
@@ -124,7 +130,7 @@ _NOT_FIRST_CHARS = ").-" + _SPACE  # in a run, but no match starts with one
 # Where a card, phone, IBAN or SSN can start: each one's look-behind and first character
 # (and for "+", "(" and a capital, the second, when it is known).
 _OTHER_START = re.compile(
-    r"(?<![A-Za-z0-9_.,-])[2-6]|(?<![A-Za-z0-9_+.-])(?:[1-9]|\+(?![^1-9])|\((?![^2-9]))"
+    r"(?<![A-Za-z0-9_,-])(?<![0-9]\.)[2-6]|(?<![A-Za-z0-9_+.-])(?:[1-9]|\+(?![^1-9])|\((?![^2-9]))"
     r"|(?<![A-Za-z0-9])[A-Z](?![^A-Z])|(?<![A-Za-z0-9_-])[0-8]"
 )
 # An address's local part, and what one still in the making ends with: ASCII, for str.rstrip;

@@ -487,6 +487,32 @@ def test_north_american_prefix_extension_and_no_break_spaces(text: str, redacted
     assert REDACTOR.redact(long) == (expected + " ") * 40
 
 
+# Cards as people write them: four groups of four set apart by dots, and right after an
+# abbreviation's dot ("Card No.4111…"). A dot after a digit still keeps a number whole
+# (decimals, versions), and five dotted groups or a decimal tail are no card.
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("card 4242.4242.4242.4242 exp", "card CC_MASKED_LAST4_4242 exp"),
+        ("card 4242.4242.4242.4242.", "card CC_MASKED_LAST4_4242."),
+        ("Card No.4111111111111111", "Card No.CC_MASKED_LAST4_1111"),
+        ("Card no.4111 1111 1111 1111.", "Card no.CC_MASKED_LAST4_1111."),
+        # Look-alikes stay.
+        ("v1.4242424242424242", None),
+        ("4242.4242.4242.4242.4242", None),
+        ("4242.4242.4242.4242.5", None),
+        ("4242.4242.4242.4241", None),
+        ("pi 3.4242424242424242", None),
+    ],
+)
+def test_dotted_cards_and_cards_after_an_abbreviation(text: str, redacted: str | None) -> None:
+    expected = text if redacted is None else redacted
+    assert REDACTOR.redact(text) == expected
+    assert stream_in_pieces(text, list(range(len(text))), False) == expected
+    long = (text + " ") * 40  # long enough for the byte-level run search
+    assert REDACTOR.redact(long) == (expected + " ") * 40
+
+
 # JSON texts (tool-call arguments): strings from the same parts as replies, numbers that are
 # card numbers (or almost), nested; dumped in every style the stdlib has.
 JSON_STRINGS = st.lists(st.one_of(ORDINARY, PII_VALUES, st.text(max_size=3)), max_size=5).map("".join)
