@@ -83,7 +83,7 @@ _PARTS = {
         rf"[2-6][0-9]{{3}}(?:(?:[{_SPACE}-]?[0-9]){{9,15}}|(?:\.[0-9]{{4}}){{3}})",
         _CARD_AHEAD,
     ),
-    # Phones: international (+CC ...) or North American with separators; bare digit runs
+    # Phones: international (+CC ..., or (+CC) ...) or North American with separators; bare digit runs
     # (order numbers, timestamps) and dates never qualify. A bracket belongs to a phone only
     # in a pair around a group, as in "+44 (0)20": "(call +1 415 555 2671)" keeps its ")".
     # A group's digits are possessive: backtracking into them only ever tried more, shorter
@@ -92,8 +92,8 @@ _PARTS = {
     # A North American number may have its country code as "1-" ("1 ", "1."), and an
     # extension after it ("x123" is left as it is, the number before it masked).
     "phone": (
-        r"(?<![A-Za-z0-9_+.-])",
-        rf"(?:\+[1-9][0-9]{{0,2}}(?:[{_SPACE}.-]?(?:\([0-9]{{1,4}}\)|[0-9]{{1,4}}+)){{2,5}}"
+        r"(?<![A-Za-z0-9_+-])(?<![0-9]\.)",  # after a dot only when no digit is before it ("Tel.+49")
+        rf"(?:(?:\+[1-9][0-9]{{0,2}}|\(\+[1-9][0-9]{{0,2}}\))(?:[{_SPACE}.-]?(?:\([0-9]{{1,4}}\)|[0-9]{{1,4}}+)){{2,5}}"
         rf"|(?:1[{_SPACE}.-])?(?:\([2-9][0-9]{{2}}\)[{_SPACE}]?|[2-9][0-9]{{2}}[{_SPACE}.-])"
         rf"[2-9][0-9]{{2}}[{_SPACE}.-][0-9]{{4}})",
         r"(?![A-Za-wyz0-9_-]|x[A-Za-z]|[.,][0-9])",
@@ -130,7 +130,7 @@ _NOT_FIRST_CHARS = ").-" + _SPACE  # in a run, but no match starts with one
 # Where a card, phone, IBAN or SSN can start: each one's look-behind and first character
 # (and for "+", "(" and a capital, the second, when it is known).
 _OTHER_START = re.compile(
-    r"(?<![A-Za-z0-9_,-])(?<![0-9]\.)[2-6]|(?<![A-Za-z0-9_+.-])(?:[1-9]|\+(?![^1-9])|\((?![^2-9]))"
+    r"(?<![A-Za-z0-9_,-])(?<![0-9]\.)[2-6]|(?<![A-Za-z0-9_+-])(?<![0-9]\.)(?:[1-9]|\+(?![^1-9])|\((?![^2-9+]))"
     r"|(?<![A-Za-z0-9])[A-Z](?![^A-Z])|(?<![A-Za-z0-9_-])[0-8]"
 )
 # An address's local part, and what one still in the making ends with: ASCII, for str.rstrip;
@@ -210,7 +210,7 @@ def _mask_card(text: str) -> str | None:
 
 def _mask_phone(text: str) -> str | None:
     digits = _digits(text)
-    if text.startswith("+") and not 8 <= len(digits) <= 15:
+    if text.startswith(("+", "(+")) and not 8 <= len(digits) <= 15:
         return None
     return f"PHONE_MASKED_LAST2_{digits[-2:]}"
 

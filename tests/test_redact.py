@@ -513,6 +513,34 @@ def test_dotted_cards_and_cards_after_an_abbreviation(text: str, redacted: str |
     assert REDACTOR.redact(long) == (expected + " ") * 40
 
 
+# Phones as people write them: the country code in brackets ("(+44) 20 …", UK and Asian
+# signatures), and right after an abbreviation's dot ("Tel.+49 …"). A "+" number in brackets
+# is held to the same 8-15 digits, and a dot after a digit still keeps a number whole.
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("call (+44) 20 7946 0958 today", "call PHONE_MASKED_LAST2_58 today"),
+        ("(+44)20 7946 0958", "PHONE_MASKED_LAST2_58"),
+        ("(+91) 98765 43210.", "PHONE_MASKED_LAST2_10."),
+        ("(+33) 1 23 45 67 89", "PHONE_MASKED_LAST2_89"),
+        ("Tel.+49 30 123456", "Tel.PHONE_MASKED_LAST2_56"),
+        ("Ph.+1 415 555 2671", "Ph.PHONE_MASKED_LAST2_71"),
+        ("Tel.415-555-2671", "Tel.PHONE_MASKED_LAST2_71"),
+        # Look-alikes stay.
+        ("(+1) 23 45", None),
+        ("(+44) 20", None),
+        ("v1.415-555-2671", None),
+        ("1.+49 30 123456", None),
+    ],
+)
+def test_bracketed_country_codes_and_phones_after_an_abbreviation(text: str, redacted: str | None) -> None:
+    expected = text if redacted is None else redacted
+    assert REDACTOR.redact(text) == expected
+    assert stream_in_pieces(text, list(range(len(text))), False) == expected
+    long = (text + " ") * 40  # long enough for the byte-level run search
+    assert REDACTOR.redact(long) == (expected + " ") * 40
+
+
 # JSON texts (tool-call arguments): strings from the same parts as replies, numbers that are
 # card numbers (or almost), nested; dumped in every style the stdlib has.
 JSON_STRINGS = st.lists(st.one_of(ORDINARY, PII_VALUES, st.text(max_size=3)), max_size=5).map("".join)
