@@ -73,6 +73,19 @@ def _email_parts(letter: str) -> tuple[str, str, str]:
 _CARD_AHEAD = r"(?![A-Za-z0-9_-]|[.,][0-9])"
 # Groups are also set apart by no-break spaces (U+00A0, U+202F: word processors, French).
 _SPACE = " \u00a0\u202f"
+
+
+def _uk_area(digits: int) -> str:
+    """A British area code of a leading 0 and `digits` + 1 digits, bare or in brackets, and a space."""
+    return rf"(?:0[1-9][0-9]{{{digits}}}|\(0[1-9][0-9]{{{digits}}}\))[{_SPACE}]"
+
+
+# National phone formats: British (11 digits as Ofcom groups them: 020 7946 0958, 0161 496
+# 0000, 07700 900123) and French (five pairs: 01 23 45 67 89, 06.12.34.56.78).
+_NATIONAL = (
+    rf"{_uk_area(1)}[0-9]{{4}}[{_SPACE}][0-9]{{4}}|{_uk_area(2)}[0-9]{{3}}[{_SPACE}][0-9]{{4}}"
+    rf"|{_uk_area(3)}[0-9]{{3}}[{_SPACE}]?[0-9]{{3}}|0[1-9](?:[{_SPACE}.][0-9]{{2}}){{4}}"
+)
 _PARTS = {
     "email": _email_parts(_LETTER),
     # Payment cards: 13-19 digits in groups, issuer prefixes 2-6 (timestamps start with 1), or
@@ -83,7 +96,8 @@ _PARTS = {
         rf"[2-6][0-9]{{3}}(?:(?:[{_SPACE}-]?[0-9]){{9,15}}|(?:\.[0-9]{{4}}){{3}})",
         _CARD_AHEAD,
     ),
-    # Phones: international (+CC ..., or (+CC) ...) or North American with separators; bare digit runs
+    # Phones: international (+CC ..., or (+CC) ...), North American with separators, or British
+    # or French (`_NATIONAL`); bare digit runs
     # (order numbers, timestamps) and dates never qualify. A bracket belongs to a phone only
     # in a pair around a group, as in "+44 (0)20": "(call +1 415 555 2671)" keeps its ")".
     # A group's digits are possessive: backtracking into them only ever tried more, shorter
@@ -95,7 +109,7 @@ _PARTS = {
         r"(?<![A-Za-z0-9_+-])(?<![0-9]\.)",  # after a dot only when no digit is before it ("Tel.+49")
         rf"(?:(?:\+[1-9][0-9]{{0,2}}|\(\+[1-9][0-9]{{0,2}}\))(?:[{_SPACE}.-]?(?:\([0-9]{{1,4}}\)|[0-9]{{1,4}}+)){{2,5}}"
         rf"|(?:1[{_SPACE}.-])?(?:\([2-9][0-9]{{2}}\)[{_SPACE}]?|[2-9][0-9]{{2}}[{_SPACE}.-])"
-        rf"[2-9][0-9]{{2}}[{_SPACE}.-][0-9]{{4}})",
+        rf"[2-9][0-9]{{2}}[{_SPACE}.-][0-9]{{4}}|{_NATIONAL})",
         r"(?![A-Za-wyz0-9_-]|x[A-Za-z]|[.,][0-9])",
     ),
     "iban": (
@@ -130,7 +144,7 @@ _NOT_FIRST_CHARS = ").-" + _SPACE  # in a run, but no match starts with one
 # Where a card, phone, IBAN or SSN can start: each one's look-behind and first character
 # (and for "+", "(" and a capital, the second, when it is known).
 _OTHER_START = re.compile(
-    r"(?<![A-Za-z0-9_,-])(?<![0-9]\.)[2-6]|(?<![A-Za-z0-9_+-])(?<![0-9]\.)(?:[1-9]|\+(?![^1-9])|\((?![^2-9+]))"
+    r"(?<![A-Za-z0-9_,-])(?<![0-9]\.)[2-6]|(?<![A-Za-z0-9_+-])(?<![0-9]\.)(?:[1-9]|\+(?![^1-9])|\((?![^02-9+]))"
     r"|(?<![A-Za-z0-9])[A-Z](?![^A-Z])|(?<![A-Za-z0-9_-])[0-8]"
 )
 # An address's local part, and what one still in the making ends with: ASCII, for str.rstrip;

@@ -541,6 +541,38 @@ def test_bracketed_country_codes_and_phones_after_an_abbreviation(text: str, red
     assert REDACTOR.redact(long) == (expected + " ") * 40
 
 
+# National formats without a "+": British (a leading 0, spaces as Ofcom writes them: 020 7946
+# 0958, 0161 496 0000, 07700 900123, an area code in brackets) and French (five pairs).
+# Bare digit runs, other groupings and numbers without the leading 0 stay as they are.
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("call 020 7946 0958 today", "call PHONE_MASKED_LAST2_58 today"),
+        ("(020) 7946 0958", "PHONE_MASKED_LAST2_58"),
+        ("ring 0161 496 0000.", "ring PHONE_MASKED_LAST2_00."),
+        ("mobile 07700 900123", "mobile PHONE_MASKED_LAST2_23"),
+        ("mobile 07700 900 123", "mobile PHONE_MASKED_LAST2_23"),
+        ("(01632) 960000", "PHONE_MASKED_LAST2_00"),
+        ("appelez le 01 23 45 67 89", "appelez le PHONE_MASKED_LAST2_89"),
+        ("tél. 06.12.34.56.78", "tél. PHONE_MASKED_LAST2_78"),
+        # Look-alikes stay.
+        ("ISBN 0 306 40615 2", None),
+        ("02079460958", None),
+        ("0000 123 4567", None),
+        ("steps 01 23 45", None),
+        ("01.23.45.67.89.10", None),
+        ("ids 20 7946 0958", None),
+        ("FedEx 7489 1234 5678", None),
+    ],
+)
+def test_british_and_french_national_phones(text: str, redacted: str | None) -> None:
+    expected = text if redacted is None else redacted
+    assert REDACTOR.redact(text) == expected
+    assert stream_in_pieces(text, list(range(len(text))), False) == expected
+    long = (text + " ") * 40  # long enough for the byte-level run search
+    assert REDACTOR.redact(long) == (expected + " ") * 40
+
+
 # JSON texts (tool-call arguments): strings from the same parts as replies, numbers that are
 # card numbers (or almost), nested; dumped in every style the stdlib has.
 JSON_STRINGS = st.lists(st.one_of(ORDINARY, PII_VALUES, st.text(max_size=3)), max_size=5).map("".join)
