@@ -464,6 +464,15 @@ def test_pii_inside_a_failed_candidate_is_masked(text: str, redacted: str) -> No
     assert stream_in_pieces(text, list(range(len(text))), False) == redacted
 
 
+def redacts_whole_streamed_and_long(text: str, redacted: str | None) -> None:
+    """`text` redacts to `redacted` (None: unchanged) whole, streamed a character at a time, and
+    repeated 40 times (long enough for the byte-level run search)."""
+    expected = text if redacted is None else redacted
+    assert REDACTOR.redact(text) == expected
+    assert stream_in_pieces(text, list(range(len(text))), False) == expected
+    assert REDACTOR.redact((text + " ") * 40) == (expected + " ") * 40
+
+
 @pytest.mark.parametrize(
     ("text", "redacted"),
     [
@@ -480,11 +489,7 @@ def test_pii_inside_a_failed_candidate_is_masked(text: str, redacted: str) -> No
     ],
 )
 def test_north_american_prefix_extension_and_no_break_spaces(text: str, redacted: str | None) -> None:
-    expected = text if redacted is None else redacted
-    assert REDACTOR.redact(text) == expected
-    assert stream_in_pieces(text, list(range(len(text))), False) == expected
-    long = (text + " ") * 40  # long enough for the byte-level run search
-    assert REDACTOR.redact(long) == (expected + " ") * 40
+    redacts_whole_streamed_and_long(text, redacted)
 
 
 # Cards as people write them: four groups of four set apart by dots, and right after an
@@ -506,11 +511,7 @@ def test_north_american_prefix_extension_and_no_break_spaces(text: str, redacted
     ],
 )
 def test_dotted_cards_and_cards_after_an_abbreviation(text: str, redacted: str | None) -> None:
-    expected = text if redacted is None else redacted
-    assert REDACTOR.redact(text) == expected
-    assert stream_in_pieces(text, list(range(len(text))), False) == expected
-    long = (text + " ") * 40  # long enough for the byte-level run search
-    assert REDACTOR.redact(long) == (expected + " ") * 40
+    redacts_whole_streamed_and_long(text, redacted)
 
 
 # Phones as people write them: the country code in brackets ("(+44) 20 …", UK and Asian
@@ -534,11 +535,7 @@ def test_dotted_cards_and_cards_after_an_abbreviation(text: str, redacted: str |
     ],
 )
 def test_bracketed_country_codes_and_phones_after_an_abbreviation(text: str, redacted: str | None) -> None:
-    expected = text if redacted is None else redacted
-    assert REDACTOR.redact(text) == expected
-    assert stream_in_pieces(text, list(range(len(text))), False) == expected
-    long = (text + " ") * 40  # long enough for the byte-level run search
-    assert REDACTOR.redact(long) == (expected + " ") * 40
+    redacts_whole_streamed_and_long(text, redacted)
 
 
 # National formats without a "+": British (a leading 0, spaces as Ofcom writes them: 020 7946
@@ -566,11 +563,7 @@ def test_bracketed_country_codes_and_phones_after_an_abbreviation(text: str, red
     ],
 )
 def test_british_and_french_national_phones(text: str, redacted: str | None) -> None:
-    expected = text if redacted is None else redacted
-    assert REDACTOR.redact(text) == expected
-    assert stream_in_pieces(text, list(range(len(text))), False) == expected
-    long = (text + " ") * 40  # long enough for the byte-level run search
-    assert REDACTOR.redact(long) == (expected + " ") * 40
+    redacts_whole_streamed_and_long(text, redacted)
 
 
 # JSON texts (tool-call arguments): strings from the same parts as replies, numbers that are
