@@ -23,7 +23,7 @@ from types import MappingProxyType
 from aiohttp import HttpVersion11, web
 from aiohttp.typedefs import Handler, Middleware
 
-from . import bodies
+from . import bodies, json_shape
 from .budgets import TokenBudget, spent
 from .errors import (
     BadRequest,
@@ -274,7 +274,7 @@ def body(
             if coding is not None and len(codings := headers.getall("Content-Encoding")) > 1:
                 coding = ",".join(codings)  # several headers make one list (RFC 9110 §5.3)
             body = bodies.decode(raw, coding, max_bytes)
-            if bodies.may_be_too_complex(body):  # counted outside strings, off the loop
+            if json_shape.may_be_too_complex(body):  # counted outside strings, off the loop
                 async with counting:
                     await asyncio.to_thread(bodies.check_structure, body)
             state.payload, state.model = bodies.parse(body)

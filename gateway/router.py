@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import bodies, translate
+from . import translate
 from .breaker import Breaker, Breakers, Permit
-from .errors import ModelNotFound, UpstreamError
+from .errors import ModelNotFound
 from .keys import CONFIG, LIVE_CONFIG
 from .redact import OnRedaction, Redactor
 from .relay import ASIDE_BYTES, dumps_reply
@@ -313,9 +313,6 @@ class AnthropicAsChat:
 
     async def read(self) -> bytes:
         data = await self._reply.read()
-        excess = await bodies.reply_structure_excess(data)
-        if excess is not None:  # its parse alone would hold the event loop (see bodies.MAX_CONTAINERS)
-            raise UpstreamError(f"upstream reply has {excess}")
         if len(data) > ASIDE_BYTES:  # megabytes take tens of ms to parse and write: not on the loop
             return await asyncio.to_thread(translate.whole_reply, self.status, data, self._include_usage, self._created)
         return translate.whole_reply(self.status, data, self._include_usage, self._created)

@@ -15,6 +15,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from .errors import UpstreamError, UpstreamStreamBroken
+from .json_shape import reply_structure_excess
 
 # The client headers that reach the upstream (SPEC §5), by lower-case name: an allow-list,
 # so the client's credentials (Authorization, X-Api-Key, Azure's api-key, Cookie), its
@@ -129,7 +130,8 @@ class UpstreamReply:
         return min(max(secs, 0.0), MAX_RETRY_AFTER_SECS)
 
     async def read(self) -> bytes:
-        """The whole body, decoded; past the limit an UpstreamError, the connection dropped."""
+        """The whole body, decoded; past the size limit, or the bound on arrays and objects that
+        keeps its parse short (json_shape.py), an UpstreamError."""
         content = self._response.content
         parts: list[bytes] = []
         size = 0
@@ -147,6 +149,11 @@ class UpstreamReply:
         # quoting the headers) would hand the operator's key to whoever made the call.
         if self._secret is not None and self._response.status >= 300 and self._secret in data:
             data = data.replace(self._secret, b"***")
+        # Before anything parses it (a JSON reply, an error, a translation, the model list), so
+        # one check covers them all and a route's next upstream answers instead.
+        excess = await reply_structure_excess(data)
+        if excess is not None:
+            raise UpstreamError(f"upstream reply has {excess}")
         return data
 
     async def next_chunk(self) -> bytes:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import bodies
+from gateway import bodies, json_shape
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
 
 LIMIT = 1000
@@ -228,7 +228,7 @@ def test_the_structure_count_sees_only_what_is_outside_strings(value: object, sp
     body = json.dumps({"model": "m", "v": value}, ensure_ascii=not spaced, separators=None if spaced else (",", ":"))
     containers, commas, members = true_counts({"model": "m", "v": value})
     data = body.encode()
-    with patch.object(bodies, "_SCAN_SLICE", slice_bytes):
+    with patch.object(json_shape, "_SCAN_SLICE", slice_bytes):
         bodies.check_structure(data, max_containers=containers, max_values=commas + 1, max_members=members)
         with pytest.raises(BadRequest):
             bodies.check_structure(data, max_containers=containers, max_values=commas + 1, max_members=members - 1)
@@ -242,14 +242,14 @@ def test_the_structure_count_sees_only_what_is_outside_strings(value: object, sp
 
 def test_megabytes_of_tiny_arrays_are_refused_and_json_text_is_not() -> None:
     hostile = b'{"model":"m","input":[' + b",".join([b"[]"] * 300_000) + b"]}"
-    assert bodies.may_be_too_complex(hostile)
+    assert json_shape.may_be_too_complex(hostile)
     with pytest.raises(BadRequest) as caught:
         bodies.check_structure(hostile)
     assert caught.value.code == "body_too_complex" and "100000 JSON arrays and objects" in caught.value.message
     # A prompt of JSON text: its brackets and commas by the hundred thousand are inside one string.
     text = '{"email": "jane@example.com", "n": [1, 2]}, ' * 60_000
     prompt = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode()
-    assert bodies.may_be_too_complex(prompt)  # its bytes reach the limit...
+    assert json_shape.may_be_too_complex(prompt)  # its bytes reach the limit...
     bodies.check_structure(prompt)  # ...its JSON does not
     assert bodies.parse(prompt)[0]["messages"][0]["content"] == text
 
@@ -259,13 +259,13 @@ def test_megabytes_of_object_members_are_refused() -> None:
     event loop ~0.5 s in orjson's parse. Colons inside strings (a prompt's URLs, times) do not count."""
     hostile = b'{"model":"m","x":{' + b",".join(b'"%x":0' % i for i in range(450_000)) + b"}}"
     assert hostile.count(b",") < bodies.MAX_VALUES and hostile.count(b"{") < bodies.MAX_CONTAINERS
-    assert bodies.may_be_too_complex(hostile)
+    assert json_shape.may_be_too_complex(hostile)
     with pytest.raises(BadRequest) as caught:
         bodies.check_structure(hostile)
     assert caught.value.code == "body_too_complex" and "200000 JSON object members" in caught.value.message
     text = "at 10:30 see https://example.com: " * 80_000
     prompt = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode()
-    assert bodies.may_be_too_complex(prompt)
+    assert json_shape.may_be_too_complex(prompt)
     bodies.check_structure(prompt)
 
 
@@ -273,7 +273,7 @@ def test_megabytes_of_one_letter_strings_are_refused_and_openais_token_arrays_ar
     """2,000,000 one-letter strings (7.6 MiB, no bracket, member or value limit of before
     reached) took ~130 ms in orjson's parse, holding the event loop: /healthz 126-143 ms."""
     hostile = b'{"model":"m","input":[' + b",".join([b'"a"'] * 1_999_000) + b"]}"
-    assert bodies.may_be_too_complex(hostile)
+    assert json_shape.may_be_too_complex(hostile)
     with pytest.raises(BadRequest) as caught:
         bodies.check_structure(hostile)
     assert caught.value.code == "body_too_complex" and "500000 JSON values" in caught.value.message
@@ -285,7 +285,7 @@ def test_megabytes_of_one_letter_strings_are_refused_and_openais_token_arrays_ar
 
 def test_a_body_under_the_counting_size_is_not_counted() -> None:
     small = b'{"model":"m","input":[' + b",".join([b"[]"] * 80_000) + b"]}"
-    assert len(small) <= bodies.COUNT_ABOVE_BYTES and not bodies.may_be_too_complex(small)
+    assert len(small) <= json_shape.COUNT_ABOVE_BYTES and not json_shape.may_be_too_complex(small)
 
 
 async def test_a_long_logprobs_reply_is_not_too_complex_and_megabytes_of_arrays_are() -> None:
@@ -296,6 +296,6 @@ async def test_a_long_logprobs_reply_is_not_too_complex_and_megabytes_of_arrays_
     reply = {"choices": [{"index": 0, "message": {"content": "a" * 4096}, "logprobs": {"content": tokens}}]}
     data = json.dumps(reply).encode()
     assert json.dumps(reply).count("{") + json.dumps(reply).count("[") > bodies.MAX_CONTAINERS
-    assert await bodies.reply_structure_excess(data) is None
+    assert await json_shape.reply_structure_excess(data) is None
     hostile = b'{"choices":[],"x":[' + b",".join([b"[]"] * 2_500_000) + b"]}"
-    assert await bodies.reply_structure_excess(hostile) == "more than 1000000 JSON arrays and objects"
+    assert await json_shape.reply_structure_excess(hostile) == "more than 1000000 JSON arrays and objects"
