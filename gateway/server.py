@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NoReturn
 
 from aiohttp import web
@@ -35,6 +35,7 @@ log = logging.getLogger("gateway")
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 # Held back in a new worker until its loop handles them: an early SIGHUP reloads, not kills.
 _HELD_SIGNALS = _STOP_SIGNALS | {signal.SIGHUP}
+_FORK_HELD_SIGNALS = _HELD_SIGNALS | {signal.SIGCHLD}
 
 
 class StartupError(Exception):
@@ -164,107 +165,192 @@ def _supervise(settings: Settings) -> int:
     once every worker serves, STOPPING=1 when it passes a stop signal on."""
     notifier = Lifecycle(0, settings.notify_socket)
     worker_settings = dataclasses.replace(settings, notify_socket=None)
-    reports: dict[int, int] = {}  # the read end of each worker's report pipe -> its pid
-    for _ in range(settings.workers):
-        pid, read_end = _fork_worker(worker_settings, reports)
-        reports[read_end] = pid
-    children = list(reports.values())
-    stopping = False
-
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        notifier.notify("STOPPING=1")
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signum)
-
-    def forward_reload(signum: int, _frame: object) -> None:
-        for child in children:  # each worker reloads its own configuration
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, forward_reload)
-    failure = _await_workers(reports)
-    status = 0
-    if failure is None and not stopping:
-        notifier.notify("READY=1")
-        status = _replace_dead_workers(worker_settings, children, lambda: stopping)
-    else:  # the workers that did start stop again: it is all of them or none
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGTERM)
-    for child in children:
-        _, code = os.waitpid(child, 0)
-        status = status or os.waitstatus_to_exitcode(code)
-    if failure is not None and not stopping:
+    with _SignalPipe() as signals:
+        reports: dict[int, int] = {}  # the read end of each worker's report pipe -> its pid
+        for _ in range(settings.workers):
+            pid, read_end = _fork_worker(worker_settings, (*reports, *signals.fds))
+            reports[read_end] = pid
+        workers = _Workers(worker_settings, notifier, list(reports.values()), signals)
+        failure = _await_workers(reports, workers)
+        status = 0
+        if failure is None and not workers.stopping:
+            notifier.notify("READY=1")
+            status = workers.keep_serving()
+        else:  # the workers that did start stop again: it is all of them or none
+            workers.pass_on(signal.SIGTERM)
+        status = workers.reap_all() or status
+    if failure is not None and not workers.stopping:
         if failure:
             raise StartupError(failure)
         return status or 1  # the worker printed its own traceback, as one process would
     return status
 
 
+class _SignalPipe:
+    """The parent's signals, as bytes on a pipe (signal.set_wakeup_fd) that its loop selects on.
+
+    A Python signal handler runs between bytecodes: a signal that lands after the last check
+    and before a blocking call (os.wait, select) sets a flag that nothing reads until that call
+    returns on its own, so a SIGTERM could wait for ever (CI saw it: no STOPPING=1, no exit). The
+    byte is written by the C-level handler at once, and a select that starts after it returns
+    at once too."""
+
+    _CAUGHT = (*_HELD_SIGNALS, signal.SIGCHLD)
+
+    def __enter__(self) -> _SignalPipe:
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.fds = (self._read, self._write)
+        self._before = {signum: signal.signal(signum, _noted) for signum in self._CAUGHT}
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        return self
+
+    def fileno(self) -> int:
+        return self._read
+
+    def take(self) -> bytes:
+        """The signal numbers that arrived since the last call, oldest first."""
+        taken = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self._read, 512):
+                taken += chunk
+        return taken
+
+    def __exit__(self, *_: object) -> None:
+        signal.set_wakeup_fd(-1)
+        for signum, handler in self._before.items():
+            signal.signal(signum, handler)
+        os.close(self._read)
+        os.close(self._write)
+
+
+def _noted(_signum: int, _frame: object) -> None:
+    """Installed so that the C-level handler writes the signal's number on the wakeup pipe; the
+    supervisor's loop acts on it there."""
+
+
+def _forget_parent_signals() -> None:
+    """In a new worker: the parent's wakeup pipe and handlers are not its own (its loop installs
+    its handlers; until then TERM, INT and HUP stay blocked)."""
+    signal.set_wakeup_fd(-1)
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+
+
+class _Workers:
+    """The parent's children, and what it does with each signal that reaches it."""
+
+    def __init__(self, settings: Settings, notifier: Lifecycle, pids: list[int], signals: _SignalPipe) -> None:
+        self._settings = settings
+        self._notifier = notifier
+        self.signals = signals
+        self.pids = set(pids)
+        self.stopping = False
+
+    def take_signals(self) -> None:
+        for signum in self.signals.take():
+            if signum in _STOP_SIGNALS:
+                if not self.stopping:
+                    self.stopping = True
+                    self._notifier.notify("STOPPING=1")
+                self.pass_on(signum)
+            elif signum == signal.SIGHUP:  # each worker reloads its own configuration
+                self.pass_on(signum)
+            # SIGCHLD only wakes the loop: the loops reap whatever ended.
+
+    def pass_on(self, signum: int) -> None:
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def keep_serving(self) -> int:
+        """Until a stop signal is passed on: a worker that dies (killed, out of memory, a crash)
+        is logged and replaced a second later (a worker that cannot start again does not spin),
+        so the port keeps its WORKERS. Returns the first non-zero exit status of the workers
+        that ended on the stop."""
+        status = 0
+        due: list[float] = []  # when each replacement is to be started
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.signals, selectors.EVENT_READ)
+            while self.pids:
+                timeout = None if self.stopping or not due else max(0.0, due[0] - time.monotonic())
+                if selector.select(timeout):
+                    self.take_signals()
+                for pid, code in self._ended():
+                    if self.stopping:
+                        status = status or code
+                        continue
+                    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+                    log.error("worker %d %s; starting another", pid, how)
+                    due.append(time.monotonic() + 1)
+                while due and due[0] <= time.monotonic() and not self.stopping:
+                    due.pop(0)
+                    new_pid, report = _fork_worker(self._settings, self.signals.fds)
+                    os.close(report)  # its report is not awaited: the others serve meanwhile
+                    self.pids.add(new_pid)
+        return status
+
+    def _ended(self) -> Iterator[tuple[int, int]]:
+        """The workers that have ended since the last look, without blocking."""
+        while self.pids:
+            try:
+                pid, code = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.pids:
+                self.pids.discard(pid)
+                yield pid, os.waitstatus_to_exitcode(code)
+
+    def reap_all(self) -> int:
+        """Wait for every worker left; the first non-zero exit status."""
+        status = 0
+        for pid in list(self.pids):
+            _, code = os.waitpid(pid, 0)
+            self.pids.discard(pid)
+            status = status or os.waitstatus_to_exitcode(code)
+        return status
+
+
 def _fork_worker(settings: Settings, inherited: Iterable[int] = ()) -> tuple[int, int]:
     """A new worker: its pid, and the read end of the pipe on which it reports (ready or
-    failed; end of file when it is gone). `inherited`: the parent's other report pipes,
-    closed in the child."""
+    failed; end of file when it is gone). `inherited`: the parent's descriptors that the
+    child closes (the other report pipes, the signal pipe)."""
     _flush_std_streams()  # else the worker inherits, and writes again, what is still buffered
     read_end, write_end = os.pipe()
-    # Blocked until the worker's loop handles them, so an early SIGTERM drains, not kills.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    # Blocked until the worker's loop handles them, so an early SIGTERM drains, not kills; and
+    # none of them reaches the parent's wakeup pipe through the child meanwhile.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_HELD_SIGNALS)
     pid = os.fork()
     if pid == 0:
         for fd in (read_end, *inherited):
             os.close(fd)
+        _forget_parent_signals()
         _work(settings, write_end)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_HELD_SIGNALS)
     # Only the worker holds the write end now: end of file on it means the worker is gone.
     os.close(write_end)
     return pid, read_end
 
 
-def _replace_dead_workers(settings: Settings, children: list[int], stopping: Callable[[], bool]) -> int:
-    """Until a stop signal is passed on: a worker that dies (killed, out of memory, a crash)
-    is logged and replaced a second later (a worker that cannot start again does not spin),
-    so the port keeps its WORKERS. `children` is kept current in place (the signal handlers
-    read it). Returns the first non-zero exit status of the workers that ended on the stop."""
-    status = 0
-    while children:
-        try:
-            pid, code = os.wait()
-        except ChildProcessError:
-            break
-        if pid not in children:
-            continue
-        children.remove(pid)
-        if stopping():
-            status = status or os.waitstatus_to_exitcode(code)
-            continue
-        ended = os.waitstatus_to_exitcode(code)
-        how = f"was killed by signal {-ended}" if ended < 0 else f"exited with status {ended}"
-        log.error("worker %d %s; starting another", pid, how)
-        time.sleep(1)
-        if stopping():
-            continue
-        new_pid, report = _fork_worker(settings)
-        os.close(report)  # its report is not awaited: the others serve meanwhile
-        children.append(new_pid)
-        if stopping():  # the stop came while it was being made: the signal passed it by
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(new_pid, signal.SIGTERM)
-    return status
-
-
-def _await_workers(reports: dict[int, int]) -> str | None:
-    """None once every worker serves; else why one could not ("" if it said so itself)."""
+def _await_workers(reports: dict[int, int], workers: _Workers) -> str | None:
+    """None once every worker serves, or a stop signal came first; else why one could not
+    ("" if it said so itself)."""
     with selectors.DefaultSelector() as selector:  # epoll: no FD_SETSIZE limit on WORKERS
+        selector.register(workers.signals, selectors.EVENT_READ)
         for fd in reports:
             selector.register(fd, selectors.EVENT_READ)
         try:
-            while selector.get_map():
+            while len(selector.get_map()) > 1:
                 for key, _ in selector.select():
+                    if key.fileobj is workers.signals:
+                        workers.take_signals()
+                        if workers.stopping:
+                            return None
+                        continue
                     fd = key.fd
                     # One short write per worker: it arrives whole (pipe writes up to PIPE_BUF are atomic).
                     message = os.read(fd, 4096).decode(errors="replace")
@@ -277,7 +363,8 @@ def _await_workers(reports: dict[int, int]) -> str | None:
                     return f"worker {reports[fd]} exited before serving"
         finally:
             for key in list(selector.get_map().values()):
-                os.close(key.fd)
+                if key.fileobj is not workers.signals:
+                    os.close(key.fd)
     return None
 
 

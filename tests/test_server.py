@@ -1,19 +1,25 @@
-"""server.py: the address check before serving, and workers reporting a failed start-up to
-the parent, which speaks once (the e2e start-up tests cover the CLI on any build)."""
+"""server.py: the address check before serving, workers reporting a failed start-up to the
+parent, which speaks once (the e2e start-up tests cover the CLI on any build), and the parent
+acting on a signal whenever it lands."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from gateway.server import ListenError, _check_address
 
-from .harness import ROOT, RedisServer, base_env
+from .harness import ROOT, RedisServer, base_env, free_port
 
 
 @pytest.fixture
@@ -92,3 +98,53 @@ def test_workers_that_cannot_listen_are_one_line_from_the_parent(
         )
     assert result.returncode == 1
     assert result.stderr.splitlines() == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+
+
+@pytest.fixture(scope="module")
+def late_block(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build tests/late_block.c")
+    library = tmp_path_factory.mktemp("shim") / "late_block.so"
+    subprocess.run(
+        [compiler, "-shared", "-fPIC", "-o", str(library), str(ROOT / "tests" / "late_block.c"), "-ldl"], check=True
+    )
+    return library
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_just_before_the_parent_blocks_still_stops_every_worker(
+    late_block: Path, redis_server: RedisServer, tmp_path: Path, signum: signal.Signals
+) -> None:
+    # The signal lands after the parent last looked at its signal flags, before it blocks waiting
+    # for its workers (tests/late_block.c widens that moment). A handler run between bytecodes
+    # would not run until a worker ended, and none would: no STOPPING=1 and no exit, for ever.
+    path = tmp_path / "notify.sock"
+    env = base_env() | {
+        "LISTEN_ADDR": f"127.0.0.1:{free_port()}",
+        "WORKERS": "2",
+        "REDIS_URL": redis_server.url,
+        "NOTIFY_SOCKET": str(path),
+        "LD_PRELOAD": str(late_block),
+    }
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(15)
+        gateway = subprocess.Popen(
+            [sys.executable, str(ROOT / "gateway.py")],
+            env=env,
+            cwd=tmp_path,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert sock.recv(100) == b"READY=1"
+            gateway.send_signal(signum)  # at once: the parent is in the widened moment
+            sock.settimeout(5)
+            assert sock.recv(100) == b"STOPPING=1"
+            assert gateway.wait(10) == 0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(gateway.pid, signal.SIGKILL)  # a parent that hung leaves no worker behind
+            gateway.wait()

@@ -1,0 +1,39 @@
+/* LD_PRELOAD for tests/test_server.py: widens the moment between a process's last look at its
+   signal flags and the blocking wait it then makes. Only the session leader (the gateway's
+   parent, started with start_new_session) pauses 300 ms before each blocking wait; a signal's
+   C-level handler runs during the pause, as it would in the real, microseconds-wide moment. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/select.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static void pause_first(void) {
+    if (getsid(0) != getpid()) return;
+    struct timespec left = {0, 300L * 1000 * 1000};
+    while (nanosleep(&left, &left) == -1) {}
+}
+
+pid_t wait(int *status) {
+    static pid_t (*real)(int *);
+    if (!real) real = dlsym(RTLD_NEXT, "wait");
+    pause_first();
+    return real(status);
+}
+
+pid_t waitpid(pid_t pid, int *status, int options) {
+    static pid_t (*real)(pid_t, int *, int);
+    if (!real) real = dlsym(RTLD_NEXT, "waitpid");
+    if (!(options & WNOHANG)) pause_first();
+    return real(pid, status, options);
+}
+
+int epoll_wait(int fd, struct epoll_event *events, int max, int timeout) {
+    static int (*real)(int, struct epoll_event *, int, int);
+    if (!real) real = dlsym(RTLD_NEXT, "epoll_wait");
+    if (timeout != 0) pause_first();
+    return real(fd, events, max, timeout);
+}
