@@ -274,7 +274,9 @@ class _Workers:
         due: list[float] = []  # when each replacement is to be started
         with selectors.DefaultSelector() as selector:
             selector.register(self.signals, selectors.EVENT_READ)
-            while self.pids:
+            # Not `while self.pids`: when every worker has died at once, none is left until the
+            # first replacement is due, and the parent must wait for it, not exit.
+            while self.pids or (due and not self.stopping):
                 timeout = None if self.stopping or not due else max(0.0, due[0] - time.monotonic())
                 if selector.select(timeout):
                     self.take_signals()
@@ -287,7 +289,7 @@ class _Workers:
                     due.append(time.monotonic() + 1)
                 while due and due[0] <= time.monotonic() and not self.stopping:
                     due.pop(0)
-                    new_pid, report = _fork_worker(self._settings, self.signals.fds)
+                    new_pid, report = _fork_worker(self._settings, (*self.signals.fds, selector.fileno()))
                     os.close(report)  # its report is not awaited: the others serve meanwhile
                     self.pids.add(new_pid)
         return status

@@ -19,7 +19,7 @@ import pytest
 
 from gateway.server import ListenError, _check_address
 
-from .harness import ROOT, RedisServer, base_env, free_port
+from .harness import ROOT, RedisServer, base_env, free_port, http_get, wait_until
 
 
 @pytest.fixture
@@ -148,3 +148,63 @@ def test_a_stop_signal_just_before_the_parent_blocks_still_stops_every_worker(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(gateway.pid, signal.SIGKILL)  # a parent that hung leaves no worker behind
             gateway.wait()
+
+
+def _workers_of(parent: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(pid) for pid in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+    return []
+
+
+def _epoll_fds(pid: int) -> int:
+    return sum(1 for fd in Path(f"/proc/{pid}/fd").iterdir() if os.readlink(fd) == "anon_inode:[eventpoll]")
+
+
+def test_workers_that_all_die_at_once_are_all_replaced(redis_server: RedisServer, tmp_path: Path) -> None:
+    # None is left until the first replacement is due, a second later: the parent waits for it,
+    # rather than taking "no worker left" for the end of a stop and exiting 0 with nobody serving.
+    port, path = free_port(), tmp_path / "notify.sock"
+    env = base_env() | {
+        "LISTEN_ADDR": f"127.0.0.1:{port}",
+        "WORKERS": "2",
+        "REDIS_URL": redis_server.url,
+        "NOTIFY_SOCKET": str(path),
+    }
+    ready = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ready.bind(str(path))
+    ready.settimeout(15)
+    gateway = subprocess.Popen(
+        [sys.executable, str(ROOT / "gateway.py")],
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert ready.recv(100) == b"READY=1"  # both serve: a worker killed before that is a failed start
+        first = _workers_of(gateway.pid)
+        epolls = _epoll_fds(first[0])
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)
+        replaced = wait_until(
+            lambda: (now := _workers_of(gateway.pid)) and len(now) == 2 and not set(now) & set(first) and now,
+            what="2 new workers",
+        )
+        wait_until(lambda: _answers(port), what="the new workers serving")
+        assert gateway.poll() is None
+        # A replacement holds what a first worker holds: not the parent's selector too.
+        assert [_epoll_fds(pid) for pid in replaced] == [epolls, epolls]
+        gateway.send_signal(signal.SIGTERM)
+        assert gateway.wait(10) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(gateway.pid, signal.SIGKILL)
+        gateway.wait()
+        ready.close()
+
+
+def _answers(port: int) -> bool:
+    with contextlib.suppress(OSError):
+        return http_get(port, "/healthz")[0] == 200
+    return False
