@@ -230,11 +230,12 @@ def _noted(_signum: int, _frame: object) -> None:
 
 def _forget_parent_signals() -> None:
     """In a new worker: the parent's wakeup pipe and handlers are not its own (its loop installs
-    its handlers; until then TERM, INT and HUP stay blocked)."""
+    its handlers; until then TERM, INT and HUP stay blocked). SIG_DFL, not SIG_IGN, for SIGHUP:
+    ignoring a signal throws away one already pending, and a reload asked for while the worker
+    started is to reach its loop."""
     signal.set_wakeup_fd(-1)
-    for signum in _STOP_SIGNALS:
+    for signum in _HELD_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
 

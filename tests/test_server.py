@@ -208,3 +208,42 @@ def _answers(port: int) -> bool:
     with contextlib.suppress(OSError):
         return http_get(port, "/healthz")[0] == 200
     return False
+
+
+def test_a_reload_asked_for_while_the_workers_start_reaches_every_worker(
+    late_block: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # Each new worker pauses right after fork (tests/late_block.c), before it sets up its
+    # signals; the SIGHUP passed on meanwhile waits, blocked, for the worker's loop. Setting the
+    # signal to "ignore" in that moment would throw it away.
+    path, errors = tmp_path / "notify.sock", tmp_path / "gateway.err"
+    env = base_env() | {
+        "LISTEN_ADDR": f"127.0.0.1:{free_port()}",
+        "WORKERS": "2",
+        "REDIS_URL": redis_server.url,
+        "NOTIFY_SOCKET": str(path),
+        "LD_PRELOAD": str(late_block),
+        "LATE_BLOCK": "after-fork",
+    }
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, errors.open("wb") as stderr:
+        sock.bind(str(path))
+        sock.settimeout(15)
+        gateway = subprocess.Popen(
+            [sys.executable, str(ROOT / "gateway.py")],
+            env=env,
+            cwd=tmp_path,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            wait_until(lambda: len(_workers_of(gateway.pid)) == 2, what="both workers forked")
+            gateway.send_signal(signal.SIGHUP)  # the workers are still in their pause
+            assert sock.recv(100) == b"READY=1"
+            wait_until(lambda: errors.read_text().count("configuration reloaded") == 2, what="a reload in each worker")
+            gateway.send_signal(signal.SIGTERM)
+            assert gateway.wait(10) == 0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(gateway.pid, signal.SIGKILL)
+            gateway.wait()
