@@ -33,6 +33,7 @@ COUNT_ABOVE_BYTES = 256 * 1024
 # reply in floats has millions of values, a logprobs one hundreds of thousands of members).
 REPLY_MAX_CONTAINERS = 1_000_000
 REPLY_MAX_VALUES = 1 << 62
+_NOT_MARKS = bytes(byte for byte in range(256) if byte not in b"[{:,")  # deleted by may_be_too_complex
 _SCAN_SLICE = 64 * 1024  # of a string, scanned by one regex call (no long hold of the GIL)
 _STRING_PART = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*')  # a string's characters, up to its closing quote
 
@@ -44,11 +45,14 @@ def may_be_too_complex(
     `structure_excess` tells whether its JSON does."""
     if len(body) <= COUNT_ABOVE_BYTES:
         return False
-    if body.count(b"[") + body.count(b"{") > max_containers:
+    # The four bytes kept in one pass, then counted: ~2.5 ms for 8 MiB of text where four
+    # counts over the body took ~9 ms, on the event loop.
+    marks = body.translate(None, _NOT_MARKS)
+    if marks.count(b"[") + marks.count(b"{") > max_containers:
         return True
-    if max_members < len(body) and body.count(b":") > max_members:
+    if marks.count(b":") > max_members:
         return True
-    return max_values <= len(body) and body.count(b",") >= max_values
+    return marks.count(b",") >= max_values
 
 
 def structure_excess(

@@ -288,6 +288,23 @@ def test_a_body_under_the_counting_size_is_not_counted() -> None:
     assert len(small) <= json_shape.COUNT_ABOVE_BYTES and not json_shape.may_be_too_complex(small)
 
 
+@given(
+    body=st.binary(max_size=400)
+    | st.lists(st.sampled_from([b"[", b"{", b":", b",", b'"', b"a", b"\xff"])).map(b"".join),
+    limits=st.tuples(st.integers(0, 60), st.integers(0, 60), st.integers(0, 60)),
+)
+def test_the_one_pass_byte_count_says_what_counting_each_byte_says(body: bytes, limits: tuple[int, int, int]) -> None:
+    # may_be_too_complex keeps the four bytes in one pass (translate) and counts those.
+    max_values, max_members, max_containers = limits
+    plain = (
+        body.count(b"[") + body.count(b"{") > max_containers
+        or body.count(b":") > max_members
+        or body.count(b",") >= max_values
+    )
+    with patch.object(json_shape, "COUNT_ABOVE_BYTES", -1):  # counted whatever its size
+        assert json_shape.may_be_too_complex(body, max_values, max_members, max_containers) == plain
+
+
 async def test_a_long_logprobs_reply_is_not_too_complex_and_megabytes_of_arrays_are() -> None:
     """A reply with top_logprobs 20 has 43 arrays and objects a token: 4,096 tokens (176k, past
     a request's bound) pass; 7 MiB of "[]" do not."""
