@@ -230,13 +230,10 @@ def body(
     route's own checks of it (`Api.check_request`, by route name): a malformed request is
     refused here, before it spends a rate-limit token or quota."""
     metrics = telemetry.metrics
-    # One large body at a time through the steps that hold the event loop (decoding, the byte
-    # count, the parse) or the GIL (the structure count in its thread: bytecode by the step,
-    # and with several such threads each turn of the loop waited behind each in turn; three at
-    # once held /healthz 170-500 ms). Without it six hostile bodies that arrived together were
-    # counted back to back in one turn of the loop (~17 ms each) and /healthz waited 300 ms;
-    # with it the loop serves others between two of them.
-    large_bodies = asyncio.Lock()
+    # One structure count at a time: a count of millions of tiny strings is bytecode by the
+    # step, and with several such threads each turn of the event loop waited for the GIL
+    # behind each of them in turn (three at once held /healthz 170-500 ms).
+    counting = asyncio.Semaphore(1)
 
     async def read_held(request: web.Request) -> bytes:
         """A body still arriving, each part taken from the budget as it comes (bytes that
@@ -280,14 +277,11 @@ def body(
             coding = headers.get("Content-Encoding")
             if coding is not None and len(codings := headers.getall("Content-Encoding")) > 1:
                 coding = ",".join(codings)  # several headers make one list (RFC 9110 §5.3)
-            if coding is None and len(raw) <= json_shape.COUNT_ABOVE_BYTES:
-                state.payload, state.model = bodies.parse(raw)  # parses in well under 15 ms
-            else:
-                async with large_bodies:
-                    body = bodies.decode(raw, coding, max_bytes)
-                    if json_shape.may_be_too_complex(body):  # counted outside strings, off the loop
-                        await asyncio.to_thread(bodies.check_structure, body)
-                    state.payload, state.model = bodies.parse(body)
+            body = bodies.decode(raw, coding, max_bytes)
+            if json_shape.may_be_too_complex(body):  # counted outside strings, off the loop
+                async with counting:
+                    await asyncio.to_thread(bodies.check_structure, body)
+            state.payload, state.model = bodies.parse(body)
             api = apis.get(request.match_info.route.name or "")
             if api is not None:
                 api.check_request(state.payload, redacting)
