@@ -33,7 +33,14 @@ COUNT_ABOVE_BYTES = 256 * 1024
 # reply in floats has millions of values, a logprobs one hundreds of thousands of members).
 REPLY_MAX_CONTAINERS = 1_000_000
 REPLY_MAX_VALUES = 1 << 62
-_NOT_MARKS = bytes(byte for byte in range(256) if byte not in b"[{:,")  # deleted by may_be_too_complex
+# The bytes may_be_too_complex deletes, by (whether it counts members, whether it counts values).
+_NOT_MARKS = {
+    (members, values): bytes(
+        byte for byte in range(256) if byte not in b"[{" + (b":" if members else b"") + (b"," if values else b"")
+    )
+    for members in (False, True)
+    for values in (False, True)
+}
 _SCAN_SLICE = 64 * 1024  # of a string, scanned by one regex call (no long hold of the GIL)
 _STRING_PART = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*')  # a string's characters, up to its closing quote
 
@@ -45,9 +52,11 @@ def may_be_too_complex(
     `structure_excess` tells whether its JSON does."""
     if len(body) <= COUNT_ABOVE_BYTES:
         return False
-    # The four bytes kept in one pass, then counted: ~2.5 ms for 8 MiB of text where four
-    # counts over the body took ~9 ms, on the event loop.
-    marks = body.translate(None, _NOT_MARKS)
+    # The marks kept in one pass, then counted: ~2.5 ms for 8 MiB of text where four counts
+    # over the body took ~9 ms, on the event loop. A limit the body is too short to reach is
+    # not counted at all (a reply's values and members: an embeddings reply is commas).
+    counts_members, counts_values = max_members < len(body), max_values <= len(body)
+    marks = body.translate(None, _NOT_MARKS[counts_members, counts_values])
     if marks.count(b"[") + marks.count(b"{") > max_containers:
         return True
     if marks.count(b":") > max_members:
