@@ -116,7 +116,7 @@ def test_8_mib_of_many_texts_leaves_healthz_answering(shared_gateway: Gateway, m
 def test_six_hostile_bodies_at_once_leave_healthz_answering(shared_gateway: Gateway) -> None:
     """Six bodies of 150,000 tiny messages each (5.4 MiB, refused as too complex) sent
     together: each one's structure count ran in a worker thread, and the event loop waited
-    Python's 5 ms for the GIL at each poll; /healthz took 270-520 ms. Now ~50-70 ms here."""
+    Python's 5 ms for the GIL at each poll; /healthz took 250-520 ms. Now ~75-85 ms here."""
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "ab cd"}] * 150_000}).encode()
     statuses: list[int] = []
 
