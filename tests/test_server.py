@@ -5,6 +5,7 @@ acting on a signal whenever it lands."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -112,6 +113,51 @@ def late_block(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return library
 
 
+@dataclasses.dataclass
+class Parent:
+    """A gateway started from source with WORKERS=2, in a session of its own."""
+
+    process: subprocess.Popen[bytes]
+    notify: socket.socket  # what it tells systemd (NOTIFY_SOCKET), 15 s to say each thing
+    port: int
+    errors: Path  # its stderr
+
+    def said(self) -> bytes:
+        return self.notify.recv(100)
+
+
+@contextlib.contextmanager
+def two_workers(tmp_path: Path, redis_server: RedisServer, **env: str) -> Iterator[Parent]:
+    port, path, errors = free_port(), tmp_path / "notify.sock", tmp_path / "gateway.err"
+    env = (
+        base_env()
+        | {
+            "LISTEN_ADDR": f"127.0.0.1:{port}",
+            "WORKERS": "2",
+            "REDIS_URL": redis_server.url,
+            "NOTIFY_SOCKET": str(path),
+        }
+        | env
+    )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify, errors.open("wb") as stderr:
+        notify.bind(str(path))
+        notify.settimeout(15)
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "gateway.py")],
+            env=env,
+            cwd=tmp_path,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            yield Parent(process, notify, port, errors)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # a parent that hung leaves no worker behind
+            process.wait()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_just_before_the_parent_blocks_still_stops_every_worker(
     late_block: Path, redis_server: RedisServer, tmp_path: Path, signum: signal.Signals
@@ -119,35 +165,11 @@ def test_a_stop_signal_just_before_the_parent_blocks_still_stops_every_worker(
     # The signal lands after the parent last looked at its signal flags, before it blocks waiting
     # for its workers (tests/late_block.c widens that moment). A handler run between bytecodes
     # would not run until a worker ended, and none would: no STOPPING=1 and no exit, for ever.
-    path = tmp_path / "notify.sock"
-    env = base_env() | {
-        "LISTEN_ADDR": f"127.0.0.1:{free_port()}",
-        "WORKERS": "2",
-        "REDIS_URL": redis_server.url,
-        "NOTIFY_SOCKET": str(path),
-        "LD_PRELOAD": str(late_block),
-    }
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(str(path))
-        sock.settimeout(15)
-        gateway = subprocess.Popen(
-            [sys.executable, str(ROOT / "gateway.py")],
-            env=env,
-            cwd=tmp_path,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            assert sock.recv(100) == b"READY=1"
-            gateway.send_signal(signum)  # at once: the parent is in the widened moment
-            sock.settimeout(5)
-            assert sock.recv(100) == b"STOPPING=1"
-            assert gateway.wait(10) == 0
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(gateway.pid, signal.SIGKILL)  # a parent that hung leaves no worker behind
-            gateway.wait()
+    with two_workers(tmp_path, redis_server, LD_PRELOAD=str(late_block)) as gateway:
+        assert gateway.said() == b"READY=1"
+        gateway.process.send_signal(signum)  # at once: the parent is in the widened moment
+        assert gateway.said() == b"STOPPING=1"
+        assert gateway.process.wait(10) == 0
 
 
 def _workers_of(parent: int) -> list[int]:
@@ -163,45 +185,23 @@ def _epoll_fds(pid: int) -> int:
 def test_workers_that_all_die_at_once_are_all_replaced(redis_server: RedisServer, tmp_path: Path) -> None:
     # None is left until the first replacement is due, a second later: the parent waits for it,
     # rather than taking "no worker left" for the end of a stop and exiting 0 with nobody serving.
-    port, path = free_port(), tmp_path / "notify.sock"
-    env = base_env() | {
-        "LISTEN_ADDR": f"127.0.0.1:{port}",
-        "WORKERS": "2",
-        "REDIS_URL": redis_server.url,
-        "NOTIFY_SOCKET": str(path),
-    }
-    ready = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    ready.bind(str(path))
-    ready.settimeout(15)
-    gateway = subprocess.Popen(
-        [sys.executable, str(ROOT / "gateway.py")],
-        env=env,
-        cwd=tmp_path,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert ready.recv(100) == b"READY=1"  # both serve: a worker killed before that is a failed start
-        first = _workers_of(gateway.pid)
+    with two_workers(tmp_path, redis_server) as gateway:
+        assert gateway.said() == b"READY=1"  # both serve: a worker killed before that is a failed start
+        parent = gateway.process.pid
+        first = _workers_of(parent)
         epolls = _epoll_fds(first[0])
         for pid in first:
             os.kill(pid, signal.SIGKILL)
         replaced = wait_until(
-            lambda: (now := _workers_of(gateway.pid)) and len(now) == 2 and not set(now) & set(first) and now,
+            lambda: (now := _workers_of(parent)) and len(now) == 2 and not set(now) & set(first) and now,
             what="2 new workers",
         )
-        wait_until(lambda: _answers(port), what="the new workers serving")
-        assert gateway.poll() is None
+        wait_until(lambda: _answers(gateway.port), what="the new workers serving")
+        assert gateway.process.poll() is None
         # A replacement holds what a first worker holds: not the parent's selector too.
         assert [_epoll_fds(pid) for pid in replaced] == [epolls, epolls]
-        gateway.send_signal(signal.SIGTERM)
-        assert gateway.wait(10) == 0
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(gateway.pid, signal.SIGKILL)
-        gateway.wait()
-        ready.close()
+        gateway.process.send_signal(signal.SIGTERM)
+        assert gateway.process.wait(10) == 0
 
 
 def _answers(port: int) -> bool:
@@ -216,34 +216,11 @@ def test_a_reload_asked_for_while_the_workers_start_reaches_every_worker(
     # Each new worker pauses right after fork (tests/late_block.c), before it sets up its
     # signals; the SIGHUP passed on meanwhile waits, blocked, for the worker's loop. Setting the
     # signal to "ignore" in that moment would throw it away.
-    path, errors = tmp_path / "notify.sock", tmp_path / "gateway.err"
-    env = base_env() | {
-        "LISTEN_ADDR": f"127.0.0.1:{free_port()}",
-        "WORKERS": "2",
-        "REDIS_URL": redis_server.url,
-        "NOTIFY_SOCKET": str(path),
-        "LD_PRELOAD": str(late_block),
-        "LATE_BLOCK": "after-fork",
-    }
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, errors.open("wb") as stderr:
-        sock.bind(str(path))
-        sock.settimeout(15)
-        gateway = subprocess.Popen(
-            [sys.executable, str(ROOT / "gateway.py")],
-            env=env,
-            cwd=tmp_path,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-        try:
-            wait_until(lambda: len(_workers_of(gateway.pid)) == 2, what="both workers forked")
-            gateway.send_signal(signal.SIGHUP)  # the workers are still in their pause
-            assert sock.recv(100) == b"READY=1"
-            wait_until(lambda: errors.read_text().count("configuration reloaded") == 2, what="a reload in each worker")
-            gateway.send_signal(signal.SIGTERM)
-            assert gateway.wait(10) == 0
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(gateway.pid, signal.SIGKILL)
-            gateway.wait()
+    with two_workers(tmp_path, redis_server, LD_PRELOAD=str(late_block), LATE_BLOCK="after-fork") as gateway:
+        wait_until(lambda: len(_workers_of(gateway.process.pid)) == 2, what="both workers forked")
+        gateway.process.send_signal(signal.SIGHUP)  # the workers are still in their pause
+        assert gateway.said() == b"READY=1"
+        logged = gateway.errors
+        wait_until(lambda: logged.read_text().count("configuration reloaded") == 2, what="a reload in each worker")
+        gateway.process.send_signal(signal.SIGTERM)
+        assert gateway.process.wait(10) == 0
