@@ -281,30 +281,41 @@ class _Workers:
     def keep_serving(self) -> int:
         """Until a stop signal is passed on: a worker that dies (killed, out of memory, a crash)
         is logged and replaced a second later (a worker that cannot start again does not spin),
-        so the port keeps its WORKERS. Returns the first non-zero exit status of the workers
-        that ended on the stop."""
+        so the port keeps its WORKERS; a replacement that cannot start says why in the log.
+        Returns the first non-zero exit status of the workers that ended on the stop."""
         status = 0
         due: list[float] = []  # when each replacement is to be started
+        reports: dict[int, int] = {}  # a replacement's report pipe -> its pid, until it reports
         with selectors.DefaultSelector() as selector:
             selector.register(self.signals, selectors.EVENT_READ)
-            # Not `while self.pids`: when every worker has died at once, none is left until the
-            # first replacement is due, and the parent must wait for it, not exit.
-            while self.pids or (due and not self.stopping):
-                timeout = None if self.stopping or not due else max(0.0, due[0] - time.monotonic())
-                if selector.select(timeout):
-                    self.take_signals()
-                for pid, code in self._ended():
-                    if self.stopping:
-                        status = status or code
-                        continue
-                    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-                    log.error("worker %d %s; starting another", pid, how)
-                    due.append(time.monotonic() + 1)
-                while due and due[0] <= time.monotonic() and not self.stopping:
-                    due.pop(0)
-                    new_pid, report = _fork_worker(self._settings, (*self.signals.fds, selector.fileno()))
-                    os.close(report)  # its report is not awaited: the others serve meanwhile
-                    self.pids.add(new_pid)
+            try:
+                # Not `while self.pids`: when every worker has died at once, none is left until
+                # the first replacement is due, and the parent must wait for it, not exit.
+                while self.pids or (due and not self.stopping):
+                    timeout = None if self.stopping or not due else max(0.0, due[0] - time.monotonic())
+                    for key, _ in selector.select(timeout):
+                        if key.fileobj is self.signals:
+                            self.take_signals()
+                        else:
+                            selector.unregister(key.fd)
+                            _log_report(reports.pop(key.fd), key.fd)
+                    for pid, code in self._ended():
+                        if self.stopping:
+                            status = status or code
+                            continue
+                        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+                        log.error("worker %d %s; starting another", pid, how)
+                        due.append(time.monotonic() + 1)
+                    while due and due[0] <= time.monotonic() and not self.stopping:
+                        due.pop(0)
+                        inherited = (*self.signals.fds, selector.fileno(), *reports)
+                        new_pid, report = _fork_worker(self._settings, inherited)
+                        selector.register(report, selectors.EVENT_READ)  # the others serve meanwhile
+                        reports[report] = new_pid
+                        self.pids.add(new_pid)
+            finally:
+                for report in reports:
+                    os.close(report)
         return status
 
     def _ended(self) -> Iterator[tuple[int, int]]:
@@ -328,6 +339,19 @@ class _Workers:
             self.pids.discard(pid)
             status = status or os.waitstatus_to_exitcode(code)
         return status
+
+
+def _log_report(pid: int, report: int) -> None:
+    """What a replacement worker said of its start (ready, or why it could not), then its pipe
+    closed. Nothing at end of file: the worker died first, and its death is logged."""
+    message = ""
+    with contextlib.suppress(OSError):
+        message = os.read(report, 4096).decode(errors="replace")
+    os.close(report)
+    if message == "ready":
+        log.info("worker %d serves", pid)
+    elif message.startswith("failed"):
+        log.error("worker %d could not start: %s", pid, message[len("failed") :].strip() or "see its traceback")
 
 
 def _fork_worker(settings: Settings, inherited: Iterable[int] = ()) -> tuple[int, int]:

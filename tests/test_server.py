@@ -224,3 +224,23 @@ def test_a_reload_asked_for_while_the_workers_start_reaches_every_worker(
         wait_until(lambda: logged.read_text().count("configuration reloaded") == 2, what="a reload in each worker")
         gateway.process.send_signal(signal.SIGTERM)
         assert gateway.process.wait(10) == 0
+
+
+def test_a_replacement_that_cannot_start_says_why(redis_server: RedisServer, tmp_path: Path) -> None:
+    # A replacement worker reads the configuration files again; one deleted since start-up
+    # stops it. The parent logs why it could not start, not only "exited with status 1".
+    keys = tmp_path / "keys.env"
+    keys.write_text("team=sk-team-0123456789\n")
+    with two_workers(tmp_path, redis_server, TENANT_KEYS_FILE=str(keys)) as gateway:
+        assert gateway.said() == b"READY=1"
+        keys.unlink()
+        os.kill(_workers_of(gateway.process.pid)[0], signal.SIGKILL)
+        logged = gateway.errors
+        line = wait_until(
+            lambda: next((x for x in logged.read_text().splitlines() if "could not start:" in x), None),
+            what="the replacement's reason",
+        )
+        assert "TENANT_KEYS_FILE" in line and str(keys) in line
+        assert "sk-team" not in logged.read_text()
+        gateway.process.send_signal(signal.SIGTERM)
+        assert gateway.process.wait(10) == 0
