@@ -7,6 +7,7 @@ any, is never touched. GATEWAY_CMD runs the suite against another build of the g
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -83,7 +84,10 @@ class Process:
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.err_path = log_path.with_suffix(".err")
         self._err = open(self.err_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log, stderr=self._err)
+        # A session of its own: what it forks (WORKERS, or the frozen binary's real process under
+        # PyInstaller's bootloader, which cannot pass SIGKILL on) is killed with it, as systemd
+        # kills a unit's whole control group, and none outlives the test.
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log, stderr=self._err, start_new_session=True)
 
     @property
     def pid(self) -> int:
@@ -96,8 +100,14 @@ class Process:
         return self.err_path.read_text(errors="replace")
 
     def signal(self, signum: int) -> None:
-        if self.proc.poll() is None:
+        if signum == signal.SIGKILL:  # a crash: every process of it
+            self._kill_group()
+        elif self.proc.poll() is None:
             self.proc.send_signal(signum)
+
+    def _kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout=timeout)
@@ -110,6 +120,7 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._kill_group()  # whatever it left behind
         self._log.close()
         self._err.close()
 

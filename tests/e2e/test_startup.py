@@ -4,6 +4,8 @@ OpenTelemetry SDK's own variables."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -89,7 +91,10 @@ class DotenvGateway:
         cwd.mkdir()
         (cwd / ".env").write_text(dotenv)
         full = base_env() | {"LISTEN_ADDR": f"127.0.0.1:{self.port}", "OPENAI_BASE_URL": mock.url, "RPS": "0"} | env
-        self.process = subprocess.Popen(gateway_argv(), env=full, cwd=cwd, stdout=subprocess.DEVNULL)
+        # Its own session: killed, it takes the frozen binary's real process with it.
+        self.process = subprocess.Popen(
+            gateway_argv(), env=full, cwd=cwd, stdout=subprocess.DEVNULL, start_new_session=True
+        )
         wait_until(self.ready, what="the gateway")
 
     def ready(self) -> bool:
@@ -100,7 +105,7 @@ class DotenvGateway:
             return False
 
     def stop(self) -> None:
-        self.process.kill()  # no graceful export to a collector that is not there
+        os.killpg(self.process.pid, signal.SIGKILL)  # no graceful export to a collector that is not there
         self.process.wait(10)
 
 
