@@ -298,7 +298,7 @@ class _Workers:
                             self.take_signals()
                         else:
                             selector.unregister(key.fd)
-                            _log_report(reports.pop(key.fd), key.fd)
+                            _log_report(reports.pop(key.fd), _read_report(key.fd))
                     for pid, code in self._ended():
                         if self.stopping:
                             status = status or code
@@ -341,13 +341,20 @@ class _Workers:
         return status
 
 
-def _log_report(pid: int, report: int) -> None:
-    """What a replacement worker said of its start (ready, or why it could not), then its pipe
-    closed. Nothing at end of file: the worker died first, and its death is logged."""
+def _read_report(report: int) -> str:
+    """What a worker wrote on its report pipe ("ready", or "failed" and why; "" if it died
+    first), the pipe then closed. One short write per worker: it arrives whole (pipe writes up
+    to PIPE_BUF are atomic)."""
     message = ""
     with contextlib.suppress(OSError):
         message = os.read(report, 4096).decode(errors="replace")
     os.close(report)
+    return message
+
+
+def _log_report(pid: int, message: str) -> None:
+    """What a replacement worker said of its start. Nothing for "" (it died first: its death
+    is logged)."""
     if message == "ready":
         log.info("worker %d serves", pid)
     elif message.startswith("failed"):
@@ -391,10 +398,8 @@ def _await_workers(reports: dict[int, int], workers: _Workers) -> str | None:
                             return None
                         continue
                     fd = key.fd
-                    # One short write per worker: it arrives whole (pipe writes up to PIPE_BUF are atomic).
-                    message = os.read(fd, 4096).decode(errors="replace")
                     selector.unregister(fd)
-                    os.close(fd)
+                    message = _read_report(fd)
                     if message == "ready":
                         continue
                     if message.startswith("failed"):
