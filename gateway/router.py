@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import translate
 from .breaker import Breaker, Breakers, Permit
-from .errors import ModelNotFound
+from .errors import ModelNotFound, UpstreamStreamBroken
 from .keys import CONFIG, LIVE_CONFIG
 from .redact import OnRedaction, Redactor
 from .relay import ASIDE_BYTES, dumps_reply
@@ -319,12 +319,19 @@ class AnthropicAsChat:
 
     async def next_chunk(self) -> bytes:
         """The next chat events, b"" at the end: Anthropic events without a chat form (a ping,
-        thinking) are read past, so an empty answer always means the end."""
+        thinking) are read past, so an empty answer always means the end. A body that ends
+        before message_stop (or Anthropic's own error event) was cut short: UpstreamStreamBroken,
+        as /v1/messages reports it, once its last events went out (the call after them raises)."""
         stream = self._stream
         while True:
             data = await self._reply.next_chunk()
             if not data:
-                return stream.close()
+                tail = stream.close()
+                if tail or stream.done:
+                    return tail
+                # A chat stream without [DONE] would look whole to the client: truncated text
+                # passed off as the answer. Checked once, at the body's end.
+                raise UpstreamStreamBroken()
             held = len(data) + stream.pending  # less after the read: an event completed
             if held <= ASIDE_BYTES:  # the usual read: small events
                 out = stream.feed(data)

@@ -7,7 +7,7 @@ import pytest
 
 from gateway import router as router_module
 from gateway.breaker import OPEN, Breakers
-from gateway.errors import ModelNotFound
+from gateway.errors import ModelNotFound, UpstreamStreamBroken
 from gateway.router import AnthropicAsChat, Router, body_for, is_fallback_status
 from gateway.routing import Route, RouteTable, Target, UpstreamConfig
 from gateway.surfaces import CHAT_API, MESSAGES_API
@@ -136,6 +136,7 @@ class Events:
 START = b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","model":"c","usage":{}}}\n\n'
 THINKING = b'data: {"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"hm"}}\n\n'
 TEXT = b'data: {"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":"Hi"}}\n\n'
+STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
 
 @pytest.mark.parametrize("keep_alive_secs", [15.0, 0.0])
@@ -143,11 +144,11 @@ async def test_thinking_reads_past_or_keeps_the_stream_alive(
     monkeypatch: pytest.MonkeyPatch, keep_alive_secs: float
 ) -> None:
     monkeypatch.setattr(router_module, "KEEP_ALIVE_SECS", keep_alive_secs)
-    reply = AnthropicAsChat(Events(START, THINKING, THINKING, TEXT), include_usage=False)  # type: ignore[arg-type]
+    reply = AnthropicAsChat(Events(START, THINKING, THINKING, TEXT, STOP), include_usage=False)  # type: ignore[arg-type]
     reads = [await reply.next_chunk() for _ in range(4)]
     assert b'"role":"assistant"' in reads[0]
     if keep_alive_secs:  # the thinking is read past: the next chat event comes next
-        assert b'"content":"Hi"' in reads[1] and reads[2:] == [b"", b""]
+        assert b'"content":"Hi"' in reads[1] and reads[2:] == [b"data: [DONE]\n\n", b""]
     else:  # silence in chat terms as long as the limit: a comment goes out instead
         assert reads[1:3] == [b": keep-alive\n\n"] * 2 and b'"content":"Hi"' in reads[3]
 
@@ -163,6 +164,27 @@ async def test_bytes_of_an_event_never_ended_earn_no_keep_alive(monkeypatch: pyt
     assert b'"role":"assistant"' in reads[0]
     # One keep-alive once the trickled event ends, one for the thinking: none for the bytes.
     assert reads[1:3] == [b": keep-alive\n\n"] * 2 and b'"content":"Hi"' in reads[3]
+
+
+@pytest.mark.parametrize("tail", [b"", b'data: {"type":"content_block_stop","index":1}'])
+async def test_a_stream_ended_before_message_stop_is_broken(tail: bytes) -> None:
+    """Anthropic ends every stream with message_stop (or its own error event): a body that
+    ends cleanly before it was cut short, and the chat client is told so (an error event,
+    as on /v1/messages), not handed a truncated answer that looks whole (SPEC §5, §13). Its
+    last event, even without its blank line, is translated first."""
+    reply = AnthropicAsChat(Events(START, TEXT, tail), include_usage=False)  # type: ignore[arg-type]
+    assert b'"role":"assistant"' in await reply.next_chunk()
+    assert b'"content":"Hi"' in await reply.next_chunk()
+    with pytest.raises(UpstreamStreamBroken):
+        await reply.next_chunk()
+
+
+async def test_a_stream_ended_by_message_stop_or_an_error_event_is_whole() -> None:
+    error = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}'
+    for last in (STOP, error):  # the error event without its blank line: the body's last bytes
+        reply = AnthropicAsChat(Events(START, TEXT, last), include_usage=False)  # type: ignore[arg-type]
+        reads = [await reply.next_chunk() for _ in range(4)]
+        assert reads[3] == b"" and (b"[DONE]" in reads[2] or b'"error"' in reads[2])
 
 
 def test_a_reloaded_router_keeps_the_breakers() -> None:

@@ -410,6 +410,22 @@ async def test_no_fallback_once_the_stream_has_started(start: Any, ups: dict[str
     assert hits(ups["b"]) == 0
 
 
+@pytest.mark.parametrize("ending", ["no_done", "die_after"])
+def test_a_claude_stream_cut_short_ends_in_an_error_event(start: Any, ending: str) -> None:
+    # The Anthropic upstream ends its body cleanly before message_delta and message_stop
+    # (no_done), or drops the connection (die_after): either way the answer is incomplete,
+    # and the openai SDK raises instead of returning a truncated text as if whole (SPEC §5,
+    # §13), as /v1/messages does for the same upstream (SPEC §11).
+    gateway = start()
+    stream = sdk(gateway, **knobs(reply="one two three", **{ending: "1"})).chat.completions.create(
+        model=CLAUDE, messages=HI, stream=True
+    )
+    with pytest.raises(openai.APIError, match="upstream stream ended unexpectedly"):
+        list(stream)
+    # and the gateway goes on serving
+    assert sdk(gateway).chat.completions.create(model=CLAUDE, messages=HI).choices[0].finish_reason == "stop"
+
+
 async def test_the_circuit_opens_half_opens_and_closes(start: Any, ups: dict[str, Mock]) -> None:
     gateway = start(CB_FAILURES="2", CB_OPEN_SECS="1")
     s = samples(gateway)
