@@ -243,6 +243,9 @@ class Proxy:
             body += await _aside(relay, None, self._count_response_redactions)
         else:
             body = relay.feed(data) + relay.close()
+        if relay.cut_short:  # ended before its API's last event: incomplete, as a live stream says (_pump)
+            self._telemetry.metrics.cb_event("upstream_error")
+            body += relay.error_event(UpstreamStreamBroken())
         state.usage, state.response_model = relay.usage, relay.response_model
         return web.Response(body=body, status=reply.status, headers=SSE_HEADERS)
 

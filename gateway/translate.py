@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from . import sse
-from .errors import BadRequest, UpstreamError
+from .errors import BadRequest, UpstreamError, UpstreamStreamBroken
 from .relay import loads_reply
 
 DEFAULT_MAX_TOKENS = 4096  # Messages requires max_tokens; chat requests may leave it out
@@ -312,7 +312,10 @@ def whole_reply(status: int, data: bytes, include_usage: bool, created: int) -> 
         body = loads_reply(data)
     except (ValueError, RecursionError):
         stream = ChatStream(include_usage, created)
-        return stream.feed(data) + stream.close()
+        out = stream.feed(data) + stream.close()
+        # Events that end before message_stop (or an error event) are an incomplete answer:
+        # chat's error event says so, as a live stream's does (router.AnthropicAsChat).
+        return out if stream.done else out + sse.error_event(UpstreamStreamBroken())
     return orjson.dumps(chat_reply(body, created)) if isinstance(body, dict) else data
 
 

@@ -428,3 +428,12 @@ def test_a_whole_stream_where_a_reply_was_asked() -> None:
     out = whole_reply(200, STREAM_BYTES, False, 1)
     assert chunks_of(out)[-1] == "[DONE]"
     assert json.loads(whole_reply(200, orjson.dumps(MESSAGE), False, 1))["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_whole_stream_cut_short_ends_in_the_chat_error_event() -> None:
+    # An upstream that streams whatever was asked, and whose body ends before message_stop:
+    # the answer is incomplete, and says so (as a live stream does), not passed off as whole.
+    cut = b"".join(sse(e) for e in STREAM[:7])  # up to the text's first delta
+    chunks = chunks_of(whole_reply(200, cut, False, 1))
+    assert chunks[-1]["error"]["code"] == "upstream_stream_broken"
+    assert "[DONE]" not in chunks and "Hello " in json.dumps(chunks)

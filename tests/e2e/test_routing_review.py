@@ -322,3 +322,22 @@ def test_a_reply_of_megabytes_of_tiny_values_is_an_upstream_error(tmp_path: Path
     routed = gateway(ROUTES_FILE=str(routes_file(tmp_path, fakes)))
     status, _, data = post(routed.port, "/v1/chat/completions", {"model": "claude-x", "messages": HI})
     assert status == 200 and json.loads(data)["choices"][0]["message"]["content"] == "ok", data[:300]
+
+
+# SPEC §5/§11: an Anthropic upstream that streams whatever was asked (a request without
+# "stream" answered with events) and whose body ends before message_stop: the events are
+# relayed as such, and must end with the error event a live stream would get, not pass off the
+# partial answer as a whole one. (Both routes: /v1/messages, and chat translated to Anthropic.)
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions"])
+def test_an_unasked_event_stream_cut_short_ends_in_an_error_event(tmp_path: Path, fakes, gateway, path: str) -> None:
+    start = {"type": "message_start", "message": {"id": "m", "model": "claude-x", "content": [], "usage": {}}}
+    block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "partial"}}
+    fakes["claude"].script({"chunks": [sse([start, block, delta])]})
+    gw = gateway(ROUTES_FILE=str(routes_file(tmp_path, fakes)))
+    body = {"model": "claude-x", "max_tokens": 5, "messages": HI}
+    status, headers, data = post(gw.port, path, body, {"x-api-key": "k"})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream"), (status, data)
+    assert b"partial" in data
+    last = data.strip().split(b"\n\n")[-1]
+    assert b"upstream stream ended unexpectedly" in last, data
