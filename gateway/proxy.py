@@ -391,7 +391,7 @@ class Proxy:
                 reply = await leg.client.post(send, headers)
                 if leg.translated:
                     assert state.payload is not None
-                    reply = AnthropicAsChat(reply, include_usage(state.payload))
+                    reply = AnthropicAsChat(reply, include_usage(state.payload), self._idle)
                 if relay is None or reply.status >= 300 or reply.is_json:
                     whole = await reply.read()
                     relay = None

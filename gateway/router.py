@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 ROUTED_APIS = frozenset({CHAT_API.name, MESSAGES_API.name})  # what ROUTES_FILE routes (SPEC §13)
 MIN_ATTEMPT_SECS = 1.0  # SPEC §13: an attempt's share of TIMEOUT_SECS is never less
 # Anthropic events with no chat form (thinking, pings) still show the upstream alive: past this
-# long without a chat event, one SSE comment goes out, so STREAM_IDLE_SECS never cuts a model
-# that is thinking (SSE clients, the openai SDK among them, skip comments).
+# long without a chat event (or half STREAM_IDLE_SECS, when that is shorter), one SSE comment
+# goes out, so STREAM_IDLE_SECS never cuts a model that is thinking (SSE clients, the openai
+# SDK among them, skip comments).
 KEEP_ALIVE_SECS = 15.0
 _KEEP_ALIVE = b": keep-alive\n\n"
 
@@ -284,14 +285,17 @@ class AnthropicAsChat:
     Message as a completion, events as chunks. The proxy relays it as it would an OpenAI
     upstream's, redaction included."""
 
-    __slots__ = ("_created", "_include_usage", "_last_out", "_reply", "_stream")
+    __slots__ = ("_created", "_include_usage", "_keep_alive", "_last_out", "_reply", "_stream")
 
-    def __init__(self, reply: Reply, include_usage: bool) -> None:
+    def __init__(self, reply: Reply, include_usage: bool, idle_secs: float | None = None) -> None:
         self._reply = reply
         self._include_usage = include_usage
         self._created = int(time.time())
         self._stream = translate.ChatStream(include_usage, self._created)
         self._last_out = time.monotonic()
+        # Within the relay's STREAM_IDLE_SECS (`idle_secs`), or a thinking model under a limit
+        # shorter than KEEP_ALIVE_SECS would be cut as silent while its events flow.
+        self._keep_alive = KEEP_ALIVE_SECS if idle_secs is None else min(KEEP_ALIVE_SECS, idle_secs / 2)
 
     @property
     def status(self) -> int:
@@ -343,7 +347,7 @@ class AnthropicAsChat:
                 return out
             # Only events (thinking, pings) earn a keep-alive: bytes of an event that never
             # ends are silence, which STREAM_IDLE_SECS cuts, as on any other upstream.
-            if stream.pending < held and now - self._last_out >= KEEP_ALIVE_SECS:
+            if stream.pending < held and now - self._last_out >= self._keep_alive:
                 self._last_out = now
                 return _KEEP_ALIVE
 

@@ -153,6 +153,16 @@ async def test_thinking_reads_past_or_keeps_the_stream_alive(
         assert reads[1:3] == [b": keep-alive\n\n"] * 2 and b'"content":"Hi"' in reads[3]
 
 
+@pytest.mark.parametrize(("idle_secs", "kept_alive"), [(300.0, False), (0.0, True)])
+async def test_the_keep_alive_comes_within_half_the_idle_limit(idle_secs: float, kept_alive: bool) -> None:
+    """Under a STREAM_IDLE_SECS shorter than KEEP_ALIVE_SECS the keep-alive comes within half
+    of it: the relay would otherwise cut a model that is thinking as silent."""
+    reply = AnthropicAsChat(Events(START, THINKING, TEXT, STOP), include_usage=False, idle_secs=idle_secs)  # type: ignore[arg-type]
+    reads = [await reply.next_chunk() for _ in range(3)]
+    assert (reads[1] == b": keep-alive\n\n") is kept_alive
+    assert b'"content":"Hi"' in reads[2 if kept_alive else 1]
+
+
 async def test_bytes_of_an_event_never_ended_earn_no_keep_alive(monkeypatch: pytest.MonkeyPatch) -> None:
     """A trickling upstream (an event begun, then a byte at a time, never ended) is silence:
     no keep-alive goes out for it, so the relay's STREAM_IDLE_SECS cuts it (a keep-alive is a

@@ -341,3 +341,24 @@ def test_an_unasked_event_stream_cut_short_ends_in_an_error_event(tmp_path: Path
     assert b"partial" in data
     last = data.strip().split(b"\n\n")[-1]
     assert b"upstream stream ended unexpectedly" in last, data
+
+
+# SPEC §5: "an upstream silent for STREAM_IDLE_SECS is cut" — only one that is silent. A chat
+# stream translated from Anthropic's sees no chat event while the model thinks (thinking deltas
+# and pings have no chat form); its keep-alive came every 15 s whatever STREAM_IDLE_SECS said,
+# so with STREAM_IDLE_SECS under 15 an upstream sending thinking every 0.4 s was cut as idle
+# (on /v1/messages the same upstream streams to its end).
+def test_thinking_under_a_short_idle_limit_is_not_cut_as_silence(tmp_path: Path, fakes, gateway) -> None:
+    start = {"type": "message_start", "message": {"id": "m", "model": "claude-x", "content": [], "usage": {}}}
+    think = {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}}
+    thought = {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hm "}}
+    text = {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}}
+    said = {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "answer"}}
+    end = [{"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}}]
+    events = [start, think, *[thought] * 6, text, said, *end, {"type": "message_stop"}]
+    fakes["claude"].script({"chunks": [sse([e]) for e in events], "chunk_delay": 0.4})
+    gw = gateway(ROUTES_FILE=str(routes_file(tmp_path, fakes)), STREAM_IDLE_SECS="1")
+    body = {"model": "claude-x", "stream": True, "messages": HI}
+    status, _, data = post(gw.port, "/v1/chat/completions", body)
+    assert status == 200 and b"idle timeout" not in data, data
+    assert b'"content":"answer"' in data and data.endswith(b"data: [DONE]\n\n")
