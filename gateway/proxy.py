@@ -330,6 +330,10 @@ class Proxy:
                 state.usage = relay.usage
             elif relay.usage is not None:
                 state.prompt_tokens_seen = relay.usage.prompt_tokens
+            elif isinstance(reply, AnthropicAsChat):
+                # Translated, the usage comes in one chunk at message_stop: a stream that broke
+                # before it still used the prompt message_start reported (as on /v1/messages).
+                state.prompt_tokens_seen = reply.prompt_tokens
             state.response_model = relay.response_model
             if held is not None:
                 held.close()  # an unfinished upstream stream is cut: the LLM stops generating

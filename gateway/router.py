@@ -309,6 +309,10 @@ class AnthropicAsChat:
     def at_eof(self) -> bool:
         return self._reply.at_eof
 
+    @property
+    def prompt_tokens(self) -> int:
+        return self._stream.prompt_tokens
+
     def retry_headers(self) -> dict[str, str]:
         return self._reply.retry_headers()
 

@@ -347,6 +347,13 @@ class ChatStream:
         """Bytes read of an event not yet complete."""
         return len(self._parser.pending)
 
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's tokens reported so far (message_start's, message_delta's where it has
+        them): what a stream that breaks before its usage chunk still used."""
+        counts = self._counts
+        return sum(counts.get(k, 0) for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
+
     def feed(self, data: bytes) -> bytes:
         try:
             blocks = self._parser.complete(data)

@@ -426,6 +426,21 @@ def test_a_claude_stream_cut_short_ends_in_an_error_event(start: Any, ending: st
     assert sdk(gateway).chat.completions.create(model=CLAUDE, messages=HI).choices[0].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("ending", ["die_after", "error_after", "no_done"])
+def test_a_claude_stream_that_never_finishes_still_counts_its_input_tokens(start: Any, ending: str) -> None:
+    # message_start reported the prompt's tokens; the stream broke before message_delta (the
+    # connection dropped, Anthropic's own error event, a body ended early): the prompt was
+    # read all the same, and counts in tokens_total as it does on /v1/messages (SPEC §7, §11).
+    gateway = start()
+    usage = {"input_tokens": 100, "cache_read_input_tokens": 7, "cache_creation_input_tokens": 3}
+    headers = knobs(usage=usage, reply="a b c", **{ending: "1"})
+    with pytest.raises(openai.APIError):
+        list(sdk(gateway, **headers).chat.completions.create(model=CLAUDE, messages=HI, stream=True))
+    s = wait_until(lambda: (s := samples(gateway)).get(f'tokens_total{{kind="prompt",model="{CLAUDE}"}}') and s)
+    assert s[f'tokens_total{{kind="prompt",model="{CLAUDE}"}}'] == 110
+    assert s[f'tokens_total{{kind="completion",model="{CLAUDE}"}}'] == 0
+
+
 async def test_the_circuit_opens_half_opens_and_closes(start: Any, ups: dict[str, Mock]) -> None:
     gateway = start(CB_FAILURES="2", CB_OPEN_SECS="1")
     s = samples(gateway)
