@@ -10,11 +10,14 @@ stream of the relay, rooted at (output index, "content" or "summary", index, fie
 (output index, field); the events that repeat it describe it as a COPY leaf, which carries
 what that stream gave out, so every later copy is the redaction of the whole text and the same
 as the deltas the client was sent. Held text goes out, as a delta of its own, before the first
-copy (the `.done` event). Any other `*.delta` event (a type this module does not know yet) is
-a stream too, its `delta` string (or each string of a `delta` object) keyed by its type and
-its integer `*_index` fields, flushed before its `.done`: a new event type is no way round the
-split guarantee. The stream has no [DONE]: it ends with the terminal response; an error is the
-API's own `error` event.
+copy (the `.done` event). The events that announce an item or a part (`output_item.added`,
+`content_part.added`, the `output` of `response.created`) carry its opening text: OpenAI's is
+empty, any other is fed to the stream its deltas feed (the SDKs append the deltas to it).
+Any other `*.delta` event (a type this module does not know yet) is a stream too, its `delta`
+string (or each string of a `delta` object) keyed by its type and its integer `*_index`
+fields, flushed before its `.done`: a new event type is no way round the split guarantee.
+The stream has no [DONE]: it ends with the terminal response; an error is the API's own
+`error` event.
 
 Embeddings never stream: their `input` strings are redacted, token arrays pass, and the
 vectors of the reply (numbers, or base64) pass untouched — only those: an `embedding` that is
@@ -64,6 +67,18 @@ _ITEM: Spec = {
     "input": COPY,
     "code": COPY,
 }
+# An output item or part as it is announced (`output_item.added`, `content_part.added`, the
+# response's `output` in `response.created`): OpenAI sends its texts empty, but whatever is
+# there is where the client's SDK appends the deltas, so it is the opening of their stream.
+_OPENS = Leaf(opens=True)
+_JSON_OPENS = Leaf(json_text=True, opens=True)
+_ITEM_OPENING: Spec = {
+    "content": All({"text": _OPENS, "refusal": _OPENS, "logprobs": DROP}),
+    "summary": All({"text": _OPENS}),
+    "arguments": _JSON_OPENS,
+    "input": _OPENS,
+    "code": _OPENS,
+}
 _ITEM_REPLY: Spec = {
     "content": All({"text": TEXT, "refusal": TEXT, "logprobs": DROP}),
     "summary": All({"text": TEXT}),
@@ -97,6 +112,15 @@ _COPIES: dict[str, tuple[str | None, Spec]] = {
     "response.audio.transcript.done": ("audio", {}),  # no text: its stream ends there
     "response.output_item.done": (None, {"item": _ITEM}),
 }
+# Events that open a text: where they are keyed, and where their opening texts are.
+_OPENINGS: dict[str, tuple[str | None, Spec]] = {
+    "response.output_item.added": (None, {"item": _ITEM_OPENING}),
+    "response.content_part.added": ("content", {"part": {"text": _OPENS, "refusal": _OPENS, "logprobs": DROP}}),
+    "response.reasoning_summary_part.added": ("summary", {"part": {"text": _OPENS}}),
+}
+# The response as it starts: the SDK's first snapshot, whose items the deltas go to (a later
+# `response.queued` / `.in_progress` only replaces items already done: its texts are whole).
+_STARTING: Spec = {"response": {"output": All(_ITEM_OPENING)}}
 _FINAL: Spec = {"response": {"output": All(_ITEM)}}
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _NOTHING: Spec = {}
@@ -119,6 +143,7 @@ _PLACE_KEYS: dict[str | None, tuple[str, ...]] = {
 _NEEDED = {
     **{kind: _PLACE_KEYS[delta[0]] for kind, delta in _DELTAS.items()},
     **{kind: _PLACE_KEYS[copy[0]] for kind, copy in _COPIES.items()},
+    **{kind: _PLACE_KEYS[opening[0]] for kind, opening in _OPENINGS.items()},
 }
 # The steps of a copy's path that name its stream (the rest, "response", "output", "item",
 # "part", are where the copy sits).
@@ -165,7 +190,7 @@ class ResponsesSurface(Surface):
         if delta is not None:
             place = _place(event, delta[0])
             return None if place is None else (*place, delta[1])
-        copy = _COPIES.get(kind)
+        copy = _COPIES.get(kind) or _OPENINGS.get(kind)
         if copy is not None:
             return _place(event, copy[0])
         if _is_unknown_delta(kind):
@@ -184,6 +209,11 @@ class ResponsesSurface(Surface):
             return copy[1]
         if kind in _TERMINAL:
             return _FINAL
+        opening = _OPENINGS.get(kind)
+        if opening is not None:
+            return opening[1]
+        if kind == "response.created":
+            return _STARTING
         if _is_unknown_delta(kind):
             fields = event.get("delta")
             if type(fields) is dict:  # each field its own stream (a shell's stdout and stderr)

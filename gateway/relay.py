@@ -555,7 +555,7 @@ class StreamRelay:
         if first is None:
             return
         path, leaf = first
-        key = path if leaf.joins is None else path[: len(path) - len(leaf.joins)] + leaf.joins
+        key = self._stream_key(path, leaf)
         stream = self._streams.get(key)
         result = None
         # A plain text stream only: a JSON one may rewrite escapes, and a copy reads what its
@@ -599,8 +599,12 @@ class StreamRelay:
         """A described field's text through its stream (past `MAX_STREAMS` of them: whole)."""
         if leaf.copy:
             return self._copy(path, leaf, text)
-        if leaf.joins is not None:
-            path = path[: len(path) - len(leaf.joins)] + leaf.joins
+        if leaf.opens and not text:
+            # OpenAI's empty opening: no stream starts, so a text that never gets a delta
+            # still has its copies redacted whole (not replaced by this "").
+            return text
+        if leaf.joins is not None or leaf.opens:  # the common case, a text of its own: no call
+            path = self._stream_key(path, leaf)
         stream = self._streams.get(path)
         if stream is None:
             assert self._redactor is not None
@@ -616,6 +620,15 @@ class StreamRelay:
         if self._kept is not None:
             self._keep(path, out)
         return out
+
+    def _stream_key(self, path: Path, leaf: Leaf) -> Path:
+        """The stream a described text feeds: its own path, a sibling's (`Leaf.joins`), or,
+        for an opening text, the stream its deltas feed (`Leaf.opens`)."""
+        if leaf.joins is not None:
+            return path[: len(path) - len(leaf.joins)] + leaf.joins
+        if leaf.opens:
+            return self._surface.stream_of(path)
+        return path
 
     def _evicted_idle(self) -> bool:
         """At the bound on text streams, forget the plain ones that hold nothing back: no

@@ -39,6 +39,10 @@ class Leaf:
     # Feeds the stream of a sibling field: its path with the last len(joins) keys replaced by
     # these (a block's opening text and its deltas are one text).
     joins: tuple[str, ...] | None = None
+    # The opening text of a streamed text (a part or an item as it is announced, before its
+    # deltas): it feeds the stream its copies repeat (Surface.stream_of), so a client that
+    # appends the deltas to it, as the SDKs do, assembles what the stream redacted whole.
+    opens: bool = False
 
 
 TEXT = Leaf()

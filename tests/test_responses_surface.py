@@ -175,7 +175,7 @@ def copies_of(wire: bytes, index: int) -> list[str]:
     for e in events(wire):
         kind = e["type"]
         if e.get("output_index") == index:
-            if kind in ("response.output_text.done", "response.refusal.done"):
+            if kind in ("response.output_text.done", "response.refusal.done", "response.reasoning_summary_text.done"):
                 out.append(e.get("text", e.get("refusal")))
             elif kind.endswith(".done") and kind[len("response.") : -len(".done")] in TOOLS:
                 out.append(e[TOOLS[kind[len("response.") : -len(".done")]][1]])
@@ -191,6 +191,8 @@ def copies_of(wire: bytes, index: int) -> list[str]:
 def _item_text(item: dict[str, Any]) -> str:
     if item["type"] in TOOL_FIELDS:
         return str(item[TOOL_FIELDS[item["type"]]])
+    if item["type"] == "reasoning":
+        return str(item["summary"][0]["text"])
     return str(item["content"][0].get("text", item["content"][0].get("refusal")))
 
 
@@ -387,6 +389,141 @@ def test_a_copy_that_differs_from_its_deltas_carries_what_was_streamed() -> None
     assert_no_clear_pii(out)
 
 
+def assembled(wire: bytes) -> list[dict[str, Any]]:
+    """The output as the openai SDK's stream helper assembles it (ResponseStreamState): the
+    response.created output, each output_item.added item and content_part.added or
+    reasoning_summary_part.added part appended as it came, each delta appended to its text."""
+    output: list[dict[str, Any]] = []
+    for event in events(wire):
+        kind, at = event["type"], event.get("output_index")
+        if kind == "response.created":
+            output = list(event["response"]["output"])
+        elif kind == "response.output_item.added":
+            output.append(event["item"])
+        elif kind == "response.content_part.added":
+            output[at]["content"].append(event["part"])
+        elif kind == "response.reasoning_summary_part.added":
+            output[at]["summary"].append(event["part"])
+        elif kind == "response.output_text.delta":
+            output[at]["content"][event["content_index"]]["text"] += event["delta"]
+        elif kind == "response.reasoning_summary_text.delta":
+            output[at]["summary"][event["summary_index"]]["text"] += event["delta"]
+        elif kind == "response.function_call_arguments.delta":
+            output[at]["arguments"] += event["delta"]
+    return output
+
+
+CARD_START, CARD_END = "Card 4242 4242 4242", " 4242 ok"  # neither is PII alone
+
+
+def _opened_by_part() -> tuple[list[Event], list[dict[str, Any]], Any, str]:
+    where = {"item_id": "msg_0", "output_index": 0, "content_index": 0}
+    items: list[Event] = [
+        e("response.output_item.added", output_index=0, item=message(None, "in_progress")),
+        e("response.content_part.added", **where, part=part(CARD_START)),
+        e("response.output_text.delta", **where, delta=CARD_END, logprobs=[]),
+        e("response.output_text.done", **where, text=CARD_START + CARD_END, logprobs=[]),
+    ]
+    return (
+        items,
+        [message(CARD_START + CARD_END)],
+        lambda out: assembled(out)[0]["content"][0]["text"],
+        redact(CARD_START + CARD_END),
+    )
+
+
+def _opened_by_item() -> tuple[list[Event], list[dict[str, Any]], Any, str]:
+    where = {"item_id": "msg_0", "output_index": 0, "content_index": 0}
+    items: list[Event] = [
+        e("response.output_item.added", output_index=0, item=message(CARD_START, "in_progress")),
+        e("response.output_text.delta", **where, delta=CARD_END, logprobs=[]),
+        e("response.output_text.done", **where, text=CARD_START + CARD_END, logprobs=[]),
+    ]
+    return (
+        items,
+        [message(CARD_START + CARD_END)],
+        lambda out: assembled(out)[0]["content"][0]["text"],
+        redact(CARD_START + CARD_END),
+    )
+
+
+def _opened_by_arguments() -> tuple[list[Event], list[dict[str, Any]], Any, str]:
+    where = {"item_id": "fc_1", "output_index": 0}
+    start, end = '{"card":"4242 4242 4242', ' 4242"}'
+    items: list[Event] = [
+        e("response.output_item.added", output_index=0, item=call(start, "in_progress")),
+        e("response.function_call_arguments.delta", **where, delta=end),
+        e("response.function_call_arguments.done", **where, arguments=start + end),
+    ]
+    whole = redact(start + end, json_text=True)
+    return items, [call(start + end)], lambda out: assembled(out)[0]["arguments"], whole
+
+
+def _opened_by_summary_part() -> tuple[list[Event], list[dict[str, Any]], Any, str]:
+    where = {"item_id": "rs_1", "output_index": 0, "summary_index": 0}
+    item = {"id": "rs_1", "type": "reasoning", "summary": []}
+    summary = {"type": "summary_text", "text": CARD_START}
+    items: list[Event] = [
+        e("response.output_item.added", output_index=0, item=item),
+        e("response.reasoning_summary_part.added", **where, part=summary),
+        e("response.reasoning_summary_text.delta", **where, delta=CARD_END),
+        e("response.reasoning_summary_text.done", **where, text=CARD_START + CARD_END),
+    ]
+    done = {**item, "summary": [{**summary, "text": CARD_START + CARD_END}]}
+    return items, [done], lambda out: assembled(out)[0]["summary"][0]["text"], redact(CARD_START + CARD_END)
+
+
+@pytest.mark.parametrize("opening", [_opened_by_part, _opened_by_item, _opened_by_arguments, _opened_by_summary_part])
+def test_a_texts_opening_in_its_added_event_is_the_start_of_its_stream(opening: Any) -> None:
+    # OpenAI announces a part or an item with its text empty; an upstream that fills it has
+    # the SDK append the deltas to it: "Card 4242 4242 4242" + " 4242 ok" assembled the card
+    # in clear when the opening was redacted apart from the deltas (and every copy lacked it).
+    items, output, text_of, whole = opening()
+    out, _ = relay(whole_stream(items, output))
+    assert "4242 4242 4242 4242" not in text_of(out)
+    assert text_of(out) == whole
+    assert set(copies_of(out, 0)) == {whole}
+
+
+def test_the_output_of_response_created_opens_its_texts() -> None:
+    where = {"item_id": "msg_0", "output_index": 0, "content_index": 0}
+    start = {**RESPONSE, "output": [message(CARD_START, "in_progress")]}
+    items: list[Event] = [
+        e("response.created", response=start),
+        e("response.output_text.delta", **where, delta=CARD_END, logprobs=[]),
+        e("response.completed", response={**RESPONSE, "output": [message(CARD_START + CARD_END)]}),
+    ]
+    out, _ = relay(numbered(items))
+    assert assembled(out)[0]["content"][0]["text"] == redact(CARD_START + CARD_END)
+    assert copies_of(out, 0) == [redact(CARD_START + CARD_END)]
+
+
+def test_an_empty_opening_then_no_delta_has_its_copies_redacted_whole() -> None:
+    # An upstream that announces an item empty and sends it whole in its copies, no delta.
+    text = "Reach jane.doe@example.com"
+    where = {"item_id": "msg_0", "output_index": 0, "content_index": 0}
+    items: list[Event] = [
+        e("response.output_item.added", output_index=0, item=message(None, "in_progress")),
+        e("response.content_part.added", **where, part=part("")),
+        e("response.output_text.done", **where, text=text, logprobs=[]),
+        e("response.output_item.done", output_index=0, item=message(text)),
+    ]
+    out, _ = relay(whole_stream(items, [message(text)]))
+    assert copies_of(out, 0) == [redact(text)] * 3
+
+
+def test_an_opening_text_without_its_index_ends_the_stream() -> None:
+    # The SDK appends an added item or part where it comes, whatever its index: one that
+    # carries text with no index to key its stream by could be joined to any delta.
+    part_added = e("response.content_part.added", item_id="msg_0", output_index=0, part=part(CARD_START))
+    out, r = relay(numbered([part_added, *text_item([CARD_END])[2:3]]))
+    assert events(out)[-1]["type"] == "error"
+    assert isinstance(r.failure, UpstreamError)
+    empty = e("response.output_item.added", item=message(None, "in_progress"))  # no text: passes
+    out, r = relay(numbered([empty]))
+    assert r.failure is None and events(out)[0]["item"] == empty["item"]
+
+
 def test_a_mid_stream_failure_is_a_responses_error_event_after_the_held_text() -> None:
     r = StreamRelay(REDACTOR, None, RESPONSES)
     r.feed(numbered(text_item(["call me at jane"])[:3]))  # added, part added, one delta: 0..2
@@ -518,7 +655,7 @@ def hostile_event(draw: st.DrawFn) -> bytes:
     text = " | " + draw(HOSTILE_TEXT) + " | "
     where = {"item_id": "msg_0", "output_index": 0, "content_index": 0}
     delta = "response.output_text.delta"
-    kind = draw(st.integers(0, 14))
+    kind = draw(st.integers(0, 15))
     if kind == 0:  # an index that is no integer
         bad = draw(st.sampled_from([[0], "0", None, 1.5, True, -1, 2**70]))
         return ev({"type": delta, **where, "output_index": bad, "delta": text})
@@ -562,6 +699,10 @@ def hostile_event(draw: st.DrawFn) -> bytes:
         return ev(
             {"type": draw(st.sampled_from(["response.audio.transcript.delta", "response.x_y.done"])), "delta": text}
         )
+    if kind == 14:  # an item or a part announced with text (OpenAI's are empty)
+        if draw(st.booleans()):
+            return ev({"type": "response.content_part.added", **where, "part": part(text)})
+        return ev({"type": "response.output_item.added", "output_index": 0, "item": message(text, "in_progress")})
     return ev({"type": "response.completed", "response": {"output": text, "usage": {"input_tokens": text}}})
 
 
