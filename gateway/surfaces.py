@@ -496,7 +496,7 @@ class ObjectKeys:
 
 
 def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
-    """String content, `text` parts, refusals and tool-call arguments of every message."""
+    """String content, text parts, refusals and tool-call arguments of every message."""
     for message in payload.get("messages") or ():
         if type(message) is not dict:
             continue
@@ -504,14 +504,20 @@ def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
         if type(content) is str:
             yield message, "content", False
         elif type(content) is list:
-            for part in content:
-                if type(part) is dict and part.get("type") == "text" and type(part.get("text")) is str:
+            # A part's text whatever its type says, and a bare string as a part: OpenAI-compatible
+            # servers (vLLM) put `input_text` / `output_text` parts, parts without a type and
+            # strings in a content array into the prompt, so keying on type "text" let them
+            # reach the upstream unredacted.
+            for number, part in enumerate(content):
+                if type(part) is str:
+                    yield content, number, False
+                elif type(part) is dict and type(part.get("text")) is str:
                     yield part, "text", False
         if type(message.get("refusal")) is str:
             yield message, "refusal", False
         if type(content) is list:
             for part in content:
-                if type(part) is dict and part.get("type") == "refusal" and type(part.get("refusal")) is str:
+                if type(part) is dict and type(part.get("refusal")) is str:
                     yield part, "refusal", False
         legacy = message.get("function_call")
         if type(legacy) is dict and type(legacy.get("arguments")) is str:

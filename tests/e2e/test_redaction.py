@@ -203,6 +203,31 @@ def test_refusals_and_tool_call_arguments_in_the_request_are_redacted(shared_gat
     assert json.loads(call) == {"to": "j***e@example.com", "card": "CC_MASKED_LAST4_4242"}
 
 
+def test_texts_in_any_content_part_of_the_request_are_redacted(shared_gateway: Gateway, mock: Mock) -> None:
+    # SPEC §6: every text the client sends in messages. OpenAI-compatible servers (vLLM) take
+    # `input_text` / `output_text` parts, parts without a type and bare strings in a content
+    # array into the prompt: all of them are masked, not only parts typed "text".
+    content = [
+        "mail jane.doe@example.com",
+        {"type": "input_text", "text": "card 4242 4242 4242 4242"},
+        {"type": "output_text", "text": "ssn 123-45-6789"},
+        {"text": "call +1 415 555 2671"},
+        {"type": "image_url", "image_url": {"url": "https://x/a@b.com.png"}},
+    ]
+    assistant = [{"type": "refusal", "refusal": "no"}, {"refusal": "not to jane.doe@example.com"}]
+    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": assistant}]
+    sdk(shared_gateway).chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
+    sent = mock.requests()[-1]["body"]["messages"]
+    assert sent[0]["content"] == [
+        "mail j***e@example.com",
+        {"type": "input_text", "text": "card CC_MASKED_LAST4_4242"},
+        {"type": "output_text", "text": "ssn SSN_MASKED"},
+        {"text": "call PHONE_MASKED_LAST2_71"},
+        {"type": "image_url", "image_url": {"url": "https://x/a@b.com.png"}},
+    ]
+    assert sent[1]["content"] == [{"type": "refusal", "refusal": "no"}, {"refusal": "not to j***e@example.com"}]
+
+
 @pytest.mark.parametrize("ask", [{"logprobs": True}, {"top_logprobs": 2}])
 def test_logprobs_are_refused_while_redacting(shared_gateway: Gateway, mock: Mock, ask: dict[str, object]) -> None:
     before = len(mock.requests())
