@@ -277,23 +277,26 @@ class StreamRelay:
     def error_event(self, error: GatewayError) -> bytes:
         return self._surface.error_event(error, self._scratch)
 
-    def _flushed(self, prefixes: list[Path] | None) -> bytes:
-        held = self._take_held(prefixes)
+    def _flushed(self, prefixes: list[Path] | None, end: bool = True) -> bytes:
+        held = self._take_held(prefixes, end)
         return self._surface.flush_events(held, self._templates, self._scratch) if held else b""
 
-    def _take_held(self, prefixes: list[Path] | None) -> list[tuple[Path, str]]:
+    def _take_held(self, prefixes: list[Path] | None, end: bool = True) -> list[tuple[Path, str]]:
         """The held text of the streams under `prefixes` (None: all), flushed. A stream whose
         held text went out this way has ended: text the upstream sends it later is dropped,
-        as it would make PII with what was sent ("jane.doe", flushed, then "@example.com")."""
+        as it would make PII with what was sent ("jane.doe", flushed, then "@example.com").
+        Unless not `end`: the text that comes next starts a new one (Surface.restart_before)."""
         held: list[tuple[Path, str]] = []
         ended = [
             path
             for path, stream in self._streams.items()
-            if stream.held and (prefixes is None or any(path[: len(p)] == p for p in prefixes))
+            # A restarted stream goes even when it holds nothing: the next text is a new document.
+            if (stream.held or not end) and (prefixes is None or any(path[: len(p)] == p for p in prefixes))
         ]
         for path in ended:
             text = self._streams.pop(path).flush()
-            self._ended.add(path)
+            if end:
+                self._ended.add(path)
             if text:
                 held.append((path, text))
                 if self._kept is not None:
@@ -415,6 +418,9 @@ class StreamRelay:
             self._note(chunk)
             before = surface.flush_before(chunk)
             out = self._flushed(before) if before is not None else b""
+            restart = surface.restart_before(chunk)
+            if restart is not None:
+                out += self._flushed(restart, end=False)
             fed: list[tuple[Path, Leaf, str, str]] = []
             leaf = self._recorded(fed) if plain else self._leaf
             # The one shortcut: without an escape or anything PII could be made of in the whole
@@ -865,7 +871,8 @@ def _read_whole(whole: WholeText) -> LeafText:
 def walk(node: dict[str, Any], spec: Spec | None, path: Path, scrub: bool, leaf: LeafText, whole: WholeText) -> None:
     """Redact in place what `spec` names in `node` (`leaf` gets each described string and
     where it is); with `scrub`, every other string too (`whole`). Values of an unexpected
-    type, and list items without an integer "index", are not described: scrubbed whole."""
+    type, and list items whose "index" is there but no integer, are not described: scrubbed
+    whole (an item without one is keyed None: see `Surface.restart_before`)."""
     if not scrub:
         assert spec is not None
         _described(node, spec, path, leaf)
@@ -907,7 +914,7 @@ def _described(node: dict[str, Any], spec: Spec, path: Path, leaf: LeafText) -> 
                 if type(item) is dict:
                     if shape is All:
                         _described(item, sub.spec_for(item), (*path, name, position), leaf)  # type: ignore[union-attr]
-                    elif type(index := item.get("index")) is int:
+                    elif type(index := item.get("index")) is int or index is None:
                         _described(item, items, (*path, name, index), leaf)
 
 
@@ -947,7 +954,7 @@ def _visit(
             if type(item) is dict:
                 if kind_of_list is Each:
                     index = item.get("index")
-                    if type(index) is int:
+                    if type(index) is int or index is None:  # None: absent, one stream (Surface.restart_before)
                         walk(item, sub.spec, (*path, name, index), scrub, leaf, whole)
                     elif scrub:  # no index to key its streams by: its texts whole, JSON ones as JSON
                         walk(item, sub.spec, (), scrub, _read_whole(whole), whole)

@@ -76,7 +76,9 @@ class All:
 
 
 Spec = dict[str, "Spec | Each | All | Leaf"]
-Path = tuple[str | int, ...]  # keys, and the "index" of list items (ints), from the event's root
+# Keys, and the "index" of list items (ints), from the event's root; None: the item without an
+# index (a chat tool call some OpenAI-compatible servers send without one: see ChatSurface).
+Path = tuple[str | int | None, ...]
 
 
 class Surface:
@@ -132,6 +134,11 @@ class Surface:
         """Streams whose held text goes out inside this event (after its own text)."""
         return None
 
+    def restart_before(self, event: dict[str, Any]) -> list[Path] | None:
+        """Streams whose held text goes out in events before this one, and which this event
+        starts afresh (not ended, unlike `flush_before`'s); None: none."""
+        return None
+
     def flush_events(
         self, held: list[tuple[Path, str]], templates: dict[Path, dict[str, Any]], counts: dict[str, int]
     ) -> bytes:
@@ -162,17 +169,23 @@ class Surface:
 
 def put(root: dict[str, Any], path: Path, text: str) -> None:
     """Append `text` to the string at `path`, creating what is missing on the way (an int
-    step is the list item with that "index")."""
+    step is the list item with that "index", None the item without one)."""
     node: Any = root
     for step, following in itertools.pairwise(path):
-        if type(step) is int:
+        if step is None:
+            item = next((i for i in node if type(i) is dict and i.get("index") is None), None)
+            if item is None:
+                item = {}
+                node.append(item)
+            node = item
+        elif type(step) is int:
             item = next((i for i in node if type(i) is dict and i.get("index") == step), None)
             if item is None:
                 item = {"index": step}
                 node.append(item)
             node = item
         else:
-            want = list if type(following) is int else dict
+            want = list if following is None or type(following) is int else dict
             child = node.get(step)
             if type(child) is not want:
                 child = node[step] = want()
@@ -270,8 +283,11 @@ class ChatSurface(Surface):
                 delta = choice.get("delta")
                 if type(delta) is dict and "tool_calls" in delta:
                     calls = delta["tool_calls"]
-                    if type(calls) is list and not all(int_or_absent(call) for call in calls if type(call) is dict):
-                        return NOT_AN_INTEGER
+                    if type(calls) is list:
+                        if not all(int_or_absent(call) for call in calls if type(call) is dict):
+                            return NOT_AN_INTEGER
+                        if any(type(call) is dict and call.get("index") is None for call in calls):
+                            wrong = LEFT_OUT  # its text streams (path step None), but not a shape to learn
         return wrong
 
     def ends(self, event: dict[str, Any]) -> bool:
@@ -283,6 +299,25 @@ class ChatSurface(Surface):
         """An error ends the stream: all held text goes out before it, where a client that
         stops at the error (the openai SDK raises there) still reads it."""
         return [()] if self.ends(event) else None
+
+    def restart_before(self, event: dict[str, Any]) -> list[Path] | None:
+        """Tool calls without an index (some OpenAI-compatible servers leave it out) are one
+        text stream per choice, as clients that key calls by index join them; a split address
+        in their arguments is then redacted like one in content. A call that opens (it has an
+        id) is a new JSON document: what the last one held goes out before it, as the tail of
+        that call."""
+        choices = event.get("choices")
+        if type(choices) is not list:
+            return None
+        paths: list[Path] = []
+        for choice in choices:
+            delta = choice.get("delta") if type(choice) is dict and type(choice.get("index")) is int else None
+            calls = delta.get("tool_calls") if type(delta) is dict else None
+            if type(calls) is list and any(
+                type(call) is dict and call.get("index") is None and call.get("id") for call in calls
+            ):
+                paths.append(("choices", choice["index"], "delta", "tool_calls", None))
+        return paths or None
 
     def flush_into(self, event: dict[str, Any]) -> list[Path] | None:
         """The choices this chunk finishes: their held text goes out in it."""

@@ -112,12 +112,21 @@ def test_json_text_of_an_unreadable_part_is_unescaped_before_matching(route: str
         # carries text ends the stream instead: see test_an_index_left_out_or_null_...).
         wire = ANTHROPIC_START + b"data: " + json.dumps({"index": 0, "delta": delta}).encode() + b"\n\n"
     out = relay.feed(wire) + relay.close()
-    texts = [
-        value
-        for e in json_events(out)
-        for value in _strings(e)
-        if value.startswith("{")  # the JSON texts, parsed as the client would
-    ]
+    if route == "chat":  # a tool call without an index is one text stream: its arguments, joined
+        texts = [
+            "".join(
+                call["function"]["arguments"]
+                for e in json_events(out)
+                for call in e["choices"][0]["delta"]["tool_calls"]
+            )
+        ]
+    else:
+        texts = [
+            value
+            for e in json_events(out)
+            for value in _strings(e)
+            if value.startswith("{")  # the JSON texts, parsed as the client would
+        ]
     assert texts and all(EMAIL not in json.dumps(json.loads(t), ensure_ascii=False) for t in texts)
 
 
@@ -396,8 +405,8 @@ def test_a_responses_copy_without_its_indices_ends_the_stream(how: str) -> None:
 @pytest.mark.parametrize("read_by_read", [False, True])
 def test_an_index_left_out_or_null_on_an_event_without_text_still_streams(how: str, read_by_read: bool) -> None:
     """A role chunk or a finish chunk without an index carries no text a client could join:
-    it passes (so does a tool call without an index in a choice that has one, redacted whole:
-    some OpenAI-compatible servers leave those indices out)."""
+    it passes (so does a tool call without an index in a choice that has one: some
+    OpenAI-compatible servers leave those indices out; see the tests below)."""
     relay = StreamRelay(REDACTOR, None, CHAT)
     call = {"id": "t", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     reads = [
@@ -411,6 +420,61 @@ def test_an_index_left_out_or_null_on_an_event_without_text_still_streams(how: s
     assert relay.failure is None and out.endswith(DONE)
     assert "".join(c["delta"].get("content") or "" for e in json_events(out) for c in e["choices"]) == "one "
     assert [e["choices"][0]["finish_reason"] for e in json_events(out)][-1] == "stop"
+
+
+def _unindexed_calls(out: bytes) -> list[str]:
+    """The arguments of each tool call without an index, as a client that opens a call at
+    each id reads them."""
+    calls: list[str] = []
+    for event in json_events(out):
+        for choice in event.get("choices", []):
+            for call in (choice.get("delta") or {}).get("tool_calls") or []:
+                assert "index" not in call or call["index"] is None
+                if call.get("id"):
+                    calls.append("")
+                calls[-1] += (call.get("function") or {}).get("arguments") or ""
+    return calls
+
+
+@pytest.mark.parametrize("how", LEFT_OUT)
+@pytest.mark.parametrize("read_by_read", [False, True])
+def test_split_pii_in_arguments_of_a_tool_call_without_an_index_is_masked(how: str, read_by_read: bool) -> None:
+    """SPEC §6: tool-call arguments keep the split guarantee. A client joins the deltas of a
+    call without an index (keyed by None, or as the one call there is): the gateway used to
+    redact each delta whole, so "jane.doe@exa" + "mple.com" went out as it came."""
+    relay = StreamRelay(REDACTOR, None, CHAT)
+    opening = _unindexed({"index": 0, "id": "t", "type": "function", "function": {"name": "f"}}, "index", how)
+    pieces = ['{"to": "' + SPLIT[0], SPLIT[1] + '", "card": "4242 4242 ', '4242 4242"}']
+    reads = [chunk({"tool_calls": [{**opening, "function": {"name": "f", "arguments": ""}}]})]
+    reads += [
+        chunk({"tool_calls": [_unindexed({"index": 0, "function": {"arguments": p}}, "index", how)]}) for p in pieces
+    ]
+    reads.append(chunk({}, finish="tool_calls") + DONE)
+    out = b"".join(relay.feed(read) for read in reads) if read_by_read else relay.feed(b"".join(reads))
+    out += relay.close()
+    assert relay.failure is None and EMAIL not in decoded(out) and "4242 4242" not in decoded(out)
+    assert [json.loads(a) for a in _unindexed_calls(out)] == [
+        {"to": "j***e@example.com", "card": "CC_MASKED_LAST4_4242"}
+    ]
+
+
+@pytest.mark.parametrize("how", LEFT_OUT)
+def test_parallel_tool_calls_without_an_index_keep_their_own_arguments(how: str) -> None:
+    """Servers that leave the index out send parallel calls each whole, opened by its id: the
+    text the first call's stream holds back (an address near its end) goes out before the
+    second opens, as the first's, and each call's arguments stay its own JSON."""
+    relay = StreamRelay(REDACTOR, None, CHAT)
+    calls = [
+        {"index": 0, "id": "t1", "type": "function", "function": {"name": "f", "arguments": '{"to": "' + EMAIL + '"}'}},
+        {"index": 1, "id": "t2", "type": "function", "function": {"name": "g", "arguments": '{"n": 4242424242424242}'}},
+    ]
+    wire = b"".join(chunk({"tool_calls": [_unindexed(call, "index", how)]}) for call in calls)
+    out = relay.feed(wire + chunk({}, finish="tool_calls") + DONE) + relay.close()
+    assert relay.failure is None and EMAIL not in decoded(out)
+    assert [json.loads(a) for a in _unindexed_calls(out)] == [
+        {"to": "j***e@example.com"},
+        {"n": "CC_MASKED_LAST4_4242"},
+    ]
 
 
 @pytest.mark.parametrize("how", LEFT_OUT)
