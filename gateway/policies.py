@@ -67,8 +67,12 @@ def request_context(payload: Mapping[str, Any] | None, upstream: str) -> Context
     """SPEC §15's context from the parsed body (None: a request without one)."""
     if payload is None:
         return Context(False, 0, False, upstream)
+    stream = payload.get("stream")
     return Context(
-        payload.get("stream") is True,  # as the proxy decides whether to stream
+        # A value that is no boolean (1, "true") is taken as the most it could mean, as for
+        # max_tokens: a lax upstream (pydantic, vLLM) streams for it, and the gateway relays
+        # the events it gets, so `forbid … when { context.stream }` cannot be slipped past.
+        stream is not None and stream is not False,
         max_tokens(payload),
         bool(payload.get("tools")) or bool(payload.get("functions")),
         upstream,

@@ -107,8 +107,17 @@ def test_the_context_comes_from_the_body() -> None:
     assert request_context(None, "default") == PLAIN
     body = {"model": "m", "stream": True, "max_completion_tokens": 50, "tools": [{"type": "function"}]}
     assert request_context(body, "up") == Context(True, 50, True, "up")
-    assert request_context({"stream": "yes", "functions": [{"name": "f"}]}, "d") == Context(False, 0, True, "d")
+    assert request_context({"stream": False, "functions": [{"name": "f"}]}, "d") == Context(False, 0, True, "d")
     assert request_context({"tools": [], "functions": []}, "d").has_tools is False
+
+
+@pytest.mark.parametrize("value", [1, "true", "yes", 1.0, 0, "false", [], {}])
+def test_a_stream_flag_that_is_no_boolean_counts_as_streaming(value: object) -> None:
+    # pydantic (vLLM) reads 1, "true", "yes" as true and the upstream streams; the gateway
+    # relays those events: a policy forbidding streams must see them (the most it could mean).
+    assert request_context({"stream": value}, "d").stream is True
+    assert request_context({"stream": None}, "d").stream is False
+    assert request_context({}, "d").stream is False
 
 
 @pytest.mark.parametrize(

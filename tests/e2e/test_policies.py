@@ -149,6 +149,25 @@ async def test_a_denial_spends_no_rate_limit_token_and_no_quota(
     assert len(mock.requests()) == 1
 
 
+async def test_a_stream_flag_that_is_no_boolean_cannot_slip_past_a_forbid_on_streams(
+    start_gateway: GatewayFactory, mock: Mock, policy_files: tuple[Path, Path]
+) -> None:
+    # A lax upstream (pydantic, as vLLM's) streams for "stream": 1 or "true", and the gateway
+    # relays the events it gets: the policy saw stream=false and allowed it.
+    with policy_files[0].open("a") as file:
+        file.write(
+            '\n@id("team-no-stream")\nforbid (principal in Plan::"team", action, resource) when { context.stream };\n'
+        )
+    gateway = with_policies(start_gateway, policy_files)
+    async with aiohttp.ClientSession() as session:
+        assert (await post_chat(session, gateway, "team-demo"))[0] == 200
+        assert (await post_chat(session, gateway, "team-demo", stream=False))[0] == 200
+        for value in (True, 1, "true"):
+            status, body = await post_chat(session, gateway, "team-demo", stream=value)
+            assert status == 403 and body["error"]["message"] == "denied by policy team-no-stream", value
+    assert len(mock.requests()) == 2
+
+
 async def test_the_principal_under_hashed_identifiers(
     start_gateway: GatewayFactory, mock: Mock, policy_files: tuple[Path, Path]
 ) -> None:
