@@ -100,7 +100,7 @@ def principal_of(tenant: Tenant, keyed: bool) -> str:
 class Policies:
     """One load of the policy files, and the decisions made under it."""
 
-    __slots__ = ("_cache", "_cache_size", "_entities", "_failing", "_labels", "_policies")
+    __slots__ = ("_cache", "_cache_size", "_entities", "_failing", "_forbids", "_labels", "_policies")
 
     def __init__(
         self,
@@ -108,10 +108,12 @@ class Policies:
         entities: cedarpy.Entities,
         labels: Mapping[str, str],
         cache_size: int = CACHE_ENTRIES,
+        forbids: frozenset[str] = frozenset(),
     ) -> None:
         self._policies = policies
         self._entities = entities
         self._labels = labels  # Cedar's policy id -> what a denial names it by
+        self._forbids = forbids  # Cedar's ids of the forbid policies
         self._cache: OrderedDict[tuple[str, str, str, Context], Verdict] = OrderedDict()
         self._cache_size = cache_size
         self._failing: set[str] = set()  # policies whose evaluation errors were logged
@@ -140,25 +142,37 @@ class Policies:
         }
         result = cedarpy.is_authorized(request, self._policies, self._entities)
         diagnostics = result.diagnostics
+        failed: list[str] = []
         if diagnostics.errors:
-            self._note_errors(diagnostics.errors)
-        if result.allowed:
+            failed = self._note_errors(diagnostics.errors)
+        if result.allowed and not failed:
             return ALLOW
         labels = self._labels
-        return Verdict(False, tuple(sorted({labels.get(reason, reason) for reason in diagnostics.reasons})))
+        # Allowed but for a failed forbid: the reasons are the permits that applied, not named.
+        denying = failed if result.allowed else (*diagnostics.reasons, *failed)
+        return Verdict(False, tuple(sorted({labels.get(reason, reason) for reason in denying})))
 
-    def _note_errors(self, errors: list[str]) -> None:
-        """Cedar skips a policy whose evaluation fails (reading an attribute a tenant lacks,
-        say): said once per policy and load, without the request's names (a key, in open mode)."""
+    def _note_errors(self, errors: list[str]) -> list[str]:
+        """Cedar skips a policy whose evaluation fails (a Long overflow, say): said once per
+        policy and load, without the request's names (a key, in open mode). The forbids among
+        them are returned: they deny (fail closed). Skipped, a forbid could be dodged by the
+        client: `context.max_tokens + 100 > 1000` overflows for a max_tokens of "5000" or -1
+        (taken as the largest Long) or any huge count, and the request passed."""
+        failed = []
         for error in errors:
             match = _EVALUATION_ERROR.search(error)
             policy = match.group(1) if match else "?"
+            forbid = policy in self._forbids
+            if forbid:
+                failed.append(policy)
             if policy not in self._failing:
                 self._failing.add(policy)
                 log.warning(
-                    "policy %s could not be evaluated for a request and was skipped (guard attribute reads with `has`)",
+                    "policy %s could not be evaluated for a request (a Long overflow?): %s",
                     self._labels.get(policy, policy),
+                    "a forbid denies it" if forbid else "a permit is skipped",
                 )
+        return failed
 
     @property
     def cached(self) -> int:
@@ -192,6 +206,9 @@ def load(policy_file: str, entities_file: str | None = None, cache_size: int = C
         policy_id: (body.get("annotations") or {}).get("id") or policy_id
         for policy_id, body in est.get("staticPolicies", {}).items()
     }
+    forbids = frozenset(
+        policy_id for policy_id, body in est.get("staticPolicies", {}).items() if body.get("effect") == "forbid"
+    )
     schema = _schema(listed, _types_named(est))
     if schema is not None:
         checked = cedarpy.validate_policies(text, orjson.dumps(schema).decode())
@@ -201,7 +218,7 @@ def load(policy_file: str, entities_file: str | None = None, cache_size: int = C
             # Cedar's message names the policy by its Cedar id: the @id says more.
             message = error.error.replace(f"policy `{error.policy_id}`", f"policy `{name}`")
             raise _bad("POLICY_FILE", policy_file, f"does not validate: {message}")
-    return Policies(policy_set, entities, labels, cache_size)
+    return Policies(policy_set, entities, labels, cache_size, forbids)
 
 
 def _entities(path: str | None) -> tuple[cedarpy.Entities, list[dict[str, Any]]]:

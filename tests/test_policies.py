@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from gateway import policies
 from gateway.config import ConfigError, Settings
 from gateway.models import Tenant
-from gateway.policies import LONG_MAX, NO_PERMIT, Context, Policies, max_tokens, principal_of, request_context
+from gateway.policies import LONG_MAX, NO_PERMIT, Context, Policies, Verdict, max_tokens, principal_of, request_context
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_POLICIES = ROOT / "scripts" / "policies.example.cedar"
@@ -378,9 +378,32 @@ def test_a_policy_that_fails_to_evaluate_is_logged_once_without_the_request(
     )
     with caplog.at_level(logging.WARNING, logger="gateway"):
         for secret in ("sk-open-mode-key-1", "sk-open-mode-key-2"):
-            assert loaded.decide(secret, "chat", "m", Context(False, 8, False, "default")).allowed  # skipped
+            verdict = loaded.decide(secret, "chat", "m", Context(False, 8, False, "default"))
+            assert verdict == Verdict(False, ("needs-plan",))  # a forbid that fails denies
     assert len(caplog.records) == 1
     assert "needs-plan" in caplog.text and "sk-open-mode" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "sent", [{"max_tokens": 950}, {"max_tokens": "5000"}, {"max_tokens": -1}, {"max_tokens": 2**63 - 1}]
+)
+def test_a_client_cannot_dodge_a_forbid_by_making_it_overflow(tmp_path: Path, sent: dict[str, object]) -> None:
+    """Cedar skips a policy whose evaluation fails. A forbid with arithmetic overflows for the
+    largest Long (what a max_tokens that is no count is taken as) or any huge count the client
+    sends: skipped, the request it meant to stop passed. It denies instead; a permit that
+    fails is still only skipped."""
+    loaded = policies.load(
+        write(
+            tmp_path,
+            "p.cedar",
+            '@id("all") permit(principal, action, resource);\n'
+            '@id("cap") forbid(principal, action, resource) when { context.max_tokens + 100 > 1000 };\n'
+            '@id("odd") permit(principal, action, resource) when { context.max_tokens * 2 > 0 };\n',
+        )
+    )
+    verdict = loaded.decide("t", "chat", "m", request_context({"model": "m", **sent}, "default"))
+    assert verdict == Verdict(False, ("cap",))
+    assert loaded.decide("t", "chat", "m", request_context({"model": "m", "max_tokens": 10}, "default")).allowed
 
 
 # --- the step in the chain ---
