@@ -30,10 +30,11 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .keys import STATE
+from .keys import CONFIG, STATE
 from .lifecycle import Lifecycle
 from .memo import RedactionMemo
 from .models import RequestState
+from .policies import principal_of, request_context
 from .redact import YIELD_ABOVE_CHARS, OnRedaction, Redactor, redact_sliced, redact_yielding
 from .relay import ASIDE_BYTES, StreamRelay, dumps_reply, loads_reply, redact_reply, reply_may_need_redaction
 from .router import (
@@ -57,6 +58,26 @@ _RETRY_AFTER_STATUSES = frozenset({429, 503, 529})  # SPEC §13: with Retry-Afte
 _NO_TRACE: AbstractContextManager[Mapping[str, str]] = contextlib.nullcontext(MappingProxyType({}))
 _RETRY_SOON = MappingProxyType({"Retry-After": "1"})  # another instance, or this one restarted
 log = logging.getLogger("gateway")
+
+
+def _permitted_legs(request: web.Request, state: RequestState, legs: tuple[Leg, ...]) -> tuple[Leg, ...]:
+    """The route's upstreams the policies let this request reach (SPEC §15: context.upstream is
+    the routed upstream's name). The policy step decided the first; a fallback is decided on its
+    own name, and one a forbid names is not tried: `forbid … when { context.upstream == "openai" }`
+    held only while the first upstream answered (its failure or open breaker sent the request
+    there). Decisions are cached: a few dictionary lookups per fallback."""
+    config = request.get(CONFIG)
+    if config is None or config.policies is None or state.tenant is None or state.model is None:
+        return legs
+    policies = config.policies
+    principal = principal_of(state.tenant, config.tenancy.keyed)
+    route = request.match_info.route.name or ""
+    return legs[:1] + tuple(
+        leg
+        for leg in legs[1:]
+        if leg.name == legs[0].name
+        or policies.decide(principal, route, state.model, request_context(state.payload, leg.name)).allowed
+    )
 
 
 class Proxy:
@@ -98,6 +119,8 @@ class Proxy:
         # Before any work: an unrouted model is 404. ROUTES_FILE routes chat and messages;
         # the other OpenAI routes go to OPENAI_BASE_URL.
         legs = router.legs(self._api, state.model) if router is not None and self._api.name in ROUTED_APIS else None
+        if legs is not None and len(legs) > 1:
+            legs = _permitted_legs(request, state, legs)
         state.stream = self._api.streams and payload.get("stream") is True
         hidden_usage = state.stream and self._api.asks_stream_usage and ask_stream_usage(payload)
         if self._redactor is not None:

@@ -351,6 +351,26 @@ def test_a_failing_upstream_falls_back_to_the_next(start: Any, ups: dict[str, Mo
     assert ups["a"].requests()[0]["headers"]["Authorization"] == "Bearer sk-a"
 
 
+def test_a_fallback_the_policies_forbid_is_not_tried(start: Any, ups: dict[str, Mock], tmp_path: Path) -> None:
+    # SPEC §15: context.upstream is the routed upstream's name. The policy step decides the
+    # first upstream; a fallback to one a forbid names (data that must not reach it) was tried
+    # all the same once the first failed.
+    policy = tmp_path / "policies.cedar"
+    policy.write_text(
+        "permit (principal, action, resource);\n"
+        '@id("keep-off-b") forbid (principal, action, resource) when { context.upstream == "b" };\n'
+    )
+    gateway = start(POLICY_FILE=str(policy))
+    ups["a"].fault(status=503)
+    raw = sdk(gateway).chat.completions.with_raw_response.create(model="three", messages=HI)
+    assert raw.headers["x-gateway-upstream"] == "c" and raw.parse().choices[0].message.content == "reply from c"
+    with pytest.raises(openai.APIStatusError):
+        sdk(gateway).chat.completions.create(model="gpt-4o-mini", messages=HI)  # a failed, b not allowed
+    assert hits(ups["b"]) == 0 and hits(ups["a"]) == 2
+    ups["a"].heal()
+    assert sdk(gateway).chat.completions.create(model="gpt-4o-mini", messages=HI).choices  # a itself: allowed
+
+
 def test_a_claude_route_falls_back_to_an_openai_upstream_under_its_own_model_name(
     start: Any, ups: dict[str, Mock]
 ) -> None:
