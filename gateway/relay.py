@@ -418,7 +418,7 @@ class StreamRelay:
             self._note(chunk)
             before = surface.flush_before(chunk)
             out = self._flushed(before) if before is not None else b""
-            restart = surface.restart_before(chunk)
+            restart = surface.restart_before(chunk, self._scratch)
             if restart is not None:
                 out += self._flushed(restart, end=False)
             fed: list[tuple[Path, Leaf, str, str]] = []
@@ -875,7 +875,7 @@ def walk(node: dict[str, Any], spec: Spec | None, path: Path, scrub: bool, leaf:
     whole (an item without one is keyed None: see `Surface.restart_before`)."""
     if not scrub:
         assert spec is not None
-        _described(node, spec, path, leaf)
+        _described(node, spec, path, leaf, whole)
         return
     for name, value in node.items():
         _visit(node, name, value, spec.get(name) if spec is not None else None, path, scrub, leaf, whole)
@@ -891,7 +891,7 @@ def _rekeyed(node: dict[str, Any], whole: WholeText) -> None:
     node.update(items)
 
 
-def _described(node: dict[str, Any], spec: Spec, path: Path, leaf: LeafText) -> None:
+def _described(node: dict[str, Any], spec: Spec, path: Path, leaf: LeafText, whole: WholeText) -> None:
     """`walk` without scrubbing, written out flat: only the described fields, each as its
     description says (the per-event cost of a stream)."""
     for name, sub in spec.items():
@@ -907,15 +907,28 @@ def _described(node: dict[str, Any], spec: Spec, path: Path, leaf: LeafText) -> 
                 node[name] = leaf((*path, name), sub, value)  # type: ignore[arg-type]
         elif shape is dict:
             if type(value) is dict:
-                _described(value, sub, (*path, name), leaf)  # type: ignore[arg-type]
+                _described(value, sub, (*path, name), leaf, whole)  # type: ignore[arg-type]
         elif type(value) is list:
             items = sub.spec  # type: ignore[union-attr]
+            alone = True  # as in _visit
             for position, item in enumerate(value):
                 if type(item) is dict:
                     if shape is All:
-                        _described(item, sub.spec_for(item), (*path, name, position), leaf)  # type: ignore[union-attr]
-                    elif type(index := item.get("index")) is int or index is None:
-                        _described(item, items, (*path, name, index), leaf)
+                        _described(item, sub.spec_for(item), (*path, name, position), leaf, whole)  # type: ignore[union-attr]
+                    elif type(index := item.get("index")) is int:
+                        _described(item, items, (*path, name, index), leaf, whole)
+                    elif index is None:
+                        if alone:
+                            alone = _unindexed_alone(value)
+                        if alone:
+                            _described(item, items, (*path, name, None), leaf, whole)
+                        else:  # several whole calls in one event: each redacted whole
+                            _described(item, items, (), _read_whole(whole), whole)
+
+
+def _unindexed_alone(items: list[Any]) -> bool:
+    """Whether at most one of the list's objects has no index (absent or null)."""
+    return sum(1 for item in items if type(item) is dict and item.get("index") is None) <= 1
 
 
 def _visit(
@@ -950,13 +963,16 @@ def _visit(
         kind_of_list = type(sub)
         if kind_of_list is not Each and kind_of_list is not All and not scrub:
             return
+        alone = True  # at most one item without an index: its texts stream (Surface.restart_before)
         for position, item in enumerate(value):
             if type(item) is dict:
                 if kind_of_list is Each:
                     index = item.get("index")
-                    if type(index) is int or index is None:  # None: absent, one stream (Surface.restart_before)
+                    if index is None and alone:
+                        alone = _unindexed_alone(value)
+                    if type(index) is int or (index is None and alone):
                         walk(item, sub.spec, (*path, name, index), scrub, leaf, whole)
-                    elif scrub:  # no index to key its streams by: its texts whole, JSON ones as JSON
+                    elif scrub or index is None:  # no index to key its streams by: its texts whole, JSON ones as JSON
                         walk(item, sub.spec, (), scrub, _read_whole(whole), whole)
                     continue
                 elif kind_of_list is All:

@@ -134,9 +134,9 @@ class Surface:
         """Streams whose held text goes out inside this event (after its own text)."""
         return None
 
-    def restart_before(self, event: dict[str, Any]) -> list[Path] | None:
+    def restart_before(self, event: dict[str, Any], counts: dict[str, int]) -> list[Path] | None:
         """Streams whose held text goes out in events before this one, and which this event
-        starts afresh (not ended, unlike `flush_before`'s); None: none."""
+        starts afresh (not ended, unlike `flush_before`'s); None: none. `counts`: as `usage`'s."""
         return None
 
     def flush_events(
@@ -300,12 +300,14 @@ class ChatSurface(Surface):
         stops at the error (the openai SDK raises there) still reads it."""
         return [()] if self.ends(event) else None
 
-    def restart_before(self, event: dict[str, Any]) -> list[Path] | None:
-        """Tool calls without an index (some OpenAI-compatible servers leave it out) are one
-        text stream per choice, as clients that key calls by index join them; a split address
-        in their arguments is then redacted like one in content. A call that opens (it has an
-        id) is a new JSON document: what the last one held goes out before it, as the tail of
-        that call."""
+    def restart_before(self, event: dict[str, Any], counts: dict[str, int]) -> list[Path] | None:
+        """A tool call without an index (Gemini's OpenAI-compatible API leaves it out, and
+        splits arguments across such deltas) streams its text under the step None, one stream
+        per choice, as clients that key calls by index join those deltas; a split address in
+        its arguments is then redacted like one in content. A call that opens (an id other
+        than the last one's) is a new JSON document: what the last one held goes out before
+        it, as the tail of that call. Several such calls in one event are each whole: they
+        are redacted whole (see `relay.walk`), after the stream before them is flushed."""
         choices = event.get("choices")
         if type(choices) is not list:
             return None
@@ -313,9 +315,17 @@ class ChatSurface(Surface):
         for choice in choices:
             delta = choice.get("delta") if type(choice) is dict and type(choice.get("index")) is int else None
             calls = delta.get("tool_calls") if type(delta) is dict else None
-            if type(calls) is list and any(
-                type(call) is dict and call.get("index") is None and call.get("id") for call in calls
-            ):
+            if type(calls) is not list:
+                continue
+            unindexed = [call for call in calls if type(call) is dict and call.get("index") is None]
+            if not unindexed:
+                continue
+            ids = [call["id"] for call in unindexed if type(call.get("id")) is str and call["id"]]
+            key = f"unindexed call {choice['index']}"
+            opened = bool(ids) and counts.get(key) != hash(ids[-1])
+            if ids:
+                counts[key] = hash(ids[-1])  # the call later deltas without an id (or with it again) go on
+            if opened or len(unindexed) > 1:
                 paths.append(("choices", choice["index"], "delta", "tool_calls", None))
         return paths or None
 

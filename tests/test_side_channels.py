@@ -478,6 +478,42 @@ def test_parallel_tool_calls_without_an_index_keep_their_own_arguments(how: str)
 
 
 @pytest.mark.parametrize("how", LEFT_OUT)
+def test_several_tool_calls_without_an_index_in_one_event_are_each_whole(how: str) -> None:
+    """Gemini sends parallel calls in one chunk, none with an index: each is a whole JSON text,
+    redacted whole, and what the stream before them held goes out first."""
+    relay = StreamRelay(REDACTOR, None, CHAT)
+    first = _unindexed(
+        {"index": 0, "id": "t0", "function": {"name": "e", "arguments": '{"a": "x", "b": "jane'}}, "index", how
+    )
+    calls = [
+        {"id": "t1", "type": "function", "function": {"name": "f", "arguments": '{"to": "' + EMAIL + '"}'}},
+        {"id": "t2", "type": "function", "function": {"name": "g", "arguments": '{"n": 4242424242424242}'}},
+    ]
+    wire = chunk({"tool_calls": [first]}) + chunk({"tool_calls": [_unindexed(c, "index", how) for c in calls]})
+    out = relay.feed(wire + chunk({}, finish="tool_calls") + DONE) + relay.close()
+    assert relay.failure is None and EMAIL not in decoded(out)
+    arguments = _unindexed_calls(out)
+    assert arguments[0] == '{"a": "x", "b": "jane'
+    assert [json.loads(a) for a in arguments[1:]] == [{"to": "j***e@example.com"}, {"n": "CC_MASKED_LAST4_4242"}]
+
+
+@pytest.mark.parametrize("how", LEFT_OUT)
+def test_a_tool_call_without_an_index_that_repeats_its_id_is_still_one_stream(how: str) -> None:
+    relay = StreamRelay(REDACTOR, None, CHAT)
+    pieces = ['{"to": "' + SPLIT[0], SPLIT[1] + '"}']
+    wire = b"".join(
+        chunk({"tool_calls": [_unindexed({"index": 0, "id": "t", "function": {"arguments": p}}, "index", how)]})
+        for p in pieces
+    )
+    out = relay.feed(wire + DONE) + relay.close()
+    assert EMAIL not in decoded(out)
+    joined = "".join(
+        call["function"]["arguments"] for e in json_events(out) for call in e["choices"][0]["delta"]["tool_calls"]
+    )
+    assert json.loads(joined) == {"to": "j***e@example.com"}
+
+
+@pytest.mark.parametrize("how", LEFT_OUT)
 def test_text_less_anthropic_and_responses_events_without_an_index_still_stream(how: str) -> None:
     relay = StreamRelay(REDACTOR, None, MESSAGES)
     stop = anthropic_ev(_unindexed({"type": "content_block_stop", "index": 0}, "index", how))
