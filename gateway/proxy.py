@@ -413,6 +413,7 @@ class Proxy:
             relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface, hide_usage=hidden_usage)
         reply: Reply | None = None
         whole = first = b""
+        opened_with_error = False
         try:
             async with asyncio.timeout(attempt.secs):  # this attempt's share of TIMEOUT_SECS
                 reply = await leg.client.post(send, headers)
@@ -424,7 +425,8 @@ class Proxy:
                     relay = None
                 else:
                     first = await _first_events(reply, relay, self._count_response_redactions)
-                    if _is_error_event(first) and attempts.more():
+                    opened_with_error = _is_error_event(first)
+                    if opened_with_error and attempts.more():
                         # A stream that opens with an error (Anthropic's overloaded_error) has
                         # sent the client nothing yet: the next upstream may answer instead.
                         raise UpstreamError("upstream opened its stream with an error event")
@@ -445,7 +447,14 @@ class Proxy:
             attempts.failed(attempt, retry_after)
             reply.close()
             raise AttemptFailed(UpstreamError(), leg.name, reply, whole)
-        attempts.answered(attempt)
+        if opened_with_error:
+            # Nothing left to try: the error goes to the client as it came, but it is the same
+            # failure as with an upstream left (the 529 it stands for), so it counts toward
+            # this upstream's breaker instead of closing it (SPEC §13).
+            self._telemetry.metrics.cb_event("upstream_error")
+            attempts.failed(attempt)
+        else:
+            attempts.answered(attempt)
         state.upstream_ttfb = time.perf_counter() - started
         state.upstream = leg.name
         if relay is None:

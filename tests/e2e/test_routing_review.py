@@ -362,3 +362,29 @@ def test_thinking_under_a_short_idle_limit_is_not_cut_as_silence(tmp_path: Path,
     status, _, data = post(gw.port, "/v1/chat/completions", body)
     assert status == 200 and b"idle timeout" not in data, data
     assert b'"content":"answer"' in data and data.endswith(b"data: [DONE]\n\n")
+
+
+# 8. MEDIUM — SPEC §13 "CB_FAILURES consecutive failures (as above: ... a 5xx, 529 included) open
+#    it": a stream that opens with Anthropic's overloaded_error was a failure only when another
+#    upstream was left to try. On the last (or only) upstream of a route it was relayed and
+#    counted as a success, so an upstream answering every stream that way never opened its
+#    breaker (the same upstream answering HTTP 529 did after CB_FAILURES).
+def test_a_stream_that_opens_with_an_error_counts_toward_the_breaker_on_the_last_upstream(
+    tmp_path: Path, fakes, gateway
+) -> None:
+    overloaded = sse([{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}])
+    fakes["claude"].script({"status": 200, "chunks": [overloaded]})
+    path = tmp_path / "r.toml"
+    write_routes(path, {"claude": ("anthropic", fakes["claude"].url)}, [("claude-*", [("claude", None)])])
+    gw = gateway(ROUTES_FILE=str(path), CB_FAILURES="2", CB_OPEN_SECS="60")
+    for route, body in (
+        ("/v1/chat/completions", {"model": "claude-x", "stream": True, "messages": HI}),
+        ("/v1/messages", {"model": "claude-x", "stream": True, "max_tokens": 5, "messages": HI}),
+    ):
+        # The error still reaches the client as it came: nothing else was left to try.
+        status, headers, data = post(gw.port, route, body)
+        assert status == 200 and headers.get("x-gateway-upstream") == "claude", (status, data[:200])
+        assert b"overloaded_error" in data
+    status, headers, data = post(gw.port, "/v1/chat/completions", {"model": "claude-x", "messages": HI})
+    assert status == 503 and json.loads(data)["error"]["code"] == "circuit_open", (status, data[:200])
+    assert 'circuit_state{upstream="claude"} 2' in http_get(gw.port, "/metrics")[1].decode()
