@@ -114,7 +114,19 @@ def _run_one(settings: Settings, on_ready: Callable[[], None] | None = None) -> 
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(serve(settings, on_ready))
+    # Closing the loop put back the default handlers (SIGTERM kills, SIGINT raises): a stop
+    # signal repeated now would turn this clean exit into rc -15 or a traceback. serve() held
+    # them back since the stop; ignoring them also drops any that are pending.
+    _ignore_stop_signals()
     return 0
+
+
+def _ignore_stop_signals() -> None:
+    """The process is on its way out after a stop: a further SIGTERM/SIGINT (an impatient
+    operator, a supervisor signalling twice, Ctrl-C reaching the parent and every worker) asks
+    for what is already under way."""
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
@@ -164,6 +176,9 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
     if on_ready is not None:
         on_ready()
     await stop.wait()
+    # Held back from here on in this thread (SIGHUP still reloads while draining): once the
+    # loop closes, their default handlers are back until _run_one ignores them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     lifecycle.notify("STOPPING=1")
     log.info("draining (grace %ss)", settings.shutdown_grace_secs)
     # The listener stays open while draining so that /readyz and new requests get a clear
@@ -230,7 +245,9 @@ class _SignalPipe:
     def __exit__(self, *_: object) -> None:
         signal.set_wakeup_fd(-1)
         for signum, handler in self._before.items():
-            signal.signal(signum, handler)
+            # The parent only exits after this: a stop signal that arrives now (a second
+            # SIGTERM) must not kill it with the default handler and make its exit status -15.
+            signal.signal(signum, signal.SIG_IGN if signum in _STOP_SIGNALS else handler)
         os.close(self._read)
         os.close(self._write)
 

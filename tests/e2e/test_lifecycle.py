@@ -128,3 +128,21 @@ def test_sd_notify_with_workers_comes_from_the_parent(
         sock.settimeout(0.2)
         with pytest.raises(TimeoutError):
             sock.recv(100)  # the workers themselves said nothing
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_repeated_sigterm_while_stopping_still_exits_0(
+    start_gateway: GatewayFactory, redis_server: RedisServer, workers: int
+) -> None:
+    """An impatient operator (or a supervisor that signals twice) sends SIGTERM again while the
+    gateway is already stopping: it is the same request, and the exit stays 0. A SIGTERM every
+    few ms until the process is gone reaches it in every phase of its stop: the drain, the
+    listener's close, and the last moments after the loop (and the parent's wakeup pipe) closed,
+    when the handlers had gone back to the default that kills (rc -15 on the old code)."""
+    gateway = start_gateway(WORKERS=str(workers), REDIS_URL=redis_server.url)
+    proc = gateway.process.proc
+    deadline = time.monotonic() + 15
+    while proc.poll() is None and time.monotonic() < deadline:
+        gateway.process.signal(signal.SIGTERM)
+        time.sleep(0.003)
+    assert gateway.process.wait(5) == 0, gateway.process.errors()
