@@ -287,7 +287,7 @@ class Upstream:
             response = await session.post(self._url, data=body, headers=headers, allow_redirects=False)
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
-        return UpstreamReply(response, self._max_reply, self._secret)
+        return self._reply(response)
 
     async def get(self, headers: Mapping[str, str]) -> UpstreamReply:
         """A GET of the upstream's URL (the model list), under the same rules as `post`."""
@@ -296,4 +296,16 @@ class Upstream:
             response = await self._session.get(self._url, headers=headers, allow_redirects=False)
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
+        return self._reply(response)
+
+    def _reply(self, response: aiohttp.ClientResponse) -> UpstreamReply:
+        """The answer, if it is one a client can be handed: a success or an error (4xx, 5xx).
+        A redirect is not followed (see post) and its Location is not relayed, so passed on it
+        told the client "look elsewhere" with nowhere to look (a 304, to a POST, with no body at
+        all); a status past 599 has no class in HTTP and clients reject or misread it. Either is
+        the upstream failing: 502, or the route's next upstream. One comparison per call."""
+        status = response.status
+        if 300 <= status < 400 or status >= 600:
+            response.close()
+            raise UpstreamError(f"upstream answered {status}")
         return UpstreamReply(response, self._max_reply, self._secret)

@@ -226,6 +226,29 @@ async def test_upstream_statuses(
     assert headers["x-request-id"]
 
 
+@pytest.mark.parametrize("upstream", [301, 302, 304, 307, 600, 999])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_upstream_redirects_and_statuses_past_599_are_502(
+    shared_gateway: Gateway, mock: Mock, upstream: int, stream: bool
+) -> None:
+    # The gateway never follows a redirect and does not pass its Location on: relayed, the client
+    # got a 302 that points nowhere (a 304, to a POST, with no body at all), or a 600/999 that
+    # HTTP has no class for (SPEC §5 relays the upstream's errors, §9 wants SDKs to raise the
+    # matching exception). It is the upstream failing: 502 in the gateway's shape.
+    status, headers, body = await post(
+        shared_gateway,
+        {"model": "m", "messages": MESSAGES, "stream": stream},
+        **{"x-stainless-mock-status": str(upstream)},
+    )
+    assert status == 502
+    assert json.loads(body)["error"] == {
+        "message": f"upstream answered {upstream}",
+        "type": "upstream_error",
+        "code": "bad_gateway",
+    }
+    assert "location" not in headers and headers["x-request-id"]
+
+
 async def test_unreachable_upstream_is_502(start_gateway: GatewayFactory) -> None:
     gateway = start_gateway(OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}")
     for stream in (False, True):
