@@ -47,6 +47,7 @@ _RETRY_HEADERS = ("Retry-After", "retry-after-ms", "x-should-retry")
 
 
 MAX_RETRY_AFTER_SECS = 3600.0  # an upstream's Retry-After is believed up to this (SPEC §13's skip)
+_RETRY_CAPS = {"Retry-After": int(MAX_RETRY_AFTER_SECS), "retry-after-ms": int(MAX_RETRY_AFTER_SECS * 1000)}
 # A reply read whole (JSON, an error) is held in memory: past this many decoded bytes it is an
 # upstream error. Room for the largest replies the APIs give (2048 embeddings of 3072 floats,
 # pretty-printed: ~145 MB), not for a body without end, or a small gzip one inflating ~1000x.
@@ -98,12 +99,14 @@ class UpstreamReply:
         for name in _RETRY_HEADERS:
             value = headers.get(name)
             # ASCII digits only: str.isdigit() also takes "٣" and "²", which no client reads as a number.
-            if (
-                value is not None and len(value) <= 32 and value.isascii() and value.replace(".", "", 1).isdigit()
-            ) or value in (
-                "true",
-                "false",
-            ):
+            if value is not None and len(value) <= 32 and value.isascii() and value.replace(".", "", 1).isdigit():
+                # No longer than the gateway itself believes (MAX_RETRY_AFTER_SECS): a client told
+                # 10^30 s never retries, or (a millisecond timer that overflows) retries at once.
+                cap = _RETRY_CAPS.get(name)
+                if cap is not None and float(value) > cap:
+                    value = str(cap)
+                out[name] = value
+            elif value in ("true", "false"):
                 out[name] = value
         return out
 

@@ -406,3 +406,38 @@ async def test_only_ascii_numbers_of_the_upstreams_back_off_advice_are_passed_on
                 await upstream.close()
     finally:
         await runner.cleanup()
+
+
+async def test_back_off_advice_past_the_hour_is_passed_on_as_the_hour() -> None:
+    # A Retry-After of 10^30 went to the client as sent: a client that sleeps what it is told
+    # never retries, and one with a millisecond timer (Node's setTimeout, past 2^31-1 ms) fires
+    # at once and hammers. The gateway believes an upstream up to MAX_RETRY_AFTER_SECS (its own
+    # skip, SPEC §13); the client is told no more than that either.
+    async def limited(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(
+            {}, status=429, headers={"Retry-After": request.query["s"], "retry-after-ms": request.query["ms"]}
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", limited)
+    runner, port = await serve(app)
+    huge = "1" + "0" * 30
+    cases = [
+        ((huge, huge), {"Retry-After": "3600", "retry-after-ms": "3600000"}),
+        (("3601", "3600001"), {"Retry-After": "3600", "retry-after-ms": "3600000"}),
+        (("3600", "3600000"), {"Retry-After": "3600", "retry-after-ms": "3600000"}),
+        (("20", "2.5"), {"Retry-After": "20", "retry-after-ms": "2.5"}),
+    ]
+    try:
+        for (secs, ms), expected in cases:
+            upstream = Upstream(f"http://127.0.0.1:{port}/v1/chat/completions?s={secs}&ms={ms}", None, 5.0)
+            await upstream.open()
+            try:
+                reply = await upstream.post(BODY, {"Content-Type": "application/json"})
+                await reply.read()
+                assert reply.retry_headers() == expected, (secs, ms)
+            finally:
+                await upstream.close()
+    finally:
+        await runner.cleanup()
