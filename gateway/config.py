@@ -264,7 +264,8 @@ def _flag(value: bool) -> str:
 
 def _parse_listen_addr(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # ASCII digits: str.isdigit() also takes "²" (int() then raised: a traceback) and "٨".
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise EnvError("expected host:port, e.g. 0.0.0.0:8080")
     host = host.strip("[]") or "0.0.0.0"
     if not _is_ip(host) and not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
@@ -711,6 +712,10 @@ def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
     if "WORKERS" not in r.errors and int(settings["workers"] or 1) > 1 and not redis_url:
         r.errors["WORKERS"] = (
             "WORKERS>1 needs REDIS_URL: with the in-memory store each worker would count its own quota"
+        )
+    if "WORKERS" not in r.errors and int(settings["workers"] or 1) > 1 and port == 0:
+        r.errors["LISTEN_ADDR"] = (
+            "WORKERS>1 needs a fixed port: with port 0 each worker would listen on a port of its own"
         )
     if r.errors:
         raise ConfigError([f"{name}: {message}" for name, message in sorted(r.errors.items())])

@@ -171,7 +171,9 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)  # a worker blocked them until now
     _settle_gc()
     _settle_threads()
-    log.info("serving on %s:%s (pid %d)", settings.listen_host, settings.listen_port, os.getpid())
+    # Port 0 (one process only: config.py refuses it with WORKERS) is the kernel's choice: name it.
+    port = settings.listen_port or runner.addresses[0][1]
+    log.info("serving on %s:%s (pid %d)", settings.listen_host, port, os.getpid())
     lifecycle.notify("READY=1")
     if on_ready is not None:
         on_ready()

@@ -186,6 +186,29 @@ def test_hash_identifiers_needs_a_secret(monkeypatch: pytest.MonkeyPatch) -> Non
         load_settings()
 
 
+@pytest.mark.parametrize("port", ["\u00b2", "\u0668\u0660\u0668\u0660", "\u00bd"])
+def test_a_listen_port_in_other_digits_is_one_line_and_status_2(port: str) -> None:
+    # str.isdigit() takes "²" (then int() raised: a traceback) and Arabic-Indic digits (taken as
+    # 8080 without a word); SPEC §2: one line naming the variable, exit status 2.
+    result = run_gateway(LISTEN_ADDR=f"0.0.0.0:{port}")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == ["config error: LISTEN_ADDR: expected host:port, e.g. 0.0.0.0:8080"]
+
+
+def test_workers_need_a_fixed_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Port 0 is a port of the kernel's choosing, for each worker its own: they did not share one,
+    # and the log said "serving on 127.0.0.1:0" for each.
+    monkeypatch.setenv("REDIS_URL", "redis://h")
+    monkeypatch.setenv("LISTEN_ADDR", "127.0.0.1:0")
+    assert load_settings().listen_port == 0  # one process: the log names the port it got
+    monkeypatch.setenv("WORKERS", "2")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.lines == [
+        "LISTEN_ADDR: WORKERS>1 needs a fixed port: with port 0 each worker would listen on a port of its own"
+    ]
+
+
 def test_workers_need_redis(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORKERS", "2")
     with pytest.raises(ConfigError, match="WORKERS"):

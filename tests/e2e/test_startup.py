@@ -129,3 +129,24 @@ async def test_dotenv_sampler_reaches_the_sdk(
     [request] = mock.requests()
     flags = int({k.lower(): v for k, v in request["headers"].items()}["traceparent"].split("-")[3], 16)
     assert bool(flags & 0x01) is sampled  # W3C's sampled flag
+
+
+def test_port_0_logs_the_port_the_kernel_chose(tmp_path: Path) -> None:
+    """LISTEN_ADDR=127.0.0.1:0 serves on a port of the kernel's choosing: the log line names that
+    port (it said "serving on 127.0.0.1:0", and nobody could find the gateway)."""
+    cwd = tmp_path / "cwd-port-0"
+    cwd.mkdir()
+    env = base_env() | {"RPS": "0", "LISTEN_ADDR": "127.0.0.1:0"}
+    with subprocess.Popen(
+        gateway_argv(), env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stderr is not None
+            line = proc.stderr.readline()
+            assert "serving on 127.0.0.1:" in line, line
+            port = int(line.split("serving on 127.0.0.1:")[1].split()[0])
+            assert port != 0
+            assert http_get(port, "/healthz")[0] == 200
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
