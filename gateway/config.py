@@ -685,7 +685,7 @@ def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
         burst=env.int("BURST", 10, validate=positive),
         redis_cluster=env.bool("REDIS_CLUSTER", False),
         default_quota=env.int("DEFAULT_QUOTA", 120, validate=non_negative),
-        quota_window_secs=env.int("QUOTA_WINDOW_SECS", 60, validate=positive),
+        quota_window_secs=env.int("QUOTA_WINDOW_SECS", 60, validate=Range(min=1, max=MAX_WINDOW_SECS)),
         quota_fail_mode=env.str("QUOTA_FAIL_MODE", "open", validate=OneOf(["open", "closed"])),
         token_quota=env.int("TOKEN_QUOTA", 0, validate=Range(min=0, max=MAX_TOKEN_QUOTA)),
         token_window_secs=env.int("TOKEN_WINDOW_SECS", 60, validate=Range(min=1, max=MAX_WINDOW_SECS)),

@@ -209,6 +209,20 @@ def test_workers_need_a_fixed_port(monkeypatch: pytest.MonkeyPatch) -> None:
     ]
 
 
+def test_a_quota_window_past_a_year_is_refused_like_a_token_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    # QUOTA_WINDOW_SECS had no upper bound: 10^24 started, and then every Redis quota call failed
+    # (the window in ms is no integer Redis takes), so QUOTA_FAIL_MODE=open admitted everything
+    # past DEFAULT_QUOTA and closed refused everything. TOKEN_WINDOW_SECS is bounded already.
+    monkeypatch.setenv("QUOTA_WINDOW_SECS", str(366 * 24 * 3600))
+    assert load_settings().quota_window_secs == 366 * 24 * 3600
+    monkeypatch.setenv("QUOTA_WINDOW_SECS", "1" + "0" * 24)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.lines == [
+        "QUOTA_WINDOW_SECS: Must be greater than or equal to 1 and less than or equal to 31622400."
+    ]
+
+
 def test_workers_need_redis(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORKERS", "2")
     with pytest.raises(ConfigError, match="WORKERS"):
