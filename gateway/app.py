@@ -200,7 +200,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     app[keys.LIFECYCLE] = lifecycle
     app[keys.LIVE_CONFIG] = live
 
-    expect = expect_continue(settings.max_body_bytes)
+    expect = expect_continue()
     for method, path, name, handler in routes:
         methods = ("GET", "HEAD") if method == "GET" else (method,)
         for each in methods:

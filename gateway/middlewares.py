@@ -265,6 +265,7 @@ def body(
                 if request.content.is_eof():  # all of it has arrived: read() cannot wait, no deadline needed
                     raw = await request.read()  # aiohttp holds it to client_max_size (= max_bytes)
                 else:
+                    _continue(request)  # a client that waits to be asked for the body is asked now
                     async with asyncio.timeout(read_timeout):
                         raw = await read_held(request)
             except web.HTTPRequestEntityTooLarge:
@@ -432,23 +433,32 @@ def token_budget(budget: TokenBudget, apis: Mapping[str, Api], telemetry: Teleme
     return hold_tokens
 
 
-def expect_continue(max_bytes: int) -> Callable[[web.Request], Awaitable[None]]:
-    """Every route's `Expect` handler (RFC 9110 §10.1.1), run by aiohttp before the middlewares.
-    `100-continue` on HTTP/1.1: a 100, unless the declared body is over the limit (the body
-    middleware answers 413 at once: nothing to upload). Any other expectation is ignored, as a
-    server may: aiohttp's own answer, a plain-text 417 quoting the header, bypassed the
-    middlewares (no JSON error, no x-request-id, no log line)."""
-    continue_line = b"HTTP/1.1 100 Continue\r\n\r\n"
+def expect_continue() -> Callable[[web.Request], Awaitable[None]]:
+    """Every route's `Expect` handler (RFC 9110 §10.1.1), run by aiohttp before the middlewares:
+    it answers nothing. The 100 of a `100-continue` is written by the body middleware just before
+    it reads the body (`_continue`), so every refusal decided from the headers alone (draining,
+    a bad key, a declared body over the limit, 404, 405) is the client's only answer, and it does
+    not upload a body for nothing (aiohttp's default sent the 100 at once: then the 401). Any
+    other expectation is ignored, as a server may: aiohttp's own answer, a plain-text 417
+    quoting the header, bypassed the middlewares (no JSON error, no x-request-id, no log line)."""
 
     async def expect(request: web.Request) -> None:
-        if request.version < HttpVersion11 or request.headers.get("Expect", "").lower() != "100-continue":
-            return
-        declared = request.content_length
-        transport = request.transport
-        if (declared is None or declared <= max_bytes) and transport is not None:
-            transport.write(continue_line)
+        return None
 
     return expect
+
+
+_CONTINUE_LINE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def _continue(request: web.Request) -> None:
+    """The 100 that a `100-continue` client waits for before it sends the body; called only when
+    the body has not all arrived (a client that did not wait needs none), so not on the path of
+    the usual request."""
+    if request.version >= HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        transport = request.transport
+        if transport is not None:
+            transport.write(_CONTINUE_LINE)
 
 
 async def not_found(request: web.Request) -> web.StreamResponse:

@@ -430,6 +430,39 @@ async def test_expectations_reach_the_gateway_not_aiohttps_plain_text(
     assert len(upstream.bodies) == 1
 
 
+async def test_a_refusal_known_from_the_headers_is_answered_without_a_100_first(
+    start: GatewayFactory, upstream: Upstream
+) -> None:
+    """A `100-continue` client asks whether to send its body: with a bad key the answer is the
+    401 alone. The 100 went out before any middleware ran, so the client uploaded its body (up
+    to MAX_BODY_BYTES) only to be refused; a 404 too. With a good key the 100 still comes, once
+    the body is to be read, and the request is served."""
+    gateway = await start(TENANT_KEYS="acme=sk-acme-1")
+    server = gateway.client.server
+    payload = json.dumps(chat()).encode()
+
+    async def first_answer(path: bytes, key: bytes) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(
+            b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key + b"\r\n"
+            b"Expect: 100-continue\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload)
+        )
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5), reader, writer
+
+    for path, key, status in ((b"/v1/chat/completions", b"sk-wrong", b"401"), (b"/v1/nowhere", b"sk-acme-1", b"404")):
+        head, _, writer = await first_answer(path, key)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 " + status + b" "), head
+    head, reader, writer = await first_answer(b"/v1/chat/completions", b"sk-acme-1")
+    try:
+        assert head == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(payload)
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200 ")
+    finally:
+        writer.close()
+    assert len(upstream.bodies) == 1
+
+
 async def test_refused_requests_name_their_model_in_log_and_metrics(start: GatewayFactory, upstream: Upstream) -> None:
     gateway = await start(RPS="0.001", BURST="2", DEFAULT_QUOTA="1", MAX_CONCURRENCY="1")
     assert (await gateway.post(chat(model="m-ok"), key="t"))[0] == 200
