@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
+import signal
 
-from gateway import __version__
-from gateway.config import ConfigError, export_sdk_environment, load_settings
-from gateway.reload import load as load_files
-from gateway.server import StartupError, configure_logging, run
+# First thing, before the imports below take their second or so: SIGHUP's default ends the
+# process, and a reload asked for while the gateway starts (it reads the files then anyway)
+# must not. server.run keeps it ignored until the loop (or the WORKERS parent) handles it.
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from gateway import __version__  # noqa: E402
+from gateway.config import ConfigError, export_sdk_environment, load_settings  # noqa: E402
+from gateway.reload import load as load_files  # noqa: E402
+from gateway.server import StartupError, configure_logging, run  # noqa: E402
 
 
 def main() -> int:
