@@ -7,6 +7,7 @@ become `UpstreamError` (connection failure, 502) or `UpstreamStreamBroken` (mid-
 from __future__ import annotations
 
 import email.utils
+import math
 import time
 from collections.abc import Mapping
 from typing import Protocol
@@ -52,6 +53,14 @@ _RETRY_CAPS = {"Retry-After": int(MAX_RETRY_AFTER_SECS), "retry-after-ms": int(M
 # upstream error. Room for the largest replies the APIs give (2048 embeddings of 3072 floats,
 # pretty-printed: ~145 MB), not for a body without end, or a small gzip one inflating ~1000x.
 MAX_REPLY_BYTES = 256 * 1024 * 1024
+
+
+def _date_secs(value: str) -> float | None:
+    """The seconds from now to an HTTP date (in the past: negative), or None if it is none."""
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+    except (ValueError, TypeError, OverflowError, IndexError):
+        return None
 
 
 class Reply(Protocol):
@@ -108,6 +117,10 @@ class UpstreamReply:
                 out[name] = value
             elif value in ("true", "false"):
                 out[name] = value
+            elif value is not None and name == "Retry-After" and (secs := _date_secs(value)) is not None:
+                # An HTTP date (RFC 9110 §10.2.3, as nginx or Azure send it), passed on as the
+                # seconds it leaves: a date was dropped, and the client retried on its own timer.
+                out[name] = str(math.ceil(min(max(secs, 0.0), MAX_RETRY_AFTER_SECS)))
         return out
 
     def retry_after(self) -> float | None:
@@ -125,7 +138,10 @@ class UpstreamReply:
                 if value.strip().isdigit():
                     secs = float(value)
                 else:
-                    secs = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+                    date_secs = _date_secs(value)
+                    if date_secs is None:
+                        return None
+                    secs = date_secs
         except (ValueError, TypeError, OverflowError):
             return None
         if secs != secs:  # NaN

@@ -8,10 +8,13 @@ The upstream is a real aiohttp server that records the header lines as they arri
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import gc
 import gzip
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import quote
 
 import orjson
 import pytest
@@ -437,6 +440,39 @@ async def test_back_off_advice_past_the_hour_is_passed_on_as_the_hour() -> None:
                 reply = await upstream.post(BODY, {"Content-Type": "application/json"})
                 await reply.read()
                 assert reply.retry_headers() == expected, (secs, ms)
+            finally:
+                await upstream.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_retry_after_date_is_passed_on_as_seconds() -> None:
+    # RFC 9110 §10.2.3 allows an HTTP date (nginx's limit_req, Azure send one): it was dropped,
+    # and the client retried on its own timer instead of when the upstream said.
+    in_two_minutes = email.utils.formatdate(time.time() + 120, usegmt=True)
+    cases = [
+        (in_two_minutes, lambda v: v is not None and 115 <= int(v) <= 121),
+        ("Fri, 31 Dec 9999 23:59:59 GMT", lambda v: v == "3600"),
+        ("Mon, 01 Jan 2001 00:00:00 GMT", lambda v: v == "0"),  # past: now
+        ("Fri, 32 Foo 2026 00:00:00 GMT", lambda v: v is None),
+        ("soon", lambda v: v is None),
+    ]
+
+    async def limited(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({}, status=429, headers={"Retry-After": request.query["v"]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", limited)
+    runner, port = await serve(app)
+    try:
+        for value, check in cases:
+            upstream = Upstream(f"http://127.0.0.1:{port}/v1/chat/completions?v={quote(value)}", None, 5.0)
+            await upstream.open()
+            try:
+                reply = await upstream.post(BODY, {"Content-Type": "application/json"})
+                await reply.read()
+                assert check(reply.retry_headers().get("Retry-After")), (value, reply.retry_headers())
             finally:
                 await upstream.close()
     finally:
