@@ -425,7 +425,11 @@ class Proxy:
                     relay = None
                 else:
                     first = await _first_events(reply, relay, self._count_response_redactions)
-                    opened_with_error = _is_error_event(first)
+                    # An error the request caused (a prompt too long, a bad tool schema) is no
+                    # upstream failure (SPEC §13: a 429 or a 5xx is): the client gets it as an
+                    # HTTP 400 would reach it, no fallback, and it counts nothing toward the
+                    # breaker, or any client could open it for everyone with a few bad requests.
+                    opened_with_error = _is_error_event(first) and not _is_request_error_event(first)
                     if opened_with_error and attempts.more():
                         # A stream that opens with an error (Anthropic's overloaded_error) has
                         # sent the client nothing yet: the next upstream may answer instead.
@@ -589,6 +593,42 @@ def _is_error_event(first: bytes) -> bool:
     """Whether the first events read are an error: Anthropic's `event: error`, or OpenAI's
     `data: {"error": ...}` (a translated Anthropic error too)."""
     return first.startswith((b"event: error\n", b'data: {"error"'))
+
+
+# Error types (OpenAI's and Anthropic's words) that blame the request, not the upstream: the
+# 4xx other than 429 (whose HTTP form is no fallback status either, see is_fallback_status).
+_REQUEST_ERROR_TYPES = frozenset(
+    {
+        "invalid_request_error",
+        "authentication_error",
+        "permission_error",
+        "not_found_error",
+        "request_too_large",
+        "BadRequestError",  # vLLM's
+        "NotFoundError",
+    }
+)
+
+
+def _is_request_error_event(first: bytes) -> bool:
+    """Whether the error event that opens `first` blames the request: its `error`'s type says
+    so, or its `code` is a 4xx status other than 429 (vLLM's `"code": 400`). Anything else (an
+    overload, a server error, a shape not known) is the upstream failing. Run only on a stream
+    that opens with an error: no cost on the usual path."""
+    line = next((line for line in first.split(b"\n") if line.startswith(b"data:")), None)
+    try:
+        body = loads_reply(line[5:]) if line is not None else None
+    except (ValueError, RecursionError):
+        return False
+    error = body.get("error") if type(body) is dict else None
+    if type(error) is not dict:
+        return False
+    code = error.get("code")
+    if type(code) is str and code.isascii() and code.isdigit() and len(code) == 3:
+        code = int(code)
+    if type(code) is int and 100 <= code <= 599:  # a status: it decides
+        return 400 <= code < 500 and code != 429
+    return error.get("type") in _REQUEST_ERROR_TYPES
 
 
 async def _first_events(reply: Reply, relay: StreamRelay, counted: Counted) -> bytes:

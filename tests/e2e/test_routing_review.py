@@ -388,3 +388,44 @@ def test_a_stream_that_opens_with_an_error_counts_toward_the_breaker_on_the_last
     status, headers, data = post(gw.port, "/v1/chat/completions", {"model": "claude-x", "messages": HI})
     assert status == 503 and json.loads(data)["error"]["code"] == "circuit_open", (status, data[:200])
     assert 'circuit_state{upstream="claude"} 2' in http_get(gw.port, "/metrics")[1].decode()
+
+
+# 9. HIGH — SPEC §13: failures are "a connection failure, a timeout before the first byte, a
+#    429 or a 5xx". Since #8 a stream that opens with ANY error event counted toward the breaker
+#    on the last upstream, so one client's invalid requests (a prompt too long, which vLLM or a
+#    LiteLLM proxy reports as the first event of a 200 stream) opened the breaker for every
+#    tenant: two bad streams with CB_FAILURES=2, then 503 circuit_open for everyone. With a
+#    fallback the same error also sent the bad request on to the next upstream.
+def test_a_stream_opening_with_the_requests_own_error_is_no_upstream_failure(tmp_path: Path, fakes, gateway) -> None:
+    too_long = (
+        'data: {"error": {"message": "maximum context length exceeded", "type": "invalid_request_error",'
+        ' "code": "context_length_exceeded"}}\n\ndata: [DONE]\n\n'
+    )
+    vllm = (
+        'data: {"error": {"object": "error", "message": "bad tool schema", "type": "BadRequestError", "code": 400}}\n\n'
+    )
+    fakes["claude"].script(
+        {"status": 200, "chunks": [too_long]}, {"status": 200, "chunks": [vllm]}, {"status": 200, "chunks": [OK_STREAM]}
+    )
+    path = tmp_path / "r.toml"
+    write_routes(path, {"claude": ("openai", fakes["claude"].url)}, [("m", [("claude", None)])])
+    gw = gateway(ROUTES_FILE=str(path), CB_FAILURES="2", CB_OPEN_SECS="60")
+    body = {"model": "m", "stream": True, "messages": HI}
+    for expected in (b"context_length_exceeded", b"bad tool schema"):
+        status, _, data = post(gw.port, "/v1/chat/completions", body)
+        assert status == 200 and expected in data, (status, data[:200])
+    status, _, data = post(gw.port, "/v1/chat/completions", body, {"Authorization": "Bearer another"})
+    assert status == 200 and b"backup" in data and data.endswith(b"[DONE]\n\n"), (status, data[:200])
+    assert 'circuit_state{upstream="claude"} 0' in http_get(gw.port, "/metrics")[1].decode()
+    # With a fallback: the request's own error reaches its client; the backup is not tried.
+    fakes["claude"].script({"status": 200, "chunks": [too_long]})
+    fakes["backup"].script({"status": 200, "chunks": [OK_STREAM]})
+    write_routes(
+        path,
+        {"claude": ("openai", fakes["claude"].url), "backup": ("openai", fakes["backup"].url)},
+        [("m", [("claude", None), ("backup", None)])],
+    )
+    gw = gateway(ROUTES_FILE=str(path), CB_FAILURES="2", CB_OPEN_SECS="60")
+    status, headers, data = post(gw.port, "/v1/chat/completions", body)
+    assert b"context_length_exceeded" in data and headers.get("x-gateway-upstream") == "claude", (status, data[:200])
+    assert fakes["backup"].seen() == []
