@@ -910,7 +910,7 @@ def _described(node: dict[str, Any], spec: Spec, path: Path, leaf: LeafText, who
                 _described(value, sub, (*path, name), leaf, whole)  # type: ignore[arg-type]
         elif type(value) is list:
             items = sub.spec  # type: ignore[union-attr]
-            alone = True  # as in _visit
+            last = -1  # as in _visit
             for position, item in enumerate(value):
                 if type(item) is dict:
                     if shape is All:
@@ -918,17 +918,20 @@ def _described(node: dict[str, Any], spec: Spec, path: Path, leaf: LeafText, who
                     elif type(index := item.get("index")) is int:
                         _described(item, items, (*path, name, index), leaf, whole)
                     elif index is None:
-                        if alone:
-                            alone = _unindexed_alone(value)
-                        if alone:
+                        if last < 0:
+                            last = _last_unindexed(value)
+                        if position == last:
                             _described(item, items, (*path, name, None), leaf, whole)
-                        else:  # several whole calls in one event: each redacted whole
+                        else:  # a whole call, another one after it in this event: redacted whole
                             _described(item, items, (), _read_whole(whole), whole)
 
 
-def _unindexed_alone(items: list[Any]) -> bool:
-    """Whether at most one of the list's objects has no index (absent or null)."""
-    return sum(1 for item in items if type(item) is dict and item.get("index") is None) <= 1
+def _last_unindexed(items: list[Any]) -> int:
+    """The position of the list's last object without an index (absent or null). Several such
+    calls in one event (Gemini's parallel calls): those before it are whole, the next one opens
+    after each; the last one's text is the stream that later deltas without an id or index
+    continue (clients append them to the last call), so it streams (Surface.restart_before)."""
+    return max(position for position, item in enumerate(items) if type(item) is dict and item.get("index") is None)
 
 
 def _visit(
@@ -963,14 +966,14 @@ def _visit(
         kind_of_list = type(sub)
         if kind_of_list is not Each and kind_of_list is not All and not scrub:
             return
-        alone = True  # at most one item without an index: its texts stream (Surface.restart_before)
+        last = -1  # the last item without an index: its texts stream (Surface.restart_before)
         for position, item in enumerate(value):
             if type(item) is dict:
                 if kind_of_list is Each:
                     index = item.get("index")
-                    if index is None and alone:
-                        alone = _unindexed_alone(value)
-                    if type(index) is int or (index is None and alone):
+                    if index is None and last < 0:
+                        last = _last_unindexed(value)
+                    if type(index) is int or (index is None and position == last):
                         walk(item, sub.spec, (*path, name, index), scrub, leaf, whole)
                     elif scrub or index is None:  # no index to key its streams by: its texts whole, JSON ones as JSON
                         walk(item, sub.spec, (), scrub, _read_whole(whole), whole)

@@ -306,8 +306,9 @@ class ChatSurface(Surface):
         per choice, as clients that key calls by index join those deltas; a split address in
         its arguments is then redacted like one in content. A call that opens (an id other
         than the last one's) is a new JSON document: what the last one held goes out before
-        it, as the tail of that call. Several such calls in one event are each whole: they
-        are redacted whole (see `relay.walk`), after the stream before them is flushed."""
+        it, as the tail of that call. Several such calls in one event: those before the last are
+        whole, redacted whole, and the last one starts the stream that later deltas continue
+        (see `relay.walk`), after the stream before them is flushed."""
         choices = event.get("choices")
         if type(choices) is not list:
             return None

@@ -498,6 +498,23 @@ def test_several_tool_calls_without_an_index_in_one_event_are_each_whole(how: st
 
 
 @pytest.mark.parametrize("how", LEFT_OUT)
+def test_the_last_of_several_calls_in_one_event_is_continued_by_later_deltas(how: str) -> None:
+    """Several calls without an index in one event, then deltas without an id: a client appends
+    those to the last call, so its text is a stream. Redacted whole, its tail "jane.doe@exa"
+    went out, then "mple.com" (a new stream): the client assembled the address in clear."""
+    relay = StreamRelay(REDACTOR, None, CHAT)
+    calls = [
+        {"id": "t1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}},
+        {"id": "t2", "type": "function", "function": {"name": "g", "arguments": '{"to": "' + SPLIT[0]}},
+    ]
+    wire = chunk({"tool_calls": [_unindexed(c, "index", how) for c in calls]})
+    wire += chunk({"tool_calls": [_unindexed({"index": 0, "function": {"arguments": SPLIT[1] + '"}'}}, "index", how)]})
+    out = relay.feed(wire + chunk({}, finish="tool_calls") + DONE) + relay.close()
+    assert relay.failure is None and EMAIL not in decoded(out)
+    assert [json.loads(a) for a in _unindexed_calls(out)] == [{"a": 1}, {"to": "j***e@example.com"}]
+
+
+@pytest.mark.parametrize("how", LEFT_OUT)
 def test_a_tool_call_without_an_index_that_repeats_its_id_is_still_one_stream(how: str) -> None:
     relay = StreamRelay(REDACTOR, None, CHAT)
     pieces = ['{"to": "' + SPLIT[0], SPLIT[1] + '"}']
