@@ -124,8 +124,8 @@ def _run_one(settings: Settings, on_ready: Callable[[], None] | None = None) -> 
 def _ignore_stop_signals() -> None:
     """The process is on its way out after a stop: a further SIGTERM/SIGINT (an impatient
     operator, a supervisor signalling twice, Ctrl-C reaching the parent and every worker) asks
-    for what is already under way."""
-    for signum in _STOP_SIGNALS:
+    for what is already under way, and a SIGHUP (a reload) has nothing left to reload."""
+    for signum in _HELD_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
 
@@ -187,6 +187,9 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
     # 503 (load balancers see it) instead of a refused connection; in-flight requests finish.
     await lifecycle.drain()
     await runner.cleanup()  # closes the listener, then cleanup_ctx
+    # Drained: nothing left to reload for. Closing the loop puts SIGHUP's default back (it ends
+    # the process, status 129 instead of 0): held back from here, then ignored (_run_one).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
 
 
 def _supervise(settings: Settings) -> int:

@@ -175,3 +175,21 @@ def test_sighup_while_starting_is_not_fatal(tmp_path: Path) -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_while_stopping_still_exits_0(
+    start_gateway: GatewayFactory, redis_server: RedisServer, workers: int
+) -> None:
+    """A reload asked for while the gateway stops (a config push racing a deploy) reloads
+    during the drain, and after it is moot: the exit stays 0. Once the loop closed, SIGHUP was
+    back on its default handler, which ends the process: rc -1 (129 in a shell) on the old code,
+    with one process or in the workers."""
+    gateway = start_gateway(WORKERS=str(workers), REDIS_URL=redis_server.url)
+    proc = gateway.process.proc
+    gateway.process.signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while proc.poll() is None and time.monotonic() < deadline:
+        gateway.process.signal(signal.SIGHUP)
+        time.sleep(0.001)
+    assert gateway.process.wait(5) == 0, gateway.process.errors()
