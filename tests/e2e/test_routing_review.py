@@ -429,3 +429,25 @@ def test_a_stream_opening_with_the_requests_own_error_is_no_upstream_failure(tmp
     status, headers, data = post(gw.port, "/v1/chat/completions", body)
     assert b"context_length_exceeded" in data and headers.get("x-gateway-upstream") == "claude", (status, data[:200])
     assert fakes["backup"].seen() == []
+
+
+def test_an_anthropic_stream_opening_with_invalid_request_error_is_no_upstream_failure(
+    tmp_path: Path, fakes, gateway
+) -> None:
+    """As #9, in Anthropic's words (`event: error`, invalid_request_error), on /v1/messages and on
+    chat translated to it: the breaker stays closed for the next request."""
+    invalid = sse([{"type": "error", "error": {"type": "invalid_request_error", "message": "prompt is too long"}}])
+    fakes["claude"].script({"status": 200, "chunks": [invalid]})
+    path = tmp_path / "r.toml"
+    write_routes(path, {"claude": ("anthropic", fakes["claude"].url)}, [("claude-*", [("claude", None)])])
+    gw = gateway(ROUTES_FILE=str(path), CB_FAILURES="2", CB_OPEN_SECS="60")
+    for route, body in (
+        ("/v1/chat/completions", {"model": "claude-x", "stream": True, "messages": HI}),
+        ("/v1/messages", {"model": "claude-x", "stream": True, "max_tokens": 5, "messages": HI}),
+    ):
+        status, _, data = post(gw.port, route, body)
+        assert status == 200 and b"prompt is too long" in data, (status, data[:200])
+    fakes["claude"].script({"status": 200, "headers": {"Content-Type": "application/json"}, "body": OK_MESSAGE})
+    status, _, data = post(gw.port, "/v1/chat/completions", {"model": "claude-x", "messages": HI})
+    assert status == 200, (status, data[:200])
+    assert 'circuit_state{upstream="claude"} 0' in http_get(gw.port, "/metrics")[1].decode()
