@@ -13,8 +13,9 @@ carries the design:
 * Exact streaming. `StreamRedactor` emits a prefix only once nothing that arrives later
   can change how it is redacted. A match still in the making must reach the end of the
   text, so it lies in the trailing run of characters it could consist of, within
-  `MAX_MATCH` of the end, and starts where its look-behind holds; a complete match is
-  final once `MAX_MATCH` characters from its start are known. So the held tail is at most
+  `MAX_MATCH` of the end, and starts where its look-behind holds (or, for an address,
+  right where another ended: a stream remembers whether its held tail starts there); a
+  complete match is final once `MAX_MATCH` characters from its start are known. So the held tail is at most
   `MAX_MATCH` characters (128: a 64-character local part, the "@", 61 of its domain and two
   of look-ahead), and only while it could still become PII: ordinary prose holds back at
   most its last word (of a run of letters or digits longer than 64, its last 64: the local
@@ -55,14 +56,17 @@ def _email_parts(letter: str) -> tuple[str, str, str]:
     """The email pattern's (look-behind, body, look-ahead), its letters those of `letter`."""
     alnum, local, domain = rf"(?:{letter}|[0-9])", rf"(?:{letter}|[0-9._%+-])", rf"(?:{letter}|[0-9.-])"
     return (
-        # Not after "@"; after "*" only with more than one character before the "@" (a mask's
+        # After "@" too ("@jane@example.com", a Fediverse handle; "a@b.co@c.co@d.co", the address
+        # after a glued one); after "*" only with more than one character before the "@" (a mask's
         # tail, "j***e@", stays a mask; "**jane@", Markdown's bold, is an address); inside a
         # run of local characters only at its last 64 before the "@".
-        rf"(?:(?<![0-9._%+@-])(?<!{letter})(?:(?<!\*)|(?!{local}@))|(?<={local})(?={local}{{{_LOCAL_MAX}}}@))",
+        rf"(?:(?<![0-9._%+-])(?<!{letter})(?:(?<!\*)|(?!{local}@))|(?<={local})(?={local}{{{_LOCAL_MAX}}}@))",
         rf"{local}{{1,{_LOCAL_MAX}}}@(?:"
         # A domain within sight, whole: up to its end, a dot and a top-level domain of letters.
         rf"(?!{domain}{{{_DOMAIN_SEEN + 1}}}){alnum}{domain}{{0,{_DOMAIN_SEEN - 1}}}\.{letter}{{2,}}+"
-        rf"(?!{alnum}|-|\.{alnum})"  # an "@" may follow: "jane@example.com@x" holds jane's address
+        # An "@" may follow: "jane@example.com@x" holds jane's address (its domain is then masked, see
+        # `_mask_email`).
+        rf"(?!{alnum}|-|\.{alnum})"
         # A longer one, with a dot in sight: as far as can be seen.
         rf"|(?={alnum}{domain}{{0,{_DOMAIN_SEEN - 3}}}\.{alnum}){domain}{{{_DOMAIN_SEEN}}}(?={domain}))",
         "",  # the look-ahead of each kind of domain is in the body
@@ -207,12 +211,16 @@ def _luhn_ok(digits: str) -> bool:
     return (sum(odd.encode()) + sum(even.encode()) - 48 * len(digits)) % 10 == 0
 
 
-def _mask_email(text: str) -> str:
-    """j***e@example.com: only letters of the local part are kept, never digits."""
+def _mask_email(text: str, glued: bool = False) -> str:
+    """j***e@example.com: only letters of the local part are kept, never digits. `glued`: an "@"
+    follows the address, so the end of its domain may be the local part of another, which the
+    pattern cannot take apart ("x@example.com.bob@example.com": the domain "example.com.bob"
+    holds bob's): the domain is masked too, "x***@***". Only the character after the match
+    decides it, which a stream knows once the match is final (it is within MAX_MATCH)."""
     local, _, domain = text.partition("@")
     first = local[0] if local[0].isalpha() else ""
     last = local[-1] if len(local) > 2 and local[-1].isalpha() else ""
-    return f"{first}***{last}@{domain}"
+    return f"{first}***{last}@***" if glued else f"{first}***{last}@{domain}"
 
 
 def _mask_card(text: str) -> str | None:
@@ -326,6 +334,8 @@ class Redactor:
 
     email: re.Pattern[str] | None
     email_ascii: re.Pattern[str] | None  # the same, for ASCII text: single classes, several times faster
+    glued: re.Pattern[str] | None  # the email pattern with no look-behind, for a start glued to an address (`_matches`)
+    glued_ascii: re.Pattern[str] | None
     others: re.Pattern[str] | None  # card | phone | iban | ssn, the enabled ones, in that order
     kinds: dict[str, _Kind]  # the same kinds, one by one
 
@@ -336,13 +346,14 @@ class Redactor:
             return self._redact_json(text, on_redaction)
         return self.redact_from(text, 0, on_redaction)
 
-    def redact_from(self, text: str, pos: int, on_redaction: OnRedaction | None = None) -> str:
-        """text[pos:] redacted; text[:pos] serves only as look-behind context."""
+    def redact_from(self, text: str, pos: int, on_redaction: OnRedaction | None = None, after: int = -1) -> str:
+        """text[pos:] redacted; text[:pos] serves only as look-behind context. `after`: where
+        an address ended (see `_matches`)."""
         if not has_trigger(text, pos):  # no "@", no digit: nothing here can be PII
             return text[pos:]
         pieces: list[str] = []
         copied = pos
-        for start, end, kind, masked in self._matches(text, pos, len(text)):
+        for start, end, kind, masked in self._matches(text, pos, len(text), after):
             if masked is not None:
                 if on_redaction is not None:
                     on_redaction(kind)
@@ -362,12 +373,17 @@ class Redactor:
             return text
         return self.settle_json(view, text, 0, len(view), True, False, on_redaction)[0]
 
-    def _matches(self, text: str, pos: int, limit: int) -> Iterator[Found]:
+    def _matches(self, text: str, pos: int, limit: int, after: int = -1) -> Iterator[Found]:
         """Matches in order, each one searched from the end of the previous one. After a
         candidate that fails its check at every length the search goes on from its next
         character, not its end: a card, or a phone, may start inside it. A candidate of the
         other kinds at `limit` or later ends it undecided (mask None): a stream holds from
-        there whatever it is, so its check is not worth making."""
+        there whatever it is, so its check is not worth making.
+
+        An address may start right where another ended (`after`, then each address's end), its
+        look-behind aside: the local part of one glued to it ("x@ex.com_bob@ex.com", "a@b.co.@c.co",
+        a domain past sight that runs into one) begins inside the first's run of characters, where
+        no address starts otherwise, and would show in clear after the first's mask."""
         email_next: Found | None = None
         other_next: Found | None = None
         email_done = self.email is None
@@ -375,10 +391,12 @@ class Redactor:
         run_end = 0  # where the run of the last candidate of the other kinds ends
         while True:
             if not email_done and (email_next is None or email_next[0] < pos):
-                found = self._next_email(text, pos)
+                found = self._next_email(text, pos, after)
                 email_done = found is None
                 if found is not None:
-                    email_next = (found.start(), found.end(), "email", _mask_email(found.group()))
+                    end = found.end()
+                    masked = _mask_email(found.group(), text.startswith("@", end))  # glued: see _mask_email
+                    email_next = (found.start(), end, "email", masked)
             if not other_done and (other_next is None or other_next[0] < pos):
                 other_next, run_end = self._next_other(text, pos, run_end, limit)
                 other_done = other_next is None
@@ -391,6 +409,8 @@ class Redactor:
             if best[3] is None:
                 return
             pos = best[1]
+            if best[2] == "email":
+                after = pos
 
     def hold(self, text: str, pos: int) -> int:
         """Where the tail that more text could still turn into (part of) a match begins: the
@@ -431,16 +451,23 @@ class Redactor:
         start = _run_start(text, lo, n, _EMAIL_CHARS, _EMAIL_RUN)
         if start >= near_end:  # the run begins in sight: as the first of a run, it may start one
             return start
-        # A longer run: an address starts inside it only as the last 64 local-part characters
-        # before an "@" (one after another of them, so never after an "@"). Either the "@" is
-        # still to come, after a trailing run of them...
+        # A longer run: an address starts inside it right after an "@", or as the last 64
+        # local-part characters before an "@". Either the "@" is still to come, after a
+        # trailing run of them (a run that begins in sight begins after an "@")...
         hold = n
         tail = n - _LOCAL_MAX if n - _LOCAL_MAX > near_end else near_end
         local = _run_start(text, tail - 1, n)
         if local < n:
-            hold = local + 1 if local >= tail else tail
-        # ... or it is here, at least 64 in from near_end (of two such "@"s, the later one's
-        # 64 characters would hold the earlier one).
+            hold = local if local >= tail else tail
+        # ... or its own "@" has come, and it starts right after the "@" before that one (one
+        # still in the making holds a single "@": the last).
+        at = text.rfind("@", lo, n)
+        if at > lo:
+            before = text.rfind("@", lo, at)
+            if 0 <= before < at - 1 and before + 1 < hold:
+                hold = before + 1
+        # ... or it is the last 64 before an "@" that is here, at least 64 in from near_end (of
+        # two such "@"s, the later one's 64 characters would hold the earlier one).
         at = text.find("@", near_end + _LOCAL_MAX)
         if at >= 0 and at - _LOCAL_MAX < hold and _run_start(text, at - _LOCAL_MAX - 1, at) == at - _LOCAL_MAX - 1:
             hold = at - _LOCAL_MAX
@@ -529,7 +556,7 @@ class Redactor:
                 return [span for span in spans if span[0] <= at]
         return spans
 
-    def _next_email(self, text: str, pos: int) -> re.Match[str] | None:
+    def _next_email(self, text: str, pos: int, after: int) -> re.Match[str] | None:
         assert self.email is not None
         n = len(text)
         misses = 0
@@ -547,7 +574,10 @@ class Redactor:
             if start < at:
                 end = min(n, at + MAX_MATCH)  # all the pattern reads (look-behind: one before start)
                 ascii_only = text[start - 1 if start else 0 : end].isascii()
-                m = (self.email_ascii if ascii_only else self.email).match(text, start, end)  # type: ignore[union-attr]
+                if start == after:  # glued to the address that ends here (see _matches)
+                    m = (self.glued_ascii if ascii_only else self.glued).match(text, start, end)  # type: ignore[union-attr]
+                else:
+                    m = (self.email_ascii if ascii_only else self.email).match(text, start, end)  # type: ignore[union-attr]
                 if m is not None:
                     return m
             misses += 1
@@ -565,17 +595,25 @@ class Redactor:
         hold = self.hold(text, pos)
         if not self.may_match(text, pos):  # the common case: nothing complete to check
             return text[pos:hold], hold
-        return self.settle_matches(text, pos, hold, on_redaction)
+        return self.settle_matches(text, pos, hold, on_redaction)[:2]
 
     def settle_matches(
-        self, text: str, pos: int, hold: int, on_redaction: OnRedaction | None, final: bool = False
-    ) -> tuple[str, int]:
+        self,
+        text: str,
+        pos: int,
+        hold: int,
+        on_redaction: OnRedaction | None,
+        final: bool = False,
+        after: int = -1,
+    ) -> tuple[str, int, int]:
         """`settle` once `hold` is known and text[pos:] may hold a complete match. `final`: no
-        more text comes, so every match is complete (`hold` is then the end)."""
+        more text comes, so every match is complete (`hold` is then the end). `after`: where an
+        address ended (see `_matches`); returned for the last address, with the output and
+        the settled end."""
         n = len(text)
         pieces: list[str] = []
         limit = hold if final or hold <= n - MAX_MATCH else n - MAX_MATCH + 1
-        for start, end, kind, masked in self._matches(text, pos, limit):
+        for start, end, kind, masked in self._matches(text, pos, limit, after):
             if start >= hold:
                 break
             if start + MAX_MATCH > n and not final:
@@ -587,9 +625,23 @@ class Redactor:
                 pieces.append(text[pos:start])
                 pieces.append(masked)
                 pos = end
+                if kind == "email":
+                    after = end
+        if after == pos and pos < hold and not final:
+            hold = self.glued_hold(text, pos, hold)
         settled = max(hold, pos)
         pieces.append(text[pos:settled])
-        return "".join(pieces), settled
+        return "".join(pieces), settled, after
+
+    @staticmethod
+    def glued_hold(text: str, pos: int, hold: int) -> int:
+        """`hold`, when an address ended at `pos`: an address glued to it may be in the
+        making there (see `_matches`), if the run of address characters from pos reaches the
+        end, within MAX_MATCH."""
+        n = len(text)
+        if n - pos < MAX_MATCH and _run_start(text, pos, n, _EMAIL_CHARS, _EMAIL_RUN) == pos:
+            return pos
+        return hold
 
     def settle_json(
         self,
@@ -600,17 +652,19 @@ class Redactor:
         final: bool,
         in_string: bool,
         on_redaction: OnRedaction | None,
-    ) -> tuple[str, int, bool]:
+        after: int = -1,
+    ) -> tuple[str, int, bool, int]:
         """`settle_matches` for a JSON text: matches are found in its `view`, masks made
         from `text`, and a mask outside a JSON string is quoted. `in_string`: whether
         text[pos] lies inside a string; returned for the settled end, with the output and
         the end. A quote in the view is always a string's start or end (escaped ones are
-        blanked), so the state at a mask is the parity of the quotes before it."""
+        blanked), so the state at a mask is the parity of the quotes before it. `after`: as
+        for `settle_matches`, returned last."""
         n = len(view)
         pieces: list[str] = []
         counted = pos  # in_string is the state at `counted`
         limit = hold if final or hold <= n - MAX_MATCH else n - MAX_MATCH + 1
-        for start, end, kind, masked in self._matches(view, pos, limit):
+        for start, end, kind, masked in self._matches(view, pos, limit, after):
             if start >= hold:
                 break
             if start + MAX_MATCH > n and not final:
@@ -625,11 +679,15 @@ class Redactor:
                 pieces.append(text[pos:start])
                 pieces.append(masked if in_string else f'"{masked}"')  # a bare number becomes a string
                 pos = end
+                if kind == "email":
+                    after = end
+        if after == pos and pos < hold and not final:
+            hold = self.glued_hold(view, pos, hold)
         settled = max(hold, pos)
         pieces.append(text[pos:settled])
         if view.count('"', counted, settled) & 1:
             in_string = not in_string
-        return "".join(pieces), settled, in_string
+        return "".join(pieces), settled, in_string, after
 
 
 def build_redactor(kinds: Iterable[str]) -> Redactor | None:
@@ -637,16 +695,19 @@ def build_redactor(kinds: Iterable[str]) -> Redactor | None:
     chosen = tuple(k for k in ALL_KINDS if k in set(kinds))
     if not chosen:
         return None
-    email = email_ascii = None
+    email = email_ascii = glued = glued_ascii = None
     if "email" in chosen:
         email = re.compile(f"(?P<email>{_PATTERNS['email']})")
         email_ascii = re.compile("(?P<email>{})".format("".join(_email_parts("[A-Za-z]"))))
+        glued = re.compile(_PARTS["email"][1])
+        glued_ascii = re.compile(_email_parts("[A-Za-z]")[1])
     rest = [k for k in chosen if k != "email"]
     # The look-ahead rejects most positions (letters, spaces) in one step.
     others = (
         re.compile("(?=[0-9+(A-Z])(?:" + "|".join(f"(?P<{k}>{_PATTERNS[k]})" for k in rest) + ")") if rest else None
     )
-    return Redactor(email, email_ascii, others, {k: _Kind.build(k, rest[i + 1 :]) for i, k in enumerate(rest)})
+    kinds = {k: _Kind.build(k, rest[i + 1 :]) for i, k in enumerate(rest)}
+    return Redactor(email, email_ascii, glued, glued_ascii, others, kinds)
 
 
 class StreamRedactor:
@@ -655,13 +716,14 @@ class StreamRedactor:
     For any split of a text into pieces, the concatenated outputs equal `redact(text)`.
     """
 
-    __slots__ = ("_on_redaction", "_redactor", "_start", "_text")
+    __slots__ = ("_after", "_on_redaction", "_redactor", "_start", "_text")
 
     def __init__(self, redactor: Redactor, on_redaction: OnRedaction | None) -> None:
         self._redactor = redactor
         self._on_redaction = on_redaction
         self._text = ""  # a little emitted context (for look-behind) + the held tail
         self._start = 0  # where the held tail begins in _text
+        self._after = False  # whether an address ended there (`Redactor._matches`: one may be glued to it)
 
     @property
     def held(self) -> int:
@@ -674,9 +736,14 @@ class StreamRedactor:
         # Redactor.settle and _keep, written out: this runs once per streamed event.
         hold = redactor.hold(text, start)
         if redactor.may_match(text, start):
-            out, settled = redactor.settle_matches(text, start, hold, self._on_redaction)
-        else:
-            out, settled = text[start:hold], hold  # the common case: nothing complete to check
+            after = start if self._after else -1
+            out, settled, after = redactor.settle_matches(text, start, hold, self._on_redaction, False, after)
+            self._after = after == settled
+        else:  # the common case: nothing complete to check
+            if self._after:  # rare: an address ended where the held tail starts
+                hold = redactor.glued_hold(text, start, hold)
+                self._after = hold == start
+            out, settled = text[start:hold], hold
         keep_from = settled - _CONTEXT if settled > _CONTEXT else 0
         self._text = text[keep_from:]
         self._start = settled - keep_from
@@ -693,9 +760,15 @@ class StreamRedactor:
         settled = len(text) if final else redactor.hold(text, start)
         if redactor.may_match(text, start):  # something complete to check
             masked: list[str] = []
-            _, settled = redactor.settle_matches(text, start, settled, masked.append, final)
+            after = start if self._after else -1
+            _, settled, after = redactor.settle_matches(text, start, settled, masked.append, final, after)
             if masked:
                 return None
+            self._after = after == settled
+        elif self._after:  # rare: an address ended where the held tail starts
+            if not final:
+                settled = redactor.glued_hold(text, start, settled)
+            self._after = settled == start
         held = self._text[start:]
         self._keep(text, settled)
         return held, settled - start
@@ -710,12 +783,14 @@ class StreamRedactor:
         """The held text, redacted as final. Text fed after a flush (an upstream that goes on
         after a part's end) is a text of its own, with no look-behind into this one: a match
         reaching back into text already sent could otherwise hide what follows it in clear."""
-        text, start = self._text, self._start
+        text, start, after = self._text, self._start, self._after
         self._text = ""
         self._start = 0
+        self._after = False
         if start == len(text):
             return ""
-        return self._redactor.redact_from(text, start, self._on_redaction)  # the tail is final now
+        # The tail is final now.
+        return self._redactor.redact_from(text, start, self._on_redaction, start if after else -1)
 
 
 # JSON text. What stands in the view for a character that must take part in no match and
@@ -901,15 +976,32 @@ class JsonStreamRedactor(StreamRedactor):
         # As StreamRedactor.flush: what follows is read with no look-behind (the JSON state stays).
         self._text = self._view = ""
         self._start = 0
+        self._after = False
         return out
 
     def feed_unmasked(self, piece: str, final: bool = False) -> tuple[str, int] | None:
-        saved = (self._text, self._view, self._start, self._in_string, self._scan.state, self._plain.pending)
+        saved = (
+            self._text,
+            self._view,
+            self._start,
+            self._in_string,
+            self._scan.state,
+            self._plain.pending,
+            self._after,
+        )
         held = self._text[self._start :]
         masked: list[str] = []
         out = self._settle(self._plain.feed(piece, final), final, masked.append)
         if masked:  # put everything back: the caller feeds the piece again
-            self._text, self._view, self._start, self._in_string, self._scan.state, self._plain.pending = saved
+            (
+                self._text,
+                self._view,
+                self._start,
+                self._in_string,
+                self._scan.state,
+                self._plain.pending,
+                self._after,
+            ) = saved
             return None
         return held, len(out)
 
@@ -918,15 +1010,19 @@ class JsonStreamRedactor(StreamRedactor):
         text = self._text + piece
         view = self._view + self._scan.view(piece)
         redactor = self._redactor
+        after = start if self._after else -1
         hold = len(view) if final else redactor.hold(view, start)
         if redactor.may_match(view, start):
-            out, settled, self._in_string = redactor.settle_json(
-                view, text, start, hold, final, self._in_string, on_redaction
+            out, settled, self._in_string, after = redactor.settle_json(
+                view, text, start, hold, final, self._in_string, on_redaction, after
             )
         else:
+            if after >= 0 and start < hold and not final:
+                hold = redactor.glued_hold(view, start, hold)
             out, settled = text[start:hold], hold
             if view.count('"', start, hold) & 1:
                 self._in_string = not self._in_string
+        self._after = after == settled
         keep_from = settled - _CONTEXT if settled > _CONTEXT else 0
         self._text = text[keep_from:]
         self._view = view[keep_from:]

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -127,9 +128,24 @@ ADDRESSES = [
     ("Écrire à élodie@exemple.fr.", "Écrire à é***e@exemple.fr."),
     ("δοκιμή@παράδειγμα.δοκιμή", "δ***ή@παράδειγμα.δοκιμή"),
     ("用户@例子.广告", "用***@例子.广告"),
-    # An address followed by an "@" is still one (hypothesis put "@exam" after one in a stream).
-    (" jane.doe@example.com@exam", " j***e@example.com@exam"),
-    ("a@b.com@c.com", "a***@b.com@c.com"),
+    # An address followed by an "@" is still one (hypothesis put "@exam" after one in a stream),
+    # its domain masked too: the domain's end may be the local part of an address glued to it.
+    (" jane.doe@example.com@exam", " j***e@***@exam"),
+    ("a@b.com@c.com", "a***@***@c.com"),
+    ("x@example.com.bob@example.com", "x***@***@example.com"),  # bob's address showed
+    ("ann@corp.iobob.smith@example.com", "a***n@***@example.com"),
+    ("a@b.co@c.co@d.co", "a***@***@c***o@d.co"),  # a chain
+    # An address right after an "@" (a Fediverse handle; one glued to what has no address).
+    ("Follow @jane@mastodon.social", "Follow @j***e@mastodon.social"),
+    ("a@b@example.com", "a@b***@example.com"),
+    ("x@ex.com-bob@example.com", "x@e***b@example.com"),
+    ("x@ex.com.b@e.com", "x@e***b@e.com"),
+    # An address glued to the end of another's match (by a character of local parts only, a
+    # dot, or a domain past sight that runs into it) is masked as well.
+    ("x@example.com_bob@example.com", "x***@example.com***b@example.com"),
+    ("x@example.com+bob@example.com", "x***@example.com***b@example.com"),
+    ("a@0.aaa.@0.aa", "a***@0.aaa***@0.aa"),
+    ("x@a." + "b" * 70 + ".bob@example.com", "x***@a." + "b" * 60 + "***b@example.com"),
 ]
 
 
@@ -142,11 +158,48 @@ def test_long_and_international_addresses_are_masked(text: str, redacted: str) -
     assert stream_in_pieces(text, list(range(len(text))), False) == redacted
 
 
+# Addresses glued to one another: by an "@", a local part's character, or nothing at all.
+GLUED_LOCAL = st.from_regex(r"[a-z][a-z0-9._%+-]{0,7}", fullmatch=True)
+GLUED_DOMAIN = st.from_regex(r"[a-z0-9][a-z0-9-]{0,5}(\.[a-z0-9][a-z0-9-]{0,5}){0,2}\.[a-z]{2,5}", fullmatch=True)
+GLUE = st.sampled_from(["", ".", "-", "@", "_", "+", " "])
+
+
+@st.composite
+def glued_addresses(draw: st.DrawFn) -> str:
+    addresses = draw(st.lists(st.tuples(GLUE, GLUED_LOCAL, GLUED_DOMAIN), min_size=1, max_size=4))
+    head = draw(st.sampled_from(["", "@", "mail ", "*"]))
+    return head + "".join(f"{glue}{local}@{domain}" for glue, local, domain in addresses)
+
+
+# What a reader takes for an address: the run of local-part characters before an "@" that a
+# domain follows (one the pattern would take: a top-level domain that ends there). In a
+# redacted text that run is a mask's tail (one letter after "*") or empty.
+SHOWN_ADDRESS = re.compile(
+    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+"
+    r"(?=@[A-Za-z0-9][A-Za-z0-9.-]*?\.[A-Za-z]{2,}(?![A-Za-z0-9-]|\.[A-Za-z0-9]))"
+)
+
+
+@settings(max_examples=int(os.environ.get("REDACT_EXAMPLES", "3000")) // 3, deadline=None)
+@given(glued_addresses(), st.data())
+def test_glued_addresses_never_leave_a_local_part_in_clear(text: str, data: st.DataObject) -> None:
+    out = REDACTOR.redact(text)
+    for shown in SHOWN_ADDRESS.finditer(out):
+        assert len(shown.group()) == 1 and out[shown.start() - 1] == "*", (text, out)
+    assert REDACTOR.redact(out) == out  # the masks stay masks
+    assert out == reference_redact(text)
+    cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=len(text)))
+    assert stream_in_pieces(text, cuts, False) == out  # the split guarantee, held text bounded
+    document = json.dumps({"to": text})  # and as JSON text (tool-call arguments)
+    cuts = data.draw(st.lists(st.integers(0, len(document)), max_size=len(document)))
+    assert stream_in_pieces(document, cuts, True) == REDACTOR.redact(document, json_text=True)
+    assert json.loads(REDACTOR.redact(document, json_text=True)) == {"to": out}
+
+
 @pytest.mark.parametrize(
     "text",
     [
         "jane@" + "a" * 70 + ".example.com",  # a first label past RFC 1035's 63: no dot in sight
-        "a@b@example.com",  # a local part after an "@"
         "*x@example.com",  # a mask's tail ("j***x@example.com"): one letter after a "*"
         "jane@exämple.c0m",
         "jane@١٢٣.com",  # digits of other scripts are no letters
@@ -274,10 +327,10 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
     phone span the start of any valid card; the other kinds' span is the one their pattern
     matches. After a match the next search starts at its end; after an IBAN candidate that
     fails its check (and no card or phone there), the other kinds' search (not the email's)
-    goes on at the candidate's end."""
-    import re
+    goes on at the candidate's end. Right where an address ended another may start whatever
+    its look-behind says (glued to it); an address followed by an "@" has its domain masked."""
 
-    from gateway.redact import _MASKERS, _PARTS, MAX_MATCH
+    from gateway.redact import _MASKERS, _PARTS, MAX_MATCH, _mask_email
 
     kinds = parts or _PARTS
     compiled = {k: (re.compile(b), re.compile(body), re.compile(a)) for k, (b, body, a) in kinds.items()}
@@ -319,11 +372,20 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
                 resume = s + 1
         return min(resume, s + 1) if resume == len(text) else resume, None
 
-    out, pos, s, other_from = [], 0, 0, 0
+    glued = re.compile(kinds["email"][1]) if "email" in kinds else None  # no look-behind
+    out, pos, s, other_from, after = [], 0, 0, 0, -1
     while s < len(text):
         email = whole["email"].match(text, s) if "email" in kinds else None
+        if email is None and s == after and glued is not None:  # right where an address ended
+            email = glued.match(text, s)
         if email is not None:
             end, kind = email.end(), "email"
+            # An "@" right after it: the domain is masked too (it may end in a glued address's local part).
+            after = end
+            if text.startswith("@", end):
+                out.append(text[pos:s] + _mask_email(text[s:end], glued=True))
+                pos = s = end
+                continue
         elif s >= other_from:
             end, kind = decide(s)
             other_from = end
