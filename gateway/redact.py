@@ -954,6 +954,11 @@ class JsonView:
         return "".join(out)
 
 
+# What a JsonStreamRedactor's feed changes: its texts, where the held tail starts, whether it
+# is inside a string, the scanner's and the unescaper's states, and whether an address just ended.
+_JsonState = tuple[str, str, int, bool, tuple[bool, int], str, bool]
+
+
 class JsonStreamRedactor(StreamRedactor):
     """`StreamRedactor` for a JSON text (streamed tool-call arguments): matched in the text's
     `JsonView`, a mask outside a string quoted. The same split guarantee, against
@@ -980,7 +985,18 @@ class JsonStreamRedactor(StreamRedactor):
         return out
 
     def feed_unmasked(self, piece: str, final: bool = False) -> tuple[str, int] | None:
-        saved = (
+        saved = self._state()
+        held = self._text[self._start :]
+        masked: list[str] = []
+        out = self._settle(self._plain.feed(piece, final), final, masked.append)
+        if masked:  # put everything back: the caller feeds the piece again
+            self._restore(saved)
+            return None
+        return held, len(out)
+
+    def _state(self) -> _JsonState:
+        """Everything a feed changes, for `feed_unmasked` to put back."""
+        return (
             self._text,
             self._view,
             self._start,
@@ -989,21 +1005,17 @@ class JsonStreamRedactor(StreamRedactor):
             self._plain.pending,
             self._after,
         )
-        held = self._text[self._start :]
-        masked: list[str] = []
-        out = self._settle(self._plain.feed(piece, final), final, masked.append)
-        if masked:  # put everything back: the caller feeds the piece again
-            (
-                self._text,
-                self._view,
-                self._start,
-                self._in_string,
-                self._scan.state,
-                self._plain.pending,
-                self._after,
-            ) = saved
-            return None
-        return held, len(out)
+
+    def _restore(self, saved: _JsonState) -> None:
+        (
+            self._text,
+            self._view,
+            self._start,
+            self._in_string,
+            self._scan.state,
+            self._plain.pending,
+            self._after,
+        ) = saved
 
     def _settle(self, piece: str, final: bool, on_redaction: OnRedaction | None) -> str:
         start = self._start
