@@ -364,6 +364,20 @@ def test_thinking_under_a_short_idle_limit_is_not_cut_as_silence(tmp_path: Path,
     assert b'"content":"answer"' in data and data.endswith(b"data: [DONE]\n\n")
 
 
+# A gateway whose claude-* models go to the Anthropic fake alone, its breaker opening after two
+# failures; and a stream request on each route that reaches it.
+def _claude_only(tmp_path: Path, fakes, gateway) -> Gateway:
+    path = tmp_path / "r.toml"
+    write_routes(path, {"claude": ("anthropic", fakes["claude"].url)}, [("claude-*", [("claude", None)])])
+    return gateway(ROUTES_FILE=str(path), CB_FAILURES="2", CB_OPEN_SECS="60")
+
+
+_CLAUDE_STREAMS = (
+    ("/v1/chat/completions", {"model": "claude-x", "stream": True, "messages": HI}),
+    ("/v1/messages", {"model": "claude-x", "stream": True, "max_tokens": 5, "messages": HI}),
+)
+
+
 # 8. MEDIUM — SPEC §13 "CB_FAILURES consecutive failures (as above: ... a 5xx, 529 included) open
 #    it": a stream that opens with Anthropic's overloaded_error was a failure only when another
 #    upstream was left to try. On the last (or only) upstream of a route it was relayed and
@@ -374,13 +388,8 @@ def test_a_stream_that_opens_with_an_error_counts_toward_the_breaker_on_the_last
 ) -> None:
     overloaded = sse([{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}])
     fakes["claude"].script({"status": 200, "chunks": [overloaded]})
-    path = tmp_path / "r.toml"
-    write_routes(path, {"claude": ("anthropic", fakes["claude"].url)}, [("claude-*", [("claude", None)])])
-    gw = gateway(ROUTES_FILE=str(path), CB_FAILURES="2", CB_OPEN_SECS="60")
-    for route, body in (
-        ("/v1/chat/completions", {"model": "claude-x", "stream": True, "messages": HI}),
-        ("/v1/messages", {"model": "claude-x", "stream": True, "max_tokens": 5, "messages": HI}),
-    ):
+    gw = _claude_only(tmp_path, fakes, gateway)
+    for route, body in _CLAUDE_STREAMS:
         # The error still reaches the client as it came: nothing else was left to try.
         status, headers, data = post(gw.port, route, body)
         assert status == 200 and headers.get("x-gateway-upstream") == "claude", (status, data[:200])
@@ -438,13 +447,8 @@ def test_an_anthropic_stream_opening_with_invalid_request_error_is_no_upstream_f
     chat translated to it: the breaker stays closed for the next request."""
     invalid = sse([{"type": "error", "error": {"type": "invalid_request_error", "message": "prompt is too long"}}])
     fakes["claude"].script({"status": 200, "chunks": [invalid]})
-    path = tmp_path / "r.toml"
-    write_routes(path, {"claude": ("anthropic", fakes["claude"].url)}, [("claude-*", [("claude", None)])])
-    gw = gateway(ROUTES_FILE=str(path), CB_FAILURES="2", CB_OPEN_SECS="60")
-    for route, body in (
-        ("/v1/chat/completions", {"model": "claude-x", "stream": True, "messages": HI}),
-        ("/v1/messages", {"model": "claude-x", "stream": True, "max_tokens": 5, "messages": HI}),
-    ):
+    gw = _claude_only(tmp_path, fakes, gateway)
+    for route, body in _CLAUDE_STREAMS:
         status, _, data = post(gw.port, route, body)
         assert status == 200 and b"prompt is too long" in data, (status, data[:200])
     fakes["claude"].script({"status": 200, "headers": {"Content-Type": "application/json"}, "body": OK_MESSAGE})
