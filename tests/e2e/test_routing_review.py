@@ -355,7 +355,7 @@ def test_thinking_under_a_short_idle_limit_is_not_cut_as_silence(tmp_path: Path,
     text = {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}}
     said = {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "answer"}}
     end = [{"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}}]
-    events = [start, think, *[thought] * 6, text, said, *end, {"type": "message_stop"}]
+    events = [start, think, *[thought] * 3, text, said, *end, {"type": "message_stop"}]
     fakes["claude"].script({"chunks": [sse([e]) for e in events], "chunk_delay": 0.4})
     gw = gateway(ROUTES_FILE=str(routes_file(tmp_path, fakes)), STREAM_IDLE_SECS="1")
     body = {"model": "claude-x", "stream": True, "messages": HI}
