@@ -72,7 +72,9 @@ def request_context(payload: Mapping[str, Any] | None, upstream: str) -> Context
         # A value that is no boolean (1, "true") is taken as the most it could mean, as for
         # max_tokens: a lax upstream (pydantic, vLLM) streams for it, and the gateway relays
         # the events it gets, so `forbid … when { context.stream }` cannot be slipped past.
-        stream is not None and stream is not False,
+        # Only what every reading takes as false is false: 0 and "" (pydantic and JavaScript
+        # alike; "false" and "0" are true to JavaScript).
+        stream is not None and stream is not False and stream != 0 and stream != "",
         max_tokens(payload),
         bool(payload.get("tools")) or bool(payload.get("functions")),
         upstream,

@@ -111,12 +111,19 @@ def test_the_context_comes_from_the_body() -> None:
     assert request_context({"tools": [], "functions": []}, "d").has_tools is False
 
 
-@pytest.mark.parametrize("value", [1, "true", "yes", 1.0, 0, "false", [], {}])
+@pytest.mark.parametrize("value", [1, "true", "yes", 1.0, "0", "false", [], {}])
 def test_a_stream_flag_that_is_no_boolean_counts_as_streaming(value: object) -> None:
-    # pydantic (vLLM) reads 1, "true", "yes" as true and the upstream streams; the gateway
-    # relays those events: a policy forbidding streams must see them (the most it could mean).
+    # pydantic (vLLM) reads 1, "true", "yes" as true and the upstream streams, and a JavaScript
+    # server "0" and "false"; the gateway relays those events: a policy forbidding streams must
+    # see them (the most it could mean).
     assert request_context({"stream": value}, "d").stream is True
-    assert request_context({"stream": None}, "d").stream is False
+
+
+@pytest.mark.parametrize("value", [None, False, 0, 0.0, ""])
+def test_a_stream_flag_that_every_reading_takes_as_false_is_no_stream(value: object) -> None:
+    # 0 and "" are false to pydantic and to JavaScript alike: a no-stream forbid must not refuse
+    # a request no upstream would stream (it did for 0, since 3b49d0b).
+    assert request_context({"stream": value}, "d").stream is False
     assert request_context({}, "d").stream is False
 
 
