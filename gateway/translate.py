@@ -351,8 +351,8 @@ class ChatStream:
     def prompt_tokens(self) -> int:
         """The prompt's tokens reported so far (message_start's, message_delta's where it has
         them): what a stream that breaks before its usage chunk still used."""
-        counts = self._counts
-        return sum(counts.get(k, 0) for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
+        prompt: int = chat_usage(self._counts)["prompt_tokens"]  # counted as the usage chunk counts it
+        return prompt
 
     def feed(self, data: bytes) -> bytes:
         try:

@@ -416,6 +416,17 @@ def assembled(wire: bytes) -> list[dict[str, Any]]:
 CARD_START, CARD_END = "Card 4242 4242 4242", " 4242 ok"  # neither is PII alone
 
 
+def _card_message(items: list[Event]) -> tuple[list[Event], list[dict[str, Any]], Any, str]:
+    """A case whose message text is the card split in two: its events, the output they make,
+    how to read the text the SDK assembles, and the redaction of the whole."""
+    return (
+        items,
+        [message(CARD_START + CARD_END)],
+        lambda out: assembled(out)[0]["content"][0]["text"],
+        redact(CARD_START + CARD_END),
+    )
+
+
 def _opened_by_part() -> tuple[list[Event], list[dict[str, Any]], Any, str]:
     where = {"item_id": "msg_0", "output_index": 0, "content_index": 0}
     items: list[Event] = [
@@ -424,12 +435,7 @@ def _opened_by_part() -> tuple[list[Event], list[dict[str, Any]], Any, str]:
         e("response.output_text.delta", **where, delta=CARD_END, logprobs=[]),
         e("response.output_text.done", **where, text=CARD_START + CARD_END, logprobs=[]),
     ]
-    return (
-        items,
-        [message(CARD_START + CARD_END)],
-        lambda out: assembled(out)[0]["content"][0]["text"],
-        redact(CARD_START + CARD_END),
-    )
+    return _card_message(items)
 
 
 def _opened_by_item() -> tuple[list[Event], list[dict[str, Any]], Any, str]:
@@ -439,12 +445,7 @@ def _opened_by_item() -> tuple[list[Event], list[dict[str, Any]], Any, str]:
         e("response.output_text.delta", **where, delta=CARD_END, logprobs=[]),
         e("response.output_text.done", **where, text=CARD_START + CARD_END, logprobs=[]),
     ]
-    return (
-        items,
-        [message(CARD_START + CARD_END)],
-        lambda out: assembled(out)[0]["content"][0]["text"],
-        redact(CARD_START + CARD_END),
-    )
+    return _card_message(items)
 
 
 def _opened_by_arguments() -> tuple[list[Event], list[dict[str, Any]], Any, str]:

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from ..conftest import GatewayFactory
-from ..harness import Mock, RedisServer, base_env, free_port, gateway_argv, http_get, wait_until
+from ..harness import Gateway, Mock, RedisServer, base_env, free_port, gateway_argv, http_get, wait_until
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -144,12 +144,7 @@ def test_repeated_sigterm_while_stopping_still_exits_0(
     when the handlers had gone back to the default that kills (rc -15 on the old code)."""
     _not_under_the_bootloader("its end: once its child exited, a signal ends it while it cleans up")
     gateway = start_gateway(WORKERS=str(workers), REDIS_URL=redis_server.url)
-    proc = gateway.process.proc
-    deadline = time.monotonic() + 15
-    while proc.poll() is None and time.monotonic() < deadline:
-        gateway.process.signal(signal.SIGTERM)
-        time.sleep(0.003)
-    assert gateway.process.wait(5) == 0, gateway.process.errors()
+    _signal_until_gone(gateway, signal.SIGTERM, every=0.003)
 
 
 def test_sighup_while_starting_is_not_fatal(tmp_path: Path) -> None:
@@ -187,13 +182,8 @@ def test_sighup_while_stopping_still_exits_0(
     with one process or in the workers."""
     _not_under_the_bootloader("its end: once its child exited, a signal ends it while it cleans up")
     gateway = start_gateway(WORKERS=str(workers), REDIS_URL=redis_server.url)
-    proc = gateway.process.proc
     gateway.process.signal(signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    while proc.poll() is None and time.monotonic() < deadline:
-        gateway.process.signal(signal.SIGHUP)
-        time.sleep(0.001)
-    assert gateway.process.wait(5) == 0, gateway.process.errors()
+    _signal_until_gone(gateway, signal.SIGHUP, every=0.001)
 
 
 def _not_under_the_bootloader(moment: str) -> None:
@@ -202,3 +192,14 @@ def _not_under_the_bootloader(moment: str) -> None:
     not the gateway: its handling there is the bootloader's, outside gateway.py."""
     if os.environ.get("GATEWAY_CMD"):
         pytest.skip(f"with the one-file binary, the PyInstaller bootloader's own signal handling at {moment}")
+
+
+def _signal_until_gone(gateway: Gateway, signum: int, every: float) -> None:
+    """`signum` every `every` seconds until the gateway is gone (15 s at most), so one lands in
+    every phase of its stop; then its exit status must be 0."""
+    proc = gateway.process.proc
+    deadline = time.monotonic() + 15
+    while proc.poll() is None and time.monotonic() < deadline:
+        gateway.process.signal(signum)
+        time.sleep(every)
+    assert gateway.process.wait(5) == 0, gateway.process.errors()
