@@ -253,6 +253,12 @@ def carries_text(node: dict[str, Any], spec: Spec) -> bool:
 _CHAT_CHOICE: Spec = {"delta": _CHAT_MESSAGE, "logprobs": DROP}
 
 
+# Choices whose last index-less tool call `ChatSurface.restart_before` remembers, and the key
+# of their count in the stream's scratch space.
+MAX_UNINDEXED_CHOICES = 256
+_UNINDEXED_CHOICES = "unindexed call choices"
+
+
 class ChatSurface(Surface):
     spec: ClassVar[Spec] = {"choices": Each(_CHAT_CHOICE)}
     # A reply's tool calls are a plain list (only a stream's carry an "index").
@@ -323,9 +329,15 @@ class ChatSurface(Surface):
                 continue
             ids = [call["id"] for call in unindexed if type(call.get("id")) is str and call["id"]]
             key = f"unindexed call {choice['index']}"
-            opened = bool(ids) and counts.get(key) != hash(ids[-1])
-            if ids:
-                counts[key] = hash(ids[-1])  # the call later deltas without an id (or with it again) go on
+            last = counts.get(key)
+            opened = bool(ids) and last != hash(ids[-1])
+            # The call later deltas without an id (or with it again) go on. Choices noted are
+            # bounded (a hostile upstream may send a new index every event): past the bound,
+            # each call with an id is taken as a new one, whose held text goes out first.
+            if ids and (last is not None or counts.get(_UNINDEXED_CHOICES, 0) < MAX_UNINDEXED_CHOICES):
+                if last is None:
+                    counts[_UNINDEXED_CHOICES] = counts.get(_UNINDEXED_CHOICES, 0) + 1
+                counts[key] = hash(ids[-1])
             if opened or len(unindexed) > 1:
                 paths.append(("choices", choice["index"], "delta", "tool_calls", None))
         return paths or None

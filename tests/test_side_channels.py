@@ -13,7 +13,7 @@ import pytest
 
 from gateway.openai_apis import RESPONSES
 from gateway.relay import StreamRelay, redact_reply
-from gateway.surfaces import CHAT, MESSAGES
+from gateway.surfaces import CHAT, MAX_UNINDEXED_CHOICES, MESSAGES
 from tests.test_adversarial import (  # noqa: F401  (fixtures)
     ANTHROPIC_START,
     DONE,
@@ -571,3 +571,20 @@ async def test_a_typeless_anthropic_event_is_redacted_whole_and_no_block_is_made
     for body in json_events(wire):
         assert type(body.get("index", 0)) is int, body
     assert SPLIT[0] in decoded(wire)  # no address in it alone: it goes out as it came
+
+
+def test_a_new_choice_every_event_does_not_grow_the_relays_memory_without_bound() -> None:
+    """A hostile upstream that opens an index-less tool call in a new choice on every event:
+    the last call id kept per choice (to tell a new call from a continued one) is bounded, so
+    a long stream does not grow the gateway's memory by an entry an event."""
+    relay = StreamRelay(REDACTOR, None, CHAT)
+    calls = 3 * MAX_UNINDEXED_CHOICES
+    for n in range(calls):
+        call = {"id": f"t{n}", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        relay.feed(chunk({"tool_calls": [call]}, index=n))
+    assert len(relay._scratch) <= MAX_UNINDEXED_CHOICES + 1
+    # Past the bound, a continued call's split address is still masked.
+    out = relay.feed(chunk({"tool_calls": [{"function": {"arguments": '{"to": "' + SPLIT[0]}}]}, index=calls - 1))
+    out += relay.feed(chunk({"tool_calls": [{"function": {"arguments": SPLIT[1] + '"}'}}]}, index=calls - 1))
+    out += relay.feed(chunk({}, finish="tool_calls", index=calls - 1) + DONE) + relay.close()
+    assert relay.failure is None and EMAIL not in decoded(out)
