@@ -63,7 +63,7 @@ class TokenBudget:
     hash `tokens:{<public id>}`: one key, so one hash slot on a cluster). A limit of 0, the
     default's or a tenant's, means no budget for that tenant."""
 
-    __slots__ = ("_default", "_guard", "_overrides", "_reserve_default", "_store", "_window_ms")
+    __slots__ = ("_default", "_guard", "_overrides", "_reserve_default", "_sending", "_store", "_window_ms")
 
     def __init__(
         self,
@@ -80,6 +80,7 @@ class TokenBudget:
         self._window_ms = window_secs * 1000
         self._reserve_default = reserve_default
         self._guard = guard
+        self._sending: set[asyncio.Future[None]] = set()  # settles sent while the guard backs off
 
     @property
     def enabled(self) -> bool:
@@ -125,6 +126,20 @@ class TokenBudget:
         if used is None or not decision.allowed or used == decision.reserved:
             return
         store, used = self._store, min(max(used, 0), MAX_TOKENS)
+        if self._guard.backing_off:
+            # The guard skips the store for a while after a failure, but the store may be back
+            # already (a 300 ms stall): a settle skipped would hold the whole estimate to the
+            # window's end. It is sent all the same, not waited for (the store's deadline would
+            # hold the answer back); a failure leaves the reservation to its window, as below.
+            sending = asyncio.ensure_future(store.settle(decision.key, decision.window, decision.reserved, used))
+            self._sending.add(sending)
+            sending.add_done_callback(self._sent)
+            return
         # Fail-closed raises: the request is answered already, and over-counting is the safe side.
         with contextlib.suppress(StoreUnavailable):
             await self._guard.call(store.settle, decision.key, decision.window, decision.reserved, used)
+
+    def _sent(self, sending: asyncio.Future[None]) -> None:
+        self._sending.discard(sending)
+        if not sending.cancelled():
+            sending.exception()  # a failure of the store the guard has counted already: no log

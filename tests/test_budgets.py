@@ -324,6 +324,28 @@ async def test_a_settle_that_fails_leaves_the_reservation_to_its_window() -> Non
     assert after is not None and not after.allowed and after.remaining == 10  # 90 still held
 
 
+async def test_a_settle_while_the_guard_backs_off_reaches_the_store_that_is_back() -> None:
+    # Found by review: after one failed call (a Redis stall of 300 ms), the guard skipped every
+    # settle of the next second, so streams that ended then held their whole estimates to the
+    # window's end although Redis answered again (the tenant refused for a minute, or a day).
+    store = FailingStore()
+    guard = StoreGuard(True, lambda: None, retry_after_secs=60)
+    budget = TokenBudget(store, 100, {}, 60, 1024, guard)
+    store.fail = False
+    decision = await budget.reserve("t", "t", 90)
+    assert decision is not None and decision.allowed
+    store.fail = True
+    assert await Quota(store, 5, {}, 60, guard=guard).check("t", "t") is None  # the stall: backing off
+    store.fail = False  # Redis answers again, within the back-off
+    await budget.settle(decision, 12)
+    fresh = TokenBudget(store, 100, {}, 60, 1024, StoreGuard(True, lambda: None))  # not backing off
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2
+    while (after := await fresh.reserve("t", "t", 88)) is None or not after.allowed:
+        assert loop.time() < deadline, "the settle never reached the store: 90 still held"
+        await asyncio.sleep(0.01)
+
+
 # --- the middleware, in the app -------------------------------------------------------------
 
 
