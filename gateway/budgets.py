@@ -21,7 +21,7 @@ from .stores import MAX_TOKENS, QuotaStore, StoreGuard
 if TYPE_CHECKING:
     from .surfaces import Api
 
-# The request's bound on its completion, by the names the APIs give it: the first present.
+# The request's bound on its completion, by the names the APIs give it: the largest present.
 MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # Routes whose replies are no completion (embeddings): their texts alone are reserved.
 NO_COMPLETION = frozenset({"embeddings"})
@@ -36,14 +36,19 @@ def estimate(chars: int, payload: Mapping[str, Any], reserve_default: int, compl
 
 
 def completion_bound(payload: Mapping[str, Any], reserve_default: int) -> int:
+    """The largest of the fields present: which one bounds the reply is the upstream's choice
+    (OpenAI refuses max_tokens with max_completion_tokens; vLLM and SGLang take the latter), so
+    max_tokens 1 beside max_completion_tokens 100000 must not hold 1."""
+    bound = None
     for name in MAX_TOKENS_FIELDS:
         value = payload.get(name)
         if value is None:  # absent, or null as some clients send "not set"
             continue
         # Anything but a count (a string, -1, 1.5, true) the upstream refuses, which releases
         # the reservation: the default is held until then.
-        return value if type(value) is int and value >= 0 else reserve_default
-    return reserve_default
+        value = value if type(value) is int and value >= 0 else reserve_default
+        bound = value if bound is None or value > bound else bound
+    return reserve_default if bound is None else bound
 
 
 def spent(usage: Usage | None, failed: bool, status: int | None) -> int | None:

@@ -169,7 +169,11 @@ async def test_the_loop_serves_others_while_a_huge_body_is_estimated() -> None:
         ({}, 1024),
         ({"max_tokens": 7}, 7),
         ({"max_tokens": 0}, 0),
-        ({"max_completion_tokens": 9, "max_output_tokens": 3}, 9),  # the first present, in SPEC order
+        ({"max_completion_tokens": 9, "max_output_tokens": 3}, 9),  # the largest present
+        # Found by review: the first present was held, 1 here, and an upstream that reads
+        # max_completion_tokens (vLLM, SGLang) generated up to 100000 against that.
+        ({"max_tokens": 1, "max_completion_tokens": 100_000}, 100_000),
+        ({"max_tokens": 100_000, "max_completion_tokens": 1}, 100_000),
         ({"max_output_tokens": 3}, 3),
         ({"max_tokens": None, "max_completion_tokens": 9}, 9),  # null is "not set"
         ({"max_tokens": -1, "max_completion_tokens": 9}, 1024),  # present but no count: the default
