@@ -30,9 +30,18 @@ YIELD_EVERY_TEXTS = 8192  # ~5 ms of walking a body's texts between two turns of
 
 def estimate(chars: int, payload: Mapping[str, Any], reserve_default: int, completion: bool = True) -> int:
     """`chars` characters of text / 4, rounded up (once, over all the texts), plus the
-    completion's bound: the request's max-tokens field, or `reserve_default` without one."""
+    completion's bound: the request's max-tokens field, or `reserve_default` without one,
+    for each of the `n` choices asked for."""
     tokens = -(-chars // 4)
-    return tokens + completion_bound(payload, reserve_default) if completion else tokens
+    return tokens + completion_bound(payload, reserve_default) * choices(payload) if completion else tokens
+
+
+def choices(payload: Mapping[str, Any]) -> int:
+    """Chat's `n`: each choice is a completion of its own, up to the bound, all billed (OpenAI
+    counts max_tokens times n against its own limits). Anything but a count of 1 or more: 1 (the
+    upstream refuses it, or has no `n`)."""
+    n = payload.get("n")
+    return n if type(n) is int and n > 1 else 1
 
 
 def completion_bound(payload: Mapping[str, Any], reserve_default: int) -> int:

@@ -188,6 +188,24 @@ def test_completion_bound(payload: dict[str, Any], bound: int) -> None:
     assert completion_bound(payload, 1024) == bound
 
 
+@pytest.mark.parametrize(
+    ("extra", "held"),
+    [
+        # Found by review: n=50 held one completion's bound, 100, and the upstream generated
+        # (and billed) 50 of them: the budget overrun by 49 times the estimate.
+        ({"n": 50, "max_tokens": 100}, 1 + 50 * 100),
+        ({"n": 3}, 1 + 3 * 1024),
+        ({"n": 1, "max_tokens": 100}, 101),
+        ({"n": 0, "max_tokens": 100}, 101),  # not a count of choices: the upstream refuses it
+        ({"n": "50", "max_tokens": 100}, 101),
+        ({"n": True, "max_tokens": 100}, 101),
+    ],
+)
+async def test_each_choice_asked_for_is_reserved(extra: dict[str, Any], held: int) -> None:
+    payload = {"model": "m", "messages": [{"role": "user", "content": "ping"}], **extra}
+    assert await budget_over(MemoryStore()).estimate(CHAT_API, payload) == held
+
+
 async def test_a_route_without_completions_reserves_its_texts_only() -> None:
     payload = {"model": "m", "messages": [{"role": "user", "content": "abcdefgh"}], "max_tokens": 5}
     assert await budget_over(MemoryStore()).estimate(EMBEDDINGS, payload) == 2
