@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from environs import Env, EnvError, EnvValidationError
+from marshmallow import ValidationError
 from marshmallow.validate import OneOf, Range
 
 if TYPE_CHECKING:
@@ -34,6 +35,9 @@ MAX_KEY_BYTES = 256  # SPEC §4: a longer presented key gets 401, so a longer li
 MASK = "***"
 MAX_TOKEN_QUOTA = 10**15  # token budgets stay exact in the store's arithmetic (stores.MAX_TOKENS)
 MAX_WINDOW_SECS = 366 * 24 * 3600  # a window in ms stays a small integer for the store
+# The slowest rate: one request per longest window. Slower ones made no sense and broke the
+# limiter: RPS=1e-320 made every refusal a 500 (its wait overflows), 1e-300 a 300-digit Retry-After.
+MIN_RPS = 1 / MAX_WINDOW_SECS
 # OTEL_* variables the gateway reads itself; every other one is the OpenTelemetry SDK's own.
 _GATEWAY_OTEL = frozenset({"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME"})
 # Query parameters known to carry no secret; every other query value is masked when printed.
@@ -631,6 +635,12 @@ class _Reader:
         return inline | from_file, inline, keys_file
 
 
+def _check_rps(value: float) -> bool:
+    if 0 < value < MIN_RPS:
+        raise ValidationError(f"expected 0 (off) or at least {MIN_RPS:.2g} (one request in 366 days)")
+    return True
+
+
 def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
     r = _Reader(env)
     sdk_environment = _sdk_environment(env, otel_in_file)
@@ -681,7 +691,7 @@ def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
     settings = dict(
         upstream_api_key=api_key,
         anthropic_api_key=anthropic_key,
-        rps=env.float("RPS", 5.0, validate=non_negative),
+        rps=env.float("RPS", 5.0, validate=[non_negative, _check_rps]),
         burst=env.int("BURST", 10, validate=positive),
         redis_cluster=env.bool("REDIS_CLUSTER", False),
         default_quota=env.int("DEFAULT_QUOTA", 120, validate=non_negative),

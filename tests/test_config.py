@@ -246,6 +246,18 @@ def test_bad_value_stops_start_up_with_one_line_and_status_2() -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("rps", ["1e-320", "1e-300", "1e-9"])
+def test_a_rate_too_slow_to_limit_with_stops_start_up(monkeypatch: pytest.MonkeyPatch, rps: str) -> None:
+    # Found by review: RPS=1e-320 started, then every request over the limit was a 500 (the
+    # wait overflowed); 1e-300 answered a 300-digit Retry-After.
+    monkeypatch.setenv("RPS", rps)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.lines == ["RPS: expected 0 (off) or at least 3.2e-08 (one request in 366 days)"]
+    monkeypatch.setenv("RPS", "3.2e-8")  # one in a year: allowed
+    assert load_settings().rps == 3.2e-8
+
+
 def test_tenant_keys_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text("# tenants\nacme=sk-acme-1\n\nbeta = sha256:" + "cd" * 32 + "\n")
