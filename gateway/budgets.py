@@ -94,7 +94,7 @@ class TokenBudget:
         self._window_ms = window_secs * 1000
         self._reserve_default = reserve_default
         self._guard = guard
-        self._sending: set[asyncio.Future[None]] = set()  # settles sent while the guard backs off
+        self._sending: set[asyncio.Future[None]] = set()  # settles held back by the guard, on their way
 
     @property
     def enabled(self) -> bool:
@@ -140,18 +140,22 @@ class TokenBudget:
         if used is None or not decision.allowed or used == decision.reserved:
             return
         store, used = self._store, min(max(used, 0), MAX_TOKENS)
-        if self._guard.backing_off:
+        wait = self._guard.skip_left()
+        if wait:
             # The guard skips the store for a while after a failure, but the store may be back
-            # already (a 300 ms stall): a settle skipped would hold the whole estimate to the
-            # window's end. It is sent all the same, not waited for (the store's deadline would
-            # hold the answer back); a failure leaves the reservation to its window, as below.
-            sending = asyncio.ensure_future(store.settle(decision.key, decision.window, decision.reserved, used))
-            self._sending.add(sending)
-            sending.add_done_callback(self._sent)
+            # by its end (a 300 ms stall): a settle skipped would hold the whole estimate to the
+            # window's end. It goes when the guard tries the store again, not waited for, in the
+            # batch of that moment; a failure then leaves the reservation to its window, as below.
+            asyncio.get_running_loop().call_later(wait, self._send, decision, used)
             return
         # Fail-closed raises: the request is answered already, and over-counting is the safe side.
         with contextlib.suppress(StoreUnavailable):
             await self._guard.call(store.settle, decision.key, decision.window, decision.reserved, used)
+
+    def _send(self, decision: TokenDecision, used: int) -> None:
+        sending = asyncio.ensure_future(self._store.settle(decision.key, decision.window, decision.reserved, used))
+        self._sending.add(sending)  # a task the loop alone refers to may be collected mid-way
+        sending.add_done_callback(self._sent)
 
     def _sent(self, sending: asyncio.Future[None]) -> None:
         self._sending.discard(sending)

@@ -351,7 +351,7 @@ async def test_a_settle_while_the_guard_backs_off_reaches_the_store_that_is_back
     # settle of the next second, so streams that ended then held their whole estimates to the
     # window's end although Redis answered again (the tenant refused for a minute, or a day).
     store = FailingStore()
-    guard = StoreGuard(True, lambda: None, retry_after_secs=60)
+    guard = StoreGuard(True, lambda: None, retry_after_secs=0.2)
     budget = TokenBudget(store, 100, {}, 60, 1024, guard)
     store.fail = False
     decision = await budget.reserve("t", "t", 90)
@@ -359,7 +359,9 @@ async def test_a_settle_while_the_guard_backs_off_reaches_the_store_that_is_back
     store.fail = True
     assert await Quota(store, 5, {}, 60, guard=guard).check("t", "t") is None  # the stall: backing off
     store.fail = False  # Redis answers again, within the back-off
+    calls = store.calls
     await budget.settle(decision, 12)
+    assert store.calls == calls  # not while the guard skips the store: once it tries it again
     fresh = TokenBudget(store, 100, {}, 60, 1024, StoreGuard(True, lambda: None))  # not backing off
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 2

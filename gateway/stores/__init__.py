@@ -79,10 +79,11 @@ class StoreGuard:
     def fail_open(self) -> bool:
         return self._fail_open
 
-    @property
-    def backing_off(self) -> bool:
-        """Whether calls skip the store now (for `retry_after_secs` after a failure)."""
-        return bool(self._skip_until) and time.monotonic() < self._skip_until  # no clock read before any failure
+    def skip_left(self) -> float:
+        """Seconds until calls try the store again (0.0: they do now)."""
+        if not self._skip_until:  # no failure yet: no clock read
+            return 0.0
+        return max(0.0, self._skip_until - time.monotonic())
 
     async def call(self, operation: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T | None:
         """`operation(*args, **kwargs)`'s result; None when the store is down and the mode is
