@@ -117,7 +117,9 @@ class TokenBudget:
                     await asyncio.sleep(0)
         except RecursionError:
             raise BadRequest("request body is nested too deeply") from None
-        return estimate(chars, payload, self._reserve_default, api.name not in NO_COMPLETION)
+        tokens = estimate(chars, payload, self._reserve_default, api.name not in NO_COMPLETION)
+        # Token ids are tokens already (an embeddings token array): none of them is text.
+        return tokens + api.request_tokens(payload) if api.request_tokens is not None else tokens
 
     async def reserve(self, tenant: str, public_id: str, amount: int) -> TokenDecision | None:
         """Hold `amount` tokens of the tenant's window if they fit (the tenant must have a

@@ -670,6 +670,9 @@ class Api:
     system: str = "openai"  # gen_ai.system on the upstream call's span
     asks_stream_usage: bool = False  # streams get stream_options.include_usage upstream (SPEC §14)
     streams: bool = True  # "stream": true is answered as a stream (embeddings never are)
+    # The prompt tokens the request gives as token ids, not text (embeddings' token arrays):
+    # counted one each in the token budget's estimate (SPEC §14), as 4 characters of text are.
+    request_tokens: Callable[[dict[str, Any]], int] | None = None
 
 
 def check_chat_request(payload: dict[str, Any], redacting: bool) -> None:

@@ -26,6 +26,7 @@ from gateway.config import Settings
 from gateway.errors import BadRequest, StoreUnavailable
 from gateway.limits import Quota
 from gateway.models import Usage
+from gateway.openai_apis import EMBEDDINGS_API
 from gateway.stores import StoreGuard
 from gateway.stores.memory import MemoryStore
 from gateway.surfaces import CHAT_API, MESSAGES_API, Api, chat_request_texts, chat_usage
@@ -204,6 +205,22 @@ def test_completion_bound(payload: dict[str, Any], bound: int) -> None:
 async def test_each_choice_asked_for_is_reserved(extra: dict[str, Any], held: int) -> None:
     payload = {"model": "m", "messages": [{"role": "user", "content": "ping"}], **extra}
     assert await budget_over(MemoryStore()).estimate(CHAT_API, payload) == held
+
+
+@pytest.mark.parametrize(
+    ("given", "held"),
+    [
+        # Found by review: token arrays held nothing, so an embeddings request of 3000 token
+        # ids was admitted against a budget of 1000 (2048 arrays of 8191: 16.7M in one request).
+        ([7] * 3000, 3000),
+        ([[7] * 3000, [8] * 5], 3005),
+        ([], 0),
+        ("abcdefgh", 2),
+    ],
+)
+async def test_embeddings_token_ids_are_reserved_one_each(given: object, held: int) -> None:
+    payload = {"model": "text-embedding-3-small", "input": given}
+    assert await budget_over(MemoryStore()).estimate(EMBEDDINGS_API, payload) == held
 
 
 async def test_a_route_without_completions_reserves_its_texts_only() -> None:
