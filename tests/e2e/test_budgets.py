@@ -295,3 +295,30 @@ async def test_a_client_that_leaves_during_the_store_step_holds_no_tokens(
         # Nothing held for the leaver: 900 more fit in the 1000 (with its 501 held they would not).
         status, _, body = await post(session, gateway, ask(max_tokens=899))
         assert status == 200, body
+
+
+async def test_a_stream_that_ends_just_after_a_redis_stall_is_settled(
+    start_gateway: GatewayFactory, mock: Mock, redis_server: RedisServer
+) -> None:
+    # Found by review: one store timeout backs the guard off for a second, and every settle of
+    # that second was skipped although Redis answered again: the stream below kept its whole
+    # estimate (900) to the window's end, and the tenant's next request was refused.
+    gateway = start_gateway(REDIS_URL=redis_server.url, TOKEN_QUOTA="1000", STORE_TIMEOUT_MS="200")
+    assert redis_server.process is not None
+    async with aiohttp.ClientSession() as session:
+        slow = {"X-Api-Key": "demo", **THREE, "x-stainless-mock-chunk-delay-ms": "150"}
+        stream = await session.post(gateway.url + CHAT, json=ask(stream=True, max_tokens=899), headers=slow)
+        assert stream.status == 200 and tokens_left(dict(stream.headers)) == 100
+        redis_server.process.signal(signal.SIGSTOP)
+        try:  # another tenant's request times out on the store: the guard backs off
+            assert (await post(session, gateway, ask(), key="other"))[0] == 200  # fail-open
+        finally:
+            redis_server.process.signal(signal.SIGCONT)
+        await stream.read()  # the stream ends while the guard still backs off
+        await asyncio.to_thread(
+            wait_until,
+            lambda: redis_server.cli("HGET", "tokens:{demo}", "reserved") == "0",
+            what="the stream's reservation settled",
+        )
+        status, _, body = await post(session, gateway, ask(max_tokens=199))
+        assert status == 200, body
