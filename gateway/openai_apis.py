@@ -554,14 +554,15 @@ def embeddings_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
 def embeddings_request_tokens(payload: dict[str, Any]) -> int:
     """The token ids of `input`: one token array, or arrays of them. Its first item tells which
     (the APIs take no mixed array: one the upstream refuses holds nothing in the end), so a body
-    of millions of ids costs no walk on the loop."""
+    of millions of ids costs no walk over them on the loop."""
     value = payload.get("input")
     if type(value) is not list or not value:
         return 0
-    first = type(value[0])
-    if first is int:
+    if type(value[0]) is int:
         return len(value)
-    return sum(map(len, value)) if first is list else 0
+    # Arrays of ids: their lengths, not their items, are read (a mixed array, which the
+    # upstream refuses, counts its arrays only).
+    return sum([len(item) for item in value if type(item) is list])
 
 
 def embeddings_usage(reply: dict[str, Any]) -> Usage | None:

@@ -214,6 +214,8 @@ async def test_each_choice_asked_for_is_reserved(extra: dict[str, Any], held: in
         # ids was admitted against a budget of 1000 (2048 arrays of 8191: 16.7M in one request).
         ([7] * 3000, 3000),
         ([[7] * 3000, [8] * 5], 3005),
+        ([[7, 7], 8, "abcd"], 2 + 1),  # mixed: OpenAI refuses it, which releases the reservation
+        ([8, [7, 7]], 2),
         ([], 0),
         ("abcdefgh", 2),
     ],
