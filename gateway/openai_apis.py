@@ -148,7 +148,6 @@ _NEEDED = {
 # The steps of a copy's path that name its stream (the rest, "response", "output", "item",
 # "part", are where the copy sits).
 _STREAM_STEPS = frozenset({"content", "summary", "text", "refusal", "arguments", "input", "code"})
-_MAX_SEQUENCE = 2**53  # a sequence number the gateway may count on from
 
 
 class ResponsesSurface(Surface):
@@ -254,26 +253,28 @@ class ResponsesSurface(Surface):
     def flush_events(
         self, held: list[tuple[Path, str]], templates: dict[Path, dict[str, Any]], counts: dict[str, int]
     ) -> bytes:
-        """Deltas of held text, each like the stream's first one; numbered as the event they
-        go out before (or the last one, at the end): the numbers stay in order."""
+        """Deltas of held text, each like the stream's first one; numbered after the last event
+        sent, and every later upstream event moves up past them (the relay adds
+        counts["inserted"]): numbers stay unique and increasing, as OpenAI sends them and as
+        clients that resume or de-duplicate by sequence_number read them."""
         out = []
+        number = counts.get("sequence_number", -1) + counts.get("inserted", 0)
         for path, text in held:
             root = path[: path.index("delta")]  # the stream's root: its path is (*root, "delta"[, field])
             event = dict(templates.get(root) or _bare_delta(root))
             kind = event["type"]
-            event["sequence_number"] = counts.get("sequence_number", 0)
+            number += 1
+            event["sequence_number"] = number
             event["delta"] = {path[-1]: text} if len(path) > len(root) + 1 else text
             if kind == "response.output_text.delta":
                 event["logprobs"] = []
             out.append(b"event: " + str(kind).encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n")
+        counts["inserted"] = counts.get("inserted", 0) + len(out)
         return b"".join(out)
 
     def usage(self, event: dict[str, Any], before: Usage | None, counts: dict[str, int]) -> Usage | None:
-        """The terminal response's usage. Every event passes here: its sequence number is
-        noted too (for the events the gateway writes)."""
-        number = event.get("sequence_number")
-        if type(number) is int and 0 <= number < _MAX_SEQUENCE:
-            counts["sequence_number"] = number
+        """The terminal response's usage. (The relay notes each event's sequence number in
+        `counts` as it writes the event: see StreamRelay.numbered.)"""
         kind = event.get("type")
         if type(kind) is not str or kind not in _TERMINAL:
             return before
@@ -287,7 +288,7 @@ class ResponsesSurface(Surface):
             "code": error.code,
             "message": error.message,
             "param": None,
-            "sequence_number": counts.get("sequence_number", -1) + 1,
+            "sequence_number": counts.get("sequence_number", -1) + counts.get("inserted", 0) + 1,
         }
         return b"event: error\ndata: " + orjson.dumps(data) + b"\n\n"
 

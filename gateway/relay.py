@@ -259,6 +259,8 @@ class StreamRelay:
         """The upstream ended: a last event without its blank line, then held text."""
         last = self.parser.close()
         if self._redactor is None:
+            if self._number_key and last and not self.done:
+                self._note_last_number(last[-1].raw)
             return b"".join([event.raw for event in last if not self.done and not self._noted(event)])
         return b"".join([self._event(event) for event in last if not self.done]) + self.finish()
 
@@ -311,6 +313,8 @@ class StreamRelay:
         those are not)."""
         if self.done:
             return b""
+        if self._number_key:
+            self._note_last_number(blocks)
         out: list[bytes] = []
         copied = 0
         for start, stop in self._worth_parsing(blocks):
@@ -327,6 +331,16 @@ class StreamRelay:
             return blocks
         out.append(blocks[copied:])
         return b"".join(out)
+
+    def _note_last_number(self, blocks: bytes) -> None:
+        """Redaction off: the number of the last event relayed (the surface's own key, read
+        from the bytes: one search from the end), for the error event that may follow."""
+        key = self._number_key
+        at = blocks.rfind(key)
+        digits = _DIGITS.match(blocks, at + len(key)) if at >= 0 else None
+        if digits is not None:
+            assert self._numbered is not None
+            self._scratch[self._numbered] = int(digits.group())
 
     def _noted(self, event: sse.Event) -> bool:
         """Redaction off: the event's usage and end noted; whether it is a usage chunk to hide."""
@@ -438,11 +452,12 @@ class StreamRelay:
                 plain = False
                 for path, text in self._take_held(into):
                     put(chunk, path, text)
+            shift = self._renumbered(chunk) if self._numbered is not None else 0
             written = _with_data(event, _dumps(chunk), self._whole)
             # An event whose texts are all empty opens a part (OpenAI's role chunk, Anthropic's
             # content_block_start): one of its shape seldom follows, so it is not worth learning.
             if plain and before is None and root is not None and not self.done and any(text for _, _, text, _ in fed):
-                self._learn(event, chunk, fed, written)
+                self._learn(event, chunk, fed, written, shift)
             return out + written
         except RecursionError:  # parsed, but too deep to walk or write: some of its text may be in its streams
             return out + self._too_deep()
@@ -453,6 +468,22 @@ class StreamRelay:
         self.done = True
         self.failure = UpstreamError("upstream sent an event nested too deeply to read")
         return self.finish() + self.error_event(self.failure)
+
+    def _renumbered(self, chunk: dict[str, Any]) -> int:
+        """Note the event's number (the surface's, as the fast path reads it) and move it up
+        past the events the gateway inserted into the stream so far (held text flushed in
+        events of its own: `Surface.flush_events` counts them in "inserted"), so that the
+        numbers the client sees stay unique and increasing. Returns the shift applied."""
+        key = self._numbered
+        assert key is not None
+        number = chunk.get(key)
+        if type(number) is not int or not 0 <= number < _MAX_NUMBER:
+            return 0
+        self._scratch[key] = number
+        shift = self._scratch.get("inserted", 0)
+        if shift:
+            chunk[key] = number + shift
+        return shift
 
     def _recorded(self, fed: list[tuple[Path, Leaf, str, str]]) -> LeafText:
         """`_leaf`, noting each described text and what its stream gave out."""
@@ -465,7 +496,12 @@ class StreamRelay:
         return leaf
 
     def _learn(
-        self, event: sse.Event, chunk: dict[str, Any], fed: list[tuple[Path, Leaf, str, str]], written: bytes
+        self,
+        event: sse.Event,
+        chunk: dict[str, Any],
+        fed: list[tuple[Path, Leaf, str, str]],
+        written: bytes,
+        shift: int = 0,
     ) -> None:
         """Keep a plain event's shape for the fast path: the bytes between its volatile values,
         which stream each value feeds, and the model it names (noted as the exact path notes
@@ -479,6 +515,7 @@ class StreamRelay:
             at = raw.find(key)
             digits = _DIGITS.match(raw, at + len(key)) if at >= 0 and raw.find(key, at + 1) < 0 else None
             number = chunk.get(self._numbered) if self._numbered else None
+            number = number - shift if shift and type(number) is int else number  # the upstream's, as in raw
             # Only the event's own number, written as it parses (not a nested key's, not a
             # float's integer part, not the head of a longer number).
             if digits is not None and type(number) is int and str(number).encode() == digits.group():
@@ -493,7 +530,9 @@ class StreamRelay:
         )
         outputs = {str(path[-1]).encode(): now for path, _, _, now in fed}
         values = [
-            raw[begin:end]
+            str(int(raw[begin:end]) + shift).encode()
+            if step is NUMBER and shift
+            else raw[begin:end]
             if step is None or step is NUMBER or outputs[name] == raw[begin:end].decode()
             else orjson.dumps(outputs[name])[1:-1]
             for step, (begin, end, name) in zip(steps, slots, strict=True)
@@ -531,6 +570,10 @@ class StreamRelay:
             return None
         edits: list[tuple[int, int, str]] = []  # (begin, end, text) of each value changed
         self._fed(run, edits)
+        shift = self._scratch.get("inserted")
+        if shift:  # the gateway inserted events before: the run's numbers move up past them
+            edits += [(begin, end, str(int(text) + shift)) for step, begin, end, text in run if step is NUMBER]
+            edits.sort()
         for begin, value_end, now in edits:
             out.append(blocks[copied:begin])
             out.append(orjson.dumps(now)[1:-1])
@@ -713,6 +756,7 @@ _VOLATILE = re.compile(
     rb'|delta|obfuscation)":"([^"\\]*)"'
 )
 _DIGITS = re.compile(rb"[0-9]{1,15}")
+_MAX_NUMBER = 10**15  # the surface's numbers the gateway reads (and renumbers): what _DIGITS reads whole
 MAX_PLANS = 16  # shapes remembered per stream (a role chunk, text chunks, a tool call's...)
 MAX_PLAN_BYTES = 4096  # larger events are never learned: each shape keeps its bytes
 

@@ -241,7 +241,7 @@ def test_held_text_goes_out_as_a_delta_shaped_like_the_streams_own() -> None:
         [],
     )
     numbers = [e["sequence_number"] for e in events(out)]
-    assert numbers == sorted(numbers)  # in order: numbered as the event it goes out before
+    assert numbers == list(range(len(numbers)))  # the flushed delta takes a number of its own
 
 
 def test_refusals_are_redacted_across_deltas_and_in_every_copy() -> None:
@@ -336,7 +336,7 @@ def test_an_unknown_delta_event_is_a_stream_of_its_own(where: dict[str, Any]) ->
     assert {k: deltas[-1][k] for k in ("item_id", *where)} == {"item_id": "ft_1", **where}  # the held part, keyed alike
     assert events(out)[-2] == {
         **e(f"{kind}.done", item_id="ft_1", **where, text="to j***e@example.com"),
-        "sequence_number": 4,
+        "sequence_number": 5,  # the upstream's 4, after the held part the gateway sent as 4
     }
     assert_no_clear_pii(out)
 
@@ -536,8 +536,17 @@ def test_a_mid_stream_failure_is_a_responses_error_event_after_the_held_text() -
         "code": "upstream_stream_broken",
         "message": "upstream stream ended unexpectedly",
         "param": None,
-        "sequence_number": 3,
+        "sequence_number": 4,  # after the held part, numbered 3
     }
+
+
+def test_redaction_off_the_error_event_is_numbered_after_the_last_event_relayed() -> None:
+    # Redaction off, events are relayed unparsed: the error event that ends a broken stream
+    # still takes the number after the last one the client saw (it took 2 after 0..5).
+    r = StreamRelay(None, None, RESPONSES)
+    out = r.feed(numbered(text_item(["Hello", " there", " again"])[:5]))  # added, part added, 3 deltas
+    tail = r.error_event(UpstreamStreamBroken())
+    assert [e["sequence_number"] for e in events(out + tail)] == list(range(6))
 
 
 def test_the_upstreams_own_error_event_is_relayed_after_the_held_text() -> None:
@@ -635,6 +644,10 @@ def test_any_split_and_interleaving_streams_the_redaction_of_each_whole_text_and
     texts, kinds, reads = case
     out, r = relay(*reads)
     assert r.done and events(out)[-1]["type"] == "response.completed"
+    # Numbered 0, 1, 2... as OpenAI numbers its events: the deltas that carry held text take
+    # numbers of their own, and every event after them moves up (the fast path's included).
+    numbers = [event["sequence_number"] for event in events(out)]
+    assert numbers == list(range(len(numbers)))
     for index, (text, kind) in enumerate(zip(texts, kinds, strict=True)):
         whole = REDACTOR.redact(text, json_text=kind in TOOLS and TOOLS[kind][2])
         assert deltas_of(out, index, kind) == whole
@@ -763,7 +776,8 @@ def test_deltas_of_one_shape_take_the_fast_path_and_their_numbers_are_noted() ->
     tail = r.finish() + r.error_event(UpstreamStreamBroken())
     assert deltas_of(out + tail, 0) == "".join(words)
     assert [e["sequence_number"] for e in events(out)] == list(range(12))
-    assert events(tail)[-1]["sequence_number"] == 12
+    numbers = [e["sequence_number"] for e in events(tail)]  # " do" may be held: its delta, then the error
+    assert numbers == list(range(12, 12 + len(numbers)))
 
 
 def test_a_huge_event_is_the_upstreams_failure_not_held() -> None:

@@ -236,6 +236,24 @@ def test_streamed_function_call_arguments_are_json_with_masks(shared_gateway: Ga
     assert json.loads(final.output[1].arguments) == expected  # type: ignore[union-attr]
 
 
+def test_sequence_numbers_stay_unique_and_increasing_when_held_text_is_flushed(
+    shared_gateway: Gateway, mock: Mock
+) -> None:
+    # The message ends inside an address and the call's arguments end inside a card: each held
+    # part goes out as a delta of the gateway's own. It took the number of the .done after it
+    # (9 twice, 16 twice), so a client that resumes or de-duplicates by sequence_number
+    # (openai-python's starting_after: `>` the last number seen) lost the masked text.
+    headers = knobs(deltas=["mail jane@exa", "mple.com"], tool_deltas=['{"card": "4242 4242 ', '4242 4242"}'])
+    with sdk(shared_gateway, headers).responses.stream(model=MODEL, input="hi") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    numbers = [e.sequence_number for e in events]
+    assert numbers == list(range(len(events)))  # as OpenAI numbers them: 0, 1, 2...
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == final.output_text
+    assert final.output_text == "mail j***e@example.com"
+    assert json.loads(final.output[1].arguments) == {"card": "CC_MASKED_LAST4_4242"}  # type: ignore[union-attr]
+
+
 def test_a_custom_tools_input_split_across_deltas_is_masked_everywhere(shared_gateway: Gateway, mock: Mock) -> None:
     # Review of issue 18, D1: the custom tool's input streamed as custom_tool_call_input deltas
     # was redacted delta by delta, so an address split across two passed.
