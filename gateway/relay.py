@@ -453,7 +453,12 @@ class StreamRelay:
                 for path, text in self._take_held(into):
                     put(chunk, path, text)
             shift = self._renumbered(chunk) if self._numbered is not None else 0
-            written = _with_data(event, _dumps(chunk), self._whole)
+            parsed = _dumps(chunk)
+            if parsed != data and _spaced_as(data, parsed):
+                # Unchanged but for the upstream's spacing (Anthropic writes `{"type": "ping"}` and
+                # pads events with spaces to hide their lengths): relayed byte for byte (SPEC §11).
+                parsed = data
+            written = _with_data(event, parsed, self._whole)
             # An event whose texts are all empty opens a part (OpenAI's role chunk, Anthropic's
             # content_block_start): one of its shape seldom follows, so it is not worth learning.
             if plain and before is None and root is not None and not self.done and any(text for _, _, text, _ in fed):
@@ -1130,6 +1135,20 @@ def _has_invalid_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return True
     return False
+
+
+_JSON_SPACE = b" \t\r\n"
+
+
+def _spaced_as(data: bytes, compact: bytes) -> bool:
+    """Whether `data` is `compact` with JSON whitespace added between tokens. Without an escape,
+    every other quote opens a string, so what lies outside strings is found by splitting on
+    quotes; a repeated key, a number written otherwise ("1.50") or any escape: False."""
+    if len(data) <= len(compact) or data.find(b"\\") >= 0:
+        return False
+    parts = data.split(b'"')
+    parts[::2] = [part.translate(None, _JSON_SPACE) for part in parts[::2]]
+    return b'"'.join(parts) == compact
 
 
 def _dumps(value: Any) -> bytes:
