@@ -243,12 +243,16 @@ class ResponsesSurface(Surface):
 
     def template(self, event: dict[str, Any]) -> dict[str, Any]:
         """A delta's own fields but its text, for a delta that carries held text: its type,
-        item and integer indices."""
-        return {
+        item and integer indices (an output_item.added names its item inside it: `item.id`)."""
+        kept = {
             name: value
             for name, value in event.items()
             if name in ("type", "item_id") or (type(value) is int and name.endswith("_index") and _NAME.fullmatch(name))
         }
+        item = event.get("item")
+        if "item_id" not in kept and type(item) is dict and type(item.get("id")) is str:
+            kept["item_id"] = item["id"]
+        return kept
 
     def flush_events(
         self, held: list[tuple[Path, str]], templates: dict[Path, dict[str, Any]], counts: dict[str, int]
@@ -261,7 +265,16 @@ class ResponsesSurface(Surface):
         number = counts.get("sequence_number", -1) + counts.get("inserted", 0)
         for path, text in held:
             root = path[: path.index("delta")]  # the stream's root: its path is (*root, "delta"[, field])
-            event = dict(templates.get(root) or _bare_delta(root))
+            template = templates.get(root)
+            if template is not None:
+                event = dict(template)
+            else:
+                event = _bare_delta(root)
+                # A stream opened by text in its part or item (no delta of its own before): the
+                # delta takes the item id the opening event named, as the SDKs key text by it.
+                opened = templates.get(root[:3]) or templates.get(root[:1])
+                if opened is not None and "item_id" in event and type(opened.get("item_id")) is str:
+                    event["item_id"] = opened["item_id"]
             kind = event["type"]
             number += 1
             event["sequence_number"] = number

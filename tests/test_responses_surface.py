@@ -486,6 +486,35 @@ def test_a_texts_opening_in_its_added_event_is_the_start_of_its_stream(opening: 
     assert set(copies_of(out, 0)) == {whole}
 
 
+@pytest.mark.parametrize("by", ["part", "item"])
+def test_held_text_of_an_opening_without_deltas_goes_out_under_the_openings_item_id(by: str) -> None:
+    # The opening's text ends where PII may start and no delta follows: the held part goes out
+    # as a delta before the .done, under the item id the opening named (it went out as "").
+    start = "Mail me at jane.doe@exa"
+    if by == "part":
+        where = {"item_id": "msg_7", "output_index": 0, "content_index": 0}
+        items: list[Event] = [
+            e("response.output_item.added", output_index=0, item={**message(None, "in_progress"), "id": "msg_7"}),
+            e("response.content_part.added", **where, part=part(start)),
+            e("response.output_text.done", **where, text=start, logprobs=[]),
+        ]
+        output, kind = [message(start)], "response.output_text.delta"
+    else:
+        where = {"item_id": "fc_7", "output_index": 0}
+        items = [
+            e(
+                "response.output_item.added",
+                output_index=0,
+                item={**call('{"to": "' + start, "in_progress"), "id": "fc_7"},
+            ),
+            e("response.function_call_arguments.done", **where, arguments='{"to": "' + start),
+        ]
+        output, kind = [call('{"to": "' + start)], "response.function_call_arguments.delta"
+    out, _ = relay(whole_stream(items, output))
+    [flushed] = [event for event in events(out) if event["type"] == kind]
+    assert flushed["item_id"] == where["item_id"] and flushed["output_index"] == 0
+
+
 def test_the_output_of_response_created_opens_its_texts() -> None:
     where = {"item_id": "msg_0", "output_index": 0, "content_index": 0}
     start = {**RESPONSE, "output": [message(CARD_START, "in_progress")]}
