@@ -450,6 +450,30 @@ def _check_sampler(sdk_environment: Mapping[str, str], errors: dict[str, str]) -
             errors["OTEL_TRACES_SAMPLER_ARG"] = "expected a ratio from 0 to 1 (0.1 samples one trace in ten)"
 
 
+# What the OTLP exporter accepts in OTEL_EXPORTER_OTLP(_TRACES)_HEADERS: `name=value` entries
+# split on commas, the value URL-encoded or plain with spaces (the SDK's "liberal" reading).
+_OTLP_HEADER_NAMES = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+_OTLP_HEADER_SPLIT = re.compile(r"[ \t]*,[ \t]*")
+_OTLP_HEADER = re.compile(
+    r"[ \t]*[\x21\x23-\x27\x2a\x2b\x2d\x2e\x30-\x39\x41-\x5a\x5e-\x7a\x7c\x7e]+[ \t]*="
+    r"[ \t]*[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*[ \t]*"
+)
+
+
+def _check_otlp_headers(sdk_environment: Mapping[str, str], errors: dict[str, str]) -> None:
+    """The SDK skips an entry it cannot read with a warning that quotes it, the collector's
+    token and all, on stderr: refuse it here, naming the entry by its place, not its text."""
+    for name in _OTLP_HEADER_NAMES:
+        value = sdk_environment.get(name)
+        if not value:
+            continue
+        entries = [entry for entry in _OTLP_HEADER_SPLIT.split(value) if entry]
+        for number, entry in enumerate(entries, start=1):
+            if not _OTLP_HEADER.fullmatch(entry.strip()):
+                errors[name] = f"entry {number} is not name=value (no quotes, semicolons or backslashes)"
+                break
+
+
 def _key_digest(key: str, entry: str) -> bytes:
     if key.startswith("sha256:"):
         hexdigest = key[len("sha256:") :]
@@ -677,6 +701,7 @@ def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
 
     anthropic_key = r.custom("ANTHROPIC_API_KEY", _parse_api_key, None) or None
     _check_sampler(sdk_environment, r.errors)
+    _check_otlp_headers(sdk_environment, r.errors)
     routes_file = env.str("ROUTES_FILE", None) or None
     routes = None
     if routes_file:

@@ -479,7 +479,7 @@ def test_check_config_masks_every_secret(tmp_path: Path) -> None:
         TENANT_QUOTAS="acme=5",
         OTEL_EXPORTER_OTLP_ENDPOINT="https://otel-secret-10@collector.example",
         OTEL_EXPORTER_OTLP_HEADERS="authorization=Bearer otel-secret-11,x-key=otel-secret-12",
-        OTEL_EXPORTER_OTLP_TRACES_HEADERS="otel-secret-13",
+        OTEL_EXPORTER_OTLP_TRACES_HEADERS="x-token=otel-secret-13",
     )
     assert result.returncode == 0, result.stderr
     assert "secret-" not in result.stdout + result.stderr, result.stdout
