@@ -218,6 +218,10 @@ class Proxy:
             state.usage = self._api.reply_usage(answer)
             if isinstance(answer.get("model"), str):
                 state.response_model = answer["model"]
+            if "error" in answer:  # an error under a 200 (some proxies answer so): it may echo the key too
+                scrubbed = reply.scrub(data)
+                if scrubbed is not data:  # as an error status's body is: relayed, the key masked
+                    return web.Response(body=scrubbed, status=reply.status, content_type="application/json")
         if self._redactor is not None:
             # The usual reply: nothing to look at. (A long one goes to the thread unchecked:
             # the check is a scan of its own, seconds for megabytes of digits.)
@@ -539,8 +543,10 @@ class Proxy:
                             idle.reschedule(deadline)
                 idle.reschedule(None)
             # The last events and the end of the body in one write (with the headers too when
-            # the whole reply came in the first read): one send instead of two.
-            await response.write_eof(out)
+            # the whole reply came in the first read): one send instead of two. An in-stream
+            # error ends the stream, so it is in these bytes: scanned once a stream for the
+            # operator's key (an error that echoes the request's headers).
+            await response.write_eof(reply.scrub(out))
         except TimeoutError:
             self._telemetry.metrics.cb_event("timeout")
             await _try_write(response, _finished(relay) + relay.error_event(UpstreamIdleTimeout()))

@@ -325,6 +325,9 @@ class AnthropicAsChat:
             return await asyncio.to_thread(translate.whole_reply, self.status, data, self._include_usage, self._created)
         return translate.whole_reply(self.status, data, self._include_usage, self._created)
 
+    def scrub(self, data: bytes) -> bytes:
+        return self._reply.scrub(data)
+
     async def next_chunk(self) -> bytes:
         """The next chat events, b"" at the end: Anthropic events without a chat form (a ping,
         thinking) are read past, so an empty answer always means the end. A body that ends

@@ -77,6 +77,7 @@ class Reply(Protocol):
     def retry_after(self) -> float | None: ...
     async def read(self) -> bytes: ...
     async def next_chunk(self) -> bytes: ...
+    def scrub(self, data: bytes) -> bytes: ...
     def close(self) -> None: ...
 
 
@@ -166,13 +167,21 @@ class UpstreamReply:
         data = b"".join(parts)
         # An error body that echoes the request it got (a debugging proxy, a validation error
         # quoting the headers) would hand the operator's key to whoever made the call.
-        if self._secret is not None and self._response.status >= 300 and self._secret in data:
-            data = data.replace(self._secret, b"***")
+        if self._response.status >= 300:
+            data = self.scrub(data)
         # Before anything parses it (a JSON reply, an error, a translation, the model list), so
         # one check covers them all and a route's next upstream answers instead.
         excess = await reply_structure_excess(data)
         if excess is not None:
             raise UpstreamError(f"upstream reply has {excess}")
+        return data
+
+    def scrub(self, data: bytes) -> bytes:
+        """`data` without the operator's key: for what may echo the request the upstream got
+        (an error body, an in-stream error event, a 200 reply that is an error)."""
+        secret = self._secret
+        if secret is not None and secret in data:
+            return data.replace(secret, b"***")
         return data
 
     async def next_chunk(self) -> bytes:

@@ -216,7 +216,7 @@ class Gateway:
 async def hostile(aiohttp_server: AiohttpServer) -> Hostile:
     upstream = Hostile()
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_route("POST", "/{path:.*}", upstream.handle)
+    app.router.add_route("*", "/{path:.*}", upstream.handle)  # GET too: the model list
     server = await aiohttp_server(app)
     upstream.url = str(server.make_url("")).rstrip("/")
     return upstream
@@ -1119,3 +1119,37 @@ async def test_a_client_gone_while_a_long_event_is_relayed_aside(
     await asyncio.sleep(0.1)
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert await gateway.healthy()
+
+
+# --- The operator's key echoed by an upstream that reports errors outside an error status ---------
+
+
+async def test_an_error_that_echoes_the_request_never_hands_the_client_the_operators_key(
+    gateway: Gateway, hostile: Hostile
+) -> None:
+    # A debugging proxy or a misbehaving upstream quoting the request it got, in an error event
+    # mid-stream, in a stream that opens with one, or in a 200 reply that is an error: the
+    # client (any tenant) read the operator's key. An error status's body was masked already.
+    said = f"Incorrect API key: Bearer {UPSTREAM_KEY}"
+    claude_said = f"x-api-key {ANTHROPIC_KEY}"
+    start = anthropic_ev(
+        {"type": "message_start", "message": {"id": "m", "role": "assistant", "content": [], "usage": {}}}
+    )
+    cases = [
+        (CHAT, True, events_answer(chunk({"content": "a"}), ev({"error": {"message": said}}))),
+        (CHAT, True, events_answer(ev({"error": {"message": said}}))),
+        (CHAT, False, json_answer({"error": {"message": said}})),
+        ("/v1/embeddings", False, json_answer({"error": {"message": said}})),
+        (MESSAGES_PATH, True, events_answer(start, anthropic_ev({"type": "error", "error": {"message": claude_said}}))),
+    ]
+    for path, stream, answer in cases:
+        hostile.answer = answer
+        body: dict[str, Any] = {"model": "m", "messages": PROMPT, "input": "x", "max_tokens": 5, "stream": stream}
+        status, data = await gateway.post(path, body)
+        assert status == 200, (path, data)
+        assert b"upstream-secret" not in data, (path, data)
+        assert b"***" in data, (path, data)  # the error itself still reaches the client
+    hostile.answer = json_answer({"object": "list", "data": [], "error": {"message": said}})
+    async with gateway.client.get("/v1/models", headers={"X-Api-Key": "demo"}) as r:
+        data = await r.read()
+    assert r.status == 200 and b"upstream-secret" not in data and b"***" in data, data
