@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.utils
 import math
+import re
 import time
 from collections.abc import Mapping
 from typing import Protocol
@@ -81,17 +82,59 @@ class Reply(Protocol):
     def close(self) -> None: ...
 
 
+class KeyMask:
+    """The operator's key as a reply may echo it, to mask: as sent, or JSON-escaped.
+
+    JSON encoders escape some punctuation (Gson writes "=" as \\u003d, PHP "/" as \\/), and
+    the client's JSON reader gets the key back; a base64 key (Amazon Bedrock's) has "=", "/"
+    and "+". None escapes letters, digits, "-" or "_": a key of only those (OpenAI's,
+    Anthropic's) is looked for as sent, and nothing more is compiled for it."""
+
+    __slots__ = ("_escaped", "_key")
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+        parts: list[bytes] = []
+        escapable = False
+        for byte in key:
+            char = bytes((byte,))
+            if char.isalnum() or char in b"-_":
+                parts.append(re.escape(char))
+                continue
+            escapable = True
+            forms = [re.escape(char), rb"\\u00" + b"".join(_either_case(d) for d in b"%02x" % byte)]
+            if char in b'"\\/':  # JSON's own two-character escapes
+                forms.append(rb"\\" + re.escape(char))
+            parts.append(b"(?:" + b"|".join(forms) + b")")
+        self._escaped = re.compile(b"".join(parts)) if escapable else None
+
+    def __call__(self, data: bytes) -> bytes:
+        """`data` with the key masked; the same object when it holds none."""
+        if self._key in data:
+            data = data.replace(self._key, b"***")
+        if self._escaped is not None and b"\\" in data:
+            masked, count = self._escaped.subn(b"***", data)
+            if count:
+                return masked
+        return data
+
+
+def _either_case(digit: int) -> bytes:
+    char = bytes((digit,))
+    return b"[" + char + char.upper() + b"]" if char.isalpha() else char
+
+
 class UpstreamReply:
     """The upstream's answer once its headers have arrived."""
 
-    __slots__ = ("_limit", "_response", "_secret")
+    __slots__ = ("_limit", "_mask", "_response")
 
     def __init__(
-        self, response: aiohttp.ClientResponse, limit: int = MAX_REPLY_BYTES, secret: bytes | None = None
+        self, response: aiohttp.ClientResponse, limit: int = MAX_REPLY_BYTES, mask: KeyMask | None = None
     ) -> None:
         self._response = response
         self._limit = limit
-        self._secret = secret  # the operator's key: never handed back to the client (see read)
+        self._mask = mask  # the operator's key: never handed back to the client (see read)
 
     @property
     def status(self) -> int:
@@ -179,10 +222,8 @@ class UpstreamReply:
     def scrub(self, data: bytes) -> bytes:
         """`data` without the operator's key: for what may echo the request the upstream got
         (an error body, an in-stream error event, a 200 reply that is an error)."""
-        secret = self._secret
-        if secret is not None and secret in data:
-            return data.replace(secret, b"***")
-        return data
+        mask = self._mask
+        return data if mask is None else mask(data)
 
     async def next_chunk(self) -> bytes:
         """The body's next bytes as they arrive, b"" at its end; a connection that dies raises
@@ -207,7 +248,7 @@ class UpstreamReply:
 class Upstream:
     """The session is opened in the app's cleanup context (it needs the running loop)."""
 
-    __slots__ = ("_connect_timeout", "_defaults", "_max_reply", "_own", "_secret", "_session", "_url", "_verdicts")
+    __slots__ = ("_connect_timeout", "_defaults", "_mask", "_max_reply", "_own", "_session", "_url", "_verdicts")
 
     def __init__(
         self,
@@ -222,7 +263,7 @@ class Upstream:
     ) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._max_reply = max_reply_bytes
-        self._secret = api_key.encode() if api_key and len(api_key) >= 8 else None  # masking "x" would garble
+        self._mask = KeyMask(api_key.encode()) if api_key and len(api_key) >= 8 else None  # masking "x" would garble
         self._url = url
         self._connect_timeout = connect_timeout
         # What the gateway itself says on every call: built once, added per request. An
@@ -336,4 +377,4 @@ class Upstream:
         if 300 <= status < 400 or status >= 600:
             response.close()
             raise UpstreamError(f"upstream answered {status}")
-        return UpstreamReply(response, self._max_reply, self._secret)
+        return UpstreamReply(response, self._max_reply, self._mask)

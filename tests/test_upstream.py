@@ -386,6 +386,40 @@ async def test_an_error_body_that_echoes_the_request_never_carries_the_operators
         await runner.cleanup()
 
 
+async def test_an_error_body_that_echoes_the_key_json_escaped_never_carries_it() -> None:
+    # A base64 key (Amazon Bedrock's has "/", "+" and "=") echoed by an encoder that escapes
+    # punctuation (Gson writes "=" as \u003d, PHP "/" as \/): the client's JSON reader got the key.
+    key = "ABSKQmVk/cm9ja0+FQSUtleQ=="
+    escapes = {
+        "gson": lambda text: text.replace("=", "\\u003d"),
+        "php": lambda text: text.replace("/", "\\/"),
+        "upper": lambda text: text.replace("+", "\\u002B").replace("=", "\\u003D"),
+    }
+
+    async def echo(request: web.Request) -> web.Response:
+        await request.read()
+        quoted = escapes[request.query["as"]](request.headers["Authorization"])
+        return web.Response(
+            body=b'{"error":{"message":"got ' + quoted.encode() + b'"}}', status=400, content_type="application/json"
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", echo)
+    runner, port = await serve(app)
+    try:
+        for name in escapes:
+            upstream = Upstream(f"http://127.0.0.1:{port}/v1/chat/completions?as={name}", key, 5.0)
+            await upstream.open()
+            try:
+                reply = await upstream.post(BODY, upstream.headers_for(CIMultiDictProxy(CIMultiDict())))
+                data = await reply.read()
+            finally:
+                await upstream.close()
+            assert orjson.loads(data)["error"]["message"] == "got Bearer ***", name
+    finally:
+        await runner.cleanup()
+
+
 async def test_only_ascii_numbers_of_the_upstreams_back_off_advice_are_passed_on() -> None:
     # "٣" and "²" pass str.isdigit(): relayed, the client got a Retry-After in UTF-8 bytes.
     async def limited(request: web.Request) -> web.Response:
