@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Mapping
 from typing import Protocol
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -117,6 +118,17 @@ class KeyMask:
             if count:
                 return masked
         return data
+
+
+def _basic_credentials(url: str) -> str | None:
+    """What aiohttp sends for user info in the URL (`https://user:pass@proxy`, the credential
+    then instead of a key): `Authorization: Basic <this>`, an error body may echo it too."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return None
+    # Decoded and encoded as aiohttp's client does (latin-1, its BasicAuth's default).
+    header = aiohttp.encode_basic_auth(unquote(parts.username), unquote(parts.password or ""), "latin1")
+    return header.partition(" ")[2]
 
 
 def _either_case(digit: int) -> bytes:
@@ -263,7 +275,8 @@ class Upstream:
     ) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._max_reply = max_reply_bytes
-        self._mask = KeyMask(api_key.encode()) if api_key and len(api_key) >= 8 else None  # masking "x" would garble
+        secret = api_key or _basic_credentials(url)
+        self._mask = KeyMask(secret.encode()) if secret and len(secret) >= 8 else None  # masking "x" would garble
         self._url = url
         self._connect_timeout = connect_timeout
         # What the gateway itself says on every call: built once, added per request. An

@@ -420,6 +420,26 @@ async def test_an_error_body_that_echoes_the_key_json_escaped_never_carries_it()
         await runner.cleanup()
 
 
+async def test_an_error_body_that_echoes_the_urls_credentials_never_carries_them() -> None:
+    # OPENAI_BASE_URL=https://user:pass@proxy (a credential instead of a key): aiohttp sends it
+    # as Authorization: Basic, and an error body quoting that header gave it to the client.
+    async def echo(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"error": {"message": "got " + request.headers["Authorization"]}}, status=400)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", echo)
+    runner, port = await serve(app)
+    upstream = Upstream(f"http://gw:proxy-pass%40word@127.0.0.1:{port}/v1/chat/completions", None, 5.0)
+    await upstream.open()
+    try:
+        reply = await upstream.post(BODY, upstream.headers_for(CIMultiDictProxy(CIMultiDict())))
+        assert orjson.loads(await reply.read())["error"]["message"] == "got Basic ***"
+    finally:
+        await upstream.close()
+        await runner.cleanup()
+
+
 async def test_only_ascii_numbers_of_the_upstreams_back_off_advice_are_passed_on() -> None:
     # "٣" and "²" pass str.isdigit(): relayed, the client got a Retry-After in UTF-8 bytes.
     async def limited(request: web.Request) -> web.Response:
