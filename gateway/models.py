@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -43,6 +43,17 @@ class TokenDecision:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+
+
+# No reply counts more tokens; past it an upstream's number is no count. Unbounded, one reply of
+# 2**63 made tokens_total useless (a float64 counter no longer moves by a request's tokens) and
+# each such span failed OTLP's int64 with a traceback on stderr.
+MAX_TOKEN_COUNT = 10**15
+
+
+def is_count(value: object) -> TypeGuard[int]:
+    """An upstream's token count: an int (not a bool, not a float) from 0 to MAX_TOKEN_COUNT."""
+    return type(value) is int and 0 <= value <= MAX_TOKEN_COUNT
 
 
 @dataclass(slots=True)

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import orjson
 
 from .errors import BadRequest, GatewayError, LogprobsUnavailable
-from .models import Usage
+from .models import Usage, is_count
 from .surfaces import (
     COPY,
     DROP,
@@ -582,7 +582,7 @@ def embeddings_request_tokens(payload: dict[str, Any]) -> int:
 def embeddings_usage(reply: dict[str, Any]) -> Usage | None:
     usage = reply.get("usage")
     prompt = usage.get("prompt_tokens") if type(usage) is dict else None
-    return Usage(prompt, 0) if type(prompt) is int and prompt >= 0 else None
+    return Usage(prompt, 0) if is_count(prompt) else None
 
 
 EMBEDDINGS = EmbeddingsSurface()

@@ -26,7 +26,7 @@ import orjson
 
 from . import sse
 from .errors import BadRequest, GatewayError, LogprobsUnavailable
-from .models import Usage
+from .models import Usage, is_count
 from .redact import has_trigger
 
 
@@ -384,7 +384,7 @@ def usage_of(body: dict[str, Any], prompt_key: str, completion_key: str) -> Usag
     if type(usage) is not dict:
         return None
     prompt, completion = usage.get(prompt_key), usage.get(completion_key)
-    if type(prompt) is int and type(completion) is int and prompt >= 0 and completion >= 0:
+    if is_count(prompt) and is_count(completion):
         return Usage(prompt, completion)
     return None
 
@@ -493,7 +493,7 @@ class MessagesSurface(Surface):
             return before
         for name in _ANTHROPIC_COUNTS:
             value = usage.get(name)
-            if type(value) is int and value >= 0:
+            if is_count(value):
                 counts[name] = value
         prompt = anthropic_input_tokens(counts)
         completion = counts.get("output_tokens")
@@ -514,7 +514,7 @@ _ANTHROPIC_COUNTS = ("input_tokens", "cache_read_input_tokens", "cache_creation_
 def anthropic_input_tokens(usage: dict[str, Any]) -> int | None:
     """input_tokens plus the cache's read and creation tokens; None when none is reported."""
     counts = [usage.get(k) for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")]
-    present = [c for c in counts if type(c) is int and c >= 0]
+    present = [c for c in counts if is_count(c)]
     return sum(present) if present else None
 
 
@@ -523,7 +523,7 @@ def anthropic_usage(reply: dict[str, Any]) -> Usage | None:
     if type(usage) is not dict:
         return None
     prompt, completion = anthropic_input_tokens(usage), usage.get("output_tokens")
-    if prompt is None or type(completion) is not int or completion < 0:
+    if prompt is None or not is_count(completion):
         return None
     return Usage(prompt, completion)
 

@@ -19,6 +19,7 @@ import orjson
 
 from . import sse
 from .errors import BadRequest, UpstreamError, UpstreamStreamBroken
+from .models import is_count
 from .relay import loads_reply
 
 DEFAULT_MAX_TOKENS = 4096  # Messages requires max_tokens; chat requests may leave it out
@@ -448,5 +449,5 @@ class ChatStream:
         """message_start's counts, then message_delta's cumulative ones where it has them."""
         if isinstance(usage, dict):
             for name, value in usage.items():
-                if type(value) is int and value >= 0:
+                if is_count(value):
                     self._counts[name] = value

@@ -1153,3 +1153,29 @@ async def test_an_error_that_echoes_the_request_never_hands_the_client_the_opera
     async with gateway.client.get("/v1/models", headers={"X-Api-Key": "demo"}) as r:
         data = await r.read()
     assert r.status == 200 and b"upstream-secret" not in data and b"***" in data, data
+
+
+async def test_a_token_count_no_reply_could_hold_is_not_counted(gateway: Gateway, hostile: Hostile) -> None:
+    # One reply saying 2**63 tokens made tokens_total a float64 that the next requests' few
+    # tokens no longer moved (and its span failed OTLP's int64, a traceback on stderr each).
+    huge = 2**63
+    claude = {
+        "id": "m",
+        "type": "message",
+        "role": "assistant",
+        "model": "c",
+        "content": [{"type": "text", "text": "hi"}],
+    }
+    for path, usage, body in [
+        (CHAT, {"prompt_tokens": 3, "completion_tokens": huge}, {"model": "huge-chat"}),
+        (MESSAGES_PATH, {"input_tokens": huge, "output_tokens": 2}, {"model": "huge-claude"}),
+        ("/v1/embeddings", {"prompt_tokens": huge, "total_tokens": huge}, {"model": "huge-embed", "input": "x"}),
+    ]:
+        reply = {**(claude if path == MESSAGES_PATH else chat_reply("hi")), "usage": usage}
+        hostile.answer = json_answer(reply)
+        status, _ = await gateway.post(path, {"messages": PROMPT, "max_tokens": 5, **body})
+        assert status == 200
+    async with gateway.client.get("/metrics") as r:
+        text = await r.text()
+    assert "huge-" not in "".join(line for line in text.splitlines() if line.startswith("tokens_total")), text
+    assert str(huge) not in text
