@@ -474,6 +474,17 @@ def _check_otlp_headers(sdk_environment: Mapping[str, str], errors: dict[str, st
                 break
 
 
+def _check_resource_attributes(sdk_environment: Mapping[str, str], errors: dict[str, str]) -> None:
+    """Likewise OTEL_RESOURCE_ATTRIBUTES: the SDK warns of an entry without "=" quoting it (a
+    token, a URL with its password) and starts without it."""
+    value = sdk_environment.get("OTEL_RESOURCE_ATTRIBUTES")
+    if value:
+        for number, entry in enumerate(value.split(","), start=1):
+            if entry.strip() and "=" not in entry:
+                errors["OTEL_RESOURCE_ATTRIBUTES"] = f"entry {number} is not key=value"
+                break
+
+
 def _key_digest(key: str, entry: str) -> bytes:
     if key.startswith("sha256:"):
         hexdigest = key[len("sha256:") :]
@@ -702,6 +713,7 @@ def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
     anthropic_key = r.custom("ANTHROPIC_API_KEY", _parse_api_key, None) or None
     _check_sampler(sdk_environment, r.errors)
     _check_otlp_headers(sdk_environment, r.errors)
+    _check_resource_attributes(sdk_environment, r.errors)
     routes_file = env.str("ROUTES_FILE", None) or None
     routes = None
     if routes_file:

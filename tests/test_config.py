@@ -683,9 +683,21 @@ def test_an_otlp_header_the_sdk_cannot_read_stops_start_up_without_its_value(hea
     assert "sk-otel-secret" not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("attributes", ["deployment=prod,token sk-otel-secret", "sk-otel-secret"])
+def test_a_resource_attribute_the_sdk_cannot_read_stops_start_up_without_its_value(attributes: str) -> None:
+    result = run_gateway(OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:1", OTEL_RESOURCE_ATTRIBUTES=attributes)
+    assert result.returncode == 2
+    number = attributes.count(",") + 1
+    assert result.stderr.strip().splitlines() == [
+        f"config error: OTEL_RESOURCE_ATTRIBUTES: entry {number} is not key=value"
+    ]
+    assert "sk-otel-secret" not in result.stdout + result.stderr
+
+
 def test_otlp_headers_the_sdk_reads_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer x , api-key=a%20b=c,,x-empty=")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-tenant=t1")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod,,service.version=1=2")
     load_settings()
 
 
