@@ -218,7 +218,7 @@ class Proxy:
             state.usage = self._api.reply_usage(answer)
             if isinstance(answer.get("model"), str):
                 state.response_model = answer["model"]
-            if "error" in answer:  # an error under a 200 (some proxies answer so): it may echo the key too
+            if answer.get("error") is not None:  # an error under a 200, which may echo the key (not "error": null)
                 scrubbed = reply.scrub(data)
                 if scrubbed is not data:  # as an error status's body is: relayed, the key masked
                     return web.Response(body=scrubbed, status=reply.status, content_type="application/json")
