@@ -163,11 +163,22 @@ def openai_stream() -> str:
     return "".join(events) + "data: [DONE]\n\n"
 
 
+# The spaces Anthropic's API pads each event with before its last brace (so that an event's
+# length does not give its text away), as captured streams show them: 3 to 15, varying.
+ANTHROPIC_PADS = [4, 6, 11, 6, 3, 13, 7, 15, 9, 5]
+
+
 def anthropic_stream() -> str:
-    """Anthropic's Messages event stream for the same answer, event: lines included."""
+    """Anthropic's Messages event stream for the same answer as its API writes it: event:
+    lines, compact JSON padded with spaces before the last brace, `{"type": "ping"}` spaced."""
+    count = iter(range(1000))
 
     def event(name: str, body: dict[str, Any]) -> str:
-        return f"event: {name}\ndata: " + json.dumps(body, separators=(",", ":"), ensure_ascii=False) + "\n\n"
+        if name == "ping":
+            return 'event: ping\ndata: {"type": "ping"}\n\n'
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+        pad = " " * ANTHROPIC_PADS[next(count) % len(ANTHROPIC_PADS)]
+        return f"event: {name}\ndata: " + data[:-1] + pad + "}\n\n"
 
     message = {
         "id": "msg_01XFDUDYJgAACzvnptvVoYEL",

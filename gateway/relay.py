@@ -21,7 +21,7 @@ import functools
 import json
 import re
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import orjson
 
@@ -420,12 +420,13 @@ class StreamRelay:
         out = b""
         try:
             raw = event.raw
+            pad = _pad_of(data)
             plain = (
                 wrong is None  # a part without its index: not a shape to learn (the fast path reads no index)
                 and len(self._plans) < MAX_PLANS
                 and len(raw) <= MAX_PLAN_BYTES
                 and raw.find(b"\\") < 0
-                and _dumps(chunk) == data
+                and _dumps(chunk) == (data[: -1 - pad] + b"}" if pad else data)
                 and surface.usage(chunk, None, {}) is None
             )
             root = surface.root(chunk)
@@ -454,10 +455,12 @@ class StreamRelay:
                     put(chunk, path, text)
             shift = self._renumbered(chunk) if self._numbered is not None else 0
             parsed = _dumps(chunk)
-            if parsed != data and _spaced_as(data, parsed):
+            if parsed != data:
                 # Unchanged but for the upstream's spacing (Anthropic writes `{"type": "ping"}` and
                 # pads events with spaces to hide their lengths): relayed byte for byte (SPEC §11).
-                parsed = data
+                # Changed: written from its parse, with the upstream's pad still hiding its length.
+                padded = parsed[:-1] + data[-1 - pad :] if pad else parsed
+                parsed = data if padded == data or _spaced_as(data, parsed) else padded
             written = _with_data(event, parsed, self._whole)
             # An event whose texts are all empty opens a part (OpenAI's role chunk, Anthropic's
             # content_block_start): one of its shape seldom follows, so it is not worth learning.
@@ -526,6 +529,9 @@ class StreamRelay:
             if digits is not None and type(number) is int and str(number).encode() == digits.group():
                 slots.append((digits.start(), digits.end(), b""))
                 slots.sort()
+        pad = _pad_of(raw[:-2]) if raw.endswith(b"\n\n") else 0
+        if 0 < pad <= MAX_PAD:  # its own value: events of one shape come with pads of any length
+            slots.append((len(raw) - 3 - pad, len(raw) - 3, _PAD_NAME))
         steps = _steps_of(raw, slots, fed)
         if steps is None or _with_data(event, event.data, self._whole) != raw:
             return
@@ -538,7 +544,7 @@ class StreamRelay:
             str(int(raw[begin:end]) + shift).encode()
             if step is NUMBER and shift
             else raw[begin:end]
-            if step is None or step is NUMBER or outputs[name] == raw[begin:end].decode()
+            if step is None or step is NUMBER or step is PAD or outputs[name] == raw[begin:end].decode()
             else orjson.dumps(outputs[name])[1:-1]
             for step, (begin, end, name) in zip(steps, slots, strict=True)
         ]
@@ -766,14 +772,28 @@ MAX_PLANS = 16  # shapes remembered per stream (a role chunk, text chunks, a too
 MAX_PLAN_BYTES = 4096  # larger events are never learned: each shape keeps its bytes
 
 
-class Number(enum.Enum):
-    STEP = "number"  # the step of the surface's number (`Surface.numbered`)
+class Slot(enum.Enum):
+    NUMBER = "number"  # the surface's number (`Surface.numbered`)
+    PAD = "pad"  # the spaces an event is padded with before its last brace (see `_pad_of`)
 
 
-NUMBER = Number.STEP
-# A volatile value's step: the stream it feeds, None (a side value), or NUMBER.
-Fed = tuple[Path, Leaf] | Literal[Number.STEP]  # a value that feeds a stream, or the number
-Step = Fed | None
+NUMBER: Final = Slot.NUMBER
+PAD: Final = Slot.PAD
+# A volatile value's step: the stream it feeds, None (a side value), NUMBER or PAD.
+Fed = tuple[Path, Leaf] | Literal[Slot.NUMBER]  # a value that feeds a stream, or the number
+Step = Fed | Literal[Slot.PAD] | None
+MAX_PAD = 64  # spaces a learned shape reads as its pad (Anthropic's are 1 to ~16)
+_PAD_NAME = b" "  # a pad's slot name (no key is named so)
+
+
+def _pad_of(data: bytes) -> int:
+    """How many spaces an event's data is padded with before its last brace; 0: none.
+    Anthropic's API pads its events so that their lengths do not give their texts away:
+    `{"type":"content_block_stop","index":0     }`. (Tabs are JSON's whitespace too; SSE ends
+    a line at a CR or LF, so no other whitespace can be in one.)"""
+    if data[-1:] != b"}" or data[-2:-1] not in (b" ", b"\t"):
+        return 0
+    return len(data) - len(data[:-1].rstrip(b" \t")) - 1
 
 
 def _rebuilt(segments: tuple[bytes, ...], values: list[bytes]) -> bytes:
@@ -796,9 +816,10 @@ class Plan:
         self.model = model
         self.head = segments[0]
         # Each value's step, the segment after it, and whether the value is a string (it ends
-        # at the next quote) or the surface's number (it ends after its digits).
+        # at the next quote); else the surface's number (it ends after its digits) or a pad.
         self.rest = tuple(
-            (step, segment, segment.startswith(b'"')) for step, segment in zip(steps, segments[1:], strict=True)
+            (step, segment, step is not PAD and segment.startswith(b'"'))
+            for step, segment in zip(steps, segments[1:], strict=True)
         )
 
     def read(self, blocks: bytes, at: int, run: list[Value]) -> int:
@@ -807,12 +828,19 @@ class Plan:
         as the same text: the values to feed added to `run`, and where the event ends; else
         -1, and `run` as it was. A value ends at the next quote (a string without escapes),
         or, where the next segment does not begin with one, after its digits (the surface's
-        number)."""
+        number); a pad is the spaces up to its segment (the event's last brace), any number
+        of them up to MAX_PAD."""
         if not blocks.startswith(self.head, at):
             return -1
         mark = len(run)
         begin = at + len(self.head)
         for step, segment, quoted in self.rest:
+            if step is PAD:
+                end = blocks.find(segment, begin, begin + MAX_PAD + len(segment))
+                if end < 0 or blocks[begin:end].strip(b" \t"):
+                    break
+                begin = end + len(segment)
+                continue
             if quoted:
                 end = blocks.find(b'"', begin)
             else:
@@ -862,7 +890,7 @@ def _steps_of(
 ) -> tuple[Step, ...] | None:
     """Which stream each volatile value feeds (matched by key, each fed key once), None for
     a side value, which must hold nothing PII could be made of, NUMBER for the surface's
-    number; None: no plan."""
+    number, PAD for a pad; None: no plan."""
     names = [name for _, _, name in slots]
     by_name: dict[bytes, tuple[Path, Leaf, str]] = {}
     for path, leaf, text, _ in fed:
@@ -881,6 +909,9 @@ def _steps_of(
         value = raw[begin:end]
         if not name:
             steps.append(NUMBER)
+            continue
+        if name == _PAD_NAME:
+            steps.append(PAD)
             continue
         fed_here = by_name.get(name)
         if fed_here is None:
