@@ -88,7 +88,8 @@ def chat_request(payload: Mapping[str, Any], model: str) -> dict[str, Any]:
     if isinstance(tools, list) and tools:
         out["tools"] = [_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
     choice = _tool_choice(payload.get("tool_choice"))
-    if payload.get("parallel_tool_calls") is False and out.get("tools"):
+    if payload.get("parallel_tool_calls") is False and out.get("tools") and (choice or {}).get("type") != "none":
+        # Anthropic's `none` choice has no such field (and refuses extra ones): no calls at all
         choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
     if choice is not None and (out.get("tools") or choice["type"] == "none"):
         out["tool_choice"] = choice

@@ -152,6 +152,16 @@ REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         },
     ),
     (
+        "tool_choice none, no parallel calls: Anthropic's none has no disable_parallel_tool_use (nor room for it)",
+        {"messages": [USER], "tools": [TOOL], "tool_choice": "none", "parallel_tool_calls": False},
+        {
+            "max_tokens": 4096,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "tools": [{"name": "lookup", "input_schema": {"type": "object", "properties": {}}, "description": "Find"}],
+            "tool_choice": {"type": "none"},
+        },
+    ),
+    (
         "a named tool; an assistant tool call with empty arguments",
         {
             "messages": [

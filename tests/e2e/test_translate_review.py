@@ -1,0 +1,59 @@
+"""What an adversarial review of SPEC §13's translation found (each test failed before its fix):
+the official openai SDK against a real gateway process routing claude-* to a scripted fake
+that speaks Anthropic's wire format (tests/e2e/scripted_upstream.py), an OpenAI fake behind it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from ..harness import Gateway
+from .test_routing_review import Fake, write_routes
+
+HI = [{"role": "user", "content": "hi"}]
+MESSAGE_START = {
+    "type": "message_start",
+    "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", "content": []}
+    | {"stop_reason": None, "usage": {"input_tokens": 3, "output_tokens": 1}},
+}
+
+
+@pytest.fixture(scope="module")
+def fakes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Fake]]:
+    tmp = tmp_path_factory.mktemp("fakes")
+    made = {"claude": Fake(tmp), "backup": Fake(tmp)}
+    yield made
+    for fake in made.values():
+        fake.stop()
+
+
+@pytest.fixture(scope="module")
+def sdk(tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, Fake]) -> Iterator[openai.OpenAI]:
+    """One gateway for the module; its breakers never open here (CB_FAILURES), each test's
+    failures are its own."""
+    tmp = tmp_path_factory.mktemp("gw")
+    routes = tmp / "routes.toml"
+    write_routes(
+        routes,
+        {"claude": ("anthropic", fakes["claude"].url), "backup": ("openai", fakes["backup"].url)},
+        [("claude-solo", [("claude", None)]), ("claude-*", [("claude", None), ("backup", "gpt-4o")])],
+    )
+    gateway = Gateway(Path(tmp), {"R19_KEY": "sk-test", "ROUTES_FILE": str(routes), "CB_FAILURES": "1000"})
+    yield openai.OpenAI(base_url=gateway.url + "/v1", api_key="demo", max_retries=0, timeout=10)
+    gateway.stop()
+
+
+def test_tool_choice_none_without_parallel_calls_is_a_choice_anthropic_accepts(
+    sdk: openai.OpenAI, fakes: dict[str, Fake]
+) -> None:
+    message = {"id": "m", "type": "message", "role": "assistant", "content": [{"type": "text", "text": "ok"}]}
+    fakes["claude"].script({"status": 200, "body": json.dumps(message | {"stop_reason": "end_turn", "usage": {}})})
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    sdk.chat.completions.create(
+        model="claude-solo", messages=HI, tools=tools, tool_choice="none", parallel_tool_calls=False
+    )
+    assert fakes["claude"].seen()[-1]["body"]["tool_choice"] == {"type": "none"}  # ToolChoiceNone: `type` alone
