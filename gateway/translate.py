@@ -33,6 +33,12 @@ FINISH_REASONS = {
     "refusal": "content_filter",
 }
 _DONE_EVENT = b"data: [DONE]\n\n"
+# The events that show the answer has begun: the first of them brings the role chunk. Until
+# then (message_start, pings) nothing reaches the client, so an error event there (Anthropic's
+# overloaded_error after message_start) is still a failure the next upstream can answer.
+_ANSWER_EVENTS = frozenset(
+    {"content_block_start", "content_block_delta", "content_block_stop", "message_delta", "message_stop"}
+)
 
 
 def finish_reason(stop_reason: object) -> str | None:
@@ -327,13 +333,15 @@ def whole_reply(status: int, data: bytes, include_usage: bool, created: int) -> 
 class ChatStream:
     """Anthropic's events in, chat.completion.chunk events out (SSE bytes, [DONE] last).
 
-    A text_delta is a `content` delta, a tool_use block a tool call (its input_json_delta
-    pieces the call's `arguments`), message_delta's stop reason the finish reason, and with
+    The role chunk comes with the first event of the answer (not at message_start: see
+    _ANSWER_EVENTS). A text_delta is a `content` delta, a tool_use block a tool call (its
+    input_json_delta pieces the call's `arguments`), message_delta's stop reason the finish
+    reason, and with
     `include_usage` message_stop brings the usage chunk (`choices: []`) before [DONE].
     Thinking, signatures and pings have no chat form and are left out. Anthropic's `error`
     event becomes chat's in-stream error event, and ends the stream."""
 
-    __slots__ = ("_base", "_counts", "_created", "_include_usage", "_parser", "_tools", "done")
+    __slots__ = ("_base", "_counts", "_created", "_include_usage", "_opening", "_parser", "_tools", "done")
 
     def __init__(self, include_usage: bool, created: int) -> None:
         self._include_usage = include_usage
@@ -341,6 +349,7 @@ class ChatStream:
         self._parser = sse.SSEParser()
         self._base: dict[str, Any] = {"id": "", "object": "chat.completion.chunk", "created": created, "model": ""}
         self._tools: dict[int, int] = {}  # content block index -> tool call index
+        self._opening = False  # message_start read, the role chunk not yet sent
         self._counts: dict[str, int] = {}
         self.done = False
 
@@ -390,26 +399,39 @@ class ChatStream:
                 self._base["id"] = message.get("id") or ""
                 self._base["model"] = message.get("model") or ""
                 self._count(message.get("usage"))
-            return [self._chunk({"role": "assistant", "content": ""})]
+            self._opening = True
+            return []
+        if kind not in _ANSWER_EVENTS:
+            return self._other(kind, event)
+        out = self._answer(kind, event)
+        if self._opening:
+            self._opening = False
+            return [self._chunk({"role": "assistant", "content": ""}), *out]
+        return out
+
+    def _answer(self, kind: object, event: Mapping[str, Any]) -> list[dict[str, Any] | bytes]:
         if kind == "content_block_start":
             return self._block_start(event)
         if kind == "content_block_delta":
             return self._block_delta(event)
+        if kind == "content_block_stop":
+            return []
         if kind == "message_delta":
             self._count(event.get("usage"))
             delta = event.get("delta")
             reason = finish_reason(delta.get("stop_reason")) if isinstance(delta, dict) else None
             return [self._chunk({}, reason or "stop")]
-        if kind == "message_stop":
-            self.done = True
-            if self._include_usage:
-                return [{**self._base, "choices": [], "usage": chat_usage(self._counts)}, _DONE_EVENT]
-            return [_DONE_EVENT]
+        self.done = True  # message_stop
+        if self._include_usage:
+            return [{**self._base, "choices": [], "usage": chat_usage(self._counts)}, _DONE_EVENT]
+        return [_DONE_EVENT]
+
+    def _other(self, kind: object, event: Mapping[str, Any]) -> list[dict[str, Any] | bytes]:
         if kind == "error":
             self.done = True
             error = event.get("error")
             return [sse.encode(_error_body(error if isinstance(error, dict) else {}))]
-        return []  # ping, content_block_stop, and what a later API version adds
+        return []  # ping, and what a later API version adds
 
     def _block_start(self, event: Mapping[str, Any]) -> list[dict[str, Any] | bytes]:
         block, index = event.get("content_block"), event.get("index")

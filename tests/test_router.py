@@ -146,21 +146,25 @@ async def test_thinking_reads_past_or_keeps_the_stream_alive(
     monkeypatch.setattr(router_module, "KEEP_ALIVE_SECS", keep_alive_secs)
     reply = AnthropicAsChat(Events(START, THINKING, THINKING, TEXT, STOP), include_usage=False)  # type: ignore[arg-type]
     reads = [await reply.next_chunk() for _ in range(4)]
-    assert b'"role":"assistant"' in reads[0]
     if keep_alive_secs:  # the thinking is read past: the next chat event comes next
+        # (the role chunk comes with the answer's first event, the thinking's)
+        assert b'"role":"assistant"' in reads[0]
         assert b'"content":"Hi"' in reads[1] and reads[2:] == [b"data: [DONE]\n\n", b""]
     else:  # silence in chat terms as long as the limit: a comment goes out instead
-        assert reads[1:3] == [b": keep-alive\n\n"] * 2 and b'"content":"Hi"' in reads[3]
+        assert reads[0] == b": keep-alive\n\n" and b'"role":"assistant"' in reads[1]  # message_start's
+        assert reads[2] == b": keep-alive\n\n" and b'"content":"Hi"' in reads[3]
 
 
 @pytest.mark.parametrize(("idle_secs", "kept_alive"), [(300.0, False), (0.0, True)])
 async def test_the_keep_alive_comes_within_half_the_idle_limit(idle_secs: float, kept_alive: bool) -> None:
     """Under a STREAM_IDLE_SECS shorter than KEEP_ALIVE_SECS the keep-alive comes within half
     of it: the relay would otherwise cut a model that is thinking as silent."""
-    reply = AnthropicAsChat(Events(START, THINKING, TEXT, STOP), include_usage=False, idle_secs=idle_secs)  # type: ignore[arg-type]
-    reads = [await reply.next_chunk() for _ in range(3)]
-    assert (reads[1] == b": keep-alive\n\n") is kept_alive
-    assert b'"content":"Hi"' in reads[2 if kept_alive else 1]
+    reply = AnthropicAsChat(Events(START, THINKING, THINKING, TEXT, STOP), include_usage=False, idle_secs=idle_secs)  # type: ignore[arg-type]
+    reads = [await reply.next_chunk() for _ in range(4)]
+    assert (reads[0] == b": keep-alive\n\n") is kept_alive  # message_start's
+    assert b'"role":"assistant"' in reads[1 if kept_alive else 0]  # with the first thinking
+    assert (reads[2] == b": keep-alive\n\n") is kept_alive  # the second thinking's
+    assert b'"content":"Hi"' in reads[3 if kept_alive else 1]
 
 
 async def test_bytes_of_an_event_never_ended_earn_no_keep_alive(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,11 +173,11 @@ async def test_bytes_of_an_event_never_ended_earn_no_keep_alive(monkeypatch: pyt
     chat event to the relay, and would have kept it open for ever)."""
     monkeypatch.setattr(router_module, "KEEP_ALIVE_SECS", 0.0)
     trickle = [b'data: {"type":"content_block_delta"'] + [b" "] * 5
-    reply = AnthropicAsChat(Events(START, *trickle, b"}\n\n", THINKING, TEXT), include_usage=False)  # type: ignore[arg-type]
-    reads = [await reply.next_chunk() for _ in range(4)]
-    assert b'"role":"assistant"' in reads[0]
+    reply = AnthropicAsChat(Events(START, TEXT, *trickle, b"}\n\n", THINKING, TEXT), include_usage=False)  # type: ignore[arg-type]
+    reads = [await reply.next_chunk() for _ in range(5)]
+    assert reads[0] == b": keep-alive\n\n" and b'"role":"assistant"' in reads[1]  # message_start's, then the text
     # One keep-alive once the trickled event ends, one for the thinking: none for the bytes.
-    assert reads[1:3] == [b": keep-alive\n\n"] * 2 and b'"content":"Hi"' in reads[3]
+    assert reads[2:4] == [b": keep-alive\n\n"] * 2 and b'"content":"Hi"' in reads[4]
 
 
 @pytest.mark.parametrize("tail", [b"", b'data: {"type":"content_block_stop","index":1}'])
@@ -183,8 +187,8 @@ async def test_a_stream_ended_before_message_stop_is_broken(tail: bytes) -> None
     as on /v1/messages), not handed a truncated answer that looks whole (SPEC §5, §13). Its
     last event, even without its blank line, is translated first."""
     reply = AnthropicAsChat(Events(START, TEXT, tail), include_usage=False)  # type: ignore[arg-type]
-    assert b'"role":"assistant"' in await reply.next_chunk()
-    assert b'"content":"Hi"' in await reply.next_chunk()
+    first = await reply.next_chunk()  # the role chunk comes with the answer's first event
+    assert b'"role":"assistant"' in first and b'"content":"Hi"' in first
     with pytest.raises(UpstreamStreamBroken):
         await reply.next_chunk()
 
@@ -193,8 +197,8 @@ async def test_a_stream_ended_by_message_stop_or_an_error_event_is_whole() -> No
     error = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}'
     for last in (STOP, error):  # the error event without its blank line: the body's last bytes
         reply = AnthropicAsChat(Events(START, TEXT, last), include_usage=False)  # type: ignore[arg-type]
-        reads = [await reply.next_chunk() for _ in range(4)]
-        assert reads[3] == b"" and (b"[DONE]" in reads[2] or b'"error"' in reads[2])
+        reads = [await reply.next_chunk() for _ in range(3)]
+        assert reads[2] == b"" and (b"[DONE]" in reads[1] or b'"error"' in reads[1])
 
 
 def test_a_reloaded_router_keeps_the_breakers() -> None:

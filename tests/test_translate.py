@@ -447,3 +447,14 @@ def test_a_whole_stream_cut_short_ends_in_the_chat_error_event() -> None:
     chunks = chunks_of(whole_reply(200, cut, False, 1))
     assert chunks[-1]["error"]["code"] == "upstream_stream_broken"
     assert "[DONE]" not in chunks and "Hello " in json.dumps(chunks)
+
+
+def test_nothing_goes_out_before_the_answer_begins() -> None:
+    # Anthropic's stream opens with message_start; an overload reported right after it (before
+    # any content) must be the first thing the gateway has to send, or no fallback can follow.
+    overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    stream = ChatStream(False, 1)
+    assert stream.feed(sse(STREAM[0]) + sse({"type": "ping"})) == b""
+    assert chunks_of(stream.feed(sse(overloaded))) == [
+        {"error": {"message": "Overloaded", "type": "overloaded_error", "code": "overloaded_error"}}
+    ]

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from ..harness import Gateway
-from .test_routing_review import Fake, write_routes
+from .test_routing_review import OK_STREAM, Fake, sse, write_routes
 
 HI = [{"role": "user", "content": "hi"}]
 MESSAGE_START = {
@@ -45,6 +45,18 @@ def sdk(tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, Fake]) -> Ite
     gateway = Gateway(Path(tmp), {"R19_KEY": "sk-test", "ROUTES_FILE": str(routes), "CB_FAILURES": "1000"})
     yield openai.OpenAI(base_url=gateway.url + "/v1", api_key="demo", max_retries=0, timeout=10)
     gateway.stop()
+
+
+def test_an_overload_right_after_message_start_falls_back(sdk: openai.OpenAI, fakes: dict[str, Fake]) -> None:
+    # Anthropic opens every stream with message_start; an overloaded_error after it and before
+    # any content was relayed behind a role chunk the gateway had already sent: no fallback.
+    overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    fakes["claude"].script({"status": 200, "chunks": [sse([MESSAGE_START, {"type": "ping"}, overloaded])]})
+    fakes["backup"].script({"status": 200, "chunks": [OK_STREAM]})
+    with sdk.chat.completions.with_streaming_response.create(model="claude-x", messages=HI, stream=True) as response:
+        assert response.headers["x-gateway-upstream"] == "backup"
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in response.parse() if chunk.choices)
+    assert text == "from backup"
 
 
 def test_tool_choice_none_without_parallel_calls_is_a_choice_anthropic_accepts(
