@@ -335,13 +335,13 @@ class ChatStream:
 
     The role chunk comes with the first event of the answer (not at message_start: see
     _ANSWER_EVENTS). A text_delta is a `content` delta, a tool_use block a tool call (its
-    input_json_delta pieces the call's `arguments`), message_delta's stop reason the finish
-    reason, and with
+    input_json_delta pieces the call's `arguments`; "{}" for a call whose input came empty, as
+    the non-stream reply has it), message_delta's stop reason the finish reason, and with
     `include_usage` message_stop brings the usage chunk (`choices: []`) before [DONE].
     Thinking, signatures and pings have no chat form and are left out. Anthropic's `error`
     event becomes chat's in-stream error event, and ends the stream."""
 
-    __slots__ = ("_base", "_counts", "_created", "_include_usage", "_opening", "_parser", "_tools", "done")
+    __slots__ = ("_argued", "_base", "_counts", "_created", "_include_usage", "_opening", "_parser", "_tools", "done")
 
     def __init__(self, include_usage: bool, created: int) -> None:
         self._include_usage = include_usage
@@ -349,6 +349,7 @@ class ChatStream:
         self._parser = sse.SSEParser()
         self._base: dict[str, Any] = {"id": "", "object": "chat.completion.chunk", "created": created, "model": ""}
         self._tools: dict[int, int] = {}  # content block index -> tool call index
+        self._argued: set[int] = set()  # tool blocks whose arguments have had text
         self._opening = False  # message_start read, the role chunk not yet sent
         self._counts: dict[str, int] = {}
         self.done = False
@@ -415,7 +416,7 @@ class ChatStream:
         if kind == "content_block_delta":
             return self._block_delta(event)
         if kind == "content_block_stop":
-            return []
+            return self._block_stop(event)
         if kind == "message_delta":
             self._count(event.get("usage"))
             delta = event.get("delta")
@@ -444,6 +445,8 @@ class ChatStream:
         call = self._tools[index] = len(self._tools)
         tool_input = block.get("input")
         arguments = orjson.dumps(tool_input).decode() if isinstance(tool_input, dict) and tool_input else ""
+        if arguments:
+            self._argued.add(index)
         function = {"name": block.get("name"), "arguments": arguments}
         return [
             self._chunk(
@@ -459,11 +462,23 @@ class ChatStream:
         if kind == "text_delta" and isinstance(delta.get("text"), str):
             return [self._chunk({"content": delta["text"]})]
         if kind == "input_json_delta" and isinstance(delta.get("partial_json"), str):
-            call = self._tools.get(event.get("index"))  # type: ignore[arg-type]
-            if call is None:
+            index = event.get("index")
+            if type(index) is not int or (call := self._tools.get(index)) is None:  # a list: no key
                 return []
+            if delta["partial_json"]:
+                self._argued.add(index)
             return [self._chunk({"tool_calls": [{"index": call, "function": {"arguments": delta["partial_json"]}}]})]
         return []
+
+    def _block_stop(self, event: Mapping[str, Any]) -> list[dict[str, Any] | bytes]:
+        """A tool call whose input came empty (a tool without parameters: Anthropic sends one
+        empty input_json_delta) gets "{}" as its arguments, as in the non-stream reply: ""
+        is no JSON, and a client that parses the arguments would fail on it."""
+        index = event.get("index")
+        if type(index) is not int or (call := self._tools.get(index)) is None or index in self._argued:
+            return []
+        self._argued.add(index)
+        return [self._chunk({"tool_calls": [{"index": call, "function": {"arguments": "{}"}}]})]
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {**self._base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}

@@ -458,3 +458,37 @@ def test_nothing_goes_out_before_the_answer_begins() -> None:
     assert chunks_of(stream.feed(sse(overloaded))) == [
         {"error": {"message": "Overloaded", "type": "overloaded_error", "code": "overloaded_error"}}
     ]
+
+
+def test_a_tool_call_without_parameters_streams_the_arguments_the_reply_has() -> None:
+    # A tool without parameters: Anthropic streams its input as one empty input_json_delta.
+    # The chat client gets "{}" as the non-stream reply has it, not "", which is no JSON.
+    events = [
+        STREAM[0],
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "t", "name": "now"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": ""}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 3}},
+        {"type": "message_stop"},
+    ]
+    stream = ChatStream(False, 1)
+    chunks = chunks_of(stream.feed(b"".join(sse(e) for e in events)))
+    arguments = "".join(
+        call["function"].get("arguments") or ""
+        for chunk in chunks[:-1]
+        for call in chunk["choices"][0]["delta"].get("tool_calls") or ()
+    )
+    assert arguments == "{}"
+    reply = chat_reply({"content": [{"type": "tool_use", "id": "t", "name": "now", "input": {}}]}, 1)
+    assert reply["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == arguments
+
+
+@pytest.mark.parametrize("index", [[0], {}, None, "0"])
+def test_a_block_index_that_is_no_integer_is_ignored(index: object) -> None:
+    # A list or an object as the index (a broken upstream) is no tool call's: left out, not a
+    # TypeError (an internal error of the gateway's own, and no breaker failure).
+    stream = ChatStream(False, 1)
+    assert b'"role":"assistant"' in stream.feed(sse(STREAM[0]) + sse(STREAM[9]))  # a tool call at index 2
+    delta = {"type": "input_json_delta", "partial_json": "{}"}
+    hostile = sse({"type": "content_block_delta", "index": index, "delta": delta})
+    assert stream.feed(hostile + sse({"type": "content_block_stop", "index": index})) == b""

@@ -59,6 +59,26 @@ def test_an_overload_right_after_message_start_falls_back(sdk: openai.OpenAI, fa
     assert text == "from backup"
 
 
+def test_a_tool_without_parameters_streams_arguments_the_sdk_can_parse(
+    sdk: openai.OpenAI, fakes: dict[str, Fake]
+) -> None:
+    tool = {"type": "tool_use", "id": "toolu_1", "name": "now", "input": {}}
+    events = [
+        MESSAGE_START,
+        {"type": "content_block_start", "index": 0, "content_block": tool},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": ""}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 5}},
+        {"type": "message_stop"},
+    ]
+    fakes["claude"].script({"status": 200, "chunks": [sse(events)]})
+    arguments = ""
+    for chunk in sdk.chat.completions.create(model="claude-solo", messages=HI, stream=True):
+        for call in chunk.choices[0].delta.tool_calls or () if chunk.choices else ():
+            arguments += call.function.arguments or "" if call.function else ""
+    assert json.loads(arguments) == {}  # was "": json.loads raised
+
+
 def test_tool_choice_none_without_parallel_calls_is_a_choice_anthropic_accepts(
     sdk: openai.OpenAI, fakes: dict[str, Fake]
 ) -> None:
