@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import sse
 from .errors import (
     BadRequest,
     GatewayError,
@@ -53,7 +54,6 @@ from .telemetry import Telemetry
 from .upstream import Reply, Upstream
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_EVENT_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")  # how an SSE body can begin
 _RETRY_AFTER_STATUSES = frozenset({429, 503, 529})  # SPEC §13: with Retry-After, a skip, not a failure
 _NO_TRACE: AbstractContextManager[Mapping[str, str]] = contextlib.nullcontext(MappingProxyType({}))
 _RETRY_SOON = MappingProxyType({"Retry-After": "1"})  # another instance, or this one restarted
@@ -211,7 +211,7 @@ class Proxy:
         try:
             answer = loads_reply(data)
         except (ValueError, RecursionError):
-            if data.lstrip().startswith(_EVENT_STARTS):
+            if data.lstrip().startswith(sse.EVENT_STARTS):
                 return await self._events_answer(state, reply, data)
             raise UpstreamError("upstream answered with a body that is not JSON") from None
         if isinstance(answer, dict):

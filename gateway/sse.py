@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .errors import GatewayError
 
 DONE = b"[DONE]"
+EVENT_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:")  # how an SSE body can begin
 
 
 @dataclass(frozen=True, slots=True)

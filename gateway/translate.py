@@ -313,18 +313,24 @@ def _error_body(error: Mapping[str, Any]) -> bytes:
 
 def whole_reply(status: int, data: bytes, include_usage: bool, created: int) -> bytes:
     """A whole Anthropic answer as chat's: an error, a Message, or a stream read to its end
-    (an upstream that streams whatever was asked); anything else as it came."""
+    (an upstream that streams whatever was asked). A 2xx that is none of these (an HTML page,
+    a JSON array, an error object, no `content` array) is the upstream failing: UpstreamError,
+    so the next upstream is tried and the last one's is a 502, never a "completion" made of it."""
     if status >= 300:
         return chat_error(data)
     try:
         body = loads_reply(data)
     except (ValueError, RecursionError):
+        if not data.lstrip().startswith(sse.EVENT_STARTS):
+            raise UpstreamError("upstream answered with a body that is not JSON") from None
         stream = ChatStream(include_usage, created)
         out = stream.feed(data) + stream.close()
         # Events that end before message_stop (or an error event) are an incomplete answer:
         # chat's error event says so, as a live stream's does (router.AnthropicAsChat).
         return out if stream.done else out + sse.error_event(UpstreamStreamBroken())
-    return orjson.dumps(chat_reply(body, created)) if isinstance(body, dict) else data
+    if not isinstance(body, dict) or body.get("type") == "error" or not isinstance(body.get("content"), list):
+        raise UpstreamError("upstream answered with a body that is not a Message")
+    return orjson.dumps(chat_reply(body, created))
 
 
 # --- stream ---------------------------------------------------------------------------

@@ -492,3 +492,20 @@ def test_a_block_index_that_is_no_integer_is_ignored(index: object) -> None:
     delta = {"type": "input_json_delta", "partial_json": "{}"}
     hostile = sse({"type": "content_block_delta", "index": index, "delta": delta})
     assert stream.feed(hostile + sse({"type": "content_block_stop", "index": index})) == b""
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html>502 Bad Gateway</html>",
+        b"[1, 2]",
+        b'"text"',
+        orjson.dumps({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+        orjson.dumps({"error": {"type": "server_error", "message": "boom"}}),
+    ],
+)
+def test_a_2xx_that_is_no_message_is_the_upstreams_failure(body: bytes) -> None:
+    # Not a Message, not an event stream: the upstream failed (a 502, or the next upstream),
+    # never a 200 carrying an SSE error event or a "completion" with nothing in it.
+    with pytest.raises(UpstreamError):
+        whole_reply(200, body, False, 1)

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from ..harness import Gateway
-from .test_routing_review import OK_STREAM, Fake, sse, write_routes
+from .test_routing_review import OK_CHAT, OK_STREAM, Fake, sse, write_routes
 
 HI = [{"role": "user", "content": "hi"}]
 MESSAGE_START = {
@@ -77,6 +77,22 @@ def test_a_tool_without_parameters_streams_arguments_the_sdk_can_parse(
         for call in chunk.choices[0].delta.tool_calls or () if chunk.choices else ():
             arguments += call.function.arguments or "" if call.function else ""
     assert json.loads(arguments) == {}  # was "": json.loads raised
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["<html><body>502 Bad Gateway</body></html>", json.dumps({"type": "error", "error": {"type": "api_error"}})],
+)
+def test_a_200_that_is_no_message_falls_back_or_is_a_502(sdk: openai.OpenAI, fakes: dict[str, Fake], body: str) -> None:
+    # Was: a 200 text/event-stream error event for a request that asked no stream (the SDK
+    # failed with AttributeError), or an empty "completion" made of the error object.
+    fakes["claude"].script({"status": 200, "body": body, "content_type": "text/html"})
+    fakes["backup"].script({"status": 200, "body": OK_CHAT})
+    response = sdk.chat.completions.with_raw_response.create(model="claude-x", messages=HI)
+    assert response.headers["x-gateway-upstream"] == "backup" and response.parse().choices[0].message.content == "ok"
+    with pytest.raises(openai.InternalServerError) as caught:
+        sdk.chat.completions.create(model="claude-solo", messages=HI)
+    assert caught.value.status_code == 502
 
 
 def test_tool_choice_none_without_parallel_calls_is_a_choice_anthropic_accepts(
