@@ -418,12 +418,14 @@ class Proxy:
         reply: Reply | None = None
         whole = first = b""
         opened_with_error = False
+        # Translated, the role chunk may wait for the answer's first event half this attempt's time.
+        hold_until = asyncio.get_running_loop().time() + attempt.secs / 2 if leg.translated else None
         try:
             async with asyncio.timeout(attempt.secs):  # this attempt's share of TIMEOUT_SECS
                 reply = await leg.client.post(send, headers)
                 if leg.translated:
                     assert state.payload is not None
-                    reply = AnthropicAsChat(reply, include_usage(state.payload), self._idle)
+                    reply = AnthropicAsChat(reply, include_usage(state.payload), self._idle, hold_until)
                 if relay is None or reply.status >= 300 or reply.is_json:
                     whole = await reply.read()
                     relay = None

@@ -285,9 +285,11 @@ class AnthropicAsChat:
     Message as a completion, events as chunks. The proxy relays it as it would an OpenAI
     upstream's, redaction included."""
 
-    __slots__ = ("_created", "_include_usage", "_keep_alive", "_last_out", "_reply", "_stream")
+    __slots__ = ("_created", "_hold_until", "_include_usage", "_keep_alive", "_last_out", "_reply", "_stream")
 
-    def __init__(self, reply: Reply, include_usage: bool, idle_secs: float | None = None) -> None:
+    def __init__(
+        self, reply: Reply, include_usage: bool, idle_secs: float | None = None, hold_until: float | None = None
+    ) -> None:
         self._reply = reply
         self._include_usage = include_usage
         self._created = int(time.time())
@@ -296,6 +298,10 @@ class AnthropicAsChat:
         # Within the relay's STREAM_IDLE_SECS (`idle_secs`), or a thinking model under a limit
         # shorter than KEEP_ALIVE_SECS would be cut as silent while its events flow.
         self._keep_alive = KEEP_ALIVE_SECS if idle_secs is None else min(KEEP_ALIVE_SECS, idle_secs / 2)
+        # The role chunk waits for the answer's first event (an error first can still fall
+        # back), but only until then (loop time): message_start is the upstream's first byte,
+        # and a model slow to begin must not miss the first-byte deadline for our holding it.
+        self._hold_until = hold_until
 
     @property
     def status(self) -> int:
@@ -335,7 +341,15 @@ class AnthropicAsChat:
         as /v1/messages reports it, once its last events went out (the call after them raises)."""
         stream = self._stream
         while True:
-            data = await self._reply.next_chunk()
+            if stream.opening and self._hold_until is not None:
+                try:
+                    async with asyncio.timeout_at(self._hold_until):
+                        data = await self._reply.next_chunk()
+                except TimeoutError:
+                    self._last_out = time.monotonic()
+                    return stream.open()
+            else:
+                data = await self._reply.next_chunk()
             if not data:
                 tail = stream.close()
                 if tail or stream.done:

@@ -361,6 +361,16 @@ class ChatStream:
         self.done = False
 
     @property
+    def opening(self) -> bool:
+        """message_start read, the role chunk held back for the answer's first event."""
+        return self._opening
+
+    def open(self) -> bytes:
+        """The held role chunk, now (the upstream is alive, but slow to begin its answer)."""
+        self._opening = False
+        return b"data: " + orjson.dumps(self._chunk({"role": "assistant", "content": ""})) + b"\n\n"
+
+    @property
     def pending(self) -> int:
         """Bytes read of an event not yet complete."""
         return len(self._parser.pending)

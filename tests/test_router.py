@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import pytest
 
@@ -213,3 +215,27 @@ def test_a_reloaded_router_keeps_the_breakers() -> None:
     assert again.breakers is r.breakers and again.table is table
     next_attempt = again.attempts(again.legs(CHAT_API, "anything"), 5.0).next()
     assert next_attempt is not None and next_attempt.leg.name == "b"  # a is still open
+
+
+class Arriving:
+    """An Anthropic stream's reads as they arrive: each waits for the test to send it."""
+
+    def __init__(self) -> None:
+        self.reads: asyncio.Queue[bytes] = asyncio.Queue()
+        self.status, self.is_json, self.at_eof = 200, False, False
+
+    async def next_chunk(self) -> bytes:
+        return await self.reads.get()
+
+
+async def test_the_role_chunk_waits_for_the_answer_only_until_its_hold_ends() -> None:
+    """message_start is the upstream's first byte: a model slow to begin its answer gets the
+    role chunk out by `hold_until`, within the first-byte deadline, and nothing read is lost."""
+    upstream = Arriving()
+    loop = asyncio.get_running_loop()
+    reply = AnthropicAsChat(upstream, include_usage=False, hold_until=loop.time() + 0.05)  # type: ignore[arg-type]
+    upstream.reads.put_nowait(START)
+    first = await asyncio.wait_for(reply.next_chunk(), 2)
+    assert b'"role":"assistant"' in first and b'"content":""' in first
+    upstream.reads.put_nowait(TEXT)
+    assert b'"role"' not in (second := await reply.next_chunk()) and b'"content":"Hi"' in second

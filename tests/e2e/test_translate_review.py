@@ -31,18 +31,22 @@ def fakes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Fake]]
         fake.stop()
 
 
+def routes(tmp: Path, fakes: dict[str, Fake]) -> Path:
+    path = tmp / "routes.toml"
+    write_routes(
+        path,
+        {"claude": ("anthropic", fakes["claude"].url), "backup": ("openai", fakes["backup"].url)},
+        [("claude-solo", [("claude", None)]), ("claude-*", [("claude", None), ("backup", "gpt-4o")])],
+    )
+    return path
+
+
 @pytest.fixture(scope="module")
 def sdk(tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, Fake]) -> Iterator[openai.OpenAI]:
     """One gateway for the module; its breakers never open here (CB_FAILURES), each test's
     failures are its own."""
     tmp = tmp_path_factory.mktemp("gw")
-    routes = tmp / "routes.toml"
-    write_routes(
-        routes,
-        {"claude": ("anthropic", fakes["claude"].url), "backup": ("openai", fakes["backup"].url)},
-        [("claude-solo", [("claude", None)]), ("claude-*", [("claude", None), ("backup", "gpt-4o")])],
-    )
-    gateway = Gateway(Path(tmp), {"R19_KEY": "sk-test", "ROUTES_FILE": str(routes), "CB_FAILURES": "1000"})
+    gateway = Gateway(tmp, {"R19_KEY": "sk-test", "ROUTES_FILE": str(routes(tmp, fakes)), "CB_FAILURES": "1000"})
     yield openai.OpenAI(base_url=gateway.url + "/v1", api_key="demo", max_retries=0, timeout=10)
     gateway.stop()
 
@@ -57,6 +61,25 @@ def test_an_overload_right_after_message_start_falls_back(sdk: openai.OpenAI, fa
         assert response.headers["x-gateway-upstream"] == "backup"
         text = "".join(chunk.choices[0].delta.content or "" for chunk in response.parse() if chunk.choices)
     assert text == "from backup"
+
+
+def test_a_model_slow_to_begin_after_message_start_still_meets_the_first_byte_deadline(
+    tmp_path: Path, fakes: dict[str, Fake]
+) -> None:
+    # message_start is the upstream's first byte (SPEC §5's TIMEOUT_SECS): the role chunk held
+    # back for an error that could still fall back goes out by half the attempt's time.
+    text = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "late"}}
+    answer = [text, {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}, {"type": "message_stop"}]
+    fakes["claude"].script({"status": 200, "chunks": [sse([MESSAGE_START]), sse(answer)], "chunk_delay": 1.5})
+    gateway = Gateway(
+        tmp_path, {"R19_KEY": "sk-test", "ROUTES_FILE": str(routes(tmp_path, fakes)), "TIMEOUT_SECS": "1"}
+    )
+    try:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="demo", max_retries=0, timeout=10)
+        chunks = list(client.chat.completions.create(model="claude-solo", messages=HI, stream=True))
+    finally:
+        gateway.stop()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "late"
 
 
 def test_a_tool_without_parameters_streams_arguments_the_sdk_can_parse(
