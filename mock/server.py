@@ -256,7 +256,14 @@ def _compact(value: Any) -> bytes:
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
-    return f"event: {event}\ndata: ".encode() + _compact(data) + b"\n\n"
+    """An event as Anthropic's API writes it: compact JSON padded with spaces before its last
+    brace (1 to 15 of them, so that an event's length does not give its text away), and the
+    ping spaced: `{"type": "ping"}`."""
+    if event == "ping":
+        return b'event: ping\ndata: {"type": "ping"}\n\n'
+    body = _compact(data)
+    pad = b" " * (1 + len(body) * 7 % 15)
+    return f"event: {event}\ndata: ".encode() + body[:-1] + pad + b"}\n\n"
 
 
 async def messages(request: web.Request) -> web.StreamResponse:

@@ -8,6 +8,7 @@ import collections
 import itertools
 import json
 import random
+import re
 import signal
 import time
 from typing import Any
@@ -224,7 +225,10 @@ async def test_stream_keeps_anthropics_event_sequence(shared_gateway: Gateway, m
         "message_delta",
         "message_stop",
     ]
-    assert b'event: ping\ndata: {"type":"ping"}\n\n' in wire  # an unchanged event byte for byte
+    # Unchanged events byte for byte: the spaced ping, and the padded stop (the mock writes
+    # both as Anthropic's API does).
+    assert b'event: ping\ndata: {"type": "ping"}\n\n' in wire
+    assert re.search(rb'event: message_stop\ndata: \{"type":"message_stop" +\}\n\n$', wire)
 
 
 @settings(
