@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ MAX_WINDOW_SECS = 366 * 24 * 3600  # a window in ms stays a small integer for th
 # The slowest rate: one request per longest window. Slower ones made no sense and broke the
 # limiter: RPS=1e-320 made every refusal a 500 (its wait overflows), 1e-300 a 300-digit Retry-After.
 MIN_RPS = 1 / MAX_WINDOW_SECS
+MAX_FILE_BYTES = 16 * 1024 * 1024  # a keys, policy or routes file; far above any real one
 # OTEL_* variables the gateway reads itself; every other one is the OpenTelemetry SDK's own.
 _GATEWAY_OTEL = frozenset({"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME"})
 # Query parameters known to carry no secret; every other query value is masked when printed.
@@ -527,11 +529,26 @@ def parse_tenant_key_entries(
     return digests
 
 
+def read_config_file(path: str) -> bytes:
+    """The bytes of a file-backed setting (TENANT_KEYS_FILE, POLICY_FILE, ROUTES_FILE...). Raises
+    OSError. These are read in the event loop's thread, at start-up and on SIGHUP: a path swapped
+    for a FIFO (open() waits for a writer) or a device (/dev/zero: read() never ends) froze every
+    connection, /healthz included. So: opened without blocking, a regular file only, bounded."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file")
+        data = file.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise OSError(0, f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB")
+    return data
+
+
 def read_tenant_keys_file(path: str, known: Mapping[bytes, str] | None = None) -> dict[bytes, str]:
     """The keys of TENANT_KEYS_FILE, one `name=key` per line, `#` comments. Raises EnvError;
     a file without a single key is one too (it would turn keyed mode into open mode)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")  # numbered as an editor shows them
+        lines = read_config_file(path).decode("utf-8").split("\n")  # numbered as an editor shows them
     except OSError as exc:
         raise EnvError(f"cannot read {_one_line(path)}: {exc.strerror}") from None
     except UnicodeDecodeError:

@@ -17,14 +17,13 @@ import re
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import cedarpy
 import orjson
 
 from .budgets import MAX_TOKENS_FIELDS
-from .config import ConfigError
+from .config import ConfigError, read_config_file
 from .models import Tenant
 
 # SPEC §15's actions: one per route, named as the route is.
@@ -408,7 +407,7 @@ def _actions_named(node: object) -> Iterator[str]:
 
 def _read(variable: str, path: str) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return read_config_file(path).decode("utf-8")
     except OSError as exc:
         raise ConfigError([f"{variable}: cannot read {_shown(path)}: {exc.strerror}"]) from None
     except UnicodeDecodeError:

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from environs import EnvError
 
-from .config import ConfigError, endpoint, parse_api_key, parse_http_url
+from .config import ConfigError, endpoint, parse_api_key, parse_http_url, read_config_file
 
 Kind = Literal["openai", "anthropic"]
 KINDS: tuple[Kind, ...] = ("openai", "anthropic")
@@ -125,8 +125,7 @@ def load_routes(path: str, environ: Mapping[str, str]) -> RouteTable:
     """The routes of `path`, each upstream's key read from `environ` by the name it gives.
     Raises ConfigError with one line: `ROUTES_FILE: <path>: <problem>`."""
     try:
-        with open(path, "rb") as file:
-            document = tomllib.load(file)
+        document = tomllib.loads(read_config_file(path).decode("utf-8"))
     except OSError as exc:
         raise _error(path, f"cannot read it: {exc.strerror}") from None
     except UnicodeDecodeError:

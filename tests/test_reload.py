@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,3 +141,31 @@ def test_load_raises_one_config_line(make_settings: Callable[..., Settings], tmp
     with pytest.raises(ConfigError) as caught:
         load(settings)
     assert caught.value.lines == [f"POLICY_FILE: cannot read {tmp_path / 'nowhere.cedar'}: No such file or directory"]
+
+
+@pytest.mark.parametrize("variable", ["TENANT_KEYS_FILE", "POLICY_FILE", "ROUTES_FILE"])
+def test_a_fifo_or_a_device_in_place_of_a_file_is_refused_without_blocking(
+    make_settings: Callable[..., Settings], tmp_path: Path, variable: str
+) -> None:
+    # Read in the event loop's thread: a FIFO (open() waits for a writer) or /dev/zero (read()
+    # never ends) would freeze the whole gateway, at start-up or on SIGHUP.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero"):
+        outcome: list[BaseException] = []
+        worker = threading.Thread(target=_load_into, args=(make_settings, variable, path, outcome), daemon=True)
+        worker.start()
+        worker.join(2)
+        if worker.is_alive():  # the old code: let the thread go (a writer for the FIFO) and fail
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            pytest.fail(f"reading {variable}={path} blocked")
+        assert len(outcome) == 1 and isinstance(outcome[0], ConfigError), outcome
+        assert "not a regular file" in str(outcome[0])
+
+
+def _load_into(make: Callable[..., Settings], variable: str, path: str, outcome: list[BaseException]) -> None:
+    try:
+        load(make(**{variable: path}))  # what start-up reads (gateway.py), the routes by load_settings
+    except Exception as exc:  # the test checks which one
+        outcome.append(exc)

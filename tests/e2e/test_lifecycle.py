@@ -203,3 +203,21 @@ def _signal_until_gone(gateway: Gateway, signum: int, every: float) -> None:
         gateway.process.signal(signum)
         time.sleep(every)
     assert gateway.process.wait(5) == 0, gateway.process.errors()
+
+
+def test_sighup_with_a_file_swapped_for_a_fifo_is_refused_and_the_gateway_keeps_answering(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    # The keys file swapped (atomically, by symlink) for a FIFO nobody writes to: the reload
+    # used to block the event loop in open() for ever, /healthz and every stream with it.
+    keys = tmp_path / "keys"
+    keys.write_text("acme=sk-acme-1\n")
+    gateway = start_gateway(TENANT_KEYS_FILE=str(keys))
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "swap").symlink_to(tmp_path / "fifo")
+    os.replace(tmp_path / "swap", keys)
+    gateway.process.signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in gateway.process.errors(), timeout=3, what="the refusal log line")
+    assert "TENANT_KEYS_FILE: cannot read" in gateway.process.errors()
+    assert "not a regular file" in gateway.process.errors()
+    assert http_get(gateway.port, "/healthz", timeout=1)[0] == 200
