@@ -14,6 +14,7 @@ One more file-backed item is one more field of `Snapshot` and one loader in `loa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,15 @@ def load(settings: Settings, router: Router | None = None) -> Snapshot:
     the file, the problem) at the first that is not valid. `router`: the one in force, whose
     breakers a router for the routes read again keeps (None: the routes are not read)."""
     return Snapshot(tenancy=_tenancy(settings), policies=_policies(settings), router=_router(settings, router))
+
+
+def with_current_routes(settings: Settings) -> Settings:
+    """`settings` with ROUTES_FILE's table read again (raises ConfigError). For a worker: one
+    forked after a reload (a replacement) got the parent's start-up table, and served the old
+    routes beside workers serving the reloaded ones; the keys and policies it reads itself."""
+    if not settings.routes_file:
+        return settings
+    return dataclasses.replace(settings, routes=load_routes(settings.routes_file, environment()))
 
 
 def _router(settings: Settings, router: Router | None) -> Router | None:

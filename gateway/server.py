@@ -30,6 +30,7 @@ from .app import SERVER_OPTIONS, create_app
 from .config import ConfigError, Settings
 from .keys import LIFECYCLE, LIVE_CONFIG
 from .lifecycle import Lifecycle
+from .reload import with_current_routes
 
 log = logging.getLogger("gateway")
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -131,6 +132,8 @@ def _ignore_stop_signals() -> None:
 
 async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
     try:
+        if settings.workers > 1:  # a worker reads the files as they are now, routes included
+            settings = with_current_routes(settings)
         app = create_app(settings)
     except ConfigError as error:  # a file changed since gateway.py checked it
         raise StartupError(error.lines[0]) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -221,3 +222,34 @@ def test_sighup_with_a_file_swapped_for_a_fifo_is_refused_and_the_gateway_keeps_
     assert "TENANT_KEYS_FILE: cannot read" in gateway.process.errors()
     assert "not a regular file" in gateway.process.errors()
     assert http_get(gateway.port, "/healthz", timeout=1)[0] == 200
+
+
+def test_a_worker_started_after_a_reload_serves_the_reloaded_routes(
+    start_gateway: GatewayFactory, redis_server: RedisServer, mock: Mock, tmp_path: Path
+) -> None:
+    # A worker that replaces a dead one used to get the parent's start-up ROUTES_FILE table:
+    # after a reload, it served the old routes beside workers serving the new ones.
+    def routes(model: str) -> str:
+        return (
+            f'[upstreams.a]\nkind = "openai"\nbase_url = "{mock.url}"\napi_key_env = "OPENAI_API_KEY"\n'
+            f'[[models]]\nmatch = "m"\nupstreams = [{{ upstream = "a", model = "{model}" }}]\n'
+        )
+
+    routes_file = tmp_path / "routes.toml"
+    routes_file.write_text(routes("old-model"))
+    gateway = start_gateway(ROUTES_FILE=str(routes_file), WORKERS="2", REDIS_URL=redis_server.url)
+    routes_file.write_text(routes("new-model"))
+    gateway.process.signal(signal.SIGHUP)
+    wait_until(lambda: gateway.process.errors().count("configuration reloaded") == 2, what="both workers reloading")
+    workers = subprocess.run(["pgrep", "-P", str(gateway.process.pid)], capture_output=True, text=True, check=True)
+    for pid in workers.stdout.split():  # both replaced: every request then reaches a new worker
+        os.kill(int(pid), signal.SIGKILL)
+    wait_until(lambda: gateway.process.errors().count(" serves") == 2, timeout=10, what="two replacements")
+    mock.forget()
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    for _ in range(4):  # a connection each: either worker may take it
+        connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=5)
+        connection.request("POST", CHAT, body, {"Content-Type": "application/json"})
+        assert connection.getresponse().status == 200
+        connection.close()
+    assert {request["body"]["model"] for request in mock.requests()} == {"new-model"}
