@@ -177,9 +177,26 @@ def draining(lifecycle: Lifecycle) -> Middleware:
 
     @web.middleware
     async def refuse_while_draining(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if lifecycle.draining and ADMITTED in request:
+        state = request.get(ADMITTED)
+        if state is None:
+            return await handler(request)
+        if lifecycle.draining:
             raise ShuttingDown(headers=_RETRY_NOW)
-        return await handler(request)
+        # In flight from here, not from the upstream call on: a request still sending its body
+        # (or waiting for its quota) when SIGTERM came is waited for up to the grace too; it was
+        # cut without any reply when the listener closed, 2 s into the drain.
+        task = lifecycle.enter()
+        try:
+            return await handler(request)
+        except asyncio.CancelledError:
+            # Cut at the grace before the proxy had it (which answers its own the same way): a
+            # 503 the client can retry elsewhere, not a connection closed without a reply.
+            if not lifecycle.grace_expired or state.answering:
+                raise
+            task.uncancel()
+            raise ShuttingDown(headers=_RETRY_NOW) from None
+        finally:
+            lifecycle.leave(task)
 
     return refuse_while_draining
 

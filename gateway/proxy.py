@@ -132,7 +132,8 @@ class Proxy:
         except (RecursionError, ValueError):
             raise BadRequest("request body is nested too deeply") from None
         tracing = self._telemetry.tracing
-        task = self._lifecycle.enter()
+        task = asyncio.current_task()  # in flight since the draining step (lifecycle.enter)
+        assert task is not None
         try:
             if router is not None and legs is not None:
                 return await self._routed(request, state, body, router.attempts(legs, self._timeout), hidden_usage)
@@ -150,8 +151,6 @@ class Proxy:
                 raise
             task.uncancel()
             raise ShuttingDown(headers=_RETRY_SOON) from None
-        finally:
-            self._lifecycle.leave(task)
 
     async def _redact_request(self, payload: dict[str, Any], state: RequestState) -> None:
         """Redact every text the client sends, as the API's description lists them (SPEC §6,

@@ -253,3 +253,37 @@ def test_a_worker_started_after_a_reload_serves_the_reloaded_routes(
         assert connection.getresponse().status == 200
         connection.close()
     assert {request["body"]["model"] for request in mock.requests()} == {"new-model"}
+
+
+def test_a_request_still_sending_its_body_at_sigterm_is_answered(start_gateway: GatewayFactory, mock: Mock) -> None:
+    # Only requests already calling upstream counted as in flight: one whose body was still
+    # coming when SIGTERM arrived got no reply at all (the listener closed under it).
+    gateway = start_gateway(SHUTDOWN_GRACE_SECS="10")
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi " * 50}]}).encode()
+    head = f"POST {CHAT} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as client:
+        client.sendall(head.encode() + body[:40])
+        started = f'requests_total{{route="{CHAT}"}} 1'
+        wait_until(lambda: started in gateway.metrics(), what="the request under way")
+        gateway.process.signal(signal.SIGTERM)
+        wait_until(lambda: "draining" in gateway.process.errors(), what="the drain")
+        time.sleep(1)  # the rest of the body comes in the middle of the drain
+        client.sendall(body[40:])
+        reply = client.makefile("rb").readline()
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    assert gateway.process.wait(10) == 0
+
+
+def test_a_body_still_coming_at_the_end_of_the_grace_gets_a_503(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway(SHUTDOWN_GRACE_SECS="0.5")
+    head = f"POST {CHAT} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as client:
+        client.sendall(head.encode() + b'{"model": "m", ')
+        started = f'requests_total{{route="{CHAT}"}} 1'
+        wait_until(lambda: started in gateway.metrics(), what="the request under way")
+        gateway.process.signal(signal.SIGTERM)
+        reply = http.client.HTTPResponse(client)  # the rest of the body never comes
+        reply.begin()
+        assert reply.status == 503
+        assert json.loads(reply.read())["error"]["code"] == "shutting_down"
+    assert gateway.process.wait(10) == 0
