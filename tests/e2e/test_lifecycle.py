@@ -7,8 +7,10 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import signal
 import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ import aiohttp
 import pytest
 
 from ..conftest import GatewayFactory
-from ..harness import Gateway, Mock, RedisServer, base_env, free_port, gateway_argv, http_get, wait_until
+from ..harness import ROOT, Gateway, Mock, RedisServer, base_env, free_port, gateway_argv, http_get, wait_until
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -287,3 +289,24 @@ def test_a_body_still_coming_at_the_end_of_the_grace_gets_a_503(start_gateway: G
         assert reply.status == 503
         assert json.loads(reply.read())["error"]["code"] == "shutting_down"
     assert gateway.process.wait(10) == 0
+
+
+def test_the_units_notify_access_accepts_the_process_that_sends_ready(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    # systemd drops a READY=1 that is not from the main pid under NotifyAccess=main. The unit
+    # runs the one-file binary, whose bootloader (the main pid) runs the gateway as its child:
+    # `systemctl start` waited for READY=1 until it timed out. (Run with GATEWAY_CMD=dist/gateway.)
+    unit = (ROOT / "scripts" / "secure-llm-gateway.service").read_text()
+    access = re.search(r"^NotifyAccess=(\w+)", unit, re.MULTILINE)
+    assert access is not None
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.settimeout(10)
+        gateway = start_gateway(wait=False, NOTIFY_SOCKET=str(path))
+        message, ancillary, _, _ = sock.recvmsg(100, socket.CMSG_SPACE(struct.calcsize("3i")))
+    assert message == b"READY=1"
+    sender = struct.unpack("3i", ancillary[0][2][: struct.calcsize("3i")])[0]
+    assert access.group(1) == "all" or sender == gateway.process.pid
