@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import math
 import os
 import re
 import stat
@@ -43,6 +44,8 @@ MAX_FILE_BYTES = 16 * 1024 * 1024  # a keys, policy or routes file; far above an
 # OTEL_* variables the gateway reads itself; every other one is the OpenTelemetry SDK's own.
 _GATEWAY_OTEL = frozenset({"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME"})
 # Query parameters known to carry no secret; every other query value is masked when printed.
+# The REDIS_URL query options coredis reads as durations (seconds).
+_REDIS_DURATIONS = frozenset({"timeout", "stream_timeout", "connect_timeout", "max_idle_time"})
 _PLAIN_QUERY_KEYS = frozenset(
     {"db", "protocol", "api-version", "ssl_cert_reqs", "ssl_check_hostname", "timeout", "socket_timeout"}
 )
@@ -357,6 +360,16 @@ def _check_redis_options(value: str) -> None:
     for name, option in parse_qsl(urlsplit(value).query, keep_blank_values=True):
         if (name == "decode_responses" and option) or (name == "noreply" and _truthy_query(option)):
             raise EnvError(f"the query option {name!r} cannot be used: the store needs Redis's replies as they are")
+        # coredis takes timeout=0 or stream_timeout=-1 too, and then every call fails.
+        if name in _REDIS_DURATIONS and option and not _above_zero(option):
+            raise EnvError(f"the query option {name!r} must be a number of seconds above 0")
+
+
+def _above_zero(option: str) -> bool:
+    try:
+        return 0 < float(option) < math.inf
+    except ValueError:
+        return False
 
 
 def _truthy_query(option: str) -> bool:

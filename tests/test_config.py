@@ -753,6 +753,12 @@ def test_an_unparsable_dotenv_line_under_a_set_variable_or_no_assignment_only_wa
         ("unix://", "needs the socket's path"),
         ("redis://:pw-S3CRET@cache.example:6379/0?decode_responses=false", "query option 'decode_responses'"),
         ("redis://cache.example:6379/0?noreply=true", "query option 'noreply'"),
+        # Read by coredis without a word, then every call failed: quotas never enforced
+        # (QUOTA_FAIL_MODE=open) or every request 503 (closed).
+        ("redis://cache.example:6379/0?timeout=0", "query option 'timeout'"),
+        ("redis://cache.example:6379/0?stream_timeout=-1", "query option 'stream_timeout'"),
+        ("redis://cache.example:6379/0?connect_timeout=-1", "query option 'connect_timeout'"),
+        ("redis://cache.example:6379/0?max_idle_time=0", "query option 'max_idle_time'"),
     ],
 )
 def test_a_redis_url_coredis_cannot_use_stops_start_up(value: str, problem: str) -> None:
