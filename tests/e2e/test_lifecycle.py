@@ -243,8 +243,9 @@ def test_a_worker_started_after_a_reload_serves_the_reloaded_routes(
     routes_file.write_text(routes("new-model"))
     gateway.process.signal(signal.SIGHUP)
     wait_until(lambda: gateway.process.errors().count("configuration reloaded") == 2, what="both workers reloading")
-    workers = subprocess.run(["pgrep", "-P", str(gateway.process.pid)], capture_output=True, text=True, check=True)
-    for pid in workers.stdout.split():  # both replaced: every request then reaches a new worker
+    workers = re.findall(r"serving on \S+ \(pid (\d+)\)", gateway.process.errors())
+    assert len(workers) == 2
+    for pid in workers:  # both replaced: every request then reaches a new worker
         os.kill(int(pid), signal.SIGKILL)
     wait_until(lambda: gateway.process.errors().count(" serves") == 2, timeout=10, what="two replacements")
     mock.forget()
