@@ -187,6 +187,9 @@ class Policies:
 def load(policy_file: str, entities_file: str | None = None, cache_size: int = CACHE_ENTRIES) -> Policies:
     """Parse POLICY_FILE (Cedar) and POLICY_ENTITIES_FILE (Cedar entities JSON). Raises ConfigError."""
     text = _read("POLICY_FILE", policy_file)
+    too_deep = _too_deep(text)
+    if too_deep is not None:
+        raise _bad("POLICY_FILE", policy_file, too_deep)
     try:
         policy_set = cedarpy.PolicySet.from_str(text)
         est = orjson.loads(cedarpy.policies_to_json_str(text))
@@ -403,6 +406,28 @@ def _actions_named(node: object) -> Iterator[str]:
     elif type(node) is list:
         for value in node:
             yield from _actions_named(value)
+
+
+# Cedar's parser recurses once per bracket or operator of a policy, on the thread's stack: a
+# policy 1,000 parentheses deep (or 20,000 `&&`s long) overflowed it, and the segfault took the
+# gateway down, at start-up or on SIGHUP. So they are counted first, strings and comments apart;
+# no real policy comes near the bound (parsing 500 parentheses deep was still fine).
+MAX_POLICY_OPERATORS = 256
+_OPERATOR = re.compile(r'"(?:[^"\\]|\\.)*"|//[^\n]*|&&|\|\||[(\[{.+\-*<>=!;]|\b(?:if|has|like|in|is)\b')
+
+
+def _too_deep(text: str) -> str | None:
+    """Why Cedar must not be handed `text` (a policy with too many brackets and operators)."""
+    count, number = 0, 1
+    for match in _OPERATOR.finditer(text):
+        token = match.group()
+        if token == ";":
+            count, number = 0, number + 1
+        elif token[0] != '"' and not token.startswith("//"):
+            count += 1
+            if count > MAX_POLICY_OPERATORS:
+                return f"policy {number} has more than {MAX_POLICY_OPERATORS} brackets and operators"
+    return None
 
 
 def _read(variable: str, path: str) -> str:

@@ -132,6 +132,8 @@ def load_routes(path: str, environ: Mapping[str, str]) -> RouteTable:
         raise _error(path, "not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise _error(path, f"not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise _error(path, "not valid TOML: nested too deeply") from None
     try:
         return _table(document, environ)
     except _Problem as problem:

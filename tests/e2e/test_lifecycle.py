@@ -311,3 +311,35 @@ def test_the_units_notify_access_accepts_the_process_that_sends_ready(
     assert message == b"READY=1"
     sender = struct.unpack("3i", ancillary[0][2][: struct.calcsize("3i")])[0]
     assert access.group(1) == "all" or sender == gateway.process.pid
+
+
+@pytest.mark.parametrize(
+    ("variable", "nested", "problem"),
+    [
+        # Cedar's parser recursed past the stack: SIGSEGV, every connection dropped.
+        (
+            "POLICY_FILE",
+            "permit(principal, action, resource) when { " + "(" * 5000 + "true" + ")" * 5000 + " };",
+            "more than 256 brackets",
+        ),
+        # tomllib's RecursionError: a 3,000-line traceback and no refusal line or count.
+        ("ROUTES_FILE", "a = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ],
+)
+def test_a_reload_of_a_file_nested_too_deeply_is_refused_in_one_line(
+    start_gateway: GatewayFactory, mock: Mock, tmp_path: Path, variable: str, nested: str, problem: str
+) -> None:
+    policy, routes = tmp_path / "p.cedar", tmp_path / "routes.toml"
+    policy.write_text("permit(principal, action, resource);")
+    routes.write_text(
+        f'[upstreams.a]\nkind = "openai"\nbase_url = "{mock.url}"\napi_key_env = "OPENAI_API_KEY"\n'
+        '[[models]]\nmatch = "*"\nupstreams = [{ upstream = "a" }]\n'
+    )
+    gateway = start_gateway(POLICY_FILE=str(policy), ROUTES_FILE=str(routes))
+    (policy if variable == "POLICY_FILE" else routes).write_text(nested)
+    gateway.process.signal(signal.SIGHUP)
+    wait_until(lambda: 'config_reloads_total{result="refused"} 1' in gateway.metrics(), what="the refused reload")
+    [line] = [x for x in gateway.process.errors().splitlines() if "reload refused" in x]
+    assert f"{variable}: " in line and problem in line
+    assert len(gateway.process.errors().splitlines()) == 2  # "serving on", then that line
+    assert http_get(gateway.port, "/healthz")[0] == 200
