@@ -240,6 +240,8 @@ def _entities(path: str | None) -> tuple[cedarpy.Entities, list[dict[str, Any]]]
         problem = _entity_problem(entry)
         if problem:
             raise _bad("POLICY_ENTITIES_FILE", path, f"entity {number}: {problem}")
+    if _deepest_hierarchy(listed) > MAX_HIERARCHY_DEPTH:
+        raise _bad("POLICY_ENTITIES_FILE", path, f"a chain of parents more than {MAX_HIERARCHY_DEPTH} deep")
     try:
         entities = cedarpy.Entities.from_json_str(text)
     except ValueError as exc:
@@ -376,6 +378,39 @@ def _ref(value: object) -> dict[str, Any]:
     if type(value) is dict and type(value.get("__entity")) is dict:
         value = value["__entity"]
     return value if type(value) is dict else {}
+
+
+# Cedar computes every entity's ancestors up front, recursively: a chain of 10,000 parents took
+# 97 s and 11 GB (the event loop blocked throughout, on SIGHUP), one of 30,000 overflowed the
+# stack (SIGSEGV, the gateway gone). Plans and tiers are a few levels deep.
+MAX_HIERARCHY_DEPTH = 32
+
+
+def _deepest_hierarchy(listed: list[dict[str, Any]]) -> int:
+    """The longest chain of parents in the entities file (cycles are left to Cedar)."""
+    parents: dict[tuple[object, object], list[tuple[object, object]]] = {}
+    for entry in listed:
+        uid = _uid(entry)
+        parents[(uid.get("type"), uid.get("id"))] = [
+            (p.get("type"), p.get("id")) for p in map(_parent_uid, entry["parents"]) if p is not None
+        ]
+    depth: dict[tuple[object, object], int] = {}
+    for start in parents:
+        stack, on_stack = [start], {start}
+        while stack:  # iterative: the chain may be as long as the file
+            node = stack[-1]
+            pending = next((p for p in parents.get(node, ()) if p not in depth and p not in on_stack), None)
+            if pending is not None:
+                stack.append(pending)
+                on_stack.add(pending)
+                continue
+            on_stack.discard(stack.pop())
+            depth[node] = 1 + max((depth.get(p, 0) for p in parents.get(node, ())), default=0)
+    return max(depth.values(), default=0)
+
+
+def _parent_uid(parent: object) -> dict[str, Any] | None:
+    return _uid({"uid": parent}) or None
 
 
 def _uid(entry: dict[str, Any]) -> dict[str, Any]:
