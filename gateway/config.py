@@ -554,7 +554,9 @@ def read_config_file(path: str) -> bytes:
         data = file.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
         raise OSError(0, f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB")
-    return data
+    # A file saved by a Windows editor starts with a UTF-8 BOM: taken as `.env`'s is, not refused
+    # as a tenant name with a control character, an invalid Cedar token or TOML statement.
+    return data.removeprefix(b"\xef\xbb\xbf")
 
 
 def read_tenant_keys_file(path: str, known: Mapping[bytes, str] | None = None) -> dict[bytes, str]:

@@ -169,3 +169,27 @@ def _load_into(make: Callable[..., Settings], variable: str, path: str, outcome:
         load(make(**{variable: path}))  # what start-up reads (gateway.py), the routes by load_settings
     except Exception as exc:  # the test checks which one
         outcome.append(exc)
+
+
+def test_files_saved_with_a_byte_order_mark_and_crlf_are_read(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    # `.env` took them; the key, policy, entities and routes files each refused them, with
+    # "the tenant name has control characters", "invalid token", "Invalid statement".
+    bom = b"\xef\xbb\xbf"
+    files = {
+        "TENANT_KEYS_FILE": b"acme=sk-acme-1\r\n",
+        "POLICY_FILE": b"permit(principal, action, resource);\r\n",
+        "POLICY_ENTITIES_FILE": b"[]",
+        "ROUTES_FILE": (
+            b'[upstreams.a]\r\nkind = "openai"\r\nbase_url = "http://127.0.0.1:9"\r\napi_key_env = "K"\r\n'
+            b'[[models]]\r\nmatch = "*"\r\nupstreams = [{ upstream = "a" }]\r\n'
+        ),
+    }
+    for variable, content in files.items():
+        (tmp_path / variable).write_bytes(bom + content)
+    settings = make_settings(K="sk-upstream", **{variable: str(tmp_path / variable) for variable in files})
+    assert settings.routes is not None
+    live = LiveConfig(settings, Counted())
+    assert admits(live, "sk-acme-1")
+    assert live.current.policies is not None
