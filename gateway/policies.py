@@ -443,25 +443,38 @@ def _actions_named(node: object) -> Iterator[str]:
             yield from _actions_named(value)
 
 
-# Cedar's parser recurses once per bracket or operator of a policy, on the thread's stack: a
-# policy 1,000 parentheses deep (or 20,000 `&&`s long) overflowed it, and the segfault took the
-# gateway down, at start-up or on SIGHUP. So they are counted first, strings and comments apart;
-# no real policy comes near the bound (parsing 500 parentheses deep was still fine).
-MAX_POLICY_OPERATORS = 256
-_OPERATOR = re.compile(r'"(?:[^"\\]|\\.)*"|//[^\n]*|&&|\|\||[(\[{.+\-*<>=!;]|\b(?:if|has|like|in|is)\b')
+# Cedar's parser recurses once per bracket a policy nests, on the thread's stack: a policy
+# 1,000 parentheses deep overflowed it, and the segfault took the gateway down, at start-up or
+# on SIGHUP; 20,000 `&&`s in a row did too. So, strings and comments apart, a policy's brackets
+# may nest MAX_POLICY_DEPTH deep (400 parsed fine, in a thread too) and it may hold
+# MAX_POLICY_OPERATORS operators (2,048 of any kind parsed fine; past ~1,500 `||`s Cedar's
+# evaluation errs, which denies): room for an allow-list of hundreds of `principal == …`.
+MAX_POLICY_DEPTH = 256
+MAX_POLICY_OPERATORS = 2048
+_OPERATOR = re.compile(r'"(?:[^"\\]|\\.)*"|//[^\n]*|&&|\|\||[(\[{)\]}.+\-*<>=!;]|\b(?:if|has|like|in|is)\b')
+_OPENS, _CLOSES = frozenset("([{"), frozenset(")]}")
 
 
 def _too_deep(text: str) -> str | None:
-    """Why Cedar must not be handed `text` (a policy with too many brackets and operators)."""
-    count, number = 0, 1
+    """Why Cedar must not be handed `text` (a policy nested too deeply, or too long a chain
+    of operators)."""
+    depth = count = 0
+    number = 1
     for match in _OPERATOR.finditer(text):
         token = match.group()
         if token == ";":
-            count, number = 0, number + 1
+            depth = count = 0
+            number += 1
+        elif token in _OPENS:
+            depth += 1
+            if depth > MAX_POLICY_DEPTH:
+                return f"policy {number} nests brackets more than {MAX_POLICY_DEPTH} deep"
+        elif token in _CLOSES:
+            depth -= 1
         elif token[0] != '"' and not token.startswith("//"):
             count += 1
             if count > MAX_POLICY_OPERATORS:
-                return f"policy {number} has more than {MAX_POLICY_OPERATORS} brackets and operators"
+                return f"policy {number} has more than {MAX_POLICY_OPERATORS} operators"
     return None
 
 

@@ -447,3 +447,23 @@ def test_an_entities_file_with_a_chain_of_parents_too_deep_is_refused(tmp_path: 
     entities.write_bytes(chain(1000))
     with pytest.raises(ConfigError, match="a chain of parents more than 32 deep"):
         policies.load(str(policy), str(entities))
+
+
+def test_a_long_allow_list_loads_and_what_would_crash_cedar_is_refused(tmp_path: Path) -> None:
+    # Cedar's parser recursed past the stack on a policy 1,000 parentheses deep (SIGSEGV: the
+    # gateway died), and on 20,000 `&&`s. A bound on brackets and operators together (256)
+    # also refused real allow-lists: 300 tenants, `principal == Tenant::"tN" || …`.
+    policy = tmp_path / "p.cedar"
+    allowed = " || ".join(f'principal == Tenant::"t{i}"' for i in range(300))
+    policy.write_text(f"permit(principal, action, resource) when {{ {allowed} }};")
+    loaded = policies.load(str(policy))
+    assert loaded.decide("t299", "chat", "m", PLAIN).allowed
+    assert not loaded.decide("t300", "chat", "m", PLAIN).allowed
+    for text, problem in [
+        ("(" * 5000 + "true" + ")" * 5000, "nests brackets more than 256 deep"),
+        ("[" * 300 + "1" + "]" * 300 + " == 1", "nests brackets more than 256 deep"),
+        (" && ".join(["true"] * 20_000), "more than 2048 operators"),
+    ]:
+        policy.write_text(f"permit(principal, action, resource) when {{ {text} }};")
+        with pytest.raises(ConfigError, match=problem):
+            policies.load(str(policy))

@@ -320,7 +320,7 @@ def test_the_units_notify_access_accepts_the_process_that_sends_ready(
         (
             "POLICY_FILE",
             "permit(principal, action, resource) when { " + "(" * 5000 + "true" + ")" * 5000 + " };",
-            "more than 256 brackets",
+            "nests brackets more than 256 deep",
         ),
         # tomllib's RecursionError: a 3,000-line traceback and no refusal line or count.
         ("ROUTES_FILE", "a = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
