@@ -177,7 +177,7 @@ def draining(lifecycle: Lifecycle) -> Middleware:
 
     @web.middleware
     async def refuse_while_draining(request: web.Request, handler: Handler) -> web.StreamResponse:
-        state = request.get(ADMITTED)
+        state = request.get(IDENTIFIED)  # the admitted routes and the model list: not probes, not 404s
         if state is None:
             return await handler(request)
         if lifecycle.draining:

@@ -257,6 +257,9 @@ async def test_draining_refuses_new_requests_first(start: GatewayFactory, upstre
         assert r.status == 503
     async with gateway.client.get("/nope") as r:
         assert r.status == 404
+    # SPEC §10: nothing new is accepted, the model list included (it calls the upstream too).
+    async with gateway.client.get("/v1/models", headers={"Authorization": "Bearer sk-a"}) as r:
+        assert r.status == 503 and error_of(await r.json())["code"] == "shutting_down"
     assert upstream.bodies == []
 
 
