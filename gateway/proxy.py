@@ -219,8 +219,12 @@ class Proxy:
                 state.response_model = answer["model"]
             if answer.get("error") is not None:  # an error under a 200, which may echo the key (not "error": null)
                 scrubbed = reply.scrub(data)
-                if scrubbed is not data:  # as an error status's body is: relayed, the key masked
-                    return web.Response(body=scrubbed, status=reply.status, content_type="application/json")
+                if scrubbed is not data:  # the key masked, and the reply still redacted: it may carry an answer
+                    data = scrubbed
+                    try:
+                        answer = loads_reply(data)  # "***" in a string: still the same JSON
+                    except (ValueError, RecursionError):
+                        answer = None  # redacted as text, never written from the unmasked parse
         if self._redactor is not None:
             # The usual reply: nothing to look at. (A long one goes to the thread unchecked:
             # the check is a scan of its own, seconds for megabytes of digits.)

@@ -1179,3 +1179,17 @@ async def test_a_token_count_no_reply_could_hold_is_not_counted(gateway: Gateway
         text = await r.text()
     assert "huge-" not in "".join(line for line in text.splitlines() if line.startswith("tokens_total")), text
     assert str(huge) not in text
+
+
+async def test_a_200_reply_whose_error_echoes_the_key_still_has_its_answer_redacted(
+    gateway: Gateway, hostile: Hostile
+) -> None:
+    # A 200 reply with both an answer and an "error" (a Responses reply that failed part-way
+    # carries both) quoting the request's headers: masking the key returned the body as it
+    # came, past redaction, and the answer's address reached the client in clear.
+    said = f"Incorrect API key: Bearer {UPSTREAM_KEY}"
+    hostile.answer = json_answer({**chat_reply(f"mail {EMAIL}"), "error": {"message": said}})
+    status, data = await gateway.post(CHAT, {"model": "m", "messages": PROMPT})
+    assert status == 200, data
+    assert b"upstream-secret" not in data and b"***" in data, data
+    assert EMAIL.encode() not in data and b"j***e@example.com" in data, data
