@@ -420,6 +420,50 @@ async def test_an_error_body_that_echoes_the_key_json_escaped_never_carries_it()
         await runner.cleanup()
 
 
+async def test_masking_the_key_in_a_long_error_body_of_escapes_keeps_the_loop_serving() -> None:
+    # A base64 key that opens with punctuation made the escaped-key pattern open with an
+    # alternation, tried at every backslash: 16 MiB of them in an error body held the event
+    # loop ~0.7 s (every other request waited). The key, escaped after them, is still masked.
+    key = "/ABSKQmVk/cm9ja0+FQSUtleQ=="
+
+    async def long_error(request: web.Request) -> web.Response:
+        await request.read()
+        escaped = request.headers["Authorization"].replace("/", "\\/").encode()
+        return web.Response(
+            body=b'{"error":{"message":"' + b"\\\\" * (8 << 20) + b" got " + escaped + b'"}}',
+            status=400,
+            content_type="application/json",
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", long_error)
+    runner, port = await serve(app)
+    upstream = Upstream(f"http://127.0.0.1:{port}/v1/chat/completions", key, 5.0)
+    await upstream.open()
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.005)
+            gaps.append(loop.time() - before)
+
+    ticker = asyncio.ensure_future(tick())
+    try:
+        reply = await upstream.post(BODY, upstream.headers_for(CIMultiDictProxy(CIMultiDict())))
+        data = await reply.read()
+        ticks = len(gaps)
+        while len(gaps) == ticks:  # the tick the read may have held up
+            await asyncio.sleep(0)
+    finally:
+        ticker.cancel()
+        await upstream.close()
+        await runner.cleanup()
+    assert data.endswith(b' got Bearer ***"}}') and key.encode() not in data
+    assert max(gaps) < 0.15, max(gaps)
+
+
 async def test_an_error_body_that_echoes_the_urls_credentials_never_carries_them() -> None:
     # OPENAI_BASE_URL=https://user:pass@proxy (a credential instead of a key): aiohttp sends it
     # as Authorization: Basic, and an error body quoting that header gave it to the client.
