@@ -277,7 +277,8 @@ class Proxy:
             self._telemetry.metrics.cb_event("upstream_error")
             body += relay.error_event(UpstreamStreamBroken())
         state.usage, state.response_model = relay.usage, relay.response_model
-        return web.Response(body=body, status=reply.status, headers=SSE_HEADERS)
+        # The whole stream in one write: its error event may echo the key, as a live stream's last write may.
+        return web.Response(body=reply.scrub(body), status=reply.status, headers=SSE_HEADERS)
 
     def _upstream_exception(self, exc: BaseException) -> BaseException:
         """A deadline or upstream failure as the error to raise (counted); anything else as is."""

@@ -1193,3 +1193,16 @@ async def test_a_200_reply_whose_error_echoes_the_key_still_has_its_answer_redac
     assert status == 200, data
     assert b"upstream-secret" not in data and b"***" in data, data
     assert EMAIL.encode() not in data and b"j***e@example.com" in data, data
+
+
+async def test_an_error_event_in_events_answering_a_whole_request_never_carries_the_key(
+    gateway: Gateway, hostile: Hostile
+) -> None:
+    # A request without "stream" that an upstream answers with events anyway (relayed as events):
+    # an error event quoting the request's headers reached the client with the operator's key,
+    # where the same event in a stream has it masked.
+    said = f"Incorrect API key: Bearer {UPSTREAM_KEY}"
+    hostile.answer = events_answer(chunk({"content": "a"}), ev({"error": {"message": said}}))
+    status, data = await gateway.chat({"stream": False})
+    assert status == 200, data
+    assert b"upstream-secret" not in data and b"***" in data, data
