@@ -196,6 +196,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     app[keys.SETTINGS] = settings
     app[keys.UPSTREAMS] = (upstream, anthropic, responses, embeddings, models)
     app[keys.STORE] = store
+    app[keys.BUDGET] = budget
     app[keys.TELEMETRY] = telemetry
     app[keys.LIFECYCLE] = lifecycle
     app[keys.LIVE_CONFIG] = live
@@ -228,6 +229,7 @@ async def resources(app: web.Application) -> AsyncIterator[None]:
     for upstream in upstreams:
         await upstream.close()
     await live.close_routers()
+    await app[keys.BUDGET].close()  # its last settles, before the store closes
     await store.close()
     telemetry.close()
 

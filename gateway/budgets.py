@@ -77,7 +77,7 @@ class TokenBudget:
     hash `tokens:{<public id>}`: one key, so one hash slot on a cluster). A limit of 0, the
     default's or a tenant's, means no budget for that tenant."""
 
-    __slots__ = ("_default", "_guard", "_overrides", "_reserve_default", "_sending", "_store", "_window_ms")
+    __slots__ = ("_closing", "_default", "_guard", "_overrides", "_reserve_default", "_sending", "_store", "_window_ms")
 
     def __init__(
         self,
@@ -95,6 +95,7 @@ class TokenBudget:
         self._reserve_default = reserve_default
         self._guard = guard
         self._sending: set[asyncio.Future[None]] = set()  # settles held back by the guard, on their way
+        self._closing = asyncio.Event()  # the app shuts down: settles held back go at once (see close)
 
     @property
     def enabled(self) -> bool:
@@ -148,16 +149,26 @@ class TokenBudget:
             # by its end (a 300 ms stall): a settle skipped would hold the whole estimate to the
             # window's end. It goes when the guard tries the store again, not waited for, in the
             # batch of that moment; a failure then leaves the reservation to its window, as below.
-            asyncio.get_running_loop().call_later(wait, self._send, decision, used)
+            sending = asyncio.ensure_future(self._send(wait, decision, used))
+            self._sending.add(sending)  # a task the loop alone refers to may be collected mid-way
+            sending.add_done_callback(self._sent)
             return
         # Fail-closed raises: the request is answered already, and over-counting is the safe side.
         with contextlib.suppress(StoreUnavailable):
             await self._guard.call(store.settle, decision.key, decision.window, decision.reserved, used)
 
-    def _send(self, decision: TokenDecision, used: int) -> None:
-        sending = asyncio.ensure_future(self._store.settle(decision.key, decision.window, decision.reserved, used))
-        self._sending.add(sending)  # a task the loop alone refers to may be collected mid-way
-        sending.add_done_callback(self._sent)
+    async def _send(self, wait: float, decision: TokenDecision, used: int) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self._closing.wait()
+        await self._store.settle(decision.key, decision.window, decision.reserved, used)
+
+    async def close(self) -> None:
+        """Before the store closes: the settles held back by the guard go now and are waited
+        for (each within the store's deadline). Dropped with the process, each would hold its
+        whole estimate to the window's end, on every instance sharing the store."""
+        self._closing.set()
+        await asyncio.gather(*self._sending, return_exceptions=True)
 
     def _sent(self, sending: asyncio.Future[None]) -> None:
         self._sending.discard(sending)

@@ -10,6 +10,7 @@ from .config import Settings
 from .models import RequestState
 
 if TYPE_CHECKING:
+    from .budgets import TokenBudget
     from .lifecycle import Lifecycle
     from .reload import LiveConfig, Snapshot
     from .stores import QuotaStore
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 SETTINGS = web.AppKey("settings", Settings)
 UPSTREAMS: web.AppKey[tuple[Upstream, ...]] = web.AppKey("upstreams")
 STORE: web.AppKey[QuotaStore] = web.AppKey("store")
+BUDGET: web.AppKey[TokenBudget] = web.AppKey("budget")
 TELEMETRY: web.AppKey[Telemetry] = web.AppKey("telemetry")
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
 LIVE_CONFIG: web.AppKey[LiveConfig] = web.AppKey("live_config")  # reloaded on SIGHUP (server.py)

@@ -322,3 +322,27 @@ async def test_a_stream_that_ends_just_after_a_redis_stall_is_settled(
         )
         status, _, body = await post(session, gateway, ask(max_tokens=199))
         assert status == 200, body
+
+
+async def test_a_settle_held_back_by_a_redis_stall_is_sent_when_the_gateway_stops(
+    start_gateway: GatewayFactory, mock: Mock, redis_server: RedisServer
+) -> None:
+    # Found by review: a settle in the guard's back-off waits for its end; a SIGTERM then (a
+    # deploy right after a Redis blip) dropped it with the process, and the stream's whole
+    # estimate (900) stayed held in the shared Redis to the window's end.
+    gateway = start_gateway(REDIS_URL=redis_server.url, TOKEN_QUOTA="1000", STORE_TIMEOUT_MS="200")
+    assert redis_server.process is not None
+    async with aiohttp.ClientSession() as session:
+        slow = {"X-Api-Key": "demo", **THREE, "x-stainless-mock-chunk-delay-ms": "150"}
+        stream = await session.post(gateway.url + CHAT, json=ask(stream=True, max_tokens=899), headers=slow)
+        assert stream.status == 200 and tokens_left(dict(stream.headers)) == 100
+        redis_server.process.signal(signal.SIGSTOP)
+        try:  # another tenant's request times out on the store: the guard backs off
+            assert (await post(session, gateway, ask(), key="other"))[0] == 200  # fail-open
+        finally:
+            redis_server.process.signal(signal.SIGCONT)
+        await stream.read()  # the stream ends while the guard still backs off
+        gateway.process.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(gateway.process.wait, 10) == 0
+    assert redis_server.cli("HGET", "tokens:{demo}", "reserved") == "0"
+    assert "Traceback" not in gateway.process.errors()
