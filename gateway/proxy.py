@@ -469,7 +469,9 @@ class Proxy:
             attempts.failed(attempt)
         else:
             attempts.answered(attempt)
-        state.upstream_ttfb = time.perf_counter() - started
+        # Translated, the upstream's first bytes may have come well before its first events went out.
+        first_read = reply.first_read if isinstance(reply, AnthropicAsChat) else None
+        state.upstream_ttfb = (time.perf_counter() if first_read is None else first_read) - started
         state.upstream = leg.name
         if relay is None:
             try:

@@ -285,7 +285,16 @@ class AnthropicAsChat:
     Message as a completion, events as chunks. The proxy relays it as it would an OpenAI
     upstream's, redaction included."""
 
-    __slots__ = ("_created", "_hold_until", "_include_usage", "_keep_alive", "_last_out", "_reply", "_stream")
+    __slots__ = (
+        "_created",
+        "_hold_until",
+        "_include_usage",
+        "_keep_alive",
+        "_last_out",
+        "_reply",
+        "_stream",
+        "first_read",
+    )
 
     def __init__(
         self, reply: Reply, include_usage: bool, idle_secs: float | None = None, hold_until: float | None = None
@@ -302,6 +311,9 @@ class AnthropicAsChat:
         # back), but only until then (loop time): message_start is the upstream's first byte,
         # and a model slow to begin must not miss the first-byte deadline for our holding it.
         self._hold_until = hold_until
+        # When the upstream's first bytes came (perf_counter): its first-byte time, which the role
+        # chunk held back for the answer would otherwise stretch to the answer's first event.
+        self.first_read: float | None = None
 
     @property
     def status(self) -> int:
@@ -357,6 +369,8 @@ class AnthropicAsChat:
                 # A chat stream without [DONE] would look whole to the client: truncated text
                 # passed off as the answer. Checked once, at the body's end.
                 raise UpstreamStreamBroken()
+            if self.first_read is None:
+                self.first_read = time.perf_counter()
             held = len(data) + stream.pending  # less after the read: an event completed
             if held <= ASIDE_BYTES:  # the usual read: small events
                 out = stream.feed(data)

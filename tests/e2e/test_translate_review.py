@@ -11,7 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from ..harness import Gateway
+from ..harness import Gateway, wait_until
 from .test_routing_review import OK_CHAT, OK_STREAM, Fake, sse, write_routes
 
 HI = [{"role": "user", "content": "hi"}]
@@ -80,6 +80,26 @@ def test_a_model_slow_to_begin_after_message_start_still_meets_the_first_byte_de
     finally:
         gateway.stop()
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "late"
+
+
+def test_the_first_byte_time_of_a_translated_stream_is_message_starts_not_the_answers(
+    tmp_path: Path, fakes: dict[str, Fake]
+) -> None:
+    # The role chunk is held back until the answer's first event; the upstream's first-byte
+    # time (log line, upstream_ttfb_seconds: SPEC §7, §10) was taken after it, so a model slow
+    # to begin its answer showed its whole wait as the upstream's first byte.
+    text = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "late"}}
+    answer = [text, {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}, {"type": "message_stop"}]
+    fakes["claude"].script({"status": 200, "chunks": [sse([MESSAGE_START]), sse(answer)], "chunk_delay": 1.0})
+    gateway = Gateway(tmp_path, {"R19_KEY": "sk-test", "ROUTES_FILE": str(routes(tmp_path, fakes))})
+    try:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="demo", max_retries=0, timeout=10)
+        chunks = list(client.chat.completions.create(model="claude-solo", messages=HI, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "late"
+        line = wait_until(lambda: [e for e in gateway.log_lines() if e["path"] == "/v1/chat/completions"], what="a log")
+    finally:
+        gateway.stop()
+    assert line[0]["upstream_ttfb_ms"] < 500 <= line[0]["duration_ms"], line
 
 
 def test_a_tool_without_parameters_streams_arguments_the_sdk_can_parse(
