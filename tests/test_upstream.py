@@ -461,7 +461,7 @@ async def test_masking_the_key_in_a_long_error_body_of_escapes_keeps_the_loop_se
         await upstream.close()
         await runner.cleanup()
     assert data.endswith(b' got Bearer ***"}}') and key.encode() not in data
-    assert max(gaps) < 0.15, max(gaps)
+    assert max(gaps) < 0.3, max(gaps)  # ~0.06 s: reading and joining the body; 0.7 s before
 
 
 async def test_an_error_body_that_echoes_the_urls_credentials_never_carries_them() -> None:
