@@ -330,11 +330,13 @@ class ChatSurface(Surface):
             ids = [call["id"] for call in unindexed if type(call.get("id")) is str and call["id"]]
             key = f"unindexed call {choice['index']}"
             last = counts.get(key)
-            opened = bool(ids) and last != hash(ids[-1])
             # The call later deltas without an id (or with it again) go on. Choices noted are
-            # bounded (a hostile upstream may send a new index every event): past the bound,
-            # each call with an id is taken as a new one, whose held text goes out first.
-            if ids and (last is not None or counts.get(_UNINDEXED_CHOICES, 0) < MAX_UNINDEXED_CHOICES):
+            # bounded (a hostile upstream may send a new index every event): past the bound, a
+            # choice's calls are one stream (a call's held tail may then open the next call's
+            # arguments, but no text split across deltas goes out unmasked).
+            noted = last is not None or counts.get(_UNINDEXED_CHOICES, 0) < MAX_UNINDEXED_CHOICES
+            opened = bool(ids) and noted and last != hash(ids[-1])
+            if ids and noted:
                 if last is None:
                     counts[_UNINDEXED_CHOICES] = counts.get(_UNINDEXED_CHOICES, 0) + 1
                 counts[key] = hash(ids[-1])

@@ -579,12 +579,22 @@ def test_a_new_choice_every_event_does_not_grow_the_relays_memory_without_bound(
     a long stream does not grow the gateway's memory by an entry an event."""
     relay = StreamRelay(REDACTOR, None, CHAT)
     calls = 3 * MAX_UNINDEXED_CHOICES
-    for n in range(calls):
-        call = {"id": f"t{n}", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-        relay.feed(chunk({"tool_calls": [call]}, index=n))
+    for n in range(calls):  # each choice finished: its stream closed, only the call id is kept
+        call = {"id": f"t{n}", "type": "function", "function": {"name": "f"}}  # no text: no stream held open
+        relay.feed(chunk({"tool_calls": [call]}, index=n) + chunk({}, finish="tool_calls", index=n))
     assert len(relay._scratch) <= MAX_UNINDEXED_CHOICES + 1
-    # Past the bound, a continued call's split address is still masked.
-    out = relay.feed(chunk({"tool_calls": [{"function": {"arguments": '{"to": "' + SPLIT[0]}}]}, index=calls - 1))
-    out += relay.feed(chunk({"tool_calls": [{"function": {"arguments": SPLIT[1] + '"}'}}]}, index=calls - 1))
-    out += relay.feed(chunk({}, finish="tool_calls", index=calls - 1) + DONE) + relay.close()
-    assert relay.failure is None and EMAIL not in decoded(out)
+    # Past the bound, a continued call's split address is still masked, whether its deltas
+    # repeat the call's id or not (found by review: taken as new calls, the deltas that
+    # repeated it each flushed the stream, and "jane.doe" + "@example.com" went out in clear).
+    for n, call_id in [(calls, None), (calls + 1, "t-again")]:
+        pieces = ['{"to": "' + SPLIT[0], SPLIT[1] + '"}']
+        deltas = [{"function": {"arguments": p}} | ({"id": call_id} if call_id else {}) for p in pieces]
+        out = b"".join(relay.feed(chunk({"tool_calls": [d]}, index=n)) for d in deltas)
+        out += relay.feed(chunk({}, finish="tool_calls", index=n))
+        joined = "".join(
+            (call.get("function") or {}).get("arguments") or ""
+            for event in json_events(out)
+            for choice in event.get("choices", [])
+            for call in (choice.get("delta") or {}).get("tool_calls") or []
+        )
+        assert relay.failure is None and EMAIL not in decoded(out) and EMAIL not in joined
