@@ -284,17 +284,14 @@ class StreamRelay:
         return self._surface.flush_events(held, self._templates, self._scratch) if held else b""
 
     def _take_held(self, prefixes: list[Path] | None, end: bool = True) -> list[tuple[Path, str]]:
-        """The held text of the streams under `prefixes` (None: all), flushed. A stream whose
-        held text went out this way has ended: text the upstream sends it later is dropped,
-        as it would make PII with what was sent ("jane.doe", flushed, then "@example.com").
+        """The held text of the streams under `prefixes` (None: all), flushed. These streams
+        have ended (their part is finished): text the upstream sends them later is dropped, as
+        it would make PII with what was sent ("jane.doe", flushed, then "@example.com"), and
+        they no longer count against MAX_STREAMS (a long reply's finished tool calls, JSON
+        streams that are never let go as idle, used to fill it, and past it texts went whole).
         Unless not `end`: the text that comes next starts a new one (Surface.restart_before)."""
         held: list[tuple[Path, str]] = []
-        ended = [
-            path
-            for path, stream in self._streams.items()
-            # A restarted stream goes even when it holds nothing: the next text is a new document.
-            if (stream.held or not end) and (prefixes is None or any(path[: len(p)] == p for p in prefixes))
-        ]
+        ended = [path for path in self._streams if prefixes is None or any(path[: len(p)] == p for p in prefixes)]
         for path in ended:
             text = self._streams.pop(path).flush()
             if end:

@@ -598,3 +598,27 @@ def test_a_new_choice_every_event_does_not_grow_the_relays_memory_without_bound(
             for call in (choice.get("delta") or {}).get("tool_calls") or []
         )
         assert relay.failure is None and EMAIL not in decoded(out) and EMAIL not in joined
+
+
+def test_a_reply_of_hundreds_of_tool_calls_keeps_the_split_guarantee_to_its_last() -> None:
+    """An agentic reply with 300 tool_use blocks, one after the other: each block's JSON stream
+    stayed open after its content_block_stop (it held nothing), JSON streams are never let go
+    as idle, so past 256 blocks each input_json_delta was redacted whole and an address split
+    across two of them went out in clear."""
+    relay = StreamRelay(REDACTOR, None, MESSAGES)
+
+    def block(index: int, pieces: list[str]) -> bytes:
+        opening = {"type": "tool_use", "id": f"toolu_{index}", "name": "f", "input": {}}
+        wire = anthropic_ev({"type": "content_block_start", "index": index, "content_block": opening})
+        for piece in pieces:
+            delta = {"type": "input_json_delta", "partial_json": piece}
+            wire += anthropic_ev({"type": "content_block_delta", "index": index, "delta": delta})
+        return wire + anthropic_ev({"type": "content_block_stop", "index": index})
+
+    for index in range(300):
+        relay.feed(block(index, ['{"n": ', f"{index}}}"]))
+    out = relay.feed(block(300, ['{"to": "' + SPLIT[0], SPLIT[1] + '"}']))
+    joined = "".join(
+        event["delta"]["partial_json"] for event in json_events(out) if event.get("type") == "content_block_delta"
+    )
+    assert relay.failure is None and EMAIL not in joined and json.loads(joined) == {"to": "j***e@example.com"}
