@@ -297,6 +297,23 @@ async def test_a_client_that_leaves_during_the_store_step_holds_no_tokens(
         assert status == 200, body
 
 
+async def _stream_ending_in_a_back_off(
+    session: aiohttp.ClientSession, gateway: Gateway, redis_server: RedisServer
+) -> None:
+    """A stream (899 tokens reserved of 1000) that ends while the store guard backs off: Redis
+    stalled meanwhile, and another tenant's request timed out on it."""
+    assert redis_server.process is not None
+    slow = {"X-Api-Key": "demo", **THREE, "x-stainless-mock-chunk-delay-ms": "150"}
+    stream = await session.post(gateway.url + CHAT, json=ask(stream=True, max_tokens=899), headers=slow)
+    assert stream.status == 200 and tokens_left(dict(stream.headers)) == 100
+    redis_server.process.signal(signal.SIGSTOP)
+    try:
+        assert (await post(session, gateway, ask(), key="other"))[0] == 200  # fail-open
+    finally:
+        redis_server.process.signal(signal.SIGCONT)
+    await stream.read()
+
+
 async def test_a_stream_that_ends_just_after_a_redis_stall_is_settled(
     start_gateway: GatewayFactory, mock: Mock, redis_server: RedisServer
 ) -> None:
@@ -304,17 +321,8 @@ async def test_a_stream_that_ends_just_after_a_redis_stall_is_settled(
     # that second was skipped although Redis answered again: the stream below kept its whole
     # estimate (900) to the window's end, and the tenant's next request was refused.
     gateway = start_gateway(REDIS_URL=redis_server.url, TOKEN_QUOTA="1000", STORE_TIMEOUT_MS="200")
-    assert redis_server.process is not None
     async with aiohttp.ClientSession() as session:
-        slow = {"X-Api-Key": "demo", **THREE, "x-stainless-mock-chunk-delay-ms": "150"}
-        stream = await session.post(gateway.url + CHAT, json=ask(stream=True, max_tokens=899), headers=slow)
-        assert stream.status == 200 and tokens_left(dict(stream.headers)) == 100
-        redis_server.process.signal(signal.SIGSTOP)
-        try:  # another tenant's request times out on the store: the guard backs off
-            assert (await post(session, gateway, ask(), key="other"))[0] == 200  # fail-open
-        finally:
-            redis_server.process.signal(signal.SIGCONT)
-        await stream.read()  # the stream ends while the guard still backs off
+        await _stream_ending_in_a_back_off(session, gateway, redis_server)
         await asyncio.to_thread(
             wait_until,
             lambda: redis_server.cli("HGET", "tokens:{demo}", "reserved") == "0",
@@ -331,17 +339,8 @@ async def test_a_settle_held_back_by_a_redis_stall_is_sent_when_the_gateway_stop
     # deploy right after a Redis blip) dropped it with the process, and the stream's whole
     # estimate (900) stayed held in the shared Redis to the window's end.
     gateway = start_gateway(REDIS_URL=redis_server.url, TOKEN_QUOTA="1000", STORE_TIMEOUT_MS="200")
-    assert redis_server.process is not None
     async with aiohttp.ClientSession() as session:
-        slow = {"X-Api-Key": "demo", **THREE, "x-stainless-mock-chunk-delay-ms": "150"}
-        stream = await session.post(gateway.url + CHAT, json=ask(stream=True, max_tokens=899), headers=slow)
-        assert stream.status == 200 and tokens_left(dict(stream.headers)) == 100
-        redis_server.process.signal(signal.SIGSTOP)
-        try:  # another tenant's request times out on the store: the guard backs off
-            assert (await post(session, gateway, ask(), key="other"))[0] == 200  # fail-open
-        finally:
-            redis_server.process.signal(signal.SIGCONT)
-        await stream.read()  # the stream ends while the guard still backs off
+        await _stream_ending_in_a_back_off(session, gateway, redis_server)
         gateway.process.signal(signal.SIGTERM)
         assert await asyncio.to_thread(gateway.process.wait, 10) == 0
     assert redis_server.cli("HGET", "tokens:{demo}", "reserved") == "0"
