@@ -16,6 +16,7 @@ ends a stream is relayed. No aiohttp here.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import functools
 import json
@@ -106,8 +107,13 @@ def usage_values(blocks: bytes) -> list[int]:
     return [] if first < 0 else [m.start() for m in _USAGE_KEY_VALUE.finditer(blocks, first)]
 
 
-MAX_STREAMS = 256  # text streams open at once; past that (a hostile upstream), texts are redacted whole
+MAX_STREAMS = 256  # text streams open at once; past that (a hostile upstream), the stream ends
 MAX_ENDED = 16_384  # ended streams remembered (a path each), so that text sent after its end is dropped
+
+
+class _TooManyStreams(Exception):
+    """A text needs a stream past MAX_STREAMS (or MAX_ENDED), and none can be let go. Raised
+    on the fast path with the first byte of the value that found no room."""
 MAX_KEPT_CHARS = 4 * 1024 * 1024  # streamed text kept for its later copies, per reply
 # A read whose events may add up to more bytes than this is relayed in a worker thread (see
 # `StreamRelay.aside`): on the loop it could take ~60 ms of the costliest text, ~1 s a MiB.
@@ -466,6 +472,15 @@ class StreamRelay:
             return out + written
         except RecursionError:  # parsed, but too deep to walk or write: some of its text may be in its streams
             return out + self._too_deep()
+        except _TooManyStreams:
+            return out + self._too_many()
+
+    def _too_many(self) -> bytes:
+        """More texts at once than the relay keeps streams for (a hostile upstream): the
+        stream ends here, held text first."""
+        self.done = True
+        self.failure = UpstreamError(f"upstream sent more than {MAX_STREAMS} texts at once")
+        return self.finish() + self.error_event(self.failure)
 
     def _too_deep(self) -> bytes:
         """An event nested past what the gateway can read (a client's parser may read it, and
@@ -558,6 +573,7 @@ class StreamRelay:
         begin and where the run ends; None (nothing changed yet): the event takes the exact
         path."""
         run: list[Value] = []  # every value of the run
+        firsts: list[int] = []  # each event's first byte
         plans, plan = self._plans, self._last_plan
         assert plan is not None
         stop, end = at, len(blocks)
@@ -572,20 +588,38 @@ class StreamRelay:
                     break
             if plan.model is not None:
                 self.response_model = plan.model  # as the exact path notes it (the shape holds the name)
+            firsts.append(stop)
             stop = ended
         self._last_plan = plan
         if stop == at:
             return None
         edits: list[tuple[int, int, str]] = []  # (begin, end, text) of each value changed
-        self._fed(run, edits)
+        failed = -1
+        try:
+            self._fed(run, edits)
+        except _TooManyStreams as no_room:
+            failed = no_room.args[0]
         shift = self._scratch.get("inserted")
         if shift:  # the gateway inserted events before: the run's numbers move up past them
             edits += [(begin, end, str(int(text) + shift)) for step, begin, end, text in run if step is NUMBER]
             edits.sort()
+        if failed >= 0:
+            # As the exact path ends it: the events before the one that found no room go out,
+            # that one does not (its number noted), then the end.
+            nth = bisect.bisect_right(firsts, failed)
+            start, after = firsts[nth - 1], firsts[nth] if nth < len(firsts) else stop
+            if self._numbered is not None:
+                numbers = [text for step, begin, _, text in run if step is NUMBER and begin < after]
+                if numbers:
+                    self._scratch[self._numbered] = int(numbers[-1])
+            edits = [edit for edit in edits if edit[0] < start]
         for begin, value_end, now in edits:
             out.append(blocks[copied:begin])
             out.append(orjson.dumps(now)[1:-1])
             copied = value_end
+        if failed >= 0:
+            out += [blocks[copied:start], self._too_many()]
+            return end, end
         return copied, stop
 
     def _fed(self, run: list[Value], edits: list[tuple[int, int, str]]) -> None:
@@ -624,7 +658,10 @@ class StreamRelay:
         if result is None:
             for step, begin, end, text in run:
                 if step is not NUMBER:
-                    now = self._leaf(step[0], step[1], text)
+                    try:
+                        now = self._leaf(step[0], step[1], text)
+                    except _TooManyStreams:
+                        raise _TooManyStreams(begin) from None
                     if now != text:
                         edits.append((begin, end, now))
             return
@@ -653,7 +690,8 @@ class StreamRelay:
         return side_may_match(data)
 
     def _leaf(self, path: Path, leaf: Leaf, text: str) -> str:
-        """A described field's text through its stream (past `MAX_STREAMS` of them: whole)."""
+        """A described field's text through its stream (past `MAX_STREAMS` of them, none of
+        which can be let go: _TooManyStreams)."""
         if leaf.copy:
             return self._copy(path, leaf, text)
         if leaf.opens and not text:
@@ -668,10 +706,9 @@ class StreamRelay:
             if path in self._ended:
                 return ""
             if (len(self._streams) >= MAX_STREAMS and not self._evicted_idle()) or len(self._ended) >= MAX_ENDED:
-                out = self._whole(text, leaf.json_text)
-                if self._kept is not None:
-                    self._keep(path, out)
-                return out
+                # Redacted event by event, a text split across this stream's events would go
+                # out in clear: the stream ends instead (SPEC §6: redacted, or an error event).
+                raise _TooManyStreams
             stream = self._streams[path] = self._redactor.stream(self._on_redaction, json_text=leaf.json_text)
         out = stream.feed(text) if not self._sliced else feed_sliced(stream, text)
         if self._kept is not None:

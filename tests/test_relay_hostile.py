@@ -391,10 +391,42 @@ def test_interleaved_choices_take_the_fast_path_as_the_exact_path(
     assert_no_clear_pii(b"".join(outs))
 
 
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "400")), deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 5), st.sampled_from([" hi", " jane", ".doe", "@exam", "ple.com", " 4242", " x", "!"]))
+    ),
+    st.lists(st.integers(0, 4000), max_size=8),
+)
+def test_past_the_stream_bound_the_fast_path_ends_the_stream_as_the_exact_path(
+    deltas: list[tuple[int, str]], cuts: list[int]
+) -> None:
+    # Six choices, room for three streams: where a text finds no stream it may use (all hold
+    # text back), the stream ends with the error event (an address split across that text's
+    # events would have gone out in clear, redacted event by event). On the fast path, the
+    # events of the run before that text go out as the exact path writes them, then the end.
+    import gateway.relay as relay_module
+
+    wire = b"".join(delta_chunk({"content": text}, index=index) for index, text in deltas) + DONE
+    points = sorted({min(cut, len(wire)) for cut in cuts})
+    reads = [wire[a:b] for a, b in itertools.pairwise([0, *points, len(wire)]) if wire[a:b]]
+    bound = relay_module.MAX_STREAMS
+    relay_module.MAX_STREAMS = 3
+    try:
+        fast, exact = StreamRelay(REDACTOR, None), _ExactOnly(REDACTOR, None)
+        outs = [*map(fast.feed, reads), fast.close()]
+        assert_same_but_for_splits(outs, [*map(exact.feed, reads), exact.close()])
+    finally:
+        relay_module.MAX_STREAMS = bound
+    assert_no_clear_pii(b"".join(outs))
+    assert (fast.failure is None) == (exact.failure is None)
+
+
 def test_past_the_stream_bound_a_run_lets_the_same_stream_go_as_the_exact_path() -> None:
     # 256 streams, one idle: in the read A1 B1 A2 B2 the exact path lets idle A go for B, so
     # B's address, split over B1 and B2, is masked. Fed stream by stream, A's two texts first,
-    # A held "bob" and B, finding no room, went out whole: the address in clear.
+    # A held "bob" and B, finding no room, went out whole: the address in clear. (A2, finding
+    # no room then, ends the stream: on both paths alike.)
     a, b = 0, 1
     reads = [delta_chunk({"content": "hi!"}, index=b), delta_chunk({"content": "hi jane"}, index=a)]
     reads += [delta_chunk({"content": "x jane"}, index=i) for i in range(2, 257)]
