@@ -16,7 +16,6 @@ ends a stream is relayed. No aiohttp here.
 
 from __future__ import annotations
 
-import bisect
 import enum
 import functools
 import json
@@ -573,7 +572,6 @@ class StreamRelay:
         begin and where the run ends; None (nothing changed yet): the event takes the exact
         path."""
         run: list[Value] = []  # every value of the run
-        firsts: list[int] = []  # each event's first byte
         plans, plan = self._plans, self._last_plan
         assert plan is not None
         stop, end = at, len(blocks)
@@ -588,7 +586,6 @@ class StreamRelay:
                     break
             if plan.model is not None:
                 self.response_model = plan.model  # as the exact path notes it (the shape holds the name)
-            firsts.append(stop)
             stop = ended
         self._last_plan = plan
         if stop == at:
@@ -606,8 +603,8 @@ class StreamRelay:
         if failed >= 0:
             # As the exact path ends it: the events before the one that found no room go out,
             # that one does not (its number noted), then the end.
-            nth = bisect.bisect_right(firsts, failed)
-            start, after = firsts[nth - 1], firsts[nth] if nth < len(firsts) else stop
+            start = max(at, blocks.rfind(b"\n\n", at, failed) + 2)  # the event's first byte
+            after = blocks.find(b"\n\n", failed, stop) + 2  # and its end (every event ends so)
             if self._numbered is not None:
                 numbers = [text for step, begin, _, text in run if step is NUMBER and begin < after]
                 if numbers:
