@@ -293,7 +293,7 @@ class StreamRelay:
         have ended (their part is finished): text the upstream sends them later is dropped, as
         it would make PII with what was sent ("jane.doe", flushed, then "@example.com"), and
         they no longer count against MAX_STREAMS (a long reply's finished tool calls, JSON
-        streams that are never let go as idle, used to fill it, and past it texts went whole).
+        streams that are never let go as idle, would fill it, and past it the stream ends).
         Unless not `end`: the text that comes next starts a new one (Surface.restart_before)."""
         held: list[tuple[Path, str]] = []
         ended = [path for path in self._streams if prefixes is None or any(path[: len(p)] == p for p in prefixes)]
