@@ -311,6 +311,7 @@ class _Workers:
         status = 0
         due: list[float] = []  # when each replacement is to be started
         reports: dict[int, int] = {}  # a replacement's report pipe -> its pid, until it reports
+        never_served: set[int] = set()  # replacements that reported they could not start
         with selectors.DefaultSelector() as selector:
             selector.register(self.signals, selectors.EVENT_READ)
             try:
@@ -323,10 +324,16 @@ class _Workers:
                             self.take_signals()
                         else:
                             selector.unregister(key.fd)
-                            _log_report(reports.pop(key.fd), _read_report(key.fd))
+                            pid, message = reports.pop(key.fd), _read_report(key.fd)
+                            _log_report(pid, message)
+                            if message.startswith("failed"):
+                                never_served.add(pid)
                     for pid, code in self._ended():
                         if self.stopping:
-                            status = status or code
+                            # A replacement that could not start failed before the stop, and the
+                            # log says why: its exit, reaped only now, is not the stop's status.
+                            if pid not in never_served:
+                                status = status or code
                             continue
                         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
                         log.error("worker %d %s; starting another", pid, how)
