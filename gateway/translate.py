@@ -78,14 +78,14 @@ def chat_request(payload: Mapping[str, Any], model: str) -> dict[str, Any]:
     }
     if system:
         out["system"] = system[0]["text"] if len(system) == 1 else system
-    stop = payload.get("stop")
-    if isinstance(stop, str):
-        out["stop_sequences"] = [stop]
-    elif isinstance(stop, list) and stop:
-        out["stop_sequences"] = stop
+    stops = _stop_sequences(payload.get("stop"))
+    if stops:
+        out["stop_sequences"] = stops
     for name in ("temperature", "top_p"):
         if payload.get(name) is not None:
             out[name] = payload[name]
+    if type(out.get("temperature")) in (int, float) and out["temperature"] > 1:
+        out["temperature"] = 1.0  # OpenAI's range is 0..2, Anthropic's 0..1 (more is a 400)
     if payload.get("stream") is True:
         out["stream"] = True
     if isinstance(payload.get("user"), str):
@@ -100,6 +100,14 @@ def chat_request(payload: Mapping[str, Any], model: str) -> dict[str, Any]:
     if choice is not None and (out.get("tools") or choice["type"] == "none"):
         out["tool_choice"] = choice
     return out
+
+
+def _stop_sequences(stop: object) -> list[object]:
+    """chat's `stop` as a list, without the sequences Anthropic refuses with a 400 (one that is
+    empty or all whitespace, "\\n" as completion prompts use it): a fallback to Anthropic
+    answers what the OpenAI upstream before it accepted, and may go on past such a stop."""
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    return [s for s in stops if not isinstance(s, str) or s.strip()]
 
 
 def _max_tokens(payload: Mapping[str, Any]) -> object:

@@ -142,6 +142,21 @@ REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         {"max_tokens": 7, "messages": [{"role": "user", "content": "Hi"}], "stop_sequences": ["a", "b"]},
     ),
     (
+        "stop sequences Anthropic refuses (empty, all whitespace) are left out; temperature past Anthropic's 1 is 1",
+        {"messages": [USER], "stop": ["\n", " \t", "", "\nUser:"], "temperature": 1.7},
+        {
+            "max_tokens": 4096,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "stop_sequences": ["\nUser:"],
+            "temperature": 1.0,
+        },
+    ),
+    (
+        "a stop of whitespace only: no stop_sequences at all; temperatures in both ranges as sent",
+        {"messages": [USER], "stop": "\n", "temperature": 1},
+        {"max_tokens": 4096, "messages": [{"role": "user", "content": "Hi"}], "temperature": 1},
+    ),
+    (
         "tool_choice required, no parallel calls",
         {"messages": [USER], "tools": [TOOL], "tool_choice": "required", "parallel_tool_calls": False},
         {
