@@ -555,8 +555,19 @@ class ObjectKeys:
             self.node[new] = self.node.pop(name)
 
 
+# The end user's identifier a request names for the provider's abuse monitoring. Clients put an
+# email address there as readily as a user id (OpenAI: "we recommend hashing their username or
+# email address"; Anthropic: "do not include any identifying information such as name, email
+# address, or phone number"), and it leaves with the request like its text.
+_USER_IDS = ("user", "safety_identifier")
+
+
 def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
-    """String content, text parts, refusals and tool-call arguments of every message."""
+    """String content, text parts, refusals and tool-call arguments of every message, and the
+    end user's identifiers (`user`, `safety_identifier`)."""
+    for name in _USER_IDS:
+        if type(payload.get(name)) is str:
+            yield payload, name, False
     for message in payload.get("messages") or ():
         if type(message) is not dict:
             continue
@@ -590,8 +601,11 @@ def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
 
 
 def messages_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
-    """`system`, message content strings, `text` blocks, `tool_result` text and the string
-    values of `tool_use` input; thinking blocks pass unchanged."""
+    """`metadata.user_id`, `system`, message content strings, `text` blocks, `tool_result` text
+    and the string values of `tool_use` input; thinking blocks pass unchanged."""
+    metadata = payload.get("metadata")
+    if type(metadata) is dict and type(metadata.get("user_id")) is str:
+        yield metadata, "user_id", False
     yield from _blocks_texts(payload, "system")
     for message in payload.get("messages") or ():
         if type(message) is dict:

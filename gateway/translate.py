@@ -88,8 +88,12 @@ def chat_request(payload: Mapping[str, Any], model: str) -> dict[str, Any]:
         out["temperature"] = 1.0  # OpenAI's range is 0..2, Anthropic's 0..1 (more is a 400)
     if payload.get("stream") is True:
         out["stream"] = True
-    if isinstance(payload.get("user"), str):
-        out["metadata"] = {"user_id": payload["user"]}
+    user = payload.get("user")
+    if isinstance(user, str) and "@" not in user:
+        # Anthropic refuses (400) a user_id that "appears to contain an email address", and a
+        # mask keeps an address's shape (j***e@example.com): a fallback would fail what OpenAI
+        # took. It is only a hint for abuse monitoring.
+        out["metadata"] = {"user_id": user}
     tools = payload.get("tools")
     if isinstance(tools, list) and tools:
         out["tools"] = [_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
