@@ -601,8 +601,7 @@ def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
 
 
 def messages_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
-    """`metadata.user_id`, `system`, message content strings, `text` blocks, `tool_result` text
-    and the string values of `tool_use` input; thinking blocks pass unchanged."""
+    """`metadata.user_id`, `system`, and every text of the conversation's blocks (`_block_texts`)."""
     metadata = payload.get("metadata")
     if type(metadata) is dict and type(metadata.get("user_id")) is str:
         yield metadata, "user_id", False
@@ -613,6 +612,10 @@ def messages_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
 
 
 def _blocks_texts(holder: dict[str, Any], key: str) -> Iterator[TextSlot]:
+    """A string, or content blocks as the client sends the conversation back: text and its
+    citations, a tool call's input, a tool result's content (a string or blocks), and the
+    rarer blocks of `_block_texts`. Thinking passes unchanged (its signature covers it), as
+    do images and whatever the API adds that is neither a tool call nor a tool result."""
     value = holder.get(key)
     if type(value) is str:
         yield holder, key, False
@@ -622,13 +625,76 @@ def _blocks_texts(holder: dict[str, Any], key: str) -> Iterator[TextSlot]:
     for block in value:
         if type(block) is not dict:
             continue
+        # The common blocks here, the others in _block_texts: one generator less per block.
         kind = block.get("type")
-        if kind == "text" and type(block.get("text")) is str:
-            yield block, "text", False
+        if kind == "text":
+            if type(block.get("text")) is str:
+                yield block, "text", False
+            if block.get("citations"):
+                yield from _result_strings(block, "citations")
         elif kind == "tool_result":
             yield from _blocks_texts(block, "content")
         elif kind == "tool_use":
             yield from strings_in(block, "input")
+        elif kind in _OTHER_TEXT_BLOCKS or (type(kind) is str and kind.endswith("_tool_result")):
+            yield from _block_texts(block)
+
+
+# A server tool result's strings that are no text: ids, enums, and what Anthropic encrypted
+# (a search result's page, a citation's place in it, code's output): it decrypts them when the
+# conversation comes back, so a changed one would fail the request.
+_NOT_BLOCK_TEXT = frozenset(
+    {"type", "tool_use_id", "tool_name", "file_id", "media_type", "error_code"}
+    | {"encrypted_content", "encrypted_index", "encrypted_stdout"}
+)
+_OTHER_TEXT_BLOCKS = frozenset({"server_tool_use", "mcp_tool_use", "document", "search_result"})
+
+
+def _block_texts(block: dict[str, Any]) -> Iterator[TextSlot]:
+    """A server tool's call (a web search's query) and an MCP tool's, like a tool call; an MCP
+    tool's result, like a tool result; a document's title, context and text (a plain-text
+    source, or a content source's blocks: PDFs and files pass); a search result's source,
+    title and text; and a server tool's result (a web search's titles and URLs, a fetched
+    page, code's output): every string but `_NOT_BLOCK_TEXT`'s."""
+    kind = block.get("type")
+    if kind == "server_tool_use" or kind == "mcp_tool_use":
+        yield from strings_in(block, "input")
+    elif kind == "mcp_tool_result":
+        yield from _blocks_texts(block, "content")
+    elif kind == "document":
+        for name in ("title", "context"):
+            if type(block.get(name)) is str:
+                yield block, name, False
+        source = block.get("source")
+        if type(source) is dict:
+            if source.get("type") == "text" and type(source.get("data")) is str:
+                yield source, "data", False
+            elif source.get("type") == "content":
+                yield from _blocks_texts(source, "content")
+    elif kind == "search_result":
+        for name in ("source", "title"):
+            if type(block.get(name)) is str:
+                yield block, name, False
+        yield from _blocks_texts(block, "content")
+    elif type(kind) is str and kind.endswith("_tool_result"):
+        yield from _result_strings(block, "content")
+
+
+def _result_strings(holder: Any, key: Any) -> Iterator[TextSlot]:
+    """Every string under holder[key] but `_NOT_BLOCK_TEXT`'s; a document by its own rule."""
+    value = holder[key]
+    if type(value) is str:
+        yield holder, key, False
+    elif type(value) is dict:
+        if value.get("type") == "document":
+            yield from _block_texts(value)
+            return
+        for name, inner in value.items():
+            if type(inner) is not str or name not in _NOT_BLOCK_TEXT:
+                yield from _result_strings(value, name)
+    elif type(value) is list:
+        for position in range(len(value)):
+            yield from _result_strings(value, position)
 
 
 class NumberText:

@@ -5,7 +5,11 @@ fixtures)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.test_adversarial import (  # noqa: F401  (fixtures)
     EMAIL,
@@ -79,3 +83,174 @@ async def test_messages_metadata_user_id_reaches_the_upstream_masked(gateway: Ga
     assert status == 200
     assert EMAIL not in sent_text(hostile)
     assert hostile.sent()["metadata"] == {"user_id": MASKED}
+
+
+# --- Blocks of an Anthropic conversation sent back (SPEC §11) --------------------------------
+# Each holds the address in a text the upstream reads; each was sent in clear before.
+CARD_LIKE = "Eq+4111111111111111/"  # what a card mask would change: an encrypted string must not be
+SEARCH_RESULT = {
+    "type": "search_result",
+    "source": f"https://people.example/{EMAIL}",
+    "title": f"Contact {EMAIL}",
+    "content": [{"type": "text", "text": f"write to {EMAIL}"}],
+}
+BLOCKS = [
+    (
+        "server tool use: a web search query",
+        {
+            "type": "server_tool_use",
+            "id": "srvtoolu_1",
+            "name": "web_search",
+            "input": {"query": f"who is {EMAIL}"},
+        },
+    ),
+    (
+        "web search result titles and URLs",
+        {
+            "type": "web_search_tool_result",
+            "tool_use_id": "srvtoolu_1",
+            "content": [
+                {
+                    "type": "web_search_result",
+                    "url": f"https://people.example/{EMAIL}",
+                    "title": f"Contact {EMAIL}",
+                    "encrypted_content": CARD_LIKE,
+                    "page_age": "April 30, 2025",
+                }
+            ],
+        },
+    ),
+    (
+        "a text block's citations",
+        {
+            "type": "text",
+            "text": "Her address is on file.",
+            "citations": [
+                {
+                    "type": "web_search_result_location",
+                    "url": "https://people.example/jane",
+                    "title": "Jane",
+                    "encrypted_index": CARD_LIKE,
+                    "cited_text": f"write to {EMAIL}",
+                }
+            ],
+        },
+    ),
+    (
+        "an MCP tool's call (beta)",
+        {"type": "mcp_tool_use", "id": "mcptoolu_1", "name": "find", "server_name": "crm", "input": {"who": EMAIL}},
+    ),
+    (
+        "an MCP tool's result (beta)",
+        {"type": "mcp_tool_result", "tool_use_id": "mcptoolu_1", "content": [{"type": "text", "text": EMAIL}]},
+    ),
+    ("a search result block", SEARCH_RESULT),
+    ("a search result in a tool result", {"type": "tool_result", "tool_use_id": "toolu_1", "content": [SEARCH_RESULT]}),
+    (
+        "a plain-text document, its title and context",
+        {
+            "type": "document",
+            "source": {"type": "text", "media_type": "text/plain", "data": f"Contact: {EMAIL}"},
+            "title": f"{EMAIL}'s file",
+            "context": f"from {EMAIL}",
+        },
+    ),
+    (
+        "a document of content blocks",
+        {
+            "type": "document",
+            "source": {"type": "content", "content": [{"type": "text", "text": f"mail {EMAIL}"}]},
+        },
+    ),
+    (
+        "a fetched page",
+        {
+            "type": "web_fetch_tool_result",
+            "tool_use_id": "srvtoolu_2",
+            "content": {
+                "type": "web_fetch_result",
+                "url": "https://people.example/jane",
+                "content": {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": EMAIL}},
+            },
+        },
+    ),
+    (
+        "code execution output",
+        {
+            "type": "bash_code_execution_tool_result",
+            "tool_use_id": "srvtoolu_3",
+            "content": {
+                "type": "bash_code_execution_result",
+                "stdout": f"{EMAIL}\n",
+                "stderr": "",
+                "return_code": 0,
+                "content": [],
+            },
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize("block", [b for _, b in BLOCKS], ids=[name for name, _ in BLOCKS])
+async def test_conversation_blocks_reach_the_upstream_masked(
+    gateway: Gateway,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    block: dict[str, Any],
+) -> None:
+    hostile.answer = json_answer(MESSAGE)
+    conversation = [
+        {"role": "user", "content": "Who is she?"},
+        {"role": "assistant", "content": [block]},
+        {"role": "user", "content": [block]},  # what a client's own search results look like
+    ]
+    status, data = await gateway.messages({"messages": conversation})
+    assert status == 200, data
+    assert EMAIL not in sent_text(hostile) and MASKED in sent_text(hostile)
+    # What Anthropic encrypted goes back as it came (below): two copies of the block, two of it.
+    assert sent_text(hostile).count(CARD_LIKE) == 2 * json.dumps(block).count(CARD_LIKE)
+
+
+async def test_thinking_and_encrypted_content_go_back_as_they_came(gateway: Gateway, hostile: Hostile) -> None:  # noqa: F811
+    # Anthropic checks a thinking block's signature and decrypts a search result's content when
+    # the conversation comes back: either changed, the request fails.
+    hostile.answer = json_answer(MESSAGE)
+    unchanged = [
+        {"type": "thinking", "thinking": f"The user is {EMAIL}, card 4111 1111 1111 1111.", "signature": CARD_LIKE},
+        {"type": "redacted_thinking", "data": CARD_LIKE},
+        {
+            "type": "web_search_tool_result",
+            "tool_use_id": "srvtoolu_1",
+            "content": [
+                {"type": "web_search_result", "url": "https://a.example", "title": "A", "encrypted_content": CARD_LIKE}
+            ],
+        },
+        {
+            "type": "text",
+            "text": "Ask her.",
+            "citations": [
+                {
+                    "type": "web_search_result_location",
+                    "url": "https://a.example",
+                    "title": "A",
+                    "cited_text": "A.",
+                    "encrypted_index": CARD_LIKE,
+                }
+            ],
+        },
+        {
+            "type": "code_execution_tool_result",
+            "tool_use_id": "srvtoolu_4",
+            "content": {
+                "type": "encrypted_code_execution_result",
+                "encrypted_stdout": CARD_LIKE,
+                "stderr": "",
+                "return_code": 0,
+                "content": [],
+            },
+        },
+    ]
+    status, _ = await gateway.messages(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": unchanged}]}
+    )
+    assert status == 200
+    assert hostile.sent()["messages"][1]["content"] == unchanged
