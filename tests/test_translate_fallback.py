@@ -1,0 +1,97 @@
+"""A chat request its OpenAI upstream accepts, answered by an Anthropic fallback (SPEC §13): the
+official openai SDK against the gateway in process, routed to a fake that checks the request as
+Anthropic's Messages API does (tests/test_adversarial.py's fixtures)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import openai
+import pytest
+from aiohttp import web
+
+from tests.test_adversarial import (  # noqa: F401  (fixtures)
+    EMAIL,
+    GatewayFactory,
+    Hostile,
+    hostile,
+    start,
+)
+
+ROUTES = """
+[upstreams.claude]
+kind = "anthropic"
+base_url = "{url}"
+api_key_env = "ANTHROPIC_API_KEY"
+
+[[models]]
+match = "claude-*"
+upstreams = [{{ upstream = "claude" }}]
+"""
+MESSAGE = {
+    "id": "msg_1",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-sonnet-4-5",
+    "content": [{"type": "text", "text": "ok"}],
+    "stop_reason": "end_turn",
+    "usage": {"input_tokens": 1, "output_tokens": 1},
+}
+_ADDRESS = re.compile(r"\S+@\S+\.\S+")
+
+
+def refusal(body: dict[str, object]) -> str | None:
+    """What Anthropic's API answers with a 400 for this request (its messages as it writes them)."""
+    stops = body.get("stop_sequences")
+    if isinstance(stops, list) and any(isinstance(s, str) and not s.strip() for s in stops):
+        return "stop_sequences: each stop sequence must contain non-whitespace"
+    temperature = body.get("temperature")
+    if isinstance(temperature, (int, float)) and not 0 <= temperature <= 1:
+        return "temperature: range: 0 <= temperature <= 1"
+    if "temperature" in body and "top_p" in body:
+        return "`temperature` and `top_p` cannot both be specified for this model. Please use only one."
+    # Anthropic's own check is not public: any address-shaped user_id, a masked one too, is refused here.
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and _ADDRESS.search(str(metadata.get("user_id"))):
+        return "metadata.user_id: user_id appears to contain an email address. Please send a uuid or hash value"
+    return None
+
+
+async def anthropic(request: web.Request) -> web.StreamResponse:
+    problem = refusal(json.loads(await request.read()))
+    if problem is not None:
+        error = {"type": "error", "error": {"type": "invalid_request_error", "message": problem}}
+        return web.json_response(error, status=400)
+    return web.json_response(MESSAGE)
+
+
+ACCEPTED_BY_OPENAI = [
+    ("a newline stop", {"stop": "\n"}),
+    ("stops with whitespace-only ones", {"stop": ["\n", " ", "\nUser:"]}),
+    ("temperature 1.5", {"temperature": 1.5}),
+    ("temperature and top_p", {"temperature": 0.7, "top_p": 0.9}),
+    ("an address as the user", {"user": EMAIL}),
+]
+
+
+@pytest.mark.parametrize("fields", [f for _, f in ACCEPTED_BY_OPENAI], ids=[name for name, _ in ACCEPTED_BY_OPENAI])
+async def test_what_openai_accepts_an_anthropic_upstream_answers(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    tmp_path: Path,
+    fields: dict[str, object],
+) -> None:
+    path = tmp_path / "routes.toml"
+    path.write_text(ROUTES.format(url=hostile.url))
+    gw = await start(ROUTES_FILE=str(path))
+    hostile.answer = anthropic
+    sdk = openai.AsyncOpenAI(base_url=str(gw.client.make_url("/v1")), api_key="demo", max_retries=0)
+    reply = await sdk.chat.completions.create(
+        model="claude-sonnet-4-5",
+        messages=[{"role": "user", "content": "Hi"}],
+        **fields,  # type: ignore[arg-type]
+    )
+    assert reply.choices[0].message.content == "ok"
+    await sdk.close()
