@@ -562,12 +562,17 @@ class ObjectKeys:
 _USER_IDS = ("user", "safety_identifier")
 
 
-def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
-    """String content, text parts, refusals and tool-call arguments of every message, and the
-    end user's identifiers (`user`, `safety_identifier`)."""
+def user_ids(payload: dict[str, Any]) -> Iterator[TextSlot]:
+    """The end user's identifiers of an OpenAI request (`user`, `safety_identifier`)."""
     for name in _USER_IDS:
         if type(payload.get(name)) is str:
             yield payload, name, False
+
+
+def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
+    """String content, text parts, refusals and tool-call arguments of every message, and the
+    end user's identifiers (`user`, `safety_identifier`)."""
+    yield from user_ids(payload)
     for message in payload.get("messages") or ():
         if type(message) is not dict:
             continue

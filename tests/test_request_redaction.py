@@ -254,3 +254,12 @@ async def test_thinking_and_encrypted_content_go_back_as_they_came(gateway: Gate
     )
     assert status == 200
     assert hostile.sent()["messages"][1]["content"] == unchanged
+
+
+async def test_responses_user_identifiers_reach_the_upstream_masked(gateway: Gateway, hostile: Hostile) -> None:  # noqa: F811
+    status, _ = await gateway.post(
+        "/v1/responses", {"model": "m", "input": "hi", "user": EMAIL, "safety_identifier": EMAIL}
+    )
+    assert status == 200
+    assert EMAIL not in sent_text(hostile)
+    assert hostile.sent()["user"] == hostile.sent()["safety_identifier"] == MASKED
