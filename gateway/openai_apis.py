@@ -53,7 +53,6 @@ from .surfaces import (
     carries_text,
     int_or_absent,
     usage_of,
-    user_ids,
 )
 
 # --- The Responses API -----------------------------------------------------------------
@@ -385,14 +384,13 @@ def responses_usage(response: dict[str, Any]) -> Usage | None:
 
 
 def responses_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
-    """Every text the client sends: `instructions` and `input` (a string, or input items), the
-    values of a stored prompt's `variables` and the end user's identifiers (`user_ids`). An
-    item's `content` or `output` is a string, or parts whose text is read (images and files but
-    their names, and audio, pass); its `arguments` are JSON text (function and MCP calls);
-    every other string in it is redacted whole — a custom tool's input, a shell's stdout, a
-    patch's diff, an item type not known yet — but ids, enums and binary data (`_NOT_TEXT`).
-    Reasoning items pass unchanged (their encrypted content goes with them), as do generated images."""
-    yield from user_ids(payload)
+    """Every text the client sends: `instructions` and `input` (a string, or input items) and
+    the values of a stored prompt's `variables`. An item's `content` or `output` is a string,
+    or parts whose text is read (images and files but their names, and audio, pass); its
+    `arguments` are JSON text (function and MCP calls); every other string in it is redacted
+    whole — a custom tool's input, a shell's stdout, a patch's diff, an item type not known
+    yet — but ids, enums and binary data (`_NOT_TEXT`). Reasoning items pass unchanged (their
+    encrypted content goes with them), as do generated images."""
     for key in ("instructions", "input"):
         if key in payload:
             yield from _items(payload, key)

@@ -555,24 +555,9 @@ class ObjectKeys:
             self.node[new] = self.node.pop(name)
 
 
-# The end user's identifier a request names for the provider's abuse monitoring. Clients put an
-# email address there as readily as a user id (OpenAI: "we recommend hashing their username or
-# email address"; Anthropic: "do not include any identifying information such as name, email
-# address, or phone number"), and it leaves with the request like its text.
-_USER_IDS = ("user", "safety_identifier")
-
-
-def user_ids(payload: dict[str, Any]) -> Iterator[TextSlot]:
-    """The end user's identifiers of an OpenAI request (`user`, `safety_identifier`)."""
-    for name in _USER_IDS:
-        if type(payload.get(name)) is str:
-            yield payload, name, False
-
-
 def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
-    """String content, text parts, refusals and tool-call arguments of every message, and the
-    end user's identifiers (`user`, `safety_identifier`)."""
-    yield from user_ids(payload)
+    """String content, text parts, refusals and tool-call arguments of every message. Every
+    other field goes as sent (SPEC §3), the end user's `user` and `safety_identifier` too."""
     for message in payload.get("messages") or ():
         if type(message) is not dict:
             continue
@@ -606,10 +591,8 @@ def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
 
 
 def messages_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
-    """`metadata.user_id`, `system`, and every text of the conversation's blocks (`_block_texts`)."""
-    metadata = payload.get("metadata")
-    if type(metadata) is dict and type(metadata.get("user_id")) is str:
-        yield metadata, "user_id", False
+    """`system`, and every text of the conversation's blocks (`_block_texts`). `metadata` goes
+    as sent (SPEC §11)."""
     yield from _blocks_texts(payload, "system")
     for message in payload.get("messages") or ():
         if type(message) is dict:
