@@ -113,6 +113,8 @@ MAX_ENDED = 16_384  # ended streams remembered (a path each), so that text sent 
 class _TooManyStreams(Exception):
     """A text needs a stream past MAX_STREAMS (or MAX_ENDED), and none can be let go. Raised
     on the fast path with the first byte of the value that found no room."""
+
+
 MAX_KEPT_CHARS = 4 * 1024 * 1024  # streamed text kept for its later copies, per reply
 # A read whose events may add up to more bytes than this is relayed in a worker thread (see
 # `StreamRelay.aside`): on the loop it could take ~60 ms of the costliest text, ~1 s a MiB.
@@ -603,7 +605,8 @@ class StreamRelay:
         if failed >= 0:
             # As the exact path ends it: the events before the one that found no room go out,
             # that one does not (its number noted), then the end.
-            start = max(at, blocks.rfind(b"\n\n", at, failed) + 2)  # the event's first byte
+            newline = blocks.rfind(b"\n\n", at, failed)
+            start = at if newline < 0 else newline + 2  # the event's first byte
             after = blocks.find(b"\n\n", failed, stop) + 2  # and its end (every event ends so)
             if self._numbered is not None:
                 numbers = [text for step, begin, _, text in run if step is NUMBER and begin < after]
