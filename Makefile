@@ -21,9 +21,10 @@ $(STAMP): requirements.txt requirements-dev.txt | $(VENV)/bin/python
 run: $(STAMP) .env
 	@scripts/run_local.sh
 
-## test: the whole suite (real redis-server processes on free ports, real gateway processes)
+## test: the whole suite (real redis-server processes on free ports, real gateway processes),
+## over every core, then the tests that time something alone (scripts/test.sh)
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	PYTHON=$(PY) scripts/test.sh $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway mock tests bench gateway.py

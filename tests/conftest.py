@@ -8,11 +8,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from .harness import Gateway, Mock, RedisCluster, RedisServer
 
 if TYPE_CHECKING:
     from gateway.config import Settings
+
+# Properties check what holds, never how fast: no per-example deadline, so a neighbour on the
+# CPU (a parallel worker, a loaded CI machine) cannot fail one. Speed is the bench's job.
+hypothesis_settings.register_profile("gateway", deadline=None)
+hypothesis_settings.load_profile("gateway")
 
 # What make_settings clears from the environment before setting a test's own variables.
 GATEWAY_VARIABLE_PREFIXES = ("OTEL_", "OPENAI_", "REDIS_", "TENANT_", "QUOTA_", "HASH_", "STREAM_", "TOKEN_", "POLICY_")

@@ -647,6 +647,7 @@ async def test_a_silent_upstream_is_cut_with_an_sse_error(start: GatewayFactory,
     assert await gateway.healthy()
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 async def test_an_upstream_trickling_bytes_into_an_event_it_never_ends_is_cut_as_silent(
     start: GatewayFactory, hostile: Hostile
 ) -> None:
@@ -1055,6 +1056,7 @@ def healthz_watch(gateway: Gateway) -> Iterator[list[float]]:
         stop.set()
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 @pytest.mark.parametrize(("stream", "size"), [(True, 4 * MIB), (False, MIB)], ids=["stream", "json-answered-as-events"])
 async def test_one_long_event_leaves_healthz_answering(
     gateway: Gateway, hostile: Hostile, stream: bool, size: int

@@ -87,6 +87,7 @@ async def test_tenant_overrides(start_gateway: GatewayFactory, mock: Mock) -> No
     assert await statuses([gateway], 10, 1, key="tenantB") == {200: 8, 429: 2}
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 async def test_rate_limit_burst(start_gateway: GatewayFactory, mock: Mock) -> None:
     gateway = start_gateway(RPS="5", BURST="10")
     started = time.monotonic()

@@ -80,6 +80,7 @@ def parses(metrics: str) -> set[str]:
 PROMPT_UNITS = ["4242 ", "AB12 ", "@a.b", "+1 ("]  # digits alone: tests/test_redact_adversarial.py
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 @pytest.mark.parametrize("unit", PROMPT_UNITS)
 def test_an_8_mib_hostile_prompt_leaves_healthz_answering(shared_gateway: Gateway, mock: Mock, unit: str) -> None:
     text = unit * ((8 * MIB - 200) // len(unit))
@@ -104,6 +105,7 @@ def many_texts(route: str) -> dict[str, Any]:
     return {"model": "claude", "max_tokens": 5, "messages": [{"role": "assistant", "content": [block]}]}
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 @pytest.mark.parametrize("route", [CHAT, MESSAGES])
 def test_8_mib_of_many_texts_leaves_healthz_answering(shared_gateway: Gateway, mock: Mock, route: str) -> None:
     with healthz_watch(shared_gateway) as latencies:
@@ -113,6 +115,7 @@ def test_8_mib_of_many_texts_leaves_healthz_answering(shared_gateway: Gateway, m
     assert max(latencies) < 0.1
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 def test_six_hostile_bodies_at_once_leave_healthz_answering(shared_gateway: Gateway) -> None:
     """Six bodies of 150,000 tiny messages each (5.4 MiB, refused as too complex) sent
     together: each one's structure count ran in a worker thread, and the event loop waited
@@ -143,6 +146,7 @@ TINY_VALUES = {
 }
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 @pytest.mark.parametrize("route", ["/v1/embeddings", CHAT])
 @pytest.mark.parametrize("values", sorted(TINY_VALUES))
 def test_8_mib_of_tiny_values_is_refused_at_once_and_healthz_answers(
@@ -167,6 +171,7 @@ def test_a_prompt_of_json_text_is_not_too_complex(shared_gateway: Gateway, mock:
     assert mock.requests()[-1]["body"]["messages"][0]["content"] == text
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 def test_a_hostile_stream_prompt_on_messages_is_masked_and_served(shared_gateway: Gateway, mock: Mock) -> None:
     text = "4242 4242 4242 4242 jane.doe@example.com " * (2 * MIB // 40)
     body = {"model": "claude", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": text}]}
@@ -181,6 +186,7 @@ def test_a_hostile_stream_prompt_on_messages_is_masked_and_served(shared_gateway
 
 
 # The costliest texts to scan (bench/redaction.py): 2 MiB of each held /healthz 0.4-2.6 s before.
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 @pytest.mark.parametrize("unit", ["4242 4242 4242 4241 ", "AB12 ", "+1 ("])
 def test_a_2_mib_json_reply_leaves_healthz_answering(shared_gateway: Gateway, mock: Mock, unit: str) -> None:
     """The reply is redacted as the prompt is: a big upstream reply (here the mock echoing a
@@ -386,6 +392,7 @@ def rss_kib(gateway: Gateway) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 def test_connections_that_never_finish_a_request_are_closed(start_gateway: GatewayFactory) -> None:
     # Silent, or stopped inside the request line and headers: closed after CLIENT_IDLE_SECS,
     # so one client cannot hold sockets for ever and run the process out of descriptors

@@ -25,6 +25,7 @@ CHAT = "/v1/chat/completions"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 async def test_sigterm_lets_a_paced_stream_finish_then_exits_0(start_gateway: GatewayFactory, mock: Mock) -> None:
     gateway = start_gateway(SHUTDOWN_GRACE_SECS="10")
     headers = {
@@ -55,6 +56,7 @@ async def test_sigterm_lets_a_paced_stream_finish_then_exits_0(start_gateway: Ga
     assert time.monotonic() - signalled < 5
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 async def test_streams_past_the_grace_period_end_with_an_error_event(start_gateway: GatewayFactory, mock: Mock) -> None:
     gateway = start_gateway(SHUTDOWN_GRACE_SECS="1")
     headers = {"x-stainless-mock-chunk-delay-ms": "400", "x-stainless-mock-reply": " ".join(["word"] * 30)}

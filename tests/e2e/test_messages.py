@@ -608,6 +608,7 @@ def test_the_upstreams_retry_after_reaches_the_client(shared_gateway: Gateway, m
     assert caught.value.response.headers.get("retry-after") == "7"
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 def test_sdk_retries_an_upstream_429(shared_gateway: Gateway, mock: Mock) -> None:
     started = time.monotonic()
     with pytest.raises(anthropic.RateLimitError):

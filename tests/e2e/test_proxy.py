@@ -51,6 +51,7 @@ def test_stream_content_is_what_the_upstream_sent(shared_gateway: Gateway, mock:
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 async def test_stream_deltas_arrive_as_the_upstream_sends_them(shared_gateway: Gateway, mock: Mock) -> None:
     # 6 deltas 300 ms apart: the first must reach the client long before the last is sent.
     started = time.monotonic()
@@ -145,6 +146,7 @@ def test_upstream_cookies_are_never_kept_nor_passed_on(start_gateway: GatewayFac
     assert "cookie" not in later
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 @pytest.mark.parametrize("stream", [False, True])
 def test_first_byte_timeout_is_504(start_gateway: GatewayFactory, mock: Mock, stream: bool) -> None:
     gateway = start_gateway(TIMEOUT_SECS="1")
@@ -183,6 +185,7 @@ def test_usage_is_asked_for_upstream_and_relayed_only_when_the_client_asked(
     assert asked[-1].usage is not None and asked[-1].usage.prompt_tokens == 9 and not asked[-1].choices
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 async def test_a_stream_silent_for_stream_idle_secs_is_cut_with_an_error_event(
     start_gateway: GatewayFactory, mock: Mock
 ) -> None:
@@ -257,6 +260,7 @@ async def test_unreachable_upstream_is_502(start_gateway: GatewayFactory) -> Non
         assert json.loads(body)["error"]["type"] == "upstream_error"
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 async def test_client_disconnect_cancels_the_upstream_at_once(shared_gateway: Gateway, mock: Mock) -> None:
     body = {"model": "m", "messages": MESSAGES, "stream": True}
     headers = {"x-stainless-mock-chunk-delay-ms": "500", "x-stainless-mock-reply": "a b c d e f g h i j"}

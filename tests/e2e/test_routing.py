@@ -391,6 +391,7 @@ def test_a_connection_failure_falls_back(start: Any, ups: dict[str, Mock]) -> No
     assert raw.headers["x-gateway-upstream"] == "b"
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 def test_a_first_byte_timeout_falls_back_within_the_whole_deadline(start: Any, ups: dict[str, Mock]) -> None:
     gateway = start(TIMEOUT_SECS="3")
     ups["a"].fault(latency_ms=10_000)
@@ -497,6 +498,7 @@ async def test_the_circuit_opens_half_opens_and_closes(start: Any, ups: dict[str
     assert headers["x-gateway-upstream"] == "a"
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 async def test_a_hung_trial_cannot_wedge_the_circuit(start: Any, ups: dict[str, Mock]) -> None:
     gateway = start(CB_FAILURES="1", CB_OPEN_SECS="0.5", TIMEOUT_SECS="2")
     ups["a"].fault(status=500)

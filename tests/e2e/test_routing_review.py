@@ -281,6 +281,7 @@ def test_every_circuit_open_on_messages_is_503_circuit_open_not_529(tmp_path: Pa
     assert json.loads(data) == {"type": "error", "error": {"type": "api_error", "message": "upstream unavailable"}}
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 def test_a_long_translated_reply_leaves_healthz_answering(tmp_path: Path, fakes, gateway) -> None:
     # SPEC §6 (the gateway keeps serving others) through §13's translation: an Anthropic
     # Message of 49,000 tool calls (just under the bound on arrays and objects, see the next
@@ -305,6 +306,7 @@ HOSTILE_REPLY = (
 )
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
 def test_a_reply_of_megabytes_of_tiny_values_is_an_upstream_error(tmp_path: Path, fakes, gateway) -> None:
     # The same bound as a request's (SPEC §6: the gateway keeps serving others): 7 MiB of "[]"
     # in a reply held /healthz ~0.5 s while orjson parsed it. Now 502 before it is parsed; on
