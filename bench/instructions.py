@@ -40,6 +40,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], str, dict[str, str]]] = {
     "openai": (run.STREAM_BODY, "openai", {}),  # OpenAI's real chunk layout
     "openai_unredacted": (run.STREAM_BODY, "openai", {"REDACT_KINDS": ""}),
     "anthropic": (run.MESSAGES_BODY, "anthropic", {}),  # Anthropic's Messages stream on /v1/messages
+    "responses": (run.RESPONSES_BODY, "responses", {}),  # the Responses API's event stream on /v1/responses
     "routes": (run.JSON_BODY, "json", {"ROUTES": "20"}),  # a 20-route ROUTES_FILE (run.routes_file)
     "policies": (run.JSON_BODY, "json", {"POLICIES": "20"}),  # a 20-policy Cedar file (run.policy_files)
     "paced": (run.STREAM_BODY, "paced", {}),  # one event per read: the per-event path
@@ -73,7 +74,8 @@ COUNTED = {"tracing": 512, "tracing10": 4096}
 
 
 async def _post(port: int, body: dict[str, Any], count: int) -> None:
-    path = "/v1/messages" if body is run.MESSAGES_BODY else "/v1/chat/completions"
+    paths = {id(run.MESSAGES_BODY): "/v1/messages", id(run.RESPONSES_BODY): "/v1/responses"}
+    path = paths.get(id(body), "/v1/chat/completions")
     limit = asyncio.Semaphore(CONCURRENCY)
     async with aiohttp.ClientSession() as session:
 
@@ -114,11 +116,20 @@ def main() -> None:
             sys.exit(f"needs {tool}")
     chosen = sys.argv[1:] or list(SCENARIOS)
     tmp = Path(tempfile.mkdtemp(prefix="instructions-"))
-    json_port, sse_port, openai_port, anthropic_port, paced_port, otlp_port, redis_port = (
-        run.free_port() for _ in range(7)
+    json_port, sse_port, openai_port, anthropic_port, responses_port, paced_port, otlp_port, redis_port = (
+        run.free_port() for _ in range(8)
     )
     helpers = [
-        run.nginx(tmp, {"json": json_port, "sse": sse_port, "openai": openai_port, "anthropic": anthropic_port}),
+        run.nginx(
+            tmp,
+            {
+                "json": json_port,
+                "sse": sse_port,
+                "openai": openai_port,
+                "anthropic": anthropic_port,
+                "responses": responses_port,
+            },
+        ),
         run.Proc(["node", str(run.ROOT / "bench" / "paced_upstream.js")], run.LOAD_CPU, {"PORT": str(paced_port)}),
         run.Proc([run.PY, str(run.ROOT / "bench" / "otlp_sink.py")], run.LOAD_CPU, {"PORT": str(otlp_port)}),
     ]
@@ -131,6 +142,7 @@ def main() -> None:
         "sse": sse_port,
         "openai": openai_port,
         "anthropic": anthropic_port,
+        "responses": responses_port,
         "paced": paced_port,
     }
     counts = ", ".join(f"{name} {COUNTED[name]}" for name in chosen if name in COUNTED)
