@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 from typing import Any
 
@@ -26,6 +27,10 @@ from . import Held
 # many timeouts (see RedisStore._drop_connections).
 DROP_INTERVAL_TIMEOUTS = 4
 
+# How long a call's key (RedisStore._marked) is kept: coredis sends a call again within the
+# call's deadline, but a Redis that stalls between the two runs them further apart.
+CALL_KEY_MIN_MS = 10_000
+
 # A string constant, so the frozen build needs no data files. Each operation is one argument,
 # the operation and its operands separated by spaces, takes one key and answers one string of
 # numbers (coredis' work per argument and per reply element is the costly part):
@@ -37,6 +42,8 @@ DROP_INTERVAL_TIMEOUTS = 4
 # changes nothing in a later one under the same key. Nothing here raises on a key of another
 # type: a reservation starts a window over it, a settlement leaves it alone. Amounts are kept
 # below 2^53 by the caller; `%d` writes them as integers (a Lua number may print as 2e+15).
+# A call may end with "d ttl_ms" and one more key, the call's own (see RedisStore._marked): a
+# call that key shows has run already answers what it answered then and changes nothing.
 OPERATIONS = """
 local function hit(key, window_ms)
   local count = redis.call('INCR', key)
@@ -73,8 +80,19 @@ local function reserve(key, amount, limit, window_ms, new_id)
   end
   return string.format('%d %d %d ', ok, used + reserved, ttl) .. window
 end
+local ops, done = #ARGV, false
+if string.sub(ARGV[ops], 1, 2) == 'd ' then
+  done, ops = KEYS[ops], ops - 1
+  local before = redis.call('GET', done)
+  if before then
+    local out = {}
+    for answer in string.gmatch(before, '[^,]+') do out[#out + 1] = answer end
+    return out
+  end
+end
 local out = {}
-for i, arg in ipairs(ARGV) do
+for i = 1, ops do
+  local arg = ARGV[i]
   local f = {}
   for word in string.gmatch(arg, '%S+') do f[#f + 1] = word end
   local op, key = f[1], KEYS[i]
@@ -94,6 +112,9 @@ for i, arg in ipairs(ARGV) do
     end
     out[i] = tostring(applied)
   end
+end
+if done then
+  redis.call('SET', done, table.concat(out, ','), 'PX', string.sub(ARGV[#ARGV], 3))
 end
 return out
 """
@@ -136,6 +157,8 @@ class RedisStore:
         # Ids for the token windows this process starts: unique across processes and restarts.
         self._window_prefix = os.urandom(6).hex()
         self._window_counter = itertools.count(1)
+        self._call_counter = itertools.count(1)
+        self._call_ttl = f"d {max(CALL_KEY_MIN_MS, math.ceil(4000 * timeout))}"
 
     async def open(self) -> None:
         """Enter coredis' pool (it connects lazily, so this works while Redis is down)."""
@@ -190,13 +213,18 @@ class RedisStore:
         answers: list[Any] | None = None
         try:
             async with asyncio.timeout_at(deadline):
-                if not self._cluster or len(batch) == 1:
+                if not self._cluster:
                     keys = [operation[0] for operation in batch]
-                    answers = await self._evalsha(keys, [operation[1] for operation in batch])
+                    args = [operation[1] for operation in batch]
+                    answers = await self._evalsha(*self._marked(keys, args, keys[0]))
+                elif len(batch) == 1:
+                    key, operation = batch[0][:2]
+                    answers = await self._evalsha(*self._marked([key], [operation], key))
                 else:
                     async with self._client.pipeline(transaction=False) as pipe:
                         calls = [
-                            self._script(keys=[key], args=[operation], client=pipe) for key, operation, _, _ in batch
+                            self._script(*self._marked([key], [operation], key), client=pipe)
+                            for key, operation, _, _ in batch
                         ]
                     answers = [answer for call in calls for answer in await call]
         except TimeoutError:
@@ -217,6 +245,23 @@ class RedisStore:
                         future.set_result(answer.split())
                     elif operation.startswith("r "):  # its caller left while it was out
                         self._release(key, operation, answer)
+
+    def _marked(self, keys: list[str], args: list[str], slot_key: str) -> tuple[list[str], list[str]]:
+        """The call's keys and arguments with a key of its own, which the script sets to its
+        answers (with a TTL). A connection that breaks after Redis ran a call and before its
+        answer came back makes coredis send it again (as it must when the connection had died
+        before the call went out): run twice, a hit would count twice, a reservation hold
+        twice, a settlement apply twice. On a single Redis the key names no tenant; on a
+        cluster it carries `slot_key`'s hash part (shown by that key already) to share its
+        slot, and a key whose slot no hash tag can name goes unmarked. Costs Redis a GET and
+        a SET per call, the client one key and one argument."""
+        call = f"call:{self._window_prefix}{next(self._call_counter):x}"
+        if self._cluster:
+            part = _hash_part(slot_key)
+            if "}" in part:
+                return keys, args
+            call = "{" + part + "}" + call
+        return [*keys, call], [*args, self._call_ttl]
 
     def _release(self, key: str, operation: str, answer: bytes) -> None:
         """A reservation whose caller left while it was out (client gone): what it held
@@ -266,6 +311,17 @@ class RedisStore:
             return
         self._kept_until = now + max(1.0, DROP_INTERVAL_TIMEOUTS * self._timeout)
         self._client.connection_pool.disconnect()
+
+
+def _hash_part(key: str) -> str:
+    """What Redis Cluster hashes of `key`: its hash tag (the text between the first `{` and the
+    next `}`, when not empty), else the whole key."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
 
 
 def _held(answer: list[bytes]) -> Held:

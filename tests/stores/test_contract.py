@@ -569,3 +569,70 @@ async def test_a_slow_but_reachable_redis_keeps_its_connection(redis_server: Red
             task.cancel()
         for writer in writers:
             writer.close()
+
+
+async def test_an_answer_lost_with_its_connection_is_not_counted_twice(redis_server: RedisServer) -> None:
+    # The connection breaks after Redis ran a batch and before its answer arrived (a load
+    # balancer or proxy restarting, CLIENT KILL, a reset): coredis sends the call again on a
+    # new connection, as it must for a connection that had died before the call went out. Run
+    # twice, a hit counted twice (a tenant refused before its quota), a reservation held twice
+    # (only one of them ever settled) and a settlement applied twice.
+    from ..harness import free_port
+
+    tasks: set[asyncio.Task[None]] = set()
+    writers: list[asyncio.StreamWriter] = []
+    lose = {"answers": 0}  # answers to scripts still to be lost, each with its connection
+
+    async def upward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, calls: list[bool]) -> None:
+        while data := await reader.read(65536):
+            if b"EVALSHA" in data.upper():
+                calls.append(True)
+            writer.write(data)
+
+    async def downward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, calls: list[bool]) -> None:
+        while data := await reader.read(65536):
+            if calls and lose["answers"]:  # the script has run: its answer goes no further
+                lose["answers"] -= 1
+                writer.transport.abort()
+                return
+            writer.write(data)
+
+    async def accept(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", redis_server.port)
+        writers.extend((client_writer, server_writer))
+        calls: list[bool] = []
+        for task in (
+            asyncio.create_task(upward(client_reader, server_writer, calls)),
+            asyncio.create_task(downward(server_reader, client_writer, calls)),
+        ):
+            tasks.add(task)
+
+    port = free_port()
+    proxy = await asyncio.start_server(accept, "127.0.0.1", port)
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", cluster=False, timeout=2.0)
+    await store.open()
+    try:
+        assert (await store.hit("quota:lost", 60_000))[0] == 1  # the connection, and the script loaded
+        lose["answers"] = 1
+        assert (await store.hit("quota:lost", 60_000))[0] == 2
+        assert redis_server.cli("GET", "quota:lost") == "2"
+        lose["answers"] = 1
+        held, total, _, window = await store.reserve("tokens:{lost}", 100, 1000, 60_000)
+        assert (held, total) == (True, 100)
+        assert redis_server.cli("HGET", "tokens:{lost}", "reserved") == "100"
+        await store.reserve("tokens:{lost}", 100, 1000, 60_000)
+        lose["answers"] = 1
+        await store.settle("tokens:{lost}", window, 100, 30)
+        assert redis_server.cli("HGET", "tokens:{lost}", "reserved") == "100"
+        assert redis_server.cli("HGET", "tokens:{lost}", "used") == "30"
+        assert lose["answers"] == 0, "no answer was lost: the test proved nothing"
+        # Whatever the store keeps to know a call it has run: each with a TTL, none naming a tenant.
+        for key in redis_server.cli("--scan").split():
+            assert int(redis_server.cli("PTTL", key)) > 0, key
+    finally:
+        await store.close()
+        proxy.close()
+        for task in tasks:
+            task.cancel()
+        for writer in writers:
+            writer.close()
