@@ -12,6 +12,7 @@ reconnects by itself when Redis returns.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import math
 import os
@@ -30,6 +31,8 @@ DROP_INTERVAL_TIMEOUTS = 4
 # How long a call's key (RedisStore._marked) is kept: coredis sends a call again within the
 # call's deadline, but a Redis that stalls between the two runs them further apart.
 CALL_KEY_MIN_MS = 10_000
+# A call's undo (RedisStore._undo) that failed is sent again after this long.
+UNDO_RETRY_SECS = 1.0
 
 # A string constant, so the frozen build needs no data files. Each operation is one argument,
 # the operation and its operands separated by spaces, takes one key and answers one string of
@@ -37,6 +40,7 @@ CALL_KEY_MIN_MS = 10_000
 #   "h window_ms"                           -> "count ms_left"
 #   "r amount limit window_ms new_id"       -> "held(1/0) used+reserved ms_left window_id"
 #   "s window_id reserved used"             -> "applied(1/0)"
+#   "u index amount ttl_ms call_key"        -> "released(1/0)"
 # A token window is a hash {used, reserved, window}. Its id is chosen by the caller that
 # starts it (unique per process and call), so a settle names the window it reserved in and
 # changes nothing in a later one under the same key. Nothing here raises on a key of another
@@ -44,6 +48,9 @@ CALL_KEY_MIN_MS = 10_000
 # below 2^53 by the caller; `%d` writes them as integers (a Lua number may print as 2e+15).
 # A call may end with "d ttl_ms" and one more key, the call's own (see RedisStore._marked): a
 # call that key shows has run already answers what it answered then and changes nothing.
+# "u" undoes the reservation at `index` of a call that failed (see RedisStore._undo): run, it
+# is released and noted so in the call's key; not run yet, the call's key is set to "u" so
+# that it changes nothing when it comes.
 OPERATIONS = """
 local function hit(key, window_ms)
   local count = redis.call('INCR', key)
@@ -80,6 +87,32 @@ local function reserve(key, amount, limit, window_ms, new_id)
   end
   return string.format('%d %d %d ', ok, used + reserved, ttl) .. window
 end
+local function settle(key, window, reserved, used)
+  local held = redis.pcall('HMGET', key, 'used', 'reserved', 'window')
+  if held.err == nil and held[3] == window then
+    reserved = math.max((tonumber(held[2]) or 0) - tonumber(reserved), 0)
+    used = math.min((tonumber(held[1]) or 0) + tonumber(used), 2000000000000000)
+    redis.call('HSET', key, 'used', string.format('%d', used), 'reserved', string.format('%d', reserved))
+    return '1'
+  end
+  return '0'
+end
+local function undo(key, index, amount, ttl_ms, call)
+  local before = redis.call('GET', call)
+  if not before then
+    redis.call('SET', call, 'u', 'PX', ttl_ms)
+    return '0'
+  end
+  local answers = {}
+  for answer in string.gmatch(before, '[^,]+') do answers[#answers + 1] = answer end
+  local answer = answers[tonumber(index)]
+  if not answer or string.sub(answer, 1, 2) ~= '1 ' then
+    return '0'
+  end
+  answers[tonumber(index)] = '0' .. string.sub(answer, 2)
+  redis.call('SET', call, table.concat(answers, ','), 'KEEPTTL')
+  return settle(key, string.match(answer, '(%S+)$'), amount, 0)
+end
 local ops, done = #ARGV, false
 if string.sub(ARGV[ops], 1, 2) == 'd ' then
   done, ops = KEYS[ops], ops - 1
@@ -101,16 +134,10 @@ for i = 1, ops do
     out[i] = answer
   elseif op == 'r' then
     out[i] = reserve(key, f[2], f[3], f[4], f[5])
+  elseif op == 'u' then
+    out[i] = undo(key, f[2], f[3], f[4], string.match(arg, '^u %S+ %S+ %S+ (.*)$'))
   else
-    local held = redis.pcall('HMGET', key, 'used', 'reserved', 'window')
-    local applied = 0
-    if held.err == nil and held[3] == f[2] then
-      local reserved = math.max((tonumber(held[2]) or 0) - tonumber(f[3]), 0)
-      local used = math.min((tonumber(held[1]) or 0) + tonumber(f[4]), 2000000000000000)
-      redis.call('HSET', key, 'used', string.format('%d', used), 'reserved', string.format('%d', reserved))
-      applied = 1
-    end
-    out[i] = tostring(applied)
+    out[i] = settle(key, f[2], f[3], f[4])
   end
 end
 if done then
@@ -158,7 +185,8 @@ class RedisStore:
         self._window_prefix = os.urandom(6).hex()
         self._window_counter = itertools.count(1)
         self._call_counter = itertools.count(1)
-        self._call_ttl = f"d {max(CALL_KEY_MIN_MS, math.ceil(4000 * timeout))}"
+        self._call_ttl_ms = max(CALL_KEY_MIN_MS, math.ceil(4000 * timeout))
+        self._call_ttl = f"d {self._call_ttl_ms}"
 
     async def open(self) -> None:
         """Enter coredis' pool (it connects lazily, so this works while Redis is down)."""
@@ -211,22 +239,18 @@ class RedisStore:
 
     async def _run_batch(self, batch: list[Operation], deadline: float) -> None:
         answers: list[Any] | None = None
+        if self._cluster:
+            calls = [self._marked([key], [operation], key) for key, operation, _, _ in batch]
+        else:
+            calls = [self._marked([operation[0] for operation in batch], [operation[1] for operation in batch], "")]
         try:
             async with asyncio.timeout_at(deadline):
-                if not self._cluster:
-                    keys = [operation[0] for operation in batch]
-                    args = [operation[1] for operation in batch]
-                    answers = await self._evalsha(*self._marked(keys, args, keys[0]))
-                elif len(batch) == 1:
-                    key, operation = batch[0][:2]
-                    answers = await self._evalsha(*self._marked([key], [operation], key))
+                if len(calls) == 1:
+                    answers = await self._evalsha(*calls[0])
                 else:
                     async with self._client.pipeline(transaction=False) as pipe:
-                        calls = [
-                            self._script(*self._marked([key], [operation], key), client=pipe)
-                            for key, operation, _, _ in batch
-                        ]
-                    answers = [answer for call in calls for answer in await call]
+                        sent = [self._script(keys, args, client=pipe) for keys, args in calls]
+                    answers = [answer for call in sent for answer in await call]
         except TimeoutError:
             answers = None
             self._drop_connections()
@@ -239,6 +263,7 @@ class RedisStore:
                 for _, _, future, _ in batch:
                     if not future.done():
                         future.set_exception(StoreUnavailable())
+                self._undo_reservations(batch, calls)
             else:
                 for (key, operation, future, _), answer in zip(batch, answers, strict=True):
                     if not future.done():
@@ -262,6 +287,40 @@ class RedisStore:
                 return keys, args
             call = "{" + part + "}" + call
         return [*keys, call], [*args, self._call_ttl]
+
+    def _undo_reservations(self, batch: list[Operation], calls: list[tuple[list[str], list[str]]]) -> None:
+        """The reservations of a call that failed, undone. Its callers were told the store was
+        unavailable (admitted holding nothing, or refused), but Redis may have run it (its
+        answer late or lost) or still run it (a stalled Redis runs what it was sent when it
+        resumes): nobody would ever settle what it held, lost to the tenant until the
+        window's end. Each undo goes in a later call, again after UNDO_RETRY_SECS while it
+        fails, for as long as the call's key lives."""
+        if not self._open:
+            return
+        give_up = asyncio.get_running_loop().time() + self._call_ttl_ms / 1000
+        for position, (key, operation, _, _) in enumerate(batch):
+            if not operation.startswith("r "):
+                continue
+            keys, args = calls[position] if self._cluster else calls[0]
+            if args[-1] is not self._call_ttl:  # unmarked: nothing to know the call by
+                continue
+            index = 1 if self._cluster else position + 1
+            self._undo(key, operation.split(" ", 2)[1], keys[-1], index, give_up)
+
+    def _undo(self, key: str, amount: str, call: str, index: int, give_up: float) -> None:
+        if not self._open:
+            return
+        undone = self._run(key, f"u {index} {amount} {self._call_ttl_ms} {call}", True)
+        undone.add_done_callback(functools.partial(self._undone, key, amount, call, index, give_up))
+
+    def _undone(
+        self, key: str, amount: str, call: str, index: int, give_up: float, undone: asyncio.Future[list[bytes]]
+    ) -> None:
+        if undone.cancelled() or undone.exception() is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() + UNDO_RETRY_SECS < give_up:
+            loop.call_later(UNDO_RETRY_SECS, self._undo, key, amount, call, index, give_up)
 
     def _release(self, key: str, operation: str, answer: bytes) -> None:
         """A reservation whose caller left while it was out (client gone): what it held

@@ -636,3 +636,46 @@ async def test_an_answer_lost_with_its_connection_is_not_counted_twice(redis_ser
             task.cancel()
         for writer in writers:
             writer.close()
+
+
+async def test_a_reservation_that_timed_out_holds_nothing_once_redis_runs_it(redis_server: RedisServer) -> None:
+    # Redis stalls (SIGSTOP) with a reservation sent to it: the caller is told the store is
+    # unavailable (admitted holding nothing, or refused), and then Redis runs what it was sent.
+    # Nobody would ever settle what that call held: the tenant lost it to the window's end
+    # (a 3 s DEBUG SLEEP under load left 11 estimates of 1,025 held in the gateway).
+    import signal
+
+    from ..harness import wait_until
+
+    store = RedisStore(redis_server.url, cluster=False, timeout=0.3)
+    await store.open()
+    assert redis_server.process is not None
+    try:
+        await store.hit("quota:stall", 60_000)  # connected, the script loaded
+        calls = script_calls(redis_server)
+        redis_server.process.signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreUnavailable):
+                await store.reserve("tokens:{stall}", 100, 1000, 60_000)
+        finally:
+            redis_server.process.signal(signal.SIGCONT)
+        await asyncio.to_thread(wait_until, lambda: script_calls(redis_server) > calls, what="the stalled call run")
+        await asyncio.to_thread(
+            wait_until,
+            lambda: redis_server.cli("HGET", "tokens:{stall}", "reserved") in ("0", ""),
+            timeout=5,
+            what="what the stalled reservation held given back",
+        )
+        give_up = asyncio.get_running_loop().time() + 5
+        while True:  # the store's guard is the caller's: here, try again until Redis answers
+            try:
+                held = await store.reserve("tokens:{stall}", 1000, 1000, 60_000)
+                break
+            except StoreUnavailable:
+                assert asyncio.get_running_loop().time() < give_up
+                await asyncio.sleep(0.1)
+        assert held[0], "the whole budget must fit again"
+        for key in redis_server.cli("--scan").split():
+            assert int(redis_server.cli("PTTL", key)) > 0, key
+    finally:
+        await store.close()
