@@ -31,8 +31,8 @@ DROP_INTERVAL_TIMEOUTS = 4
 # How long a call's key (RedisStore._marked) is kept: coredis sends a call again within the
 # call's deadline, but a Redis that stalls between the two runs them further apart.
 CALL_KEY_MIN_MS = 10_000
-# A call's undo (RedisStore._undo) that failed is sent again after this long.
-UNDO_RETRY_SECS = 1.0
+# A failed call's repair (RedisStore._repair) that failed is sent again after this long.
+REPAIR_RETRY_SECS = 1.0
 
 # A string constant, so the frozen build needs no data files. Each operation is one argument,
 # the operation and its operands separated by spaces, takes one key and answers one string of
@@ -41,6 +41,7 @@ UNDO_RETRY_SECS = 1.0
 #   "r amount limit window_ms new_id"       -> "held(1/0) used+reserved ms_left window_id"
 #   "s window_id reserved used"             -> "applied(1/0)"
 #   "u index amount ttl_ms call_key"        -> "released(1/0)"
+#   "v index window_id reserved used ttl_ms call_key" -> "applied(1/0)"
 # A token window is a hash {used, reserved, window}. Its id is chosen by the caller that
 # starts it (unique per process and call), so a settle names the window it reserved in and
 # changes nothing in a later one under the same key. Nothing here raises on a key of another
@@ -48,9 +49,11 @@ UNDO_RETRY_SECS = 1.0
 # below 2^53 by the caller; `%d` writes them as integers (a Lua number may print as 2e+15).
 # A call may end with "d ttl_ms" and one more key, the call's own (see RedisStore._marked): a
 # call that key shows has run already answers what it answered then and changes nothing.
-# "u" undoes the reservation at `index` of a call that failed (see RedisStore._undo): run, it
-# is released and noted so in the call's key; not run yet, the call's key is set to "u" so
-# that it changes nothing when it comes.
+# "u" and "v" repair the operation at `index` of a call that failed (see RedisStore._repair).
+# Not run yet, the call's key is set to "u" (the call changes nothing when it comes), and the
+# indexes of the settlements applied since follow it ("u,2,5"). "u" undoes a reservation: one
+# that ran is released and noted so in the call's answers. "v" applies a settlement once:
+# unless the call ran, or it is noted after "u".
 OPERATIONS = """
 local function hit(key, window_ms)
   local count = redis.call('INCR', key)
@@ -97,10 +100,17 @@ local function settle(key, window, reserved, used)
   end
   return '0'
 end
-local function undo(key, index, amount, ttl_ms, call)
+local function cancelled(call, ttl_ms)
   local before = redis.call('GET', call)
   if not before then
     redis.call('SET', call, 'u', 'PX', ttl_ms)
+    return 'u'
+  end
+  return before
+end
+local function undo(key, index, amount, ttl_ms, call)
+  local before = cancelled(call, ttl_ms)
+  if string.sub(before, 1, 1) == 'u' then
     return '0'
   end
   local answers = {}
@@ -112,6 +122,14 @@ local function undo(key, index, amount, ttl_ms, call)
   answers[tonumber(index)] = '0' .. string.sub(answer, 2)
   redis.call('SET', call, table.concat(answers, ','), 'KEEPTTL')
   return settle(key, string.match(answer, '(%S+)$'), amount, 0)
+end
+local function redo(key, index, window, reserved, used, ttl_ms, call)
+  local before = cancelled(call, ttl_ms)
+  if string.sub(before, 1, 1) ~= 'u' or string.find(before .. ',', ',' .. index .. ',', 1, true) then
+    return '0'
+  end
+  redis.call('SET', call, before .. ',' .. index, 'KEEPTTL')
+  return settle(key, window, reserved, used)
 end
 local ops, done = #ARGV, false
 if string.sub(ARGV[ops], 1, 2) == 'd ' then
@@ -136,6 +154,8 @@ for i = 1, ops do
     out[i] = reserve(key, f[2], f[3], f[4], f[5])
   elseif op == 'u' then
     out[i] = undo(key, f[2], f[3], f[4], string.match(arg, '^u %S+ %S+ %S+ (.*)$'))
+  elseif op == 'v' then
+    out[i] = redo(key, f[2], f[3], f[4], f[5], f[6], string.match(arg, '^v %S+ %S+ %S+ %S+ %S+ (.*)$'))
   else
     out[i] = settle(key, f[2], f[3], f[4])
   end
@@ -263,7 +283,7 @@ class RedisStore:
                 for _, _, future, _ in batch:
                     if not future.done():
                         future.set_exception(StoreUnavailable())
-                self._undo_reservations(batch, calls)
+                self._repair(batch, calls)
             else:
                 for (key, operation, future, _), answer in zip(batch, answers, strict=True):
                     if not future.done():
@@ -288,39 +308,45 @@ class RedisStore:
             call = "{" + part + "}" + call
         return [*keys, call], [*args, self._call_ttl]
 
-    def _undo_reservations(self, batch: list[Operation], calls: list[tuple[list[str], list[str]]]) -> None:
-        """The reservations of a call that failed, undone. Its callers were told the store was
-        unavailable (admitted holding nothing, or refused), but Redis may have run it (its
-        answer late or lost) or still run it (a stalled Redis runs what it was sent when it
-        resumes): nobody would ever settle what it held, lost to the tenant until the
-        window's end. Each undo goes in a later call, again after UNDO_RETRY_SECS while it
-        fails, for as long as the call's key lives."""
+    def _repair(self, batch: list[Operation], calls: list[tuple[list[str], list[str]]]) -> None:
+        """The token operations of a call that failed, repaired. Their callers were told the
+        store was unavailable, but Redis may have run the call (its answer late or lost),
+        may still run it (a stalled Redis runs what it was sent when it resumes), or may
+        never get it (a connection dropped). A reservation must then hold nothing (its
+        caller was admitted holding nothing, or refused: nobody would settle it, and the
+        tenant lost it to the window's end) and a settlement must apply once. Each repair
+        goes in a later call, again after REPAIR_RETRY_SECS while it fails, for as long as
+        the call's key lives; it cancels the call if it has not run (its hits then go
+        uncounted, as those of a call never sent)."""
         if not self._open:
             return
         give_up = asyncio.get_running_loop().time() + self._call_ttl_ms / 1000
         for position, (key, operation, _, _) in enumerate(batch):
-            if not operation.startswith("r "):
+            kind = operation[:2]
+            if kind not in ("r ", "s "):
                 continue
             keys, args = calls[position] if self._cluster else calls[0]
             if args[-1] is not self._call_ttl:  # unmarked: nothing to know the call by
                 continue
             index = 1 if self._cluster else position + 1
-            self._undo(key, operation.split(" ", 2)[1], keys[-1], index, give_up)
+            if kind == "r ":
+                repair = f"u {index} {operation.split(' ', 2)[1]} {self._call_ttl_ms} {keys[-1]}"
+            else:
+                repair = f"v {index} {operation[2:]} {self._call_ttl_ms} {keys[-1]}"
+            self._send_repair(key, repair, give_up)
 
-    def _undo(self, key: str, amount: str, call: str, index: int, give_up: float) -> None:
+    def _send_repair(self, key: str, repair: str, give_up: float) -> None:
         if not self._open:
             return
-        undone = self._run(key, f"u {index} {amount} {self._call_ttl_ms} {call}", True)
-        undone.add_done_callback(functools.partial(self._undone, key, amount, call, index, give_up))
+        sent = self._run(key, repair, True)
+        sent.add_done_callback(functools.partial(self._repaired, key, repair, give_up))
 
-    def _undone(
-        self, key: str, amount: str, call: str, index: int, give_up: float, undone: asyncio.Future[list[bytes]]
-    ) -> None:
-        if undone.cancelled() or undone.exception() is None:
+    def _repaired(self, key: str, repair: str, give_up: float, sent: asyncio.Future[list[bytes]]) -> None:
+        if sent.cancelled() or sent.exception() is None:
             return
         loop = asyncio.get_running_loop()
-        if loop.time() + UNDO_RETRY_SECS < give_up:
-            loop.call_later(UNDO_RETRY_SECS, self._undo, key, amount, call, index, give_up)
+        if loop.time() + REPAIR_RETRY_SECS < give_up:
+            loop.call_later(REPAIR_RETRY_SECS, self._send_repair, key, repair, give_up)
 
     def _release(self, key: str, operation: str, answer: bytes) -> None:
         """A reservation whose caller left while it was out (client gone): what it held

@@ -679,3 +679,67 @@ async def test_a_reservation_that_timed_out_holds_nothing_once_redis_runs_it(red
             assert int(redis_server.cli("PTTL", key)) > 0, key
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("stall", ["redis stopped", "call lost"])
+async def test_a_settlement_that_timed_out_is_applied_once_redis_answers(redis_server: RedisServer, stall: str) -> None:
+    # A settlement that goes out with a reservation while the store does not answer: both
+    # callers are told it is unavailable. Afterwards the reservation must hold nothing and the
+    # settlement must be applied, exactly once, whether Redis runs the call late (stopped,
+    # then resumed) or never gets it (a middlebox that forgot the connection: 20 of a
+    # gateway's settlements in a 3 s DEBUG SLEEP, each estimate held to the window's end).
+    import signal
+
+    from ..harness import free_port, wait_until
+
+    silent: set[asyncio.StreamWriter] = set()  # client sides whose bytes go nowhere
+    tasks: set[asyncio.Task[None]] = set()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            if client not in silent:
+                writer.write(data)
+
+    async def accept(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", redis_server.port)
+        writers.extend((client_writer, server_writer))
+        tasks.add(asyncio.create_task(pipe(client_reader, server_writer, client_writer)))
+        tasks.add(asyncio.create_task(pipe(server_reader, client_writer, client_writer)))
+
+    port = free_port()
+    proxy = await asyncio.start_server(accept, "127.0.0.1", port)
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", cluster=False, timeout=0.3)
+    await store.open()
+    assert redis_server.process is not None
+    try:
+        _, _, _, window = await store.reserve("tokens:{settled}", 100, 1000, 60_000)
+        if stall == "redis stopped":
+            redis_server.process.signal(signal.SIGSTOP)
+        else:
+            silent.update(writers)
+        try:
+            results = await asyncio.gather(
+                store.settle("tokens:{settled}", window, 100, 30),
+                store.reserve("tokens:{settled}", 200, 1000, 60_000),
+                return_exceptions=True,
+            )
+            assert all(isinstance(result, StoreUnavailable) for result in results), results
+        finally:
+            redis_server.process.signal(signal.SIGCONT)
+
+        def settled() -> bool:
+            return redis_server.cli("HMGET", "tokens:{settled}", "used", "reserved").split() == ["30", "0"]
+
+        await asyncio.to_thread(wait_until, settled, timeout=5, what="the settlement applied, the reservation undone")
+        give_up = asyncio.get_running_loop().time() + 3
+        while asyncio.get_running_loop().time() < give_up:  # and it stays so: nothing applied twice
+            assert settled(), redis_server.cli("HGETALL", "tokens:{settled}")
+            await asyncio.sleep(0.2)
+    finally:
+        await store.close()
+        proxy.close()
+        for task in tasks:
+            task.cancel()
+        for writer in writers:
+            writer.close()
