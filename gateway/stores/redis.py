@@ -7,6 +7,11 @@ and the hold in one step) and a token settlement. It takes any number of keys, s
 of operations of any kinds costs one command. Every call has a deadline; coredis errors and
 timeouts become `StoreUnavailable` here, and the policies decide what that means. coredis
 reconnects by itself when Redis returns.
+
+Each call also carries a key of its own, kept a few seconds with its answers: a call that
+coredis sends again (its connection broke after Redis ran it) answers as it did and changes
+nothing, and a call that failed can be repaired afterwards, whether Redis ran it, runs it
+late or never got it (RedisStore._marked, RedisStore._repair).
 """
 
 from __future__ import annotations
