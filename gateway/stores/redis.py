@@ -36,7 +36,8 @@ DROP_INTERVAL_TIMEOUTS = 4
 # How long a call's key (RedisStore._marked) is kept: coredis sends a call again within the
 # call's deadline, but a Redis that stalls between the two runs them further apart.
 CALL_KEY_MIN_MS = 10_000
-# A failed call's repair (RedisStore._repair) that failed is sent again after this long.
+# A failed call's repair (RedisStore._repair) goes this long after the failure, and again as long
+# after each failure of its own.
 REPAIR_RETRY_SECS = 1.0
 
 # A string constant, so the frozen build needs no data files. Each operation is one argument,
@@ -320,12 +321,13 @@ class RedisStore:
         never get it (a connection dropped). A reservation must then hold nothing (its
         caller was admitted holding nothing, or refused: nobody would settle it, and the
         tenant lost it to the window's end) and a settlement must apply once. Each repair
-        goes in a later call, again after REPAIR_RETRY_SECS while it fails, for as long as
-        the call's key lives; it cancels the call if it has not run (its hits then go
-        uncounted, as those of a call never sent)."""
+        goes in a later call, REPAIR_RETRY_SECS after the failure and again as long after
+        each failure of its own, for as long as the call's key lives; it cancels the call if
+        it has not run (its hits then go uncounted, as those of a call never sent)."""
         if not self._open:
             return
-        give_up = asyncio.get_running_loop().time() + self._call_ttl_ms / 1000
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._call_ttl_ms / 1000
         for position, (key, operation, _, _) in enumerate(batch):
             kind = operation[:2]
             if kind not in ("r ", "s "):
@@ -338,7 +340,9 @@ class RedisStore:
                 repair = f"u {index} {operation.split(' ', 2)[1]} {self._call_ttl_ms} {keys[-1]}"
             else:
                 repair = f"v {index} {operation[2:]} {self._call_ttl_ms} {keys[-1]}"
-            self._send_repair(key, repair, give_up)
+            # Not at once: the store that just failed is most likely still failing (a stall),
+            # and the guard keeps the requests off it for as long.
+            loop.call_later(REPAIR_RETRY_SECS, self._send_repair, key, repair, give_up)
 
     def _send_repair(self, key: str, repair: str, give_up: float) -> None:
         if not self._open:
