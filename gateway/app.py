@@ -135,6 +135,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         ("POST", EMBEDDINGS_API.path, EMBEDDINGS_API.name, proxy_for(EMBEDDINGS_API, embeddings).handle),
         ("GET", "/v1/models", "models", ModelList(models, telemetry, settings.timeout_secs).handle),
     ]
+    operations = {api.name: api.operation for api in TOKEN_APIS}
     plans: dict[str | None, RoutePlan] = {
         name: RoutePlan(
             path,
@@ -143,6 +144,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
             name in ADMITTED_ROUTES,
             name in _ANTHROPIC_SHAPED,
             identified=name in IDENTIFIED_ROUTES,
+            operation=operations.get(name, "chat"),
         )
         for _, path, name, _ in routes
     }

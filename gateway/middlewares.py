@@ -65,6 +65,7 @@ class RoutePlan:
     admitted: bool = False  # through SPEC §4's admission steps
     anthropic_errors: bool = False  # the gateway's own errors in Anthropic's shape (SPEC §11)
     identified: bool = False  # the caller's key checked (SPEC §4 step 1): every admitted route, the model list
+    operation: str = "chat"  # the route's gen_ai.operation.name, on its server span
 
 
 OTHER = RoutePlan("other")
@@ -133,7 +134,7 @@ def observed(routes: Mapping[str | None, RoutePlan], telemetry: Telemetry, reque
             trace_id = None
             if span is not None and tracing is not None:
                 trace_id = tracing.trace_id(span)
-                tracing.end_server_span(span, state, status)
+                tracing.end_server_span(span, state, status, route.operation)
             request_log.write(state, request.method, request.path, status, elapsed, trace_id)
 
     return observe

@@ -593,6 +593,7 @@ EMBEDDINGS_API = Api(
     check_embeddings_request,
     embeddings_request_texts,
     embeddings_usage,
+    operation="embeddings",
     streams=False,
     request_tokens=embeddings_request_tokens,
 )

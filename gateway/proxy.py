@@ -144,7 +144,9 @@ class Proxy:
             if tracing is None or state.span is None:
                 headers = self._upstream.headers_for(request.headers, request_id=state.request_id)
                 return await self._relay(request, state, body, headers, hidden_usage)
-            with tracing.client_span(state.span, state.model, self._api.system) as trace_headers:
+            with tracing.client_span(
+                state.span, state.model, self._api.system, operation=self._api.operation
+            ) as trace_headers:
                 headers = self._upstream.headers_for(request.headers, trace_headers, request_id=state.request_id)
                 return await self._relay(request, state, body, headers, hidden_usage)
         except asyncio.CancelledError:

@@ -738,6 +738,7 @@ class Api:
     reply_usage: Callable[[dict[str, Any]], Usage | None]
     anthropic_errors: bool = False  # the gateway's own errors in Anthropic's shape (SPEC §11)
     system: str = "openai"  # gen_ai.system on the upstream call's span
+    operation: str = "chat"  # gen_ai.operation.name (OpenTelemetry's GenAI conventions) on its spans
     asks_stream_usage: bool = False  # streams get stream_options.include_usage upstream (SPEC §14)
     streams: bool = True  # "stream": true is answered as a stream (embeddings never are)
     # The prompt tokens the request gives as token ids, not text (embeddings' token arrays):

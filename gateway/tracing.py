@@ -78,7 +78,7 @@ class Tracing:
             {"http.request.method": method, "url.path": path[:MAX_PATH]},
         )
 
-    def end_server_span(self, span: Span, state: RequestState, status: int) -> None:
+    def end_server_span(self, span: Span, state: RequestState, status: int, operation: str = "chat") -> None:
         if not span.is_recording():  # not sampled: nothing to add, nothing to send
             return
         attributes: dict[str, str | bool | int] = {
@@ -91,7 +91,7 @@ class Tracing:
             model = state.model[:MAX_TEXT]  # the same object when short enough: no copy
             attributes["model"] = model
             attributes["gen_ai.request.model"] = model
-            attributes["gen_ai.operation.name"] = "chat"
+            attributes["gen_ai.operation.name"] = operation
         if state.response_model is not None:
             attributes["gen_ai.response.model"] = state.response_model[:MAX_TEXT]
         if state.usage is not None:
@@ -111,7 +111,12 @@ class Tracing:
         return f"{context.trace_id:032x}" if context.is_valid else None
 
     def client_span(
-        self, server_span: Span, model: str | None, system: str = "openai", upstream: str | None = None
+        self,
+        server_span: Span,
+        model: str | None,
+        system: str = "openai",
+        upstream: str | None = None,
+        operation: str = "chat",
     ) -> ClientSpan:
         """A client span around the upstream call: `with tracing.client_span(...) as headers`
         gives the `traceparent` (and `tracestate`) headers that name it.
@@ -129,7 +134,7 @@ class Tracing:
         if upstream is not None:  # ROUTES_FILE's upstream this attempt went to (SPEC §13)
             attributes["gateway.upstream"] = upstream
         span = self._tracer.start_span(
-            f"chat {model}" if model else "chat",
+            f"{operation} {model}" if model else operation,
             trace.set_span_in_context(server_span, _NO_PARENT),
             SpanKind.CLIENT,
             attributes,

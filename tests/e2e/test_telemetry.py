@@ -291,6 +291,39 @@ async def test_spans_reach_an_otlp_receiver(start_gateway: GatewayFactory, mock:
     assert line["trace_id"] == incoming_trace
 
 
+async def test_each_route_names_its_genai_operation_and_system(
+    start_gateway: GatewayFactory, mock: Mock, collector: Collector
+) -> None:
+    # SPEC §11/§12: GenAI span attributes (OpenTelemetry's conventions). An embeddings call is
+    # the operation `embeddings`, not `chat`: the span a trace viewer shows for it was
+    # `chat text-embedding-3-small`, filed with the chat completions.
+    gateway = start_gateway(
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.port}", OTEL_BSP_SCHEDULE_DELAY="100"
+    )
+    calls = {
+        "embed": ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}),
+        "claude": (
+            "/v1/messages",
+            {"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+        ),
+        "chat": (CHAT, body()),
+    }
+    async with aiohttp.ClientSession() as session:
+        for tenant, (path, payload) in calls.items():
+            async with session.post(gateway.url + path, json=payload, headers={"X-Api-Key": tenant}) as r:
+                assert r.status == 200, await r.text()
+    servers = {tenant: await collector.wait_for(tenant) for tenant in calls}
+    clients = {s.parent: s for s in collector.spans if s.kind == PbSpan.SPAN_KIND_CLIENT}
+    embed, claude, chat = (servers[tenant] for tenant in calls)
+    assert embed.attrs["gen_ai.operation.name"] == "embeddings"
+    assert clients[embed.span_id].name == "embeddings text-embedding-3-small"
+    assert clients[embed.span_id].attrs["gen_ai.system"] == "openai"
+    assert claude.attrs["gen_ai.operation.name"] == chat.attrs["gen_ai.operation.name"] == "chat"
+    assert clients[claude.span_id].name == "chat claude-x"
+    assert clients[claude.span_id].attrs["gen_ai.system"] == "anthropic"
+    assert clients[chat.span_id].name == "chat gpt-4o-mini"
+
+
 @pytest.mark.timeout(60)
 async def test_a_collector_that_never_answers_holds_up_neither_requests_nor_shutdown(
     start_gateway: GatewayFactory, mock: Mock
