@@ -64,7 +64,7 @@ _UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> web.Application:
-    tracing = Tracing(settings.otlp_endpoint, settings.service_name) if settings.otlp_endpoint else None
+    tracing = Tracing(settings.otlp_endpoint or None, settings.service_name)
     telemetry = Telemetry(Metrics(settings.model_label_limit), tracing, RequestLog(log_stream))
     store = store_from_url(settings.redis_url, cluster=settings.redis_cluster, timeout=settings.store_timeout_secs)
 

@@ -365,3 +365,23 @@ def test_log_lines_are_json_with_the_request_fields(shared_gateway: Gateway, moc
     )[0]
     assert {"ts", "request_id", "tenant", "model", "status", "duration_ms", "upstream_ttfb_ms"} <= set(line)
     assert line["tenant"] == "logged" and line["status"] == 200
+
+
+async def test_trace_context_reaches_the_upstream_without_a_collector(
+    start_gateway: GatewayFactory, mock: Mock
+) -> None:
+    """SPEC §2: an unset OTEL_EXPORTER_OTLP_ENDPOINT means no export, not a broken trace. The
+    caller's traceparent still reaches the upstream as it came (its sampled flag kept), a
+    request without one still sends one (§5, §8), and the log line names the trace."""
+    gateway = start_gateway()
+    incoming = f"00-{'4b' * 16}-00f067aa0ba902b7-01"
+    async with aiohttp.ClientSession() as session:
+        assert await call(session, gateway, "traced", traceparent=incoming, tracestate="vendor=1") == 200
+        assert await call(session, gateway, "untraced") == 200
+    traced, untraced = ({k.lower(): v for k, v in r["headers"].items()} for r in mock.requests())
+    assert traced["traceparent"] == incoming and traced["tracestate"] == "vendor=1"
+    version, trace_id, span_id, flags = untraced["traceparent"].split("-")
+    assert (version, flags) == ("00", "00") and len(trace_id) == 32 and len(span_id) == 16
+    assert int(trace_id, 16) and int(span_id, 16)
+    lines = wait_until(lambda: [e for e in gateway.log_lines() if e.get("tenant") in ("traced", "untraced")])
+    assert {e["tenant"]: e.get("trace_id") for e in lines} == {"traced": "4b" * 16, "untraced": trace_id}
