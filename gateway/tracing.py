@@ -21,7 +21,17 @@ from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    INVALID_SPAN_CONTEXT,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    format_span_id,
+    format_trace_id,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .models import RequestState
@@ -159,11 +169,8 @@ class Tracing:
         return ClientSpan(span, self._headers(span))
 
     def _headers(self, span: Span) -> dict[str, str]:
-        """What the upstream is told of this span: W3C `traceparent` (and `tracestate`),
-        written by the SDK's propagator."""
-        headers: dict[str, str] = {}
-        self._propagator.inject(headers, trace.set_span_in_context(span, _NO_PARENT))
-        return headers
+        """What the upstream is told of this span: W3C `traceparent` (and `tracestate`)."""
+        return trace_headers(span.get_span_context())
 
     def shutdown(self) -> None:
         """Send what is queued, for at most SHUTDOWN_FLUSH_SECS, then stop the export thread."""
@@ -174,6 +181,20 @@ class Tracing:
         flush.join(SHUTDOWN_FLUSH_SECS)
         if flush.is_alive():
             self._exporter.shutdown()  # ends the exporter's retry wait; the rest is dropped
+
+
+def trace_headers(context: SpanContext) -> dict[str, str]:
+    """The W3C headers that name `context`, as the API's TraceContextTextMapPropagator.inject
+    writes them (tests/test_tracing.py proves them equal for any context), without the Context
+    it needs built and read back for each request: ~1 µs instead of ~2.2, on every request
+    that records no client span (no collector, or not sampled: most of them)."""
+    if context == INVALID_SPAN_CONTEXT:
+        return {}
+    flags = context.trace_flags
+    headers = {"traceparent": f"00-{format_trace_id(context.trace_id)}-{format_span_id(context.span_id)}-{flags:02x}"}
+    if context.trace_state:
+        headers["tracestate"] = context.trace_state.to_header()
+    return headers
 
 
 class ClientSpan:
