@@ -371,8 +371,9 @@ async def test_trace_context_reaches_the_upstream_without_a_collector(
     start_gateway: GatewayFactory, mock: Mock
 ) -> None:
     """SPEC §2: an unset OTEL_EXPORTER_OTLP_ENDPOINT means no export, not a broken trace. The
-    caller's traceparent still reaches the upstream as it came (its sampled flag kept), a
-    request without one still sends one (§5, §8), and the log line names the trace."""
+    caller's traceparent still reaches the upstream as it came (its sampled flag kept), and
+    the log line names that trace; a request without one still sends one (§5, §8): a new
+    trace, unsampled, that nothing records (its log line names none)."""
     gateway = start_gateway()
     incoming = f"00-{'4b' * 16}-00f067aa0ba902b7-01"
     async with aiohttp.ClientSession() as session:
@@ -384,4 +385,4 @@ async def test_trace_context_reaches_the_upstream_without_a_collector(
     assert (version, flags) == ("00", "00") and len(trace_id) == 32 and len(span_id) == 16
     assert int(trace_id, 16) and int(span_id, 16)
     lines = wait_until(lambda: [e for e in gateway.log_lines() if e.get("tenant") in ("traced", "untraced")])
-    assert {e["tenant"]: e.get("trace_id") for e in lines} == {"traced": "4b" * 16, "untraced": trace_id}
+    assert {e["tenant"]: e.get("trace_id") for e in lines} == {"traced": "4b" * 16, "untraced": None}
