@@ -154,6 +154,12 @@ class StoreUnavailable(GatewayError):
         super().__init__(message, _RETRY_SOON if headers is None else headers, code)
 
 
+class KeyUnavailable(StoreUnavailable):
+    """The part of the store holding one key did not answer while the rest may (a Redis Cluster
+    master down): the fail mode applies to the calls on that key, the store is not skipped for
+    everyone (stores.StoreGuard)."""
+
+
 class ShuttingDown(GatewayError):
     status = 503
     overload = True

@@ -293,9 +293,13 @@ class RedisServer:
 
 
 class RedisCluster:
-    """Three masters, no replicas, created with redis-cli --cluster create."""
+    """Three masters (nodes[:3]), no replicas unless asked, created with redis-cli --cluster create.
 
-    def __init__(self, tmp: Path) -> None:
+    full_coverage=False: the masters keep serving their own slots while another is down
+    (`cluster-require-full-coverage no`); with Redis' default they refuse every key then.
+    replicas=1: a replica per master (nodes[3:]), in sync before this returns."""
+
+    def __init__(self, tmp: Path, full_coverage: bool = True, replicas: int = 0) -> None:
         self.nodes = [
             RedisServer(
                 tmp,
@@ -307,18 +311,21 @@ class RedisCluster:
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "2000",
+                    *([] if full_coverage else ["--cluster-require-full-coverage", "no"]),
                 ],
             )
-            for _ in range(3)
+            for _ in range(3 * (1 + replicas))
         ]
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run(
-            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", str(replicas), "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=30,
         )
         wait_until(lambda: "cluster_state:ok" in self.nodes[0].cli("CLUSTER", "INFO"), timeout=20, what="cluster ok")
+        if replicas:
+            wait_until(self.in_sync, timeout=30, what="the replicas in sync")
 
     @property
     def url(self) -> str:
@@ -329,6 +336,33 @@ class RedisCluster:
             ["redis-cli", "-c", "-p", str(self.nodes[0].port), "GET", key], capture_output=True, text=True, timeout=5
         )
         return out.stdout.strip()
+
+    def node_of(self, key: str) -> RedisServer:
+        """The master serving `key`'s slot (as the cluster's own map has it)."""
+        slot = int(self.nodes[0].cli("CLUSTER", "KEYSLOT", key))
+        for node in self.nodes:
+            myself = next(line for line in node.cli("CLUSTER", "NODES").splitlines() if "myself" in line)
+            for assigned in myself.split()[8:]:
+                low, _, high = assigned.partition("-")
+                if not low.startswith("[") and int(low) <= slot <= int(high or low):
+                    return node
+        raise AssertionError(f"no master serves slot {slot}")
+
+    def ok(self) -> bool:
+        """Every node up and agreeing that the cluster is ok."""
+        return all("cluster_state:ok" in node.cli("CLUSTER", "INFO") for node in self.nodes)
+
+    def in_sync(self) -> bool:
+        """Every replica connected to its master and holding all it was sent."""
+        for node in self.nodes:
+            info = dict(line.split(":", 1) for line in node.cli("INFO", "replication").split() if ":" in line)
+            if info.get("role") == "master" and int(info.get("connected_slaves", 0)):
+                replica = dict(pair.split("=") for pair in info["slave0"].split(","))
+                if replica["state"] != "online" or replica["offset"] != info["master_repl_offset"]:
+                    return False
+            elif info.get("role") == "slave" and info.get("master_link_status") != "up":
+                return False
+        return True
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.errors import StoreUnavailable
+from gateway.errors import KeyUnavailable, StoreUnavailable
 from gateway.limits import Quota, TokenBucket, format_reset, retry_headers
 from gateway.stores.memory import MemoryStore
 
@@ -175,6 +175,36 @@ async def test_store_failure_follows_the_mode_and_backs_off(fail_open: bool) -> 
     await asyncio.sleep(0.25)
     decision = await quota.check("t", "t")
     assert decision is not None and decision.allowed
+
+
+class HalfStore(MemoryStore):
+    """A cluster with one master down: the keys it holds fail, the others are counted."""
+
+    def __init__(self, down: set[str]) -> None:
+        super().__init__()
+        self.down = down
+
+    async def hit(self, key: str, window_ms: int) -> tuple[int, int]:
+        if key in self.down:
+            raise KeyUnavailable()
+        return await super().hit(key, window_ms)
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+async def test_a_key_that_fails_does_not_fail_the_others(fail_open: bool) -> None:
+    errors: list[int] = []
+    store = HalfStore({"quota:doomed"})
+    quota = Quota(store, 5, {}, 60, fail_open=fail_open, on_store_error=lambda: errors.append(1), retry_after_secs=60)
+    for expected_remaining in (4, 3, 2):
+        if fail_open:
+            assert await quota.check("doomed", "doomed") is None  # admitted, not counted
+        else:
+            with pytest.raises(KeyUnavailable) as refused:
+                await quota.check("doomed", "doomed")
+            assert refused.value.status == 503
+        decision = await quota.check("healthy", "healthy")  # the store is not skipped for it
+        assert decision is not None and decision.allowed and decision.remaining == expected_remaining
+    assert len(errors) == 3
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import ParamSpec, Protocol, TypeVar
 
-from ..errors import StoreUnavailable
+from ..errors import KeyUnavailable, StoreUnavailable
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -63,8 +63,9 @@ class StoreGuard:
 
     After a store failure the store is skipped for `retry_after_secs` (the fail mode applies
     at once instead of every request waiting out the store deadline), then tried again, so
-    service resumes by itself when the store comes back. `on_error` counts each failed or
-    skipped call.
+    service resumes by itself when the store comes back. A failure of one key's part of the
+    store (KeyUnavailable: a cluster master down) is that call's alone: the store skips that
+    key itself, and calls on the other keys go on. `on_error` counts each failed or skipped call.
     """
 
     __slots__ = ("_fail_open", "_on_error", "_retry_after", "_skip_until")
@@ -94,8 +95,9 @@ class StoreGuard:
             if now < self._skip_until:
                 raise StoreUnavailable()
             return await operation(*args, **kwargs)
-        except StoreUnavailable:
-            if now >= self._skip_until:  # a real failure, not a skipped call: back off
+        except StoreUnavailable as error:
+            # A real failure of the whole store, not a skipped call: back off.
+            if now >= self._skip_until and not isinstance(error, KeyUnavailable):
                 self._skip_until = time.monotonic() + self._retry_after
             self._on_error()
             if self._fail_open:

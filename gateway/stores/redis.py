@@ -24,9 +24,11 @@ import os
 from typing import Any
 
 import coredis
-from coredis.exceptions import NoScriptError, RedisError
+from coredis.exceptions import ClusterDownError, NoScriptError, RedisError
+from coredis.exceptions import ConnectionError as RedisConnectionError
+from coredis.retry import CompositeRetryPolicy, ConstantRetryPolicy
 
-from ..errors import StoreUnavailable
+from ..errors import KeyUnavailable, StoreUnavailable
 from . import Held
 
 # After the pool's connections are dropped for a timeout, the next timeouts keep them for this
@@ -39,6 +41,12 @@ CALL_KEY_MIN_MS = 10_000
 # A failed call's repair (RedisStore._repair) goes this long after the failure, and again as long
 # after each failure of its own.
 REPAIR_RETRY_SECS = 1.0
+
+# On a cluster, a key whose call failed fails at once for this long, then is tried again
+# (StoreGuard's second, for one key: its master may be silent, and no batch waits it out again).
+KEY_RETRY_SECS = 1.0
+# Keys failing at once are forgotten past their second when there are more than this many.
+KEYS_FAILING_MAX = 1024
 
 # A string constant, so the frozen build needs no data files. Each operation is one argument,
 # the operation and its operands separated by spaces, takes one key and answers one string of
@@ -185,8 +193,8 @@ class RedisStore:
     operation goes out at the end of its loop turn; operations that arrive while a batch is
     out wait for it and then go together, so batches grow with the load instead of the round
     trips, and one process's operations reach Redis in the order they were made. On a cluster
-    the keys may live on different nodes, so each key gets its own call in one
-    non-transactional pipeline, which coredis splits by node.
+    the keys may live on different masters, so each key's operations are a call of their own,
+    all sent at once, each answered or failed alone (see _run_on_cluster).
 
     Deadlines are the batches': a batch must be answered `timeout` after its first operation
     was made, so no operation waits longer than that (a later one of the same batch may be
@@ -197,8 +205,23 @@ class RedisStore:
     def __init__(self, url: str, *, cluster: bool, timeout: float) -> None:
         # Skip coredis' per-call argument checks: our script and PING are fixed and typed.
         coredis.Config.optimized = True
-        client_cls: Any = coredis.RedisCluster if cluster else coredis.Redis
-        self._client = client_cls.from_url(url, stream_timeout=timeout, connect_timeout=timeout, decode_responses=False)
+        options: dict[str, Any] = {"stream_timeout": timeout, "connect_timeout": timeout, "decode_responses": False}
+        if cluster:
+            # coredis' cluster default, less two things: a call that timed out is not sent again
+            # (the batch's deadline, as long as the timeout, has passed by then), and a connection
+            # error is retried at once (a master that refuses connections fails its calls in a
+            # few ms, not 200). Those retries stay: they report the failures that make coredis
+            # read the cluster's layout again, so the keys of a failed master reach the replica
+            # promoted in its place (without them they never did). CLUSTERDOWN, from a master
+            # still joining, is worth the default's waits (without them the first call on a new
+            # cluster failed at times).
+            retries = CompositeRetryPolicy(
+                ConstantRetryPolicy((ClusterDownError,), retries=2, delay=0.1),
+                ConstantRetryPolicy((RedisConnectionError,), retries=2, delay=0),
+            )
+            self._client: Any = coredis.RedisCluster.from_url(url, retry_policy=retries, **options)
+        else:
+            self._client = coredis.Redis.from_url(url, **options)
         self._cluster = cluster
         self._timeout = timeout
         self._script = self._client.register_script(OPERATIONS)
@@ -207,6 +230,7 @@ class RedisStore:
         self._out: asyncio.Task[None] | None = None  # the batch Redis is working on
         self._open = False
         self._kept_until = 0.0  # the loop's time before which a timeout drops no connection (see _drop_connections)
+        self._failing: dict[str, float] = {}  # cluster: key -> the loop's time until which its calls fail at once
         # Ids for the token windows this process starts: unique across processes and restarts.
         self._window_prefix = os.urandom(6).hex()
         self._window_counter = itertools.count(1)
@@ -264,19 +288,14 @@ class RedisStore:
             self._send_batch()
 
     async def _run_batch(self, batch: list[Operation], deadline: float) -> None:
-        answers: list[Any] | None = None
         if self._cluster:
-            calls = [self._marked([key], [operation], key) for key, operation, _, _ in batch]
-        else:
-            calls = [self._marked([operation[0] for operation in batch], [operation[1] for operation in batch], "")]
+            await self._run_on_cluster(batch, deadline)
+            return
+        answers: list[Any] | None = None
+        call = self._marked([operation[0] for operation in batch], [operation[1] for operation in batch], "")
         try:
             async with asyncio.timeout_at(deadline):
-                if len(calls) == 1:
-                    answers = await self._evalsha(*calls[0])
-                else:
-                    async with self._client.pipeline(transaction=False) as pipe:
-                        sent = [self._script(keys, args, client=pipe) for keys, args in calls]
-                    answers = [answer for call in sent for answer in await call]
+                answers = await self._evalsha(*call)
         except TimeoutError:
             answers = None
             self._drop_connections()
@@ -285,17 +304,70 @@ class RedisStore:
         finally:
             # Every waiter hears back, whatever happened here (this task cancelled included):
             # no operation has a timer of its own.
-            if answers is None or len(answers) != len(batch):
-                for _, _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(StoreUnavailable())
-                self._repair(batch, calls)
-            else:
-                for (key, operation, future, _), answer in zip(batch, answers, strict=True):
-                    if not future.done():
-                        future.set_result(answer.split())
-                    elif operation.startswith("r "):  # its caller left while it was out
-                        self._release(key, operation, answer)
+            self._answer(batch, answers, call, StoreUnavailable)
+
+    async def _run_on_cluster(self, batch: list[Operation], deadline: float) -> None:
+        """A batch on a cluster: each key's operations in one call (one key, one slot), the
+        calls all sent at once, each answered or failed alone. A master that is down fails
+        the operations on its keys and no others (KeyUnavailable: the guard does not skip the
+        store for the other keys). A pipeline spanning the masters failed whole after some of
+        them had run their part (so requests on live masters were refused, yet counted), and
+        coredis first asked every master, a dead one included, whether it had the script."""
+        by_key: dict[str, list[Operation]] = {}
+        for operation in batch:
+            by_key.setdefault(operation[0], []).append(operation)
+        try:
+            async with asyncio.timeout_at(deadline):
+                if len(by_key) == 1:
+                    await self._run_key(batch[0][0], batch)
+                else:
+                    await asyncio.gather(*(self._run_key(key, operations) for key, operations in by_key.items()))
+        except TimeoutError:  # the calls not answered by then have failed (cancelled: see _run_key)
+            # Nothing else of ours is out (one batch at a time): dropping every master's
+            # connections cuts no call short, and the next batch connects afresh.
+            self._drop_connections()
+
+    async def _run_key(self, key: str, operations: list[Operation]) -> None:
+        answers: list[Any] | None = None
+        call = self._marked([key] * len(operations), [operation[1] for operation in operations], key)
+        failing = self._failing
+        now = asyncio.get_running_loop().time()
+        try:
+            if failing and failing.get(key, 0.0) > now:
+                return  # failed in the last KEY_RETRY_SECS: fails at once (never sent: repaired as one)
+            answers = await self._evalsha_on_cluster(*call)
+        except (RedisError, OSError, RuntimeError):
+            answers = None
+        finally:  # cancelled at the batch's deadline included
+            if answers is None or len(answers) != len(operations):
+                if key not in failing or failing[key] <= now:
+                    if len(failing) >= KEYS_FAILING_MAX:
+                        self._failing = failing = {k: until for k, until in failing.items() if until > now}
+                    failing[key] = now + KEY_RETRY_SECS
+            elif failing:
+                failing.pop(key, None)
+            self._answer(operations, answers, call, KeyUnavailable)
+
+    def _answer(
+        self,
+        batch: list[Operation],
+        answers: list[Any] | None,
+        call: tuple[list[str], list[str]],
+        failure: type[StoreUnavailable],
+    ) -> None:
+        """Every waiter of one call hears back: its numbers, or `failure` (and the call is
+        repaired)."""
+        if answers is None or len(answers) != len(batch):
+            for _, _, future, _ in batch:
+                if not future.done():
+                    future.set_exception(failure())
+            self._repair(batch, call)
+        else:
+            for (key, operation, future, _), answer in zip(batch, answers, strict=True):
+                if not future.done():
+                    future.set_result(answer.split())
+                elif operation.startswith("r "):  # its caller left while it was out
+                    self._release(key, operation, answer)
 
     def _marked(self, keys: list[str], args: list[str], slot_key: str) -> tuple[list[str], list[str]]:
         """The call's keys and arguments with a key of its own, which the script sets to its
@@ -314,7 +386,7 @@ class RedisStore:
             call = "{" + part + "}" + call
         return [*keys, call], [*args, self._call_ttl]
 
-    def _repair(self, batch: list[Operation], calls: list[tuple[list[str], list[str]]]) -> None:
+    def _repair(self, batch: list[Operation], call: tuple[list[str], list[str]]) -> None:
         """The token operations of a call that failed, repaired. Their callers were told the
         store was unavailable, but Redis may have run the call (its answer late or lost),
         may still run it (a stalled Redis runs what it was sent when it resumes), or may
@@ -324,7 +396,8 @@ class RedisStore:
         goes in a later call, REPAIR_RETRY_SECS after the failure and again as long after
         each failure of its own, for as long as the call's key lives; it cancels the call if
         it has not run (its hits then go uncounted, as those of a call never sent)."""
-        if not self._open:
+        keys, args = call
+        if not self._open or args[-1] is not self._call_ttl:  # unmarked: nothing to know the call by
             return
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._call_ttl_ms / 1000
@@ -332,10 +405,7 @@ class RedisStore:
             kind = operation[:2]
             if kind not in ("r ", "s "):
                 continue
-            keys, args = calls[position] if self._cluster else calls[0]
-            if args[-1] is not self._call_ttl:  # unmarked: nothing to know the call by
-                continue
-            index = 1 if self._cluster else position + 1
+            index = position + 1
             if kind == "r ":
                 repair = f"u {index} {operation.split(' ', 2)[1]} {self._call_ttl_ms} {keys[-1]}"
             else:
@@ -376,6 +446,15 @@ class RedisStore:
         except NoScriptError:
             await client.script_load(OPERATIONS)
             return await client.evalsha(sha, keys, args)
+
+    async def _evalsha_on_cluster(self, keys: list[str], args: list[str]) -> Any:
+        """The script by its digest on the master holding `keys` (one slot). One that lacks it
+        (restarted, or a replica just promoted) gets it from EVAL, sent to that master alone:
+        SCRIPT LOAD goes to every master, and fails while any of them is down."""
+        try:
+            return await self._client.evalsha(self._script.sha, keys, args)
+        except NoScriptError:
+            return await self._client.eval(OPERATIONS, keys, args)
 
     async def ping(self) -> bool:
         try:
