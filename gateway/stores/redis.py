@@ -459,11 +459,26 @@ class RedisStore:
     async def ping(self) -> bool:
         try:
             async with asyncio.timeout(self._timeout):
-                await self._client.ping()
+                await self._client.ping()  # on a cluster: every master
         except TimeoutError:
             self._drop_connections()
-            return False
         except (RedisError, OSError, RuntimeError):
+            pass
+        else:
+            return True
+        if not self._cluster:
+            return False
+        # Up while any master answers: one that is down fails its own keys only, and a gateway
+        # taken out of service for it would serve the other masters' tenants no better.
+        return any(await asyncio.gather(*(self._ping_one(master) for master in self._client.primaries)))
+
+    async def _ping_one(self, master: Any) -> bool:
+        """One master, on a client of its own (coredis' cluster PING needs every master)."""
+        try:
+            async with asyncio.timeout(self._timeout), master:
+                await master.ping()
+        # A client that cannot connect raises its error grouped (an anyio task group).
+        except (TimeoutError, RedisError, OSError, RuntimeError, ExceptionGroup):
             return False
         return True
 

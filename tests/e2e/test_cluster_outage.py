@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from ..conftest import GatewayFactory
-from ..harness import Gateway, Mock, RedisCluster, RedisServer, wait_until
+from ..harness import Gateway, Mock, RedisCluster, RedisServer, http_get, wait_until
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "ping"}]}
@@ -78,6 +78,7 @@ async def test_a_dead_master_fails_only_its_own_tenants_and_service_resumes_when
             await asyncio.sleep(0.05)
         # The failure behaviour, for the dead master's tenant only.
         assert set(doomed_statuses) == {503 if fail_mode == "closed" else 200}, doomed_statuses
+        assert http_get(gateway.port, "/readyz")[0] == 200  # still in service: it serves the others
         for tenant in healthy:  # every request served counted once, none twice, none lost
             assert counted(cluster, tenant) == served[tenant]
 

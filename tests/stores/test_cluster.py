@@ -122,3 +122,16 @@ async def test_the_keys_of_a_dead_master_reach_the_replica_promoted_in_its_place
             assert answered[0] == 2  # the replica's copy, and no failed call counted on it
     finally:
         cluster.stop()
+
+
+async def test_the_store_answers_ping_while_any_master_does(cluster: RedisCluster) -> None:
+    # /readyz with QUOTA_FAIL_MODE=closed: a gateway taken out of service for one master
+    # would serve the tenants of the others no better, and those of the dead one no worse.
+    async with opened(cluster) as store:
+        assert await store.ping() is True
+        cluster.nodes[2].kill()
+        assert await store.ping() is True
+        cluster.nodes[1].kill()
+        assert await store.ping() is True
+        cluster.nodes[0].kill()
+        assert await store.ping() is False
