@@ -7,9 +7,9 @@ The tracer provider is the app's own, never the global one, so two apps in one p
 environment: the sampler (OTEL_TRACES_SAMPLER and _ARG), OTEL_RESOURCE_ATTRIBUTES,
 OTEL_BSP_*, OTEL_EXPORTER_OTLP_HEADERS, _TIMEOUT, _COMPRESSION, _CERTIFICATE and
 OTEL_SDK_DISABLED (then nothing is recorded). Without OTEL_EXPORTER_OTLP_ENDPOINT nothing is
-recorded either, and the SDK is not loaded. In both, the caller's trace context is passed on
-as is (and its trace id logged), or a new unsampled one is sent upstream (~1 µs a request;
-nothing records it, so the log names none).
+recorded either, and the SDK is not loaded: the caller's trace goes on upstream (its id and
+flags, a parent id of ours) and its id is logged; without one a new unsampled trace is sent
+upstream (~1 µs a request; nothing records it, so the log names none).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import (
     INVALID_SPAN,
     INVALID_SPAN_CONTEXT,
+    NonRecordingSpan,
     Span,
     SpanContext,
     SpanKind,
@@ -93,8 +94,21 @@ class Tracing:
         The parent is the caller's `traceparent`, if valid (W3C: no traceparent, no parent;
         tracestate alone means nothing)."""
         parent = self._propagator.extract(headers, _NO_PARENT) if "traceparent" in headers else _NO_PARENT
-        if self._provider is None:  # nothing recorded: the caller's context, or none (see _headers)
-            return trace.get_current_span(parent) if parent is not _NO_PARENT else INVALID_SPAN
+        if self._provider is None:  # nothing recorded: the caller's trace, or none (see _headers)
+            if parent is _NO_PARENT:
+                return INVALID_SPAN
+            # The caller's trace, its flags and tracestate, with a span id of ours as the parent
+            # the upstream sees (W3C: a proxy that takes part in the trace), as the SDK would.
+            caller = trace.get_current_span(parent).get_span_context()
+            return NonRecordingSpan(
+                SpanContext(
+                    caller.trace_id,
+                    getrandbits(64) or 1,
+                    is_remote=False,
+                    trace_flags=caller.trace_flags,
+                    trace_state=caller.trace_state,
+                )
+            )
         return self._tracer.start_span(
             f"{method} {route}",
             parent,

@@ -371,8 +371,9 @@ async def test_trace_context_reaches_the_upstream_without_a_collector(
     start_gateway: GatewayFactory, mock: Mock
 ) -> None:
     """SPEC §2: an unset OTEL_EXPORTER_OTLP_ENDPOINT means no export, not a broken trace. The
-    caller's traceparent still reaches the upstream as it came (its sampled flag kept), and
-    the log line names that trace; a request without one still sends one (§5, §8): a new
+    caller's trace still reaches the upstream (its id, sampled flag and tracestate kept; the
+    parent id the gateway's, never the client's header as it came: tests/e2e/test_adversarial)
+    and the log line names it; a request without one still sends one (§5, §8): a new
     trace, unsampled, that nothing records (its log line names none)."""
     gateway = start_gateway()
     incoming = f"00-{'4b' * 16}-00f067aa0ba902b7-01"
@@ -380,7 +381,9 @@ async def test_trace_context_reaches_the_upstream_without_a_collector(
         assert await call(session, gateway, "traced", traceparent=incoming, tracestate="vendor=1") == 200
         assert await call(session, gateway, "untraced") == 200
     traced, untraced = ({k.lower(): v for k, v in r["headers"].items()} for r in mock.requests())
-    assert traced["traceparent"] == incoming and traced["tracestate"] == "vendor=1"
+    version, trace_id, span_id, flags = traced["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", "4b" * 16, "01") and traced["tracestate"] == "vendor=1"
+    assert span_id != "00f067aa0ba902b7" and int(span_id, 16)
     version, trace_id, span_id, flags = untraced["traceparent"].split("-")
     assert (version, flags) == ("00", "00") and len(trace_id) == 32 and len(span_id) == 16
     assert int(trace_id, 16) and int(span_id, 16)
