@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import InvalidApiKey
-from gateway.tenancy import Tenancy, client_ip, presented_key
+from gateway.tenancy import MAX_FORWARDED_HOPS, Tenancy, client_ip, presented_key
 
 
 def test_key_from_x_api_key_else_bearer() -> None:
@@ -59,6 +59,15 @@ def test_forwarded_for_is_trusted_only_from_trusted_proxies() -> None:
     assert client_ip("10.0.0.2", "1.1.1.1", trusted) == "1.1.1.1"
     assert client_ip("10.0.0.2", "6.6.6.6, 1.1.1.1, 10.0.0.7", trusted) == "1.1.1.1"  # right-most untrusted
     assert client_ip("10.0.0.2", "1.1.1.1", ()) == "10.0.0.2"
+
+
+def test_only_the_last_hops_of_a_forwarded_for_list_are_looked_at() -> None:
+    trusted = (ipaddress.ip_network("10.0.0.0/8"),)
+    proxies = ["10.0.0.7"] * (MAX_FORWARDED_HOPS - 1)
+    assert client_ip("10.0.0.2", ", ".join(["6.6.6.6", *proxies]), trusted) == "6.6.6.6"
+    # Past the bound the list is the client's: its far end is not walked to (each hop is a parse).
+    long = ", ".join(["6.6.6.6", *proxies * 10_000])
+    assert client_ip("10.0.0.2", long, trusted) == "10.0.0.7"
 
 
 MALFORMED = [

@@ -385,6 +385,28 @@ def test_duplicate_key_headers_name_one_tenant(start_gateway: GatewayFactory, mo
     assert not mock.requests()
 
 
+def test_a_long_forwarded_for_list_leaves_healthz_answering(start_gateway: GatewayFactory, mock: Mock) -> None:
+    """A client inside a trusted network (TRUSTED_PROXIES=10.0.0.0/8, as .env.example has it)
+    sends 120 X-Forwarded-For lines of trusted addresses, ~1 MB: every hop was parsed and
+    checked, ~0.5 s of event loop per request, and /healthz waited as long."""
+    gateway = start_gateway(TRUSTED_PROXIES="127.0.0.1,10.0.0.0/8")
+    hops = ("10.0.0.7," * 1000)[:8000].encode()
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        + b"".join(b"X-Forwarded-For: " + hops + b"\r\n" for _ in range(120))
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    answers = []
+    with healthz_watch(gateway) as latencies:
+        deadline = time.monotonic() + 30
+        while len(latencies) < 10 and time.monotonic() < deadline:  # requests until /healthz was asked 10 times
+            answers.append(raw_request(gateway, head, body, wait=30))
+    print(f"\n{len(answers)} requests of 120 forwarded-for lines: /healthz worst {max(latencies) * 1000:.0f} ms")
+    assert all(out.startswith(b"HTTP/1.1 200") for out in answers), answers[0][:200]
+    assert max(latencies) < 0.1
+
+
 def rss_kib(gateway: Gateway) -> int:
     for line in Path(f"/proc/{gateway.process.pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
