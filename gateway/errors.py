@@ -36,6 +36,7 @@ class GatewayError(Exception):
         return error_body(self.message, self.type, self.code)
 
     overload = False  # load shedding and draining: Anthropic's 529 on /v1/messages (SPEC §11)
+    hang_up = False  # the connection is closed after the answer, the rest of the request unread
 
     def anthropic(self) -> tuple[int, bytes]:
         """Status and body in Anthropic's shape (SPEC §11): overload and draining are 529; any

@@ -11,6 +11,7 @@ machine must not make the suite flaky); the figures are printed for the report (
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -443,6 +444,38 @@ def test_a_long_forwarded_for_list_leaves_healthz_answering(start_gateway: Gatew
     print(f"\n{len(answers)} requests of 120 forwarded-for lines: /healthz worst {max(latencies) * 1000:.0f} ms")
     assert all(out.startswith(b"HTTP/1.1 200") for out in answers), answers[0][:200]
     assert max(latencies) < 0.1
+
+
+def test_a_body_sent_a_byte_a_chunk_is_refused_before_it_holds_the_loop(start_gateway: GatewayFactory) -> None:
+    """8 MiB sent as chunks of one byte (50 MB on the wire): aiohttp parses each chunk in
+    ~1.2 µs on the event loop, ~10 s for the body, and the request was served after it while
+    /healthz waited 100-200 ms at every turn. Now refused past MAX_BODY_CHUNKS (400, the
+    connection closed, the rest unread) within milliseconds."""
+    gateway = start_gateway()
+    text = b"a" * (8 * MIB - 300)
+    payload = b'{"model": "m", "messages": [{"role": "user", "content": "' + text + b'"}]}'
+    wire = b"".join(b"1\r\n%c\r\n" % byte for byte in payload) + b"0\r\n\r\n"
+    head = b"POST %s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" % CHAT.encode()
+
+    def send() -> None:
+        # The gateway hangs up before the end: sendall fails.
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=60) as sock, contextlib.suppress(OSError):
+            sock.sendall(head + wire)
+
+    with healthz_watch(gateway) as latencies:
+        sender = threading.Thread(target=send)
+        sender.start()
+        sender.join(60)
+        line = wait_until(
+            lambda: next((line for line in gateway.log_lines() if line["path"] == CHAT), None),
+            timeout=60,
+            what="the request's log line",
+        )
+    took, worst = line["duration_ms"], max(latencies) * 1000
+    print(f"\n8 MiB a byte a chunk: {line['status']} in {took:.0f} ms, /healthz worst {worst:.0f} ms")
+    assert line["status"] == 400 and took < 1000
+    assert max(latencies) < 0.1
+    assert http_get(gateway.port, "/healthz")[0] == 200
 
 
 def rss_kib(gateway: Gateway) -> int:
