@@ -34,6 +34,7 @@ MAX_GZIP_MEMBERS = 16
 # byte a chunk held the event loop ~10 s in all. A client that sends more is not a client
 # (16384 chunks: 512 bytes each on average for an 8 MiB body).
 MAX_BODY_CHUNKS = 16384
+_INFLATED = frozenset({"gzip", "x-gzip", "deflate"})  # the codings `decode` inflates
 
 
 class UnsupportedEncoding(GatewayError):
@@ -86,6 +87,12 @@ def check_length(declared: int | None, limit: int) -> None:
 
 def too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"request body is larger than {limit} bytes")
+
+
+def compressed(content_encoding: str | None) -> bool:
+    """Whether `decode` inflates a body with this Content-Encoding (worth a worker thread: a
+    few KiB may inflate to the limit)."""
+    return content_encoding is not None and content_encoding.strip(" \t").lower() in _INFLATED
 
 
 def decode(data: bytes, content_encoding: str | None, limit: int) -> bytes:

@@ -11,6 +11,7 @@ admission steps untouched, so it spends no token and no quota.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -42,6 +43,7 @@ from .keys import ADMITTED, CONFIG, IDENTIFIED, STARTED, STATE
 from .lifecycle import Lifecycle
 from .limits import Quota, TokenBucket, format_reset, retry_headers
 from .models import RequestState
+from .offload import Turns
 from .policies import ANY_MODEL, DEFAULT_UPSTREAM, principal_of, request_context
 from .reload import LiveConfig
 from .router import router_for
@@ -262,23 +264,11 @@ def body(
     metrics = telemetry.metrics
     # One structure count at a time: a count of millions of tiny strings is bytecode by the
     # step, and with several such threads each turn of the event loop waited for the GIL
-    # behind each of them in turn (three at once held /healthz 170-500 ms).
-    counting = asyncio.Semaphore(1)
-
-    async def count_structure(body: bytes) -> None:
-        """`bodies.check_structure` in a worker thread, one at a time: the turn is held until
-        the thread is done, not until its client leaves. A client that closed its connection
-        right after each hostile body let the next count start beside the one still running:
-        three such clients held /healthz up to ~0.9 s."""
-        await counting.acquire()
-        counted = asyncio.get_running_loop().run_in_executor(None, bodies.check_structure, body)
-        counted.add_done_callback(counted_done)
-        await asyncio.shield(counted)  # cancelled: the thread goes on, and keeps the turn
-
-    def counted_done(counted: asyncio.Future[None]) -> None:
-        counting.release()
-        if not counted.cancelled():
-            counted.exception()  # retrieved: a client that left leaves no "never retrieved" error log
+    # behind each of them in turn (three at once held /healthz 170-500 ms; and 380-455 ms,
+    # median, when each count's client left at once: offload.py). One inflation at a time, apart
+    # (zlib lets go of the GIL): a body of 9 KiB inflates to the limit in ~30 ms, and three
+    # clients sending such bodies again and again held /healthz ~150 ms while it ran on the loop.
+    counting, inflating = Turns(), Turns()
 
     async def read_held(request: web.Request) -> bytes:
         """A body still arriving, each part taken from the budget as it comes (bytes that
@@ -334,9 +324,12 @@ def body(
             coding = headers.get("Content-Encoding")
             if coding is not None and len(codings := headers.getall("Content-Encoding")) > 1:
                 coding = ",".join(codings)  # several headers make one list (RFC 9110 §5.3)
-            body = bodies.decode(raw, coding, max_bytes)
+            if bodies.compressed(coding):
+                body = await inflating.run(functools.partial(bodies.decode, raw, coding, max_bytes))
+            else:
+                body = bodies.decode(raw, coding, max_bytes)  # as it came, or refused (415)
             if json_shape.may_be_too_complex(body):  # counted outside strings, off the loop
-                await count_structure(body)
+                await counting.run(functools.partial(bodies.check_structure, body))
             state.payload, state.model = bodies.parse(body)
             api = apis.get(request.match_info.route.name or "")
             if api is not None:

@@ -12,6 +12,7 @@ machine must not make the suite flaky); the figures are printed for the report (
 from __future__ import annotations
 
 import contextlib
+import gzip
 import http.client
 import json
 import os
@@ -174,6 +175,40 @@ def test_hostile_bodies_from_clients_that_leave_at_once_leave_healthz_answering(
     median = sorted(latencies)[len(latencies) // 2]
     print(f"\nclients leaving after hostile bodies: /healthz median {median * 1000:.0f} ms of {len(latencies)}")
     assert median < 0.2
+
+
+def test_gzip_bombs_sent_again_and_again_leave_healthz_answering(start_gateway: GatewayFactory) -> None:
+    """9 KiB of gzip that inflates past the 8 MiB limit (413): ~30 ms of inflating each, on the
+    event loop, and three clients sending them back to back held /healthz ~150 ms (median).
+    Now inflated in a worker thread, one at a time (zlib lets go of the GIL): a few ms."""
+    gateway = start_gateway()
+    bomb = gzip.compress(b'{"model": "m", "messages": [{"role": "user", "content": "' + b"a" * 9 * MIB + b'"}]}')
+    request = (
+        b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n"
+        % (CHAT.encode(), len(bomb))
+        + bomb
+    )
+    done = threading.Event()
+    statuses: list[bytes] = []
+
+    def send_again_and_again() -> None:
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock:
+            while not done.is_set():
+                sock.sendall(request)
+                statuses.append(sock.recv(65536)[:12])  # each answer is one small packet
+
+    with healthz_watch(gateway) as latencies:
+        senders = [threading.Thread(target=send_again_and_again) for _ in range(3)]
+        for sender in senders:
+            sender.start()
+        wait_until(lambda: len(latencies) >= 40, timeout=30, what="40 answers from /healthz")
+        done.set()
+        for sender in senders:
+            sender.join(30)
+    median = sorted(latencies)[len(latencies) // 2]
+    print(f"\n{len(statuses)} gzip bombs: /healthz median {median * 1000:.0f} ms, worst {max(latencies) * 1000:.0f} ms")
+    assert set(statuses) == {b"HTTP/1.1 413"}
+    assert median < 0.05
 
 
 TINY_VALUES = {
