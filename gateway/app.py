@@ -122,6 +122,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
             lifecycle,
             settings.timeout_secs,
             stream_idle_secs=settings.stream_idle_secs,
+            client_idle_secs=settings.client_idle_secs,
         )
 
     # (method, path, route name, handler). Every route has a name: its RoutePlan is looked up by it.

@@ -89,7 +89,8 @@ class Settings:
     store_timeout_secs: float = 0.25
     timeout_secs: float = 60.0
     stream_idle_secs: float = 300.0  # after the first upstream chunk, silence this long ends a stream
-    client_idle_secs: float = 75.0  # a client connection with no request (begun) this long is closed
+    # A client connection with no request (begun), or taking no byte of a stream, this long is closed.
+    client_idle_secs: float = 75.0
     max_concurrency: int = 0
     max_body_bytes: int = 8 * 1024 * 1024
     otlp_endpoint: str | None = field(default=None, repr=False)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import struct
+import termios
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -96,9 +99,11 @@ class Proxy:
         lifecycle: Lifecycle,
         timeout_secs: float,
         stream_idle_secs: float = 300.0,
+        client_idle_secs: float = 75.0,
     ) -> None:
         self._api = api
         self._idle = stream_idle_secs
+        self._client_idle = client_idle_secs  # a stream's client may take no bytes this long
         self._idle_slack = min(1.0, stream_idle_secs / 50)  # how late the idle timeout may fire (see _pump)
         self._surface = api.surface
         self._upstream = upstream
@@ -509,7 +514,9 @@ class Proxy:
             # more than relaying a small event, so the deadline is set `slack` later than it
             # must be and moved again only once that much time has passed: it never fires
             # early, and at most `slack` late. A write that may wait for the client (its
-            # socket's buffer is not empty) stops the clock; one that cannot leaves it be.
+            # socket's buffer is not empty) stops the clock; one that cannot leaves it be. One
+            # that will wait (past the high-water mark) waits as long as the client takes bytes,
+            # CLIENT_IDLE_SECS at a time (`_write_while_taken`).
             transport = request.transport
             # What one write may add to an empty buffer without pausing the protocol (its high-
             # water mark, less room for the chunk's framing that aiohttp adds).
@@ -522,10 +529,14 @@ class Proxy:
             async with asyncio.timeout(None) as idle:
                 while not relay.done:
                     if out:
-                        if transport is None or transport.get_write_buffer_size() or len(out) > fits:
+                        buffered = transport.get_write_buffer_size() if transport is not None else fits
+                        if buffered or len(out) > fits:
                             idle.reschedule(None)
                             armed = None
-                        await response.write(out)
+                        if buffered + len(out) > fits:  # past the high-water mark: the write waits
+                            await _write_while_taken(response, transport, out, self._client_idle)
+                        else:
+                            await response.write(out)
                     now = loop.time()
                     # Events move the deadline, bytes do not: an upstream trickling bytes into an
                     # event it never ends is as silent as one sending nothing.
@@ -699,6 +710,51 @@ async def _drain(reply: Reply) -> None:
                     pass
     finally:
         reply.close()  # a no-op once the end of the body has released the connection
+
+
+async def _write_while_taken(
+    response: web.StreamResponse, transport: asyncio.Transport | None, data: bytes, patience: float
+) -> None:
+    """A write that waits for the client to take what is buffered. A client that takes no byte
+    for `patience` seconds (CLIENT_IDLE_SECS) is cut, as one that hung up (ConnectionResetError):
+    else a client that never reads holds its stream, its upstream and its MAX_CONCURRENCY slot
+    for as long as it keeps the connection open. Slow but steady readers are waited for."""
+    left = _untaken(transport)
+    if left is not None:
+        left += len(data)  # what the write adds (and its chunk framing: a few bytes more)
+    write = asyncio.ensure_future(response.write(data))
+    try:
+        while True:
+            done, _ = await asyncio.wait((write,), timeout=patience)
+            if done:
+                write.result()  # raises what the write raised
+                return
+            now_left = _untaken(transport)
+            if left is not None and now_left is not None and now_left >= left:  # not a byte taken
+                if transport is not None:
+                    transport.abort()
+                raise ConnectionResetError(f"the client took no bytes of the stream for {patience:g} s")
+            left = now_left
+    finally:
+        if not write.done():
+            write.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await write
+
+
+def _untaken(transport: asyncio.Transport | None) -> int | None:
+    """Bytes written to the client that it has not taken yet: the transport's buffer and the
+    kernel's send queue (Linux's SIOCOUTQ, = TIOCOUTQ). The buffer alone does not move for a
+    slow reader: the kernel takes more from it only once a third of its own (megabytes) is
+    free. None where the queue cannot be read: then no client is cut."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if transport is None or sock is None or not hasattr(termios, "TIOCOUTQ"):
+        return None
+    try:
+        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return None
+    return int(queued) + transport.get_write_buffer_size()
 
 
 async def _try_write(response: web.StreamResponse, data: bytes) -> None:

@@ -513,6 +513,63 @@ def test_a_body_sent_a_byte_a_chunk_is_refused_before_it_holds_the_loop(start_ga
     assert http_get(gateway.port, "/healthz")[0] == 200
 
 
+def test_a_stream_client_that_stops_reading_gives_its_slot_back(start_gateway: GatewayFactory, mock: Mock) -> None:
+    """A client that asks for a long stream and never reads it: the gateway's writes waited for
+    it for ever, holding the stream's MAX_CONCURRENCY slot (every other client got 503 for as
+    long as the connection stayed open) and its upstream. Now a client that takes no bytes for
+    CLIENT_IDLE_SECS is cut, as one that hung up; one that reads slowly but steadily is not."""
+    gateway = start_gateway(MAX_CONCURRENCY="2", CLIENT_IDLE_SECS="1")
+
+    def open_stream(key: str, words: int) -> socket.socket:
+        body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "word " * words}]})
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little for it
+        sock.connect(("127.0.0.1", gateway.port))
+        sock.sendall(
+            b"POST %s HTTP/1.1\r\nHost: x\r\nX-Api-Key: %s\r\nX-Stainless-Mock-Echo: 1\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (CHAT.encode(), key.encode(), len(body), body.encode())
+        )
+        return sock
+
+    slow_phase_over = threading.Event()
+
+    def read_slowly_then_all(sock: socket.socket, tail: list[bytes]) -> None:
+        with sock:
+            slow_until = time.monotonic() + 6  # six times CLIENT_IDLE_SECS
+            while time.monotonic() < slow_until:
+                sock.recv(65536)  # what the kernel holds for it (~4-8 KiB), three times a second
+                time.sleep(0.3)
+            slow_phase_over.set()
+            while data := sock.recv(1 << 20):
+                tail[:] = [(tail[0] if tail else b"")[-100:] + data]
+
+    tail: list[bytes] = []
+    with open_stream("reads-nothing", 300_000):  # ... and never a recv
+        steady = threading.Thread(target=read_slowly_then_all, args=(open_stream("reads-slowly", 100_000), tail))
+        steady.start()
+        lines = gateway.metrics().splitlines
+        wait_until(lambda: "inflight_requests 2" in lines(), what="both streams in flight")
+        began = time.monotonic()
+        small = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        wait_until(lambda: post(gateway, CHAT, small, **{"X-Api-Key": "other"})[0] == 200, timeout=15, what="a slot")
+        print(f"\na client that reads nothing: its slot back after {time.monotonic() - began:.1f} s")
+        assert not slow_phase_over.is_set()  # the slot was the silent client's, not the slow reader's
+        steady.join(60)
+    assert tail and tail[0].endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")  # the slow reader got it all
+    statuses = wait_until(
+        lambda: (
+            (found := {line["tenant"]: line["status"] for line in gateway.log_lines()}).keys()
+            >= {"reads-nothing", "reads-slowly"}
+            and found
+        ),
+        what="both streams' log lines",
+    )
+    assert statuses["reads-nothing"] == 499 and statuses["reads-slowly"] == 200
+    assert "inflight_requests 0" in gateway.metrics().splitlines()
+    assert "Traceback" not in gateway.process.errors()
+
+
 def rss_kib(gateway: Gateway) -> int:
     for line in Path(f"/proc/{gateway.process.pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
