@@ -175,7 +175,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         rendered_errors(MappingProxyType(plans)),
         draining(lifecycle),
         tenancy(live, settings.trusted_proxies),
-        # Bodies being read at once: one per concurrency slot, or sixteen without a limit.
+        # Bodies being read or checked at once: one per concurrency slot, or sixteen without a limit.
         body(
             settings.max_body_bytes,
             BodyBudget(settings.max_body_bytes * (settings.max_concurrency or 16)),

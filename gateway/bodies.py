@@ -51,12 +51,14 @@ class UnsupportedEncoding(GatewayError):
 
 
 class BodyBudget:
-    """How many body bytes may be being read at once, across all requests. A body is read
+    """How many body bytes may be being read or checked at once, across all requests. A body is read
     whole before rate limiting (so a refused request names its model), which would let
     clients that send almost all of a large body and stop hold memory no other limit sees:
     a body still arriving takes each part from this budget as it comes, and a request whose
     next part does not fit is shed. What counts is what arrived, not the declared length: a
-    request that announces the largest body and sends none of it holds nothing."""
+    request that announces the largest body and sends none of it holds nothing. A body read
+    holds its bytes (and what it inflates to) until it has been checked: one waiting for its
+    turn to be inflated or counted costs memory as one still arriving does."""
 
     __slots__ = ("_free",)
 

@@ -625,6 +625,33 @@ def test_stalled_bodies_cannot_grow_the_gateway_past_its_limits(start_gateway: G
             sock.close()
 
 
+def test_bodies_waiting_for_their_count_cannot_grow_the_gateway_past_its_limits(start_gateway: GatewayFactory) -> None:
+    """30 hostile bodies of 7.6 MiB, 0.1 s apart, each counted in turn (~1 s each): once read, a
+    body gave its bytes back to the budget and waited for its count holding them all the same,
+    so the gateway grew by every body sent (~230 MiB). Now a body holds its bytes until it is
+    checked, and those past the budget (two bodies' worth with MAX_CONCURRENCY=2) are shed."""
+    gateway = start_gateway(MAX_CONCURRENCY="2")
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "ab cd"}] * 210_000}).encode()
+    statuses: list[int] = []
+    before = rss_kib(gateway)
+    peak = before
+
+    def send() -> None:
+        statuses.append(post(gateway, CHAT, body)[0])
+
+    senders = [threading.Thread(target=send) for _ in range(30)]
+    for sender in senders:  # one after the other: each is read whole before the next comes
+        sender.start()
+        time.sleep(0.1)
+        peak = max(peak, rss_kib(gateway))
+    while any(sender.is_alive() for sender in senders):
+        peak = max(peak, rss_kib(gateway))
+        time.sleep(0.05)
+    print(f"\n30 hostile bodies of 7.6 MiB: the gateway grew {(peak - before) // 1024} MiB; {sorted(statuses)}")
+    assert set(statuses) <= {400, 503} and 503 in statuses
+    assert peak - before < 100 * 1024
+
+
 # --- 4. Start-up values and secrets in what the process writes (SPEC §2, §10) ---------------
 
 
