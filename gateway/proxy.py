@@ -15,7 +15,7 @@ import logging
 import struct
 import termios
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AbstractContextManager
 from types import MappingProxyType
 from typing import Any
@@ -145,15 +145,19 @@ class Proxy:
         assert task is not None
         try:
             if router is not None and legs is not None:
-                return await self._routed(request, state, body, router.attempts(legs, self._timeout), hidden_usage)
-            if tracing is None or state.span is None:
+                response = await self._routed(request, state, body, router.attempts(legs, self._timeout), hidden_usage)
+            elif tracing is None or state.span is None:
                 headers = self._upstream.headers_for(request.headers, request_id=state.request_id)
-                return await self._relay(request, state, body, headers, hidden_usage)
-            with tracing.client_span(
-                state.span, state.model, self._api.system, operation=self._api.operation
-            ) as trace_headers:
-                headers = self._upstream.headers_for(request.headers, trace_headers, request_id=state.request_id)
-                return await self._relay(request, state, body, headers, hidden_usage)
+                response = await self._relay(request, state, body, headers, hidden_usage)
+            else:
+                with tracing.client_span(
+                    state.span, state.model, self._api.system, operation=self._api.operation
+                ) as trace_headers:
+                    headers = self._upstream.headers_for(request.headers, trace_headers, request_id=state.request_id)
+                    response = await self._relay(request, state, body, headers, hidden_usage)
+            if isinstance(response, web.Response) and not response.prepared:
+                await self._send_if_large(request, state, response)
+            return response
         except asyncio.CancelledError:
             # Our drain cut the request past the grace before any answer went out (a stream
             # already answering ends in `_pump` with its own error event): the client gets a
@@ -162,6 +166,23 @@ class Proxy:
                 raise
             task.uncancel()
             raise ShuttingDown(headers=_RETRY_SOON) from None
+
+    async def _send_if_large(self, request: web.Request, state: RequestState, response: web.Response) -> None:
+        """A whole reply larger than the socket's write buffer, written here rather than by
+        aiohttp once the handler has returned: a client that takes none of it is cut after
+        CLIENT_IDLE_SECS (`_write_while_taken`). Left to aiohttp, it held the reply's memory and
+        its connection for as long as the client kept it open (10 such clients of 5 MB replies:
+        100 MiB, for ever). The usual reply, smaller, is left to aiohttp."""
+        transport = request.transport
+        body = response.body
+        if transport is None or not isinstance(body, bytes) or len(body) <= transport.get_write_buffer_limits()[1]:
+            return
+        state.answering = True  # from here, as a stream: the drain's cancellation ends it
+        await response.prepare(request)
+        try:
+            await _write_while_taken(response.write_eof(), transport, len(body), self._client_idle)
+        except ConnectionResetError:
+            state.client_gone = True
 
     async def _redact_request(self, payload: dict[str, Any], state: RequestState) -> None:
         """Redact every text the client sends, as the API's description lists them (SPEC §6,
@@ -534,7 +555,7 @@ class Proxy:
                             idle.reschedule(None)
                             armed = None
                         if buffered + len(out) > fits:  # past the high-water mark: the write waits
-                            await _write_while_taken(response, transport, out, self._client_idle)
+                            await _write_while_taken(response.write(out), transport, len(out), self._client_idle)
                         else:
                             await response.write(out)
                     now = loop.time()
@@ -713,16 +734,17 @@ async def _drain(reply: Reply) -> None:
 
 
 async def _write_while_taken(
-    response: web.StreamResponse, transport: asyncio.Transport | None, data: bytes, patience: float
+    writing: Coroutine[Any, Any, None], transport: asyncio.Transport | None, size: int, patience: float
 ) -> None:
-    """A write that waits for the client to take what is buffered. A client that takes no byte
-    for `patience` seconds (CLIENT_IDLE_SECS) is cut, as one that hung up (ConnectionResetError):
-    else a client that never reads holds its stream, its upstream and its MAX_CONCURRENCY slot
-    for as long as it keeps the connection open. Slow but steady readers are waited for."""
+    """A write (of `size` bytes) that waits for the client to take what is buffered. A client
+    that takes no byte for `patience` seconds (CLIENT_IDLE_SECS) is cut, as one that hung up
+    (ConnectionResetError): else a client that never reads holds its stream, its upstream and
+    its MAX_CONCURRENCY slot for as long as it keeps the connection open. Slow but steady
+    readers are waited for."""
     left = _untaken(transport)
     if left is not None:
-        left += len(data)  # what the write adds (and its chunk framing: a few bytes more)
-    write = asyncio.ensure_future(response.write(data))
+        left += size  # what the write adds (and its chunk framing: a few bytes more)
+    write = asyncio.ensure_future(writing)
     try:
         while True:
             done, _ = await asyncio.wait((write,), timeout=patience)

@@ -570,6 +570,34 @@ def test_a_stream_client_that_stops_reading_gives_its_slot_back(start_gateway: G
     assert "Traceback" not in gateway.process.errors()
 
 
+def test_a_client_that_never_reads_a_large_reply_is_let_go(start_gateway: GatewayFactory, mock: Mock) -> None:
+    """A 5 MB JSON reply to a client that reads none of it: aiohttp's write waited for ever
+    after the handler had returned (logged 200), holding the reply's memory and the connection.
+    Now the gateway writes a reply past the socket's buffer itself, and a client that takes no
+    byte for CLIENT_IDLE_SECS is cut (499)."""
+    gateway = start_gateway(CLIENT_IDLE_SECS="1", REDACT_KINDS="")
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "word " * 1_000_000}]}).encode()
+    with socket.socket() as stalled:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", gateway.port))
+        stalled.sendall(
+            b"POST %s HTTP/1.1\r\nHost: x\r\nX-Api-Key: reads-nothing\r\nX-Stainless-Mock-Echo: 1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (CHAT.encode(), len(body), body)
+        )
+        line = wait_until(
+            lambda: next((line for line in gateway.log_lines() if line["path"] == CHAT), None),
+            timeout=30,
+            what="the request's log line",
+        )
+        assert line["status"] == 499  # cut, not answered 200 and then waited for
+        received = 0
+        with contextlib.suppress(ConnectionResetError):
+            while data := stalled.recv(1 << 20):  # what was on its way, then the end of it
+                received += len(data)
+        assert received < len(body)
+    assert "Traceback" not in gateway.process.errors()
+
+
 def rss_kib(gateway: Gateway) -> int:
     for line in Path(f"/proc/{gateway.process.pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
