@@ -123,6 +123,12 @@ def observed(routes: Mapping[str | None, RoutePlan], telemetry: Telemetry, reque
             metrics.cb_event("client_disconnect")
             raise
         finally:
+            # The response no longer noted: one whose write failed (its client gone) keeps a
+            # reference to the request, which would make a cycle of them, and of the request's
+            # body and the reply, that only a full collection frees (10 clients of 5 MB replies
+            # that went away: 100 MiB more each time).
+            state.ended = True
+            request.pop(STARTED, None)
             elapsed = time.perf_counter() - started
             if route.chat:
                 metrics.chat_finished()
@@ -575,7 +581,8 @@ async def add_gateway_headers(request: web.Request, response: web.StreamResponse
     state = request.get(STATE)
     if state is None:
         return
-    request[STARTED] = response
+    if not state.ended:  # (a response prepared after the chain is done needs no noting)
+        request[STARTED] = response
     headers = response.headers
     headers["x-request-id"] = state.request_id
     decision = state.decision

@@ -77,3 +77,4 @@ class RequestState:
     answering: bool = False  # a stream's headers are going out: the answer has begun
     payload: dict[str, Any] | None = None  # the body parsed: a JSON object (the body step checks)
     upstream: str | None = None  # ROUTES_FILE's upstream that answered: x-gateway-upstream
+    ended: bool = False  # the middleware chain is done with it: no error can follow
