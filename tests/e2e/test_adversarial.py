@@ -518,7 +518,7 @@ def test_a_stream_client_that_stops_reading_gives_its_slot_back(start_gateway: G
     it for ever, holding the stream's MAX_CONCURRENCY slot (every other client got 503 for as
     long as the connection stayed open) and its upstream. Now a client that takes no bytes for
     CLIENT_IDLE_SECS is cut, as one that hung up; one that reads slowly but steadily is not."""
-    gateway = start_gateway(MAX_CONCURRENCY="2", CLIENT_IDLE_SECS="1")
+    gateway = start_gateway(MAX_CONCURRENCY="2", CLIENT_IDLE_SECS="2")
 
     def open_stream(key: str, words: int) -> socket.socket:
         body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "word " * words}]})
@@ -536,7 +536,7 @@ def test_a_stream_client_that_stops_reading_gives_its_slot_back(start_gateway: G
 
     def read_slowly_then_all(sock: socket.socket, tail: list[bytes]) -> None:
         with sock:
-            slow_until = time.monotonic() + 6  # six times CLIENT_IDLE_SECS
+            slow_until = time.monotonic() + 10  # five times CLIENT_IDLE_SECS
             while time.monotonic() < slow_until:
                 sock.recv(65536)  # what the kernel holds for it (~4-8 KiB), three times a second
                 time.sleep(0.3)
