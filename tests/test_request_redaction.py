@@ -21,6 +21,7 @@ from tests.test_adversarial import (  # noqa: F401  (fixtures)
     json_answer,
     start,
 )
+from tests.test_side_channels import ROUTES  # a chat → Anthropic route to the hostile upstream
 
 MASKED = "j***e@example.com"
 MESSAGE = {
@@ -32,16 +33,6 @@ MESSAGE = {
     "stop_reason": "end_turn",
     "usage": {"input_tokens": 1, "output_tokens": 1},
 }
-ROUTES = """
-[upstreams.claude]
-kind = "anthropic"
-base_url = "{url}"
-api_key_env = "ANTHROPIC_API_KEY"
-
-[[models]]
-match = "claude-*"
-upstreams = [{{ upstream = "claude" }}]
-"""
 
 
 def sent_text(upstream: Hostile) -> str:

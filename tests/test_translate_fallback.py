@@ -19,17 +19,8 @@ from tests.test_adversarial import (  # noqa: F401  (fixtures)
     hostile,
     start,
 )
+from tests.test_side_channels import ROUTES  # a chat → Anthropic route to the fake
 
-ROUTES = """
-[upstreams.claude]
-kind = "anthropic"
-base_url = "{url}"
-api_key_env = "ANTHROPIC_API_KEY"
-
-[[models]]
-match = "claude-*"
-upstreams = [{{ upstream = "claude" }}]
-"""
 MESSAGE = {
     "id": "msg_1",
     "type": "message",
