@@ -394,13 +394,21 @@ class RedisStore:
         caller was admitted holding nothing, or refused: nobody would settle it, and the
         tenant lost it to the window's end) and a settlement must apply once. Each repair
         goes in a later call, REPAIR_RETRY_SECS after the failure and again as long after
-        each failure of its own, for as long as the call's key lives; it cancels the call if
-        it has not run (its hits then go uncounted, as those of a call never sent)."""
+        each failure of its own, while the call's key surely lives; it cancels the call if
+        it has not run (its hits then go uncounted, as those of a call never sent).
+
+        A repair that finds no key takes the call for one that never ran: after the key has
+        expired it would apply a settlement the call applied already. The key lives its TTL
+        from the call's run, which may be as early as a timeout before the failure, and a
+        repair runs up to a timeout after it is sent: so the last one goes two timeouts and
+        a retry's wait before the TTL has passed since the failure. (It went up to the TTL:
+        a settlement whose answer was lost, with Redis out of reach until then, was applied
+        twice.)"""
         keys, args = call
         if not self._open or args[-1] is not self._call_ttl:  # unmarked: nothing to know the call by
             return
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + self._call_ttl_ms / 1000
+        give_up = loop.time() + self._call_ttl_ms / 1000 - 2 * self._timeout - REPAIR_RETRY_SECS
         for position, (key, operation, _, _) in enumerate(batch):
             kind = operation[:2]
             if kind not in ("r ", "s "):

@@ -1,0 +1,118 @@
+"""The Redis store's call keys and repairs (stores/redis.py), against real redis-servers: what
+they must never do (apply a settlement twice), and what they must not break (a Redis user
+allowed the documented keys only)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from gateway.errors import StoreUnavailable
+from gateway.stores import redis as redis_store
+from gateway.stores.redis import RedisStore
+
+from ..harness import RedisServer, free_port
+
+
+class Proxy:
+    """A TCP relay in front of a redis-server that can lose the next script answer (the
+    connection stays up, silent) and refuse new connections (Redis unreachable)."""
+
+    def __init__(self, server: RedisServer) -> None:
+        self.server = server
+        self.port = free_port()
+        self.lose_answers = 0
+        self.refusing = False
+        self.evalshas = 0  # script calls that reached Redis
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._listener: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def __aenter__(self) -> Proxy:
+        self._listener = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._listener is not None
+        self._listener.close()
+        for task in self._tasks:
+            task.cancel()
+        for writer in self._writers:
+            writer.close()
+
+    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            client_writer.transport.abort()
+            return
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+        self._writers.extend((client_writer, server_writer))
+        silent: list[bool] = []
+        self._tasks.add(asyncio.create_task(self._up(client_reader, server_writer, silent)))
+        self._tasks.add(asyncio.create_task(self._down(server_reader, client_writer, silent)))
+
+    async def _up(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, silent: list[bool]) -> None:
+        while data := await reader.read(65536):
+            if b"EVALSHA" in data.upper():
+                self.evalshas += 1
+                if self.lose_answers:
+                    self.lose_answers -= 1
+                    silent.append(True)
+            writer.write(data)
+
+    async def _down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, silent: list[bool]) -> None:
+        while data := await reader.read(65536):
+            if not silent:
+                writer.write(data)
+
+
+async def wait_until(check: Callable[[], bool], within: float) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def proxy(redis_server: RedisServer) -> AsyncIterator[Proxy]:
+    async with Proxy(redis_server) as relay:
+        yield relay
+
+
+async def test_a_settlement_is_not_applied_again_once_its_call_key_has_expired(
+    redis_server: RedisServer, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A settlement runs and its answer is lost (a middlebox that forgot the connection); then
+    # Redis cannot be reached for a while. The repair that gets through at last must find the
+    # call's key: if it has expired (it was set when the call ran, a deadline before the
+    # failure, and the repairs went on for as long as its TTL after the failure), the repair
+    # cannot tell a call that ran from one that never came, and applies the settlement again
+    # (the tokens counted twice, and another request's reservation released). Shortened here:
+    # the call key lives 1.2 s (timeout 0.3 s x 4), repairs every 0.1 s.
+    monkeypatch.setattr(redis_store, "CALL_KEY_MIN_MS", 1000)
+    monkeypatch.setattr(redis_store, "REPAIR_RETRY_SECS", 0.1)
+    loop = asyncio.get_running_loop()
+    store = RedisStore(proxy.url, cluster=False, timeout=0.3)
+    await store.open()
+    try:
+        _, _, _, window = await store.reserve("tokens:{twice}", 100, 1000, 60_000)
+        proxy.lose_answers = 1
+        ran = loop.time()
+        with pytest.raises(StoreUnavailable):
+            await store.settle("tokens:{twice}", window, 100, 30)
+        assert redis_server.cli("HMGET", "tokens:{twice}", "used", "reserved").split() == ["30", "0"]
+        proxy.refusing = True  # the repairs fail, until the call's key is gone
+        await wait_until(lambda: redis_server.cli("--scan", "--pattern", "call:*") == "", within=3.0)
+        assert loop.time() - ran < 1.5, "the key expired later than its TTL: nothing was shown"
+        proxy.refusing = False
+        # Nothing to wait for: no repair may come. Repairs went on up to a TTL (1.2 s) after
+        # the failure, which came a timeout (0.3 s) after the call ran; wait that long.
+        await asyncio.sleep(ran + 0.3 + 1.2 + 0.3 - loop.time())
+        assert redis_server.cli("HMGET", "tokens:{twice}", "used", "reserved").split() == ["30", "0"]
+    finally:
+        await store.close()
