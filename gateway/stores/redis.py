@@ -19,17 +19,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import logging
 import math
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import coredis
-from coredis.exceptions import ClusterDownError, NoScriptError, RedisError
+from coredis.exceptions import AuthorizationError, ClusterDownError, NoScriptError, RedisError
 from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.retry import CompositeRetryPolicy, ConstantRetryPolicy
 
 from ..errors import KeyUnavailable, StoreUnavailable
 from . import Held
+
+log = logging.getLogger("gateway")
 
 # After the pool's connections are dropped for a timeout, the next timeouts keep them for this
 # many timeouts (see RedisStore._drop_connections).
@@ -237,6 +241,7 @@ class RedisStore:
         self._call_counter = itertools.count(1)
         self._call_ttl_ms = max(CALL_KEY_MIN_MS, math.ceil(4000 * timeout))
         self._call_ttl = f"d {self._call_ttl_ms}"
+        self._marking = True  # False once Redis has refused this user the call keys (see _refused)
 
     async def open(self) -> None:
         """Enter coredis' pool (it connects lazily, so this works while Redis is down)."""
@@ -295,7 +300,10 @@ class RedisStore:
         call = self._marked([operation[0] for operation in batch], [operation[1] for operation in batch], "")
         try:
             async with asyncio.timeout_at(deadline):
-                answers = await self._evalsha(*call)
+                try:
+                    answers = await self._evalsha(*call)
+                except AuthorizationError:
+                    answers = await self._refused(call, self._evalsha)
         except TimeoutError:
             answers = None
             self._drop_connections()
@@ -335,7 +343,10 @@ class RedisStore:
         try:
             if failing and failing.get(key, 0.0) > now:
                 return  # failed in the last KEY_RETRY_SECS: fails at once (never sent: repaired as one)
-            answers = await self._evalsha_on_cluster(*call)
+            try:
+                answers = await self._evalsha_on_cluster(*call)
+            except AuthorizationError:
+                answers = await self._refused(call, self._evalsha_on_cluster)
         except (RedisError, OSError, RuntimeError):
             answers = None
         finally:  # cancelled at the batch's deadline included
@@ -378,6 +389,8 @@ class RedisStore:
         cluster it carries `slot_key`'s hash part (shown by that key already) to share its
         slot, and a key whose slot no hash tag can name goes unmarked. Costs Redis a GET and
         a SET per call, the client one key and one argument."""
+        if not self._marking:
+            return keys, args
         call = f"call:{self._window_prefix}{next(self._call_counter):x}"
         if self._cluster:
             part = _hash_part(slot_key)
@@ -405,7 +418,7 @@ class RedisStore:
         a settlement whose answer was lost, with Redis out of reach until then, was applied
         twice.)"""
         keys, args = call
-        if not self._open or args[-1] is not self._call_ttl:  # unmarked: nothing to know the call by
+        if not self._open or not self._marking or args[-1] is not self._call_ttl:  # unmarked: nothing to know it by
             return
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._call_ttl_ms / 1000 - 2 * self._timeout - REPAIR_RETRY_SECS
@@ -423,7 +436,7 @@ class RedisStore:
             loop.call_later(REPAIR_RETRY_SECS, self._send_repair, key, repair, give_up)
 
     def _send_repair(self, key: str, repair: str, give_up: float) -> None:
-        if not self._open:
+        if not self._open or not self._marking:
             return
         sent = self._run(key, repair, True)
         sent.add_done_callback(functools.partial(self._repaired, key, repair, give_up))
@@ -443,6 +456,29 @@ class RedisStore:
             amount = operation.split(" ", 2)[1]
             release = self._run(key, f"s {window.decode()} {amount} 0", True)
             release.add_done_callback(_retrieved)  # nobody waits for it
+
+    async def _refused(
+        self, call: tuple[list[str], list[str]], send: Callable[[list[str], list[str]], Awaitable[Any]]
+    ) -> Any:
+        """A call Redis refused its user (NOPERM), sent again without its key when it had one.
+        Redis checks a script's keys before it runs it: the refused call ran nothing. A user
+        allowed the keys the README named before the call keys (`quota:*`, `tokens:*`) was
+        served, and was then refused every call (fail-open: quotas enforced nowhere; closed:
+        every request 503). If the call goes through without its key, no call carries one
+        from then on: served as before the keys, without what they give."""
+        keys, args = call
+        if args[-1] is not self._call_ttl:
+            raise  # refused without a call key: the user lacks more than those (the error being handled)
+        answers = await send(keys[:-1], args[:-1])
+        if self._marking:
+            self._marking = False
+            log.warning(
+                "the Redis user may not use the store's call keys (call:*, on a cluster {...}call:*): "
+                "calls go without them, so one that coredis sends again after a broken connection "
+                "counts twice, and a failed call's reservations and settlements are not repaired; "
+                "allow the user those keys (ACL ~call:* ~{*) and restart"
+            )
+        return answers
 
     async def _evalsha(self, keys: list[str], args: list[str]) -> Any:
         """The script by its digest, loaded first if Redis does not have it (a restarted or

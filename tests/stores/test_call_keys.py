@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,7 @@ from gateway.errors import StoreUnavailable
 from gateway.stores import redis as redis_store
 from gateway.stores.redis import RedisStore
 
-from ..harness import RedisServer, free_port
+from ..harness import RedisCluster, RedisServer, free_port
 
 
 class Proxy:
@@ -116,3 +117,37 @@ async def test_a_settlement_is_not_applied_again_once_its_call_key_has_expired(
         assert redis_server.cli("HMGET", "tokens:{twice}", "used", "reserved").split() == ["30", "0"]
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("deployment", ["redis", "cluster"])
+async def test_a_redis_user_allowed_only_the_quota_and_token_keys_is_still_served(
+    tmp_path: Path, deployment: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A least-privilege Redis user for the keys the README names (`quota:<tenant>`,
+    # `tokens:{<tenant>}`): it was served before the call keys came, and then every call was
+    # refused (NOPERM on the call's own key): with QUOTA_FAIL_MODE=open every request admitted
+    # and counted nowhere, with closed every request 503. The calls go without their keys
+    # instead, as before them, and the log says what the user lacks.
+    servers = [RedisServer(tmp_path)] if deployment == "redis" else RedisCluster(tmp_path).nodes
+    try:
+        for server in servers:
+            assert server.cli("ACL", "SETUSER", "gateway", "on", ">pw", "~quota:*", "~tokens:*", "+@all") == "OK"
+        url = f"redis://gateway:pw@127.0.0.1:{servers[0].port}/0"
+        store = RedisStore(url, cluster=deployment == "cluster", timeout=1.0)
+        await store.open()
+        try:
+            for count in (1, 2):
+                assert (await store.hit("quota:acl", 60_000))[0] == count
+            held, total, _, window = await store.reserve("tokens:{acl}", 100, 1000, 60_000)
+            assert (held, total) == (True, 100)
+            await store.settle("tokens:{acl}", window, 100, 30)
+            hits, used = await asyncio.gather(
+                store.hit("quota:acl", 60_000), store.reserve("tokens:{acl}", 0, 1000, 60_000)
+            )
+            assert (hits[0], used[1]) == (3, 30)
+        finally:
+            await store.close()
+        assert any("call:" in record.getMessage() for record in caplog.records), "nothing said why"
+    finally:
+        for server in servers:
+            server.stop()
