@@ -421,19 +421,26 @@ class RedisStore:
         if not self._open or not self._marking or args[-1] is not self._call_ttl:  # unmarked: nothing to know it by
             return
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + self._call_ttl_ms / 1000 - 2 * self._timeout - REPAIR_RETRY_SECS
+        now = loop.time()
+        give_up = now + self._call_ttl_ms / 1000 - 2 * self._timeout - REPAIR_RETRY_SECS
         for position, (key, operation, _, _) in enumerate(batch):
             kind = operation[:2]
             if kind not in ("r ", "s "):
                 continue
             index = position + 1
             if kind == "r ":
-                repair = f"u {index} {operation.split(' ', 2)[1]} {self._call_ttl_ms} {keys[-1]}"
+                _, amount, _, window_ms, _ = operation.split(" ")
+                repair = f"u {index} {amount} {self._call_ttl_ms} {keys[-1]}"
+                # An undo applies nothing twice, whenever it comes: it goes on while what the
+                # call may hold lasts, so that a Redis stalled past the key's TTL, which runs
+                # the call when it resumes, gives it back then (they stopped with the key).
+                until = max(give_up, now + int(window_ms) / 1000)
             else:
                 repair = f"v {index} {operation[2:]} {self._call_ttl_ms} {keys[-1]}"
+                until = give_up
             # Not at once: the store that just failed is most likely still failing (a stall),
             # and the guard keeps the requests off it for as long.
-            loop.call_later(REPAIR_RETRY_SECS, self._send_repair, key, repair, give_up)
+            loop.call_later(REPAIR_RETRY_SECS, self._send_repair, key, repair, until)
 
     def _send_repair(self, key: str, repair: str, give_up: float) -> None:
         if not self._open or not self._marking:

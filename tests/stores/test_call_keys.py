@@ -151,3 +151,34 @@ async def test_a_redis_user_allowed_only_the_quota_and_token_keys_is_still_serve
     finally:
         for server in servers:
             server.stop()
+
+
+async def test_a_reservation_held_by_redis_stalled_longer_than_the_call_keys_is_given_back(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis stalls (SIGSTOP: a paused VM, a long fork) with a reservation sent to it, for
+    # longer than a call key lives: no repair reaches it meanwhile, and it runs the call when
+    # it resumes. Undoing a reservation can never apply anything twice, so its repairs go on
+    # (to the window's end, after which it holds nothing anyway): the first one after the
+    # stall gives it back. They stopped with the call key's TTL: the tenant lost the estimate
+    # to the window's end. Shortened: call keys live 1.2 s, repairs every 0.1 s.
+    import signal
+
+    monkeypatch.setattr(redis_store, "CALL_KEY_MIN_MS", 1000)
+    monkeypatch.setattr(redis_store, "REPAIR_RETRY_SECS", 0.1)
+    store = RedisStore(redis_server.url, cluster=False, timeout=0.3)
+    await store.open()
+    assert redis_server.process is not None
+    try:
+        await store.hit("quota:long", 60_000)  # connected, the script loaded
+        redis_server.process.signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreUnavailable):
+                await store.reserve("tokens:{long}", 100, 1000, 60_000)
+            await asyncio.sleep(2.0)  # the stall, past the call key's TTL and the repairs of old
+        finally:
+            redis_server.process.signal(signal.SIGCONT)
+        await wait_until(lambda: redis_server.cli("HGET", "tokens:{long}", "window") != "", within=3.0)  # it ran
+        await wait_until(lambda: redis_server.cli("HGET", "tokens:{long}", "reserved") == "0", within=3.0)
+    finally:
+        await store.close()
