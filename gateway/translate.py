@@ -81,14 +81,12 @@ def chat_request(payload: Mapping[str, Any], model: str) -> dict[str, Any]:
     stops = _stop_sequences(payload.get("stop"))
     if stops:
         out["stop_sequences"] = stops
-    # Claude models since Opus 4.1 refuse (400) `temperature` and `top_p` together, which OpenAI
-    # takes: temperature, the knob Anthropic advises turning, goes alone.
-    temperature, top_p = payload.get("temperature"), payload.get("top_p")
-    if temperature is not None:
-        # OpenAI's range is 0..2, Anthropic's 0..1 (more is a 400)
-        out["temperature"] = 1.0 if type(temperature) in (int, float) and temperature > 1 else temperature
-    elif top_p is not None:
-        out["top_p"] = top_p
+    # Both as sent (SPEC §13), though Claude models since Opus 4.1 refuse the pair with a 400.
+    for name in ("temperature", "top_p"):
+        if payload.get(name) is not None:
+            out[name] = payload[name]
+    if type(out.get("temperature")) in (int, float) and out["temperature"] > 1:
+        out["temperature"] = 1.0  # OpenAI's range is 0..2, Anthropic's 0..1 (more is a 400)
     if payload.get("stream") is True:
         out["stream"] = True
     user = payload.get("user")

@@ -109,8 +109,8 @@ REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         },
     ),
     (
-        "limits (max_tokens first, as policies and budgets read it), sampling (temperature alone: newer Claude"
-        " models refuse it with top_p), stop, user; what Messages has no field for is left out",
+        "limits (max_tokens first, as policies and budgets read it), sampling, stop, user; what Messages has"
+        " no field for is left out",
         {
             "messages": [USER],
             "max_tokens": 20,
@@ -131,6 +131,7 @@ REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
             "messages": [{"role": "user", "content": "Hi"}],
             "stop_sequences": ["END"],
             "temperature": 0.5,
+            "top_p": 0.9,
             "stream": True,
             "metadata": {"user_id": "u-1"},
         },

@@ -41,8 +41,6 @@ def refusal(body: dict[str, object]) -> str | None:
     temperature = body.get("temperature")
     if isinstance(temperature, (int, float)) and not 0 <= temperature <= 1:
         return "temperature: range: 0 <= temperature <= 1"
-    if "temperature" in body and "top_p" in body:
-        return "`temperature` and `top_p` cannot both be specified for this model. Please use only one."
     # Anthropic's own check is not public: any address-shaped user_id, a masked one too, is refused here.
     metadata = body.get("metadata")
     if isinstance(metadata, dict) and _ADDRESS.search(str(metadata.get("user_id"))):
@@ -62,7 +60,6 @@ ACCEPTED_BY_OPENAI = [
     ("a newline stop", {"stop": "\n"}),
     ("stops with whitespace-only ones", {"stop": ["\n", " ", "\nUser:"]}),
     ("temperature 1.5", {"temperature": 1.5}),
-    ("temperature and top_p", {"temperature": 0.7, "top_p": 0.9}),
     ("an address as the user", {"user": EMAIL}),
 ]
 
