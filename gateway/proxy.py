@@ -740,7 +740,9 @@ async def _write_while_taken(
     that takes no byte for `patience` seconds (CLIENT_IDLE_SECS) is cut, as one that hung up
     (ConnectionResetError): else a client that never reads holds its stream, its upstream and
     its MAX_CONCURRENCY slot for as long as it keeps the connection open. Slow but steady
-    readers are waited for."""
+    readers are waited for if their kernel opens its receive window again within `patience`:
+    it does so in steps (~100 KiB for an SDK's connection), not at each event the client reads,
+    so a reader slower than a step per `patience` is cut too (README, Slow readers)."""
     left = _untaken(transport)
     if left is not None:
         left += size  # what the write adds (and its chunk framing: a few bytes more)
