@@ -103,7 +103,11 @@ class Proxy:
     ) -> None:
         self._api = api
         self._idle = stream_idle_secs
-        self._client_idle = client_idle_secs  # a stream's client may take no bytes this long
+        # How long a stream's (or a large reply's) client may take no byte: the idle stream's
+        # limit, as on the upstream's side, never less than the connection's. A reader's
+        # kernel shows bytes taken in steps of ~100 KiB (README, Slow readers), so the wait is
+        # long: CLIENT_IDLE_SECS alone (75 s) cut SDK clients reading 3-10 events a second.
+        self._client_idle = max(client_idle_secs, stream_idle_secs)
         self._idle_slack = min(1.0, stream_idle_secs / 50)  # how late the idle timeout may fire (see _pump)
         self._surface = api.surface
         self._upstream = upstream
@@ -737,7 +741,8 @@ async def _write_while_taken(
     writing: Coroutine[Any, Any, None], transport: asyncio.Transport | None, size: int, patience: float
 ) -> None:
     """A write (of `size` bytes) that waits for the client to take what is buffered. A client
-    that takes no byte for `patience` seconds (CLIENT_IDLE_SECS) is cut, as one that hung up
+    that takes no byte for `patience` seconds (STREAM_IDLE_SECS, or CLIENT_IDLE_SECS if longer)
+    is cut, as one that hung up
     (ConnectionResetError): else a client that never reads holds its stream, its upstream and
     its MAX_CONCURRENCY slot for as long as it keeps the connection open. Slow but steady
     readers are waited for if their kernel opens its receive window again within `patience`:

@@ -518,7 +518,7 @@ def test_a_stream_client_that_stops_reading_gives_its_slot_back(start_gateway: G
     it for ever, holding the stream's MAX_CONCURRENCY slot (every other client got 503 for as
     long as the connection stayed open) and its upstream. Now a client that takes no bytes for
     CLIENT_IDLE_SECS is cut, as one that hung up; one that reads slowly but steadily is not."""
-    gateway = start_gateway(MAX_CONCURRENCY="2", CLIENT_IDLE_SECS="2")
+    gateway = start_gateway(MAX_CONCURRENCY="2", CLIENT_IDLE_SECS="2", STREAM_IDLE_SECS="2")
 
     def open_stream(key: str, words: int) -> socket.socket:
         body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "word " * words}]})
@@ -570,12 +570,43 @@ def test_a_stream_client_that_stops_reading_gives_its_slot_back(start_gateway: G
     assert "Traceback" not in gateway.process.errors()
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
+def test_a_stream_client_is_waited_for_stream_idle_secs_not_client_idle_secs(
+    start_gateway: GatewayFactory, mock: Mock
+) -> None:
+    """A reader's kernel shows bytes taken only in steps of ~100 KiB, so a slow but steady
+    reader looks like a silent one for a while: the wait is the idle stream's limit
+    (STREAM_IDLE_SECS), not the keep-alive's (CLIENT_IDLE_SECS, 75 s by default, cut SDK clients
+    reading 3-10 events a second). A client silent for 3 s, past CLIENT_IDLE_SECS=1 but within
+    STREAM_IDLE_SECS=6, then reading, gets its whole stream."""
+    gateway = start_gateway(CLIENT_IDLE_SECS="1", STREAM_IDLE_SECS="6")
+    body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "word " * 300_000}]})
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little for it
+        sock.connect(("127.0.0.1", gateway.port))
+        sock.sendall(
+            b"POST %s HTTP/1.1\r\nHost: x\r\nX-Api-Key: pauses\r\nX-Stainless-Mock-Echo: 1\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (CHAT.encode(), len(body), body.encode())
+        )
+        lines = gateway.metrics().splitlines
+        wait_until(lambda: "inflight_requests 1" in lines(), what="the stream in flight")
+        time.sleep(3)  # the pause under test: three times CLIENT_IDLE_SECS, half STREAM_IDLE_SECS
+        sock.settimeout(30)
+        tail = b""
+        while data := sock.recv(1 << 20):
+            tail = tail[-100:] + data
+    assert tail.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    line = wait_until(lambda: next((x for x in gateway.log_lines() if x.get("tenant") == "pauses"), None))
+    assert line["status"] == 200
+
+
 def test_a_client_that_never_reads_a_large_reply_is_let_go(start_gateway: GatewayFactory, mock: Mock) -> None:
     """A 5 MB JSON reply to a client that reads none of it: aiohttp's write waited for ever
     after the handler had returned (logged 200), holding the reply's memory and the connection.
     Now the gateway writes a reply past the socket's buffer itself, and a client that takes no
     byte for CLIENT_IDLE_SECS is cut (499)."""
-    gateway = start_gateway(CLIENT_IDLE_SECS="1", REDACT_KINDS="")
+    gateway = start_gateway(CLIENT_IDLE_SECS="1", STREAM_IDLE_SECS="1", REDACT_KINDS="")
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "word " * 1_000_000}]}).encode()
     with socket.socket() as stalled:
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -603,7 +634,7 @@ def test_clients_cut_for_reading_nothing_leave_no_memory_behind(start_gateway: G
     the response noted as started (keys.STARTED) and its request referred to each other, so
     every cut request kept its reply and its body until a full collection, which the serving
     process runs rarely: ~50 MiB more each round. Now the note is dropped as the request ends."""
-    gateway = start_gateway(CLIENT_IDLE_SECS="1", REDACT_KINDS="")
+    gateway = start_gateway(CLIENT_IDLE_SECS="1", STREAM_IDLE_SECS="1", REDACT_KINDS="")
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "word " * 1_000_000}]}).encode()
     request = (
         b"POST %s HTTP/1.1\r\nHost: x\r\nX-Api-Key: reads-nothing\r\nX-Stainless-Mock-Echo: 1\r\n"
