@@ -91,9 +91,8 @@ def chat_request(payload: Mapping[str, Any], model: str) -> dict[str, Any]:
         out["stream"] = True
     user = payload.get("user")
     if isinstance(user, str) and "@" not in user:
-        # Anthropic refuses (400) a user_id that "appears to contain an email address", and a
-        # mask keeps an address's shape (j***e@example.com): a fallback would fail what OpenAI
-        # took. It is only a hint for abuse monitoring.
+        # Anthropic refuses (400) a user_id that "appears to contain an email address": a
+        # fallback would fail what OpenAI took. It is only a hint for abuse monitoring.
         out["metadata"] = {"user_id": user}
     tools = payload.get("tools")
     if isinstance(tools, list) and tools:

@@ -45,6 +45,12 @@ CALL_KEY_MIN_MS = 10_000
 # A failed call's repair (RedisStore._repair) goes this long after the failure, and again as long
 # after each failure of its own.
 REPAIR_RETRY_SECS = 1.0
+# Repairs waiting at once, at most. Each goes again every REPAIR_RETRY_SECS while Redis is out of
+# reach, an undo for as long as its token window (TOKEN_WINDOW_SECS: a day, say): through a long
+# outage their number would grow with it, and the work of sending them all every second too.
+# Past this many, a failed call is not repaired (its reservations are held to the window's end),
+# as before repairs existed.
+MAX_REPAIRS = 10_000
 
 # On a cluster, a key whose call failed fails at once for this long, then is tried again
 # (StoreGuard's second, for one key: its master may be silent, and no batch waits it out again).
@@ -242,6 +248,7 @@ class RedisStore:
         self._call_ttl_ms = max(CALL_KEY_MIN_MS, math.ceil(4000 * timeout))
         self._call_ttl = f"d {self._call_ttl_ms}"
         self._marking = True  # False once Redis has refused this user the call keys (see _refused)
+        self._repairs = 0  # repairs waiting or out (MAX_REPAIRS)
 
     async def open(self) -> None:
         """Enter coredis' pool (it connects lazily, so this works while Redis is down)."""
@@ -438,22 +445,27 @@ class RedisStore:
             else:
                 repair = f"v {index} {operation[2:]} {self._call_ttl_ms} {keys[-1]}"
                 until = give_up
+            if self._repairs >= MAX_REPAIRS:
+                continue
+            self._repairs += 1
             # Not at once: the store that just failed is most likely still failing (a stall),
             # and the guard keeps the requests off it for as long.
             loop.call_later(REPAIR_RETRY_SECS, self._send_repair, key, repair, until)
 
     def _send_repair(self, key: str, repair: str, give_up: float) -> None:
         if not self._open or not self._marking:
+            self._repairs -= 1
             return
         sent = self._run(key, repair, True)
         sent.add_done_callback(functools.partial(self._repaired, key, repair, give_up))
 
     def _repaired(self, key: str, repair: str, give_up: float, sent: asyncio.Future[list[bytes]]) -> None:
-        if sent.cancelled() or sent.exception() is None:
-            return
-        loop = asyncio.get_running_loop()
-        if loop.time() + REPAIR_RETRY_SECS < give_up:
-            loop.call_later(REPAIR_RETRY_SECS, self._send_repair, key, repair, give_up)
+        if not sent.cancelled() and sent.exception() is not None:
+            loop = asyncio.get_running_loop()
+            if loop.time() + REPAIR_RETRY_SECS < give_up:
+                loop.call_later(REPAIR_RETRY_SECS, self._send_repair, key, repair, give_up)
+                return
+        self._repairs -= 1  # done: applied, or given up
 
     def _release(self, key: str, operation: str, answer: bytes) -> None:
         """A reservation whose caller left while it was out (client gone): what it held

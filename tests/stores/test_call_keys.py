@@ -182,3 +182,33 @@ async def test_a_reservation_held_by_redis_stalled_longer_than_the_call_keys_is_
         await wait_until(lambda: redis_server.cli("HGET", "tokens:{long}", "reserved") == "0", within=3.0)
     finally:
         await store.close()
+
+
+async def test_repairs_waiting_through_a_long_outage_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Redis out of reach and a day's token window: each failed reservation's undo goes again
+    # every second for a day, so through a long outage the repairs (and the work of sending them
+    # every second) grew with it. Past MAX_REPAIRS a failed call goes unrepaired, as before
+    # repairs existed. Counted: the distinct repairs sent, while every one of them fails.
+    monkeypatch.setattr(redis_store, "REPAIR_RETRY_SECS", 0.05)
+    monkeypatch.setattr(redis_store, "MAX_REPAIRS", 5)
+    sent: set[str] = set()
+    original = RedisStore._send_repair
+
+    def counted(self: RedisStore, key: str, repair: str, give_up: float) -> None:
+        sent.add(repair)
+        original(self, key, repair, give_up)
+
+    monkeypatch.setattr(RedisStore, "_send_repair", counted)
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", cluster=False, timeout=0.05)  # nothing listens
+    await store.open()
+    try:
+        for _ in range(40):  # one failed call each, a reservation in a day's window
+            with pytest.raises(StoreUnavailable):
+                await store.reserve("tokens:t", 10, 1000, 86_400_000)
+        deadline = asyncio.get_running_loop().time() + 5
+        while len(sent) < 5 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # six retry periods more: any repair past the bound would have gone
+        assert len(sent) == 5
+    finally:
+        await store.close()
