@@ -851,8 +851,9 @@ class Plan:
         self.head = segments[0]
         # Each value's step, the segment after it, and whether the value is a string (it ends
         # at the next quote); else the surface's number (it ends after its digits) or a pad.
+        # The segment's length is kept beside it: `read` runs once an event, on every value.
         self.rest = tuple(
-            (step, segment, step is not PAD and segment.startswith(b'"'))
+            (step, segment, len(segment), step is not PAD and segment.startswith(b'"'))
             for step, segment in zip(steps, segments[1:], strict=True)
         )
 
@@ -868,12 +869,12 @@ class Plan:
             return -1
         mark = len(run)
         begin = at + len(self.head)
-        for step, segment, quoted in self.rest:
+        for step, segment, length, quoted in self.rest:
             if step is PAD:
-                end = blocks.find(segment, begin, begin + MAX_PAD + len(segment))
+                end = blocks.find(segment, begin, begin + MAX_PAD + length)
                 if end < 0 or blocks[begin:end].strip(b" \t"):
                     break
-                begin = end + len(segment)
+                begin = end + length
                 continue
             if quoted:
                 end = blocks.find(b'"', begin)
@@ -884,7 +885,8 @@ class Plan:
                 break
             value = blocks[begin:end]
             if step is None:
-                if not _plain_side(value):
+                # `_plain_side`, its common case (a short pad of letters and digits) inline
+                if not (end - begin < 11 and value.isalnum()) and not _plain_side(value):
                     break
             elif step is NUMBER:
                 if len(value) > 1 and value[0] == 48:
@@ -898,7 +900,7 @@ class Plan:
                 if not text.isprintable():
                     break  # a raw control character is not JSON: the exact path says what happens
                 run.append((step, begin, end, text))
-            begin = end + len(segment)
+            begin = end + length
         else:
             # Without an escape, a string's value is what lies between its quotes.
             if blocks.find(b"\\", at, begin) < 0:
