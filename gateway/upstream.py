@@ -19,6 +19,7 @@ from multidict import CIMultiDictProxy
 
 from .errors import UpstreamError, UpstreamStreamBroken
 from .json_shape import reply_structure_excess
+from .tls import client_context
 
 # The client headers that reach the upstream (SPEC §5), by lower-case name: an allow-list,
 # so the client's credentials (Authorization, X-Api-Key, Azure's api-key, Cookie), its
@@ -332,7 +333,8 @@ class Upstream:
 
     def _open_session(self) -> aiohttp.ClientSession:
         # No connection limit: MAX_CONCURRENCY is the one admission limit; keep-alive reuse.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        # https upstreams verified against the system's CAs, wherever it keeps them (tls.py).
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ssl=client_context())
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
         # No cookie jar: a cookie the provider sets on one tenant's call (a load balancer's,
         # say) must never ride along on another tenant's calls.

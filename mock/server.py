@@ -11,6 +11,7 @@ x-mock-done-delay-ms (send the chunked terminator that long after [DONE]), x-moc
 (answer with that Set-Cookie, as a provider's load balancer does), x-mock-answer (json or
 events: answer so whatever the request's "stream" says, as servers that cannot stream or always
 do), x-mock-stream-type (the Content-Type of a stream, text/event-stream unless set).
+TLS_CERT and TLS_KEY (PEM files) serve it over https.
 
 Anthropic's Messages API (POST /v1/messages) takes the same latency, chunk-delay, echo, reply,
 deltas, status (its error shape; 429 and 529 carry retry-after, x-mock-retry-after to choose)
@@ -44,6 +45,7 @@ import os
 import random
 import re
 import secrets
+import ssl
 import time
 import uuid
 from collections import deque
@@ -528,8 +530,22 @@ def create_mock_app() -> web.Application:
 def main() -> None:
     port = int(os.environ.get("PORT", "4000"))
     host = os.environ.get("HOST", "127.0.0.1")
-    print(f"mock upstream on http://{host}:{port}", flush=True)
-    web.run_app(create_mock_app(), host=host, port=port, print=None, access_log=None, handler_cancellation=True)
+    # TLS_CERT and TLS_KEY (PEM files): served over https, as the real providers are.
+    cert, key = os.environ.get("TLS_CERT"), os.environ.get("TLS_KEY")
+    context = None
+    if cert and key:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+    print(f"mock upstream on {'https' if context else 'http'}://{host}:{port}", flush=True)
+    web.run_app(
+        create_mock_app(),
+        host=host,
+        port=port,
+        print=None,
+        access_log=None,
+        handler_cancellation=True,
+        ssl_context=context,
+    )
 
 
 if __name__ == "__main__":

@@ -76,6 +76,14 @@ def _answers(port: int, path: str) -> bool:
         return False
 
 
+def _accepts(port: int, path: str) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 class Process:
     """A child process with its output in a file (so a chatty child never blocks on a pipe)."""
 
@@ -141,11 +149,15 @@ class Mock:
         self.process = Process(
             [sys.executable, str(ROOT / "mock" / "server.py")], full_env, tmp, tmp / f"mock-{self.port}.log"
         )
-        wait_until(lambda: _answers(self.port, "/_mock/events"), what="the mock upstream")
+        # Over https (TLS_CERT, TLS_KEY), it is ready when its port takes connections: the
+        # control calls below speak plain HTTP.
+        self.scheme = "https" if env.get("TLS_CERT") else "http"
+        ready = _accepts if self.scheme == "https" else _answers
+        wait_until(lambda: ready(self.port, "/_mock/events"), what="the mock upstream")
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def requests(self) -> list[dict[str, Any]]:
         return list(json.loads(http_get(self.port, "/_mock/requests")[1]))
@@ -189,7 +201,8 @@ def gateway_argv() -> list[str]:
 
 
 class Gateway:
-    def __init__(self, tmp: Path, env: dict[str, str], wait: bool = True) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str], wait: bool = True, wrap: list[str] | None = None) -> None:
+        """`wrap`: a command that runs the gateway's (as `unshare ...`), its argv appended."""
         self.port = free_port()
         self.env = (
             base_env()
@@ -203,7 +216,7 @@ class Gateway:
         # An empty working directory: no stray .env is picked up.
         self.cwd = tmp / f"gw-{self.port}"
         self.cwd.mkdir()
-        self.process = Process(gateway_argv(), self.env, self.cwd, tmp / f"gateway-{self.port}.log")
+        self.process = Process([*(wrap or []), *gateway_argv()], self.env, self.cwd, tmp / f"gateway-{self.port}.log")
         if wait:
             self.wait_ready()
 

@@ -1,0 +1,163 @@
+"""An https upstream, as every real provider is, through the real process (GATEWAY_CMD's build,
+if set: the one-file binary carries its own OpenSSL). Its certificate is verified: against
+SSL_CERT_FILE, or the system's CA bundle wherever the distribution keeps it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from ..harness import Gateway, Mock
+
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "write to jane.doe@example.com"}]}
+
+
+def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that is its own CA, and its key."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """The upstream's certificate and key, and another CA's certificate."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command (Debian's openssl) to make certificates")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = self_signed(directory, "upstream")
+    other, _ = self_signed(directory, "other")
+    return cert, key, other
+
+
+@pytest.fixture(scope="module")
+def tls_mock(tmp_path_factory: pytest.TempPathFactory, certificates: tuple[Path, Path, Path]) -> Iterator[Mock]:
+    cert, key, _ = certificates
+    mock = Mock(tmp_path_factory.mktemp("tls-mock"), TLS_CERT=str(cert), TLS_KEY=str(key))
+    assert mock.url.startswith("https://")
+    yield mock
+    mock.stop()
+
+
+@pytest.fixture
+def no_ca_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+
+def gateway_to(tmp_path: Path, upstream: Mock, wrap: list[str] | None = None, **env: str) -> Gateway:
+    settings = {"OPENAI_BASE_URL": upstream.url, "OPENAI_API_KEY": "sk-upstream-secret"} | env
+    return Gateway(tmp_path, settings, wrap=wrap)
+
+
+def test_an_https_upstream_answers_and_streams_when_its_ca_is_trusted(
+    tmp_path: Path, tls_mock: Mock, certificates: tuple[Path, Path, Path], no_ca_settings: None
+) -> None:
+    cert, _, _ = certificates
+    gateway = gateway_to(tmp_path, tls_mock, SSL_CERT_FILE=str(cert))
+    try:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(**BODY, extra_headers={"x-stainless-mock-echo": "1"})
+        assert reply.choices[0].message.content is not None
+        assert "jane.doe@example.com" not in reply.choices[0].message.content
+        assert "@example.com" in reply.choices[0].message.content  # echoed, masked
+        chunks = client.chat.completions.create(**BODY, stream=True, extra_headers={"x-stainless-mock-echo": "1"})
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+        assert "@example.com" in text and "jane.doe" not in text
+    finally:
+        gateway.stop()
+
+
+def test_an_https_upstream_whose_certificate_is_not_trusted_is_refused(
+    tmp_path: Path, tls_mock: Mock, certificates: tuple[Path, Path, Path], no_ca_settings: None
+) -> None:
+    _, _, other = certificates
+    gateway = gateway_to(tmp_path, tls_mock, SSL_CERT_FILE=str(other))
+    try:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(**BODY)
+        assert refused.value.status_code == 502
+        assert "Certificate" in refused.value.message
+        assert gateway.process.proc.poll() is None  # and it still serves
+        with pytest.raises(openai.APIStatusError):
+            client.chat.completions.create(**BODY)
+    finally:
+        gateway.stop()
+
+
+def _can_make_a_mount_namespace() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        return subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=10).returncode == 0
+    except OSError:
+        return False
+
+
+def test_the_ca_bundle_is_found_where_fedora_alpine_and_arch_keep_it(
+    tmp_path: Path, tls_mock: Mock, certificates: tuple[Path, Path, Path], no_ca_settings: None
+) -> None:
+    """The binary's OpenSSL, built on Debian, looks under /usr/lib/ssl; on Fedora, RHEL, Alpine
+    or Arch that directory does not exist and the bundle is /etc/ssl/cert.pem. In a mount
+    namespace of its own the gateway sees that layout, with the test's CA as the bundle."""
+    if not _can_make_a_mount_namespace():
+        pytest.skip("needs unshare -m (root): the test hides /usr/lib/ssl and /etc/ssl in a mount namespace")
+    cert, _, _ = certificates
+    layout = (
+        "mount -t tmpfs tmpfs /usr/lib/ssl && mount -t tmpfs tmpfs /etc/ssl"
+        f' && cp "{cert}" /etc/ssl/cert.pem && exec "$@"'
+    )
+    gateway = gateway_to(tmp_path, tls_mock, wrap=["unshare", "-m", "sh", "-c", layout, "sh"])
+    try:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(**BODY)
+        assert reply.choices[0].message.content
+    finally:
+        gateway.stop()
+
+
+def test_without_any_ca_bundle_the_log_says_to_set_ssl_cert_file(
+    tmp_path: Path, tls_mock: Mock, no_ca_settings: None
+) -> None:
+    if not _can_make_a_mount_namespace():
+        pytest.skip("needs unshare -m (root): the test hides /usr/lib/ssl and /etc/ssl in a mount namespace")
+    layout = 'mount -t tmpfs tmpfs /usr/lib/ssl && mount -t tmpfs tmpfs /etc/ssl && exec "$@"'
+    gateway = gateway_to(tmp_path, tls_mock, wrap=["unshare", "-m", "sh", "-c", layout, "sh"])
+    try:
+        assert "no CA certificates found" in gateway.process.errors()
+        assert "set SSL_CERT_FILE" in gateway.process.errors()
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(**BODY)
+        assert refused.value.status_code == 502
+    finally:
+        gateway.stop()
