@@ -18,6 +18,7 @@ from .breaker import Breakers
 from .budgets import TokenBudget
 from .catalog import ModelList
 from .config import Settings
+from .egress import Egress
 from .lifecycle import Lifecycle
 from .limits import Quota, TokenBucket
 from .middlewares import (
@@ -68,6 +69,8 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     telemetry = Telemetry(Metrics(settings.model_label_limit), tracing, RequestLog(log_stream))
     store = store_from_url(settings.redis_url, cluster=settings.redis_cluster, timeout=settings.store_timeout_secs)
 
+    egress = Egress(settings.https_proxy, settings.http_proxy, settings.no_proxy)
+
     def openai_upstream(url: str) -> Upstream:
         return Upstream(
             url,
@@ -75,6 +78,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
             settings.timeout_secs,
             organization=settings.openai_organization,
             project=settings.openai_project,
+            egress=egress,
         )
 
     upstream = openai_upstream(settings.upstream_chat_url)
@@ -82,7 +86,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     embeddings = openai_upstream(settings.upstream_embeddings_url)
     models = openai_upstream(settings.upstream_models_url)
     anthropic = Upstream(
-        settings.upstream_messages_url, settings.anthropic_api_key, settings.timeout_secs, anthropic=True
+        settings.upstream_messages_url, settings.anthropic_api_key, settings.timeout_secs, anthropic=True, egress=egress
     )
     lifecycle = Lifecycle(settings.shutdown_grace_secs, settings.notify_socket)
     # What lives in files (tenant keys, policies): read now, and again on SIGHUP (server.py).
@@ -107,6 +111,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
             settings.timeout_secs,
             organization=settings.openai_organization,
             project=settings.openai_project,
+            egress=egress,
         )
         for name in settings.routes.upstreams:
             breakers[name]

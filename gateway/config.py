@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from environs import Env, EnvError, EnvValidationError
 from marshmallow import ValidationError
@@ -74,6 +74,10 @@ class Settings:
     openai_project: str | None = None  # sent upstream as OpenAI-Project
     anthropic_base_url: str = field(default="https://api.anthropic.com", repr=False)  # may hold user info
     anthropic_api_key: str | None = field(default=None, repr=False)
+    # The upstreams' egress proxy (HTTPS_PROXY, HTTP_PROXY, NO_PROXY; may hold user info).
+    https_proxy: str | None = field(default=None, repr=False)
+    http_proxy: str | None = field(default=None, repr=False)
+    no_proxy: str = ""
     rps: float = 5.0
     burst: int = 10
     redis_url: str | None = field(default=None, repr=False)
@@ -156,6 +160,9 @@ class Settings:
             ("OPENAI_PROJECT", s.openai_project or ""),
             ("ANTHROPIC_BASE_URL", mask_url(s.anthropic_base_url)),
             ("ANTHROPIC_API_KEY", MASK if s.anthropic_api_key else ""),
+            ("HTTPS_PROXY", mask_url(s.https_proxy) if s.https_proxy else ""),
+            ("HTTP_PROXY", mask_url(s.http_proxy) if s.http_proxy else ""),
+            ("NO_PROXY", s.no_proxy),
             ("RPS", _number(s.rps)),
             ("BURST", str(s.burst)),
             ("TRUSTED_PROXIES", ",".join(str(net) for net in s.trusted_proxies)),
@@ -318,6 +325,21 @@ def _parse_http_url(value: str) -> str:
     if urlsplit(_check_url(value, ("http", "https"), "an http:// or https:// URL with a host")).fragment:
         raise EnvError("a URL fragment (#...) is never sent to a server")
     return value
+
+
+def _parse_proxy_url(value: str) -> str:
+    _check_url(value, ("http",), "an http:// proxy URL (an https upstream's TLS goes through it in a tunnel)")
+    parts = urlsplit(value)
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise EnvError("a proxy URL is http://[user:password@]host:port, with nothing after")
+    if ":" in unquote(parts.username or ""):
+        raise EnvError("a user name with ':' cannot go in Basic credentials (RFC 7617)")
+    return value
+
+
+def _set_name(env: Env, lower: str) -> str:
+    """The proxy variable's name as set: lower case (curl's), else upper case."""
+    return lower if env.str(lower, None) else lower.upper()
 
 
 def _parse_otlp_url(value: str) -> str:
@@ -717,6 +739,10 @@ def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
     base_url = r.custom("OPENAI_BASE_URL", _parse_http_url, "https://api.openai.com")
     anthropic_url = r.custom("ANTHROPIC_BASE_URL", _parse_http_url, "https://api.anthropic.com")
     redis_url = r.custom("REDIS_URL", _parse_redis_url, None)
+    # The upstreams' egress proxy, under the names every HTTP client reads (lower case first, as curl).
+    https_proxy = r.custom(_set_name(env, "https_proxy"), _parse_proxy_url, None)
+    http_proxy = r.custom(_set_name(env, "http_proxy"), _parse_proxy_url, None)
+    no_proxy = env.str(_set_name(env, "no_proxy"), None) or ""
     no_quotas: Mapping[str, int] = MappingProxyType({})
     tenant_quotas = r.custom("TENANT_QUOTAS", _parse_tenant_quotas, no_quotas)
     tenant_token_quotas = r.custom("TENANT_TOKEN_QUOTAS", _parse_tenant_token_quotas, no_quotas)
@@ -805,6 +831,9 @@ def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
         listen_port=port,
         upstream_base_url=base_url,
         anthropic_base_url=anthropic_url,
+        https_proxy=https_proxy,
+        http_proxy=http_proxy,
+        no_proxy=no_proxy,
         openai_organization=organization,
         openai_project=project,
         redis_url=redis_url,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import translate
 from .breaker import Breaker, Breakers, Permit
+from .egress import Egress
 from .errors import ModelNotFound, UpstreamStreamBroken
 from .keys import CONFIG, LIVE_CONFIG
 from .redact import OnRedaction, Redactor
@@ -70,6 +71,7 @@ class Router:
         "_closed",
         "_closing",
         "_connect_timeout",
+        "_egress",
         "_legs",
         "_organization",
         "_project",
@@ -87,8 +89,10 @@ class Router:
         *,
         organization: str | None = None,
         project: str | None = None,
+        egress: Egress | None = None,
     ) -> None:
         self.table = table
+        self._egress = egress
         self.breakers = breakers
         self._active = 0  # requests running under this router
         self._retired = False  # a reload replaced it: closed when the last of them ends
@@ -106,6 +110,7 @@ class Router:
                 anthropic=upstream.kind == "anthropic",
                 organization=organization if upstream.api_key_env == "OPENAI_API_KEY" else None,
                 project=project if upstream.api_key_env == "OPENAI_API_KEY" else None,
+                egress=egress,
             )
             for name, upstream in table.upstreams.items()
         }
@@ -131,7 +136,12 @@ class Router:
         its name keeps its state. Its clients are opened (`open`) before it serves; this one is
         closed once the requests that run under it have ended."""
         return Router(
-            table, self.breakers, self._connect_timeout, organization=self._organization, project=self._project
+            table,
+            self.breakers,
+            self._connect_timeout,
+            organization=self._organization,
+            project=self._project,
+            egress=self._egress,
         )
 
     async def open(self) -> None:

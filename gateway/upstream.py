@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 from multidict import CIMultiDictProxy
 
+from .egress import Egress
 from .errors import UpstreamError, UpstreamStreamBroken
 from .json_shape import reply_structure_excess
 from .tls import client_context
@@ -292,7 +293,18 @@ class UpstreamReply:
 class Upstream:
     """The session is opened in the app's cleanup context (it needs the running loop)."""
 
-    __slots__ = ("_connect_timeout", "_defaults", "_mask", "_max_reply", "_own", "_session", "_url", "_verdicts")
+    __slots__ = (
+        "_connect_timeout",
+        "_defaults",
+        "_egress",
+        "_mask",
+        "_max_reply",
+        "_own",
+        "_proxy_headers",
+        "_session",
+        "_url",
+        "_verdicts",
+    )
 
     def __init__(
         self,
@@ -304,8 +316,11 @@ class Upstream:
         project: str | None = None,
         anthropic: bool = False,
         max_reply_bytes: int = MAX_REPLY_BYTES,
+        egress: Egress | None = None,
     ) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._egress = egress
+        self._proxy_headers: dict[str, str] | None = None  # Proxy-Authorization, with an egress proxy
         self._max_reply = max_reply_bytes
         secret = api_key or _basic_credentials(url)
         self._mask = KeyMask(secret.encode()) if secret and len(secret) >= 8 else None  # masking "x" would garble
@@ -338,7 +353,11 @@ class Upstream:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
         # No cookie jar: a cookie the provider sets on one tenant's call (a load balancer's,
         # say) must never ride along on another tenant's calls.
-        session = aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
+        proxy, authorization = self._egress.proxy_for(self._url) if self._egress is not None else (None, None)
+        self._proxy_headers = {"Proxy-Authorization": authorization} if authorization else None
+        session = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar(), proxy=proxy
+        )
         self._session = session
         return session
 
@@ -399,7 +418,9 @@ class Upstream:
         try:
             # Never follow a redirect: it would carry the prompt (and on an origin change aiohttp
             # drops only Authorization, not x-api-key) to wherever the upstream points.
-            response = await session.post(self._url, data=body, headers=headers, allow_redirects=False)
+            response = await session.post(
+                self._url, data=body, headers=headers, allow_redirects=False, proxy_headers=self._proxy_headers
+            )
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
         return self._reply(response)
@@ -408,7 +429,9 @@ class Upstream:
         """A GET of the upstream's URL (the model list), under the same rules as `post`."""
         assert self._session is not None, "Upstream.open() was not awaited"
         try:
-            response = await self._session.get(self._url, headers=headers, allow_redirects=False)
+            response = await self._session.get(
+                self._url, headers=headers, allow_redirects=False, proxy_headers=self._proxy_headers
+            )
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
         return self._reply(response)

@@ -133,9 +133,15 @@ class Process:
         self._err.close()
 
 
+# A machine's egress proxy is not the tests': the tests that use one set it.
+_PROXY_NAMES = frozenset({"https_proxy", "http_proxy", "no_proxy", "all_proxy"})
+
+
 def base_env() -> dict[str, str]:
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "OPENAI_", "REDIS_", "TENANT_", "POLICY_"))
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OTEL_", "OPENAI_", "REDIS_", "TENANT_", "POLICY_")) and k.lower() not in _PROXY_NAMES
     }
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = str(ROOT)

@@ -1,24 +1,28 @@
 """An https upstream, as every real provider is, through the real process (GATEWAY_CMD's build,
 if set: the one-file binary carries its own OpenSSL). Its certificate is verified: against
-SSL_CERT_FILE, or the system's CA bundle wherever the distribution keeps it."""
+SSL_CERT_FILE, or the system's CA bundle wherever the distribution keeps it. Reached through
+an egress proxy (HTTPS_PROXY) when one is set, but for loopback upstreams and NO_PROXY."""
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
-from ..harness import Gateway, Mock
+from ..harness import ROOT, Gateway, Mock, Process, base_env, free_port, wait_until
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "write to jane.doe@example.com"}]}
 
 
 def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 that is its own CA, and its key."""
+    """A certificate for 127.0.0.1 and upstream.test that is its own CA, and its key."""
     cert, key = directory / f"{name}.pem", directory / f"{name}.key"
     subprocess.run(
         [
@@ -35,7 +39,7 @@ def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
             "-subj",
             f"/CN={name}",
             "-addext",
-            "subjectAltName=IP:127.0.0.1",
+            "subjectAltName=IP:127.0.0.1,DNS:upstream.test",
             "-keyout",
             str(key),
             "-out",
@@ -161,3 +165,92 @@ def test_without_any_ca_bundle_the_log_says_to_set_ssl_cert_file(
         assert refused.value.status_code == 502
     finally:
         gateway.stop()
+
+
+class ConnectProxy:
+    """tests/connect_proxy.py: every tunnel to `target`, whatever host the CONNECT names."""
+
+    def __init__(self, tmp: Path, target: int, auth: str = "") -> None:
+        self.port = free_port()
+        argv = [sys.executable, str(ROOT / "tests" / "connect_proxy.py"), str(self.port), str(target)]
+        self.process = Process(argv, base_env() | {"PROXY_AUTH": auth}, tmp, tmp / f"proxy-{self.port}.log")
+        wait_until(lambda: "listening" in self.process.output(), what="the proxy")
+
+    def connects(self) -> list[dict[str, str]]:
+        lines = [json.loads(line) for line in self.process.output().splitlines()]
+        return [line for line in lines if "request" in line]
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_an_https_upstream_is_reached_through_https_proxy_with_its_credentials(
+    tmp_path: Path, tls_mock: Mock, certificates: tuple[Path, Path, Path], no_ca_settings: None
+) -> None:
+    """The upstream's name is never resolved here: only the proxy, which tunnels to the mock,
+    knows where it is. TLS goes through the tunnel, verified for that name."""
+    cert, _, _ = certificates
+    proxy = ConnectProxy(tmp_path, tls_mock.port, auth=basic("egress", "p@ss:word"))
+    gateway = Gateway(
+        tmp_path,
+        {
+            "OPENAI_BASE_URL": "https://upstream.test",
+            "OPENAI_API_KEY": "sk-upstream-secret",
+            "HTTPS_PROXY": f"http://egress:p%40ss%3Aword@127.0.0.1:{proxy.port}",
+            "SSL_CERT_FILE": str(cert),
+        },
+    )
+    try:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        assert client.chat.completions.create(**BODY).choices[0].message.content
+        chunks = client.chat.completions.create(**BODY, stream=True)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+        connects = proxy.connects()
+        assert connects and {c["request"] for c in connects} == {"CONNECT upstream.test:443 HTTP/1.1"}
+        assert {c["proxy_authorization"] for c in connects} == {basic("egress", "p@ss:word")}
+        logged = gateway.process.output() + gateway.process.errors()
+        assert "p@ss" not in logged and "p%40ss" not in logged
+    finally:
+        gateway.stop()
+        proxy.process.stop()
+
+
+def test_a_proxy_that_refuses_is_a_502_that_names_no_credential(
+    tmp_path: Path, tls_mock: Mock, certificates: tuple[Path, Path, Path], no_ca_settings: None
+) -> None:
+    cert, _, _ = certificates
+    proxy = ConnectProxy(tmp_path, tls_mock.port, auth=basic("egress", "right"))
+    gateway = Gateway(
+        tmp_path,
+        {
+            "OPENAI_BASE_URL": "https://upstream.test",
+            "HTTPS_PROXY": f"http://egress:wrong-secret@127.0.0.1:{proxy.port}",
+            "SSL_CERT_FILE": str(cert),
+        },
+    )
+    try:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(**BODY)
+        assert refused.value.status_code == 502
+        assert "wrong-secret" not in refused.value.response.text
+        assert "wrong-secret" not in gateway.process.output() + gateway.process.errors()
+    finally:
+        gateway.stop()
+        proxy.process.stop()
+
+
+def test_a_loopback_upstream_does_not_go_through_the_proxy(
+    tmp_path: Path, tls_mock: Mock, certificates: tuple[Path, Path, Path], no_ca_settings: None
+) -> None:
+    cert, _, _ = certificates
+    proxy = ConnectProxy(tmp_path, tls_mock.port)
+    gateway = gateway_to(tmp_path, tls_mock, HTTPS_PROXY=f"http://127.0.0.1:{proxy.port}", SSL_CERT_FILE=str(cert))
+    try:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        assert client.chat.completions.create(**BODY).choices[0].message.content
+        assert proxy.connects() == []
+    finally:
+        gateway.stop()
+        proxy.process.stop()

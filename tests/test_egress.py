@@ -1,0 +1,56 @@
+"""Which upstreams go through the egress proxy (HTTPS_PROXY, HTTP_PROXY, NO_PROXY), and with
+which credentials: decided once per upstream (gateway/egress.py)."""
+
+from __future__ import annotations
+
+import pytest
+from aiohttp import encode_basic_auth
+from yarl import URL
+
+from gateway.egress import Egress
+
+PROXY = "http://proxy.corp:3128"
+
+
+@pytest.mark.parametrize(
+    ("url", "no_proxy", "proxied"),
+    [
+        ("https://api.openai.com/v1/chat/completions", "", True),
+        ("https://api.openai.com/v1/chat/completions", "*", False),
+        ("https://api.openai.com/v1/chat/completions", "openai.com", False),  # a domain: its subdomains too
+        ("https://api.openai.com/v1/chat/completions", ".openai.com", False),
+        ("https://api.openai.com/v1/chat/completions", "api.openai.com", False),
+        ("https://api.openai.com/v1/chat/completions", "API.OpenAI.com", False),  # names have no case
+        ("https://api.openai.com/v1/chat/completions", "penai.com", True),  # not a suffix at a dot
+        ("https://api.openai.com/v1/chat/completions", "other.example, openai.com", False),
+        ("https://api.openai.com/v1/chat/completions", "api.openai.com:443", True),  # the URL names no port
+        ("https://llm.corp:8443/v1/chat/completions", "llm.corp:8443", False),
+        ("https://llm.corp:8443/v1/chat/completions", "llm.corp:9000", True),
+        ("https://10.1.2.3/v1/chat/completions", "10.0.0.0/8", False),
+        ("https://10.1.2.3/v1/chat/completions", "10.1.2.3", False),
+        ("https://11.1.2.3/v1/chat/completions", "10.0.0.0/8", True),
+        ("https://[fd00::5]/v1/chat/completions", "fd00::/8", False),
+        ("https://localhost:8000/v1/chat/completions", "", False),  # loopback: never proxied
+        ("https://127.0.0.2:8000/v1/chat/completions", "", False),
+        ("https://[::1]:8000/v1/chat/completions", "", False),
+        ("https://model.localhost/v1/chat/completions", "", False),
+    ],
+)
+def test_no_proxy_and_loopback_decide_who_goes_direct(url: str, no_proxy: str, proxied: bool) -> None:
+    proxy, _ = Egress(https_proxy=PROXY, no_proxy=no_proxy).proxy_for(url)
+    assert (proxy is not None) is proxied
+
+
+def test_each_scheme_has_its_own_proxy() -> None:
+    egress = Egress(https_proxy="http://secure.corp:3128", http_proxy="http://plain.corp:8080")
+    assert egress.proxy_for("https://api.openai.com/v1/x")[0] == URL("http://secure.corp:3128")
+    assert egress.proxy_for("http://models.example/v1/x")[0] == URL("http://plain.corp:8080")
+    assert Egress(https_proxy="http://secure.corp:3128").proxy_for("http://models.example/v1/x") == (None, None)
+    assert Egress().proxy_for("https://api.openai.com/v1/x") == (None, None)
+
+
+def test_the_proxy_credentials_go_apart_from_its_url() -> None:
+    proxy, auth = Egress(https_proxy="http://egress:p%40ss%3Aword@proxy.corp:3128").proxy_for("https://a.example/")
+    assert proxy == URL("http://proxy.corp:3128")
+    assert auth == encode_basic_auth("egress", "p@ss:word")
+    assert Egress(https_proxy=PROXY).proxy_for("https://a.example/")[1] is None
