@@ -389,8 +389,10 @@ def responses_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
     or parts whose text is read (images and files but their names, and audio, pass); its
     `arguments` are JSON text (function and MCP calls); every other string in it is redacted
     whole — a custom tool's input, a shell's stdout, a patch's diff, an item type not known
-    yet — but ids, enums and binary data (`_NOT_TEXT`). Reasoning items pass unchanged (their
-    encrypted content goes with them), as do generated images."""
+    yet — but ids, enums and binary data (`_NOT_TEXT`). A reasoning item's summary and text
+    are text like any other (an OpenAI-compatible server puts them in the prompt, and the
+    reply that gave them out was redacted already: a mask redacts to itself), its encrypted
+    content passes; generated images pass as they came."""
     for key in ("instructions", "input"):
         if key in payload:
             yield from _items(payload, key)
@@ -420,7 +422,7 @@ _NOT_TEXT = frozenset(
         "file_url",
     }
 )
-_UNREAD_ITEMS = frozenset({"reasoning", "item_reference", "image_generation_call"})
+_UNREAD_ITEMS = frozenset({"item_reference", "image_generation_call"})
 _UNREAD_PARTS = frozenset({"input_audio"})  # base64 audio
 _TEXT_PARTS = {"input_text": "text", "output_text": "text", "text": "text", "refusal": "refusal"}
 

@@ -873,6 +873,7 @@ def test_request_texts_are_instructions_input_and_the_text_of_items() -> None:
         ('{"to": "x"}', True),
         ("tool said hi", False),
         ("tool part", False),
+        ("thinking", False),  # a reasoning item's summary: the model's text, sent back
     ]
     assert texts(list(responses_request_texts({"model": "m", "input": "just a string"}))) == [("just a string", False)]
 
@@ -947,6 +948,24 @@ OTHER_TEXTS: dict[str, dict[str, Any]] = {
     "prompt_variables_part": {
         "prompt": {"id": "pmpt_1", "variables": {"customer": {"type": "input_text", "text": EMAIL}}}
     },
+    # A reasoning item sent back: its summary and text are read as the model's own text (an
+    # OpenAI-compatible server puts them in the prompt); its encrypted content passes (below).
+    "reasoning_summary": {
+        "input": [
+            {
+                "type": "reasoning",
+                "id": "rs_1",
+                "summary": [{"type": "summary_text", "text": f"The user is {EMAIL}"}],
+                "encrypted_content": "gAAAA",
+            }
+        ]
+    },
+    "reasoning_text_parts": {
+        "input": [
+            {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": EMAIL}]}
+        ]
+    },
+    "reasoning_content_string": {"input": [{"type": "reasoning", "id": "rs_1", "summary": [], "content": EMAIL}]},
     "instructions_items": {"instructions": [{"role": "system", "content": EMAIL}], "input": "hi"},
     "instructions_parts": {
         "instructions": [{"type": "message", "role": "developer", "content": [{"type": "input_text", "text": EMAIL}]}]
