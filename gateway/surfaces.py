@@ -610,8 +610,10 @@ def _blocks_texts(holder: dict[str, Any], key: str) -> Iterator[TextSlot]:
         return
     if type(value) is not list:
         return
-    for block in value:
+    for position, block in enumerate(value):
         if type(block) is not dict:
+            if type(block) is str:  # no block Anthropic takes, but its text must not reach it in clear
+                yield value, position, False
             continue
         # The common blocks here, the others in _block_texts: one generator less per block.
         kind = block.get("type")
@@ -632,10 +634,10 @@ def _blocks_texts(holder: dict[str, Any], key: str) -> Iterator[TextSlot]:
 # (a search result's page, a citation's place in it, code's output): it decrypts them when the
 # conversation comes back, so a changed one would fail the request.
 _NOT_BLOCK_TEXT = frozenset(
-    {"type", "tool_use_id", "tool_name", "file_id", "media_type", "error_code"}
+    {"type", "tool_use_id", "tool_name", "file_id", "media_type", "error_code", "tab_id", "download_id"}
     | {"encrypted_content", "encrypted_index", "encrypted_stdout"}
 )
-_OTHER_TEXT_BLOCKS = frozenset({"server_tool_use", "mcp_tool_use", "document", "search_result"})
+_OTHER_TEXT_BLOCKS = frozenset({"server_tool_use", "mcp_tool_use", "document", "search_result", "browser_state"})
 
 
 def _block_texts(block: dict[str, Any]) -> Iterator[TextSlot]:
@@ -643,7 +645,7 @@ def _block_texts(block: dict[str, Any]) -> Iterator[TextSlot]:
     tool's result, like a tool result; a document's title, context and text (a plain-text
     source, or a content source's blocks: PDFs and files pass); a search result's source,
     title and text; and a server tool's result (a web search's titles and URLs, a fetched
-    page, code's output): every string but `_NOT_BLOCK_TEXT`'s."""
+    page, code's output), and a browser's state: every string but `_NOT_BLOCK_TEXT`'s."""
     kind = block.get("type")
     if kind == "server_tool_use" or kind == "mcp_tool_use":
         yield from strings_in(block, "input")
@@ -664,6 +666,12 @@ def _block_texts(block: dict[str, Any]) -> Iterator[TextSlot]:
             if type(block.get(name)) is str:
                 yield block, name, False
         yield from _blocks_texts(block, "content")
+    elif kind == "browser_state":
+        # A browser tool's result (beta): the model reads text made from its tabs' titles and
+        # URLs and its downloads' paths; the ids the client assigned pass.
+        for name in ("tabs", "state_changes"):
+            if name in block:
+                yield from _result_strings(block, name)
     elif type(kind) is str and kind.endswith("_tool_result"):
         yield from _result_strings(block, "content")
 

@@ -164,6 +164,36 @@ BLOCKS = [
         },
     ),
     (
+        "a browser tool's state in a tool result: tab titles, URLs, downloads (beta)",
+        {
+            "type": "tool_result",
+            "tool_use_id": "toolu_2",
+            "content": [
+                {"type": "text", "text": "Done."},
+                {
+                    "type": "browser_state",
+                    "tabs": [
+                        {
+                            "tab_id": "tab_1",
+                            "title": f"Inbox - {EMAIL} - Mail",
+                            "url": "https://mail.example/",
+                            "active": True,
+                        }
+                    ],
+                    "state_changes": [
+                        {
+                            "type": "download_completed",
+                            "download_id": "dl_1",
+                            "url": "https://a.example/f",
+                            "path": f"/tmp/{EMAIL}.pdf",
+                        }
+                    ],
+                },
+            ],
+        },
+    ),
+    ("a bare string where a block goes (refused by Anthropic, but sent there)", f"write to {EMAIL}"),
+    (
         "code execution output",
         {
             "type": "bash_code_execution_tool_result",
