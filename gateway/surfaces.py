@@ -171,6 +171,7 @@ def put(root: dict[str, Any], path: Path, text: str) -> None:
     """Append `text` to the string at `path`, creating what is missing on the way (an int
     step is the list item with that "index", None the item without one)."""
     node: Any = root
+    holder: str | int | None = None  # the key of the list an item is in
     for step, following in itertools.pairwise(path):
         if step is None:
             item = next((i for i in node if type(i) is dict and i.get("index") is None), None)
@@ -182,9 +183,13 @@ def put(root: dict[str, Any], path: Path, text: str) -> None:
             item = next((i for i in node if type(i) is dict and i.get("index") == step), None)
             if item is None:
                 item = {"index": step}
+                kind = _ITEM_TYPES.get((holder, str(path[-1]))) if type(holder) is str else None
+                if kind is not None:
+                    item["type"] = kind
                 node.append(item)
             node = item
         else:
+            holder = step
             want = list if following is None or type(following) is int else dict
             child = node.get(step)
             if type(child) is not want:
@@ -209,8 +214,13 @@ _CHAT_MESSAGE: Spec = {
     # OpenRouter), an audio reply's transcript.
     "reasoning_content": TEXT,
     "reasoning": TEXT,
+    # OpenRouter's second copy of the reasoning, per item index, which clients join and show.
+    "reasoning_details": Each({"text": TEXT, "summary": TEXT}),
     "audio": {"transcript": TEXT},
 }
+# The type of an item a flush creates in a list of typed items (a client's parser may need
+# one), by the list's key and the field that carries the held text.
+_ITEM_TYPES = {("reasoning_details", "text"): "reasoning.text", ("reasoning_details", "summary"): "reasoning.summary"}
 
 
 # What `Surface.misindexed` finds wrong with an index (the relay's error says "index is ...").

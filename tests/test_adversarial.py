@@ -508,6 +508,27 @@ async def test_text_streamed_in_other_delta_fields_is_redacted_across_events(
     assert EMAIL not in delta_text(wire, *path)
 
 
+async def test_openrouter_reasoning_details_are_redacted_across_events(gateway: Gateway, hostile: Hostile) -> None:
+    # OpenRouter streams its reasoning twice: as `reasoning`, and as `reasoning_details` items
+    # (per index) that clients such as the AI SDK's provider join and show. Redacted event by
+    # event, the second copy let an address split across chunks through.
+    def detail(text: str) -> bytes:
+        item = {"type": "reasoning.text", "text": text, "format": "unknown", "index": 0}
+        return chunk({"reasoning": text, "reasoning_details": [item]})
+
+    hostile.answer = events_answer(detail("write to jane.doe"), detail("@example.com now"), chunk({}, "stop"), DONE)
+    status, wire = await gateway.chat({"stream": True})
+    assert status == 200
+    items = [
+        item
+        for body in json_events(wire)
+        for choice in body.get("choices") or ()
+        for item in (choice.get("delta") or {}).get("reasoning_details") or ()
+    ]
+    assert "".join(item.get("text") or "" for item in items) == "write to j***e@example.com now"
+    assert all(item["type"] == "reasoning.text" and item["index"] == 0 for item in items)  # the held tail's too
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_legacy_function_call_arguments_stay_json(gateway: Gateway, hostile: Hostile, stream: bool) -> None:
     arguments = '{"card": 4242424242424242}'
