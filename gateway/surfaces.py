@@ -574,6 +574,11 @@ def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
         content = message.get("content")
         if type(content) is str:
             yield message, "content", False
+        elif type(content) is dict:  # one part, not an array of them: no message OpenAI takes, but sent there
+            if type(content.get("text")) is str:
+                yield content, "text", False
+            if type(content.get("refusal")) is str:
+                yield content, "refusal", False
         elif type(content) is list:
             # A part's text whatever its type says, and a bare string as a part: OpenAI-compatible
             # servers (vLLM) put `input_text` / `output_text` parts, parts without a type and

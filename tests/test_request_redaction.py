@@ -281,3 +281,13 @@ async def test_responses_user_identifiers_reach_the_upstream_as_sent(gateway: Ga
     )
     assert status == 200
     assert hostile.sent()["user"] == hostile.sent()["safety_identifier"] == EMAIL
+
+
+async def test_a_chat_content_that_is_one_part_reaches_the_upstream_masked(gateway: Gateway, hostile: Hostile) -> None:  # noqa: F811
+    # A content that is one part, not an array of them: no message OpenAI takes, but the body
+    # reaches the upstream all the same, so its text must not be in clear (as with bare strings).
+    hostile.answer = json_answer({"id": "c1", "object": "chat.completion", "model": "m", "choices": []})
+    part = {"type": "text", "text": f"write to {EMAIL}"}
+    status, _ = await gateway.chat({"messages": [{"role": "user", "content": part}]})
+    assert status == 200
+    assert hostile.sent()["messages"][0]["content"] == {"type": "text", "text": f"write to {MASKED}"}
