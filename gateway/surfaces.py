@@ -205,10 +205,12 @@ def put(root: dict[str, Any], path: Path, text: str) -> None:
 # A message's texts, in a stream chunk's "delta" or a reply's "message", per choice (and per
 # tool call). Log probabilities echo the text token by token (PII split across tokens would
 # pass): with redaction on they are dropped, and requests asking for them are refused.
+# A tool call: a function's JSON arguments, or a custom (freeform) tool's input text.
+_CHAT_CALL: Spec = {"function": {"arguments": JSON_TEXT}, "custom": {"input": TEXT}}
 _CHAT_MESSAGE: Spec = {
     "content": TEXT,
     "refusal": TEXT,
-    "tool_calls": Each({"function": {"arguments": JSON_TEXT}}),
+    "tool_calls": Each(_CHAT_CALL),
     "function_call": {"arguments": JSON_TEXT},  # the legacy form of a tool call
     # What OpenAI-compatible servers stream beside the answer: reasoning (DeepSeek, vLLM,
     # OpenRouter), an audio reply's transcript.
@@ -273,9 +275,7 @@ class ChatSurface(Surface):
     spec: ClassVar[Spec] = {"choices": Each(_CHAT_CHOICE)}
     # A reply's tool calls are a plain list (only a stream's carry an "index").
     reply_spec: ClassVar[Spec] = {
-        "choices": Each(
-            {"message": {**_CHAT_MESSAGE, "tool_calls": All({"function": {"arguments": JSON_TEXT}})}, "logprobs": DROP}
-        )
+        "choices": Each({"message": {**_CHAT_MESSAGE, "tool_calls": All(_CHAT_CALL)}, "logprobs": DROP})
     }
     done_data = sse.DONE
 
@@ -603,6 +603,9 @@ def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
             function = call.get("function") if type(call) is dict else None
             if type(function) is dict and type(function.get("arguments")) is str:
                 yield function, "arguments", True
+            custom = call.get("custom") if type(call) is dict else None
+            if type(custom) is dict and type(custom.get("input")) is str:
+                yield custom, "input", False
 
 
 def messages_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:

@@ -529,6 +529,30 @@ async def test_openrouter_reasoning_details_are_redacted_across_events(gateway: 
     assert all(item["type"] == "reasoning.text" and item["index"] == 0 for item in items)  # the held tail's too
 
 
+async def test_custom_tool_call_input_is_redacted_across_events(gateway: Gateway, hostile: Hostile) -> None:
+    # A custom (freeform) tool's call streams its input as `custom.input` deltas per call index
+    # (openai-python's accumulator joins them); redacted event by event, a split address passed.
+    def call(text: str, **opening: Any) -> bytes:
+        return chunk({"tool_calls": [{"index": 0, **opening, "custom": {"input": text}}]})
+
+    hostile.answer = events_answer(
+        call("", id="call_1", type="custom"),
+        call("SELECT * FROM users WHERE email = 'jane.doe@exa"),
+        call("mple.com'"),
+        chunk({}, "tool_calls"),
+        DONE,
+    )
+    status, wire = await gateway.chat({"stream": True})
+    assert status == 200
+    pieces = [
+        call.get("custom", {}).get("input") or ""
+        for body in json_events(wire)
+        for choice in body.get("choices") or ()
+        for call in (choice.get("delta") or {}).get("tool_calls") or ()
+    ]
+    assert "".join(pieces) == "SELECT * FROM users WHERE email = 'j***e@example.com'"
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_legacy_function_call_arguments_stay_json(gateway: Gateway, hostile: Hostile, stream: bool) -> None:
     arguments = '{"card": 4242424242424242}'

@@ -291,3 +291,21 @@ async def test_a_chat_content_that_is_one_part_reaches_the_upstream_masked(gatew
     status, _ = await gateway.chat({"messages": [{"role": "user", "content": part}]})
     assert status == 200
     assert hostile.sent()["messages"][0]["content"] == {"type": "text", "text": f"write to {MASKED}"}
+
+
+async def test_a_custom_tool_calls_input_reaches_the_upstream_masked(gateway: Gateway, hostile: Hostile) -> None:  # noqa: F811
+    # Chat's other kind of tool call (a custom, freeform tool) sent back: its input is the
+    # model's text as a function call's arguments are (the Responses API's is read already).
+    hostile.answer = json_answer({"id": "c1", "object": "chat.completion", "model": "m", "choices": []})
+    call = {"id": "c1", "type": "custom", "custom": {"name": "sql", "input": f"WHERE email = '{EMAIL}'"}}
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "1 row"},
+    ]
+    status, _ = await gateway.chat({"messages": messages})
+    assert status == 200
+    assert hostile.sent()["messages"][1]["tool_calls"][0]["custom"] == {
+        "name": "sql",
+        "input": f"WHERE email = '{MASKED}'",
+    }
