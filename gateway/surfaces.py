@@ -418,6 +418,9 @@ _THINKING_TYPES = frozenset({"thinking", "redacted_thinking", "thinking_delta", 
 _THINKING_BLOCKS = {"thinking": _THINKING, "redacted_thinking": _THINKING}
 _DELTA: Spec = {"text": TEXT, "partial_json": JSON_TEXT}
 _BLOCK: Spec = {"text": _BLOCK_TEXT}
+# A text block message_start opens with: the SDKs' snapshot starts from message_start's
+# content, and a block's deltas append to the block at their index there (see stream_of).
+_STARTING_TEXT = Leaf(opens=True)
 
 
 def _is_thinking(part: Any) -> bool:
@@ -431,7 +434,7 @@ class MessagesSurface(Surface):
         (delta, block): {
             "delta": {**_DELTA, **_THINKING} if delta else _DELTA,
             "content_block": {**_BLOCK, **_THINKING} if block else _BLOCK,
-            "message": {"content": All({}, _THINKING_BLOCKS)},
+            "message": {"content": All({"text": _STARTING_TEXT}, _THINKING_BLOCKS)},
         }
         for delta in (False, True)
         for block in (False, True)
@@ -444,14 +447,20 @@ class MessagesSurface(Surface):
         return self.specs[_is_thinking(event.get("delta")), _is_thinking(event.get("content_block"))]
 
     def root(self, event: dict[str, Any]) -> Path | None:
-        """A content block's events are keyed by its index; no other event carries a text
-        stream (a text an event of another type, or of no type, holds is redacted whole: a
-        held part of it would have no block to go out in)."""
+        """A content block's events are keyed by its index; message_start's text blocks open
+        the streams of the blocks at their positions (`stream_of`); no other event carries a
+        text stream (a text an event of another type, or of no type, holds is redacted whole:
+        a held part of it would have no block to go out in)."""
         kind = event.get("type")
         if type(kind) is str and kind.startswith("content_block_"):
             index = event.get("index")
             return (index,) if type(index) is int else None
-        return None
+        return () if kind == "message_start" else None
+
+    def stream_of(self, path: Path) -> Path:
+        """The stream a text block of message_start opens: ("message", "content", position,
+        "text") → that of the block whose index is its position."""
+        return (path[2], "delta", "text")
 
     def misindexed(self, event: dict[str, Any]) -> str | None:
         kind = event.get("type")

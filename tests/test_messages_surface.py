@@ -129,6 +129,23 @@ def test_split_pii_is_masked_and_held_text_goes_out_before_the_block_stop() -> N
     assert "jane.doe" not in out.decode()
 
 
+def test_text_blocks_message_start_opens_with_are_the_start_of_their_deltas() -> None:
+    # The SDKs' snapshot starts from message_start's content, and a block's deltas append to
+    # the block at their index there: its text and theirs are one text (an address split
+    # between them was sent in clear, each redacted on its own).
+    opened = json.loads(START[START.index(b"data: ") + 6 :])
+    opened["message"]["content"] = [{"type": "text", "text": "write to jane.doe@exa"}]
+    wire = ev("message_start", opened) + text_delta("mple.com now") + block_stop(0) + END
+    out, _ = relay(wire)
+    start = events(out)[0][1]
+    assert start["message"]["content"][0]["text"] + block_text(out, 0) == "write to j***e@example.com now"
+    assert "jane.doe" not in out.decode()
+    # Without deltas after it, held text still goes out before the message ends (as a delta).
+    out, _ = relay(ev("message_start", opened) + END)
+    whole = REDACTOR.redact("write to jane.doe@exa", None)
+    assert events(out)[0][1]["message"]["content"][0]["text"] + block_text(out, 0) == whole
+
+
 def test_tool_input_json_is_redacted_across_deltas_and_stays_json() -> None:
     wire = (
         START
