@@ -74,9 +74,12 @@ def _email_parts(letter: str) -> tuple[str, str, str]:
 
 
 # Each kind: (look-behind, body, look-ahead); a match is the three in a row.
-_CARD_AHEAD = r"(?![A-Za-z0-9_-]|[.,][0-9])"
-# Groups are also set apart by no-break spaces (U+00A0, U+202F: word processors, French).
+# Groups are also set apart by no-break spaces (U+00A0, U+202F: word processors, French),
+# and by Unicode's hyphens as well as ASCII's (U+2010, and U+2011, the no-break hyphen models
+# write numbers with: "415‑555‑2671"). "-" last, so that in a class it is no range.
 _SPACE = " \u00a0\u202f"
+_HYPHEN = "\u2010\u2011-"
+_CARD_AHEAD = rf"(?![A-Za-z0-9_{_HYPHEN}]|[.,][0-9])"
 
 
 def _uk_area(digits: int) -> str:
@@ -96,8 +99,8 @@ _PARTS = {
     # four groups of four set apart by dots. After a dot only when no digit is before it: "Card
     # No.4111…" is a card, "3.4242…" a decimal and "v1.4242…" a version.
     "card": (
-        r"(?<![A-Za-z0-9_,-])(?<![0-9]\.)",
-        rf"[2-6][0-9]{{3}}(?:(?:[{_SPACE}-]?[0-9]){{9,15}}|(?:\.[0-9]{{4}}){{3}})",
+        rf"(?<![A-Za-z0-9_,{_HYPHEN}])(?<![0-9]\.)",
+        rf"[2-6][0-9]{{3}}(?:(?:[{_SPACE}{_HYPHEN}]?[0-9]){{9,15}}|(?:\.[0-9]{{4}}){{3}})",
         _CARD_AHEAD,
     ),
     # Phones: international (+CC ..., or (+CC) ...), North American with separators, or British
@@ -110,11 +113,11 @@ _PARTS = {
     # A North American number may have its country code as "1-" ("1 ", "1."), and an
     # extension after it ("x123" is left as it is, the number before it masked).
     "phone": (
-        r"(?<![A-Za-z0-9_+-])(?<![0-9]\.)",  # after a dot only when no digit is before it ("Tel.+49")
-        rf"(?:(?:\+[1-9][0-9]{{0,2}}|\(\+[1-9][0-9]{{0,2}}\))(?:[{_SPACE}.-]?(?:\([0-9]{{1,4}}\)|[0-9]{{1,4}}+)){{2,5}}"
-        rf"|(?:1[{_SPACE}.-])?(?:\([2-9][0-9]{{2}}\)[{_SPACE}]?|[2-9][0-9]{{2}}[{_SPACE}.-])"
-        rf"[2-9][0-9]{{2}}[{_SPACE}.-][0-9]{{4}}|{_NATIONAL})",
-        r"(?![A-Za-wyz0-9_-]|x[A-Za-z]|[.,][0-9])",
+        rf"(?<![A-Za-z0-9_+{_HYPHEN}])(?<![0-9]\.)",  # after a dot only when no digit is before it ("Tel.+49")
+        rf"(?:(?:\+[1-9][0-9]{{0,2}}|\(\+[1-9][0-9]{{0,2}}\))(?:[{_SPACE}.{_HYPHEN}]?(?:\([0-9]{{1,4}}\)|[0-9]{{1,4}}+)){{2,5}}"
+        rf"|(?:1[{_SPACE}.{_HYPHEN}])?(?:\([2-9][0-9]{{2}}\)[{_SPACE}]?|[2-9][0-9]{{2}}[{_SPACE}.{_HYPHEN}])"
+        rf"[2-9][0-9]{{2}}[{_SPACE}.{_HYPHEN}][0-9]{{4}}|{_NATIONAL})",
+        rf"(?![A-Za-wyz0-9_{_HYPHEN}]|x[A-Za-z]|[.,][0-9])",
     ),
     "iban": (
         r"(?<![A-Za-z0-9])",
@@ -122,9 +125,9 @@ _PARTS = {
         r"(?![A-Za-z0-9])",
     ),
     "ssn": (
-        r"(?<![A-Za-z0-9_-])",
-        r"(?!000|666|9)[0-9]{3}-(?!00)[0-9]{2}-(?!0000)[0-9]{4}",
-        r"(?![A-Za-z0-9_-])",
+        rf"(?<![A-Za-z0-9_{_HYPHEN}])",
+        rf"(?!000|666|9)[0-9]{{3}}[{_HYPHEN}](?!00)[0-9]{{2}}[{_HYPHEN}](?!0000)[0-9]{{4}}",
+        rf"(?![A-Za-z0-9_{_HYPHEN}])",
     ),
 }
 _PATTERNS = {kind: "".join(parts) for kind, parts in _PARTS.items()}
@@ -134,8 +137,10 @@ ALL_KINDS = tuple(_PATTERNS)
 # Every card, phone, IBAN or SSN lies in a run of these characters, at least 11 long
 # except "+" phones (4). Looking for such runs first skips ordinary text at C speed:
 # the pattern starts with a character class, which the regex engine scans for directly.
-_DIGIT_RUN = re.compile(rf"[0-9(A-Z+](?:(?<=\+)[0-9A-Z{_SPACE}()+.-]{{3,}}|[0-9A-Z{_SPACE}()+.-]{{10,}})")
-_DIGIT_RUN_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ()+.-" + _SPACE  # the class above, for str.rstrip
+_DIGIT_RUN = re.compile(
+    rf"[0-9(A-Z+](?:(?<=\+)[0-9A-Z{_SPACE}()+.{_HYPHEN}]{{3,}}|[0-9A-Z{_SPACE}()+.{_HYPHEN}]{{10,}})"
+)
+_DIGIT_RUN_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ()+." + _HYPHEN + _SPACE  # the class above, for str.rstrip
 # The same runs looked for in bytes: each run character mapped to "x", all else (UTF-8's
 # bytes of other scripts included) to " ", then eleven "x" in a row searched for. Two C
 # passes: several times cheaper than the regex, which tries a match at every digit. The
@@ -144,12 +149,13 @@ _DIGIT_RUN_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ()+.-" + _SPACE  # the c
 _RUN_BYTES = frozenset(_DIGIT_RUN_CHARS.encode())
 _RUN_MAP = bytes(ord("x") if b in _RUN_BYTES else ord(" ") for b in range(256))
 _LONG_RUN = b"x" * 11
-_NOT_FIRST_CHARS = ").-" + _SPACE  # in a run, but no match starts with one
+_NOT_FIRST_CHARS = ")." + _HYPHEN + _SPACE  # in a run, but no match starts with one
 # Where a card, phone, IBAN or SSN can start: each one's look-behind and first character
 # (and for "+", "(" and a capital, the second, when it is known).
 _OTHER_START = re.compile(
-    r"(?<![A-Za-z0-9_,-])(?<![0-9]\.)[2-6]|(?<![A-Za-z0-9_+-])(?<![0-9]\.)(?:[1-9]|\+(?![^1-9])|\((?![^02-9+]))"
-    r"|(?<![A-Za-z0-9])[A-Z](?![^A-Z])|(?<![A-Za-z0-9_-])[0-8]"
+    rf"(?<![A-Za-z0-9_,{_HYPHEN}])(?<![0-9]\.)[2-6]"
+    rf"|(?<![A-Za-z0-9_+{_HYPHEN}])(?<![0-9]\.)(?:[1-9]|\+(?![^1-9])|\((?![^02-9+]))"
+    rf"|(?<![A-Za-z0-9])[A-Z](?![^A-Z])|(?<![A-Za-z0-9_{_HYPHEN}])[0-8]"
 )
 # An address's local part, and what one still in the making ends with: ASCII, for str.rstrip;
 # letters of other scripts are then found by the exact class (`_run_start`).
@@ -195,7 +201,7 @@ def _run_start(text: str, lo: int, hi: int, chars: str = _LOCAL_CHARS, run: re.P
     return lo + kept
 
 
-_SEPARATORS = str.maketrans("", "", " -+()." + _SPACE)  # all a card or phone match holds besides digits
+_SEPARATORS = str.maketrans("", "", " +()." + _HYPHEN + _SPACE)  # all a card or phone match holds besides digits
 
 
 def _digits(text: str) -> str:
@@ -822,7 +828,7 @@ _ANY_ESCAPE = re.compile(
 # no-break spaces that group digits, and letters (an address's, "j\\u00e4ne"). A JSON parser reads
 # either form as the same character.
 _A_LETTER = re.compile(_LETTER)  # as an address reads it, "²" too: escaped or not, the same text
-_PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"} | {"\u00a0", "\u202f"}
+_PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"} | set(_SPACE + _HYPHEN)
 
 
 def _surrogate(written: str) -> bool:

@@ -35,16 +35,16 @@ from .surfaces import CARD_SIZED, CHAT, LEFT_OUT, All, Each, Leaf, Path, Spec, S
 # of digits, capitals and separators at least 11 long, or shorter after a "+". The regex tries
 # every digit and capital of an event; the runs are found first by mapping each byte to
 # "x" (a run character) or " " and searching for eleven "x": one C pass each.
-# The no-break spaces (U+00A0, U+202F) group digits too: one repetition each, whatever their
-# UTF-8 length; the byte map counts their bytes as run bytes wherever they stand (more runs to
-# confirm, none missed).
-_RUN_CHAR = rb"(?:[0-9A-Z ()+.-]|\xc2\xa0|\xe2\x80\xaf)"
+# The no-break spaces (U+00A0, U+202F) group digits too, and so do Unicode's hyphens (U+2010,
+# U+2011): one repetition each, whatever their UTF-8 length; the byte map counts their bytes as
+# run bytes wherever they stand (more runs to confirm, none missed).
+_RUN_CHAR = rb"(?:[0-9A-Z ()+.-]|\xc2\xa0|\xe2\x80[\xaf\x90\x91])"
 # Whether there is a match, not how far it goes: no repetition runs past the length it needs
 # (greedy, a search went to the end of a megabyte run of digits, ~0.3 s in one C call).
 _RUN_IN_BYTES = re.compile(rb"[0-9(A-Z+](?:(?<=\+)" + _RUN_CHAR + rb"{3}|" + _RUN_CHAR + rb"{10})")
 _LONGEST_RUN = 1 + 10 * 3  # bytes a match of _RUN_IN_BYTES spans at most (a no-break space is 3)
 _SEARCH_BYTES = 64 * 1024  # a long event's bytes searched this many at a time (a few ms each)
-_RUN_BYTES = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ ()+.-\xc2\xa0\xe2\x80\xaf")
+_RUN_BYTES = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ ()+.-\xc2\xa0\xe2\x80\xaf\x90\x91")
 _RUN_MAP = bytes(ord("x") if b in _RUN_BYTES else ord(" ") for b in range(256))
 _ELEVEN = b"x" * 11
 

@@ -484,6 +484,7 @@ NUMBER_PARTS = st.sampled_from(
         "1-",
         "\u00a0",
         "\u202f",
+        "\u2011",
         "4242\u00a04242\u00a04242\u00a04242",
         "x12",
     ]
@@ -546,6 +547,14 @@ def redacts_whole_streamed_and_long(text: str, redacted: str | None) -> None:
         ("pay 4242\u00a04242\u00a04242\u00a04242 now", "pay CC_MASKED_LAST4_4242 now"),
         ("pay 4242\u202f4242\u202f4242\u202f4242", "pay CC_MASKED_LAST4_4242"),
         ("tel +33\u00a01\u00a023\u00a045\u00a067\u00a089", "tel PHONE_MASKED_LAST2_89"),
+        # Unicode's hyphens as ASCII's: models write numbers with the no-break one (U+2011).
+        ("call 415\u2011555\u20112671 now", "call PHONE_MASKED_LAST2_71 now"),
+        ("call +1\u2011415\u2011555\u20112671", "call PHONE_MASKED_LAST2_71"),
+        ("pay 4242\u20114242\u20114242\u20114242 now", "pay CC_MASKED_LAST4_4242 now"),
+        ("ssn 078\u201105\u20111120.", "ssn SSN_MASKED."),
+        ("ssn 078\u201005\u20101120", "ssn SSN_MASKED"),
+        ("years 2020\u20112021 v1\u20112\u20113", None),
+        ("id X\u20114242\u20114242\u20114242\u20114242", None),  # a hyphen before keeps it whole, as "-" does
         # Look-alikes stay.
         ("415-555-2671xyz", None),
         ("1920x1080 at 60 Hz", None),
