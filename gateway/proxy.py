@@ -398,9 +398,13 @@ class Proxy:
             elif relay.usage is not None:
                 state.prompt_tokens_seen = relay.usage.prompt_tokens
             elif isinstance(reply, AnthropicAsChat):
-                # Translated, the usage comes in one chunk at message_stop: a stream that broke
-                # before it still used the prompt message_start reported (as on /v1/messages).
-                state.prompt_tokens_seen = reply.prompt_tokens
+                # Translated, the usage chunk comes at message_stop; message_delta had the final
+                # counts already, which settle a stream cut (or left) between the two, as on
+                # /v1/messages. Before them, the prompt message_start reported was still used.
+                if (usage := reply.final_usage) is not None:
+                    state.usage = usage
+                else:
+                    state.prompt_tokens_seen = reply.prompt_tokens
             state.response_model = relay.response_model
             if held is not None:
                 held.close()  # an unfinished upstream stream is cut: the LLM stops generating

@@ -22,6 +22,7 @@ from .breaker import Breaker, Breakers, Permit
 from .egress import Egress
 from .errors import ModelNotFound, UpstreamStreamBroken
 from .keys import CONFIG, LIVE_CONFIG
+from .models import Usage
 from .redact import OnRedaction, Redactor
 from .relay import ASIDE_BYTES, dumps_reply
 from .routing import Kind, RouteTable
@@ -340,6 +341,10 @@ class AnthropicAsChat:
     @property
     def prompt_tokens(self) -> int:
         return self._stream.prompt_tokens
+
+    @property
+    def final_usage(self) -> Usage | None:
+        return self._stream.final_usage
 
     def retry_headers(self) -> dict[str, str]:
         return self._reply.retry_headers()

@@ -19,7 +19,7 @@ import orjson
 
 from . import sse
 from .errors import BadRequest, UpstreamError, UpstreamStreamBroken
-from .models import is_count
+from .models import Usage, is_count
 from .relay import loads_reply
 
 DEFAULT_MAX_TOKENS = 4096  # Messages requires max_tokens; chat requests may leave it out
@@ -359,7 +359,18 @@ class ChatStream:
     Thinking, signatures and pings have no chat form and are left out. Anthropic's `error`
     event becomes chat's in-stream error event, and ends the stream."""
 
-    __slots__ = ("_argued", "_base", "_counts", "_created", "_include_usage", "_opening", "_parser", "_tools", "done")
+    __slots__ = (
+        "_argued",
+        "_base",
+        "_counts",
+        "_created",
+        "_final",
+        "_include_usage",
+        "_opening",
+        "_parser",
+        "_tools",
+        "done",
+    )
 
     def __init__(self, include_usage: bool, created: int) -> None:
         self._include_usage = include_usage
@@ -370,6 +381,7 @@ class ChatStream:
         self._argued: set[int] = set()  # tool blocks whose arguments have had text
         self._opening = False  # message_start read, the role chunk not yet sent
         self._counts: dict[str, int] = {}
+        self._final = False  # message_delta's usage read: the counts are the reply's last word
         self.done = False
 
     @property
@@ -393,6 +405,16 @@ class ChatStream:
         them): what a stream that breaks before its usage chunk still used."""
         prompt: int = chat_usage(self._counts)["prompt_tokens"]  # counted as the usage chunk counts it
         return prompt
+
+    @property
+    def final_usage(self) -> Usage | None:
+        """The reply's usage once message_delta has reported it (as /v1/messages reads it), the
+        usage chunk made or not: a stream cut between message_delta and message_stop, or left
+        by its client there, is settled to it (SPEC §14), not held at its estimate."""
+        if not self._final or not self._counts:
+            return None
+        usage = chat_usage(self._counts)
+        return Usage(usage["prompt_tokens"], usage["completion_tokens"])
 
     def feed(self, data: bytes) -> bytes:
         try:
@@ -447,6 +469,7 @@ class ChatStream:
             return self._block_stop(event)
         if kind == "message_delta":
             self._count(event.get("usage"))
+            self._final = self._final or isinstance(event.get("usage"), dict)
             delta = event.get("delta")
             reason = finish_reason(delta.get("stop_reason")) if isinstance(delta, dict) else None
             return [self._chunk({}, reason or "stop")]

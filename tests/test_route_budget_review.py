@@ -1,0 +1,65 @@
+"""Review of SPEC §13/§14 together: token budgets settled from a routed upstream's usage, on a
+chat request translated to an Anthropic upstream as on /v1/messages (the gateway in process, in
+front of a hostile upstream: tests/test_adversarial.py's fixtures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.test_adversarial import (  # noqa: F401  (fixtures)
+    ANTHROPIC_START,
+    GatewayFactory,
+    Hostile,
+    anthropic_ev,
+    events_answer,
+    hostile,
+    json_answer,
+    start,
+)
+from tests.test_side_channels import ROUTES  # claude-* → an Anthropic upstream
+
+TEXT = anthropic_ev({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+TEXT += anthropic_ev({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi. "}})
+TEXT += anthropic_ev({"type": "content_block_stop", "index": 0})
+# message_delta's usage is the reply's last word: input 3 (message_start) + output 5.
+FINAL = anthropic_ev({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 5}})
+MESSAGE = {
+    "id": "msg_2",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude",
+    "content": [{"type": "text", "text": "ok"}],
+    "stop_reason": "end_turn",
+    "usage": {"input_tokens": 1, "output_tokens": 1},
+}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+async def test_a_stream_cut_after_its_final_usage_is_settled_to_it_on_every_surface(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    tmp_path: Path,
+    path: str,
+) -> None:
+    """SPEC §14: "When the reply's usage is known the reservation is settled to it". Anthropic's
+    message_delta carries the final counts; the upstream then ends before message_stop. On
+    /v1/messages the reservation settled to the 8 tokens used, but a chat request translated to
+    the same upstream kept its whole estimate (1001): the usage chunk the translation makes comes
+    only at message_stop, and the usage it had read was dropped."""
+    routes = tmp_path / "routes.toml"
+    routes.write_text(ROUTES.format(url=hostile.url))
+    gw = await start(ROUTES_FILE=str(routes), TOKEN_QUOTA="10000", TOKEN_RESERVE_DEFAULT="1000")
+    hostile.answer = events_answer(ANTHROPIC_START + TEXT + FINAL)  # no message_stop: cut short
+    body = {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 1000}
+    async with gw.client.post(path, json=body, headers={"Authorization": "Bearer t"}) as response:
+        assert response.status == 200
+        assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 1001)
+        assert b"error" in await response.read()  # the stream said it was cut short
+    hostile.answer = json_answer(MESSAGE)
+    body = {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}
+    async with gw.client.post(path, json=body, headers={"Authorization": "Bearer t"}) as response:
+        assert response.status == 200
+        # 3 + 5 used by the first, 1001 held for this one.
+        assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 8 - 1001)
