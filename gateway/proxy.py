@@ -473,6 +473,10 @@ class Proxy:
                 if relay is None or reply.status >= 300 or reply.is_json:
                     whole = await reply.read()
                     relay = None
+                    if reply.status < 300 and not _may_be_reply(whole):
+                        # A proxy's HTML page, nothing: no reply, which the client would get as
+                        # the gateway's 502. Nothing has gone out: as a body that broke (SPEC §13).
+                        raise UpstreamError("upstream answered with a body that is not JSON")
                 else:
                     first = await _first_events(reply, relay, self._count_response_redactions)
                     # An error the request caused (a prompt too long, a bad tool schema) is no
@@ -647,6 +651,20 @@ def _finished(relay: StreamRelay) -> bytes:
     except Exception:
         log.exception("flushing held text failed")
         return b""
+
+
+def _may_be_reply(data: bytes) -> bool:
+    """Whether a 2xx body may be a reply `_json_answer` can relay: JSON or events. Decided on
+    its first byte on the usual path (a JSON object); a body that does not open like one is
+    parsed to be sure (a JSON string or number is relayed as it came)."""
+    head = data[:64].lstrip()
+    if head[:1] in (b"{", b"[") or head.startswith(sse.EVENT_STARTS):
+        return True
+    try:
+        loads_reply(data)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _is_error_event(first: bytes) -> bool:

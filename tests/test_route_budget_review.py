@@ -63,3 +63,69 @@ async def test_a_stream_cut_after_its_final_usage_is_settled_to_it_on_every_surf
         assert response.status == 200
         # 3 + 5 used by the first, 1001 held for this one.
         assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 8 - 1001)
+
+
+TWO = """
+[upstreams.a]
+kind = "openai"
+base_url = "{url}/a"
+api_key_env = "OPENAI_API_KEY"
+
+[upstreams.b]
+kind = "openai"
+base_url = "{url}/b"
+api_key_env = "OPENAI_API_KEY"
+
+[[models]]
+match = "m"
+upstreams = [{{ upstream = "a" }}, {{ upstream = "b" }}]
+"""
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        (b"<html><body>502 Bad Gateway</body></html>", "text/html"),
+        (b"", "application/json"),
+        (b"upstream connect error or disconnect/reset before headers", "text/plain"),
+    ],
+    ids=["html", "empty", "text"],
+)
+async def test_a_2xx_body_that_is_no_reply_falls_back_and_counts_as_a_failure(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    tmp_path: Path,
+    broken: tuple[bytes, str],
+) -> None:
+    """SPEC §13: a non-stream reply whose body breaks before anything was sent may fall back.
+    A 200 whose body is no reply at all (a proxy's HTML page, nothing) was answered as the
+    gateway's own 502 "not JSON", the next upstream never tried, and it counted as a success
+    for the breaker, which never opened however often it came (CB_FAILURES=2, four requests: four
+    502s). A chat request translated to an Anthropic upstream already falls back on it."""
+    from aiohttp import web
+
+    body, content_type = broken
+    routes = tmp_path / "routes.toml"
+    routes.write_text(TWO.format(url=hostile.url))
+    gw = await start(ROUTES_FILE=str(routes), CB_FAILURES="2", CB_OPEN_SECS="30")
+    reply = {
+        "id": "c",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "from b"}, "finish_reason": "stop"}],
+    }
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/a/"):
+            return web.Response(body=body, status=200, content_type=content_type)
+        return web.json_response(reply)
+
+    hostile.answer = answer
+    for _ in range(4):
+        async with gw.client.post(
+            "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        ) as response:
+            assert response.status == 200, await response.text()
+            assert response.headers["x-gateway-upstream"] == "b"
+            assert (await response.json())["choices"][0]["message"]["content"] == "from b"
+    assert [seen.path.split("/")[1] for seen in hostile.seen] == ["a", "b", "a", "b", "b", "b"]  # a opened after 2
