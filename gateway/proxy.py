@@ -52,7 +52,7 @@ from .router import (
     is_fallback_status,
     router_for,
 )
-from .surfaces import Api, ask_stream_usage
+from .surfaces import MESSAGES_API, Api, ask_stream_usage
 from .telemetry import Telemetry
 from .upstream import Reply, Upstream
 
@@ -461,9 +461,12 @@ class Proxy:
             relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface, hide_usage=hidden_usage)
         reply: Reply | None = None
         whole = first = b""
+        read_at: float | None = None
         opened_with_error = False
-        # Translated, the role chunk may wait for the answer's first event half this attempt's time.
-        hold_until = asyncio.get_running_loop().time() + attempt.secs / 2 if leg.translated else None
+        # Translated, the role chunk may wait for the answer's first event half this attempt's time;
+        # on /v1/messages, message_start does.
+        holds = leg.translated or self._api.name == MESSAGES_API.name
+        hold_until = asyncio.get_running_loop().time() + attempt.secs / 2 if holds else None
         try:
             async with asyncio.timeout(attempt.secs):  # this attempt's share of TIMEOUT_SECS
                 reply = await leg.client.post(send, headers)
@@ -479,11 +482,17 @@ class Proxy:
                         raise UpstreamError("upstream answered with a body that is not JSON")
                 else:
                     first = await _first_events(reply, relay, self._count_response_redactions)
+                    read_at = time.perf_counter()  # the upstream's first event, held or not
+                    if hold_until is not None and not leg.translated:
+                        first = await _past_message_start(
+                            reply, relay, first, hold_until, self._count_response_redactions
+                        )
+                    answer = _answer_of(first)
                     # An error the request caused (a prompt too long, a bad tool schema) is no
                     # upstream failure (SPEC §13: a 429 or a 5xx is): the client gets it as an
                     # HTTP 400 would reach it, no fallback, and it counts nothing toward the
                     # breaker, or any client could open it for everyone with a few bad requests.
-                    opened_with_error = _is_error_event(first) and not _is_request_error_event(first)
+                    opened_with_error = _is_error_event(answer) and not _is_request_error_event(answer)
                     if opened_with_error and attempts.more():
                         # A stream that opens with an error (Anthropic's overloaded_error) has
                         # sent the client nothing yet: the next upstream may answer instead.
@@ -514,7 +523,7 @@ class Proxy:
         else:
             attempts.answered(attempt)
         # Translated, the upstream's first bytes may have come well before its first events went out.
-        first_read = reply.first_read if isinstance(reply, AnthropicAsChat) else None
+        first_read = reply.first_read if isinstance(reply, AnthropicAsChat) else read_at
         state.upstream_ttfb = (time.perf_counter() if first_read is None else first_read) - started
         state.upstream = leg.name
         if relay is None:
@@ -665,6 +674,47 @@ def _may_be_reply(data: bytes) -> bool:
     except (ValueError, RecursionError):
         return False
     return True
+
+
+_MESSAGE_START = b"event: message_start\n"
+_PING = b"event: ping\n"
+
+
+def _answer_of(first: bytes) -> bytes:
+    """The first events from the answer's first on: past /v1/messages' message_start and pings,
+    which Anthropic sends before an overloaded_error as before an answer."""
+    at = 0
+    while first.startswith((_MESSAGE_START, _PING), at):
+        end = first.find(b"\n\n", at)
+        if end < 0:
+            break
+        at = end + 2
+    return first[at:] if at else first
+
+
+async def _past_message_start(
+    reply: Reply, relay: StreamRelay, first: bytes, hold_until: float, counted: Counted
+) -> bytes:
+    """/v1/messages: message_start is held (with the pings after it) until the answer's first
+    event, so that an overloaded_error right after it may still fall back (SPEC §13), as a
+    translated chat stream's role chunk is; but only until `hold_until` (loop time), so a model
+    slow to begin gets message_start out within the first-byte deadline. The end of the body is
+    left for the relay to find (it reads b"" again)."""
+    loop = asyncio.get_running_loop()
+    while first.startswith(_MESSAGE_START) and not _answer_of(first) and not relay.done:
+        left = hold_until - loop.time()
+        if left <= 0:
+            break
+        try:
+            async with asyncio.timeout(left):
+                chunk = await reply.next_chunk()
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        long = len(chunk) + len(relay.parser.pending) > ASIDE_BYTES  # see _pump
+        first += await _aside(relay, chunk, counted) if long else relay.feed(chunk)
+    return first
 
 
 def _is_error_event(first: bytes) -> bool:

@@ -129,3 +129,103 @@ async def test_a_2xx_body_that_is_no_reply_falls_back_and_counts_as_a_failure(
             assert response.headers["x-gateway-upstream"] == "b"
             assert (await response.json())["choices"][0]["message"]["content"] == "from b"
     assert [seen.path.split("/")[1] for seen in hostile.seen] == ["a", "b", "a", "b", "b", "b"]  # a opened after 2
+
+
+TWO_CLAUDES = """
+[upstreams.c1]
+kind = "anthropic"
+base_url = "{url}/c1"
+api_key_env = "ANTHROPIC_API_KEY"
+
+[upstreams.c2]
+kind = "anthropic"
+base_url = "{url}/c2"
+api_key_env = "ANTHROPIC_API_KEY"
+
+[[models]]
+match = "claude-*"
+upstreams = [{{ upstream = "c1" }}, {{ upstream = "c2" }}]
+"""
+OVERLOADED = anthropic_ev({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+PING = anthropic_ev({"type": "ping"})
+STOP = anthropic_ev({"type": "message_stop"})
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.05], ids=["one-read", "two-reads"])
+async def test_messages_overloaded_right_after_message_start_falls_back(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    tmp_path: Path,
+    pause: float,
+) -> None:
+    """SPEC §13: an overloaded upstream (529, Anthropic's overloaded_error) sends the request to
+    the next one while nothing has reached the client. Anthropic's stream reports it after
+    message_start: a chat request translated to it held its role chunk for the answer's first
+    event and fell back, but /v1/messages sent message_start on at once, so the client got the
+    error although another upstream was there, and the breaker counted each such answer as a
+    success (CB_FAILURES=2: four requests, four errors, c2 never asked, c1 never opened)."""
+    import asyncio
+
+    from aiohttp import web
+
+    routes = tmp_path / "routes.toml"
+    routes.write_text(TWO_CLAUDES.format(url=hostile.url))
+    gw = await start(ROUTES_FILE=str(routes), CB_FAILURES="2", CB_OPEN_SECS="30")
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(ANTHROPIC_START)
+        if request.path.startswith("/c1/"):
+            await asyncio.sleep(pause)
+            await response.write(PING + OVERLOADED)
+        else:
+            await response.write(TEXT + FINAL + STOP)
+        await response.write_eof()
+        return response
+
+    hostile.answer = answer
+    body = {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 10}
+    for _ in range(4):
+        async with gw.client.post("/v1/messages", json=body) as response:
+            data = await response.read()
+            assert response.headers["x-gateway-upstream"] == "c2", data
+            assert b"overloaded" not in data and data.count(b"event: message_start") == 1
+            assert b"Hi. " in data and data.endswith(STOP)
+    assert [seen.path.split("/")[1] for seen in hostile.seen] == ["c1", "c2", "c1", "c2", "c2", "c2"]  # c1 opened
+
+
+async def test_messages_held_message_start_goes_out_when_the_answer_is_slow(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The wait for the answer's first event is bounded (half the attempt's time, as the
+    translated role chunk's): a model slow to begin gets message_start out within the first-byte
+    deadline, and is then no failure, as before."""
+    import asyncio
+
+    from aiohttp import web
+
+    routes = tmp_path / "routes.toml"
+    routes.write_text(TWO_CLAUDES.format(url=hostile.url))
+    gw = await start(ROUTES_FILE=str(routes), TIMEOUT_SECS="4")
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(ANTHROPIC_START)
+        await asyncio.sleep(1.5)  # past half of c1's share (4 s / 2 attempts / 2)
+        await response.write(TEXT + FINAL + STOP)
+        await response.write_eof()
+        return response
+
+    hostile.answer = answer
+    body = {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 10}
+    async with gw.client.post("/v1/messages", json=body) as response:
+        assert response.headers["x-gateway-upstream"] == "c1"
+        first = await response.content.readuntil(b"\n\n")
+        assert first.startswith(b"event: message_start")
+        data = first + await response.read()
+    assert data.endswith(STOP) and b"Hi. " in data
+    assert [seen.path.split("/")[1] for seen in hostile.seen] == ["c1"]
