@@ -501,7 +501,7 @@ def token_budget(budget: TokenBudget, apis: Mapping[str, Api], telemetry: Teleme
             failed = True
             raise
         finally:
-            await budget.settle(decision, spent(state.usage, failed, status))
+            await budget.settle(decision, spent(state.usage, failed or state.error_answer, status))
 
     return hold_tokens
 

@@ -78,3 +78,6 @@ class RequestState:
     payload: dict[str, Any] | None = None  # the body parsed: a JSON object (the body step checks)
     upstream: str | None = None  # ROUTES_FILE's upstream that answered: x-gateway-upstream
     ended: bool = False  # the middleware chain is done with it: no error can follow
+    # A 200 stream whose answer was an error event (a 5xx's or a 400's, in the stream): nothing
+    # was generated, and its token reservation is released as an error status's is (SPEC §14).
+    error_answer: bool = False

@@ -356,6 +356,7 @@ class Proxy:
                     whole = await reply.read()
                 else:
                     first = await _first_events(reply, relay, self._count_response_redactions)
+                    state.error_answer = _is_error_event(_answer_of(first))
         except BaseException as exc:
             if reply is not None:
                 reply.close()
@@ -460,7 +461,7 @@ class Proxy:
         if state.stream:
             relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface, hide_usage=hidden_usage)
         reply: Reply | None = None
-        whole = first = b""
+        whole = first = answer = b""
         read_at: float | None = None
         opened_with_error = False
         # Translated, the role chunk may wait for the answer's first event half this attempt's time;
@@ -526,6 +527,7 @@ class Proxy:
         first_read = reply.first_read if isinstance(reply, AnthropicAsChat) else read_at
         state.upstream_ttfb = (time.perf_counter() if first_read is None else first_read) - started
         state.upstream = leg.name
+        state.error_answer = relay is not None and _is_error_event(answer)
         if relay is None:
             try:
                 return await self._json_answer(state, reply, whole)

@@ -229,3 +229,63 @@ async def test_messages_held_message_start_goes_out_when_the_answer_is_slow(
         data = first + await response.read()
     assert data.endswith(STOP) and b"Hi. " in data
     assert [seen.path.split("/")[1] for seen in hostile.seen] == ["c1"]
+
+
+CHAT_ERROR = (
+    b'data: {"error":{"message":"The server had an error while processing your request","type":"server_error"}}\n\n'
+)
+BAD_REQUEST = b'data: {"error":{"message":"prompt is too long","type":"invalid_request_error"}}\n\n'
+
+
+@pytest.mark.parametrize(
+    ("path", "model", "events"),
+    [
+        ("/v1/chat/completions", "gpt-4o", CHAT_ERROR),
+        ("/v1/chat/completions", "gpt-4o", BAD_REQUEST),
+        ("/v1/chat/completions", "claude-x", ANTHROPIC_START + OVERLOADED),
+        ("/v1/messages", "claude-x", ANTHROPIC_START + OVERLOADED),
+    ],
+    ids=["chat-server-error", "chat-request-error", "translated-overloaded", "messages-overloaded"],
+)
+async def test_a_stream_whose_answer_is_an_error_releases_its_reservation(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    tmp_path: Path,
+    path: str,
+    model: str,
+    events: bytes,
+) -> None:
+    """SPEC §14: an upstream failure with no reply (a 5xx) releases the reservation, and an
+    upstream's error answer charges nothing. The same failure in a 200 stream, an error event
+    where the answer should be (OpenAI's server_error, Anthropic's overloaded_error after
+    message_start), held the whole estimate to the window's end (501 of 10000, for nothing)."""
+    routes = tmp_path / "routes.toml"
+    routes.write_text(
+        ROUTES.format(url=hostile.url) + '\n[upstreams.openai]\nkind = "openai"\n'
+        f'base_url = "{hostile.url}"\napi_key_env = "OPENAI_API_KEY"\n\n'
+        '[[models]]\nmatch = "gpt-*"\nupstreams = [{ upstream = "openai" }]\n'
+    )
+    gw = await start(ROUTES_FILE=str(routes), TOKEN_QUOTA="10000")
+    hostile.answer = events_answer(events)
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 500}
+    async with gw.client.post(path, json=body, headers={"Authorization": "Bearer t"}) as response:
+        assert response.status == 200
+        assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 501)
+        assert b"error" in await response.read()
+    async with gw.client.post(path, json=body, headers={"Authorization": "Bearer t"}) as response:
+        await response.read()
+        assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 501)  # the first released
+
+
+async def test_an_unrouted_stream_whose_answer_is_an_error_releases_its_reservation(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+) -> None:
+    """The same without ROUTES_FILE (OPENAI_BASE_URL's single upstream)."""
+    gw = await start(TOKEN_QUOTA="10000")
+    hostile.answer = events_answer(CHAT_ERROR)
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 500}
+    for _ in range(2):
+        async with gw.client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer t"}) as response:
+            assert response.status == 200 and b"server_error" in await response.read()
+            assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 501)
