@@ -348,6 +348,10 @@ class Proxy:
         relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface, hide_usage=hidden_usage)
         reply: Reply | None = None
         whole: bytes | None = None
+        # /v1/messages: message_start waits for the answer's first event (see _past_message_start).
+        holds = self._api.name == MESSAGES_API.name
+        hold_until = asyncio.get_running_loop().time() + self._timeout / 2
+        read_at: float | None = None
         try:
             async with asyncio.timeout(self._timeout):  # the first chunk, as the design card says
                 reply = await self._upstream.post(body, headers)
@@ -356,12 +360,17 @@ class Proxy:
                     whole = await reply.read()
                 else:
                     first = await _first_events(reply, relay, self._count_response_redactions)
+                    read_at = time.perf_counter()  # the upstream's first event, held or not
+                    if holds:
+                        first = await _past_message_start(
+                            reply, relay, first, hold_until, self._count_response_redactions
+                        )
                     state.error_answer = _is_error_event(_answer_of(first))
         except BaseException as exc:
             if reply is not None:
                 reply.close()
             raise self._upstream_exception(exc) from None
-        state.upstream_ttfb = time.perf_counter() - started
+        state.upstream_ttfb = (time.perf_counter() if read_at is None else read_at) - started
         if whole is not None:
             try:
                 return await self._json_answer(state, reply, whole)

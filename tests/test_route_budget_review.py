@@ -289,3 +289,33 @@ async def test_an_unrouted_stream_whose_answer_is_an_error_releases_its_reservat
         async with gw.client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer t"}) as response:
             assert response.status == 200 and b"server_error" in await response.read()
             assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 501)
+
+
+async def test_an_unrouted_messages_stream_overloaded_after_message_start_releases_its_reservation(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+) -> None:
+    """Without ROUTES_FILE too: whether message_start and the error came in one read or two
+    decided whether the estimate was released (one) or held to the window's end (two)."""
+    import asyncio
+
+    from aiohttp import web
+
+    gw = await start(TOKEN_QUOTA="10000")
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(ANTHROPIC_START)
+        await asyncio.sleep(0.05)
+        await response.write(PING + OVERLOADED)
+        await response.write_eof()
+        return response
+
+    hostile.answer = answer
+    body = {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 500}
+    for _ in range(2):
+        async with gw.client.post("/v1/messages", json=body, headers={"x-api-key": "t"}) as response:
+            data = await response.read()
+            assert response.status == 200 and data.startswith(ANTHROPIC_START) and data.endswith(OVERLOADED)
+            assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 501)
