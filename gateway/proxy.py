@@ -348,7 +348,7 @@ class Proxy:
         relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface, hide_usage=hidden_usage)
         reply: Reply | None = None
         whole: bytes | None = None
-        # /v1/messages: message_start waits for the answer's first event (see _past_message_start).
+        # /v1/messages: message_start waits for the answer's first event (see _past_preamble).
         holds = self._api.name == MESSAGES_API.name
         hold_until = asyncio.get_running_loop().time() + self._timeout / 2
         read_at: float | None = None
@@ -362,9 +362,7 @@ class Proxy:
                     first = await _first_events(reply, relay, self._count_response_redactions)
                     read_at = time.perf_counter()  # the upstream's first event, held or not
                     if holds:
-                        first = await _past_message_start(
-                            reply, relay, first, hold_until, self._count_response_redactions
-                        )
+                        first = await _past_preamble(reply, relay, first, hold_until, self._count_response_redactions)
                     state.error_answer = _is_error_event(_answer_of(first))
         except BaseException as exc:
             if reply is not None:
@@ -473,10 +471,9 @@ class Proxy:
         whole = first = answer = b""
         read_at: float | None = None
         opened_with_error = False
-        # Translated, the role chunk may wait for the answer's first event half this attempt's time;
-        # on /v1/messages, message_start does.
-        holds = leg.translated or self._api.name == MESSAGES_API.name
-        hold_until = asyncio.get_running_loop().time() + attempt.secs / 2 if holds else None
+        # The preamble (the translated role chunk, message_start, comments) may wait for the
+        # answer's first event half this attempt's time.
+        hold_until = asyncio.get_running_loop().time() + attempt.secs / 2
         try:
             async with asyncio.timeout(attempt.secs):  # this attempt's share of TIMEOUT_SECS
                 reply = await leg.client.post(send, headers)
@@ -493,10 +490,8 @@ class Proxy:
                 else:
                     first = await _first_events(reply, relay, self._count_response_redactions)
                     read_at = time.perf_counter()  # the upstream's first event, held or not
-                    if hold_until is not None and not leg.translated:
-                        first = await _past_message_start(
-                            reply, relay, first, hold_until, self._count_response_redactions
-                        )
+                    if not leg.translated:
+                        first = await _past_preamble(reply, relay, first, hold_until, self._count_response_redactions)
                     answer = _answer_of(first)
                     # An error the request caused (a prompt too long, a bad tool schema) is no
                     # upstream failure (SPEC §13: a 429 or a 5xx is): the client gets it as an
@@ -692,27 +687,32 @@ _PING = b"event: ping\n"
 
 
 def _answer_of(first: bytes) -> bytes:
-    """The first events from the answer's first on: past /v1/messages' message_start and pings,
-    which Anthropic sends before an overloaded_error as before an answer."""
+    """The first events from the answer's first on: past the preamble that comes before an
+    answer and before a failure alike (/v1/messages' message_start and pings, the SSE comments
+    an OpenAI-compatible router sends while it waits for its provider)."""
     at = 0
-    while first.startswith((_MESSAGE_START, _PING), at):
+    while True:
         end = first.find(b"\n\n", at)
-        if end < 0:
+        if end < 0 or not _is_preamble(first[at:end]):
             break
         at = end + 2
     return first[at:] if at else first
 
 
-async def _past_message_start(
-    reply: Reply, relay: StreamRelay, first: bytes, hold_until: float, counted: Counted
-) -> bytes:
-    """/v1/messages: message_start is held (with the pings after it) until the answer's first
-    event, so that an overloaded_error right after it may still fall back (SPEC §13), as a
-    translated chat stream's role chunk is; but only until `hold_until` (loop time), so a model
-    slow to begin gets message_start out within the first-byte deadline. The end of the body is
-    left for the relay to find (it reads b"" again)."""
+def _is_preamble(event: bytes) -> bool:
+    if event.startswith((_MESSAGE_START, _PING)):
+        return True
+    return event.startswith(b":") and all(line.startswith(b":") for line in event.split(b"\n"))
+
+
+async def _past_preamble(reply: Reply, relay: StreamRelay, first: bytes, hold_until: float, counted: Counted) -> bytes:
+    """The preamble (see _answer_of) is held until the answer's first event, so that a failure
+    right after it (Anthropic's overloaded_error after message_start, a provider's error after a
+    router's comments) may still fall back (SPEC §13), as a translated chat stream's role chunk
+    is; but only until `hold_until` (loop time), so a model slow to begin gets it out within the
+    first-byte deadline. The end of the body is left for the relay to find (it reads b"" again)."""
     loop = asyncio.get_running_loop()
-    while first.startswith(_MESSAGE_START) and not _answer_of(first) and not relay.done:
+    while first and not _answer_of(first) and not relay.done:
         left = hold_until - loop.time()
         if left <= 0:
             break

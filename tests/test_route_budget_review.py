@@ -319,3 +319,84 @@ async def test_an_unrouted_messages_stream_overloaded_after_message_start_releas
             data = await response.read()
             assert response.status == 200 and data.startswith(ANTHROPIC_START) and data.endswith(OVERLOADED)
             assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 501)
+
+
+COMMENT = b": OPENROUTER PROCESSING\n\n"
+CONTENT = (
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"from b. "}}]}\n\n'
+)
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.05], ids=["one-read", "two-reads"])
+async def test_a_stream_that_fails_after_a_keep_alive_comment_falls_back(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    tmp_path: Path,
+    pause: float,
+) -> None:
+    """SPEC §13: a failure before anything reached the client falls back. An OpenAI-compatible
+    router (OpenRouter) sends SSE comments while it waits for its provider, then the provider's
+    failure as an error event: the comment went out at once as the stream's first bytes, so the
+    error reached the client with another upstream left, and the breaker counted a success."""
+    import asyncio
+
+    from aiohttp import web
+
+    routes = tmp_path / "routes.toml"
+    routes.write_text(TWO.format(url=hostile.url))
+    gw = await start(ROUTES_FILE=str(routes), CB_FAILURES="2", CB_OPEN_SECS="30")
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if request.path.startswith("/a/"):
+            await response.write(COMMENT)
+            await asyncio.sleep(pause)
+            await response.write(CHAT_ERROR)
+        else:
+            await response.write(CONTENT + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    hostile.answer = answer
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    for _ in range(4):
+        async with gw.client.post("/v1/chat/completions", json=body) as response:
+            data = await response.read()
+            assert response.headers["x-gateway-upstream"] == "b", data
+            assert b"error" not in data and b"from b. " in data
+    assert [seen.path.split("/")[1] for seen in hostile.seen] == ["a", "b", "a", "b", "b", "b"]  # a opened
+
+
+async def test_keep_alive_comments_of_a_slow_model_go_out_within_the_first_byte_deadline(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Held only until half the attempt's time: a slow model's comments then go out as they come,
+    and its answer follows from the same upstream, as before."""
+    import asyncio
+
+    from aiohttp import web
+
+    routes = tmp_path / "routes.toml"
+    routes.write_text(TWO.format(url=hostile.url))
+    gw = await start(ROUTES_FILE=str(routes), TIMEOUT_SECS="4")
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(COMMENT)
+        await asyncio.sleep(1.5)  # past half of a's share (4 s / 2 attempts / 2)
+        await response.write(CONTENT + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    hostile.answer = answer
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with gw.client.post("/v1/chat/completions", json=body) as response:
+        assert response.headers["x-gateway-upstream"] == "a"
+        assert await response.content.readuntil(b"\n\n") == COMMENT
+        data = await response.read()
+    assert b"from b. " in data and data.endswith(b"data: [DONE]\n\n")
+    assert [seen.path.split("/")[1] for seen in hostile.seen] == ["a"]
