@@ -620,9 +620,11 @@ def load_settings(env_file: Path | None = None) -> Settings:
     env = Env(eager=False)
     dotenv = env_file if env_file is not None else Path.cwd() / ".env"
     otel_in_file: list[str] = []
-    if dotenv.is_file():
+    # Anything at the path counts: a `.env` directory (docker's bind mount of a missing file) or a
+    # dangling symlink skipped without a word served on the defaults, open mode for TENANT_KEYS.
+    if os.path.lexists(dotenv):
         try:  # read here first: environs would let an unreadable file out as a traceback
-            text = dotenv.read_text(encoding="utf-8")
+            text = read_config_file(str(dotenv)).decode("utf-8")
         except OSError as exc:
             raise ConfigError([f"{_one_line(str(dotenv))}: cannot read it: {exc.strerror}"]) from None
         except UnicodeDecodeError:

@@ -645,6 +645,24 @@ def test_an_unreadable_dotenv_is_one_line(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [f"config error: {tmp_path / '.env'}: not UTF-8 text"]
 
 
+@pytest.mark.parametrize("kind", ["directory", "dangling symlink", "fifo"])
+def test_a_dotenv_that_is_there_but_not_a_readable_file_stops_start_up(tmp_path: Path, kind: str) -> None:
+    """A `.env` directory (what `docker run -v ./.env:/app/.env` makes when ./.env is missing) or
+    a symlink to a secret that is not mounted was skipped without a word: the gateway served on
+    its defaults, in open mode if the file held TENANT_KEYS."""
+    dotenv = tmp_path / ".env"
+    if kind == "directory":
+        dotenv.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(dotenv)
+    else:
+        dotenv.symlink_to(tmp_path / "absent")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(dotenv)
+    assert len(caught.value.lines) == 1
+    assert caught.value.lines[0].startswith(f"{dotenv}: cannot read it: ")
+
+
 def test_dotenv_is_parsed_once(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("RPS=7\nthis line is not an assignment\nOTEL_TRACES_SAMPLER=always_off\n")
     result = run_gateway("--check-config", cwd=tmp_path)
