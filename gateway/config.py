@@ -817,6 +817,9 @@ def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
         messages: Mapping[str, object] = exc.error_messages  # type: ignore[assignment]
         for name, problem in messages.items():
             r.errors[str(name)] = " ".join(str(m) for m in _flatten(problem))
+    if settings["redis_cluster"] and redis_url and urlsplit(redis_url).scheme == "unix":
+        # coredis' cluster pool asserts a TCP address: this was a traceback when the store was made.
+        r.errors["REDIS_URL"] = "a Redis Cluster is reached over TCP (redis:// or rediss://), not unix://"
     if "WORKERS" not in r.errors and int(settings["workers"] or 1) > 1 and not redis_url:
         r.errors["WORKERS"] = (
             "WORKERS>1 needs REDIS_URL: with the in-memory store each worker would count its own quota"

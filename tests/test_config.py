@@ -796,6 +796,15 @@ def test_a_redis_url_coredis_cannot_use_stops_start_up(value: str, problem: str)
     assert "S3CRET" not in result.stdout + result.stderr
 
 
+def test_a_redis_cluster_behind_a_unix_socket_stops_start_up() -> None:
+    # --check-config took it; serving, coredis' cluster pool asserted on it: a traceback, status 1.
+    result = run_gateway("--check-config", REDIS_URL="unix:///run/redis/redis.sock", REDIS_CLUSTER="true")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "config error: REDIS_URL: a Redis Cluster is reached over TCP (redis:// or rediss://), not unix://"
+    ]
+
+
 def test_redis_url_query_options_coredis_reads_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     for value in (
         "redis://cache.example:6379/0?db=1&timeout=2&max_connections=8",
