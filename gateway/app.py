@@ -224,15 +224,16 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
 
 async def resources(app: web.Application) -> AsyncIterator[None]:
     upstreams, store, telemetry = app[keys.UPSTREAMS], app[keys.STORE], app[keys.TELEMETRY]
+    # The store first: a cluster's fails to open (StoreUnavailable) with nothing else open yet.
+    open_store = getattr(store, "open", None)
+    if open_store is not None:
+        await open_store()
     for upstream in upstreams:
         await upstream.open()
     live = app[keys.LIVE_CONFIG]
     router = live.current.router
     if router is not None:
         await router.open()
-    open_store = getattr(store, "open", None)
-    if open_store is not None:
-        await open_store()
     yield
     for upstream in upstreams:
         await upstream.close()

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from .app import SERVER_OPTIONS, create_app
 from .config import ConfigError, Settings
+from .errors import StoreUnavailable
 from .keys import LIFECYCLE, LIVE_CONFIG
 from .lifecycle import Lifecycle
 from .reload import with_current_routes
@@ -153,7 +154,10 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
         keepalive_timeout=settings.client_idle_secs,
         **options,
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except StoreUnavailable as exc:  # a Redis Cluster whose layout no node gave (stores/redis.py)
+        raise StartupError(f"REDIS_URL: the Redis Cluster's layout could not be read: {exc.message}") from None
     site = web.TCPSite(
         runner,
         settings.listen_host,

@@ -251,8 +251,14 @@ class RedisStore:
         self._repairs = 0  # repairs waiting or out (MAX_REPAIRS)
 
     async def open(self) -> None:
-        """Enter coredis' pool (it connects lazily, so this works while Redis is down)."""
-        await self._client.__aenter__()
+        """Enter coredis' pool. A single Redis is connected lazily, so this works while it is
+        down; a cluster's layout is read here: StoreUnavailable when no node gives it."""
+        try:
+            await self._client.__aenter__()
+        except Exception as exc:  # coredis' errors, or the socket's (no node answered)
+            cause = exc.__cause__
+            reason = f"{exc} ({cause})" if isinstance(cause, RedisError) else str(exc)
+            raise StoreUnavailable(" ".join(reason.split()) or type(exc).__name__) from None
         self._open = True
 
     async def close(self) -> None:

@@ -72,6 +72,20 @@ def test_bad_configuration_and_unreadable_files_are_one_line_status_2(tmp_path: 
     ]
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_redis_cluster_that_cannot_be_read_at_start_up_is_one_line(
+    tmp_path: Path, workers: str, redis_server: RedisServer
+) -> None:
+    """A cluster's layout is read when the store opens; no node answering, or a Redis without
+    cluster support, was a traceback (and aiohttp's unclosed sessions) on stderr."""
+    for url in (f"redis://:pw-S3CRET@127.0.0.1:{free_port()}/0", redis_server.url):
+        result = start_up(tmp_path, WORKERS=workers, REDIS_URL=url, REDIS_CLUSTER="true")
+        assert result.returncode == 1
+        [line] = result.stderr.splitlines()
+        assert line.startswith("error: REDIS_URL: the Redis Cluster's layout could not be read: ")
+        assert "S3CRET" not in line
+
+
 def test_tenant_keys_no_client_could_present_are_refused_without_the_key(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text("acme=sk-fine\nbeta=sk-" + "S3CRET" * 50 + "\n")
