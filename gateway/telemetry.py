@@ -263,7 +263,8 @@ class Metrics:
 class RequestLog:
     """One JSON line per request on stdout; never prompt or completion text, never a key.
 
-    The model is cut to LOG_MODEL_MAX characters: it is the client's, as long as its body.
+    The model is cut to LOG_MODEL_MAX characters: it is the client's, as long as its body. It and
+    the path may hold any character: Unicode's line breaks are escaped as JSON's control ones are.
 
     Lines are buffered and flushed at most every 100 ms, so a slow stdout reader costs one
     write per interval rather than one per request.
@@ -300,7 +301,11 @@ class RequestLog:
             record["upstream"] = state.upstream
         if trace_id is not None:
             record["trace_id"] = trace_id
-        self._buffer += orjson.dumps(record)
+        line = orjson.dumps(record)
+        if not line.isascii():  # a client's model or path: Unicode's own line breaks escaped too
+            for raw, escaped in _UNICODE_LINE_BREAKS:
+                line = line.replace(raw, escaped)
+        self._buffer += line
         self._buffer += b"\n"
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(0.1, self.flush)
@@ -316,6 +321,9 @@ class RequestLog:
                 pass  # stdout gone (closed pipe): logging must never fail a request
 
 
+# Valid unescaped in JSON, left so by orjson, yet line breaks to Unicode (str.splitlines, editors):
+# one in a client's model name split its log line in two, neither of them JSON.
+_UNICODE_LINE_BREAKS = tuple((c.encode(), f"\\u{ord(c):04x}".encode()) for c in "\u0085\u2028\u2029")
 _MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))  # a timestamp's ends, looked up rather than formatted
 
 

@@ -231,6 +231,23 @@ async def test_the_log_line_cuts_a_huge_model_name() -> None:
     ]
 
 
+async def test_a_model_name_with_unicode_line_breaks_stays_on_one_log_line() -> None:
+    """JSON lets U+2028, U+2029 and U+0085 stand unescaped, and orjson leaves them so; but they
+    are line breaks to Unicode (Python's str.splitlines, editors, some log viewers): a client's
+    model name split its request's line in two, neither of them JSON."""
+    out = io.BytesIO()
+    log = RequestLog(out)
+    hostile = 'gpt\u2028{"status":200}\u2029x\x85y\u00e9'
+    for model in (hostile, "gpt-4o"):
+        log.write(RequestState("r", model=model), "POST", "/v1/\u2028path", 200, 0.01, None)
+    log.flush()
+    lines = out.getvalue().decode().splitlines()
+    assert [(json.loads(line)["model"], json.loads(line)["path"]) for line in lines] == [
+        (hostile, "/v1/\u2028path"),
+        ("gpt-4o", "/v1/\u2028path"),
+    ]
+
+
 AiohttpClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 
