@@ -512,6 +512,32 @@ def _check_otlp_headers(sdk_environment: Mapping[str, str], errors: dict[str, st
                 break
 
 
+# The BatchSpanProcessor's settings, with the SDK's defaults: it raised on one not above 0 (or
+# a batch larger than the queue) when tracing was set up, a traceback and exit status 1, and
+# logged a traceback of its own for one int() could not read before taking its default.
+_BSP_DEFAULTS = {
+    "OTEL_BSP_SCHEDULE_DELAY": 5000,
+    "OTEL_BSP_MAX_QUEUE_SIZE": 2048,
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": 512,
+    "OTEL_BSP_EXPORT_TIMEOUT": 30000,
+}
+
+
+def _check_batch_processor(sdk_environment: Mapping[str, str], errors: dict[str, str]) -> None:
+    values = dict(_BSP_DEFAULTS)
+    for name in _BSP_DEFAULTS:
+        value = sdk_environment.get(name)
+        if value is None:
+            continue
+        if not re.fullmatch(r"[0-9]{1,12}", value.strip()) or int(value) == 0:
+            errors[name] = "expected a whole number above 0"
+        else:
+            values[name] = int(value)
+    queue, batch = values["OTEL_BSP_MAX_QUEUE_SIZE"], values["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"]
+    if batch > queue and not errors.keys() & {"OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"}:
+        errors["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"] = f"above OTEL_BSP_MAX_QUEUE_SIZE ({queue})"
+
+
 def _check_resource_attributes(sdk_environment: Mapping[str, str], errors: dict[str, str]) -> None:
     """Likewise OTEL_RESOURCE_ATTRIBUTES: the SDK warns of an entry without "=" quoting it (a
     token, a URL with its password) and starts without it."""
@@ -775,6 +801,7 @@ def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
     _check_sampler(sdk_environment, r.errors)
     _check_otlp_headers(sdk_environment, r.errors)
     _check_resource_attributes(sdk_environment, r.errors)
+    _check_batch_processor(sdk_environment, r.errors)
     routes_file = env.str("ROUTES_FILE", None) or None
     routes = None
     if routes_file:

@@ -616,10 +616,10 @@ def test_sdk_variables_from_dotenv_reach_os_environ_under_the_real_environment(
         "OTEL_BSP_SCHEDULE_DELAY=100\nOTEL_SERVICE_NAME=from-dotenv\n"
     )
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "250")  # the real environment wins
-    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "64")
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "1024")
     s = load_settings()
     assert dict(s.sdk_environment) == {
-        "OTEL_BSP_MAX_QUEUE_SIZE": "64",
+        "OTEL_BSP_MAX_QUEUE_SIZE": "1024",
         "OTEL_BSP_SCHEDULE_DELAY": "250",
         "OTEL_TRACES_SAMPLER": "traceidratio",
         "OTEL_TRACES_SAMPLER_ARG": "0.25",
@@ -627,7 +627,7 @@ def test_sdk_variables_from_dotenv_reach_os_environ_under_the_real_environment(
     assert s.service_name == "from-dotenv"  # read by the gateway itself, not passed on
     assert "OTEL_TRACES_SAMPLER" not in os.environ
     export_sdk_environment(s)
-    assert [os.environ.get(name) for name in names] == ["traceidratio", "0.25", "250", "64"]
+    assert [os.environ.get(name) for name in names] == ["traceidratio", "0.25", "250", "1024"]
 
 
 def test_every_variable_is_documented() -> None:
@@ -692,6 +692,39 @@ def test_a_sampler_the_sdk_would_ignore_stops_start_up(
         monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", argument)
     with pytest.raises(ConfigError, match="OTEL_TRACES_SAMPLER"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variables", "line"),
+    [
+        ({"OTEL_BSP_SCHEDULE_DELAY": "-1"}, "OTEL_BSP_SCHEDULE_DELAY: expected a whole number above 0"),
+        ({"OTEL_BSP_SCHEDULE_DELAY": "soon"}, "OTEL_BSP_SCHEDULE_DELAY: expected a whole number above 0"),
+        ({"OTEL_BSP_MAX_QUEUE_SIZE": "0"}, "OTEL_BSP_MAX_QUEUE_SIZE: expected a whole number above 0"),
+        ({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "1.5"}, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE: expected a whole number above 0"),
+        ({"OTEL_BSP_EXPORT_TIMEOUT": "30s"}, "OTEL_BSP_EXPORT_TIMEOUT: expected a whole number above 0"),
+        (
+            {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4096"},
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE: above OTEL_BSP_MAX_QUEUE_SIZE (2048)",
+        ),
+        (
+            {"OTEL_BSP_MAX_QUEUE_SIZE": "100", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "200"},
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE: above OTEL_BSP_MAX_QUEUE_SIZE (100)",
+        ),
+    ],
+)
+def test_batch_processor_settings_the_sdk_cannot_use_stop_start_up(variables: dict[str, str], line: str) -> None:
+    # With an OTLP endpoint, the SDK's BatchSpanProcessor raised on these when tracing was set up
+    # (a traceback, exit status 1), or logged a traceback of its own and took its default.
+    result = run_gateway("--check-config", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:4318", **variables)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"config error: {line}"]
+
+
+def test_batch_processor_settings_the_sdk_can_use_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "512")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512")
+    assert load_settings().sdk_environment["OTEL_BSP_MAX_QUEUE_SIZE"] == "512"
 
 
 @pytest.mark.parametrize(
