@@ -367,13 +367,13 @@ def _check_redis_options(value: str) -> None:
     import coredis  # here: only a configuration with REDIS_URL pays for the import
 
     try:
-        coredis.ConnectionPool.from_url(value)
+        coredis.ConnectionPool.from_url(value, decode_components=True)  # as stores/redis.py reads it
     except Exception:  # whatever it raises: its text may quote a value, so it is not repeated
         parts = urlsplit(value)
         for name, option in parse_qsl(parts.query, keep_blank_values=True):
             alone = urlunsplit(parts._replace(query=urlencode({name: option})))
             try:
-                coredis.ConnectionPool.from_url(alone)
+                coredis.ConnectionPool.from_url(alone, decode_components=True)
             except Exception:
                 raise EnvError(f"the query option {_one_line(name)!r} has a value coredis cannot use") from None
         raise EnvError("coredis cannot read this URL") from None

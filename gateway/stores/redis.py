@@ -215,7 +215,14 @@ class RedisStore:
     def __init__(self, url: str, *, cluster: bool, timeout: float) -> None:
         # Skip coredis' per-call argument checks: our script and PING are fixed and typed.
         coredis.Config.optimized = True
-        options: dict[str, Any] = {"stream_timeout": timeout, "connect_timeout": timeout, "decode_responses": False}
+        # decode_components: a percent-encoded user name or password (`redis://:p%40ss@host`, as the
+        # README says to write one) reaches AUTH decoded; coredis sent it as written by default.
+        options: dict[str, Any] = {
+            "stream_timeout": timeout,
+            "connect_timeout": timeout,
+            "decode_responses": False,
+            "decode_components": True,
+        }
         if cluster:
             # coredis' cluster default, less two things: a call that timed out is not sent again
             # (the batch's deadline, as long as the timeout, has passed by then), and a connection

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -192,6 +193,26 @@ async def test_redis_down_at_start_is_not_fatal(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable):
         await store.hit("quota:x", 1000)
     await store.close()
+
+
+async def test_a_percent_encoded_user_and_password_reach_redis_decoded(tmp_path: Path) -> None:
+    """README and the REDIS_URL error tell an operator to percent-encode / ? # @ in a password;
+    coredis passed `p%40ss...` to AUTH as it was written unless asked to decode it, so every call
+    failed (quotas not enforced, or every request 503 with QUOTA_FAIL_MODE=closed)."""
+    password = "p@ss/w#rd?%:x"
+    server = RedisServer(tmp_path, extra=["--user", "g@w", "on", f">{password}", "~*", "&*", "+@all"])
+    try:
+        store = RedisStore(
+            f"redis://g%40w:{urllib.parse.quote(password, safe='')}@127.0.0.1:{server.port}/0", cluster=False, timeout=1
+        )
+        await store.open()
+        try:
+            assert (await store.hit("quota:encoded", 60_000))[0] == 1
+        finally:
+            await store.close()
+        assert server.cli("GET", "quota:encoded") == "1"
+    finally:
+        server.stop()
 
 
 # --- Token windows (SPEC §14): reserve and settle, each one atomic step ---------------------
