@@ -592,6 +592,9 @@ def test_a_stream_client_is_waited_for_stream_idle_secs_not_client_idle_secs(
         lines = gateway.metrics().splitlines
         wait_until(lambda: "inflight_requests 1" in lines(), what="the stream in flight")
         time.sleep(3)  # the pause under test: three times CLIENT_IDLE_SECS, half STREAM_IDLE_SECS
+        # Then read at speed: a window below the loopback's MSS (64 KiB) is filled by zero-window
+        # probes only, one every RTO (0.2 s: ~20 KB/s), once the gateway has closed its end.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         sock.settimeout(30)
         tail = b""
         while data := sock.recv(1 << 20):
