@@ -22,8 +22,10 @@ import itertools
 import logging
 import math
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import coredis
 from coredis.exceptions import AuthorizationError, ClusterDownError, NoScriptError, RedisError
@@ -54,6 +56,7 @@ MAX_REPAIRS = 10_000
 
 # On a cluster, a key whose call failed fails at once for this long, then is tried again
 # (StoreGuard's second, for one key: its master may be silent, and no batch waits it out again).
+REPORT_EVERY_SECS = 60.0  # an outage logged at most once a minute after its first failure
 KEY_RETRY_SECS = 1.0
 # Keys failing at once are forgotten past their second when there are more than this many.
 KEYS_FAILING_MAX = 1024
@@ -248,6 +251,11 @@ class RedisStore:
         self._open = False
         self._kept_until = 0.0  # the loop's time before which a timeout drops no connection (see _drop_connections)
         self._failing: dict[str, float] = {}  # cluster: key -> the loop's time until which its calls fail at once
+        # The outage log (`_report`): when a failure was last logged (0.0: none since the last
+        # answer), and the password, never to be logged even if an error quotes it.
+        self._reported_at = 0.0
+        password = urlsplit(url).password
+        self._secrets = tuple({password, unquote(password)}) if password else ()
         # Ids for the token windows this process starts: unique across processes and restarts.
         self._window_prefix = os.urandom(6).hex()
         self._window_counter = itertools.count(1)
@@ -327,12 +335,17 @@ class RedisStore:
         except TimeoutError:
             answers = None
             self._drop_connections()
-        except (RedisError, OSError, RuntimeError):
+            self._report(f"no answer within STORE_TIMEOUT_MS ({round(self._timeout * 1000)} ms)")
+        except (RedisError, OSError, RuntimeError) as exc:
             answers = None
+            self._report(exc)
         finally:
             # Every waiter hears back, whatever happened here (this task cancelled included):
             # no operation has a timer of its own.
             self._answer(batch, answers, call, StoreUnavailable)
+        if self._reported_at and answers is not None:
+            self._reported_at = 0.0
+            log.info("quota store: Redis answers again")
 
     async def _run_on_cluster(self, batch: list[Operation], deadline: float) -> None:
         """A batch on a cluster: each key's operations in one call (one key, one slot), the
@@ -367,8 +380,9 @@ class RedisStore:
                 answers = await self._evalsha_on_cluster(*call)
             except AuthorizationError:
                 answers = await self._refused(call, self._evalsha_on_cluster)
-        except (RedisError, OSError, RuntimeError):
+        except (RedisError, OSError, RuntimeError) as exc:
             answers = None
+            self._report(exc, key)
         finally:  # cancelled at the batch's deadline included
             if answers is None or len(answers) != len(operations):
                 if key not in failing or failing[key] <= now:
@@ -378,6 +392,22 @@ class RedisStore:
             elif failing:
                 failing.pop(key, None)
             self._answer(operations, answers, call, KeyUnavailable)
+
+    def _report(self, failure: BaseException | str, key: str | None = None) -> None:
+        """Log a failed call: the first of an outage, then at most one a minute (the metric
+        `cb_events_total{event="store_error"}` counts every one). On one Redis, the first
+        answer after is logged too; on a cluster a master down fails some keys while others
+        answer, so only failures are."""
+        now = time.monotonic()
+        if self._reported_at and now - self._reported_at < REPORT_EVERY_SECS:
+            return
+        self._reported_at = now
+        reason = failure if isinstance(failure, str) else f"{type(failure).__name__}: {failure}"
+        reason = " ".join(reason.split())[:300]
+        for secret in self._secrets:
+            reason = reason.replace(secret, "***")
+        where = f" (key {key!r}'s master)" if key is not None else ""
+        log.warning("quota store: Redis call failed%s: %s", where, reason)
 
     def _answer(
         self,
