@@ -36,6 +36,7 @@ def client_context() -> ssl.SSLContext:
     """The context every upstream connection verifies with (one per process: loading a CA
     bundle takes tens of milliseconds)."""
     context = ssl.create_default_context()  # OpenSSL's places, SSL_CERT_FILE and SSL_CERT_DIR
+    context.set_alpn_protocols(("http/1.1",))  # as aiohttp's own default context says
     defaults = ssl.get_default_verify_paths()
     if defaults.cafile is not None or (defaults.capath is not None and _holds_certificates(defaults.capath)):
         return context
