@@ -185,6 +185,19 @@ def basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
+def gateway_via(tmp_path: Path, proxy: ConnectProxy, credentials: str, cert: Path) -> Gateway:
+    """A gateway whose upstream, https://upstream.test, only `proxy` can reach."""
+    return Gateway(
+        tmp_path,
+        {
+            "OPENAI_BASE_URL": "https://upstream.test",
+            "OPENAI_API_KEY": "sk-upstream-secret",
+            "HTTPS_PROXY": f"http://{credentials}@127.0.0.1:{proxy.port}",
+            "SSL_CERT_FILE": str(cert),
+        },
+    )
+
+
 def test_an_https_upstream_is_reached_through_https_proxy_with_its_credentials(
     tmp_path: Path, tls_mock: Mock, certificates: tuple[Path, Path, Path], no_ca_settings: None
 ) -> None:
@@ -192,15 +205,7 @@ def test_an_https_upstream_is_reached_through_https_proxy_with_its_credentials(
     knows where it is. TLS goes through the tunnel, verified for that name."""
     cert, _, _ = certificates
     proxy = ConnectProxy(tmp_path, tls_mock.port, auth=basic("egress", "p@ss:word"))
-    gateway = Gateway(
-        tmp_path,
-        {
-            "OPENAI_BASE_URL": "https://upstream.test",
-            "OPENAI_API_KEY": "sk-upstream-secret",
-            "HTTPS_PROXY": f"http://egress:p%40ss%3Aword@127.0.0.1:{proxy.port}",
-            "SSL_CERT_FILE": str(cert),
-        },
-    )
+    gateway = gateway_via(tmp_path, proxy, "egress:p%40ss%3Aword", cert)
     try:
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
         assert client.chat.completions.create(**BODY).choices[0].message.content
@@ -221,14 +226,7 @@ def test_a_proxy_that_refuses_is_a_502_that_names_no_credential(
 ) -> None:
     cert, _, _ = certificates
     proxy = ConnectProxy(tmp_path, tls_mock.port, auth=basic("egress", "right"))
-    gateway = Gateway(
-        tmp_path,
-        {
-            "OPENAI_BASE_URL": "https://upstream.test",
-            "HTTPS_PROXY": f"http://egress:wrong-secret@127.0.0.1:{proxy.port}",
-            "SSL_CERT_FILE": str(cert),
-        },
-    )
+    gateway = gateway_via(tmp_path, proxy, "egress:wrong-secret", cert)
     try:
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.APIStatusError) as refused:
