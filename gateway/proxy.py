@@ -684,6 +684,10 @@ def _may_be_reply(data: bytes) -> bool:
 
 _MESSAGE_START = b"event: message_start\n"
 _PING = b"event: ping\n"
+# A preamble is a few hundred bytes (message_start, a ping, a router's comment or two): past
+# this, what is held goes out, so an upstream that sends pings or comments without end is not
+# held in memory for half TIMEOUT_SECS, each read rescanning all of it.
+_PREAMBLE_BYTES = 64 * 1024
 
 
 def _answer_of(first: bytes) -> bytes:
@@ -710,9 +714,10 @@ async def _past_preamble(reply: Reply, relay: StreamRelay, first: bytes, hold_un
     right after it (Anthropic's overloaded_error after message_start, a provider's error after a
     router's comments) may still fall back (SPEC §13), as a translated chat stream's role chunk
     is; but only until `hold_until` (loop time), so a model slow to begin gets it out within the
-    first-byte deadline. The end of the body is left for the relay to find (it reads b"" again)."""
+    first-byte deadline, and only while it is no longer than a preamble is (_PREAMBLE_BYTES).
+    The end of the body is left for the relay to find (it reads b"" again)."""
     loop = asyncio.get_running_loop()
-    while first and not _answer_of(first) and not relay.done:
+    while first and not relay.done and len(first) <= _PREAMBLE_BYTES and not _answer_of(first):
         left = hold_until - loop.time()
         if left <= 0:
             break
