@@ -43,7 +43,9 @@ class Egress:
                 continue
             if entry == "*":
                 return True
-            name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+            # host:port, or [IPv6]:port (a bare IPv6 address has colons of its own)
+            with_port = entry.count(":") == 1 or (entry.startswith("[") and "]:" in entry)
+            name, _, entry_port = entry.rpartition(":") if with_port else (entry, "", "")
             if entry_port and (not entry_port.isdigit() or int(entry_port) != port):
                 continue
             name = name.strip("[]")

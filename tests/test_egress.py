@@ -30,6 +30,9 @@ PROXY = "http://proxy.corp:3128"
         ("https://10.1.2.3/v1/chat/completions", "10.1.2.3", False),
         ("https://11.1.2.3/v1/chat/completions", "10.0.0.0/8", True),
         ("https://[fd00::5]/v1/chat/completions", "fd00::/8", False),
+        ("https://[fd00::5]:8443/v1/chat/completions", "[fd00::5]:8443", False),  # an IPv6 host:port
+        ("https://[fd00::5]:8443/v1/chat/completions", "[fd00::5]:9000", True),
+        ("https://[fd00::5]:8443/v1/chat/completions", "[fd00::5]", False),
         ("https://localhost:8000/v1/chat/completions", "", False),  # loopback: never proxied
         ("https://127.0.0.2:8000/v1/chat/completions", "", False),
         ("https://[::1]:8000/v1/chat/completions", "", False),
