@@ -52,7 +52,7 @@ from .router import (
     is_fallback_status,
     router_for,
 )
-from .surfaces import MESSAGES_API, Api, ask_stream_usage
+from .surfaces import Api, ask_stream_usage
 from .telemetry import Telemetry
 from .upstream import Reply, Upstream
 
@@ -348,8 +348,8 @@ class Proxy:
         relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface, hide_usage=hidden_usage)
         reply: Reply | None = None
         whole: bytes | None = None
-        # /v1/messages: message_start waits for the answer's first event (see _past_preamble).
-        holds = self._api.name == MESSAGES_API.name
+        # The preamble (message_start, comments) waits for the answer's first event (see
+        # _past_preamble), so an error right after it is seen as the answer however it was read.
         hold_until = asyncio.get_running_loop().time() + self._timeout / 2
         read_at: float | None = None
         try:
@@ -361,8 +361,7 @@ class Proxy:
                 else:
                     first = await _first_events(reply, relay, self._count_response_redactions)
                     read_at = time.perf_counter()  # the upstream's first event, held or not
-                    if holds:
-                        first = await _past_preamble(reply, relay, first, hold_until, self._count_response_redactions)
+                    first = await _past_preamble(reply, relay, first, hold_until, self._count_response_redactions)
                     state.error_answer = _is_error_event(_answer_of(first))
         except BaseException as exc:
             if reply is not None:

@@ -38,3 +38,38 @@ async def test_a_preamble_that_never_ends_is_not_held_without_bound(
                 assert (await response.content.readuntil(b"\n\n")).startswith(b"event: message_start")
     finally:
         stall.set()
+
+
+COMMENT = b": OPENROUTER PROCESSING\n\n"
+CHAT_ERROR = b'data: {"error":{"message":"overloaded","type":"server_error"}}\n\n'
+
+
+async def test_an_unrouted_stream_failing_after_a_comment_releases_its_reservation_in_two_reads(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+) -> None:
+    """SPEC §14: an upstream's error answer charges nothing. Without ROUTES_FILE, a chat stream
+    whose upstream sent a keep-alive comment and then its error released the reservation when
+    the two came in one read, and held it to the window's end (501 of 10000) when they came in
+    two: only /v1/messages' message_start was held for the answer's first event there (2a72ca6),
+    not the comments 14f59ea holds on routed streams. Found against the real gateway."""
+    from aiohttp import web
+
+    gw = await start(TOKEN_QUOTA="10000")
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(COMMENT)
+        await asyncio.sleep(0.05)
+        await response.write(CHAT_ERROR)
+        await response.write_eof()
+        return response
+
+    hostile.answer = answer
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 500}
+    for _ in range(2):
+        async with gw.client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer t"}) as response:
+            data = await response.read()
+            assert response.status == 200 and data == COMMENT + CHAT_ERROR
+            assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 501)
