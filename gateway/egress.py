@@ -19,7 +19,7 @@ from yarl import URL
 class Egress:
     https_proxy: str | None = None  # http://[user:password@]host:port, for https:// upstreams
     http_proxy: str | None = None  # the same, for http:// upstreams
-    no_proxy: str = ""  # hosts, domains (".corp" or "corp"), IPs, CIDRs, "*": reached directly
+    no_proxy: str = ""  # hosts, domains (".corp", "*.corp" or "corp"), IPs, CIDRs, "*": reached directly
 
     def proxy_for(self, url: str) -> tuple[URL | None, str | None]:
         """The proxy an upstream at `url` is reached through, and the Proxy-Authorization its
@@ -56,7 +56,7 @@ class Egress:
                 except ValueError:
                     pass
                 continue
-            domain = name.lstrip(".")
+            domain = (name[2:] if name.startswith("*.") else name).lstrip(".")  # "*.corp" as ".corp" (Go's)
             if host == domain or host.endswith("." + domain):
                 return True
         return False

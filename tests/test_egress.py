@@ -22,6 +22,8 @@ PROXY = "http://proxy.corp:3128"
         ("https://api.openai.com/v1/chat/completions", "api.openai.com", False),
         ("https://api.openai.com/v1/chat/completions", "API.OpenAI.com", False),  # names have no case
         ("https://api.openai.com/v1/chat/completions", "penai.com", True),  # not a suffix at a dot
+        ("https://api.openai.com/v1/chat/completions", "*.openai.com", False),  # Go's wildcard form
+        ("https://api.openai.com/v1/chat/completions", "*.penai.com", True),
         ("https://api.openai.com/v1/chat/completions", "other.example, openai.com", False),
         ("https://api.openai.com/v1/chat/completions", "api.openai.com:443", True),  # the URL names no port
         ("https://llm.corp:8443/v1/chat/completions", "llm.corp:8443", False),
