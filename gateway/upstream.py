@@ -354,7 +354,12 @@ class Upstream:
         # No cookie jar: a cookie the provider sets on one tenant's call (a load balancer's,
         # say) must never ride along on another tenant's calls.
         proxy, authorization = self._egress.proxy_for(self._url) if self._egress is not None else (None, None)
-        self._proxy_headers = {"Proxy-Authorization": authorization} if authorization else None
+        if authorization and not self._url.lower().startswith("https:"):
+            # No tunnel: the request itself goes to the proxy (aiohttp sends proxy_headers only
+            # on a CONNECT), so the credentials go with it.
+            self._own["Proxy-Authorization"] = authorization
+        elif authorization:
+            self._proxy_headers = {"Proxy-Authorization": authorization}
         session = aiohttp.ClientSession(
             connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar(), proxy=proxy
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from aiohttp import encode_basic_auth
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.egress import Egress
@@ -59,3 +60,37 @@ def test_the_proxy_credentials_go_apart_from_its_url() -> None:
     assert proxy == URL("http://proxy.corp:3128")
     assert auth == encode_basic_auth("egress", "p@ss:word")
     assert Egress(https_proxy=PROXY).proxy_for("https://a.example/")[1] is None
+
+
+async def test_an_http_upstreams_proxy_gets_the_credentials_too() -> None:
+    """An http:// upstream goes through HTTP_PROXY as an absolute-form request, not a CONNECT
+    tunnel: aiohttp sends proxy_headers only on a CONNECT, so the proxy got no
+    Proxy-Authorization and answered 407 (the client a 502 "upstream answered 407"). Found
+    against the real gateway, a ROUTES_FILE upstream http://plain.test and a forward proxy."""
+    import asyncio
+
+    from gateway.upstream import Upstream
+
+    seen: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    egress = Egress(http_proxy=f"http://egress:p%40ss@127.0.0.1:{port}")
+    upstream = Upstream("http://plain.test:8000/v1/chat/completions", "sk-test-key", 5, egress=egress)
+    try:
+        await upstream.open()
+        reply = await upstream.post(b"{}", upstream.headers_for(CIMultiDictProxy(CIMultiDict())))
+        assert reply.status == 200
+        reply.close()
+    finally:
+        await upstream.close()
+        server.close()
+    head = seen[0].decode("latin-1")
+    assert head.startswith("POST http://plain.test:8000/v1/chat/completions HTTP/1.1\r\n")
+    assert f"\r\nProxy-Authorization: {encode_basic_auth('egress', 'p@ss')}\r\n" in head
