@@ -361,6 +361,7 @@ class Proxy:
                 else:
                     first = await _first_events(reply, relay, self._count_response_redactions)
                     read_at = time.perf_counter()  # the upstream's first event, held or not
+                    state.upstream_ttfb = read_at - started  # logged even if the client leaves meanwhile
                     first = await _past_preamble(reply, relay, first, hold_until, self._count_response_redactions)
                     state.error_answer = _is_error_event(_answer_of(first))
         except BaseException as exc:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.test_adversarial import (  # noqa: F401  (fixtures)
     ANTHROPIC_START,
     GatewayFactory,
@@ -73,3 +75,32 @@ async def test_an_unrouted_stream_failing_after_a_comment_releases_its_reservati
             data = await response.read()
             assert response.status == 200 and data == COMMENT + CHAT_ERROR
             assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 501)
+
+
+async def test_a_client_that_leaves_while_message_start_is_held_is_logged_with_its_first_byte_time(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+) -> None:
+    """The upstream's first-byte time is logged whether message_start was held or not (2a72ca6);
+    but it was written only once the hold had ended, so a client that left meanwhile (or an
+    upstream that broke then) was logged with upstream_ttfb_ms null, as if the upstream had never
+    answered. Found against the real gateway: a 499 after 1 s, message_start read at once."""
+    import json
+
+    stall = asyncio.Event()
+    gw = await start(TIMEOUT_SECS="20")
+    hostile.answer = events_answer(ANTHROPIC_START, stall=stall)
+    body = {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 10}
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await gw.client.post("/v1/messages", json=body)
+        for _ in range(50):  # the line is written once the handler is done, and flushed within 100 ms
+            await asyncio.sleep(0.05)
+            if gw.log.getvalue():
+                break
+    finally:
+        stall.set()
+    line = json.loads(gw.log.getvalue().splitlines()[0])
+    assert line["status"] == 499
+    assert line["upstream_ttfb_ms"] is not None and line["upstream_ttfb_ms"] < 400
