@@ -30,7 +30,8 @@ class Egress:
             return None, None
         parsed = URL(proxy)
         # The credentials go as a header: aiohttp deprecates its BasicAuth for them.
-        authorization = encode_basic_auth(parsed.user, parsed.password or "") if parsed.user else None
+        has_credentials = parsed.user or parsed.password is not None  # a password alone too ("http://:key@")
+        authorization = encode_basic_auth(parsed.user or "", parsed.password or "") if has_credentials else None
         return parsed.with_user(None), authorization
 
     def _bypassed(self, host: str, port: int | None) -> bool:

@@ -60,6 +60,10 @@ def test_the_proxy_credentials_go_apart_from_its_url() -> None:
     assert proxy == URL("http://proxy.corp:3128")
     assert auth == encode_basic_auth("egress", "p@ss:word")
     assert Egress(https_proxy=PROXY).proxy_for("https://a.example/")[1] is None
+    # A password alone (an API key as the proxy's password): sent as curl and requests send it.
+    proxy, auth = Egress(https_proxy="http://:s3cret@proxy.corp:3128").proxy_for("https://a.example/")
+    assert proxy == URL("http://proxy.corp:3128")
+    assert auth == encode_basic_auth("", "s3cret")
 
 
 async def test_an_http_upstreams_proxy_gets_the_credentials_too() -> None:
