@@ -69,7 +69,7 @@ class ModelList:
         except UpstreamError:
             metrics.cb_event("upstream_error")
             raise
-        if reply.status in (401, 403):
+        if reply.status in (401, 403, 407):  # 407: the egress proxy refused the gateway (HTTP_PROXY)
             metrics.cb_event("upstream_error")
             raise UpstreamAuthRejected()
         if not reply.is_json:

@@ -331,7 +331,7 @@ class Proxy:
         return self._relayed_failure(reply, data)
 
     def _relayed_failure(self, reply: Reply, data: bytes) -> web.Response:
-        if reply.status in (401, 403):
+        if reply.status in (401, 403, 407):  # 407: the egress proxy refused the gateway (HTTP_PROXY)
             raise UpstreamAuthRejected()
         if not reply.is_json:
             error = UpstreamError(f"upstream answered {reply.status}")

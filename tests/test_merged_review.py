@@ -104,3 +104,30 @@ async def test_a_client_that_leaves_while_message_start_is_held_is_logged_with_i
     line = json.loads(gw.log.getvalue().splitlines()[0])
     assert line["status"] == 499
     assert line["upstream_ttfb_ms"] is not None and line["upstream_ttfb_ms"] < 400
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/models"])
+async def test_an_egress_proxys_407_reaches_the_client_as_a_502(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    path: str,
+) -> None:
+    """SPEC §5: the upstream's 401/403 become a 502, so a gateway misconfiguration is not reported
+    as the client's fault. Through HTTP_PROXY (91117cc) an http:// upstream's request goes to the
+    proxy itself, whose 407 for missing or wrong credentials was relayed as the client's own
+    status: 'Proxy Authentication Required', which HTTP clients take for their own proxy's
+    demand (an https upstream's CONNECT refused the same way was already a 502). Found against
+    the real gateway and a forward proxy that answers 407."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"error": {"message": "proxy auth required"}}, status=407)
+
+    gw = await start()
+    hostile.answer = answer
+    if path == "/v1/models":
+        response = await gw.client.get(path)
+    else:
+        response = await gw.client.post(path, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status == 502
+    assert (await response.json())["error"]["code"] == "upstream_auth_rejected"
