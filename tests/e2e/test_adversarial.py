@@ -541,6 +541,9 @@ def test_a_stream_client_that_stops_reading_gives_its_slot_back(start_gateway: G
                 sock.recv(65536)  # what the kernel holds for it (~4-8 KiB), three times a second
                 time.sleep(0.3)
             slow_phase_over.set()
+            # Then read at speed: a window below the loopback's MSS (64 KiB) is filled by
+            # zero-window probes only, one every RTO (~20 KB/s), once the gateway closed its end.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             while data := sock.recv(1 << 20):
                 tail[:] = [(tail[0] if tail else b"")[-100:] + data]
 
