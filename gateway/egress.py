@@ -26,7 +26,7 @@ class Egress:
         credentials make; (None, None): directly."""
         target = URL(url)
         proxy = self.https_proxy if target.scheme == "https" else self.http_proxy
-        if not proxy or target.host is None or self._bypassed(target.host, target.explicit_port):
+        if not proxy or target.host is None or self._bypassed(target.host, target.port):
             return None, None
         parsed = URL(proxy)
         # The credentials go as a header: aiohttp deprecates its BasicAuth for them.

@@ -26,7 +26,9 @@ PROXY = "http://proxy.corp:3128"
         ("https://api.openai.com/v1/chat/completions", "*.openai.com", False),  # Go's wildcard form
         ("https://api.openai.com/v1/chat/completions", "*.penai.com", True),
         ("https://api.openai.com/v1/chat/completions", "other.example, openai.com", False),
-        ("https://api.openai.com/v1/chat/completions", "api.openai.com:443", True),  # the URL names no port
+        ("https://api.openai.com/v1/chat/completions", "api.openai.com:443", False),  # https: port 443, as Go reads it
+        ("https://api.openai.com/v1/chat/completions", "api.openai.com:8443", True),
+        ("https://llm.corp/v1/chat/completions", "llm.corp:80", True),
         ("https://llm.corp:8443/v1/chat/completions", "llm.corp:8443", False),
         ("https://llm.corp:8443/v1/chat/completions", "llm.corp:9000", True),
         ("https://10.1.2.3/v1/chat/completions", "10.0.0.0/8", False),
@@ -98,3 +100,9 @@ async def test_an_http_upstreams_proxy_gets_the_credentials_too() -> None:
     head = seen[0].decode("latin-1")
     assert head.startswith("POST http://plain.test:8000/v1/chat/completions HTTP/1.1\r\n")
     assert f"\r\nProxy-Authorization: {encode_basic_auth('egress', 'p@ss')}\r\n" in head
+
+
+def test_an_http_upstream_without_a_port_is_on_port_80_for_no_proxy() -> None:
+    egress = Egress(http_proxy=PROXY, no_proxy="models.example:80")
+    assert egress.proxy_for("http://models.example/v1/chat/completions") == (None, None)
+    assert Egress(http_proxy=PROXY, no_proxy="models.example:8080").proxy_for("http://models.example/v1/x")[0]
