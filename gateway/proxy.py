@@ -694,13 +694,19 @@ def _answer_of(first: bytes) -> bytes:
     """The first events from the answer's first on: past the preamble that comes before an
     answer and before a failure alike (/v1/messages' message_start and pings, the SSE comments
     an OpenAI-compatible router sends while it waits for its provider)."""
+    at = _preamble_end(first)
+    return first[at:] if at else first
+
+
+def _preamble_end(first: bytes) -> int:
+    """Where the preamble ends in `first`: the answer's first event, or an event not yet
+    ended, begins there."""
     at = 0
     while True:
         end = first.find(b"\n\n", at)
         if end < 0 or not _is_preamble(first[at:end]):
-            break
+            return at
         at = end + 2
-    return first[at:] if at else first
 
 
 def _is_preamble(event: bytes) -> bool:
@@ -717,7 +723,12 @@ async def _past_preamble(reply: Reply, relay: StreamRelay, first: bytes, hold_un
     first-byte deadline, and only while it is no longer than a preamble is (_PREAMBLE_BYTES).
     The end of the body is left for the relay to find (it reads b"" again)."""
     loop = asyncio.get_running_loop()
-    while first and not relay.done and len(first) <= _PREAMBLE_BYTES and not _answer_of(first):
+    # Each read's events looked at once and joined once at the end (the relay gives whole
+    # events): looked at again from the start after every read, comments trickled a byte a
+    # read took 20 s of the loop's time for the first 13 KB.
+    parts, size = [first], len(first)
+    preamble = bool(first) and _preamble_end(first) == size
+    while preamble and not relay.done and size <= _PREAMBLE_BYTES:
         left = hold_until - loop.time()
         if left <= 0:
             break
@@ -729,8 +740,12 @@ async def _past_preamble(reply: Reply, relay: StreamRelay, first: bytes, hold_un
         if not chunk:
             break
         long = len(chunk) + len(relay.parser.pending) > ASIDE_BYTES  # see _pump
-        first += await _aside(relay, chunk, counted) if long else relay.feed(chunk)
-    return first
+        out = await _aside(relay, chunk, counted) if long else relay.feed(chunk)
+        if out:
+            parts.append(out)
+            size += len(out)
+            preamble = _preamble_end(out) == len(out)
+    return b"".join(parts) if len(parts) > 1 else first
 
 
 def _is_error_event(first: bytes) -> bool:

@@ -55,20 +55,10 @@ async def test_an_unrouted_stream_failing_after_a_comment_releases_its_reservati
     the two came in one read, and held it to the window's end (501 of 10000) when they came in
     two: only /v1/messages' message_start was held for the answer's first event there (2a72ca6),
     not the comments 14f59ea holds on routed streams. Found against the real gateway."""
-    from aiohttp import web
 
     gw = await start(TOKEN_QUOTA="10000")
 
-    async def answer(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(COMMENT)
-        await asyncio.sleep(0.05)
-        await response.write(CHAT_ERROR)
-        await response.write_eof()
-        return response
-
-    hostile.answer = answer
+    hostile.answer = events_answer(COMMENT, CHAT_ERROR, pause=0.05)
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 500}
     for _ in range(2):
         async with gw.client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer t"}) as response:
@@ -131,3 +121,42 @@ async def test_an_egress_proxys_407_reaches_the_client_as_a_502(
         response = await gw.client.post(path, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert response.status == 502
     assert (await response.json())["error"]["code"] == "upstream_auth_rejected"
+
+
+async def test_a_preamble_trickled_a_byte_a_read_is_looked_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hold looked at everything it held again after every read: comments trickled a byte
+    a read made that quadratic (20 s of the event loop for the first 13 KB). Each event is now
+    looked at once: the check runs as many times as there are events, not reads times events."""
+    from gateway import proxy
+    from gateway.relay import StreamRelay
+
+    comments = COMMENT * 500  # ~12 KB, one byte a read
+    reads = [comments[i : i + 1] for i in range(len(comments))] + [CHAT_ERROR]
+
+    class Trickle:
+        async def next_chunk(self) -> bytes:
+            return reads.pop(0) if reads else b""
+
+    looked = 0
+    is_preamble = proxy._is_preamble
+
+    def counted(event: bytes) -> bool:
+        nonlocal looked
+        looked += 1
+        return is_preamble(event)
+
+    monkeypatch.setattr(proxy, "_is_preamble", counted)
+    relay = StreamRelay(None, None)
+    first = relay.feed(reads.pop(0))
+    while not first:
+        first = relay.feed(reads.pop(0))
+    held = await proxy._past_preamble(
+        Trickle(),  # type: ignore[arg-type]
+        relay,
+        first,
+        asyncio.get_running_loop().time() + 30,
+        lambda noted: None,  # type: ignore[arg-type,return-value]
+    )
+    assert held == comments + CHAT_ERROR  # held to the answer's first event, the error
+    assert proxy._answer_of(held) == CHAT_ERROR
+    assert looked <= 2 * 500 + 2
