@@ -296,10 +296,10 @@ class Upstream:
     __slots__ = (
         "_connect_timeout",
         "_defaults",
-        "_egress",
         "_mask",
         "_max_reply",
         "_own",
+        "_proxy",
         "_proxy_headers",
         "_session",
         "_url",
@@ -319,8 +319,6 @@ class Upstream:
         egress: Egress | None = None,
     ) -> None:
         self._session: aiohttp.ClientSession | None = None
-        self._egress = egress
-        self._proxy_headers: dict[str, str] | None = None  # Proxy-Authorization, with an egress proxy
         self._max_reply = max_reply_bytes
         secret = api_key or _basic_credentials(url)
         self._mask = KeyMask(secret.encode()) if secret and len(secret) >= 8 else None  # masking "x" would garble
@@ -340,6 +338,15 @@ class Upstream:
             own["OpenAI-Organization"] = organization
         if project:
             own["OpenAI-Project"] = project
+        # The egress proxy this upstream is reached through (decided once), and its credentials.
+        self._proxy, authorization = egress.proxy_for(url) if egress is not None else (None, None)
+        self._proxy_headers: dict[str, str] | None = None  # sent with a CONNECT (an https upstream's tunnel)
+        if authorization and not url.lower().startswith("https:"):
+            # No tunnel: the request itself goes to the proxy (aiohttp sends proxy_headers only
+            # on a CONNECT), so the credentials go with it.
+            own["Proxy-Authorization"] = authorization
+        elif authorization:
+            self._proxy_headers = {"Proxy-Authorization": authorization}
         self._own = own
         self._verdicts: dict[str, str] = {}  # header name as spelled -> lower-case if it passes, else ""
 
@@ -353,15 +360,8 @@ class Upstream:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
         # No cookie jar: a cookie the provider sets on one tenant's call (a load balancer's,
         # say) must never ride along on another tenant's calls.
-        proxy, authorization = self._egress.proxy_for(self._url) if self._egress is not None else (None, None)
-        if authorization and not self._url.lower().startswith("https:"):
-            # No tunnel: the request itself goes to the proxy (aiohttp sends proxy_headers only
-            # on a CONNECT), so the credentials go with it.
-            self._own["Proxy-Authorization"] = authorization
-        elif authorization:
-            self._proxy_headers = {"Proxy-Authorization": authorization}
         session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar(), proxy=proxy
+            connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar(), proxy=self._proxy
         )
         self._session = session
         return session

@@ -94,13 +94,16 @@ def json_answer(body: object, status: int = 200) -> Answer:
     return answer
 
 
-def events_answer(*reads: bytes, stall: asyncio.Event | None = None) -> Answer:
-    """An event stream written read by read; with `stall`, it then goes silent until set."""
+def events_answer(*reads: bytes, stall: asyncio.Event | None = None, pause: float = 0.0) -> Answer:
+    """An event stream written read by read (`pause` seconds apart: the gateway reads them
+    apart); with `stall`, it then goes silent until set."""
 
     async def answer(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for read in reads:
+        for position, read in enumerate(reads):
+            if pause and position:
+                await asyncio.sleep(pause)
             await response.write(read)
         if stall is not None:
             await stall.wait()

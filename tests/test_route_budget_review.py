@@ -203,24 +203,15 @@ async def test_messages_held_message_start_goes_out_when_the_answer_is_slow(
     """The wait for the answer's first event is bounded (half the attempt's time, as the
     translated role chunk's): a model slow to begin gets message_start out within the first-byte
     deadline, and is then no failure, as before."""
-    import asyncio
 
-    from aiohttp import web
 
     routes = tmp_path / "routes.toml"
     routes.write_text(TWO_CLAUDES.format(url=hostile.url))
     gw = await start(ROUTES_FILE=str(routes), TIMEOUT_SECS="4")
 
-    async def answer(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(ANTHROPIC_START)
-        await asyncio.sleep(1.5)  # past half of c1's share (4 s / 2 attempts / 2)
-        await response.write(TEXT + FINAL + STOP)
-        await response.write_eof()
-        return response
-
-    hostile.answer = answer
+    hostile.answer = events_answer(
+        ANTHROPIC_START, TEXT + FINAL + STOP, pause=1.5
+    )  # past half of c1's share (4 s / 2 attempts / 2)
     body = {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 10}
     async with gw.client.post("/v1/messages", json=body) as response:
         assert response.headers["x-gateway-upstream"] == "c1"
@@ -297,22 +288,11 @@ async def test_an_unrouted_messages_stream_overloaded_after_message_start_releas
 ) -> None:
     """Without ROUTES_FILE too: whether message_start and the error came in one read or two
     decided whether the estimate was released (one) or held to the window's end (two)."""
-    import asyncio
 
-    from aiohttp import web
 
     gw = await start(TOKEN_QUOTA="10000")
 
-    async def answer(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(ANTHROPIC_START)
-        await asyncio.sleep(0.05)
-        await response.write(PING + OVERLOADED)
-        await response.write_eof()
-        return response
-
-    hostile.answer = answer
+    hostile.answer = events_answer(ANTHROPIC_START, PING + OVERLOADED, pause=0.05)
     body = {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 500}
     for _ in range(2):
         async with gw.client.post("/v1/messages", json=body, headers={"x-api-key": "t"}) as response:
@@ -375,24 +355,15 @@ async def test_keep_alive_comments_of_a_slow_model_go_out_within_the_first_byte_
 ) -> None:
     """Held only until half the attempt's time: a slow model's comments then go out as they come,
     and its answer follows from the same upstream, as before."""
-    import asyncio
 
-    from aiohttp import web
 
     routes = tmp_path / "routes.toml"
     routes.write_text(TWO.format(url=hostile.url))
     gw = await start(ROUTES_FILE=str(routes), TIMEOUT_SECS="4")
 
-    async def answer(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(COMMENT)
-        await asyncio.sleep(1.5)  # past half of a's share (4 s / 2 attempts / 2)
-        await response.write(CONTENT + b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
-
-    hostile.answer = answer
+    hostile.answer = events_answer(
+        COMMENT, CONTENT + b"data: [DONE]\n\n", pause=1.5
+    )  # past half of a's share (4 s / 2 attempts / 2)
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     async with gw.client.post("/v1/chat/completions", json=body) as response:
         assert response.headers["x-gateway-upstream"] == "a"

@@ -54,9 +54,10 @@ REPAIR_RETRY_SECS = 1.0
 # as before repairs existed.
 MAX_REPAIRS = 10_000
 
+REPORT_EVERY_SECS = 60.0  # an outage logged at most once a minute after its first failure (_report)
+
 # On a cluster, a key whose call failed fails at once for this long, then is tried again
 # (StoreGuard's second, for one key: its master may be silent, and no batch waits it out again).
-REPORT_EVERY_SECS = 60.0  # an outage logged at most once a minute after its first failure
 KEY_RETRY_SECS = 1.0
 # Keys failing at once are forgotten past their second when there are more than this many.
 KEYS_FAILING_MAX = 1024
