@@ -682,8 +682,15 @@ def _may_be_reply(data: bytes) -> bool:
     return True
 
 
-_MESSAGE_START = b"event: message_start\n"
-_PING = b"event: ping\n"
+# Events that open a stream before its answer and before a failure alike: /v1/messages'
+# message_start and pings; the Responses API's response.created, .queued and .in_progress.
+_PREAMBLE_EVENTS = (
+    b"event: message_start\n",
+    b"event: ping\n",
+    b"event: response.created\n",
+    b"event: response.queued\n",
+    b"event: response.in_progress\n",
+)
 # A preamble is a few hundred bytes (message_start, a ping, a router's comment or two): past
 # this, what is held goes out, so an upstream that sends pings or comments without end is not
 # held in memory for half TIMEOUT_SECS, each read rescanning all of it.
@@ -693,7 +700,8 @@ _PREAMBLE_BYTES = 64 * 1024
 def _answer_of(first: bytes) -> bytes:
     """The first events from the answer's first on: past the preamble that comes before an
     answer and before a failure alike (/v1/messages' message_start and pings, the SSE comments
-    an OpenAI-compatible router sends while it waits for its provider)."""
+    an OpenAI-compatible router sends while it waits for its provider, /v1/responses'
+    response.created and response.in_progress)."""
     at = _preamble_end(first)
     return first[at:] if at else first
 
@@ -710,7 +718,7 @@ def _preamble_end(first: bytes) -> int:
 
 
 def _is_preamble(event: bytes) -> bool:
-    if event.startswith((_MESSAGE_START, _PING)):
+    if event.startswith(_PREAMBLE_EVENTS):
         return True
     return event.startswith(b":") and all(line.startswith(b":") for line in event.split(b"\n"))
 
@@ -749,9 +757,10 @@ async def _past_preamble(reply: Reply, relay: StreamRelay, first: bytes, hold_un
 
 
 def _is_error_event(first: bytes) -> bool:
-    """Whether the first events read are an error: Anthropic's `event: error`, or OpenAI's
-    `data: {"error": ...}` (a translated Anthropic error too)."""
-    return first.startswith((b"event: error\n", b'data: {"error"'))
+    """Whether the first events read are an error: Anthropic's and the Responses API's
+    `event: error`, the Responses API's `response.failed`, or OpenAI's `data: {"error": ...}`
+    (a translated Anthropic error too)."""
+    return first.startswith((b"event: error\n", b"event: response.failed\n", b'data: {"error"'))
 
 
 # Error types (OpenAI's and Anthropic's words) that blame the request, not the upstream: the

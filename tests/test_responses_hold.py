@@ -1,0 +1,85 @@
+"""/v1/responses streams that fail right after they open: `response.created` (and
+`response.in_progress`) come first on every Responses stream, before the answer and before a
+failure alike, as Anthropic's message_start does on /v1/messages (the gateway in process here,
+in front of a hostile upstream: tests/test_adversarial.py's fixtures)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.test_adversarial import (  # noqa: F401  (fixtures)
+    GatewayFactory,
+    Hostile,
+    anthropic_ev,
+    events_answer,
+    hostile,
+    start,
+)
+
+RESPONSE: dict[str, Any] = {
+    "id": "resp_1",
+    "object": "response",
+    "created_at": 1767225600,
+    "status": "in_progress",
+    "model": "gpt-4o-2024-08-06",
+    "output": [],
+    "usage": None,
+}
+CREATED = anthropic_ev({"type": "response.created", "sequence_number": 0, "response": RESPONSE})
+IN_PROGRESS = anthropic_ev({"type": "response.in_progress", "sequence_number": 1, "response": RESPONSE})
+# OpenAI's two ways to end a stream that fails: an `error` event, or `response.failed`.
+ERROR = anthropic_ev(
+    {
+        "type": "error",
+        "sequence_number": 2,
+        "code": "server_error",
+        "message": "The server had an error while processing your request.",
+        "param": None,
+    }
+)
+FAILED = anthropic_ev(
+    {
+        "type": "response.failed",
+        "sequence_number": 2,
+        "response": {**RESPONSE, "status": "failed", "error": {"code": "server_error", "message": "overloaded"}},
+    }
+)
+MESSAGE_ADDED = anthropic_ev(
+    {
+        "type": "response.output_item.added",
+        "sequence_number": 2,
+        "output_index": 0,
+        "item": {"id": "msg_1", "type": "message", "status": "in_progress", "role": "assistant", "content": []},
+    }
+)
+USAGE = {"input_tokens": 1, "output_tokens": 0, "total_tokens": 1}
+COMPLETED = anthropic_ev(
+    {
+        "type": "response.completed",
+        "sequence_number": 3,
+        "response": {**RESPONSE, "status": "completed", "usage": USAGE},
+    }
+)
+BODY = {"model": "gpt-4o", "input": "hi", "stream": True, "max_output_tokens": 500}  # estimate 1 + 500
+
+
+@pytest.mark.parametrize("failure", [ERROR, FAILED], ids=["error", "response.failed"])
+@pytest.mark.parametrize("pause", [0.0, 0.05], ids=["one-read", "two-reads"])
+async def test_a_responses_stream_failing_after_response_created_releases_its_reservation(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    failure: bytes,
+    pause: float,
+) -> None:
+    """SPEC §14: an upstream failure charges nothing. A Responses stream that failed right after
+    response.created held the whole estimate to the window's end (501 of 10000, for nothing),
+    however the reads fell: only message_start and comments were held for the answer."""
+    gw = await start(TOKEN_QUOTA="10000")
+    hostile.answer = events_answer(CREATED + IN_PROGRESS, failure, pause=pause)
+    for _ in range(2):
+        async with gw.client.post("/v1/responses", json=BODY, headers={"Authorization": "Bearer t"}) as response:
+            data = await response.read()
+            assert response.status == 200 and data == CREATED + IN_PROGRESS + failure
+            assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 501)  # the first released
