@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import ssl
+from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
 log = logging.getLogger("gateway")
 
@@ -37,20 +38,42 @@ def client_context() -> ssl.SSLContext:
     bundle takes tens of milliseconds)."""
     context = ssl.create_default_context()  # OpenSSL's places, SSL_CERT_FILE and SSL_CERT_DIR
     context.set_alpn_protocols(("http/1.1",))  # as aiohttp's own default context says
+    if (bundle := distribution_bundle()) is not None:
+        context.load_verify_locations(cafile=bundle)
+    return context
+
+
+@functools.cache
+def distribution_bundle() -> str | None:
+    """The distribution's CA bundle, when OpenSSL's own places (SSL_CERT_FILE, SSL_CERT_DIR,
+    the directory it was built with) hold no certificate; None when they do. Found none, the
+    log says so, once."""
     defaults = ssl.get_default_verify_paths()
     if defaults.cafile is not None or (defaults.capath is not None and _holds_certificates(defaults.capath)):
-        return context
+        return None
     for candidate in CA_FILE_CANDIDATES:
         if os.path.isfile(candidate):
-            context.load_verify_locations(cafile=candidate)
-            return context
+            return candidate
     log.warning(
-        "no CA certificates found (looked in %s and %s): https upstreams will fail verification;"
-        " set SSL_CERT_FILE to a CA bundle",
+        "no CA certificates found (looked in %s and %s): https upstreams and rediss:// will fail"
+        " verification; set SSL_CERT_FILE to a CA bundle",
         defaults.openssl_cafile,
         ", ".join(CA_FILE_CANDIDATES),
     )
-    return context
+    return None
+
+
+def redis_url_with_bundle(url: str) -> str:
+    """A `rediss://` URL that names no CA of its own (`ssl_ca_certs`), given the distribution's
+    bundle where OpenSSL's places hold none: coredis builds its TLS context from the URL's
+    `ssl_*` options, so this is how its verification finds the CAs the upstreams' does."""
+    parts = urlsplit(url)
+    if parts.scheme != "rediss" or "ssl_ca_certs" in parse_qs(parts.query):
+        return url
+    if (bundle := distribution_bundle()) is None:
+        return url
+    query = f"{parts.query}&" if parts.query else ""
+    return urlunsplit(parts._replace(query=f"{query}ssl_ca_certs={quote(bundle, safe='/')}"))
 
 
 def _holds_certificates(directory: str) -> bool:

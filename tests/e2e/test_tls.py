@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from ..harness import ROOT, Gateway, Mock, Process, base_env, free_port, wait_until
+from ..harness import ROOT, Gateway, Mock, Process, RedisServer, base_env, free_port, wait_until
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "write to jane.doe@example.com"}]}
 
@@ -165,6 +165,45 @@ def test_without_any_ca_bundle_the_log_says_to_set_ssl_cert_file(
         assert refused.value.status_code == 502
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize("hidden", [True, False], ids=["fedora-layout", "debian-layout"])
+def test_a_rediss_store_is_verified_with_the_bundle_wherever_the_distribution_keeps_it(
+    tmp_path: Path, certificates: tuple[Path, Path, Path], no_ca_settings: None, hidden: bool
+) -> None:
+    """A `rediss://` Redis (a managed one) is verified by coredis's own context, which looked
+    where OpenSSL was built to look only: on the Fedora/Alpine layout every call failed
+    verification, so quotas were never counted (fail-open) or every request refused (closed)."""
+    if not _can_make_a_mount_namespace():
+        pytest.skip("needs unshare -m (root): the test hides /usr/lib/ssl and /etc/ssl in a mount namespace")
+    cert, key, _ = certificates
+    tls_port = free_port()
+    tls = ["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+    redis = RedisServer(tmp_path, extra=[*tls, "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"])
+    (tmp_path / "mock").mkdir()
+    mock = Mock(tmp_path / "mock")
+    # The test's CA as the system's only bundle: at /etc/ssl/cert.pem (Fedora's layout), or in
+    # OpenSSL's own directory (Debian's, where coredis always found it).
+    layout = "mount -t tmpfs tmpfs /usr/lib/ssl && " + (
+        f'mount -t tmpfs tmpfs /etc/ssl && cp "{cert}" /etc/ssl/cert.pem'
+        if hidden
+        else f'cp "{cert}" /usr/lib/ssl/cert.pem'
+    )
+    gateway = gateway_to(
+        tmp_path,
+        mock,
+        wrap=["unshare", "-m", "sh", "-c", layout + ' && exec "$@"', "sh"],
+        REDIS_URL=f"rediss://127.0.0.1:{tls_port}/0",
+        QUOTA_FAIL_MODE="closed",  # a store that cannot be reached refuses: 503
+    )
+    try:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        assert client.chat.completions.create(**BODY).choices[0].message.content
+        assert redis.cli("KEYS", "quota:*")  # counted in the TLS Redis
+    finally:
+        gateway.stop()
+        mock.stop()
+        redis.stop()
 
 
 class ConnectProxy:
