@@ -63,21 +63,22 @@ def distribution_bundle() -> str | None:
     return None
 
 
-def redis_url_with_bundle(url: str) -> str:
-    """A `rediss://` URL that names no CA of its own (`ssl_ca_certs`), given the distribution's
-    bundle where OpenSSL's places hold none: coredis builds its TLS context from the URL's
-    `ssl_*` options, so this is how its verification finds the CAs the upstreams' does."""
+def redis_url_verified(url: str) -> str:
+    """A `rediss://` URL with what its verification needs and coredis does not do by itself
+    (it builds its TLS context from the URL's `ssl_*` options): the server's host name checked
+    (coredis checks none, so any certificate a trusted CA signed for any name passed, and the
+    Redis password went to whoever showed one), unless the URL says otherwise
+    (`ssl_check_hostname`, or `ssl_cert_reqs=none`); and the distribution's CA bundle where
+    OpenSSL's places hold none, unless the URL names its own (`ssl_ca_certs`)."""
     parts = urlsplit(url)
-    if parts.scheme != "rediss" or "ssl_ca_certs" in parse_qs(parts.query):
+    if parts.scheme != "rediss":
         return url
-    if (bundle := distribution_bundle()) is None:
+    given = parse_qs(parts.query)
+    added = []
+    if "ssl_check_hostname" not in given and given.get("ssl_cert_reqs", [""])[-1] != "none":
+        added.append("ssl_check_hostname=true")
+    if "ssl_ca_certs" not in given and (bundle := distribution_bundle()) is not None:
+        added.append(f"ssl_ca_certs={quote(bundle, safe='/')}")
+    if not added:
         return url
-    query = f"{parts.query}&" if parts.query else ""
-    return urlunsplit(parts._replace(query=f"{query}ssl_ca_certs={quote(bundle, safe='/')}"))
-
-
-def _holds_certificates(directory: str) -> bool:
-    try:
-        return any(_HASHED_NAME.fullmatch(name) for name in os.listdir(directory))
-    except OSError:
-        return False
+    return urlunsplit(parts._replace(query="&".join(filter(None, (parts.query, *added)))))

@@ -33,7 +33,7 @@ from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.retry import CompositeRetryPolicy, ConstantRetryPolicy
 
 from ..errors import KeyUnavailable, StoreUnavailable
-from ..tls import redis_url_with_bundle
+from ..tls import redis_url_verified
 from . import Held
 
 log = logging.getLogger("gateway")
@@ -228,7 +228,7 @@ class RedisStore:
             "decode_responses": False,
             "decode_components": True,
         }
-        url = redis_url_with_bundle(url)  # rediss:// on a distribution whose CAs OpenSSL does not find
+        url = redis_url_verified(url)  # rediss://: its host name checked, its CAs found
         if cluster:
             # coredis' cluster default, less two things: a call that timed out is not sent again
             # (the batch's deadline, as long as the timeout, has passed by then), and a connection

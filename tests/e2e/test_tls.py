@@ -21,8 +21,8 @@ from ..harness import ROOT, Gateway, Mock, Process, RedisServer, base_env, free_
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "write to jane.doe@example.com"}]}
 
 
-def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and upstream.test that is its own CA, and its key."""
+def self_signed(directory: Path, name: str, names: str = "IP:127.0.0.1,DNS:upstream.test") -> tuple[Path, Path]:
+    """A certificate for `names` (127.0.0.1 and upstream.test) that is its own CA, and its key."""
     cert, key = directory / f"{name}.pem", directory / f"{name}.key"
     subprocess.run(
         [
@@ -39,7 +39,7 @@ def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
             "-subj",
             f"/CN={name}",
             "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:upstream.test",
+            f"subjectAltName={names}",
             "-keyout",
             str(key),
             "-out",
@@ -200,6 +200,42 @@ def test_a_rediss_store_is_verified_with_the_bundle_wherever_the_distribution_ke
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
         assert client.chat.completions.create(**BODY).choices[0].message.content
         assert redis.cli("KEYS", "quota:*")  # counted in the TLS Redis
+    finally:
+        gateway.stop()
+        mock.stop()
+        redis.stop()
+
+
+@pytest.mark.parametrize("query", ["", "?ssl_check_hostname=false"], ids=["checked", "the-operator-opts-out"])
+def test_a_rediss_store_whose_certificate_names_another_host_is_refused(
+    tmp_path: Path, no_ca_settings: None, query: str
+) -> None:
+    """coredis verifies a `rediss://` server's certificate but not the name in it: a certificate
+    any trusted CA signed for another name passed, and the Redis password went to whoever
+    showed one. The name is checked now, as an https upstream's is, unless the URL opts out."""
+    cert, key = self_signed(tmp_path, "elsewhere", names="DNS:elsewhere.test")
+    tls_port = free_port()
+    tls = ["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+    redis = RedisServer(tmp_path, extra=[*tls, "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"])
+    (tmp_path / "mock").mkdir()
+    mock = Mock(tmp_path / "mock")
+    gateway = gateway_to(
+        tmp_path,
+        mock,
+        SSL_CERT_FILE=str(cert),  # its CA trusted: only the name is wrong
+        REDIS_URL=f"rediss://127.0.0.1:{tls_port}/0{query}",
+        QUOTA_FAIL_MODE="closed",  # a store that cannot be reached refuses: 503
+    )
+    try:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        if query:
+            assert client.chat.completions.create(**BODY).choices[0].message.content
+            assert redis.cli("KEYS", "quota:*")
+        else:
+            with pytest.raises(openai.APIStatusError) as refused:
+                client.chat.completions.create(**BODY)
+            assert refused.value.status_code == 503
+            assert not redis.cli("KEYS", "quota:*")
     finally:
         gateway.stop()
         mock.stop()
