@@ -82,3 +82,10 @@ def redis_url_verified(url: str) -> str:
     if not added:
         return url
     return urlunsplit(parts._replace(query="&".join(filter(None, (parts.query, *added)))))
+
+
+def _holds_certificates(directory: str) -> bool:
+    try:
+        return any(_HASHED_NAME.fullmatch(name) for name in os.listdir(directory))
+    except OSError:
+        return False

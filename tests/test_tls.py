@@ -3,6 +3,9 @@ path, in a mount namespace with Fedora's layout, is tests/e2e/test_tls.py's."""
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
+
 import pytest
 
 from gateway import tls
@@ -53,3 +56,24 @@ def test_a_rediss_url_is_given_a_host_name_check_and_the_distributions_cas(
 def test_where_openssl_finds_its_cas_a_rediss_url_names_none(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tls, "distribution_bundle", lambda: None)
     assert tls.redis_url_verified("rediss://cache:6380/0") == "rediss://cache:6380/0?ssl_check_hostname=true"
+
+
+@pytest.mark.parametrize("holds", [True, False], ids=["a-ca-directory", "an-empty-directory"])
+def test_openssls_ca_directory_counts_only_when_it_holds_certificates(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, holds: bool
+) -> None:
+    """SSL_CERT_DIR (or the built-in directory) with certificates in it is OpenSSL's place; an
+    empty one (a distribution that keeps a bundle file instead) is not."""
+    if holds:
+        (tmp_path / "5ad8a5d6.0").write_text("a certificate")  # named by its subject's hash
+    paths = ssl.DefaultVerifyPaths(
+        None, str(tmp_path), "SSL_CERT_FILE", "/nowhere/cert.pem", "SSL_CERT_DIR", str(tmp_path)
+    )
+    monkeypatch.setattr(ssl, "get_default_verify_paths", lambda: paths)
+    monkeypatch.setattr(tls, "CA_FILE_CANDIDATES", ("/nowhere/a.pem", str(tmp_path / "bundle.pem")))
+    (tmp_path / "bundle.pem").write_text("a bundle")
+    tls.distribution_bundle.cache_clear()
+    try:
+        assert tls.distribution_bundle() == (None if holds else str(tmp_path / "bundle.pem"))
+    finally:
+        tls.distribution_bundle.cache_clear()
