@@ -254,6 +254,7 @@ class Proxy:
             if isinstance(answer.get("model"), str):
                 state.response_model = answer["model"]
             if answer.get("error") is not None:  # an error under a 200, which may echo the key (not "error": null)
+                state.error_answer = True  # relayed as it came, but it charges nothing (SPEC §14)
                 scrubbed = reply.scrub(data)
                 if scrubbed is not data:  # the key masked, and the reply still redacted: it may carry an answer
                     data = scrubbed

@@ -282,6 +282,38 @@ async def test_an_unrouted_stream_whose_answer_is_an_error_releases_its_reservat
             assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 501)
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/responses", {"model": "gpt-4o", "input": "hi"}),
+    ],
+)
+async def test_a_json_reply_that_is_an_error_under_a_200_releases_its_reservation(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    path: str,
+    body: dict[str, object],
+) -> None:
+    """SPEC §14: an upstream's error answer charges nothing. OpenAI-compatible routers answer
+    some failures with an error object under a 200 (OpenRouter, LiteLLM's proxy): it is relayed
+    as it came, but it kept the whole estimate to the window's end, as its stream form no
+    longer does."""
+    from aiohttp import web
+
+    gw = await start(TOKEN_QUOTA="10000")
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "Provider returned error", "code": 502}})
+
+    hostile.answer = answer
+    for _ in range(2):
+        ask = {**body, "max_tokens": 500} if "messages" in body else {**body, "max_output_tokens": 500}
+        async with gw.client.post(path, json=ask, headers={"Authorization": "Bearer t"}) as response:
+            assert response.status == 200 and "error" in await response.json()
+            assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 501)  # the first released
+
+
 async def test_an_unrouted_messages_stream_overloaded_after_message_start_releases_its_reservation(
     start: GatewayFactory,  # noqa: F811
     hostile: Hostile,  # noqa: F811
