@@ -445,10 +445,12 @@ class Upstream:
         """The answer, if it is one a client can be handed: a success or an error (4xx, 5xx).
         A redirect is not followed (see post) and its Location is not relayed, so passed on it
         told the client "look elsewhere" with nowhere to look (a 304, to a POST, with no body at
-        all); a status past 599 has no class in HTTP and clients reject or misread it. Either is
-        the upstream failing: 502, or the route's next upstream. One comparison per call."""
+        all); a status past 599 has no class in HTTP and clients reject or misread it, and so
+        has one under 100 (aiohttp reads "099" as 99; a 1xx never gets here: its client waits
+        for the final answer). Either is the upstream failing: 502, or the route's next
+        upstream. Two comparisons per call."""
         status = response.status
-        if 300 <= status < 400 or status >= 600:
+        if status < 200 or 300 <= status < 400 or status >= 600:
             response.close()
             raise UpstreamError(f"upstream answered {status}")
         return UpstreamReply(response, self._max_reply, self._mask)

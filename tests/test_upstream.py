@@ -575,3 +575,32 @@ async def test_a_retry_after_date_is_passed_on_as_seconds() -> None:
                 await upstream.close()
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("status_line", [b"HTTP/1.1 099 Odd", b"HTTP/1.1 000 Zero", b"HTTP/1.1 099 ", b"HTTP/1.1 000 "])
+async def test_a_status_under_100_is_an_upstream_error_not_relayed(status_line: bytes) -> None:
+    # aiohttp's client reads "099" and "000" as the statuses 99 and 0. Relayed, the client got
+    # "HTTP/1.1 99" or "HTTP/1.1 0", status lines HTTP has no class for (curl and http.client
+    # reject them) and /metrics a status="0" series: the upstream failing, as a 999 is.
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
+        await reader.readexactly(length)
+        body = b'{"error": {"message": "odd"}}'
+        writer.write(
+            status_line + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    upstream = Upstream(f"http://127.0.0.1:{port}/v1/chat/completions", None, 5.0)
+    await upstream.open()
+    try:
+        with pytest.raises(UpstreamError, match=r"^upstream answered (99|0)$"):
+            await upstream.post(BODY, {"Content-Type": "application/json"})
+    finally:
+        await upstream.close()
+        server.close()
+        await server.wait_closed()
