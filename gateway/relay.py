@@ -773,6 +773,18 @@ class StreamRelay:
         """An event that is not a JSON object: its text redacted whole (JSON stays JSON; text
         that is no JSON is read as text: "+44 20 7946 0958" is a phone there, not a number)."""
         assert event.data is not None
+        if event.data.find(b"\n") >= 0:
+            # Several data lines, no JSON together: a client that takes each `data:` line for a
+            # chunk of its own (many hand-written ones do) reads a text in each, and PII split
+            # between them ("card 4242 4242 " / "4242 4242") was out of sight of each line's
+            # whole redaction. Each line goes on as an event of its own, through the text
+            # streams like any other: what either kind of client reads is redacted.
+            out: list[bytes] = []
+            for part in _per_data_line(event):
+                if self.done:
+                    break
+                out.append(self._event(part))
+            return b"".join(out)
         text = event.data.decode("utf-8", "replace")
         clean = self._whole(text, _is_json(event.data))
         if clean == text and not _has_invalid_utf8(event.data):
@@ -1153,6 +1165,23 @@ def redact_reply(
         return redact(text, on_redaction, json_text=json_text)
 
     walk(reply, spec, (), True, leaf, whole)
+
+
+def _per_data_line(event: sse.Event) -> list[sse.Event]:
+    """The event as one event per data line, each other line (event:, id:, a comment) in the
+    event of the data line before it (lines before the first data line, in the first's)."""
+    blocks: list[bytes] = []
+    block: list[bytes] = []
+    with_data = False
+    for line in event.raw[:-2].split(b"\n"):
+        if line.partition(b":")[0] == b"data":
+            if with_data:
+                blocks.append(b"\n".join(block))
+                block = []
+            with_data = True
+        block.append(line)
+    blocks.append(b"\n".join(block))
+    return sse.parse_blocks(b"\n\n".join(blocks) + b"\n\n")
 
 
 def _with_data(event: sse.Event, data: bytes, whole: WholeText) -> bytes:

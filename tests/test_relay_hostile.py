@@ -165,6 +165,43 @@ def test_an_event_that_is_not_json_is_redacted_as_text() -> None:
     assert b"j***e@example.com" in wire
 
 
+def line_texts(wire: bytes) -> str:
+    """The text a client that takes each `data:` line for a chunk of its own reads (many
+    hand-written ones do: `for line in lines: if line.startswith("data: "): json.loads(...)`)."""
+    out = []
+    for line in wire.split(b"\n"):
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            with contextlib.suppress(ValueError):
+                for choice in json.loads(line[6:]).get("choices", []):
+                    out.append((choice.get("delta") or {}).get("content") or "")
+    return "".join(out)
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        # PII split between the data lines of one event, which are no JSON together
+        [delta_chunk({"content": "card 4242 4242 "})[:-1] + delta_chunk({"content": "4242 4242 ok"}), DONE],
+        [delta_chunk({"content": "mail jane.doe@"})[:-1] + delta_chunk({"content": "example.com ok"}), DONE],
+        # and between a held text and such an event's second line
+        [
+            delta_chunk({"content": "mail jane."}),
+            delta_chunk({"content": "doe@exa"})[:-1] + delta_chunk({"content": "mple.com ok"}),
+            DONE,
+        ],
+    ],
+)
+def test_pii_split_between_the_data_lines_of_an_event_is_masked_as_each_line_is_read(reads: list[bytes]) -> None:
+    # Each line was redacted whole on its own: the card, the address went out in two halves,
+    # which a client reading line by line joins (and held text came out after the event).
+    wire = relay_all(*reads)
+    text = line_texts(wire)
+    for value in CORPUS:
+        assert value not in text, value
+    assert "CC_MASKED_LAST4_4242" in text or "j***e@example.com" in text
+    assert text.endswith(" ok")
+
+
 def test_side_fields_and_unknown_fields_are_redacted() -> None:
     wire = relay_all(delta_chunk({"content": "hi", "note": EMAIL}, user={"phone": "+1 415 555 2671"}), DONE)
     assert_no_clear_pii(wire)
