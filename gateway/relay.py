@@ -1168,20 +1168,27 @@ def redact_reply(
 
 
 def _per_data_line(event: sse.Event) -> list[sse.Event]:
-    """The event as one event per data line, each other line (event:, id:, a comment) in the
-    event of the data line before it (lines before the first data line, in the first's)."""
+    """The event as one event per data line, each with the event's name (its last `event:`
+    line: the Anthropic SDK reads an event by its name, and drops one without), each other
+    line (id:, a comment) in the event of the data line before it (lines before the first
+    data line, in the first's)."""
     blocks: list[bytes] = []
     block: list[bytes] = []
+    name = b""
     with_data = False
     for line in event.raw[:-2].split(b"\n"):
-        if line.partition(b":")[0] == b"data":
+        field = line.partition(b":")[0]
+        if field == b"event":
+            name = line + b"\n"
+            continue
+        if field == b"data":
             if with_data:
                 blocks.append(b"\n".join(block))
                 block = []
             with_data = True
         block.append(line)
     blocks.append(b"\n".join(block))
-    return sse.parse_blocks(b"\n\n".join(blocks) + b"\n\n")
+    return sse.parse_blocks(b"".join(name + block + b"\n\n" for block in blocks))
 
 
 def _with_data(event: sse.Event, data: bytes, whole: WholeText) -> bytes:

@@ -202,6 +202,15 @@ def test_pii_split_between_the_data_lines_of_an_event_is_masked_as_each_line_is_
     assert text.endswith(" ok")
 
 
+def test_each_data_line_of_such_an_event_keeps_the_events_name() -> None:
+    # The Anthropic SDK reads an event by its `event:` name and drops one without: each line
+    # of an event split a data line at a time carries the name (the last, as SSE reads it).
+    block = b"event: x\ndata: {}}\nid: 7\nevent: content_block_delta\ndata: {}}\n\n"
+    events = sse.SSEParser().feed(relay_all(block))
+    assert [(e.raw.split(b"\n")[0], e.data) for e in events] == [(b"event: content_block_delta", b"{}}")] * 2
+    assert b"id: 7" in events[0].raw
+
+
 def test_side_fields_and_unknown_fields_are_redacted() -> None:
     wire = relay_all(delta_chunk({"content": "hi", "note": EMAIL}, user={"phone": "+1 415 555 2671"}), DONE)
     assert_no_clear_pii(wire)
