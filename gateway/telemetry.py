@@ -140,7 +140,9 @@ class Metrics:
         self.responses = family(
             Counter, "http_requests_total", "Responses sent, by route, model and status.", "route", "model", "status"
         )
-        self.inflight = family(Gauge, "inflight_requests", "Chat requests in flight (streams until their last byte).")
+        self.inflight = family(
+            Gauge, "inflight_requests", "LLM requests in flight, every POST route (streams until their last byte)."
+        )
         self.redactions = family(
             Counter, "redactions_total", "PII redactions, by kind and direction.", "kind", "direction"
         )
