@@ -113,8 +113,6 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
             project=settings.openai_project,
             egress=egress,
         )
-        for name in settings.routes.upstreams:
-            breakers[name]
 
     live = LiveConfig(settings, telemetry.metrics.config_reloaded, router)
 

@@ -101,6 +101,11 @@ class Router:
         self._closed = False
         self._connect_timeout = connect_timeout
         self._organization, self._project = organization, project
+        # Each upstream's breaker (and its circuit_state series, at 0) from the load of the file
+        # that names it, start-up or SIGHUP: an upstream a reload adds is watched before its
+        # first request, as the ones of start-up are.
+        for name in table.upstreams:
+            breakers[name]
         # The operator's OpenAI organization and project go with the OpenAI key: to the
         # upstreams that are sent OPENAI_API_KEY.
         self.clients = {

@@ -239,3 +239,16 @@ async def test_the_role_chunk_waits_for_the_answer_only_until_its_hold_ends() ->
     assert b'"role":"assistant"' in first and b'"content":""' in first
     upstream.reads.put_nowait(TEXT)
     assert b'"role"' not in (second := await reply.next_chunk()) and b'"content":"Hi"' in second
+
+
+def test_a_reloaded_router_shows_the_breakers_of_upstreams_it_adds_at_once() -> None:
+    """SPEC §13's circuit_state has one series per upstream from start-up: an upstream that a
+    SIGHUP adds shows closed from the reload on, not only after its first request."""
+    made: list[str] = []
+    breakers = Breakers(1, 10, on_change=lambda name, event, state: made.append(name) if event is None else None)
+    table = RouteTable({"a": UPSTREAMS["a"]}, (Route("*", (Target(UPSTREAMS["a"]),)),))
+    Router(table, breakers, 5.0)
+    assert made == ["a"]
+    wider = RouteTable(UPSTREAMS, (Route("*", (Target(UPSTREAMS["a"]), Target(UPSTREAMS["b"]))),))
+    Router(table, breakers, 5.0).reloaded(wider)
+    assert sorted(made) == ["a", "b", "c", "claude"]  # every upstream named in the file, used or not
