@@ -801,9 +801,20 @@ def _is_request_error_event(first: bytes) -> bool:
 
 
 async def _first_events(reply: Reply, relay: StreamRelay, counted: Counted) -> bytes:
-    """Read until the first whole event: what to send first (the deadline covers this)."""
+    """Read until the first whole event: what to send first (the deadline covers this). A 2xx
+    body that does not open like an event stream (a proxy's HTML page) is no answer: the
+    relay would pass its lines on as unknown SSE fields (on chat, a 200 stream with nothing in
+    it for the SDKs), so it is the upstream failing, as the same body is for a JSON request:
+    the next upstream, or the gateway's 502."""
+    head: bytes | None = b""  # the body's first bytes, until they tell
     while True:
         chunk = await reply.next_chunk()
+        if head is not None and chunk:
+            head, opens = _opening(head + chunk)
+            if opens is False:
+                raise UpstreamError("upstream answered the stream with a body that is not an event stream")
+            if opens:
+                head = None
         long = len(chunk) + len(relay.parser.pending) > ASIDE_BYTES  # see _pump
         if not chunk:
             out = await _aside(relay, None, counted) if long else relay.close()
@@ -813,6 +824,20 @@ async def _first_events(reply: Reply, relay: StreamRelay, counted: Counted) -> b
         out = await _aside(relay, chunk, counted) if long else relay.feed(chunk)
         if out:
             return out
+
+
+def _opening(head: bytes) -> tuple[bytes, bool | None]:
+    """Whether a stream's first bytes open an event stream (a field line, a comment, blank lines
+    first): None while too few to tell, with what is left to look at (a BOM, blank lines and
+    a field name cut short are all a read may hold)."""
+    if len(head) < len(sse.BOM) and sse.BOM.startswith(head):
+        return head, None
+    head = head.removeprefix(sse.BOM).lstrip(b"\r\n")
+    if head.startswith(sse.EVENT_STARTS):
+        return head, True
+    if not head or any(start.startswith(head) for start in sse.EVENT_STARTS):
+        return head, None
+    return head, False
 
 
 Counted = Callable[[str, int], None]  # redactions of a kind, and how many

@@ -4,6 +4,7 @@ front of a hostile upstream: tests/test_adversarial.py's fixtures)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -204,7 +205,6 @@ async def test_messages_held_message_start_goes_out_when_the_answer_is_slow(
     translated role chunk's): a model slow to begin gets message_start out within the first-byte
     deadline, and is then no failure, as before."""
 
-
     routes = tmp_path / "routes.toml"
     routes.write_text(TWO_CLAUDES.format(url=hostile.url))
     gw = await start(ROUTES_FILE=str(routes), TIMEOUT_SECS="4")
@@ -321,7 +321,6 @@ async def test_an_unrouted_messages_stream_overloaded_after_message_start_releas
     """Without ROUTES_FILE too: whether message_start and the error came in one read or two
     decided whether the estimate was released (one) or held to the window's end (two)."""
 
-
     gw = await start(TOKEN_QUOTA="10000")
 
     hostile.answer = events_answer(ANTHROPIC_START, PING + OVERLOADED, pause=0.05)
@@ -388,7 +387,6 @@ async def test_keep_alive_comments_of_a_slow_model_go_out_within_the_first_byte_
     """Held only until half the attempt's time: a slow model's comments then go out as they come,
     and its answer follows from the same upstream, as before."""
 
-
     routes = tmp_path / "routes.toml"
     routes.write_text(TWO.format(url=hostile.url))
     gw = await start(ROUTES_FILE=str(routes), TIMEOUT_SECS="4")
@@ -403,3 +401,79 @@ async def test_keep_alive_comments_of_a_slow_model_go_out_within_the_first_byte_
         data = await response.read()
     assert b"from b. " in data and data.endswith(b"data: [DONE]\n\n")
     assert [seen.path.split("/")[1] for seen in hostile.seen] == ["a"]
+
+
+NOT_EVENTS = [
+    (b"<html><body>502 Bad Gateway</body></html>", "text/html"),
+    (b"upstream connect error or disconnect/reset before headers", "text/plain"),
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+@pytest.mark.parametrize("broken", NOT_EVENTS, ids=["html", "text"])
+async def test_a_stream_answered_by_a_2xx_page_that_is_no_event_stream_is_a_502(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    path: str,
+    broken: tuple[bytes, str],
+) -> None:
+    """SPEC §5/§9: a stream request whose upstream answers 200 with a proxy's page (no event in
+    it) got a 200 event stream made of that page: on chat, without an error event or [DONE], so
+    the official SDK saw an empty, successful completion; on /v1/messages, the page, then an error
+    event. A non-stream request gets the gateway's 502 for the same answer; so does a stream now,
+    before any header goes out."""
+    from aiohttp import web
+
+    body, content_type = broken
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body, status=200, content_type=content_type)
+
+    hostile.answer = answer
+    gw = await start()
+    request = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 5}
+    async with gw.client.post(path, json=request) as response:
+        data = await response.read()
+        assert response.status == 502, data
+        assert body not in data
+
+
+@pytest.mark.parametrize(("path", "routes"), [("/v1/chat/completions", TWO), ("/v1/messages", TWO_CLAUDES)])
+async def test_a_stream_answered_by_a_2xx_page_that_is_no_event_stream_falls_back(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    tmp_path: Path,
+    path: str,
+    routes: str,
+) -> None:
+    """SPEC §13: such an answer is the upstream failing before anything reached the client, as
+    the non-stream request's (above): the next upstream answers, and the first one's breaker
+    counts it (CB_FAILURES=2: opened after two). The page was the client's answer, from the
+    first upstream, every time."""
+    from aiohttp import web
+
+    file = tmp_path / "routes.toml"
+    file.write_text(routes.format(url=hostile.url))
+    gw = await start(ROUTES_FILE=str(file), CB_FAILURES="2", CB_OPEN_SECS="30")
+    chunk = {"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": []}
+    chat = b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if request.path.split("/")[1] in ("a", "c1"):
+            return web.Response(body=NOT_EVENTS[0][0], status=200, content_type="text/html")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chat if path == "/v1/chat/completions" else ANTHROPIC_START + TEXT + FINAL + STOP)
+        await response.write_eof()
+        return response
+
+    hostile.answer = answer
+    model = "m" if path == "/v1/chat/completions" else "claude-x"
+    request = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 5}
+    for _ in range(3):
+        async with gw.client.post(path, json=request) as response:
+            data = await response.read()
+            assert response.status == 200 and response.headers["x-gateway-upstream"] in ("b", "c2"), data
+            assert b"html" not in data
+    first, second = ("a", "b") if path == "/v1/chat/completions" else ("c1", "c2")
+    assert [seen.path.split("/")[1] for seen in hostile.seen] == [first, second, first, second, second]  # opened
