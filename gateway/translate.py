@@ -250,9 +250,13 @@ def _tool_choice(choice: object) -> dict[str, Any] | None:
 # --- reply ----------------------------------------------------------------------------
 
 
-def chat_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
-    """Anthropic's counts as OpenAI's: the prompt includes the cache's reads and writes."""
+def chat_usage(usage: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Anthropic's counts as OpenAI's: the prompt includes the cache's reads and writes. None
+    when it reports none: zeros made up here would settle the tenant's token budget to nothing
+    (SPEC §14: with no usage at all the estimate stands, as on /v1/messages)."""
     counts = {k: v for k, v in usage.items() if type(v) is int and v >= 0}
+    if not counts:
+        return None
     cached = counts.get("cache_read_input_tokens", 0)
     prompt = counts.get("input_tokens", 0) + cached + counts.get("cache_creation_input_tokens", 0)
     completion = counts.get("output_tokens", 0)
@@ -287,7 +291,7 @@ def chat_reply(message: Mapping[str, Any], created: int) -> dict[str, Any]:
     if calls:
         answer["tool_calls"] = calls
     usage = message.get("usage")
-    return {
+    reply: dict[str, Any] = {
         "id": message.get("id"),
         "object": "chat.completion",
         "created": created,
@@ -300,8 +304,11 @@ def chat_reply(message: Mapping[str, Any], created: int) -> dict[str, Any]:
                 "finish_reason": finish_reason(message.get("stop_reason")) or "stop",
             }
         ],
-        "usage": chat_usage(usage if isinstance(usage, dict) else {}),
     }
+    counted = chat_usage(usage) if isinstance(usage, dict) else None
+    if counted is not None:  # none reported: none made up (see chat_usage)
+        reply["usage"] = counted
+    return reply
 
 
 def chat_error(data: bytes) -> bytes:
@@ -403,18 +410,16 @@ class ChatStream:
     def prompt_tokens(self) -> int:
         """The prompt's tokens reported so far (message_start's, message_delta's where it has
         them): what a stream that breaks before its usage chunk still used."""
-        prompt: int = chat_usage(self._counts)["prompt_tokens"]  # counted as the usage chunk counts it
-        return prompt
+        usage = chat_usage(self._counts)  # counted as the usage chunk counts it
+        return 0 if usage is None else int(usage["prompt_tokens"])
 
     @property
     def final_usage(self) -> Usage | None:
         """The reply's usage once message_delta has reported it (as /v1/messages reads it), the
         usage chunk made or not: a stream cut between message_delta and message_stop, or left
         by its client there, is settled to it (SPEC §14), not held at its estimate."""
-        if not self._final or not self._counts:
-            return None
-        usage = chat_usage(self._counts)
-        return Usage(usage["prompt_tokens"], usage["completion_tokens"])
+        usage = chat_usage(self._counts) if self._final else None
+        return None if usage is None else Usage(usage["prompt_tokens"], usage["completion_tokens"])
 
     def feed(self, data: bytes) -> bytes:
         try:
@@ -474,8 +479,9 @@ class ChatStream:
             reason = finish_reason(delta.get("stop_reason")) if isinstance(delta, dict) else None
             return [self._chunk({}, reason or "stop")]
         self.done = True  # message_stop
-        if self._include_usage:
-            return [{**self._base, "choices": [], "usage": chat_usage(self._counts)}, _DONE_EVENT]
+        usage = chat_usage(self._counts) if self._include_usage else None
+        if usage is not None:  # none reported: no usage chunk of zeros (see chat_usage)
+            return [{**self._base, "choices": [], "usage": usage}, _DONE_EVENT]
         return [_DONE_EVENT]
 
     def _other(self, kind: object, event: Mapping[str, Any]) -> list[dict[str, Any] | bytes]:

@@ -477,3 +477,52 @@ async def test_a_stream_answered_by_a_2xx_page_that_is_no_event_stream_falls_bac
             assert b"html" not in data
     first, second = ("a", "b") if path == "/v1/chat/completions" else ("c1", "c2")
     assert [seen.path.split("/")[1] for seen in hostile.seen] == [first, second, first, second, second]  # opened
+
+
+START_WITHOUT_USAGE = anthropic_ev(
+    {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", "content": []}}
+)
+END_WITHOUT_USAGE = anthropic_ev({"type": "message_delta", "delta": {"stop_reason": "end_turn"}}) + STOP
+
+
+@pytest.mark.parametrize(
+    ("path", "stream", "include_usage"),
+    [
+        ("/v1/chat/completions", False, False),
+        ("/v1/chat/completions", True, False),
+        ("/v1/chat/completions", True, True),
+        ("/v1/messages", False, False),
+        ("/v1/messages", True, False),
+    ],
+    ids=["chat-json", "chat-stream", "chat-stream-usage", "messages-json", "messages-stream"],
+)
+async def test_an_anthropic_reply_without_usage_leaves_the_estimate_on_every_surface(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    tmp_path: Path,
+    path: str,
+    stream: bool,
+    include_usage: bool,
+) -> None:
+    """SPEC §14: "No usage at all: the estimate stands." An Anthropic upstream whose Message (or
+    stream) reports no usage: /v1/messages held the estimate (1001), but a chat request translated
+    to it was settled to 0, the translation having made up a usage of zeros (sent to the client
+    too, as if the reply had cost nothing): a budget such an upstream never charged."""
+    routes = tmp_path / "routes.toml"
+    routes.write_text(ROUTES.format(url=hostile.url))
+    gw = await start(ROUTES_FILE=str(routes), TOKEN_QUOTA="10000")
+    if stream:
+        hostile.answer = events_answer(START_WITHOUT_USAGE + TEXT + END_WITHOUT_USAGE)
+    else:
+        hostile.answer = json_answer({key: value for key, value in MESSAGE.items() if key != "usage"})
+    body: dict[str, object] = {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}
+    if stream:
+        body["stream"] = True
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    for held in (1001, 2002):  # the first request's estimate stands when the second is admitted
+        async with gw.client.post(path, json=body, headers={"Authorization": "Bearer t"}) as response:
+            data = await response.read()
+            assert response.status == 200, data
+            assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - held)
+            assert b'"prompt_tokens":0' not in data  # no usage of zeros made up for the client
