@@ -336,6 +336,9 @@ class Proxy:
             raise UpstreamAuthRejected()
         if not reply.is_json:
             error = UpstreamError(f"upstream answered {reply.status}")
+            # Relayed with the upstream's status, so typed by it (SPEC §11: a 429 is a
+            # rate_limit_error, a 529 an overloaded_error), not by the 502 of UpstreamError.
+            error.status = reply.status
             data = error.anthropic()[1] if self._api.anthropic_errors else error.body()
         # The provider's back-off advice reaches the client (the SDKs wait as long as it says).
         return web.Response(
