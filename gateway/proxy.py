@@ -491,6 +491,12 @@ class Proxy:
                         # A proxy's HTML page, nothing: no reply, which the client would get as
                         # the gateway's 502. Nothing has gone out: as a body that broke (SPEC §13).
                         raise UpstreamError("upstream answered with a body that is not JSON")
+                    if reply.status < 300 and (failure := _error_reply(whole)) is not None:
+                        # An error object under a 200 (OpenRouter's way with a provider's
+                        # failure) is this JSON's form of a stream that opens with an error.
+                        opened_with_error = not _blames_request(failure)
+                        if opened_with_error and attempts.more():
+                            raise UpstreamError("upstream answered with an error object")
                 else:
                     first = await _first_events(reply, relay, self._count_response_redactions)
                     read_at = time.perf_counter()  # the upstream's first event, held or not
@@ -792,7 +798,24 @@ def _is_request_error_event(first: bytes) -> bool:
         body = loads_reply(line[5:]) if line is not None else None
     except (ValueError, RecursionError):
         return False
-    error = body.get("error") if type(body) is dict else None
+    return type(body) is dict and _blames_request(body)
+
+
+def _error_reply(whole: bytes) -> dict[str, Any] | None:
+    """The 2xx JSON reply, if it is an error object instead of an answer (`"error"` not null).
+    Parsed only when the key is in it: one scan of the usual reply."""
+    if b'"error"' not in whole:
+        return None
+    try:
+        body = loads_reply(whole)
+    except (ValueError, RecursionError):
+        return None
+    return body if type(body) is dict and body.get("error") is not None else None
+
+
+def _blames_request(body: dict[str, Any]) -> bool:
+    """Whether an error reply or event blames the request (see _is_request_error_event)."""
+    error = body.get("error")
     if type(error) is not dict:
         return False
     code = error.get("code")

@@ -526,3 +526,49 @@ async def test_an_anthropic_reply_without_usage_leaves_the_estimate_on_every_sur
             assert response.status == 200, data
             assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - held)
             assert b'"prompt_tokens":0' not in data  # no usage of zeros made up for the client
+
+
+@pytest.mark.parametrize(
+    ("error", "falls_back"),
+    [
+        ({"message": "Provider returned error", "code": 502}, True),  # OpenRouter's upstream failure
+        ({"message": "overloaded", "type": "server_error"}, True),
+        ({"message": "context too long", "type": "invalid_request_error"}, False),  # the request's fault
+        ({"message": "bad request", "code": 400}, False),
+    ],
+)
+async def test_a_json_error_object_under_a_200_falls_back_as_its_stream_form_does(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    tmp_path: Path,
+    error: dict[str, object],
+    falls_back: bool,
+) -> None:
+    """SPEC §13: a failure before anything reached the client falls back. A router that answers
+    an upstream failure with an error object under a 200 (OpenRouter) was relayed as the answer
+    and counted a success for the breaker, where the same error as a stream's first event, or
+    from a translated upstream, falls back and counts. One that blames the request does not."""
+    from aiohttp import web
+
+    routes = tmp_path / "routes.toml"
+    routes.write_text(TWO.format(url=hostile.url))
+    gw = await start(ROUTES_FILE=str(routes), CB_FAILURES="2", CB_OPEN_SECS="30")
+    answer_of_b = {
+        "id": "c",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "from b"}, "finish_reason": "stop"}],
+    }
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"error": error} if request.path.startswith("/a/") else answer_of_b)
+
+    hostile.answer = answer
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(3):
+        async with gw.client.post("/v1/chat/completions", json=body) as response:
+            assert response.status == 200
+            reply = await response.json()
+            assert response.headers["x-gateway-upstream"] == ("b" if falls_back else "a")
+            assert reply == (answer_of_b if falls_back else {"error": error})
+    tried = [seen.path.split("/")[1] for seen in hostile.seen]
+    assert tried == (["a", "b", "a", "b", "b"] if falls_back else ["a", "a", "a"])  # a opened, or never failed
