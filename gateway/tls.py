@@ -75,7 +75,9 @@ def redis_url_verified(url: str) -> str:
         return url
     given = parse_qs(parts.query)
     added = []
-    if "ssl_check_hostname" not in given and given.get("ssl_cert_reqs", [""])[-1] != "none":
+    # An option's first value, as coredis reads it: the last one added a name check to "none"
+    # (coredis' context then raised at start-up) or none to "required".
+    if "ssl_check_hostname" not in given and given.get("ssl_cert_reqs", [""])[0] != "none":
         added.append("ssl_check_hostname=true")
     if "ssl_ca_certs" not in given and (bundle := distribution_bundle()) is not None:
         added.append(f"ssl_ca_certs={quote(bundle, safe='/')}")

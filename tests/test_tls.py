@@ -6,6 +6,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+import coredis
 import pytest
 
 from gateway import tls
@@ -77,3 +78,20 @@ def test_openssls_ca_directory_counts_only_when_it_holds_certificates(
         assert tls.distribution_bundle() == (None if holds else str(tmp_path / "bundle.pem"))
     finally:
         tls.distribution_bundle.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("query", "checked"),
+    [("ssl_cert_reqs=none&ssl_cert_reqs=required", False), ("ssl_cert_reqs=required&ssl_cert_reqs=none", True)],
+    ids=["none-first", "required-first"],
+)
+def test_a_repeated_option_is_read_as_coredis_reads_it(
+    monkeypatch: pytest.MonkeyPatch, query: str, checked: bool
+) -> None:
+    """coredis takes an option's first value: ssl_cert_reqs=none first is no verification, and the
+    added name check made coredis' context raise at start-up (a traceback, exit 1); required
+    first is verification, whose name went unchecked."""
+    monkeypatch.setattr(tls, "distribution_bundle", lambda: None)
+    url = tls.redis_url_verified(f"rediss://cache:6380/0?{query}")
+    context = coredis.ConnectionPool.from_url(url).connection_kwargs["ssl_context"]
+    assert context.check_hostname is checked
