@@ -63,13 +63,17 @@ def distribution_bundle() -> str | None:
     return None
 
 
-def redis_url_verified(url: str) -> str:
+def redis_url_verified(url: str, *, cluster: bool = False) -> str:
     """A `rediss://` URL with what its verification needs and coredis does not do by itself
     (it builds its TLS context from the URL's `ssl_*` options): the server's host name checked
     (coredis checks none, so any certificate a trusted CA signed for any name passed, and the
     Redis password went to whoever showed one), unless the URL says otherwise
     (`ssl_check_hostname`, or `ssl_cert_reqs=none`); and the distribution's CA bundle where
-    OpenSSL's places hold none, unless the URL names its own (`ssl_ca_certs`)."""
+    OpenSSL's places hold none, unless the URL names its own (`ssl_ca_certs`). A cluster's name
+    is checked only when its URL asks (`ssl_check_hostname=true`): coredis reaches each master
+    at the address the cluster announces (an IP, by Redis' default), not the URL's host, and
+    checks that address, which a certificate seldom names: a TLS cluster that worked failed
+    every call."""
     parts = urlsplit(url)
     if parts.scheme != "rediss":
         return url
@@ -77,7 +81,7 @@ def redis_url_verified(url: str) -> str:
     added = []
     # An option's first value, as coredis reads it: the last one added a name check to "none"
     # (coredis' context then raised at start-up) or none to "required".
-    if "ssl_check_hostname" not in given and given.get("ssl_cert_reqs", [""])[0] != "none":
+    if not cluster and "ssl_check_hostname" not in given and given.get("ssl_cert_reqs", [""])[0] != "none":
         added.append("ssl_check_hostname=true")
     if "ssl_ca_certs" not in given and (bundle := distribution_bundle()) is not None:
         added.append(f"ssl_ca_certs={quote(bundle, safe='/')}")

@@ -228,7 +228,7 @@ class RedisStore:
             "decode_responses": False,
             "decode_components": True,
         }
-        url = redis_url_verified(url)  # rediss://: its host name checked, its CAs found
+        url = redis_url_verified(url, cluster=cluster)  # rediss://: its host name checked, its CAs found
         if cluster:
             # coredis' cluster default, less two things: a call that timed out is not sent again
             # (the batch's deadline, as long as the timeout, has passed by then), and a connection

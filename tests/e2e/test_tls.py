@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from ..harness import ROOT, Gateway, Mock, Process, RedisServer, base_env, free_port, wait_until
+from ..harness import ROOT, Gateway, Mock, Process, RedisServer, base_env, free_cluster_port, free_port, wait_until
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "write to jane.doe@example.com"}]}
 
@@ -240,6 +240,60 @@ def test_a_rediss_store_whose_certificate_names_another_host_is_refused(
         gateway.stop()
         mock.stop()
         redis.stop()
+
+
+def test_a_rediss_cluster_is_reached_at_the_addresses_it_announces(tmp_path: Path, no_ca_settings: None) -> None:
+    """A TLS cluster announces its masters by address (127.0.0.1 here, as Redis does by default),
+    and coredis reaches each there and checks that address against its certificate: one that
+    names the host the URL gives (localhost) and not every master's IP worked before the name
+    check came, then failed every call (503 under QUOTA_FAIL_MODE=closed; quotas never counted
+    under open). On a cluster the name is checked only when the URL asks for it."""
+    cert, key = self_signed(tmp_path, "cluster", names="DNS:localhost")
+    tls = ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert)]
+    tls += ["--tls-auth-clients", "no", "--tls-cluster", "yes"]
+    nodes = [
+        RedisServer(
+            tmp_path,
+            port=free_cluster_port(),
+            extra=[
+                *tls,
+                "--tls-port",
+                str(free_cluster_port()),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "n.conf",
+            ],
+        )
+        for _ in range(3)
+    ]
+    subprocess.run(
+        ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes), "--cluster-yes"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    wait_until(lambda: "cluster_state:ok" in nodes[0].cli("CLUSTER", "INFO"), timeout=20, what="cluster ok")
+    (tmp_path / "mock").mkdir()
+    mock = Mock(tmp_path / "mock")
+    tls_port = nodes[0].extra[nodes[0].extra.index("--tls-port") + 1]
+    gateway = gateway_to(
+        tmp_path,
+        mock,
+        SSL_CERT_FILE=str(cert),
+        REDIS_URL=f"rediss://localhost:{tls_port}/0",
+        REDIS_CLUSTER="true",
+        QUOTA_FAIL_MODE="closed",  # a store that cannot be reached refuses: 503
+    )
+    try:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        for tenant in ("a", "b", "c", "d", "e", "f"):  # keys on every master, most likely
+            assert client.with_options(api_key=tenant).chat.completions.create(**BODY).choices[0].message.content
+    finally:
+        gateway.stop()
+        mock.stop()
+        for node in nodes:
+            node.stop()
 
 
 class ConnectProxy:
