@@ -513,7 +513,13 @@ def check_responses_request(payload: dict[str, Any], redacting: bool) -> None:
 
 RESPONSES = ResponsesSurface()
 RESPONSES_API = Api(
-    "responses", "/v1/responses", RESPONSES, check_responses_request, responses_request_texts, responses_usage
+    "responses",
+    "/v1/responses",
+    RESPONSES,
+    check_responses_request,
+    responses_request_texts,
+    responses_usage,
+    preamble_echoes_request=True,
 )
 
 

@@ -366,7 +366,11 @@ class Proxy:
                     first = await _first_events(reply, relay, self._count_response_redactions)
                     read_at = time.perf_counter()  # the upstream's first event, held or not
                     state.upstream_ttfb = read_at - started  # logged even if the client leaves meanwhile
-                    first = await _past_preamble(reply, relay, first, hold_until, self._count_response_redactions)
+                    # Two copies of the request's instructions and tools may come before the answer.
+                    echoed = 2 * len(body) if self._api.preamble_echoes_request else 0
+                    first = await _past_preamble(
+                        reply, relay, first, hold_until, self._count_response_redactions, _PREAMBLE_BYTES + echoed
+                    )
                     state.error_answer = _is_error_event(_answer_of(first))
         except BaseException as exc:
             if reply is not None:
@@ -733,12 +737,19 @@ def _is_preamble(event: bytes) -> bool:
     return event.startswith(b":") and all(line.startswith(b":") for line in event.split(b"\n"))
 
 
-async def _past_preamble(reply: Reply, relay: StreamRelay, first: bytes, hold_until: float, counted: Counted) -> bytes:
+async def _past_preamble(
+    reply: Reply,
+    relay: StreamRelay,
+    first: bytes,
+    hold_until: float,
+    counted: Counted,
+    limit: int = _PREAMBLE_BYTES,
+) -> bytes:
     """The preamble (see _answer_of) is held until the answer's first event, so that a failure
     right after it (Anthropic's overloaded_error after message_start, a provider's error after a
     router's comments) may still fall back (SPEC §13), as a translated chat stream's role chunk
     is; but only until `hold_until` (loop time), so a model slow to begin gets it out within the
-    first-byte deadline, and only while it is no longer than a preamble is (_PREAMBLE_BYTES).
+    first-byte deadline, and only while it is no longer than a preamble is (`limit`).
     The end of the body is left for the relay to find (it reads b"" again)."""
     loop = asyncio.get_running_loop()
     # Each read's events looked at once and joined once at the end (the relay gives whole
@@ -746,7 +757,7 @@ async def _past_preamble(reply: Reply, relay: StreamRelay, first: bytes, hold_un
     # read took 20 s of the loop's time for the first 13 KB.
     parts, size = [first], len(first)
     preamble = bool(first) and _preamble_end(first) == size
-    while preamble and not relay.done and size <= _PREAMBLE_BYTES:
+    while preamble and not relay.done and size <= limit:
         left = hold_until - loop.time()
         if left <= 0:
             break

@@ -779,6 +779,9 @@ class Api:
     # The prompt tokens the request gives as token ids, not text (embeddings' token arrays):
     # counted one each in the token budget's estimate (SPEC §14), as 4 characters of text are.
     request_tokens: Callable[[dict[str, Any]], int] | None = None
+    # Its stream's opening events echo the request (the Responses API's response.created and
+    # .in_progress each carry its instructions and tools): held for the answer as long as that.
+    preamble_echoes_request: bool = False
 
 
 def check_chat_request(payload: dict[str, Any], redacting: bool) -> None:

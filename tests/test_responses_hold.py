@@ -83,3 +83,24 @@ async def test_a_responses_stream_failing_after_response_created_releases_its_re
             data = await response.read()
             assert response.status == 200 and data == CREATED + IN_PROGRESS + failure
             assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 501)  # the first released
+
+
+async def test_a_responses_stream_echoing_long_instructions_is_held_as_well(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+) -> None:
+    """response.created and response.in_progress each echo the request's instructions and tools
+    (an agent's are tens of KB): two copies of 40 KB passed the 64 KiB a preamble of
+    message_start and comments is held to, so that stream's failure kept its estimate."""
+    gw = await start(TOKEN_QUOTA="100000")
+    instructions = "Follow the rules. " * 2300  # 41,400 characters: 10,350 tokens
+    echoed = {**RESPONSE, "instructions": instructions}
+    created = anthropic_ev({"type": "response.created", "sequence_number": 0, "response": echoed})
+    in_progress = anthropic_ev({"type": "response.in_progress", "sequence_number": 1, "response": echoed})
+    hostile.answer = events_answer(created + in_progress, ERROR, pause=0.05)
+    body = {**BODY, "instructions": instructions}
+    estimate = 1 + len(instructions) // 4 + 500  # "hi" and the instructions, / 4 rounded up once
+    for _ in range(2):
+        async with gw.client.post("/v1/responses", json=body, headers={"Authorization": "Bearer t"}) as response:
+            assert (await response.read()).endswith(ERROR)
+            assert response.headers["x-ratelimit-remaining-tokens"] == str(100000 - estimate)  # the first released
