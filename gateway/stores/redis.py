@@ -406,6 +406,10 @@ class RedisStore:
             return
         self._reported_at = now
         reason = failure if isinstance(failure, str) else f"{type(failure).__name__}: {failure}"
+        if isinstance(failure, RedisConnectionError) and isinstance(failure.__cause__, OSError):
+            # Why it could not connect (a refused connection, a certificate that fails
+            # verification or names another host): coredis' own words say only that it could not.
+            reason += f" ({failure.__cause__})"
         reason = " ".join(reason.split())[:300]
         for secret in self._secrets:
             reason = reason.replace(secret, "***")

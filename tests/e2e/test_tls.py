@@ -236,6 +236,9 @@ def test_a_rediss_store_whose_certificate_names_another_host_is_refused(
                 client.chat.completions.create(**BODY)
             assert refused.value.status_code == 503
             assert not redis.cli("KEYS", "quota:*")
+            # The log says why: "Unable to establish a connection" alone, to a Redis that
+            # answers redis-cli, left the operator guessing.
+            assert "IP address mismatch" in gateway.process.errors()
     finally:
         gateway.stop()
         mock.stop()
