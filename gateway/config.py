@@ -620,7 +620,10 @@ def read_tenant_keys_file(path: str, known: Mapping[bytes, str] | None = None) -
     entries = [(n, ln) for n, ln in enumerate(lines, start=1) if ln.strip() and not ln.lstrip().startswith("#")]
     if not entries:
         raise EnvError(f"{_one_line(path)} has no name=key entry")
-    return parse_tenant_key_entries(entries, "line", known)
+    try:
+        return parse_tenant_key_entries(entries, "line", known)
+    except EnvError as exc:  # the file named, as every other file's error names it (SPEC §10)
+        raise EnvError(f"{_one_line(path)}: {exc}") from None
 
 
 def _parse_trusted_proxies(value: str) -> tuple[IpNetwork, ...]:

@@ -509,7 +509,7 @@ def test_unpresentable_tenant_keys_are_refused(
     monkeypatch.setenv("TENANT_KEYS_FILE", str(keys))
     with pytest.raises(ConfigError) as caught:
         load_settings()
-    assert caught.value.lines == [f"TENANT_KEYS_FILE: line 4: the key {problem}, so no client could present it"]
+    assert caught.value.lines == [f"TENANT_KEYS_FILE: {keys}: line 4: the key {problem}, so no client could present it"]
 
 
 def test_the_longest_presentable_key_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -525,7 +525,7 @@ def test_a_key_listed_twice_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path
     keys.write_text("beta=sk-same\n")
     monkeypatch.setenv("TENANT_KEYS", "acme=sk-same")
     monkeypatch.setenv("TENANT_KEYS_FILE", str(keys))
-    with pytest.raises(ConfigError, match="TENANT_KEYS_FILE: line 1: the key is listed already"):
+    with pytest.raises(ConfigError, match=f"TENANT_KEYS_FILE: {keys}: line 1: the key is listed already"):
         load_settings()
 
 

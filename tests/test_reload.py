@@ -85,7 +85,7 @@ def test_a_reload_reads_every_file_again_and_swaps_the_snapshot(
     [
         ("keys", "", "TENANT_KEYS_FILE: {path} has no name=key entry"),  # never turns keyed mode open
         ("keys", "# nothing\n", "TENANT_KEYS_FILE: {path} has no name=key entry"),
-        ("keys", "acme=sk-1\nbroken\n", "TENANT_KEYS_FILE: line 2 is not name=key"),
+        ("keys", "acme=sk-1\nbroken\n", "TENANT_KEYS_FILE: {path}: line 2 is not name=key"),
         ("policies", "permit(principal, action, resource", "POLICY_FILE: {path}: unexpected end of input"),
         ("entities", "[{", "POLICY_ENTITIES_FILE: {path}: not JSON: "),
     ],

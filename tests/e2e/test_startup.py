@@ -92,7 +92,8 @@ def test_tenant_keys_no_client_could_present_are_refused_without_the_key(tmp_pat
     result = start_up(tmp_path, TENANT_KEYS_FILE=str(keys))
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "config error: TENANT_KEYS_FILE: line 2: the key is longer than 256 bytes, so no client could present it"
+        f"config error: TENANT_KEYS_FILE: {keys}: line 2: the key is longer than 256 bytes,"
+        " so no client could present it"
     ]
 
 
