@@ -51,10 +51,34 @@ class ListenError(StartupError):
 def run(settings: Settings) -> int:
     # Until the loop handles it (the files are read after this), a SIGHUP must not kill.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    _check_address(settings.listen_host, settings.listen_port)
     if settings.workers > 1:
-        return _supervise(settings)
+        with _address_lock(settings.listen_host, settings.listen_port):
+            _check_address(settings.listen_host, settings.listen_port)
+            return _supervise(settings)
+    _check_address(settings.listen_host, settings.listen_port)
     return _run_one(settings)
+
+
+@contextlib.contextmanager
+def _address_lock(host: str, port: int) -> Iterator[None]:
+    """The address taken by this gateway and its workers while they serve. Two gateways with
+    WORKERS started at once each passed `_check_address` before either's workers had bound the
+    port, and then all of them bound it with SO_REUSEPORT: both served, sharing connections. An
+    abstract unix socket named after the address is bound by one process at a time, in the
+    network namespace the port belongs to, and let go by the kernel when its holders exit (the
+    workers inherit it)."""
+    if not sys.platform.startswith("linux"):  # abstract unix sockets are Linux's
+        yield
+        return
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            lock.bind(f"\0secure-llm-gateway {host}:{port}")
+        except OSError as exc:
+            raise _listen_error(host, port, exc) from None
+        yield
+    finally:
+        lock.close()
 
 
 def _check_address(host: str, port: int) -> None:

@@ -61,6 +61,45 @@ def test_a_second_gateway_cannot_share_the_port_of_one_with_workers(
     assert http_get(first.port, "/healthz")[0] == 200
 
 
+def test_two_gateways_with_workers_started_at_once_do_not_share_the_port(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Each checked the port before either's workers had bound it, and then all of them bound it
+    with SO_REUSEPORT: both served, each taking a share of the other's connections (4 rounds
+    of 5 here). One serves, the other is refused like any port in use."""
+    for _ in range(2):
+        _start_two_at_once(tmp_path, redis_server)
+
+
+def _start_two_at_once(tmp_path: Path, redis_server: RedisServer) -> None:
+    port = free_port()
+    env = base_env() | {"RPS": "0", "WORKERS": "2", "REDIS_URL": redis_server.url}
+    env["LISTEN_ADDR"] = f"127.0.0.1:{port}"
+    gateways = []
+    for name in ("a", "b"):
+        cwd = tmp_path / f"cwd-{port}-{name}"
+        cwd.mkdir()
+        gateways.append(
+            subprocess.Popen(gateway_argv(), env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        )
+    try:
+        wait_until(lambda: any(g.poll() is not None for g in gateways), timeout=15, what="one of them refused")
+        [refused] = [g for g in gateways if g.poll() is not None]
+        assert refused.returncode == 1
+        assert refused.stderr is not None
+        assert refused.stderr.read().decode().splitlines() == [
+            f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+        ]
+        wait_until(lambda: http_get(port, "/healthz")[0] == 200, what="the other serving")
+    finally:
+        for gateway in gateways:
+            if gateway.poll() is None:
+                gateway.send_signal(signal.SIGTERM)
+            gateway.wait(timeout=30)
+            if gateway.stderr is not None:
+                gateway.stderr.close()
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_bad_configuration_and_unreadable_files_are_one_line_status_2(tmp_path: Path, workers: str) -> None:
     result = start_up(
