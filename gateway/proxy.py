@@ -310,6 +310,7 @@ class Proxy:
             body += await _aside(relay, None, self._count_response_redactions)
         else:
             body = relay.feed(data) + relay.close()
+        state.error_answer = _is_error_event(_answer_of(body))  # charges nothing, as its live form does
         if relay.cut_short:  # ended before its API's last event: incomplete, as a live stream says (_pump)
             self._telemetry.metrics.cb_event("upstream_error")
             body += relay.error_event(UpstreamStreamBroken())

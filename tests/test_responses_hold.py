@@ -104,3 +104,21 @@ async def test_a_responses_stream_echoing_long_instructions_is_held_as_well(
         async with gw.client.post("/v1/responses", json=body, headers={"Authorization": "Bearer t"}) as response:
             assert (await response.read()).endswith(ERROR)
             assert response.headers["x-ratelimit-remaining-tokens"] == str(100000 - estimate)  # the first released
+
+
+@pytest.mark.parametrize("failure", [ERROR, FAILED], ids=["error", "response.failed"])
+async def test_a_whole_reply_that_came_as_a_failing_stream_releases_its_reservation(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    failure: bytes,
+) -> None:
+    """An upstream that streams whatever was asked: a request without "stream" gets the events
+    in one reply (relayed whole). One that failed right after response.created kept its whole
+    estimate, where the same events as a stream released it."""
+    gw = await start(TOKEN_QUOTA="10000")
+    hostile.answer = events_answer(CREATED + IN_PROGRESS, failure)
+    for _ in range(2):
+        body = {**BODY, "stream": False}
+        async with gw.client.post("/v1/responses", json=body, headers={"Authorization": "Bearer t"}) as response:
+            assert response.status == 200 and (await response.read()).endswith(failure)
+            assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 501)  # the first released
