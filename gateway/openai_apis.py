@@ -441,7 +441,8 @@ def _items(holder: Any, key: Any) -> Iterator[TextSlot]:
 
 
 def _item(item: dict[str, Any]) -> Iterator[TextSlot]:
-    if item.get("type") in _UNREAD_ITEMS:
+    kind = item.get("type")
+    if type(kind) is str and kind in _UNREAD_ITEMS:  # (an object or array there is unhashable: read it all)
         return
     for name, value in item.items():
         if type(value) is str and name in _NOT_TEXT:
@@ -473,7 +474,7 @@ def _part(holder: Any, key: Any) -> Iterator[TextSlot]:
         if field is not None and type(value.get(field)) is str:
             yield value, field, False
             return
-        if kind in _UNREAD_PARTS:
+        if type(kind) is str and kind in _UNREAD_PARTS:  # (an object there is unhashable)
             return
     yield from _strings(holder, key)
 

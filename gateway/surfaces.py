@@ -653,7 +653,8 @@ def _blocks_texts(holder: dict[str, Any], key: str) -> Iterator[TextSlot]:
             yield from _blocks_texts(block, "content")
         elif kind == "tool_use":
             yield from strings_in(block, "input")
-        elif kind in _OTHER_TEXT_BLOCKS or (type(kind) is str and kind.endswith("_tool_result")):
+        elif type(kind) is str and (kind in _OTHER_TEXT_BLOCKS or kind.endswith("_tool_result")):
+            # (A type that is no string, an object say, is no block's: not looked up, it is unhashable.)
             yield from _block_texts(block)
 
 

@@ -309,3 +309,30 @@ async def test_a_custom_tool_calls_input_reaches_the_upstream_masked(gateway: Ga
         "name": "sql",
         "input": f"WHERE email = '{MASKED}'",
     }
+
+
+# A block's or item's `type` is the client's JSON: an object or an array there (no type either
+# API has) was looked up in a frozenset and raised TypeError (unhashable): a 500
+# internal_error for a malformed body, found by fuzzing the real gateway. Such a block is one of
+# no known type, as an unknown string type is; an item of no known type has every string read.
+ODD_TYPES: list[tuple[str, dict[str, Any]]] = [
+    ("messages_system_block", {"system": [{"type": {}, "text": "hi"}]}),
+    ("messages_content_block", {"messages": [{"role": "user", "content": [{"type": ["text"], "text": "hi"}]}]}),
+    ("responses_item", {"model": "m", "input": [{"type": [], "content": f"mail {EMAIL}"}]}),
+    ("responses_part", {"model": "m", "input": [{"role": "user", "content": [{"type": {}, "text": f"mail {EMAIL}"}]}]}),
+]
+
+
+@pytest.mark.parametrize("body", [b for _, b in ODD_TYPES], ids=[name for name, _ in ODD_TYPES])
+async def test_a_type_that_is_no_string_is_relayed_not_a_500(
+    gateway: Gateway,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    body: dict[str, Any],
+) -> None:
+    if "input" in body:
+        status, data = await gateway.post("/v1/responses", body)
+    else:
+        hostile.answer = json_answer(MESSAGE)
+        status, data = await gateway.messages(body)
+    assert status == 200, data
+    assert EMAIL not in sent_text(hostile)
