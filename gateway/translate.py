@@ -457,7 +457,7 @@ class ChatStream:
                 self._count(message.get("usage"))
             self._opening = True
             return []
-        if kind not in _ANSWER_EVENTS:
+        if type(kind) is not str or kind not in _ANSWER_EVENTS:  # (an object there is unhashable)
             return self._other(kind, event)
         out = self._answer(kind, event)
         if self._opening:

@@ -514,6 +514,16 @@ def test_a_block_index_that_is_no_integer_is_ignored(index: object) -> None:
     assert stream.feed(hostile + sse({"type": "content_block_stop", "index": index})) == b""
 
 
+@pytest.mark.parametrize("kind", [{}, ["content_block_delta"], {"type": "x"}])
+def test_an_event_type_that_is_no_string_is_ignored(kind: object) -> None:
+    # An object or a list as an event's type (a broken upstream) is no event Anthropic sends:
+    # passed over like one of a later API version, not a TypeError (unhashable), which was a
+    # 500 internal_error before the stream's first byte (found fuzzing the real gateway).
+    stream = ChatStream(False, 1)
+    assert stream.feed(sse(STREAM[0]) + sse({"type": kind, "index": 0})) == b""
+    assert chunks_of(stream.feed(b"".join(sse(e) for e in STREAM[1:])))[-1] == "[DONE]"
+
+
 @pytest.mark.parametrize(
     "body",
     [
