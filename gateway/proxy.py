@@ -835,7 +835,8 @@ def _blames_request(body: dict[str, Any]) -> bool:
         code = int(code)
     if type(code) is int and 100 <= code <= 599:  # a status: it decides
         return 400 <= code < 500 and code != 429
-    return error.get("type") in _REQUEST_ERROR_TYPES
+    kind = error.get("type")
+    return type(kind) is str and kind in _REQUEST_ERROR_TYPES  # (an object there is unhashable)
 
 
 async def _first_events(reply: Reply, relay: StreamRelay, counted: Counted) -> bytes:

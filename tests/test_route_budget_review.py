@@ -572,3 +572,28 @@ async def test_a_json_error_object_under_a_200_falls_back_as_its_stream_form_doe
             assert reply == (answer_of_b if falls_back else {"error": error})
     tried = [seen.path.split("/")[1] for seen in hostile.seen]
     assert tried == (["a", "b", "a", "b", "b"] if falls_back else ["a", "a", "a"])  # a opened, or never failed
+
+
+@pytest.mark.parametrize("kind", [b"{}", b'["invalid_request_error"]'])
+async def test_a_stream_opening_with_an_error_of_odd_type_is_relayed_not_a_500(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    tmp_path: Path,
+    kind: bytes,
+) -> None:
+    """A routed stream that opens with an error event is asked whether the error blames the
+    request (by its type); an object or array as that type (a broken upstream) raised TypeError
+    (unhashable): a 500 internal_error. Found fuzzing the real gateway with ROUTES_FILE. It is
+    the upstream's error, relayed as any other (its type no request error's)."""
+    routes = tmp_path / "routes.toml"
+    routes.write_text(
+        ROUTES.format(url=hostile.url) + '\n[upstreams.openai]\nkind = "openai"\n'
+        f'base_url = "{hostile.url}"\napi_key_env = "OPENAI_API_KEY"\n\n'
+        '[[models]]\nmatch = "gpt-*"\nupstreams = [{ upstream = "openai" }]\n'
+    )
+    gw = await start(ROUTES_FILE=str(routes))
+    hostile.answer = events_answer(b'data: {"error":{"message":"odd","type":' + kind + b"}}\n\n")
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with gw.client.post("/v1/chat/completions", json=body) as response:
+        assert response.status == 200
+        assert b'"message":"odd"' in await response.read()
