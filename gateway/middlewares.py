@@ -52,7 +52,9 @@ from .surfaces import Api
 from .telemetry import Telemetry
 from .tenancy import client_ip, presented_key
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# A client's id as it sent it (SPEC §9), if it is one: printable ASCII, at most 128 characters
+# (its header cannot hold a line break: aiohttp parsed it; the log line is JSON, escaped).
+_REQUEST_ID = re.compile(r"[ -~]{1,128}")
 _RETRY_NOW = MappingProxyType({"Retry-After": "1"})
 log = logging.getLogger("gateway")
 

@@ -370,6 +370,14 @@ async def test_request_id_is_the_clients_or_a_new_one(shared_gateway: Gateway, m
     assert headers["x-request-id"] == "abc-123"
     _, headers, _ = await post(shared_gateway, b"{bad")
     assert len(headers["x-request-id"]) >= 16
+    # Any printable id a client's tracing uses is its own (SPEC §9): spaces, commas, slashes.
+    for given in ("req 42", "a,b", "trace=7/span=9", "x" * 128):
+        _, headers, _ = await post(shared_gateway, {"model": "m", "messages": MESSAGES}, **{"x-request-id": given})
+        assert headers["x-request-id"] == given
+    # One that is too long to be an id, or not printable ASCII, is replaced.
+    for odd in ("x" * 129, "caf\u00e9"):
+        _, headers, _ = await post(shared_gateway, {"model": "m", "messages": MESSAGES}, **{"x-request-id": odd})
+        assert headers["x-request-id"] != odd and len(headers["x-request-id"]) >= 16
 
 
 def test_request_log_lines_have_no_prompt_and_no_keys(start_gateway: GatewayFactory, mock: Mock) -> None:
