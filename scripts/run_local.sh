@@ -34,7 +34,7 @@ must_be_free() {
     exit 1
   fi
 }
-must_be_free 127.0.0.1 "$MOCK_PORT" "MOCK_PORT (and OPENAI_BASE_URL to match)"
+must_be_free 127.0.0.1 "$MOCK_PORT" "MOCK_PORT (and OPENAI_BASE_URL, ANTHROPIC_BASE_URL to match)"
 must_be_free "$probe" "$port" LISTEN_ADDR
 
 PORT="$MOCK_PORT" "$PY" mock/server.py &
