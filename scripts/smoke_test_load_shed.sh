@@ -4,6 +4,7 @@
 set -euo pipefail
 source "$(dirname "$0")/smoke_lib.sh"
 KEY="${KEY:-stress}"; REQUESTS="${REQUESTS:-40}"; PARALLEL="${PARALLEL:-20}"
-codes=$(burst "$REQUESTS" "$PARALLEL" "200 503")
-if [ "$(count "$codes" 503)" -eq 0 ]; then echo "FAIL: expected some 503 (server overloaded)"; exit 1; fi
+hint="start the gateway with RPS=0 MAX_CONCURRENCY=1 LATENCY_MS=300 make run"
+codes=$(burst "$REQUESTS" "$PARALLEL" "200 503") || { echo "($hint)"; exit 1; }
+if [ "$(count "$codes" 503)" -eq 0 ]; then echo "FAIL: expected some 503 (server overloaded; $hint)"; exit 1; fi
 echo "OK: load shedding"

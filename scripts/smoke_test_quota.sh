@@ -10,7 +10,10 @@ codes=$(fire "$REQUESTS" 1)
 echo "$codes" | nl -w2 -s': '
 check_only "$codes" "200 429"
 expected=$(printf '200\n%.0s' $(seq "$EXPECT_QUOTA"); printf '429\n%.0s' $(seq $((REQUESTS - EXPECT_QUOTA))))
-if [ "$codes" != "$(echo "$expected" | sed '/^$/d')" ]; then echo "FAIL: expected 200x$EXPECT_QUOTA then 429"; exit 1; fi
+if [ "$codes" != "$(echo "$expected" | sed '/^$/d')" ]; then
+  echo "FAIL: expected 200x$EXPECT_QUOTA then 429 (EXPECT_QUOTA is the gateway's quota: DEFAULT_QUOTA=$EXPECT_QUOTA make run)"
+  exit 1
+fi
 if [ -n "${REDIS_URL:-}" ]; then
   echo "GET quota:$KEY = $(redis-cli -u "$REDIS_URL" GET "quota:$KEY"), TTL = $(redis-cli -u "$REDIS_URL" TTL "quota:$KEY")"
 fi

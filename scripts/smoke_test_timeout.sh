@@ -10,7 +10,7 @@ sed -n '1p' <<<"$out"; grep -E '^\{' <<<"$out" || true
 status=$(sed -n '1s/^HTTP\/[0-9.]* \([0-9]*\).*/\1/p' <<<"$out")
 secs=$(sed -n 's/^TIME //p' <<<"$out")
 echo "status $status after ${secs}s"
-[ "$status" = "504" ] || { echo "FAIL: expected 504"; exit 1; }
+[ "$status" = "504" ] || { echo "FAIL: expected 504 (start the gateway with TIMEOUT_SECS=2 LATENCY_MS=5000 make run)"; exit 1; }
 grep -q '"upstream timed out"' <<<"$out" || { echo "FAIL: expected 'upstream timed out'"; exit 1; }
 awk -v s="$secs" -v m="$MAX_SECS" 'BEGIN { exit !(s < m) }' || { echo "FAIL: took ${secs}s"; exit 1; }
 echo "OK: timeout"
