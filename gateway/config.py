@@ -78,6 +78,10 @@ class Settings:
     https_proxy: str | None = field(default=None, repr=False)
     http_proxy: str | None = field(default=None, repr=False)
     no_proxy: str = ""
+    # The CAs the upstreams (and a rediss:// Redis) are verified against, for OpenSSL, which reads
+    # them from os.environ alone: see `export_sdk_environment`.
+    ssl_cert_file: str | None = None
+    ssl_cert_dir: str | None = None
     rps: float = 5.0
     burst: int = 10
     redis_url: str | None = field(default=None, repr=False)
@@ -163,6 +167,8 @@ class Settings:
             ("HTTPS_PROXY", mask_url(s.https_proxy) if s.https_proxy else ""),
             ("HTTP_PROXY", mask_url(s.http_proxy) if s.http_proxy else ""),
             ("NO_PROXY", s.no_proxy),
+            ("SSL_CERT_FILE", _one_line(s.ssl_cert_file or "")),
+            ("SSL_CERT_DIR", _one_line(s.ssl_cert_dir or "")),
             ("RPS", _number(s.rps)),
             ("BURST", str(s.burst)),
             ("TRUSTED_PROXIES", ",".join(str(net) for net in s.trusted_proxies)),
@@ -210,10 +216,14 @@ class Settings:
 
 
 def export_sdk_environment(settings: Settings) -> None:
-    """Put `.env`'s OTEL_* values into os.environ, where the OpenTelemetry SDK reads them
-    (environs keeps `.env` to itself); a variable already in the environment stays as it is."""
+    """Put `.env`'s OTEL_* values into os.environ, where the OpenTelemetry SDK reads them, and
+    its SSL_CERT_FILE / SSL_CERT_DIR, where OpenSSL does (environs keeps `.env` to itself: a
+    private CA named there was never trusted); a variable already in the environment stays."""
     for name, value in settings.sdk_environment.items():
         os.environ.setdefault(name, value)
+    for name, path in (("SSL_CERT_FILE", settings.ssl_cert_file), ("SSL_CERT_DIR", settings.ssl_cert_dir)):
+        if path:
+            os.environ.setdefault(name, path)
 
 
 # --- printing: nothing secret, nothing that could pass for a second line ---
@@ -340,6 +350,19 @@ def _parse_proxy_url(value: str) -> str:
 def _set_name(env: Env, lower: str) -> str:
     """The proxy variable's name as set: lower case (curl's), else upper case."""
     return lower if env.str(lower, None) else lower.upper()
+
+
+def _parse_ca_file(value: str) -> str:
+    if not os.path.isfile(value):
+        raise EnvError("no such file: a CA bundle (PEM) is expected")
+    return value
+
+
+def _parse_ca_dir(value: str) -> str:
+    # OpenSSL's form: directories separated by ':'; each must be there.
+    if not all(os.path.isdir(part) for part in value.split(os.pathsep) if part):
+        raise EnvError("no such directory: a directory of CA certificates (c_rehash's) is expected")
+    return value
 
 
 def _parse_otlp_url(value: str) -> str:
@@ -774,6 +797,10 @@ def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
     https_proxy = r.custom(_set_name(env, "https_proxy"), _parse_proxy_url, None)
     http_proxy = r.custom(_set_name(env, "http_proxy"), _parse_proxy_url, None)
     no_proxy = env.str(_set_name(env, "no_proxy"), None) or ""
+    # A CA file or directory that is not there: OpenSSL would pass it over without a word, and
+    # every https upstream fail verification.
+    ssl_cert_file = r.custom("SSL_CERT_FILE", _parse_ca_file, None)
+    ssl_cert_dir = r.custom("SSL_CERT_DIR", _parse_ca_dir, None)
     no_quotas: Mapping[str, int] = MappingProxyType({})
     tenant_quotas = r.custom("TENANT_QUOTAS", _parse_tenant_quotas, no_quotas)
     tenant_token_quotas = r.custom("TENANT_TOKEN_QUOTAS", _parse_tenant_token_quotas, no_quotas)
@@ -869,6 +896,8 @@ def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
         https_proxy=https_proxy,
         http_proxy=http_proxy,
         no_proxy=no_proxy,
+        ssl_cert_file=ssl_cert_file,
+        ssl_cert_dir=ssl_cert_dir,
         openai_organization=organization,
         openai_project=project,
         redis_url=redis_url,

@@ -207,8 +207,11 @@ def gateway_argv() -> list[str]:
 
 
 class Gateway:
-    def __init__(self, tmp: Path, env: dict[str, str], wait: bool = True, wrap: list[str] | None = None) -> None:
-        """`wrap`: a command that runs the gateway's (as `unshare ...`), its argv appended."""
+    def __init__(
+        self, tmp: Path, env: dict[str, str], wait: bool = True, wrap: list[str] | None = None, dotenv: str = ""
+    ) -> None:
+        """`wrap`: a command that runs the gateway's (as `unshare ...`), its argv appended;
+        `dotenv`: the `.env` in its working directory."""
         self.port = free_port()
         self.env = (
             base_env()
@@ -222,6 +225,8 @@ class Gateway:
         # An empty working directory: no stray .env is picked up.
         self.cwd = tmp / f"gw-{self.port}"
         self.cwd.mkdir()
+        if dotenv:
+            (self.cwd / ".env").write_text(dotenv)
         self.process = Process([*(wrap or []), *gateway_argv()], self.env, self.cwd, tmp / f"gateway-{self.port}.log")
         if wait:
             self.wait_ready()

@@ -63,6 +63,8 @@ ALL_VARS = [
     "HTTPS_PROXY",
     "HTTP_PROXY",
     "NO_PROXY",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
 ]
 # What --check-config prints: every variable an operator sets (NOTIFY_SOCKET is systemd's).
 PRINTED = [name for name in ALL_VARS if name != "NOTIFY_SOCKET"]
@@ -881,3 +883,41 @@ def test_a_proxy_the_gateway_cannot_use_stops_start_up_under_its_name(
     assert len(caught.value.lines) == 1
     assert caught.value.lines[0].startswith(f"{name}: ") and says in caught.value.lines[0]
     assert "pa/ss" not in caught.value.lines[0]
+
+
+def test_a_ca_file_or_directory_named_in_dotenv_reaches_openssl(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """OpenSSL reads SSL_CERT_FILE / SSL_CERT_DIR from os.environ alone: named in `.env` only,
+    a private CA was never trusted (SPEC §2: `.env` is read first, the environment wins)."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))  # the real environment's stays
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("a bundle")
+    (tmp_path / ".env").write_text(f"SSL_CERT_FILE={bundle}\nSSL_CERT_DIR=/elsewhere\n")
+    settings = load_settings(tmp_path / ".env")
+    assert settings.ssl_cert_file == str(bundle) and settings.ssl_cert_dir == str(tmp_path)
+    printed = dict(line for line in settings.describe())
+    assert printed["SSL_CERT_FILE"] == str(bundle) and printed["SSL_CERT_DIR"] == str(tmp_path)
+    export_sdk_environment(settings)
+    assert os.environ["SSL_CERT_FILE"] == str(bundle) and os.environ["SSL_CERT_DIR"] == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"), [("SSL_CERT_FILE", "no such file"), ("SSL_CERT_DIR", "no such directory")]
+)
+def test_a_ca_path_that_is_not_there_stops_start_up(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, problem: str
+) -> None:
+    """OpenSSL passes a missing CA path over without a word; every https upstream would fail."""
+    monkeypatch.setenv(name, str(tmp_path / "missing"))
+    with pytest.raises(ConfigError) as refused:
+        load_settings(tmp_path / ".env")
+    assert refused.value.lines == [
+        f"{name}: {problem}: "
+        + (
+            "a CA bundle (PEM) is expected"
+            if name == "SSL_CERT_FILE"
+            else "a directory of CA certificates (c_rehash's) is expected"
+        )
+    ]

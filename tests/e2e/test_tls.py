@@ -100,6 +100,22 @@ def test_an_https_upstream_answers_and_streams_when_its_ca_is_trusted(
         gateway.stop()
 
 
+def test_a_ca_named_in_dotenv_is_trusted_as_one_in_the_environment(
+    tmp_path: Path, tls_mock: Mock, certificates: tuple[Path, Path, Path], no_ca_settings: None
+) -> None:
+    """SPEC §2: `.env` is read first, the real environment wins. SSL_CERT_FILE in `.env` was
+    never seen by OpenSSL, which reads os.environ alone: a private CA named there was not
+    trusted, and every request was a 502."""
+    cert, _, _ = certificates
+    settings = {"OPENAI_BASE_URL": tls_mock.url, "OPENAI_API_KEY": "sk-upstream-secret"}
+    gateway = Gateway(tmp_path, settings, dotenv=f"SSL_CERT_FILE={cert}\n")
+    try:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        assert client.chat.completions.create(**BODY).choices[0].message.content
+    finally:
+        gateway.stop()
+
+
 def test_an_https_upstream_whose_certificate_is_not_trusted_is_refused(
     tmp_path: Path, tls_mock: Mock, certificates: tuple[Path, Path, Path], no_ca_settings: None
 ) -> None:
