@@ -45,6 +45,20 @@ def load(settings: Settings, router: Router | None = None) -> Snapshot:
     return Snapshot(tenancy=_tenancy(settings), policies=_policies(settings), router=_router(settings, router))
 
 
+REFUSED = "reload refused, the configuration in force stays: %s"
+
+
+def refusal(settings: Settings) -> ConfigError | None:
+    """What a reload now would refuse, if anything: for the parent of WORKERS, which logs it
+    once for them all (SPEC §10: one line), each worker then reading the files for itself."""
+    try:
+        load(settings)
+        with_current_routes(settings)
+    except ConfigError as error:
+        return error
+    return None
+
+
 def with_current_routes(settings: Settings) -> Settings:
     """`settings` with ROUTES_FILE's table read again (raises ConfigError). For a worker: one
     forked after a reload (a replacement) got the parent's start-up table, and served the old
@@ -91,11 +105,14 @@ def file_backed(settings: Settings) -> list[str]:
 class LiveConfig:
     """The snapshot in force (`current`), replaced whole by `reload`."""
 
-    __slots__ = ("_counted", "_retired", "_settings", "current")
+    __slots__ = ("_counted", "_refusal_level", "_retired", "_settings", "current")
 
     def __init__(self, settings: Settings, counted: Callable[[bool], None], router: Router | None = None) -> None:
         self._settings = settings
         self._counted = counted  # config_reloads_total, by result
+        # A worker of WORKERS leaves the refusal's line to its parent (see `refusal`): one line,
+        # not one a worker.
+        self._refusal_level = logging.DEBUG if settings.workers > 1 else logging.ERROR
         self.current = Snapshot(tenancy=_tenancy(settings), policies=_policies(settings), router=router)
         self._retired: list[Router] = []  # replaced routers, closed with the app if still open
 
@@ -106,7 +123,7 @@ class LiveConfig:
             snapshot = load(self._settings, self.current.router)
         except ConfigError as error:
             self._counted(False)
-            log.error("reload refused, the configuration in force stays: %s", error.lines[0])
+            log.log(self._refusal_level, REFUSED, error.lines[0])
             return False
         replaced, self.current = self.current.router, snapshot
         if replaced is not None and replaced is not snapshot.router:

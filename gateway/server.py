@@ -31,7 +31,7 @@ from .config import ConfigError, Settings
 from .errors import StoreUnavailable
 from .keys import LIFECYCLE, LIVE_CONFIG
 from .lifecycle import Lifecycle
-from .reload import with_current_routes
+from .reload import REFUSED, refusal, with_current_routes
 
 log = logging.getLogger("gateway")
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -323,6 +323,8 @@ class _Workers:
                     self._notifier.notify("STOPPING=1")
                 self.pass_on(signum)
             elif signum == signal.SIGHUP:  # each worker reloads its own configuration
+                if (refused := refusal(self._settings)) is not None:
+                    log.error(REFUSED, refused.lines[0])  # once, for every worker (see reload.refusal)
                 self.pass_on(signum)
             # SIGCHLD only wakes the loop: the loops reap whatever ended.
 

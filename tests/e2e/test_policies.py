@@ -368,3 +368,20 @@ async def test_every_worker_reloads_on_the_parents_sighup(
     )
     assert await statuses() == {200}
     assert gateway.process.proc.poll() is None
+
+
+def test_a_refused_reload_is_one_log_line_with_every_worker(
+    start_gateway: GatewayFactory, mock: Mock, policy_files: tuple[Path, Path], redis_server: RedisServer
+) -> None:
+    """SPEC §10: invalid files are refused with one log line, and with WORKERS > 1 every worker
+    reloads. Each worker logged its own refusal: as many identical lines as workers, with
+    nothing to tell them apart. The parent now logs it once; each worker still counts it."""
+    policies, _ = policy_files
+    gateway = with_policies(start_gateway, policy_files, WORKERS="3", REDIS_URL=redis_server.url)
+    policies.write_text("permit(principal, action, resource) when { broken")
+    gateway.process.signal(signal.SIGHUP)
+    # Every worker has refused it: each scrape goes to a worker the kernel picks (a new connection each).
+    wait_until(lambda: all(reloads(gateway, "refused") == 1 for _ in range(15)), what="every worker's refused reload")
+    lines = [line for line in gateway.process.errors().splitlines() if "reload refused" in line]
+    assert len(lines) == 1 and "POLICY_FILE" in lines[0], lines
+    assert reloads(gateway, "ok") == 0
