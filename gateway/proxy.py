@@ -310,7 +310,7 @@ class Proxy:
             body += await _aside(relay, None, self._count_response_redactions)
         else:
             body = relay.feed(data) + relay.close()
-        state.error_answer = _is_error_event(_answer_of(body))  # charges nothing, as its live form does
+        state.error_answer = _is_error_event(body, _preamble_end(body))  # charges nothing, as its live form does
         if relay.cut_short:  # ended before its API's last event: incomplete, as a live stream says (_pump)
             self._telemetry.metrics.cb_event("upstream_error")
             body += relay.error_event(UpstreamStreamBroken())
@@ -369,10 +369,10 @@ class Proxy:
                     state.upstream_ttfb = read_at - started  # logged even if the client leaves meanwhile
                     # Two copies of the request's instructions and tools may come before the answer.
                     echoed = 2 * len(body) if self._api.preamble_echoes_request else 0
-                    first = await _past_preamble(
+                    first, answer_at = await _past_preamble(
                         reply, relay, first, hold_until, self._count_response_redactions, _PREAMBLE_BYTES + echoed
                     )
-                    state.error_answer = _is_error_event(_answer_of(first))
+                    state.error_answer = _is_error_event(first, answer_at)
         except BaseException as exc:
             if reply is not None:
                 reply.close()
@@ -477,7 +477,8 @@ class Proxy:
         if state.stream:
             relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface, hide_usage=hidden_usage)
         reply: Reply | None = None
-        whole = first = answer = b""
+        whole = first = b""
+        answer_at = 0
         read_at: float | None = None
         opened_with_error = False
         # The preamble (the translated role chunk, message_start, comments) may wait for the
@@ -505,14 +506,19 @@ class Proxy:
                 else:
                     first = await _first_events(reply, relay, self._count_response_redactions)
                     read_at = time.perf_counter()  # the upstream's first event, held or not
-                    if not leg.translated:
-                        first = await _past_preamble(reply, relay, first, hold_until, self._count_response_redactions)
-                    answer = _answer_of(first)
+                    if leg.translated:  # its preamble held by AnthropicAsChat
+                        answer_at = _preamble_end(first)
+                    else:
+                        first, answer_at = await _past_preamble(
+                            reply, relay, first, hold_until, self._count_response_redactions
+                        )
                     # An error the request caused (a prompt too long, a bad tool schema) is no
                     # upstream failure (SPEC §13: a 429 or a 5xx is): the client gets it as an
                     # HTTP 400 would reach it, no fallback, and it counts nothing toward the
                     # breaker, or any client could open it for everyone with a few bad requests.
-                    opened_with_error = _is_error_event(answer) and not _is_request_error_event(answer)
+                    opened_with_error = _is_error_event(first, answer_at) and not _is_request_error_event(
+                        first[answer_at:]
+                    )
                     if opened_with_error and attempts.more():
                         # A stream that opens with an error (Anthropic's overloaded_error) has
                         # sent the client nothing yet: the next upstream may answer instead.
@@ -546,7 +552,7 @@ class Proxy:
         first_read = reply.first_read if isinstance(reply, AnthropicAsChat) else read_at
         state.upstream_ttfb = (time.perf_counter() if first_read is None else first_read) - started
         state.upstream = leg.name
-        state.error_answer = relay is not None and _is_error_event(answer)
+        state.error_answer = relay is not None and _is_error_event(first, answer_at)
         if relay is None:
             try:
                 return await self._json_answer(state, reply, whole)
@@ -712,30 +718,25 @@ _PREAMBLE_EVENTS = (
 _PREAMBLE_BYTES = 64 * 1024
 
 
-def _answer_of(first: bytes) -> bytes:
-    """The first events from the answer's first on: past the preamble that comes before an
-    answer and before a failure alike (/v1/messages' message_start and pings, the SSE comments
-    an OpenAI-compatible router sends while it waits for its provider, /v1/responses'
-    response.created and response.in_progress)."""
-    at = _preamble_end(first)
-    return first[at:] if at else first
-
-
 def _preamble_end(first: bytes) -> int:
     """Where the preamble ends in `first`: the answer's first event, or an event not yet
-    ended, begins there."""
+    ended, begins there. The preamble comes before an answer and before a failure alike
+    (/v1/messages' message_start and pings, the SSE comments an OpenAI-compatible router sends
+    while it waits for its provider, /v1/responses' response.created and .in_progress). Looked
+    at in place: a copy of what follows it cost a stream ~13k instructions."""
     at = 0
     while True:
         end = first.find(b"\n\n", at)
-        if end < 0 or not _is_preamble(first[at:end]):
+        if end < 0 or not _is_preamble(first, at, end):
             return at
         at = end + 2
 
 
-def _is_preamble(event: bytes) -> bool:
-    if event.startswith(_PREAMBLE_EVENTS):
+def _is_preamble(first: bytes, at: int, end: int) -> bool:
+    """Whether the event `first[at:end]` is one of the preamble's."""
+    if first.startswith(_PREAMBLE_EVENTS, at):
         return True
-    return event.startswith(b":") and all(line.startswith(b":") for line in event.split(b"\n"))
+    return first.startswith(b":", at) and all(line.startswith(b":") for line in first[at:end].split(b"\n"))
 
 
 async def _past_preamble(
@@ -745,19 +746,21 @@ async def _past_preamble(
     hold_until: float,
     counted: Counted,
     limit: int = _PREAMBLE_BYTES,
-) -> bytes:
-    """The preamble (see _answer_of) is held until the answer's first event, so that a failure
+) -> tuple[bytes, int]:
+    """The preamble (see _preamble_end) is held until the answer's first event, so that a failure
     right after it (Anthropic's overloaded_error after message_start, a provider's error after a
     router's comments) may still fall back (SPEC §13), as a translated chat stream's role chunk
     is; but only until `hold_until` (loop time), so a model slow to begin gets it out within the
     first-byte deadline, and only while it is no longer than a preamble is (`limit`).
-    The end of the body is left for the relay to find (it reads b"" again)."""
+    The end of the body is left for the relay to find (it reads b"" again). Returns what was
+    read and where the answer begins in it."""
     loop = asyncio.get_running_loop()
     # Each read's events looked at once and joined once at the end (the relay gives whole
     # events): looked at again from the start after every read, comments trickled a byte a
     # read took 20 s of the loop's time for the first 13 KB.
     parts, size = [first], len(first)
-    preamble = bool(first) and _preamble_end(first) == size
+    at = _preamble_end(first)
+    preamble = bool(first) and at == size
     while preamble and not relay.done and size <= limit:
         left = hold_until - loop.time()
         if left <= 0:
@@ -773,16 +776,17 @@ async def _past_preamble(
         out = await _aside(relay, chunk, counted) if long else relay.feed(chunk)
         if out:
             parts.append(out)
-            size += len(out)
-            preamble = _preamble_end(out) == len(out)
-    return b"".join(parts) if len(parts) > 1 else first
+            end = _preamble_end(out)
+            at, size = size + end, size + len(out)
+            preamble = end == len(out)
+    return (b"".join(parts) if len(parts) > 1 else first), at
 
 
-def _is_error_event(first: bytes) -> bool:
-    """Whether the first events read are an error: Anthropic's and the Responses API's
-    `event: error`, the Responses API's `response.failed`, or OpenAI's `data: {"error": ...}`
-    (a translated Anthropic error too)."""
-    return first.startswith((b"event: error\n", b"event: response.failed\n", b'data: {"error"'))
+def _is_error_event(first: bytes, at: int = 0) -> bool:
+    """Whether the first events read are, from `at` (the answer's first: see _preamble_end),
+    an error: Anthropic's and the Responses API's `event: error`, the Responses API's
+    `response.failed`, or OpenAI's `data: {"error": ...}` (a translated Anthropic error too)."""
+    return first.startswith((b"event: error\n", b"event: response.failed\n", b'data: {"error"'), at)
 
 
 # Error types (OpenAI's and Anthropic's words) that blame the request, not the upstream: the

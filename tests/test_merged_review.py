@@ -140,17 +140,17 @@ async def test_a_preamble_trickled_a_byte_a_read_is_looked_at_once(monkeypatch: 
     looked = 0
     is_preamble = proxy._is_preamble
 
-    def counted(event: bytes) -> bool:
+    def counted(first: bytes, at: int, end: int) -> bool:
         nonlocal looked
         looked += 1
-        return is_preamble(event)
+        return is_preamble(first, at, end)
 
     monkeypatch.setattr(proxy, "_is_preamble", counted)
     relay = StreamRelay(None, None)
     first = relay.feed(reads.pop(0))
     while not first:
         first = relay.feed(reads.pop(0))
-    held = await proxy._past_preamble(
+    held, answer_at = await proxy._past_preamble(
         Trickle(),  # type: ignore[arg-type]
         relay,
         first,
@@ -158,5 +158,5 @@ async def test_a_preamble_trickled_a_byte_a_read_is_looked_at_once(monkeypatch: 
         lambda noted: None,  # type: ignore[arg-type,return-value]
     )
     assert held == comments + CHAT_ERROR  # held to the answer's first event, the error
-    assert proxy._answer_of(held) == CHAT_ERROR
+    assert held[answer_at:] == CHAT_ERROR
     assert looked <= 2 * 500 + 2
