@@ -640,7 +640,9 @@ def _blocks_texts(holder: dict[str, Any], key: str) -> Iterator[TextSlot]:
     if type(value) is str:
         yield holder, key, False
         return
-    if type(value) is not list:
+    if type(value) is dict:  # one block where an array goes: refused by Anthropic, but sent there
+        value = [value]
+    elif type(value) is not list:
         return
     for position, block in enumerate(value):
         if type(block) is not dict:
@@ -670,7 +672,9 @@ _NOT_BLOCK_TEXT = frozenset(
     {"type", "tool_use_id", "tool_name", "file_id", "media_type", "error_code", "tab_id", "download_id"}
     | {"encrypted_content", "encrypted_index", "encrypted_stdout"}
 )
-_OTHER_TEXT_BLOCKS = frozenset({"server_tool_use", "mcp_tool_use", "document", "search_result", "browser_state"})
+_OTHER_TEXT_BLOCKS = frozenset(
+    {"server_tool_use", "mcp_tool_use", "document", "search_result", "browser_state", "compaction"}
+)
 
 
 def _block_texts(block: dict[str, Any]) -> Iterator[TextSlot]:
@@ -699,6 +703,11 @@ def _block_texts(block: dict[str, Any]) -> Iterator[TextSlot]:
             if type(block.get(name)) is str:
                 yield block, name, False
         yield from _blocks_texts(block, "content")
+    elif kind == "compaction":
+        # Context compaction's summary of the conversation (beta), sent back in later turns:
+        # text the model wrote from the messages, addresses included (its encrypted_content passes).
+        if type(block.get("content")) is str:
+            yield block, "content", False
     elif kind == "browser_state":
         # A browser tool's result (beta): the model reads text made from its tabs' titles and
         # URLs and its downloads' paths; the ids the client assigned pass.

@@ -194,6 +194,14 @@ BLOCKS = [
     ),
     ("a bare string where a block goes (refused by Anthropic, but sent there)", f"write to {EMAIL}"),
     (
+        "a compaction summary (beta: context management's compact edit)",
+        {"type": "compaction", "content": f"The user, {EMAIL}, asked for a refund.", "encrypted_content": CARD_LIKE},
+    ),
+    (
+        "a tool result whose content is one block, not an array (refused by Anthropic, but sent there)",
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": {"type": "text", "text": EMAIL}},
+    ),
+    (
         "code execution output",
         {
             "type": "bash_code_execution_tool_result",
