@@ -408,6 +408,11 @@ class StreamRelay:
             return self._too_deep()
         if chunk is None:
             return self._unreadable(event)
+        if surface.named_types and "type" not in chunk:
+            # Typed as its client reads it (Surface.named_types): redacted as the event it is there.
+            name = sse.event_name(event.raw)
+            if name is not None and name in surface.named_types:
+                chunk["type"] = name.decode()
         wrong = surface.misindexed(chunk)
         if wrong is not None and wrong is not LEFT_OUT:
             # Whatever the gateway fed its text to, a client could file it elsewhere and join

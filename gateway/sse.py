@@ -132,6 +132,18 @@ def _parse_block(block: bytes) -> Event | None:
     return Event(block + b"\n\n", b"\n".join(data) if data else None)
 
 
+def event_name(raw: bytes) -> bytes | None:
+    """The event's name: its last `event:` line's value (one leading space dropped), as SSE
+    decoders read it; None without one. `raw`: an `Event.raw`."""
+    at = raw.rfind(b"\nevent:")
+    start = at + 7 if at >= 0 else 6 if raw.startswith(b"event:") else -1
+    if start < 0:
+        return None
+    end = raw.find(b"\n", start)
+    value = raw[start:end]
+    return value[1:] if value.startswith(b" ") else value
+
+
 def encode(data: bytes) -> bytes:
     """One event from a payload; a multi-line payload becomes several data lines."""
     if data.find(b"\n") >= 0:

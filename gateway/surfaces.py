@@ -91,6 +91,8 @@ class Surface:
     keeps_copies: ClassVar[bool] = False  # events repeat streamed texts whole (COPY leaves)
     numbered: ClassVar[str | None] = None  # a number every event carries (noted in `usage`'s counts)
     done_markers: ClassVar[tuple[bytes, ...]] = ()  # those types as they appear in an event's bytes
+    # Event names a client takes for the type of an event whose data has no "type" (see MESSAGES).
+    named_types: ClassVar[frozenset[bytes]] = frozenset()
 
     def __init_subclass__(cls) -> None:
         super().__init_subclass__()
@@ -446,6 +448,12 @@ class MessagesSurface(Surface):
     spec: ClassVar[Spec] = specs[False, False]
     reply_spec: ClassVar[Spec] = {"content": All({"text": TEXT}, _THINKING_BLOCKS)}
     done_types: ClassVar[frozenset[str]] = frozenset({"message_stop", "error"})  # the upstream's own error ends it too
+    # The Anthropic SDK (Python, Swift) reads data without a "type" as the event its `event:`
+    # line names, and joins a content_block_delta's text to its block's: the gateway reads it so too.
+    named_types: ClassVar[frozenset[bytes]] = frozenset(
+        {b"message_start", b"message_delta", b"message_stop", b"error"}
+        | {b"content_block_start", b"content_block_delta", b"content_block_stop"}
+    )
 
     def spec_of(self, event: dict[str, Any]) -> Spec:
         return self.specs[_is_thinking(event.get("delta")), _is_thinking(event.get("content_block"))]

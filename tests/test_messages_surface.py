@@ -244,3 +244,26 @@ def test_a_compaction_summary_is_redacted_across_its_deltas() -> None:
         assert opened + block_text(out, 0, "content") == REDACTOR.redact((opening or "") + "".join(pieces), None)
         names = [name for name, _ in events(out)]
         assert names.index("content_block_stop") > max(i for i, n in enumerate(names) if n == "content_block_delta")
+
+
+def test_an_event_without_a_type_is_read_as_its_name_says() -> None:
+    # The Anthropic SDK (Python, Swift) gives data without a "type" the type its event: line
+    # names, and joins such a content_block_delta's text to its block: redacted whole event by
+    # event, an address split between two of them went out in clear.
+    wire = (
+        START
+        + ev("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+        + ev("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "mail jane.doe@exa"}})
+        + ev("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "mple.com"}})
+        + ev("content_block_stop", {"index": 0})
+        + END
+    )
+    out, _ = relay(wire)
+    assert "jane.d" not in out.decode()
+    assert block_text(out, 0) == "mail j***e@example.com"
+    # Split across reads at every byte, the same.
+    assert relay(*[wire[i : i + 1] for i in range(len(wire))])[0] == out
+    # An untyped error event ends the stream as a typed one does, held text first.
+    wire = START + text_delta("mail jane.doe") + ev("error", {"error": {"type": "overloaded_error", "message": "x"}})
+    out, r = relay(wire + text_delta("@example.com"))
+    assert r.done and block_text(out, 0) == "mail jane.doe" and "example.com" not in out.decode()
