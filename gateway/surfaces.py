@@ -414,16 +414,16 @@ CHAT = ChatSurface()
 _THINKING: Spec = {"thinking": KEEP, "signature": KEEP, "data": KEEP}
 # A text block's opening text (content_block_start's, usually "") is the start of its deltas' text.
 _BLOCK_TEXT = Leaf(joins=("delta", "text"))
-# Context compaction (beta) streams its summary as compaction_delta's `content`, appended to the
-# block's own (null, or a first piece): one text, as a text block's is. A server tool result's
-# `content` (a list, an object) is no string: redacted whole, as before.
-_BLOCK_SUMMARY = Leaf(joins=("delta", "content"))
 # Thinking is passed as it came only in thinking events (its signature covers it); on any
 # other event those fields are text like any other.
 _THINKING_TYPES = frozenset({"thinking", "redacted_thinking", "thinking_delta", "signature_delta"})
 _THINKING_BLOCKS = {"thinking": _THINKING, "redacted_thinking": _THINKING}
-_DELTA: Spec = {"text": TEXT, "partial_json": JSON_TEXT, "content": TEXT}
-_BLOCK: Spec = {"text": _BLOCK_TEXT, "content": _BLOCK_SUMMARY}
+# A compaction summary's compaction_delta (beta) is no text stream: Anthropic sends the whole
+# summary in one, and the Python SDK sets the block's content to each delta's (the TypeScript
+# one appends): held text flushed in a delta of its own would replace the summary there. Its
+# `content` is redacted whole, as every undescribed string.
+_DELTA: Spec = {"text": TEXT, "partial_json": JSON_TEXT}
+_BLOCK: Spec = {"text": _BLOCK_TEXT}
 # A text block message_start opens with: the SDKs' snapshot starts from message_start's
 # content, and a block's deltas append to the block at their index there (see stream_of).
 _STARTING_TEXT = Leaf(opens=True)
@@ -502,12 +502,11 @@ class MessagesSurface(Surface):
         out = []
         for path, text in held:
             index, field = path[0], path[-1]
-            if field == "partial_json":
-                delta = {"type": "input_json_delta", "partial_json": text}
-            elif field == "content":
-                delta = {"type": "compaction_delta", "content": text}
-            else:
-                delta = {"type": "text_delta", "text": text}
+            delta = (
+                {"type": "input_json_delta", "partial_json": text}
+                if field == "partial_json"
+                else {"type": "text_delta", "text": text}
+            )
             data = orjson.dumps({"type": "content_block_delta", "index": index, "delta": delta})
             out.append(b"event: content_block_delta\ndata: " + data + b"\n\n")
         return b"".join(out)
