@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import gc
 import logging
 import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 import traceback
@@ -66,19 +68,44 @@ def _address_lock(host: str, port: int) -> Iterator[None]:
     port, and then all of them bound it with SO_REUSEPORT: both served, sharing connections. An
     abstract unix socket named after the address is bound by one process at a time, in the
     network namespace the port belongs to, and let go by the kernel when its holders exit (the
-    workers inherit it)."""
+    workers inherit it). A name held by no gateway of this user's is passed over."""
     if not sys.platform.startswith("linux"):  # abstract unix sockets are Linux's
         yield
         return
+    name = f"\0secure-llm-gateway {host}:{port}"
     lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:
-            lock.bind(f"\0secure-llm-gateway {host}:{port}")
+            lock.bind(name)
+            lock.listen()  # so that another start can ask whose it is (`_held_by_us`)
         except OSError as exc:
-            raise _listen_error(host, port, exc) from None
+            # Any local user can bind an abstract name (one under a port they may not bind
+            # too): only a gateway of this user's counts, since SO_REUSEPORT shares a port only
+            # among one user's sockets; another's hold would keep us from a free port.
+            if exc.errno != errno.EADDRINUSE or _held_by_us(name):
+                raise _listen_error(host, port, exc) from None
         yield
     finally:
         lock.close()
+
+
+def _held_by_us(name: str) -> bool:
+    """Whether the abstract socket `name` is a gateway's of this user: it listens (a gateway
+    does right after it binds; a moment is allowed for that) as this user (SO_PEERCRED)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(name)
+            except ConnectionRefusedError:  # bound, not listening (yet)
+                time.sleep(0.01)
+                continue
+            except OSError:
+                return True  # cannot tell: refused, as before
+            credentials = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            uid: int = struct.unpack("iII", credentials)[1]  # struct ucred: pid, uid, gid
+            return uid == os.geteuid()
+    return False
 
 
 def _check_address(host: str, port: int) -> None:

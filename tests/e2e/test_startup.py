@@ -100,6 +100,71 @@ def _start_two_at_once(tmp_path: Path, redis_server: RedisServer) -> None:
                 gateway.stderr.close()
 
 
+_SQUAT = """
+import os, socket, sys, time
+lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+lock.bind("\\0secure-llm-gateway " + sys.argv[1])
+if sys.argv[2] == "listen":
+    lock.listen()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "user"),
+    [
+        ("bind", None),  # a process that binds the name and never listens: no gateway does that
+        # Another user's (any local user can bind an abstract name, none can share our port)
+        pytest.param(
+            "listen",
+            "nobody",
+            marks=pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as another user"),
+        ),
+    ],
+)
+def test_the_address_lock_held_by_no_gateway_of_ours_does_not_keep_workers_from_a_free_port(
+    tmp_path: Path, redis_server: RedisServer, mode: str, user: str | None
+) -> None:
+    """The lock's name is no port: any local user could bind it (a port under 1024 too, which
+    they cannot bind), and a gateway with WORKERS refused to start on a free port, 'Address
+    already in use', where one process started (SPEC §10: the same with WORKERS as without).
+    SO_REUSEPORT shares a port only among one user's sockets: only our gateways' hold counts."""
+    port = free_port()
+    argv = ["python3", "-c", _SQUAT, f"127.0.0.1:{port}", mode]
+    squatter = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, user=user)
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == "held\n"
+        env = base_env() | {"RPS": "0", "WORKERS": "2", "REDIS_URL": redis_server.url}
+        env["LISTEN_ADDR"] = f"127.0.0.1:{port}"
+        cwd = tmp_path / "cwd"
+        cwd.mkdir()
+        gateway = subprocess.Popen(gateway_argv(), env=env, cwd=cwd, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(
+                lambda: gateway.poll() is not None or _serves(port), timeout=15, what="the gateway serving or exiting"
+            )
+            assert gateway.poll() is None, gateway.stderr.read() if gateway.stderr else ""
+        finally:
+            if gateway.poll() is None:
+                gateway.send_signal(signal.SIGTERM)
+            gateway.wait(timeout=30)
+            if gateway.stderr is not None:
+                gateway.stderr.close()
+    finally:
+        squatter.kill()
+        squatter.wait()
+        if squatter.stdout is not None:
+            squatter.stdout.close()
+
+
+def _serves(port: int) -> bool:
+    try:
+        return http_get(port, "/healthz")[0] == 200
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_bad_configuration_and_unreadable_files_are_one_line_status_2(tmp_path: Path, workers: str) -> None:
     result = start_up(
