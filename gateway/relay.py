@@ -778,14 +778,17 @@ class StreamRelay:
         """An event that is not a JSON object: its text redacted whole (JSON stays JSON; text
         that is no JSON is read as text: "+44 20 7946 0958" is a phone there, not a number)."""
         assert event.data is not None
-        if event.data.find(b"\n") >= 0:
+        done = self._surface.done_data
+        if event.data.find(b"\n") >= 0 and any(_may_be_chunk(line, done) for line in event.data.split(b"\n")):
             # Several data lines, no JSON together: a client that takes each `data:` line for a
             # chunk of its own (many hand-written ones do) reads a text in each, and PII split
             # between them ("card 4242 4242 " / "4242 4242") was out of sight of each line's
             # whole redaction. Each line goes on as an event of its own, through the text
-            # streams like any other: what either kind of client reads is redacted.
+            # streams like any other: what either kind of client reads is redacted. (Lines
+            # no client reads as a chunk stay together, redacted whole: one event each, 100k
+            # lines of "data: x" took 25 times as long as whole, 42 s for 16 MiB.)
             out: list[bytes] = []
-            for part in _per_data_line(event):
+            for part in _per_data_line(event, done):
                 if self.done:
                     break
                 out.append(self._event(part))
@@ -1172,22 +1175,31 @@ def redact_reply(
     walk(reply, spec, (), True, leaf, whole)
 
 
-def _per_data_line(event: sse.Event) -> list[sse.Event]:
-    """The event as one event per data line, each with the event's name (its last `event:`
-    line: the Anthropic SDK reads an event by its name, and drops one without), each other
-    line (id:, a comment) in the event of the data line before it (lines before the first
-    data line, in the first's)."""
+def _may_be_chunk(data: bytes, done: bytes | None) -> bool:
+    """Whether a data line's value is what a client reading line by line takes for a chunk (a
+    JSON object) or for the end of the stream."""
+    return data.lstrip().startswith(b"{") or (done is not None and data.startswith(done))
+
+
+def _per_data_line(event: sse.Event, done: bytes | None) -> list[sse.Event]:
+    """The event as one event per data line that may be a chunk (`_may_be_chunk`; the lines
+    between two such, together), each with the event's name (its last `event:` line: the
+    Anthropic SDK reads an event by its name, and drops one without), each other line (id:,
+    a comment) in the event of the data line before it (lines before the first data line, in
+    the first's)."""
     blocks: list[bytes] = []
     block: list[bytes] = []
     name = b""
     with_data = False
+    chunk = False  # the last data line may be a chunk
     for line in event.raw[:-2].split(b"\n"):
-        field = line.partition(b":")[0]
+        field, _, value = line.partition(b":")
         if field == b"event":
             name = line + b"\n"
             continue
         if field == b"data":
-            if with_data:
+            was, chunk = chunk, _may_be_chunk(value.removeprefix(b" "), done)
+            if with_data and (was or chunk):
                 blocks.append(b"\n".join(block))
                 block = []
             with_data = True

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -209,6 +210,36 @@ def test_each_data_line_of_such_an_event_keeps_the_events_name() -> None:
     events = sse.SSEParser().feed(relay_all(block))
     assert [(e.raw.split(b"\n")[0], e.data) for e in events] == [(b"event: content_block_delta", b"{}}")] * 2
     assert b"id: 7" in events[0].raw
+
+
+def test_data_lines_no_client_reads_as_chunks_stay_one_event_redacted_whole() -> None:
+    # Only a line a client may take for a chunk (a JSON object) or for the end goes on alone;
+    # the lines between two such stay together, their text redacted whole, as before the split.
+    block = (
+        b"data: mail jane.doe@example.com\ndata: ok\n" + delta_chunk({"content": "hi"})[:-1] + b"data: x\ndata: y\n\n"
+    )
+    wire = relay_all(block, DONE)
+    events = [e.data for e in sse.SSEParser().feed(wire)]
+    assert events[0] == b"mail j***e@example.com\nok"
+    assert events[2] == b"x\ny"
+    assert (
+        texts(wire.replace(b"data: mail j***e@example.com\ndata: ok\n\n", b"").replace(b"data: x\ndata: y\n\n", b""))
+        == "hi"
+    )
+
+
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
+@pytest.mark.parametrize("first", [b"", delta_chunk({"content": "hi"})[:-1]], ids=["plain", "after-a-chunk"])
+def test_an_event_of_a_hundred_thousand_plain_data_lines_costs_what_its_text_does(first: bytes) -> None:
+    # Each went on as an event of its own: 1 MiB of "data: x" lines took 2.5 s (16 MiB, the
+    # parser's limit: 42 s of a core), 25 times its text's whole redaction (SPEC §6: about a
+    # second or less for a MiB of any content).
+    block = first + b"data: x\n" * (1024 * 1024 // 8) + b"\n"
+    started = time.perf_counter()
+    wire = relay_all(block, DONE)
+    elapsed = time.perf_counter() - started
+    assert wire.count(b"data: x\n") == 1024 * 1024 // 8
+    assert elapsed < 1.0, elapsed
 
 
 def test_side_fields_and_unknown_fields_are_redacted() -> None:
