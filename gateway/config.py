@@ -352,19 +352,6 @@ def _set_name(env: Env, lower: str) -> str:
     return lower if env.str(lower, None) else lower.upper()
 
 
-def _parse_ca_file(value: str) -> str:
-    if not os.path.isfile(value):
-        raise EnvError("no such file: a CA bundle (PEM) is expected")
-    return value
-
-
-def _parse_ca_dir(value: str) -> str:
-    # OpenSSL's form: directories separated by ':'; each must be there.
-    if not all(os.path.isdir(part) for part in value.split(os.pathsep) if part):
-        raise EnvError("no such directory: a directory of CA certificates (c_rehash's) is expected")
-    return value
-
-
 def _parse_otlp_url(value: str) -> str:
     if urlsplit(_parse_http_url(value)).query:
         raise EnvError("an OTLP endpoint has no query: /v1/traces is appended to it")
@@ -797,10 +784,9 @@ def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
     https_proxy = r.custom(_set_name(env, "https_proxy"), _parse_proxy_url, None)
     http_proxy = r.custom(_set_name(env, "http_proxy"), _parse_proxy_url, None)
     no_proxy = env.str(_set_name(env, "no_proxy"), None) or ""
-    # A CA file or directory that is not there: OpenSSL would pass it over without a word, and
-    # every https upstream fail verification.
-    ssl_cert_file = r.custom("SSL_CERT_FILE", _parse_ca_file, None)
-    ssl_cert_dir = r.custom("SSL_CERT_DIR", _parse_ca_dir, None)
+    # One that is not there is passed over by OpenSSL: tls.py warns of it.
+    ssl_cert_file = env.str("SSL_CERT_FILE", None) or None
+    ssl_cert_dir = env.str("SSL_CERT_DIR", None) or None
     no_quotas: Mapping[str, int] = MappingProxyType({})
     tenant_quotas = r.custom("TENANT_QUOTAS", _parse_tenant_quotas, no_quotas)
     tenant_token_quotas = r.custom("TENANT_TOKEN_QUOTAS", _parse_tenant_token_quotas, no_quotas)

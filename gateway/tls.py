@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import ssl
+from collections.abc import Callable
 from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
 log = logging.getLogger("gateway")
@@ -47,7 +48,9 @@ def client_context() -> ssl.SSLContext:
 def distribution_bundle() -> str | None:
     """The distribution's CA bundle, when OpenSSL's own places (SSL_CERT_FILE, SSL_CERT_DIR,
     the directory it was built with) hold no certificate; None when they do. Found none, the
-    log says so, once."""
+    log says so, once; and so of a CA file or directory named that is not there."""
+    _warn_of_missing(os.environ.get("SSL_CERT_FILE"), os.path.isfile, "SSL_CERT_FILE", "file")
+    _warn_of_missing(os.environ.get("SSL_CERT_DIR"), os.path.isdir, "SSL_CERT_DIR", "directory")
     defaults = ssl.get_default_verify_paths()
     if defaults.cafile is not None or (defaults.capath is not None and _holds_certificates(defaults.capath)):
         return None
@@ -61,6 +64,13 @@ def distribution_bundle() -> str | None:
         ", ".join(CA_FILE_CANDIDATES),
     )
     return None
+
+
+def _warn_of_missing(value: str | None, exists: Callable[[str], bool], name: str, kind: str) -> None:
+    """OpenSSL passes over a CA path that is not there without a word (a private CA named
+    there is then not trusted, and its upstreams fail verification): the log says so."""
+    if value and not any(exists(part) for part in value.split(os.pathsep) if part):
+        log.warning("%s names no %s that is there (%s): its CAs are not trusted", name, kind, value)
 
 
 def redis_url_verified(url: str, *, cluster: bool = False) -> str:

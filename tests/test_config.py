@@ -901,23 +901,3 @@ def test_a_ca_file_or_directory_named_in_dotenv_reaches_openssl(
     assert printed["SSL_CERT_FILE"] == str(bundle) and printed["SSL_CERT_DIR"] == str(tmp_path)
     export_sdk_environment(settings)
     assert os.environ["SSL_CERT_FILE"] == str(bundle) and os.environ["SSL_CERT_DIR"] == str(tmp_path)
-
-
-@pytest.mark.parametrize(
-    ("name", "problem"), [("SSL_CERT_FILE", "no such file"), ("SSL_CERT_DIR", "no such directory")]
-)
-def test_a_ca_path_that_is_not_there_stops_start_up(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, problem: str
-) -> None:
-    """OpenSSL passes a missing CA path over without a word; every https upstream would fail."""
-    monkeypatch.setenv(name, str(tmp_path / "missing"))
-    with pytest.raises(ConfigError) as refused:
-        load_settings(tmp_path / ".env")
-    assert refused.value.lines == [
-        f"{name}: {problem}: "
-        + (
-            "a CA bundle (PEM) is expected"
-            if name == "SSL_CERT_FILE"
-            else "a directory of CA certificates (c_rehash's) is expected"
-        )
-    ]

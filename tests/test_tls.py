@@ -95,3 +95,33 @@ def test_a_repeated_option_is_read_as_coredis_reads_it(
     url = tls.redis_url_verified(f"rediss://cache:6380/0?{query}")
     context = coredis.ConnectionPool.from_url(url).connection_kwargs["ssl_context"]
     assert context.check_hostname is checked
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "warned"),
+    [
+        ("SSL_CERT_FILE", "/nowhere/ca.pem", True),
+        ("SSL_CERT_DIR", "/nowhere:/also/nowhere", True),
+        ("SSL_CERT_DIR", "/nowhere:{tmp}", False),  # OpenSSL reads the one that is there
+        ("SSL_CERT_FILE", "{tmp}/bundle.pem", False),
+    ],
+)
+def test_a_ca_path_that_is_not_there_is_logged(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    name: str,
+    value: str,
+    warned: bool,
+) -> None:
+    """OpenSSL passes over a CA path that is not there without a word: a private CA named
+    with a typo was not trusted, and nothing said why its upstreams failed verification."""
+    (tmp_path / "bundle.pem").write_text("a bundle")
+    monkeypatch.setenv(name, value.format(tmp=tmp_path))
+    tls.distribution_bundle.cache_clear()
+    try:
+        tls.distribution_bundle()
+    finally:
+        tls.distribution_bundle.cache_clear()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(name)]
+    assert bool(said) == warned, said
