@@ -950,6 +950,11 @@ async def _write_while_taken(
             write.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionError):
                 await write
+        elif not write.cancelled():
+            # The client left: aiohttp failed the write and cancelled us in one turn of the
+            # loop, so the wait above never looked at it. Retrieved, or asyncio logs "Task
+            # exception was never retrieved" at ERROR for a client that merely hung up.
+            write.exception()
 
 
 def _untaken(transport: asyncio.Transport | None) -> int | None:
