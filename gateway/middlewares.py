@@ -503,7 +503,9 @@ def token_budget(budget: TokenBudget, apis: Mapping[str, Api], telemetry: Teleme
             failed = True
             raise
         finally:
-            await budget.settle(decision, spent(state.usage, failed or state.error_answer, status))
+            # Never sent (the client left while its prompt was redacted): nothing to hold.
+            unsent = not state.sent
+            await budget.settle(decision, spent(state.usage, failed or unsent or state.error_answer, status))
 
     return hold_tokens
 

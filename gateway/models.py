@@ -81,3 +81,6 @@ class RequestState:
     # A 200 stream whose answer was an error event (a 5xx's or a 400's, in the stream): nothing
     # was generated, and its token reservation is released as an error status's is (SPEC §14).
     error_answer: bool = False
+    # The request is on its way to an upstream (redacted, encoded): from here it may be billed.
+    # A client that leaves before cancels a request nothing generated for (SPEC §14).
+    sent: bool = False

@@ -147,6 +147,7 @@ class Proxy:
         tracing = self._telemetry.tracing
         task = asyncio.current_task()  # in flight since the draining step (lifecycle.enter)
         assert task is not None
+        state.sent = True  # from here the upstream may have the request: a cancel may be billed
         try:
             if router is not None and legs is not None:
                 response = await self._routed(request, state, body, router.attempts(legs, self._timeout), hidden_usage)

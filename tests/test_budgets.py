@@ -700,3 +700,38 @@ async def test_a_body_the_handler_refuses_is_refused_before_anything_is_held(
     status, headers, _ = await gateway.post(ask())
     assert status == 200 and token_headers(headers) == ("1000", "900")
     assert upstream.bodies == [ask()]
+
+
+async def test_a_client_that_leaves_before_the_request_is_sent_holds_nothing(
+    start: GatewayFactory, upstream: Upstream
+) -> None:
+    # A prompt of megabytes is redacted in a worker thread for a second or more; a client that
+    # leaves meanwhile cancels a request that never reached the upstream: nothing was generated,
+    # so its reservation is released, not held to the window's end (found by sweep-f against the
+    # real process: a 4.9 MB prompt cut during redaction held 1,230,100 tokens in Redis).
+    upstream.usage = None  # the small requests below keep their estimate (1 each): countable
+    gateway = await start(TOKEN_QUOTA="100000000")
+    big = ask(content="jane.doe@example.com 4242 4242 4242 4242 " * 150_000, max_tokens=100)
+    held = -(-len(big["messages"][0]["content"]) // 4) + 100
+    small = ask(content="", max_tokens=1)
+    leaving = asyncio.ensure_future(gateway.post(big))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    seen = 0
+    while True:  # until the big one is admitted: its reservation shows in a small one's headers
+        status, headers, _ = await gateway.post(small)
+        seen += 1
+        assert status == 200 and loop.time() < deadline, "the big request was never admitted"
+        if int(headers["x-ratelimit-remaining-tokens"]) == 100_000_000 - held - seen:
+            break
+        assert not leaving.done(), "the big request finished before it could be cut"
+    leaving.cancel()  # the client hangs up while its prompt is redacted
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    while await gateway.sample("inflight_requests") > 0:
+        assert loop.time() < deadline, "the cut request never ended"
+        await asyncio.sleep(0.02)
+    assert all(b["messages"][0]["content"] == "" for b in upstream.bodies)  # never sent
+    status, headers, _ = await gateway.post(small)
+    assert status == 200
+    assert int(headers["x-ratelimit-remaining-tokens"]) == 100_000_000 - seen - 1  # nothing of `held` left
