@@ -279,6 +279,11 @@ class UpstreamReply:
             return await self._response.content.readany()
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamStreamBroken() from exc
+        except RuntimeError as exc:
+            # aiohttp's answer to a read after it dropped the connection ("Connection closed."):
+            # a body whose chunked framing broke is dropped without an error on the body, so
+            # the read pending then waits on, and the next one gets this. The upstream broke.
+            raise UpstreamStreamBroken() from exc
 
     @property
     def at_eof(self) -> bool:

@@ -5,9 +5,12 @@ in front of a hostile upstream: tests/test_adversarial.py's fixtures)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from tests.test_adversarial import (  # noqa: F401  (fixtures)
     GatewayFactory,
@@ -122,3 +125,42 @@ async def test_a_whole_reply_that_came_as_a_failing_stream_releases_its_reservat
         async with gw.client.post("/v1/responses", json=body, headers={"Authorization": "Bearer t"}) as response:
             assert response.status == 200 and (await response.read()).endswith(failure)
             assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 501)  # the first released
+
+
+async def test_a_stream_whose_chunked_framing_breaks_during_the_hold_is_an_upstream_failure(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SPEC §5, §9: an upstream whose chunked framing breaks right after response.created (the
+    connection left open) failed. aiohttp drops the connection and then answers the next read
+    with RuntimeError("Connection closed."): the gateway took it for its own failure (found by
+    sweep-f): an `internal gateway error` event and a traceback logged at ERROR."""
+    stall = asyncio.Event()
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(CREATED)
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.write(b"zz\r\nnot a chunk\r\n")  # no chunk size: the framing is broken
+        await stall.wait()
+        return response
+
+    gw = await start(TOKEN_QUOTA="10000", TIMEOUT_SECS="1")
+    hostile.answer = broken
+    try:
+        for _ in range(2):
+            async with gw.client.post("/v1/responses", json=BODY, headers={"Authorization": "Bearer t"}) as response:
+                data = await response.read()
+                # aiohttp does not wake the read the hold waits in: the hold ends (TIMEOUT_SECS / 2),
+                # the headers go, and the next read finds the connection gone.
+                assert b"internal" not in data, data
+                assert data.endswith(
+                    b'"code":"upstream_stream_broken","message":"upstream stream ended unexpectedly",'
+                    b'"param":null,"sequence_number":1}\n\n'
+                ), data
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        stall.set()
