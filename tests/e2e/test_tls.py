@@ -6,6 +6,7 @@ an egress proxy (HTTPS_PROXY) when one is set, but for loopback upstreams and NO
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import subprocess
@@ -69,6 +70,14 @@ def tls_mock(tmp_path_factory: pytest.TempPathFactory, certificates: tuple[Path,
     assert mock.url.startswith("https://")
     yield mock
     mock.stop()
+
+
+@pytest.fixture
+def cleanup() -> Iterator[contextlib.ExitStack]:
+    """Processes stopped when the test ends, however far its setup got (a Redis started
+    before a step that failed was left running)."""
+    with contextlib.ExitStack() as stack:
+        yield stack
 
 
 @pytest.fixture
@@ -185,7 +194,11 @@ def test_without_any_ca_bundle_the_log_says_to_set_ssl_cert_file(
 
 @pytest.mark.parametrize("hidden", [True, False], ids=["fedora-layout", "debian-layout"])
 def test_a_rediss_store_is_verified_with_the_bundle_wherever_the_distribution_keeps_it(
-    tmp_path: Path, certificates: tuple[Path, Path, Path], no_ca_settings: None, hidden: bool
+    tmp_path: Path,
+    certificates: tuple[Path, Path, Path],
+    no_ca_settings: None,
+    hidden: bool,
+    cleanup: contextlib.ExitStack,
 ) -> None:
     """A `rediss://` Redis (a managed one) is verified by coredis's own context, which looked
     where OpenSSL was built to look only: on the Fedora/Alpine layout every call failed
@@ -196,8 +209,10 @@ def test_a_rediss_store_is_verified_with_the_bundle_wherever_the_distribution_ke
     tls_port = free_port()
     tls = ["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key)]
     redis = RedisServer(tmp_path, extra=[*tls, "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"])
+    cleanup.callback(redis.stop)
     (tmp_path / "mock").mkdir()
     mock = Mock(tmp_path / "mock")
+    cleanup.callback(mock.stop)
     # The test's CA as the system's only bundle: at /etc/ssl/cert.pem (Fedora's layout), or in
     # OpenSSL's own directory (Debian's, where coredis always found it).
     layout = "mount -t tmpfs tmpfs /usr/lib/ssl && " + (
@@ -212,19 +227,15 @@ def test_a_rediss_store_is_verified_with_the_bundle_wherever_the_distribution_ke
         REDIS_URL=f"rediss://127.0.0.1:{tls_port}/0",
         QUOTA_FAIL_MODE="closed",  # a store that cannot be reached refuses: 503
     )
-    try:
-        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
-        assert client.chat.completions.create(**BODY).choices[0].message.content
-        assert redis.cli("KEYS", "quota:*")  # counted in the TLS Redis
-    finally:
-        gateway.stop()
-        mock.stop()
-        redis.stop()
+    cleanup.callback(gateway.stop)
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+    assert client.chat.completions.create(**BODY).choices[0].message.content
+    assert redis.cli("KEYS", "quota:*")  # counted in the TLS Redis
 
 
 @pytest.mark.parametrize("query", ["", "?ssl_check_hostname=false"], ids=["checked", "the-operator-opts-out"])
 def test_a_rediss_store_whose_certificate_names_another_host_is_refused(
-    tmp_path: Path, no_ca_settings: None, query: str
+    tmp_path: Path, no_ca_settings: None, query: str, cleanup: contextlib.ExitStack
 ) -> None:
     """coredis verifies a `rediss://` server's certificate but not the name in it: a certificate
     any trusted CA signed for another name passed, and the Redis password went to whoever
@@ -233,8 +244,10 @@ def test_a_rediss_store_whose_certificate_names_another_host_is_refused(
     tls_port = free_port()
     tls = ["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key)]
     redis = RedisServer(tmp_path, extra=[*tls, "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"])
+    cleanup.callback(redis.stop)
     (tmp_path / "mock").mkdir()
     mock = Mock(tmp_path / "mock")
+    cleanup.callback(mock.stop)
     gateway = gateway_to(
         tmp_path,
         mock,
@@ -242,26 +255,24 @@ def test_a_rediss_store_whose_certificate_names_another_host_is_refused(
         REDIS_URL=f"rediss://127.0.0.1:{tls_port}/0{query}",
         QUOTA_FAIL_MODE="closed",  # a store that cannot be reached refuses: 503
     )
-    try:
-        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
-        if query:
-            assert client.chat.completions.create(**BODY).choices[0].message.content
-            assert redis.cli("KEYS", "quota:*")
-        else:
-            with pytest.raises(openai.APIStatusError) as refused:
-                client.chat.completions.create(**BODY)
-            assert refused.value.status_code == 503
-            assert not redis.cli("KEYS", "quota:*")
-            # The log says why: "Unable to establish a connection" alone, to a Redis that
-            # answers redis-cli, left the operator guessing.
-            assert "IP address mismatch" in gateway.process.errors()
-    finally:
-        gateway.stop()
-        mock.stop()
-        redis.stop()
+    cleanup.callback(gateway.stop)
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+    if query:
+        assert client.chat.completions.create(**BODY).choices[0].message.content
+        assert redis.cli("KEYS", "quota:*")
+    else:
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(**BODY)
+        assert refused.value.status_code == 503
+        assert not redis.cli("KEYS", "quota:*")
+        # The log says why: "Unable to establish a connection" alone, to a Redis that
+        # answers redis-cli, left the operator guessing.
+        assert "IP address mismatch" in gateway.process.errors()
 
 
-def test_a_rediss_cluster_is_reached_at_the_addresses_it_announces(tmp_path: Path, no_ca_settings: None) -> None:
+def test_a_rediss_cluster_is_reached_at_the_addresses_it_announces(
+    tmp_path: Path, no_ca_settings: None, cleanup: contextlib.ExitStack
+) -> None:
     """A TLS cluster announces its masters by address (127.0.0.1 here, as Redis does by default),
     and coredis reaches each there and checks that address against its certificate: one that
     names the host the URL gives (localhost) and not every master's IP worked before the name
@@ -286,6 +297,8 @@ def test_a_rediss_cluster_is_reached_at_the_addresses_it_announces(tmp_path: Pat
         )
         for _ in range(3)
     ]
+    for node in nodes:
+        cleanup.callback(node.stop)
     subprocess.run(
         ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes), "--cluster-yes"],
         check=True,
@@ -295,6 +308,7 @@ def test_a_rediss_cluster_is_reached_at_the_addresses_it_announces(tmp_path: Pat
     wait_until(lambda: "cluster_state:ok" in nodes[0].cli("CLUSTER", "INFO"), timeout=20, what="cluster ok")
     (tmp_path / "mock").mkdir()
     mock = Mock(tmp_path / "mock")
+    cleanup.callback(mock.stop)
     tls_port = nodes[0].extra[nodes[0].extra.index("--tls-port") + 1]
     gateway = gateway_to(
         tmp_path,
@@ -304,15 +318,10 @@ def test_a_rediss_cluster_is_reached_at_the_addresses_it_announces(tmp_path: Pat
         REDIS_CLUSTER="true",
         QUOTA_FAIL_MODE="closed",  # a store that cannot be reached refuses: 503
     )
-    try:
-        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
-        for tenant in ("a", "b", "c", "d", "e", "f"):  # keys on every master, most likely
-            assert client.with_options(api_key=tenant).chat.completions.create(**BODY).choices[0].message.content
-    finally:
-        gateway.stop()
-        mock.stop()
-        for node in nodes:
-            node.stop()
+    cleanup.callback(gateway.stop)
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+    for tenant in ("a", "b", "c", "d", "e", "f"):  # keys on every master, most likely
+        assert client.with_options(api_key=tenant).chat.completions.create(**BODY).choices[0].message.content
 
 
 class ConnectProxy:
