@@ -418,10 +418,10 @@ _BLOCK_TEXT = Leaf(joins=("delta", "text"))
 # other event those fields are text like any other.
 _THINKING_TYPES = frozenset({"thinking", "redacted_thinking", "thinking_delta", "signature_delta"})
 _THINKING_BLOCKS = {"thinking": _THINKING, "redacted_thinking": _THINKING}
-# A compaction summary's compaction_delta (beta) is no text stream: Anthropic sends the whole
-# summary in one, and the Python SDK sets the block's content to each delta's (the TypeScript
-# one appends): held text flushed in a delta of its own would replace the summary there. Its
-# `content` is redacted whole, as every undescribed string.
+# Not here: compaction_delta's `content` (beta). It is no text stream: Anthropic sends the whole
+# summary in one delta, and the Python SDK sets the block's content to each delta's (the
+# TypeScript one appends), so held text flushed in a delta of its own would replace the summary
+# there. It is redacted whole, as every string no spec names.
 _DELTA: Spec = {"text": TEXT, "partial_json": JSON_TEXT}
 _BLOCK: Spec = {"text": _BLOCK_TEXT}
 # A text block message_start opens with: the SDKs' snapshot starts from message_start's

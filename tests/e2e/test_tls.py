@@ -192,6 +192,28 @@ def test_without_any_ca_bundle_the_log_says_to_set_ssl_cert_file(
         gateway.stop()
 
 
+def redis_tls_options(cert: Path, key: Path) -> list[str]:
+    """redis-server's TLS, with `cert` (its own CA) and `key`; its clients show no certificate."""
+    tls = ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert)]
+    return [*tls, "--tls-auth-clients", "no"]
+
+
+def tls_redis(tmp_path: Path, cert: Path, key: Path, cleanup: contextlib.ExitStack) -> tuple[RedisServer, int]:
+    """A redis-server that also serves TLS (redis-cli keeps its plain port), and that TLS port."""
+    tls_port = free_port()
+    redis = RedisServer(tmp_path, extra=["--tls-port", str(tls_port), *redis_tls_options(cert, key)])
+    cleanup.callback(redis.stop)
+    return redis, tls_port
+
+
+def plain_mock(tmp_path: Path, cleanup: contextlib.ExitStack) -> Mock:
+    """An http:// mock upstream: these tests are about the Redis's TLS."""
+    (tmp_path / "mock").mkdir()
+    mock = Mock(tmp_path / "mock")
+    cleanup.callback(mock.stop)
+    return mock
+
+
 @pytest.mark.parametrize("hidden", [True, False], ids=["fedora-layout", "debian-layout"])
 def test_a_rediss_store_is_verified_with_the_bundle_wherever_the_distribution_keeps_it(
     tmp_path: Path,
@@ -206,13 +228,8 @@ def test_a_rediss_store_is_verified_with_the_bundle_wherever_the_distribution_ke
     if not _can_make_a_mount_namespace():
         pytest.skip("needs unshare -m (root): the test hides /usr/lib/ssl and /etc/ssl in a mount namespace")
     cert, key, _ = certificates
-    tls_port = free_port()
-    tls = ["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key)]
-    redis = RedisServer(tmp_path, extra=[*tls, "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"])
-    cleanup.callback(redis.stop)
-    (tmp_path / "mock").mkdir()
-    mock = Mock(tmp_path / "mock")
-    cleanup.callback(mock.stop)
+    redis, tls_port = tls_redis(tmp_path, cert, key, cleanup)
+    mock = plain_mock(tmp_path, cleanup)
     # The test's CA as the system's only bundle: at /etc/ssl/cert.pem (Fedora's layout), or in
     # OpenSSL's own directory (Debian's, where coredis always found it).
     layout = "mount -t tmpfs tmpfs /usr/lib/ssl && " + (
@@ -241,13 +258,8 @@ def test_a_rediss_store_whose_certificate_names_another_host_is_refused(
     any trusted CA signed for another name passed, and the Redis password went to whoever
     showed one. The name is checked now, as an https upstream's is, unless the URL opts out."""
     cert, key = self_signed(tmp_path, "elsewhere", names="DNS:elsewhere.test")
-    tls_port = free_port()
-    tls = ["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key)]
-    redis = RedisServer(tmp_path, extra=[*tls, "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"])
-    cleanup.callback(redis.stop)
-    (tmp_path / "mock").mkdir()
-    mock = Mock(tmp_path / "mock")
-    cleanup.callback(mock.stop)
+    redis, tls_port = tls_redis(tmp_path, cert, key, cleanup)
+    mock = plain_mock(tmp_path, cleanup)
     gateway = gateway_to(
         tmp_path,
         mock,
@@ -279,8 +291,7 @@ def test_a_rediss_cluster_is_reached_at_the_addresses_it_announces(
     check came, then failed every call (503 under QUOTA_FAIL_MODE=closed; quotas never counted
     under open). On a cluster the name is checked only when the URL asks for it."""
     cert, key = self_signed(tmp_path, "cluster", names="DNS:localhost")
-    tls = ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert)]
-    tls += ["--tls-auth-clients", "no", "--tls-cluster", "yes"]
+    tls = [*redis_tls_options(cert, key), "--tls-cluster", "yes"]
     nodes = [
         RedisServer(
             tmp_path,
@@ -306,9 +317,7 @@ def test_a_rediss_cluster_is_reached_at_the_addresses_it_announces(
         timeout=30,
     )
     wait_until(lambda: "cluster_state:ok" in nodes[0].cli("CLUSTER", "INFO"), timeout=20, what="cluster ok")
-    (tmp_path / "mock").mkdir()
-    mock = Mock(tmp_path / "mock")
-    cleanup.callback(mock.stop)
+    mock = plain_mock(tmp_path, cleanup)
     tls_port = nodes[0].extra[nodes[0].extra.index("--tls-port") + 1]
     gateway = gateway_to(
         tmp_path,
