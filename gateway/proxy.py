@@ -440,8 +440,15 @@ class Proxy:
         while (attempt := attempts.next()) is not None:
             try:
                 send = body_for(attempt.leg, payload, body, self._redactor, self._count_request_redaction)
-            except (RecursionError, ValueError):
+            except (RecursionError, ValueError, BadRequest) as exc:
                 attempts.abandoned(attempt)
+                if failure is not None:
+                    # A fallback with no form for the request (an Anthropic upstream, an audio
+                    # part) is no upstream that failed: the one before it failed last, and the
+                    # client gets its failure (a 503 it may retry), not a 400 blaming its request.
+                    continue
+                if isinstance(exc, BadRequest):
+                    raise
                 raise BadRequest("request body is nested too deeply") from None
             except BaseException:
                 attempts.abandoned(attempt)

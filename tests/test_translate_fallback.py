@@ -17,6 +17,7 @@ from tests.test_adversarial import (  # noqa: F401  (fixtures)
     GatewayFactory,
     Hostile,
     hostile,
+    json_answer,
     start,
 )
 from tests.test_side_channels import ROUTES  # a chat → Anthropic route to the fake
@@ -83,3 +84,49 @@ async def test_what_openai_accepts_an_anthropic_upstream_answers(
     )
     assert reply.choices[0].message.content == "ok"
     await sdk.close()
+
+
+FALLBACK_ROUTES = """
+[upstreams.openai]
+kind = "openai"
+base_url = "{url}"
+api_key_env = "OPENAI_API_KEY"
+
+[upstreams.claude]
+kind = "anthropic"
+base_url = "{url}"
+api_key_env = "ANTHROPIC_API_KEY"
+
+[[models]]
+match = "m"
+upstreams = [{{ upstream = "openai" }}, {{ upstream = "claude" }}]
+"""
+NO_MESSAGES_FORM = [
+    ("an audio part", {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}),
+    ("a function role", {"messages": [{"role": "function", "name": "f", "content": "1"}]}),
+    ("a non-function tool", {"tools": [{"type": "custom", "custom": {"name": "x"}}]}),
+]
+
+
+@pytest.mark.parametrize("fields", [f for _, f in NO_MESSAGES_FORM], ids=[name for name, _ in NO_MESSAGES_FORM])
+async def test_a_fallback_that_cannot_take_the_request_leaves_the_primarys_failure(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    tmp_path: Path,
+    fields: dict[str, object],
+) -> None:
+    """SPEC §13: when the last upstream fails, the client gets that failure. An Anthropic
+    fallback that has no form for the request is no upstream that failed: the client got the
+    gateway's 400 `invalid_request_error` (an SDK does not retry it) for the primary's 503."""
+    path = tmp_path / "routes.toml"
+    path.write_text(FALLBACK_ROUTES.format(url=hostile.url))
+    gw = await start(ROUTES_FILE=str(path))
+    overloaded = {"error": {"message": "try later", "type": "server_error", "code": "overloaded"}}
+    hostile.answer = json_answer(overloaded, status=503)
+    status, body = await gw.chat(fields)
+    assert (status, json.loads(body)) == (503, overloaded)
+    assert [seen.path for seen in hostile.seen] == ["/v1/chat/completions"]
+    # The primary's answer is the client's as before: a 400 still, when it is the one refusing.
+    hostile.answer = json_answer({"error": {"message": "no", "type": "invalid_request_error"}}, status=400)
+    status, _ = await gw.chat(fields)
+    assert status == 400
