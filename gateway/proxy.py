@@ -779,6 +779,11 @@ async def _past_preamble(
         except TimeoutError:
             break
         if not chunk:
+            if not relay.parser.pending:
+                # Ended with the preamble and nothing after it: no answer came, and nothing has
+                # gone out (as a body with no event at all, see _first_events): the next
+                # upstream, or the gateway's 502, not a 200 of keep-alive comments alone.
+                raise UpstreamStreamBroken("upstream closed the stream before any answer")
             break
         long = len(chunk) + len(relay.parser.pending) > ASIDE_BYTES  # see _pump
         out = await _aside(relay, chunk, counted) if long else relay.feed(chunk)

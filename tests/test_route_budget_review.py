@@ -597,3 +597,53 @@ async def test_a_stream_opening_with_an_error_of_odd_type_is_relayed_not_a_500(
     async with gw.client.post("/v1/chat/completions", json=body) as response:
         assert response.status == 200
         assert b'"message":"odd"' in await response.read()
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.05], ids=["one-read", "two-reads"])
+async def test_a_stream_that_ends_after_its_keep_alive_comments_falls_back_or_is_a_502(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    tmp_path: Path,
+    pause: float,
+) -> None:
+    """SPEC §13, §5: an upstream whose stream ended after keep-alive comments and no event had sent
+    the client nothing (the comments are held for the answer's first event). The client got a 200
+    holding the comments alone (no event, no [DONE], no error event: the SDKs read an empty
+    answer), with another upstream left; the breaker counted a success and the tenant kept paying
+    the estimate. Without ROUTES_FILE an empty body was already the gateway's 502. Found against
+    the real gateway, with an upstream that sends `: ping` and ends its body."""
+    import asyncio
+
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if not request.path.startswith("/b/"):
+            await response.write(COMMENT)
+            await asyncio.sleep(pause)
+            await response.write(COMMENT)
+        else:
+            await response.write(CONTENT + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    hostile.answer = answer
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 500}
+    routes = tmp_path / "routes.toml"
+    routes.write_text(TWO.format(url=hostile.url))
+    routed = await start(ROUTES_FILE=str(routes))
+    async with routed.client.post("/v1/chat/completions", json=body) as response:
+        data = await response.read()
+        assert response.headers["x-gateway-upstream"] == "b", data
+        assert b"from b. " in data and not data.startswith(COMMENT)
+    single = await start(TOKEN_QUOTA="10000")
+    for _ in range(2):
+        async with single.client.post("/v1/chat/completions", json=body) as response:
+            assert response.status == 502
+            assert json.loads(await response.read())["error"]["code"] == "upstream_stream_broken"
+            assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 501)  # released
+    hostile.answer = events_answer(ANTHROPIC_START, PING, pause=pause)  # /v1/messages: its preamble alone
+    async with single.client.post("/v1/messages", json={**body, "model": "claude-x"}) as response:
+        assert response.status == 502
+        assert json.loads(await response.read())["type"] == "error"
