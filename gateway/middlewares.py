@@ -121,8 +121,13 @@ def observed(routes: Mapping[str | None, RoutePlan], telemetry: Telemetry, reque
                 metrics.cb_event("client_disconnect")
             return response
         except asyncio.CancelledError:
-            status = 499  # the client went away (or shutdown cut the request)
-            metrics.cb_event("client_disconnect")
+            if state.delivered is not None:
+                # Its last byte was out when the client hung up (a Redis token settle was
+                # still on its way): the client got the whole answer.
+                status = state.delivered
+            else:
+                status = 499  # the client went away (or shutdown cut the request)
+                metrics.cb_event("client_disconnect")
             raise
         finally:
             # The response no longer noted: one whose write failed (its client gone) keeps a

@@ -74,6 +74,9 @@ class RequestState:
     response_model: str | None = None
     span: Span | None = None  # the server span, when tracing is on
     client_gone: bool = False  # the client hung up before the response was complete
+    # The status of a response written to its last byte by the handler itself (a stream, a
+    # large reply): a hang-up after it (while the token budget settles) is no disconnect.
+    delivered: int | None = None
     answering: bool = False  # a stream's headers are going out: the answer has begun
     payload: dict[str, Any] | None = None  # the body parsed: a JSON object (the body step checks)
     upstream: str | None = None  # ROUTES_FILE's upstream that answered: x-gateway-upstream

@@ -186,6 +186,7 @@ class Proxy:
         await response.prepare(request)
         try:
             await _write_while_taken(response.write_eof(), transport, len(body), self._client_idle)
+            state.delivered = response.status
         except ConnectionResetError:
             state.client_gone = True
 
@@ -398,6 +399,7 @@ class Proxy:
                 await response.prepare(request)
                 await self._pump(request, response, relay, first, reply)
                 await response.write_eof()
+                state.delivered = response.status
                 if relay.failure is not None:  # an event the relay could not pass: the upstream is cut
                     self._telemetry.metrics.cb_event("upstream_error")
                 elif relay.done and not reply.at_eof:

@@ -4,6 +4,7 @@ the budget in memory, on one Redis shared by two processes, and on a 3-master cl
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import signal
 import subprocess
@@ -345,3 +346,28 @@ async def test_a_settle_held_back_by_a_redis_stall_is_sent_when_the_gateway_stop
         assert await asyncio.to_thread(gateway.process.wait, 10) == 0
     assert redis_server.cli("HGET", "tokens:{demo}", "reserved") == "0"
     assert "Traceback" not in gateway.process.errors()
+
+
+def test_a_stream_read_to_its_end_is_logged_as_answered_when_its_client_hangs_up_at_once(
+    start_gateway: GatewayFactory, mock: Mock, redis_server: RedisServer
+) -> None:
+    """A one-shot client (curl) hangs up as soon as a stream's last byte arrives, while the
+    gateway's token settle is on its way to Redis. That stream was logged and counted as 499,
+    a client disconnect, though the client had the whole answer."""
+    gateway = start_gateway(REDIS_URL=redis_server.url, TOKEN_QUOTA="100000")
+    for _ in range(3):
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+        conn.request("POST", CHAT, json.dumps(ask(stream=True)), {"X-Api-Key": "demo", **THREE})
+        response = conn.getresponse()
+        assert response.status == 200 and response.read().endswith(b"data: [DONE]\n\n")
+        conn.close()
+
+    def logged() -> list[dict[str, Any]] | None:
+        lines = [line for line in gateway.log_lines() if line["path"] == CHAT]
+        return lines if len(lines) == 3 else None
+
+    lines = wait_until(logged, what="the three streams' log lines")
+    assert [line["status"] for line in lines] == [200, 200, 200]
+    metrics = gateway.metrics()
+    assert 'cb_events_total{event="client_disconnect"} 0' in metrics
+    assert 'status="499"' not in metrics
