@@ -366,6 +366,8 @@ def body(
             api = apis.get(request.match_info.route.name or "")
             if api is not None:
                 api.check_request(state.payload, redacting)
+                # Read here, not at the upstream step: a request refused by admission logs it too.
+                state.stream = api.streams and state.payload.get("stream") is True
         return await handler(request)
 
     return read_body

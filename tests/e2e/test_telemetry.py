@@ -367,6 +367,19 @@ def test_log_lines_are_json_with_the_request_fields(shared_gateway: Gateway, moc
     assert line["tenant"] == "logged" and line["status"] == 200
 
 
+async def test_a_stream_refused_by_admission_is_logged_as_a_stream(start_gateway: GatewayFactory, mock: Mock) -> None:
+    """A stream over the quota was logged with "stream": false: the flag was read only once
+    the request reached the upstream step, as if the client had asked for JSON."""
+    gateway = start_gateway(DEFAULT_QUOTA="1", RPS="0")
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(gateway.url + CHAT, json=body(stream=True), headers={"X-Api-Key": "q"}) as response:
+                await response.read()
+        assert response.status == 429
+    lines = wait_until(lambda: [e for e in gateway.log_lines() if e["path"] == CHAT][1:], what="two log lines")
+    assert [(line["status"], line["stream"]) for line in lines] == [(429, True)]
+
+
 async def test_trace_context_reaches_the_upstream_without_a_collector(
     start_gateway: GatewayFactory, mock: Mock
 ) -> None:
