@@ -15,7 +15,6 @@ upstream (~1 µs a request; nothing records it, so the log names none).
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
 from random import getrandbits
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -39,6 +38,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from .models import RequestState
 
 if TYPE_CHECKING:
+    from multidict import CIMultiDictProxy
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
@@ -88,12 +88,18 @@ class Tracing:
         self._provider.add_span_processor(BatchSpanProcessor(self._exporter))
         self._tracer = self._provider.get_tracer(SCOPE_NAME)
 
-    def start_server_span(self, method: str, route: str, path: str, headers: Mapping[str, str]) -> Span:
+    def start_server_span(self, method: str, route: str, path: str, headers: CIMultiDictProxy[str]) -> Span:
         """Named by the bounded route ("other" for unknown paths); the raw path is an attribute.
 
         The parent is the caller's `traceparent`, if valid (W3C: no traceparent, no parent;
-        tracestate alone means nothing)."""
-        parent = self._propagator.extract(headers, _NO_PARENT) if "traceparent" in headers else _NO_PARENT
+        tracestate alone means nothing; a traceparent sent twice is none either, and tracestate
+        sent in several headers is one list: the SDK's getter would read the first of each)."""
+        parent = _NO_PARENT
+        if "traceparent" in headers:
+            parents = headers.getall("traceparent")
+            if len(parents) == 1:
+                carrier = {"traceparent": parents, "tracestate": headers.getall("tracestate", [])}
+                parent = self._propagator.extract(carrier, _NO_PARENT)
         if self._provider is None:  # nothing recorded: the caller's trace, or none (see _headers)
             if parent is _NO_PARENT:
                 return INVALID_SPAN

@@ -362,6 +362,25 @@ def test_a_malformed_traceparent_starts_a_new_trace(receiver: Receiver, make_tra
     assert server.parent == "" and server.trace_id not in (INCOMING_TRACE, "0" * 32)
 
 
+@pytest.mark.parametrize("collector", [True, False])
+def test_repeated_trace_context_headers_are_read_as_w3c_says(
+    receiver: Receiver, make_tracing: Any, collector: bool
+) -> None:
+    """W3C Trace Context (and its test suite): tracestate sent in several headers is one list,
+    in order; a traceparent sent twice is no parent at all. Only the first of each was read:
+    the caller's later tracestate entries were dropped, and the first of two traceparents
+    continued."""
+    tracing = make_tracing(receiver.url if collector else None)
+    parent = f"00-{INCOMING_TRACE}-{INCOMING_SPAN}-01"
+    several = CIMultiDict([("traceparent", parent), ("tracestate", "foo=1,bar=2"), ("tracestate", "rojo=1")])
+    _, sent = one_request(tracing, CIMultiDictProxy(several))
+    assert sent["traceparent"][3:35] == INCOMING_TRACE and sent["tracestate"] == "foo=1,bar=2,rojo=1"
+
+    twice = CIMultiDict([("traceparent", parent), ("traceparent", f"00-{'1' * 32}-{INCOMING_SPAN}-01")])
+    _, sent = one_request(tracing, CIMultiDictProxy(twice))
+    assert sent["traceparent"][3:35] not in (INCOMING_TRACE, "1" * 32)
+
+
 def test_the_sampler_comes_from_the_standard_variables(monkeypatch: pytest.MonkeyPatch, make_tracing: Any) -> None:
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
     server, sent = one_request(make_tracing(), headers())
