@@ -65,11 +65,10 @@ _UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> web.Application:
-    tracing = Tracing(settings.otlp_endpoint or None, settings.service_name)
+    egress = Egress(settings.https_proxy, settings.http_proxy, settings.no_proxy)
+    tracing = Tracing(settings.otlp_endpoint or None, settings.service_name, egress)
     telemetry = Telemetry(Metrics(settings.model_label_limit), tracing, RequestLog(log_stream))
     store = store_from_url(settings.redis_url, cluster=settings.redis_cluster, timeout=settings.store_timeout_secs)
-
-    egress = Egress(settings.https_proxy, settings.http_proxy, settings.no_proxy)
 
     def openai_upstream(url: str) -> Upstream:
         return Upstream(

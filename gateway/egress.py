@@ -34,6 +34,15 @@ class Egress:
         authorization = encode_basic_auth(parsed.user or "", parsed.password or "") if has_credentials else None
         return parsed.with_user(None), authorization
 
+    def proxy_url(self, url: str) -> str | None:
+        """The proxy for `url` as one URL, credentials in it (as `requests` takes a proxy:
+        the OTLP exporter's); None: directly."""
+        target = URL(url)
+        proxy = self.https_proxy if target.scheme == "https" else self.http_proxy
+        if not proxy or target.host is None or self._bypassed(target.host, target.port):
+            return None
+        return proxy
+
     def _bypassed(self, host: str, port: int | None) -> bool:
         host = host.lower().rstrip(".")
         address = _address(host)

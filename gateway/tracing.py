@@ -35,6 +35,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from .egress import Egress
 from .models import RequestState
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ _ERROR = Status(StatusCode.ERROR)
 class Tracing:
     """Starts and ends the gateway's spans; the SDK samples, records, batches and sends them."""
 
-    def __init__(self, endpoint: str | None, service_name: str) -> None:
+    def __init__(self, endpoint: str | None, service_name: str, egress: Egress | None = None) -> None:
         self._propagator = TraceContextTextMapPropagator()
         self._provider: TracerProvider | None = None
         self._exporter: SpanExporter | None = None
@@ -71,6 +72,7 @@ class Tracing:
             return
         # Imported here so a gateway without a collector does not pay for the SDK's tracer
         # and the exporter (~80 ms) at start-up.
+        import requests
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
@@ -84,7 +86,15 @@ class Tracing:
         self._provider = TracerProvider(
             resource=Resource.create({"service.name": service_name}), shutdown_on_exit=False
         )
-        self._exporter = OTLPSpanExporter(endpoint=url)
+        # The gateway's egress rules, not `requests`' own reading of the environment: that
+        # would send a loopback collector's spans (and its OTLP headers) to HTTP_PROXY, miss a
+        # proxy named in `.env`, and read `.netrc`.
+        session = requests.Session()
+        session.trust_env = False
+        proxy = (egress or Egress()).proxy_url(url)
+        if proxy is not None:
+            session.proxies = {"http": proxy, "https": proxy}
+        self._exporter = OTLPSpanExporter(endpoint=url, session=session)
         self._provider.add_span_processor(BatchSpanProcessor(self._exporter))
         self._tracer = self._provider.get_tracer(SCOPE_NAME)
 

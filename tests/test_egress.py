@@ -106,3 +106,13 @@ def test_an_http_upstream_without_a_port_is_on_port_80_for_no_proxy() -> None:
     egress = Egress(http_proxy=PROXY, no_proxy="models.example:80")
     assert egress.proxy_for("http://models.example/v1/chat/completions") == (None, None)
     assert Egress(http_proxy=PROXY, no_proxy="models.example:8080").proxy_for("http://models.example/v1/x")[0]
+
+
+def test_the_span_exporter_gets_the_same_decision_as_one_url_with_its_credentials() -> None:
+    # requests (the OTLP exporter's) takes a proxy as one URL, the credentials in it.
+    egress = Egress(https_proxy="http://user:pw@proxy.corp:3128", http_proxy=PROXY, no_proxy="collector.corp")
+    assert egress.proxy_url("https://otlp.vendor.example/v1/traces") == "http://user:pw@proxy.corp:3128"
+    assert egress.proxy_url("http://otel.example:4318/v1/traces") == PROXY
+    assert egress.proxy_url("http://collector.corp:4318/v1/traces") is None
+    assert egress.proxy_url("http://127.0.0.1:4318/v1/traces") is None  # loopback: never proxied
+    assert egress.proxy_url("http://localhost:4318/v1/traces") is None

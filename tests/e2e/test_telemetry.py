@@ -324,6 +324,31 @@ async def test_each_route_names_its_genai_operation_and_system(
     assert clients[chat.span_id].name == "chat gpt-4o-mini"
 
 
+async def test_spans_to_a_loopback_collector_bypass_the_egress_proxy(
+    start_gateway: GatewayFactory, mock: Mock, collector: Collector
+) -> None:
+    """A loopback collector is reached directly, as a loopback upstream is, however the
+    environment names a proxy: `requests`' own reading sent the spans to HTTP_PROXY (here a
+    socket that never answers, so they never came)."""
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen(16)
+        proxy.setblocking(False)
+        proxy_url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+        gateway = start_gateway(
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.port}",
+            OTEL_BSP_SCHEDULE_DELAY="100",
+            OTEL_EXPORTER_OTLP_TIMEOUT="2",
+            HTTP_PROXY=proxy_url,
+            http_proxy=proxy_url,
+        )
+        async with aiohttp.ClientSession() as session:
+            assert await call(session, gateway, "direct") == 200
+        await collector.wait_for("direct")
+        with pytest.raises(BlockingIOError):
+            proxy.accept()  # nothing ever connected to the proxy
+
+
 @pytest.mark.timeout(60)
 async def test_a_collector_that_never_answers_holds_up_neither_requests_nor_shutdown(
     start_gateway: GatewayFactory, mock: Mock
