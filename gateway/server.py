@@ -542,9 +542,21 @@ class _NoClientBytes(logging.Filter):
         return True
 
 
+class _NoDeadlineCuts(logging.Filter):
+    """coredis logs a connection attempt that did not complete as "Connection attempt failed
+    unexpectedly!", with its traceback, at ERROR. One cut by the store's own deadline (a Redis
+    that takes connections and answers nothing: a paused VM, a long fork) is no surprise, and it
+    came about once a second for as long as the stall lasted; the store logs the outage itself,
+    once (stores/redis.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
 def configure_logging() -> None:
     # Operational messages go to stderr; stdout carries only the JSON request lines.
     logging.getLogger("coredis").setLevel(logging.WARNING)  # it logs every retry at INFO
+    logging.getLogger("coredis").addFilter(_NoDeadlineCuts())
     logging.getLogger("aiohttp.server").addFilter(_NoClientBytes())
     # The SDK's propagator warns on every malformed tracestate, quoting the client's text.
     logging.getLogger("opentelemetry.trace").setLevel(logging.ERROR)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
+import time
 
 from ..conftest import GatewayFactory
 from ..harness import RedisServer, wait_until
@@ -64,3 +66,28 @@ def test_an_outage_is_logged_when_it_starts_and_when_it_ends(
     assert len([line for line in lines if FAILED in line]) == 1
     assert len([line for line in lines if BACK in line]) == 1
     assert BACK not in "".join(lines[: next(i for i, line in enumerate(lines) if FAILED in line)])
+
+
+def test_a_stalled_redis_is_logged_once_not_a_traceback_a_second(
+    start_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    # A Redis that takes connections and answers nothing (SIGSTOP: a paused VM, a long fork):
+    # each new connection's handshake is cut by the store's deadline, and coredis logged every
+    # such cut as "Connection attempt failed unexpectedly!" with a traceback at ERROR, about one
+    # a second for as long as the stall lasted, beside the gateway's own single line.
+    gateway = start_gateway(REDIS_URL=redis_server.url, QUOTA_FAIL_MODE="open", STORE_TIMEOUT_MS="200")
+    assert ask(gateway.port) == 200
+    assert redis_server.process is not None
+    redis_server.process.signal(signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            assert ask(gateway.port) == 200  # fail open all along
+            time.sleep(0.05)
+    finally:
+        redis_server.process.signal(signal.SIGCONT)
+    wait_until(lambda: ask(gateway.port) == 200 and BACK in gateway.process.errors(), what="the store's return")
+    errors = gateway.process.errors()
+    assert len([line for line in errors.splitlines() if FAILED in line]) == 1
+    assert "Traceback" not in errors
+    assert " ERROR " not in errors
