@@ -39,7 +39,7 @@ from .errors import (
     RequestTimeout,
     ShuttingDown,
 )
-from .keys import ADMITTED, CONFIG, IDENTIFIED, STARTED, STATE
+from .keys import ADMITTED, CONFIG, IDENTIFIED, LIFECYCLE, STARTED, STATE
 from .lifecycle import Lifecycle
 from .limits import Quota, TokenBucket, format_reset, retry_headers
 from .models import RequestState
@@ -589,6 +589,12 @@ async def add_gateway_headers(request: web.Request, response: web.StreamResponse
     # naming the product without a version tells a scanner nothing to match a CVE against.
     # (The 400 aiohttp writes for a request it cannot parse never reaches the app or this hook.)
     response.headers["Server"] = "secure-llm-gateway"
+    if request.app[LIFECYCLE].draining:
+        # Kept alive, the connection would take the client's next request, and the process,
+        # its last request done, would exit under it with no reply: close it after this one.
+        # (aiohttp has set its own headers before this hook: this Connection header is ours.)
+        response.force_close()
+        response.headers["Connection"] = "close"
     state = request.get(STATE)
     if state is None:
         return

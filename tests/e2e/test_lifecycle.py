@@ -279,6 +279,36 @@ def test_a_request_still_sending_its_body_at_sigterm_is_answered(start_gateway: 
     assert gateway.process.wait(10) == 0
 
 
+def test_answers_given_while_draining_close_their_connection(start_gateway: GatewayFactory, mock: Mock) -> None:
+    # A reply written while draining kept its connection alive: the client sent its next
+    # request on it, and the gateway, its last request done, exited under it: no reply at all
+    # (http.client: RemoteDisconnected), where a new connection is refused (nothing sent, safe
+    # to retry elsewhere). Each answer while draining says `Connection: close`, and closes.
+    gateway = start_gateway(SHUTDOWN_GRACE_SECS="10")
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=5)
+    connection.request("POST", CHAT, body, {"x-stainless-mock-latency-ms": "1500"})
+    wait_until(lambda: mock.requests(), what="the request upstream")
+    gateway.process.signal(signal.SIGTERM)
+    wait_until(lambda: "draining" in gateway.process.errors(), what="the drain")
+    # Another client, a probe and then a request pipelined on one connection: the probe is
+    # answered and the connection closed after it.
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as other:
+        reply = http.client.HTTPResponse(other)
+        other.sendall(f"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\nPOST {CHAT} HTTP/1.1\r\nHost: gw\r\n".encode())
+        other.sendall(f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        reply.begin()
+        assert reply.status == 200 and reply.getheader("Connection") == "close"
+        reply.read()
+        assert other.recv(100) == b""  # closed: the pipelined request was never taken
+    answer = connection.getresponse()
+    assert answer.status == 200
+    assert answer.getheader("Connection") == "close"
+    answer.read()
+    connection.close()
+    assert gateway.process.wait(10) == 0
+
+
 def test_a_body_still_coming_at_the_end_of_the_grace_gets_a_503(start_gateway: GatewayFactory) -> None:
     gateway = start_gateway(SHUTDOWN_GRACE_SECS="0.5")
     head = f"POST {CHAT} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
