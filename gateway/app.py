@@ -180,7 +180,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         # Bodies being read or checked at once: one per concurrency slot, or sixteen without a limit.
         body(
             settings.max_body_bytes,
-            BodyBudget(settings.max_body_bytes * (settings.max_concurrency or 16)),
+            BodyBudget(settings.max_body_bytes * (settings.max_concurrency or 16), settings.max_body_bytes),
             settings.timeout_secs,
             telemetry,
             MappingProxyType({api.name: api for api in TOKEN_APIS}),  # every admitted route's API

@@ -58,21 +58,36 @@ class BodyBudget:
     next part does not fit is shed. What counts is what arrived, not the declared length: a
     request that announces the largest body and sends none of it holds nothing. A body read
     holds its bytes (and what it inflates to) until it has been checked: one waiting for its
-    turn to be inflated or counted costs memory as one still arriving does."""
+    turn to be inflated or counted costs memory as one still arriving does.
 
-    __slots__ = ("_free",)
+    One sender (a key, or a peer address without one) may hold half of it at most (never less
+    than two bodies of the limit, inflated): else one tenant's stalled uploads, which no rate
+    limit has seen yet, took all of it and every other tenant was shed until their deadline."""
 
-    def __init__(self, total: int) -> None:
+    __slots__ = ("_free", "_held", "_share")
+
+    def __init__(self, total: int, body_limit: int = 0) -> None:
         self._free = total
+        self._share = max(total // 2, 2 * body_limit)
+        self._held: dict[str, int] = {}  # by sender, while it holds any: as many as bodies being read
 
-    def take(self, size: int) -> bool:
-        if size > self._free:
+    def take(self, size: int, sender: str = "") -> bool:
+        held = self._held.get(sender, 0) + size
+        if size > self._free or held > self._share:
             return False
         self._free -= size
+        self._held[sender] = held
         return True
 
-    def give_back(self, size: int) -> None:
+    def give_back(self, size: int, sender: str = "") -> None:
+        if not size:
+            return
         self._free += size
+        held = self._held[sender] - size
+        if held:
+            self._held[sender] = held
+        else:
+            del self._held[sender]
 
 
 class TooManyChunks(BadRequest):

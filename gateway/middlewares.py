@@ -283,7 +283,7 @@ def body(
     # clients sending such bodies again and again held /healthz ~150 ms while it ran on the loop.
     counting, inflating = Turns(), Turns()
 
-    async def read_held(request: web.Request) -> bytes:
+    async def read_held(request: web.Request, sender: str) -> bytes:
         """A body still arriving, each part taken from the budget as it comes (bytes that
         arrived, not bytes announced: a client that declares a large body and sends none holds
         nothing); the caller gives it back. A part that does not fit: shed (503). Read a chunk
@@ -306,30 +306,30 @@ def body(
                     break
                 if held + len(chunk) > max_bytes:
                     raise bodies.too_large(max_bytes)
-                hold(len(chunk))
+                hold(len(chunk), sender)
                 parts.append(chunk)
                 held += len(chunk)
         except BaseException:
-            budget.give_back(held)
+            budget.give_back(held, sender)
             raise
         return b"".join(parts)
 
-    def hold(size: int) -> None:
-        if not budget.take(size):
+    def hold(size: int, sender: str) -> None:
+        if not budget.take(size, sender):
             metrics.cb_event("load_shed")
             raise Overloaded(headers=_RETRY_NOW)
 
-    async def read_raw(request: web.Request) -> bytes:
+    async def read_raw(request: web.Request, sender: str) -> bytes:
         """The body as it came, its bytes held in the budget (the caller gives them back)."""
         bodies.check_length(request.content_length, max_bytes)
         try:
             if request.content.is_eof():  # all of it has arrived: read() cannot wait, no deadline needed
                 raw = await request.read()  # aiohttp holds it to client_max_size (= max_bytes)
-                hold(len(raw))
+                hold(len(raw), sender)
                 return raw
             _continue(request)  # a client that waits to be asked for the body is asked now
             async with asyncio.timeout(read_timeout):
-                return await read_held(request)
+                return await read_held(request, sender)
         except web.HTTPRequestEntityTooLarge:
             raise bodies.too_large(max_bytes) from None
         except web.RequestPayloadError:  # a broken chunked encoding, a short body
@@ -341,7 +341,8 @@ def body(
     async def read_body(request: web.Request, handler: Handler) -> web.StreamResponse:
         state = request.get(ADMITTED)
         if state is not None:
-            raw = await read_raw(request)
+            sender = state.tenant.sender if state.tenant is not None else ""
+            raw = await read_raw(request, sender)
             # Its bytes stay held until it is checked, and what it inflates to too: a read body
             # waiting for its turn to be inflated or counted holds memory as one still arriving
             # does (40 hostile bodies of 7.6 MiB queued for their counts took 330 MiB past the
@@ -354,7 +355,7 @@ def body(
                     coding = ",".join(codings)  # several headers make one list (RFC 9110 §5.3)
                 if bodies.compressed(coding):
                     body = await inflating.run(functools.partial(bodies.decode, raw, coding, max_bytes))
-                    hold(len(body))
+                    hold(len(body), sender)
                     held += len(body)
                 else:
                     body = bodies.decode(raw, coding, max_bytes)  # as it came, or refused (415)
@@ -362,7 +363,7 @@ def body(
                     await counting.run(functools.partial(bodies.check_structure, body))
                 state.payload, state.model = bodies.parse(body)
             finally:
-                budget.give_back(held)
+                budget.give_back(held, sender)
             api = apis.get(request.match_info.route.name or "")
             if api is not None:
                 api.check_request(state.payload, redacting)

@@ -14,6 +14,7 @@ class Tenant:
     name: str  # stays in the process (keyed mode: the configured name; open mode: the key)
     public_id: str  # what may leave the process: logs, traces, Redis keys (hashed if asked)
     rate_key: str  # token-bucket key: "key:<tenant>" or "ip:<peer>:<path>"
+    sender: str = ""  # who holds a share of the body budget: "key:<tenant>" or "ip:<peer>"
 
 
 @dataclass(frozen=True, slots=True)

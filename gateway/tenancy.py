@@ -63,10 +63,11 @@ class Tenancy:
             if name is None:
                 raise InvalidApiKey()
             # Rate-limited per key (SPEC §4), by its digest: the key itself is not kept.
-            return Tenant(name, self.public_id(name), "key:" + digest.hex())
+            rate_key = "key:" + digest.hex()
+            return Tenant(name, self.public_id(name), rate_key, rate_key)
         if key is None:
-            return Tenant(ANONYMOUS, self.public_id(ANONYMOUS), f"ip:{peer_ip}:{path}")
-        return Tenant(key, self.public_id(key), "key:" + key)
+            return Tenant(ANONYMOUS, self.public_id(ANONYMOUS), f"ip:{peer_ip}:{path}", "ip:" + peer_ip)
+        return Tenant(key, self.public_id(key), "key:" + key, "key:" + key)
 
     def public_id(self, name: str) -> str:
         if self._hash_secret is None:

@@ -362,6 +362,48 @@ async def test_bodies_not_yet_sent_hold_no_share_of_the_body_budget(start: Gatew
         writer.close()
 
 
+async def test_one_tenants_stalled_uploads_take_no_more_than_half_the_body_budget(
+    start: GatewayFactory, upstream: Upstream
+) -> None:
+    """Bodies are read before the rate limit: a tenant that sent almost all of many bodies and
+    stopped held the whole budget (16 bodies of MAX_BODY_BYTES), and every other tenant's
+    request, however small, was shed (503) until those reads' deadline. One sender holds half
+    of it at most: its ninth stalled body is shed, the others' requests are served."""
+    gateway = await start(MAX_BODY_BYTES="1000", TIMEOUT_SECS="30", TENANT_KEYS="mallory=sk-m,alice=sk-a")
+    server = gateway.client.server
+    body = b"x" * 999  # one byte short of its Content-Length: the read waits for the last
+    connections = []
+    try:
+        for _ in range(17):
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            connections.append((reader, writer))
+            writer.write(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Api-Key: sk-m\r\n"
+                b"Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 1000\r\n\r\n"
+            )
+            assert (await reader.readline()).startswith(b"HTTP/1.1 100")
+            await reader.readline()
+            writer.write(body)
+        # 999 bytes each: 8 fit in mallory's half (8,000 of 16,000), the other 9 are shed.
+        answers = [asyncio.ensure_future(reader.readline()) for reader, _ in connections]
+        shed = 0
+        async with asyncio.timeout(10):
+            for answer in asyncio.as_completed(answers):
+                assert (await answer).startswith(b"HTTP/1.1 503")
+                shed += 1
+                if shed == 9:
+                    break
+        assert sum(answer.done() for answer in answers) == 9  # the held 8 are still waiting
+        for answer in answers:
+            answer.cancel()
+        assert shed == 9
+        status, _, answer = await gateway.post(key="sk-a")
+        assert status == 200, answer
+    finally:
+        for _, writer in connections:
+            writer.close()
+
+
 async def test_structure_counts_run_one_at_a_time(
     start: GatewayFactory, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
