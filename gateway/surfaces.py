@@ -271,6 +271,10 @@ _CHAT_CHOICE: Spec = {"delta": _CHAT_MESSAGE, "logprobs": DROP}
 # of their count in the stream's scratch space.
 MAX_UNINDEXED_CHOICES = 256
 _UNINDEXED_CHOICES = "unindexed call choices"
+# The calls an opening tool call ends (`ChatSurface.flush_before`): those of the 16 indices
+# below it (OpenAI's calls open 0, 1, 2…; a bound, as every prefix is checked against every
+# text stream, and an upstream may open a call of index 10**9 in every event).
+CALLS_ENDED_BY_OPENING = 16
 
 
 class ChatSurface(Surface):
@@ -315,8 +319,34 @@ class ChatSurface(Surface):
 
     def flush_before(self, event: dict[str, Any]) -> list[Path] | None:
         """An error ends the stream: all held text goes out before it, where a client that
-        stops at the error (the openai SDK raises there) still reads it."""
-        return [()] if self.ends(event) else None
+        stops at the error (the openai SDK raises there) still reads it. A tool call that
+        opens (an indexed call with an `id`: OpenAI streams parallel calls one after another)
+        ends the calls of lower index in its choice that the event does not carry: the
+        openai SDK's stream helper takes a call for done, and validates its arguments, when
+        a delta for another index arrives, so their held tails must be out before it.
+        (An opening event never takes the fast path: it is never of a learned shape.)"""
+        if self.ends(event):
+            return [()]
+        choices = event.get("choices")
+        if type(choices) is not list:
+            return None
+        paths: list[Path] = []
+        for choice in choices:
+            delta = choice.get("delta") if type(choice) is dict and type(choice.get("index")) is int else None
+            calls = delta.get("tool_calls") if type(delta) is dict else None
+            if type(calls) is not list:
+                continue
+            here = {call["index"] for call in calls if type(call) is dict and type(call.get("index")) is int}
+            opened = [
+                call["index"]
+                for call in calls
+                if type(call) is dict and type(call.get("index")) is int and type(call.get("id")) is str and call["id"]
+            ]
+            if opened:
+                top = max(opened)
+                prefix = ("choices", choice["index"], "delta", "tool_calls")
+                paths += [(*prefix, j) for j in range(max(0, top - CALLS_ENDED_BY_OPENING), top) if j not in here]
+        return paths or None
 
     def restart_before(self, event: dict[str, Any], counts: dict[str, int]) -> list[Path] | None:
         """A tool call without an index (Gemini's OpenAI-compatible API leaves it out, and

@@ -1,0 +1,112 @@
+"""Parallel tool calls in a chat stream, as the openai SDK's stream helper reads them.
+
+OpenAI streams parallel tool calls one after another: a call opens (its `id`, `type` and
+`function.name`, arguments ""), its arguments follow in pieces, then the next call opens. The
+SDK's `client.chat.completions.stream(...)` takes a call for done when a delta for another
+call's index arrives: it fires `tool_calls.function.arguments.done` with the arguments it has
+then and, for a strict (pydantic) tool, validates them. The text the gateway held back for
+redaction must have reached the client by then."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionChunk
+from pydantic import BaseModel
+
+from gateway import sse
+from gateway.redact import ALL_KINDS, build_redactor
+from gateway.relay import StreamRelay
+
+from .stream_equivalence import assert_same_but_for_splits
+from .test_relay_hostile import _ExactOnly
+
+REDACTOR = build_redactor(ALL_KINDS)
+FIRST = json.dumps({"to": "jane.doe@example.com", "subject": "Card 4242 4242 4242 4242", "body": "hi"})
+SECOND = json.dumps({"city": "Paris", "note": "jdoe@corp.example.org"})
+
+
+class SendEmail(BaseModel):
+    to: str
+    subject: str
+    body: str
+
+
+class GetWeather(BaseModel):
+    city: str
+    note: str
+
+
+TOOLS = [
+    openai.pydantic_function_tool(SendEmail, name="send_email"),
+    openai.pydantic_function_tool(GetWeather, name="get_weather"),
+]
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-4o",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _calls_stream(size: int) -> list[bytes]:
+    """Two tool calls as OpenAI streams them, arguments in pieces of `size` characters."""
+    events = [_chunk({"role": "assistant", "content": None, "refusal": None})]
+    for index, (call_id, name, arguments) in enumerate(
+        [("call_1", "send_email", FIRST), ("call_2", "get_weather", SECOND)]
+    ):
+        opening = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        events.append(_chunk({"tool_calls": [opening]}))
+        for at in range(0, len(arguments), size):
+            piece = arguments[at : at + size]
+            events.append(_chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}))
+    return [*events, _chunk({}, "tool_calls"), b"data: [DONE]\n\n"]
+
+
+def _sdk_events(wire: bytes) -> list[Any]:
+    state = ChatCompletionStreamState(input_tools=TOOLS)
+    events = []
+    for event in sse.SSEParser().feed(wire):
+        if event.data and event.data != sse.DONE:
+            events += state.handle_chunk(ChatCompletionChunk.model_validate(json.loads(event.data)))
+    return events
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 200])
+def test_the_sdk_helper_gets_each_call_whole_before_the_next_one_opens(size: int) -> None:
+    # Before: the first call's held tail ("jane.doe@example.com", ..., "}") went out only in
+    # the finish chunk, after the second call had opened: the helper fired arguments.done for
+    # it with `{"to": "` and pydantic raised a ValidationError inside the client's loop.
+    relay = StreamRelay(REDACTOR, None)
+    wire = b"".join(relay.feed(event) for event in _calls_stream(size)) + relay.close()
+    done = [e for e in _sdk_events(wire) if e.type == "tool_calls.function.arguments.done"]
+    assert [json.loads(e.arguments) for e in done] == [
+        {"to": "j***e@example.com", "subject": "Card CC_MASKED_LAST4_4242", "body": "hi"},
+        {"city": "Paris", "note": "j***e@corp.example.org"},
+    ]
+    assert done[0].parsed_arguments == SendEmail(to="j***e@example.com", subject="Card CC_MASKED_LAST4_4242", body="hi")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 12), st.lists(st.integers(0, 3000), max_size=6))
+def test_calls_that_open_in_turn_take_the_fast_path_as_the_exact_path(size: int, cuts: list[int]) -> None:
+    # An opening event ends the calls before it on either path (it is never of a learned shape).
+    wire = b"".join(_calls_stream(size))
+    points = sorted({min(cut, len(wire)) for cut in cuts})
+    reads = [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)], strict=True) if wire[a:b]]
+    fast, exact = StreamRelay(REDACTOR, None), _ExactOnly(REDACTOR, None)
+    outs = [*map(fast.feed, reads), fast.close()]
+    assert_same_but_for_splits(outs, [*map(exact.feed, reads), exact.close()])
+    out = b"".join(outs)
+    assert b"jane.doe" not in out and b"4242 4242" not in out
