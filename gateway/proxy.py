@@ -52,7 +52,7 @@ from .router import (
     is_fallback_status,
     router_for,
 )
-from .surfaces import Api, ask_stream_usage
+from .surfaces import Api, Surface, ask_stream_usage, surface_for
 from .telemetry import Telemetry
 from .upstream import Reply, Upstream
 
@@ -269,27 +269,27 @@ class Proxy:
             # the check is a scan of its own, seconds for megabytes of digits.)
             if isinstance(answer, dict) and len(data) <= YIELD_ABOVE_CHARS and not reply_may_need_redaction(data):
                 return web.Response(body=data, status=reply.status, content_type="application/json")
-            data = await self._redacted_reply(answer, data)
+            data = await self._redacted_reply(answer, data, surface_for(self._surface, state.payload))
         return web.Response(body=data, status=reply.status, content_type="application/json")
 
-    async def _redacted_reply(self, answer: Any, data: bytes) -> bytes:
+    async def _redacted_reply(self, answer: Any, data: bytes, surface: Surface) -> bytes:
         """The whole reply redacted and written. A long one is redacted in a worker thread, as a
         long prompt is in slices: scanning megabytes takes seconds, and the loop keeps serving
         others meanwhile (SPEC §6). The thread owns `answer` alone; its redactions are counted
         here, on the loop, once it is done."""
         if len(data) <= YIELD_ABOVE_CHARS:
-            return self._redact_reply(answer, data, self._count_response_redaction)
+            return self._redact_reply(answer, data, surface, self._count_response_redaction)
         noted: dict[str, int] = {}  # by kind: one metrics call each, not one per mask (~200k in 4 MiB of cards)
 
         def note(kind: str) -> None:
             noted[kind] = noted.get(kind, 0) + 1
 
-        clean = await asyncio.to_thread(self._redact_reply, answer, data, note)
+        clean = await asyncio.to_thread(self._redact_reply, answer, data, surface, note)
         for kind, times in noted.items():
             self._count_response_redactions(kind, times)
         return clean
 
-    def _redact_reply(self, answer: Any, data: bytes, on_redaction: OnRedaction) -> bytes:
+    def _redact_reply(self, answer: Any, data: bytes, surface: Surface, on_redaction: OnRedaction) -> bytes:
         assert self._redactor is not None
         sliced = len(data) > YIELD_ABOVE_CHARS  # in the worker thread (see _redacted_reply)
         if not isinstance(answer, dict):
@@ -300,13 +300,13 @@ class Proxy:
         # Written from what was parsed, whatever its shape: a repeated or escaped key in the
         # upstream's bytes never reaches the client (SPEC §6).
         try:
-            redact_reply(self._redactor, answer, self._surface.reply_spec, on_redaction, sliced)
+            redact_reply(self._redactor, answer, surface.reply_spec, on_redaction, sliced)
             return dumps_reply(answer)
         except (RecursionError, ValueError):
             raise UpstreamError("upstream reply is nested too deeply") from None
 
     async def _events_answer(self, state: RequestState, reply: Reply, data: bytes) -> web.Response:
-        relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface)
+        relay = StreamRelay(self._redactor, self._count_response_redaction, surface_for(self._surface, state.payload))
         if len(data) > ASIDE_BYTES:
             body = await _aside(relay, data, self._count_response_redactions)
             body += await _aside(relay, None, self._count_response_redactions)
@@ -352,7 +352,12 @@ class Proxy:
         self, request: web.Request, state: RequestState, body: bytes, headers: dict[str, str], hidden_usage: bool
     ) -> web.StreamResponse:
         started = time.perf_counter()
-        relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface, hide_usage=hidden_usage)
+        relay = StreamRelay(
+            self._redactor,
+            self._count_response_redaction,
+            surface_for(self._surface, state.payload),
+            hide_usage=hidden_usage,
+        )
         reply: Reply | None = None
         whole: bytes | None = None
         # The preamble (message_start, comments) waits for the answer's first event (see
@@ -485,7 +490,12 @@ class Proxy:
         leg = attempt.leg
         relay = None
         if state.stream:
-            relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface, hide_usage=hidden_usage)
+            relay = StreamRelay(
+                self._redactor,
+                self._count_response_redaction,
+                surface_for(self._surface, state.payload),
+                hide_usage=hidden_usage,
+            )
         reply: Reply | None = None
         whole = first = b""
         answer_at = 0

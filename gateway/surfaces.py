@@ -437,6 +437,34 @@ def usage_of(body: dict[str, Any], prompt_key: str, completion_key: str) -> Usag
 ChatSurface.done_markers = (b'"error"',)
 CHAT = ChatSurface()
 
+# Structured output (`response_format` json_schema or json_object): the content is a JSON
+# document, read as the JSON text it is, as tool-call arguments are. Read as prose, an escape
+# hides what it glues to ("\n4242 4242 4242 4242" is a card after the letter n), and the
+# client's parse() gets the card in clear.
+_CHAT_JSON_MESSAGE: Spec = {**_CHAT_MESSAGE, "content": JSON_TEXT}
+_JSON_FORMATS = frozenset({"json_schema", "json_object"})
+
+
+class ChatJsonSurface(ChatSurface):
+    spec: ClassVar[Spec] = {"choices": Each({"delta": _CHAT_JSON_MESSAGE, "logprobs": DROP})}
+    reply_spec: ClassVar[Spec] = {
+        "choices": Each({"message": {**_CHAT_JSON_MESSAGE, "tool_calls": All(_CHAT_CALL)}, "logprobs": DROP})
+    }
+
+
+ChatJsonSurface.done_markers = ChatSurface.done_markers
+CHAT_JSON = ChatJsonSurface()
+
+
+def surface_for(surface: Surface, payload: dict[str, Any] | None) -> Surface:
+    """The surface a request's reply is read by: chat's own, or CHAT_JSON when the request asks
+    for structured output."""
+    if surface is CHAT and payload is not None:
+        response_format = payload.get("response_format")
+        if type(response_format) is dict and response_format.get("type") in _JSON_FORMATS:
+            return CHAT_JSON
+    return surface
+
 
 # --- Anthropic Messages (SPEC §11) ------------------------------------------------------
 # A stream's events are keyed by their content block's "index"; text and tool input JSON

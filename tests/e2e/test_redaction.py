@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import aiohttp
 import openai
+import pydantic
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -241,3 +243,33 @@ def test_logprobs_pass_with_redaction_off(start_gateway: GatewayFactory, mock: M
     gateway = start_gateway(REDACT_KINDS="")
     sdk(gateway).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], logprobs=True)
     assert mock.requests()[-1]["body"]["logprobs"] is True
+
+
+class _Contact(pydantic.BaseModel):
+    name: str
+    notes: str
+    email: str
+
+
+# Structured output (response_format json_schema) as OpenAI writes it: JSON, a line break in a
+# string written as the escape "\n". Read as prose, "\n4242 4242 4242 4242" is a card glued to
+# the letter n, and passed: the SDK's parse() gave the client the card in clear.
+_STRUCTURED = json.dumps(
+    {"name": "Jane", "notes": "paid with\n4242 4242 4242 4242", "email": "x\tjane.doe@example.com"}
+)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_output_is_redacted_as_json(shared_gateway: Gateway, stream: bool) -> None:
+    client = sdk(shared_gateway, **{"x-stainless-mock-reply": _STRUCTURED})
+    messages: list[Any] = [{"role": "user", "content": "hi"}]
+    if stream:
+        with client.chat.completions.stream(model="m", messages=messages, response_format=_Contact) as events:
+            parsed = events.get_final_completion().choices[0].message.parsed
+    else:
+        parsed = (
+            client.chat.completions.parse(model="m", messages=messages, response_format=_Contact)
+            .choices[0]
+            .message.parsed
+        )
+    assert parsed == _Contact(name="Jane", notes="paid with\nCC_MASKED_LAST4_4242", email="x\tj***e@example.com")
