@@ -50,6 +50,7 @@ from .surfaces import (
     Spec,
     Surface,
     TextSlot,
+    asks_json,
     carries_text,
     int_or_absent,
     usage_of,
@@ -222,6 +223,12 @@ class ResponsesSurface(Surface):
 
     def stream_of(self, path: Path) -> Path:
         return (*(step for step in path if type(step) is int or step in _STREAM_STEPS), "delta")
+
+    def for_request(self, payload: dict[str, Any] | None) -> Surface:
+        text = payload.get("text") if payload is not None else None
+        if type(text) is dict and asks_json(text.get("format")):
+            return RESPONSES_JSON
+        return self
 
     def flush_before(self, event: dict[str, Any]) -> list[Path] | None:
         """A text's held part goes out before its first copy (an unknown delta's, before its
@@ -512,7 +519,37 @@ def check_responses_request(payload: dict[str, Any], redacting: bool) -> None:
             raise ResponsesLogprobsUnavailable()
 
 
+# Structured output (`text.format` json_schema or json_object): an output_text part is a JSON
+# document, read as the JSON text it is (as chat's content is then: see CHAT_JSON), its
+# deltas, copies and openings alike; refusals, reasoning and summaries stay prose.
+_JSON_PART_COPY: Spec = {"text": JSON_COPY, "refusal": COPY, "logprobs": DROP}
+_JSON_ITEM: Spec = {**_ITEM, "content": All(_JSON_PART_COPY)}
+_JSON_ITEM_OPENING: Spec = {**_ITEM_OPENING, "content": All({"text": _JSON_OPENS, "refusal": _OPENS, "logprobs": DROP})}
+_JSON_SPECS: dict[str, Spec] = {
+    "response.output_text.delta": {"delta": JSON_TEXT, "logprobs": DROP},
+    "response.output_text.done": {"text": JSON_COPY, "logprobs": DROP},
+    "response.content_part.done": {"part": _JSON_PART_COPY},
+    "response.output_item.done": {"item": _JSON_ITEM},
+    "response.content_part.added": {"part": {"text": _JSON_OPENS, "refusal": _OPENS, "logprobs": DROP}},
+    "response.output_item.added": {"item": _JSON_ITEM_OPENING},
+    "response.created": {"response": {"output": All(_JSON_ITEM_OPENING)}},
+    **{kind: {"response": {"output": All(_JSON_ITEM)}} for kind in _TERMINAL},
+}
+
+
+class ResponsesJsonSurface(ResponsesSurface):
+    reply_spec: ClassVar[Spec] = {
+        "output": All({**_ITEM_REPLY, "content": All({"text": JSON_TEXT, "refusal": TEXT, "logprobs": DROP})})
+    }
+
+    def spec_of(self, event: dict[str, Any]) -> Spec:
+        kind = event.get("type")
+        spec = _JSON_SPECS.get(kind) if type(kind) is str else None
+        return spec if spec is not None else super().spec_of(event)
+
+
 RESPONSES = ResponsesSurface()
+RESPONSES_JSON = ResponsesJsonSurface()
 RESPONSES_API = Api(
     "responses",
     "/v1/responses",

@@ -52,7 +52,7 @@ from .router import (
     is_fallback_status,
     router_for,
 )
-from .surfaces import Api, Surface, ask_stream_usage, surface_for
+from .surfaces import Api, Surface, ask_stream_usage
 from .telemetry import Telemetry
 from .upstream import Reply, Upstream
 
@@ -269,7 +269,7 @@ class Proxy:
             # the check is a scan of its own, seconds for megabytes of digits.)
             if isinstance(answer, dict) and len(data) <= YIELD_ABOVE_CHARS and not reply_may_need_redaction(data):
                 return web.Response(body=data, status=reply.status, content_type="application/json")
-            data = await self._redacted_reply(answer, data, surface_for(self._surface, state.payload))
+            data = await self._redacted_reply(answer, data, self._surface.for_request(state.payload))
         return web.Response(body=data, status=reply.status, content_type="application/json")
 
     async def _redacted_reply(self, answer: Any, data: bytes, surface: Surface) -> bytes:
@@ -306,7 +306,7 @@ class Proxy:
             raise UpstreamError("upstream reply is nested too deeply") from None
 
     async def _events_answer(self, state: RequestState, reply: Reply, data: bytes) -> web.Response:
-        relay = StreamRelay(self._redactor, self._count_response_redaction, surface_for(self._surface, state.payload))
+        relay = StreamRelay(self._redactor, self._count_response_redaction, self._surface.for_request(state.payload))
         if len(data) > ASIDE_BYTES:
             body = await _aside(relay, data, self._count_response_redactions)
             body += await _aside(relay, None, self._count_response_redactions)
@@ -355,7 +355,7 @@ class Proxy:
         relay = StreamRelay(
             self._redactor,
             self._count_response_redaction,
-            surface_for(self._surface, state.payload),
+            self._surface.for_request(state.payload),
             hide_usage=hidden_usage,
         )
         reply: Reply | None = None
@@ -493,7 +493,7 @@ class Proxy:
             relay = StreamRelay(
                 self._redactor,
                 self._count_response_redaction,
-                surface_for(self._surface, state.payload),
+                self._surface.for_request(state.payload),
                 hide_usage=hidden_usage,
             )
         reply: Reply | None = None

@@ -102,6 +102,11 @@ class Surface:
         """Where the event's streams are keyed from; None: it cannot be read as described."""
         return ()
 
+    def for_request(self, payload: dict[str, Any] | None) -> Surface:
+        """The surface a request's reply is read by: this one, or its structured-output
+        variant when the request asks for JSON (a JSON document is read as JSON text)."""
+        return self
+
     def spec_of(self, event: dict[str, Any]) -> Spec:
         """The event's description (one for every event, unless the API's events differ)."""
         return self.spec
@@ -417,6 +422,11 @@ class ChatSurface(Surface):
     def usage_only(self, event: dict[str, Any]) -> bool:
         return event.get("choices") == [] and type(event.get("usage")) is dict
 
+    def for_request(self, payload: dict[str, Any] | None) -> Surface:
+        if payload is not None and asks_json(payload.get("response_format")):
+            return CHAT_JSON
+        return self
+
 
 def chat_usage(body: dict[str, Any]) -> Usage | None:
     return usage_of(body, "prompt_tokens", "completion_tokens")
@@ -456,14 +466,9 @@ ChatJsonSurface.done_markers = ChatSurface.done_markers
 CHAT_JSON = ChatJsonSurface()
 
 
-def surface_for(surface: Surface, payload: dict[str, Any] | None) -> Surface:
-    """The surface a request's reply is read by: chat's own, or CHAT_JSON when the request asks
-    for structured output."""
-    if surface is CHAT and payload is not None:
-        response_format = payload.get("response_format")
-        if type(response_format) is dict and response_format.get("type") in _JSON_FORMATS:
-            return CHAT_JSON
-    return surface
+def asks_json(response_format: Any) -> bool:
+    """A `response_format` (chat) or `text.format` (Responses) that asks for a JSON document."""
+    return type(response_format) is dict and response_format.get("type") in _JSON_FORMATS
 
 
 # --- Anthropic Messages (SPEC §11) ------------------------------------------------------
