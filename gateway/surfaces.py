@@ -548,6 +548,13 @@ class MessagesSurface(Surface):
             return NOT_AN_INTEGER
         return MISSING if carries_text(event, self.spec_of(event)) else LEFT_OUT  # a content_block_stop passes
 
+    def for_request(self, payload: dict[str, Any] | None) -> Surface:
+        if payload is not None:
+            config = payload.get("output_config")
+            if (type(config) is dict and asks_json(config.get("format"))) or asks_json(payload.get("output_format")):
+                return MESSAGES_JSON
+        return self
+
     def flush_before(self, event: dict[str, Any]) -> list[Path] | None:
         """A block's held text goes out before its content_block_stop (and any left before
         the message's end)."""
@@ -625,6 +632,30 @@ def anthropic_usage(reply: dict[str, Any]) -> Usage | None:
 
 
 MESSAGES = MessagesSurface()
+
+# Structured output (`output_config.format` json_schema, or the beta's `output_format`): text
+# blocks are a JSON document, read as the JSON text it is (as chat's content is then: see
+# CHAT_JSON), their deltas, opening text and message_start's alike.
+_JSON_DELTA: Spec = {"text": JSON_TEXT, "partial_json": JSON_TEXT}
+_JSON_BLOCK: Spec = {"text": Leaf(json_text=True, joins=("delta", "text"))}
+_JSON_STARTING_TEXT = Leaf(json_text=True, opens=True)
+
+
+class MessagesJsonSurface(MessagesSurface):
+    specs: ClassVar[dict[tuple[bool, bool], Spec]] = {
+        (delta, block): {
+            "delta": {**_JSON_DELTA, **_THINKING} if delta else _JSON_DELTA,
+            "content_block": {**_JSON_BLOCK, **_THINKING} if block else _JSON_BLOCK,
+            "message": {"content": All({"text": _JSON_STARTING_TEXT}, _THINKING_BLOCKS)},
+        }
+        for delta in (False, True)
+        for block in (False, True)
+    }
+    spec: ClassVar[Spec] = specs[False, False]
+    reply_spec: ClassVar[Spec] = {"content": All({"text": JSON_TEXT}, _THINKING_BLOCKS)}
+
+
+MESSAGES_JSON = MessagesJsonSurface()
 
 
 # --- Request texts: what a client sends, per API (SPEC §6, §11) -------------------------
