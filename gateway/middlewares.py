@@ -48,7 +48,7 @@ from .policies import ANY_MODEL, DEFAULT_UPSTREAM, principal_of, request_context
 from .reload import LiveConfig
 from .router import router_for
 from .shedding import Shedder
-from .surfaces import Api
+from .surfaces import MESSAGES_API, Api
 from .telemetry import Telemetry
 from .tenancy import client_ip, presented_key
 
@@ -603,6 +603,10 @@ async def add_gateway_headers(request: web.Request, response: web.StreamResponse
         request[STARTED] = response
     headers = response.headers
     headers["x-request-id"] = state.request_id
+    if request.match_info.route.name == MESSAGES_API.name:
+        # Anthropic's API names it `request-id`, where its SDK reads it (`message._request_id`,
+        # `APIStatusError.request_id`): the same id, under both names.
+        headers["request-id"] = state.request_id
     decision = state.decision
     if decision is not None:
         headers["x-ratelimit-limit-requests"] = str(decision.limit)

@@ -465,10 +465,13 @@ def test_rate_limit_is_a_rate_limit_error_with_retry_after(start_gateway: Gatewa
     assert error.api_message == "rate limit exceeded"
     assert int(error.response.headers["retry-after"]) >= 1
     assert error.response.headers["x-request-id"]
+    # The SDK reads Anthropic's `request-id`: the gateway's id, under that name too.
+    assert error.request_id == error.response.headers["x-request-id"]
     assert len(mock.requests()) == 1  # refused before the upstream
     # The SDK backs off as told and gets through.
     message = sdk(gateway, retries=2).messages.create(model=MODEL, max_tokens=8, messages=HI)
     assert message.content[0].text == DEFAULT_REPLY  # type: ignore[union-attr]
+    assert message._request_id is not None and message._request_id != error.request_id  # SDK's documented accessor
     assert len(mock.requests()) == 2
 
 
