@@ -161,6 +161,7 @@ class StreamRelay:
         "_streams",
         "_surface",
         "_templates",
+        "_truncated",
         "busy",
         "done",
         "failure",
@@ -206,6 +207,7 @@ class StreamRelay:
         self.response_model: str | None = None
         self.done = False
         self.failure: UpstreamError | None = None  # the upstream event that ended the stream early
+        self._truncated = False  # the body ended part-way through an event (see close)
 
     def feed(self, chunk: bytes) -> bytes:
         """b"" until an event is complete; then the events' bytes to send. An event past the
@@ -263,8 +265,15 @@ class StreamRelay:
             self.busy = False
 
     def close(self) -> bytes:
-        """The upstream ended: a last event without its blank line, then held text."""
+        """The upstream ended: a last event without its blank line, then held text. That last
+        event goes out only if it is whole (its data JSON, or [DONE]): one the body ended
+        part-way through (its JSON cut, or a name without its data) is what SSE clients drop,
+        and the SDKs, handed it as an event, raised a JSON decode error instead of reading the
+        stream's error event. It is left out, and the stream was cut short."""
         last = self.parser.close()
+        if last and not self.done and not _whole_at_end(last[-1]):
+            self._truncated = True
+            last = last[:-1]
         if self._redactor is None:
             if self._number_key and last and not self.done:
                 self._note_last_number(last[-1].raw)
@@ -275,9 +284,10 @@ class StreamRelay:
     def cut_short(self) -> bool:
         """The upstream ended without the event that ends its API's streams, where that is an
         event of its own (Anthropic's message_stop, the Responses API's terminal events): the
-        reply is incomplete. (A chat stream's [DONE] is left out by some OpenAI-compatible
-        servers: its absence alone says nothing.)"""
-        return not self.done and self._surface.done_data is None
+        reply is incomplete; or its body ended part-way through an event (see close), on any
+        API. (A chat stream's [DONE] is left out by some OpenAI-compatible servers: its absence
+        alone says nothing.)"""
+        return not self.done and (self._truncated or self._surface.done_data is None)
 
     def finish(self) -> bytes:
         """The upstream ended (or broke): whatever text is still held, in events of its own."""
@@ -1237,6 +1247,18 @@ def _with_data(event: sse.Event, data: bytes, whole: WholeText) -> bytes:
             text = line.decode("utf-8", "replace")
             lines.append(whole(text).encode() + b"\n")
     return b"".join(lines) + b"\n"
+
+
+def _whole_at_end(event: sse.Event) -> bool:
+    """Whether an event the body ended without its blank line can be read as whole: its data is
+    [DONE] or JSON (every data line JSON, for one of several), or it has neither data nor a
+    name (a comment, an id)."""
+    data = event.data
+    if data is None:
+        return sse.event_name(event.raw) is None
+    if data.startswith(sse.DONE) or _is_json(data):
+        return True
+    return data.find(b"\n") >= 0 and all(_is_json(line) for line in data.split(b"\n"))
 
 
 def _is_json(data: bytes) -> bool:

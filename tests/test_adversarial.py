@@ -1256,3 +1256,76 @@ async def test_an_error_event_in_events_answering_a_whole_request_never_carries_
     status, data = await gateway.chat({"stream": False})
     assert status == 200, data
     assert b"upstream-secret" not in data and b"***" in data, data
+
+
+# --- A body that ends cleanly in the middle of an event ------------------------------------------
+
+
+def responses_ev(body: dict[str, Any]) -> bytes:
+    return f"event: {body['type']}\n".encode() + ev(body)
+
+
+CUT_STREAMS = {
+    CHAT: (
+        {"model": "m", "messages": PROMPT},
+        chunk({"content": "Hi "}) + chunk({"content": f"mail {EMAIL} ok"}),
+    ),
+    MESSAGES_PATH: (
+        {"model": "claude", "max_tokens": 10, "messages": PROMPT},
+        ANTHROPIC_START
+        + anthropic_ev({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+        + anthropic_ev({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi "}})
+        + anthropic_ev(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"mail {EMAIL}"}}
+        ),
+    ),
+    "/v1/responses": (
+        {"model": "m", "input": "hi"},
+        responses_ev({"type": "response.created", "sequence_number": 0, "response": {"id": "r", "output": []}})
+        + responses_ev(
+            {
+                "type": "response.output_text.delta",
+                "sequence_number": 1,
+                "output_index": 0,
+                "content_index": 0,
+                "delta": "Hi ",
+            }
+        )
+        + responses_ev(
+            {
+                "type": "response.output_text.delta",
+                "sequence_number": 2,
+                "output_index": 0,
+                "content_index": 0,
+                "delta": f"mail {EMAIL}",
+            }
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("path", list(CUT_STREAMS))
+@pytest.mark.parametrize(
+    ("cut", "kept"), [("@example", 8), ("data: ", 6), ("\ndata: ", 1)], ids=["in-json", "after-data", "after-name"]
+)
+async def test_a_body_that_ends_in_the_middle_of_an_event_ends_the_stream_with_an_error_event(
+    gateway: Gateway, hostile: Hostile, path: str, cut: str, kept: int
+) -> None:
+    # An upstream (or a proxy before it) whose body ends cleanly part-way through an event: a
+    # close-delimited HTTP/1.x body cut by a crash, a chunked one terminated early. The SSE
+    # spec (and every SDK) drops an event that never got its blank line; the gateway relayed it
+    # as a whole event, so the SDKs raised json.JSONDecodeError on its truncated JSON (chat:
+    # with no error event at all; messages and responses: before their error event).
+    body, wire = CUT_STREAMS[path]
+    sent = wire[: wire.rfind(cut.encode()) + kept]
+    if sent.endswith(b"\n\n"):
+        pytest.skip("this stream has no event name: the cut falls between two events")
+    hostile.answer = events_answer(sent)
+    status, out = await gateway.post(path, {**body, "stream": True})
+    assert status == 200
+    events = events_of(out)
+    for event in events:  # every event an SDK reads as JSON
+        assert event.data is None or event.data == sse.DONE or json.loads(event.data) is not None, out
+        assert event.data is not None or sse.event_name(event.raw) is None, out
+    assert events[-1].data is not None and b"upstream stream ended unexpectedly" in events[-1].data, out
+    assert await gateway.healthy()
