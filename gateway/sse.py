@@ -90,7 +90,9 @@ class SSEParser:
         end = chunk.rfind(b"\n\n") + 2
         if end == 1 and not (pending.endswith(b"\n") and chunk.startswith(b"\n")):
             if len(pending) + len(chunk) > self._limit:
-                self.pending = bytearray()  # the stream cannot go on; free what it held
+                # The stream cannot go on; free what it held now, in place: this frame (with
+                # `pending`) lives on in the error's traceback until the cycle collector runs.
+                pending.clear()
                 raise EventTooLarge(self._limit)
             pending += chunk
             return b""
