@@ -6,6 +6,7 @@ become `UpstreamError` (connection failure, 502) or `UpstreamStreamBroken` (mid-
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import math
 import re
@@ -57,6 +58,9 @@ _RETRY_CAPS = {"Retry-After": int(MAX_RETRY_AFTER_SECS), "retry-after-ms": int(M
 # upstream error. Room for the largest replies the APIs give (2048 embeddings of 3072 floats,
 # pretty-printed: ~145 MB), not for a body without end, or a small gzip one inflating ~1000x.
 MAX_REPLY_BYTES = 256 * 1024 * 1024
+# aiohttp's readany() returns at once while data is buffered, and inflates a gzip body as it is
+# read: a whole reply is read with a turn of the loop for others after each this many bytes.
+_YIELD_EVERY_BYTES = 1024 * 1024
 
 
 def _date_secs(value: str) -> float | None:
@@ -243,6 +247,7 @@ class UpstreamReply:
         content = self._response.content
         parts: list[bytes] = []
         size = 0
+        turn_at = _YIELD_EVERY_BYTES
         try:
             while chunk := await content.readany():
                 size += len(chunk)
@@ -250,6 +255,9 @@ class UpstreamReply:
                     self._response.close()
                     raise UpstreamError("upstream reply too large")
                 parts.append(chunk)
+                if size >= turn_at:  # megabytes already buffered (or inflating): others get a turn
+                    turn_at = size + _YIELD_EVERY_BYTES
+                    await asyncio.sleep(0)
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamStreamBroken() from exc
         data = b"".join(parts)

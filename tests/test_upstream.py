@@ -348,6 +348,45 @@ async def test_a_reply_that_inflates_past_the_cap_is_an_upstream_error_not_held_
         await runner.cleanup()
 
 
+async def test_a_whole_reply_is_read_with_the_loop_served_between_its_megabytes() -> None:
+    # aiohttp's readany() returns at once while its buffer holds data, and inflates a gzip body
+    # as it is read: a ~300 KB gzip reply that inflates to 256 MiB was read (and refused) in one
+    # go on the event loop, /healthz waiting 0.75-1.2 s on the real process each time.
+    size = 32 * 1024 * 1024
+    bomb = gzip.compress(b'{"content": "' + b" " * size + b'"}')
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=bomb, content_type="application/json", headers={"Content-Encoding": "gzip"})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner, port = await serve(app)
+    upstream = Upstream(f"http://127.0.0.1:{port}/v1/chat/completions", None, 5.0, max_reply_bytes=size // 2)
+    await upstream.open()
+    turns = 0
+
+    async def tick() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    try:
+        reply = await upstream.post(BODY, {"Content-Type": "application/json"})
+        ticker = asyncio.get_running_loop().create_task(tick())
+        await asyncio.sleep(0)
+        turns = 0
+        with pytest.raises(UpstreamError, match="too large"):
+            await reply.read()
+        ticker.cancel()
+        reply.close()
+        assert turns >= 8  # a turn of the loop for others at least every 2 MiB
+    finally:
+        await upstream.close()
+        await runner.cleanup()
+
+
 def test_the_default_cap_leaves_room_for_the_largest_replies_the_apis_give() -> None:
     # 2048 embeddings of 3072 floats, pretty-printed as OpenAI does (~23 bytes a number): ~145 MB.
     assert MAX_REPLY_BYTES >= 2048 * 3072 * 23
