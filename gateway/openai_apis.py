@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 import orjson
 
+from . import sse
 from .errors import BadRequest, GatewayError, LogprobsUnavailable
 from .models import Usage, is_count
 from .surfaces import (
@@ -158,6 +159,7 @@ class ResponsesSurface(Surface):
     done_types: ClassVar[frozenset[str]] = _TERMINAL | {"error"}
     keeps_copies: ClassVar[bool] = True
     numbered: ClassVar[str | None] = "sequence_number"
+    clients_stop_at: ClassVar[bytes | None] = sse.DONE  # no [DONE] on this route, but the SDKs stop at one
 
     def misindexed(self, event: dict[str, Any]) -> str | None:
         """Beside an index that is no integer: a delta or copy that carries text without the

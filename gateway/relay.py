@@ -412,6 +412,12 @@ class StreamRelay:
         if done is not None and data.startswith(done):
             self.done = True
             return self.finish() + _with_data(event, done, self._whole)  # its other lines redacted too
+        stop = surface.clients_stop_at
+        if stop is not None and data.startswith(stop):
+            # Not this API's end, but where its clients stop reading: the stream ends there
+            # for them, so held text goes out before it, and nothing after it is sent.
+            self.done = True
+            return self.finish() + _with_data(event, stop, self._whole)
         try:
             chunk = _loads_object(data, deep=True)
         except RecursionError:

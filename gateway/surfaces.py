@@ -87,6 +87,9 @@ class Surface:
     spec: ClassVar[Spec]  # an event's described fields
     reply_spec: ClassVar[Spec]  # a whole (JSON) reply's
     done_data: ClassVar[bytes | None] = None  # an event whose data ends the stream ([DONE])
+    # Data at which the route's clients stop reading, though the API ends its streams otherwise
+    # (the openai SDKs stop at a [DONE] on any stream): held text goes out before it.
+    clients_stop_at: ClassVar[bytes | None] = None
     done_types: ClassVar[frozenset[str]] = frozenset()  # event types that end it
     keeps_copies: ClassVar[bool] = False  # events repeat streamed texts whole (COPY leaves)
     numbered: ClassVar[str | None] = None  # a number every event carries (noted in `usage`'s counts)

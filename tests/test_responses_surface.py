@@ -1132,3 +1132,16 @@ def test_past_the_stream_bound_split_pii_is_still_redacted() -> None:
     split = [e("response.output_text.delta", **where, delta=d) for d in ("mail jane.doe@exa", "mple.com")]
     out, _ = relay(numbered(opening + split))
     assert EMAIL not in deltas_of(out, MAX_STREAMS)
+
+
+def test_a_done_marker_on_this_route_ends_the_stream_with_held_text_before_it() -> None:
+    """No [DONE] on this route, but the openai SDKs stop reading at one on any stream: an
+    upstream that sends one mid-stream got its [DONE] relayed with the held text after it, and
+    the SDK's text ended at 'Mail ' (the address, held, never read)."""
+    items = text_item(["Mail jane.doe@exa", "mple.com ok"])
+    stream = numbered(items[:3]) + b"data: [DONE]\n\n" + numbered(items[3:])
+    out, _ = relay(stream)
+    before, done, after = out.partition(b"data: [DONE]\n\n")
+    assert done and not after  # nothing after it: the client stops there
+    texts = [e["delta"] for e in events(before) if e["type"] == "response.output_text.delta"]
+    assert "".join(texts) == redact("Mail jane.doe@exa")  # held text out before the marker
