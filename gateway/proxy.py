@@ -244,7 +244,7 @@ class Proxy:
         """A whole reply: JSON with message.content redacted, events through the relay (an
         upstream that streams whatever was asked), an error as such."""
         if reply.status >= 300:
-            return self._upstream_failure(reply, data)
+            return await self._upstream_failure(reply, data)
         try:
             answer = loads_reply(data)
         except (ValueError, RecursionError):
@@ -329,12 +329,12 @@ class Proxy:
             self._telemetry.metrics.cb_event("upstream_error")
         return exc
 
-    def _upstream_failure(self, reply: Reply, data: bytes) -> web.Response:
+    async def _upstream_failure(self, reply: Reply, data: bytes) -> web.Response:
         """Relay the upstream's status and JSON error, except auth failures (our fault: 502)."""
         self._telemetry.metrics.cb_event("upstream_error")
-        return self._relayed_failure(reply, data)
+        return await self._relayed_failure(reply, data)
 
-    def _relayed_failure(self, reply: Reply, data: bytes) -> web.Response:
+    async def _relayed_failure(self, reply: Reply, data: bytes) -> web.Response:
         if reply.status in (401, 403, 407):  # 407: the egress proxy refused the gateway (HTTP_PROXY)
             raise UpstreamAuthRejected()
         if not reply.is_json:
@@ -343,6 +343,14 @@ class Proxy:
             # rate_limit_error, a 529 an overloaded_error), not by the 502 of UpstreamError.
             error.status = reply.status
             data = error.anthropic()[1] if self._api.anthropic_errors else error.body()
+        elif self._redactor is not None and (len(data) > YIELD_ABOVE_CHARS or reply_may_need_redaction(data)):
+            # Its strings redacted like any reply's (SPEC §6): an error may quote what the model
+            # wrote (Groq's tool_use_failed carries its `failed_generation`) or the value refused.
+            try:
+                error_body = loads_reply(data)
+            except (ValueError, RecursionError):
+                error_body = None  # redacted as text
+            data = await self._redacted_reply(error_body, data)
         # The provider's back-off advice reaches the client (the SDKs wait as long as it says).
         return web.Response(
             body=data, status=reply.status, content_type="application/json", headers=reply.retry_headers()
@@ -473,7 +481,7 @@ class Proxy:
         if failure.reply is None:
             raise failure.error
         state.upstream = failure.upstream
-        return self._relayed_failure(failure.reply, failure.data)
+        return await self._relayed_failure(failure.reply, failure.data)
 
     async def _attempt(
         self,
