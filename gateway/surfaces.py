@@ -684,8 +684,9 @@ class ObjectKeys:
 
 
 def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
-    """String content, text parts, refusals and tool-call arguments of every message. Every
-    other field goes as sent (SPEC §3), the end user's `user` and `safety_identifier` too."""
+    """String content, text parts, refusals, reasoning sent back and tool-call arguments of every
+    message. Every other field goes as sent (SPEC §3), the end user's `user` and
+    `safety_identifier` too."""
     for message in payload.get("messages") or ():
         if type(message) is not dict:
             continue
@@ -713,6 +714,17 @@ def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
             for part in content:
                 if type(part) is dict and type(part.get("refusal")) is str:
                     yield part, "refusal", False
+        # Reasoning sent back (DeepSeek's thinking mode with tools, Kimi, MiniMax ask for it): text
+        # the model reads, the same fields a reply's redaction reads (_CHAT_MESSAGE).
+        for name in ("reasoning_content", "reasoning"):
+            if type(message.get(name)) is str:
+                yield message, name, False
+        details = message.get("reasoning_details")
+        for item in details if type(details) is list else ():
+            if type(item) is dict:
+                for name in ("text", "summary"):
+                    if type(item.get(name)) is str:
+                        yield item, name, False
         legacy = message.get("function_call")
         if type(legacy) is dict and type(legacy.get("arguments")) is str:
             yield legacy, "arguments", True

@@ -319,6 +319,41 @@ async def test_a_custom_tool_calls_input_reaches_the_upstream_masked(gateway: Ga
     }
 
 
+async def test_reasoning_sent_back_in_an_assistant_message_reaches_the_upstream_masked(
+    gateway: Gateway,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+) -> None:
+    # DeepSeek's thinking mode with tools, Kimi's and MiniMax's ask the client to send the
+    # reasoning back (`reasoning_content`, `reasoning`, OpenRouter's `reasoning_details`): text
+    # the model reads as it reads the content, redacted in replies, and so in requests. These
+    # went upstream in clear.
+    hostile.answer = json_answer({"id": "c1", "object": "chat.completion", "model": "m", "choices": []})
+    details = [
+        {"type": "reasoning.text", "text": f"mail {EMAIL}", "index": 0},
+        {"type": "reasoning.summary", "summary": f"for {EMAIL}", "index": 1},
+        {"type": "reasoning.encrypted", "data": "gAAAA", "index": 2},
+    ]
+    assistant = {
+        "role": "assistant",
+        "content": "",
+        "reasoning_content": f"The user is {EMAIL}",
+        "reasoning": f"write to {EMAIL}",
+        "reasoning_details": details,
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    }
+    messages = [{"role": "user", "content": "hi"}, assistant, {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    status, _ = await gateway.chat({"messages": messages})
+    assert status == 200
+    sent = hostile.sent()["messages"][1]
+    assert EMAIL not in json.dumps(sent)
+    assert sent["reasoning_content"] == f"The user is {MASKED}" and sent["reasoning"] == f"write to {MASKED}"
+    assert sent["reasoning_details"] == [
+        {"type": "reasoning.text", "text": f"mail {MASKED}", "index": 0},
+        {"type": "reasoning.summary", "summary": f"for {MASKED}", "index": 1},
+        {"type": "reasoning.encrypted", "data": "gAAAA", "index": 2},
+    ]
+
+
 # A block's or item's `type` is the client's JSON: an object or an array there (no type either
 # API has) was looked up in a frozenset and raised TypeError (unhashable): a 500
 # internal_error for a malformed body, found by fuzzing the real gateway. Such a block is one of
