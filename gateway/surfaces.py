@@ -706,8 +706,19 @@ def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
             for number, part in enumerate(content):
                 if type(part) is str:
                     yield content, number, False
-                elif type(part) is dict and type(part.get("text")) is str:
-                    yield part, "text", False
+                elif type(part) is dict:
+                    if type(part.get("text")) is str:
+                        yield part, "text", False
+                    # Mistral's reasoning sent back: a `thinking` chunk of text chunks (or a string).
+                    thinking = part.get("thinking")
+                    if type(thinking) is str:
+                        yield part, "thinking", False
+                    elif type(thinking) is list:
+                        for inner, chunk in enumerate(thinking):
+                            if type(chunk) is str:
+                                yield thinking, inner, False
+                            elif type(chunk) is dict and type(chunk.get("text")) is str:
+                                yield chunk, "text", False
         if type(message.get("refusal")) is str:
             yield message, "refusal", False
         if type(content) is list:

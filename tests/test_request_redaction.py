@@ -354,6 +354,28 @@ async def test_reasoning_sent_back_in_an_assistant_message_reaches_the_upstream_
     ]
 
 
+async def test_mistral_thinking_chunks_sent_back_reach_the_upstream_masked(
+    gateway: Gateway,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+) -> None:
+    # Mistral's reasoning models answer with content chunks, the thinking as a `thinking` chunk
+    # of text chunks, and take the conversation back so: its text went upstream in clear.
+    hostile.answer = json_answer({"id": "c1", "object": "chat.completion", "model": "m", "choices": []})
+    content = [
+        {"type": "thinking", "thinking": [{"type": "text", "text": f"the user is {EMAIL}"}], "closed": True},
+        {"type": "thinking", "thinking": f"write to {EMAIL}"},
+        {"type": "text", "text": "ok"},
+    ]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content}]
+    status, _ = await gateway.chat({"messages": [*messages, {"role": "user", "content": "and?"}]})
+    assert status == 200
+    assert hostile.sent()["messages"][1]["content"] == [
+        {"type": "thinking", "thinking": [{"type": "text", "text": f"the user is {MASKED}"}], "closed": True},
+        {"type": "thinking", "thinking": f"write to {MASKED}"},
+        {"type": "text", "text": "ok"},
+    ]
+
+
 # A block's or item's `type` is the client's JSON: an object or an array there (no type either
 # API has) was looked up in a frozenset and raised TypeError (unhashable): a 500
 # internal_error for a malformed body, found by fuzzing the real gateway. Such a block is one of
