@@ -29,7 +29,21 @@ from . import sse
 from .errors import GatewayError, UpstreamError
 from .models import Usage
 from .redact import YIELD_ABOVE_CHARS, OnRedaction, Redactor, StreamRedactor, feed_sliced, has_trigger, redact_sliced
-from .surfaces import CARD_SIZED, CHAT, LEFT_OUT, All, Each, Leaf, Path, Spec, Surface, chat_usage, put
+from .surfaces import (
+    CARD_SIZED,
+    CHAT,
+    LEFT_OUT,
+    TEXT,
+    THINKING_CHUNKS,
+    All,
+    Each,
+    Leaf,
+    Path,
+    Spec,
+    Surface,
+    chat_usage,
+    put,
+)
 
 # What every card, phone, IBAN or SSN lies in (redact.py's `_DIGIT_RUN`, over bytes): a run
 # of digits, capitals and separators at least 11 long, or shorter after a "+". The regex tries
@@ -1057,6 +1071,8 @@ def _described(node: dict[str, Any], spec: Spec, path: Path, leaf: LeafText, who
                     node[name] = None
             elif type(value) is str and not sub.keep:  # type: ignore[union-attr]
                 node[name] = leaf((*path, name), sub, value)  # type: ignore[arg-type]
+            elif type(value) is list and sub.chunks:  # type: ignore[union-attr]
+                _chunks(value, (*path, name), False, leaf, whole)
         elif shape is dict:
             if type(value) is dict:
                 _described(value, sub, (*path, name), leaf, whole)  # type: ignore[arg-type]
@@ -1099,6 +1115,8 @@ def _visit(
                 _visit(node, name, value, None, (), scrub, leaf, whole)  # not what it should be: as any value
         elif kind is str:
             node[name] = leaf((*path, name), sub, value)
+        elif kind is list and sub.chunks:
+            _chunks(value, (*path, name), scrub, leaf, whole)
         elif scrub:
             _visit(node, name, value, None, (), scrub, leaf, whole)  # not the string it should be: whole
     elif kind is str:
@@ -1135,6 +1153,50 @@ def _visit(
                     continue
             if scrub:
                 _visit(value, position, item, None, (), scrub, leaf, whole)  # not readable as described: whole
+
+
+def _chunks(items: list[Any], path: Path, scrub: bool, leaf: LeafText, whole: WholeText) -> None:
+    """A text that came as content chunks (`Leaf.chunks`: Mistral's chat content): each `text`
+    chunk's text through the stream at `path`, each `thinking` chunk's (a string, or text
+    chunks) through the one at `path` and THINKING_CHUNKS, in order, as clients join them; with
+    `scrub`, every other value whole."""
+    for position, item in enumerate(items):
+        if type(item) is not dict:
+            if scrub:
+                _visit(items, position, item, None, (), scrub, leaf, whole)
+            continue
+        kind = item.get("type")
+        streamed = ""
+        if kind == "text" and type(item.get("text")) is str:
+            item["text"] = leaf(path, TEXT, item["text"])
+            streamed = "text"
+        elif kind == "thinking":
+            thinking = item.get("thinking")
+            if type(thinking) is str:
+                item["thinking"] = leaf((*path, THINKING_CHUNKS), TEXT, thinking)
+                streamed = "thinking"
+            elif type(thinking) is list:
+                _chunks_of_thinking(thinking, (*path, THINKING_CHUNKS), scrub, leaf, whole)
+                streamed = "thinking"
+        if scrub:
+            for name, value in list(item.items()):
+                if name != streamed:
+                    _visit(item, name, value, None, (), scrub, leaf, whole)
+            if has_trigger("".join(item), 0):
+                _rekeyed(item, whole)
+
+
+def _chunks_of_thinking(items: list[Any], path: Path, scrub: bool, leaf: LeafText, whole: WholeText) -> None:
+    """A thinking chunk's text chunks, through the thinking stream at `path`."""
+    for position, item in enumerate(items):
+        if type(item) is dict and item.get("type") == "text" and type(item.get("text")) is str:
+            item["text"] = leaf(path, TEXT, item["text"])
+            if scrub:
+                for name, value in list(item.items()):
+                    if name != "text":
+                        _visit(item, name, value, None, (), scrub, leaf, whole)
+        elif scrub:
+            _visit(items, position, item, None, (), scrub, leaf, whole)
 
 
 # A JSON number long enough to be a card number (13 digits or more): a model writes one as

@@ -43,9 +43,16 @@ class Leaf:
     # deltas): it feeds the stream its copies repeat (Surface.stream_of), so a client that
     # appends the deltas to it, as the SDKs do, assembles what the stream redacted whole.
     opens: bool = False
+    # The text may come as a list of content chunks (Mistral's reasoning models stream chat
+    # content so): a `text` chunk's text feeds this stream, as clients join it to the string
+    # content; a `thinking` chunk's text (a string, or text chunks) feeds one more, at this
+    # path and THINKING_CHUNKS (see relay.walk; `put` writes held text back as a chunk).
+    chunks: bool = False
 
 
 TEXT = Leaf()
+CHUNKED_TEXT = Leaf(chunks=True)
+THINKING_CHUNKS = "thinking"  # the last step of a chunked text's thinking stream
 JSON_TEXT = Leaf(json_text=True)
 DROP = Leaf(drop=True)  # an empty value (null, [], "") stays as it is: it carries no text
 KEEP = Leaf(keep=True)
@@ -179,7 +186,28 @@ class Surface:
 
 def put(root: dict[str, Any], path: Path, text: str) -> None:
     """Append `text` to the string at `path`, creating what is missing on the way (an int
-    step is the list item with that "index", None the item without one)."""
+    step is the list item with that "index", None the item without one). Chat's content that
+    came as chunks (`Leaf.chunks`) gets a chunk appended: a text chunk, or for the thinking
+    stream (its path ends in "content", THINKING_CHUNKS) a thinking chunk."""
+    if len(path) > 2 and path[-1] == THINKING_CHUNKS and path[-2] == "content":
+        node, leaf = _holder(root, path[:-1])
+        before = node.get(leaf)
+        part = {"type": "thinking", "thinking": [{"type": "text", "text": text}]}
+        if type(before) is list:
+            before.append(part)
+        else:
+            node[leaf] = [{"type": "text", "text": before}, part] if type(before) is str and before else [part]
+        return
+    node, leaf = _holder(root, path)
+    before = node.get(leaf)
+    if type(before) is list and leaf == "content":
+        before.append({"type": "text", "text": text})
+        return
+    node[leaf] = before + text if type(before) is str else text
+
+
+def _holder(root: dict[str, Any], path: Path) -> tuple[dict[str, Any], str]:
+    """The object that holds the value at `path` (created on the way, as `put` says), and its key."""
     node: Any = root
     holder: str | int | None = None  # the key of the list an item is in
     for step, following in itertools.pairwise(path):
@@ -207,8 +235,7 @@ def put(root: dict[str, Any], path: Path, text: str) -> None:
             node = child
     leaf = path[-1]
     assert type(leaf) is str
-    before = node.get(leaf)
-    node[leaf] = before + text if type(before) is str else text
+    return node, leaf
 
 
 # --- Chat completions (SPEC §6) ---------------------------------------------------------
@@ -218,7 +245,7 @@ def put(root: dict[str, Any], path: Path, text: str) -> None:
 # A tool call: a function's JSON arguments, or a custom (freeform) tool's input text.
 _CHAT_CALL: Spec = {"function": {"arguments": JSON_TEXT}, "custom": {"input": TEXT}}
 _CHAT_MESSAGE: Spec = {
-    "content": TEXT,
+    "content": CHUNKED_TEXT,
     "refusal": TEXT,
     "tool_calls": Each(_CHAT_CALL),
     "function_call": {"arguments": JSON_TEXT},  # the legacy form of a tool call
@@ -371,6 +398,10 @@ class ChatSurface(Surface):
         paths: list[Path] = []
         for choice in choices:
             delta = choice.get("delta") if type(choice) is dict and type(choice.get("index")) is int else None
+            if type(delta) is dict and _answer_after_thinking(delta.get("content"), counts):
+                # The answer begins: the thinking's held text goes out first, as clients keep one
+                # leading thinking chunk (Mistral refuses a conversation sent back otherwise).
+                paths.append(("choices", choice["index"], "delta", "content", THINKING_CHUNKS))
             calls = delta.get("tool_calls") if type(delta) is dict else None
             if type(calls) is not list:
                 continue
@@ -444,6 +475,20 @@ def usage_of(body: dict[str, Any], prompt_key: str, completion_key: str) -> Usag
     if is_count(prompt) and is_count(completion):
         return Usage(prompt, completion)
     return None
+
+
+_THOUGHT = "thinking chunks"  # the stream's scratch space: a content came with a thinking chunk
+
+
+def _answer_after_thinking(content: Any, counts: dict[str, int]) -> bool:
+    """Whether a chat delta's content carries answer text in a stream whose content came as
+    chunks with thinking (Mistral's reasoning models; noted in `counts`)."""
+    if type(content) is list:
+        kinds = {part.get("type") for part in content if type(part) is dict and type(part.get("type")) is str}
+        if "thinking" in kinds:
+            counts[_THOUGHT] = 1
+        return "text" in kinds and _THOUGHT in counts
+    return type(content) is str and content != "" and _THOUGHT in counts
 
 
 # Where `ChatSurface.ends` may hold (read with redaction off): an error chunk's key.

@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from gateway.redact import ALL_KINDS, build_redactor
+
 from ..harness import Gateway
 from .test_routing_review import Fake, post, write_routes
 
@@ -80,3 +82,69 @@ def test_an_upstream_error_body_is_redacted(
     assert EMAIL not in text and CARD not in text, text
     assert "j***e@example.com" in text, text  # (translated from Anthropic's shape: the message only)
     json.loads(data)  # still JSON
+
+
+# 2. SPEC §6 split guarantee: Mistral's reasoning models stream `delta.content` as a list of
+#    chunks (a `thinking` chunk of text chunks, then `text` chunks), and clients join each
+#    kind's text across deltas. Such a content was redacted event by event, so an address split
+#    between two deltas reached the client in clear. The chunks' texts now stream: text chunks
+#    with the string content (one text, as clients join them), thinking chunks as one more.
+def chunk(content: object, finish: str | None = None) -> str:
+    event = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "magistral"}
+    event["choices"] = [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]
+    return "data: " + json.dumps(event, separators=(",", ":")) + "\n\n"
+
+
+def think(text: str) -> list[dict]:
+    return [{"type": "thinking", "thinking": [{"type": "text", "text": text}]}]
+
+
+def joined(data: bytes) -> tuple[str, str]:
+    """(text, thinking) as a client that joins each kind's chunks across deltas reads them."""
+    text, thinking = "", ""
+    for line in data.decode().splitlines():
+        if not line.startswith("data: {"):
+            continue
+        for choice in json.loads(line[6:])["choices"]:
+            content = choice["delta"].get("content")
+            if isinstance(content, str):
+                text += content
+            for part in content if isinstance(content, list) else ():
+                if part["type"] == "text":
+                    text += part["text"]
+                elif part["type"] == "thinking":
+                    inner = part["thinking"]
+                    thinking += inner if isinstance(inner, str) else "".join(c["text"] for c in inner)
+    return text, thinking
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        # split between two text chunks, and between two thinking chunks
+        [
+            chunk(think(f"the user is {EMAIL[:9]}")),
+            chunk(think(f"{EMAIL[9:]} ok")),
+            chunk([{"type": "text", "text": "mail " + EMAIL[:12]}]),
+            chunk([{"type": "text", "text": EMAIL[12:] + " now"}]),
+            chunk("", "stop"),
+        ],
+        # a string delta, then a text chunk; held text flushed into a finishing chunk's list
+        [chunk(f"mail {EMAIL[:5]}"), chunk([{"type": "text", "text": EMAIL[5:]}], "stop")],
+        # thinking held at the end of the stream, a thinking chunk given as a string
+        [
+            chunk([{"type": "thinking", "thinking": f"card {CARD[:7]}"}]),
+            chunk([{"type": "thinking", "thinking": CARD[7:]}]),
+        ],
+    ],
+)
+def test_mistral_content_chunks_split_across_deltas_are_redacted(gateway, fakes, chunks: list[str]) -> None:
+    fakes["backup"].script({"chunks": [*chunks, "data: [DONE]\n\n"]})
+    body = {"model": "magistral-medium-latest", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    got, _, data = post(gateway.port, "/v1/chat/completions", body)
+    assert got == 200, data
+    text, thinking = joined(data)
+    whole_text, whole_thinking = joined("".join(chunks).encode())
+    redactor = build_redactor(ALL_KINDS)
+    assert text == redactor.redact(whole_text) and thinking == redactor.redact(whole_thinking), data
+    assert EMAIL not in text + thinking and "4242 4242" not in text + thinking
