@@ -1229,12 +1229,15 @@ def _kept(leaf: Leaf, value: Any) -> bool:
 
 def reply_may_need_redaction(data: bytes) -> bool:
     """False when nothing in a whole reply's bytes could be PII: no escape (so every string is
-    its bytes), no "@", no run a card or phone could lie in, no log probabilities but null.
-    Then `redact_reply` would change nothing, and the reply can go out as it came."""
+    its bytes), no "@", no run a card or phone could lie in, no log probabilities or token ids
+    but null. Then `redact_reply` would change nothing, and the reply can go out as it came."""
     if data.find(b"\\") >= 0 or side_may_match(data):
         return True
-    logprobs = data.count(b'"logprobs"')
-    return logprobs > 0 and logprobs != data.count(b'"logprobs":null')
+    for name in (b'"logprobs"', b'"token_ids"'):
+        count = data.count(name)
+        if count > 0 and count != data.count(name + b":null"):
+            return True
+    return False
 
 
 def redact_reply(

@@ -299,7 +299,9 @@ def carries_text(node: dict[str, Any], spec: Spec) -> bool:
     return False
 
 
-_CHAT_CHOICE: Spec = {"delta": _CHAT_MESSAGE, "logprobs": DROP}
+# A choice's token ids (vLLM's and SGLang's `return_token_ids`) are its text to anyone with the
+# model's tokenizer: dropped as log probabilities are.
+_CHAT_CHOICE: Spec = {"delta": _CHAT_MESSAGE, "logprobs": DROP, "token_ids": DROP}
 
 
 # Choices whose last index-less tool call `ChatSurface.restart_before` remembers, and the key
@@ -316,7 +318,9 @@ class ChatSurface(Surface):
     spec: ClassVar[Spec] = {"choices": Each(_CHAT_CHOICE)}
     # A reply's tool calls are a plain list (only a stream's carry an "index").
     reply_spec: ClassVar[Spec] = {
-        "choices": Each({"message": {**_CHAT_MESSAGE, "tool_calls": All(_CHAT_CALL)}, "logprobs": DROP})
+        "choices": Each(
+            {"message": {**_CHAT_MESSAGE, "tool_calls": All(_CHAT_CALL)}, "logprobs": DROP, "token_ids": DROP}
+        )
     }
     done_data = sse.DONE
 

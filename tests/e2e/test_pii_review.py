@@ -148,3 +148,45 @@ def test_mistral_content_chunks_split_across_deltas_are_redacted(gateway, fakes,
     redactor = build_redactor(ALL_KINDS)
     assert text == redactor.redact(whole_text) and thinking == redactor.redact(whole_thinking), data
     assert EMAIL not in text + thinking and "4242 4242" not in text + thinking
+
+
+# 3. SPEC §6's reason to refuse log probabilities (they repeat the completion token by token)
+#    holds for token ids too: vLLM and SGLang answer `return_token_ids: true` with each choice's
+#    `token_ids`, the completion unredacted to anyone with the model's public tokenizer (or the
+#    server's /detokenize). They went out as they came; with redaction on they go out as null,
+#    as an unasked-for `logprobs` does.
+TOKEN_IDS = [8830, 94815, 13, 57999, 31, 8858, 916]
+
+
+def test_completion_token_ids_do_not_reach_the_client(gateway, fakes) -> None:
+    choice = {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+    reply = {"id": "c", "object": "chat.completion", "choices": [{**choice, "token_ids": TOKEN_IDS}]}
+    fakes["backup"].script({"status": 200, "body": json.dumps({**reply, "prompt_token_ids": [1, 2]})})
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "return_token_ids": True}
+    got, _, data = post(gateway.port, "/v1/chat/completions", body)
+    assert got == 200, data
+    answer = json.loads(data)
+    assert answer["choices"][0]["token_ids"] is None and answer["choices"][0]["message"]["content"] == "hi"
+    assert answer["prompt_token_ids"] == [1, 2]  # the prompt's, as redacted before it left
+
+
+def test_completion_token_ids_do_not_reach_the_client_in_a_stream(gateway, fakes) -> None:
+    event = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    chunks = [
+        {**event, "choices": [{"index": 0, "delta": {"content": "mail "}, "token_ids": TOKEN_IDS[:2]}]},
+        {**event, "choices": [{"index": 0, "delta": {"content": "me"}, "token_ids": TOKEN_IDS[2:]}]},
+        {**event, "choices": [{"index": 0, "delta": {"content": "!"}, "token_ids": TOKEN_IDS[2:]}]},
+    ]
+    lines = ["data: " + json.dumps(c, separators=(",", ":")) + "\n\n" for c in chunks]
+    fakes["backup"].script({"chunks": [*lines, "data: [DONE]\n\n"]})
+    body = {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "return_token_ids": True,
+    }
+    got, _, data = post(gateway.port, "/v1/chat/completions", body)
+    assert got == 200, data
+    events = [json.loads(line[6:]) for line in data.decode().splitlines() if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == "mail me!"
+    assert all(e["choices"][0].get("token_ids") is None for e in events), data
