@@ -742,38 +742,17 @@ def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
         content = message.get("content")
         if type(content) is str:
             yield message, "content", False
-        elif type(content) is dict:  # one part, not an array of them: no message OpenAI takes, but sent there
-            if type(content.get("text")) is str:
-                yield content, "text", False
-            if type(content.get("refusal")) is str:
-                yield content, "refusal", False
-        elif type(content) is list:
+        elif type(content) is list or type(content) is dict:
             # A part's text whatever its type says, and a bare string as a part: OpenAI-compatible
             # servers (vLLM) put `input_text` / `output_text` parts, parts without a type and
             # strings in a content array into the prompt, so keying on type "text" let them
-            # reach the upstream unredacted.
-            for number, part in enumerate(content):
-                if type(part) is str:
-                    yield content, number, False
-                elif type(part) is dict:
-                    if type(part.get("text")) is str:
-                        yield part, "text", False
-                    # Mistral's reasoning sent back: a `thinking` chunk of text chunks (or a string).
-                    thinking = part.get("thinking")
-                    if type(thinking) is str:
-                        yield part, "thinking", False
-                    elif type(thinking) is list:
-                        for inner, chunk in enumerate(thinking):
-                            if type(chunk) is str:
-                                yield thinking, inner, False
-                            elif type(chunk) is dict and type(chunk.get("text")) is str:
-                                yield chunk, "text", False
+            # reach the upstream unredacted. So every string of a part but its media's and type
+            # (`_content_texts`): refusal parts, Mistral's thinking chunks of text chunks, and
+            # shapes no API takes (one part for an array, a nested list, the Assistants API's
+            # text object), which reach the upstream all the same.
+            yield from _content_texts(message, "content")
         if type(message.get("refusal")) is str:
             yield message, "refusal", False
-        if type(content) is list:
-            for part in content:
-                if type(part) is dict and type(part.get("refusal")) is str:
-                    yield part, "refusal", False
         # Reasoning sent back (DeepSeek's thinking mode with tools, Kimi, MiniMax ask for it): text
         # the model reads, the same fields a reply's redaction reads (_CHAT_MESSAGE).
         for name in ("reasoning_content", "reasoning"):
@@ -796,6 +775,30 @@ def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
             custom = call.get("custom") if type(call) is dict else None
             if type(custom) is dict and type(custom.get("input")) is str:
                 yield custom, "input", False
+
+
+# A chat content part's media, which passes as sent (an image's URL, base64 audio or a file),
+# and the fields that name no text.
+_MEDIA_PARTS = frozenset({"image_url", "input_audio", "file", "video_url", "audio_url", "document_url"})
+_NOT_PART_TEXT = _MEDIA_PARTS | {"type", "detail", "file_id", "cache_control"}
+
+
+def _content_texts(holder: Any, key: Any) -> Iterator[TextSlot]:
+    """Every string of a chat content (parts, one part, or nested lists) but a media part's and
+    `_NOT_PART_TEXT`'s."""
+    value = holder[key]
+    if type(value) is str:
+        yield holder, key, False
+    elif type(value) is list:
+        for position in range(len(value)):
+            yield from _content_texts(value, position)
+    elif type(value) is dict:
+        kind = value.get("type")
+        if type(kind) is str and kind in _MEDIA_PARTS:
+            return
+        for name in value:
+            if name not in _NOT_PART_TEXT:
+                yield from _content_texts(value, name)
 
 
 def messages_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:

@@ -376,6 +376,36 @@ async def test_mistral_thinking_chunks_sent_back_reach_the_upstream_masked(
     ]
 
 
+ODD_CONTENTS: list[tuple[str, Any]] = [
+    ("nested_list", [[f"mail {EMAIL}"]]),
+    ("text_as_list", [{"type": "text", "text": [f"mail {EMAIL}"]}]),
+    ("assistants_api_text", [{"type": "text", "text": {"value": f"mail {EMAIL}", "annotations": []}}]),
+    ("object_with_content", {"content": f"mail {EMAIL}"}),
+    ("text_in_another_key", [{"type": "input_text", "input_text": f"mail {EMAIL}"}]),
+    ("untyped_content_key", [{"content": f"mail {EMAIL}"}]),
+]
+
+
+@pytest.mark.parametrize("content", [c for _, c in ODD_CONTENTS], ids=[name for name, _ in ODD_CONTENTS])
+async def test_a_chat_content_of_an_odd_shape_never_reaches_the_upstream_in_clear(
+    gateway: Gateway,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    content: Any,
+) -> None:
+    # Shapes no API documents (the Assistants API's text object copied into chat, a nested
+    # list) reach the upstream all the same, which refuses or reads them, and logs them: their
+    # text went in clear, only a part's own "text" string was read. Media parts still pass.
+    hostile.answer = json_answer({"id": "c1", "object": "chat.completion", "model": "m", "choices": []})
+    image = {"type": "image_url", "image_url": {"url": "https://x/a@b.com.png", "detail": "low"}}
+    contents = [*content, image] if type(content) is list else content
+    status, _ = await gateway.chat({"messages": [{"role": "user", "content": contents}]})
+    assert status == 200
+    sent = json.dumps(hostile.sent()["messages"])
+    assert EMAIL not in sent and MASKED in sent
+    if type(content) is list:
+        assert hostile.sent()["messages"][0]["content"][-1] == image
+
+
 # A block's or item's `type` is the client's JSON: an object or an array there (no type either
 # API has) was looked up in a frozenset and raised TypeError (unhashable): a 500
 # internal_error for a malformed body, found by fuzzing the real gateway. Such a block is one of
