@@ -765,16 +765,28 @@ def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
                     if type(item.get(name)) is str:
                         yield item, name, False
         legacy = message.get("function_call")
-        if type(legacy) is dict and type(legacy.get("arguments")) is str:
-            yield legacy, "arguments", True
+        if type(legacy) is dict:
+            yield from _arguments(legacy)
         calls = message.get("tool_calls")
+        if type(calls) is dict:  # one call where an array goes: no message OpenAI takes, but sent there
+            calls = [calls]
         for call in calls if type(calls) is list else ():
             function = call.get("function") if type(call) is dict else None
-            if type(function) is dict and type(function.get("arguments")) is str:
-                yield function, "arguments", True
+            if type(function) is dict:
+                yield from _arguments(function)
             custom = call.get("custom") if type(call) is dict else None
             if type(custom) is dict and type(custom.get("input")) is str:
                 yield custom, "input", False
+
+
+def _arguments(function: dict[str, Any]) -> Iterator[TextSlot]:
+    """A tool call's arguments: JSON text, or an object (servers that parse them for a chat
+    template take one) whose strings, long numbers and keys are read as a tool_use input's."""
+    arguments = function.get("arguments")
+    if type(arguments) is str:
+        yield function, "arguments", True
+    elif type(arguments) is dict or type(arguments) is list:
+        yield from strings_in(function, "arguments")
 
 
 # A chat content part's media, which passes as sent (an image's URL, base64 audio or a file),

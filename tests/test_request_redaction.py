@@ -406,6 +406,48 @@ async def test_a_chat_content_of_an_odd_shape_never_reaches_the_upstream_in_clea
         assert hostile.sent()["messages"][0]["content"][-1] == image
 
 
+ODD_CALLS: list[tuple[str, dict[str, Any]]] = [
+    # Arguments as an object, as the servers that parse them for a chat template hold them.
+    (
+        "arguments_object",
+        {
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "f", "arguments": {"to": EMAIL, "card": 4242424242424242}},
+                }
+            ]
+        },
+    ),
+    ("legacy_arguments_object", {"function_call": {"name": "f", "arguments": {"to": [EMAIL]}}}),
+    (
+        "one_call_for_an_array",
+        {
+            "tool_calls": {
+                "id": "c1",
+                "type": "function",
+                "function": {"name": "f", "arguments": f'{{"to": "{EMAIL}"}}'},
+            }
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize("call", [c for _, c in ODD_CALLS], ids=[name for name, _ in ODD_CALLS])
+async def test_a_tool_call_of_an_odd_shape_never_reaches_the_upstream_in_clear(
+    gateway: Gateway,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    call: dict[str, Any],
+) -> None:
+    hostile.answer = json_answer({"id": "c1", "object": "chat.completion", "model": "m", "choices": []})
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, **call}]
+    status, _ = await gateway.chat({"messages": messages})
+    assert status == 200
+    sent = json.dumps(hostile.sent()["messages"])
+    assert EMAIL not in sent and MASKED in sent and "4242424242424242" not in sent
+
+
 # A block's or item's `type` is the client's JSON: an object or an array there (no type either
 # API has) was looked up in a frozenset and raised TypeError (unhashable): a 500
 # internal_error for a malformed body, found by fuzzing the real gateway. Such a block is one of
