@@ -837,16 +837,22 @@ def _blocks_texts(holder: dict[str, Any], key: str) -> Iterator[TextSlot]:
         return
     for position, block in enumerate(value):
         if type(block) is not dict:
-            if type(block) is str:  # no block Anthropic takes, but its text must not reach it in clear
-                yield value, position, False
+            # A string, a nested list: no block Anthropic takes, but its text must not reach it in clear.
+            if type(block) is str or type(block) is list:
+                yield from _result_strings(value, position)
             continue
         # The common blocks here, the others in _block_texts: one generator less per block.
         kind = block.get("type")
         if kind == "text":
             if type(block.get("text")) is str:
                 yield block, "text", False
+            elif block.get("text") is not None:  # a text that is no string: refused, but sent there
+                yield from _result_strings(block, "text")
             if block.get("citations"):
                 yield from _result_strings(block, "citations")
+        elif kind is None:  # no type: no block Anthropic takes (nor signs), but sent there
+            for name in block:
+                yield from _result_strings(block, name)
         elif kind == "tool_result":
             yield from _blocks_texts(block, "content")
         elif kind == "tool_use":

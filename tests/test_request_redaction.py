@@ -448,6 +448,42 @@ async def test_a_tool_call_of_an_odd_shape_never_reaches_the_upstream_in_clear(
     assert EMAIL not in sent and MASKED in sent and "4242424242424242" not in sent
 
 
+ODD_BLOCKS: list[tuple[str, dict[str, Any]]] = [
+    ("text_as_list", {"messages": [{"role": "user", "content": [{"type": "text", "text": [f"mail {EMAIL}"]}]}]}),
+    ("nested_list", {"messages": [{"role": "user", "content": [[f"mail {EMAIL}"]]}]}),
+    ("untyped_block", {"messages": [{"role": "user", "content": [{"text": f"mail {EMAIL}"}]}]}),
+    ("system_nested_list", {"system": [[f"mail {EMAIL}"]]}),
+    (
+        "tool_result_text_object",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": {"v": EMAIL}}]}
+                    ],
+                }
+            ]
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize("body", [b for _, b in ODD_BLOCKS], ids=[name for name, _ in ODD_BLOCKS])
+async def test_a_messages_block_of_an_odd_shape_never_reaches_the_upstream_in_clear(
+    gateway: Gateway,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    body: dict[str, Any],
+) -> None:
+    # Anthropic refuses these, but gets them (and may log them): a text that is no string, a
+    # nested list, a block without a type. Their text went in clear.
+    hostile.answer = json_answer(MESSAGE)
+    status, _ = await gateway.messages(body)
+    assert status == 200
+    sent = sent_text(hostile)
+    assert EMAIL not in sent and MASKED in sent
+
+
 # A block's or item's `type` is the client's JSON: an object or an array there (no type either
 # API has) was looked up in a frozenset and raised TypeError (unhashable): a 500
 # internal_error for a malformed body, found by fuzzing the real gateway. Such a block is one of
