@@ -1389,11 +1389,14 @@ def loads_reply(data: bytes) -> Any:
     """The upstream's JSON (a reply or a chunk), parsed. JSON's grammar allows a lone UTF-16
     surrogate escape ("\\ud800": half of an emoji, say), which orjson refuses; rather than relay
     such a reply unredacted, the stdlib parses it and each lone surrogate becomes U+FFFD (it
-    has no UTF-8 form anyway). ValueError or RecursionError: not JSON."""
+    has no UTF-8 form anyway). ValueError or RecursionError: not JSON. Read as UTF-8 (RFC 8259; a BOM dropped),
+    as orjson reads it: given bytes, the stdlib would read UTF-16 and UTF-32 too, as clients'
+    parsers do (httpx's), while the check for PII reads the bytes as UTF-8 (`side_may_match`)."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
-        return _without_lone_surrogates(json.loads(data))
+        text = bytes(data).decode("utf-8-sig", "surrogatepass") if not isinstance(data, str) else data
+        return _without_lone_surrogates(json.loads(text))
 
 
 def _without_lone_surrogates(value: Any) -> Any:

@@ -509,3 +509,34 @@ async def test_a_type_that_is_no_string_is_relayed_not_a_500(
         status, data = await gateway.messages(body)
     assert status == 200, data
     assert EMAIL not in sent_text(hostile)
+
+
+# --- A reply in another encoding than UTF-8 -----------------------------------------------
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16", "utf-32-be"])
+async def test_a_json_reply_in_utf16_or_utf32_never_reaches_the_client_unredacted(
+    gateway: Gateway,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    encoding: str,
+) -> None:
+    # The stdlib parser (the fallback for what orjson refuses) reads JSON in UTF-16 and UTF-32,
+    # and so do the clients (httpx's and requests' json(), the openai SDK's), while the check
+    # for PII read the bytes as UTF-8: a card or a phone number passed unredacted. Such a body
+    # is no JSON reply now (RFC 8259: UTF-8), the upstream's failure.
+    reply = {"id": "c1", "object": "chat.completion", "model": "m", "choices": []}
+    reply["choices"] = [{"index": 0, "message": {"role": "assistant", "content": "card 4242 4242 4242 4242"}}]
+    hostile.answer = json_answer(json.dumps(reply).encode(encoding))
+    status, data = await gateway.chat({})
+    assert status == 502, data
+    assert b"not JSON" in data
+
+
+async def test_a_json_reply_opening_with_a_utf8_bom_is_still_read_and_redacted(
+    gateway: Gateway,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+) -> None:
+    reply = {"id": "c1", "object": "chat.completion", "model": "m", "choices": []}
+    reply["choices"] = [{"index": 0, "message": {"role": "assistant", "content": "card 4242 4242 4242 4242"}}]
+    hostile.answer = json_answer(b"\xef\xbb\xbf" + json.dumps(reply).encode())
+    status, data = await gateway.chat({})
+    assert status == 200, data
+    assert json.loads(data)["choices"][0]["message"]["content"] == "card CC_MASKED_LAST4_4242"
