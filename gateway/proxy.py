@@ -350,7 +350,7 @@ class Proxy:
                 error_body = loads_reply(data)
             except (ValueError, RecursionError):
                 error_body = None  # redacted as text
-            data = await self._redacted_reply(error_body, data)
+            data = await self._redacted_reply(error_body, data, self._surface)
         # The provider's back-off advice reaches the client (the SDKs wait as long as it says).
         return web.Response(
             body=data, status=reply.status, content_type="application/json", headers=reply.retry_headers()
