@@ -302,6 +302,12 @@ def carries_text(node: dict[str, Any], spec: Spec) -> bool:
 # A choice's token ids (vLLM's and SGLang's `return_token_ids`) are its text to anyone with the
 # model's tokenizer: dropped as log probabilities are.
 _CHAT_CHOICE: Spec = {"delta": _CHAT_MESSAGE, "logprobs": DROP, "token_ids": DROP}
+# A reply's choice: a message, its tool calls a plain list (only a stream's carry an "index").
+_CHAT_REPLY_CHOICE: Spec = {
+    "message": {**_CHAT_MESSAGE, "tool_calls": All(_CHAT_CALL)},
+    "logprobs": DROP,
+    "token_ids": DROP,
+}
 
 
 # Choices whose last index-less tool call `ChatSurface.restart_before` remembers, and the key
@@ -316,12 +322,7 @@ CALLS_ENDED_BY_OPENING = 16
 
 class ChatSurface(Surface):
     spec: ClassVar[Spec] = {"choices": Each(_CHAT_CHOICE)}
-    # A reply's tool calls are a plain list (only a stream's carry an "index").
-    reply_spec: ClassVar[Spec] = {
-        "choices": Each(
-            {"message": {**_CHAT_MESSAGE, "tool_calls": All(_CHAT_CALL)}, "logprobs": DROP, "token_ids": DROP}
-        )
-    }
+    reply_spec: ClassVar[Spec] = {"choices": Each(_CHAT_REPLY_CHOICE)}
     done_data = sse.DONE
 
     def misindexed(self, event: dict[str, Any]) -> str | None:
@@ -508,9 +509,10 @@ _JSON_FORMATS = frozenset({"json_schema", "json_object"})
 
 
 class ChatJsonSurface(ChatSurface):
-    spec: ClassVar[Spec] = {"choices": Each({"delta": _CHAT_JSON_MESSAGE, "logprobs": DROP})}
+    # Chat's own but for the content: what else a choice drops (token ids too), it drops.
+    spec: ClassVar[Spec] = {"choices": Each({**_CHAT_CHOICE, "delta": _CHAT_JSON_MESSAGE})}
     reply_spec: ClassVar[Spec] = {
-        "choices": Each({"message": {**_CHAT_JSON_MESSAGE, "tool_calls": All(_CHAT_CALL)}, "logprobs": DROP})
+        "choices": Each({**_CHAT_REPLY_CHOICE, "message": {**_CHAT_JSON_MESSAGE, "tool_calls": All(_CHAT_CALL)}})
     }
 
 

@@ -376,3 +376,29 @@ def test_an_upstream_error_event_ends_the_stream_after_the_held_text(redactor: o
     assert json.loads(events[-1]) == {"error": {"message": "boom", "type": "server_error", "code": None}}
     assert contents(wire) == "Hello jane"
     assert relay.done
+
+
+def _described(spec: object, at: str = "") -> set[str]:
+    """Every path a spec describes (its leaves' kinds aside)."""
+    if isinstance(spec, dict):
+        return {f"{at}/{key}" for key in spec} | {p for key, v in spec.items() for p in _described(v, f"{at}/{key}")}
+    inner = getattr(spec, "spec", None)
+    if inner is not None:
+        return _described(inner, at + "[]")
+    return {p for each in getattr(spec, "specs", ()) for p in _described(each, at + "[]")}
+
+
+def test_structured_output_surfaces_describe_every_field_their_route_does() -> None:
+    """A structured-output surface reads the answer's text as JSON and is its route's surface in
+    all else: a field the route drops or redacts and it forgot went out as it came (a choice's
+    token_ids did, with response_format, when they were added to chat's alone)."""
+    from gateway.openai_apis import _JSON_SPECS, RESPONSES, RESPONSES_JSON
+    from gateway.surfaces import CHAT, CHAT_JSON, MESSAGES, MESSAGES_JSON
+
+    for base, structured in ((CHAT, CHAT_JSON), (MESSAGES, MESSAGES_JSON), (RESPONSES, RESPONSES_JSON)):
+        assert _described(structured.spec) == _described(base.spec)
+        assert _described(structured.reply_spec) == _described(base.reply_spec)
+    for key, spec in MESSAGES.specs.items():
+        assert _described(MESSAGES_JSON.specs[key]) == _described(spec)
+    for kind in _JSON_SPECS:
+        assert _described(RESPONSES_JSON.spec_of({"type": kind})) == _described(RESPONSES.spec_of({"type": kind}))

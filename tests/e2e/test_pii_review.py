@@ -158,11 +158,18 @@ def test_mistral_content_chunks_split_across_deltas_are_redacted(gateway, fakes,
 TOKEN_IDS = [8830, 94815, 13, 57999, 31, 8858, 916]
 
 
-def test_completion_token_ids_do_not_reach_the_client(gateway, fakes) -> None:
+# Structured output reads the content as JSON text (its surface of its own): the ids go too.
+STRUCTURED = pytest.mark.parametrize(
+    "asked", [{}, {"response_format": {"type": "json_object"}}], ids=["prose", "structured"]
+)
+
+
+@STRUCTURED
+def test_completion_token_ids_do_not_reach_the_client(gateway, fakes, asked) -> None:
     choice = {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
     reply = {"id": "c", "object": "chat.completion", "choices": [{**choice, "token_ids": TOKEN_IDS}]}
     fakes["backup"].script({"status": 200, "body": json.dumps({**reply, "prompt_token_ids": [1, 2]})})
-    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "return_token_ids": True}
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "return_token_ids": True, **asked}
     got, _, data = post(gateway.port, "/v1/chat/completions", body)
     assert got == 200, data
     answer = json.loads(data)
@@ -170,7 +177,8 @@ def test_completion_token_ids_do_not_reach_the_client(gateway, fakes) -> None:
     assert answer["prompt_token_ids"] == [1, 2]  # the prompt's, as redacted before it left
 
 
-def test_completion_token_ids_do_not_reach_the_client_in_a_stream(gateway, fakes) -> None:
+@STRUCTURED
+def test_completion_token_ids_do_not_reach_the_client_in_a_stream(gateway, fakes, asked) -> None:
     event = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
     chunks = [
         {**event, "choices": [{"index": 0, "delta": {"content": "mail "}, "token_ids": TOKEN_IDS[:2]}]},
@@ -184,6 +192,7 @@ def test_completion_token_ids_do_not_reach_the_client_in_a_stream(gateway, fakes
         "messages": [{"role": "user", "content": "hi"}],
         "stream": True,
         "return_token_ids": True,
+        **asked,
     }
     got, _, data = post(gateway.port, "/v1/chat/completions", body)
     assert got == 200, data
