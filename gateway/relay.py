@@ -1072,7 +1072,7 @@ def _described(node: dict[str, Any], spec: Spec, path: Path, leaf: LeafText, who
             elif type(value) is str and not sub.keep:  # type: ignore[union-attr]
                 node[name] = leaf((*path, name), sub, value)  # type: ignore[arg-type]
             elif type(value) is list and sub.chunks:  # type: ignore[union-attr]
-                _chunks(value, (*path, name), False, leaf, whole)
+                _chunks(value, (*path, name), sub, False, leaf, whole)  # type: ignore[arg-type]
         elif shape is dict:
             if type(value) is dict:
                 _described(value, sub, (*path, name), leaf, whole)  # type: ignore[arg-type]
@@ -1116,7 +1116,7 @@ def _visit(
         elif kind is str:
             node[name] = leaf((*path, name), sub, value)
         elif kind is list and sub.chunks:
-            _chunks(value, (*path, name), scrub, leaf, whole)
+            _chunks(value, (*path, name), sub, scrub, leaf, whole)
         elif scrub:
             _visit(node, name, value, None, (), scrub, leaf, whole)  # not the string it should be: whole
     elif kind is str:
@@ -1155,11 +1155,12 @@ def _visit(
                 _visit(value, position, item, None, (), scrub, leaf, whole)  # not readable as described: whole
 
 
-def _chunks(items: list[Any], path: Path, scrub: bool, leaf: LeafText, whole: WholeText) -> None:
+def _chunks(items: list[Any], path: Path, text: Leaf, scrub: bool, leaf: LeafText, whole: WholeText) -> None:
     """A text that came as content chunks (`Leaf.chunks`: Mistral's chat content): each `text`
-    chunk's text through the stream at `path`, each `thinking` chunk's (a string, or text
-    chunks) through the one at `path` and THINKING_CHUNKS, in order, as clients join them; with
-    `scrub`, every other value whole."""
+    chunk's text through the stream at `path`, read as `text` says (JSON text for structured
+    output), each `thinking` chunk's (a string, or text chunks) through the one at `path` and
+    THINKING_CHUNKS, as prose, in order, as clients join them; with `scrub`, every other value
+    whole."""
     for position, item in enumerate(items):
         if type(item) is not dict:
             if scrub:
@@ -1168,7 +1169,7 @@ def _chunks(items: list[Any], path: Path, scrub: bool, leaf: LeafText, whole: Wh
         kind = item.get("type")
         streamed = ""
         if kind == "text" and type(item.get("text")) is str:
-            item["text"] = leaf(path, TEXT, item["text"])
+            item["text"] = leaf(path, text, item["text"])
             streamed = "text"
         elif kind == "thinking":
             thinking = item.get("thinking")

@@ -504,7 +504,7 @@ CHAT = ChatSurface()
 # document, read as the JSON text it is, as tool-call arguments are. Read as prose, an escape
 # hides what it glues to ("\n4242 4242 4242 4242" is a card after the letter n), and the
 # client's parse() gets the card in clear.
-_CHAT_JSON_MESSAGE: Spec = {**_CHAT_MESSAGE, "content": JSON_TEXT}
+_CHAT_JSON_MESSAGE: Spec = {**_CHAT_MESSAGE, "content": Leaf(json_text=True, chunks=True)}  # chunks: as CHUNKED_TEXT
 _JSON_FORMATS = frozenset({"json_schema", "json_object"})
 
 
