@@ -72,6 +72,8 @@ class BodyBudget:
         self._held: dict[str, int] = {}  # by sender, while it holds any: as many as bodies being read
 
     def take(self, size: int, sender: str = "") -> bool:
+        if not size:  # nothing held, nothing noted (give_back forgets only a sender that held bytes)
+            return True
         held = self._held.get(sender, 0) + size
         if size > self._free or held > self._share:
             return False

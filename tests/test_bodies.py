@@ -318,3 +318,23 @@ async def test_a_long_logprobs_reply_is_not_too_complex_and_megabytes_of_arrays_
     assert await json_shape.reply_structure_excess(data) is None
     hostile = b'{"choices":[],"x":[' + b",".join([b"[]"] * 2_500_000) + b"]}"
     assert await json_shape.reply_structure_excess(hostile) == "more than 1000000 JSON arrays and objects"
+
+
+def test_empty_bodies_leave_nothing_behind_in_the_body_budget() -> None:
+    """Bodies are read before the rate limit, so each sender's share is noted only while it
+    holds bytes: an empty body (a POST without one: 400) left its sender noted for good, and
+    open mode's senders are any keys (SPEC §4: per-key state is bounded in total): ~340 bytes
+    a request, 20,000 requests with new keys took 6.8 MB of the real process for good."""
+    budget = bodies.BodyBudget(16 * LIMIT, LIMIT)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for number in range(5000):
+            sender = f"key:{number:0256d}"
+            assert budget.take(0, sender)
+            budget.give_back(0, sender)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 50_000  # 5,000 senders kept: ~1.7 MB
+    assert budget.take(16 * LIMIT // 2, "key:a") and not budget.take(1, "key:a")  # the share still holds
