@@ -810,8 +810,20 @@ _HEX = re.compile(r"[0-9A-Fa-f]*")
 _ESCAPE_SOURCE = r"\\(?:u(?:[0-9A-Fa-f]{4}|[0-9A-Fa-f]{0,3}(?=[^0-9A-Fa-f]))|[^u])"
 _ESCAPE = re.compile(_ESCAPE_SOURCE)
 _STRING_BODY = re.compile(rf'[^"\\]*+(?:{_ESCAPE_SOURCE}[^"\\]*+)*+')
-# Outside strings, valid JSON has "," only between values and "+" only in an exponent.
-_OUTSIDE = str.maketrans({",": _BLANK, "+": "_"})
+# Outside strings, valid JSON has "," only between values and "+" only in an exponent, after
+# its "e" (a "+" elsewhere is no JSON: prose, as a structured output's refusal, "+44 20 …").
+_OUTSIDE = str.maketrans({",": _BLANK})
+_EXPONENT_SIGN = re.compile(r"(?<=[eE])\+")
+
+
+def _outside(part: str, after_e: bool) -> str:
+    """A run of text outside strings as the view has it; `after_e`: the character before it is
+    an "e" or "E"."""
+    part = part.translate(_OUTSIDE)
+    if part.find("+") < 0:
+        return part
+    part = _EXPONENT_SIGN.sub("_", part)
+    return "_" + part[1:] if after_e and part.startswith("+") else part
 
 
 # An escape of a JSON text as the unescaper reads it: a backslash and the character after it,
@@ -893,29 +905,36 @@ class JsonView:
     escape sequence inside a string blanked (a mask never takes part of one, and "\\n"
     before a card number is a line break, not the letter n), a comma outside strings blanked
     (in `[4242…,5555…]` it separates two numbers; in prose it would join digits), and a "+"
-    outside strings made "_" (only an exponent has one there: `1e+4242…` holds no card).
-    Each character's view depends only on the text before it, so the view of a prefix is a
-    prefix of the view, which the split guarantee needs. State: two small values."""
+    outside strings after an "e" made "_" (an exponent's: `1e+4242…` holds no card; a "+"
+    elsewhere is no JSON, and stays: prose's "+44 20 7946 0958" is a phone). Each
+    character's view depends only on the text before it, so the view of a prefix is a prefix
+    of the view, which the split guarantee needs. State: three small values."""
 
-    __slots__ = ("_escape", "_in_string")
+    __slots__ = ("_after_e", "_escape", "_in_string")
 
     def __init__(self) -> None:
         self._in_string = False
         self._escape = 0  # -1: just after a backslash; 1..4: hex digits a "\\u" may still take
+        self._after_e = False  # the last piece ended in "e" or "E"
 
     @property
-    def state(self) -> tuple[bool, int]:
-        return self._in_string, self._escape
+    def state(self) -> tuple[bool, int, bool]:
+        return self._in_string, self._escape, self._after_e
 
     @state.setter
-    def state(self, value: tuple[bool, int]) -> None:
-        self._in_string, self._escape = value
+    def state(self, value: tuple[bool, int, bool]) -> None:
+        self._in_string, self._escape, self._after_e = value
 
     def view(self, piece: str) -> str:
+        after_e = self._after_e
+        if piece:
+            self._after_e = piece[-1] in "eE"
         if not self._escape and piece.find("\\") < 0:  # no escape: only the parts outside strings change
             parts = piece.split('"')
             outside = 1 if self._in_string else 0
-            parts[outside::2] = [part.translate(_OUTSIDE) for part in parts[outside::2]]
+            parts[outside::2] = [_outside(part, False) for part in parts[outside::2]]
+            if not outside and parts[0].startswith("+"):
+                parts[0] = _outside(parts[0], after_e)
             if len(parts) % 2 == 0:  # an odd number of quotes
                 self._in_string = not self._in_string
             return '"'.join(parts)
@@ -949,10 +968,11 @@ class JsonView:
                 i = j + 1
             else:
                 j = piece.find('"', i)
+                start_e = after_e and not i  # at the piece's start: the last piece's end is before it
                 if j < 0:
-                    out.append(piece[i:].translate(_OUTSIDE))
+                    out.append(_outside(piece[i:], start_e))
                     break
-                out.append(piece[i:j].translate(_OUTSIDE))
+                out.append(_outside(piece[i:j], start_e))
                 out.append('"')
                 in_string = True
                 i = j + 1
@@ -962,7 +982,7 @@ class JsonView:
 
 # What a JsonStreamRedactor's feed changes: its texts, where the held tail starts, whether it
 # is inside a string, the scanner's and the unescaper's states, and whether an address just ended.
-_JsonState = tuple[str, str, int, bool, tuple[bool, int], str, bool]
+_JsonState = tuple[str, str, int, bool, tuple[bool, int, bool], str, bool]
 
 
 class JsonStreamRedactor(StreamRedactor):

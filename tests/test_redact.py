@@ -772,6 +772,11 @@ def test_json_text_any_split_of_any_text_equals_whole(text: str, data: st.DataOb
         ('{"x": 1e+4242424242424242}', '{"x": 1e+4242424242424242}'),  # an exponent is no card
         ('{"n": -4242424242424242}', '{"n": -4242424242424242}'),
         ("4242424242424242", '"CC_MASKED_LAST4_4242"'),
+        # A "+" outside strings but after an exponent's e: no JSON, prose (structured output that
+        # came as prose, a refusal) or a value JSON has no form for. Its phone is a phone, as in prose.
+        ("Call +44 20 7946 0958 now", 'Call "PHONE_MASKED_LAST2_58" now'),
+        ('{"q": +14155550123}', '{"q": "PHONE_MASKED_LAST2_23"}'),
+        ("Tel:+33 1 42 68 53 00", 'Tel:"PHONE_MASKED_LAST2_00"'),
     ],
 )
 def test_json_text_masks(text: str, redacted: str) -> None:
@@ -830,12 +835,15 @@ def reference_view(text: str) -> str:
     """JsonView's definition, one character at a time."""
     out: list[str] = []
     in_string, escape = False, 0
+    last = ""  # the character before (outside strings, an exponent's "e" makes its "+" "_")
     for c in text:
         if escape < 0:  # the character after a backslash
+            last = c
             out.append("\0")
             escape = 4 if c == "u" else 0
             continue
         if escape > 0 and c in "0123456789abcdefABCDEF":  # a \u escape's hex digits
+            last = c
             out.append("\0")
             escape -= 1
             continue
@@ -847,7 +855,8 @@ def reference_view(text: str) -> str:
             out.append("\0" if c == "\\" else c)
             escape = -1 if c == "\\" else 0
         else:
-            out.append({",": "\0", "+": "_"}.get(c, c))
+            out.append({",": "\0", "+": "_" if last in ("e", "E") else "+"}.get(c, c))
+        last = c
     return "".join(out)
 
 

@@ -207,3 +207,32 @@ def test_completion_token_ids_do_not_reach_the_client_in_a_stream(gateway, fakes
     events = [json.loads(line[6:]) for line in data.decode().splitlines() if line.startswith("data: {")]
     assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == "mail me!"
     assert all(e["choices"][0].get("token_ids") is None for e in events), data
+
+
+# 5. Structured output is read as JSON text, where a "+" outside strings was taken for an
+#    exponent's: a reply that came as prose all the same (a refusal, a server that does not
+#    enforce response_format) had its international phone numbers go out in clear, though the
+#    same prose without response_format was masked.
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_output_that_came_as_prose_has_its_phones_masked(gateway, fakes, stream: bool) -> None:
+    prose = "Sorry, no JSON today. Call Jane on +44 20 7946 0958."
+    if stream:
+        event = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+        pieces = [prose[:38], prose[38:]]
+        lines = [
+            "data: " + json.dumps({**event, "choices": [{"index": 0, "delta": {"content": p}}]}) + "\n\n"
+            for p in pieces
+        ]
+        fakes["backup"].script({"chunks": [*lines, "data: [DONE]\n\n"]})
+    else:
+        choice = {"index": 0, "message": {"role": "assistant", "content": prose}, "finish_reason": "stop"}
+        fakes["backup"].script({"status": 200, "body": json.dumps({"id": "c", "choices": [choice]})})
+    body = {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_object"},
+        "stream": stream,
+    }
+    got, _, data = post(gateway.port, "/v1/chat/completions", body)
+    assert got == 200, data
+    assert b"7946" not in data and b"PHONE_MASKED_LAST2_58" in data, data
