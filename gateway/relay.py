@@ -503,7 +503,14 @@ class StreamRelay:
             written = _with_data(event, parsed, self._whole)
             # An event whose texts are all empty opens a part (OpenAI's role chunk, Anthropic's
             # content_block_start): one of its shape seldom follows, so it is not worth learning.
-            if plain and before is None and root is not None and not self.done and any(text for _, _, text, _ in fed):
+            if (
+                plain
+                and before is None
+                and restart is None
+                and root is not None
+                and not self.done
+                and any(text for _, _, text, _ in fed)
+            ):
                 self._learn(event, chunk, fed, written, shift)
             return out + written
         except RecursionError:  # parsed, but too deep to walk or write: some of its text may be in its streams

@@ -410,6 +410,12 @@ class ChatSurface(Surface):
             calls = delta.get("tool_calls") if type(delta) is dict else None
             if type(calls) is not list:
                 continue
+            if type(delta) is dict and not delta.get("content") and not delta.get("refusal") and _opens_a_call(calls):
+                # The openai SDK's stream helper takes the content (and refusal) for done when
+                # a tool call's delta arrives (content.done): their held text goes out before
+                # it. Text that comes after the calls (Claude may write some) starts afresh.
+                at = ("choices", choice["index"], "delta")
+                paths += [(*at, "content"), (*at, "refusal")]
             unindexed = [call for call in calls if type(call) is dict and call.get("index") is None]
             if not unindexed:
                 continue
@@ -465,6 +471,10 @@ class ChatSurface(Surface):
         if payload is not None and asks_json(payload.get("response_format")):
             return CHAT_JSON
         return self
+
+
+def _opens_a_call(calls: list[Any]) -> bool:
+    return any(type(call) is dict and type(call.get("id")) is str and call["id"] for call in calls)
 
 
 def chat_usage(body: dict[str, Any]) -> Usage | None:

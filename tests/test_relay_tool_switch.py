@@ -110,3 +110,48 @@ def test_calls_that_open_in_turn_take_the_fast_path_as_the_exact_path(size: int,
     assert_same_but_for_splits(outs, [*map(exact.feed, reads), exact.close()])
     out = b"".join(outs)
     assert b"jane.doe" not in out and b"4242 4242" not in out
+
+
+def _content_then_call(content: list[str], after: str = "") -> list[bytes]:
+    """Text before a tool call (Claude's "I'll check the weather…", gpt-4o's too), as deltas."""
+    events = [_chunk({"role": "assistant", "content": ""})]
+    events += [_chunk({"content": piece}) for piece in content]
+    opening = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    events.append(_chunk({"tool_calls": [opening]}))
+    events.append(_chunk({"tool_calls": [{"index": 0, "function": {"arguments": SECOND}}]}))
+    if after:
+        events.append(_chunk({"content": after}))
+    return [*events, _chunk({}, "tool_calls"), b"data: [DONE]\n\n"]
+
+
+@pytest.mark.parametrize(
+    ("pieces", "done"),
+    [
+        (["I'll check the weather in Paris for you."], "I'll check the weather in Paris for you."),
+        (["Let me look that up"], "Let me look that up"),
+        (["Writing to jane.doe@exa", "mple.com"], "Writing to j***e@example.com"),
+    ],
+)
+def test_the_sdk_helper_gets_the_content_whole_before_the_first_call(pieces: list[str], done: str) -> None:
+    # Before: the content's held tail ("you.", "up", the address) went out only in the finish
+    # chunk, after the call had opened: the helper fired content.done with "… for " and then
+    # a content.delta after it.
+    relay = StreamRelay(REDACTOR, None)
+    wire = b"".join(relay.feed(event) for event in _content_then_call(pieces)) + relay.close()
+    events = _sdk_events(wire)
+    assert [e.content for e in events if e.type == "content.done"] == [done]
+    kinds = [e.type for e in events if e.type != "chunk"]
+    assert kinds.index("content.done") > max(i for i, kind in enumerate(kinds) if kind == "content.delta")
+
+
+def test_text_after_the_calls_still_reaches_the_client() -> None:
+    relay = StreamRelay(REDACTOR, None)
+    events = _content_then_call(["Let me look that up"], after=" and mail jane.doe@example.com")
+    wire = b"".join(relay.feed(event) for event in events) + relay.close()
+    state = ChatCompletionStreamState(input_tools=TOOLS)
+    for event in sse.SSEParser().feed(wire):
+        if event.data and event.data != sse.DONE:
+            state.handle_chunk(ChatCompletionChunk.model_validate(json.loads(event.data)))
+    message = state.get_final_completion().choices[0].message
+    assert message.content == "Let me look that up and mail j***e@example.com"
+    assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Paris", "note": "j***e@corp.example.org"}
