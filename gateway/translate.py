@@ -7,7 +7,7 @@ relay redacts them like any other). `chat_error`: Anthropic's error body → Ope
 
 What a chat request says that Messages cannot (n > 1, logit_bias, response_format, seed,
 audio, …) is left out; a message the Messages API has no form for (an audio or file part,
-a legacy `function` role, tool-call arguments that are not a JSON object) is a 400.
+a legacy `function` role or `functions`, tool-call arguments that are not a JSON object) is a 400.
 """
 
 from __future__ import annotations
@@ -94,6 +94,10 @@ def chat_request(payload: Mapping[str, Any], model: str) -> dict[str, Any]:
         # Anthropic refuses (400) a user_id that "appears to contain an email address": a
         # fallback would fail what OpenAI took. It is only a hint for abuse monitoring.
         out["metadata"] = {"user_id": user}
+    if payload.get("functions"):
+        # The legacy form of tools: left out, the model would answer as if it had none, and
+        # its reply has no function_call form here. `tools` says the same and is translated.
+        raise BadRequest("functions (the legacy form of tools) has no form in an anthropic upstream: send tools")
     tools = payload.get("tools")
     if isinstance(tools, list) and tools:
         out["tools"] = [_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]

@@ -229,6 +229,8 @@ UNTRANSLATABLE = [
     ),
     ({"messages": [USER], "tools": [{"type": "custom", "custom": {"name": "x"}}]}, "only function tools"),
     ({"messages": [USER], "tool_choice": "sometimes"}, "tool_choice must be"),
+    # Left out before: the model answered as if it had no functions (a 200 with no call).
+    ({"messages": [USER], "functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
     (
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,abc"}}]}]},
         "data URL",
