@@ -119,7 +119,7 @@ class Proxy:
         self._draining: set[asyncio.Task[None]] = set()
         metrics = telemetry.metrics
         # Straight to the family: a resent conversation counts its masks on every request.
-        self._count_request_redactions = lambda kind, times: metrics.redactions.add((kind, "request"), times)
+        self._count_request_redactions: Counted = lambda kind, times: metrics.redactions.add((kind, "request"), times)
         self._count_request_redaction = lambda kind: metrics.redacted(kind, "request")
         self._count_response_redaction = lambda kind: metrics.redacted(kind, "response")
         self._count_response_redactions: Counted = lambda kind, times: metrics.redactions.add((kind, "response"), times)
@@ -442,6 +442,24 @@ class Proxy:
             if held is not None:
                 held.close()  # an unfinished upstream stream is cut: the LLM stops generating
 
+    async def _body_for(self, leg: Leg, payload: dict[str, Any], body: bytes) -> bytes:
+        """What goes to this leg (router.body_for). A long request translated for an Anthropic
+        upstream is made in a worker thread: its tool-call arguments are parsed and their strings
+        redacted again, and on the loop a 7.8 MiB one (460,000 argument strings) held /healthz
+        3.5 s (SPEC §6: the gateway keeps serving others)."""
+        if not leg.translated or len(body) <= ASIDE_BYTES:
+            return body_for(leg, payload, body, self._redactor, self._count_request_redaction)
+        noted: dict[str, int] = {}  # by kind: counted on the loop, one metrics call each
+
+        def note(kind: str) -> None:
+            noted[kind] = noted.get(kind, 0) + 1
+
+        try:
+            return await asyncio.to_thread(body_for, leg, payload, body, self._redactor, note)
+        finally:
+            for kind, times in noted.items():
+                self._count_request_redactions(kind, times)
+
     async def _routed(
         self, request: web.Request, state: RequestState, body: bytes, attempts: Attempts, hidden_usage: bool
     ) -> web.StreamResponse:
@@ -454,7 +472,7 @@ class Proxy:
         failure: AttemptFailed | None = None
         while (attempt := attempts.next()) is not None:
             try:
-                send = body_for(attempt.leg, payload, body, self._redactor, self._count_request_redaction)
+                send = await self._body_for(attempt.leg, payload, body)
             except (RecursionError, ValueError, BadRequest) as exc:
                 attempts.abandoned(attempt)
                 if failure is not None:
