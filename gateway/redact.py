@@ -999,6 +999,10 @@ class JsonStreamRedactor(StreamRedactor):
         self._view = ""  # the view of _text
         self._in_string = False  # whether the held tail starts inside a string
 
+    @property
+    def held(self) -> int:
+        return len(self._text) - self._start + len(self._plain.pending)  # an escape cut short is held too
+
     def feed(self, piece: str) -> str:
         return self._settle(self._plain.feed(piece), False, self._on_redaction)
 

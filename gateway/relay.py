@@ -310,22 +310,26 @@ class StreamRelay:
     def error_event(self, error: GatewayError) -> bytes:
         return self._surface.error_event(error, self._scratch)
 
-    def _flushed(self, prefixes: list[Path] | None, end: bool = True) -> bytes:
+    def _flushed(self, prefixes: list[Path] | None, end: bool | None = True) -> bytes:
         held = self._take_held(prefixes, end)
         return self._surface.flush_events(held, self._templates, self._scratch) if held else b""
 
-    def _take_held(self, prefixes: list[Path] | None, end: bool = True) -> list[tuple[Path, str]]:
+    def _take_held(self, prefixes: list[Path] | None, end: bool | None = True) -> list[tuple[Path, str]]:
         """The held text of the streams under `prefixes` (None: all), flushed. These streams
         have ended (their part is finished): text the upstream sends them later is dropped, as
         it would make PII with what was sent ("jane.doe", flushed, then "@example.com"), and
         they no longer count against MAX_STREAMS (a long reply's finished tool calls, JSON
         streams that are never let go as idle, would fill it, and past it the stream ends).
-        Unless not `end`: the text that comes next starts a new one (Surface.restart_before)."""
+        Unless not `end`: the text that comes next starts a new one (Surface.restart_before);
+        or `end` is None: only the streams that hold text are flushed and end, the others go on
+        untouched (Surface.settle_before)."""
         held: list[tuple[Path, str]] = []
         ended = [path for path in self._streams if prefixes is None or any(path[: len(p)] == p for p in prefixes)]
         for path in ended:
+            if end is None and not self._streams[path].held:
+                continue
             text = self._streams.pop(path).flush()
-            if end:
+            if end is not False:
                 self._ended.add(path)
             if text:
                 held.append((path, text))
@@ -472,6 +476,9 @@ class StreamRelay:
             self._note(chunk)
             before = surface.flush_before(chunk)
             out = self._flushed(before) if before is not None else b""
+            settled = surface.settle_before(chunk)
+            if settled is not None:
+                out += self._flushed(settled, end=None)
             restart = surface.restart_before(chunk, self._scratch)
             if restart is not None:
                 out += self._flushed(restart, end=False)

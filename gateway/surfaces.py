@@ -147,6 +147,12 @@ class Surface:
         None: none."""
         return None
 
+    def settle_before(self, event: dict[str, Any]) -> list[Path] | None:
+        """Streams whose held text, if any, must go out in events before this one: those that
+        held some end (as `flush_before`'s do), the others go on untouched (nothing went out
+        for them, so their text that comes later is not lost). None: none."""
+        return None
+
     def flush_into(self, event: dict[str, Any]) -> list[Path] | None:
         """Streams whose held text goes out inside this event (after its own text)."""
         return None
@@ -359,14 +365,17 @@ class ChatSurface(Surface):
 
     def flush_before(self, event: dict[str, Any]) -> list[Path] | None:
         """An error ends the stream: all held text goes out before it, where a client that
-        stops at the error (the openai SDK raises there) still reads it. A tool call that
-        opens (an indexed call with an `id`: OpenAI streams parallel calls one after another)
-        ends the calls of lower index in its choice that the event does not carry: the
-        openai SDK's stream helper takes a call for done, and validates its arguments, when
-        a delta for another index arrives, so their held tails must be out before it.
+        stops at the error (the openai SDK raises there) still reads it."""
+        return [()] if self.ends(event) else None
+
+    def settle_before(self, event: dict[str, Any]) -> list[Path] | None:
+        """A tool call that opens (an indexed call with an `id`: OpenAI streams parallel calls
+        one after another) settles the calls of lower index in its choice that the event does
+        not carry: the openai SDK's stream helper takes a call for done, and validates its
+        arguments, when a delta for another index arrives, so their held tails must be out
+        before it. A call that held nothing goes on: an upstream that comes back to it (the
+        format keys deltas by index, in no promised order) loses none of its arguments.
         (An opening event never takes the fast path: it is never of a learned shape.)"""
-        if self.ends(event):
-            return [()]
         choices = event.get("choices")
         if type(choices) is not list:
             return None

@@ -155,3 +155,37 @@ def test_text_after_the_calls_still_reaches_the_client() -> None:
     message = state.get_final_completion().choices[0].message
     assert message.content == "Let me look that up and mail j***e@example.com"
     assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Paris", "note": "j***e@corp.example.org"}
+
+
+def test_a_call_the_upstream_comes_back_to_keeps_its_arguments_when_it_held_nothing() -> None:
+    """The format keys tool-call deltas by index and promises no order: an upstream may come
+    back to a call after the next one opened. The opening settles the earlier call, and one
+    that held nothing (its arguments so far end at a quote) went on being ended all the same:
+    the rest of its arguments was dropped and the client got broken JSON."""
+
+    def opening(index: int, name: str) -> dict[str, Any]:
+        return {"index": index, "id": f"call_{index}", "type": "function", "function": {"name": name, "arguments": ""}}
+
+    def args(index: int, piece: str) -> bytes:
+        return _chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+
+    events = [
+        _chunk({"role": "assistant", "content": None}),
+        _chunk({"tool_calls": [opening(0, "get_weather")]}),
+        args(0, '{"city": "'),
+        _chunk({"tool_calls": [opening(1, "get_weather")]}),
+        args(1, '{"city": "Rome", "note": "x"}'),
+        args(0, 'Paris", "note": "mail jane.doe@example.com"}'),
+        _chunk({}, "tool_calls"),
+        b"data: [DONE]\n\n",
+    ]
+    relay = StreamRelay(REDACTOR, None)
+    wire = b"".join(relay.feed(event) for event in events) + relay.close()
+    arguments = {0: "", 1: ""}
+    for event in sse.SSEParser().feed(wire):
+        if event.data and event.data != sse.DONE:
+            for choice in json.loads(event.data)["choices"]:
+                for call in choice["delta"].get("tool_calls") or ():
+                    arguments[call["index"]] += call["function"].get("arguments") or ""
+    assert json.loads(arguments[0]) == {"city": "Paris", "note": "mail j***e@example.com"}
+    assert json.loads(arguments[1]) == {"city": "Rome", "note": "x"}
