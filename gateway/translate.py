@@ -5,9 +5,9 @@ completion. `ChatStream`: Anthropic's event stream, fed as bytes in any split �
 completion chunks as SSE bytes (what an OpenAI upstream would have sent: the gateway's chat
 relay redacts them like any other). `chat_error`: Anthropic's error body → OpenAI's.
 
-What a chat request says that Messages cannot (n > 1, logit_bias, response_format, seed,
+What a chat request says that Messages cannot (logit_bias, response_format, seed,
 audio, …) is left out; a message the Messages API has no form for (an audio or file part,
-a legacy `function` role or `functions`, tool-call arguments that are not a JSON object) is a 400.
+a legacy `function` role or `functions`, n > 1, tool-call arguments that are not a JSON object) is a 400.
 """
 
 from __future__ import annotations
@@ -94,6 +94,11 @@ def chat_request(payload: Mapping[str, Any], model: str) -> dict[str, Any]:
         # Anthropic refuses (400) a user_id that "appears to contain an email address": a
         # fallback would fail what OpenAI took. It is only a hint for abuse monitoring.
         out["metadata"] = {"user_id": user}
+    n = payload.get("n")
+    if type(n) is int and n > 1:
+        # Left out, the reply had one choice where the client asked for several (and indexes
+        # choices[1]); a Message is one answer.
+        raise BadRequest("n > 1 (several choices) has no form in an anthropic upstream")
     if payload.get("functions"):
         # The legacy form of tools: left out, the model would answer as if it had none, and
         # its reply has no function_call form here. `tools` says the same and is translated.

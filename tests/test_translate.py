@@ -231,6 +231,8 @@ UNTRANSLATABLE = [
     ({"messages": [USER], "tool_choice": "sometimes"}, "tool_choice must be"),
     # Left out before: the model answered as if it had no functions (a 200 with no call).
     ({"messages": [USER], "functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
+    # Left out before: one choice came back where the client asked for three.
+    ({"messages": [USER], "n": 3}, "n > 1"),
     (
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,abc"}}]}]},
         "data URL",
