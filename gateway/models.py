@@ -67,6 +67,7 @@ class RequestState:
     tokens: TokenDecision | None = None  # the token budget's verdict and reservation
     model: str | None = None
     stream: bool = False
+    usage_chunk: bool = False  # a chat stream whose client asked stream_options.include_usage
     upstream_ttfb: float | None = None  # seconds
     usage: Usage | None = None
     # The input tokens a reply that never finished reported (Anthropic's message_start): in

@@ -54,6 +54,7 @@ from .router import (
 )
 from .surfaces import Api, Surface, ask_stream_usage
 from .telemetry import Telemetry
+from .translate import completion_events
 from .upstream import Reply, Upstream
 
 # Short texts redacted one after another: a turn of the loop for others after each 4 KiB of
@@ -136,6 +137,7 @@ class Proxy:
             legs = _permitted_legs(request, state, legs)
         state.stream = self._api.streams and payload.get("stream") is True
         hidden_usage = state.stream and self._api.asks_stream_usage and ask_stream_usage(payload)
+        state.usage_chunk = state.stream and self._api.asks_stream_usage and not hidden_usage
         if self._redactor is not None:
             await self._redact_request(payload, state)
         # What the gateway read goes upstream, not the client's bytes: a repeated key (two
@@ -264,12 +266,18 @@ class Proxy:
                         answer = loads_reply(data)  # "***" in a string: still the same JSON
                     except (ValueError, RecursionError):
                         answer = None  # redacted as text, never written from the unmasked parse
-        if self._redactor is not None:
+        if self._redactor is not None and not (
             # The usual reply: nothing to look at. (A long one goes to the thread unchecked:
             # the check is a scan of its own, seconds for megabytes of digits.)
-            if isinstance(answer, dict) and len(data) <= YIELD_ABOVE_CHARS and not reply_may_need_redaction(data):
-                return web.Response(body=data, status=reply.status, content_type="application/json")
+            isinstance(answer, dict) and len(data) <= YIELD_ABOVE_CHARS and not reply_may_need_redaction(data)
+        ):
             data = await self._redacted_reply(answer, data, self._surface.for_request(state.payload))
+        if state.stream and self._api.asks_stream_usage and isinstance(answer, dict) and not state.error_answer:
+            # A chat stream answered with one JSON reply (a server that does not stream): the
+            # client asked for a stream (SPEC §3), and gets the completion as one.
+            events = completion_events(loads_reply(data), state.usage_chunk)
+            if events is not None:
+                return web.Response(body=events, status=reply.status, headers=SSE_HEADERS)
         return web.Response(body=data, status=reply.status, content_type="application/json")
 
     async def _redacted_reply(self, answer: Any, data: bytes, surface: Surface) -> bytes:

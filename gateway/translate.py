@@ -555,3 +555,40 @@ class ChatStream:
             for name, value in usage.items():
                 if is_count(value):
                     self._counts[name] = value
+
+
+# A chunk's top-level fields, as a completion's (OpenAI writes the same on both).
+_CHUNK_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier")
+
+
+def completion_events(completion: Mapping[str, Any], with_usage: bool) -> bytes | None:
+    """A chat completion (from an upstream that answered a stream request with one JSON reply)
+    as the stream OpenAI would have sent for it: per choice its message in one delta and its
+    finish chunk, the usage chunk if the client asked for one, then [DONE]. Else the openai
+    SDK, handed JSON for the stream it asked for, iterates no chunk and no error: the answer is
+    lost. None: not a chat completion (an error object stays as it came)."""
+    choices = completion.get("choices")
+    if type(choices) is not list or not all(type(choice) is dict for choice in choices):
+        return None
+    head = {name: completion[name] for name in _CHUNK_FIELDS if name in completion}
+    head["object"] = "chat.completion.chunk"
+    events: list[bytes] = []
+
+    def chunk(listed: list[dict[str, Any]], **extra: Any) -> None:
+        events.append(b"data: " + orjson.dumps({**head, "choices": listed, **extra}) + b"\n\n")
+
+    for number, choice in enumerate(choices):
+        index = choice.get("index", number)
+        message = choice.get("message")
+        delta: dict[str, Any] = {"role": "assistant"}
+        if type(message) is dict:
+            delta |= {name: value for name, value in message.items() if value is not None and name != "tool_calls"}
+            calls = message.get("tool_calls")
+            if type(calls) is list and calls:
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls) if type(call) is dict]
+        chunk([{"index": index, "delta": delta, "logprobs": choice.get("logprobs"), "finish_reason": None}])
+        chunk([{"index": index, "delta": {}, "finish_reason": choice.get("finish_reason")}])
+    if with_usage and type(completion.get("usage")) is dict:
+        chunk([], usage=completion["usage"])
+    events.append(b"data: [DONE]\n\n")
+    return b"".join(events)

@@ -543,3 +543,51 @@ def test_a_2xx_that_is_no_message_is_the_upstreams_failure(body: bytes) -> None:
     # never a 200 carrying an SSE error event or a "completion" with nothing in it.
     with pytest.raises(UpstreamError):
         whole_reply(200, body, False, 1)
+
+
+def test_a_completion_as_events_is_what_the_sdk_assembles_back() -> None:
+    """A chat stream answered with one JSON reply goes out as the stream OpenAI would have
+    sent (completion_events): the openai SDK's own stream state assembles it back into the
+    completion: choices, text, refusals, tool calls and finish reasons."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    from gateway import sse as events_format
+    from gateway.translate import completion_events
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    completion = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 7,
+        "model": "gpt-4o",
+        "system_fingerprint": "fp_1",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hi there"}, "finish_reason": "stop"},
+            {
+                "index": 1,
+                "message": {"role": "assistant", "content": None, "tool_calls": [call, {**call, "id": "call_2"}]},
+                "finish_reason": "tool_calls",
+            },
+            {"index": 2, "message": {"role": "assistant", "content": None, "refusal": "No."}, "finish_reason": "stop"},
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+    }
+    events = completion_events(completion, with_usage=True)
+    assert events is not None and events.endswith(b"data: [DONE]\n\n")
+    state = ChatCompletionStreamState()
+    for event in events_format.SSEParser().feed(events):
+        if event.data != events_format.DONE:
+            state.handle_chunk(ChatCompletionChunk.model_validate_json(event.data))
+    final = state.get_final_completion()
+    assert (final.id, final.model, final.created, final.system_fingerprint) == ("chatcmpl-1", "gpt-4o", 7, "fp_1")
+    assert [c.finish_reason for c in final.choices] == ["stop", "tool_calls", "stop"]
+    assert final.choices[0].message.content == "Hi there"
+    calls = final.choices[1].message.tool_calls or []
+    assert [(c.id, c.function.name, c.function.arguments) for c in calls] == [
+        ("call_1", "f", '{"a": 1}'),
+        ("call_2", "f", '{"a": 1}'),
+    ]
+    assert final.choices[2].message.refusal == "No."
+    assert final.usage is not None and final.usage.total_tokens == 7
+    assert completion_events({"error": {"message": "x"}}, with_usage=False) is None  # not a completion

@@ -119,17 +119,27 @@ async def test_a_stream_with_a_lone_surrogate_escape_is_still_redacted(shared_ga
     assert "".join(await stream_through(shared_gateway, HALF_EMOJI_DELTAS)) == HALF_EMOJI_REDACTED
 
 
-async def test_a_stream_request_answered_with_one_json_reply_is_redacted(shared_gateway: Gateway, mock: Mock) -> None:
-    # A server without streaming answers `"stream": true` with a plain JSON reply.
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    headers = {"x-stainless-mock-answer": "json", "x-stainless-mock-reply": "mail jane.doe@example.com now"}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(shared_gateway.url + "/v1/chat/completions", json=body, headers=headers) as response,
-    ):
-        assert response.status == 200 and response.content_type == "application/json"
-        answer = await response.json()
-    assert answer["choices"][0]["message"]["content"] == "mail j***e@example.com now"
+@pytest.mark.parametrize("usage", [False, True])
+def test_a_stream_request_answered_with_one_json_reply_is_a_stream_redacted(
+    shared_gateway: Gateway, mock: Mock, usage: bool
+) -> None:
+    # A server without streaming answers `"stream": true` with a plain JSON reply. Relayed as
+    # JSON, the openai SDK iterated no chunk and raised nothing: the answer was lost. It is
+    # the stream OpenAI would have sent for it (SPEC §3: "stream": true gets SSE).
+    client = sdk(
+        shared_gateway, **{"x-stainless-mock-answer": "json", "x-stainless-mock-reply": "mail jane.doe@example.com now"}
+    )
+    options = {"stream_options": {"include_usage": True}} if usage else {}
+    raw = client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], stream=True, **options
+    )
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    chunks = list(raw.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "mail j***e@example.com now"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    usage_chunks = [c for c in chunks if not c.choices]
+    assert bool(usage_chunks) == usage and all(c.usage is not None and c.usage.total_tokens for c in usage_chunks)
 
 
 @pytest.mark.parametrize("stream", [True, False])
