@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -133,6 +134,24 @@ _PARTS = {
 _PATTERNS = {kind: "".join(parts) for kind, parts in _PARTS.items()}
 ALL_KINDS = tuple(_PATTERNS)
 
+# The digit kinds read other scripts' decimal digits (full-width "４", Arabic-Indic "٤",
+# Devanagari "४" …: every character \d takes, all below U+20000) as ASCII's: they are matched
+# in a view of the text where each such digit is its ASCII digit (one character for one, so a
+# position in the view is the same position in the text, and the view of a prefix is a prefix
+# of the view, as the split guarantee needs). Their masks are made from the view, so their
+# last digits are ASCII's. Addresses are matched in the text itself, digits only ASCII's there.
+_FOREIGN_DIGITS = "".join(chr(c) for c in range(0x80, 0x20000) if chr(c).isdecimal())
+_DIGIT_VIEW = {ord(c): ord("0") + unicodedata.digit(c) for c in _FOREIGN_DIGITS}
+_FOREIGN = re.compile("[" + "".join(_FOREIGN_DIGITS) + "]")
+
+
+def digit_view(text: str) -> str:
+    """The text as the digit kinds read it (see `_DIGIT_VIEW`): the text itself when nothing
+    in it reads otherwise, the common case (`isascii` is a flag of the string, no scan)."""
+    if text.isascii() or _FOREIGN.search(text) is None:
+        return text
+    return text.translate(_DIGIT_VIEW)
+
 
 # Every card, phone, IBAN or SSN lies in a run of these characters, at least 11 long
 # except "+" phones (4). Looking for such runs first skips ordinary text at C speed:
@@ -172,7 +191,7 @@ _TRIGGERS = "@0123456789"
 _EMAIL_AT = re.compile(
     rf"@(?=[^\W_][\w.-]{{0,{_DOMAIN_SEEN - 4}}}\.[^\W\d_]{{2}}|[^\W_][\w.-]{{{_DOMAIN_SEEN}}})(?<=[\w.%+-]@)"
 )
-_TRIGGER = re.compile(r"[@0-9]")
+_TRIGGER = re.compile(r"[@\d]")  # \d: every script's digits (`digit_view`)
 
 
 def has_trigger(text: str, pos: int) -> bool:
@@ -181,14 +200,14 @@ def has_trigger(text: str, pos: int) -> bool:
     # Long: eleven memchr-speed scans beat one character-class scan by 20x. Plain loops: any()
     # over a generator costs more than the scans when the first trigger is found at once.
     if pos:
-        for c in _TRIGGERS:  # noqa: SIM110 - a loop, see above
+        for c in _TRIGGERS:
             if text.find(c, pos) >= 0:
                 return True
-        return False
-    for c in _TRIGGERS:  # noqa: SIM110 - a loop, see above
-        if c in text:
-            return True
-    return False
+    else:
+        for c in _TRIGGERS:
+            if c in text:
+                return True
+    return not text.isascii() and _FOREIGN.search(text, pos) is not None  # other scripts' digits
 
 
 def _run_start(text: str, lo: int, hi: int, chars: str = _LOCAL_CHARS, run: re.Pattern[str] = _LOCAL_RUN) -> int:
@@ -359,7 +378,7 @@ class Redactor:
             return text[pos:]
         pieces: list[str] = []
         copied = pos
-        for start, end, kind, masked in self._matches(text, pos, len(text), after):
+        for start, end, kind, masked in self._matches(text, pos, len(text), after, digit_view(text)):
             if masked is not None:
                 if on_redaction is not None:
                     on_redaction(kind)
@@ -379,7 +398,7 @@ class Redactor:
             return text
         return self.settle_json(view, text, 0, len(view), True, False, on_redaction)[0]
 
-    def _matches(self, text: str, pos: int, limit: int, after: int = -1) -> Iterator[Found]:
+    def _matches(self, text: str, pos: int, limit: int, after: int = -1, digits: str | None = None) -> Iterator[Found]:
         """Matches in order, each one searched from the end of the previous one. After a
         candidate that fails its check at every length the search goes on from its next
         character, not its end: a card, or a phone, may start inside it. A candidate of the
@@ -389,7 +408,12 @@ class Redactor:
         An address may start right where another ended (`after`, then each address's end), its
         look-behind aside: the local part of one glued to it ("x@ex.com_bob@ex.com", "a@b.co.@c.co",
         a domain past sight that runs into one) begins inside the first's run of characters, where
-        no address starts otherwise, and would show in clear after the first's mask."""
+        no address starts otherwise, and would show in clear after the first's mask.
+
+        `digits`: the text's `digit_view`, where the other kinds are looked for (the text when
+        None)."""
+        if digits is None:
+            digits = text
         email_next: Found | None = None
         other_next: Found | None = None
         email_done = self.email is None
@@ -404,7 +428,7 @@ class Redactor:
                     masked = _mask_email(found.group(), text.startswith("@", end))  # glued: see _mask_email
                     email_next = (found.start(), end, "email", masked)
             if not other_done and (other_next is None or other_next[0] < pos):
-                other_next, run_end = self._next_other(text, pos, run_end, limit)
+                other_next, run_end = self._next_other(digits, pos, run_end, limit)
                 other_done = other_next is None
             best = email_next if not email_done else None
             if not other_done and (best is None or other_next[0] < best[0]):  # type: ignore[index]
@@ -418,12 +442,13 @@ class Redactor:
             if best[2] == "email":
                 after = pos
 
-    def hold(self, text: str, pos: int) -> int:
+    def hold(self, text: str, pos: int, digits: str | None = None) -> int:
         """Where the tail that more text could still turn into (part of) a match begins: the
         first place, within MAX_MATCH of the end and in the trailing run of characters a
         match could be made of, where a match could start (its look-behind holds and its
         first character fits). Holding no more than that keeps a stream's cost per piece
-        low on hostile text: nothing held is nothing searched again."""
+        low on hostile text: nothing held is nothing searched again. `digits`: the text's
+        `digit_view`, for the other kinds (the text when None)."""
         n = len(text)
         near_end = n - MAX_MATCH if n - MAX_MATCH > pos else pos  # not max(): this runs per chunk
         hold = n
@@ -435,15 +460,17 @@ class Redactor:
             else:
                 hold = self._email_hold(text, near_end)
         if self.others is not None:
-            start = len(text.rstrip(_DIGIT_RUN_CHARS))
+            if digits is None:
+                digits = text
+            start = len(digits.rstrip(_DIGIT_RUN_CHARS))
             if start < near_end:
                 start = near_end
             if hold - start > 16:  # long (hostile text): only where a match could start
-                first = _OTHER_START.search(text, start, hold)
+                first = _OTHER_START.search(digits, start, hold)
                 if first is not None:
                     hold = first.start()
             elif start < hold:  # short: cheaper to hold a little more (no match starts with those)
-                start = n - len(text[start:].lstrip(_NOT_FIRST_CHARS))
+                start = n - len(digits[start:].lstrip(_NOT_FIRST_CHARS))
                 if start < hold:
                     hold = start
         return hold
@@ -479,13 +506,16 @@ class Redactor:
             hold = at - _LOCAL_MAX
         return hold
 
-    def may_match(self, text: str, pos: int) -> bool:
+    def may_match(self, text: str, pos: int, digits: str | None = None) -> bool:
         """Whether text[pos:] can hold a complete match: an "@", or a run long enough (a run
-        of capitals without digits passes too; the exact search then finds nothing there)."""
+        of capitals without digits passes too; the exact search then finds nothing there).
+        `digits`: the text's `digit_view`, for the other kinds (the text when None)."""
         if self.email is not None and text.find("@", pos) >= 0:
             return True
         if self.others is None:
             return False
+        if digits is not None:
+            text = digits
         if len(text) - pos >= 256 and not has_trigger(text, pos):
             return False  # a long piece without a digit ("((((", capitals): nothing to search
         # Short (a live stream's delta), or with a "+" (a phone's run can then be short): the regex.
@@ -598,10 +628,11 @@ class Redactor:
         MAX_MATCH of the end). A complete match is final once MAX_MATCH characters from its
         start are known.
         """
-        hold = self.hold(text, pos)
-        if not self.may_match(text, pos):  # the common case: nothing complete to check
+        digits = digit_view(text)
+        hold = self.hold(text, pos, digits)
+        if not self.may_match(text, pos, digits):  # the common case: nothing complete to check
             return text[pos:hold], hold
-        return self.settle_matches(text, pos, hold, on_redaction)[:2]
+        return self.settle_matches(text, pos, hold, on_redaction, digits=digits)[:2]
 
     def settle_matches(
         self,
@@ -611,15 +642,16 @@ class Redactor:
         on_redaction: OnRedaction | None,
         final: bool = False,
         after: int = -1,
+        digits: str | None = None,
     ) -> tuple[str, int, int]:
         """`settle` once `hold` is known and text[pos:] may hold a complete match. `final`: no
         more text comes, so every match is complete (`hold` is then the end). `after`: where an
         address ended (see `_matches`); returned for the last address, with the output and
-        the settled end."""
+        the settled end. `digits`: the text's `digit_view` (the text when None)."""
         n = len(text)
         pieces: list[str] = []
         limit = hold if final or hold <= n - MAX_MATCH else n - MAX_MATCH + 1
-        for start, end, kind, masked in self._matches(text, pos, limit, after):
+        for start, end, kind, masked in self._matches(text, pos, limit, after, digits):
             if start >= hold:
                 break
             if start + MAX_MATCH > n and not final:
@@ -659,18 +691,21 @@ class Redactor:
         in_string: bool,
         on_redaction: OnRedaction | None,
         after: int = -1,
+        digits: str | None = None,
     ) -> tuple[str, int, bool, int]:
         """`settle_matches` for a JSON text: matches are found in its `view`, masks made
         from `text`, and a mask outside a JSON string is quoted. `in_string`: whether
         text[pos] lies inside a string; returned for the settled end, with the output and
         the end. A quote in the view is always a string's start or end (escaped ones are
         blanked), so the state at a mask is the parity of the quotes before it. `after`: as
-        for `settle_matches`, returned last."""
+        for `settle_matches`, returned last. `digits`: the view's `digit_view` (made when None)."""
         n = len(view)
         pieces: list[str] = []
         counted = pos  # in_string is the state at `counted`
         limit = hold if final or hold <= n - MAX_MATCH else n - MAX_MATCH + 1
-        for start, end, kind, masked in self._matches(view, pos, limit, after):
+        if digits is None:
+            digits = digit_view(view)
+        for start, end, kind, masked in self._matches(view, pos, limit, after, digits):
             if start >= hold:
                 break
             if start + MAX_MATCH > n and not final:
@@ -740,10 +775,11 @@ class StreamRedactor:
         start = self._start
         redactor = self._redactor
         # Redactor.settle and _keep, written out: this runs once per streamed event.
-        hold = redactor.hold(text, start)
-        if redactor.may_match(text, start):
+        digits = text if text.isascii() else digit_view(text)
+        hold = redactor.hold(text, start, digits)
+        if redactor.may_match(text, start, digits):
             after = start if self._after else -1
-            out, settled, after = redactor.settle_matches(text, start, hold, self._on_redaction, False, after)
+            out, settled, after = redactor.settle_matches(text, start, hold, self._on_redaction, False, after, digits)
             self._after = after == settled
         else:  # the common case: nothing complete to check
             if self._after:  # rare: an address ended where the held tail starts
@@ -763,11 +799,12 @@ class StreamRedactor:
         start = self._start
         text = self._text + piece
         redactor = self._redactor
-        settled = len(text) if final else redactor.hold(text, start)
-        if redactor.may_match(text, start):  # something complete to check
+        digits = text if text.isascii() else digit_view(text)
+        settled = len(text) if final else redactor.hold(text, start, digits)
+        if redactor.may_match(text, start, digits):  # something complete to check
             masked: list[str] = []
             after = start if self._after else -1
-            _, settled, after = redactor.settle_matches(text, start, settled, masked.append, final, after)
+            _, settled, after = redactor.settle_matches(text, start, settled, masked.append, final, after, digits)
             if masked:
                 return None
             self._after = after == settled
@@ -837,10 +874,10 @@ _ANY_ESCAPE = re.compile(
     re.S,
 )
 # What an escape may be written as instead: printable ASCII but the quote and the backslash, the
-# no-break spaces that group digits, and letters (an address's, "j\\u00e4ne"). A JSON parser reads
-# either form as the same character.
+# no-break spaces that group digits, other scripts' digits (`digit_view`), and letters (an
+# address's, "j\\u00e4ne"). A JSON parser reads either form as the same character.
 _A_LETTER = re.compile(_LETTER)  # as an address reads it, "²" too: escaped or not, the same text
-_PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"} | set(_SPACE + _HYPHEN)
+_PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"} | set(_SPACE + _HYPHEN + _FOREIGN_DIGITS)
 
 
 def _surrogate(written: str) -> bool:
@@ -1053,10 +1090,11 @@ class JsonStreamRedactor(StreamRedactor):
         view = self._view + self._scan.view(piece)
         redactor = self._redactor
         after = start if self._after else -1
-        hold = len(view) if final else redactor.hold(view, start)
-        if redactor.may_match(view, start):
+        digits = view if view.isascii() else digit_view(view)
+        hold = len(view) if final else redactor.hold(view, start, digits)
+        if redactor.may_match(view, start, digits):
             out, settled, self._in_string, after = redactor.settle_json(
-                view, text, start, hold, final, self._in_string, on_redaction, after
+                view, text, start, hold, final, self._in_string, on_redaction, after, digits
             )
         else:
             if after >= 0 and start < hold and not final:

@@ -28,7 +28,16 @@ import orjson
 from . import sse
 from .errors import GatewayError, UpstreamError
 from .models import Usage
-from .redact import YIELD_ABOVE_CHARS, OnRedaction, Redactor, StreamRedactor, feed_sliced, has_trigger, redact_sliced
+from .redact import (
+    YIELD_ABOVE_CHARS,
+    OnRedaction,
+    Redactor,
+    StreamRedactor,
+    digit_view,
+    feed_sliced,
+    has_trigger,
+    redact_sliced,
+)
 from .surfaces import (
     CARD_SIZED,
     CHAT,
@@ -68,6 +77,8 @@ def side_may_match(data: bytes) -> bool:
     pattern accepts (a dated model name, "-2024-08-06", is eleven run characters but none)."""
     if data.find(b"@") >= 0:
         return True
+    if not data.isascii():  # other scripts' digits are digits (redact.py's `digit_view`)
+        data = digit_view(data.decode("utf-8", "replace")).encode()
     if len(data) < 11 and data.find(b"+") < 0:
         return False  # too short for a run (a pad, an id): the common case, decided here
     if data.find(b"+") >= 0:  # a "+" phone's run may be short

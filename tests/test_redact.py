@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import unicodedata
 from collections import Counter
 
 import pytest
@@ -330,9 +331,13 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
     matches. After a match the next search starts at its end; after an IBAN candidate that
     fails its check (and no card or phone there), the other kinds' search (not the email's)
     goes on at the candidate's end. Right where an address ended another may start whatever
-    its look-behind says (glued to it); an address followed by an "@" has its domain masked."""
+    its look-behind says (glued to it); an address followed by an "@" has its domain masked.
+    Every kind but the email reads every script's decimal digits as ASCII's: it is matched and
+    masked in `digits`, the text with each of them its ASCII digit."""
 
     from gateway.redact import _MASKERS, _PARTS, MAX_MATCH, _mask_email
+
+    digits = "".join(str(unicodedata.digit(c)) if c.isdecimal() else c for c in text)
 
     kinds = parts or _PARTS
     compiled = {k: (re.compile(b), re.compile(body), re.compile(a)) for k, (b, body, a) in kinds.items()}
@@ -340,12 +345,12 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
 
     def ends(kind: str, s: int) -> list[int]:
         behind, body, ahead = compiled[kind]
-        if behind.match(text, s) is None:
+        if behind.match(digits, s) is None:
             return []
         return [
             p
             for p in range(s + 1, min(len(text), s + MAX_MATCH) + 1)
-            if body.fullmatch(text, s, p) and ahead.match(text, p) and _MASKERS[kind](text[s:p]) is not None
+            if body.fullmatch(digits, s, p) and ahead.match(digits, p) and _MASKERS[kind](digits[s:p]) is not None
         ]
 
     def decide(s: int) -> tuple[int, str | None]:
@@ -354,7 +359,7 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
             if kind == "email":
                 continue
             if kind not in ("card", "phone"):
-                m = whole[kind].match(text, s)
+                m = whole[kind].match(digits, s)
                 if m is not None:
                     if _MASKERS[kind](m.group()) is not None:
                         return m.end(), kind
@@ -370,7 +375,7 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
                         break
             if valid:
                 return valid[-1], kind
-            if whole[kind].match(text, s):
+            if whole[kind].match(digits, s):
                 resume = s + 1
         return min(resume, s + 1) if resume == len(text) else resume, None
 
@@ -396,7 +401,7 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
         if kind is None:
             s += 1
             continue
-        out.append(text[pos:s] + str(_MASKERS[kind](text[s:end])))
+        out.append(text[pos:s] + str(_MASKERS[kind]((text if kind == "email" else digits)[s:end])))
         pos = s = end
     return "".join(out) + text[pos:]
 

@@ -1,0 +1,118 @@
+"""Redaction of PII written with other scripts' characters: decimal digits of any script
+(full-width U+FF10-FF19, Arabic-Indic U+0660-0669, …) are digits to the card, phone, IBAN
+and SSN kinds."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.redact import ALL_KINDS, MAX_MATCH, build_redactor
+from gateway.relay import side_may_match
+from tests.test_redact import LOOK_ALIKES, ORDINARY, PII_VALUES, reference_redact, stream_in_pieces
+
+REDACTOR = build_redactor(ALL_KINDS)
+assert REDACTOR is not None
+
+# The zero of each script's digits: ASCII, full-width, Arabic-Indic, Extended Arabic-Indic,
+# Devanagari, Thai, and the mathematical bold digits (past U+FFFF).
+ZEROS = [0x30, 0xFF10, 0x660, 0x6F0, 0x966, 0xE50, 0x1D7CE]
+
+
+def written_in(text: str, zero: int) -> str:
+    return "".join(chr(zero + int(c)) if "0" <= c <= "9" else c for c in text)
+
+
+def fw(text: str) -> str:
+    return written_in(text, 0xFF10)
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("カード番号は" + fw("4242 4242 4242 4242") + "、", "カード番号はCC_MASKED_LAST4_4242、"),
+        (written_in("4242 4242 4242 4242", 0x660), "CC_MASKED_LAST4_4242"),
+        (written_in("4111-1111-1111-1111", 0x6F0), "CC_MASKED_LAST4_1111"),
+        (written_in("5555555555554444", 0x966), "CC_MASKED_LAST4_4444"),
+        ("4242 " + fw("4242") + " 4242 " + written_in("4242", 0x660), "CC_MASKED_LAST4_4242"),  # mixed
+        (fw("(415) 555-2671"), "PHONE_MASKED_LAST2_71"),
+        ("tel " + fw("+44 20 7946 0958"), "tel PHONE_MASKED_LAST2_58"),
+        (fw("123-45-6789"), "SSN_MASKED"),
+        ("DE" + fw("89 3704 0044 0532 0130 00"), "IBAN_MASKED_LAST4_3000"),
+        # Look-alikes stay as they are, whatever the digits.
+        (fw("4242 4242 4242 4241"), None),
+        (fw("2024-01-15"), None),
+        (fw("3.11.7") + " " + fw("10.0.0.1"), None),
+        (fw("1700000000123"), None),
+        ("￥" + fw("1,234") + " " + fw("$1,234.56"), None),
+        ("注文番号 " + fw("123456789012"), None),
+        (written_in("INV-2024-000123 PO 4500012345", 0x660), None),
+        # Addresses read ASCII digits only, as before.
+        ("jane" + fw("42") + "@example.com", None),
+    ],
+)
+def test_other_scripts_digits_are_digits(text: str, redacted: str | None) -> None:
+    expected = text if redacted is None else redacted
+    assert REDACTOR.redact(text) == expected
+    assert stream_in_pieces(text, list(range(len(text))), False) == expected  # a character a delta
+
+
+def test_other_scripts_digits_written_as_json_escapes_are_digits() -> None:
+    # A client's parser reads "\uff14" as "４": a card in tool-call arguments either way.
+    card = "".join(f"\\u{ord(c):04x}" for c in fw("4242 4242 4242 4242"))
+    text = '{"card": "' + card + '"}'
+    assert REDACTOR.redact(text, json_text=True) == '{"card": "CC_MASKED_LAST4_4242"}'
+    assert stream_in_pieces(text, [13, 20, 31], True) == '{"card": "CC_MASKED_LAST4_4242"}'
+
+
+def test_a_side_value_with_other_scripts_digits_may_match() -> None:
+    # The relay's fast path passes a side value (an id, a pad) only if it holds nothing to mask.
+    assert side_may_match(fw("4242 4242 4242 4242").encode())
+    assert not side_may_match(fw("chatcmpl 42").encode())
+
+
+@st.composite
+def in_some_script(draw: st.DrawFn, values: st.SearchStrategy[str]) -> str:
+    """A value with its digits written in one script, or each digit in its own."""
+    value = draw(values)
+    if draw(st.booleans()):
+        return written_in(value, draw(st.sampled_from(ZEROS)))
+    return "".join(written_in(c, draw(st.sampled_from(ZEROS))) for c in value)
+
+
+UNICODE_REPLIES = st.lists(
+    st.one_of(ORDINARY, in_some_script(PII_VALUES), in_some_script(st.sampled_from(LOOK_ALIKES))),
+    min_size=1,
+    max_size=20,
+).map("".join)
+UNICODE_NUMBERS = st.lists(
+    in_some_script(st.sampled_from(["4242", "4242 4242 4242 4242", "+1 415 555 2671", "415", " ", "-", ".", "+", "1"])),
+    min_size=1,
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(UNICODE_REPLIES, UNICODE_NUMBERS))
+def test_fast_search_equals_the_definition_in_every_script(text: str) -> None:
+    assert REDACTOR.redact(text) == reference_redact(text)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(UNICODE_REPLIES, UNICODE_NUMBERS), st.data())
+def test_stream_equals_whole_for_any_split_in_every_script(text: str, data: st.DataObject) -> None:
+    cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=len(text)))
+    whole_counts: list[str] = []
+    whole = REDACTOR.redact(text, whole_counts.append)
+    stream_counts: list[str] = []
+    stream = REDACTOR.stream(stream_counts.append)
+    out = []
+    for a, b in itertools.pairwise([0, *sorted(cuts), len(text)]):
+        out.append(stream.feed(text[a:b]))
+        assert stream.held <= MAX_MATCH
+    assert "".join(out) + stream.flush() == whole
+    assert sorted(stream_counts) == sorted(whole_counts)
+    assert stream_in_pieces(text, cuts, True) == REDACTOR.redact(text, json_text=True)
