@@ -135,20 +135,27 @@ _PATTERNS = {kind: "".join(parts) for kind, parts in _PARTS.items()}
 ALL_KINDS = tuple(_PATTERNS)
 
 # The digit kinds read other scripts' decimal digits (full-width "４", Arabic-Indic "٤",
-# Devanagari "४" …: every character \d takes, all below U+20000) as ASCII's: they are matched
-# in a view of the text where each such digit is its ASCII digit (one character for one, so a
-# position in the view is the same position in the text, and the view of a prefix is a prefix
-# of the view, as the split guarantee needs). Their masks are made from the view, so their
-# last digits are ASCII's. Addresses are matched in the text itself, digits only ASCII's there.
+# Devanagari "४" …: every character \d takes, all below U+20000) as ASCII's, and the other
+# dashes (figure, en and em dashes, the horizontal bar, the minus sign, the full-width
+# hyphen-minus: "415–555–2671", "０９０－１２３４") as spaces: they are matched in a view of the
+# text where each such digit is its ASCII digit and each such dash a space (one character for
+# one, so a position in the view is the same position in the text, and the view of a prefix
+# is a prefix of the view, as the split guarantee needs). A space, not a hyphen: it sets groups
+# apart as a hyphen does, but a number right after it is still one ("card—4242 4242 4242 4242",
+# where a hyphen's look-behind would rule the card out, as it does in "INV-…"). Masks are made
+# from the view, so their last digits are ASCII's. Addresses are matched in the text itself,
+# digits only ASCII's there, and a dash beside one ("us—jane@example.com") no part of it.
 _FOREIGN_DIGITS = "".join(chr(c) for c in range(0x80, 0x20000) if chr(c).isdecimal())
-_DIGIT_VIEW = {ord(c): ord("0") + unicodedata.digit(c) for c in _FOREIGN_DIGITS}
-_FOREIGN = re.compile("[" + "".join(_FOREIGN_DIGITS) + "]")
+_DASHES = "\u2012\u2013\u2014\u2015\u2212\uff0d"
+_DIGIT_VIEW = {ord(c): ord("0") + unicodedata.digit(c) for c in _FOREIGN_DIGITS} | {ord(c): ord(" ") for c in _DASHES}
+_FOREIGN = re.compile("[" + _FOREIGN_DIGITS + "]")  # a digit, for `has_trigger` (a dash is none)
+_VIEWED = re.compile("[" + _FOREIGN_DIGITS + _DASHES + "]")  # what the view changes
 
 
 def digit_view(text: str) -> str:
     """The text as the digit kinds read it (see `_DIGIT_VIEW`): the text itself when nothing
     in it reads otherwise, the common case (`isascii` is a flag of the string, no scan)."""
-    if text.isascii() or _FOREIGN.search(text) is None:
+    if text.isascii() or _VIEWED.search(text) is None:
         return text
     return text.translate(_DIGIT_VIEW)
 
@@ -874,10 +881,10 @@ _ANY_ESCAPE = re.compile(
     re.S,
 )
 # What an escape may be written as instead: printable ASCII but the quote and the backslash, the
-# no-break spaces that group digits, other scripts' digits (`digit_view`), and letters (an
+# no-break spaces and dashes that group digits, other scripts' digits (`digit_view`), letters (an
 # address's, "j\\u00e4ne"). A JSON parser reads either form as the same character.
 _A_LETTER = re.compile(_LETTER)  # as an address reads it, "²" too: escaped or not, the same text
-_PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"} | set(_SPACE + _HYPHEN + _FOREIGN_DIGITS)
+_PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"} | set(_SPACE + _HYPHEN + _DASHES + _FOREIGN_DIGITS)
 
 
 def _surrogate(written: str) -> bool:

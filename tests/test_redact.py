@@ -332,12 +332,14 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
     fails its check (and no card or phone there), the other kinds' search (not the email's)
     goes on at the candidate's end. Right where an address ended another may start whatever
     its look-behind says (glued to it); an address followed by an "@" has its domain masked.
-    Every kind but the email reads every script's decimal digits as ASCII's: it is matched and
-    masked in `digits`, the text with each of them its ASCII digit."""
+    Every kind but the email reads every script's decimal digits as ASCII's, and the other dashes
+    as spaces: it is matched and masked in `digits`, the text with each digit its ASCII digit
+    and each dash a space."""
 
     from gateway.redact import _MASKERS, _PARTS, MAX_MATCH, _mask_email
 
-    digits = "".join(str(unicodedata.digit(c)) if c.isdecimal() else c for c in text)
+    dashes = "\u2012\u2013\u2014\u2015\u2212\uff0d"
+    digits = "".join(str(unicodedata.digit(c)) if c.isdecimal() else " " if c in dashes else c for c in text)
 
     kinds = parts or _PARTS
     compiled = {k: (re.compile(b), re.compile(body), re.compile(a)) for k, (b, body, a) in kinds.items()}

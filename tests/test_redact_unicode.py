@@ -1,6 +1,6 @@
 """Redaction of PII written with other scripts' characters: decimal digits of any script
 (full-width U+FF10-FF19, Arabic-Indic U+0660-0669, …) are digits to the card, phone, IBAN
-and SSN kinds."""
+and SSN kinds, and the other dashes (U+2012-2015, U+2212, U+FF0D) set groups apart as spaces do."""
 
 from __future__ import annotations
 
@@ -60,6 +60,35 @@ def test_other_scripts_digits_are_digits(text: str, redacted: str | None) -> Non
     assert stream_in_pieces(text, list(range(len(text))), False) == expected  # a character a delta
 
 
+DASHES = "\u2012\u2013\u2014\u2015\u2212\uff0d"
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        *[(f"tel 415{d}555{d}2671", "tel PHONE_MASKED_LAST2_71") for d in DASHES],
+        *[(f"4111{d}1111{d}1111{d}1111", "CC_MASKED_LAST4_1111") for d in DASHES],
+        ("(415) 555\u20132671", "PHONE_MASKED_LAST2_71"),
+        (fw("(415) 555") + "\uff0d" + fw("2671"), "PHONE_MASKED_LAST2_71"),
+        ("card\u20144242 4242 4242 4242", "card\u2014CC_MASKED_LAST4_4242"),  # an em dash is no hyphen before it
+        ("\u2012+44 20 7946 0958", "\u2012PHONE_MASKED_LAST2_58"),
+        ("020\u20137946\u20130958", "PHONE_MASKED_LAST2_58"),
+        # Look-alikes stay as they are: ranges, dates, negative numbers, ISBNs.
+        ("pages 415\u2013555, the years 2019\u20132023 and 1999\u20142000", None),
+        ("2024\u201301\u201315, " + fw("2024") + "\uff0d" + fw("01") + "\uff0d" + fw("15"), None),
+        ("\u22124242424242424241 and \u221242, 4242\u2212", None),
+        ("ISBN 978\u20133\u201316\u2013148410\u20130", None),
+        ("\u2212$1,234.56, 3.11.7\u20133.12.1", None),
+        # An address beside a dash is the address alone.
+        ("write to us\u2014jane@example.com", "write to us\u2014j***e@example.com"),
+    ],
+)
+def test_other_dashes_set_groups_apart(text: str, redacted: str | None) -> None:
+    expected = text if redacted is None else redacted
+    assert REDACTOR.redact(text) == expected
+    assert stream_in_pieces(text, list(range(len(text))), False) == expected
+
+
 def test_other_scripts_digits_written_as_json_escapes_are_digits() -> None:
     # A client's parser reads "\uff14" as "４": a card in tool-call arguments either way.
     card = "".join(f"\\u{ord(c):04x}" for c in fw("4242 4242 4242 4242"))
@@ -84,12 +113,23 @@ def in_some_script(draw: st.DrawFn, values: st.SearchStrategy[str]) -> str:
 
 
 UNICODE_REPLIES = st.lists(
-    st.one_of(ORDINARY, in_some_script(PII_VALUES), in_some_script(st.sampled_from(LOOK_ALIKES))),
+    st.one_of(
+        ORDINARY,
+        in_some_script(PII_VALUES),
+        in_some_script(st.sampled_from(LOOK_ALIKES)),
+        st.sampled_from(DASHES),
+        in_some_script(PII_VALUES).map(lambda value: value.replace("-", "\u2013")),
+    ),
     min_size=1,
     max_size=20,
 ).map("".join)
 UNICODE_NUMBERS = st.lists(
-    in_some_script(st.sampled_from(["4242", "4242 4242 4242 4242", "+1 415 555 2671", "415", " ", "-", ".", "+", "1"])),
+    st.one_of(
+        in_some_script(
+            st.sampled_from(["4242", "4242 4242 4242 4242", "+1 415 555 2671", "415", " ", "-", ".", "+", "1"])
+        ),
+        st.sampled_from(DASHES),
+    ),
     min_size=1,
     max_size=12,
 ).map("".join)
