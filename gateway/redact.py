@@ -96,12 +96,13 @@ _NATIONAL = (
 )
 _PARTS = {
     "email": _email_parts(_LETTER),
-    # Payment cards: 13-19 digits in groups, issuer prefixes 2-6 (timestamps start with 1), or
-    # four groups of four set apart by dots. After a dot only when no digit is before it: "Card
-    # No.4111…" is a card, "3.4242…" a decimal and "v1.4242…" a version.
+    # Payment cards: 13-19 digits in groups (set apart by one separator or two: "4242  4242"),
+    # issuer prefixes 2-6 (timestamps start with 1), or four groups of four set apart by dots.
+    # After a dot only when no digit is before it: "Card No.4111…" is a card, "3.4242…" a
+    # decimal and "v1.4242…" a version.
     "card": (
         rf"(?<![A-Za-z0-9_,{_HYPHEN}])(?<![0-9]\.)",
-        rf"[2-6][0-9]{{3}}(?:(?:[{_SPACE}{_HYPHEN}]?[0-9]){{9,15}}|(?:\.[0-9]{{4}}){{3}})",
+        rf"[2-6][0-9]{{3}}(?:(?:[{_SPACE}{_HYPHEN}]{{0,2}}[0-9]){{9,15}}|(?:\.[0-9]{{4}}){{3}})",
         _CARD_AHEAD,
     ),
     # Phones: international (+CC ..., or (+CC) ...), North American with separators, or British
@@ -145,17 +146,22 @@ ALL_KINDS = tuple(_PATTERNS)
 # where a hyphen's look-behind would rule the card out, as it does in "INV-…"). Masks are made
 # from the view, so their last digits are ASCII's. Addresses are matched in the text itself,
 # digits only ASCII's there, and a dash beside one ("us—jane@example.com") no part of it.
+# Tabs and the ideographic space (U+3000) are spaces there too: "4242\t4242\t4242\t4242".
 _FOREIGN_DIGITS = "".join(chr(c) for c in range(0x80, 0x20000) if chr(c).isdecimal())
 _DASHES = "\u2012\u2013\u2014\u2015\u2212\uff0d"
-_DIGIT_VIEW = {ord(c): ord("0") + unicodedata.digit(c) for c in _FOREIGN_DIGITS} | {ord(c): ord(" ") for c in _DASHES}
+_DIGIT_VIEW = {ord(c): ord("0") + unicodedata.digit(c) for c in _FOREIGN_DIGITS} | {
+    ord(c): ord(" ") for c in _DASHES + "\t\u3000"
+}
 _FOREIGN = re.compile("[" + _FOREIGN_DIGITS + "]")  # a digit, for `has_trigger` (a dash is none)
-_VIEWED = re.compile("[" + _FOREIGN_DIGITS + _DASHES + "]")  # what the view changes
+_VIEWED = re.compile("[" + _FOREIGN_DIGITS + _DASHES + "\t\u3000]")  # what the view changes
 
 
 def digit_view(text: str) -> str:
     """The text as the digit kinds read it (see `_DIGIT_VIEW`): the text itself when nothing
     in it reads otherwise, the common case (`isascii` is a flag of the string, no scan)."""
-    if text.isascii() or _VIEWED.search(text) is None:
+    if text.isascii():
+        return text.replace("\t", " ") if "\t" in text else text
+    if _VIEWED.search(text) is None:
         return text
     return text.translate(_DIGIT_VIEW)
 
@@ -564,8 +570,8 @@ class Redactor:
         valid span there, and its longest one, except that a card or phone never swallows
         the start of another (a card's CVV, a phone's next number, a card after a phone).
         Otherwise: where the search goes on. Reads no further than MAX_MATCH from the start:
-        a span ends within 39 characters of it, and a card or phone starting inside one
-        within 41 of that start."""
+        a span ends within 49 characters of it, and a card or phone starting inside one
+        within 49 of that start."""
         start = m.start()
         resume = len(text)
         found: re.Match[str] | None = m
@@ -782,7 +788,7 @@ class StreamRedactor:
         start = self._start
         redactor = self._redactor
         # Redactor.settle and _keep, written out: this runs once per streamed event.
-        digits = text if text.isascii() else digit_view(text)
+        digits = text if text.isascii() and "\t" not in text else digit_view(text)
         hold = redactor.hold(text, start, digits)
         if redactor.may_match(text, start, digits):
             after = start if self._after else -1
@@ -806,7 +812,7 @@ class StreamRedactor:
         start = self._start
         text = self._text + piece
         redactor = self._redactor
-        digits = text if text.isascii() else digit_view(text)
+        digits = text if text.isascii() and "\t" not in text else digit_view(text)
         settled = len(text) if final else redactor.hold(text, start, digits)
         if redactor.may_match(text, start, digits):  # something complete to check
             masked: list[str] = []
@@ -1097,7 +1103,7 @@ class JsonStreamRedactor(StreamRedactor):
         view = self._view + self._scan.view(piece)
         redactor = self._redactor
         after = start if self._after else -1
-        digits = view if view.isascii() else digit_view(view)
+        digits = view if view.isascii() and "\t" not in view else digit_view(view)
         hold = len(view) if final else redactor.hold(view, start, digits)
         if redactor.may_match(view, start, digits):
             out, settled, self._in_string, after = redactor.settle_json(

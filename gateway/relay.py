@@ -77,7 +77,7 @@ def side_may_match(data: bytes) -> bool:
     pattern accepts (a dated model name, "-2024-08-06", is eleven run characters but none)."""
     if data.find(b"@") >= 0:
         return True
-    if not data.isascii():  # other scripts' digits are digits (redact.py's `digit_view`)
+    if not data.isascii() or data.find(b"\t") >= 0:  # other scripts' digits are digits, a tab a space (`digit_view`)
         data = digit_view(data.decode("utf-8", "replace")).encode()
     if len(data) < 11 and data.find(b"+") < 0:
         return False  # too short for a run (a pad, an id): the common case, decided here

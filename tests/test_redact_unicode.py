@@ -89,6 +89,27 @@ def test_other_dashes_set_groups_apart(text: str, redacted: str | None) -> None:
     assert stream_in_pieces(text, list(range(len(text))), False) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("4242\t4242\t4242\t4242", "CC_MASKED_LAST4_4242"),
+        ("card:\t4242  4242  4242  4242.", "card:\tCC_MASKED_LAST4_4242."),
+        ("4242 \t4242\t\t4242 -4242", "CC_MASKED_LAST4_4242"),
+        (fw("4242") + "\u3000" + fw("4242") + "\u3000\u3000" + fw("4242 4242"), "CC_MASKED_LAST4_4242"),
+        ("tel\t+1\t415\t555\t2671", "tel\tPHONE_MASKED_LAST2_71"),
+        ("020\t7946\t0958", "PHONE_MASKED_LAST2_58"),
+        # Look-alikes stay as they are: table rows, near-miss cards, numbers set wider apart.
+        ("2024\t01\t15\t12:30:45\t3.11.7\t$1,234.56\t123456789012", None),
+        ("4242\t4242\t4242\t4241 and 4242  4242  4242  4241", None),
+        ("1  2  3  4  5  6  7  8  9  10  11  12  13  14", None),
+    ],
+)
+def test_tabs_and_double_spaces_set_card_groups_apart(text: str, redacted: str | None) -> None:
+    expected = text if redacted is None else redacted
+    assert REDACTOR.redact(text) == expected
+    assert stream_in_pieces(text, list(range(len(text))), False) == expected
+
+
 def test_other_scripts_digits_written_as_json_escapes_are_digits() -> None:
     # A client's parser reads "\uff14" as "４": a card in tool-call arguments either way.
     card = "".join(f"\\u{ord(c):04x}" for c in fw("4242 4242 4242 4242"))
@@ -100,6 +121,7 @@ def test_other_scripts_digits_written_as_json_escapes_are_digits() -> None:
 def test_a_side_value_with_other_scripts_digits_may_match() -> None:
     # The relay's fast path passes a side value (an id, a pad) only if it holds nothing to mask.
     assert side_may_match(fw("4242 4242 4242 4242").encode())
+    assert side_may_match(b"4242\t4242\t4242\t4242")
     assert not side_may_match(fw("chatcmpl 42").encode())
 
 
@@ -117,8 +139,10 @@ UNICODE_REPLIES = st.lists(
         ORDINARY,
         in_some_script(PII_VALUES),
         in_some_script(st.sampled_from(LOOK_ALIKES)),
-        st.sampled_from(DASHES),
+        st.sampled_from([*DASHES, "\t", "  ", "\u3000"]),
         in_some_script(PII_VALUES).map(lambda value: value.replace("-", "\u2013")),
+        in_some_script(PII_VALUES).map(lambda value: value.replace(" ", "\t")),
+        in_some_script(PII_VALUES).map(lambda value: value.replace(" ", "  ")),
     ),
     min_size=1,
     max_size=20,
@@ -126,7 +150,9 @@ UNICODE_REPLIES = st.lists(
 UNICODE_NUMBERS = st.lists(
     st.one_of(
         in_some_script(
-            st.sampled_from(["4242", "4242 4242 4242 4242", "+1 415 555 2671", "415", " ", "-", ".", "+", "1"])
+            st.sampled_from(
+                ["4242", "4242 4242 4242 4242", "+1 415 555 2671", "415", " ", "-", ".", "+", "1", "\t", "  ", "\u3000"]
+            )
         ),
         st.sampled_from(DASHES),
     ),
