@@ -44,7 +44,12 @@ _CONTEXT = 2  # characters of look-behind the patterns need
 # ASCII classes for the digit kinds: \d and \w would also take other scripts' digits. An
 # address may hold letters of any script (internationalised mail, RFC 6531), never their digits.
 _LETTER = r"[^\W\d_]"  # a letter of any script (and a few number signs, as "²"), never a digit
-_LOCAL = rf"(?:{_LETTER}|[0-9._%+-])"  # a character of an address's local part
+# Zero-width characters (spaces, joiners, the word joiner, the BOM): invisible, so text copied
+# from a page may carry them inside an address or a number ("jane.doe\u200b@example.com"). An
+# address takes them as characters of its local part and domain (masked with it; the mask's
+# letters are read without them), a number as a separator (`digit_view`).
+_ZW = "\u200b\u200c\u200d\u2060\ufeff"
+_LOCAL = rf"(?:{_LETTER}|[0-9._%+{_ZW}-])"  # a character of an address's local part
 _LOCAL_MAX = 64  # RFC 5321. Of a longer run of local characters before an "@", its last 64 are masked
 # The domain characters a match reads after its "@": MAX_MATCH less the local part, the "@" and
 # the look-ahead's two. A domain that ends within them is matched whole; a longer one (RFC 1035:
@@ -55,21 +60,23 @@ _DOMAIN_SEEN = MAX_MATCH - _LOCAL_MAX - 3
 
 def _email_parts(letter: str) -> tuple[str, str, str]:
     """The email pattern's (look-behind, body, look-ahead), its letters those of `letter`."""
-    alnum, local, domain = rf"(?:{letter}|[0-9])", rf"(?:{letter}|[0-9._%+-])", rf"(?:{letter}|[0-9.-])"
+    alnum, local, domain = rf"(?:{letter}|[0-9])", rf"(?:{letter}|[0-9._%+{_ZW}-])", rf"(?:{letter}|[0-9.{_ZW}-])"
+    first = rf"(?:{alnum}|[{_ZW}](?={alnum}))"  # a domain's first character ("@\u200bexample.com")
     return (
         # After "@" too ("@jane@example.com", a Fediverse handle; "a@b.co@c.co@d.co", the address
         # after a glued one); after "*" only with more than one character before the "@" (a mask's
         # tail, "j***e@", stays a mask; "**jane@", Markdown's bold, is an address); inside a
         # run of local characters only at its last 64 before the "@".
-        rf"(?:(?<![0-9._%+-])(?<!{letter})(?:(?<!\*)|(?!{local}@))|(?<={local})(?={local}{{{_LOCAL_MAX}}}@))",
-        rf"{local}{{1,{_LOCAL_MAX}}}@(?:"
+        rf"(?:(?<![0-9._%+{_ZW}-])(?<!{letter})(?:(?<!\*)|(?!{local}@))|(?<={local})(?={local}{{{_LOCAL_MAX}}}@))",
+        # A local part of zero-width characters alone is none.
+        rf"(?![{_ZW}]{{1,{_LOCAL_MAX}}}@){local}{{1,{_LOCAL_MAX}}}@(?:"
         # A domain within sight, whole: up to its end, a dot and a top-level domain of letters.
-        rf"(?!{domain}{{{_DOMAIN_SEEN + 1}}}){alnum}{domain}{{0,{_DOMAIN_SEEN - 1}}}\.{letter}{{2,}}+"
+        rf"(?!{domain}{{{_DOMAIN_SEEN + 1}}}){first}{domain}{{0,{_DOMAIN_SEEN - 1}}}\.{letter}(?:[{_ZW}]?{letter})++"
         # An "@" may follow: "jane@example.com@x" holds jane's address (its domain is then masked, see
         # `_mask_email`).
         rf"(?!{alnum}|-|\.{alnum})"
         # A longer one, with a dot in sight: as far as can be seen.
-        rf"|(?={alnum}{domain}{{0,{_DOMAIN_SEEN - 3}}}\.{alnum}){domain}{{{_DOMAIN_SEEN}}}(?={domain}))",
+        rf"|(?={first}{domain}{{0,{_DOMAIN_SEEN - 3}}}\.{alnum}){domain}{{{_DOMAIN_SEEN}}}(?={domain}))",
         "",  # the look-ahead of each kind of domain is in the body
     )
 
@@ -146,14 +153,15 @@ ALL_KINDS = tuple(_PATTERNS)
 # where a hyphen's look-behind would rule the card out, as it does in "INV-…"). Masks are made
 # from the view, so their last digits are ASCII's. Addresses are matched in the text itself,
 # digits only ASCII's there, and a dash beside one ("us—jane@example.com") no part of it.
-# Tabs and the ideographic space (U+3000) are spaces there too: "4242\t4242\t4242\t4242".
+# Tabs, the ideographic space (U+3000) and zero-width characters (`_ZW`) are spaces there too:
+# "4242\t4242\t4242\t4242", "4242\u200b4242…".
 _FOREIGN_DIGITS = "".join(chr(c) for c in range(0x80, 0x20000) if chr(c).isdecimal())
 _DASHES = "\u2012\u2013\u2014\u2015\u2212\uff0d"
 _DIGIT_VIEW = {ord(c): ord("0") + unicodedata.digit(c) for c in _FOREIGN_DIGITS} | {
-    ord(c): ord(" ") for c in _DASHES + "\t\u3000"
+    ord(c): ord(" ") for c in _DASHES + "\t\u3000" + _ZW
 }
 _FOREIGN = re.compile("[" + _FOREIGN_DIGITS + "]")  # a digit, for `has_trigger` (a dash is none)
-_VIEWED = re.compile("[" + _FOREIGN_DIGITS + _DASHES + "\t\u3000]")  # what the view changes
+_VIEWED = re.compile("[" + _FOREIGN_DIGITS + _DASHES + "\t\u3000" + _ZW + "]")  # what the view changes
 
 
 def digit_view(text: str) -> str:
@@ -202,7 +210,9 @@ _TRIGGERS = "@0123456789"
 # (\w takes every script's digits, and "_"): one class, not a choice of two, is several times
 # faster, and this only skips the "@"s that no address can hold.
 _EMAIL_AT = re.compile(
-    rf"@(?=[^\W_][\w.-]{{0,{_DOMAIN_SEEN - 4}}}\.[^\W\d_]{{2}}|[^\W_][\w.-]{{{_DOMAIN_SEEN}}})(?<=[\w.%+-]@)"
+    rf"@(?=[{_ZW}]?(?:[^\W_][\w.{_ZW}-]{{0,{_DOMAIN_SEEN - 4}}}\.[^\W\d_][{_ZW}]?[^\W\d_]"
+    rf"|[^\W_][\w.{_ZW}-]{{{_DOMAIN_SEEN}}}))"
+    rf"(?<=[\w.%+{_ZW}-]@)"
 )
 _TRIGGER = re.compile(r"[@\d]")  # \d: every script's digits (`digit_view`)
 
@@ -249,6 +259,9 @@ def _luhn_ok(digits: str) -> bool:
     return (sum(odd.encode()) + sum(even.encode()) - 48 * len(digits)) % 10 == 0
 
 
+_NO_ZW = str.maketrans("", "", _ZW)
+
+
 def _mask_email(text: str, glued: bool = False) -> str:
     """j***e@example.com: only letters of the local part are kept, never digits. `glued`: an "@"
     follows the address, so the end of its domain may be the local part of another, which the
@@ -256,6 +269,8 @@ def _mask_email(text: str, glued: bool = False) -> str:
     holds bob's): the domain is masked too, "x***@***". Only the character after the match
     decides it, which a stream knows once the match is final (it is within MAX_MATCH)."""
     local, _, domain = text.partition("@")
+    if not local.isascii():
+        local = local.translate(_NO_ZW)  # never empty: a local part holds more than those
     first = local[0] if local[0].isalpha() else ""
     last = local[-1] if len(local) > 2 and local[-1].isalpha() else ""
     return f"{first}***{last}@***" if glued else f"{first}***{last}@{domain}"
@@ -887,10 +902,13 @@ _ANY_ESCAPE = re.compile(
     re.S,
 )
 # What an escape may be written as instead: printable ASCII but the quote and the backslash, the
-# no-break spaces and dashes that group digits, other scripts' digits (`digit_view`), letters (an
+# no-break spaces and dashes that group digits, other scripts' digits (`digit_view`), the
+# zero-width characters an address or a number may hold (`_ZW`), letters (an
 # address's, "j\\u00e4ne"). A JSON parser reads either form as the same character.
 _A_LETTER = re.compile(_LETTER)  # as an address reads it, "²" too: escaped or not, the same text
-_PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"} | set(_SPACE + _HYPHEN + _DASHES + _FOREIGN_DIGITS)
+_PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"} | set(
+    _SPACE + _HYPHEN + _DASHES + _FOREIGN_DIGITS + _ZW
+)
 
 
 def _surrogate(written: str) -> bool:

@@ -333,12 +333,12 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
     goes on at the candidate's end. Right where an address ended another may start whatever
     its look-behind says (glued to it); an address followed by an "@" has its domain masked.
     Every kind but the email reads every script's decimal digits as ASCII's, and the other dashes,
-    tabs and U+3000 as spaces: it is matched and masked in `digits`, the text with each digit its
-    ASCII digit and each of those a space."""
+    tabs, U+3000 and zero-width characters as spaces: it is matched and masked in `digits`, the
+    text with each digit its ASCII digit and each of those a space."""
 
     from gateway.redact import _MASKERS, _PARTS, MAX_MATCH, _mask_email
 
-    dashes = "\u2012\u2013\u2014\u2015\u2212\uff0d\t\u3000"
+    dashes = "\u2012\u2013\u2014\u2015\u2212\uff0d\t\u3000\u200b\u200c\u200d\u2060\ufeff"
     digits = "".join(str(unicodedata.digit(c)) if c.isdecimal() else " " if c in dashes else c for c in text)
 
     kinds = parts or _PARTS

@@ -1,6 +1,7 @@
 """Redaction of PII written with other scripts' characters: decimal digits of any script
 (full-width U+FF10-FF19, Arabic-Indic U+0660-0669, …) are digits to the card, phone, IBAN
-and SSN kinds, and the other dashes (U+2012-2015, U+2212, U+FF0D) set groups apart as spaces do."""
+and SSN kinds, and the other dashes (U+2012-2015, U+2212, U+FF0D) set groups apart as spaces do;
+zero-width characters inside an address or a number are masked with it."""
 
 from __future__ import annotations
 
@@ -110,6 +111,40 @@ def test_tabs_and_double_spaces_set_card_groups_apart(text: str, redacted: str |
     assert stream_in_pieces(text, list(range(len(text))), False) == expected
 
 
+ZW = "\u200b\u200c\u200d\u2060\ufeff"
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        *[(f"mail jane.doe{z}@example.com, ok", "mail j***e@example.com, ok") for z in ZW],
+        ("j\u200ba\u200bn\u200be@ex\u200bample.c\u200bom", "j***e@ex\u200bample.c\u200bom"),
+        ("\ufeffjane@example.com", "j***e@example.com"),  # masked with it
+        ("jane@\u200bexample.com", "j***e@\u200bexample.com"),
+        ("jane@example.com\u200b, bob\u200b@example.org", "j***e@example.com\u200b, b***b@example.org"),
+        ("4242\u200b4242\u200b4242\u200b4242\u200b", "CC_MASKED_LAST4_4242\u200b"),
+        ("4242 \u2060" * 3 + "4242", "CC_MASKED_LAST4_4242"),
+        ("tel +1\u200b415\u200b555\u200b2671", "tel PHONE_MASKED_LAST2_71"),
+        # Look-alikes stay as they are: no domain, a local part of zero-width characters alone,
+        # dates and versions, emoji sequences.
+        ("a\u200b@b, \u200b@example.com, x@\u200b.\u200b", None),
+        ("\u200b2024-01-15\u200b v3.11.7\u200d 1\u200b700000000", None),
+        ("\U0001f469\u200d\U0001f4bb @team \u200c", None),
+    ],
+)
+def test_zero_width_characters_are_masked_with_what_they_are_in(text: str, redacted: str | None) -> None:
+    expected = text if redacted is None else redacted
+    assert REDACTOR.redact(text) == expected
+    assert stream_in_pieces(text, list(range(len(text))), False) == expected
+
+
+def test_zero_width_characters_written_as_json_escapes_are_read() -> None:
+    text = '{"to": "jane.doe\\u200b@example.com", "card": "4242\\u200b4242\\u200b4242\\u200b4242"}'
+    expected = '{"to": "j***e@example.com", "card": "CC_MASKED_LAST4_4242"}'
+    assert REDACTOR.redact(text, json_text=True) == expected
+    assert stream_in_pieces(text, [10, 17, 30, 50], True) == expected
+
+
 def test_other_scripts_digits_written_as_json_escapes_are_digits() -> None:
     # A client's parser reads "\uff14" as "４": a card in tool-call arguments either way.
     card = "".join(f"\\u{ord(c):04x}" for c in fw("4242 4242 4242 4242"))
@@ -134,6 +169,16 @@ def in_some_script(draw: st.DrawFn, values: st.SearchStrategy[str]) -> str:
     return "".join(written_in(c, draw(st.sampled_from(ZEROS))) for c in value)
 
 
+@st.composite
+def with_zero_width(draw: st.DrawFn, values: st.SearchStrategy[str]) -> str:
+    """A value with zero-width characters put in at a few places."""
+    value = draw(values)
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(value)))
+        value = value[:at] + draw(st.sampled_from(ZW)) + value[at:]
+    return value
+
+
 UNICODE_REPLIES = st.lists(
     st.one_of(
         ORDINARY,
@@ -143,6 +188,9 @@ UNICODE_REPLIES = st.lists(
         in_some_script(PII_VALUES).map(lambda value: value.replace("-", "\u2013")),
         in_some_script(PII_VALUES).map(lambda value: value.replace(" ", "\t")),
         in_some_script(PII_VALUES).map(lambda value: value.replace(" ", "  ")),
+        with_zero_width(in_some_script(PII_VALUES)),
+        with_zero_width(st.sampled_from(LOOK_ALIKES)),
+        st.sampled_from(ZW),
     ),
     min_size=1,
     max_size=20,
@@ -154,7 +202,7 @@ UNICODE_NUMBERS = st.lists(
                 ["4242", "4242 4242 4242 4242", "+1 415 555 2671", "415", " ", "-", ".", "+", "1", "\t", "  ", "\u3000"]
             )
         ),
-        st.sampled_from(DASHES),
+        st.sampled_from([*DASHES, *ZW]),
     ),
     min_size=1,
     max_size=12,
