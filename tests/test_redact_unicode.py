@@ -230,3 +230,33 @@ def test_stream_equals_whole_for_any_split_in_every_script(text: str, data: st.D
     assert "".join(out) + stream.flush() == whole
     assert sorted(stream_counts) == sorted(whole_counts)
     assert stream_in_pieces(text, cuts, True) == REDACTOR.redact(text, json_text=True)
+
+
+MIB = 1024 * 1024
+# Hostile texts of the new characters (SPEC §6: linear in the text's length). The timeout only
+# guards against a hang: a quadratic path takes minutes at this size.
+HOSTILE = {
+    "full-width digit pairs": "４２ ",
+    "zero-width spaces and digits": "\u200b4",
+    "full-width near-miss cards": "４２４２ ４２４２ ４２４２ ４２４１ ",
+    "Arabic-Indic groups": "٤٢٤٢ ",
+    "digits and en dashes": "4\u2013",
+    "digits and tabs": "4\t",
+    "groups and double spaces": "4242  ",
+    "letters and zero-width spaces": "a\u200b",
+    "zero-width '@' runs": "a\u200b@",
+    "zero-width addresses": "jane\u200b@example.c\u200bo ",
+    "'+' and 25 full-width digits": "+" + "１" * 25 + " ",
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("unit", HOSTILE.values(), ids=HOSTILE.keys())
+def test_a_mib_of_hostile_text_of_the_new_characters_finishes(unit: str) -> None:
+    text = unit * (MIB // len(unit))
+    whole = REDACTOR.redact(text)
+    stream = REDACTOR.stream()
+    out = [stream.feed(text[i : i + 16_384]) for i in range(0, len(text), 16_384)]
+    assert "".join(out) + stream.flush() == whole
+    if unit == HOSTILE["full-width near-miss cards"]:
+        assert whole == text
