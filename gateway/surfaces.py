@@ -570,17 +570,22 @@ def _is_thinking(part: Any) -> bool:
     return type(kind) is str and kind in _THINKING_TYPES
 
 
-class MessagesSurface(Surface):
-    # By whether the event's delta, and its content_block, is thinking: each part by its own type.
-    specs: ClassVar[dict[tuple[bool, bool], Spec]] = {
+def _messages_specs(deltas: Spec, blocks: Spec, starting: Leaf) -> dict[tuple[bool, bool], Spec]:
+    """A Messages stream's event descriptions, by whether the event's delta, and its
+    content_block, is thinking: each part read by its own type."""
+    return {
         (delta, block): {
-            "delta": {**_DELTA, **_THINKING} if delta else _DELTA,
-            "content_block": {**_BLOCK, **_THINKING} if block else _BLOCK,
-            "message": {"content": All({"text": _STARTING_TEXT}, _THINKING_BLOCKS)},
+            "delta": {**deltas, **_THINKING} if delta else deltas,
+            "content_block": {**blocks, **_THINKING} if block else blocks,
+            "message": {"content": All({"text": starting}, _THINKING_BLOCKS)},
         }
         for delta in (False, True)
         for block in (False, True)
     }
+
+
+class MessagesSurface(Surface):
+    specs: ClassVar[dict[tuple[bool, bool], Spec]] = _messages_specs(_DELTA, _BLOCK, _STARTING_TEXT)
     spec: ClassVar[Spec] = specs[False, False]
     reply_spec: ClassVar[Spec] = {"content": All({"text": TEXT}, _THINKING_BLOCKS)}
     done_types: ClassVar[frozenset[str]] = frozenset({"message_stop", "error"})  # the upstream's own error ends it too
@@ -715,15 +720,7 @@ _JSON_STARTING_TEXT = Leaf(json_text=True, opens=True)
 
 
 class MessagesJsonSurface(MessagesSurface):
-    specs: ClassVar[dict[tuple[bool, bool], Spec]] = {
-        (delta, block): {
-            "delta": {**_JSON_DELTA, **_THINKING} if delta else _JSON_DELTA,
-            "content_block": {**_JSON_BLOCK, **_THINKING} if block else _JSON_BLOCK,
-            "message": {"content": All({"text": _JSON_STARTING_TEXT}, _THINKING_BLOCKS)},
-        }
-        for delta in (False, True)
-        for block in (False, True)
-    }
+    specs: ClassVar[dict[tuple[bool, bool], Spec]] = _messages_specs(_JSON_DELTA, _JSON_BLOCK, _JSON_STARTING_TEXT)
     spec: ClassVar[Spec] = specs[False, False]
     reply_spec: ClassVar[Spec] = {"content": All({"text": JSON_TEXT}, _THINKING_BLOCKS)}
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import aiohttp
 import anthropic
-import pydantic
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,6 +24,7 @@ from gateway.redact import ALL_KINDS, build_redactor
 from ..conftest import GatewayFactory
 from ..harness import Gateway, Mock, free_port, http_get, wait_until
 from ..test_redact import PII, PII_VALUES, split_reply
+from .structured import REDACTED, STRUCTURED, Contact
 from .test_telemetry import samples
 
 REDACTOR = build_redactor(ALL_KINDS)
@@ -929,26 +929,15 @@ async def test_chaos_leaves_the_gateway_serving_and_clean(start_gateway: Gateway
     assert "unhandled error" not in gateway.process.errors()
 
 
-class _Contact(pydantic.BaseModel):
-    name: str
-    notes: str
-
-
-# Structured output (output_config.format json_schema, what messages.parse(output_format=...)
-# sends; the beta's output_format too): the text block is a JSON document, a line break in a
-# string written as "\n". Read as prose, "\n4242 4242 4242 4242" is a card glued to the letter n.
-_STRUCTURED = json.dumps({"name": "Jane", "notes": "paid with\n4242 4242 4242 4242 or jane.doe@example.com"})
-
-
 @pytest.mark.parametrize("stream", [False, True])
 def test_structured_output_is_redacted_as_json(shared_gateway: Gateway, stream: bool) -> None:
-    client = sdk(shared_gateway, knobs(reply=_STRUCTURED))
+    client = sdk(shared_gateway, knobs(reply=STRUCTURED))
     messages: list[Any] = [{"role": "user", "content": "hi"}]
     if stream:
-        with client.messages.stream(model="claude-x", max_tokens=64, messages=messages, output_format=_Contact) as s:
+        with client.messages.stream(model="claude-x", max_tokens=64, messages=messages, output_format=Contact) as s:
             parsed = s.get_final_message().parsed_output
     else:
         parsed = client.messages.parse(
-            model="claude-x", max_tokens=64, messages=messages, output_format=_Contact
+            model="claude-x", max_tokens=64, messages=messages, output_format=Contact
         ).parsed_output
-    assert parsed == _Contact(name="Jane", notes="paid with\nCC_MASKED_LAST4_4242 or j***e@example.com")
+    assert parsed == REDACTED

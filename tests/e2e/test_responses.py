@@ -10,7 +10,6 @@ from typing import Any
 
 import aiohttp
 import openai
-import pydantic
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -19,6 +18,7 @@ from gateway.redact import ALL_KINDS, build_redactor
 from ..conftest import GatewayFactory
 from ..harness import Gateway, Mock, wait_until
 from ..test_redact import PII, split_reply
+from .structured import REDACTED, STRUCTURED, Contact
 from .test_telemetry import samples
 
 REDACTOR = build_redactor(ALL_KINDS)
@@ -613,24 +613,14 @@ async def test_token_budgets_reserve_max_output_tokens_and_embeddings_their_text
     assert status == 200 and int(headers["x-ratelimit-remaining-tokens"]) == 1000 - 10 - 3
 
 
-class _Contact(pydantic.BaseModel):
-    name: str
-    notes: str
-
-
-# Structured output (text.format json_schema): output_text is a JSON document, a line break in a
-# string written as "\n". Read as prose, "\n4242 4242 4242 4242" is a card glued to the letter n.
-_STRUCTURED = json.dumps({"name": "Jane", "notes": "paid with\n4242 4242 4242 4242 or jane.doe@example.com"})
-
-
 @pytest.mark.parametrize("stream", [False, True])
 def test_structured_output_is_redacted_as_json(shared_gateway: Gateway, stream: bool) -> None:
-    client = sdk(shared_gateway, knobs(reply=_STRUCTURED))
+    client = sdk(shared_gateway, knobs(reply=STRUCTURED))
     if stream:
-        with client.responses.stream(model=MODEL, input="hi", text_format=_Contact) as events:
+        with client.responses.stream(model=MODEL, input="hi", text_format=Contact) as events:
             done = [event.text for event in events if event.type == "response.output_text.done"]
             final = events.get_final_response()
         assert [json.loads(text) for text in done] == [json.loads(final.output_text)]
     else:
-        final = client.responses.parse(model=MODEL, input="hi", text_format=_Contact)
-    assert final.output_parsed == _Contact(name="Jane", notes="paid with\nCC_MASKED_LAST4_4242 or j***e@example.com")
+        final = client.responses.parse(model=MODEL, input="hi", text_format=Contact)
+    assert final.output_parsed == REDACTED
