@@ -692,6 +692,8 @@ class StreamRelay:
         one gives. Anything else goes one by one, in the run's order: with several streams,
         which one the stream bound lets go (`_evicted_idle`) and which one's copies stop
         being kept (`MAX_KEPT_CHARS`) follow the order texts arrive in."""
+        if len(run) == 1 and self._fed_one(run[0], edits):
+            return
         scratch, numbered = self._scratch, self._numbered
         first: tuple[Path, Leaf] | None = None  # the first text's step
         one_stream = True
@@ -745,6 +747,27 @@ class StreamRelay:
             if given[shown:upto] != text:
                 edits.append((begin, end, given[shown:upto]))
             shown = upto
+
+    def _fed_one(self, value: Value, edits: list[tuple[int, int, str]]) -> bool:
+        """`_fed` for a run of one text (one event a read: a paced stream), when its stream is
+        open: what `_leaf` does then, without looking the stream up twice. False: nothing
+        done, the run goes the usual way (a stream to open or ended, a copy, the number)."""
+        step, begin, end, text = value
+        if step is NUMBER or self._sliced:
+            return False
+        path, leaf = step
+        if leaf.copy or (leaf.opens and not text):
+            return False
+        key = self._stream_key(path, leaf) if leaf.joins is not None or leaf.opens else path
+        stream = self._streams.get(key)
+        if stream is None:
+            return False
+        now = stream.feed(text)
+        if self._kept is not None:
+            self._keep(key, now)
+        if now != text:
+            edits.append((begin, end, now))
+        return True
 
     def _side_may_match(self, data: bytes) -> bool:
         return side_may_match(data)
