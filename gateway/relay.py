@@ -175,6 +175,7 @@ class StreamRelay:
         "_kept",
         "_kept_chars",
         "_last_plan",
+        "_markers",
         "_number_key",
         "_numbered",
         "_on_redaction",
@@ -212,6 +213,9 @@ class StreamRelay:
         self.busy = False  # a worker thread has it (see `aside`): the loop must leave it be
         self._surface = surface
         self._hide_usage = hide_usage  # a chunk with only usage, asked for by the gateway: noted, not relayed
+        # Redaction off: the bytes of the events that end the stream, looked for in every read.
+        done = surface.done_data
+        self._markers = surface.done_markers if done is None else (*surface.done_markers, done)
         # Its framing; `parser.pending`: the bytes of an incomplete event (read, not written, outside).
         self.parser = sse.SSEParser(max_event_bytes) if max_event_bytes else sse.SSEParser()
         self._streams: dict[Path, StreamRedactor] = {}  # one per text field and indices, in order of arrival
@@ -358,9 +362,12 @@ class StreamRelay:
             return b""
         if self._number_key:
             self._note_last_number(blocks)
+        spans = self._worth_parsing(blocks)
+        if not spans:
+            return blocks
         out: list[bytes] = []
         copied = 0
-        for start, stop in self._worth_parsing(blocks):
+        for start, stop in spans:
             hide = False
             for event in sse.parse_blocks(blocks[start:stop]):
                 hide = self._noted(event) or hide
@@ -402,12 +409,13 @@ class StreamRelay:
     def _worth_parsing(self, blocks: bytes) -> list[tuple[int, int]]:
         """Where the events that may hold a usage (not null) or end the stream lie, in order."""
         found = usage_values(blocks)  # the key as it usually comes, or escaped ("\u0075sage")
-        surface = self._surface
-        for marker in surface.done_markers if surface.done_data is None else (*surface.done_markers, surface.done_data):
+        for marker in self._markers:
             at = blocks.find(marker)
             while at >= 0:
                 found.append(at)
                 at = blocks.find(marker, at + 1)
+        if not found:
+            return []  # the usual read: nothing to parse
         spans: list[tuple[int, int]] = []
         for at in sorted(found):
             if spans and at < spans[-1][1]:

@@ -1,7 +1,8 @@
 """The relay one event a read (a paced upstream: an LLM writing as it thinks): the fast path's
 shortcut for a run of one text (`StreamRelay._fed_one`) writes what the usual way writes,
 byte for byte, and what the exact path writes, on each surface's streamed texts (plain text,
-JSON arguments, texts whose later copies repeat them)."""
+JSON arguments, texts whose later copies repeat them). With redaction off, a read in which
+nothing is worth parsing goes out at once, as the plain search over it would send it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from gateway import sse
 from gateway.openai_apis import RESPONSES
 from gateway.redact import ALL_KINDS, build_redactor
-from gateway.relay import StreamRelay, Value
+from gateway.relay import StreamRelay, Value, usage_values
 from gateway.surfaces import CHAT, MESSAGES
 
 from .stream_equivalence import assert_same_but_for_splits
@@ -130,3 +131,66 @@ def test_one_event_a_read_writes_what_the_usual_way_and_the_exact_path_write(cas
     assert_same_but_for_splits(outs, [*map(exact.feed, reads), exact.close()])
     assert fast.done == exact.done and (fast.failure is None) == (exact.failure is None)
     assert sse.SSEParser().feed(b"".join(outs))  # still events
+
+
+class _PlainSearch(StreamRelay):
+    """Redaction off, every read searched as before the early return: the markers built from
+    the surface each read, and the spans built (empty) before anything is decided."""
+
+    __slots__ = ()
+
+    def _worth_parsing(self, blocks: bytes) -> list[tuple[int, int]]:
+        found = usage_values(blocks)
+        surface = self._surface
+        for marker in surface.done_markers if surface.done_data is None else (*surface.done_markers, surface.done_data):
+            at = blocks.find(marker)
+            while at >= 0:
+                found.append(at)
+                at = blocks.find(marker, at + 1)
+        spans: list[tuple[int, int]] = []
+        for at in sorted(found):
+            if spans and at < spans[-1][1]:
+                continue
+            start = blocks.rfind(b"\n\n", 0, at)
+            spans.append((0 if start < 0 else start + 2, blocks.find(b"\n\n", at) + 2))
+        return spans
+
+
+# Events of each surface, and what ends them or carries a usage (OpenAI's, Anthropic's,
+# Responses'), some with the usage key as a text's words, escaped or null.
+UNREDACTED_EVENTS = [
+    b'data: {"choices":[{"index":0,"delta":{"content":" token7"}}],"usage":null}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{"content":"say \\"usage\\": 1"}}]}\n\n',
+    b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}\n\n',
+    b'data: {"choices":[],"\\u0075sage":{"prompt_tokens":1,"completion_tokens":2}}\n\n',
+    b'data: {"error":{"message":"boom","type":"server_error"}}\n\n',
+    b"data: [DONE]\n\n",
+    b": keep-alive\n\n",
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"hi"}}\n\n',
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{},"usage":{"output_tokens":9}}\n\n',
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+    b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"x",'
+    b'"sequence_number":4}\n\n',
+    b'event: response.completed\ndata: {"type":"response.completed","response":{"usage":{"input_tokens":1,'
+    b'"output_tokens":2}},"sequence_number":9}\n\n',
+    b'event: error\ndata: {"type":"error","message":"boom"}\n\n',
+]
+
+
+@settings(max_examples=int(os.environ.get("RELAY_EXAMPLES", "600")), deadline=None)
+@given(
+    st.sampled_from([CHAT, MESSAGES, RESPONSES]),
+    st.lists(st.sampled_from(UNREDACTED_EVENTS), max_size=12),
+    st.lists(st.integers(0, 2000), max_size=8),
+    st.booleans(),
+)
+def test_redaction_off_a_read_goes_out_as_the_plain_search_sends_it(
+    surface: Any, events: list[bytes], cuts: list[int], hide_usage: bool
+) -> None:
+    wire = b"".join(events)
+    points = sorted({min(cut, len(wire)) for cut in cuts})
+    reads = [wire[a:b] for a, b in itertools.pairwise([0, *points, len(wire)])]
+    fast, plain = (kind(None, None, surface, hide_usage=hide_usage) for kind in (StreamRelay, _PlainSearch))
+    assert [*map(fast.feed, reads), fast.close()] == [*map(plain.feed, reads), plain.close()]
+    assert (fast.done, fast.usage, fast.usage_final) == (plain.done, plain.usage, plain.usage_final)
