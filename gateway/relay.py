@@ -663,7 +663,8 @@ class StreamRelay:
         edits: list[tuple[int, int, str]] = []  # (begin, end, text) of each value changed
         failed = -1
         try:
-            self._fed(run, edits)
+            if len(run) != 1 or not self._fed_one(run[0], edits):  # one event a read: straight to its stream
+                self._fed(run, edits)
         except _TooManyStreams as no_room:
             failed = no_room.args[0]
         shift = self._scratch.get("inserted")
@@ -700,8 +701,6 @@ class StreamRelay:
         one gives. Anything else goes one by one, in the run's order: with several streams,
         which one the stream bound lets go (`_evicted_idle`) and which one's copies stop
         being kept (`MAX_KEPT_CHARS`) follow the order texts arrive in."""
-        if len(run) == 1 and self._fed_one(run[0], edits):
-            return
         scratch, numbered = self._scratch, self._numbered
         first: tuple[Path, Leaf] | None = None  # the first text's step
         one_stream = True
