@@ -1415,6 +1415,8 @@ def _spaced_as(data: bytes, compact: bytes) -> bool:
     quotes; a repeated key, a number written otherwise ("1.50") or any escape: False."""
     if len(data) <= len(compact) or data.find(b"\\") >= 0:
         return False
+    if data.translate(None, _JSON_SPACE) != compact.translate(None, _JSON_SPACE):
+        return False  # other than by whitespace (a text the stream changed): no split needed to say so
     parts = data.split(b'"')
     parts[::2] = [part.translate(None, _JSON_SPACE) for part in parts[::2]]
     return b'"'.join(parts) == compact

@@ -2,7 +2,8 @@
 shortcut for a run of one text (`StreamRelay._fed_one`) writes what the usual way writes,
 byte for byte, and what the exact path writes, on each surface's streamed texts (plain text,
 JSON arguments, texts whose later copies repeat them). With redaction off, a read in which
-nothing is worth parsing goes out at once, as the plain search over it would send it."""
+nothing is worth parsing goes out at once, as the plain search over it would send it. An
+event the stream changed is refused by `_spaced_as` as splitting it refuses it."""
 
 from __future__ import annotations
 
@@ -194,3 +195,39 @@ def test_redaction_off_a_read_goes_out_as_the_plain_search_sends_it(
     fast, plain = (kind(None, None, surface, hide_usage=hide_usage) for kind in (StreamRelay, _PlainSearch))
     assert [*map(fast.feed, reads), fast.close()] == [*map(plain.feed, reads), plain.close()]
     assert (fast.done, fast.usage, fast.usage_final) == (plain.done, plain.usage, plain.usage_final)
+
+
+def _spaced_as_by_splitting(data: bytes, compact: bytes) -> bool:
+    """`relay._spaced_as` as it decides without its quick refusal: split on quotes, the
+    whitespace outside strings dropped, joined again."""
+    if len(data) <= len(compact) or data.find(b"\\") >= 0:
+        return False
+    parts = data.split(b'"')
+    parts[::2] = [part.translate(None, b" \t\r\n") for part in parts[::2]]
+    return b'"'.join(parts) == compact
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(alphabet=' ab"\\\t\n{}:,[]é', max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["a", "b c", "d\t"]), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=int(os.environ.get("RELAY_EXAMPLES", "600")), deadline=None)
+@given(JSON_VALUES, JSON_VALUES, st.lists(st.sampled_from([b" ", b"\t", b"\n", b"\r", b"  "]), max_size=6), st.data())
+def test_spaced_as_refuses_quickly_only_what_splitting_refuses(
+    value: Any, other: Any, spaces: list[bytes], data: st.DataObject
+) -> None:
+    # An event the stream changed (its text held back) is refused without the split: what the
+    # split decides stays decided the same, for spacing added anywhere, inside strings too.
+    from gateway.relay import _spaced_as
+
+    compact = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    spaced = bytearray(json.dumps(other if data.draw(st.booleans()) else value, ensure_ascii=False).encode())
+    for space in spaces:
+        at = data.draw(st.integers(0, len(spaced)))
+        spaced[at:at] = space
+    assert _spaced_as(bytes(spaced), compact) == _spaced_as_by_splitting(bytes(spaced), compact)
