@@ -307,17 +307,7 @@ COMMON_FORMATS = [
 ]
 
 
-FULL_WIDTH = pytest.mark.xfail(
-    strict=True,
-    reason="SPEC §6 (phone numbers and cards detected): every class is ASCII, so the full-width "
-    "digits Japanese and Chinese text writes pass (redact.py _PARTS)",
-)
-
-
-@pytest.mark.parametrize(
-    ("text", "clear"),
-    [pytest.param(*c[:2], id=c[2], marks=[FULL_WIDTH] if "full-width" in c[2] else []) for c in COMMON_FORMATS],
-)
+@pytest.mark.parametrize(("text", "clear"), [pytest.param(*c[:2], id=c[2]) for c in COMMON_FORMATS])
 def test_common_phone_and_card_formats_are_masked(text: str, clear: str) -> None:
     assert clear not in REDACTOR.redact(text)
 
