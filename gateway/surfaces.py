@@ -376,13 +376,9 @@ class ChatSurface(Surface):
         before it. A call that held nothing goes on: an upstream that comes back to it (the
         format keys deltas by index, in no promised order) loses none of its arguments.
         (An opening event never takes the fast path: it is never of a learned shape.)"""
-        choices = event.get("choices")
-        if type(choices) is not list:
-            return None
         paths: list[Path] = []
-        for choice in choices:
-            delta = choice.get("delta") if type(choice) is dict and type(choice.get("index")) is int else None
-            calls = delta.get("tool_calls") if type(delta) is dict else None
+        for index, delta in _indexed_deltas(event):
+            calls = delta.get("tool_calls")
             if type(calls) is not list:
                 continue
             here = {call["index"] for call in calls if type(call) is dict and type(call.get("index")) is int}
@@ -393,7 +389,7 @@ class ChatSurface(Surface):
             ]
             if opened:
                 top = max(opened)
-                prefix = ("choices", choice["index"], "delta", "tool_calls")
+                prefix = ("choices", index, "delta", "tool_calls")
                 paths += [(*prefix, j) for j in range(max(0, top - CALLS_ENDED_BY_OPENING), top) if j not in here]
         return paths or None
 
@@ -406,30 +402,26 @@ class ChatSurface(Surface):
         it, as the tail of that call. Several such calls in one event: those before the last are
         whole, redacted whole, and the last one starts the stream that later deltas continue
         (see `relay.walk`), after the stream before them is flushed."""
-        choices = event.get("choices")
-        if type(choices) is not list:
-            return None
         paths: list[Path] = []
-        for choice in choices:
-            delta = choice.get("delta") if type(choice) is dict and type(choice.get("index")) is int else None
-            if type(delta) is dict and _answer_after_thinking(delta.get("content"), counts):
+        for index, delta in _indexed_deltas(event):
+            if _answer_after_thinking(delta.get("content"), counts):
                 # The answer begins: the thinking's held text goes out first, as clients keep one
                 # leading thinking chunk (Mistral refuses a conversation sent back otherwise).
-                paths.append(("choices", choice["index"], "delta", "content", THINKING_CHUNKS))
-            calls = delta.get("tool_calls") if type(delta) is dict else None
+                paths.append(("choices", index, "delta", "content", THINKING_CHUNKS))
+            calls = delta.get("tool_calls")
             if type(calls) is not list:
                 continue
-            if type(delta) is dict and not delta.get("content") and not delta.get("refusal") and _opens_a_call(calls):
+            if not delta.get("content") and not delta.get("refusal") and _opens_a_call(calls):
                 # The openai SDK's stream helper takes the content (and refusal) for done when
                 # a tool call's delta arrives (content.done): their held text goes out before
                 # it. Text that comes after the calls (Claude may write some) starts afresh.
-                at = ("choices", choice["index"], "delta")
+                at = ("choices", index, "delta")
                 paths += [(*at, "content"), (*at, "refusal")]
             unindexed = [call for call in calls if type(call) is dict and call.get("index") is None]
             if not unindexed:
                 continue
             ids = [call["id"] for call in unindexed if type(call.get("id")) is str and call["id"]]
-            key = f"unindexed call {choice['index']}"
+            key = f"unindexed call {index}"
             last = counts.get(key)
             # The call later deltas without an id (or with it again) go on. Choices noted are
             # bounded (a hostile upstream may send a new index every event): past the bound, a
@@ -442,7 +434,7 @@ class ChatSurface(Surface):
                     counts[_UNINDEXED_CHOICES] = counts.get(_UNINDEXED_CHOICES, 0) + 1
                 counts[key] = hash(ids[-1])
             if opened or len(unindexed) > 1:
-                paths.append(("choices", choice["index"], "delta", "tool_calls", None))
+                paths.append(("choices", index, "delta", "tool_calls", None))
         return paths or None
 
     def flush_into(self, event: dict[str, Any]) -> list[Path] | None:
@@ -480,6 +472,18 @@ class ChatSurface(Surface):
         if payload is not None and asks_json(payload.get("response_format")):
             return CHAT_JSON
         return self
+
+
+def _indexed_deltas(event: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each choice's index and delta, for the choices that have both (what streams are keyed by)."""
+    choices = event.get("choices")
+    for choice in choices if type(choices) is list else ():
+        if (
+            type(choice) is dict
+            and type(index := choice.get("index")) is int
+            and type(delta := choice.get("delta")) is dict
+        ):
+            yield index, delta
 
 
 def _opens_a_call(calls: list[Any]) -> bool:
