@@ -40,7 +40,10 @@ def store(backend: tuple[str | None, bool]) -> Callable[[], AbstractAsyncContext
     @asynccontextmanager
     async def opened() -> AsyncIterator[QuotaStore]:
         url, cluster = backend
-        store = store_from_url(url, cluster=cluster, timeout=0.5)
+        # What is counted is the contract, not how fast: a deadline that a loaded machine misses
+        # (200 hits to a cluster in its first batch took over 0.5 s during a CI run) is no
+        # defect here. The deadline's own tests build stores of their own.
+        store = store_from_url(url, cluster=cluster, timeout=5.0)
         if isinstance(store, RedisStore):
             await store.open()
         try:
