@@ -231,10 +231,12 @@ async def test_a_route_without_completions_reserves_its_texts_only() -> None:
 
 
 async def test_texts_nested_past_the_stack_are_a_bad_request() -> None:
+    # Tool results within tool results: their walk nests (a tool's input no longer does: it is
+    # walked with a stack of its own, see tests/test_text_walks.py).
     nested: Any = "deep"
     for _ in range(5000):
-        nested = {"k": nested}
-    payload = {"model": "c", "messages": [{"role": "user", "content": [{"type": "tool_use", "input": nested}]}]}
+        nested = [{"type": "tool_result", "tool_use_id": "t", "content": nested}]
+    payload = {"model": "c", "messages": [{"role": "user", "content": nested}]}
     with pytest.raises(BadRequest, match="nested too deeply"):
         await budget_over(MemoryStore()).estimate(MESSAGES_API, payload)
 
