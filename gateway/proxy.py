@@ -135,7 +135,6 @@ class Proxy:
         legs = router.legs(self._api, state.model) if router is not None and self._api.name in ROUTED_APIS else None
         if legs is not None and len(legs) > 1:
             legs = _permitted_legs(request, state, legs)
-        state.stream = self._api.streams and payload.get("stream") is True
         hidden_usage = state.stream and self._api.asks_stream_usage and ask_stream_usage(payload)
         state.usage_chunk = state.stream and self._api.asks_stream_usage and not hidden_usage
         if self._redactor is not None:
@@ -275,7 +274,7 @@ class Proxy:
         if state.stream and self._api.asks_stream_usage and isinstance(answer, dict) and not state.error_answer:
             # A chat stream answered with one JSON reply (a server that does not stream): the
             # client asked for a stream (SPEC §3), and gets the completion as one.
-            events = completion_events(loads_reply(data), state.usage_chunk)
+            events = completion_events(answer, state.usage_chunk)  # redacted in place, as `data` was written
             if events is not None:
                 return web.Response(body=events, status=reply.status, headers=SSE_HEADERS)
         return web.Response(body=data, status=reply.status, content_type="application/json")

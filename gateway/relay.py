@@ -78,7 +78,10 @@ def side_may_match(data: bytes) -> bool:
     if data.find(b"@") >= 0:
         return True
     if not data.isascii() or data.find(b"\t") >= 0:  # other scripts' digits are digits, a tab a space (`digit_view`)
-        data = digit_view(data.decode("utf-8", "replace")).encode()
+        text = data.decode("utf-8", "replace")
+        view = digit_view(text)
+        if view is not text:  # else the bytes read the same
+            data = view.encode()
     if len(data) < 11 and data.find(b"+") < 0:
         return False  # too short for a run (a pad, an id): the common case, decided here
     if data.find(b"+") >= 0:  # a "+" phone's run may be short
