@@ -96,10 +96,15 @@ def _uk_area(digits: int) -> str:
 
 
 # National phone formats: British (11 digits as Ofcom groups them: 020 7946 0958, 0161 496
-# 0000, 07700 900123) and French (five pairs: 01 23 45 67 89, 06.12.34.56.78).
+# 0000, 07700 900123), French (five pairs: 01 23 45 67 89, 06.12.34.56.78), and Japanese and
+# Korean (three groups, the last of four, as both countries hyphenate them: mobiles 090-1234-5678
+# and 010-1234-5678, Tokyo's 03-1234-5678, Seoul's 02-123-4567, 045-123-4567, 0123-45-6789; a
+# full-width dash, "０９０－１２３４－５６７８", is a space in `digit_view`, so a space sets them apart too).
+_SEP = f"[{_SPACE}{_HYPHEN}]"
 _NATIONAL = (
     rf"{_uk_area(1)}[0-9]{{4}}[{_SPACE}][0-9]{{4}}|{_uk_area(2)}[0-9]{{3}}[{_SPACE}][0-9]{{4}}"
     rf"|{_uk_area(3)}[0-9]{{3}}[{_SPACE}]?[0-9]{{3}}|0[1-9](?:[{_SPACE}.][0-9]{{2}}){{4}}"
+    rf"|0[1-9][0-9]?{_SEP}[0-9]{{3,4}}{_SEP}[0-9]{{4}}|0[1-9][0-9]{{2}}{_SEP}[0-9]{{2}}{_SEP}[0-9]{{4}}"
 )
 _PARTS = {
     "email": _email_parts(_LETTER),

@@ -41,6 +41,8 @@ PII = {
         "+44 20 7946 0958",
         "+4930123456",
         "+44 (0)20 7946 0958",
+        "090-1234-5678",
+        "03-1234-5678",
     ],
     "iban": ["DE89 3704 0044 0532 0130 00", "GB82WEST12345698765432", "FR1420041010050500013M02606"],
     "ssn": ["123-45-6789", "078-05-1120"],
@@ -71,6 +73,8 @@ LOOK_ALIKES = [
     "4111 1111 1111 1112",
     "000-12-3456",
     "ISBN 978-3-16-148410-0",
+    "ISBN 4-12-345678-9",
+    "〒100-0001",
 ]
 
 ORDINARY = st.sampled_from(
@@ -619,7 +623,8 @@ def test_bracketed_country_codes_and_phones_after_an_abbreviation(text: str, red
 
 
 # National formats without a "+": British (a leading 0, spaces as Ofcom writes them: 020 7946
-# 0958, 0161 496 0000, 07700 900123, an area code in brackets) and French (five pairs).
+# 0958, 0161 496 0000, 07700 900123, an area code in brackets), French (five pairs), Japanese
+# and Korean (three hyphenated groups, the last of four: 090-1234-5678, 03-1234-5678).
 # Bare digit runs, other groupings and numbers without the leading 0 stay as they are.
 @pytest.mark.parametrize(
     ("text", "redacted"),
@@ -632,6 +637,13 @@ def test_bracketed_country_codes_and_phones_after_an_abbreviation(text: str, red
         ("(01632) 960000", "PHONE_MASKED_LAST2_00"),
         ("appelez le 01 23 45 67 89", "appelez le PHONE_MASKED_LAST2_89"),
         ("tél. 06.12.34.56.78", "tél. PHONE_MASKED_LAST2_78"),
+        ("携帯 090-1234-5678 まで", "携帯 PHONE_MASKED_LAST2_78 まで"),
+        ("전화 010-1234-5678", "전화 PHONE_MASKED_LAST2_78"),
+        ("Tokyo 03-1234-5678.", "Tokyo PHONE_MASKED_LAST2_78."),
+        ("Seoul 02-123-4567", "Seoul PHONE_MASKED_LAST2_67"),
+        ("Yokohama 045-123-4567", "Yokohama PHONE_MASKED_LAST2_67"),
+        ("0123-45-6789", "PHONE_MASKED_LAST2_89"),
+        ("０９０－１２３４－５６７８", "PHONE_MASKED_LAST2_78"),
         # Look-alikes stay.
         ("ISBN 0 306 40615 2", None),
         ("02079460958", None),
@@ -640,9 +652,13 @@ def test_bracketed_country_codes_and_phones_after_an_abbreviation(text: str, red
         ("01.23.45.67.89.10", None),
         ("ids 20 7946 0958", None),
         ("FedEx 7489 1234 5678", None),
+        ("01-23-4567", None),
+        ("090-1234-56789", None),
+        ("090-1234-5678-9", None),
+        ("A03-1234-5678", None),
     ],
 )
-def test_british_and_french_national_phones(text: str, redacted: str | None) -> None:
+def test_british_french_japanese_and_korean_national_phones(text: str, redacted: str | None) -> None:
     redacts_whole_streamed_and_long(text, redacted)
 
 
