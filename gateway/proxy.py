@@ -130,8 +130,7 @@ class Proxy:
         state = request[STATE]
         payload = state.payload
         assert payload is not None and state.model is not None, "the body middleware runs first"
-        # Before any work: an unrouted model is 404. ROUTES_FILE routes chat and messages;
-        # the other OpenAI routes go to OPENAI_BASE_URL.
+        # Before any work: an unrouted model is 404. ROUTES_FILE routes every POST route.
         legs = router.legs(self._api, state.model) if router is not None and self._api.name in ROUTED_APIS else None
         if legs is not None and len(legs) > 1:
             legs = _permitted_legs(request, state, legs)

@@ -19,20 +19,24 @@ from typing import TYPE_CHECKING, Any
 
 from . import translate
 from .breaker import Breaker, Breakers, Permit
+from .config import endpoint
 from .egress import Egress
 from .errors import ModelNotFound, UpstreamStreamBroken
 from .keys import CONFIG, LIVE_CONFIG
 from .models import Usage
+from .openai_apis import EMBEDDINGS_API, RESPONSES_API
 from .redact import OnRedaction, Redactor
 from .relay import ASIDE_BYTES, dumps_reply
-from .routing import Kind, RouteTable
+from .routing import Kind, RouteTable, UpstreamConfig
 from .surfaces import CHAT_API, MESSAGES_API, Api, strings_in
 from .upstream import Reply, Upstream
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-ROUTED_APIS = frozenset({CHAT_API.name, MESSAGES_API.name})  # what ROUTES_FILE routes (SPEC §13)
+ROUTED_APIS = frozenset({CHAT_API.name, MESSAGES_API.name, RESPONSES_API.name, EMBEDDINGS_API.name})  # SPEC §13
+# The OpenAI routes that only an OpenAI-compatible upstream serves: not translated for Anthropic's.
+_OPENAI_ONLY: tuple[Api, ...] = (RESPONSES_API, EMBEDDINGS_API)
 MIN_ATTEMPT_SECS = 1.0  # SPEC §13: an attempt's share of TIMEOUT_SECS is never less
 # Anthropic events with no chat form (thinking, pings) still show the upstream alive: past this
 # long without a chat event (or half STREAM_IDLE_SECS, when that is shorter), one SSE comment
@@ -75,6 +79,7 @@ class Router:
         "_egress",
         "_legs",
         "_organization",
+        "_path_clients",
         "_project",
         "_retired",
         "breakers",
@@ -106,21 +111,31 @@ class Router:
         # first request, as the ones of start-up are.
         for name in table.upstreams:
             breakers[name]
+
         # The operator's OpenAI organization and project go with the OpenAI key: to the
-        # upstreams that are sent OPENAI_API_KEY.
-        self.clients = {
-            name: Upstream(
-                upstream.url,
+        # upstreams that are sent OPENAI_API_KEY. Each client posts to one path: an
+        # OpenAI-compatible upstream has one for chat and one for each other OpenAI route.
+        def client(upstream: UpstreamConfig, url: str) -> Upstream:
+            openai_key = upstream.api_key_env == "OPENAI_API_KEY"
+            return Upstream(
+                url,
                 upstream.api_key,
                 connect_timeout,
                 anthropic=upstream.kind == "anthropic",
-                organization=organization if upstream.api_key_env == "OPENAI_API_KEY" else None,
-                project=project if upstream.api_key_env == "OPENAI_API_KEY" else None,
+                organization=organization if openai_key else None,
+                project=project if openai_key else None,
                 egress=egress,
             )
+
+        self.clients = {name: client(upstream, upstream.url) for name, upstream in table.upstreams.items()}
+        self._path_clients = {
+            (name, api.name): client(upstream, endpoint(upstream.base_url, api.path))
             for name, upstream in table.upstreams.items()
+            if upstream.kind == "openai"
+            for api in _OPENAI_ONLY
         }
-        # Per route, what each API sends where: /v1/messages only to Anthropic upstreams.
+        # Per route, what each API sends where: /v1/messages only to Anthropic upstreams,
+        # /v1/responses and /v1/embeddings only to OpenAI-compatible ones.
         self._legs: dict[tuple[str, int], tuple[Leg, ...]] = {}
         for route in table.routes:
             for api in (CHAT_API, MESSAGES_API):
@@ -136,6 +151,18 @@ class Router:
                     if api is CHAT_API or t.upstream.kind == "anthropic"
                 )
                 self._legs[(api.name, id(route))] = legs
+            for api in _OPENAI_ONLY:
+                self._legs[(api.name, id(route))] = tuple(
+                    Leg(
+                        t.upstream.name,
+                        t.upstream.kind,
+                        t.model,
+                        self._path_clients[(t.upstream.name, api.name)],
+                        False,
+                    )
+                    for t in route.targets
+                    if t.upstream.kind == "openai"
+                )
 
     def reloaded(self, table: RouteTable) -> Router:
         """A router for a new ROUTES_FILE (SIGHUP): the same breakers, so an upstream that keeps
@@ -151,7 +178,7 @@ class Router:
         )
 
     async def open(self) -> None:
-        for client in self.clients.values():
+        for client in (*self.clients.values(), *self._path_clients.values()):
             await client.open()
 
     def enter(self) -> None:
@@ -174,7 +201,7 @@ class Router:
 
     async def close(self) -> None:
         self._closed = True
-        for client in self.clients.values():
+        for client in (*self.clients.values(), *self._path_clients.values()):
             await client.close()
 
     @property
@@ -195,7 +222,8 @@ class Router:
             raise ModelNotFound(model)
         legs = self._legs[(api.name, id(route))]
         if not legs:
-            raise ModelNotFound(model, "is routed only to OpenAI-compatible upstreams, which do not serve /v1/messages")
+            served = "OpenAI-compatible upstreams" if api is MESSAGES_API else "Anthropic upstreams"
+            raise ModelNotFound(model, f"is routed only to {served}, which do not serve {api.path}")
         return legs
 
     def attempts(self, legs: tuple[Leg, ...], total_secs: float) -> Attempts:

@@ -259,12 +259,13 @@ def test_embeddings_policy_sees_the_upstream_it_is_sent_to(tmp_path: Path, fakes
     policy = tmp_path / "p.cedar"
     policy.write_text(
         '@id("all") permit(principal, action, resource);\n'
-        '@id("no-default") forbid(principal, action, resource) when { context.upstream == "default" };\n'
+        '@id("no-backup") forbid(principal, action, resource) when { context.upstream == "backup" };\n'
     )
     fakes["backup"].script({"status": 200, "body": json.dumps({"object": "list", "data": [], "model": "x"})})
     gw = gateway(ROUTES_FILE=str(routes_file(tmp_path, fakes)), POLICY_FILE=str(policy))
     status, _, _ = post(gw.port, "/v1/embeddings", {"model": "claude-embed", "input": "hello"})
-    assert status == 403  # it went to OPENAI_BASE_URL ("default") and the policy forbids that
+    # Routed (SPEC §13): to "backup", its route's one OpenAI-compatible upstream, and the policy forbids that
+    assert status == 403
 
 
 def test_every_circuit_open_on_messages_is_503_circuit_open_not_529(tmp_path: Path, fakes, gateway) -> None:
