@@ -244,7 +244,16 @@ def mask_url(url: str) -> str:
         user, colon, _ = userinfo.partition(":")
         netloc = (MASK if user else "") + (":" + MASK if colon else "") + "@" + hostport
     query = "&".join(_mask_query_item(item) for item in parts.query.split("&")) if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, MASK if parts.fragment else ""))
+    masked = urlunsplit((parts.scheme, netloc, parts.path, query, MASK if parts.fragment else ""))
+    if (
+        not netloc
+        and url[: len(parts.scheme) + 3].lower() == parts.scheme + "://"
+        and masked[len(parts.scheme) + 1 : len(parts.scheme) + 3] != "//"
+    ):
+        # urlunsplit drops an empty host's "//" for schemes it does not know: unix:///run/r.sock
+        # came out as unix:/run/r.sock, a value the operator never set.
+        masked = parts.scheme + "://" + masked[len(parts.scheme) + 1 :]
+    return masked
 
 
 def _mask_query_item(item: str) -> str:

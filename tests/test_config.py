@@ -850,6 +850,19 @@ def test_redis_url_query_options_coredis_reads_are_kept(monkeypatch: pytest.Monk
         assert load_settings().redis_url == value
 
 
+def test_check_config_prints_a_unix_socket_url_as_it_was_set() -> None:
+    # urlunsplit writes "unix:/run/redis.sock" for a URL without a host: --check-config printed a
+    # REDIS_URL the operator never set (the // gone), masked or not.
+    for value, shown in (
+        ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+        ("unix:///run/redis.sock?db=2", "unix:///run/redis.sock?db=2"),
+        ("unix:///run/redis.sock?password=hunter2", "unix:///run/redis.sock?password=***"),
+    ):
+        result = run_gateway("--check-config", REDIS_URL=value)
+        assert result.returncode == 0, result.stderr
+        assert f"REDIS_URL={shown}" in result.stdout.splitlines()
+
+
 def test_the_egress_proxy_is_read_under_curls_names_lower_case_first(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HTTPS_PROXY", "http://upper.example:3128")
     monkeypatch.setenv("https_proxy", "http://lower.example:3128")
