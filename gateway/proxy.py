@@ -54,7 +54,7 @@ from .router import (
 )
 from .surfaces import Api, Surface, ask_stream_usage
 from .telemetry import Telemetry
-from .translate import completion_events
+from .translate import completion_events, completion_from_events
 from .upstream import Reply, Upstream
 
 # Short texts redacted one after another: a turn of the loop for others after each 4 KiB of
@@ -323,6 +323,15 @@ class Proxy:
             self._telemetry.metrics.cb_event("upstream_error")
             body += relay.error_event(UpstreamStreamBroken())
         state.usage, state.response_model = relay.usage, relay.response_model
+        if self._api.asks_stream_usage and not state.stream:
+            # A chat request without "stream" answered with events (a server that always
+            # streams): the client asked for JSON (SPEC §3), and gets the redacted events as
+            # one completion; an error after the answer began is the upstream's failure, a 502.
+            answer = completion_from_events(body)
+            if answer is None:
+                raise UpstreamError("upstream answered with events that hold no completion")
+            status = 502 if "error" in answer and not state.error_answer else reply.status
+            return web.Response(body=reply.scrub(dumps_reply(answer)), status=status, content_type="application/json")
         # The whole stream in one write: its error event may echo the key, as a live stream's last write may.
         return web.Response(body=reply.scrub(body), status=reply.status, headers=SSE_HEADERS)
 

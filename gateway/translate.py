@@ -592,3 +592,91 @@ def completion_events(completion: Mapping[str, Any], with_usage: bool) -> bytes 
         chunk([], usage=completion["usage"])
     events.append(b"data: [DONE]\n\n")
     return b"".join(events)
+
+
+def completion_from_events(events: bytes) -> dict[str, Any] | None:
+    """A chat stream (from an upstream that answered a request without "stream" with events:
+    a server that always streams) as the one completion OpenAI would have sent for it: each
+    choice's deltas joined into its message (content, refusal, tool calls by index), its last
+    finish_reason, the last usage. Else the openai SDK, handed SSE for the JSON it asked for,
+    returns the text as a str. An error event comes back as its error object, the completion
+    left behind; None: no chunk and no error (nothing to write as a completion)."""
+    head: dict[str, Any] = {}
+    choices: dict[int, dict[str, Any]] = {}
+    usage: Any = None
+    parser = sse.SSEParser()
+    for event in [*parser.feed(events), *parser.close()]:
+        if event.data is None or event.data == sse.DONE:
+            continue
+        try:
+            chunk = loads_reply(event.data)
+        except (ValueError, RecursionError):
+            continue
+        if type(chunk) is not dict:
+            continue
+        if chunk.get("error") is not None:
+            return {"error": chunk["error"]}
+        for name in _CHUNK_FIELDS:
+            if name in chunk and name not in head:
+                head[name] = chunk[name]
+        if type(chunk.get("usage")) is dict:
+            usage = chunk["usage"]
+        listed = chunk.get("choices")
+        for number, choice in enumerate(listed if type(listed) is list else ()):
+            if type(choice) is dict:
+                index = choice.get("index", number)
+                _join_delta(choices.setdefault(index if type(index) is int else number, {}), choice)
+    if not head and not choices:
+        return None
+    completion: dict[str, Any] = {**head, "object": "chat.completion"}
+    completion["choices"] = [_choice(index, parts) for index, parts in sorted(choices.items())]
+    if usage is not None:
+        completion["usage"] = usage
+    return completion
+
+
+def _join_delta(parts: dict[str, Any], choice: Mapping[str, Any]) -> None:
+    delta = choice.get("delta")
+    if type(delta) is dict:
+        if isinstance(delta.get("role"), str):
+            parts.setdefault("role", delta["role"])
+        for name in ("content", "refusal"):
+            if isinstance(delta.get(name), str):
+                parts[name] = parts.get(name, "") + delta[name]
+        calls = delta.get("tool_calls")
+        for number, call in enumerate(calls if type(calls) is list else ()):
+            if type(call) is not dict:
+                continue
+            index = call.get("index", number)
+            joined = parts.setdefault("tool_calls", {}).setdefault(index if type(index) is int else number, {})
+            for name in ("id", "type"):
+                if isinstance(call.get(name), str):
+                    joined.setdefault(name, call[name])
+            function = call.get("function")
+            if type(function) is dict:
+                into = joined.setdefault("function", {"name": "", "arguments": ""})
+                for name in ("name", "arguments"):
+                    if isinstance(function.get(name), str):
+                        into[name] += function[name]
+    if choice.get("finish_reason") is not None:
+        parts["finish_reason"] = choice["finish_reason"]
+    logprobs = choice.get("logprobs")
+    if type(logprobs) is dict and type(logprobs.get("content")) is list:
+        parts.setdefault("logprobs", {"content": []})["content"].extend(logprobs["content"])
+
+
+def _choice(index: int, parts: Mapping[str, Any]) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "role": parts.get("role", "assistant"),
+        "content": parts.get("content"),
+        "refusal": parts.get("refusal"),
+    }
+    calls = parts.get("tool_calls")
+    if calls:
+        message["tool_calls"] = [calls[number] for number in sorted(calls)]
+    return {
+        "index": index,
+        "message": message,
+        "logprobs": parts.get("logprobs"),
+        "finish_reason": parts.get("finish_reason"),
+    }

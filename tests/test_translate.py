@@ -591,3 +591,63 @@ def test_a_completion_as_events_is_what_the_sdk_assembles_back() -> None:
     assert final.choices[2].message.refusal == "No."
     assert final.usage is not None and final.usage.total_tokens == 7
     assert completion_events({"error": {"message": "x"}}, with_usage=False) is None  # not a completion
+
+
+def test_events_answering_a_request_without_stream_are_one_completion_the_sdk_reads() -> None:
+    """A chat request without "stream" answered with events (a server that always streams) goes
+    out as one completion (completion_from_events): deltas joined per choice, tool-call
+    arguments per call, the last finish_reason and usage; an error event as its error object."""
+    from gateway.translate import completion_from_events
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        head = {"id": "chatcmpl-9", "object": "chat.completion.chunk", "created": 5, "model": "gpt-4o"}
+        return b"data: " + orjson.dumps({**head, "choices": choices, **extra}) + b"\n\n"
+
+    def call(index: int, **fields: Any) -> dict[str, Any]:
+        return {"index": 0, "delta": {"tool_calls": [{"index": index, **fields}]}, "finish_reason": None}
+
+    parts = [
+        b": keep-alive\n\n",
+        chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]),
+        chunk([{"index": 0, "delta": {"content": "Hi "}, "finish_reason": None}]),
+        chunk([{"index": 1, "delta": {"role": "assistant", "refusal": "No"}, "finish_reason": None}]),
+        chunk([{"index": 0, "delta": {"content": "j***e@example.com"}, "finish_reason": None}]),
+        chunk([call(0, id="call_1", type="function", function={"name": "f", "arguments": ""})]),
+        chunk([call(1, id="call_2", type="function", function={"name": "g", "arguments": '{"b"'})]),
+        chunk([call(0, function={"arguments": '{"a": '})]),
+        chunk([call(0, function={"arguments": "1}"})]),
+        chunk([call(1, function={"arguments": ": 2}"})]),
+        chunk([{"index": 1, "delta": {"refusal": "."}, "finish_reason": "stop"}]),
+        chunk([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]),
+        chunk([], usage={"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}),
+        b"data: [DONE]\n\n",
+    ]
+    completion = completion_from_events(b"".join(parts))
+    assert completion is not None
+    reply = ChatCompletion.model_validate(completion)
+    assert (reply.id, reply.object, reply.created, reply.model) == ("chatcmpl-9", "chat.completion", 5, "gpt-4o")
+    assert [c.index for c in reply.choices] == [0, 1]
+    first, second = reply.choices
+    assert (first.message.role, first.message.content, first.finish_reason) == (
+        "assistant",
+        "Hi j***e@example.com",
+        "tool_calls",
+    )
+    assert [(c.id, c.function.name, c.function.arguments) for c in first.message.tool_calls or []] == [
+        ("call_1", "f", '{"a": 1}'),
+        ("call_2", "g", '{"b": 2}'),
+    ]
+    assert (second.message.content, second.message.refusal, second.finish_reason) == (None, "No.", "stop")
+    assert reply.usage is not None and reply.usage.total_tokens == 7
+
+    # What completion_events writes for a completion reads back as that completion.
+    from gateway.translate import completion_events
+
+    again = completion_from_events(completion_events(completion, with_usage=True) or b"")
+    assert again is not None and ChatCompletion.model_validate(again) == reply
+
+    error = {"message": "overloaded", "type": "server_error", "code": None}
+    assert completion_from_events(b"".join(parts[:3]) + b"data: " + orjson.dumps({"error": error}) + b"\n\n") == {
+        "error": error
+    }
+    assert completion_from_events(b": only a comment\n\ndata: [DONE]\n\n") is None

@@ -142,18 +142,36 @@ def test_a_stream_request_answered_with_one_json_reply_is_a_stream_redacted(
     assert bool(usage_chunks) == usage and all(c.usage is not None and c.usage.total_tokens for c in usage_chunks)
 
 
-@pytest.mark.parametrize("stream", [True, False])
-async def test_events_where_json_was_expected_are_relayed_as_events_and_redacted(
-    shared_gateway: Gateway, mock: Mock, stream: bool
+def test_a_request_without_stream_answered_with_events_is_one_json_completion_redacted(
+    shared_gateway: Gateway, mock: Mock
 ) -> None:
-    # A stream under a JSON content type, and a stream answering a request without "stream".
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    # A server that always streams answers a request without "stream" with events. Relayed as
+    # events, the openai SDK's create() returned the SSE text as a str, not a ChatCompletion
+    # (black-box review; SPEC §3: absent or false gets JSON, as OpenAI).
+    client = sdk(
+        shared_gateway,
+        **{
+            "x-stainless-mock-answer": "events",
+            "x-stainless-mock-deltas": json.dumps(["mail jane.doe@exa", "mple.com", " now"]),
+        },
+    )
+    raw = client.chat.completions.with_raw_response.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert raw.headers["content-type"].startswith("application/json")
+    reply = raw.parse()
+    assert reply.object == "chat.completion"
+    assert [c.message.content for c in reply.choices] == ["mail j***e@example.com now"]
+    assert reply.choices[0].finish_reason == "stop" and reply.choices[0].message.role == "assistant"
+
+
+async def test_a_stream_under_a_json_content_type_is_relayed_as_events_and_redacted(
+    shared_gateway: Gateway, mock: Mock
+) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     headers = {
         "x-stainless-mock-answer": "events",
         "x-stainless-mock-deltas": json.dumps(["mail jane.doe@exa", "mple.com"]),
+        "x-stainless-mock-stream-type": "application/json",
     }
-    if stream:
-        headers["x-stainless-mock-stream-type"] = "application/json"
     async with (
         aiohttp.ClientSession() as session,
         session.post(shared_gateway.url + "/v1/chat/completions", json=body, headers=headers) as response,

@@ -330,7 +330,8 @@ def test_a_reply_of_megabytes_of_tiny_values_is_an_upstream_error(tmp_path: Path
 # SPEC §5/§11: an Anthropic upstream that streams whatever was asked (a request without
 # "stream" answered with events) and whose body ends before message_stop: the events are
 # relayed as such, and must end with the error event a live stream would get, not pass off the
-# partial answer as a whole one. (Both routes: /v1/messages, and chat translated to Anthropic.)
+# partial answer as a whole one. (Both routes: /v1/messages, and chat translated to Anthropic,
+# where the client that asked for JSON gets JSON: the failure, a 502, SPEC §3.)
 @pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions"])
 def test_an_unasked_event_stream_cut_short_ends_in_an_error_event(tmp_path: Path, fakes, gateway, path: str) -> None:
     start = {"type": "message_start", "message": {"id": "m", "model": "claude-x", "content": [], "usage": {}}}
@@ -340,6 +341,10 @@ def test_an_unasked_event_stream_cut_short_ends_in_an_error_event(tmp_path: Path
     gw = gateway(ROUTES_FILE=str(routes_file(tmp_path, fakes)))
     body = {"model": "claude-x", "max_tokens": 5, "messages": HI}
     status, headers, data = post(gw.port, path, body, {"x-api-key": "k"})
+    if path == "/v1/chat/completions":
+        assert status == 502 and headers["content-type"].startswith("application/json"), (status, data)
+        assert json.loads(data)["error"]["message"] == "upstream stream ended unexpectedly", data
+        return
     assert status == 200 and headers["content-type"].startswith("text/event-stream"), (status, data)
     assert b"partial" in data
     last = data.strip().split(b"\n\n")[-1]
