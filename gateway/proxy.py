@@ -327,7 +327,8 @@ class Proxy:
             # A chat request without "stream" answered with events (a server that always
             # streams): the client asked for JSON (SPEC §3), and gets the redacted events as
             # one completion; an error after the answer began is the upstream's failure, a 502.
-            answer = completion_from_events(body)
+            long = len(body) > ASIDE_BYTES  # megabytes of events take a while to join: not on the loop
+            answer = await asyncio.to_thread(completion_from_events, body) if long else completion_from_events(body)
             if answer is None:
                 raise UpstreamError("upstream answered with events that hold no completion")
             status = 502 if "error" in answer and not state.error_answer else reply.status

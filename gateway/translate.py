@@ -636,13 +636,15 @@ def completion_from_events(events: bytes) -> dict[str, Any] | None:
 
 
 def _join_delta(parts: dict[str, Any], choice: Mapping[str, Any]) -> None:
+    # Pieces gathered in lists and joined once (`_choice`): a string grown by += inside a dict
+    # is copied whole at every delta, quadratic in the answer (100k deltas: seconds).
     delta = choice.get("delta")
     if type(delta) is dict:
         if isinstance(delta.get("role"), str):
             parts.setdefault("role", delta["role"])
         for name in ("content", "refusal"):
             if isinstance(delta.get(name), str):
-                parts[name] = parts.get(name, "") + delta[name]
+                parts.setdefault(name, []).append(delta[name])
         calls = delta.get("tool_calls")
         for number, call in enumerate(calls if type(calls) is list else ()):
             if type(call) is not dict:
@@ -654,10 +656,10 @@ def _join_delta(parts: dict[str, Any], choice: Mapping[str, Any]) -> None:
                     joined.setdefault(name, call[name])
             function = call.get("function")
             if type(function) is dict:
-                into = joined.setdefault("function", {"name": "", "arguments": ""})
+                into = joined.setdefault("function", {"name": [], "arguments": []})
                 for name in ("name", "arguments"):
                     if isinstance(function.get(name), str):
-                        into[name] += function[name]
+                        into[name].append(function[name])
     if choice.get("finish_reason") is not None:
         parts["finish_reason"] = choice["finish_reason"]
     logprobs = choice.get("logprobs")
@@ -666,13 +668,18 @@ def _join_delta(parts: dict[str, Any], choice: Mapping[str, Any]) -> None:
 
 
 def _choice(index: int, parts: Mapping[str, Any]) -> dict[str, Any]:
+    content, refusal = parts.get("content"), parts.get("refusal")
     message: dict[str, Any] = {
         "role": parts.get("role", "assistant"),
-        "content": parts.get("content"),
-        "refusal": parts.get("refusal"),
+        "content": None if content is None else "".join(content),
+        "refusal": None if refusal is None else "".join(refusal),
     }
     calls = parts.get("tool_calls")
     if calls:
+        for call in calls.values():
+            function = call.get("function")
+            if function is not None:
+                call["function"] = {name: "".join(pieces) for name, pieces in function.items()}
         message["tool_calls"] = [calls[number] for number in sorted(calls)]
     return {
         "index": index,

@@ -651,3 +651,21 @@ def test_events_answering_a_request_without_stream_are_one_completion_the_sdk_re
         "error": error
     }
     assert completion_from_events(b": only a comment\n\ndata: [DONE]\n\n") is None
+
+
+@pytest.mark.timeout(30)
+def test_events_joined_into_a_completion_take_time_linear_in_their_number() -> None:
+    """100,000 deltas of content and as many of a tool call's arguments (30 MB in all): grown
+    by += inside a dict, each piece copied the whole text so far (quadratic: minutes), now
+    gathered and joined once (~1 s)."""
+    from gateway.translate import completion_from_events
+
+    words, code = "a sentence of forty characters or so... " * 5, "x" * 100
+    text = b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": words}}]}) + b"\n\n"
+    call = {"tool_calls": [{"index": 0, "function": {"arguments": code}}]}
+    argument = b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": call}]}) + b"\n\n"
+    completion = completion_from_events((text + argument) * 100_000)
+    assert completion is not None
+    message = completion["choices"][0]["message"]
+    assert message["content"] == words * 100_000
+    assert message["tool_calls"][0]["function"]["arguments"] == code * 100_000
