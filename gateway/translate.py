@@ -637,29 +637,30 @@ def completion_from_events(events: bytes) -> dict[str, Any] | None:
 
 def _join_delta(parts: dict[str, Any], choice: Mapping[str, Any]) -> None:
     # Pieces gathered in lists and joined once (`_choice`): a string grown by += inside a dict
-    # is copied whole at every delta, quadratic in the answer (100k deltas: seconds).
+    # is copied whole at every delta, quadratic in the answer (100k deltas: seconds). Every
+    # text of the delta is joined, not only content and refusal: what a server adds
+    # (`reasoning_content`, `reasoning`) is part of the answer too; lists (`annotations`) are
+    # joined, and the legacy `function_call` as a tool call's function is.
     delta = choice.get("delta")
     if type(delta) is dict:
-        if isinstance(delta.get("role"), str):
-            parts.setdefault("role", delta["role"])
-        for name in ("content", "refusal"):
-            if isinstance(delta.get(name), str):
-                parts.setdefault(name, []).append(delta[name])
-        calls = delta.get("tool_calls")
-        for number, call in enumerate(calls if type(calls) is list else ()):
-            if type(call) is not dict:
-                continue
-            index = call.get("index", number)
-            joined = parts.setdefault("tool_calls", {}).setdefault(index if type(index) is int else number, {})
-            for name in ("id", "type"):
-                if isinstance(call.get(name), str):
-                    joined.setdefault(name, call[name])
-            function = call.get("function")
-            if type(function) is dict:
-                into = joined.setdefault("function", {"name": [], "arguments": []})
-                for name in ("name", "arguments"):
-                    if isinstance(function.get(name), str):
-                        into[name].append(function[name])
+        texts: dict[str, list[str]] = parts.setdefault("texts", {})
+        for name, value in delta.items():
+            if name == "role":
+                if type(value) is str:
+                    parts.setdefault("role", value)
+            elif name == "tool_calls":
+                for number, call in enumerate(value if type(value) is list else ()):
+                    if type(call) is dict:
+                        index = call.get("index", number)
+                        calls = parts.setdefault("tool_calls", {})
+                        _join_call(calls.setdefault(index if type(index) is int else number, {}), call)
+            elif name == "function_call":
+                if type(value) is dict:
+                    _join_function(parts.setdefault("function_call", {"name": [], "arguments": []}), value)
+            elif type(value) is str:
+                texts.setdefault(name, []).append(value)
+            elif type(value) is list:
+                parts.setdefault("lists", {}).setdefault(name, []).extend(value)
     if choice.get("finish_reason") is not None:
         parts["finish_reason"] = choice["finish_reason"]
     logprobs = choice.get("logprobs")
@@ -667,19 +668,37 @@ def _join_delta(parts: dict[str, Any], choice: Mapping[str, Any]) -> None:
         parts.setdefault("logprobs", {"content": []})["content"].extend(logprobs["content"])
 
 
+def _join_call(joined: dict[str, Any], call: Mapping[str, Any]) -> None:
+    for name in ("id", "type"):
+        if type(call.get(name)) is str:
+            joined.setdefault(name, call[name])
+    function = call.get("function")
+    if type(function) is dict:
+        _join_function(joined.setdefault("function", {"name": [], "arguments": []}), function)
+
+
+def _join_function(into: dict[str, list[str]], function: Mapping[str, Any]) -> None:
+    for name in ("name", "arguments"):
+        if type(function.get(name)) is str:
+            into[name].append(function[name])
+
+
+def _joined(function: Mapping[str, list[str]]) -> dict[str, str]:
+    return {name: "".join(pieces) for name, pieces in function.items()}
+
+
 def _choice(index: int, parts: Mapping[str, Any]) -> dict[str, Any]:
-    content, refusal = parts.get("content"), parts.get("refusal")
-    message: dict[str, Any] = {
-        "role": parts.get("role", "assistant"),
-        "content": None if content is None else "".join(content),
-        "refusal": None if refusal is None else "".join(refusal),
-    }
+    message: dict[str, Any] = {"role": parts.get("role", "assistant"), "content": None, "refusal": None}
+    for name, pieces in parts.get("texts", {}).items():
+        message[name] = "".join(pieces)
+    message.update(parts.get("lists", {}))
+    if "function_call" in parts:
+        message["function_call"] = _joined(parts["function_call"])
     calls = parts.get("tool_calls")
     if calls:
         for call in calls.values():
-            function = call.get("function")
-            if function is not None:
-                call["function"] = {name: "".join(pieces) for name, pieces in function.items()}
+            if "function" in call:
+                call["function"] = _joined(call["function"])
         message["tool_calls"] = [calls[number] for number in sorted(calls)]
     return {
         "index": index,

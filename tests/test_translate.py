@@ -669,3 +669,30 @@ def test_events_joined_into_a_completion_take_time_linear_in_their_number() -> N
     message = completion["choices"][0]["message"]
     assert message["content"] == words * 100_000
     assert message["tool_calls"][0]["function"]["arguments"] == code * 100_000
+
+
+def test_events_joined_into_a_completion_keep_every_text_of_the_deltas() -> None:
+    """What a server streams besides content (DeepSeek's and vLLM's `reasoning_content`,
+    `annotations`, the legacy `function_call`) is part of the answer: joined too, not dropped."""
+    from gateway.translate import completion_from_events
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        chunk = {"id": "c", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    url = {"type": "url_citation", "url_citation": {"url": "https://example.com", "title": "x"}}
+    events = [
+        event({"role": "assistant", "reasoning_content": "First, "}),
+        event({"reasoning_content": "think."}),
+        event({"content": "Answer", "annotations": [url]}),
+        event({"function_call": {"name": "f", "arguments": '{"a"'}}),
+        event({"function_call": {"arguments": ": 1}"}}, "function_call"),
+    ]
+    completion = completion_from_events(b"".join(events) + b"data: [DONE]\n\n")
+    assert completion is not None
+    message = completion["choices"][0]["message"]
+    assert message["reasoning_content"] == "First, think."
+    assert message["content"] == "Answer"
+    assert message["annotations"] == [url]
+    assert message["function_call"] == {"name": "f", "arguments": '{"a": 1}'}
+    assert completion["choices"][0]["finish_reason"] == "function_call"
