@@ -1,7 +1,7 @@
 """Instructions per request, counted by callgrind: an A/B for hot-path changes that this
 machine's noise does not blur.
 
-    .venv/bin/python bench/instructions.py [json stream unredacted paced tracing tracing10 redis budgets …]
+    .venv/bin/python bench/instructions.py [json embeddings stream unredacted paced tracing tracing10 redis budgets …]
 
 wrk's figures move by ±5% between runs here; callgrind counts the instructions the process
 executes, and the count repeats to within about 1%. It sees user space only: what the kernel
@@ -41,6 +41,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], str, dict[str, str]]] = {
     "openai_unredacted": (run.STREAM_BODY, "openai", {"REDACT_KINDS": ""}),
     "anthropic": (run.MESSAGES_BODY, "anthropic", {}),  # Anthropic's Messages stream on /v1/messages
     "responses": (run.RESPONSES_BODY, "responses", {}),  # the Responses API's event stream on /v1/responses
+    "embeddings": (run.EMBEDDINGS_BODY, "embeddings", {}),  # a 1536-dim base64 embedding on /v1/embeddings
     "routes": (run.JSON_BODY, "json", {"ROUTES": "20"}),  # a 20-route ROUTES_FILE (run.routes_file)
     "policies": (run.JSON_BODY, "json", {"POLICIES": "20"}),  # a 20-policy Cedar file (run.policy_files)
     "paced": (run.STREAM_BODY, "paced", {}),  # one event per read: the per-event path
@@ -74,7 +75,11 @@ COUNTED = {"tracing": 512, "tracing10": 4096}
 
 
 async def _post(port: int, body: dict[str, Any], count: int) -> None:
-    paths = {id(run.MESSAGES_BODY): "/v1/messages", id(run.RESPONSES_BODY): "/v1/responses"}
+    paths = {
+        id(run.MESSAGES_BODY): "/v1/messages",
+        id(run.RESPONSES_BODY): "/v1/responses",
+        id(run.EMBEDDINGS_BODY): "/v1/embeddings",
+    }
     path = paths.get(id(body), "/v1/chat/completions")
     limit = asyncio.Semaphore(CONCURRENCY)
     async with aiohttp.ClientSession() as session:
@@ -116,9 +121,10 @@ def main() -> None:
             sys.exit(f"needs {tool}")
     chosen = sys.argv[1:] or list(SCENARIOS)
     tmp = Path(tempfile.mkdtemp(prefix="instructions-"))
-    json_port, sse_port, openai_port, anthropic_port, responses_port, paced_port, otlp_port, redis_port = (
-        run.free_port() for _ in range(8)
+    json_port, sse_port, openai_port, anthropic_port, responses_port, embeddings_port = (
+        run.free_port() for _ in range(6)
     )
+    paced_port, otlp_port, redis_port = (run.free_port() for _ in range(3))
     helpers = [
         run.nginx(
             tmp,
@@ -128,6 +134,7 @@ def main() -> None:
                 "openai": openai_port,
                 "anthropic": anthropic_port,
                 "responses": responses_port,
+                "embeddings": embeddings_port,
             },
         ),
         run.Proc(["node", str(run.ROOT / "bench" / "paced_upstream.js")], run.LOAD_CPU, {"PORT": str(paced_port)}),
@@ -143,6 +150,7 @@ def main() -> None:
         "openai": openai_port,
         "anthropic": anthropic_port,
         "responses": responses_port,
+        "embeddings": embeddings_port,
         "paced": paced_port,
     }
     counts = ", ".join(f"{name} {COUNTED[name]}" for name in chosen if name in COUNTED)
