@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 from collections.abc import Callable
 
 import pytest
@@ -362,6 +363,33 @@ def test_usage_found_by_key_where_the_regex_finds_it(bits: list[bytes]) -> None:
 
     blocks = b"".join(bits)
     assert usage_values(blocks) == [m.start() for m in _USAGE_VALUE.finditer(blocks)]
+
+
+# An embedding's base64 vector passes untouched (SPEC §12: no text in it); the test for it is
+# done by deleting the alphabet's bytes, and must say what this pattern says of any string.
+BASE64_PATTERN = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+BASE64_BITS = st.text(alphabet="Aa09+/=", min_size=0, max_size=12) | st.sampled_from(
+    ["=", "==", "===", "@", " ", "-", "_", "\n", "\x00", "\x7f", "é", "\u0660", "Ａ", "\U0001d7ce", "\u200b"]
+)
+
+
+@settings(max_examples=2000)
+@given(st.lists(BASE64_BITS, max_size=8).map("".join))
+def test_base64_vectors_are_told_as_the_pattern_tells_them(value: str) -> None:
+    from gateway.relay import _is_base64
+
+    assert _is_base64(value) == (BASE64_PATTERN.fullmatch(value) is not None)
+
+
+def test_an_embedding_of_1536_floats_in_base64_is_base64() -> None:
+    import base64
+    import struct
+
+    from gateway.relay import _is_base64
+
+    vector = base64.b64encode(struct.pack("<1536f", *(i / 1e4 - 0.07 for i in range(1536)))).decode()
+    assert _is_base64(vector) and _is_base64(vector[:-1] + "=") and _is_base64(vector[:-2] + "==")
+    assert not _is_base64(vector + "===") and not _is_base64(vector[:100] + " " + vector[100:])
 
 
 @pytest.mark.parametrize("redactor", [REDACTOR, None])
