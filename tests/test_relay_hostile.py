@@ -891,6 +891,17 @@ def test_the_side_check_in_windows_finds_what_one_search_finds(text: str, window
         assert relay.side_may_match(text.encode()) == ("@" in text or _DIGIT_RUN.search(text) is not None)
 
 
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ABZaz09+/=- ."), max_size=300))
+def test_the_side_check_of_base64_is_the_run_pattern(text: str) -> None:
+    # Base64 (an embedding, a pad) has a "+" every 64 characters: the check looks for a "+"
+    # and three run characters first (_PLUS_RUN), then for the whole pattern.
+    from gateway.relay import _RUN_IN_BYTES, side_may_match
+
+    data = text.encode()
+    assert side_may_match(data) == (_RUN_IN_BYTES.search(data) is not None)
+
+
 # --- Events a client reads where the gateway could not: their text must not escape its stream --
 def _client_text(wire: bytes, key: str) -> str:
     """The `key` strings a client joins: one that decodes the stream as EventSource does (U+FFFD
