@@ -26,11 +26,12 @@ MAX_CHARS = 16_384  # longer ones are rarely resent verbatim, and would crowd th
 
 
 class RedactionMemo:
-    __slots__ = ("_chars", "_entries", "_max_chars", "_redactor", "_secret")
+    __slots__ = ("_chars", "_entries", "_keyed", "_max_chars", "_redactor", "_secret")
 
     def __init__(self, redactor: Redactor, max_chars: int = 2_000_000) -> None:
         self._redactor = redactor
         self._secret = os.urandom(32)
+        self._keyed = hashlib.blake2b(key=self._secret, digest_size=16)  # nothing in it yet: copied per text
         self._entries: OrderedDict[bytes, tuple[str, tuple[tuple[str, int], ...]]] = OrderedDict()
         self._chars = 0  # the table's size: the redacted texts' characters
         self._max_chars = max_chars
@@ -43,7 +44,8 @@ class RedactionMemo:
         if not MIN_CHARS <= len(text) <= MAX_CHARS:
             clean, kinds = self._redacted(text)
             return _counted(clean, kinds, count)
-        digest = hashlib.blake2b(tenant.encode(), key=self._secret, digest_size=16)
+        digest = self._keyed.copy()  # (copied: a new keyed one parses its arguments each time)
+        digest.update(tenant.encode())
         digest.update(b"\0")
         digest.update(text.encode("utf-8", "surrogatepass"))
         key = digest.digest()

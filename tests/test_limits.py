@@ -292,3 +292,15 @@ async def test_a_token_window_costs_the_same_whatever_the_keys_length() -> None:
     assert len(short) == len(long) == 20_000
     assert costs[long] < costs[short] * 1.1 + 8, costs
     assert costs[long] < 400
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=())))  # surrogates too: a header's invalid UTF-8
+def test_a_key_s_digest_is_its_16_byte_blake2b(key: str) -> None:
+    # Copied from one fresh hash per call (cheaper than the constructor): the same digest, and
+    # a copy never carries an earlier key's bytes.
+    import hashlib
+
+    from gateway.stores import digest
+
+    assert digest(key) == hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    assert digest(key) == digest(key)
