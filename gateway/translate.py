@@ -657,6 +657,9 @@ def _join_delta(parts: dict[str, Any], choice: Mapping[str, Any]) -> None:
             elif name == "function_call":
                 if type(value) is dict:
                     _join_function(parts.setdefault("function_call", {"name": [], "arguments": []}), value)
+            elif name == "audio":
+                if type(value) is dict:  # an audio reply: its data and transcript in pieces, its id once
+                    _join_fields(parts.setdefault("audio", {}), value, _AUDIO_PIECES)
             elif type(value) is str:
                 texts.setdefault(name, []).append(value)
             elif type(value) is list:
@@ -675,12 +678,32 @@ def _join_call(joined: dict[str, Any], call: Mapping[str, Any]) -> None:
     function = call.get("function")
     if type(function) is dict:
         _join_function(joined.setdefault("function", {"name": [], "arguments": []}), function)
+    custom = call.get("custom")
+    if type(custom) is dict:  # a custom (freeform) tool's call: its input in pieces, as arguments are
+        _join_fields(joined.setdefault("custom", {}), custom, _CUSTOM_PIECES)
 
 
 def _join_function(into: dict[str, list[str]], function: Mapping[str, Any]) -> None:
     for name in ("name", "arguments"):
         if type(function.get(name)) is str:
             into[name].append(function[name])
+
+
+# The fields of a delta's object that come in pieces (joined); its others are kept as they first came.
+_AUDIO_PIECES = frozenset({"data", "transcript"})
+_CUSTOM_PIECES = frozenset({"name", "input"})
+
+
+def _join_fields(into: dict[str, Any], value: Mapping[str, Any], pieces: frozenset[str]) -> None:
+    for name, item in value.items():
+        if name not in pieces:
+            into.setdefault(name, item)
+        elif type(item) is str:
+            into.setdefault(name, []).append(item)
+
+
+def _pieces_joined(joined: Mapping[str, Any], pieces: frozenset[str]) -> dict[str, Any]:
+    return {name: "".join(item) if name in pieces else item for name, item in joined.items()}
 
 
 def _joined(function: Mapping[str, list[str]]) -> dict[str, str]:
@@ -694,11 +717,15 @@ def _choice(index: int, parts: Mapping[str, Any]) -> dict[str, Any]:
     message.update(parts.get("lists", {}))
     if "function_call" in parts:
         message["function_call"] = _joined(parts["function_call"])
+    if "audio" in parts:
+        message["audio"] = _pieces_joined(parts["audio"], _AUDIO_PIECES)
     calls = parts.get("tool_calls")
     if calls:
         for call in calls.values():
             if "function" in call:
                 call["function"] = _joined(call["function"])
+            if "custom" in call:
+                call["custom"] = _pieces_joined(call["custom"], _CUSTOM_PIECES)
         message["tool_calls"] = [calls[number] for number in sorted(calls)]
     return {
         "index": index,

@@ -696,3 +696,29 @@ def test_events_joined_into_a_completion_keep_every_text_of_the_deltas() -> None
     assert message["annotations"] == [url]
     assert message["function_call"] == {"name": "f", "arguments": '{"a": 1}'}
     assert completion["choices"][0]["finish_reason"] == "function_call"
+
+
+def test_events_joined_into_a_completion_keep_custom_tool_input_and_audio() -> None:
+    """A custom (freeform) tool's call streams its `input` in pieces, an audio reply its
+    `transcript` and `data`: the join dropped both (a tool call with no input, no audio at all)
+    from the JSON a request without "stream" got. Joined as arguments and content are."""
+    from gateway.translate import completion_from_events
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        chunk = {"id": "c", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    call = {"index": 0, "id": "call_1", "type": "custom", "custom": {"name": "sh", "input": "ls "}}
+    events = [
+        event({"role": "assistant", "audio": {"id": "audio_1", "transcript": "Hel", "data": "AAA", "expires_at": 9}}),
+        event({"audio": {"transcript": "lo.", "data": "BBB"}}),
+        event({"tool_calls": [call]}),
+        event({"tool_calls": [{"index": 0, "custom": {"input": "-la"}}]}, "tool_calls"),
+    ]
+    completion = completion_from_events(b"".join(events) + b"data: [DONE]\n\n")
+    assert completion is not None
+    message = completion["choices"][0]["message"]
+    assert message["audio"] == {"id": "audio_1", "transcript": "Hello.", "data": "AAABBB", "expires_at": 9}
+    assert message["tool_calls"] == [{"id": "call_1", "type": "custom", "custom": {"name": "sh", "input": "ls -la"}}]
+    sdk = ChatCompletion.model_validate({**completion, "created": 1, "model": "m"})
+    assert sdk.choices[0].message.audio is not None and sdk.choices[0].message.audio.transcript == "Hello."
