@@ -98,9 +98,11 @@ def _uk_area(digits: int) -> str:
 # National phone formats: British (11 digits as Ofcom groups them: 020 7946 0958, 0161 496
 # 0000, 07700 900123), French (five pairs: 01 23 45 67 89, 06.12.34.56.78), and Japanese and
 # Korean (three groups, the last of four, as both countries hyphenate them: mobiles 090-1234-5678
-# and 010-1234-5678, Tokyo's 03-1234-5678, Seoul's 02-123-4567, 045-123-4567, 0123-45-6789; a
-# full-width dash, "０９０－１２３４－５６７８", is a space in `digit_view`, so a space sets them apart too).
-_SEP = f"[{_SPACE}{_HYPHEN}]"
+# and 010-1234-5678, Tokyo's 03-1234-5678, Seoul's 02-123-4567, 045-123-4567, 0123-45-6789; the
+# full-width hyphen-minus, "０９０－１２３４－５６７８", is a hyphen in `digit_view`). Hyphens only: a
+# leading 0 and groups of digits set apart by spaces are what tables, lists and ranges are made
+# of ("01 1200 3400", "week 05 2024 1234", "Shift 02 0800-1600", "Season 01 2024-2025").
+_SEP = f"[{_HYPHEN}]"
 _NATIONAL = (
     rf"{_uk_area(1)}[0-9]{{4}}[{_SPACE}][0-9]{{4}}|{_uk_area(2)}[0-9]{{3}}[{_SPACE}][0-9]{{4}}"
     rf"|{_uk_area(3)}[0-9]{{3}}[{_SPACE}]?[0-9]{{3}}|0[1-9](?:[{_SPACE}.][0-9]{{2}}){{4}}"
@@ -149,8 +151,8 @@ ALL_KINDS = tuple(_PATTERNS)
 
 # The digit kinds read other scripts' decimal digits (full-width "４", Arabic-Indic "٤",
 # Devanagari "४" …: every character \d takes, all below U+20000) as ASCII's, and the other
-# dashes (figure, en and em dashes, the horizontal bar, the minus sign, the full-width
-# hyphen-minus: "415–555–2671", "０９０－１２３４") as spaces: they are matched in a view of the
+# dashes (figure, en and em dashes, the horizontal bar, the minus sign: "415–555–2671") as
+# spaces, and the full-width hyphen-minus ("０９０－１２３４") as a hyphen: they are matched in a view of the
 # text where each such digit is its ASCII digit and each such dash a space (one character for
 # one, so a position in the view is the same position in the text, and the view of a prefix
 # is a prefix of the view, as the split guarantee needs). A space, not a hyphen: it sets groups
@@ -162,9 +164,13 @@ ALL_KINDS = tuple(_PATTERNS)
 # "4242\t4242\t4242\t4242", "4242\u200b4242…".
 _FOREIGN_DIGITS = "".join(chr(c) for c in range(0x80, 0x20000) if chr(c).isdecimal())
 _DASHES = "\u2012\u2013\u2014\u2015\u2212\uff0d"
-_DIGIT_VIEW = {ord(c): ord("0") + unicodedata.digit(c) for c in _FOREIGN_DIGITS} | {
-    ord(c): ord(" ") for c in _DASHES + "\t\u3000" + _ZW
-}
+_DIGIT_VIEW = (
+    {ord(c): ord("0") + unicodedata.digit(c) for c in _FOREIGN_DIGITS}
+    | {ord(c): ord(" ") for c in _DASHES + "\t\u3000" + _ZW}
+    # But the full-width hyphen-minus, which is one: Japanese and Korean numbers are hyphenated
+    # with it ("０９０－１２３４－５６７８"), and only hyphens set their groups apart (`_NATIONAL`).
+    | {ord("\uff0d"): ord("\u2010")}
+)
 # A digit but ASCII's, for `has_trigger` (a dash is none), and what the view changes. The digits
 # by their category, not listed: a class of the 650 (some past U+FFFF) is searched ~60x slower.
 _FOREIGN = re.compile(r"[^\D0-9]")

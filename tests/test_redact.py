@@ -342,8 +342,11 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
 
     from gateway.redact import _MASKERS, _PARTS, MAX_MATCH, _mask_email
 
-    dashes = "\u2012\u2013\u2014\u2015\u2212\uff0d\t\u3000\u200b\u200c\u200d\u2060\ufeff"
-    digits = "".join(str(unicodedata.digit(c)) if c.isdecimal() else " " if c in dashes else c for c in text)
+    dashes = "\u2012\u2013\u2014\u2015\u2212\t\u3000\u200b\u200c\u200d\u2060\ufeff"
+    viewed = {"\uff0d": "\u2010"}  # the full-width hyphen-minus is a hyphen
+    digits = "".join(
+        str(unicodedata.digit(c)) if c.isdecimal() else " " if c in dashes else viewed.get(c, c) for c in text
+    )
 
     kinds = parts or _PARTS
     compiled = {k: (re.compile(b), re.compile(body), re.compile(a)) for k, (b, body, a) in kinds.items()}
@@ -656,6 +659,14 @@ def test_bracketed_country_codes_and_phones_after_an_abbreviation(text: str, red
         ("090-1234-56789", None),
         ("090-1234-5678-9", None),
         ("A03-1234-5678", None),
+        # Groups set apart by spaces, or a space and a hyphen, are tables, lists and ranges:
+        # only hyphens make the Japanese and Korean forms.
+        ("ID Qty Price\n01 1200 3400\n02 1500 2000", None),
+        ("Shift 02 0800-1600, Season 01 2024-2025, Vol. 03 1998-2004", None),
+        ("week 05 2024 1234, at 10:05 1234 5678, 0930 12 2024", None),
+        ("TSV\t01\t1234\t5678", None),
+        ("携帯 ０３－１２３４－５６７８", "携帯 PHONE_MASKED_LAST2_78"),
+        ("전화 010\u20111234\u20115678", "전화 PHONE_MASKED_LAST2_78"),
     ],
 )
 def test_british_french_japanese_and_korean_national_phones(text: str, redacted: str | None) -> None:
