@@ -151,8 +151,9 @@ ALL_KINDS = tuple(_PATTERNS)
 
 # The digit kinds read other scripts' decimal digits (full-width "４", Arabic-Indic "٤",
 # Devanagari "४" …: every character \d takes, all below U+20000) as ASCII's, and the other
-# dashes (figure, en and em dashes, the horizontal bar, the minus sign: "415–555–2671") as
-# spaces, and the full-width hyphen-minus ("０９０－１２３４") as a hyphen: they are matched in a view of the
+# dashes (figure, en and em dashes, the horizontal bar: "415–555–2671") as spaces, and the
+# full-width hyphen-minus and the minus sign ("０９０－１２３４", "090−1234": JIS's hyphen-minus
+# as Windows and as the JIS tables map it) as a hyphen: they are matched in a view of the
 # text where each such digit is its ASCII digit and each such dash a space (one character for
 # one, so a position in the view is the same position in the text, and the view of a prefix
 # is a prefix of the view, as the split guarantee needs). A space, not a hyphen: it sets groups
@@ -164,12 +165,14 @@ ALL_KINDS = tuple(_PATTERNS)
 # "4242\t4242\t4242\t4242", "4242\u200b4242…".
 _FOREIGN_DIGITS = "".join(chr(c) for c in range(0x80, 0x20000) if chr(c).isdecimal())
 _DASHES = "\u2012\u2013\u2014\u2015\u2212\uff0d"
+_VIEWED_HYPHENS = "\u2212\uff0d"  # of those, the ones read as a hyphen, not a space
 _DIGIT_VIEW = (
     {ord(c): ord("0") + unicodedata.digit(c) for c in _FOREIGN_DIGITS}
     | {ord(c): ord(" ") for c in _DASHES + "\t\u3000" + _ZW}
-    # But the full-width hyphen-minus, which is one: Japanese and Korean numbers are hyphenated
-    # with it ("０９０－１２３４－５６７８"), and only hyphens set their groups apart (`_NATIONAL`).
-    | {ord("\uff0d"): ord("\u2010")}
+    # But the full-width hyphen-minus and the minus sign, which stand for one: Japanese and Korean
+    # numbers are hyphenated with them ("０９０－１２３４－５６７８", "090−1234−5678"), and only
+    # hyphens set their groups apart (`_NATIONAL`).
+    | {ord(c): ord("\u2010") for c in _VIEWED_HYPHENS}
 )
 # A digit but ASCII's, for `has_trigger` (a dash is none), and what the view changes. The digits
 # by their category, not listed: a class of the 650 (some past U+FFFF) is searched ~60x slower.

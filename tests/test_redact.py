@@ -342,8 +342,8 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
 
     from gateway.redact import _MASKERS, _PARTS, MAX_MATCH, _mask_email
 
-    dashes = "\u2012\u2013\u2014\u2015\u2212\t\u3000\u200b\u200c\u200d\u2060\ufeff"
-    viewed = {"\uff0d": "\u2010"}  # the full-width hyphen-minus is a hyphen
+    dashes = "\u2012\u2013\u2014\u2015\t\u3000\u200b\u200c\u200d\u2060\ufeff"
+    viewed = {"\uff0d": "\u2010", "\u2212": "\u2010"}  # the full-width hyphen-minus and the minus are hyphens
     digits = "".join(
         str(unicodedata.digit(c)) if c.isdecimal() else " " if c in dashes else viewed.get(c, c) for c in text
     )
@@ -667,6 +667,7 @@ def test_bracketed_country_codes_and_phones_after_an_abbreviation(text: str, red
         ("TSV\t01\t1234\t5678", None),
         ("携帯 ０３－１２３４－５６７８", "携帯 PHONE_MASKED_LAST2_78"),
         ("전화 010\u20111234\u20115678", "전화 PHONE_MASKED_LAST2_78"),
+        ("TEL 03\u22121234\u22125678", "TEL PHONE_MASKED_LAST2_78"),  # JIS's hyphen-minus as U+2212
     ],
 )
 def test_british_french_japanese_and_korean_national_phones(text: str, redacted: str | None) -> None:
