@@ -244,16 +244,19 @@ def mask_url(url: str) -> str:
         user, colon, _ = userinfo.partition(":")
         netloc = (MASK if user else "") + (":" + MASK if colon else "") + "@" + hostport
     query = "&".join(_mask_query_item(item) for item in parts.query.split("&")) if parts.query else ""
-    masked = urlunsplit((parts.scheme, netloc, parts.path, query, MASK if parts.fragment else ""))
-    if (
-        not netloc
-        and url[: len(parts.scheme) + 3].lower() == parts.scheme + "://"
-        and masked[len(parts.scheme) + 1 : len(parts.scheme) + 3] != "//"
-    ):
-        # urlunsplit drops an empty host's "//" for schemes it does not know: unix:///run/r.sock
-        # came out as unix:/run/r.sock, a value the operator never set.
-        masked = parts.scheme + "://" + masked[len(parts.scheme) + 1 :]
-    return masked
+    fragment = MASK if parts.fragment else ""
+    if parts.scheme and not netloc and url[: len(parts.scheme) + 3].lower() == parts.scheme + "://":
+        # An empty host, written as set: urlunsplit drops its "//" for schemes it does not know
+        # (unix:///run/r.sock came out as unix:/run/r.sock), and keeps it for a path that starts
+        # with "//" as if it were a host's (unix:////run/r.sock as unix://run/r.sock, host "run").
+        return (
+            parts.scheme
+            + "://"
+            + parts.path
+            + ("?" + query if parts.query else "")
+            + ("#" + fragment if fragment else "")
+        )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
 
 
 def _mask_query_item(item: str) -> str:

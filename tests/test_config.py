@@ -857,6 +857,8 @@ def test_check_config_prints_a_unix_socket_url_as_it_was_set() -> None:
         ("unix:///run/redis.sock", "unix:///run/redis.sock"),
         ("unix:///run/redis.sock?db=2", "unix:///run/redis.sock?db=2"),
         ("unix:///run/redis.sock?password=hunter2", "unix:///run/redis.sock?password=***"),
+        # A path that starts with "//" is no host: it was printed as unix://run/redis.sock.
+        ("unix:////run/redis.sock#x", "unix:////run/redis.sock#***"),
     ):
         result = run_gateway("--check-config", REDIS_URL=value)
         assert result.returncode == 0, result.stderr
