@@ -643,7 +643,8 @@ def _join_delta(parts: dict[str, Any], choice: Mapping[str, Any]) -> None:
     # joined, and the legacy `function_call` as a tool call's function is.
     delta = choice.get("delta")
     if type(delta) is dict:
-        texts: dict[str, list[str]] = parts.setdefault("texts", {})
+        # Per field, its pieces in order: strings, and lists (a list's items are one piece each).
+        fields: dict[str, list[Any]] = parts.setdefault("fields", {})
         for name, value in delta.items():
             if name == "role":
                 if type(value) is str:
@@ -660,10 +661,8 @@ def _join_delta(parts: dict[str, Any], choice: Mapping[str, Any]) -> None:
             elif name == "audio":
                 if type(value) is dict:  # an audio reply: its data and transcript in pieces, its id once
                     _join_fields(parts.setdefault("audio", {}), value, _AUDIO_PIECES)
-            elif type(value) is str:
-                texts.setdefault(name, []).append(value)
-            elif type(value) is list:
-                parts.setdefault("lists", {}).setdefault(name, []).extend(value)
+            elif type(value) is str or type(value) is list:
+                fields.setdefault(name, []).append(value)
     if choice.get("finish_reason") is not None:
         parts["finish_reason"] = choice["finish_reason"]
     logprobs = choice.get("logprobs")
@@ -710,11 +709,32 @@ def _joined(function: Mapping[str, list[str]]) -> dict[str, str]:
     return {name: "".join(pieces) for name, pieces in function.items()}
 
 
+def _joined_field(pieces: list[Any]) -> Any:
+    """A field's pieces joined: strings into one, lists into one; both (Mistral's reasoning
+    models stream `content` as a list of thinking chunks, then the answer as strings) into the
+    list of content chunks their whole reply holds, each run of strings a `text` chunk in its
+    place (the strings were dropped: the answer lost behind its thinking)."""
+    if all(type(piece) is str for piece in pieces):
+        return "".join(pieces)
+    joined: list[Any] = []
+    run: list[str] = []
+    for piece in pieces:
+        if type(piece) is str:
+            run.append(piece)
+            continue
+        if run:
+            joined.append({"type": "text", "text": "".join(run)})
+            run = []
+        joined.extend(piece)
+    if run:
+        joined.append({"type": "text", "text": "".join(run)})
+    return joined
+
+
 def _choice(index: int, parts: Mapping[str, Any]) -> dict[str, Any]:
     message: dict[str, Any] = {"role": parts.get("role", "assistant"), "content": None, "refusal": None}
-    for name, pieces in parts.get("texts", {}).items():
-        message[name] = "".join(pieces)
-    message.update(parts.get("lists", {}))
+    for name, pieces in parts.get("fields", {}).items():
+        message[name] = _joined_field(pieces)
     if "function_call" in parts:
         message["function_call"] = _joined(parts["function_call"])
     if "audio" in parts:

@@ -722,3 +722,24 @@ def test_events_joined_into_a_completion_keep_custom_tool_input_and_audio() -> N
     assert message["tool_calls"] == [{"id": "call_1", "type": "custom", "custom": {"name": "sh", "input": "ls -la"}}]
     sdk = ChatCompletion.model_validate({**completion, "created": 1, "model": "m"})
     assert sdk.choices[0].message.audio is not None and sdk.choices[0].message.audio.transcript == "Hello."
+
+
+def test_events_joined_into_a_completion_keep_the_answer_after_thinking_chunks() -> None:
+    """Mistral's reasoning models stream `content` as a list of thinking chunks, then the
+    answer as strings: the join kept the list and dropped the strings (the answer lost). Both
+    come back as the list of content chunks the whole reply holds, the answer a text chunk."""
+    from gateway.translate import completion_from_events
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        chunk = {"id": "c", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    thinking = {"type": "thinking", "thinking": [{"type": "text", "text": "2 and 2"}]}
+    events = [
+        event({"role": "assistant", "content": [thinking]}),
+        event({"content": "The answer"}),
+        event({"content": " is 4."}, "stop"),
+    ]
+    completion = completion_from_events(b"".join(events) + b"data: [DONE]\n\n")
+    assert completion is not None
+    assert completion["choices"][0]["message"]["content"] == [thinking, {"type": "text", "text": "The answer is 4."}]
