@@ -661,6 +661,8 @@ def _join_delta(parts: dict[str, Any], choice: Mapping[str, Any]) -> None:
             elif name == "audio":
                 if type(value) is dict:  # an audio reply: its data and transcript in pieces, its id once
                     _join_fields(parts.setdefault("audio", {}), value, _AUDIO_PIECES)
+            elif name == "reasoning_details" and type(value) is list:
+                _join_details(parts.setdefault("reasoning_details", {}), value)
             elif type(value) is str or type(value) is list:
                 fields.setdefault(name, []).append(value)
     if choice.get("finish_reason") is not None:
@@ -693,12 +695,26 @@ _AUDIO_PIECES = frozenset({"data", "transcript"})
 _CUSTOM_PIECES = frozenset({"name", "input"})
 
 
+_DETAIL_PIECES = frozenset({"text", "summary", "data"})
+
+
 def _join_fields(into: dict[str, Any], value: Mapping[str, Any], pieces: frozenset[str]) -> None:
     for name, item in value.items():
         if name not in pieces:
-            into.setdefault(name, item)
+            if into.get(name) is None:  # as it first came, or later when it first came null
+                into[name] = item
         elif type(item) is str:
             into.setdefault(name, []).append(item)
+
+
+def _join_details(into: dict[Any, dict[str, Any]], items: list[Any]) -> None:
+    # OpenRouter's reasoning_details: an item's text (summary, encrypted data) streams in pieces
+    # under its index, and a whole reply holds one item per index; one without an index stays one.
+    for item in items:
+        if type(item) is dict:
+            index = item.get("index")
+            key = index if type(index) is int else ("unindexed", len(into))
+            _join_fields(into.setdefault(key, {}), item, _DETAIL_PIECES)
 
 
 def _pieces_joined(joined: Mapping[str, Any], pieces: frozenset[str]) -> dict[str, Any]:
@@ -739,6 +755,8 @@ def _choice(index: int, parts: Mapping[str, Any]) -> dict[str, Any]:
         message["function_call"] = _joined(parts["function_call"])
     if "audio" in parts:
         message["audio"] = _pieces_joined(parts["audio"], _AUDIO_PIECES)
+    if "reasoning_details" in parts:
+        message["reasoning_details"] = [_pieces_joined(d, _DETAIL_PIECES) for d in parts["reasoning_details"].values()]
     calls = parts.get("tool_calls")
     if calls:
         for call in calls.values():

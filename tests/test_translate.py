@@ -743,3 +743,34 @@ def test_events_joined_into_a_completion_keep_the_answer_after_thinking_chunks()
     completion = completion_from_events(b"".join(events) + b"data: [DONE]\n\n")
     assert completion is not None
     assert completion["choices"][0]["message"]["content"] == [thinking, {"type": "text", "text": "The answer is 4."}]
+
+
+def test_events_joined_into_a_completion_hold_one_reasoning_detail_per_index() -> None:
+    """OpenRouter streams `reasoning_details` items whose text comes in pieces under one
+    index (its signature in the last); the join listed every piece as an item of its own
+    (three items for one, the signature on none but the last), where a whole reply holds one
+    item per index, which clients pass back on the next turn."""
+    from gateway.translate import completion_from_events
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        chunk = {"id": "c", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    def detail(text: str, signature: str | None = None) -> dict[str, Any]:
+        return {"type": "reasoning.text", "index": 0, "text": text, "signature": signature, "format": "x"}
+
+    encrypted = {"type": "reasoning.encrypted", "index": 1, "data": "QUJD"}
+    events = [
+        event({"role": "assistant", "reasoning_details": [detail("First, ")]}),
+        event({"reasoning_details": [detail("think")]}),
+        event({"reasoning_details": [detail(".", "sig"), encrypted]}),
+        event({"content": "4"}, "stop"),
+    ]
+    completion = completion_from_events(b"".join(events) + b"data: [DONE]\n\n")
+    assert completion is not None
+    message = completion["choices"][0]["message"]
+    assert message["reasoning_details"] == [
+        {"type": "reasoning.text", "index": 0, "text": "First, think.", "signature": "sig", "format": "x"},
+        encrypted,
+    ]
+    assert message["content"] == "4"
