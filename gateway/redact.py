@@ -101,12 +101,14 @@ def _uk_area(digits: int) -> str:
 # and 010-1234-5678, Tokyo's 03-1234-5678, Seoul's 02-123-4567, 045-123-4567, 0123-45-6789; the
 # full-width hyphen-minus, "０９０－１２３４－５６７８", is a hyphen in `digit_view`). Hyphens only: a
 # leading 0 and groups of digits set apart by spaces are what tables, lists and ranges are made
-# of ("01 1200 3400", "week 05 2024 1234", "Shift 02 0800-1600", "Season 01 2024-2025").
+# of ("01 1200 3400", "week 05 2024 1234", "Shift 02 0800-1600", "Season 01 2024-2025"). An
+# area code of two digits is one of the four there are (Seoul's 02; 03, 04 and 06 in Japan):
+# other two-digit groups are case and invoice numbers ("Case 01-2023-0001", "No. 05-2023-1234").
 _SEP = f"[{_HYPHEN}]"
 _NATIONAL = (
     rf"{_uk_area(1)}[0-9]{{4}}[{_SPACE}][0-9]{{4}}|{_uk_area(2)}[0-9]{{3}}[{_SPACE}][0-9]{{4}}"
     rf"|{_uk_area(3)}[0-9]{{3}}[{_SPACE}]?[0-9]{{3}}|0[1-9](?:[{_SPACE}.][0-9]{{2}}){{4}}"
-    rf"|0[1-9][0-9]?{_SEP}[0-9]{{3,4}}{_SEP}[0-9]{{4}}|0[1-9][0-9]{{2}}{_SEP}[0-9]{{2}}{_SEP}[0-9]{{4}}"
+    rf"|0(?:[2346]|[1-9][0-9]){_SEP}[0-9]{{3,4}}{_SEP}[0-9]{{4}}|0[1-9][0-9]{{2}}{_SEP}[0-9]{{2}}{_SEP}[0-9]{{4}}"
 )
 _PARTS = {
     "email": _email_parts(_LETTER),

@@ -665,6 +665,8 @@ def test_bracketed_country_codes_and_phones_after_an_abbreviation(text: str, red
         ("Shift 02 0800-1600, Season 01 2024-2025, Vol. 03 1998-2004", None),
         ("week 05 2024 1234, at 10:05 1234 5678, 0930 12 2024", None),
         ("TSV\t01\t1234\t5678", None),
+        ("Case 01-2023-0001, No. 05-2023-1234, ref 09-1234-5678", None),  # no two-digit area code
+        ("Osaka 06-1234-5678, Chiba 04-7123-4567", "Osaka PHONE_MASKED_LAST2_78, Chiba PHONE_MASKED_LAST2_67"),
         ("携帯 ０３－１２３４－５６７８", "携帯 PHONE_MASKED_LAST2_78"),
         ("전화 010\u20111234\u20115678", "전화 PHONE_MASKED_LAST2_78"),
         ("TEL 03\u22121234\u22125678", "TEL PHONE_MASKED_LAST2_78"),  # JIS's hyphen-minus as U+2212
