@@ -39,6 +39,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 MAX_MATCH = 128  # longest possible match plus look-ahead; the bound on held-back text
+# A JSON text (tool-call arguments) also holds an escape cut short, which is no character yet:
+# at most a surrogate pair's twelve characters less one ("\uD83D\uDE0").
+MAX_PENDING_ESCAPE = 11
 _CONTEXT = 2  # characters of look-behind the patterns need
 
 # ASCII classes for the digit kinds: \d and \w would also take other scripts' digits. An

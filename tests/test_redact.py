@@ -15,7 +15,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.redact import ALL_KINDS, MAX_MATCH, YIELD_ABOVE_CHARS, build_redactor, redact_sliced, redact_yielding
+from gateway.redact import (
+    ALL_KINDS,
+    MAX_MATCH,
+    MAX_PENDING_ESCAPE,
+    YIELD_ABOVE_CHARS,
+    build_redactor,
+    redact_sliced,
+    redact_yielding,
+)
 
 REDACTOR = build_redactor(ALL_KINDS)
 assert REDACTOR is not None
@@ -722,7 +730,7 @@ def stream_in_pieces(text: str, cuts: list[int], json_text: bool) -> str:
     stream = REDACTOR.stream(json_text=json_text)
     bounds = [0, *sorted(cuts), len(text)]
     out = [stream.feed(text[a:b]) for a, b in itertools.pairwise(bounds)]
-    assert stream.held <= MAX_MATCH
+    assert stream.held <= MAX_MATCH + (MAX_PENDING_ESCAPE if json_text else 0)
     return "".join(out) + stream.flush()
 
 
@@ -908,3 +916,14 @@ def test_json_view_equals_its_definition_for_any_split(text: str, data: st.DataO
     cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=8)))
     scan = JsonView()
     assert "".join(scan.view(text[a:b]) for a, b in itertools.pairwise([0, *cuts, len(text)])) == reference_view(text)
+
+
+@pytest.mark.parametrize("cut_short", ["\\", "\\u00", "\\uD83D", "\\uD83D\\", "\\uD83D\\uDE0"])
+def test_a_json_text_holds_back_an_escape_cut_short_past_max_match_and_no_more(cut_short: str) -> None:
+    # A held tail of MAX_MATCH (an address that can still grow) and an escape that is not a
+    # character yet: both held, the escape beyond MAX_MATCH (hypothesis found "...\\" at 129).
+    text = '"' + "a" * 64 + "@" + "b" * 61 + ".c" + cut_short
+    stream = REDACTOR.stream(json_text=True)
+    out = stream.feed(text)
+    assert MAX_MATCH < stream.held <= MAX_MATCH + MAX_PENDING_ESCAPE
+    assert out + stream.flush() == REDACTOR.redact(text, json_text=True)
