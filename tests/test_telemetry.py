@@ -211,51 +211,6 @@ def test_counts_and_histograms_after_known_events() -> None:
     assert abs(samples[key("upstream_ttfb_seconds_sum")] - 2.2) < 1e-9
 
 
-# The latency histograms are counted by the gateway (telemetry._Latency) and written beside
-# the registry's families: /metrics must read byte for byte as aioprometheus' own Histogram and
-# `render` write the same observations (a value at a bound, past the last, negative, NaN).
-LATENCIES = st.sampled_from([0.0, 0.005, 0.0051, 0.003, 1.0, 1, 299.9, 300.0, 1e9, -0.5, float("inf"), float("nan")])
-
-
-@given(
-    st.lists(
-        st.tuples(st.sampled_from(["duration", "ttfb"]), st.sampled_from([CHAT_ROUTE, "/v1/embeddings"]), LATENCIES),
-        max_size=30,
-    )
-)
-def test_the_histograms_read_as_aioprometheus_writes_them(events: list[tuple[str, str, float]]) -> None:
-    from aioprometheus.collectors import Histogram, Registry
-    from aioprometheus.renderer import render
-
-    from gateway.telemetry import LATENCY_BUCKETS
-
-    metrics = Metrics(50)
-    reference = Registry()
-    duration = Histogram(
-        "request_duration_seconds",
-        "Whole-request latency (streams until the last byte).",
-        registry=reference,
-        buckets=LATENCY_BUCKETS,
-    )
-    ttfb = Histogram(
-        "upstream_ttfb_seconds",
-        "Upstream time to first byte (first event for streams).",
-        registry=reference,
-        buckets=LATENCY_BUCKETS,
-    )
-    for kind, route, seconds in events:
-        if kind == "duration":
-            metrics.response_sent(route, "gpt-4o", 200, seconds, timed=True)
-            duration.observe({"route": route}, seconds)
-        else:
-            metrics.upstream_first_byte(seconds)
-            ttfb.observe({}, seconds)
-    body, headers = metrics.render([])
-    for collector in metrics.registry.get_all():  # the counters and gauges, as published
-        reference.register(collector)
-    assert (body, headers) == render(reference, [])
-
-
 def test_a_scrape_does_not_change_what_the_next_one_says() -> None:
     metrics = Metrics(50)
     metrics.request_started(CHAT_ROUTE)
