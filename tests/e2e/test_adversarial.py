@@ -459,6 +459,7 @@ def test_duplicate_key_headers_name_one_tenant(start_gateway: GatewayFactory, mo
     assert not mock.requests()
 
 
+@pytest.mark.serial  # asserts a time (/healthz within 100 ms): run alone, not beside another worker
 def test_a_long_forwarded_for_list_leaves_healthz_answering(start_gateway: GatewayFactory, mock: Mock) -> None:
     """A client inside a trusted network (TRUSTED_PROXIES=10.0.0.0/8, as .env.example has it)
     sends 120 X-Forwarded-For lines of trusted addresses, ~1 MB: every hop was parsed and
@@ -481,6 +482,7 @@ def test_a_long_forwarded_for_list_leaves_healthz_answering(start_gateway: Gatew
     assert max(latencies) < 0.1
 
 
+@pytest.mark.serial  # asserts a time (/healthz within 100 ms): run alone, not beside another worker
 def test_a_body_sent_a_byte_a_chunk_is_refused_before_it_holds_the_loop(start_gateway: GatewayFactory) -> None:
     """8 MiB sent as chunks of one byte (50 MB on the wire): aiohttp parses each chunk in
     ~1.2 µs on the event loop, ~10 s for the body, and the request was served after it while
