@@ -271,13 +271,13 @@ def _digits(text: str) -> str:
     return text.translate(_SEPARATORS)
 
 
-_LUHN_DOUBLED = str.maketrans("0123456789", "0246813579")  # 2d, minus 9 when that is > 9
+_ASCII_SEPARATORS = b" +().-"  # those of `_SEPARATORS` in ASCII, for bytes.translate
+_LUHN_DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")  # 2d, minus 9 when that is > 9
 
 
-def _luhn_ok(digits: str) -> bool:
-    # Every second digit from the right doubled; summed as character codes, at C speed.
-    odd, even = digits[-1::-2], digits[-2::-2].translate(_LUHN_DOUBLED)
-    return (sum(odd.encode()) + sum(even.encode()) - 48 * len(digits)) % 10 == 0
+def _luhn_ok(digits: bytes) -> bool:
+    # Every second digit from the right doubled; summed as byte values, at C speed.
+    return (sum(digits[-1::-2]) + sum(digits[-2::-2].translate(_LUHN_DOUBLED)) - 48 * len(digits)) % 10 == 0
 
 
 _NO_ZW = str.maketrans("", "", _ZW)
@@ -297,11 +297,20 @@ def _mask_email(text: str, glued: bool = False) -> str:
     return f"{first}***{last}@***" if glued else f"{first}***{last}@{domain}"
 
 
+def _digit_bytes(text: str) -> bytes:
+    """`_digits(text)` as bytes, for a span of a card (ASCII digits and separators: the view's).
+    An ASCII span is translated as bytes, at a third of a str's cost: a run of near-miss
+    cards is checked at every group."""
+    if text.isascii():
+        return text.encode().translate(None, _ASCII_SEPARATORS)
+    return _digits(text).encode("utf-8", "surrogatepass")
+
+
 def _mask_card(text: str) -> str | None:
-    digits = _digits(text)
+    digits = _digit_bytes(text)
     if not 13 <= len(digits) <= 19 or not _luhn_ok(digits):
         return None
-    return f"CC_MASKED_LAST4_{digits[-4:]}"
+    return f"CC_MASKED_LAST4_{digits[-4:].decode()}"
 
 
 def _mask_phone(text: str) -> str | None:
@@ -346,6 +355,8 @@ Found = tuple[int, int, str, "str | None"]
 # over whole, as before (a card inside a mistyped IBAN stays unmasked): trying each of its
 # groups again made 1 MiB of "AB12 " cost 4.5 s.
 _SHORTEST = {"card": 13, "phone": 9}
+_FEWEST_DIGITS = {"card": 13}  # `_mask_card`'s least; a phone's check has none for every form
+_ASCII_DIGITS = "0123456789"
 _BREAK = re.compile(r"[^0-9A-Za-z]")  # where a shorter span of a grouped kind can end
 _INNER_START = re.compile(r"(?<=[^0-9A-Za-z])[0-9(]")  # where a card or phone can start inside one
 
@@ -361,11 +372,20 @@ class _Kind:
     ahead: re.Pattern[str]
     mask: Callable[[str], str | None]
     shortest: int  # the fewest characters of a shorter span; 0: the kind has one length
-    rest: re.Pattern[str] | None  # the enabled kinds after this one, as one alternation
+    fewest_digits: int  # the fewest digits its check takes (0: any number)
+    # Past a failed candidate's start, where another could start first: a card's first four
+    # characters are digits, and no kind starts right after a digit (each one's look-behind).
+    next_start: int
+    rest: re.Pattern[str] | None  # the enabled kinds after this one that may start where it does, as one alternation
 
     @classmethod
     def build(cls, name: str, after: list[str]) -> _Kind:
         behind, body, ahead = _PARTS[name]
+        if name == "card":
+            # None may: a card's first four characters are digits, where a phone starts with "+",
+            # "(", "0", "1" and a separator, or three digits and one; an SSN with three digits and
+            # a hyphen; an IBAN with capitals. A near-miss card is then one check, not two.
+            after = []
         rest = re.compile("|".join(f"(?P<{k}>{_PATTERNS[k]})" for k in after)) if after else None
         return cls(
             name,
@@ -374,6 +394,8 @@ class _Kind:
             re.compile(ahead),
             _MASKERS[name],
             _SHORTEST.get(name, 0),
+            _FEWEST_DIGITS.get(name, 0),
+            4 if name == "card" else 1,
             rest,
         )
 
@@ -381,10 +403,17 @@ class _Kind:
         """The (end, mask) of every valid match of this kind at `start`, longest first;
         `end`: the end of its longest candidate there (a candidate's shorter spans end
         inside it, at a group's end, where the look-ahead holds)."""
-        masked = self.mask(text[start:end])
+        candidate = text[start:end]
+        masked = self.mask(candidate)
         spans = [(end, masked)] if masked is not None else []
         if self.shortest:
-            for b in reversed([m.start() for m in _BREAK.finditer(text, start + self.shortest, end)]):
+            # A shorter span ends at a break before the last group, so it holds at most the
+            # digits before that group: fewer than the check takes, there is none (a near-miss
+            # card of four groups of four: twelve).
+            before_last = len(candidate.rstrip(_ASCII_DIGITS))
+            if self.fewest_digits and len(_digit_bytes(candidate[:before_last])) < self.fewest_digits:
+                return spans
+            for b in reversed([m.start() for m in _BREAK.finditer(text, start + self.shortest, start + before_last)]):
                 # The check first: it turns down most (too few digits), and is safe on any
                 # part of a candidate; then whether the pattern ends there.
                 masked = self.mask(text[start:b])
@@ -618,7 +647,7 @@ class Redactor:
                 spans = self._unswallowed(kind.name, text, start, spans)
             if spans:
                 return start, spans[0][0], kind.name, spans[0][1]
-            resume = min(resume, start + 1 if kind.shortest else found.end())
+            resume = min(resume, start + kind.next_start if kind.shortest else found.end())
             found = None if kind.rest is None else kind.rest.match(text, start)
         return resume  # a look-alike (failed checks), left as it is: where the search goes on
 

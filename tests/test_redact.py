@@ -532,6 +532,95 @@ def test_numbers_next_to_numbers_stream_equal_whole_for_any_split(text: str, dat
     assert stream_in_pieces(text, cuts, True) == REDACTOR.redact(text, json_text=True)
 
 
+# Near-miss cards (Luhn fails) among cards, phones, SSNs and IBANs, in groups of every size: the
+# card's fast paths (no other kind tried at a card's start, the search going on past its first
+# four digits, no shorter span looked for when the digits before the last group are too few).
+NEAR_MISS_PARTS = st.sampled_from(
+    [
+        "4242 4242 4242 4241",
+        "4242 4242 4242 4242",
+        "4242 4242 4242 4 2424",  # thirteen digits before the last group
+        "4242424242424241",
+        "4242-4242-4242-4241",
+        "4242.4242.4242.4241",
+        "4242",
+        "4241",
+        "424",
+        "42",
+        "4",
+        "2125",
+        "5555 5555 5555 4444",
+        "415 555 2671",
+        "212-555-0123",
+        "123-45-6789",
+        "DE89 3704 0044 0532 0130 00 ",
+        "+1",
+        "+",
+        "(",
+        ")",
+        " ",
+        "  ",
+        "-",
+        "\u2011",
+        "\u00a0",
+        ".",
+        ",",
+        "x",
+        "A",
+        "0",
+        "1 ",
+    ]
+)
+NEAR_MISS_TEXTS = st.lists(NEAR_MISS_PARTS, min_size=1, max_size=12).map("".join)
+
+
+@settings(max_examples=int(os.environ.get("REDACT_EXAMPLES", "3000")) // 2, deadline=None)
+@given(NEAR_MISS_TEXTS)
+def test_near_miss_cards_follow_the_definition(text: str) -> None:
+    assert REDACTOR.redact(text) == reference_redact(text)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(NEAR_MISS_TEXTS, st.data())
+def test_near_miss_cards_stream_equal_whole_for_any_split(text: str, data: st.DataObject) -> None:
+    cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=len(text)))
+    assert stream_in_pieces(text, cuts, False) == REDACTOR.redact(text)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(NEAR_MISS_TEXTS | st.text("0123456789 -.+()AZx\u2011\u00a0", max_size=40))
+def test_no_kind_starts_after_a_digit_nor_where_a_card_does(text: str) -> None:
+    # What the card's fast paths rest on: after a card candidate fails, no other kind is tried
+    # at its start, and the search goes on past its first four characters (digits).
+    from gateway.redact import _PATTERNS
+
+    others = re.compile("|".join(_PATTERNS[k] for k in ("phone", "iban", "ssn")))
+    card = re.compile(_PATTERNS["card"])
+    for start in range(len(text)):
+        if card.match(text, start):
+            assert others.match(text, start) is None
+        if start and text[start - 1] in "0123456789":
+            assert not any(re.compile(_PATTERNS[k]).match(text, start) for k in ("card", "phone", "iban", "ssn"))
+
+
+def luhn_textbook(digits: str) -> bool:
+    total = 0
+    for i, c in enumerate(reversed(digits)):
+        d = int(c) * (2 if i % 2 else 1)
+        total += d - 9 if d > 9 else d
+    return total % 10 == 0
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text("0123456789 -.+()\u2011\u00a0\u202f", max_size=40))
+def test_card_check_is_luhn_over_13_to_19_digits(text: str) -> None:
+    from gateway.redact import _mask_card
+
+    digits = "".join(c for c in text if c in "0123456789")
+    valid = 13 <= len(digits) <= 19 and luhn_textbook(digits)
+    assert _mask_card(text) == (f"CC_MASKED_LAST4_{digits[-4:]}" if valid else None)
+
+
 @pytest.mark.parametrize(
     ("text", "redacted"),
     [
