@@ -657,7 +657,9 @@ def _join_delta(parts: dict[str, Any], choice: Mapping[str, Any]) -> None:
                         _join_call(calls.setdefault(index if type(index) is int else number, {}), call)
             elif name == "function_call":
                 if type(value) is dict:
-                    _join_function(parts.setdefault("function_call", {"name": [], "arguments": []}), value)
+                    _join_fields(
+                        parts.setdefault("function_call", {"name": [], "arguments": []}), value, _FUNCTION_PIECES
+                    )
             elif name == "audio":
                 if type(value) is dict:  # an audio reply: its data and transcript in pieces, its id once
                     _join_fields(parts.setdefault("audio", {}), value, _AUDIO_PIECES)
@@ -678,23 +680,16 @@ def _join_call(joined: dict[str, Any], call: Mapping[str, Any]) -> None:
             joined.setdefault(name, call[name])
     function = call.get("function")
     if type(function) is dict:
-        _join_function(joined.setdefault("function", {"name": [], "arguments": []}), function)
+        _join_fields(joined.setdefault("function", {"name": [], "arguments": []}), function, _FUNCTION_PIECES)
     custom = call.get("custom")
     if type(custom) is dict:  # a custom (freeform) tool's call: its input in pieces, as arguments are
         _join_fields(joined.setdefault("custom", {}), custom, _CUSTOM_PIECES)
 
 
-def _join_function(into: dict[str, list[str]], function: Mapping[str, Any]) -> None:
-    for name in ("name", "arguments"):
-        if type(function.get(name)) is str:
-            into[name].append(function[name])
-
-
 # The fields of a delta's object that come in pieces (joined); its others are kept as they first came.
+_FUNCTION_PIECES = frozenset({"name", "arguments"})
 _AUDIO_PIECES = frozenset({"data", "transcript"})
 _CUSTOM_PIECES = frozenset({"name", "input"})
-
-
 _DETAIL_PIECES = frozenset({"text", "summary", "data"})
 
 
@@ -719,10 +714,6 @@ def _join_details(into: dict[Any, dict[str, Any]], items: list[Any]) -> None:
 
 def _pieces_joined(joined: Mapping[str, Any], pieces: frozenset[str]) -> dict[str, Any]:
     return {name: "".join(item) if name in pieces else item for name, item in joined.items()}
-
-
-def _joined(function: Mapping[str, list[str]]) -> dict[str, str]:
-    return {name: "".join(pieces) for name, pieces in function.items()}
 
 
 def _joined_field(pieces: list[Any]) -> Any:
@@ -752,7 +743,7 @@ def _choice(index: int, parts: Mapping[str, Any]) -> dict[str, Any]:
     for name, pieces in parts.get("fields", {}).items():
         message[name] = _joined_field(pieces)
     if "function_call" in parts:
-        message["function_call"] = _joined(parts["function_call"])
+        message["function_call"] = _pieces_joined(parts["function_call"], _FUNCTION_PIECES)
     if "audio" in parts:
         message["audio"] = _pieces_joined(parts["audio"], _AUDIO_PIECES)
     if "reasoning_details" in parts:
@@ -761,7 +752,7 @@ def _choice(index: int, parts: Mapping[str, Any]) -> dict[str, Any]:
     if calls:
         for call in calls.values():
             if "function" in call:
-                call["function"] = _joined(call["function"])
+                call["function"] = _pieces_joined(call["function"], _FUNCTION_PIECES)
             if "custom" in call:
                 call["custom"] = _pieces_joined(call["custom"], _CUSTOM_PIECES)
         message["tool_calls"] = [calls[number] for number in sorted(calls)]
