@@ -14,6 +14,7 @@ import sys  # noqa: E402
 
 from gateway import __version__  # noqa: E402
 from gateway.config import ConfigError, export_sdk_environment, load_settings  # noqa: E402
+from gateway.policies import load as load_policies  # noqa: E402
 from gateway.reload import load as load_files  # noqa: E402
 from gateway.server import StartupError, configure_logging, run  # noqa: E402
 
@@ -24,7 +25,7 @@ def main() -> int:
     parser.add_argument("--version", action="version", version=f"secure-llm-gateway {__version__}")
     args = parser.parse_args()
     try:
-        settings = load_settings()
+        settings = load_settings(check_policies=load_policies)  # reported with every other bad variable
         load_files(settings)  # the policy and key files parse (each worker reads them again)
     except ConfigError as error:
         for line in error.lines:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .routing import RouteTable
 
 T = TypeVar("T")
+PolicyCheck = Callable[[str, str | None], object]  # POLICY_FILE, POLICY_ENTITIES_FILE -> raises ConfigError
 REDACT_KIND_NAMES = ("email", "card", "phone", "iban", "ssn")
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_KEY_BYTES = 256  # SPEC §4: a longer presented key gets 401, so a longer listed key could never match
@@ -666,11 +667,15 @@ def _parse_redact_kinds(value: str) -> frozenset[str]:
     return kinds
 
 
-def load_settings(env_file: Path | None = None) -> Settings:
-    """Read `.env` (working directory by default) under the real environment; validate all."""
+def load_settings(env_file: Path | None = None, check_policies: PolicyCheck | None = None) -> Settings:
+    """Read `.env` (working directory by default) under the real environment; validate all.
+    `check_policies(POLICY_FILE, POLICY_ENTITIES_FILE)` raises ConfigError for files that do not
+    load (the entry point passes the policy loader, a layer above this one): their problems are
+    reported with every other bad variable's."""
     env = Env(eager=False)
     dotenv = env_file if env_file is not None else Path.cwd() / ".env"
     otel_in_file: list[str] = []
+    unparsed: list[tuple[int, str]] = []
     # Anything at the path counts: a `.env` directory (docker's bind mount of a missing file) or a
     # dangling symlink skipped without a word served on the defaults, open mode for TENANT_KEYS.
     if os.path.lexists(dotenv):
@@ -680,20 +685,16 @@ def load_settings(env_file: Path | None = None) -> Settings:
             raise ConfigError([f"{_one_line(str(dotenv))}: cannot read it: {exc.strerror}"]) from None
         except UnicodeDecodeError:
             raise ConfigError([f"{_one_line(str(dotenv))}: not UTF-8 text"]) from None
-        unparsed = _UnparsedAssignments(_DOTENV_LINES.split(text))
+        watch = _UnparsedAssignments(_DOTENV_LINES.split(text))
         dotenv_log = logging.getLogger("dotenv.main")  # python-dotenv warns there of a line it drops
-        dotenv_log.addFilter(unparsed)
+        dotenv_log.addFilter(watch)
         try:
             env.read_env(str(dotenv), recurse=False, override=False)  # into env, under os.environ
         finally:
-            dotenv_log.removeFilter(unparsed)
-        if unparsed.found:  # the variable would be left at its default: refuse, naming it (never its value)
-            where = _one_line(str(dotenv))
-            raise ConfigError(
-                [f"{name}: {where} line {line} does not parse (an unclosed quote?)" for line, name in unparsed.found]
-            )
+            dotenv_log.removeFilter(watch)
+        unparsed = watch.found  # refused in _read, with every other bad variable
         otel_in_file = _OTEL_ASSIGNMENT.findall(text)
-    return _read(env, otel_in_file, dotenv)
+    return _read(env, otel_in_file, dotenv, unparsed, check_policies)
 
 
 class _UnparsedAssignments(logging.Filter):
@@ -784,8 +785,16 @@ def _check_rps(value: float) -> bool:
     return True
 
 
-def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
+def _read(
+    env: Env,
+    otel_in_file: list[str],
+    dotenv: Path,
+    unparsed: list[tuple[int, str]],
+    check_policies: PolicyCheck | None,
+) -> Settings:
     r = _Reader(env)
+    for line, name in unparsed:  # the variable would be left at its default: refuse, naming it (never its value)
+        r.errors.setdefault(name, f"{_one_line(str(dotenv))} line {line} does not parse (an unclosed quote?)")
     sdk_environment = _sdk_environment(env, otel_in_file)
     non_negative, positive, above_zero = Range(min=0), Range(min=1), Range(min=0, min_inclusive=False)
     host, port = r.custom("LISTEN_ADDR", _parse_listen_addr, ("0.0.0.0", 8080))
@@ -816,6 +825,12 @@ def _read(env: Env, otel_in_file: list[str], dotenv: Path) -> Settings:
     policy_entities_file = env.str("POLICY_ENTITIES_FILE", None) or None
     if policy_entities_file and not policy_file:
         r.errors["POLICY_ENTITIES_FILE"] = "needs POLICY_FILE: entities alone decide nothing"
+    elif policy_file and check_policies is not None:
+        try:
+            check_policies(policy_file, policy_entities_file)
+        except ConfigError as error:
+            variable, _, policy_problem = error.lines[0].partition(": ")
+            r.errors[variable] = policy_problem
     hash_identifiers = bool(env.bool("HASH_IDENTIFIERS", False))
     hash_secret = env.str("HASH_SECRET", None)
     if hash_identifiers and not hash_secret:

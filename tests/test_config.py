@@ -792,6 +792,36 @@ def test_an_assignment_dotenv_cannot_parse_stops_start_up(tmp_path: Path, line: 
     assert "SECRET" not in result.stdout + result.stderr
 
 
+def test_an_unparsable_dotenv_assignment_is_reported_with_every_other_bad_variable(tmp_path: Path) -> None:
+    # SPEC §2: every bad variable at once. The unclosed quote stopped start-up before the rest
+    # was read: the operator fixed it, restarted, and only then learnt that BURST was bad too.
+    (tmp_path / ".env").write_text('RPS="7\nBURST=0\n')
+    result = run_gateway("--check-config", cwd=tmp_path, TIMEOUT_SECS="soon")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "config error: BURST: Must be greater than or equal to 1.",
+        f"config error: RPS: {tmp_path / '.env'} line 1 does not parse (an unclosed quote?)",
+        "config error: TIMEOUT_SECS: Not a valid number.",
+    ]
+
+
+def test_a_policy_file_that_does_not_parse_is_reported_with_every_other_bad_variable(tmp_path: Path) -> None:
+    # SPEC §2: every bad variable at once. POLICY_FILE was read only once every other variable
+    # was valid: a bad RPS hid it, and a missing policy file hid nothing else.
+    policies = tmp_path / "policies.cedar"
+    policies.write_text("permit (principal, action, resource) when {")
+    result = run_gateway("--check-config", RPS="abc", POLICY_FILE=str(policies), TENANT_QUOTAS="acme")
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert [line.split(":")[1].strip() for line in lines] == ["POLICY_FILE", "RPS", "TENANT_QUOTAS"], lines
+    assert lines[0].startswith(f"config error: POLICY_FILE: {policies}: ")
+    result = run_gateway("--check-config", POLICY_FILE=str(tmp_path / "missing"), TIMEOUT_SECS="soon")
+    assert result.stderr.splitlines() == [
+        f"config error: POLICY_FILE: cannot read {tmp_path / 'missing'}: No such file or directory",
+        "config error: TIMEOUT_SECS: Not a valid number.",
+    ]
+
+
 def test_an_unparsable_dotenv_line_under_a_set_variable_or_no_assignment_only_warns(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text('RPS="7\nthis line is not an assignment\nBURST=20\n')
     result = run_gateway("--check-config", cwd=tmp_path, RPS="3")
