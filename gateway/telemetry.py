@@ -8,8 +8,10 @@ label values (the model) are checked and capped, so /metrics always parses.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sys
+import threading
 import time
 from typing import IO
 
@@ -30,6 +32,7 @@ CB_EVENTS = ("timeout", "load_shed", "store_error", "upstream_error", "client_di
 RELOAD_RESULTS = ("ok", "refused")  # config_reloads_total (SPEC §10)
 OTHER = "other"
 LOG_MODEL_MAX = 256
+MAX_PENDING_BYTES = 4 * 1024 * 1024  # log lines waiting for a stdout that does not keep up
 UNKNOWN = "unknown"  # no model named (rejected before the body was read)
 # aioprometheus writes label values into the text format as they are, unescaped: a `"`, `\`
 # or line break in one would end the value early and let a client write its own lines. So a
@@ -268,16 +271,27 @@ class RequestLog:
     The model is cut to LOG_MODEL_MAX characters: it is the client's, as long as its body. It and
     the path may hold any character: Unicode's line breaks are escaped as JSON's control ones are.
 
-    Lines are buffered and flushed at most every 100 ms, so a slow stdout reader costs one
-    write per interval rather than one per request.
+    Lines are buffered and handed over at most every 100 ms to a thread that writes them, so a
+    slow stdout reader costs one write per interval rather than one per request, and one that
+    stops reading (a stuck journald or log shipper: the pipe full, the write blocked) holds up
+    that thread only, never the loop: requests, /healthz and SIGTERM go on. Lines it has not
+    taken yet are kept up to MAX_PENDING_BYTES; past that, new ones are dropped.
     """
 
     def __init__(self, stream: IO[bytes] | None = None) -> None:
-        self._stream = stream if stream is not None else sys.stdout.buffer
+        self._stream = stream if stream is not None else _stdout()
+        self._owned = stream is None  # closed by the writer thread once the log is closed
         self._buffer = bytearray()
         self._flush_handle: asyncio.TimerHandle | None = None
         self._second = -1
         self._timestamp = ""
+        self._pending: list[bytes] = []  # handed over, not yet written (guarded by _ready)
+        self._pending_bytes = 0
+        self._writing = False
+        self._ready = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._closed = False
+        self.dropped = 0  # lines dropped while the reader did not keep up
 
     def write(
         self, state: RequestState, method: str, path: str, status: int, seconds: float, trace_id: str | None
@@ -310,17 +324,80 @@ class RequestLog:
         self._buffer += line
         self._buffer += b"\n"
         if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_later(0.1, self.flush)
+            self._flush_handle = asyncio.get_running_loop().call_later(0.1, self._hand_over)
 
-    def flush(self) -> None:
-        self._flush_handle = None
-        if self._buffer:
-            data, self._buffer = bytes(self._buffer), bytearray()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Hand the buffered lines over and wait until they are written (at most `timeout`
+        seconds: at shutdown, a reader that stopped must not keep the process). True if all were."""
+        self._hand_over()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._ready:
+            while self._pending or self._writing:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._ready.wait(left)
+        return True
+
+    def close(self, timeout: float) -> None:
+        """Write what is left (at most `timeout` seconds), then let the writer thread end."""
+        self.flush(timeout)
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+    def _hand_over(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._buffer:
+            return
+        data, self._buffer = bytes(self._buffer), bytearray()
+        with self._ready:
+            if self._closed or self._pending_bytes + len(data) > MAX_PENDING_BYTES:
+                self.dropped += data.count(b"\n")
+                return
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            self._ready.notify_all()
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_out, name="request-log", daemon=True)
+                self._writer.start()
+
+    def _write_out(self) -> None:
+        while True:
+            with self._ready:
+                while not self._pending:
+                    self._writing = False
+                    self._ready.notify_all()
+                    if self._closed:
+                        if self._owned:
+                            self._stream.close()
+                        return
+                    self._ready.wait()
+                data = b"".join(self._pending)
+                self._pending.clear()
+                self._pending_bytes = 0
+                self._writing = True
             try:
-                self._stream.write(data)
+                view = memoryview(data)
+                while view:  # a raw stream may take part of it (a signal during the write)
+                    written = self._stream.write(view)
+                    if not written:
+                        break
+                    view = view[written:]
                 self._stream.flush()
             except (OSError, ValueError):
                 pass  # stdout gone (closed pipe): logging must never fail a request
+
+
+def _stdout() -> IO[bytes]:
+    """stdout, unbuffered, under a descriptor of its own: the writer thread blocked in a write
+    holds no lock that sys.stdout's flush at exit would wait for."""
+    try:
+        return os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    except (AttributeError, OSError, ValueError):  # no usable stdout: the lines go nowhere
+        return open(os.devnull, "wb", buffering=0)
 
 
 # Valid unescaped in JSON, left so by orjson, yet line breaks to Unicode (str.splitlines, editors):
@@ -343,6 +420,6 @@ class Telemetry:
         self.log = log
 
     def close(self) -> None:
-        self.log.flush()
+        self.log.close(timeout=1.0)  # a stdout nobody reads must not keep the process
         if self.tracing is not None:
             self.tracing.shutdown()

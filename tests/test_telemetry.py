@@ -7,14 +7,17 @@ from __future__ import annotations
 import io
 import json
 import re
+import threading
 from collections.abc import Awaitable, Callable
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import telemetry
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.models import RequestState
@@ -229,6 +232,35 @@ async def test_the_log_line_cuts_a_huge_model_name() -> None:
         "gpt-4o",
         None,
     ]
+
+
+async def test_a_stdout_that_takes_nothing_holds_lines_up_to_a_bound_never_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reader that stops reading blocks the write: the writer thread waits, the loop never
+    does (flush(timeout=0) returns at once), lines past the bound are dropped and counted, and
+    the rest are written in order once the reader reads again."""
+    monkeypatch.setattr(telemetry, "MAX_PENDING_BYTES", 20_000)
+    reading = threading.Event()
+
+    class Stuck(io.BytesIO):
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            assert reading.wait(10)
+            return super().write(data)
+
+    out = Stuck()
+    log = RequestLog(out)
+    for i in range(1000):
+        log.write(RequestState(f"r{i}", model="m"), "POST", CHAT_ROUTE, 200, 0.01, None)
+        if i % 10 == 9:
+            assert log.flush(timeout=0) is False  # handed over; nothing waited for
+    assert log.dropped > 0
+    reading.set()
+    assert log.flush(timeout=10)
+    ids = [json.loads(line)["request_id"] for line in out.getvalue().splitlines()]
+    assert len(ids) + log.dropped == 1000
+    assert ids == sorted(ids, key=lambda r: int(r[1:]))  # in order
+    log.close(timeout=1)
 
 
 async def test_a_model_name_with_unicode_line_breaks_stays_on_one_log_line() -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import http.client
 import json
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -19,7 +22,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Status
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..conftest import GatewayFactory
-from ..harness import Gateway, Mock, free_port, wait_until
+from ..harness import Gateway, Mock, base_env, free_port, gateway_argv, http_get, wait_until
 from ..test_tracing import Received, decode
 
 CHAT = "/v1/chat/completions"
@@ -390,6 +393,42 @@ def test_log_lines_are_json_with_the_request_fields(shared_gateway: Gateway, moc
     )[0]
     assert {"ts", "request_id", "tenant", "model", "status", "duration_ms", "upstream_ttfb_ms"} <= set(line)
     assert line["tenant"] == "logged" and line["status"] == 200
+
+
+@pytest.mark.timeout(60)
+def test_a_stdout_nobody_reads_holds_up_neither_requests_nor_shutdown(tmp_path: Path) -> None:
+    """SPEC §10's log lines go to stdout; a reader that stops reading (a stuck journald or log
+    shipper, a paused pager) must not stop the gateway. The lines were written from the event
+    loop: once the pipe's 64 KiB were full the write blocked it, and every request, /healthz
+    included, hung (after ~160 requests here), and so did SIGTERM."""
+    port = free_port()
+    env = base_env() | {"LISTEN_ADDR": f"127.0.0.1:{port}", "RPS": "0", "DEFAULT_QUOTA": "1000000"}
+    process = subprocess.Popen(
+        gateway_argv(), env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )  # its stdout never read
+    try:
+
+        def ready() -> bool:
+            assert process.poll() is None, "the gateway exited"
+            try:
+                return http_get(port, "/readyz")[0] == 200
+            except OSError:
+                return False
+
+        wait_until(ready, what="the gateway")
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        for _ in range(1000):  # ~400 KiB of log lines
+            connection.request("GET", "/nope-" + "x" * 300)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 404
+        connection.close()
+        assert http_get(port, "/healthz", timeout=1) == (200, b"ok")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        process.kill()
+        process.wait()
 
 
 async def test_a_stream_refused_by_admission_is_logged_as_a_stream(start_gateway: GatewayFactory, mock: Mock) -> None:
