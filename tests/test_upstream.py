@@ -459,6 +459,7 @@ async def test_an_error_body_that_echoes_the_key_json_escaped_never_carries_it()
         await runner.cleanup()
 
 
+@pytest.mark.serial  # asserts a time (the loop's longest gap): run alone, not beside another worker
 async def test_masking_the_key_in_a_long_error_body_of_escapes_keeps_the_loop_serving() -> None:
     # A base64 key that opens with punctuation made the escaped-key pattern open with an
     # alternation, tried at every backslash: 16 MiB of them in an error body held the event
