@@ -823,7 +823,7 @@ def stream_in_pieces(text: str, cuts: list[int], json_text: bool) -> str:
     return "".join(out) + stream.flush()
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=750, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(json_documents(), st.data())
 def test_json_text_stays_json_and_streams_equal_whole(document: tuple[object, str], data: st.DataObject) -> None:
     value, text = document
@@ -855,7 +855,7 @@ def escaped_inside_strings(text: str, chosen: random.Random) -> str:
     return "".join(out)
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(json_documents(), st.randoms(use_true_random=False), st.data())
 def test_json_text_written_with_escapes_is_redacted_as_a_parser_reads_it(
     document: tuple[object, str], chosen: random.Random, data: st.DataObject
@@ -878,7 +878,7 @@ JSONISH = st.lists(
 ).map("".join)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=750, deadline=None)
 @given(st.one_of(JSONISH, json_documents().map(lambda document: document[1])), st.data())
 def test_json_text_any_split_of_any_text_equals_whole(text: str, data: st.DataObject) -> None:
     whole = REDACTOR.redact(text, json_text=True)

@@ -209,13 +209,13 @@ UNICODE_NUMBERS = st.lists(
 ).map("".join)
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(UNICODE_REPLIES, UNICODE_NUMBERS))
 def test_fast_search_equals_the_definition_in_every_script(text: str) -> None:
     assert REDACTOR.redact(text) == reference_redact(text)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=750, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(UNICODE_REPLIES, UNICODE_NUMBERS), st.data())
 def test_stream_equals_whole_for_any_split_in_every_script(text: str, data: st.DataObject) -> None:
     cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=len(text)))

@@ -373,7 +373,7 @@ BASE64_BITS = st.text(alphabet="Aa09+/=", min_size=0, max_size=12) | st.sampled_
 )
 
 
-@settings(max_examples=2000)
+@settings(max_examples=1000)
 @given(st.lists(BASE64_BITS, max_size=8).map("".join))
 def test_base64_vectors_are_told_as_the_pattern_tells_them(value: str) -> None:
     from gateway.relay import _is_base64

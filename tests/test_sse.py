@@ -84,7 +84,7 @@ def wire_streams(draw: st.DrawFn) -> bytes:
     return b"".join(line + end for line, end in zip(lines, endings, strict=True))
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(wire_streams(), st.data())
 def test_any_split_of_any_stream_gives_the_events_of_one_read(wire: bytes, data: st.DataObject) -> None:
     cuts = data.draw(st.lists(st.integers(0, len(wire)), max_size=20))
