@@ -829,25 +829,26 @@ def test_usage_feeds_tokens_total_and_the_route_is_labelled(
 
 @pytest.mark.parametrize("ending", ["die_after", "error_after", "no_done"])
 def test_a_stream_that_never_finishes_still_counts_its_input_tokens(
-    start_gateway: GatewayFactory, mock: Mock, ending: str
+    shared_gateway: Gateway, mock: Mock, ending: str
 ) -> None:
     # message_start reported the input tokens; no message_delta came (the connection broke,
     # Anthropic's own error, a body ended early): the prompt was read all the same (SPEC §11).
-    gateway = start_gateway()
+    # The module's gateway: a model of this test's own, whose counts nothing else adds to.
+    gateway, model = shared_gateway, f"claude-cut-{ending}"
     usage = {"input_tokens": 100, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
     client = sdk(gateway, knobs(usage=usage, reply="a b c", **{ending: "1"}))
     with (
         pytest.raises(anthropic.APIStatusError),
-        client.messages.stream(model="claude-cut", max_tokens=8, messages=HI) as events,
+        client.messages.stream(model=model, max_tokens=8, messages=HI) as events,
     ):
         list(events.text_stream)
-    s = wait_until(lambda: (s := samples(gateway)).get('tokens_total{kind="prompt",model="claude-cut"}') and s)
-    assert s['tokens_total{kind="prompt",model="claude-cut"}'] == 100
-    assert s['tokens_total{kind="completion",model="claude-cut"}'] == 0
+    s = wait_until(lambda: (s := samples(gateway)).get(f'tokens_total{{kind="prompt",model="{model}"}}') and s)
+    assert s[f'tokens_total{{kind="prompt",model="{model}"}}'] == 100
+    assert s[f'tokens_total{{kind="completion",model="{model}"}}'] == 0
 
 
-def test_completion_tokens_are_the_last_message_delta_count(start_gateway: GatewayFactory, mock: Mock) -> None:
-    gateway = start_gateway()
+def test_completion_tokens_are_the_last_message_delta_count(shared_gateway: Gateway, mock: Mock) -> None:
+    gateway = shared_gateway  # its model is its own: nothing else counts under it
     headers = knobs(reply="a b", delta_usage={"output_tokens": 42})
     with sdk(gateway, headers).messages.stream(model="claude-delta", max_tokens=8, messages=HI) as events:
         assert events.get_final_message().usage.output_tokens == 42
@@ -856,8 +857,8 @@ def test_completion_tokens_are_the_last_message_delta_count(start_gateway: Gatew
     assert s['tokens_total{kind="prompt",model="claude-delta"}'] == 25  # 21 + 4 cache read + 0
 
 
-def test_cumulative_input_counts_in_message_delta_win(start_gateway: GatewayFactory, mock: Mock) -> None:
-    gateway = start_gateway()
+def test_cumulative_input_counts_in_message_delta_win(shared_gateway: Gateway, mock: Mock) -> None:
+    gateway = shared_gateway  # its model is its own: nothing else counts under it
     delta = {"input_tokens": 200, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 5, "output_tokens": 7}
     with sdk(gateway, knobs(reply="a b", delta_usage=delta)).messages.stream(
         model="claude-cumulative", max_tokens=8, messages=HI
@@ -868,10 +869,8 @@ def test_cumulative_input_counts_in_message_delta_win(start_gateway: GatewayFact
     assert s['tokens_total{kind="completion",model="claude-cumulative"}'] == 7
 
 
-def test_a_message_delta_with_input_tokens_alone_keeps_the_cache_counts(
-    start_gateway: GatewayFactory, mock: Mock
-) -> None:
-    gateway = start_gateway()
+def test_a_message_delta_with_input_tokens_alone_keeps_the_cache_counts(shared_gateway: Gateway, mock: Mock) -> None:
+    gateway = shared_gateway  # its model is its own: nothing else counts under it
     usage = {"input_tokens": 100, "cache_read_input_tokens": 20, "cache_creation_input_tokens": 3}
     with sdk(gateway, knobs(usage=usage, delta_usage={"input_tokens": 110, "output_tokens": 7})).messages.stream(
         model="claude-partial", max_tokens=8, messages=HI

@@ -110,6 +110,38 @@ def start(start_gateway: GatewayFactory, ups: dict[str, Mock], tmp_path: Path) -
     return run
 
 
+@pytest.fixture(scope="module")
+def routed_process(
+    upstreams: dict[str, Mock], mock_process: Mock, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """One gateway with the default routes for the module's tests that fail no upstream and
+    read no counter: nothing they do changes what the next one sees (no breaker, Retry-After
+    or token state), and each still gets its mocks healed and forgotten (`routed`)."""
+    tmp = tmp_path_factory.mktemp("routed")
+    path = tmp / "routes.toml"
+    path.write_text(routes_toml(upstreams, free_port()))
+    gateway = Gateway(
+        tmp,
+        {
+            "OPENAI_BASE_URL": mock_process.url,
+            "OPENAI_API_KEY": "sk-upstream-secret",
+            "ANTHROPIC_BASE_URL": mock_process.url,
+            "ANTHROPIC_API_KEY": "sk-ant-upstream-secret",
+            "ROUTES_FILE": str(path),
+            "KEY_A": "sk-a",
+            "KEY_B": "sk-b",
+            "KEY_CLAUDE": "sk-ant-claude",
+        },
+    )
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture
+def routed(routed_process: Gateway, ups: dict[str, Mock]) -> Gateway:
+    return routed_process
+
+
 def sdk(gateway: Gateway, **headers: str) -> openai.OpenAI:
     return openai.OpenAI(
         base_url=gateway.url + "/v1", api_key="demo", max_retries=0, timeout=20, default_headers=headers or None
@@ -137,8 +169,8 @@ async def post(gateway: Gateway, body: dict[str, Any], **headers: str) -> tuple[
 # --- translation: the openai SDK against claude-* --------------------------------------
 
 
-def test_a_claude_model_answers_through_the_openai_sdk(start: Any, ups: dict[str, Mock]) -> None:
-    gateway = start()
+def test_a_claude_model_answers_through_the_openai_sdk(routed: Gateway, ups: dict[str, Mock]) -> None:
+    gateway = routed
     raw = sdk(gateway).chat.completions.with_raw_response.create(
         model=CLAUDE,
         messages=[{"role": "system", "content": "Be brief."}, *HI],
@@ -167,8 +199,8 @@ def test_a_claude_model_answers_through_the_openai_sdk(start: Any, ups: dict[str
     assert hits(ups["b"]) == 0
 
 
-def test_a_claude_stream_with_its_usage_chunk(start: Any, ups: dict[str, Mock]) -> None:
-    gateway = start()
+def test_a_claude_stream_with_its_usage_chunk(routed: Gateway, ups: dict[str, Mock]) -> None:
+    gateway = routed
     stream = sdk(gateway, **knobs(reply="one two three")).chat.completions.create(
         model=CLAUDE, messages=HI, stream=True, stream_options={"include_usage": True}, max_tokens=50
     )
@@ -191,8 +223,8 @@ def test_a_claude_stream_without_usage_asked_has_no_usage_chunk(start: Any) -> N
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_tool_call_round_trip_through_claude(start: Any, ups: dict[str, Mock], stream: bool) -> None:
-    gateway = start()
+def test_a_tool_call_round_trip_through_claude(routed: Gateway, ups: dict[str, Mock], stream: bool) -> None:
+    gateway = routed
     tools = [
         {
             "type": "function",
@@ -304,8 +336,8 @@ def test_anthropic_errors_come_back_openai_shaped(start: Any, ups: dict[str, Moc
 # --- routing and fallbacks -------------------------------------------------------------
 
 
-async def test_an_unrouted_model_is_404_model_not_found_in_each_shape(start: Any) -> None:
-    gateway = start()
+async def test_an_unrouted_model_is_404_model_not_found_in_each_shape(routed: Gateway) -> None:
+    gateway = routed
     with pytest.raises(openai.NotFoundError) as caught:
         sdk(gateway).chat.completions.create(model="llama-3", messages=HI)
     assert caught.value.code == "model_not_found"
@@ -324,8 +356,8 @@ async def test_an_unrouted_model_is_404_model_not_found_in_each_shape(start: Any
         assert "OpenAI-compatible" in (await r.json())["error"]["message"]
 
 
-async def test_messages_route_to_the_anthropic_upstream_of_a_route(start: Any, ups: dict[str, Mock]) -> None:
-    gateway = start()
+async def test_messages_route_to_the_anthropic_upstream_of_a_route(routed: Gateway, ups: dict[str, Mock]) -> None:
+    gateway = routed
     async with (
         aiohttp.ClientSession() as session,
         session.post(gateway.url + "/v1/messages", json={"model": CLAUDE, "max_tokens": 5, "messages": HI}) as r,
@@ -704,10 +736,10 @@ async def test_a_reload_moves_a_model_to_another_upstream_and_a_stream_in_flight
     assert "ROUTES_FILE" in refusal and "nowhere" in refusal
 
 
-def test_the_model_list_is_the_routed_models(start: Any, ups: dict[str, Mock]) -> None:
+def test_the_model_list_is_the_routed_models(routed: Gateway, ups: dict[str, Mock]) -> None:
     # SPEC §12/§13: with ROUTES_FILE, GET /v1/models lists exact names and, for a glob, each
     # rename target or the glob itself; no upstream is asked.
-    gateway = start()
+    gateway = routed
     listed = [model.id for model in sdk(gateway).models.list()]
     assert listed == ["claude-only-*", "claude-*", "gpt-4o", "gpt-4o-mini", "solo", "from-dead", "three"]
     assert all(hits(mock) == 0 for mock in ups.values())
