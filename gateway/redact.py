@@ -47,11 +47,18 @@ _CONTEXT = 2  # characters of look-behind the patterns need
 # ASCII classes for the digit kinds: \d and \w would also take other scripts' digits. An
 # address may hold letters of any script (internationalised mail, RFC 6531), never their digits.
 _LETTER = r"[^\W\d_]"  # a letter of any script (and a few number signs, as "²"), never a digit
-# Zero-width characters (spaces, joiners, the word joiner, the BOM): invisible, so text copied
-# from a page may carry them inside an address or a number ("jane.doe\u200b@example.com"). An
-# address takes them as characters of its local part and domain (masked with it; the mask's
+# Zero-width characters (spaces, joiners, the word joiner, the BOM) and the other invisible
+# format characters (the soft hyphen, the directional marks, embeddings, overrides and isolates
+# that right-to-left text is full of, the invisible operators): text copied from a page may
+# carry them inside an address or a number ("jane.doe\u200b@example.com", "4242\u200f4242…").
+# An address takes them as characters of its local part and domain (masked with it; the mask's
 # letters are read without them), a number as a separator (`digit_view`).
-_ZW = "\u200b\u200c\u200d\u2060\ufeff"
+_ZW = (
+    "\u200b\u200c\u200d\u2060\ufeff"  # zero-width spaces and joiners, the word joiner, the BOM
+    "\u00ad\u061c\u180e\u200e\u200f"  # soft hyphen, Arabic letter mark, Mongolian separator, LRM, RLM
+    "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"  # embeddings, overrides, isolates
+    "\u2061\u2062\u2063\u2064"  # invisible operators
+)
 _LOCAL = rf"(?:{_LETTER}|[0-9._%+{_ZW}-])"  # a character of an address's local part
 _LOCAL_MAX = 64  # RFC 5321. Of a longer run of local characters before an "@", its last 64 are masked
 # The domain characters a match reads after its "@": MAX_MATCH less the local part, the "@" and
@@ -166,14 +173,16 @@ ALL_KINDS = tuple(_PATTERNS)
 # where a hyphen's look-behind would rule the card out, as it does in "INV-…"). Masks are made
 # from the view, so their last digits are ASCII's. Addresses are matched in the text itself,
 # digits only ASCII's there, and a dash beside one ("us—jane@example.com") no part of it.
-# Tabs, the ideographic space (U+3000) and zero-width characters (`_ZW`) are spaces there too:
-# "4242\t4242\t4242\t4242", "4242\u200b4242…".
+# Tabs, the ideographic space (U+3000), the typographic spaces (en, em, thin, hair … U+2000-200A,
+# U+205F) and zero-width characters (`_ZW`) are spaces there too: "4242\t4242\t4242\t4242",
+# "4242\u20094242…", "4242\u200b4242…".
+_OTHER_SPACES = "\t\u3000\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u205f"
 _FOREIGN_DIGITS = "".join(chr(c) for c in range(0x80, 0x20000) if chr(c).isdecimal())
 _DASHES = "\u2012\u2013\u2014\u2015\u2212\uff0d"
 _VIEWED_HYPHENS = "\u2212\uff0d"  # of those, the ones read as a hyphen, not a space
 _DIGIT_VIEW = (
     {ord(c): ord("0") + unicodedata.digit(c) for c in _FOREIGN_DIGITS}
-    | {ord(c): ord(" ") for c in _DASHES + "\t\u3000" + _ZW}
+    | {ord(c): ord(" ") for c in _DASHES + _OTHER_SPACES + _ZW}
     # But the full-width hyphen-minus and the minus sign, which stand for one: Japanese and Korean
     # numbers are hyphenated with them ("０９０－１２３４－５６７８", "090−1234−5678"), and only
     # hyphens set their groups apart (`_NATIONAL`).
@@ -182,7 +191,7 @@ _DIGIT_VIEW = (
 # A digit but ASCII's, for `has_trigger` (a dash is none), and what the view changes. The digits
 # by their category, not listed: a class of the 650 (some past U+FFFF) is searched ~60x slower.
 _FOREIGN = re.compile(r"[^\D0-9]")
-_VIEWED = re.compile(rf"[^\D0-9]|[{_DASHES}\t\u3000{_ZW}]")
+_VIEWED = re.compile(rf"[^\D0-9]|[{_DASHES}{_OTHER_SPACES}{_ZW}]")
 
 
 def digit_view(text: str) -> str:
@@ -932,6 +941,9 @@ class StreamRedactor:
 # JSON text. What stands in the view for a character that must take part in no match and
 # that every pattern treats as a boundary (as it does a space).
 _BLANK = "\x00"
+# A backslash is a space in the view whatever follows it, which a piece's end may cut off: the
+# view of a prefix stays a prefix of the view. The character after it is blank, but a tab's "t".
+_BACKSLASH_BLANK = " " + _BLANK
 _HEX = re.compile(r"[0-9A-Fa-f]*")
 # An escape: a backslash and the character after it, and after a "u" up to 4 hex digits
 # (fewer only when a character that ends them is known). A string's body runs up to its
@@ -967,12 +979,12 @@ _ANY_ESCAPE = re.compile(
     re.S,
 )
 # What an escape may be written as instead: printable ASCII but the quote and the backslash, the
-# no-break spaces and dashes that group digits, other scripts' digits (`digit_view`), the
+# no-break and typographic spaces and dashes that group digits, other scripts' digits (`digit_view`), the
 # zero-width characters an address or a number may hold (`_ZW`), letters (an
 # address's, "j\\u00e4ne"). A JSON parser reads either form as the same character.
 _A_LETTER = re.compile(_LETTER)  # as an address reads it, "²" too: escaped or not, the same text
 _PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"} | set(
-    _SPACE + _HYPHEN + _DASHES + _FOREIGN_DIGITS + _ZW
+    _SPACE + _HYPHEN + _DASHES + _OTHER_SPACES.replace("\t", "") + _FOREIGN_DIGITS + _ZW
 )
 
 
@@ -1030,13 +1042,17 @@ class JsonUnescaper:
 
 
 def _blanked(escape: re.Match[str]) -> str:
-    return _BLANK * (escape.end() - escape.start())
+    """An escape's view: its backslash a space, "\\t" two (a tab sets digit groups apart, as
+    in text that is not JSON), the rest blank."""
+    rest = _BLANK * (escape.end() - escape.start() - 2)
+    return ("  " if escape.group() == "\\t" else _BACKSLASH_BLANK) + rest
 
 
 class JsonView:
     """The view a JSON text is matched in, built piece by piece: the same length, every
-    escape sequence inside a string blanked (a mask never takes part of one, and "\\n"
-    before a card number is a line break, not the letter n), a comma outside strings blanked
+    escape sequence inside a string blanked but its backslash, a space (a mask never takes part
+    of one, and "\\n" before a card number is a line break, not the letter n; "\\t", two spaces,
+    sets digit groups apart as a tab does in plain text), a comma outside strings blanked
     (in `[4242…,5555…]` it separates two numbers; in prose it would join digits), and a "+"
     outside strings after an "e" made "_" (an exponent's: `1e+4242…` holds no card; a "+"
     elsewhere is no JSON, and stays: prose's "+44 20 7946 0958" is a phone). Each
@@ -1077,12 +1093,13 @@ class JsonView:
         while i < n:
             if escape:  # an escape cut by the last piece's end, or a malformed one
                 if escape < 0:
+                    out.append(" " if piece[i] == "t" else _BLANK)
                     escape = 4 if piece[i] == "u" else 0
                     j = i + 1
                 else:
                     j = _HEX.match(piece, i, min(n, i + escape)).end()  # type: ignore[union-attr]
                     escape = escape - (j - i) if j == n else 0
-                out.append(_BLANK * (j - i))
+                    out.append(_BLANK * (j - i))
                 i = j
             elif in_string:
                 j = _STRING_BODY.match(piece, i).end()  # type: ignore[union-attr]
@@ -1096,7 +1113,7 @@ class JsonView:
                     out.append('"')
                     in_string = False
                 else:  # a backslash the body stopped at: an escape the piece's end cuts
-                    out.append(_BLANK)
+                    out.append(" ")
                     escape = -1
                 i = j + 1
             else:

@@ -345,12 +345,17 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
     goes on at the candidate's end. Right where an address ended another may start whatever
     its look-behind says (glued to it); an address followed by an "@" has its domain masked.
     Every kind but the email reads every script's decimal digits as ASCII's, and the other dashes,
-    tabs, U+3000 and zero-width characters as spaces: it is matched and masked in `digits`, the
-    text with each digit its ASCII digit and each of those a space."""
+    tabs, U+3000, the typographic spaces and zero-width (and other invisible) characters as
+    spaces: it is matched and masked in `digits`, the text with each digit its ASCII digit and
+    each of those a space."""
 
     from gateway.redact import _MASKERS, _PARTS, MAX_MATCH, _mask_email
 
-    dashes = "\u2012\u2013\u2014\u2015\t\u3000\u200b\u200c\u200d\u2060\ufeff"
+    dashes = (
+        "\u2012\u2013\u2014\u2015\t\u3000\u200b\u200c\u200d\u2060\ufeff"
+        "\u00ad\u061c\u180e\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2061\u2062\u2063\u2064\u2066\u2067\u2068\u2069"
+        "\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u205f"
+    )
     viewed = {"\uff0d": "\u2010", "\u2212": "\u2010"}  # the full-width hyphen-minus and the minus are hyphens
     digits = "".join(
         str(unicodedata.digit(c)) if c.isdecimal() else " " if c in dashes else viewed.get(c, c) for c in text
@@ -971,9 +976,9 @@ def reference_view(text: str) -> str:
     in_string, escape = False, 0
     last = ""  # the character before (outside strings, an exponent's "e" makes its "+" "_")
     for c in text:
-        if escape < 0:  # the character after a backslash
+        if escape < 0:  # the character after a backslash: a tab's "t" a space, as the backslash
             last = c
-            out.append("\0")
+            out.append(" " if c == "t" else "\0")
             escape = 4 if c == "u" else 0
             continue
         if escape > 0 and c in "0123456789abcdefABCDEF":  # a \u escape's hex digits
@@ -986,7 +991,7 @@ def reference_view(text: str) -> str:
             in_string = not in_string
             out.append(c)
         elif in_string:
-            out.append("\0" if c == "\\" else c)
+            out.append(" " if c == "\\" else c)
             escape = -1 if c == "\\" else 0
         else:
             out.append({",": "\0", "+": "_" if last in ("e", "E") else "+"}.get(c, c))
@@ -996,7 +1001,7 @@ def reference_view(text: str) -> str:
 
 @settings(max_examples=2000, deadline=None)
 @given(
-    st.lists(st.sampled_from(['"', "\\", "u", "0", "e9", "x", ",", "+", " ", "4242"]), max_size=40).map("".join),
+    st.lists(st.sampled_from(['"', "\\", "u", "0", "e9", "x", "t", ",", "+", " ", "4242"]), max_size=40).map("".join),
     st.data(),
 )
 def test_json_view_equals_its_definition_for_any_split(text: str, data: st.DataObject) -> None:

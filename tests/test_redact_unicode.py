@@ -138,6 +138,51 @@ def test_zero_width_characters_are_masked_with_what_they_are_in(text: str, redac
     assert stream_in_pieces(text, list(range(len(text))), False) == expected
 
 
+# The other invisible format characters (soft hyphen, directional marks, embeddings, overrides,
+# isolates, invisible operators) are zero-width characters too, and the typographic spaces
+# (U+2000-200A, U+205F) spaces: before, a card or phone set apart by them went out in clear.
+INVISIBLE = (
+    "\u00ad\u061c\u180e\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2061\u2062\u2063\u2064\u2066\u2067\u2068\u2069"
+)
+TYPOGRAPHIC_SPACES = "\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u205f"
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        *[(z.join(["4242"] * 4), "CC_MASKED_LAST4_4242") for z in INVISIBLE + TYPOGRAPHIC_SPACES],
+        *[(f"tel +1{z}415{z}555{z}2671.", "tel PHONE_MASKED_LAST2_71.") for z in INVISIBLE + TYPOGRAPHIC_SPACES],
+        *[(f"mail jane{z}.doe{z}@example.com, ok", "mail j***e@example.com, ok") for z in INVISIBLE],
+        ("\u200f4242\u200f 4242\u200e 4242\u202e 4242\u202c", "\u200fCC_MASKED_LAST4_4242\u202c"),
+        ("\u200fjane@example.com\u200f", "j***e@example.com\u200f"),
+        # Look-alikes stay as they are: right-to-left text's dates and versions, near-miss cards.
+        ("\u05e9\u05dc\u05d5\u05dd \u200f2024-01-15\u200f v3.11.7\u2009$1,234.56", None),
+        ("4242\u200f4242\u200f4242\u200f4241 4242\u20094242\u20094242\u20094241", None),
+    ],
+)
+def test_invisible_characters_and_typographic_spaces_set_groups_apart(text: str, redacted: str | None) -> None:
+    expected = text if redacted is None else redacted
+    assert REDACTOR.redact(text) == expected
+    assert stream_in_pieces(text, list(range(len(text))), False) == expected
+
+
+def test_a_tab_escape_in_a_json_text_sets_groups_apart_as_a_tab_does() -> None:
+    # Tool-call arguments: JSON writes a tab as "\\t", so a card set apart by tabs, masked in a
+    # message's content, went upstream in clear inside arguments. A line break still joins nothing.
+    text = '{"card": "4242\\t4242\\t4242\\t4242", "n": "4242\\n4242\\n4242\\n4242"}'
+    expected = '{"card": "CC_MASKED_LAST4_4242", "n": "4242\\n4242\\n4242\\n4242"}'
+    assert REDACTOR.redact(text, json_text=True) == expected
+    for cut in range(len(text) + 1):
+        assert stream_in_pieces(text, [cut], True) == expected
+
+
+@pytest.mark.parametrize("z", ["\u200f", "\u00ad", "\u2009", "\u3000"])
+def test_invisible_characters_and_spaces_written_as_json_escapes_are_read(z: str) -> None:
+    escaped = f"\\u{ord(z):04x}"
+    text = f'{{"card": "{escaped.join(["4242"] * 4)}"}}'
+    assert REDACTOR.redact(text, json_text=True) == '{"card": "CC_MASKED_LAST4_4242"}'
+
+
 def test_zero_width_characters_written_as_json_escapes_are_read() -> None:
     text = '{"to": "jane.doe\\u200b@example.com", "card": "4242\\u200b4242\\u200b4242\\u200b4242"}'
     expected = '{"to": "j***e@example.com", "card": "CC_MASKED_LAST4_4242"}'
@@ -175,7 +220,7 @@ def with_zero_width(draw: st.DrawFn, values: st.SearchStrategy[str]) -> str:
     value = draw(values)
     for _ in range(draw(st.integers(1, 3))):
         at = draw(st.integers(0, len(value)))
-        value = value[:at] + draw(st.sampled_from(ZW)) + value[at:]
+        value = value[:at] + draw(st.sampled_from(ZW + INVISIBLE)) + value[at:]
     return value
 
 
@@ -184,7 +229,7 @@ UNICODE_REPLIES = st.lists(
         ORDINARY,
         in_some_script(PII_VALUES),
         in_some_script(st.sampled_from(LOOK_ALIKES)),
-        st.sampled_from([*DASHES, "\t", "  ", "\u3000"]),
+        st.sampled_from([*DASHES, "\t", "  ", "\u3000", *TYPOGRAPHIC_SPACES]),
         in_some_script(PII_VALUES).map(lambda value: value.replace("-", "\u2013")),
         in_some_script(PII_VALUES).map(lambda value: value.replace(" ", "\t")),
         in_some_script(PII_VALUES).map(lambda value: value.replace(" ", "  ")),
@@ -202,7 +247,7 @@ UNICODE_NUMBERS = st.lists(
                 ["4242", "4242 4242 4242 4242", "+1 415 555 2671", "415", " ", "-", ".", "+", "1", "\t", "  ", "\u3000"]
             )
         ),
-        st.sampled_from([*DASHES, *ZW]),
+        st.sampled_from([*DASHES, *ZW, *INVISIBLE, *TYPOGRAPHIC_SPACES]),
     ),
     min_size=1,
     max_size=12,
@@ -238,6 +283,8 @@ MIB = 1024 * 1024
 HOSTILE = {
     "full-width digit pairs": "４２ ",
     "zero-width spaces and digits": "\u200b4",
+    "right-to-left marks and digits": "\u200f4",
+    "thin spaces and digit groups": "4242\u2009",
     "full-width near-miss cards": "４２４２ ４２４２ ４２４２ ４２４１ ",
     "Arabic-Indic groups": "٤٢٤٢ ",
     "digits and en dashes": "4\u2013",
