@@ -1463,13 +1463,23 @@ def _loads_object(data: bytes, deep: bool = False) -> dict[str, Any] | None:
     return value if type(value) is dict else None
 
 
+# What a JSON text can start with, as the stdlib reads one (a BOM dropped, its whitespace, then
+# a value: NaN and Infinity included).
+_JSON_START = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\n\r]*+[\[{\"\-0-9tfnNI]")
+
+
 def loads_reply(data: bytes) -> Any:
     """The upstream's JSON (a reply or a chunk), parsed. JSON's grammar allows a lone UTF-16
     surrogate escape ("\\ud800": half of an emoji, say), which orjson refuses; rather than relay
     such a reply unredacted, the stdlib parses it and each lone surrogate becomes U+FFFD (it
     has no UTF-8 form anyway). ValueError or RecursionError: not JSON. Read as UTF-8 (RFC 8259; a BOM dropped),
     as orjson reads it: given bytes, the stdlib would read UTF-16 and UTF-32 too, as clients'
-    parsers do (httpx's), while the check for PII reads the bytes as UTF-8 (`side_may_match`)."""
+    parsers do (httpx's), while the check for PII reads the bytes as UTF-8 (`side_may_match`).
+    Bytes that no JSON value can start (an event stream, a page) are refused before either
+    parser sees them: both scan the whole of it first, ~1 s on the loop for 200 MiB of events
+    answering a request that asked for JSON (a gzip bomb inflates to that from 200 KiB)."""
+    if not isinstance(data, str) and _JSON_START.match(data) is None:
+        raise ValueError("not JSON: no value starts there")
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:

@@ -242,6 +242,24 @@ def test_an_event_of_a_hundred_thousand_plain_data_lines_costs_what_its_text_doe
     assert elapsed < 1.0, elapsed
 
 
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
+@pytest.mark.parametrize(
+    "body", [b"data: " + b" " * (128 * 1024 * 1024), b"<html>" + b"x" * (128 * 1024 * 1024)], ids=["events", "page"]
+)
+def test_a_reply_no_json_value_can_start_is_refused_without_reading_it_whole(body: bytes) -> None:
+    # A request that asked for JSON, answered with events or a page: parsed as JSON first on the
+    # event loop, where orjson scanned the whole of it and the stdlib's retry decoded all of it
+    # to text (~1 s for 200 MiB of events, /healthz held 1.7-2.4 s by a 200 KiB gzip bomb).
+    from gateway.relay import loads_reply
+
+    started = time.perf_counter()
+    with pytest.raises(ValueError):
+        loads_reply(body)
+    assert time.perf_counter() - started < 0.05
+    for text in (b"NaN", b"\xef\xbb\xbf\n [1]", b"-Infinity", b'{"a":"\\ud800"}', b"true"):
+        loads_reply(text)  # what the stdlib reads still is
+
+
 def test_side_fields_and_unknown_fields_are_redacted() -> None:
     wire = relay_all(delta_chunk({"content": "hi", "note": EMAIL}, user={"phone": "+1 415 555 2671"}), DONE)
     assert_no_clear_pii(wire)
