@@ -319,7 +319,10 @@ class Proxy:
         else:
             body = relay.feed(data) + relay.close()
         state.error_answer = _is_error_event(body, _preamble_end(body))  # charges nothing, as its live form does
-        if relay.cut_short:  # ended before its API's last event: incomplete, as a live stream says (_pump)
+        if relay.failure is not None:  # an event the relay could not pass: its error event is ours, not an answer
+            state.error_answer = False
+            self._telemetry.metrics.cb_event("upstream_error")
+        elif relay.cut_short:  # ended before its API's last event: incomplete, as a live stream says (_pump)
             self._telemetry.metrics.cb_event("upstream_error")
             body += relay.error_event(UpstreamStreamBroken())
         state.usage, state.response_model = relay.usage, relay.response_model
