@@ -49,15 +49,20 @@ _CONTEXT = 2  # characters of look-behind the patterns need
 _LETTER = r"[^\W\d_]"  # a letter of any script (and a few number signs, as "²"), never a digit
 # Zero-width characters (spaces, joiners, the word joiner, the BOM) and the other invisible
 # format characters (the soft hyphen, the directional marks, embeddings, overrides and isolates
-# that right-to-left text is full of, the invisible operators): text copied from a page may
-# carry them inside an address or a number ("jane.doe\u200b@example.com", "4242\u200f4242…").
-# An address takes them as characters of its local part and domain (masked with it; the mask's
-# letters are read without them), a number as a separator (`digit_view`).
+# that right-to-left text is full of, the invisible operators), and the rest of the Basic
+# Multilingual Plane's default-ignorable characters, which render as nothing (variation
+# selectors, the combining grapheme joiner, fillers): text copied from
+# a page may carry them inside an address or a number ("jane.doe\u200b@example.com",
+# "4242\u200f4242…", "4242\ufe0f4242…"). An address takes them as characters of its local part
+# and domain (masked with it; the mask's letters are read without them), a number as a
+# separator (`digit_view`).
 _ZW = (
     "\u200b\u200c\u200d\u2060\ufeff"  # zero-width spaces and joiners, the word joiner, the BOM
     "\u00ad\u061c\u180e\u200e\u200f"  # soft hyphen, Arabic letter mark, Mongolian separator, LRM, RLM
     "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"  # embeddings, overrides, isolates
-    "\u2061\u2062\u2063\u2064"  # invisible operators
+    "\u2061\u2062\u2063\u2064\u2065\u206a\u206b\u206c\u206d\u206e\u206f"  # invisible operators, deprecated formats
+    "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u3164\uffa0"  # grapheme joiner, fillers, selectors
+    + "".join(map(chr, range(0xFE00, 0xFE10)))  # variation selectors
 )
 _LOCAL = rf"(?:{_LETTER}|[0-9._%+{_ZW}-])"  # a character of an address's local part
 _LOCAL_MAX = 64  # RFC 5321. Of a longer run of local characters before an "@", its last 64 are masked
@@ -1158,7 +1163,11 @@ class JsonStreamRedactor(StreamRedactor):
 
     def flush(self) -> str:
         out = self._settle(self._plain.feed("", final=True), True, self._on_redaction)
-        # As StreamRedactor.flush: what follows is read with no look-behind (the JSON state stays).
+        # As StreamRedactor.flush: what follows is read with no look-behind (the JSON state stays,
+        # but whether an "e" came last, the view's look-behind for a "+": "call me" then "+1 415
+        # 555 2671" showed its "+1" as an exponent's sign, outside the phone's mask).
+        in_string, escape, _ = self._scan.state
+        self._scan.state = (in_string, escape, False)
         self._text = self._view = ""
         self._digits = None
         self._start = 0

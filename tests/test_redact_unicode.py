@@ -139,10 +139,12 @@ def test_zero_width_characters_are_masked_with_what_they_are_in(text: str, redac
 
 
 # The other invisible format characters (soft hyphen, directional marks, embeddings, overrides,
-# isolates, invisible operators) are zero-width characters too, and the typographic spaces
+# isolates, invisible operators, variation selectors, the grapheme joiner, fillers) are
+# zero-width characters too, and the typographic spaces
 # (U+2000-200A, U+205F) spaces: before, a card or phone set apart by them went out in clear.
 INVISIBLE = (
     "\u00ad\u061c\u180e\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2061\u2062\u2063\u2064\u2066\u2067\u2068\u2069"
+    "\u2065\u206a\u206b\u206c\u206d\u206e\u206f\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u3164\uffa0\ufe00\ufe01\ufe0e\ufe0f"
 )
 TYPOGRAPHIC_SPACES = "\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u205f"
 
@@ -155,6 +157,8 @@ TYPOGRAPHIC_SPACES = "\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u20
         *[(f"mail jane{z}.doe{z}@example.com, ok", "mail j***e@example.com, ok") for z in INVISIBLE],
         ("\u200f4242\u200f 4242\u200e 4242\u202e 4242\u202c", "\u200fCC_MASKED_LAST4_4242\u202c"),
         ("\u200fjane@example.com\u200f", "j***e@example.com\u200f"),
+        # Emoji keep their variation selectors and keycaps: "I ❤️ 4️⃣".
+        ("I \u2764\ufe0f 4\ufe0f\u20e3, 2024-01-15\ufe0f", None),
         # Look-alikes stay as they are: right-to-left text's dates and versions, near-miss cards.
         ("\u05e9\u05dc\u05d5\u05dd \u200f2024-01-15\u200f v3.11.7\u2009$1,234.56", None),
         ("4242\u200f4242\u200f4242\u200f4241 4242\u20094242\u20094242\u20094241", None),
