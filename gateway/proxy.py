@@ -568,6 +568,12 @@ class Proxy:
                         opened_with_error = not _blames_request(failure)
                         if opened_with_error and attempts.more():
                             raise UpstreamError("upstream answered with an error object")
+                    elif reply.status < 300 and _opens_with_failure(whole):
+                        # Events for a request that did not ask for them (a server that always
+                        # streams), opening with the upstream's failure: as a live stream's.
+                        opened_with_error = True
+                        if attempts.more():
+                            raise UpstreamError("upstream answered with events that open with an error")
                 else:
                     first = await _first_events(reply, relay, self._count_response_redactions)
                     read_at = time.perf_counter()  # the upstream's first event, held or not
@@ -885,6 +891,16 @@ def _is_request_error_event(first: bytes) -> bool:
     except (ValueError, RecursionError):
         return False
     return type(body) is dict and _blames_request(body)
+
+
+def _opens_with_failure(whole: bytes) -> bool:
+    """Whether a whole body of events opens, past its preamble, with an error event that is
+    the upstream's failure (not the request's: see _is_request_error_event). Looked at only
+    when the body opens like events: a JSON reply costs one check of its first byte."""
+    if not whole.startswith(sse.EVENT_STARTS):
+        return False
+    at = _preamble_end(whole)
+    return _is_error_event(whole, at) and not _is_request_error_event(whole[at:])
 
 
 def _error_reply(whole: bytes) -> dict[str, Any] | None:

@@ -463,3 +463,47 @@ def test_an_anthropic_stream_opening_with_invalid_request_error_is_no_upstream_f
     status, _, data = post(gw.port, "/v1/chat/completions", {"model": "claude-x", "messages": HI})
     assert status == 200, (status, data[:200])
     assert 'circuit_state{upstream="claude"} 0' in http_get(gw.port, "/metrics")[1].decode()
+
+
+# SPEC §13: a stream that opens with an upstream failure (Anthropic's overloaded_error after
+# message_start, OpenAI's `data: {"error"}`) falls back, and so does a 200 whose JSON is an error
+# object; but a request WITHOUT "stream" answered with those same events (a server that streams
+# whatever was asked) went to its client as a 200 `{"error": ...}` (the openai SDK returns a
+# completion with no choices), the backup never tried.
+@pytest.mark.parametrize("kind", ["anthropic", "openai"])
+def test_a_json_request_answered_with_events_that_open_with_a_failure_falls_back(
+    tmp_path: Path, fakes, gateway, kind: str
+) -> None:
+    overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    start = {
+        "type": "message_start",
+        "message": {"id": "m", "type": "message", "role": "assistant", "model": "c", "content": [], "usage": {}},
+    }
+    events = (
+        sse([start, overloaded])
+        if kind == "anthropic"
+        else 'data: {"error": {"message": "Overloaded", "type": "server_error"}}\n\n'
+    )
+    fakes["claude"].script({"status": 200, "chunks": [events]})
+    fakes["backup"].script({"status": 200, "body": OK_CHAT})
+    path = tmp_path / "r.toml"
+    write_routes(
+        path,
+        {"claude": (kind, fakes["claude"].url), "backup": ("openai", fakes["backup"].url)},
+        [("m", [("claude", None), ("backup", "gpt-4o")])],
+    )
+    gw = gateway(ROUTES_FILE=str(path))
+    status, headers, data = post(gw.port, "/v1/chat/completions", {"model": "m", "messages": HI})
+    assert status == 200 and headers.get("x-gateway-upstream") == "backup", (status, data[:200])
+    assert json.loads(data)["choices"][0]["message"]["content"] == "ok"
+    # The request's own error in that form is no failure: its client gets it, the backup is not tried.
+    invalid = (
+        sse([{"type": "error", "error": {"type": "invalid_request_error", "message": "prompt is too long"}}])
+        if kind == "anthropic"
+        else 'data: {"error": {"message": "prompt is too long", "type": "invalid_request_error"}}\n\n'
+    )
+    fakes["claude"].script({"status": 200, "chunks": [invalid]})
+    fakes["backup"].script({"status": 200, "body": OK_CHAT})
+    status, headers, data = post(gw.port, "/v1/chat/completions", {"model": "m", "messages": HI})
+    assert headers.get("x-gateway-upstream") == "claude" and b"prompt is too long" in data, (status, data[:200])
+    assert fakes["backup"].seen() == []
