@@ -325,7 +325,12 @@ class Proxy:
         elif relay.cut_short:  # ended before its API's last event: incomplete, as a live stream says (_pump)
             self._telemetry.metrics.cb_event("upstream_error")
             body += relay.error_event(UpstreamStreamBroken())
-        state.usage, state.response_model = relay.usage, relay.response_model
+        # As a live stream's (_stream_answer): message_start's counts are provisional.
+        if relay.usage_final:
+            state.usage = relay.usage
+        elif relay.usage is not None:
+            state.prompt_tokens_seen = relay.usage.prompt_tokens
+        state.response_model = relay.response_model
         if self._api.asks_stream_usage and not state.stream:
             # A chat request without "stream" answered with events (a server that always
             # streams): the client asked for JSON (SPEC §3), and gets the redacted events as
@@ -554,7 +559,10 @@ class Proxy:
                 reply = await leg.client.post(send, headers)
                 if leg.translated:
                     assert state.payload is not None
-                    reply = AnthropicAsChat(reply, include_usage(state.payload), self._idle, hold_until)
+                    # Without "stream", events (a server that streams whatever was asked) become
+                    # one completion, which carries its usage as a Message's translation does.
+                    with_usage = include_usage(state.payload) or not state.stream
+                    reply = AnthropicAsChat(reply, with_usage, self._idle, hold_until)
                 if relay is None or reply.status >= 300 or reply.is_json:
                     whole = await reply.read()
                     relay = None

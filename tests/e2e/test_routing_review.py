@@ -507,3 +507,48 @@ def test_a_json_request_answered_with_events_that_open_with_a_failure_falls_back
     status, headers, data = post(gw.port, "/v1/chat/completions", {"model": "m", "messages": HI})
     assert headers.get("x-gateway-upstream") == "claude" and b"prompt is too long" in data, (status, data[:200])
     assert fakes["backup"].seen() == []
+
+
+# SPEC §13 (usage → usage) and §14 (settled to the reply's usage when it is known): a chat
+# request without "stream" routed to Anthropic and answered with events (a server that streams
+# whatever was asked) became a completion without `usage`, its reservation left at the estimate;
+# and on /v1/messages events cut after message_start settled to message_start's provisional
+# counts, where the same events live leave the estimate standing.
+def test_a_json_request_answered_with_anthropic_events_settles_as_their_live_form(
+    tmp_path: Path, fakes, gateway
+) -> None:
+    usage = {"input_tokens": 30, "output_tokens": 1, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 7}
+    start = {
+        "type": "message_start",
+        "message": {"id": "m", "type": "message", "role": "assistant", "model": "c", "content": [], "usage": usage},
+    }
+    opening = [
+        start,
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "abc"}},
+    ]
+    ending = [
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 20}},
+        {"type": "message_stop"},
+    ]
+    path = tmp_path / "r.toml"
+    write_routes(path, {"claude": ("anthropic", fakes["claude"].url)}, [("claude-*", [("claude", None)])])
+    gw = gateway(ROUTES_FILE=str(path), TOKEN_QUOTA="100000", TOKEN_WINDOW_SECS="3600")
+
+    def used(tenant: str) -> int:  # what the window holds, from a request that reserves 1 + 1
+        fakes["claude"].script({"status": 200, "body": OK_MESSAGE})
+        body = {"model": "claude-x", "max_tokens": 1, "messages": HI}
+        _, headers, _ = post(gw.port, "/v1/messages", body, {"x-api-key": tenant})
+        return 100000 - 2 - int(headers["x-ratelimit-remaining-tokens"])
+
+    fakes["claude"].script({"status": 200, "chunks": [sse(opening + ending)]})
+    body = {"model": "claude-x", "max_tokens": 100, "messages": HI}
+    status, _, data = post(gw.port, "/v1/chat/completions", body, {"x-api-key": "whole"})
+    assert status == 200, data[:300]
+    assert json.loads(data)["usage"]["prompt_tokens"] == 42 and json.loads(data)["usage"]["completion_tokens"] == 20
+    assert used("whole") == 62
+    fakes["claude"].script({"status": 200, "chunks": [sse(opening)]})
+    status, _, data = post(gw.port, "/v1/messages", body, {"x-api-key": "cut"})
+    assert status == 200 and b"event: error" in data, data[-300:]
+    assert used("cut") == 1 + 100  # "hi" / 4 rounded up, plus max_tokens: the estimate stands
