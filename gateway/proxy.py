@@ -866,11 +866,20 @@ async def _past_preamble(
     return (b"".join(parts) if len(parts) > 1 else first), at
 
 
+_ERROR_DATA = b'data: {"error"'
+
+
 def _is_error_event(first: bytes, at: int = 0) -> bool:
     """Whether the first events read are, from `at` (the answer's first: see _preamble_end),
     an error: Anthropic's and the Responses API's `event: error`, the Responses API's
-    `response.failed`, or OpenAI's `data: {"error": ...}` (a translated Anthropic error too)."""
-    return first.startswith((b"event: error\n", b"event: response.failed\n", b'data: {"error"'), at)
+    `response.failed`, or OpenAI's `data: {"error": ...}` (a translated Anthropic error too) —
+    not `"error": null`, which some servers write first on every chunk of an answer."""
+    if first.startswith((b"event: error\n", b"event: response.failed\n"), at):
+        return True
+    if not first.startswith(_ERROR_DATA, at):
+        return False
+    value = first[at + len(_ERROR_DATA) : at + len(_ERROR_DATA) + 16].lstrip(b" \t").removeprefix(b":")
+    return not value.lstrip(b" \t").startswith(b"null")
 
 
 # Error types (OpenAI's and Anthropic's words) that blame the request, not the upstream: the

@@ -552,3 +552,26 @@ def test_a_json_request_answered_with_anthropic_events_settles_as_their_live_for
     status, _, data = post(gw.port, "/v1/messages", body, {"x-api-key": "cut"})
     assert status == 200 and b"event: error" in data, data[-300:]
     assert used("cut") == 1 + 100  # "hi" / 4 rounded up, plus max_tokens: the estimate stands
+
+
+# SPEC §13: only a failure falls back. A server that writes `"error": null` first on every chunk
+# of a good answer had each of them taken for a stream opening with an error: the answer thrown
+# away for the backup's (and with no backup, a breaker failure and no tokens charged).
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_chunk_whose_error_is_null_is_an_answer(tmp_path: Path, fakes, gateway, stream: bool) -> None:
+    chunk = {"error": None, "id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    first = {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "first"}}]}
+    last = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    events = f"data: {json.dumps(first)}\n\ndata: {json.dumps(last)}\n\ndata: [DONE]\n\n"
+    fakes["claude"].script({"status": 200, "chunks": [events]})
+    fakes["backup"].script({"status": 200, "chunks": [OK_STREAM]} if stream else {"status": 200, "body": OK_CHAT})
+    path = tmp_path / "r.toml"
+    write_routes(
+        path,
+        {"claude": ("openai", fakes["claude"].url), "backup": ("openai", fakes["backup"].url)},
+        [("m", [("claude", None), ("backup", None)])],
+    )
+    gw = gateway(ROUTES_FILE=str(path))
+    status, headers, data = post(gw.port, "/v1/chat/completions", {"model": "m", "stream": stream, "messages": HI})
+    assert status == 200 and headers.get("x-gateway-upstream") == "claude", (status, data[:200])
+    assert b"first" in data and fakes["backup"].seen() == []
