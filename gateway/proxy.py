@@ -916,8 +916,20 @@ def _opens_with_failure(whole: bytes) -> bool:
     when the body opens like events: a JSON reply costs one check of its first byte."""
     if not whole.startswith(sse.EVENT_STARTS):
         return False
-    at = _preamble_end(whole)
-    return _is_error_event(whole, at) and not _is_request_error_event(whole[at:])
+    # In the spelling the relay writes (a live stream's first events are looked at so): the
+    # upstream's may differ (`data:{`, `event:error`, CRLF). The preamble's bytes are enough.
+    parser = sse.SSEParser()
+    head = b"".join(_written(event) for event in parser.feed(whole[:_PREAMBLE_BYTES]))
+    at = _preamble_end(head)
+    return _is_error_event(head, at) and not _is_request_error_event(head[at:])
+
+
+def _written(event: sse.Event) -> bytes:
+    """An event as `event: <name>` and `data: ` lines; a comment-only one as a comment."""
+    if event.data is None:
+        return b":\n\n"
+    name = sse.event_name(event.raw)
+    return (b"event: " + name + b"\n" if name is not None else b"") + sse.encode(event.data)
 
 
 def _error_reply(whole: bytes) -> dict[str, Any] | None:

@@ -575,3 +575,29 @@ def test_a_chunk_whose_error_is_null_is_an_answer(tmp_path: Path, fakes, gateway
     status, headers, data = post(gw.port, "/v1/chat/completions", {"model": "m", "stream": stream, "messages": HI})
     assert status == 200 and headers.get("x-gateway-upstream") == "claude", (status, data[:200])
     assert b"first" in data and fakes["backup"].seen() == []
+
+
+# As above, in SSE's other spellings of the same events (no space after the colon, CRLF line
+# ends), which a live stream reads as the same failure: the JSON request's answer was relayed.
+@pytest.mark.parametrize(
+    "events",
+    [
+        ':PROCESSING\n\ndata:{"error":{"message":"Overloaded","type":"server_error"}}\n\n',
+        'data: {"error": {"message": "Overloaded", "type": "server_error"}}\r\n\r\n',
+        'event:error\ndata:{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n',
+    ],
+)
+def test_a_json_request_answered_with_a_failure_in_any_sse_spelling_falls_back(
+    tmp_path: Path, fakes, gateway, events: str
+) -> None:
+    fakes["claude"].script({"status": 200, "chunks": [events]})
+    fakes["backup"].script({"status": 200, "body": OK_CHAT})
+    path = tmp_path / "r.toml"
+    write_routes(
+        path,
+        {"claude": ("openai", fakes["claude"].url), "backup": ("openai", fakes["backup"].url)},
+        [("m", [("claude", None), ("backup", "gpt-4o")])],
+    )
+    gw = gateway(ROUTES_FILE=str(path))
+    status, headers, data = post(gw.port, "/v1/chat/completions", {"model": "m", "messages": HI})
+    assert status == 200 and headers.get("x-gateway-upstream") == "backup", (status, data[:200])
