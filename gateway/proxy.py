@@ -784,12 +784,12 @@ def _may_be_reply(data: bytes) -> bool:
 
 # Events that open a stream before its answer and before a failure alike: /v1/messages'
 # message_start and pings; the Responses API's response.created, .queued and .in_progress.
-_PREAMBLE_EVENTS = (
-    b"event: message_start\n",
-    b"event: ping\n",
-    b"event: response.created\n",
-    b"event: response.queued\n",
-    b"event: response.in_progress\n",
+_PREAMBLE_NAMES = (b"message_start", b"ping", b"response.created", b"response.queued", b"response.in_progress")
+# As the upstream spelled them (/v1/messages relays its events as they came): SSE allows the
+# space after the colon or not.
+_PREAMBLE_EVENTS = tuple(b"event:" + space + name + b"\n" for name in _PREAMBLE_NAMES for space in (b" ", b""))
+_ERROR_EVENTS = tuple(
+    b"event:" + space + name + b"\n" for name in (b"error", b"response.failed") for space in (b" ", b"")
 )
 # A preamble is a few hundred bytes (message_start, a ping, a router's comment or two): past
 # this, what is held goes out, so an upstream that sends pings or comments without end is not
@@ -874,7 +874,7 @@ def _is_error_event(first: bytes, at: int = 0) -> bool:
     an error: Anthropic's and the Responses API's `event: error`, the Responses API's
     `response.failed`, or OpenAI's `data: {"error": ...}` (a translated Anthropic error too) —
     not `"error": null`, which some servers write first on every chunk of an answer."""
-    if first.startswith((b"event: error\n", b"event: response.failed\n"), at):
+    if first.startswith(_ERROR_EVENTS, at):
         return True
     if not first.startswith(_ERROR_DATA, at):
         return False
