@@ -914,7 +914,10 @@ def _opens_with_failure(whole: bytes) -> bool:
     """Whether a whole body of events opens, past its preamble, with an error event that is
     the upstream's failure (not the request's: see _is_request_error_event). Looked at only
     when the body opens like events: a JSON reply costs one check of its first byte."""
-    if not whole.startswith(sse.EVENT_STARTS):
+    if not whole.startswith(sse.EVENT_STARTS) and not (
+        # Blank lines first: still taken for events (_json_answer), so looked at as such.
+        whole[:1].isspace() and whole.lstrip().startswith(sse.EVENT_STARTS)
+    ):
         return False
     # In the spelling the relay writes (a live stream's first events are looked at so): the
     # upstream's may differ (`data:{`, `event:error`, CRLF). The preamble's bytes are enough.

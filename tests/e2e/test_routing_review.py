@@ -585,6 +585,10 @@ def test_a_chunk_whose_error_is_null_is_an_answer(tmp_path: Path, fakes, gateway
         ':PROCESSING\n\ndata:{"error":{"message":"Overloaded","type":"server_error"}}\n\n',
         'data: {"error": {"message": "Overloaded", "type": "server_error"}}\r\n\r\n',
         'event:error\ndata:{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n',
+        # A blank line first (an event with no field, which SSE ignores): the body is still
+        # taken for events (it is relayed so), so its first event is looked at too.
+        '\r\ndata: {"error": {"message": "Overloaded", "type": "server_error"}}\r\n\r\n',
+        '\nevent: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n',
     ],
 )
 def test_a_json_request_answered_with_a_failure_in_any_sse_spelling_falls_back(
