@@ -788,9 +788,8 @@ _PREAMBLE_NAMES = (b"message_start", b"ping", b"response.created", b"response.qu
 # As the upstream spelled them (/v1/messages relays its events as they came): SSE allows the
 # space after the colon or not.
 _PREAMBLE_EVENTS = tuple(b"event:" + space + name + b"\n" for name in _PREAMBLE_NAMES for space in (b" ", b""))
-_ERROR_EVENTS = tuple(
-    b"event:" + space + name + b"\n" for name in (b"error", b"response.failed") for space in (b" ", b"")
-)
+_ERROR_NAMES = (b"error", b"response.failed")
+_ERROR_EVENTS = tuple(b"event:" + space + name + b"\n" for name in _ERROR_NAMES for space in (b" ", b""))
 # A preamble is a few hundred bytes (message_start, a ping, a router's comment or two): past
 # this, what is held goes out, so an upstream that sends pings or comments without end is not
 # held in memory for half TIMEOUT_SECS, each read rescanning all of it.
@@ -813,7 +812,7 @@ def _preamble_end(first: bytes) -> int:
 
 def _is_preamble(first: bytes, at: int, end: int) -> bool:
     """Whether the event `first[at:end]` is one of the preamble's."""
-    if first.startswith(_PREAMBLE_EVENTS, at):
+    if first.startswith(_PREAMBLE_EVENTS, at) or _event_name(first, at, end) in _PREAMBLE_NAMES:
         return True
     return first.startswith(b":", at) and all(line.startswith(b":") for line in first[at:end].split(b"\n"))
 
@@ -876,10 +875,25 @@ def _is_error_event(first: bytes, at: int = 0) -> bool:
     not `"error": null`, which some servers write first on every chunk of an answer."""
     if first.startswith(_ERROR_EVENTS, at):
         return True
-    if not first.startswith(_ERROR_DATA, at):
+    # SSE's fields in any order (an `id:` line first, `data:` before `event:`), as a client's
+    # decoder reads them: /v1/messages relays its events as the upstream spelled them.
+    end = first.find(b"\n\n", at)
+    if end >= 0 and first.startswith((b"id:", b"retry:", b"data:", b":"), at):
+        name = _event_name(first, at, end)
+        if name in _ERROR_NAMES:
+            return True
+        if name is None:  # OpenAI's: its first data line
+            line = first.find(b"data:", at, end)
+            at = line if line == at or (line > at and first[line - 1] == 10) else -1
+    if at < 0 or not first.startswith(_ERROR_DATA, at):
         return False
     value = first[at + len(_ERROR_DATA) : at + len(_ERROR_DATA) + 16].lstrip(b" \t").removeprefix(b":")
     return not value.lstrip(b" \t").startswith(b"null")
+
+
+def _event_name(first: bytes, at: int, end: int) -> bytes | None:
+    """The name of the event `first[at:end]` (its last `event:` line's, as decoders read it)."""
+    return sse.event_name(first[at : end + 1])
 
 
 # Error types (OpenAI's and Anthropic's words) that blame the request, not the upstream: the

@@ -643,3 +643,46 @@ def test_a_messages_stream_opening_with_a_compactly_spelled_overload_falls_back(
         if line.startswith(b"data:") and b"content_block_delta" in line
     ]
     assert "".join(texts) == "from backup" and b"overloaded" not in data, data[:300]
+
+
+# As above, with the fields in another order than `event:` first, as SSE allows (an `id:` line
+# first, as a relay that numbers its events writes; `data:` before `event:`): a client's SSE
+# decoder reads the same overload, and the gateway read an answer (no fallback, no breaker failure).
+@pytest.mark.parametrize(
+    "spell",
+    [
+        lambda i, e: f"id: {i}\nevent: {e['type']}\ndata: {json.dumps(e)}\n\n",
+        lambda i, e: f"data: {json.dumps(e)}\nevent: {e['type']}\n\n",
+        lambda i, e: f"retry: 1000\nevent: {e['type']}\ndata: {json.dumps(e)}\n\n",
+    ],
+)
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_messages_stream_opening_with_an_overload_in_any_field_order_falls_back(
+    tmp_path: Path, fakes, gateway, spell, stream: bool
+) -> None:
+    start = {
+        "type": "message_start",
+        "message": {"id": "m", "type": "message", "role": "assistant", "model": "c", "content": [], "usage": {}},
+    }
+    overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    fakes["claude"].script({"status": 200, "chunks": ["".join(spell(i, e) for i, e in enumerate((start, overloaded)))]})
+    answer = [
+        start,
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "from backup"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}},
+        {"type": "message_stop"},
+    ]
+    fakes["backup"].script({"status": 200, "chunks": [sse(answer)]})
+    path = tmp_path / "r.toml"
+    write_routes(
+        path,
+        {"claude": ("anthropic", fakes["claude"].url), "backup": ("anthropic", fakes["backup"].url)},
+        [("claude-*", [("claude", None), ("backup", None)])],
+    )
+    gw = gateway(ROUTES_FILE=str(path))
+    body = {"model": "claude-x", "stream": stream, "max_tokens": 5, "messages": HI}
+    status, headers, data = post(gw.port, "/v1/messages", body)
+    assert status == 200 and headers.get("x-gateway-upstream") == "backup", (status, data[:300])
+    assert b"overloaded" not in data, data[:300]
