@@ -53,7 +53,7 @@ from .router import (
     is_fallback_status,
     router_for,
 )
-from .surfaces import Api, Surface, ask_stream_usage
+from .surfaces import MESSAGES_API, Api, Surface, ask_stream_usage, message_events
 from .telemetry import Telemetry
 from .translate import completion_events, completion_from_events
 from .upstream import Reply, Upstream
@@ -271,10 +271,15 @@ class Proxy:
             isinstance(answer, dict) and len(data) <= YIELD_ABOVE_CHARS and not reply_may_need_redaction(data)
         ):
             data = await self._redacted_reply(answer, data, self._surface.for_request(state.payload))
-        if state.stream and self._api.asks_stream_usage and isinstance(answer, dict) and not state.error_answer:
-            # A chat stream answered with one JSON reply (a server that does not stream): the
-            # client asked for a stream (SPEC §3), and gets the completion as one.
-            events = completion_events(answer, state.usage_chunk)  # redacted in place, as `data` was written
+        if state.stream and isinstance(answer, dict) and not state.error_answer:
+            # A stream answered with one JSON reply (a server that does not stream): the client
+            # asked for a stream (SPEC §3, §11), and gets the reply as one. Redacted in place, as
+            # `data` was written: its texts are redacted once, its usage counted once.
+            events = None
+            if self._api.asks_stream_usage:
+                events = completion_events(answer, state.usage_chunk)
+            elif self._api is MESSAGES_API:
+                events = message_events(answer)
             if events is not None:
                 return web.Response(body=events, status=reply.status, headers=SSE_HEADERS)
         return web.Response(body=data, status=reply.status, content_type="application/json")

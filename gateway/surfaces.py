@@ -713,6 +713,53 @@ def anthropic_usage(reply: dict[str, Any]) -> Usage | None:
     return Usage(prompt, completion)
 
 
+def message_events(message: dict[str, Any]) -> bytes | None:
+    """A Message (from an upstream that answered a stream request with one JSON reply) as the
+    events Anthropic would have sent for it: message_start (the message without its content,
+    the usage without output tokens), per block its start, deltas and stop (text_delta, a
+    tool call's input as one input_json_delta, thinking_delta and signature_delta), then
+    message_delta (stop reason and sequence, output tokens) and message_stop. Else the
+    anthropic SDK, handed JSON for the stream it asked for, fails. None: not a Message (an
+    error object stays as it came)."""
+    content = message.get("content")
+    if message.get("type") != "message" or type(content) is not list or not all(type(b) is dict for b in content):
+        return None
+    usage = message.get("usage")
+    usage = usage if type(usage) is dict else {}
+    events: list[bytes] = []
+
+    def event(kind: str, **fields: Any) -> None:
+        events.append(b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **fields}) + b"\n\n")
+
+    start = {name: value for name, value in message.items() if name not in ("content", "stop_reason", "stop_sequence")}
+    start |= {"content": [], "stop_reason": None, "stop_sequence": None, "usage": {**usage, "output_tokens": 0}}
+    event("message_start", message=start)
+    for index, block in enumerate(content):
+        kind = block.get("type")
+        deltas: list[dict[str, Any]] = []
+        opened = dict(block)
+        if kind == "text" and type(block.get("text")) is str:
+            opened["text"] = ""
+            deltas.append({"type": "text_delta", "text": block["text"]})
+        elif kind == "thinking" and type(block.get("thinking")) is str:
+            opened |= {"thinking": "", "signature": ""}
+            deltas.append({"type": "thinking_delta", "thinking": block["thinking"]})
+            if type(block.get("signature")) is str:
+                deltas.append({"type": "signature_delta", "signature": block["signature"]})
+        elif type(block.get("input")) is dict:  # tool_use, server_tool_use, mcp_tool_use
+            opened["input"] = {}
+            if block["input"]:
+                deltas.append({"type": "input_json_delta", "partial_json": orjson.dumps(block["input"]).decode()})
+        event("content_block_start", index=index, content_block=opened)
+        for delta in deltas:
+            event("content_block_delta", index=index, delta=delta)
+        event("content_block_stop", index=index)
+    stop = {"stop_reason": message.get("stop_reason"), "stop_sequence": message.get("stop_sequence")}
+    event("message_delta", delta=stop, usage={"output_tokens": usage.get("output_tokens", 0)})
+    event("message_stop")
+    return b"".join(events)
+
+
 MESSAGES = MessagesSurface()
 
 # Structured output (`output_config.format` json_schema, or the beta's `output_format`): text
