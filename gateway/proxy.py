@@ -55,7 +55,7 @@ from .router import (
 )
 from .surfaces import MESSAGES_API, Api, Surface, ask_stream_usage, message_events
 from .telemetry import Telemetry
-from .translate import completion_events, completion_from_events
+from .translate import anthropic_error, chat_error, completion_events, completion_from_events
 from .upstream import Reply, Upstream
 
 # Short texts redacted one after another: a turn of the loop for others after each 4 KiB of
@@ -252,12 +252,21 @@ class Proxy:
             if data.lstrip().startswith(sse.EVENT_STARTS):
                 return await self._events_answer(state, reply, data)
             raise UpstreamError("upstream answered with a body that is not JSON") from None
+        failed: int | None = None  # the status an error object under a 2xx stands for
+        reshape = False
         if isinstance(answer, dict):
             state.usage = self._api.reply_usage(answer)
             if isinstance(answer.get("model"), str):
                 state.response_model = answer["model"]
             if answer.get("error") is not None:  # an error under a 200, which may echo the key (not "error": null)
-                state.error_answer = True  # relayed as it came, but it charges nothing (SPEC §14)
+                # The client gets it as the same error with its status would reach it (SPEC
+                # §13): an SDK takes a 200 for an answer (openai's, one with no choices).
+                state.error_answer = True  # it charges nothing (SPEC §14)
+                state.usage = None
+                failed = _error_status(answer["error"])
+                reshape = self._api.anthropic_errors != (answer.get("type") == "error")  # not this route's shape
+                if failed in (401, 403):
+                    raise UpstreamAuthRejected()
                 scrubbed = reply.scrub(data)
                 if scrubbed is not data:  # the key masked, and the reply still redacted: it may carry an answer
                     data = scrubbed
@@ -271,6 +280,13 @@ class Proxy:
             isinstance(answer, dict) and len(data) <= YIELD_ABOVE_CHARS and not reply_may_need_redaction(data)
         ):
             data = await self._redacted_reply(answer, data, self._surface.for_request(state.payload))
+        if failed is not None:
+            self._telemetry.metrics.cb_event("upstream_error")
+            if reshape:
+                data = anthropic_error(data) if self._api.anthropic_errors else chat_error(data)
+            return web.Response(
+                body=data, status=failed, content_type="application/json", headers=reply.retry_headers()
+            )
         if state.stream and isinstance(answer, dict) and not state.error_answer:
             # A stream answered with one JSON reply (a server that does not stream): the client
             # asked for a stream (SPEC §3, §11), and gets the reply as one. Redacted in place, as
@@ -345,7 +361,11 @@ class Proxy:
             answer = await asyncio.to_thread(completion_from_events, body) if long else completion_from_events(body)
             if answer is None:
                 raise UpstreamError("upstream answered with events that hold no completion")
-            status = 502 if "error" in answer and not state.error_answer else reply.status
+            status = reply.status
+            if "error" in answer:  # an error before the answer: its status; after: the upstream's failure
+                status = _error_status(answer["error"]) if state.error_answer else 502
+                if status in (401, 403):
+                    raise UpstreamAuthRejected()
             return web.Response(body=reply.scrub(dumps_reply(answer)), status=status, content_type="application/json")
         # The whole stream in one write: its error event may echo the key, as a live stream's last write may.
         return web.Response(body=reply.scrub(body), status=reply.status, headers=SSE_HEADERS)
@@ -902,19 +922,42 @@ def _event_name(first: bytes, at: int, end: int) -> bytes | None:
     return sse.event_name(first[at : end + 1])
 
 
-# Error types (OpenAI's and Anthropic's words) that blame the request, not the upstream: the
-# 4xx other than 429 (whose HTTP form is no fallback status either, see is_fallback_status).
-_REQUEST_ERROR_TYPES = frozenset(
-    {
-        "invalid_request_error",
-        "authentication_error",
-        "permission_error",
-        "not_found_error",
-        "request_too_large",
-        "BadRequestError",  # vLLM's
-        "NotFoundError",
-    }
-)
+# The status an error object under a 2xx stands for (SPEC §13: Anthropic's errors with the
+# matching status; OpenAI's types and codes alike): its `code` when that is a 4xx or 5xx,
+# else its type's (or a code's that names one), else 502, the upstream failing.
+_ERROR_STATUSES = {
+    "invalid_request_error": 400,
+    "BadRequestError": 400,  # vLLM's
+    "context_length_exceeded": 400,
+    "authentication_error": 401,
+    "invalid_api_key": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "NotFoundError": 404,
+    "model_not_found": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+    "api_error": 500,
+    "server_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+
+
+def _error_status(error: object) -> int:
+    if type(error) is not dict:
+        return 502
+    code = error.get("code")
+    if type(code) is str and code.isascii() and code.isdigit() and len(code) == 3:
+        code = int(code)
+    if type(code) is int and 400 <= code <= 599:  # a status: it decides
+        return code
+    for name in (error.get("type"), code):
+        if type(name) is str and name in _ERROR_STATUSES:  # (an object there is unhashable)
+            return _ERROR_STATUSES[name]
+    return 502
 
 
 def _is_request_error_event(first: bytes) -> bool:
@@ -971,16 +1014,8 @@ def _error_reply(whole: bytes) -> dict[str, Any] | None:
 
 def _blames_request(body: dict[str, Any]) -> bool:
     """Whether an error reply or event blames the request (see _is_request_error_event)."""
-    error = body.get("error")
-    if type(error) is not dict:
-        return False
-    code = error.get("code")
-    if type(code) is str and code.isascii() and code.isdigit() and len(code) == 3:
-        code = int(code)
-    if type(code) is int and 100 <= code <= 599:  # a status: it decides
-        return 400 <= code < 500 and code != 429
-    kind = error.get("type")
-    return type(kind) is str and kind in _REQUEST_ERROR_TYPES  # (an object there is unhashable)
+    status = _error_status(body.get("error"))
+    return 400 <= status < 500 and status != 429  # whose HTTP form is no fallback status either
 
 
 async def _first_events(reply: Reply, relay: StreamRelay, counted: Counted) -> bytes:

@@ -333,6 +333,20 @@ def chat_error(data: bytes) -> bytes:
     return _error_body(error)
 
 
+def anthropic_error(data: bytes) -> bytes:
+    """OpenAI's `{"error":{"message","type",...}}` as Anthropic's error body; any other body as it came."""
+    try:
+        body = loads_reply(data)
+    except (ValueError, RecursionError):
+        return data
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return data
+    kind = error.get("type") if isinstance(error.get("type"), str) else "api_error"
+    message = error.get("message") if isinstance(error.get("message"), str) else "upstream error"
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+
+
 def _error_body(error: Mapping[str, Any]) -> bytes:
     kind = error.get("type") if isinstance(error.get("type"), str) else "api_error"
     message = error.get("message") if isinstance(error.get("message"), str) else "upstream error"
@@ -341,8 +355,9 @@ def _error_body(error: Mapping[str, Any]) -> bytes:
 
 def whole_reply(status: int, data: bytes, include_usage: bool, created: int) -> bytes:
     """A whole Anthropic answer as chat's: an error, a Message, or a stream read to its end
-    (an upstream that streams whatever was asked). A 2xx that is none of these (an HTML page,
-    a JSON array, an error object, no `content` array) is the upstream failing: UpstreamError,
+    (an upstream that streams whatever was asked). An error object under a 2xx is chat's error
+    body. A 2xx that is none of these (an HTML page, a JSON array, no `content` array) is the
+    upstream failing: UpstreamError,
     so the next upstream is tried and the last one's is a 502, never a "completion" made of it."""
     if status >= 300:
         return chat_error(data)
@@ -356,7 +371,9 @@ def whole_reply(status: int, data: bytes, include_usage: bool, created: int) -> 
         # Events that end before message_stop (or an error event) are an incomplete answer:
         # chat's error event says so, as a live stream's does (router.AnthropicAsChat).
         return out if stream.done else out + sse.error_event(UpstreamStreamBroken())
-    if not isinstance(body, dict) or body.get("type") == "error" or not isinstance(body.get("content"), list):
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return _error_body(body["error"])  # an error under a 2xx: chat's, its status read as chat's is (proxy)
+    if not isinstance(body, dict) or not isinstance(body.get("content"), list):
         raise UpstreamError("upstream answered with a body that is not a Message")
     return orjson.dumps(chat_reply(body, created))
 

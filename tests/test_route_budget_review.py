@@ -297,8 +297,8 @@ async def test_a_json_reply_that_is_an_error_under_a_200_releases_its_reservatio
 ) -> None:
     """SPEC §14: an upstream's error answer charges nothing. OpenAI-compatible routers answer
     some failures with an error object under a 200 (OpenRouter, LiteLLM's proxy): it is relayed
-    as it came, but it kept the whole estimate to the window's end, as its stream form no
-    longer does."""
+    with the status it stands for (SPEC §13: its code, 502 here), but it kept the whole
+    estimate to the window's end, as its stream form no longer does."""
     from aiohttp import web
 
     gw = await start(TOKEN_QUOTA="10000")
@@ -310,7 +310,7 @@ async def test_a_json_reply_that_is_an_error_under_a_200_releases_its_reservatio
     for _ in range(2):
         ask = {**body, "max_tokens": 500} if "messages" in body else {**body, "max_output_tokens": 500}
         async with gw.client.post(path, json=ask, headers={"Authorization": "Bearer t"}) as response:
-            assert response.status == 200 and "error" in await response.json()
+            assert response.status == 502 and "error" in await response.json()
             assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 501)  # the first released
 
 
@@ -566,7 +566,7 @@ async def test_a_json_error_object_under_a_200_falls_back_as_its_stream_form_doe
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     for _ in range(3):
         async with gw.client.post("/v1/chat/completions", json=body) as response:
-            assert response.status == 200
+            assert response.status == (200 if falls_back else 400)  # the request's fault: its 400 (SPEC §13)
             reply = await response.json()
             assert response.headers["x-gateway-upstream"] == ("b" if falls_back else "a")
             assert reply == (answer_of_b if falls_back else {"error": error})

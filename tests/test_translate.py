@@ -534,8 +534,7 @@ def test_an_event_type_that_is_no_string_is_ignored(kind: object) -> None:
         b"<html>502 Bad Gateway</html>",
         b"[1, 2]",
         b'"text"',
-        orjson.dumps({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
-        orjson.dumps({"error": {"type": "server_error", "message": "boom"}}),
+        orjson.dumps({"type": "message", "content": None}),
     ],
 )
 def test_a_2xx_that_is_no_message_is_the_upstreams_failure(body: bytes) -> None:
@@ -543,6 +542,20 @@ def test_a_2xx_that_is_no_message_is_the_upstreams_failure(body: bytes) -> None:
     # never a 200 carrying an SSE error event or a "completion" with nothing in it.
     with pytest.raises(UpstreamError):
         whole_reply(200, body, False, 1)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+        {"error": {"type": "overloaded_error", "message": "Overloaded"}},
+    ],
+)
+def test_an_error_object_under_a_2xx_is_chats_error_body(body: dict[str, object]) -> None:
+    # Its status is the proxy's to give, from the type (SPEC §13: 529 here), as for the same
+    # error with its own status.
+    error = {"message": "Overloaded", "type": "overloaded_error", "code": "overloaded_error"}
+    assert orjson.loads(whole_reply(200, orjson.dumps(body), False, 1)) == {"error": error}
 
 
 def test_a_completion_as_events_is_what_the_sdk_assembles_back() -> None:

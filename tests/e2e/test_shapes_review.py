@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 
 import anthropic
+import openai
 import pytest
 
 from ..harness import Gateway
-from .test_routing_review import EMAIL, HI, Fake, write_routes
+from .test_routing_review import EMAIL, HI, Fake, post, sse, write_routes
 
 PHONE = "+1 415 555 0100"
 
@@ -83,3 +84,77 @@ def test_a_json_message_answering_a_stream_request_goes_out_as_its_events(gatewa
         7,
     )
     assert EMAIL not in final.model_dump_json()
+
+
+def chat(gateway: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="demo", max_retries=0, timeout=20)
+
+
+# 3. SPEC §13: a non-stream reply that is a failure under a 200 (an error object; Anthropic's
+#    events opening with an error, translated) reached the client as `200 {"error": ...}`: the
+#    openai SDK returned a completion with choices=None instead of raising.
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        ({"message": "Provider returned error sk-r19-secret", "code": 503}, 503),
+        ({"message": "boom", "type": "server_error", "param": None, "code": None}, 500),
+        ({"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}, 429),
+        ({"message": "too long", "type": "invalid_request_error", "code": "context_length_exceeded"}, 400),
+        ({"message": "who knows"}, 502),
+        ({"message": "bad key", "type": "authentication_error"}, 502),
+    ],
+)
+def test_an_error_object_under_a_200_is_raised_by_the_sdk_with_its_status(
+    gateway: Gateway, fake: Fake, error: dict, status: int
+) -> None:
+    fake.script({"status": 200, "body": json.dumps({"error": error})})
+    with pytest.raises(openai.APIStatusError) as raised:
+        chat(gateway).chat.completions.create(model="gpt-x", messages=HI)
+    assert raised.value.status_code == status
+    body = raised.value.response.json()
+    assert "sk-r19-secret" not in raised.value.response.text
+    if status != 502 or "type" not in error:
+        assert body["error"]["message"] == error["message"].replace("sk-r19-secret", body["error"]["message"][-3:])
+
+
+def test_a_translated_overload_after_message_start_is_a_529_for_the_openai_sdk(gateway: Gateway, fake: Fake) -> None:
+    start = {"type": "message_start", "message": message([]) | {"stop_reason": None}}
+    overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    fake.script({"status": 200, "chunks": [sse([start, overloaded])]})
+    with pytest.raises(openai.APIStatusError) as raised:
+        chat(gateway).chat.completions.create(model="claude-x", messages=HI)
+    assert raised.value.status_code == 529
+    assert raised.value.response.json()["error"]["type"] == "overloaded_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, anthropic.APIStatusError),
+        ({"type": "error", "error": {"type": "rate_limit_error", "message": "slow"}}, anthropic.RateLimitError),
+        ({"error": {"type": "not_found_error", "message": "no"}}, anthropic.NotFoundError),
+    ],
+)
+def test_an_error_object_under_a_200_on_messages_is_raised_by_the_anthropic_sdk(
+    gateway: Gateway, fake: Fake, body: dict, error: type
+) -> None:
+    fake.script({"status": 200, "body": json.dumps(body)})
+    client = anthropic.Anthropic(base_url=gateway.url, api_key="demo", max_retries=0, timeout=20)
+    with pytest.raises(error) as raised:
+        client.messages.create(model="claude-x", max_tokens=50, messages=HI)
+    assert raised.value.response.json() == {"type": "error", "error": body["error"]}
+    if body["error"]["type"] == "overloaded_error":
+        assert raised.value.status_code == 529
+
+
+def test_a_streams_error_event_after_its_answer_began_stays_an_event(gateway: Gateway, fake: Fake) -> None:
+    start = {"type": "message_start", "message": message([]) | {"stop_reason": None}}
+    block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}}
+    overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    fake.script({"status": 200, "chunks": [sse([start, block, delta]), sse([overloaded])], "chunk_delay": 0.2})
+    status, headers, data = post(
+        gateway.port, "/v1/messages", {"model": "claude-x", "max_tokens": 5, "messages": HI, "stream": True}
+    )
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert data.endswith(b"event: error\ndata: " + json.dumps(overloaded).encode() + b"\n\n")

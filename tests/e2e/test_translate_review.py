@@ -124,10 +124,15 @@ def test_a_tool_without_parameters_streams_arguments_the_sdk_can_parse(
 
 
 @pytest.mark.parametrize(
-    "body",
-    ["<html><body>502 Bad Gateway</body></html>", json.dumps({"type": "error", "error": {"type": "api_error"}})],
+    ("body", "status"),
+    [
+        ("<html><body>502 Bad Gateway</body></html>", 502),
+        (json.dumps({"type": "error", "error": {"type": "api_error"}}), 500),  # SPEC §13: its matching status
+    ],
 )
-def test_a_200_that_is_no_message_falls_back_or_is_a_502(sdk: openai.OpenAI, fakes: dict[str, Fake], body: str) -> None:
+def test_a_200_that_is_no_message_falls_back_or_is_a_502(
+    sdk: openai.OpenAI, fakes: dict[str, Fake], body: str, status: int
+) -> None:
     # Was: a 200 text/event-stream error event for a request that asked no stream (the SDK
     # failed with AttributeError), or an empty "completion" made of the error object.
     fakes["claude"].script({"status": 200, "body": body, "content_type": "text/html"})
@@ -136,7 +141,7 @@ def test_a_200_that_is_no_message_falls_back_or_is_a_502(sdk: openai.OpenAI, fak
     assert response.headers["x-gateway-upstream"] == "backup" and response.parse().choices[0].message.content == "ok"
     with pytest.raises(openai.InternalServerError) as caught:
         sdk.chat.completions.create(model="claude-solo", messages=HI)
-    assert caught.value.status_code == 502
+    assert caught.value.status_code == status
 
 
 def test_tool_choice_none_without_parallel_calls_is_a_choice_anthropic_accepts(
