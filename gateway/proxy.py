@@ -259,14 +259,16 @@ class Proxy:
             if isinstance(answer.get("model"), str):
                 state.response_model = answer["model"]
             if answer.get("error") is not None:  # an error under a 200, which may echo the key (not "error": null)
-                # The client gets it as the same error with its status would reach it (SPEC
-                # §13): an SDK takes a 200 for an answer (openai's, one with no choices).
                 state.error_answer = True  # it charges nothing (SPEC §14)
-                state.usage = None
-                failed = _error_status(answer["error"])
-                reshape = self._api.anthropic_errors != (answer.get("type") == "error")  # not this route's shape
-                if failed in (401, 403):
-                    raise UpstreamAuthRejected()
+                if not any(name in answer for name in _ANSWER_FIELDS):
+                    # Nothing but the error: the client gets it as the same error with its status
+                    # would reach it (SPEC §13), not a 200 an SDK takes for an answer (openai's:
+                    # a completion with choices=None).
+                    state.usage = None
+                    failed = _error_status(answer["error"])
+                    reshape = self._api.anthropic_errors != (answer.get("type") == "error")  # not this route's shape
+                    if failed in (401, 403):
+                        raise UpstreamAuthRejected()
                 scrubbed = reply.scrub(data)
                 if scrubbed is not data:  # the key masked, and the reply still redacted: it may carry an answer
                     data = scrubbed
@@ -944,6 +946,11 @@ _ERROR_STATUSES = {
     "timeout_error": 504,
     "overloaded_error": 529,
 }
+
+
+# A reply's answer, beside which an "error" is no failure of the whole (a Responses reply that
+# failed part-way): chat's choices, the Responses API's output, a Message's content, a list's data.
+_ANSWER_FIELDS = ("choices", "output", "content", "data")
 
 
 def _error_status(error: object) -> int:
