@@ -250,6 +250,18 @@ class ResponsesSurface(Surface):
                 return [place] if place is not None else None
         return None
 
+    def restart_before(self, event: dict[str, Any], counts: dict[str, int]) -> list[Path] | None:
+        """An event that announces an item or a part carries an opening text of its own: one an
+        earlier announcement already opened (the item's `content[].text`, then the part's
+        `text`) is flushed first, redacted as the text it was, and this one starts afresh.
+        Read as one run, the two made PII of neither, which was masked in part: "+1 415 555
+        0100" then "jane.doe@…" came out as "+1 415 555 ***e@…"."""
+        kind = event.get("type")
+        if type(kind) is not str or kind not in _OPENINGS:
+            return None
+        place = self.root(event)
+        return [place] if place else None
+
     def template(self, event: dict[str, Any]) -> dict[str, Any]:
         """A delta's own fields but its text, for a delta that carries held text: its type,
         item and integer indices (an output_item.added names its item inside it: `item.id`)."""

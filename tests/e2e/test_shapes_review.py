@@ -158,3 +158,65 @@ def test_a_streams_error_event_after_its_answer_began_stays_an_event(gateway: Ga
     )
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     assert data.endswith(b"event: error\ndata: " + json.dumps(overloaded).encode() + b"\n\n")
+
+
+# 2. SPEC §12: text in both added-events of a part (output_item.added's item.content[].text and
+#    content_part.added's part.text) was joined into one text: `+1 415 555 ***e@…`, part of
+#    the phone in clear.
+def test_texts_in_a_parts_added_events_are_redacted_whole(gateway: Gateway, fake: Fake) -> None:
+    first, second = f"call {PHONE}", f"{EMAIL} later"
+    item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress"}
+    part = {"type": "output_text", "annotations": []}
+    events = [
+        {"type": "response.created", "response": {"id": "r", "object": "response", "output": []}},
+        {"type": "response.output_item.added", "output_index": 0, "item": item | {"content": [part | {"text": first}]}},
+        {
+            "type": "response.content_part.added",
+            "output_index": 0,
+            "content_index": 0,
+            "item_id": "msg_1",
+            "part": part | {"text": second},
+        },
+        {
+            "type": "response.output_text.delta",
+            "output_index": 0,
+            "content_index": 0,
+            "item_id": "msg_1",
+            "delta": " end",
+        },
+        {
+            "type": "response.output_text.done",
+            "output_index": 0,
+            "content_index": 0,
+            "item_id": "msg_1",
+            "text": first + second + " end",
+        },
+        {
+            "type": "response.completed",
+            "response": {
+                "id": "r",
+                "object": "response",
+                "status": "completed",
+                "output": [item | {"status": "completed", "content": [part | {"text": first + second + " end"}]}],
+            },
+        },
+    ]
+    for number, event in enumerate(events):
+        event["sequence_number"] = number
+    fake.script({"status": 200, "chunks": [sse(events)]})
+    status, _, data = post(gateway.port, "/v1/responses", {"model": "gpt-x", "input": "hi", "stream": True})
+    assert status == 200
+    text = data.decode()
+    assert EMAIL not in text and "415" not in text, text
+    sent = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    seen = ""
+    for event in sent:  # what a client assembles: the opening texts, then the deltas
+        if event["type"] == "response.output_item.added":
+            seen += event["item"]["content"][0]["text"]
+        elif event["type"] == "response.content_part.added":
+            seen += event["part"]["text"]
+        elif event["type"] == "response.output_text.delta":
+            seen += event["delta"]
+    done = next(event["text"] for event in sent if event["type"] == "response.output_text.done")
+    completed = sent[-1]["response"]["output"][0]["content"][0]["text"]
+    assert seen == done == completed == "call PHONE_MASKED_LAST2_00j***e@example.com later end"
