@@ -9,8 +9,9 @@ import anthropic
 import openai
 import pytest
 
-from ..harness import Gateway
+from ..harness import Gateway, wait_until
 from .test_routing_review import EMAIL, HI, Fake, post, sse, write_routes
+from .test_telemetry import samples
 
 PHONE = "+1 415 555 0100"
 
@@ -68,6 +69,7 @@ def test_a_json_message_answering_a_stream_request_goes_out_as_its_events(gatewa
         {"type": "tool_use", "id": "tu_1", "name": "send", "input": {"to": EMAIL, "n": 2}},
     ]
     fake.script({"status": 200, "body": json.dumps(message(content))})
+    before = samples(gateway)
     client = anthropic.Anthropic(base_url=gateway.url, api_key="demo", max_retries=0, timeout=20)
     with client.messages.stream(model="claude-x", max_tokens=50, messages=HI) as stream:
         texts = list(stream.text_stream)
@@ -84,6 +86,15 @@ def test_a_json_message_answering_a_stream_request_goes_out_as_its_events(gatewa
         7,
     )
     assert EMAIL not in final.model_dump_json()
+
+    def counted() -> dict[str, float]:  # the usage counted once (logged and counted after the answer went out)
+        after = samples(gateway)
+        return {
+            k: v - before.get(k, 0) for k, v in after.items() if k.startswith("tokens_total") and v != before.get(k)
+        }
+
+    wait_until(lambda: len(counted()) == 2, what="the tokens counted")
+    assert sorted(counted().values()) == [7, 11], counted()
 
 
 def chat(gateway: Gateway) -> openai.OpenAI:
