@@ -323,28 +323,28 @@ def chat_reply(message: Mapping[str, Any], created: int) -> dict[str, Any]:
 def chat_error(data: bytes) -> bytes:
     """Anthropic's `{"type":"error","error":{"type","message"}}` as OpenAI's error body; any
     other body as it came."""
-    try:
-        body = loads_reply(data)
-    except (ValueError, RecursionError):
-        return data
-    error = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error, dict):
-        return data
-    return _error_body(error)
+    error = _error_object(data)
+    return data if error is None else _error_body(error)
 
 
 def anthropic_error(data: bytes) -> bytes:
     """OpenAI's `{"error":{"message","type",...}}` as Anthropic's error body; any other body as it came."""
-    try:
-        body = loads_reply(data)
-    except (ValueError, RecursionError):
-        return data
-    error = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error, dict):
+    error = _error_object(data)
+    if error is None:
         return data
     kind = error.get("type") if isinstance(error.get("type"), str) else "api_error"
     message = error.get("message") if isinstance(error.get("message"), str) else "upstream error"
     return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+
+
+def _error_object(data: bytes) -> dict[str, Any] | None:
+    """The `error` object of an error body (OpenAI's or Anthropic's: both keep it there)."""
+    try:
+        body = loads_reply(data)
+    except (ValueError, RecursionError):
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, dict) else None
 
 
 def _error_body(error: Mapping[str, Any]) -> bytes:
