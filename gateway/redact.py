@@ -101,13 +101,19 @@ def _email_parts(letter: str) -> tuple[str, str, str]:
 # and by Unicode's hyphens as well as ASCII's (U+2010, and U+2011, the no-break hyphen models
 # write numbers with: "415‑555‑2671"). "-" last, so that in a class it is no range.
 _SPACE = " \u00a0\u202f"
+# In a JSON text's view (`JsonView`) a tab's escape "\\t" is two characters where a tab is one: a
+# space and this mark, which may follow any separator a tab could be (a space) and counts for
+# nothing (`_digits`), so "+1\\t415\\t555\\t2671" groups as "+1\t415…" does. A raw U+0001
+# is invalid in JSON and never stands in a view for anything else.
+_TAB_MARK = "\x01"
+_M = r"\x01?"  # after a separator that a tab can be
 _HYPHEN = "\u2010\u2011-"
 _CARD_AHEAD = rf"(?![A-Za-z0-9_{_HYPHEN}]|[.,][0-9])"
 
 
 def _uk_area(digits: int) -> str:
     """A British area code of a leading 0 and `digits` + 1 digits, bare or in brackets, and a space."""
-    return rf"(?:0[1-9][0-9]{{{digits}}}|\(0[1-9][0-9]{{{digits}}}\))[{_SPACE}]"
+    return rf"(?:0[1-9][0-9]{{{digits}}}|\(0[1-9][0-9]{{{digits}}}\))[{_SPACE}]{_M}"
 
 
 # National phone formats: British (11 digits as Ofcom groups them: 020 7946 0958, 0161 496
@@ -121,8 +127,8 @@ def _uk_area(digits: int) -> str:
 # other two-digit groups are case and invoice numbers ("Case 01-2023-0001", "No. 05-2023-1234").
 _SEP = f"[{_HYPHEN}]"
 _NATIONAL = (
-    rf"{_uk_area(1)}[0-9]{{4}}[{_SPACE}][0-9]{{4}}|{_uk_area(2)}[0-9]{{3}}[{_SPACE}][0-9]{{4}}"
-    rf"|{_uk_area(3)}[0-9]{{3}}[{_SPACE}]?[0-9]{{3}}|0[1-9](?:[{_SPACE}.][0-9]{{2}}){{4}}"
+    rf"{_uk_area(1)}[0-9]{{4}}[{_SPACE}]{_M}[0-9]{{4}}|{_uk_area(2)}[0-9]{{3}}[{_SPACE}]{_M}[0-9]{{4}}"
+    rf"|{_uk_area(3)}[0-9]{{3}}(?:[{_SPACE}]{_M})?[0-9]{{3}}|0[1-9](?:[{_SPACE}.]{_M}[0-9]{{2}}){{4}}"
     rf"|0(?:[2346]|[1-9][0-9]){_SEP}[0-9]{{3,4}}{_SEP}[0-9]{{4}}|0[1-9][0-9]{{2}}{_SEP}[0-9]{{2}}{_SEP}[0-9]{{4}}"
 )
 _PARTS = {
@@ -133,7 +139,7 @@ _PARTS = {
     # decimal and "v1.4242…" a version.
     "card": (
         rf"(?<![A-Za-z0-9_,{_HYPHEN}])(?<![0-9]\.)",
-        rf"[2-6][0-9]{{3}}(?:(?:[{_SPACE}{_HYPHEN}]{{0,2}}[0-9]){{9,15}}|(?:\.[0-9]{{4}}){{3}})",
+        rf"[2-6][0-9]{{3}}(?:(?:(?:[{_SPACE}{_HYPHEN}]{_M}){{0,2}}[0-9]){{9,15}}|(?:\.[0-9]{{4}}){{3}})",
         _CARD_AHEAD,
     ),
     # Phones: international (+CC ..., or (+CC) ...), North American with separators, or British
@@ -147,14 +153,14 @@ _PARTS = {
     # extension after it ("x123" is left as it is, the number before it masked).
     "phone": (
         rf"(?<![A-Za-z0-9_+{_HYPHEN}])(?<![0-9]\.)",  # after a dot only when no digit is before it ("Tel.+49")
-        rf"(?:(?:\+[1-9][0-9]{{0,2}}|\(\+[1-9][0-9]{{0,2}}\))(?:[{_SPACE}.{_HYPHEN}]?(?:\([0-9]{{1,4}}\)|[0-9]{{1,4}}+)){{2,5}}"
-        rf"|(?:1[{_SPACE}.{_HYPHEN}])?(?:\([2-9][0-9]{{2}}\)[{_SPACE}]?|[2-9][0-9]{{2}}[{_SPACE}.{_HYPHEN}])"
-        rf"[2-9][0-9]{{2}}[{_SPACE}.{_HYPHEN}][0-9]{{4}}|{_NATIONAL})",
+        rf"(?:(?:\+[1-9][0-9]{{0,2}}|\(\+[1-9][0-9]{{0,2}}\))(?:(?:[{_SPACE}.{_HYPHEN}]{_M})?(?:\([0-9]{{1,4}}\)|[0-9]{{1,4}}+)){{2,5}}"
+        rf"|(?:1[{_SPACE}.{_HYPHEN}]{_M})?(?:\([2-9][0-9]{{2}}\)(?:[{_SPACE}]{_M})?|[2-9][0-9]{{2}}[{_SPACE}.{_HYPHEN}]{_M})"
+        rf"[2-9][0-9]{{2}}[{_SPACE}.{_HYPHEN}]{_M}[0-9]{{4}}|{_NATIONAL})",
         rf"(?![A-Za-wyz0-9_{_HYPHEN}]|x[A-Za-z]|[.,][0-9])",
     ),
     "iban": (
         r"(?<![A-Za-z0-9])",
-        r"[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?",
+        rf"[A-Z]{{2}}[0-9]{{2}}(?:(?: {_M})?[A-Z0-9]{{4}}){{2,7}}(?:(?: {_M})?[A-Z0-9]{{1,3}})?",
         r"(?![A-Za-z0-9])",
     ),
     "ssn": (
@@ -213,9 +219,11 @@ def digit_view(text: str) -> str:
 # except "+" phones (4). Looking for such runs first skips ordinary text at C speed:
 # the pattern starts with a character class, which the regex engine scans for directly.
 _DIGIT_RUN = re.compile(
-    rf"[0-9(A-Z+](?:(?<=\+)[0-9A-Z{_SPACE}()+.{_HYPHEN}]{{3,}}|[0-9A-Z{_SPACE}()+.{_HYPHEN}]{{10,}})"
+    rf"[0-9(A-Z+](?:(?<=\+)[0-9A-Z{_SPACE}{_TAB_MARK}()+.{_HYPHEN}]{{3,}}|[0-9A-Z{_SPACE}{_TAB_MARK}()+.{_HYPHEN}]{{10,}})"
 )
-_DIGIT_RUN_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ()+." + _HYPHEN + _SPACE  # the class above, for str.rstrip
+_DIGIT_RUN_CHARS = (
+    "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ()+." + _HYPHEN + _SPACE + _TAB_MARK
+)  # the class above, for str.rstrip
 # The same runs looked for in bytes: each run character mapped to "x", all else (UTF-8's
 # bytes of other scripts included) to " ", then eleven "x" in a row searched for. Two C
 # passes: several times cheaper than the regex, which tries a match at every digit. The
@@ -224,7 +232,7 @@ _DIGIT_RUN_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ()+." + _HYPHEN + _SPACE
 _RUN_BYTES = frozenset(_DIGIT_RUN_CHARS.encode())
 _RUN_MAP = bytes(ord("x") if b in _RUN_BYTES else ord(" ") for b in range(256))
 _LONG_RUN = b"x" * 11
-_NOT_FIRST_CHARS = ")." + _HYPHEN + _SPACE  # in a run, but no match starts with one
+_NOT_FIRST_CHARS = ")." + _HYPHEN + _SPACE + _TAB_MARK  # in a run, but no match starts with one
 # Where a card, phone, IBAN or SSN can start: each one's look-behind and first character
 # (and for "+", "(" and a capital, the second, when it is known).
 _OTHER_START = re.compile(
@@ -278,14 +286,16 @@ def _run_start(text: str, lo: int, hi: int, chars: str = _LOCAL_CHARS, run: re.P
     return lo + kept
 
 
-_SEPARATORS = str.maketrans("", "", " +()." + _HYPHEN + _SPACE)  # all a card or phone match holds besides digits
+_SEPARATORS = str.maketrans(
+    "", "", " +()." + _HYPHEN + _SPACE + _TAB_MARK
+)  # all a card or phone match holds besides digits
 
 
 def _digits(text: str) -> str:
     return text.translate(_SEPARATORS)
 
 
-_ASCII_SEPARATORS = b" +().-"  # those of `_SEPARATORS` in ASCII, for bytes.translate
+_ASCII_SEPARATORS = b" +().-\x01"  # those of `_SEPARATORS` in ASCII, for bytes.translate
 _LUHN_DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")  # 2d, minus 9 when that is > 9
 
 
@@ -338,7 +348,7 @@ _IBAN_DIGITS = str.maketrans({chr(c): str(c - 55) for c in range(ord("A"), ord("
 
 
 def _mask_iban(text: str) -> str | None:
-    compact = text.replace(" ", "")
+    compact = text.replace(" ", "").replace(_TAB_MARK, "")
     if not 15 <= len(compact) <= 34:
         return None
     if int((compact[4:] + compact[:4]).translate(_IBAN_DIGITS)) % 97 != 1:
@@ -949,6 +959,7 @@ _BLANK = "\x00"
 # A backslash is a space in the view whatever follows it, which a piece's end may cut off: the
 # view of a prefix stays a prefix of the view. The character after it is blank, but a tab's "t".
 _BACKSLASH_BLANK = " " + _BLANK
+_TAB_VIEW = " " + _TAB_MARK  # "\\t": a separator, as a tab is (`_TAB_MARK`)
 _HEX = re.compile(r"[0-9A-Fa-f]*")
 # An escape: a backslash and the character after it, and after a "u" up to 4 hex digits
 # (fewer only when a character that ends them is known). A string's body runs up to its
@@ -1047,17 +1058,17 @@ class JsonUnescaper:
 
 
 def _blanked(escape: re.Match[str]) -> str:
-    """An escape's view: its backslash a space, "\\t" two (a tab sets digit groups apart, as
-    in text that is not JSON), the rest blank."""
+    """An escape's view: its backslash a space, the "t" of "\\t" `_TAB_MARK` (a tab sets digit
+    groups apart, as in text that is not JSON), the rest blank."""
     rest = _BLANK * (escape.end() - escape.start() - 2)
-    return ("  " if escape.group() == "\\t" else _BACKSLASH_BLANK) + rest
+    return (_TAB_VIEW if escape.group() == "\\t" else _BACKSLASH_BLANK) + rest
 
 
 class JsonView:
     """The view a JSON text is matched in, built piece by piece: the same length, every
     escape sequence inside a string blanked but its backslash, a space (a mask never takes part
-    of one, and "\\n" before a card number is a line break, not the letter n; "\\t", two spaces,
-    sets digit groups apart as a tab does in plain text), a comma outside strings blanked
+    of one, and "\\n" before a card number is a line break, not the letter n; "\\t", a space and
+    `_TAB_MARK`, sets digit groups apart as a tab does in plain text), a comma outside strings blanked
     (in `[4242…,5555…]` it separates two numbers; in prose it would join digits), and a "+"
     outside strings after an "e" made "_" (an exponent's: `1e+4242…` holds no card; a "+"
     elsewhere is no JSON, and stays: prose's "+44 20 7946 0958" is a phone). Each
@@ -1098,7 +1109,7 @@ class JsonView:
         while i < n:
             if escape:  # an escape cut by the last piece's end, or a malformed one
                 if escape < 0:
-                    out.append(" " if piece[i] == "t" else _BLANK)
+                    out.append(_TAB_MARK if piece[i] == "t" else _BLANK)
                     escape = 4 if piece[i] == "u" else 0
                     j = i + 1
                 else:

@@ -980,9 +980,9 @@ def reference_view(text: str) -> str:
     in_string, escape = False, 0
     last = ""  # the character before (outside strings, an exponent's "e" makes its "+" "_")
     for c in text:
-        if escape < 0:  # the character after a backslash: a tab's "t" a space, as the backslash
+        if escape < 0:  # the character after a backslash: a tab's "t" the tab mark (after the backslash's space)
             last = c
-            out.append(" " if c == "t" else "\0")
+            out.append("\x01" if c == "t" else "\0")
             escape = 4 if c == "u" else 0
             continue
         if escape > 0 and c in "0123456789abcdefABCDEF":  # a \u escape's hex digits

@@ -6,6 +6,7 @@ zero-width characters inside an address or a number are masked with it."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -178,6 +179,54 @@ def test_a_tab_escape_in_a_json_text_sets_groups_apart_as_a_tab_does() -> None:
     assert REDACTOR.redact(text, json_text=True) == expected
     for cut in range(len(text) + 1):
         assert stream_in_pieces(text, [cut], True) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "masked"),
+    [
+        ("+1\t415\t555\t2671", "PHONE_MASKED_LAST2_71"),
+        ("415\t555\t2671", "PHONE_MASKED_LAST2_71"),
+        ("(415)\t555\t2671", "PHONE_MASKED_LAST2_71"),
+        ("+44\t20\t7946\t0958", "PHONE_MASKED_LAST2_58"),
+        ("020\t7946\t0958", "PHONE_MASKED_LAST2_58"),
+        ("01\t23\t45\t67\t89", "PHONE_MASKED_LAST2_89"),
+        ("4242\t\t4242\t4242\t4242", "CC_MASKED_LAST4_4242"),
+        ("DE89\t3704\t0044\t0532\t0130\t00", "IBAN_MASKED_LAST4_3000"),
+    ],
+)
+def test_a_tab_escape_sets_phone_and_iban_groups_apart_as_a_tab_does(value: str, masked: str) -> None:
+    # A phone's groups take one separator, and "\\t" is two characters: "+1\\t415\\t555\\t2671" in
+    # tool-call arguments went out in clear while "+1<tab>415…" in content was masked.
+    assert REDACTOR.redact(value) == masked
+    text = json.dumps({"p": value, "n": 1})
+    expected = json.dumps({"p": masked, "n": 1})
+    assert REDACTOR.redact(text, json_text=True) == expected
+    for cut in range(len(text) + 1):
+        assert stream_in_pieces(text, [cut], True) == expected
+    assert stream_in_pieces(text, list(range(len(text))), True) == expected
+
+
+# Replies whose separators are tabs, one or two, or some other separator: in a JSON text ("\\t")
+# they read as in content.
+TABBED = st.builds(
+    lambda text, tabs: "".join(
+        (["\t", "\t\t", c][tabs[i % len(tabs)]] if c in " -" else c) for i, c in enumerate(text)
+    ),
+    st.lists(st.one_of(ORDINARY, PII_VALUES, st.sampled_from(LOOK_ALIKES)), min_size=1, max_size=12).map(" ".join),
+    st.lists(st.integers(0, 2), min_size=1, max_size=8),
+)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(TABBED, st.data())
+def test_tabbed_text_in_a_json_string_is_redacted_as_in_content(text: str, data: st.DataObject) -> None:
+    whole = REDACTOR.redact(text)
+    assert whole == reference_redact(text)
+    document = json.dumps({"v": text}, ensure_ascii=False)
+    redacted = REDACTOR.redact(document, json_text=True)
+    assert json.loads(redacted) == {"v": whole}
+    cuts = data.draw(st.lists(st.integers(0, len(document)), max_size=len(document)))
+    assert stream_in_pieces(document, cuts, True) == redacted  # the split guarantee
 
 
 @pytest.mark.parametrize("z", ["\u200f", "\u00ad", "\u2009", "\u3000"])

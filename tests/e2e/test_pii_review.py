@@ -236,3 +236,78 @@ def test_structured_output_that_came_as_prose_has_its_phones_masked(gateway, fak
     got, _, data = post(gateway.port, "/v1/chat/completions", body)
     assert got == 200, data
     assert b"7946" not in data and b"PHONE_MASKED_LAST2_58" in data, data
+
+
+# 2. SPEC §6: a phone set apart by tabs inside tool-call arguments ("\t" escapes in the JSON
+#    text) reached the upstream, and the client, in clear, while the same phone with tabs in
+#    content was masked (a JSON tab is two characters, a phone's groups take one separator).
+TABBED_ARGUMENTS = json.dumps({"phone": "+1\t415\t555\t2671", "fax": "415\t555\t2671"})
+TABBED_MASKED = {"phone": "PHONE_MASKED_LAST2_71", "fax": "PHONE_MASKED_LAST2_71"}
+
+
+def _call(arguments: str) -> dict:
+    return {"id": "t1", "type": "function", "function": {"name": "dial", "arguments": arguments}}
+
+
+def test_a_tabbed_phone_in_tool_call_arguments_of_a_request_is_masked(gateway, fakes) -> None:
+    fakes["backup"].script({"status": 200, "body": json.dumps({"choices": []})})
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [_call(TABBED_ARGUMENTS)]}]
+    status, _, data = post(gateway.port, "/v1/chat/completions", {"model": "gpt-4o", "messages": messages})
+    assert status == 200, data
+    [seen] = fakes["backup"].seen()
+    sent = seen["body"]["messages"][1]["tool_calls"][0]["function"]["arguments"]
+    assert "2671" not in sent and json.loads(sent) == TABBED_MASKED
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tabbed_phone_in_tool_call_arguments_of_a_reply_is_masked(gateway, fakes, stream: bool) -> None:
+    if stream:
+        pieces = [TABBED_ARGUMENTS[i : i + 3] for i in range(0, len(TABBED_ARGUMENTS), 3)]  # split inside every escape
+        chunks = [
+            "data: "
+            + json.dumps(
+                {
+                    "id": "x",
+                    "object": "chat.completion.chunk",
+                    "model": "gpt-4o",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]},
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
+            + "\n\n"
+            for piece in pieces
+        ]
+        fakes["backup"].script(
+            {"status": 200, "headers": {"Content-Type": "text/event-stream"}, "chunks": [*chunks, "data: [DONE]\n\n"]}
+        )
+    else:
+        message = {"role": "assistant", "content": None, "tool_calls": [_call(TABBED_ARGUMENTS)]}
+        reply = {
+            "id": "c",
+            "object": "chat.completion",
+            "model": "gpt-4o",
+            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+        }
+        fakes["backup"].script({"status": 200, "body": json.dumps(reply)})
+    status, _, data = post(
+        gateway.port,
+        "/v1/chat/completions",
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": stream},
+    )
+    assert status == 200, data
+    if stream:
+        arguments = "".join(
+            call["function"].get("arguments", "")
+            for line in data.decode().splitlines()
+            if line.startswith("data: {")
+            for choice in json.loads(line[6:])["choices"]
+            for call in choice["delta"].get("tool_calls") or []
+        )
+    else:
+        arguments = json.loads(data)["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+    assert "2671" not in data.decode() and json.loads(arguments) == TABBED_MASKED
