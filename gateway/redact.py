@@ -64,7 +64,25 @@ _ZW = (
     "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u3164\uffa0"  # grapheme joiner, fillers, selectors
     + "".join(map(chr, range(0xFE00, 0xFE10)))  # variation selectors
 )
+# And the default-ignorable characters past U+FFFF: the tag characters and the variation
+# selectors supplement (U+E0000-E0FFF: "4242\U000e00204242…" hides a card from a reader of the
+# code points, not from one of the rendered text), the musical formatting controls and the
+# shorthand format controls. In the patterns' classes they cost every non-ASCII text several
+# times its search, so the patterns made with `_ZW` alone serve wherever a text (or, for an
+# address, the stretch its pattern reads) holds no character past U+FFFF (`_has_astral`),
+# and those made with `_ZW_ALL` (the definition, `_PARTS`) elsewhere: both match the same there.
+_ZW_ASTRAL = "".join(map(chr, [*range(0xE0000, 0xE1000), *range(0x1D173, 0x1D17B), *range(0x1BCA0, 0x1BCA4)]))
+_ZW_ALL = _ZW + "\U000e0000-\U000e0fff\U0001d173-\U0001d17a\U0001bca0-\U0001bca3"  # for a regex class
+
+
+def _has_astral(text: str) -> bool:
+    """Whether a character past U+FFFF is in the text: one UTF-16 code unit each, else two.
+    Encoding is a copy at C speed (~1 ms a MiB), several times cheaper than a class search."""
+    return not text.isascii() and len(text.encode("utf-16-le", "surrogatepass")) != 2 * len(text)
+
+
 _LOCAL = rf"(?:{_LETTER}|[0-9._%+{_ZW}-])"  # a character of an address's local part
+_LOCAL_ALL = rf"(?:{_LETTER}|[0-9._%+{_ZW_ALL}-])"  # the same, past U+FFFF too
 _LOCAL_MAX = 64  # RFC 5321. Of a longer run of local characters before an "@", its last 64 are masked
 # The domain characters a match reads after its "@": MAX_MATCH less the local part, the "@" and
 # the look-ahead's two. A domain that ends within them is matched whole; a longer one (RFC 1035:
@@ -73,20 +91,21 @@ _LOCAL_MAX = 64  # RFC 5321. Of a longer run of local characters before an "@", 
 _DOMAIN_SEEN = MAX_MATCH - _LOCAL_MAX - 3
 
 
-def _email_parts(letter: str) -> tuple[str, str, str]:
-    """The email pattern's (look-behind, body, look-ahead), its letters those of `letter`."""
-    alnum, local, domain = rf"(?:{letter}|[0-9])", rf"(?:{letter}|[0-9._%+{_ZW}-])", rf"(?:{letter}|[0-9.{_ZW}-])"
-    first = rf"(?:{alnum}|[{_ZW}](?={alnum}))"  # a domain's first character ("@\u200bexample.com")
+def _email_parts(letter: str, zw: str = _ZW_ALL) -> tuple[str, str, str]:
+    """The email pattern's (look-behind, body, look-ahead), its letters those of `letter`, its
+    zero-width characters those of `zw` (a class's body)."""
+    alnum, local, domain = rf"(?:{letter}|[0-9])", rf"(?:{letter}|[0-9._%+{zw}-])", rf"(?:{letter}|[0-9.{zw}-])"
+    first = rf"(?:{alnum}|[{zw}](?={alnum}))"  # a domain's first character ("@\u200bexample.com")
     return (
         # After "@" too ("@jane@example.com", a Fediverse handle; "a@b.co@c.co@d.co", the address
         # after a glued one); after "*" only with more than one character before the "@" (a mask's
         # tail, "j***e@", stays a mask; "**jane@", Markdown's bold, is an address); inside a
         # run of local characters only at its last 64 before the "@".
-        rf"(?:(?<![0-9._%+{_ZW}-])(?<!{letter})(?:(?<!\*)|(?!{local}@))|(?<={local})(?={local}{{{_LOCAL_MAX}}}@))",
+        rf"(?:(?<![0-9._%+{zw}-])(?<!{letter})(?:(?<!\*)|(?!{local}@))|(?<={local})(?={local}{{{_LOCAL_MAX}}}@))",
         # A local part of zero-width characters alone is none.
-        rf"(?![{_ZW}]{{1,{_LOCAL_MAX}}}@){local}{{1,{_LOCAL_MAX}}}@(?:"
+        rf"(?![{zw}]{{1,{_LOCAL_MAX}}}@){local}{{1,{_LOCAL_MAX}}}@(?:"
         # A domain within sight, whole: up to its end, a dot and a top-level domain of letters.
-        rf"(?!{domain}{{{_DOMAIN_SEEN + 1}}}){first}{domain}{{0,{_DOMAIN_SEEN - 1}}}\.{letter}(?:[{_ZW}]?{letter})++"
+        rf"(?!{domain}{{{_DOMAIN_SEEN + 1}}}){first}{domain}{{0,{_DOMAIN_SEEN - 1}}}\.{letter}(?:[{zw}]?{letter})++"
         # An "@" may follow: "jane@example.com@x" holds jane's address (its domain is then masked, see
         # `_mask_email`).
         rf"(?!{alnum}|-|\.{alnum})"
@@ -193,7 +212,7 @@ _DASHES = "\u2012\u2013\u2014\u2015\u2212\uff0d"
 _VIEWED_HYPHENS = "\u2212\uff0d"  # of those, the ones read as a hyphen, not a space
 _DIGIT_VIEW = (
     {ord(c): ord("0") + unicodedata.digit(c) for c in _FOREIGN_DIGITS}
-    | {ord(c): ord(" ") for c in _DASHES + _OTHER_SPACES + _ZW}
+    | {ord(c): ord(" ") for c in _DASHES + _OTHER_SPACES + _ZW + _ZW_ASTRAL}
     # But the full-width hyphen-minus and the minus sign, which stand for one: Japanese and Korean
     # numbers are hyphenated with them ("０９０－１２３４－５６７８", "090−1234−5678"), and only
     # hyphens set their groups apart (`_NATIONAL`).
@@ -210,7 +229,7 @@ def digit_view(text: str) -> str:
     in it reads otherwise, the common case (`isascii` is a flag of the string, no scan)."""
     if text.isascii():
         return text.replace("\t", " ") if "\t" in text else text
-    if _VIEWED.search(text) is None:
+    if _VIEWED.search(text) is None and not _has_astral(text):  # `_VIEWED` without `_ZW_ASTRAL`: see there
         return text
     return text.translate(_DIGIT_VIEW)
 
@@ -246,17 +265,28 @@ _LOCAL_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._
 _EMAIL_CHARS = _LOCAL_CHARS + "@"
 _LOCAL_RUN = re.compile(f"{_LOCAL}*")  # matched on reversed text: a run's length from its end
 _EMAIL_RUN = re.compile(f"(?:{_LOCAL}|@)*")
+_ASTRAL_RUNS = {  # the same, past U+FFFF too (`_ZW_ALL`)
+    _LOCAL_RUN: re.compile(f"{_LOCAL_ALL}*"),
+    _EMAIL_RUN: re.compile(f"(?:{_LOCAL_ALL}|@)*"),
+}
 # Every match contains one of these: text without any is returned untouched.
 _TRIGGERS = "@0123456789"
+
+
 # An "@" an address could hold: a local-part character before it, after it a domain the pattern
 # could take (a top-level domain in sight, or a run past sight). Wider classes than the pattern's
 # (\w takes every script's digits, and "_"): one class, not a choice of two, is several times
 # faster, and this only skips the "@"s that no address can hold.
-_EMAIL_AT = re.compile(
-    rf"@(?=[{_ZW}]?(?:[^\W_][\w.{_ZW}-]{{0,{_DOMAIN_SEEN - 4}}}\.[^\W\d_][{_ZW}]?[^\W\d_]"
-    rf"|[^\W_][\w.{_ZW}-]{{{_DOMAIN_SEEN}}}))"
-    rf"(?<=[\w.%+{_ZW}-]@)"
-)
+def _email_at(zw: str) -> re.Pattern[str]:
+    return re.compile(
+        rf"@(?=[{zw}]?(?:[^\W_][\w.{zw}-]{{0,{_DOMAIN_SEEN - 4}}}\.[^\W\d_][{zw}]?[^\W\d_]"
+        rf"|[^\W_][\w.{zw}-]{{{_DOMAIN_SEEN}}}))"
+        rf"(?<=[\w.%+{zw}-]@)"
+    )
+
+
+_EMAIL_AT = _email_at(_ZW)
+_EMAIL_AT_ALL = _email_at(_ZW_ALL)  # for a text with a character past U+FFFF
 _TRIGGER = re.compile(r"[@\d]")  # \d: every script's digits (`digit_view`)
 
 
@@ -276,12 +306,22 @@ def has_trigger(text: str, pos: int) -> bool:
     return not text.isascii() and _FOREIGN.search(text, pos) is not None  # other scripts' digits
 
 
-def _run_start(text: str, lo: int, hi: int, chars: str = _LOCAL_CHARS, run: re.Pattern[str] = _LOCAL_RUN) -> int:
+def _run_start(
+    text: str,
+    lo: int,
+    hi: int,
+    chars: str = _LOCAL_CHARS,
+    run: re.Pattern[str] = _LOCAL_RUN,
+    astral: bool = True,
+) -> int:
     """Where the run of local-part characters (with `_EMAIL_CHARS`: and "@"s) that ends at
-    `hi` begins, looking no further back than `lo`."""
+    `hi` begins, looking no further back than `lo`. `astral`: False when the text is known to
+    hold no character past U+FFFF (`_has_astral`)."""
     head = text[lo:hi]
     kept = len(head.rstrip(chars))
     if kept and head[kept - 1] > "\x7f":  # maybe a letter of another script: the exact class
+        if astral and _has_astral(head):
+            run = _ASTRAL_RUNS[run]
         kept = len(head) - run.match(head[::-1]).end()  # type: ignore[union-attr]
     return lo + kept
 
@@ -304,7 +344,7 @@ def _luhn_ok(digits: bytes) -> bool:
     return (sum(digits[-1::-2]) + sum(digits[-2::-2].translate(_LUHN_DOUBLED)) - 48 * len(digits)) % 10 == 0
 
 
-_NO_ZW = str.maketrans("", "", _ZW)
+_NO_ZW = str.maketrans("", "", _ZW + _ZW_ASTRAL)
 
 
 def _mask_email(text: str, glued: bool = False) -> str:
@@ -463,6 +503,8 @@ class Redactor:
     email_ascii: re.Pattern[str] | None  # the same, for ASCII text: single classes, several times faster
     glued: re.Pattern[str] | None  # the email pattern with no look-behind, for a start glued to an address (`_matches`)
     glued_ascii: re.Pattern[str] | None
+    email_astral: re.Pattern[str] | None  # the definition (`_ZW_ALL`), for a stretch with a character past U+FFFF
+    glued_astral: re.Pattern[str] | None
     others: re.Pattern[str] | None  # card | phone | iban | ssn, the enabled ones, in that order
     kinds: dict[str, _Kind]  # the same kinds, one by one
 
@@ -520,10 +562,13 @@ class Redactor:
         other_next: Found | None = None
         email_done = self.email is None
         other_done = self.others is None
+        astral: bool | None = None  # whether the text holds a character past U+FFFF, once an "@" is looked at
         run_end = 0  # where the run of the last candidate of the other kinds ends
         while True:
             if not email_done and (email_next is None or email_next[0] < pos):
-                found = self._next_email(text, pos, after)
+                if astral is None:  # once, not per address: a megabyte is copied in ~1 ms
+                    astral = _has_astral(text)
+                found = self._next_email(text, pos, after, astral)
                 email_done = found is None
                 if found is not None:
                     end = found.end()
@@ -694,7 +739,9 @@ class Redactor:
                 return [span for span in spans if span[0] <= at]
         return spans
 
-    def _next_email(self, text: str, pos: int, after: int) -> re.Match[str] | None:
+    def _next_email(self, text: str, pos: int, after: int, astral: bool) -> re.Match[str] | None:
+        """The next address from pos. `astral`: whether the text holds a character past U+FFFF
+        (if so, each candidate's stretch is looked at: `_ZW_ALL`'s pattern only where it needs to)."""
         assert self.email is not None
         n = len(text)
         misses = 0
@@ -702,20 +749,24 @@ class Redactor:
             if misses > 1:
                 # "@"s that hold no address, one after another: a regex skips the rest of
                 # them in one C pass (thousands in a hostile "@@@@" or "a.b@c.d a.b@c.d").
-                candidate = _EMAIL_AT.search(text, at)
+                candidate = (_EMAIL_AT_ALL if astral else _EMAIL_AT).search(text, at)
                 if candidate is None:
                     return None
                 at = candidate.start()
             # The local part is the run of its characters ending at the "@" (the look-behind rules
             # out any later start), or that run's last 64: one candidate, not before pos.
-            start = _run_start(text, max(pos, at - _LOCAL_MAX), at)
+            start = _run_start(text, max(pos, at - _LOCAL_MAX), at, astral=astral)
             if start < at:
                 end = min(n, at + MAX_MATCH)  # all the pattern reads (look-behind: one before start)
-                ascii_only = text[start - 1 if start else 0 : end].isascii()
-                if start == after:  # glued to the address that ends here (see _matches)
-                    m = (self.glued_ascii if ascii_only else self.glued).match(text, start, end)  # type: ignore[union-attr]
+                read = text[start - 1 if start else 0 : end]
+                glued = start == after  # glued to the address that ends here (see _matches)
+                if read.isascii():
+                    pattern = self.glued_ascii if glued else self.email_ascii
+                elif astral and _has_astral(read):
+                    pattern = self.glued_astral if glued else self.email_astral
                 else:
-                    m = (self.email_ascii if ascii_only else self.email).match(text, start, end)  # type: ignore[union-attr]
+                    pattern = self.glued if glued else self.email
+                m = pattern.match(text, start, end)  # type: ignore[union-attr]
                 if m is not None:
                     return m
             misses += 1
@@ -838,19 +889,21 @@ def build_redactor(kinds: Iterable[str]) -> Redactor | None:
     chosen = tuple(k for k in ALL_KINDS if k in set(kinds))
     if not chosen:
         return None
-    email = email_ascii = glued = glued_ascii = None
+    email = email_ascii = glued = glued_ascii = email_astral = glued_astral = None
     if "email" in chosen:
-        email = re.compile(f"(?P<email>{_PATTERNS['email']})")
-        email_ascii = re.compile("(?P<email>{})".format("".join(_email_parts("[A-Za-z]"))))
-        glued = re.compile(_PARTS["email"][1])
-        glued_ascii = re.compile(_email_parts("[A-Za-z]")[1])
+        email = re.compile("(?P<email>{})".format("".join(_email_parts(_LETTER, _ZW))))
+        email_ascii = re.compile("(?P<email>{})".format("".join(_email_parts("[A-Za-z]", _ZW))))
+        email_astral = re.compile(f"(?P<email>{_PATTERNS['email']})")
+        glued = re.compile(_email_parts(_LETTER, _ZW)[1])
+        glued_ascii = re.compile(_email_parts("[A-Za-z]", _ZW)[1])
+        glued_astral = re.compile(_PARTS["email"][1])
     rest = [k for k in chosen if k != "email"]
     # The look-ahead rejects most positions (letters, spaces) in one step.
     others = (
         re.compile("(?=[0-9+(A-Z])(?:" + "|".join(f"(?P<{k}>{_PATTERNS[k]})" for k in rest) + ")") if rest else None
     )
     kinds = {k: _Kind.build(k, rest[i + 1 :]) for i, k in enumerate(rest)}
-    return Redactor(email, email_ascii, glued, glued_ascii, others, kinds)
+    return Redactor(email, email_ascii, glued, glued_ascii, email_astral, glued_astral, others, kinds)
 
 
 class StreamRedactor:
@@ -1000,7 +1053,7 @@ _ANY_ESCAPE = re.compile(
 # address's, "j\\u00e4ne"). A JSON parser reads either form as the same character.
 _A_LETTER = re.compile(_LETTER)  # as an address reads it, "²" too: escaped or not, the same text
 _PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"} | set(
-    _SPACE + _HYPHEN + _DASHES + _OTHER_SPACES.replace("\t", "") + _FOREIGN_DIGITS + _ZW
+    _SPACE + _HYPHEN + _DASHES + _OTHER_SPACES.replace("\t", "") + _FOREIGN_DIGITS + _ZW + _ZW_ASTRAL
 )
 
 

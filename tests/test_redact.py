@@ -347,7 +347,7 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
     goes on at the candidate's end. Right where an address ended another may start whatever
     its look-behind says (glued to it); an address followed by an "@" has its domain masked.
     Every kind but the email reads every script's decimal digits as ASCII's, and the other dashes,
-    tabs, U+3000, the typographic spaces and zero-width (and other invisible) characters as
+    tabs, U+3000, the typographic spaces and zero-width (and other invisible, past U+FFFF too) characters as
     spaces: it is matched and masked in `digits`, the text with each digit its ASCII digit and
     each of those a space."""
 
@@ -359,6 +359,8 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
         "\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u205f"
         "\u2065\u206a\u206b\u206c\u206d\u206e\u206f\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u3164\uffa0"
         + "".join(map(chr, range(0xFE00, 0xFE10)))
+        # Past U+FFFF: tags and the variation selectors supplement, musical and shorthand formats.
+        + "".join(map(chr, [*range(0xE0000, 0xE1000), *range(0x1D173, 0x1D17B), *range(0x1BCA0, 0x1BCA4)]))
     )
     viewed = {"\uff0d": "\u2010", "\u2212": "\u2010"}  # the full-width hyphen-minus and the minus are hyphens
     digits = "".join(

@@ -147,6 +147,11 @@ INVISIBLE = (
     "\u00ad\u061c\u180e\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2061\u2062\u2063\u2064\u2066\u2067\u2068\u2069"
     "\u2065\u206a\u206b\u206c\u206d\u206e\u206f\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u3164\uffa0\ufe00\ufe01\ufe0e\ufe0f"
 )
+# Default-ignorable characters past U+FFFF: tags (U+E0020-E007F, U+E0001), the variation
+# selectors supplement, unassigned ones of U+E0000-E0FFF, musical and shorthand format controls.
+ASTRAL = (
+    "\U000e0020\U000e0041\U000e007f\U000e0001\U000e0100\U000e01ef\U000e0fff\U0001d173\U0001d17a\U0001bca0\U0001bca3"
+)
 TYPOGRAPHIC_SPACES = "\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u205f"
 
 
@@ -179,6 +184,26 @@ def test_a_tab_escape_in_a_json_text_sets_groups_apart_as_a_tab_does() -> None:
     assert REDACTOR.redact(text, json_text=True) == expected
     for cut in range(len(text) + 1):
         assert stream_in_pieces(text, [cut], True) == expected
+
+
+@pytest.mark.parametrize("z", ASTRAL)
+def test_default_ignorables_past_the_bmp_set_groups_apart_and_sit_in_addresses(z: str) -> None:
+    # "4242\U000e00204242…" (a tag character between the groups) went out in clear.
+    cases = [
+        (z.join(["4242"] * 4), "CC_MASKED_LAST4_4242"),
+        (f"日本語 tel +1{z}415{z}555{z}2671.", "日本語 tel PHONE_MASKED_LAST2_71."),
+        (f"mail jane{z}.doe{z}@example.com, ok", "mail j***e@example.com, ok"),
+        (f"{z}jane@{z}example.com", f"j***e@{z}example.com"),
+        (f"Привет jane@exa{z}mple.c{z}om", f"Привет j***e@exa{z}mple.c{z}om"),
+    ]
+    for text, redacted in cases:
+        assert REDACTOR.redact(text) == redacted == reference_redact(text)
+        assert stream_in_pieces(text, list(range(len(text))), False) == redacted
+        document = json.dumps({"v": text})  # escaped as a surrogate pair: a parser reads the character
+        assert json.loads(REDACTOR.redact(document, json_text=True)) == {"v": redacted}
+        assert stream_in_pieces(document, list(range(0, len(document), 5)), True) == REDACTOR.redact(
+            document, json_text=True
+        )
 
 
 @pytest.mark.parametrize(
@@ -273,7 +298,7 @@ def with_zero_width(draw: st.DrawFn, values: st.SearchStrategy[str]) -> str:
     value = draw(values)
     for _ in range(draw(st.integers(1, 3))):
         at = draw(st.integers(0, len(value)))
-        value = value[:at] + draw(st.sampled_from(ZW + INVISIBLE)) + value[at:]
+        value = value[:at] + draw(st.sampled_from(ZW + INVISIBLE + ASTRAL)) + value[at:]
     return value
 
 
@@ -289,6 +314,7 @@ UNICODE_REPLIES = st.lists(
         with_zero_width(in_some_script(PII_VALUES)),
         with_zero_width(st.sampled_from(LOOK_ALIKES)),
         st.sampled_from(ZW),
+        st.sampled_from(ASTRAL),
     ),
     min_size=1,
     max_size=20,
@@ -300,7 +326,7 @@ UNICODE_NUMBERS = st.lists(
                 ["4242", "4242 4242 4242 4242", "+1 415 555 2671", "415", " ", "-", ".", "+", "1", "\t", "  ", "\u3000"]
             )
         ),
-        st.sampled_from([*DASHES, *ZW, *INVISIBLE, *TYPOGRAPHIC_SPACES]),
+        st.sampled_from([*DASHES, *ZW, *INVISIBLE, *ASTRAL, *TYPOGRAPHIC_SPACES]),
     ),
     min_size=1,
     max_size=12,
@@ -347,6 +373,11 @@ HOSTILE = {
     "zero-width '@' runs": "a\u200b@",
     "zero-width addresses": "jane\u200b@example.c\u200bo ",
     "'+' and 25 full-width digits": "+" + "１" * 25 + " ",
+    "tag characters and digits": "\U000e00204",
+    "tag-separated near-miss cards": "\U000e0020".join(["4242", "4242", "4242", "4241 "]),
+    "tag '@' runs": "a\U000e0020@",
+    "tag addresses": "jane\U000e0020@exa\U000e0020mple.c\U000e0020o ",
+    "musical formats and local parts": "\U0001d173" * 40 + "a@",
 }
 
 
