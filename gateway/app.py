@@ -16,7 +16,7 @@ from . import keys
 from .bodies import BodyBudget
 from .breaker import Breakers
 from .budgets import TokenBudget
-from .catalog import ModelList
+from .catalog import MODEL_PATH, ModelList
 from .config import Settings
 from .egress import Egress
 from .lifecycle import Lifecycle
@@ -57,11 +57,12 @@ SERVER_OPTIONS: Mapping[str, object] = MappingProxyType({"auto_decompress": Fals
 
 # Routes that go through SPEC §4's admission; every other route is let through by its steps.
 ADMITTED_ROUTES = frozenset({CHAT_API.name, MESSAGES_API.name, RESPONSES_API.name, EMBEDDINGS_API.name})
-# The model list needs a valid key in keyed mode, and spends nothing (SPEC §12).
-IDENTIFIED_ROUTES = ADMITTED_ROUTES | {"models"}
+# The model list, and one model, need a valid key in keyed mode, and spend nothing (SPEC §12).
+IDENTIFIED_ROUTES = ADMITTED_ROUTES | {"models", keys.MODEL_ROUTE}
 TOKEN_APIS = (CHAT_API, MESSAGES_API, RESPONSES_API, EMBEDDINGS_API)  # the routes that use tokens: budgeted (SPEC §14)
 _ANTHROPIC_SHAPED = frozenset({MESSAGES_API.name})  # the gateway's own errors as Anthropic's (SPEC §11)
 _UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
+_LABELS = {MODEL_PATH: "/v1/models/{model}"}  # a path as metrics, spans and logs name it, when not itself
 
 
 def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> web.Application:
@@ -128,6 +129,7 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         )
 
     # (method, path, route name, handler). Every route has a name: its RoutePlan is looked up by it.
+    catalog = ModelList(models, telemetry, settings.timeout_secs)
     routes: list[tuple[str, str, str, Handler]] = [
         ("GET", "/healthz", "healthz", healthz),
         ("GET", "/readyz", "readyz", readyz),
@@ -136,12 +138,13 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         ("POST", MESSAGES_API.path, MESSAGES_API.name, proxy_for(MESSAGES_API, anthropic).handle),
         ("POST", RESPONSES_API.path, RESPONSES_API.name, proxy_for(RESPONSES_API, responses).handle),
         ("POST", EMBEDDINGS_API.path, EMBEDDINGS_API.name, proxy_for(EMBEDDINGS_API, embeddings).handle),
-        ("GET", "/v1/models", "models", ModelList(models, telemetry, settings.timeout_secs).handle),
+        ("GET", "/v1/models", "models", catalog.handle),
+        ("GET", MODEL_PATH, keys.MODEL_ROUTE, catalog.retrieve),
     ]
     operations = {api.name: api.operation for api in TOKEN_APIS}
     plans: dict[str | None, RoutePlan] = {
         name: RoutePlan(
-            path,
+            _LABELS.get(path, path),
             path not in _UNTRACED,
             name in ADMITTED_ROUTES,
             name in ADMITTED_ROUTES,
@@ -154,7 +157,10 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     # Any other method on a known path: 405, observed under that path, never admitted.
     plans |= {
         f"{name}.wrong_method": RoutePlan(
-            path, path not in _UNTRACED, name in ADMITTED_ROUTES, anthropic_errors=name in _ANTHROPIC_SHAPED
+            _LABELS.get(path, path),
+            path not in _UNTRACED,
+            name in ADMITTED_ROUTES,
+            anthropic_errors=name in _ANTHROPIC_SHAPED,
         )
         for _, path, name, _ in routes
     }

@@ -26,6 +26,9 @@ LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
 LIVE_CONFIG: web.AppKey[LiveConfig] = web.AppKey("live_config")  # reloaded on SIGHUP (server.py)
 
 STATE = web.RequestKey("state", RequestState)
+# The name of GET /v1/models/{model}'s route (catalog.py), which the policy step reads as the
+# list's action on the model it names (SPEC §15).
+MODEL_ROUTE = "model"
 # The same state, set only on the routes that go through admission (SPEC §4): one lookup tells
 # an admission step both whether to act and what it acts on.
 ADMITTED = web.RequestKey("admitted", RequestState)

@@ -39,7 +39,7 @@ from .errors import (
     RequestTimeout,
     ShuttingDown,
 )
-from .keys import ADMITTED, CONFIG, IDENTIFIED, LIFECYCLE, STARTED, STATE
+from .keys import ADMITTED, CONFIG, IDENTIFIED, LIFECYCLE, MODEL_ROUTE, STARTED, STATE
 from .lifecycle import Lifecycle
 from .limits import Quota, TokenBucket, format_reset, retry_headers
 from .models import RequestState
@@ -399,10 +399,15 @@ def policy() -> Middleware:
             policies = config.policies
             assert policies is not None, "in the chain only with POLICY_FILE"
             payload = state.payload
+            action = request.match_info.route.name or ""
+            model = state.model if payload is not None else None
+            if action == MODEL_ROUTE:  # GET /v1/models/{model}: the list's action, on the model it names
+                action, model = "models", request.match_info["model"]
             verdict = policies.decide(
                 principal_of(tenant, config.tenancy.keyed),
-                request.match_info.route.name or "",
-                state.model if payload is not None and state.model is not None else ANY_MODEL,
+                action,
+                model if model is not None else ANY_MODEL,
+                # No upstream of its own: the list's ("default"), whether relayed or routed.
                 request_context(payload, routed_upstream(request, state.model)),
             )
             if not verdict.allowed:

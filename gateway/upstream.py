@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Mapping
 from typing import Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -443,12 +443,18 @@ class Upstream:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
         return self._reply(response)
 
-    async def get(self, headers: Mapping[str, str]) -> UpstreamReply:
-        """A GET of the upstream's URL (the model list), under the same rules as `post`."""
+    async def get(self, headers: Mapping[str, str], segment: str | None = None) -> UpstreamReply:
+        """A GET of the upstream's URL (the model list), under the same rules as `post`.
+        `segment`: one more path segment, percent-encoded whole ("/" too, as the openai SDK
+        writes a model id: "meta-llama%2FLlama-3-8B"), before the URL's query (one model)."""
         assert self._session is not None, "Upstream.open() was not awaited"
+        url = self._url
+        if segment is not None:
+            parts = urlsplit(url)
+            url = urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + quote(segment, safe="")))
         try:
             response = await self._session.get(
-                self._url, headers=headers, allow_redirects=False, proxy_headers=self._proxy_headers
+                url, headers=headers, allow_redirects=False, proxy_headers=self._proxy_headers
             )
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc

@@ -20,8 +20,8 @@ and trailing-done (1: a `data: [DONE]` after the terminal event, in the same wri
 OpenAI-compatible servers send).
 
 POST /v1/embeddings: deterministic vectors (`dimensions`, default 8), floats or base64 as
-`encoding_format` asks; usage counts words (or tokens). GET /v1/models: a fixed list. Both take
-the latency and status knobs.
+`encoding_format` asks; usage counts words (or tokens). GET /v1/models: a fixed list (GET
+/v1/models/{model}: one of it, or 404). Both take the latency and status knobs.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any
 from aiohttp import web
 
 DEFAULT_REPLY = "Hello! This is a mock response from the upstream."
-MODELS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small")
+MODELS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "meta-llama/Llama-3-8B")
 
 Seen = web.AppKey[deque[dict[str, Any]]]
 Events = web.AppKey[list[dict[str, Any]]]
@@ -106,7 +106,20 @@ def add_routes(app: web.Application, seen: Seen, events: Events) -> None:
 
     app.router.add_post("/v1/responses", responses)
     app.router.add_post("/v1/embeddings", embeddings)
+
+    async def model(request: web.Request) -> web.Response:
+        await record(request, None)
+        status = int(_header(request, "x-mock-status") or "200")
+        if status != 200:
+            return _error(status, f"mock upstream error {status}")
+        name = request.match_info["model"]
+        if name not in MODELS:
+            error = {"message": f"The model '{name}' does not exist", "type": "invalid_request_error"}
+            return web.json_response({"error": {**error, "param": None, "code": "model_not_found"}}, status=404)
+        return web.json_response({"id": name, "object": "model", "created": 1686935002, "owned_by": "openai"})
+
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model)
 
 
 async def _respond(request: web.Request, body: dict[str, Any], request_id: str) -> web.StreamResponse:

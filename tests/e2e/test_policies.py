@@ -105,6 +105,26 @@ def test_plans_on_the_chat_route(start_gateway: GatewayFactory, mock: Mock, poli
     assert 'http_requests_total{model="gpt-4o",route="/v1/chat/completions",status="403"} 2' in gateway.metrics()
 
 
+def test_retrieving_a_model_is_checked_as_the_list_on_the_model_it_names(
+    start_gateway: GatewayFactory, mock: Mock, policy_files: tuple[Path, Path]
+) -> None:
+    # GET /v1/models/{model}: action "models" (the list's), resource Model::"<id>": a plan sees
+    # the models its tier holds, as it may use them.
+    gateway = with_policies(start_gateway, policy_files)
+    free, team = chat_client(gateway, "free-demo"), chat_client(gateway, "team-demo")
+    assert free.models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"
+    assert team.models.retrieve("gpt-4o").id == "gpt-4o"
+    for client, model in ((free, "gpt-4o"), (team, "o3"), (chat_client(gateway, "stranger"), "gpt-4o-mini")):
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            client.models.retrieve(model)
+        assert caught.value.body == {
+            "message": "no policy permits this request",
+            "type": "permission_error",
+            "code": "permission_denied",
+        }
+    assert [r["path"] for r in mock.requests()] == ["/v1/models/gpt-4o-mini", "/v1/models/gpt-4o"]
+
+
 def test_plans_on_the_messages_route_are_anthropic_shaped(
     start_gateway: GatewayFactory, mock: Mock, policy_files: tuple[Path, Path]
 ) -> None:

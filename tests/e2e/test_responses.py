@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from gateway.redact import ALL_KINDS, build_redactor
 
 from ..conftest import GatewayFactory
-from ..harness import Gateway, Mock, wait_until
+from ..harness import Gateway, Mock, http_get, wait_until
 from ..test_redact import PII, split_reply
 from .structured import REDACTED, STRUCTURED, Contact
 from .test_telemetry import samples
@@ -516,7 +516,7 @@ async def test_embeddings_never_stream(shared_gateway: Gateway, mock: Mock) -> N
 
 def test_models_list_is_the_upstreams(shared_gateway: Gateway, mock: Mock) -> None:
     ids = [model.id for model in sdk(shared_gateway, key="sk-client-secret").models.list()]
-    assert ids == ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
+    assert ids == ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "meta-llama/Llama-3-8B"]
     [seen] = [s for s in mock.requests() if s["path"] == MODELS]
     headers = {k.lower(): v for k, v in seen["headers"].items()}
     assert seen["method"] == "GET" and headers["authorization"] == "Bearer sk-upstream-secret"
@@ -536,12 +536,53 @@ async def test_models_needs_a_valid_key_in_keyed_mode_and_spends_no_quota(
         for _ in range(5):  # past the burst and the quota: neither is spent
             async with session.get(gateway.url + MODELS, headers={"Authorization": "Bearer sk-acme-1"}) as r:
                 assert r.status == 200 and "x-ratelimit-remaining-requests" not in r.headers
-                assert len((await r.json())["data"]) == 3
+                assert len((await r.json())["data"]) == 4
     # The one token and the one request of the quota are still there.
     result = sdk(gateway, key="sk-acme-1").responses.with_raw_response.create(model=MODEL, input="hi")
     assert result.headers["x-ratelimit-remaining-requests"] == "0"
     with pytest.raises(openai.RateLimitError):
         sdk(gateway, key="sk-acme-1").embeddings.create(model="m", input="hi")
+
+
+# --- One model (GET /v1/models/{model}) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "meta-llama/Llama-3-8B"])
+def test_models_retrieve_is_the_upstreams(shared_gateway: Gateway, mock: Mock, model: str) -> None:
+    # The SDK writes an id's "/" as %2F; it goes upstream as it came, one segment.
+    got = sdk(shared_gateway, key="sk-client-secret").models.retrieve(model)
+    assert (got.id, got.object, got.owned_by) == (model, "model", "openai")
+    [seen] = [s for s in mock.requests() if s["path"].startswith(MODELS + "/")]
+    headers = {k.lower(): v for k, v in seen["headers"].items()}
+    assert seen["path"] == f"{MODELS}/{model}" and headers["authorization"] == "Bearer sk-upstream-secret"
+
+
+def test_models_retrieve_of_an_unknown_model_is_the_upstreams_404(shared_gateway: Gateway, mock: Mock) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk(shared_gateway).models.retrieve("gpt-nope")
+    assert caught.value.code == "model_not_found"
+    # An id of dot segments would leave /v1/models/ upstream: it names no model. (Sent as written:
+    # aiohttp's client would resolve them.)
+    status, answer = http_get(shared_gateway.port, MODELS + "/%2E%2E")
+    assert status == 404 and error_of(answer)["code"] == "model_not_found"
+    status, answer = http_get(shared_gateway.port, MODELS + "/..%2Fchat%2Fcompletions")  # one segment upstream
+    assert status == 404 and error_of(answer)["code"] == "model_not_found"
+    assert [s["path"] for s in mock.requests()] == [MODELS + "/gpt-nope", MODELS + "/../chat/completions"]
+
+
+async def test_models_retrieve_needs_a_valid_key_in_keyed_mode_and_spends_no_quota(
+    start_gateway: GatewayFactory, mock: Mock
+) -> None:
+    gateway = start_gateway(TENANT_KEYS="acme=sk-acme-1", DEFAULT_QUOTA="1", RPS="0.01", BURST="1")
+    with pytest.raises(openai.AuthenticationError) as caught:
+        sdk(gateway, key="sk-wrong").models.retrieve("gpt-4o")
+    assert caught.value.status_code == 401 and mock.requests() == []
+    for _ in range(5):  # past the burst and the quota: neither is spent
+        assert sdk(gateway, key="sk-acme-1").models.retrieve("gpt-4o").id == "gpt-4o"
+    result = sdk(gateway, key="sk-acme-1").responses.with_raw_response.create(model=MODEL, input="hi")
+    assert result.headers["x-ratelimit-remaining-requests"] == "0"
+    s = samples(gateway)
+    assert s['requests_total{route="/v1/models/{model}"}'] == 6
 
 
 @pytest.mark.parametrize(("upstream", "status"), [(401, 502), (403, 502), (500, 500), (429, 429)])

@@ -742,4 +742,12 @@ def test_the_model_list_is_the_routed_models(routed: Gateway, ups: dict[str, Moc
     gateway = routed
     listed = [model.id for model in sdk(gateway).models.list()]
     assert listed == ["claude-only-*", "claude-*", "gpt-4o", "gpt-4o-mini", "solo", "from-dead", "three"]
+    # One model: the object the list holds for it (OpenAI's models.retrieve), 404 for another.
+    for name in listed:
+        got = sdk(gateway).models.retrieve(name)
+        assert (got.id, got.object, got.owned_by) == (name, "model", "gateway")
+    for name in ("gpt-5", "claude-3-opus", "meta-llama/Llama-3-8B"):  # "claude-3-opus" is routed, not listed
+        with pytest.raises(openai.NotFoundError) as caught:
+            sdk(gateway).models.retrieve(name)
+        assert caught.value.code == "model_not_found" and caught.value.type == "invalid_request_error"
     assert all(hits(mock) == 0 for mock in ups.values())
