@@ -69,16 +69,23 @@ _ZW = (
 # code points, not from one of the rendered text), the musical formatting controls and the
 # shorthand format controls. In the patterns' classes they cost every non-ASCII text several
 # times its search, so the patterns made with `_ZW` alone serve wherever a text (or, for an
-# address, the stretch its pattern reads) holds no character past U+FFFF (`_has_astral`),
-# and those made with `_ZW_ALL` (the definition, `_PARTS`) elsewhere: both match the same there.
+# address, the stretch its pattern reads) holds none of them (`_has_astral`), and those made
+# with `_ZW_ALL` (the definition, `_PARTS`) elsewhere: both match the same there.
 _ZW_ASTRAL = "".join(map(chr, [*range(0xE0000, 0xE1000), *range(0x1D173, 0x1D17B), *range(0x1BCA0, 0x1BCA4)]))
-_ZW_ALL = _ZW + "\U000e0000-\U000e0fff\U0001d173-\U0001d17a\U0001bca0-\U0001bca3"  # for a regex class
+_ASTRAL_RANGES = "\U000e0000-\U000e0fff\U0001d173-\U0001d17a\U0001bca0-\U0001bca3"  # `_ZW_ASTRAL`, for a class
+_ZW_ALL = _ZW + _ASTRAL_RANGES
+_ASTRAL_ZW = re.compile(f"[{_ASTRAL_RANGES}]")
 
 
 def _has_astral(text: str) -> bool:
-    """Whether a character past U+FFFF is in the text: one UTF-16 code unit each, else two.
-    Encoding is a copy at C speed (~1 ms a MiB), several times cheaper than a class search."""
-    return not text.isascii() and len(text.encode("utf-16-le", "surrogatepass")) != 2 * len(text)
+    """Whether one of `_ZW_ASTRAL` is in the text. First whether any character past U+FFFF is
+    (one UTF-16 code unit each, else two: an encode, a copy at C speed, ~1 ms a MiB, where a
+    class search takes ~18), then, only if so (emoji), the search."""
+    return (
+        not text.isascii()
+        and len(text.encode("utf-16-le", "surrogatepass")) != 2 * len(text)
+        and _ASTRAL_ZW.search(text) is not None
+    )
 
 
 _LOCAL = rf"(?:{_LETTER}|[0-9._%+{_ZW}-])"  # a character of an address's local part
@@ -286,7 +293,7 @@ def _email_at(zw: str) -> re.Pattern[str]:
 
 
 _EMAIL_AT = _email_at(_ZW)
-_EMAIL_AT_ALL = _email_at(_ZW_ALL)  # for a text with a character past U+FFFF
+_EMAIL_AT_ALL = _email_at(_ZW_ALL)  # for a text with one of `_ZW_ASTRAL`
 _TRIGGER = re.compile(r"[@\d]")  # \d: every script's digits (`digit_view`)
 
 
@@ -316,7 +323,7 @@ def _run_start(
 ) -> int:
     """Where the run of local-part characters (with `_EMAIL_CHARS`: and "@"s) that ends at
     `hi` begins, looking no further back than `lo`. `astral`: False when the text is known to
-    hold no character past U+FFFF (`_has_astral`)."""
+    hold none of `_ZW_ASTRAL` (`_has_astral`)."""
     head = text[lo:hi]
     kept = len(head.rstrip(chars))
     if kept and head[kept - 1] > "\x7f":  # maybe a letter of another script: the exact class
@@ -503,7 +510,7 @@ class Redactor:
     email_ascii: re.Pattern[str] | None  # the same, for ASCII text: single classes, several times faster
     glued: re.Pattern[str] | None  # the email pattern with no look-behind, for a start glued to an address (`_matches`)
     glued_ascii: re.Pattern[str] | None
-    email_astral: re.Pattern[str] | None  # the definition (`_ZW_ALL`), for a stretch with a character past U+FFFF
+    email_astral: re.Pattern[str] | None  # the definition (`_ZW_ALL`), for a stretch with one of `_ZW_ASTRAL`
     glued_astral: re.Pattern[str] | None
     others: re.Pattern[str] | None  # card | phone | iban | ssn, the enabled ones, in that order
     kinds: dict[str, _Kind]  # the same kinds, one by one
@@ -562,7 +569,7 @@ class Redactor:
         other_next: Found | None = None
         email_done = self.email is None
         other_done = self.others is None
-        astral: bool | None = None  # whether the text holds a character past U+FFFF, once an "@" is looked at
+        astral: bool | None = None  # whether the text holds one of `_ZW_ASTRAL` (known once an "@" is looked at)
         run_end = 0  # where the run of the last candidate of the other kinds ends
         while True:
             if not email_done and (email_next is None or email_next[0] < pos):
@@ -740,7 +747,7 @@ class Redactor:
         return spans
 
     def _next_email(self, text: str, pos: int, after: int, astral: bool) -> re.Match[str] | None:
-        """The next address from pos. `astral`: whether the text holds a character past U+FFFF
+        """The next address from pos. `astral`: whether the text holds one of `_ZW_ASTRAL`
         (if so, each candidate's stretch is looked at: `_ZW_ALL`'s pattern only where it needs to)."""
         assert self.email is not None
         n = len(text)
