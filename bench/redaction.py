@@ -70,6 +70,13 @@ PER_MIB = [
     ("all digits", "4"),
     ("mixed scripts, lone surrogates", "Привет 4242 4242 4242 4242 مرحبا jane@example.com 你好 \ud800+1 415 555 2671 "),
     ("JSON escapes (JSON text mode)", '"\\u00e9\\"\\\\",'),
+    # Default-ignorables past U+FFFF (tag characters): the path taken only when one is present.
+    ("tag characters between near-miss card groups", "\U000e0020".join(["4242", "4242", "4242", "4241 "])),
+    ("tag characters in addresses", "jane\U000e0020@exa\U000e0020mple.com "),
+    (
+        "emoji prose with digits (no tag character)",
+        "Great \U0001f44d order 12345 shipped \U0001f69a to tanaka@example.jp ",
+    ),
 ]
 HOSTILE_MIX = "4242 4242 4242 4241 +" + "1" * 25 + " a.b@c.d ( AB12 "
 
