@@ -18,11 +18,14 @@ deltas, status (its error shape; 429 and 529 carry retry-after, x-mock-retry-aft
 and die-after knobs, plus x-mock-tool-input (a JSON object: a tool_use block whose input is
 streamed as input_json_delta in three pieces, or in the exact pieces of x-mock-tool-deltas, a
 JSON array), x-mock-error-after (after N text deltas, Anthropic's own `event: error`,
-overloaded_error, and the end of the stream), x-mock-thinking (a thinking block before the text, its text streamed as
-thinking_delta, then x-mock-signature as signature_delta), x-mock-stop-reason, x-mock-usage (a
-JSON object merged into message_start's usage), x-mock-delta-usage (a JSON object merged into
-message_delta's usage) and x-mock-no-done (end the body cleanly before message_delta and
-message_stop).
+overloaded_error, and the end of the stream), x-mock-thinking (a thinking block before the
+text, its text streamed as thinking_delta, then x-mock-signature as signature_delta),
+x-mock-stop-reason, x-mock-usage (a JSON object merged into message_start's usage),
+x-mock-delta-usage (a JSON object merged into message_delta's usage) and x-mock-no-done (end
+the body cleanly before message_delta and message_stop). A request whose tool_choice forces a
+tool ("tool", or "any": x-mock-tool-name's, else the first) is answered as Anthropic answers it:
+that tool's call alone, no text before it, its input x-mock-tool-input's (or pieces) or a value
+made from the tool's input_schema, streamed after an empty input_json_delta.
 
 The Responses API (POST /v1/responses), embeddings and GET /v1/models: see openai_apis.py.
 
@@ -320,6 +323,17 @@ async def messages(request: web.Request) -> web.StreamResponse:
     elif tool_input:
         step = max(1, len(tool_input) // 3)
         pieces = [tool_input[at : at + step] for at in range(0, len(tool_input), step)]
+    # A forced tool (tool_choice "tool", or "any"): Anthropic answers with that tool's call
+    # alone, no text before it (it prefills the turn), its input made from the tool's schema
+    # unless x-mock-tool-input says what it is.
+    forced = _forced_tool(request, body)
+    if forced is not None and not tool_input:
+        tool_input = json.dumps(_example(forced.get("input_schema"), forced.get("input_schema")))
+        step = max(1, len(tool_input) // 3)
+        pieces = [tool_input[at : at + step] for at in range(0, len(tool_input), step)]
+    tool_name = str(forced.get("name")) if forced is not None else "lookup"
+    if forced is not None:
+        deltas = []  # no text block: the forced call is the whole answer
     thinking = _header(request, "x-mock-thinking")
     signature = _header(request, "x-mock-signature", "EqQBCkYIARgCIkDmockSignature==")
     model = body.get("model", "claude-sonnet-4-5")
@@ -332,9 +346,12 @@ async def messages(request: web.Request) -> web.StreamResponse:
         content: list[dict[str, Any]] = []
         if thinking is not None:
             content.append({"type": "thinking", "thinking": thinking, "signature": signature})
-        content.append({"type": "text", "text": "".join(deltas)})
+        if forced is None:
+            content.append({"type": "text", "text": "".join(deltas)})
         if tool_input:
-            content.append({"type": "tool_use", "id": "toolu_mock1", "name": "lookup", "input": json.loads(tool_input)})
+            content.append(
+                {"type": "tool_use", "id": "toolu_mock1", "name": tool_name, "input": json.loads(tool_input)}
+            )
         return web.json_response(
             {
                 "id": message_id,
@@ -392,7 +409,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
             await response.write(block_delta(index, {"type": "signature_delta", "signature": signature}))
             await response.write(block_stop(index))
             index += 1
-        await response.write(block_start(index, {"type": "text", "text": ""}))
+        if forced is None:
+            await response.write(block_start(index, {"type": "text", "text": ""}))
         if thinking is None:
             await response.write(_sse("ping", {"type": "ping"}))
         for number, delta in enumerate(deltas):
@@ -408,13 +426,15 @@ async def messages(request: web.Request) -> web.StreamResponse:
             if chunk_delay:
                 await asyncio.sleep(chunk_delay)
             await response.write(block_delta(index, {"type": "text_delta", "text": delta}))
-        await response.write(block_stop(index))
-        if tool_input:
+        if forced is None:
+            await response.write(block_stop(index))
             index += 1
+        if tool_input:
             await response.write(
-                block_start(index, {"type": "tool_use", "id": "toolu_mock1", "name": "lookup", "input": {}})
+                block_start(index, {"type": "tool_use", "id": "toolu_mock1", "name": tool_name, "input": {}})
             )
-            for piece in pieces:
+            # Anthropic's first input_json_delta of a tool_use block is empty.
+            for piece in ["", *pieces] if forced is not None else pieces:
                 await response.write(block_delta(index, {"type": "input_json_delta", "partial_json": piece}))
             await response.write(block_stop(index))
         if _header(request, "x-mock-no-done") is not None:  # a clean end, but before message_delta and message_stop
@@ -442,6 +462,60 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 
 DIE_AFTER: web.RequestKey[int] = web.RequestKey("die_after", int)
+
+
+def _forced_tool(request: web.Request, body: dict[str, Any]) -> dict[str, Any] | None:
+    """The tool the request's tool_choice makes the model call: the named one ("tool"), or
+    for "any" the one x-mock-tool-name names, else the first; None when the choice forces none."""
+    choice = body.get("tool_choice")
+    tools = [tool for tool in body.get("tools") or () if isinstance(tool, dict)]
+    if not isinstance(choice, dict):
+        return None
+    kind = choice.get("type")
+    if kind == "tool":
+        name = choice.get("name")
+    elif kind == "any" and tools:
+        name = _header(request, "x-mock-tool-name") or tools[0].get("name")
+    else:
+        return None
+    return next((tool for tool in tools if tool.get("name") == name), {"name": name})
+
+
+def _example(schema: Any, root: Any) -> Any:
+    """A value that follows a JSON schema (the kinds pydantic writes: objects, $refs to $defs,
+    anyOf, enums, arrays, scalars), as a model forced to call that tool would fill it."""
+    if not isinstance(schema, dict):
+        return {}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/") and isinstance(root, dict):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target.get(part) if isinstance(target, dict) else None
+        return _example(target, root)
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    if "const" in schema:
+        return schema["const"]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return _example(schema[key][0], root)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "array":
+        return [_example(schema.get("items"), root)]
+    if kind == "string":
+        return "mock"
+    if kind == "integer":
+        return 1
+    if kind == "number":
+        return 1.5
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    properties = schema.get("properties")
+    return {name: _example(value, root) for name, value in (properties or {}).items()}
 
 
 def openai_error(status: int) -> dict[str, Any]:
