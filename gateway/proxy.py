@@ -55,7 +55,7 @@ from .router import (
 )
 from .surfaces import MESSAGES_API, Api, Surface, ask_stream_usage, message_events
 from .telemetry import Telemetry
-from .translate import anthropic_error, chat_error, completion_events, completion_from_events
+from .translate import answer_tool, anthropic_error, chat_error, completion_events, completion_from_events
 from .upstream import Reply, Upstream
 
 # Short texts redacted one after another: a turn of the loop for others after each 4 KiB of
@@ -590,7 +590,8 @@ class Proxy:
                     # Without "stream", events (a server that streams whatever was asked) become
                     # one completion, which carries its usage as a Message's translation does.
                     with_usage = include_usage(state.payload) or not state.stream
-                    reply = AnthropicAsChat(reply, with_usage, self._idle, hold_until)
+                    answer = answer_tool(state.payload)  # a structured answer's tool: its call is content
+                    reply = AnthropicAsChat(reply, with_usage, self._idle, hold_until, answer)
                 if relay is None or reply.status >= 300 or reply.is_json:
                     whole = await reply.read()
                     relay = None

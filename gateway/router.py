@@ -326,10 +326,12 @@ class Attempts:
 
 class AnthropicAsChat:
     """An Anthropic answer read as a chat completion's (`Reply`): errors OpenAI-shaped, a
-    Message as a completion, events as chunks. The proxy relays it as it would an OpenAI
+    Message as a completion, events as chunks, a call of the `answer` tool (translate's
+    answer_tool: a structured answer) as content. The proxy relays it as it would an OpenAI
     upstream's, redaction included."""
 
     __slots__ = (
+        "_answer",
         "_created",
         "_hold_until",
         "_include_usage",
@@ -341,12 +343,18 @@ class AnthropicAsChat:
     )
 
     def __init__(
-        self, reply: Reply, include_usage: bool, idle_secs: float | None = None, hold_until: float | None = None
+        self,
+        reply: Reply,
+        include_usage: bool,
+        idle_secs: float | None = None,
+        hold_until: float | None = None,
+        answer: str | None = None,
     ) -> None:
         self._reply = reply
         self._include_usage = include_usage
+        self._answer = answer
         self._created = int(time.time())
-        self._stream = translate.ChatStream(include_usage, self._created)
+        self._stream = translate.ChatStream(include_usage, self._created, answer)
         self._last_out = time.monotonic()
         # Within the relay's STREAM_IDLE_SECS (`idle_secs`), or a thinking model under a limit
         # shorter than KEEP_ALIVE_SECS would be cut as silent while its events flow.
@@ -388,8 +396,10 @@ class AnthropicAsChat:
     async def read(self) -> bytes:
         data = await self._reply.read()
         if len(data) > ASIDE_BYTES:  # megabytes take tens of ms to parse and write: not on the loop
-            return await asyncio.to_thread(translate.whole_reply, self.status, data, self._include_usage, self._created)
-        return translate.whole_reply(self.status, data, self._include_usage, self._created)
+            return await asyncio.to_thread(
+                translate.whole_reply, self.status, data, self._include_usage, self._created, self._answer
+            )
+        return translate.whole_reply(self.status, data, self._include_usage, self._created, self._answer)
 
     def scrub(self, data: bytes) -> bytes:
         return self._reply.scrub(data)

@@ -5,9 +5,12 @@ completion. `ChatStream`: Anthropic's event stream, fed as bytes in any split �
 completion chunks as SSE bytes (what an OpenAI upstream would have sent: the gateway's chat
 relay redacts them like any other). `chat_error`: Anthropic's error body → OpenAI's.
 
-What a chat request says that Messages cannot (logit_bias, response_format, seed,
-audio, …) is left out; a message the Messages API has no form for (an audio or file part,
-a legacy `function` role or `functions`, n > 1, tool-call arguments that are not a JSON object) is a 400.
+`response_format` (json_schema, json_object) becomes a forced tool whose input is the answer
+(`ANSWER_TOOL`), and that tool's call comes back as the message's content, JSON text.
+
+What a chat request says that Messages cannot (logit_bias, seed, audio, …) is left out; a
+message the Messages API has no form for (an audio or file part, a legacy `function` role or
+`functions`, n > 1, tool-call arguments that are not a JSON object) is a 400.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from .models import Usage, is_count
 from .relay import loads_reply
 
 DEFAULT_MAX_TOKENS = 4096  # Messages requires max_tokens; chat requests may leave it out
+# The tool a structured answer is asked for with: its input is the document (what LiteLLM and
+# others do; Anthropic's own output_config.format is on its newest models only).
+ANSWER_TOOL = "json_response"
 FINISH_REASONS = {
     "end_turn": "stop",
     "stop_sequence": "stop",
@@ -45,6 +51,13 @@ def finish_reason(stop_reason: object) -> str | None:
     if stop_reason is None:
         return None
     return FINISH_REASONS.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
+
+
+def _finish(stop_reason: object, called: bool) -> str | None:
+    """The finish reason of a reply that made tool calls (`called`) or none: a tool_use stop
+    with no call left (the answer tool's, now the content) is the answer's end, "stop"."""
+    reason = finish_reason(stop_reason)
+    return "stop" if reason == "tool_calls" and not called else reason
 
 
 # --- request --------------------------------------------------------------------------
@@ -107,12 +120,74 @@ def chat_request(payload: Mapping[str, Any], model: str) -> dict[str, Any]:
     if isinstance(tools, list) and tools:
         out["tools"] = [_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
     choice = _tool_choice(payload.get("tool_choice"))
+    answer = _answer_tool(payload.get("response_format"), choice, bool(out.get("tools")))
+    if answer is not None:
+        if any(tool["name"] == ANSWER_TOOL for tool in out.get("tools") or ()):
+            raise BadRequest(f"a tool named {ANSWER_TOOL} cannot go with response_format to an anthropic upstream")
+        # The client's tools stay (a history's tool_use blocks need them): the model calls one
+        # of them or answers, unless tool_choice was none. One call: one document (OpenAI's
+        # structured outputs do not go with parallel function calls either).
+        forced = {"type": "tool", "name": ANSWER_TOOL} if not out.get("tools") or choice == _NONE else {"type": "any"}
+        out["tools"] = [*out.get("tools", ()), answer]
+        out["tool_choice"] = {**forced, "disable_parallel_tool_use": True}
+        return out
     if payload.get("parallel_tool_calls") is False and out.get("tools") and (choice or {}).get("type") != "none":
         # Anthropic's `none` choice has no such field (and refuses extra ones): no calls at all
         choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
     if choice is not None and (out.get("tools") or choice["type"] == "none"):
         out["tool_choice"] = choice
     return out
+
+
+_NONE = {"type": "none"}
+
+
+def answer_tool(payload: Mapping[str, Any]) -> str | None:
+    """The tool whose call is the answer to this chat request (a structured one: SPEC §13),
+    None when it asks for none. What `chat_request` sent it as."""
+    try:
+        choice = _tool_choice(payload.get("tool_choice"))
+        tools = payload.get("tools")
+        answer = _answer_tool(payload.get("response_format"), choice, isinstance(tools, list) and bool(tools))
+    except BadRequest:
+        return None
+    return None if answer is None else ANSWER_TOOL
+
+
+def _answer_tool(response_format: object, choice: Mapping[str, Any] | None, tools: bool) -> dict[str, Any] | None:
+    """The forced tool a `response_format` asking for JSON becomes; None for any other format,
+    or when the client's tool_choice makes this turn a call of its own tools (required or a
+    named one: OpenAI's format applies to the content, and such a turn has none)."""
+    if not isinstance(response_format, dict) or response_format.get("type") not in ("json_schema", "json_object"):
+        return None
+    if tools and choice is not None and choice["type"] in ("any", "tool"):
+        return None
+    if response_format["type"] == "json_object":
+        return {
+            "name": ANSWER_TOOL,
+            "description": "The answer to the user: a JSON object.",
+            "input_schema": {"type": "object"},
+        }
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise BadRequest("response_format.json_schema must be an object")
+    schema = spec.get("schema")
+    if schema is None:
+        schema = {"type": "object"}
+    if not isinstance(schema, dict):
+        raise BadRequest("response_format.json_schema.schema must be an object")
+    if "type" not in schema:
+        schema = {"type": "object", **schema}  # a tool's input is an object, and Anthropic needs it said
+    elif schema["type"] != "object":
+        raise BadRequest(
+            "response_format.json_schema.schema: an anthropic upstream answers only an object (type object)"
+        )
+    description = spec.get("description")
+    if not isinstance(description, str) or not description:
+        name = spec.get("name")
+        named = f" ({name})" if isinstance(name, str) and name else ""
+        description = f"The answer to the user: a JSON document that follows this schema{named}."
+    return {"name": ANSWER_TOOL, "description": description, "input_schema": schema}
 
 
 def _stop_sequences(stop: object) -> list[object]:
@@ -277,8 +352,9 @@ def chat_usage(usage: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def chat_reply(message: Mapping[str, Any], created: int) -> dict[str, Any]:
-    """A Message (the non-stream reply) as a chat completion."""
+def chat_reply(message: Mapping[str, Any], created: int, answer: str | None = None) -> dict[str, Any]:
+    """A Message (the non-stream reply) as a chat completion; a call of the `answer` tool (a
+    structured answer's, `answer_tool`) is the content, its input as JSON text."""
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     content = message.get("content")
@@ -287,6 +363,8 @@ def chat_reply(message: Mapping[str, Any], created: int) -> dict[str, Any]:
             continue
         if block.get("type") == "text" and isinstance(block.get("text"), str):
             texts.append(block["text"])
+        elif block.get("type") == "tool_use" and answer is not None and block.get("name") == answer:
+            texts.append(orjson.dumps(block.get("input") if block.get("input") is not None else {}).decode())
         elif block.get("type") == "tool_use":
             arguments = orjson.dumps(block.get("input") if block.get("input") is not None else {}).decode()
             calls.append(
@@ -296,9 +374,9 @@ def chat_reply(message: Mapping[str, Any], created: int) -> dict[str, Any]:
                     "function": {"name": block.get("name"), "arguments": arguments},
                 }
             )
-    answer: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None, "refusal": None}
+    said: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None, "refusal": None}
     if calls:
-        answer["tool_calls"] = calls
+        said["tool_calls"] = calls
     usage = message.get("usage")
     reply: dict[str, Any] = {
         "id": message.get("id"),
@@ -308,9 +386,9 @@ def chat_reply(message: Mapping[str, Any], created: int) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": answer,
+                "message": said,
                 "logprobs": None,
-                "finish_reason": finish_reason(message.get("stop_reason")) or "stop",
+                "finish_reason": _finish(message.get("stop_reason"), bool(calls)) or "stop",
             }
         ],
     }
@@ -353,7 +431,7 @@ def _error_body(error: Mapping[str, Any]) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": kind, "code": kind}})
 
 
-def whole_reply(status: int, data: bytes, include_usage: bool, created: int) -> bytes:
+def whole_reply(status: int, data: bytes, include_usage: bool, created: int, answer: str | None = None) -> bytes:
     """A whole Anthropic answer as chat's: an error, a Message, or a stream read to its end
     (an upstream that streams whatever was asked). An error object under a 2xx is chat's error
     body. A 2xx that is none of these (an HTML page, a JSON array, no `content` array) is the
@@ -366,7 +444,7 @@ def whole_reply(status: int, data: bytes, include_usage: bool, created: int) -> 
     except (ValueError, RecursionError):
         if not data.lstrip().startswith(sse.EVENT_STARTS):
             raise UpstreamError("upstream answered with a body that is not JSON") from None
-        stream = ChatStream(include_usage, created)
+        stream = ChatStream(include_usage, created, answer)
         out = stream.feed(data) + stream.close()
         # Events that end before message_stop (or an error event) are an incomplete answer:
         # chat's error event says so, as a live stream's does (router.AnthropicAsChat).
@@ -375,7 +453,7 @@ def whole_reply(status: int, data: bytes, include_usage: bool, created: int) -> 
         return _error_body(body["error"])  # an error under a 2xx: chat's, its status read as chat's is (proxy)
     if not isinstance(body, dict) or not isinstance(body.get("content"), list):
         raise UpstreamError("upstream answered with a body that is not a Message")
-    return orjson.dumps(chat_reply(body, created))
+    return orjson.dumps(chat_reply(body, created, answer))
 
 
 # --- stream ---------------------------------------------------------------------------
@@ -390,9 +468,13 @@ class ChatStream:
     the non-stream reply has it), message_delta's stop reason the finish reason, and with
     `include_usage` message_stop brings the usage chunk (`choices: []`) before [DONE].
     Thinking, signatures and pings have no chat form and are left out. Anthropic's `error`
-    event becomes chat's in-stream error event, and ends the stream."""
+    event becomes chat's in-stream error event, and ends the stream. A call of the `answer`
+    tool (a structured answer's) is `content`: its input_json_delta pieces, "{}" if it came
+    empty; its tool_use stop is "stop" when no other call came."""
 
     __slots__ = (
+        "_answer_tool",
+        "_answers",
         "_argued",
         "_base",
         "_counts",
@@ -405,7 +487,9 @@ class ChatStream:
         "done",
     )
 
-    def __init__(self, include_usage: bool, created: int) -> None:
+    def __init__(self, include_usage: bool, created: int, answer: str | None = None) -> None:
+        self._answer_tool = answer
+        self._answers: set[int] = set()  # content block indexes of the answer tool's calls
         self._include_usage = include_usage
         self._created = created
         self._parser = sse.SSEParser()
@@ -502,7 +586,7 @@ class ChatStream:
             self._count(event.get("usage"))
             self._final = self._final or isinstance(event.get("usage"), dict)
             delta = event.get("delta")
-            reason = finish_reason(delta.get("stop_reason")) if isinstance(delta, dict) else None
+            reason = _finish(delta.get("stop_reason"), bool(self._tools)) if isinstance(delta, dict) else None
             return [self._chunk({}, reason or "stop")]
         self.done = True  # message_stop
         usage = chat_usage(self._counts) if self._include_usage else None
@@ -525,8 +609,14 @@ class ChatStream:
             return [self._chunk({"content": block["text"]})]
         if block.get("type") != "tool_use":
             return []
-        call = self._tools[index] = len(self._tools)
         tool_input = block.get("input")
+        if self._answer_tool is not None and block.get("name") == self._answer_tool:
+            self._answers.add(index)
+            if isinstance(tool_input, dict) and tool_input:
+                self._argued.add(index)
+                return [self._chunk({"content": orjson.dumps(tool_input).decode()})]
+            return []
+        call = self._tools[index] = len(self._tools)
         arguments = orjson.dumps(tool_input).decode() if isinstance(tool_input, dict) and tool_input else ""
         if arguments:
             self._argued.add(index)
@@ -546,6 +636,11 @@ class ChatStream:
             return [self._chunk({"content": delta["text"]})]
         if kind == "input_json_delta" and isinstance(delta.get("partial_json"), str):
             index = event.get("index")
+            if type(index) is int and index in self._answers:
+                if not delta["partial_json"]:
+                    return []  # Anthropic's first piece: no content chunk of nothing
+                self._argued.add(index)
+                return [self._chunk({"content": delta["partial_json"]})]
             if type(index) is not int or (call := self._tools.get(index)) is None:  # a list: no key
                 return []
             if delta["partial_json"]:
@@ -558,7 +653,12 @@ class ChatStream:
         empty input_json_delta) gets "{}" as its arguments, as in the non-stream reply: ""
         is no JSON, and a client that parses the arguments would fail on it."""
         index = event.get("index")
-        if type(index) is not int or (call := self._tools.get(index)) is None or index in self._argued:
+        if type(index) is not int or index in self._argued:
+            return []
+        if index in self._answers:
+            self._argued.add(index)
+            return [self._chunk({"content": "{}"})]
+        if (call := self._tools.get(index)) is None:
             return []
         self._argued.add(index)
         return [self._chunk({"tool_calls": [{"index": call, "function": {"arguments": "{}"}}]})]

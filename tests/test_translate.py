@@ -123,7 +123,6 @@ REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
             "stream_options": {"include_usage": True},
             "n": 1,
             "seed": 7,
-            "response_format": {"type": "json_object"},
             "presence_penalty": 0.1,
         },
         {
