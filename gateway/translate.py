@@ -53,11 +53,11 @@ def finish_reason(stop_reason: object) -> str | None:
     return FINISH_REASONS.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
 
 
-def _finish(stop_reason: object, called: bool) -> str | None:
-    """The finish reason of a reply that made tool calls (`called`) or none: a tool_use stop
-    with no call left (the answer tool's, now the content) is the answer's end, "stop"."""
+def _finish(stop_reason: object, answered: bool) -> str | None:
+    """The finish reason; a tool_use stop whose only call was the answer tool's (`answered`),
+    now the content, is the answer's end: "stop", as OpenAI ends a structured answer."""
     reason = finish_reason(stop_reason)
-    return "stop" if reason == "tool_calls" and not called else reason
+    return "stop" if reason == "tool_calls" and answered else reason
 
 
 # --- request --------------------------------------------------------------------------
@@ -357,6 +357,7 @@ def chat_reply(message: Mapping[str, Any], created: int, answer: str | None = No
     structured answer's, `answer_tool`) is the content, its input as JSON text."""
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
+    answered = False
     content = message.get("content")
     for block in content if isinstance(content, list) else ():
         if not isinstance(block, dict):
@@ -365,6 +366,7 @@ def chat_reply(message: Mapping[str, Any], created: int, answer: str | None = No
             texts.append(block["text"])
         elif block.get("type") == "tool_use" and answer is not None and block.get("name") == answer:
             texts.append(orjson.dumps(block.get("input") if block.get("input") is not None else {}).decode())
+            answered = True
         elif block.get("type") == "tool_use":
             arguments = orjson.dumps(block.get("input") if block.get("input") is not None else {}).decode()
             calls.append(
@@ -388,7 +390,7 @@ def chat_reply(message: Mapping[str, Any], created: int, answer: str | None = No
                 "index": 0,
                 "message": said,
                 "logprobs": None,
-                "finish_reason": _finish(message.get("stop_reason"), bool(calls)) or "stop",
+                "finish_reason": _finish(message.get("stop_reason"), answered and not calls) or "stop",
             }
         ],
     }
@@ -586,7 +588,11 @@ class ChatStream:
             self._count(event.get("usage"))
             self._final = self._final or isinstance(event.get("usage"), dict)
             delta = event.get("delta")
-            reason = _finish(delta.get("stop_reason"), bool(self._tools)) if isinstance(delta, dict) else None
+            reason = (
+                _finish(delta.get("stop_reason"), bool(self._answers) and not self._tools)
+                if isinstance(delta, dict)
+                else None
+            )
             return [self._chunk({}, reason or "stop")]
         self.done = True  # message_stop
         usage = chat_usage(self._counts) if self._include_usage else None
