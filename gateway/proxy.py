@@ -895,29 +895,53 @@ async def _past_preamble(
 
 
 _ERROR_DATA = b'data: {"error"'
+# The answer's first event is parsed (to find its "error" at whatever place the upstream put
+# it) up to this size: an error is a few hundred bytes. A longer first event (an answer that
+# opens with megabytes of text) is not parsed on the loop a second time: only an "error" that
+# opens it counts.
+_ERROR_EVENT_BYTES = 64 * 1024
 
 
 def _is_error_event(first: bytes, at: int = 0) -> bool:
     """Whether the first events read are, from `at` (the answer's first: see _preamble_end),
     an error: Anthropic's and the Responses API's `event: error`, the Responses API's
-    `response.failed`, or OpenAI's `data: {"error": ...}` (a translated Anthropic error too) —
-    not `"error": null`, which some servers write first on every chunk of an answer."""
+    `response.failed`, or an unnamed event whose JSON object has a non-null `"error"`, whatever
+    its place among the keys (OpenAI's `data: {"error": ...}`, a translated Anthropic error,
+    `{"object": "error", "error": ...}`, Anthropic's error object without its `event:` line) —
+    not `"error": null`, which some servers write on every chunk of an answer."""
     if first.startswith(_ERROR_EVENTS, at):
         return True
     # SSE's fields in any order (an `id:` line first, `data:` before `event:`), as a client's
     # decoder reads them: /v1/messages relays its events as the upstream spelled them.
     end = first.find(b"\n\n", at)
-    if end >= 0 and first.startswith((b"id:", b"retry:", b"data:", b":"), at):
-        name = _event_name(first, at, end)
-        if name in _ERROR_NAMES:
-            return True
-        if name is None:  # OpenAI's: its first data line
-            line = first.find(b"data:", at, end)
-            at = line if line == at or (line > at and first[line - 1] == 10) else -1
-    if at < 0 or not first.startswith(_ERROR_DATA, at):
+    if end < 0:
+        end = len(first)
+    if not first.startswith((b"id:", b"retry:", b"data:", b":"), at):
         return False
-    value = first[at + len(_ERROR_DATA) : at + len(_ERROR_DATA) + 16].lstrip(b" \t").removeprefix(b":")
+    name = _event_name(first, at, end)
+    if name is not None:
+        return name in _ERROR_NAMES
+    if end - at <= _ERROR_EVENT_BYTES:
+        return _error_body(first[at:end]) is not None
+    line = first.find(b"data:", at, end)  # a long one: its first data line opens with "error"
+    if line < 0 or (line > at and first[line - 1] != 10) or not first.startswith(_ERROR_DATA, line):
+        return False
+    value = first[line + len(_ERROR_DATA) : line + len(_ERROR_DATA) + 16].lstrip(b" \t").removeprefix(b":")
     return not value.lstrip(b" \t").startswith(b"null")
+
+
+def _error_body(event: bytes) -> dict[str, Any] | None:
+    """The event's JSON object if it has a non-null `"error"` (a key JSON may spell with
+    escapes: parsed whenever one could be there)."""
+    events = sse.parse_blocks(event)
+    data = events[0].data if events else None
+    if data is None or (data.find(b"error") < 0 and data.find(b"\\u") < 0):
+        return None
+    try:
+        body = loads_reply(data)
+    except (ValueError, RecursionError):
+        return None
+    return body if type(body) is dict and body.get("error") is not None else None
 
 
 def _event_name(first: bytes, at: int, end: int) -> bytes | None:
@@ -973,9 +997,11 @@ def _is_request_error_event(first: bytes) -> bool:
     so, or its `code` is a 4xx status other than 429 (vLLM's `"code": 400`). Anything else (an
     overload, a server error, a shape not known) is the upstream failing. Run only on a stream
     that opens with an error: no cost on the usual path."""
-    line = next((line for line in first.split(b"\n") if line.startswith(b"data:")), None)
+    end = first.find(b"\n\n")
+    events = sse.parse_blocks(first[:end] if end >= 0 else first)
+    data = events[0].data if events else None
     try:
-        body = loads_reply(line[5:]) if line is not None else None
+        body = loads_reply(data) if data is not None else None
     except (ValueError, RecursionError):
         return False
     return type(body) is dict and _blames_request(body)

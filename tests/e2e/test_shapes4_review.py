@@ -1,0 +1,89 @@
+"""What a review of failure shapes found (each test failed before its fix): real gateway
+processes in front of a scriptable fake upstream (tests/e2e/scripted_upstream.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .test_routing_review import HI, OK_CHAT, OK_STREAM, fakes, gateway, post, write_routes
+
+__all__ = ["fakes", "gateway"]  # the fixtures, shared with test_routing_review
+
+OVERLOADED = {"message": "Overloaded", "type": "server_error"}
+
+
+def two_upstreams(tmp_path: Path, fakes, kind: str = "openai", match: str = "m") -> Path:
+    path = tmp_path / "r.toml"
+    write_routes(
+        path,
+        {"claude": (kind, fakes["claude"].url), "backup": (kind, fakes["backup"].url)},
+        [(match, [("claude", None), ("backup", None)])],
+    )
+    return path
+
+
+# 1. SPEC §13: a first event that is a failure fell back only when its JSON had "error" as its
+#    FIRST key; `{"object":"error","error":…}`, `{"id":…,"error":…}`, Anthropic's error object
+#    without its `event:` line were relayed (a JSON request: 502, no fallback; a stream: a 200
+#    holding the error).
+FAILURES = [
+    f"data: {json.dumps({'object': 'error', 'error': OVERLOADED})}\n\n",
+    f"data: {json.dumps({'id': 'x', 'error': OVERLOADED})}\n\n",
+    f"data:{json.dumps({'id': 'x', 'error': OVERLOADED}, separators=(',', ':'))}\r\n\r\n",
+    ': PROCESSING\n\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n',
+    'data: {"id": "x",\ndata:  "error": {"type": "server_error", "message": "Overloaded"}}\n\n',
+]
+
+
+@pytest.mark.parametrize("events", FAILURES)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_first_event_failing_falls_back_whatever_its_key_order(
+    tmp_path: Path, fakes, gateway, events: str, stream: bool
+) -> None:
+    fakes["claude"].script({"status": 200, "chunks": [events]})
+    fakes["backup"].script({"status": 200, "chunks": [OK_STREAM]} if stream else {"status": 200, "body": OK_CHAT})
+    gw = gateway(ROUTES_FILE=str(two_upstreams(tmp_path, fakes)))
+    status, headers, data = post(gw.port, "/v1/chat/completions", {"model": "m", "stream": stream, "messages": HI})
+    assert status == 200 and headers.get("x-gateway-upstream") == "backup", (status, data[:200])
+    assert b"Overloaded" not in data
+
+
+# With nothing left to try, the JSON request gets the failure with the status its type has.
+def test_a_first_event_failing_with_no_fallback_has_its_types_status(tmp_path: Path, fakes, gateway) -> None:
+    fakes["claude"].script({"status": 200, "chunks": [FAILURES[1]]})
+    path = tmp_path / "r.toml"
+    write_routes(path, {"claude": ("openai", fakes["claude"].url)}, [("m", [("claude", None)])])
+    gw = gateway(ROUTES_FILE=str(path))
+    status, _, data = post(gw.port, "/v1/chat/completions", {"model": "m", "messages": HI})
+    assert status == 500 and json.loads(data)["error"]["message"] == "Overloaded", (status, data[:200])
+
+
+# Not a failure: "error": null anywhere (servers that write it on every chunk), or "error" only
+# inside the answer's text.
+@pytest.mark.parametrize(
+    "first",
+    [
+        {"id": "x", "error": None},
+        {"id": "x", "object": "chat.completion.chunk", "note": '"error": {"type": "server_error"}'},
+    ],
+)
+def test_a_first_event_with_no_failure_is_answered(tmp_path: Path, fakes, gateway, first: dict) -> None:
+    chunk = {
+        **first,
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": "first"}, "finish_reason": None}],
+    }
+    last = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    events = f"data: {json.dumps(chunk)}\n\ndata: {json.dumps(last)}\n\ndata: [DONE]\n\n"
+    fakes["claude"].script({"status": 200, "chunks": [events]})
+    fakes["backup"].script({"status": 200, "body": OK_CHAT})
+    gw = gateway(ROUTES_FILE=str(two_upstreams(tmp_path, fakes)))
+    for stream in (False, True):
+        status, headers, data = post(gw.port, "/v1/chat/completions", {"model": "m", "stream": stream, "messages": HI})
+        assert status == 200 and headers.get("x-gateway-upstream") == "claude", (status, data[:200])
+        assert b"first" in data
+    assert fakes["backup"].seen() == []
