@@ -369,6 +369,17 @@ class Proxy:
                 if status in (401, 403):
                     raise UpstreamAuthRejected()
             return web.Response(body=reply.scrub(dumps_reply(answer)), status=status, content_type="application/json")
+        if state.error_answer and not state.stream and self._api.anthropic_errors:
+            # /v1/messages without "stream" answered with events that open with an error (a
+            # server that always streams): the client asked for JSON (SPEC §11) and gets the
+            # error as an error object under a 2xx reaches it: Anthropic's JSON body, with the
+            # status its type stands for (overloaded_error: 529).
+            status, error = _opening_error(body)
+            if status in (401, 403):
+                raise UpstreamAuthRejected()
+            return web.Response(
+                body=reply.scrub(error), status=status, content_type="application/json", headers=reply.retry_headers()
+            )
         # The whole stream in one write: its error event may echo the key, as a live stream's last write may.
         return web.Response(body=reply.scrub(body), status=reply.status, headers=SSE_HEADERS)
 
@@ -990,6 +1001,24 @@ def _error_status(error: object) -> int:
         if type(name) is str and name in _ERROR_STATUSES:  # (an object there is unhashable)
             return _ERROR_STATUSES[name]
     return 502
+
+
+def _opening_error(body: bytes) -> tuple[int, bytes]:
+    """The status and Anthropic-shaped JSON of the error event that opens `body` past its
+    preamble (the relay's whole output: see _is_error_event); an event with no error object in
+    it is the upstream failing, the gateway's 502."""
+    at = _preamble_end(body)
+    end = body.find(b"\n\n", at)
+    events = sse.parse_blocks(body[at:end] if end >= 0 else body[at:])
+    data = events[0].data if events else None
+    try:
+        answer = loads_reply(data) if data is not None else None
+    except (ValueError, RecursionError):
+        answer = None
+    if type(answer) is not dict or answer.get("error") is None:
+        raise UpstreamError("upstream answered with an error event that holds no error")
+    written = dumps_reply(answer)
+    return _error_status(answer["error"]), written if answer.get("type") == "error" else anthropic_error(written)
 
 
 def _is_request_error_event(first: bytes) -> bool:

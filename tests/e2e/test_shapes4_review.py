@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import anthropic
 import pytest
 
-from .test_routing_review import HI, OK_CHAT, OK_STREAM, fakes, gateway, post, write_routes
+from .test_routing_review import HI, OK_CHAT, OK_MESSAGE, OK_STREAM, fakes, gateway, post, sse, write_routes
 
 __all__ = ["fakes", "gateway"]  # the fixtures, shared with test_routing_review
 
@@ -87,3 +88,44 @@ def test_a_first_event_with_no_failure_is_answered(tmp_path: Path, fakes, gatewa
         assert status == 200 and headers.get("x-gateway-upstream") == "claude", (status, data[:200])
         assert b"first" in data
     assert fakes["backup"].seen() == []
+
+
+# 2. SPEC §11/§13: /v1/messages without "stream" answered with events that open with an error
+#    (a server that always streams) was relayed as a 200 event stream: the anthropic SDK, which
+#    asked for JSON, got no error to raise. Now Anthropic's JSON error with its type's status.
+START = {
+    "type": "message_start",
+    "message": {"id": "m", "type": "message", "role": "assistant", "model": "c", "content": [], "usage": {}},
+}
+OVERLOAD_EVENT = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+
+
+@pytest.mark.parametrize("routed", [False, True])
+@pytest.mark.parametrize("preamble", [[], [START, {"type": "ping"}]])
+def test_a_json_messages_request_answered_with_an_error_event_gets_the_json_error(
+    tmp_path: Path, fakes, gateway, routed: bool, preamble: list[dict]
+) -> None:
+    fakes["claude"].script({"status": 200, "chunks": [sse([*preamble, OVERLOAD_EVENT])]})
+    env = {"ANTHROPIC_BASE_URL": fakes["claude"].url, "ANTHROPIC_API_KEY": "sk-ant-x"}
+    if routed:
+        path = tmp_path / "r.toml"
+        write_routes(path, {"claude": ("anthropic", fakes["claude"].url)}, [("claude-*", [("claude", None)])])
+        env["ROUTES_FILE"] = str(path)
+    gw = gateway(**env)
+    client = anthropic.Anthropic(base_url=gw.url, api_key="demo", max_retries=0, timeout=20)
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        client.messages.create(model="claude-x", max_tokens=5, messages=HI)
+    assert raised.value.status_code == 529
+    assert raised.value.body == {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    assert raised.value.response.headers["content-type"].startswith("application/json")
+
+
+# With a second upstream, it answers instead (its JSON Message).
+def test_a_json_messages_request_answered_with_an_error_event_falls_back(tmp_path: Path, fakes, gateway) -> None:
+    fakes["claude"].script({"status": 200, "chunks": [sse([START, OVERLOAD_EVENT])]})
+    fakes["backup"].script({"status": 200, "body": OK_MESSAGE})
+    gw = gateway(ROUTES_FILE=str(two_upstreams(tmp_path, fakes, "anthropic", "claude-*")))
+    client = anthropic.Anthropic(base_url=gw.url, api_key="demo", max_retries=0, timeout=20)
+    reply = client.messages.with_raw_response.create(model="claude-x", max_tokens=5, messages=HI)
+    assert reply.headers["x-gateway-upstream"] == "backup"
+    assert reply.parse().content[0].text == "ok"
