@@ -165,6 +165,9 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
         for _, path, name, _ in routes
     }
     plans["not_found"] = RoutePlan("other")
+    # The Messages API's other paths (count_tokens, batches), not served: the SDK gets its 404 in
+    # Anthropic's shape, as every gateway error on that surface is (SPEC §11).
+    plans["messages.not_found"] = RoutePlan("other", anthropic_errors=True)
 
     # Outermost first. `observed` sees every final status, so it wraps the renderer, which
     # turns every error below into OpenAI JSON. Then SPEC §4's admission, in its order, on the
@@ -219,6 +222,8 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
             app.router.add_route(each, path, handler, name=name, expect_handler=expect)
         refuse = wrong_method(",".join(methods))
         app.router.add_route("*", path, refuse, name=f"{name}.wrong_method", expect_handler=expect)
+    messages_tail = MESSAGES_API.path + "/{path:.*}"
+    app.router.add_route("*", messages_tail, not_found, name="messages.not_found", expect_handler=expect)
     app.router.add_route("*", "/{path:.*}", not_found, name="not_found", expect_handler=expect)  # last: any other path
     app.cleanup_ctx.append(resources)
     app.on_response_prepare.append(add_gateway_headers)

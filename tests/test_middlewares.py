@@ -219,6 +219,9 @@ async def test_404_405_and_probes_spend_no_token_and_no_quota(start: GatewayFact
         for path in ("/v1/unknown", "/v1/chat/completions/", "/%2e%2e/etc", "/healthz/x"):
             async with client.post(path, json=chat(), headers={"X-Api-Key": "sk-a"}) as r:
                 assert r.status == 404 and error_of(await r.json())["code"] == "not_found"
+        for path in ("/v1/messages/count_tokens", "/v1/messages/batches"):  # Anthropic's surface, its shape
+            async with client.post(path, json=chat(), headers={"X-Api-Key": "sk-a"}) as r:
+                assert r.status == 404 and (await r.json())["error"]["type"] == "not_found_error"
         async with client.post("/healthz") as r:
             assert r.status == 405 and r.headers["Allow"] == "GET,HEAD"
         for path in ("/healthz", "/readyz", "/metrics"):  # unadmitted: no key needed in keyed mode
@@ -238,7 +241,9 @@ async def test_404_405_and_probes_spend_no_token_and_no_quota(start: GatewayFact
     assert status == 200 and headers["x-ratelimit-remaining-requests"] == "0"
     assert len(upstream.bodies) == 1
     samples = await gateway.samples()
-    assert samples[sample("http_requests_total", model="unknown", route="other", status="404")] == 13
+    assert (
+        samples[sample("http_requests_total", model="unknown", route="other", status="404")] == 19
+    )  # 4 paths and 2 under /v1/messages, 3 times; the request line
     assert samples[sample("http_requests_total", model="unknown", route=CHAT, status="405")] == 9
     assert samples[sample("http_requests_total", model="unknown", route="/healthz", status="405")] == 3
     assert samples[sample("ratelimit_block_total")] == 0

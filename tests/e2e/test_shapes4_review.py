@@ -129,3 +129,52 @@ def test_a_json_messages_request_answered_with_an_error_event_falls_back(tmp_pat
     reply = client.messages.with_raw_response.create(model="claude-x", max_tokens=5, messages=HI)
     assert reply.headers["x-gateway-upstream"] == "backup"
     assert reply.parse().content[0].text == "ok"
+
+
+# 3. SPEC §11: every gateway error on the Anthropic surface is Anthropic-shaped; the paths under
+#    /v1/messages the gateway does not serve (count_tokens, batches, …) answered OpenAI's shape.
+NOT_FOUND = {"type": "error", "error": {"type": "not_found_error", "message": "not found"}}
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.messages.count_tokens(model="claude-x", messages=HI),
+        lambda c: c.messages.batches.list(),
+        lambda c: c.messages.batches.retrieve("msgbatch_1"),
+        lambda c: c.messages.batches.create(
+            requests=[{"custom_id": "a", "params": {"model": "claude-x", "max_tokens": 5, "messages": HI}}]
+        ),
+    ],
+)
+def test_the_paths_under_messages_not_served_are_anthropic_404s(fakes, gateway, call) -> None:
+    fakes["claude"].script({"status": 200, "body": "{}"})
+    gw = gateway(ANTHROPIC_BASE_URL=fakes["claude"].url)
+    client = anthropic.Anthropic(base_url=gw.url, api_key="demo", max_retries=0, timeout=20)
+    with pytest.raises(anthropic.NotFoundError) as raised:
+        call(client)
+    assert raised.value.body == NOT_FOUND
+    assert fakes["claude"].seen() == []  # not served: nothing relayed
+
+
+def test_other_paths_keep_openais_404(fakes, gateway) -> None:
+    gw = gateway()
+    for path in ("/v1/messagesx", "/v1/other", "/v1/chat/completions/x"):
+        status, _, data = post(gw.port, path, {})
+        assert status == 404 and json.loads(data)["error"]["code"] == "not_found", (path, data)
+
+
+# SPEC §11/§13, as the SDK sees it (unchanged, pinned): every upstream's circuit open is a 503
+# `api_error` with Retry-After, the SDK's ServiceUnavailableError, not Anthropic's 529 overload.
+def test_every_circuit_open_on_messages_is_the_sdks_service_unavailable(tmp_path: Path, fakes, gateway) -> None:
+    fakes["claude"].script({"status": 500, "body": "{}"})
+    path = tmp_path / "r.toml"
+    write_routes(path, {"claude": ("anthropic", fakes["claude"].url)}, [("claude-*", [("claude", None)])])
+    gw = gateway(ROUTES_FILE=str(path), CB_FAILURES="1", CB_OPEN_SECS="60")
+    client = anthropic.Anthropic(base_url=gw.url, api_key="demo", max_retries=0, timeout=20)
+    with pytest.raises(anthropic.InternalServerError):  # the failure that opens the breaker
+        client.messages.create(model="claude-x", max_tokens=5, messages=HI)
+    with pytest.raises(anthropic.ServiceUnavailableError) as raised:
+        client.messages.create(model="claude-x", max_tokens=5, messages=HI)
+    assert raised.value.body == {"type": "error", "error": {"type": "api_error", "message": "upstream unavailable"}}
+    assert int(raised.value.response.headers["retry-after"]) > 0
