@@ -933,6 +933,9 @@ def _is_error_event(first: bytes, at: int = 0) -> bool:
     if name is not None:
         return name in _ERROR_NAMES
     if end - at <= _ERROR_EVENT_BYTES:
+        # Most first events hold neither "error" nor an escape: no SSE parse for them.
+        if first.find(b"error", at, end) < 0 and first.find(b"\\u", at, end) < 0:
+            return False
         return _error_body(first[at:end]) is not None
     line = first.find(b"data:", at, end)  # a long one: its first data line opens with "error"
     if line < 0 or (line > at and first[line - 1] != 10) or not first.startswith(_ERROR_DATA, line):
