@@ -61,6 +61,13 @@ MAX_REPLY_BYTES = 256 * 1024 * 1024
 # aiohttp's readany() returns at once while data is buffered, and inflates a gzip body as it is
 # read: a whole reply is read with a turn of the loop for others after each this many bytes.
 _YIELD_EVERY_BYTES = 1024 * 1024
+# A compressed reply read whole may inflate freely up to this many bytes; past it, to no more
+# than _MAX_INFLATION times what came over the wire. JSON compresses ~3-10x (embeddings' floats
+# ~3x): only a bomb gets there, 200 KiB of gzip that inflate to 200 MiB, all of it held in
+# memory and parsed on the event loop (orjson holds the GIL: ~1 s on a slow core, /healthz
+# with it). The same bytes sent plain cost the upstream what they cost the gateway.
+_INFLATE_FREELY_BYTES = 16 * 1024 * 1024
+_MAX_INFLATION = 64
 
 
 def _date_secs(value: str) -> float | None:
@@ -257,6 +264,9 @@ class UpstreamReply:
                 parts.append(chunk)
                 if size >= turn_at:  # megabytes already buffered (or inflating): others get a turn
                     turn_at = size + _YIELD_EVERY_BYTES
+                    if size > _INFLATE_FREELY_BYTES and size > _MAX_INFLATION * content.total_raw_bytes:
+                        self._response.close()
+                        raise UpstreamError("upstream reply inflates too far")
                     await asyncio.sleep(0)
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamStreamBroken() from exc

@@ -3,11 +3,17 @@ real gateway in front of a scriptable fake upstream (tests/e2e/scripted_upstream
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
+import socket
+import threading
+from collections.abc import Iterator
 
 import pytest
 
 from ..harness import Gateway, wait_until
+from .test_adversarial import healthz_watch
 from .test_routing_review import Fake, post
 
 
@@ -55,3 +61,83 @@ def test_a_non_stream_request_answered_with_events_the_gateway_cannot_pass_is_a_
         return [line for line in gateway.log_lines() if line["request_id"] == request_id]
 
     assert wait_until(logged, what="its log line")[0]["status"] == 502
+
+
+# A JSON reply gzip'd at ~1000:1 (200 KiB on the wire, 200 MiB inflated): the gateway read it
+# whole, joined and parsed it on the event loop (/healthz held 0.6-0.7 s a reply on this
+# 2-core machine), and held the 200 MiB of every such reply in flight at once.
+BOMB_MIB = 200
+
+
+def _gzip_bomb() -> bytes:
+    content = b"a" * (BOMB_MIB * 2**20)
+    reply = b'{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"'
+    return gzip.compress(reply + content + b'"}}]}', compresslevel=9)
+
+
+@contextlib.contextmanager
+def _raw_upstream(answer: bytes) -> Iterator[str]:
+    """An upstream that answers every request with `answer` (a whole HTTP response)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += conn.recv(65536)
+                length = int(
+                    next(
+                        (
+                            line.split(b":")[1]
+                            for line in head.split(b"\r\n")
+                            if line.lower().startswith(b"content-length:")
+                        ),
+                        b"0",
+                    )
+                )
+                body = head.split(b"\r\n\r\n", 1)[1]
+                while len(body) < length:
+                    body += conn.recv(65536)
+                with contextlib.suppress(OSError):
+                    conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+@pytest.mark.serial  # watches /healthz's latency: run alone, not beside another worker
+def test_a_gzip_bomb_of_a_json_reply_is_refused_and_leaves_healthz_answering(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    bomb = _gzip_bomb()
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(bomb)
+    ) + bomb
+    with _raw_upstream(answer) as url:
+        gw = Gateway(tmp_path_factory.mktemp("gw"), {"OPENAI_BASE_URL": url, "OPENAI_API_KEY": "sk-review"})
+        try:
+            with healthz_watch(gw) as latencies:
+                body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+                status, _, data = post(gw.port, "/v1/chat/completions", body)
+                wait_until(lambda: len(latencies) >= 5, what="/healthz answers after the reply")
+        finally:
+            gw.stop()
+    assert status == 502, data[:200]
+    assert json.loads(data)["error"]["message"] == "upstream reply inflates too far"
+    print(f"\n/healthz worst {max(latencies) * 1000:.0f} ms of {len(latencies)}")
+    assert max(latencies) < 0.2
