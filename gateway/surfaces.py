@@ -803,8 +803,8 @@ class ObjectKeys:
 
 def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
     """String content, text parts, refusals, reasoning sent back and tool-call arguments of every
-    message. Every other field goes as sent (SPEC §3), the end user's `user` and
-    `safety_identifier` too."""
+    message, and a predicted output's content. Every other field goes as sent (SPEC §3), the end
+    user's `user` and `safety_identifier` too."""
     for message in payload.get("messages") or ():
         if type(message) is not dict:
             continue
@@ -846,6 +846,11 @@ def chat_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:
             custom = call.get("custom") if type(call) is dict else None
             if type(custom) is dict and type(custom.get("input")) is str:
                 yield custom, "input", False
+    # Predicted Outputs: the text of a file being regenerated (a string or text parts), which the
+    # messages usually carry too; sent in clear beside them, it gave away what they masked.
+    prediction = payload.get("prediction")
+    if type(prediction) is dict and "content" in prediction:
+        yield from _content_texts(prediction, "content")
 
 
 def _arguments(function: dict[str, Any]) -> Iterator[TextSlot]:

@@ -397,6 +397,29 @@ async def test_request_texts_in_every_listed_place_are_redacted(gateway: Gateway
     assert json.loads(sent["messages"][2]["tool_calls"][0]["function"]["arguments"]) == {"n": "CC_MASKED_LAST4_4242"}
 
 
+# Predicted Outputs (chat's `prediction`): the text of the file being regenerated, usually the
+# same text the messages carry, which were masked while the prediction went up in clear.
+@pytest.mark.parametrize(
+    "prediction",
+    [
+        {"type": "content", "content": f"contact: {EMAIL}"},
+        {"type": "content", "content": [{"type": "text", "text": f"contact: {EMAIL}"}]},
+    ],
+    ids=["string", "parts"],
+)
+async def test_a_predicted_output_is_redacted_as_the_messages_are(
+    gateway: Gateway, hostile: Hostile, prediction: dict[str, Any]
+) -> None:
+    status, _ = await gateway.chat(
+        {"messages": [{"role": "user", "content": f"fix: contact: {EMAIL}"}], "prediction": prediction}
+    )
+    assert status == 200
+    sent = hostile.sent()
+    assert EMAIL not in json.dumps(sent)
+    assert "j***e@example.com" in json.dumps(sent["prediction"])
+    assert sent["prediction"]["type"] == "content"
+
+
 # --- 3. Hostile request bodies: the gateway's own 4xx, never a 500 ----------------------------
 
 
