@@ -96,6 +96,17 @@ class Reply(Protocol):
     def close(self) -> None: ...
 
 
+def _connection_failed(exc: BaseException) -> UpstreamError:
+    """What failed before the upstream's answer was read. aiohttp raises ClientResponseError
+    for an answer that is no HTTP it reads (a bad status line, thousands of headers, one past
+    8 KiB): the upstream answered, so the operator is not sent to look at the network. Its
+    message quotes the upstream's bytes, so it is not passed on. A refusing egress proxy
+    (ClientHttpProxyError, one of them) is the connection failing, as before."""
+    if isinstance(exc, aiohttp.ClientResponseError) and not isinstance(exc, aiohttp.ClientHttpProxyError):
+        return UpstreamError("upstream sent a malformed response")
+    return UpstreamError(f"upstream connection failed: {type(exc).__name__}")
+
+
 class KeyMask:
     """The operator's key as a reply may echo it, to mask: as sent, or JSON-escaped.
 
@@ -450,7 +461,7 @@ class Upstream:
                 self._url, data=body, headers=headers, allow_redirects=False, proxy_headers=self._proxy_headers
             )
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
-            raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
+            raise _connection_failed(exc) from exc
         return self._reply(response)
 
     async def get(self, headers: Mapping[str, str], segment: str | None = None) -> UpstreamReply:
@@ -467,7 +478,7 @@ class Upstream:
                 url, headers=headers, allow_redirects=False, proxy_headers=self._proxy_headers
             )
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
-            raise UpstreamError(f"upstream connection failed: {type(exc).__name__}") from exc
+            raise _connection_failed(exc) from exc
         return self._reply(response)
 
     def _reply(self, response: aiohttp.ClientResponse) -> UpstreamReply:

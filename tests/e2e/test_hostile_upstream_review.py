@@ -76,8 +76,9 @@ def _gzip_bomb() -> bytes:
 
 
 @contextlib.contextmanager
-def _raw_upstream(answer: bytes) -> Iterator[str]:
-    """An upstream that answers every request with `answer` (a whole HTTP response)."""
+def _raw_upstream(answer: list[bytes]) -> Iterator[str]:
+    """An upstream that answers every request with `answer[0]` (a whole HTTP response, as
+    it is when the request comes)."""
     server = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
@@ -107,7 +108,7 @@ def _raw_upstream(answer: bytes) -> Iterator[str]:
                 while len(body) < length:
                     body += conn.recv(65536)
                 with contextlib.suppress(OSError):
-                    conn.sendall(answer)
+                    conn.sendall(answer[0])
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -128,7 +129,7 @@ def test_a_gzip_bomb_of_a_json_reply_is_refused_and_leaves_healthz_answering(
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(bomb)
     ) + bomb
-    with _raw_upstream(answer) as url:
+    with _raw_upstream([answer]) as url:
         gw = Gateway(tmp_path_factory.mktemp("gw"), {"OPENAI_BASE_URL": url, "OPENAI_API_KEY": "sk-review"})
         try:
             with healthz_watch(gw) as latencies:
@@ -141,3 +142,29 @@ def test_a_gzip_bomb_of_a_json_reply_is_refused_and_leaves_healthz_answering(
     assert json.loads(data)["error"]["message"] == "upstream reply inflates too far"
     print(f"\n/healthz worst {max(latencies) * 1000:.0f} ms of {len(latencies)}")
     assert max(latencies) < 0.2
+
+
+# An upstream that answers with no HTTP the gateway can read (a bad status line, thousands of
+# headers, a header past 8 KiB) was reported as "upstream connection failed: ClientResponseError",
+# sending the operator to look at the network when the upstream had answered.
+NO_HTTP = {
+    "status-line": b"HELLO THERE\r\n\r\n",
+    "many-headers": b"HTTP/1.1 200 OK\r\n"
+    + b"".join(b"X-H%d: v\r\n" % i for i in range(20000))
+    + b"Content-Length: 2\r\n\r\n{}",
+    "long-header": b"HTTP/1.1 200 OK\r\nX-H: " + b"v" * 100_000 + b"\r\nContent-Length: 2\r\n\r\n{}",
+}
+
+
+def test_an_answer_that_is_no_http_is_reported_as_such(tmp_path_factory: pytest.TempPathFactory) -> None:
+    answer = [b""]
+    with _raw_upstream(answer) as url:
+        gw = Gateway(tmp_path_factory.mktemp("gw"), {"OPENAI_BASE_URL": url, "OPENAI_API_KEY": "sk-review"})
+        try:
+            for name, answer[0] in NO_HTTP.items():
+                body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+                status, _, data = post(gw.port, "/v1/chat/completions", body)
+                assert (name, status) == (name, 502)
+                assert json.loads(data)["error"]["message"] == "upstream sent a malformed response", name
+        finally:
+            gw.stop()
