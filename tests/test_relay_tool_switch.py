@@ -157,6 +157,33 @@ def test_text_after_the_calls_still_reaches_the_client() -> None:
     assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Paris", "note": "j***e@corp.example.org"}
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="SPEC §6 (any split): the content's held tail goes out before the first call opens "
+    "(for the SDK's content.done), and content after the calls starts afresh, so PII split "
+    "around the calls is joined by every client in clear; see the adv5 report",
+)
+@pytest.mark.parametrize(
+    ("before", "after", "clear"),
+    [
+        ("Writing to jane.doe@", "example.com today", "jane.doe@example.com"),
+        ("card 4242 4242 ", "4242 4242 ok", "4242 4242 4242 4242"),
+        ("call +1 415 ", "555 2671 now", "415 555 2671"),
+    ],
+)
+def test_pii_split_around_the_calls_is_not_joined_in_clear(before: str, after: str, clear: str) -> None:
+    # Claude writes text, a tool_use, more text: translated to chat, one content. The openai
+    # SDK (and any client that appends delta.content) joins the two halves.
+    relay = StreamRelay(REDACTOR, None)
+    events = _content_then_call([before], after=after)
+    wire = b"".join(relay.feed(event) for event in events) + relay.close()
+    state = ChatCompletionStreamState(input_tools=TOOLS)
+    for event in sse.SSEParser().feed(wire):
+        if event.data and event.data != sse.DONE:
+            state.handle_chunk(ChatCompletionChunk.model_validate(json.loads(event.data)))
+    assert clear not in (state.get_final_completion().choices[0].message.content or "")
+
+
 def test_a_call_the_upstream_comes_back_to_keeps_its_arguments_when_it_held_nothing() -> None:
     """The format keys tool-call deltas by index and promises no order: an upstream may come
     back to a call after the next one opened. The opening settles the earlier call, and one
