@@ -1013,6 +1013,46 @@ class StreamRedactor:
         return self._redactor.redact_from(text, start, self._on_redaction, start if after else -1)
 
 
+class ResumedStream(StreamRedactor):
+    """A text stream that goes on after its held text was sent: a chat choice's content,
+    flushed before its first tool call (the openai SDK fires content.done there) and written
+    to again after the calls (Claude's text, tool_use, text), which every client joins. `sent`,
+    that held text as it went out, is fed again as this stream's start, so PII the new text
+    completes ("jane.doe@", then "example.com") is found; what repeats `sent` is not sent
+    twice, and where a mask reaches back into it the rest of the mask goes out (what was sent
+    stays sent: the mask hides what follows). Plain text only (the fast path's
+    `feed_unmasked` is not for it: `type(...) is StreamRedactor` keeps it out)."""
+
+    __slots__ = ("_owed",)
+
+    def __init__(self, redactor: Redactor, on_redaction: OnRedaction | None, sent: str) -> None:
+        super().__init__(redactor, on_redaction)
+        self._owed = sent
+        self._unsent(super().feed(sent))  # `sent` alone: nothing new to send
+
+    def _unsent(self, out: str) -> str:
+        owed = self._owed
+        if not owed:
+            return out
+        if out.startswith(owed):
+            self._owed = ""
+            return out[len(owed) :]
+        if owed.startswith(out):
+            self._owed = owed[len(out) :]
+            return ""
+        same = 0
+        while out[same] == owed[same]:  # they differ before either ends (the two tests above)
+            same += 1
+        self._owed = ""
+        return out[same:]
+
+    def feed(self, piece: str) -> str:
+        return self._unsent(super().feed(piece))
+
+    def flush(self) -> str:
+        return self._unsent(super().flush())
+
+
 # JSON text. What stands in the view for a character that must take part in no match and
 # that every pattern treats as a boundary (as it does a space).
 _BLANK = "\x00"

@@ -30,8 +30,10 @@ from .errors import GatewayError, UpstreamError
 from .models import Usage
 from .redact import (
     YIELD_ABOVE_CHARS,
+    JsonStreamRedactor,
     OnRedaction,
     Redactor,
+    ResumedStream,
     StreamRedactor,
     digit_view,
     feed_sliced,
@@ -143,6 +145,11 @@ MAX_STREAMS = 256  # text streams open at once; past that (a hostile upstream), 
 MAX_ENDED = 16_384  # ended streams remembered (a path each), so that text sent after its end is dropped
 
 
+def _resumes(path: Path) -> bool:
+    """A chat choice's content or refusal: what clients append to, whatever comes between."""
+    return len(path) == 4 and path[0] == "choices" and path[3] in ("content", "refusal")
+
+
 class _TooManyStreams(Exception):
     """A text needs a stream past MAX_STREAMS (or MAX_ENDED), and none can be let go. Raised
     on the fast path with the first byte of the value that found no room."""
@@ -190,6 +197,7 @@ class StreamRelay:
         "_plans",
         "_redactions",
         "_redactor",
+        "_resumed",
         "_scratch",
         "_sliced",
         "_streams",
@@ -228,6 +236,9 @@ class StreamRelay:
         self.parser = sse.SSEParser(max_event_bytes) if max_event_bytes else sse.SSEParser()
         self._streams: dict[Path, StreamRedactor] = {}  # one per text field and indices, in order of arrival
         self._ended: set[Path] = set()  # streams whose held text was flushed: they take no more text
+        # Streams flushed to go on afresh (Surface.restart_before) and the held text they sent:
+        # text that comes for them later continues it (ResumedStream).
+        self._resumed: dict[Path, str] = {}
         self._templates: dict[Path, dict[str, Any]] = {}  # what a flush event copies, by root: its first event
         # What each text stream gave out, for the events that repeat it whole (None: too long to keep).
         self._kept: dict[Path, list[str] | None] | None = {} if surface.keeps_copies else None
@@ -351,9 +362,18 @@ class StreamRelay:
         for path in ended:
             if end is None and not self._streams[path].held:
                 continue
-            text = self._streams.pop(path).flush()
+            stream = self._streams.pop(path)
+            text = stream.flush()
             if end is not False:
                 self._ended.add(path)
+            elif text and _resumes(path) and not isinstance(stream, JsonStreamRedactor):
+                # Clients join the text that comes next to what went out (a chat choice's
+                # content around its tool calls): it continues this. Past the bound it takes no
+                # more. (A Responses part's second opening text replaces the first: afresh.)
+                if len(self._resumed) < MAX_ENDED:
+                    self._resumed[path] = text
+                else:
+                    self._ended.add(path)
             if text:
                 held.append((path, text))
                 if self._kept is not None:
@@ -807,7 +827,11 @@ class StreamRelay:
                 # Redacted event by event, a text split across this stream's events would go
                 # out in clear: the stream ends instead (SPEC §6: redacted, or an error event).
                 raise _TooManyStreams
-            stream = self._streams[path] = self._redactor.stream(self._on_redaction, json_text=leaf.json_text)
+            sent = self._resumed.pop(path, None) if self._resumed else None
+            if sent is not None and not leaf.json_text:
+                stream = self._streams[path] = ResumedStream(self._redactor, self._on_redaction, sent)
+            else:
+                stream = self._streams[path] = self._redactor.stream(self._on_redaction, json_text=leaf.json_text)
         out = stream.feed(text) if not self._sliced else feed_sliced(stream, text)
         if self._kept is not None:
             self._keep(path, out)
