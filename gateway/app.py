@@ -265,5 +265,5 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body, headers = request.app[keys.TELEMETRY].metrics.render(request.headers.getall("Accept", []))
+    body, headers = request.app[keys.TELEMETRY].render(request.headers.getall("Accept", []))
     return web.Response(body=body, headers=headers)

@@ -160,6 +160,9 @@ class Metrics:
         self.reloads = family(
             Counter, "config_reloads_total", "SIGHUP reloads of the file-backed configuration, by result.", "result"
         )
+        self.log_dropped = family(
+            Counter, "log_lines_dropped_total", "Request-log lines dropped: stdout did not take them (4 MiB waited)."
+        )
         self._family = family
         self.circuits: _Family | None = None  # made with the first breaker: only with ROUTES_FILE
         self._families = [
@@ -172,6 +175,7 @@ class Metrics:
             self.ratelimit_blocks,
             self.tokens,
             self.reloads,
+            self.log_dropped,
         ]
         # Observed per request through the public `observe` (it walks every bucket); a series
         # appears with its first observation.
@@ -201,6 +205,7 @@ class Metrics:
         self.requests.add((CHAT_ROUTE,), 0)
         for result in RELOAD_RESULTS:
             self.reloads.add((result,), 0)
+        self.log_dropped.set((), 0)
 
     def request_started(self, route: str) -> None:
         self.requests.add((route,))
@@ -418,6 +423,11 @@ class Telemetry:
         self.metrics = metrics
         self.tracing = tracing
         self.log = log
+
+    def render(self, accept: list[str]) -> tuple[bytes, dict[str, str]]:
+        """/metrics: the metrics, with the log's dropped lines as they are now."""
+        self.metrics.log_dropped.set((), self.log.dropped)
+        return self.metrics.render(accept)
 
     def close(self) -> None:
         self.log.close(timeout=1.0)  # a stdout nobody reads must not keep the process

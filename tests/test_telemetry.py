@@ -42,6 +42,7 @@ FAMILIES = {
     "ratelimit_block",
     "tokens",
     "config_reloads",
+    "log_lines_dropped",
     "request_duration_seconds",
     "upstream_ttfb_seconds",
 }

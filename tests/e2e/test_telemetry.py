@@ -431,6 +431,53 @@ def test_a_stdout_nobody_reads_holds_up_neither_requests_nor_shutdown(tmp_path: 
         process.wait()
 
 
+@pytest.mark.timeout(90)
+def test_log_lines_dropped_for_a_stdout_nobody_reads_are_counted_in_metrics(tmp_path: Path) -> None:
+    """Past MAX_PENDING_BYTES (4 MiB) of lines waiting for a stdout nobody reads, new lines are
+    dropped: an operator must see that in /metrics (`log_lines_dropped_total`), not only by
+    missing lines in the log. Before, the count stayed inside the process."""
+    port = free_port()
+    env = base_env() | {"LISTEN_ADDR": f"127.0.0.1:{port}", "RPS": "0", "DEFAULT_QUOTA": "1000000"}
+    process = subprocess.Popen(
+        gateway_argv(), env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )  # its stdout never read
+    try:
+
+        def dropped() -> float | None:
+            assert process.poll() is None, "the gateway exited"
+            try:
+                status, text = http_get(port, "/metrics")
+            except OSError:
+                return None
+            assert status == 200
+            values = {
+                sample.name: sample.value
+                for family in text_string_to_metric_families(text.decode())
+                for sample in family.samples
+            }
+            return values.get("log_lines_dropped_total")
+
+        assert wait_until(lambda: dropped() is not None, what="the gateway's log_lines_dropped_total") is not None
+        assert dropped() == 0
+        # ~7 KiB a line; the writer thread may have taken a batch before it blocked, on top of
+        # the 4 MiB held: send until lines are dropped (at most ~21 MiB).
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        for sent in range(1, 3001):
+            connection.request("GET", "/nope-" + "x" * 7000)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 404
+            if sent % 200 == 0 and (dropped() or 0) > 0:
+                break
+        connection.close()
+        assert wait_until(lambda: (dropped() or 0) > 0, what="dropped lines counted") > 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
 async def test_a_stream_refused_by_admission_is_logged_as_a_stream(start_gateway: GatewayFactory, mock: Mock) -> None:
     """A stream over the quota was logged with "stream": false: the flag was read only once
     the request reached the upstream step, as if the client had asked for JSON."""
