@@ -8,6 +8,10 @@ import signal
 # process, and a reload asked for while the gateway starts (it reads the files then anyway)
 # must not. server.run keeps it ignored until the loop (or the WORKERS parent) handles it.
 signal.signal(signal.SIGHUP, signal.SIG_IGN)
+# And a stop asked for meanwhile (`systemctl stop` right after a start, Ctrl-C) is held back, not
+# taken by the default actions (SIGTERM kills: status 143, a failure to systemd; SIGINT raises
+# KeyboardInterrupt mid-import): server.serve sees it pending and stops cleanly, serving nothing.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
 import argparse  # noqa: E402
 import sys  # noqa: E402

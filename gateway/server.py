@@ -158,7 +158,11 @@ def _settle_threads() -> None:
     sys.setswitchinterval(0.001)
 
 
-def _run_one(settings: Settings, on_ready: Callable[[], None] | None = None) -> int:
+def _run_one(
+    settings: Settings,
+    on_ready: Callable[[], None] | None = None,
+    on_stopped_early: Callable[[], None] | None = None,
+) -> int:
     try:
         import uvloop
 
@@ -166,11 +170,13 @@ def _run_one(settings: Settings, on_ready: Callable[[], None] | None = None) -> 
     except ImportError:  # pragma: no cover - uvloop is pinned, but the gateway runs without it
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve(settings, on_ready))
+        served = runner.run(serve(settings, on_ready))
     # Closing the loop put back the default handlers (SIGTERM kills, SIGINT raises): a stop
     # signal repeated now would turn this clean exit into rc -15 or a traceback. serve() held
     # them back since the stop; ignoring them also drops any that are pending.
     _ignore_stop_signals()
+    if not served and on_stopped_early is not None:
+        on_stopped_early()
     return 0
 
 
@@ -182,7 +188,9 @@ def _ignore_stop_signals() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
+async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> bool:
+    """Serve until a stop signal, then drain. False: the stop came while starting, and the
+    listener never opened (`on_ready` was not called)."""
     try:
         if settings.workers > 1:  # a worker reads the files as they are now, routes included
             settings = with_current_routes(settings)
@@ -205,10 +213,24 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
         keepalive_timeout=settings.client_idle_secs,
         **options,
     )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    # Blocked since gateway.py's first line (or the fork): one that came meanwhile is pending, and
+    # a stop asked while starting is a stop. Unblocked, later ones set `stop` through the loop.
+    if signal.sigpending() & _STOP_SIGNALS:
+        stop.set()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
         await runner.setup()
     except StoreUnavailable as exc:  # a Redis Cluster whose layout no node gave (stores/redis.py)
         raise StartupError(f"REDIS_URL: the Redis Cluster's layout could not be read: {exc.message}") from None
+    if stop.is_set():  # before the listener opens: nothing is served after the stop
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)  # see the end of this function
+        log.info("stopped while starting")
+        await runner.cleanup()
+        return False
     site = web.TCPSite(
         runner,
         settings.listen_host,
@@ -221,12 +243,8 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
     except OSError as exc:  # taken since _check_address looked
         await runner.cleanup()
         raise _listen_error(settings.listen_host, settings.listen_port, exc) from None
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, app[LIVE_CONFIG].reload)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)  # a worker blocked them until now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # a worker blocked it until now
     _settle_gc()
     _settle_threads()
     # Port 0 (one process only: config.py refuses it with WORKERS) is the kernel's choice: name it.
@@ -248,6 +266,7 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
     # Drained: nothing left to reload for. Closing the loop puts SIGHUP's default back (it ends
     # the process, status 129 instead of 0): held back from here, then ignored (_run_one).
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    return True
 
 
 def _supervise(settings: Settings) -> int:
@@ -292,6 +311,8 @@ class _SignalPipe:
         self.fds = (self._read, self._write)
         self._before = {signum: signal.signal(signum, _noted) for signum in self._CAUGHT}
         signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        # Blocked since gateway.py's first line: one asked for while starting reaches the pipe now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         return self
 
     def fileno(self) -> int:
@@ -345,15 +366,18 @@ class _Workers:
     def take_signals(self) -> None:
         for signum in self.signals.take():
             if signum in _STOP_SIGNALS:
-                if not self.stopping:
-                    self.stopping = True
-                    self._notifier.notify("STOPPING=1")
-                self.pass_on(signum)
+                self.stop(signum)
             elif signum == signal.SIGHUP:  # each worker reloads its own configuration
                 if (refused := refusal(self._settings)) is not None:
                     log.error(REFUSED, refused.lines[0])  # once, for every worker (see reload.refusal)
                 self.pass_on(signum)
             # SIGCHLD only wakes the loop: the loops reap whatever ended.
+
+    def stop(self, signum: int) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self._notifier.notify("STOPPING=1")
+        self.pass_on(signum)
 
     def pass_on(self, signum: int) -> None:
         for pid in self.pids:
@@ -431,9 +455,9 @@ class _Workers:
 
 
 def _read_report(report: int) -> str:
-    """What a worker wrote on its report pipe ("ready", or "failed" and why; "" if it died
-    first), the pipe then closed. One short write per worker: it arrives whole (pipe writes up
-    to PIPE_BUF are atomic)."""
+    """What a worker wrote on its report pipe ("ready", "stopped" before it served, or "failed"
+    and why; "" if it died first), the pipe then closed. One short write per worker: it arrives
+    whole (pipe writes up to PIPE_BUF are atomic)."""
     message = ""
     with contextlib.suppress(OSError):
         message = os.read(report, 4096).decode(errors="replace")
@@ -491,6 +515,11 @@ def _await_workers(reports: dict[int, int], workers: _Workers) -> str | None:
                     message = _read_report(fd)
                     if message == "ready":
                         continue
+                    if message == "stopped":  # a stop reached it while it started (systemd
+                        workers.take_signals()  # signals every process of the unit): the gateway's
+                        if not workers.stopping:
+                            workers.stop(signal.SIGTERM)
+                        return None
                     if message.startswith("failed"):
                         return message[len("failed") :].strip()
                     return f"worker {reports[fd]} exited before serving"
@@ -505,7 +534,9 @@ def _work(settings: Settings, report: int) -> NoReturn:
     """A forked worker: serve, then leave by os._exit (the parent's exit handlers are not ours)."""
     code = 1
     try:
-        code = _run_one(settings, on_ready=lambda: _tell(report, "ready"))
+        code = _run_one(
+            settings, on_ready=lambda: _tell(report, "ready"), on_stopped_early=lambda: _tell(report, "stopped")
+        )
     except StartupError as error:
         _tell(report, f"failed {error}")
     except Exception:

@@ -177,6 +177,38 @@ def test_sighup_while_starting_is_not_fatal(tmp_path: Path) -> None:
             assert proc.wait(10) == 0
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stop_asked_while_starting_is_a_clean_stop(
+    tmp_path: Path, redis_server: RedisServer, workers: int, signum: signal.Signals
+) -> None:
+    """`systemctl stop` (or Ctrl-C) right after the start, while Python still imports the
+    gateway: SIGTERM's default action killed the process (status 143 to systemd, a failure)
+    and SIGINT printed a KeyboardInterrupt traceback. A stop asked while starting is a stop:
+    exit 0, no traceback, and nothing served after it."""
+    _not_under_the_bootloader("its own start (it unpacks before any Python runs)")
+    for delay in (0.1, 0.25):  # the imports; create_app (both take longer than this here)
+        port = free_port()
+        env = base_env() | {"LISTEN_ADDR": f"127.0.0.1:{port}", "RPS": "0", "WORKERS": str(workers)}
+        env["REDIS_URL"] = redis_server.url
+        with subprocess.Popen(
+            gateway_argv(), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        ) as proc:
+            try:
+                time.sleep(delay)  # python has started (a wait for a moment, not for a condition)
+                proc.send_signal(signum)
+                deadline = time.monotonic() + 15
+                while proc.poll() is None and time.monotonic() < deadline:
+                    with contextlib.suppress(OSError):
+                        assert http_get(port, "/healthz", timeout=0.5)[0] != 200, "served after the stop"
+                    time.sleep(0.01)
+                assert proc.wait(5) == 0, (delay, proc.stderr.read() if proc.stderr else "")
+                errors = proc.stderr.read() if proc.stderr else ""
+                assert "Traceback" not in errors and "KeyboardInterrupt" not in errors, errors
+            finally:
+                proc.kill()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sighup_while_stopping_still_exits_0(
     start_gateway: GatewayFactory, redis_server: RedisServer, workers: int
