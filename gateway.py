@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 # First thing, before the imports below take their second or so: SIGHUP's default ends the
@@ -12,6 +13,23 @@ signal.signal(signal.SIGHUP, signal.SIG_IGN)
 # taken by the default actions (SIGTERM kills: status 143, a failure to systemd; SIGINT raises
 # KeyboardInterrupt mid-import): server.serve sees it pending and stops cleanly, serving nothing.
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+
+
+def _fill_standard_descriptors() -> None:
+    """Started with stdin, stdout or stderr closed (`gateway >&-`), the first socket opened took
+    the free number, and at SIGTERM libuv (uvloop), which never closes descriptors 0-2, aborted
+    the process closing it (rc 134). They are /dev/null instead: the lines meant for them go nowhere."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)  # the lowest free number: `fd`, as 0..fd-1 are open
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+
+
+_fill_standard_descriptors()
 
 import argparse  # noqa: E402
 import sys  # noqa: E402

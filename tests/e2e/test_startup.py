@@ -269,3 +269,29 @@ def test_port_0_logs_the_port_the_kernel_chose(tmp_path: Path) -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize(("closed", "workers"), [(">&-", 1), ("<&-", 1), ("2>&-", 1), (">&- <&-", 1), (">&-", 2)])
+def test_a_standard_descriptor_closed_at_start_serves_and_stops_with_0(
+    tmp_path: Path, redis_server: RedisServer, closed: str, workers: int
+) -> None:
+    """`gateway >&-` (a unit or script that closes stdout, a daemonizing wrapper): descriptor 1
+    went to the first socket the gateway opened, and at SIGTERM libuv, closing it, aborted the
+    process (`uv__close: Assertion fd > STDERR_FILENO failed`, rc 134). Closed stdin or stderr
+    did the same. The gateway serves and a stop exits 0; its lines go nowhere."""
+    port = free_port()
+    env = base_env() | {"RPS": "0", "LISTEN_ADDR": f"127.0.0.1:{port}", "WORKERS": str(workers)}
+    env["REDIS_URL"] = redis_server.url
+    argv = ["sh", "-c", f'exec "$@" {closed}', "sh", *gateway_argv()]
+    with subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        try:
+
+            def serving() -> bool:
+                assert proc.poll() is None, f"exited with {proc.returncode}"
+                return _serves(port)
+
+            wait_until(serving, timeout=15, what="the gateway")
+            assert http_get(port, "/nope")[0] == 404  # a request log line, to a stdout that is gone
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
