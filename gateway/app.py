@@ -104,7 +104,12 @@ def create_app(settings: Settings, *, log_stream: IO[bytes] | None = None) -> we
     redactor = build_redactor(settings.redact_kinds)
     router = None
     if settings.routes is not None:  # SPEC §13; breakers per upstream name, kept across reloads
-        breakers = Breakers(settings.cb_failures, settings.cb_open_secs, telemetry.metrics.circuit)
+        breakers = Breakers(
+            settings.cb_failures,
+            settings.cb_open_secs,
+            telemetry.metrics.circuit,
+            on_gone=telemetry.metrics.circuit_gone,  # an upstream a reload removes leaves /metrics
+        )
         router = Router(
             settings.routes,
             breakers,

@@ -16,7 +16,7 @@ One event loop per process and no await inside: no locks.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 CLOSED, HALF_OPEN, OPEN = 0, 1, 2  # the circuit_state gauge's values
@@ -151,9 +151,10 @@ class Breaker:
 
 class Breakers:
     """One breaker per upstream name, made on first use; they outlive a routes reload, so an
-    upstream that keeps its name keeps its state."""
+    upstream that keeps its name keeps its state, and one the reload no longer names is
+    forgotten (`keep`)."""
 
-    __slots__ = ("_breakers", "_clock", "_failures", "_on_change", "_open_secs")
+    __slots__ = ("_breakers", "_clock", "_failures", "_in_force", "_on_change", "_on_gone", "_open_secs")
 
     def __init__(
         self,
@@ -161,12 +162,27 @@ class Breakers:
         open_secs: float,
         on_change: Callable[[str, str | None, int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_gone: Callable[[str], None] | None = None,
     ) -> None:
         self._failures = failures
         self._open_secs = open_secs
         self._on_change = on_change  # (upstream, event or None at creation, state)
+        self._on_gone = on_gone  # (upstream): forgotten
         self._clock = clock
         self._breakers: dict[str, Breaker] = {}
+        self._in_force: frozenset[str] | None = None  # the names of the routes in force; None: any
+
+    def keep(self, names: Iterable[str]) -> None:
+        """Routes a reload put in force name these upstreams: the breakers of the others are
+        forgotten (`on_gone`: their circuit_state series leaves /metrics), theirs are made."""
+        kept = frozenset(names)
+        for name in [name for name in self._breakers if name not in kept]:
+            del self._breakers[name]
+            if self._on_gone is not None:
+                self._on_gone(name)
+        self._in_force = kept
+        for name in kept:
+            self[name]
 
     def now(self) -> float:
         return self._clock()
@@ -174,6 +190,10 @@ class Breakers:
     def __getitem__(self, name: str) -> Breaker:
         breaker = self._breakers.get(name)
         if breaker is None:
+            if self._in_force is not None and name not in self._in_force:
+                # Asked by a request still under routes a reload replaced, or by the routes of
+                # one still being read: a breaker of its own, neither kept nor reported.
+                return Breaker(self._failures, self._open_secs)
             on_change = self._on_change
             report: OnChange | None = None
             if on_change is not None:

@@ -127,6 +127,8 @@ class LiveConfig:
             return False
         replaced, self.current = self.current.router, snapshot
         if replaced is not None and replaced is not snapshot.router:
+            assert snapshot.router is not None  # routes are read again only when there were some
+            snapshot.router.take_over()
             replaced.retire()
             self._retired = [*(r for r in self._retired if not r.closed), replaced]
         self._counted(True)

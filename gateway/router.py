@@ -189,6 +189,10 @@ class Router:
         if self._retired and not self._active:
             self._close_soon()
 
+    def take_over(self) -> None:
+        """A reload put this router in force: the breakers of upstreams it does not name go."""
+        self.breakers.keep(self.table.upstreams)
+
     def retire(self) -> None:
         """A reload replaced this router: its clients close once no request uses them."""
         self._retired = True

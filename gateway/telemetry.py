@@ -28,6 +28,8 @@ CHAT_ROUTE = "/v1/chat/completions"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
 QUOTA_BLOCK_REASONS = ("exceeded", "tokens")  # the request quota, the token budget (SPEC §14)
 CIRCUIT_EVENTS = ("open", "half_open", "close")  # with ROUTES_FILE (SPEC §13)
+CIRCUIT_STATE = "circuit_state"
+CIRCUIT_STATE_DOC = "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open."
 CB_EVENTS = ("timeout", "load_shed", "store_error", "upstream_error", "client_disconnect")
 RELOAD_RESULTS = ("ok", "refused")  # config_reloads_total (SPEC §10)
 OTHER = "other"
@@ -98,6 +100,12 @@ class _Family:
 
     def set(self, key: tuple[str, ...], value: int) -> None:
         self._counts[key] = value
+
+    def forget(self, key: tuple[str, ...], collector: Counter | Gauge) -> None:
+        """`key`'s series gone: the others are handed to `collector`, a new one, from the next
+        scrape (aioprometheus has no public way to drop one series from a collector)."""
+        self._counts.pop(key, None)
+        self._collector = collector
 
     def publish(self) -> None:
         names, collector = self._names, self._collector
@@ -236,15 +244,23 @@ class Metrics:
         """A breaker changed (`event`: open, half_open, close) or was made (None)."""
         circuits = self.circuits
         if circuits is None:  # routing is on: its events show from the start, at zero
-            circuits = self.circuits = self._family(
-                Gauge, "circuit_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open.", "upstream"
-            )
+            circuits = self.circuits = self._family(Gauge, CIRCUIT_STATE, CIRCUIT_STATE_DOC, "upstream")
             self._families.append(circuits)
             for name in CIRCUIT_EVENTS:
                 self.cb_events.add((name,), 0)
         if event is not None:
             self.cb_events.add((event,))
         circuits.set((upstream,), state)
+
+    def circuit_gone(self, upstream: str) -> None:
+        """An upstream a reload no longer names: its circuit_state series leaves /metrics (it
+        stayed at its last state for ever). The gauge is made anew, through the registry's
+        public deregister, and the other upstreams' series go to it."""
+        circuits = self.circuits
+        if circuits is None:
+            return
+        self.registry.deregister(CIRCUIT_STATE)
+        circuits.forget((upstream,), Gauge(CIRCUIT_STATE, CIRCUIT_STATE_DOC, registry=self.registry))
 
     def quota_blocked(self, reason: str = "exceeded") -> None:
         """A request refused by its tenant's quota: `exceeded` (requests) or `tokens`."""

@@ -131,6 +131,28 @@ def test_breakers_are_made_per_name_and_reported() -> None:
     assert seen == [("a", None, CLOSED), ("b", None, CLOSED), ("a", "open", OPEN)]
 
 
+def test_an_upstream_a_reload_no_longer_names_is_forgotten_and_comes_back_fresh() -> None:
+    seen: list[tuple[str, str | None, int]] = []
+    gone: list[str] = []
+    breakers = Breakers(1, 5, lambda name, event, state: seen.append((name, event, state)), lambda: 0.0, gone.append)
+    a, b = breakers["a"], breakers["b"]
+    permit = b.acquire(0, 1)
+    assert permit is not None
+    b.failure(permit, 0)  # b is open
+    seen.clear()
+    breakers.keep(["a"])
+    assert gone == ["b"] and breakers["a"] is a
+    # A request still under the replaced routes asks for b: a breaker of its own, not reported.
+    stray = breakers["b"]
+    assert stray is not b and breakers["b"] is not stray and stray.state == CLOSED
+    permit = stray.acquire(0, 1)
+    assert permit is not None
+    stray.failure(permit, 0)
+    assert seen == []
+    breakers.keep(["a", "b"])  # back: closed, reported, kept
+    assert seen == [("b", None, CLOSED)] and breakers["b"] is breakers["b"] and breakers["b"].state == CLOSED
+
+
 # --- the property: every sequence of requests and outcomes keeps SPEC §13's rules ----------
 
 FAILURES, OPEN_SECS, MAX_SECS = 3, 4.0, 20.0

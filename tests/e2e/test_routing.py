@@ -751,3 +751,36 @@ def test_the_model_list_is_the_routed_models(routed: Gateway, ups: dict[str, Moc
             sdk(gateway).models.retrieve(name)
         assert caught.value.code == "model_not_found" and caught.value.type == "invalid_request_error"
     assert all(hits(mock) == 0 for mock in ups.values())
+
+
+def test_an_upstream_a_reload_removes_leaves_metrics(
+    start_gateway: GatewayFactory, ups: dict[str, Mock], tmp_path: Path
+) -> None:
+    """`circuit_state{upstream}` is per upstream of ROUTES_FILE: one that a SIGHUP reload no
+    longer names stayed in /metrics for ever, at its last state (an open circuit kept paging
+    for an upstream that was gone). It goes with the upstream; one the reload adds back shows
+    again, closed."""
+    import signal
+
+    def routes(*names: str) -> str:
+        upstreams = "".join(
+            f'[upstreams.{name}]\nkind = "openai"\nbase_url = "{ups[name].url}"\napi_key_env = "KEY_A"\n\n'
+            for name in names
+        )
+        legs = ", ".join(f'{{ upstream = "{name}" }}' for name in names)
+        return upstreams + f'[[models]]\nmatch = "*"\nupstreams = [{legs}]\n'
+
+    path = tmp_path / "routes.toml"
+    path.write_text(routes("a", "b"))
+    gateway = start_gateway(ROUTES_FILE=str(path), KEY_A="sk-a")
+    assert {k for k in samples(gateway) if k.startswith("circuit_state")} == {
+        'circuit_state{upstream="a"}',
+        'circuit_state{upstream="b"}',
+    }
+    for expected, names in ((1, ("a",)), (2, ("a", "b"))):
+        path.write_text(routes(*names))
+        gateway.process.signal(signal.SIGHUP)
+        wait_until(lambda expected=expected: _reloads(gateway, "ok") == expected, what="the reload")
+        s = samples(gateway)
+        assert {k for k in s if k.startswith("circuit_state")} == {f'circuit_state{{upstream="{n}"}}' for n in names}
+        assert all(s[f'circuit_state{{upstream="{n}"}}'] == 0 for n in names)
