@@ -518,7 +518,8 @@ def token_budget(budget: TokenBudget, apis: Mapping[str, Api], telemetry: Teleme
         finally:
             # Never sent (the client left while its prompt was redacted): nothing to hold.
             unsent = not state.sent
-            await budget.settle(decision, spent(state.usage, failed or unsent or state.error_answer, status))
+            settled = None if state.generated else status  # see RequestState.generated
+            await budget.settle(decision, spent(state.usage, failed or unsent or state.error_answer, settled))
 
     return hold_tokens
 

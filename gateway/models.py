@@ -86,6 +86,11 @@ class RequestState:
     # A 200 stream whose answer was an error event (a 5xx's or a 400's, in the stream): nothing
     # was generated, and its token reservation is released as an error status's is (SPEC §14).
     error_answer: bool = False
+    # A reply that failed after its answer began, answered with the gateway's error (events
+    # joined for a request without "stream" that end in an error or before their last event):
+    # tokens were generated, so its reservation settles as the same stream's live, not as an
+    # error status's: to the usage that came, else the estimate stands (SPEC §14).
+    generated: bool = False
     # The request is on its way to an upstream (redacted, encoded): from here it may be billed.
     # A client that leaves before cancels a request nothing generated for (SPEC §14).
     sent: bool = False

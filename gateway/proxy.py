@@ -34,7 +34,9 @@ from .errors import (
     UpstreamStreamBroken,
     UpstreamTimeout,
     UpstreamUnavailable,
+    anthropic_error_type,
 )
+from .joins import Joined, message_from_events, response_from_events
 from .keys import CONFIG, STATE
 from .lifecycle import Lifecycle
 from .memo import RedactionMemo
@@ -380,8 +382,40 @@ class Proxy:
             return web.Response(
                 body=reply.scrub(error), status=status, content_type="application/json", headers=reply.retry_headers()
             )
+        join = None if state.stream else _JOINS.get(self._api.name)
+        if join is not None:
+            return await self._joined_answer(state, reply, body, join)
         # The whole stream in one write: its error event may echo the key, as a live stream's last write may.
         return web.Response(body=reply.scrub(body), status=reply.status, headers=SSE_HEADERS)
+
+    async def _joined_answer(
+        self, state: RequestState, reply: Reply, body: bytes, join: Callable[[bytes], Joined]
+    ) -> web.Response:
+        """A request without "stream" answered with events (a server that always streams): the
+        client asked for JSON (SPEC §11, §12) and gets the redacted events joined into the one
+        reply they stand for (joins.py), its usage settled as the live stream's is (above). An
+        error that opens the answer: its status; a failure after the answer began (an error
+        event, or the events ending before their API's last): the upstream's, a 502."""
+        long = len(body) > ASIDE_BYTES  # megabytes of events take a while to join: not on the loop
+        joined = await asyncio.to_thread(_joined, join, body) if long else _joined(join, body)
+        if isinstance(joined, bytes):
+            return web.Response(body=reply.scrub(joined), status=reply.status, content_type="application/json")
+        if joined is None:
+            raise UpstreamError("upstream answered with events that hold no whole reply")
+        status = _error_status(joined) if state.error_answer else 502
+        state.generated = not state.error_answer
+        if status in (401, 403):
+            raise UpstreamAuthRejected()
+        message = joined.get("message") if type(joined.get("message")) is str else "upstream error"
+        if self._api.anthropic_errors:
+            data = dumps_reply({"type": "error", "error": {"type": anthropic_error_type(status), "message": message}})
+        else:
+            kind = joined.get("type") if type(joined.get("type")) is str else UpstreamError.type
+            shaped = {"message": message, "type": kind, "code": joined.get("code"), "param": joined.get("param")}
+            data = dumps_reply({"error": shaped})
+        return web.Response(
+            body=reply.scrub(data), status=status, content_type="application/json", headers=reply.retry_headers()
+        )
 
     def _upstream_exception(self, exc: BaseException) -> BaseException:
         """A deadline or upstream failure as the error to raise (counted); anything else as is."""
@@ -793,6 +827,20 @@ class AttemptFailed(Exception):
         self.upstream = upstream
         self.reply = reply
         self.data = data
+
+
+# The APIs whose requests without "stream", answered with events, get the events joined into
+# their JSON reply (chat's own join, with its choices, is in _events_answer).
+_JOINS: Mapping[str, Callable[[bytes], Joined]] = MappingProxyType(
+    {"messages": message_from_events, "responses": response_from_events}
+)
+
+
+def _joined(join: Callable[[bytes], Joined], body: bytes) -> bytes | dict[str, Any] | None:
+    """The events joined: the reply written, else the error object they ended with (None:
+    none). One call, so that a long one is joined and written in a worker thread alike."""
+    joined = join(body)
+    return dumps_reply(joined.reply) if joined.reply is not None else joined.error
 
 
 def _finished(relay: StreamRelay) -> bytes:

@@ -116,14 +116,16 @@ async def test_a_whole_reply_that_came_as_a_failing_stream_releases_its_reservat
     failure: bytes,
 ) -> None:
     """An upstream that streams whatever was asked: a request without "stream" gets the events
-    in one reply (relayed whole). One that failed right after response.created kept its whole
-    estimate, where the same events as a stream released it."""
+    joined into the JSON it asked for, here the failure with the status its code stands for.
+    One that failed right after response.created kept its whole estimate, where the same
+    events as a stream released it."""
     gw = await start(TOKEN_QUOTA="10000")
     hostile.answer = events_answer(CREATED + IN_PROGRESS, failure)
     for _ in range(2):
         body = {**BODY, "stream": False}
         async with gw.client.post("/v1/responses", json=body, headers={"Authorization": "Bearer t"}) as response:
-            assert response.status == 200 and (await response.read()).endswith(failure)
+            error = (await response.json())["error"]
+            assert response.status == 500 and error["code"] == "server_error", error
             assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 501)  # the first released
 
 

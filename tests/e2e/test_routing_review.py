@@ -328,10 +328,9 @@ def test_a_reply_of_megabytes_of_tiny_values_is_an_upstream_error(tmp_path: Path
 
 
 # SPEC §5/§11: an Anthropic upstream that streams whatever was asked (a request without
-# "stream" answered with events) and whose body ends before message_stop: the events are
-# relayed as such, and must end with the error event a live stream would get, not pass off the
-# partial answer as a whole one. (Both routes: /v1/messages, and chat translated to Anthropic,
-# where the client that asked for JSON gets JSON: the failure, a 502, SPEC §3.)
+# "stream" answered with events) and whose body ends before message_stop must not pass off the
+# partial answer as a whole one. The client asked for JSON, and gets JSON: the failure, a 502
+# (SPEC §3), in its route's shape (Anthropic's api_error on /v1/messages).
 @pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions"])
 def test_an_unasked_event_stream_cut_short_ends_in_an_error_event(tmp_path: Path, fakes, gateway, path: str) -> None:
     start = {"type": "message_start", "message": {"id": "m", "model": "claude-x", "content": [], "usage": {}}}
@@ -341,14 +340,13 @@ def test_an_unasked_event_stream_cut_short_ends_in_an_error_event(tmp_path: Path
     gw = gateway(ROUTES_FILE=str(routes_file(tmp_path, fakes)))
     body = {"model": "claude-x", "max_tokens": 5, "messages": HI}
     status, headers, data = post(gw.port, path, body, {"x-api-key": "k"})
-    if path == "/v1/chat/completions":
-        assert status == 502 and headers["content-type"].startswith("application/json"), (status, data)
-        assert json.loads(data)["error"]["message"] == "upstream stream ended unexpectedly", data
-        return
-    assert status == 200 and headers["content-type"].startswith("text/event-stream"), (status, data)
-    assert b"partial" in data
-    last = data.strip().split(b"\n\n")[-1]
-    assert b"upstream stream ended unexpectedly" in last, data
+    assert status == 502 and headers["content-type"].startswith("application/json"), (status, data)
+    assert json.loads(data)["error"]["message"] == "upstream stream ended unexpectedly", data
+    if path == "/v1/messages":
+        assert json.loads(data) == {
+            "type": "error",
+            "error": {"type": "api_error", "message": "upstream stream ended unexpectedly"},
+        }
 
 
 # SPEC §5: "an upstream silent for STREAM_IDLE_SECS is cut" — only one that is silent. A chat
@@ -550,7 +548,7 @@ def test_a_json_request_answered_with_anthropic_events_settles_as_their_live_for
     assert used("whole") == 62
     fakes["claude"].script({"status": 200, "chunks": [sse(opening)]})
     status, _, data = post(gw.port, "/v1/messages", body, {"x-api-key": "cut"})
-    assert status == 200 and b"event: error" in data, data[-300:]
+    assert status == 502 and json.loads(data)["error"]["type"] == "api_error", data[-300:]
     assert used("cut") == 1 + 100  # "hi" / 4 rounded up, plus max_tokens: the estimate stands
 
 
@@ -651,7 +649,10 @@ def test_a_messages_stream_opening_with_an_overload_in_any_field_order_falls_bac
     status, headers, data = post(gw.port, "/v1/messages", body)
     assert status == 200 and headers.get("x-gateway-upstream") == "backup", (status, data[:300])
     assert b"overloaded" not in data, data[:300]
-    texts = [  # the backup's answer (events whether or not a stream was asked: it streams)
+    if not stream:  # the backup's events, joined into the Message the client asked for
+        assert json.loads(data)["content"] == [{"type": "text", "text": "from backup"}], data[:300]
+        return
+    texts = [
         json.loads(line[5:])["delta"].get("text", "")
         for line in data.split(b"\n")
         if line.startswith(b"data:") and b"content_block_delta" in line
