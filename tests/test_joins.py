@@ -227,3 +227,11 @@ def test_events_joined_into_a_message_take_time_linear_in_their_number() -> None
     assert reply is not None
     assert reply["content"][0]["text"] == words * 100_000
     assert reply["content"][1]["input"] == {"k": code * 100_000}
+
+
+def test_a_text_blocks_opening_text_begins_its_joined_text() -> None:
+    """As the SDK appends the deltas to content_block_start's text: an address begun there and
+    finished in the first delta is one text, masked (the relay streams it so)."""
+    wire = START + block_start(0, {"type": "text", "text": "Mail jane.doe@exa"}) + text_delta("mple.com now", 0)
+    reply = message_from_events(relayed(MESSAGES, wire + block_stop(0) + END, [])).reply
+    assert reply is not None and reply["content"] == [{"type": "text", "text": "Mail j***e@example.com now"}]
