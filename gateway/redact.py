@@ -1021,13 +1021,16 @@ class ResumedStream(StreamRedactor):
     completes ("jane.doe@", then "example.com") is found; what repeats `sent` is not sent
     twice, and where a mask reaches back into it the rest of the mask goes out (what was sent
     stays sent: the mask hides what follows). Plain text only (the fast path's
-    `feed_unmasked` is not for it: `type(...) is StreamRedactor` keeps it out)."""
+    `feed_unmasked` is not for it: `type(...) is StreamRedactor` keeps it out). `held`, after
+    `flush`: the whole held text it ended with, `sent`'s part included, which text after the
+    next calls continues (not only its new part: a value cut by two calls)."""
 
-    __slots__ = ("_owed",)
+    __slots__ = ("_owed", "held_text")
 
     def __init__(self, redactor: Redactor, on_redaction: OnRedaction | None, sent: str) -> None:
         super().__init__(redactor, on_redaction)
         self._owed = sent
+        self.held_text = ""
         self._unsent(super().feed(sent))  # `sent` alone: nothing new to send
 
     def _unsent(self, out: str) -> str:
@@ -1050,7 +1053,8 @@ class ResumedStream(StreamRedactor):
         return self._unsent(super().feed(piece))
 
     def flush(self) -> str:
-        return self._unsent(super().flush())
+        self.held_text = super().flush()
+        return self._unsent(self.held_text)
 
 
 # JSON text. What stands in the view for a character that must take part in no match and

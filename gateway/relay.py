@@ -364,14 +364,16 @@ class StreamRelay:
                 continue
             stream = self._streams.pop(path)
             text = stream.flush()
+            # Resumed, what it held includes the text it was resumed with (calls on both sides).
+            resumed = stream.held_text if isinstance(stream, ResumedStream) else text
             if end is not False:
                 self._ended.add(path)
-            elif text and _resumes(path) and not isinstance(stream, JsonStreamRedactor):
+            elif resumed and _resumes(path) and not isinstance(stream, JsonStreamRedactor):
                 # Clients join the text that comes next to what went out (a chat choice's
                 # content around its tool calls): it continues this. Past the bound it takes no
                 # more. (A Responses part's second opening text replaces the first: afresh.)
                 if len(self._resumed) < MAX_ENDED:
-                    self._resumed[path] = text
+                    self._resumed[path] = resumed
                 else:
                     self._ended.add(path)
             if text:

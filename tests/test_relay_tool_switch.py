@@ -9,6 +9,7 @@ redaction must have reached the client by then."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -246,3 +247,63 @@ def test_a_call_the_upstream_comes_back_to_keeps_its_arguments_when_it_held_noth
                     arguments[call["index"]] += call["function"].get("arguments") or ""
     assert json.loads(arguments[0]) == {"city": "Paris", "note": "mail j***e@example.com"}
     assert json.loads(arguments[1]) == {"city": "Rome", "note": "x"}
+
+
+def _content_around_calls(pieces: list[str]) -> list[bytes]:
+    """Content, a call, content, another call, ...: text and tool_use blocks in turn, as Claude
+    writes them (translated to chat: one content with the calls between its pieces)."""
+    events = [_chunk({"role": "assistant", "content": ""})]
+    for index, piece in enumerate(pieces):
+        events.append(_chunk({"content": piece}))
+        if index < len(pieces) - 1:
+            opening = {"index": index, "id": f"call_{index}", "type": "function"}
+            opening["function"] = {"name": "get_weather", "arguments": ""}
+            events.append(_chunk({"tool_calls": [opening]}))
+            events.append(_chunk({"tool_calls": [{"index": index, "function": {"arguments": SECOND}}]}))
+    return [*events, _chunk({}, "tool_calls"), b"data: [DONE]\n\n"]
+
+
+def _sdk_content(events: list[bytes]) -> str:
+    relay = StreamRelay(REDACTOR, None)
+    wire = b"".join(relay.feed(event) for event in events) + relay.close()
+    state = ChatCompletionStreamState(input_tools=TOOLS)
+    for event in sse.SSEParser().feed(wire):
+        if event.data and event.data != sse.DONE:
+            state.handle_chunk(ChatCompletionChunk.model_validate(json.loads(event.data)))
+    return state.get_final_completion().choices[0].message.content or ""
+
+
+@pytest.mark.parametrize(
+    ("pieces", "clear"),
+    [
+        (["card 4242 ", "4242 ", "4242 4242 ok"], "4242 4242 4242 4242"),
+        (["card 4242 4242 ", "4242 ", "4242 ok"], "4242 4242 4242 4242"),
+        (["mail jane.doe", "@", "example.com ok"], "jane.doe@example.com"),
+        (["call +1 415 ", "555 ", "2671 now"], "415 555 2671"),
+    ],
+)
+def test_pii_split_around_two_calls_is_not_joined_in_clear(pieces: list[str], clear: str) -> None:
+    # Before: the text after the second call continued only what went out between the two
+    # calls (" 4242 "), not the text before the first one: the SDK joined the card whole.
+    assert clear not in _sdk_content(_content_around_calls(pieces))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=PII_VALUES,
+    words=st.tuples(st.sampled_from(["Write to ", "ok ", "", "see: "]), st.sampled_from([" today.", "", " and 12"])),
+    cuts=st.lists(st.integers(0, 200), min_size=1, max_size=4),
+)
+def test_content_split_anywhere_around_several_calls_never_joins_pii_in_clear(
+    value: str, words: tuple[str, str], cuts: list[int]
+) -> None:
+    text = words[0] + value + words[1]
+    bounds = sorted({0, len(text), *(cut % (len(text) + 1) for cut in cuts)})
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
+    assert value not in _sdk_content(_content_around_calls(pieces))
+
+
+@given(pieces=st.lists(st.text(st.sampled_from("ab .,\n"), min_size=1, max_size=20), min_size=1, max_size=5))
+@settings(max_examples=200, deadline=None)
+def test_content_without_pii_around_several_calls_arrives_whole(pieces: list[str]) -> None:
+    assert _sdk_content(_content_around_calls(pieces)) == "".join(pieces)
