@@ -481,29 +481,39 @@ def _forced_tool(request: web.Request, body: dict[str, Any]) -> dict[str, Any] |
     return next((tool for tool in tools if tool.get("name") == name), {"name": name})
 
 
-def _example(schema: Any, root: Any) -> Any:
+# $refs followed on one path: a recursive model (a tree, a linked list) ends there, with an
+# empty array or the null its anyOf allows.
+_MAX_REFS = 3
+
+
+def _example(schema: Any, root: Any, refs: int = 0) -> Any:
     """A value that follows a JSON schema (the kinds pydantic writes: objects, $refs to $defs,
     anyOf, enums, arrays, scalars), as a model forced to call that tool would fill it."""
     if not isinstance(schema, dict):
         return {}
     ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/") and isinstance(root, dict):
+    if isinstance(ref, str) and ref.startswith("#") and isinstance(root, dict):
+        if refs >= _MAX_REFS:
+            return {}
         target: Any = root
-        for part in ref[2:].split("/"):
+        for part in ref[2:].split("/") if ref != "#" else ():
             target = target.get(part) if isinstance(target, dict) else None
-        return _example(target, root)
+        return _example(target, root, refs + 1)
     if isinstance(schema.get("enum"), list) and schema["enum"]:
         return schema["enum"][0]
     if "const" in schema:
         return schema["const"]
     for key in ("anyOf", "oneOf", "allOf"):
-        if isinstance(schema.get(key), list) and schema[key]:
-            return _example(schema[key][0], root)
+        options = schema.get(key)
+        if isinstance(options, list) and options:
+            deep = refs >= _MAX_REFS - 1  # the null a recursive field allows, before the bound
+            nulls = [o for o in options if isinstance(o, dict) and o.get("type") == "null"]
+            return _example(nulls[0] if deep and nulls else options[0], root, refs)
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
     if kind == "array":
-        return [_example(schema.get("items"), root)]
+        return [] if refs >= _MAX_REFS - 1 else [_example(schema.get("items"), root, refs)]
     if kind == "string":
         return "mock"
     if kind == "integer":
@@ -515,7 +525,7 @@ def _example(schema: Any, root: Any) -> Any:
     if kind == "null":
         return None
     properties = schema.get("properties")
-    return {name: _example(value, root) for name, value in (properties or {}).items()}
+    return {name: _example(value, root, refs) for name, value in (properties or {}).items()}
 
 
 def openai_error(status: int) -> dict[str, Any]:

@@ -101,3 +101,22 @@ def test_with_the_clients_tools_claude_calls_one_or_answers_the_document(
     body = ups["claude"].requests()[0]["body"]
     assert [tool["name"] for tool in body["tools"]] == ["lookup", "json_response"]
     assert body["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
+
+
+class Tree(pydantic.BaseModel):
+    name: str
+    children: list[Tree]
+
+
+class Chain(pydantic.BaseModel):
+    value: int
+    next: Chain | None = None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", [Tree, Chain])
+def test_a_recursive_model_is_answered(routed: Gateway, stream: bool, model: type[pydantic.BaseModel]) -> None:
+    # A tree or a linked list (a $ref back to its own model): the mock followed the $ref for
+    # ever (RecursionError) and the SDK got no document.
+    choice = parsed(sdk(routed), stream, model)
+    assert isinstance(choice.message.parsed, model)
