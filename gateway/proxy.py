@@ -840,7 +840,12 @@ def _joined(join: Callable[[bytes], Joined], body: bytes) -> bytes | dict[str, A
     """The events joined: the reply written, else the error object they ended with (None:
     none). One call, so that a long one is joined and written in a worker thread alike."""
     joined = join(body)
-    return dumps_reply(joined.reply) if joined.reply is not None else joined.error
+    if joined.reply is None:
+        return joined.error
+    try:
+        return dumps_reply(joined.reply)
+    except RecursionError:  # a tool input nested past what JSON writers go to (the parser takes it)
+        raise UpstreamError("upstream reply is nested too deeply") from None
 
 
 def _finished(relay: StreamRelay) -> bytes:

@@ -23,7 +23,7 @@ import orjson
 from . import sse
 from .errors import BadRequest, UpstreamError, UpstreamStreamBroken
 from .models import Usage, is_count
-from .relay import loads_reply
+from .relay import dumps_reply, loads_reply
 
 DEFAULT_MAX_TOKENS = 4096  # Messages requires max_tokens; chat requests may leave it out
 # The tool a structured answer is asked for with: its input is the document (what LiteLLM and
@@ -51,6 +51,16 @@ def finish_reason(stop_reason: object) -> str | None:
     if stop_reason is None:
         return None
     return FINISH_REASONS.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
+
+
+def _json_text(value: object) -> str:
+    """A tool call's input as JSON text. Nested past orjson's 255 levels (which the parser
+    takes, up to 1024) the stdlib writes it; past what that can, the upstream's reply is not
+    one the gateway can pass on: UpstreamError, not a 500."""
+    try:
+        return dumps_reply(value).decode()
+    except RecursionError:
+        raise UpstreamError("upstream reply is nested too deeply") from None
 
 
 def _finish(stop_reason: object, answered: bool) -> str | None:
@@ -365,10 +375,10 @@ def chat_reply(message: Mapping[str, Any], created: int, answer: str | None = No
         if block.get("type") == "text" and isinstance(block.get("text"), str):
             texts.append(block["text"])
         elif block.get("type") == "tool_use" and answer is not None and block.get("name") == answer:
-            texts.append(orjson.dumps(block.get("input") if block.get("input") is not None else {}).decode())
+            texts.append(_json_text(block.get("input") if block.get("input") is not None else {}))
             answered = True
         elif block.get("type") == "tool_use":
-            arguments = orjson.dumps(block.get("input") if block.get("input") is not None else {}).decode()
+            arguments = _json_text(block.get("input") if block.get("input") is not None else {})
             calls.append(
                 {
                     "id": block.get("id"),
@@ -620,10 +630,10 @@ class ChatStream:
             self._answers.add(index)
             if isinstance(tool_input, dict) and tool_input:
                 self._argued.add(index)
-                return [self._chunk({"content": orjson.dumps(tool_input).decode()})]
+                return [self._chunk({"content": _json_text(tool_input)})]
             return []
         call = self._tools[index] = len(self._tools)
-        arguments = orjson.dumps(tool_input).decode() if isinstance(tool_input, dict) and tool_input else ""
+        arguments = _json_text(tool_input) if isinstance(tool_input, dict) and tool_input else ""
         if arguments:
             self._argued.add(index)
         function = {"name": block.get("name"), "arguments": arguments}

@@ -317,3 +317,23 @@ def test_a_json_responses_request_whose_events_open_with_a_failure_gets_its_stat
     with pytest.raises(error) as raised:
         _openai(gateway()).responses.create(model="gpt-4o", input="hi")
     assert raised.value.response.headers["content-type"].startswith("application/json")
+
+
+# A tool input nested deeper than JSON writers go (the parser takes it): the events relay as
+# they came, but the one Message cannot be written: the gateway's 502, not a 500 (a traceback).
+def test_a_json_messages_request_whose_tool_input_is_nested_too_deeply_is_a_502(fakes, gateway) -> None:
+    deep = '{"a":' * 1000 + "1" + "}" * 1000
+    tool = {"type": "tool_use", "id": "toolu_1", "name": "send", "input": {}}
+    events = [
+        START,
+        {"type": "content_block_start", "index": 0, "content_block": tool},
+        _delta(0, type="input_json_delta", partial_json=deep),
+        {"type": "content_block_stop", "index": 0},
+        *ANSWER[-2:],
+    ]
+    fakes["claude"].script({"status": 200, "chunks": [sse(events)]})
+    gw = _messages_gateway(fakes, gateway)
+    with pytest.raises(anthropic.InternalServerError) as raised:
+        _anthropic(gw).messages.create(model="claude-x", max_tokens=100, messages=HI)
+    assert raised.value.status_code == 502
+    assert raised.value.body["error"]["type"] == "api_error"

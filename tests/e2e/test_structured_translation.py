@@ -120,3 +120,24 @@ def test_a_recursive_model_is_answered(routed: Gateway, stream: bool, model: typ
     # ever (RecursionError) and the SDK got no document.
     choice = parsed(sdk(routed), stream, model)
     assert isinstance(choice.message.parsed, model)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_deeply_nested_document_is_answered(routed: Gateway, stream: bool) -> None:
+    # 300 levels (the gateway takes the request): Claude's tool input, written as the content,
+    # was past orjson's 255 levels: a 500 instead of the document.
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(300):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    body = {"model": CLAUDE, "messages": HI, "stream": stream}
+    body["response_format"] = {"type": "json_schema", "json_schema": {"name": "deep", "schema": schema}}
+    client = sdk(routed)
+    if stream:
+        chunks = client.chat.completions.create(**body)
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        content = client.chat.completions.create(**body).choices[0].message.content or ""
+    value = json.loads(content)
+    for _ in range(300):
+        value = value["a"]
+    assert value == "mock"
