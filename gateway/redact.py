@@ -62,17 +62,37 @@ _ZW = (
     "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"  # embeddings, overrides, isolates
     "\u2061\u2062\u2063\u2064\u2065\u206a\u206b\u206c\u206d\u206e\u206f"  # invisible operators, deprecated formats
     "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u3164\uffa0"  # grapheme joiner, fillers, selectors
+    # The rest of the format characters (Cf): number signs and marks, which stand before or over
+    # digits, and the interlinear annotation characters; and U+FFF0-FFF8, reserved default-ignorables.
+    "\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0890\u0891\u08e2\ufff9\ufffa\ufffb"
+    + "".join(map(chr, range(0xFFF0, 0xFFF9)))
     + "".join(map(chr, range(0xFE00, 0xFE10)))  # variation selectors
 )
 # And the default-ignorable characters past U+FFFF: the tag characters and the variation
 # selectors supplement (U+E0000-E0FFF: "4242\U000e00204242…" hides a card from a reader of the
 # code points, not from one of the rendered text), the musical formatting controls and the
-# shorthand format controls. In the patterns' classes they cost every non-ASCII text several
+# shorthand format controls, and the format characters there (the Kaithi number signs, the Egyptian
+# hieroglyph format controls). In the patterns' classes they cost every non-ASCII text several
 # times its search, so the patterns made with `_ZW` alone serve wherever a text (or, for an
 # address, the stretch its pattern reads) holds none of them (`_has_astral`), and those made
 # with `_ZW_ALL` (the definition, `_PARTS`) elsewhere: both match the same there.
-_ZW_ASTRAL = "".join(map(chr, [*range(0xE0000, 0xE1000), *range(0x1D173, 0x1D17B), *range(0x1BCA0, 0x1BCA4)]))
-_ASTRAL_RANGES = "\U000e0000-\U000e0fff\U0001d173-\U0001d17a\U0001bca0-\U0001bca3"  # `_ZW_ASTRAL`, for a class
+_ZW_ASTRAL = "".join(
+    map(
+        chr,
+        [
+            *range(0xE0000, 0xE1000),
+            *range(0x1D173, 0x1D17B),
+            *range(0x1BCA0, 0x1BCA4),
+            0x110BD,
+            0x110CD,
+            *range(0x13430, 0x13440),
+        ],
+    )
+)
+# `_ZW_ASTRAL`, for a class
+_ASTRAL_RANGES = (
+    "\U000e0000-\U000e0fff\U0001d173-\U0001d17a\U0001bca0-\U0001bca3\U000110bd\U000110cd\U00013430-\U0001343f"
+)
 _ZW_ALL = _ZW + _ASTRAL_RANGES
 _ASTRAL_ZW = re.compile(f"[{_ASTRAL_RANGES}]")
 
@@ -211,9 +231,10 @@ ALL_KINDS = tuple(_PATTERNS)
 # from the view, so their last digits are ASCII's. Addresses are matched in the text itself,
 # digits only ASCII's there, and a dash beside one ("us—jane@example.com") no part of it.
 # Tabs, the ideographic space (U+3000), the typographic spaces (en, em, thin, hair … U+2000-200A,
-# U+205F) and zero-width characters (`_ZW`) are spaces there too: "4242\t4242\t4242\t4242",
+# U+205F), the Ogham space mark (U+1680: every space character, Zs, is one) and zero-width
+# characters (`_ZW`, `_ZW_ASTRAL`) are spaces there too: "4242\t4242\t4242\t4242",
 # "4242\u20094242…", "4242\u200b4242…".
-_OTHER_SPACES = "\t\u3000\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u205f"
+_OTHER_SPACES = "\t\u1680\u3000\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u205f"
 _FOREIGN_DIGITS = "".join(chr(c) for c in range(0x80, 0x20000) if chr(c).isdecimal())
 _DASHES = "\u2012\u2013\u2014\u2015\u2212\uff0d"
 _VIEWED_HYPHENS = "\u2212\uff0d"  # of those, the ones read as a hyphen, not a space

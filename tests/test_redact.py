@@ -336,6 +336,23 @@ def test_redaction_is_idempotent(text: str) -> None:
     assert REDACTOR.redact(once) == once
 
 
+# Every space character (Zs) but those the patterns take as they are, every format character (Cf),
+# and every default-ignorable code point (Unicode's Default_Ignorable_Code_Point, from
+# DerivedCoreProperties.txt: unicodedata has no such property; U+13439-1343F are Cf from Unicode 15).
+SPACES_AND_FORMATS = frozenset(
+    c for c in map(chr, range(0x110000)) if unicodedata.category(c) in ("Zs", "Cf") and c not in " \u00a0\u202f"
+) | frozenset(
+    map(
+        chr,
+        [
+            *range(0x115F, 0x1161), *range(0x17B4, 0x17B6), *range(0x180B, 0x1810), 0x034F, 0x3164, 0xFFA0,
+            *range(0xFE00, 0xFE10), *range(0xFFF0, 0xFFF9), *range(0x2060, 0x2070), *range(0xE0000, 0xE1000),
+            *range(0x13430, 0x13440),
+        ],
+    )
+)  # fmt: skip
+
+
 def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = None) -> str:
     """The definition, slowly: at each position in turn, the first kind (in the order email,
     card, phone, iban, ssn) with a valid span there, then its longest span. A card or phone
@@ -347,7 +364,7 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
     goes on at the candidate's end. Right where an address ended another may start whatever
     its look-behind says (glued to it); an address followed by an "@" has its domain masked.
     Every kind but the email reads every script's decimal digits as ASCII's, and the other dashes,
-    tabs, U+3000, the typographic spaces and zero-width (and other invisible, past U+FFFF too) characters as
+    tabs, every other space character and every invisible format character (`SPACES_AND_FORMATS`) as
     spaces: it is matched and masked in `digits`, the text with each digit its ASCII digit and
     each of those a space."""
 
@@ -364,7 +381,12 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
     )
     viewed = {"\uff0d": "\u2010", "\u2212": "\u2010"}  # the full-width hyphen-minus and the minus are hyphens
     digits = "".join(
-        str(unicodedata.digit(c)) if c.isdecimal() else " " if c in dashes else viewed.get(c, c) for c in text
+        str(unicodedata.digit(c))
+        if c.isdecimal()
+        else " "
+        if c in dashes or c in SPACES_AND_FORMATS
+        else viewed.get(c, c)
+        for c in text
     )
 
     kinds = parts or _PARTS

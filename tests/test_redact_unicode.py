@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import unicodedata
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -204,6 +205,43 @@ def test_default_ignorables_past_the_bmp_set_groups_apart_and_sit_in_addresses(z
         assert stream_in_pieces(document, list(range(0, len(document), 5)), True) == REDACTOR.redact(
             document, json_text=True
         )
+
+
+# Every space character (Zs) but those digit groups take as they are (the space, the no-break
+# spaces), and every invisible format character (Cf) and default-ignorable code point (Unicode's
+# Default_Ignorable_Code_Point, DerivedCoreProperties.txt; unicodedata has no such property): before, the Ogham
+# space mark (U+1680), the interlinear annotation characters (U+FFF9-FFFB), the reserved
+# default-ignorables U+FFF0-FFF8, the number signs and marks (U+0600-0605, U+06DD, U+070F,
+# U+0890-0891, U+08E2, U+110BD, U+110CD) and the Egyptian hieroglyph format controls
+# (U+13430-1343F) between groups left a card or phone in clear that a space set apart is masked in.
+DEFAULT_IGNORABLE = [
+    0x00AD, 0x034F, 0x061C, 0x115F, 0x1160, 0x17B4, 0x17B5, *range(0x180B, 0x1810), *range(0x200B, 0x2010),
+    *range(0x202A, 0x202F), *range(0x2060, 0x2070), 0x3164, *range(0xFE00, 0xFE10), 0xFEFF, 0xFFA0,
+    *range(0xFFF0, 0xFFF9), *range(0x1BCA0, 0x1BCA4), *range(0x1D173, 0x1D17B), *range(0xE0000, 0xE1000),
+]  # fmt: skip
+SPACES = [c for c in map(chr, range(0x110000)) if unicodedata.category(c) == "Zs" and c not in " \u00a0\u202f"]
+FORMATS = sorted(
+    {c for c in map(chr, range(0x110000)) if unicodedata.category(c) == "Cf"}
+    | set(map(chr, DEFAULT_IGNORABLE))
+    | set(map(chr, range(0x13430, 0x13440)))  # Cf in Unicode 15 (13439-1343F: unassigned in Python 3.11's 14)
+)
+SOME_FORMATS = [c for c in FORMATS if not "\U000e0080" <= c <= "\U000e0fff" or c in "\U000e0100\U000e01ef\U000e0fff"]
+
+
+@pytest.mark.parametrize("z", SPACES + SOME_FORMATS, ids=lambda z: f"U+{ord(z):04X}")
+def test_every_space_and_invisible_format_character_sets_groups_apart(z: str) -> None:
+    cases = [
+        (z.join(["4242"] * 4), "CC_MASKED_LAST4_4242"),
+        (f"tel +1{z}415{z}555{z}2671.", "tel PHONE_MASKED_LAST2_71."),
+        (f"Привет {z}4111{z}1111{z}1111{z}1111{z}", f"Привет {z}CC_MASKED_LAST4_1111{z}"),  # one on each side too
+    ]
+    if z not in SPACES:  # an invisible character is one of the address's
+        cases.append((f"mail jane{z}.doe{z}@example.com, ok", "mail j***e@example.com, ok"))
+    for text, redacted in cases:
+        assert REDACTOR.redact(text) == redacted == reference_redact(text), text
+        assert stream_in_pieces(text, list(range(len(text))), False) == redacted
+        document = json.dumps({"v": text})  # written as an escape: a parser reads the character
+        assert json.loads(REDACTOR.redact(document, json_text=True)) == {"v": redacted}
 
 
 @pytest.mark.parametrize(
