@@ -14,7 +14,7 @@ carries the design:
   can change how it is redacted. A match still in the making must reach the end of the
   text, so it lies in the trailing run of characters it could consist of, within
   `MAX_MATCH` of the end, and starts where its look-behind holds (or, for an address,
-  right where another ended: a stream remembers whether its held tail starts there); a
+  right where another match ended: a stream remembers whether its held tail starts there); a
   complete match is final once `MAX_MATCH` characters from its start are known. So the held tail is at most
   `MAX_MATCH` characters (128: a 64-character local part, the "@", 61 of its domain and two
   of look-ahead), and only while it could still become PII: ordinary prose holds back at
@@ -154,7 +154,27 @@ _SPACE = " \u00a0\u202f"
 _TAB_MARK = "\x01"
 _M = r"\x01?"  # after a separator that a tab can be
 _HYPHEN = "\u2010\u2011-"
-_CARD_AHEAD = rf"(?![A-Za-z0-9_{_HYPHEN}]|[.,][0-9])"
+# A number ends where an address's local part glued to it begins ("+1 415 555 0100jane.doe@…",
+# "4242 4242 4242 4242_jane@…"): after a digit (a number's last character, but for an IBAN's
+# letters or a phone's bracket), a letter (any script's), "_" or "%", or a hyphen and one, then
+# local-part characters and an "@", which an address may begin with right where a number ended
+# (`Redactor._matches`). Without it the local part took the number's last group ("0100jane") and
+# the groups before it, no number alone, passed in clear. Up to 46 characters between its first
+# and the "@": the longest number (a card of 79 characters in a JSON view: "\\t\\t" between its
+# digits) and its 49 end within MAX_MATCH of its start, where a stream decides it; and the
+# "@" within 49 characters past the end of a number's run is looked for there (`_next_other`).
+_GLUED_LOCAL_SEEN = 49
+_GLUED_LOCAL = rf"(?<=[0-9])(?=[{_HYPHEN}]?(?:{_LETTER}|[_%])(?:{_LETTER}|[0-9._%+-]){{0,{_GLUED_LOCAL_SEEN - 3}}}@)"
+
+
+def _ahead(digits: str, letters: str) -> str:
+    """A digit kind's look-ahead: none of `digits` follows, and none of `letters` or a local part
+    glued to it does (in two steps, so that backtracking inside a number, where a digit follows,
+    costs no more than one look-ahead)."""
+    return rf"(?!{digits})(?:(?!{letters})|{_GLUED_LOCAL})"
+
+
+_CARD_AHEAD = _ahead("[0-9]|[.,][0-9]", rf"[A-Za-z_{_HYPHEN}]")
 
 
 def _uk_area(digits: int) -> str:
@@ -202,17 +222,17 @@ _PARTS = {
         rf"(?:(?:\+[1-9][0-9]{{0,2}}|\(\+[1-9][0-9]{{0,2}}\))(?:(?:[{_SPACE}.{_HYPHEN}]{_M})?(?:\([0-9]{{1,4}}\)|[0-9]{{1,4}}+)){{2,5}}"
         rf"|(?:1[{_SPACE}.{_HYPHEN}]{_M})?(?:\([2-9][0-9]{{2}}\)(?:[{_SPACE}]{_M})?|[2-9][0-9]{{2}}[{_SPACE}.{_HYPHEN}]{_M})"
         rf"[2-9][0-9]{{2}}[{_SPACE}.{_HYPHEN}]{_M}[0-9]{{4}}|{_NATIONAL})",
-        rf"(?![A-Za-wyz0-9_{_HYPHEN}]|x[A-Za-z]|[.,][0-9])",
+        _ahead("[0-9]|[.,][0-9]", rf"[A-Za-wyz_{_HYPHEN}]|x[A-Za-z]"),
     ),
     "iban": (
         r"(?<![A-Za-z0-9])",
         rf"[A-Z]{{2}}[0-9]{{2}}(?:(?: {_M})?[A-Z0-9]{{4}}){{2,7}}(?:(?: {_M})?[A-Z0-9]{{1,3}})?",
-        r"(?![A-Za-z0-9])",
+        _ahead("[0-9]", "[A-Za-z]"),
     ),
     "ssn": (
         rf"(?<![A-Za-z0-9_{_HYPHEN}])",
         rf"(?!000|666|9)[0-9]{{3}}[{_HYPHEN}](?!00)[0-9]{{2}}[{_HYPHEN}](?!0000)[0-9]{{4}}",
-        rf"(?![A-Za-z0-9_{_HYPHEN}])",
+        _ahead("[0-9]", rf"[A-Za-z_{_HYPHEN}]"),
     ),
 }
 _PATTERNS = {kind: "".join(parts) for kind, parts in _PARTS.items()}
@@ -291,6 +311,7 @@ _OTHER_START = re.compile(
 # letters of other scripts are then found by the exact class (`_run_start`).
 _LOCAL_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-"
 _EMAIL_CHARS = _LOCAL_CHARS + "@"
+_EMAIL_NO_DIGITS = _EMAIL_CHARS.replace("0123456789", "")
 _LOCAL_RUN = re.compile(f"{_LOCAL}*")  # matched on reversed text: a run's length from its end
 _EMAIL_RUN = re.compile(f"(?:{_LOCAL}|@)*")
 _ASTRAL_RUNS = {  # the same, past U+FFFF too (`_ZW_ALL`)
@@ -518,6 +539,24 @@ class _Kind:
         return m is not None and bool(self.spans(text, start, m.end()))
 
 
+# Where a local part glued to a number may begin (`_GLUED_LOCAL`): after a number's last character.
+_GLUED_START = re.compile(rf"(?<=[0-9])[{_HYPHEN}]?(?:{_LETTER}|[_%])")
+
+
+def _glued_number_start(digits: str, near_end: int, n: int) -> int:
+    """For `Redactor.hold`: the start of the run of a number that a local part glued to it, its
+    "@" still to come, may end (`_GLUED_LOCAL`: its look-ahead is then undecided), or n. (A local
+    part begins within `_GLUED_LOCAL_SEEN` of its "@", which is at the end or later.)"""
+    lo = n - _GLUED_LOCAL_SEEN + 1
+    if lo < near_end:
+        lo = near_end
+    found = _GLUED_START.search(digits, lo, n)
+    if found is None:
+        return n
+    q = found.start()
+    return near_end + len(digits[near_end:q].rstrip(_DIGIT_RUN_CHARS))
+
+
 @dataclass(frozen=True, slots=True)
 class Redactor:
     """Redacts whole texts; makes `StreamRedactor`s for text that arrives in pieces.
@@ -577,10 +616,11 @@ class Redactor:
         other kinds at `limit` or later ends it undecided (mask None): a stream holds from
         there whatever it is, so its check is not worth making.
 
-        An address may start right where another ended (`after`, then each address's end), its
-        look-behind aside: the local part of one glued to it ("x@ex.com_bob@ex.com", "a@b.co.@c.co",
-        a domain past sight that runs into one) begins inside the first's run of characters, where
-        no address starts otherwise, and would show in clear after the first's mask.
+        An address may start right where another match ended (`after`, then each match's end),
+        its look-behind aside: the local part of one glued to an address ("x@ex.com_bob@ex.com",
+        "a@b.co.@c.co", a domain past sight that runs into one) begins inside the first's run of
+        characters, where no address starts otherwise, and would show in clear after the first's
+        mask; so would one glued to a number ("…0100.jane@", "…0100用户@", `_GLUED_LOCAL`).
 
         `digits`: the text's `digit_view`, where the other kinds are looked for (the text when
         None)."""
@@ -614,8 +654,7 @@ class Redactor:
             if best[3] is None:
                 return
             pos = best[1]
-            if best[2] == "email":
-                after = pos
+            after = pos  # an address may be glued to any match (`_GLUED_LOCAL`)
 
     def hold(self, text: str, pos: int, digits: str | None = None) -> int:
         """Where the tail that more text could still turn into (part of) a match begins: the
@@ -627,17 +666,29 @@ class Redactor:
         n = len(text)
         near_end = n - MAX_MATCH if n - MAX_MATCH > pos else pos  # not max(): this runs per chunk
         hold = n
+        glued = True  # whether a local part glued to a number may be in the making at the end
         if self.email is not None:
-            # The common case first: an ASCII run of address characters that begins in sight.
-            start = len(text.rstrip(_EMAIL_CHARS))
-            if start >= near_end and (not start or text[start - 1] < "\x80"):
+            # The common case first: a run of address characters without a digit (a word) after a
+            # space or punctuation that begins in sight; no number is before a local part there.
+            start = len(text.rstrip(_EMAIL_NO_DIGITS))
+            if start >= near_end and (not start or text[start - 1] < "0"):
                 hold = start
-            else:
-                hold = self._email_hold(text, near_end)
+                glued = False
+            else:  # then an ASCII run of address characters that begins in sight
+                start = len(text.rstrip(_EMAIL_CHARS))
+                if start >= near_end and (not start or text[start - 1] < "\x80"):
+                    hold = start
+                    glued = not text[start:].isdigit()  # digits alone: no letter after one
+                else:
+                    hold = self._email_hold(text, near_end)
         if self.others is not None:
             if digits is None:
                 digits = text
             start = len(digits.rstrip(_DIGIT_RUN_CHARS))
+            if glued and n > pos:  # a number may end before a local part glued to it, its "@" to come
+                glued_start = _glued_number_start(digits, near_end, n)
+                if glued_start < start:
+                    start = glued_start
             if start < near_end:
                 start = near_end
             if hold - start > 16:  # long (hostile text): only where a match could start
@@ -706,20 +757,27 @@ class Redactor:
         a long run (1 MB of "4242 ") one pass instead of one pass per candidate in it."""
         assert self.others is not None
         while True:
+            # The search reads two characters past the run (a look-ahead's), or up to an "@" that a
+            # local part glued to its number ends at (`_GLUED_LOCAL`: the first "@" after the run).
             if pos < run_end:
                 # Every match is at least as long as a run must be, so a match in the rest of
                 # this run is one the run search from pos would have found: same result.
-                m = self.others.search(text, pos, run_end + 2)  # +2: the look-ahead past its end
+                at = text.find("@", run_end, run_end + _GLUED_LOCAL_SEEN)
+                m = self.others.search(text, pos, at + 1 if at > run_end else run_end + 2)
             else:
                 run = _DIGIT_RUN.search(text, pos)
                 if run is None:
                     return None, len(text)
                 run_end = run.end()
-                m = self.others.search(text, run.start(), run_end + 2)
+                at = text.find("@", run_end, run_end + _GLUED_LOCAL_SEEN)
+                m = self.others.search(text, run.start(), at + 1 if at > run_end else run_end + 2)
             if m is None:
                 pos = run_end
                 continue
             start = m.start()
+            if start >= run_end:  # in the next run, read up to its "@": searched as that run
+                pos = run_end
+                continue
             if start >= limit:
                 return (start, start, "", None), run_end
             found = self._decide(text, m)
@@ -844,8 +902,7 @@ class Redactor:
                 pieces.append(text[pos:start])
                 pieces.append(masked)
                 pos = end
-                if kind == "email":
-                    after = end
+                after = end
         if after == pos and pos < hold and not final:
             hold = self.glued_hold(text, pos, hold)
         settled = max(hold, pos)
@@ -901,8 +958,7 @@ class Redactor:
                 pieces.append(text[pos:start])
                 pieces.append(masked if in_string else f'"{masked}"')  # a bare number becomes a string
                 pos = end
-                if kind == "email":
-                    after = end
+                after = end
         if after == pos and pos < hold and not final:
             hold = self.glued_hold(view, pos, hold)
         settled = max(hold, pos)

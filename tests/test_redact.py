@@ -211,6 +211,97 @@ def test_glued_addresses_never_leave_a_local_part_in_clear(text: str, data: st.D
     assert json.loads(REDACTOR.redact(document, json_text=True)) == {"to": out}
 
 
+# A number glued to an address: the address's local part took the number's last group
+# ("0100jane.doe") and the groups before it, no number alone, passed in clear ("+1 415 555");
+# or the number ended right before a local part that may not start there (".jane", "+jane", a
+# letter of another script after a digit), and that address passed in clear. A number ends where
+# a local part glued to it begins, and an address may start right where any match ended: the
+# number is masked as a number and the address from its letters on. A number the address's
+# local part takes in whole (no separator in it) is masked with it, as one address.
+NUMBERS_GLUED_TO_ADDRESSES = [
+    ("call +1 415 555 0100jane.doe@example.com", "call PHONE_MASKED_LAST2_00j***e@example.com"),
+    ("card 4242 4242 4242 4242jane@example.com", "card CC_MASKED_LAST4_4242j***e@example.com"),
+    ("iban DE89 3704 0044 0532 0130 00jane@example.com", "iban IBAN_MASKED_LAST4_3000j***e@example.com"),
+    ("tel 020 7946 0958jane@example.com", "tel PHONE_MASKED_LAST2_58j***e@example.com"),
+    ("tel (415) 555-2671jane@example.com", "tel PHONE_MASKED_LAST2_71j***e@example.com"),
+    ("call +1 415 555 0100xavier@example.com", "call PHONE_MASKED_LAST2_00x***r@example.com"),
+    ("call +1 415 555 0100.jane@example.com", "call PHONE_MASKED_LAST2_00***e@example.com"),
+    ("call +1 415 555 0100-jane@example.com", "call PHONE_MASKED_LAST2_00***e@example.com"),
+    ("call +1 415 555 0100_jane@example.com", "call PHONE_MASKED_LAST2_00***e@example.com"),
+    ("call +1 415 555 0100+jane@example.com", "call PHONE_MASKED_LAST2_00***e@example.com"),
+    ("card 4242 4242 4242 4242.jane@example.com", "card CC_MASKED_LAST4_4242***e@example.com"),
+    ("call +1 415 555 0100\u200bjane@example.com", "call PHONE_MASKED_LAST2_00j***e@example.com"),
+    # Other scripts: digits an address never takes, letters it does.
+    (
+        "call +1 \uff14\uff11\uff15 \uff15\uff15\uff15 \uff10\uff11\uff10\uff10jane@example.com",
+        "call PHONE_MASKED_LAST2_00j***e@example.com",
+    ),
+    ("call +1 415 555 \u0660\u0661\u0660\u0660jane@example.com", "call PHONE_MASKED_LAST2_00j***e@example.com"),
+    ("call +1 415 555 0100用户@例子.广告", "call PHONE_MASKED_LAST2_00用***@例子.广告"),
+    ("call +1 415 555 0100δοκιμή@παράδειγμα.δοκιμή", "call PHONE_MASKED_LAST2_00δ***ή@παράδειγμα.δοκιμή"),
+    (
+        "\u0968\u0969\u0966\u096f 4242 4242 4242 4242jäne@exämple.com",
+        "\u0968\u0969\u0966\u096f CC_MASKED_LAST4_4242j***e@exämple.com",
+    ),
+    # Taken in whole by the local part: one mask, nothing in clear.
+    ("tel 415-555-2671jane@example.com", "tel ***e@example.com"),
+    ("ssn 123-45-6789_jane@example.com", "ssn ***e@example.com"),
+    ("card 5555555555554444jane@example.com", "card ***e@example.com"),
+    # A number glued to letters that are no local part stays as it is; so does a near-miss card.
+    ("id 4242424242424242abc, v 4242 4242 4242 4242abc", None),
+    ("4242 4242 4242 4241jane@example.com", "4242 4242 4242 ***e@example.com"),
+]
+
+
+@pytest.mark.parametrize(("text", "redacted"), NUMBERS_GLUED_TO_ADDRESSES)
+def test_a_number_glued_to_an_address_leaves_neither_in_clear(text: str, redacted: str | None) -> None:
+    expected = text if redacted is None else redacted
+    assert REDACTOR.redact(text) == expected == reference_redact(text)
+    for cut in range(len(text) + 1):  # in a stream, split anywhere
+        assert stream_in_pieces(text, [cut], False) == expected
+    assert stream_in_pieces(text, list(range(len(text))), False) == expected
+    for document in (json.dumps({"to": text}), json.dumps({"to": text}, ensure_ascii=False)):  # tool-call arguments
+        whole = REDACTOR.redact(document, json_text=True)
+        assert json.loads(whole) == {"to": expected}
+        assert stream_in_pieces(document, list(range(len(document))), True) == whole
+
+
+GLUED_NUMBERS = st.sampled_from([v for kind in ("card", "phone", "iban", "ssn") for v in PII[kind]])
+NUMBER_GLUE = st.sampled_from(["", ".", "-", "_", "+", "%", "\u200b"])
+MASK = re.compile(r"(?:CC|PHONE|IBAN)_MASKED_LAST\d_\d+|SSN_MASKED")
+
+
+@st.composite
+def numbers_glued_to_addresses(draw: st.DrawFn) -> str:
+    parts = []
+    for _ in range(draw(st.integers(1, 3))):
+        number = draw(GLUED_NUMBERS)
+        if draw(st.booleans()):  # its digits in another script
+            zero = draw(st.sampled_from([0xFF10, 0x660, 0x966]))
+            number = "".join(chr(zero + int(c)) if "0" <= c <= "9" else c for c in number)
+        local = draw(st.from_regex(r"[a-zà-öø-ÿα-ω][a-z0-9._%+-]{0,7}", fullmatch=True))
+        parts.append(draw(st.sampled_from([" ", "call ", "\u0928 "])) + number + draw(NUMBER_GLUE) + local)
+        parts.append("@" + draw(st.sampled_from(["example.com", "exämple.org", "mail.example.co.uk"])))
+    return "".join(parts)
+
+
+@settings(max_examples=int(os.environ.get("REDACT_EXAMPLES", "3000")) // 6, deadline=None)
+@given(numbers_glued_to_addresses(), st.data())
+def test_numbers_glued_to_addresses_show_no_digit_and_stream_as_whole(text: str, data: st.DataObject) -> None:
+    out = REDACTOR.redact(text)
+    assert out == reference_redact(text)
+    assert not any(c.isdecimal() for c in MASK.sub("", out)), (text, out)  # no digit of a number in clear
+    for shown in SHOWN_ADDRESS.finditer(out):
+        assert len(shown.group()) == 1 and out[shown.start() - 1] == "*", (text, out)
+    cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=len(text)))
+    assert stream_in_pieces(text, cuts, False) == out
+    document = json.dumps({"to": text})
+    whole = REDACTOR.redact(document, json_text=True)
+    assert json.loads(whole) == {"to": out}
+    cuts = data.draw(st.lists(st.integers(0, len(document)), max_size=len(document)))
+    assert stream_in_pieces(document, cuts, True) == whole
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -361,8 +452,9 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
     phone span the start of any valid card; the other kinds' span is the one their pattern
     matches. After a match the next search starts at its end; after an IBAN candidate that
     fails its check (and no card or phone there), the other kinds' search (not the email's)
-    goes on at the candidate's end. Right where an address ended another may start whatever
-    its look-behind says (glued to it); an address followed by an "@" has its domain masked.
+    goes on at the candidate's end. Right where a match ended (an address, or a number, whose
+    look-ahead holds where a local part glued to it begins) an address may start whatever its
+    look-behind says (glued to it); an address followed by an "@" has its domain masked.
     Every kind but the email reads every script's decimal digits as ASCII's, and the other dashes,
     tabs, every other space character and every invisible format character (`SPACES_AND_FORMATS`) as
     spaces: it is matched and masked in `digits`, the text with each digit its ASCII digit and
@@ -452,7 +544,7 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
             s += 1
             continue
         out.append(text[pos:s] + str(_MASKERS[kind]((text if kind == "email" else digits)[s:end])))
-        pos = s = end
+        pos = s = after = end  # an address may be glued to any match
     return "".join(out) + text[pos:]
 
 

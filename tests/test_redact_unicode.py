@@ -416,6 +416,11 @@ HOSTILE = {
     "tag '@' runs": "a\U000e0020@",
     "tag addresses": "jane\U000e0020@exa\U000e0020mple.c\U000e0020o ",
     "musical formats and local parts": "\U0001d173" * 40 + "a@",
+    "Ogham-separated near-miss cards": "\u1680".join(["4242", "4242", "4242", "4241 "]),
+    "interlinear annotations and digits": "\ufff94",
+    "Egyptian format controls and digit groups": "4242\U00013430",
+    "near-miss cards glued to local parts": "4242 4242 4242 4241" + "a" * 40 + "@",
+    "phones glued to addresses": "+1 415 555 0100jane.doe@example.com ",
 }
 
 
