@@ -539,6 +539,9 @@ class _Kind:
         return m is not None and bool(self.spans(text, start, m.end()))
 
 
+# After a run of the digit kinds' characters, local-part characters up to an "@" (a local part
+# glued to a number ends there: `_GLUED_LOCAL`, which reads no further than that "@").
+_LOCAL_TO_AT = re.compile(rf"(?:{_LETTER}|[0-9._%+-]){{1,{_GLUED_LOCAL_SEEN - 2}}}@")
 # Where a local part glued to a number may begin (`_GLUED_LOCAL`): after a number's last character.
 _GLUED_START = re.compile(rf"(?<=[0-9])[{_HYPHEN}]?(?:{_LETTER}|[_%])")
 
@@ -631,7 +634,7 @@ class Redactor:
         email_done = self.email is None
         other_done = self.others is None
         astral: bool | None = None  # whether the text holds one of `_ZW_ASTRAL` (known once an "@" is looked at)
-        run_end = 0  # where the run of the last candidate of the other kinds ends
+        run_end = run_stop = 0  # where the run of the last candidate of the other kinds ends; how far its searches read
         while True:
             if not email_done and (email_next is None or email_next[0] < pos):
                 if astral is None:  # once, not per address: a megabyte is copied in ~1 ms
@@ -643,7 +646,7 @@ class Redactor:
                     masked = _mask_email(found.group(), text.startswith("@", end))  # glued: see _mask_email
                     email_next = (found.start(), end, "email", masked)
             if not other_done and (other_next is None or other_next[0] < pos):
-                other_next, run_end = self._next_other(digits, pos, run_end, limit)
+                other_next, run_end, run_stop = self._next_other(digits, pos, run_end, run_stop, limit)
                 other_done = other_next is None
             best = email_next if not email_done else None
             if not other_done and (best is None or other_next[0] < best[0]):  # type: ignore[index]
@@ -674,11 +677,15 @@ class Redactor:
             if start >= near_end and (not start or text[start - 1] < "0"):
                 hold = start
                 glued = False
-            else:  # then an ASCII run of address characters that begins in sight
-                start = len(text.rstrip(_EMAIL_CHARS))
+            else:
+                if start and "0" <= text[start - 1] <= "9":  # the run goes on before a digit
+                    start = len(text.rstrip(_EMAIL_CHARS))
+                    glued = not text[start:].isdigit()  # digits alone: no letter after one
+                else:  # no digit in it: no number before a local part, but one of another script's
+                    glued = start > 0 and text[start - 1] > "\x7f"
+                # Then an ASCII run of address characters that begins in sight.
                 if start >= near_end and (not start or text[start - 1] < "\x80"):
                     hold = start
-                    glued = not text[start:].isdigit()  # digits alone: no letter after one
                 else:
                     hold = self._email_hold(text, near_end)
         if self.others is not None:
@@ -749,28 +756,30 @@ class Redactor:
             return _DIGIT_RUN.search(text, pos) is not None
         return text[pos:].encode("utf-8", "surrogatepass").translate(_RUN_MAP).find(_LONG_RUN) >= 0
 
-    def _next_other(self, text: str, pos: int, run_end: int, limit: int) -> tuple[Found | None, int]:
+    def _next_other(
+        self, text: str, pos: int, run_end: int, run_stop: int, limit: int
+    ) -> tuple[Found | None, int, int]:
         """The first match of the other kinds from pos (or the undecided candidate at
-        `limit`, see `_matches`), and the end of the run it lies in, looking only inside
-        the runs a match could lie in. `run_end`: the end of the run the previous candidate
-        lay in. Searching on from inside that run, rather than finding the run again, keeps
-        a long run (1 MB of "4242 ") one pass instead of one pass per candidate in it."""
+        `limit`, see `_matches`), the end of the run it lies in, and how far the searches in
+        that run read: two characters past it (a look-ahead's), or up to the "@" that a local part
+        glued to its number ends at, when local-part characters lead to it (`_LOCAL_TO_AT`).
+        Only inside the runs a match could lie in. `run_end`, `run_stop`: those of the run the
+        previous candidate lay in. Searching on from inside that run, rather than finding the run
+        again, keeps a long run (1 MB of "4242 ") one pass instead of one pass per candidate in it."""
         assert self.others is not None
         while True:
-            # The search reads two characters past the run (a look-ahead's), or up to an "@" that a
-            # local part glued to its number ends at (`_GLUED_LOCAL`: the first "@" after the run).
             if pos < run_end:
                 # Every match is at least as long as a run must be, so a match in the rest of
                 # this run is one the run search from pos would have found: same result.
-                at = text.find("@", run_end, run_end + _GLUED_LOCAL_SEEN)
-                m = self.others.search(text, pos, at + 1 if at > run_end else run_end + 2)
+                m = self.others.search(text, pos, run_stop)
             else:
                 run = _DIGIT_RUN.search(text, pos)
                 if run is None:
-                    return None, len(text)
+                    return None, len(text), len(text)
                 run_end = run.end()
-                at = text.find("@", run_end, run_end + _GLUED_LOCAL_SEEN)
-                m = self.others.search(text, run.start(), at + 1 if at > run_end else run_end + 2)
+                glued = _LOCAL_TO_AT.match(text, run_end)
+                run_stop = glued.end() if glued is not None else run_end + 2
+                m = self.others.search(text, run.start(), run_stop)
             if m is None:
                 pos = run_end
                 continue
@@ -779,10 +788,10 @@ class Redactor:
                 pos = run_end
                 continue
             if start >= limit:
-                return (start, start, "", None), run_end
+                return (start, start, "", None), run_end, run_stop
             found = self._decide(text, m)
             if not isinstance(found, int):
-                return found, run_end
+                return found, run_end, run_stop
             pos = found
 
     def _decide(self, text: str, m: re.Match[str]) -> Found | int:
