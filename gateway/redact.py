@@ -680,7 +680,9 @@ class Redactor:
             else:
                 if start and "0" <= text[start - 1] <= "9":  # the run goes on before a digit
                     start = len(text.rstrip(_EMAIL_CHARS))
-                    glued = not text[start:].isdigit()  # digits alone: no letter after one
+                    # Digits alone: no letter after one, unless one of another script is before them
+                    # ("4242jö2": the ASCII run is "2", the local part "jö2").
+                    glued = not text[start:].isdigit() or (start > 0 and text[start - 1] > "\x7f")
                 else:  # no digit in it: no number before a local part, but one of another script's
                     glued = start > 0 and text[start - 1] > "\x7f"
                 # Then an ASCII run of address characters that begins in sight.

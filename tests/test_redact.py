@@ -243,6 +243,10 @@ NUMBERS_GLUED_TO_ADDRESSES = [
         "\u0968\u0969\u0966\u096f 4242 4242 4242 4242jäne@exämple.com",
         "\u0968\u0969\u0966\u096f CC_MASKED_LAST4_4242j***e@exämple.com",
     ),
+    # A local part with a letter of another script and then digits: a stream cut right after
+    # those digits held too little ("…4242jö2", then "@…", showed "4242 4242 4242" in clear).
+    ("card 4242 4242 4242 4242jö2@example.com", "card CC_MASKED_LAST4_4242j***@example.com"),
+    ("tel (415) 555-2671_msé0jane@example.com", "tel PHONE_MASKED_LAST2_71***e@example.com"),
     # Taken in whole by the local part: one mask, nothing in clear.
     ("tel 415-555-2671jane@example.com", "tel ***e@example.com"),
     ("ssn 123-45-6789_jane@example.com", "ssn ***e@example.com"),
