@@ -175,8 +175,13 @@ def _run_one(
     # signal repeated now would turn this clean exit into rc -15 or a traceback. serve() held
     # them back since the stop; ignoring them also drops any that are pending.
     _ignore_stop_signals()
-    if not served and on_stopped_early is not None:
-        on_stopped_early()
+    if not served:
+        # A worker tells its parent, which says it once: a worker stopped by its parent because
+        # another could not start writes nothing beside that one's error line.
+        if on_stopped_early is not None:
+            on_stopped_early()
+        else:
+            log.info("stopped while starting")
     return 0
 
 
@@ -228,7 +233,6 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
         raise StartupError(f"REDIS_URL: the Redis Cluster's layout could not be read: {exc.message}") from None
     if stop.is_set():  # before the listener opens: nothing is served after the stop
         signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)  # see the end of this function
-        log.info("stopped while starting")
         await runner.cleanup()
         return False
     site = web.TCPSite(
@@ -517,6 +521,7 @@ def _await_workers(reports: dict[int, int], workers: _Workers) -> str | None:
                         continue
                     if message == "stopped":  # a stop reached it while it started (systemd
                         workers.take_signals()  # signals every process of the unit): the gateway's
+                        log.info("stopped while starting")
                         if not workers.stopping:
                             workers.stop(signal.SIGTERM)
                         return None
