@@ -999,15 +999,25 @@ def _is_error_event(first: bytes, at: int = 0) -> bool:
 
 def _error_body(event: bytes) -> dict[str, Any] | None:
     """The event's JSON object if it has a non-null `"error"` (a key JSON may spell with
-    escapes: parsed whenever one could be there)."""
-    events = sse.parse_blocks(event)
+    escapes: the caller parses it whenever one could be there)."""
+    return _with_error(_first_event_json(event))
+
+
+def _first_event_json(body: bytes, at: int = 0) -> Any:
+    """The JSON of the first event from `at` (None: no data, or data that is not JSON)."""
+    end = body.find(b"\n\n", at)
+    events = sse.parse_blocks(body[at:end] if end >= 0 else body[at:])
     data = events[0].data if events else None
-    if data is None or (data.find(b"error") < 0 and data.find(b"\\u") < 0):
+    if data is None:
         return None
     try:
-        body = loads_reply(data)
+        return loads_reply(data)
     except (ValueError, RecursionError):
         return None
+
+
+def _with_error(body: Any) -> dict[str, Any] | None:
+    """`body` if it is an object with a non-null `"error"` (an error instead of an answer)."""
     return body if type(body) is dict and body.get("error") is not None else None
 
 
@@ -1063,15 +1073,8 @@ def _opening_error(body: bytes) -> tuple[int, bytes]:
     """The status and Anthropic-shaped JSON of the error event that opens `body` past its
     preamble (the relay's whole output: see _is_error_event); an event with no error object in
     it is the upstream failing, the gateway's 502."""
-    at = _preamble_end(body)
-    end = body.find(b"\n\n", at)
-    events = sse.parse_blocks(body[at:end] if end >= 0 else body[at:])
-    data = events[0].data if events else None
-    try:
-        answer = loads_reply(data) if data is not None else None
-    except (ValueError, RecursionError):
-        answer = None
-    if type(answer) is not dict or answer.get("error") is None:
+    answer = _with_error(_first_event_json(body, _preamble_end(body)))
+    if answer is None:
         raise UpstreamError("upstream answered with an error event that holds no error")
     written = dumps_reply(answer)
     return _error_status(answer["error"]), written if answer.get("type") == "error" else anthropic_error(written)
@@ -1082,13 +1085,7 @@ def _is_request_error_event(first: bytes) -> bool:
     so, or its `code` is a 4xx status other than 429 (vLLM's `"code": 400`). Anything else (an
     overload, a server error, a shape not known) is the upstream failing. Run only on a stream
     that opens with an error: no cost on the usual path."""
-    end = first.find(b"\n\n")
-    events = sse.parse_blocks(first[:end] if end >= 0 else first)
-    data = events[0].data if events else None
-    try:
-        body = loads_reply(data) if data is not None else None
-    except (ValueError, RecursionError):
-        return False
+    body = _first_event_json(first)
     return type(body) is dict and _blames_request(body)
 
 
@@ -1125,10 +1122,9 @@ def _error_reply(whole: bytes) -> dict[str, Any] | None:
     if b'"error"' not in whole:
         return None
     try:
-        body = loads_reply(whole)
+        return _with_error(loads_reply(whole))
     except (ValueError, RecursionError):
         return None
-    return body if type(body) is dict and body.get("error") is not None else None
 
 
 def _blames_request(body: dict[str, Any]) -> bool:
