@@ -368,6 +368,7 @@ class Proxy:
             status = reply.status
             if "error" in answer:  # an error before the answer: its status; after: the upstream's failure
                 status = _error_status(answer["error"]) if state.error_answer else 502
+                state.generated = not state.error_answer  # after: tokens were generated (as _joined_answer)
                 if status in (401, 403):
                     raise UpstreamAuthRejected()
             return web.Response(body=reply.scrub(dumps_reply(answer)), status=status, content_type="application/json")

@@ -337,3 +337,26 @@ def test_a_json_messages_request_whose_tool_input_is_nested_too_deeply_is_a_502(
         _anthropic(gw).messages.create(model="claude-x", max_tokens=100, messages=HI)
     assert raised.value.status_code == 502
     assert raised.value.body["error"]["type"] == "api_error"
+
+
+# SPEC §14: a chat request without "stream" whose events fail after the answer began was
+# generated for (a 502, as for the joined Message and Response above): the estimate stands as
+# a cut live stream's does, not released as an upstream's error status's.
+def test_a_json_chat_request_whose_events_fail_later_keeps_its_estimate(fakes, gateway) -> None:
+    gw = gateway(TOKEN_QUOTA="100000", TOKEN_WINDOW_SECS="3600")
+    chunk = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hello"}, "finish_reason": None}],
+    }
+    failed = {"error": {"message": "boom", "type": "server_error", "code": None, "param": None}}
+    fakes["backup"].script({"status": 200, "chunks": [f"data: {json.dumps(chunk)}\n\ndata: {json.dumps(failed)}\n\n"]})
+    body = {"model": "m", "max_tokens": 100, "messages": HI}
+    status, _, data = post(gw.port, "/v1/chat/completions", body, {"Authorization": "Bearer t"})
+    assert status == 502, data[:300]
+    fakes["backup"].script({"status": 200, "chunks": [f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"]})
+    _, headers, _ = post(gw.port, "/v1/chat/completions", {**body, "max_tokens": 1}, {"Authorization": "Bearer t"})
+    # The first one's estimate ("hi" / 4 rounded up + 100) stands; this one reserves 1 + 1.
+    assert int(headers["x-ratelimit-remaining-tokens"]) == 100000 - 101 - 2
