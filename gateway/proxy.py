@@ -58,7 +58,7 @@ from .router import (
 from .surfaces import MESSAGES_API, Api, Surface, ask_stream_usage, message_events
 from .telemetry import Telemetry
 from .translate import answer_tool, anthropic_error, chat_error, completion_events, completion_from_events
-from .upstream import Reply, Upstream
+from .upstream import MAX_ANSWER_BYTES, MAX_REPLY_BYTES, Reply, Upstream
 
 # Short texts redacted one after another: a turn of the loop for others after each 4 KiB of
 # them. A request to the gateway needs a few turns, each waiting for one slice: with 32 KiB
@@ -115,6 +115,10 @@ class Proxy:
         self._idle_slack = min(1.0, stream_idle_secs / 50)  # how late the idle timeout may fire (see _pump)
         self._surface = api.surface
         self._upstream = upstream
+        # A reply read whole: a text API's (chat, messages, responses: the ones that stream) is
+        # bounded by the tokens a model writes, and held to MAX_ANSWER_BYTES; embeddings' (a
+        # 2048-input batch of 3072 floats is tens of MiB) to the upstream's MAX_REPLY_BYTES.
+        self._reply_limit = MAX_ANSWER_BYTES if api.streams else MAX_REPLY_BYTES
         self._redactor = redactor
         self._memo = RedactionMemo(redactor) if redactor is not None else None
         self._telemetry = telemetry
@@ -236,7 +240,7 @@ class Proxy:
             async with asyncio.timeout(self._timeout):
                 reply = await self._upstream.post(body, headers)
                 state.upstream_ttfb = time.perf_counter() - started
-                data = await reply.read()  # the connection returns to the pool at EOF
+                data = await reply.read(self._reply_limit)  # the connection returns to the pool at EOF
         except BaseException as exc:
             if reply is not None:
                 reply.close()
@@ -475,7 +479,7 @@ class Proxy:
                 reply = await self._upstream.post(body, headers)
                 if reply.status >= 300 or reply.is_json:
                     # An error, or a server without streaming answering with one JSON reply.
-                    whole = await reply.read()
+                    whole = await reply.read(self._reply_limit)
                 else:
                     first = await _first_events(reply, relay, self._count_response_redactions)
                     read_at = time.perf_counter()  # the upstream's first event, held or not
@@ -639,7 +643,7 @@ class Proxy:
                     answer = answer_tool(state.payload)  # a structured answer's tool: its call is content
                     reply = AnthropicAsChat(reply, with_usage, self._idle, hold_until, answer)
                 if relay is None or reply.status >= 300 or reply.is_json:
-                    whole = await reply.read()
+                    whole = await reply.read(self._reply_limit)
                     relay = None
                     if reply.status < 300 and not _may_be_reply(whole):
                         # A proxy's HTML page, nothing: no reply, which the client would get as

@@ -29,7 +29,7 @@ from .redact import OnRedaction, Redactor
 from .relay import ASIDE_BYTES, dumps_reply
 from .routing import Kind, RouteTable, UpstreamConfig
 from .surfaces import CHAT_API, MESSAGES_API, Api, strings_in
-from .upstream import Reply, Upstream
+from .upstream import MAX_REPLY_BYTES, Reply, Upstream
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -397,8 +397,8 @@ class AnthropicAsChat:
     def retry_after(self) -> float | None:
         return self._reply.retry_after()
 
-    async def read(self) -> bytes:
-        data = await self._reply.read()
+    async def read(self, limit: int = MAX_REPLY_BYTES) -> bytes:
+        data = await self._reply.read(limit)
         if len(data) > ASIDE_BYTES:  # megabytes take tens of ms to parse and write: not on the loop
             return await asyncio.to_thread(
                 translate.whole_reply, self.status, data, self._include_usage, self._created, self._answer

@@ -58,6 +58,14 @@ _RETRY_CAPS = {"Retry-After": int(MAX_RETRY_AFTER_SECS), "retry-after-ms": int(M
 # upstream error. Room for the largest replies the APIs give (2048 embeddings of 3072 floats,
 # pretty-printed: ~145 MB), not for a body without end, or a small gzip one inflating ~1000x.
 MAX_REPLY_BYTES = 256 * 1024 * 1024
+# A chat completion, message or response is held to less (embeddings keep MAX_REPLY_BYTES):
+# each step over a reply read whole holds the event loop once, in proportion to its size
+# (100 MiB of prose: joined in ~70 ms, parsed in ~165 ms with the GIL held, written in ~210 ms;
+# /healthz waited 300-400 ms), so past this it is an upstream error. Room for the largest real
+# ones: 128k output tokens (the most any model writes) are ~0.5 MB of prose, ~3 MB escaped as
+# \uXXXX; logprobs (top_logprobs 20: ~1.3 KB a token) reach REPLY_MAX_CONTAINERS (json_shape.py)
+# near 30 MB; n choices multiply text alone, 64 of those 128k-token ones to get here.
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
 # aiohttp's readany() returns at once while data is buffered, and inflates a gzip body as it is
 # read: a whole reply is read with a turn of the loop for others after each this many bytes.
 _YIELD_EVERY_BYTES = 1024 * 1024
@@ -90,7 +98,7 @@ class Reply(Protocol):
     def at_eof(self) -> bool: ...
     def retry_headers(self) -> dict[str, str]: ...
     def retry_after(self) -> float | None: ...
-    async def read(self) -> bytes: ...
+    async def read(self, limit: int = MAX_REPLY_BYTES) -> bytes: ...
     async def next_chunk(self) -> bytes: ...
     def scrub(self, data: bytes) -> bytes: ...
     def close(self) -> None: ...
@@ -259,17 +267,19 @@ class UpstreamReply:
             return None
         return min(max(secs, 0.0), MAX_RETRY_AFTER_SECS)
 
-    async def read(self) -> bytes:
-        """The whole body, decoded; past the size limit, or the bound on arrays and objects that
-        keeps its parse short (json_shape.py), an UpstreamError."""
+    async def read(self, limit: int = MAX_REPLY_BYTES) -> bytes:
+        """The whole body, decoded; past the size limit (the upstream's, or `limit` if lower), or
+        the bound on arrays and objects that keeps its parse short (json_shape.py), an
+        UpstreamError."""
         content = self._response.content
+        limit = min(limit, self._limit)
         parts: list[bytes] = []
         size = 0
         turn_at = _YIELD_EVERY_BYTES
         try:
             while chunk := await content.readany():
                 size += len(chunk)
-                if size > self._limit:
+                if size > limit:
                     self._response.close()
                     raise UpstreamError("upstream reply too large")
                 parts.append(chunk)

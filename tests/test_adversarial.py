@@ -1138,6 +1138,75 @@ async def test_one_long_event_leaves_healthz_answering(
     assert max(latencies) < 0.25  # SPEC's 100 ms, with room for a loaded machine
 
 
+def sliced_answer(data: bytes) -> Answer:
+    """`data` as one JSON reply, written a MiB at a time: the upstream's own writing (in the
+    same loop as the gateway here, in another process in use) holds the loop no longer."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(data)
+        await response.prepare(request)
+        view = memoryview(data)
+        for at in range(0, len(data), MIB):
+            await response.write(view[at : at + MIB])
+        await response.write_eof()
+        return response
+
+    return answer
+
+
+def huge_reply(path: str, size: int) -> bytes:
+    """A valid reply of `path`'s API whose one text is `size` bytes of prose."""
+    text = "The quick brown fox jumps over the lazy dog. " * (size // 45)
+    if path == MESSAGES_PATH:
+        body: dict[str, Any] = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude"}
+        body["content"] = [{"type": "text", "text": text}]
+    elif path == "/v1/responses":
+        body = {"id": "resp_1", "object": "response", "status": "completed", "model": "m"}
+        body["output"] = [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}]
+    else:
+        body = chat_reply(text)
+    return json.dumps(body).encode()
+
+
+@pytest.mark.serial  # asserts a time: run alone, not beside another worker
+@pytest.mark.parametrize("path", [CHAT, MESSAGES_PATH, "/v1/responses"])
+async def test_a_huge_json_reply_is_refused_and_leaves_healthz_answering(
+    gateway: Gateway, hostile: Hostile, path: str
+) -> None:
+    # A hostile or broken upstream answers a non-stream request with 100 MiB of plain JSON
+    # (under the 256 MiB of any reply): joining, counting, parsing and writing it held the
+    # loop 0.2-0.3 s at a time (/healthz 295-378 ms). No chat, messages or responses reply is
+    # that large: past MAX_ANSWER_BYTES it is an upstream error, in the route's error shape.
+    hostile.answer = sliced_answer(huge_reply(path, 100 * MIB))
+    body = {"model": "claude" if path == MESSAGES_PATH else "m", "max_tokens": 10, "messages": PROMPT}
+    with healthz_watch(gateway) as latencies:
+        status, wire = await gateway.post(path, body | ({"input": "hi"} if path == "/v1/responses" else {}))
+    print(f"\n100 MiB reply on {path}: {status}, /healthz worst {max(latencies) * 1000:.0f} ms of {len(latencies)}")
+    assert status == 502
+    error = json.loads(wire)
+    if path == MESSAGES_PATH:
+        assert error["type"] == "error" and error["error"]["type"] == "api_error"
+    else:
+        assert error["error"]["type"] == "upstream_error"
+    assert error["error"]["message"] == "upstream reply too large"
+    assert max(latencies) < 0.25  # SPEC's 100 ms, with room for a loaded machine
+    assert await gateway.healthy()
+
+
+async def test_an_embeddings_reply_past_the_answer_limit_still_passes(gateway: Gateway, hostile: Hostile) -> None:
+    # Embeddings keep the 256 MiB limit: a 2048-input batch of 3072 floats is tens of MiB.
+    vector = [-0.0123456789] * 3072
+    data = [{"object": "embedding", "index": i, "embedding": vector} for i in range(2048)]
+    reply = {"object": "list", "data": data, "model": "e", "usage": {"prompt_tokens": 1, "total_tokens": 1}}
+    raw = json.dumps(reply).encode()
+    assert len(raw) > 40 * MIB
+    hostile.answer = sliced_answer(raw)
+    status, wire = await gateway.post("/v1/embeddings", {"model": "e", "input": ["x"] * 2048})
+    assert status == 200
+    assert len(json.loads(wire)["data"]) == 2048
+
+
 async def response_redactions(gateway: Gateway) -> float:
     """redactions_total{direction="response"} as /metrics reports it (one kind at a time here)."""
     async with gateway.client.get("/metrics") as m:
