@@ -62,10 +62,11 @@ MAX_REPLY_BYTES = 256 * 1024 * 1024
 # each step over a reply read whole holds the event loop once, in proportion to its size
 # (100 MiB of prose: joined in ~70 ms, parsed in ~165 ms with the GIL held, written in ~210 ms;
 # /healthz waited 300-400 ms), so past this it is an upstream error. Room for the largest real
-# ones: 128k output tokens (the most any model writes) are ~0.5 MB of prose, ~3 MB escaped as
-# \uXXXX; logprobs (top_logprobs 20: ~1.3 KB a token) reach REPLY_MAX_CONTAINERS (json_shape.py)
-# near 30 MB; n choices multiply text alone, 64 of those 128k-token ones to get here.
-MAX_ANSWER_BYTES = 32 * 1024 * 1024
+# ones: 128k output tokens of prose are ~0.5 MB (~3 MB escaped as \uXXXX); logprobs (top 20:
+# ~1.3 KB a token) reach REPLY_MAX_CONTAINERS (json_shape.py) near 30 MB; media in base64 are
+# the largest (a chat answer's audio as WAV, ~64 KB a second; a response's generated images,
+# a few MB each, partial ones included): 64 MiB is ~8 minutes of WAV.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
 # aiohttp's readany() returns at once while data is buffered, and inflates a gzip body as it is
 # read: a whole reply is read with a turn of the loop for others after each this many bytes.
 _YIELD_EVERY_BYTES = 1024 * 1024
