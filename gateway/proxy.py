@@ -301,7 +301,7 @@ class Proxy:
             # `data` was written: its texts are redacted once, its usage counted once.
             events = None
             if self._api.asks_stream_usage:
-                events = completion_events(answer, state.usage_chunk)
+                events = completion_events(answer, state.usage_chunk, self._reply_limit)
             elif self._api is MESSAGES_API:
                 events = message_events(answer)
             if events is not None:

@@ -694,21 +694,29 @@ class ChatStream:
 _CHUNK_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier")
 
 
-def completion_events(completion: Mapping[str, Any], with_usage: bool) -> bytes | None:
+def completion_events(completion: Mapping[str, Any], with_usage: bool, limit: int | None = None) -> bytes | None:
     """A chat completion (from an upstream that answered a stream request with one JSON reply)
     as the stream OpenAI would have sent for it: per choice its message in one delta and its
     finish chunk, the usage chunk if the client asked for one, then [DONE]. Else the openai
     SDK, handed JSON for the stream it asked for, iterates no chunk and no error: the answer is
-    lost. None: not a chat completion (an error object stays as it came)."""
+    lost. None: not a chat completion (an error object stays as it came). Every chunk repeats
+    the head (`model` and `id` included), so a small reply with a long `model` and many choices
+    would be gigabytes: past `limit` bytes, UpstreamError (the reply's own limit, proxy.py)."""
     choices = completion.get("choices")
     if type(choices) is not list or not all(type(choice) is dict for choice in choices):
         return None
     head = {name: completion[name] for name in _CHUNK_FIELDS if name in completion}
     head["object"] = "chat.completion.chunk"
     events: list[bytes] = []
+    size = 0
 
     def chunk(listed: list[dict[str, Any]], **extra: Any) -> None:
-        events.append(b"data: " + orjson.dumps({**head, "choices": listed, **extra}) + b"\n\n")
+        nonlocal size
+        event = b"data: " + orjson.dumps({**head, "choices": listed, **extra}) + b"\n\n"
+        size += len(event)
+        if limit is not None and size > limit:
+            raise UpstreamError("upstream reply too large")
+        events.append(event)
 
     for number, choice in enumerate(choices):
         index = choice.get("index", number)

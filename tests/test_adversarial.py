@@ -1207,6 +1207,25 @@ async def test_an_embeddings_reply_past_the_answer_limit_still_passes(gateway: G
     assert len(json.loads(wire)["data"]) == 2048
 
 
+async def test_a_small_json_reply_to_a_chat_stream_is_not_written_as_gigabytes(
+    gateway: Gateway, hostile: Hostile
+) -> None:
+    # A chat stream answered with one JSON reply is written as the chunks OpenAI would have
+    # sent, each repeating the reply's `model`: 0.13 MiB with a 128 KiB model and 1500 empty
+    # choices became 375 MiB for the client (/healthz held 1.5 s, +1.1 GiB), so the answer
+    # limit that bounds the reply read whole did not bound what was made of it.
+    reply = {"id": "c1", "object": "chat.completion", "model": "m" * (128 * 1024), "choices": [{}] * 300}
+    hostile.answer = json_answer(reply)  # ~38 KiB, as chunks ~75 MiB
+    status, wire = await gateway.chat({"stream": True})
+    assert status == 502, len(wire)
+    assert json.loads(wire)["error"]["message"] == "upstream reply too large"
+    # A usual one passes as before.
+    hostile.answer = json_answer(chat_reply("pong"))
+    status, wire = await gateway.chat({"stream": True})
+    assert status == 200
+    assert delta_text(wire, "content") == "pong"
+
+
 async def response_redactions(gateway: Gateway) -> float:
     """redactions_total{direction="response"} as /metrics reports it (one kind at a time here)."""
     async with gateway.client.get("/metrics") as m:
