@@ -401,9 +401,9 @@ class AnthropicAsChat:
         data = await self._reply.read(limit)
         if len(data) > ASIDE_BYTES:  # megabytes take tens of ms to parse and write: not on the loop
             return await asyncio.to_thread(
-                translate.whole_reply, self.status, data, self._include_usage, self._created, self._answer
+                translate.whole_reply, self.status, data, self._include_usage, self._created, self._answer, limit
             )
-        return translate.whole_reply(self.status, data, self._include_usage, self._created, self._answer)
+        return translate.whole_reply(self.status, data, self._include_usage, self._created, self._answer, limit)
 
     def scrub(self, data: bytes) -> bytes:
         return self._reply.scrub(data)

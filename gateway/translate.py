@@ -443,7 +443,9 @@ def _error_body(error: Mapping[str, Any]) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": kind, "code": kind}})
 
 
-def whole_reply(status: int, data: bytes, include_usage: bool, created: int, answer: str | None = None) -> bytes:
+def whole_reply(
+    status: int, data: bytes, include_usage: bool, created: int, answer: str | None = None, limit: int | None = None
+) -> bytes:
     """A whole Anthropic answer as chat's: an error, a Message, or a stream read to its end
     (an upstream that streams whatever was asked). An error object under a 2xx is chat's error
     body. A 2xx that is none of these (an HTML page, a JSON array, no `content` array) is the
@@ -456,8 +458,11 @@ def whole_reply(status: int, data: bytes, include_usage: bool, created: int, ans
     except (ValueError, RecursionError):
         if not data.lstrip().startswith(sse.EVENT_STARTS):
             raise UpstreamError("upstream answered with a body that is not JSON") from None
+        # Each chunk repeats message_start's `model` and `id`: a small body of many deltas would
+        # be gigabytes of chunks, so they are held to `limit` (the reply's own, proxy.py) as made.
         stream = ChatStream(include_usage, created, answer)
-        out = stream.feed(data) + stream.close()
+        out = stream.feed(data, limit)
+        out += stream.close(None if limit is None else limit - len(out))
         # Events that end before message_stop (or an error event) are an incomplete answer:
         # chat's error event says so, as a live stream's does (router.AnthropicAsChat).
         return out if stream.done else out + sse.error_event(UpstreamStreamBroken())
@@ -543,18 +548,20 @@ class ChatStream:
         usage = chat_usage(self._counts) if self._final else None
         return None if usage is None else Usage(usage["prompt_tokens"], usage["completion_tokens"])
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes, limit: int | None = None) -> bytes:
+        """The chunks `data` completes; past `limit` bytes of them, UpstreamError."""
         try:
             blocks = self._parser.complete(data)
         except sse.EventTooLarge as exc:
             raise UpstreamError(f"upstream sent an event larger than {exc.limit} bytes") from None
-        return self._translated(sse.parse_blocks(blocks)) if blocks else b""
+        return self._translated(sse.parse_blocks(blocks), limit) if blocks else b""
 
-    def close(self) -> bytes:
-        return self._translated(self._parser.close())
+    def close(self, limit: int | None = None) -> bytes:
+        return self._translated(self._parser.close(), limit)
 
-    def _translated(self, events: list[sse.Event]) -> bytes:
+    def _translated(self, events: list[sse.Event], limit: int | None) -> bytes:
         out: list[bytes] = []
+        size = 0
         for event in events:
             if self.done or event.data is None:
                 continue
@@ -566,6 +573,10 @@ class ChatStream:
                 raise UpstreamError("upstream sent an event that is not a JSON object")
             for chunk in self.chunks(value):
                 out.append(chunk if isinstance(chunk, bytes) else b"data: " + orjson.dumps(chunk) + b"\n\n")
+                if limit is not None:
+                    size += len(out[-1])
+                    if size > limit:
+                        raise UpstreamError("upstream reply too large")
         return b"".join(out)
 
     def chunks(self, event: Mapping[str, Any]) -> list[dict[str, Any] | bytes]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import openai
@@ -130,3 +131,54 @@ async def test_a_fallback_that_cannot_take_the_request_leaves_the_primarys_failu
     hostile.answer = json_answer({"error": {"message": "no", "type": "invalid_request_error"}}, status=400)
     status, _ = await gw.chat(fields)
     assert status == 400
+
+
+def anthropic_event(body: dict[str, object]) -> bytes:
+    return f"event: {body['type']}\ndata: {json.dumps(body)}\n\n".encode()
+
+
+async def test_a_small_event_reply_is_not_translated_into_gigabytes(
+    start: GatewayFactory,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A chat request without "stream" that an Anthropic upstream answers with events: each
+    chat chunk made of them repeats message_start's `model`, so 0.3 MiB of events with a
+    128 KiB model became ~190 MiB of chunks (+0.9 GiB, /healthz held 263 ms), past the 64 MiB
+    that bounds the reply read whole. Past it as translated: 502, as a reply that large."""
+    path = tmp_path / "routes.toml"
+    path.write_text(ROUTES.format(url=hostile.url))
+    gw = await start(ROUTES_FILE=str(path))
+    usage = {"input_tokens": 1, "output_tokens": 0}
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-" + "m" * 128 * 1024}
+    opening = [
+        anthropic_event({"type": "message_start", "message": message | {"content": [], "usage": usage}}),
+        anthropic_event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ]
+    delta = anthropic_event({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "a"}})
+    closing = [
+        anthropic_event({"type": "content_block_stop", "index": 0}),
+        anthropic_event({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 1}}),
+        anthropic_event({"type": "message_stop"}),
+    ]
+
+    def answer_with(deltas: int) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        data = b"".join([*opening, *[delta] * deltas, *closing])
+
+        async def answer(request: web.Request) -> web.StreamResponse:
+            return web.Response(body=data, content_type="text/event-stream")
+
+        return answer
+
+    hostile.answer = answer_with(600)  # ~0.2 MiB, as chunks ~75 MiB
+    status, body = await gw.post(
+        "/v1/chat/completions", {"model": "claude-x", "messages": [{"role": "user", "content": "Hi"}]}
+    )
+    assert status == 502, len(body)
+    assert json.loads(body)["error"]["message"] == "upstream reply too large"
+    hostile.answer = answer_with(3)  # a usual one passes as before
+    status, body = await gw.post(
+        "/v1/chat/completions", {"model": "claude-x", "messages": [{"role": "user", "content": "Hi"}]}
+    )
+    assert status == 200
+    assert json.loads(body)["choices"][0]["message"]["content"] == "aaa"
