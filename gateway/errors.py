@@ -197,6 +197,12 @@ class UpstreamError(GatewayError):
     message = "upstream request failed"
 
 
+class UpstreamReplyTooLarge(UpstreamError):
+    """A reply read whole, or the chat chunks made of it, past its API's limit (upstream.py)."""
+
+    message = "upstream reply too large"
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"

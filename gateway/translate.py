@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from . import sse
-from .errors import BadRequest, UpstreamError, UpstreamStreamBroken
+from .errors import BadRequest, UpstreamError, UpstreamReplyTooLarge, UpstreamStreamBroken
 from .models import Usage, is_count
 from .relay import dumps_reply, loads_reply
 
@@ -576,7 +576,7 @@ class ChatStream:
                 if limit is not None:
                     size += len(out[-1])
                     if size > limit:
-                        raise UpstreamError("upstream reply too large")
+                        raise UpstreamReplyTooLarge()
         return b"".join(out)
 
     def chunks(self, event: Mapping[str, Any]) -> list[dict[str, Any] | bytes]:
@@ -726,7 +726,7 @@ def completion_events(completion: Mapping[str, Any], with_usage: bool, limit: in
         event = b"data: " + orjson.dumps({**head, "choices": listed, **extra}) + b"\n\n"
         size += len(event)
         if limit is not None and size > limit:
-            raise UpstreamError("upstream reply too large")
+            raise UpstreamReplyTooLarge()
         events.append(event)
 
     for number, choice in enumerate(choices):

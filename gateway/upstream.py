@@ -19,7 +19,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from .egress import Egress
-from .errors import UpstreamError, UpstreamStreamBroken
+from .errors import UpstreamError, UpstreamReplyTooLarge, UpstreamStreamBroken
 from .json_shape import reply_structure_excess
 from .tls import client_context
 
@@ -282,7 +282,7 @@ class UpstreamReply:
                 size += len(chunk)
                 if size > limit:
                     self._response.close()
-                    raise UpstreamError("upstream reply too large")
+                    raise UpstreamReplyTooLarge()
                 parts.append(chunk)
                 if size >= turn_at:  # megabytes already buffered (or inflating): others get a turn
                     turn_at = size + _YIELD_EVERY_BYTES
