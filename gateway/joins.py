@@ -1,6 +1,7 @@
 """Event streams joined into the one reply their API's JSON form is: a request without
 "stream" that an upstream answered with events (a server that streams whatever it is asked)
-gets JSON, as it asked (SPEC §11, §12). Chat's join is translate.completion_from_events.
+gets JSON, as it asked (SPEC §11, §12). Chat's join is translate.completion_from_events,
+over the same `event_objects`.
 
 Joined from the relay's output, so every text is exactly what the stream would have carried,
 redacted per text stream with its split guarantee. Pure functions of bytes, linear in them:
@@ -27,8 +28,9 @@ class Joined:
     error: dict[str, Any] | None = None
 
 
-def _payloads(events: bytes) -> Iterator[dict[str, Any]]:
-    """Each event's JSON object, in order (comments, [DONE] and what is not an object skipped)."""
+def event_objects(events: bytes) -> Iterator[dict[str, Any]]:
+    """Each event's JSON object, in order (comments, [DONE] and what is not an object skipped):
+    the walk every join starts with, chat's (translate.completion_from_events) included."""
     parser = sse.SSEParser()
     for event in [*parser.feed(events), *parser.close()]:
         if event.data is None or event.data == sse.DONE:
@@ -86,7 +88,7 @@ def message_from_events(events: bytes) -> Joined:
     cumulative input and cache counts when it has them). Whole only with message_stop."""
     message: dict[str, Any] | None = None
     blocks: dict[int, _Block] = {}
-    for data in _payloads(events):
+    for data in event_objects(events):
         kind = data.get("type")
         if kind == "error":
             error = data.get("error")
@@ -179,7 +181,7 @@ def response_from_events(events: bytes) -> Joined:
     (`response.completed` or `.incomplete`: the whole Response, its texts the redaction of the
     whole of each, as the stream's copies are). `response.failed` ends with its response's
     `error`; an `error` event with its error (its `code`, `message` and `param`)."""
-    for data in _payloads(events):
+    for data in event_objects(events):
         kind = data.get("type")
         if kind in _FINAL:
             response = data.get("response")

@@ -22,6 +22,7 @@ import orjson
 
 from . import sse
 from .errors import BadRequest, UpstreamError, UpstreamReplyTooLarge, UpstreamStreamBroken
+from .joins import event_objects
 from .models import Usage, is_count
 from .relay import dumps_reply, loads_reply
 
@@ -756,16 +757,7 @@ def completion_from_events(events: bytes) -> dict[str, Any] | None:
     head: dict[str, Any] = {}
     choices: dict[int, dict[str, Any]] = {}
     usage: Any = None
-    parser = sse.SSEParser()
-    for event in [*parser.feed(events), *parser.close()]:
-        if event.data is None or event.data == sse.DONE:
-            continue
-        try:
-            chunk = loads_reply(event.data)
-        except (ValueError, RecursionError):
-            continue
-        if type(chunk) is not dict:
-            continue
+    for chunk in event_objects(events):
         if chunk.get("error") is not None:
             return {"error": chunk["error"]}
         for name in _CHUNK_FIELDS:
