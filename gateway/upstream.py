@@ -79,6 +79,15 @@ _INFLATE_FREELY_BYTES = 16 * 1024 * 1024
 _MAX_INFLATION = 64
 
 
+def _advice_number(value: str | None) -> float | None:
+    """A back-off header's number (Retry-After, retry-after-ms), if it is one a client reads as
+    one: ASCII digits with at most one decimal point, at most 32 characters. Not "inf", "nan",
+    "1e308", "-5" or "" (float() takes them all), nor "٣" or "²" (str.isdigit() takes those)."""
+    if value is not None and len(value) <= 32 and value.isascii() and value.replace(".", "", 1).isdigit():
+        return float(value)
+    return None
+
+
 def _date_secs(value: str) -> float | None:
     """The seconds from now to an HTTP date (in the past: negative), or None if it is none."""
     try:
@@ -224,15 +233,14 @@ class UpstreamReply:
         """The upstream's back-off advice, to pass on with its error (Retry-After, retry-after-ms,
         x-should-retry), when it gave some that reads as a number or a boolean."""
         headers = self._response.headers
-        out = {}
+        out: dict[str, str] = {}
         for name in _RETRY_HEADERS:
             value = headers.get(name)
-            # ASCII digits only: str.isdigit() also takes "٣" and "²", which no client reads as a number.
-            if value is not None and len(value) <= 32 and value.isascii() and value.replace(".", "", 1).isdigit():
+            if value is not None and (number := _advice_number(value)) is not None:
                 # No longer than the gateway itself believes (MAX_RETRY_AFTER_SECS): a client told
                 # 10^30 s never retries, or (a millisecond timer that overflows) retries at once.
                 cap = _RETRY_CAPS.get(name)
-                if cap is not None and float(value) > cap:
+                if cap is not None and number > cap:
                     value = str(cap)
                 out[name] = value
             elif value in ("true", "false"):
@@ -246,26 +254,22 @@ class UpstreamReply:
     def retry_after(self) -> float | None:
         """Seconds the upstream asks to wait (`retry-after-ms`, else `Retry-After` as seconds
         or an HTTP date), up to MAX_RETRY_AFTER_SECS; None when it names none."""
+        # Read as retry_headers reads them, so the skip is what the client is told: a
+        # `retry-after-ms: inf` (or 1e308) beside `Retry-After: 2` skipped the upstream for the
+        # whole hour while the client was told 2 s; "nan" or "" hid the Retry-After beside it.
         headers = self._response.headers
-        value = headers.get("retry-after-ms")
-        try:
-            if value is not None:
-                secs = float(value) / 1000
-            else:
-                value = headers.get("Retry-After")
-                if value is None:
+        secs = _advice_number(headers.get("retry-after-ms"))
+        if secs is not None:
+            secs /= 1000
+        else:
+            value = headers.get("Retry-After")
+            if value is None:
+                return None
+            secs = _advice_number(value)
+            if secs is None:
+                secs = _date_secs(value)
+                if secs is None:
                     return None
-                if value.strip().isdigit():
-                    secs = float(value)
-                else:
-                    date_secs = _date_secs(value)
-                    if date_secs is None:
-                        return None
-                    secs = date_secs
-        except (ValueError, TypeError, OverflowError):
-            return None
-        if secs != secs:  # NaN
-            return None
         return min(max(secs, 0.0), MAX_RETRY_AFTER_SECS)
 
     async def read(self, limit: int = MAX_REPLY_BYTES) -> bytes:

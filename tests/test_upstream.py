@@ -14,7 +14,7 @@ import gzip
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import orjson
 import pytest
@@ -578,6 +578,50 @@ async def test_back_off_advice_past_the_hour_is_passed_on_as_the_hour() -> None:
                 reply = await upstream.post(BODY, {"Content-Type": "application/json"})
                 await reply.read()
                 assert reply.retry_headers() == expected, (secs, ms)
+            finally:
+                await upstream.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_skip_believed_is_the_back_off_advice_passed_on() -> None:
+    # SPEC §13's skip (retry_after) read retry-after-ms with float(): "inf" or "1e308" beside
+    # `Retry-After: 2` took the upstream out for the whole hour (every request 503 circuit_open)
+    # while the client was told 2 s (retry_headers drops what is no number); "nan" or "" hid the
+    # Retry-After beside it, and the 429 counted toward the breaker instead.
+    async def limited(request: web.Request) -> web.Response:
+        await request.read()
+        headers = {
+            name: request.query[key]
+            for key, name in (("ms", "retry-after-ms"), ("s", "Retry-After"))
+            if key in request.query
+        }
+        return web.json_response({}, status=429, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", limited)
+    runner, port = await serve(app)
+    cases = [
+        ({"ms": "inf", "s": "2"}, 2.0, {"Retry-After": "2"}),
+        ({"ms": "1e308", "s": "2"}, 2.0, {"Retry-After": "2"}),
+        ({"ms": "nan", "s": "2"}, 2.0, {"Retry-After": "2"}),
+        ({"ms": "", "s": "2"}, 2.0, {"Retry-After": "2"}),
+        ({"ms": "-5", "s": "3"}, 3.0, {"Retry-After": "3"}),
+        ({"ms": "1e308"}, None, {}),
+        ({"s": "inf"}, None, {}),
+        ({"s": "\u0663"}, None, {}),  # "٣": float() reads it as 3, no client does
+        ({"ms": "1500", "s": "9"}, 1.5, {"retry-after-ms": "1500", "Retry-After": "9"}),
+        ({"s": "1.5"}, 1.5, {"Retry-After": "1.5"}),
+        ({"s": "99999"}, 3600.0, {"Retry-After": "3600"}),
+    ]
+    try:
+        for query, skip, passed in cases:
+            upstream = Upstream(f"http://127.0.0.1:{port}/v1/chat/completions?{urlencode(query)}", None, 5.0)
+            await upstream.open()
+            try:
+                reply = await upstream.post(BODY, {"Content-Type": "application/json"})
+                await reply.read()
+                assert (reply.retry_after(), reply.retry_headers()) == (skip, passed), query
             finally:
                 await upstream.close()
     finally:
