@@ -82,19 +82,41 @@ def client_ip(peer: str | None, forwarded_for: str | None, trusted: tuple[object
     trusted network sent ~1 MB of trusted addresses (128 header lines) and held the event loop
     ~0.5 s per request walking all of them."""
     ip = peer or "unknown"
-    if not trusted or not forwarded_for or not _is_trusted(ip, trusted):
+    if not trusted or not forwarded_for or not _is_trusted(_address(ip), trusted):
         return ip
     hops = forwarded_for.rsplit(",", MAX_FORWARDED_HOPS)[-MAX_FORWARDED_HOPS:]  # scans from the right only
     for hop in reversed([h.strip() for h in hops if h.strip()]):
-        if not _is_trusted(hop, trusted):
-            return hop
-        ip = hop
+        address = _address(hop)
+        if address is None:
+            return hop  # no address: a key of its own, as the proxy wrote it
+        if not _is_trusted(address, trusted):
+            return str(address)
+        ip = str(address)
     return ip
 
 
-def _is_trusted(ip: str, trusted: tuple[object, ...]) -> bool:
+def _address(hop: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address an X-Forwarded-For hop names, without the port some proxies add (Azure
+    Application Gateway writes `203.0.113.9:54321`, `[2001:db8::1]:443`): kept, each of a
+    client's connections was a rate-limit bucket of its own. None when the hop is no address."""
+    host = hop
+    if hop.startswith("["):
+        host, closed, port = hop[1:].partition("]")
+        if not closed or (port and not (port[0] == ":" and _is_port(port[1:]))):
+            return None
+    elif hop.count(":") == 1:  # IPv4 with a port (an IPv6 address has two colons or more)
+        host, _, port = hop.partition(":")
+        if not _is_port(port):
+            return None
     try:
-        address = ipaddress.ip_address(ip)
+        return ipaddress.ip_address(host)
     except ValueError:
-        return False
-    return any(address in net for net in trusted)  # type: ignore[operator]
+        return None
+
+
+def _is_port(text: str) -> bool:
+    return 0 < len(text) <= 5 and text.isascii() and text.isdigit()
+
+
+def _is_trusted(address: ipaddress.IPv4Address | ipaddress.IPv6Address | None, trusted: tuple[object, ...]) -> bool:
+    return address is not None and any(address in net for net in trusted)  # type: ignore[operator]

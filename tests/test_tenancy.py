@@ -61,6 +61,23 @@ def test_forwarded_for_is_trusted_only_from_trusted_proxies() -> None:
     assert client_ip("10.0.0.2", "1.1.1.1", ()) == "10.0.0.2"
 
 
+def test_a_forwarded_for_hop_with_a_port_is_its_address() -> None:
+    # Azure Application Gateway writes the client's address with its source port
+    # (`203.0.113.9:54321`): used as written, each of the client's connections was a rate-limit
+    # bucket (and a body-budget sender) of its own, a fresh BURST every time; and a trusted
+    # proxy's hop with a port was no address, so it was taken for the client.
+    trusted = (ipaddress.ip_network("10.0.0.0/8"),)
+    assert client_ip("10.0.0.2", "203.0.113.9:54321", trusted) == "203.0.113.9"
+    assert client_ip("10.0.0.2", "203.0.113.9:1111", trusted) == client_ip("10.0.0.2", "203.0.113.9:2222", trusted)
+    assert client_ip("10.0.0.2", "[2001:db8::1]:443", trusted) == "2001:db8::1"
+    assert client_ip("10.0.0.2", "[2001:db8::1]", trusted) == "2001:db8::1"
+    assert client_ip("10.0.0.2", "2001:DB8::1", trusted) == "2001:db8::1"  # one address, one form
+    assert client_ip("10.0.0.2", "203.0.113.9:1, 10.0.0.7:443", trusted) == "203.0.113.9"  # trusted, port and all
+    # What is no address stays as written (a key of its own, as before).
+    for hop in ("unknown", "203.0.113.9:", "203.0.113.9:x", "[2001:db8::1", "[2001:db8::1]x", "1:2:3"):
+        assert client_ip("10.0.0.2", hop, trusted) == hop, hop
+
+
 def test_only_the_last_hops_of_a_forwarded_for_list_are_looked_at() -> None:
     trusted = (ipaddress.ip_network("10.0.0.0/8"),)
     proxies = ["10.0.0.7"] * (MAX_FORWARDED_HOPS - 1)
