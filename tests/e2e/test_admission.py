@@ -320,6 +320,14 @@ async def test_forwarded_for_is_believed_only_from_trusted_proxies(start_gateway
     # ...otherwise the header is ignored and every request is the peer's (127.0.0.1).
     untrusted = start_gateway(RPS="0.01", BURST="1")
     assert await anonymous_statuses(untrusted) == [200, 429, 429]
+    # One client behind Azure Application Gateway, which writes its address with each connection's
+    # source port: one bucket, not one per connection (each had a fresh BURST).
+    async with aiohttp.ClientSession() as session:
+        ported = [
+            (await call(session, trusted, key=None, **{"X-Forwarded-For": hop}))[0]
+            for hop in ("198.51.100.7:50001", "198.51.100.7:50002", "[2001:db8::7]:50001", "[2001:db8::7]:50002")
+        ]
+    assert ported == [200, 429, 200, 429]
 
 
 async def test_encoded_bodies_through_the_process(start_gateway: GatewayFactory, mock: Mock) -> None:
