@@ -91,6 +91,9 @@ class RequestState:
     # tokens were generated, so its reservation settles as the same stream's live, not as an
     # error status's: to the usage that came, else the estimate stands (SPEC §14).
     generated: bool = False
+    # The message of the gateway's error event that ended a stream after its 200 went out (the
+    # upstream broke, fell silent, the drain's grace ran out): in the request's log line.
+    stream_error: str | None = None
     # The request is on its way to an upstream (redacted, encoded): from here it may be billed.
     # A client that leaves before cancels a request nothing generated for (SPEC §14).
     sent: bool = False

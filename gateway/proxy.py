@@ -512,10 +512,11 @@ class Proxy:
             try:
                 state.answering = True
                 await response.prepare(request)
-                await self._pump(request, response, relay, first, reply)
+                await self._pump(request, state, response, relay, first, reply)
                 await response.write_eof()
                 state.delivered = response.status
                 if relay.failure is not None:  # an event the relay could not pass: the upstream is cut
+                    state.stream_error = relay.failure.message
                     self._telemetry.metrics.cb_event("upstream_error")
                 elif relay.done and not reply.at_eof:
                     # Hand the upstream over: the client may leave (and cancel us) now.
@@ -731,8 +732,16 @@ class Proxy:
         task.add_done_callback(self._draining.discard)
 
     async def _pump(
-        self, request: web.Request, response: web.StreamResponse, relay: StreamRelay, first: bytes, reply: Reply
+        self,
+        request: web.Request,
+        state: RequestState,
+        response: web.StreamResponse,
+        relay: StreamRelay,
+        first: bytes,
+        reply: Reply,
     ) -> None:
+        """The stream relayed to its end. One that ends with the gateway's error event notes its
+        message in `state.stream_error`: the status logged is the 200 the client got."""
         try:
             out = first
             loop = asyncio.get_running_loop()
@@ -801,10 +810,10 @@ class Proxy:
             await response.write_eof(reply.scrub(out))
         except TimeoutError:
             self._telemetry.metrics.cb_event("timeout")
-            await _try_write(response, _finished(relay) + relay.error_event(UpstreamIdleTimeout()))
+            await self._end_with(response, state, relay, UpstreamIdleTimeout())
         except UpstreamError as exc:  # the upstream broke mid-stream
             self._telemetry.metrics.cb_event("upstream_error")
-            await _try_write(response, _finished(relay) + relay.error_event(exc))
+            await self._end_with(response, state, relay, exc)
         except OSError:
             raise  # the client's connection failed under our write: nobody to tell
         except asyncio.CancelledError:
@@ -814,12 +823,21 @@ class Proxy:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            await _try_write(response, _finished(relay) + relay.error_event(ShuttingDown()))
+            await self._end_with(response, state, relay, ShuttingDown())
         except Exception:
             # Headers are out: whatever failed, the client gets an error event, never a second
             # HTTP response inside the body (SPEC §9).
-            log.exception("stream relay failed")
+            log.exception("stream relay failed (request %s)", state.request_id)
+            state.stream_error = GatewayError.message
             await _try_write(response, relay.error_event(GatewayError()))
+
+    @staticmethod
+    async def _end_with(
+        response: web.StreamResponse, state: RequestState, relay: StreamRelay, error: GatewayError
+    ) -> None:
+        """The stream ended by the gateway's error event (held text flushed before it)."""
+        state.stream_error = error.message
+        await _try_write(response, _finished(relay) + relay.error_event(error))
 
 
 class AttemptFailed(Exception):

@@ -336,6 +336,8 @@ class RequestLog:
         }
         if state.upstream is not None:
             record["upstream"] = state.upstream
+        if state.stream_error is not None:
+            record["stream_error"] = state.stream_error
         if trace_id is not None:
             record["trace_id"] = trace_id
         line = orjson.dumps(record)

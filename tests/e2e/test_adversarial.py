@@ -837,11 +837,21 @@ def test_an_upstream_that_dies_mid_stream_ends_it_with_an_error_event_on_both_ro
 ) -> None:
     die = {"x-stainless-mock-die-after": "2", "x-stainless-mock-reply": "mail jane.doe@example.com soon please"}
     status, _, data = post(
-        shared_gateway, CHAT, {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}, **die
+        shared_gateway,
+        CHAT,
+        {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        **die,
+        **{"x-request-id": "dies-mid-stream"},
     )
     assert status == 200 and b"HTTP/1.1" not in data
     last = [line for line in data.split(b"\n") if line.startswith(b"data: ")][-1]
     assert json.loads(last[6:])["error"]["code"] == "upstream_stream_broken"
+    # Logged as the 200 the client got, and how its stream ended (the operator's only trace).
+    logged = wait_until(
+        lambda: [entry for entry in shared_gateway.log_lines() if entry["request_id"] == "dies-mid-stream"],
+        what="the stream's log line",
+    )[0]
+    assert logged["status"] == 200 and logged["stream_error"] == "upstream stream ended unexpectedly"
     claude = {"model": "c", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     status, _, data = post(shared_gateway, MESSAGES, claude, **die)
     assert status == 200 and data.rstrip().split(b"\n")[-2] == b"event: error"

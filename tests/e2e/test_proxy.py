@@ -202,6 +202,9 @@ async def test_a_stream_silent_for_stream_idle_secs_is_cut_with_an_error_event(
     events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
     error = json.loads(events[-1])["error"]
     assert error["message"] == "upstream idle timeout" and error["code"] == "upstream_idle_timeout"
+    # The client got a 200: the log line says how its stream ended.
+    line = wait_until(lambda: [entry for entry in gateway.log_lines() if entry["path"] == CHAT], what="a log line")[0]
+    assert line["status"] == 200 and line["stream_error"] == "upstream idle timeout"
     # the slot is free again: the only one there is
     reply = client(gateway).chat.completions.create(model="m", messages=MESSAGES)
     assert reply.choices[0].message.content
