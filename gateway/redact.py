@@ -1101,6 +1101,21 @@ class StreamRedactor:
         return self._redactor.redact_from(text, start, self._on_redaction, start if after else -1)
 
 
+def _unsent(owed: str, out: str) -> tuple[str, str]:
+    """A resumed stream's output `out` without what repeats `owed`, the held text it went on
+    from, which went out already (see ResumedStream); and what of `owed` is still to come."""
+    if not owed:
+        return out, ""
+    if out.startswith(owed):
+        return out[len(owed) :], ""
+    if owed.startswith(out):
+        return "", owed[len(out) :]
+    same = 0
+    while out[same] == owed[same]:  # they differ before either ends (the two tests above)
+        same += 1
+    return out[same:], ""
+
+
 class ResumedStream(StreamRedactor):
     """A text stream that goes on after its held text was sent: a chat choice's content,
     flushed before its first tool call (the openai SDK fires content.done there) and written
@@ -1119,30 +1134,16 @@ class ResumedStream(StreamRedactor):
         super().__init__(redactor, on_redaction)
         self._owed = sent
         self.held_text = ""
-        self._unsent(super().feed(sent))  # `sent` alone: nothing new to send
-
-    def _unsent(self, out: str) -> str:
-        owed = self._owed
-        if not owed:
-            return out
-        if out.startswith(owed):
-            self._owed = ""
-            return out[len(owed) :]
-        if owed.startswith(out):
-            self._owed = owed[len(out) :]
-            return ""
-        same = 0
-        while out[same] == owed[same]:  # they differ before either ends (the two tests above)
-            same += 1
-        self._owed = ""
-        return out[same:]
+        self.feed(sent)  # `sent` alone: nothing new to send
 
     def feed(self, piece: str) -> str:
-        return self._unsent(super().feed(piece))
+        out, self._owed = _unsent(self._owed, super().feed(piece))
+        return out
 
     def flush(self) -> str:
         self.held_text = super().flush()
-        return self._unsent(self.held_text)
+        out, self._owed = _unsent(self._owed, self.held_text)
+        return out
 
 
 # JSON text. What stands in the view for a character that must take part in no match and
@@ -1361,6 +1362,16 @@ class JsonStreamRedactor(StreamRedactor):
     def held(self) -> int:
         return len(self._text) - self._start + len(self._plain.pending)  # an escape cut short is held too
 
+    def suspend(self) -> tuple[str, bool, str]:
+        """`flush`, for a text that goes on after a pause (see ResumedJsonStream): the held
+        text; whether it began inside a string, where the stream that goes on reads it from;
+        and an escape cut short, kept back: no character until its rest comes (written out,
+        "\\u00" then "e4" would be no escape to the client's parser, and the text after the
+        pause would read "e4" as letters of its own)."""
+        in_string, pending = self._in_string, self._plain.pending
+        self._plain.pending = ""
+        return self.flush(), in_string, pending
+
     def feed(self, piece: str) -> str:
         return self._settle(self._plain.feed(piece), False, self._on_redaction)
 
@@ -1437,6 +1448,38 @@ class JsonStreamRedactor(StreamRedactor):
         self._view = view[keep_from:]
         self._digits = None if digits is view else digits[keep_from:]
         self._start = settled - keep_from
+        return out
+
+
+class ResumedJsonStream(JsonStreamRedactor):
+    """`ResumedStream` for a JSON text (a structured output's content, which clients join
+    around the tool calls as they do any content): the same document goes on, so the new
+    stream reads `sent` from where its held text began, inside a string or not, and takes the
+    escape the pause cut short as its next piece's start (`JsonStreamRedactor.suspend`).
+    Started afresh, the text after the calls was read as a new document: the address or card
+    it completed went out in clear, and text inside a string was taken for text outside one
+    (a number there masked with quotes round it, which broke the document)."""
+
+    __slots__ = ("_owed", "held_text")
+
+    def __init__(
+        self, redactor: Redactor, on_redaction: OnRedaction | None, sent: str, in_string: bool, pending: str
+    ) -> None:
+        super().__init__(redactor, on_redaction)
+        self._in_string = in_string
+        self._scan.state = (in_string, 0, False)
+        self._owed = sent
+        self.held_text = ""
+        self.feed(sent)  # `sent` alone: nothing new to send
+        self._plain.pending = pending
+
+    def feed(self, piece: str) -> str:  # as ResumedStream's
+        out, self._owed = _unsent(self._owed, super().feed(piece))
+        return out
+
+    def flush(self) -> str:
+        self.held_text = super().flush()
+        out, self._owed = _unsent(self._owed, self.held_text)
         return out
 
 

@@ -33,6 +33,7 @@ from .redact import (
     JsonStreamRedactor,
     OnRedaction,
     Redactor,
+    ResumedJsonStream,
     ResumedStream,
     StreamRedactor,
     digit_view,
@@ -236,9 +237,11 @@ class StreamRelay:
         self.parser = sse.SSEParser(max_event_bytes) if max_event_bytes else sse.SSEParser()
         self._streams: dict[Path, StreamRedactor] = {}  # one per text field and indices, in order of arrival
         self._ended: set[Path] = set()  # streams whose held text was flushed: they take no more text
-        # Streams flushed to go on afresh (Surface.restart_before) and the held text they sent:
-        # text that comes for them later continues it (ResumedStream).
-        self._resumed: dict[Path, str] = {}
+        # Streams flushed to go on afresh (Surface.restart_before), the held text they sent and,
+        # for a JSON text, whether that text began inside a string and an escape cut short
+        # (JsonStreamRedactor.suspend): text that comes for them later continues it
+        # (ResumedStream, ResumedJsonStream).
+        self._resumed: dict[Path, tuple[str, bool, str]] = {}
         self._templates: dict[Path, dict[str, Any]] = {}  # what a flush event copies, by root: its first event
         # What each text stream gave out, for the events that repeat it whole (None: too long to keep).
         self._kept: dict[Path, list[str] | None] | None = {} if surface.keeps_copies else None
@@ -363,17 +366,23 @@ class StreamRelay:
             if end is None and not self._streams[path].held:
                 continue
             stream = self._streams.pop(path)
-            text = stream.flush()
+            json_text = isinstance(stream, JsonStreamRedactor)
+            if isinstance(stream, JsonStreamRedactor) and end is False and _resumes(path):
+                text, in_string, pending = stream.suspend()
+            else:
+                text, in_string, pending = stream.flush(), False, ""
             # Resumed, what it held includes the text it was resumed with (calls on both sides).
-            resumed = stream.held_text if isinstance(stream, ResumedStream) else text
+            resumed = stream.held_text if isinstance(stream, ResumedStream | ResumedJsonStream) else text
             if end is not False:
                 self._ended.add(path)
-            elif resumed and _resumes(path) and not isinstance(stream, JsonStreamRedactor):
+            elif (resumed or json_text) and _resumes(path):
                 # Clients join the text that comes next to what went out (a chat choice's
-                # content around its tool calls): it continues this. Past the bound it takes no
-                # more. (A Responses part's second opening text replaces the first: afresh.)
+                # content around its tool calls): it continues this, and a JSON text (a
+                # structured output's) the same document, whether it held text or not. Past the
+                # bound it takes no more. (A Responses part's second opening text replaces the
+                # first: afresh.)
                 if len(self._resumed) < MAX_ENDED:
-                    self._resumed[path] = resumed
+                    self._resumed[path] = (resumed, in_string, pending)
                 else:
                     self._ended.add(path)
             if text:
@@ -829,9 +838,14 @@ class StreamRelay:
                 # Redacted event by event, a text split across this stream's events would go
                 # out in clear: the stream ends instead (SPEC §6: redacted, or an error event).
                 raise _TooManyStreams
-            sent = self._resumed.pop(path, None) if self._resumed else None
-            if sent is not None and not leaf.json_text:
-                stream = self._streams[path] = ResumedStream(self._redactor, self._on_redaction, sent)
+            resumed = self._resumed.pop(path, None) if self._resumed else None
+            if resumed is not None:
+                sent, in_string, pending = resumed
+                stream = self._streams[path] = (
+                    ResumedJsonStream(self._redactor, self._on_redaction, sent, in_string, pending)
+                    if leaf.json_text
+                    else ResumedStream(self._redactor, self._on_redaction, sent)
+                )
             else:
                 stream = self._streams[path] = self._redactor.stream(self._on_redaction, json_text=leaf.json_text)
         out = stream.feed(text) if not self._sliced else feed_sliced(stream, text)

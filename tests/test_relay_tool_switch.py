@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from gateway import sse
 from gateway.redact import ALL_KINDS, build_redactor
 from gateway.relay import StreamRelay
+from gateway.surfaces import CHAT_JSON
 
 from .stream_equivalence import assert_same_but_for_splits
 from .test_redact import PII_VALUES
@@ -307,3 +308,59 @@ def test_content_split_anywhere_around_several_calls_never_joins_pii_in_clear(
 @settings(max_examples=200, deadline=None)
 def test_content_without_pii_around_several_calls_arrives_whole(pieces: list[str]) -> None:
     assert _sdk_content(_content_around_calls(pieces)) == "".join(pieces)
+
+
+# Structured output (`response_format` json_schema / json_object: CHAT_JSON) reads the content
+# as JSON text. Content, a call, content: the text after the calls continues the same JSON
+# document (every client appends it), inside the string the calls cut. It started afresh, as
+# a new document: "jane.doe@exa" went out before the call, "mple.com" after it, and the
+# client's content held the address whole; a card's digits after the call were read as a
+# number outside any string and masked with quotes round it, which broke the document.
+def _sdk_json_content(pieces: list[str]) -> str:
+    relay = StreamRelay(REDACTOR, None, CHAT_JSON)
+    wire = b"".join(relay.feed(event) for event in _content_around_calls(pieces)) + relay.close()
+    state = ChatCompletionStreamState(input_tools=TOOLS)
+    for event in sse.SSEParser().feed(wire):
+        if event.data and event.data != sse.DONE:
+            state.handle_chunk(ChatCompletionChunk.model_validate(json.loads(event.data)))
+    return state.get_final_completion().choices[0].message.content or ""
+
+
+@pytest.mark.parametrize(
+    ("pieces", "clear"),
+    [
+        (['{"note":"mail jane.doe@exa', 'mple.com now"}'], "jane.doe@example.com"),
+        (['{"note":"mail jane.doe', "@", 'example.com now"}'], "jane.doe@example.com"),
+        (['{"note":"card 4242 4242 ', '4242 4242 ok"}'], "4242 4242 4242 4242"),
+        (['{"note":"card ', '4242 4242 4242 4242 ok"}'], "4242 4242 4242 4242"),
+        (['{"note":"hello ', 'jane.doe@example.com"}'], "jane.doe@example.com"),
+        (['{"note":"call +1 415 ', "555 ", '2671 now"}'], "415 555 2671"),
+        # An escape the call cuts: held back, its rest after the call finishes it.
+        (['{"note":"mail j\\u00', 'e4ne@ex\\u00e4mple.com"}'], "jäne@exämple.com"),
+    ],
+)
+def test_a_json_content_split_around_calls_is_one_document(pieces: list[str], clear: str) -> None:
+    content = _sdk_json_content(pieces)
+    assert clear not in json.loads(content)["note"]  # still the one JSON document
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=PII_VALUES,
+    words=st.tuples(st.sampled_from(["Write to ", "ok ", "", "see: "]), st.sampled_from([" today.", "", " and 12"])),
+    cuts=st.lists(st.integers(0, 200), min_size=1, max_size=3),
+)
+def test_a_json_content_split_anywhere_around_calls_never_joins_pii_in_clear(
+    value: str, words: tuple[str, str], cuts: list[int]
+) -> None:
+    document = json.dumps({"note": words[0] + value + words[1], "n": 12})
+    bounds = sorted({0, len(document), *(cut % (len(document) + 1) for cut in cuts)})
+    pieces = [document[a:b] for a, b in itertools.pairwise(bounds)]
+    note = json.loads(_sdk_json_content(pieces))["note"]
+    assert value not in note
+
+
+@given(pieces=st.lists(st.text(st.sampled_from('ab .,:\n"{}'), min_size=1, max_size=20), min_size=1, max_size=4))
+@settings(max_examples=200, deadline=None)
+def test_a_json_content_without_pii_around_calls_arrives_whole(pieces: list[str]) -> None:
+    assert _sdk_json_content(pieces) == "".join(pieces)

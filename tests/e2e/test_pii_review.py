@@ -10,7 +10,7 @@ import pytest
 from gateway.redact import ALL_KINDS, build_redactor
 
 from ..harness import Gateway
-from .test_routing_review import Fake, post, write_routes
+from .test_routing_review import Fake, post, sse, write_routes
 
 EMAIL = "jane.doe@example.com"
 CARD = "4242 4242 4242 4242"
@@ -311,3 +311,69 @@ def test_a_tabbed_phone_in_tool_call_arguments_of_a_reply_is_masked(gateway, fak
     else:
         arguments = json.loads(data)["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
     assert "2671" not in data.decode() and json.loads(arguments) == TABBED_MASKED
+
+
+# 6. SPEC §6/§13: a structured output's content is one JSON document, which clients join
+#    around the tool calls (Claude may call a tool of the client's, then go on with the
+#    forced answer). The text after the calls started afresh as a new document: the address
+#    split by the call reached the openai SDK's content (and its `parsed`) in clear, on the
+#    translated stream and in the reply joined from it for a request without "stream".
+def _answer_around_a_call() -> str:
+    def block_delta(index: int, partial: str) -> dict:
+        return {
+            "type": "content_block_delta",
+            "index": index,
+            "delta": {"type": "input_json_delta", "partial_json": partial},
+        }
+
+    usage = {"input_tokens": 3, "output_tokens": 1}
+    message = {"id": "m", "type": "message", "role": "assistant", "model": "claude-x", "content": [], "usage": usage}
+    answer = {"type": "tool_use", "id": "t0", "name": "json_response", "input": {}}
+    call = {"type": "tool_use", "id": "t1", "name": "lookup", "input": {}}
+    return sse(
+        [
+            {"type": "message_start", "message": message},
+            {"type": "content_block_start", "index": 0, "content_block": answer},
+            block_delta(0, '{"note": "mail ' + EMAIL[:12]),
+            {"type": "content_block_start", "index": 1, "content_block": call},
+            block_delta(1, "{}"),
+            {"type": "content_block_stop", "index": 1},
+            block_delta(0, EMAIL[12:] + ' now"}'),
+            {"type": "content_block_stop", "index": 0},
+            {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}},
+            {"type": "message_stop"},
+        ]
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_structured_answer_split_around_a_call_is_masked(gateway, fakes, stream: bool) -> None:
+    import openai
+    from pydantic import BaseModel
+
+    class Note(BaseModel):
+        note: str
+
+    class Lookup(BaseModel):
+        pass
+
+    script = {"status": 200, "headers": {"Content-Type": "text/event-stream"}, "chunks": [_answer_around_a_call()]}
+    fakes["claude"].script(script)
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="demo", max_retries=0, timeout=20)
+    messages = [{"role": "user", "content": "hi"}]
+    tools = [openai.pydantic_function_tool(Lookup, name="lookup")]
+    if stream:  # (the SDK's stream helper parses the content when the call opens: read as chunks)
+        chunks = client.chat.completions.create(
+            model="claude-x", messages=messages, tools=tools, response_format={"type": "json_object"}, stream=True
+        )
+        content = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    else:
+        message = (
+            client.chat.completions.parse(model="claude-x", messages=messages, tools=tools, response_format=Note)
+            .choices[0]
+            .message
+        )
+        assert message.tool_calls is not None and message.tool_calls[0].function.name == "lookup"
+        content = message.content or ""
+    assert EMAIL not in content, content
+    assert json.loads(content)["note"].startswith("mail jane.doe@exa")  # still the one document
