@@ -870,8 +870,9 @@ _NOT_PART_TEXT = _MEDIA_PARTS | {"type", "detail", "file_id", "cache_control"}
 
 
 def _content_texts(holder: Any, key: Any) -> Iterator[TextSlot]:
-    """Every string of a chat content (parts, one part, or nested lists) but a media part's and
-    `_NOT_PART_TEXT`'s, in document order. Walked with a stack of its own (see `strings_in`)."""
+    """Every string of a chat content (parts, one part, or nested lists) but a media part's (a
+    file part's `filename` excepted) and `_NOT_PART_TEXT`'s, in document order. Walked with a
+    stack of its own (see `strings_in`)."""
     todo: list[tuple[Any, Any]] = [(holder, key)]
     while todo:
         holder, key = todo.pop()
@@ -884,6 +885,8 @@ def _content_texts(holder: Any, key: Any) -> Iterator[TextSlot]:
             kind = value.get("type")
             if type(kind) is not str or kind not in _MEDIA_PARTS:
                 todo += [(value, name) for name in reversed(value) if name not in _NOT_PART_TEXT]
+            elif kind == "file" and type(file := value.get("file")) is dict and type(file.get("filename")) is str:
+                yield file, "filename", False  # a name the user gave it (as the Responses API's input_file)
 
 
 def messages_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:

@@ -406,6 +406,22 @@ async def test_a_chat_content_of_an_odd_shape_never_reaches_the_upstream_in_clea
         assert hostile.sent()["messages"][0]["content"][-1] == image
 
 
+async def test_a_chat_file_parts_filename_reaches_the_upstream_masked(
+    gateway: Gateway,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+) -> None:
+    # A file part passed whole, as a media part does: its data and id are no text, but its
+    # `filename` is a name the user gave ("contract jane.doe@example.com.pdf"), which the
+    # Responses API's `input_file` part had redacted and chat's sent upstream in clear.
+    hostile.answer = json_answer({"id": "c1", "object": "chat.completion", "model": "m", "choices": []})
+    data = "data:application/pdf;base64,JVBERi0xLjQ="
+    part = {"type": "file", "file": {"file_data": data, "filename": f"contract {EMAIL}.pdf"}}
+    status, _ = await gateway.chat({"messages": [{"role": "user", "content": [part, {"type": "text", "text": "sum"}]}]})
+    assert status == 200
+    sent = hostile.sent()["messages"][0]["content"][0]
+    assert sent == {"type": "file", "file": {"file_data": data, "filename": f"contract {MASKED}.pdf"}}
+
+
 ODD_CALLS: list[tuple[str, dict[str, Any]]] = [
     # Arguments as an object, as the servers that parse them for a chat template hold them.
     (
