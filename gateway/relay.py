@@ -147,8 +147,14 @@ MAX_ENDED = 16_384  # ended streams remembered (a path each), so that text sent 
 
 
 def _resumes(path: Path) -> bool:
-    """A chat choice's content or refusal: what clients append to, whatever comes between."""
-    return len(path) == 4 and path[0] == "choices" and path[3] in ("content", "refusal")
+    """A chat choice's content or refusal, and the thinking of a content that comes as chunks
+    (flushed when the answer begins: thinking after answer text goes on with it, as clients join
+    every thinking chunk): what clients append to, whatever comes between."""
+    if len(path) < 4 or path[0] != "choices":
+        return False
+    if len(path) == 4:
+        return path[3] in ("content", "refusal")
+    return len(path) == 5 and path[3] == "content" and path[4] == THINKING_CHUNKS
 
 
 class _TooManyStreams(Exception):

@@ -158,6 +158,30 @@ def test_mistral_content_chunks_split_across_deltas_are_redacted(
     assert EMAIL not in text + thinking and "4242 4242" not in text + thinking
 
 
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [(f"the user is {EMAIL[:12]}", f"{EMAIL[12:]} fine"), (f"card {CARD[:10]}", f"{CARD[10:]} ok")],
+)
+def test_mistral_thinking_split_around_answer_text_is_masked(
+    gateway, fakes, structured: bool, before: str, after: str
+) -> None:
+    """The thinking's held text goes out when the answer begins; thinking that comes after
+    answer text continues it, as clients join every thinking chunk: it started afresh, so the
+    address split around the answer chunk was joined in clear."""
+    chunks = [chunk(think(before)), chunk([{"type": "text", "text": "{}"}]), chunk(think(after)), chunk("", "stop")]
+    fakes["backup"].script({"chunks": [*chunks, "data: [DONE]\n\n"]})
+    body = {"model": "magistral-medium-latest", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    if structured:
+        body["response_format"] = {"type": "json_object"}
+    got, _, data = post(gateway.port, "/v1/chat/completions", body)
+    assert got == 200, data
+    text, thinking = joined(data)
+    assert text == "{}"
+    assert EMAIL not in thinking and CARD not in thinking, thinking
+    assert thinking.startswith(before[:5]), thinking  # what went out before the answer stays
+
+
 # 3. SPEC §6's reason to refuse log probabilities (they repeat the completion token by token)
 #    holds for token ids too: vLLM and SGLang answer `return_token_ids: true` with each choice's
 #    `token_ids`, the completion unredacted to anyone with the model's public tokenizer (or the
