@@ -326,10 +326,49 @@ _UNINDEXED_CHOICES = "unindexed call choices"
 CALLS_ENDED_BY_OPENING = 16
 
 
+# A delta's strings clients do not join across chunks: the openai SDK's stream helper
+# replaces `type` and `index`, and OpenAI sends `role` once. Every other string of a delta that
+# the description does not name (a server's own field) is joined by them, and by the gateway's
+# join of events into one completion (translate.completion_from_events): it is a text stream.
+_NOT_JOINED = frozenset({"role", "type", "index"})
+
+
 class ChatSurface(Surface):
     spec: ClassVar[Spec] = {"choices": Each(_CHAT_CHOICE)}
     reply_spec: ClassVar[Spec] = {"choices": Each(_CHAT_REPLY_CHOICE)}
     done_data = sse.DONE
+    _choice: ClassVar[Spec] = _CHAT_CHOICE
+    _message: ClassVar[Spec] = _CHAT_MESSAGE
+    _known: ClassVar[frozenset[str]] = frozenset(_CHAT_MESSAGE) | _NOT_JOINED  # the delta's fields read as they are
+
+    def spec_of(self, event: dict[str, Any]) -> Spec:
+        """Chat's description, and each string a choice's delta holds that it does not name
+        (but `_NOT_JOINED`'s) as one more text stream: clients join those across chunks as they
+        join content, so redacted whole, event by event, an address split across two chunks
+        was joined in clear."""
+        choices = event.get("choices")
+        if type(choices) is list:
+            known = self._known
+            for choice in choices:
+                if type(choice) is dict:
+                    delta = choice.get("delta")
+                    if type(delta) is dict and not known.issuperset(delta):  # (one C call: the usual delta)
+                        return self._with_unknown(choices)
+        return self.spec
+
+    def _with_unknown(self, choices: list[Any]) -> Spec:
+        """`spec_of` for an event whose deltas hold fields the description does not name."""
+        known = self._known
+        unknown = {
+            name
+            for choice in choices
+            if type(choice) is dict and type(delta := choice.get("delta")) is dict
+            for name, value in delta.items()
+            if type(value) is str and name not in known
+        }
+        if not unknown:
+            return self.spec
+        return {"choices": Each({**self._choice, "delta": {**self._message, **dict.fromkeys(unknown, TEXT)}})}
 
     def misindexed(self, event: dict[str, Any]) -> str | None:
         # Written out flat: every event of the exact path is checked (~40 of the synthetic bench's).
@@ -345,7 +384,9 @@ class ChatSurface(Surface):
                 if type(index) is not int:
                     if index is not None:
                         return NOT_AN_INTEGER
-                    if carries_text(choice, _CHAT_CHOICE):
+                    described = self.spec_of(event)["choices"]
+                    assert type(described) is Each
+                    if carries_text(choice, described.spec):  # (a server's own delta field too)
                         return MISSING
                     wrong = LEFT_OUT
                 delta = choice.get("delta")
@@ -534,6 +575,8 @@ _JSON_FORMATS = frozenset({"json_schema", "json_object"})
 class ChatJsonSurface(ChatSurface):
     # Chat's own but for the content: what else a choice drops (token ids too), it drops.
     spec: ClassVar[Spec] = {"choices": Each({**_CHAT_CHOICE, "delta": _CHAT_JSON_MESSAGE})}
+    _choice: ClassVar[Spec] = {**_CHAT_CHOICE, "delta": _CHAT_JSON_MESSAGE}
+    _message: ClassVar[Spec] = _CHAT_JSON_MESSAGE
     reply_spec: ClassVar[Spec] = {
         "choices": Each({**_CHAT_REPLY_CHOICE, "message": {**_CHAT_JSON_MESSAGE, "tool_calls": All(_CHAT_CALL)}})
     }

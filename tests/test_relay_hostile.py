@@ -1018,3 +1018,21 @@ def test_data_that_starts_with_done_ends_the_stream_after_held_text(done: bytes)
         read += [choice["delta"].get("content", "") for choice in json.loads(ev.data)["choices"]]
     assert "".join(read) == "Build 4242 4242"
     assert wire.endswith(b"data: [DONE]\n\n") and b"jane" not in wire
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.lists(st.sampled_from([EMAIL, CARD, "+1 415 555 2671", "see ", " ok", "12", "."]), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(0, 200), max_size=4),
+    reads=st.sampled_from([1, 2, 100]),
+)
+def test_a_delta_field_no_description_names_streams_like_content(text: list[str], cuts: list[int], reads: int) -> None:
+    """A server's own field of a chat delta ("reasoning_text") is joined across chunks by the
+    openai SDK's stream helper as content is: for any split, the joined field is the redaction
+    of the whole (it was redacted event by event, so a split address was joined in clear)."""
+    whole = "".join(text)
+    bounds = sorted({0, len(whole), *(cut % (len(whole) + 1) for cut in cuts)})
+    events = [delta_chunk({"reasoning_text": whole[a:b], "content": "x"}) for a, b in itertools.pairwise(bounds)]
+    events += [delta_chunk({}, finish="stop"), DONE]
+    per_read = [b"".join(events[at : at + reads]) for at in range(0, len(events), reads)]
+    assert texts(relay_all(*per_read), "reasoning_text") == REDACTOR.redact(whole)

@@ -401,3 +401,46 @@ def test_a_structured_answer_split_around_a_call_is_masked(gateway, fakes, strea
         content = message.content or ""
     assert EMAIL not in content, content
     assert json.loads(content)["note"].startswith("mail jane.doe@exa")  # still the one document
+
+
+# 7. SPEC §6: a field of a chat delta that the gateway does not describe (a server's own,
+#    "reasoning_text" say) was redacted event by event, whole; but clients join every string
+#    of a delta across chunks (the openai SDK's stream helper appends them all, as the
+#    gateway's own join of events into one completion does), so an address split across two
+#    chunks was joined in clear: on the stream by the SDK, in the JSON reply by the gateway.
+def _odd_field_stream() -> list[str]:
+    def delta_chunk(delta: dict, finish: str | None = None) -> str:
+        event = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o"}
+        event["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
+        return "data: " + json.dumps(event, separators=(",", ":")) + "\n\n"
+
+    return [
+        delta_chunk({"role": "assistant", "content": ""}),
+        delta_chunk({"reasoning_text": "the user is " + EMAIL[:12], "content": "Hi"}),
+        delta_chunk({"reasoning_text": EMAIL[12:] + ", card " + CARD[:7]}),
+        delta_chunk({"reasoning_text": CARD[7:] + " ok", "content": " there"}),
+        delta_chunk({}, "stop"),
+        "data: [DONE]\n\n",
+    ]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_delta_field_of_a_servers_own_is_redacted_across_chunks(gateway, fakes, stream: bool) -> None:
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    fakes["backup"].script({"headers": {"Content-Type": "text/event-stream"}, "chunks": _odd_field_stream()})
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    got, _, data = post(gateway.port, "/v1/chat/completions", body)
+    assert got == 200, data
+    if stream:
+        state = ChatCompletionStreamState()
+        for line in data.decode().splitlines():
+            if line.startswith("data: {"):
+                state.handle_chunk(ChatCompletionChunk.model_validate(json.loads(line[6:])))
+        message = state.get_final_completion().choices[0].message.model_dump()
+    else:
+        message = json.loads(data)["choices"][0]["message"]
+    assert message["content"] == "Hi there"
+    redactor = build_redactor(ALL_KINDS)
+    assert message["reasoning_text"] == redactor.redact(f"the user is {EMAIL}, card {CARD} ok"), message
