@@ -410,6 +410,16 @@ def _mask_email(text: str, glued: bool = False) -> str:
     return f"{first}***{last}@***" if glued else f"{first}***{last}@{domain}"
 
 
+def _git_remote(text: str, start: int, end: int) -> bool:
+    """Whether the address at text[start:end] is a git remote's user and host: "git@", and
+    right after the host the ":" of scp's form or the "/" of a URL's path
+    (`git@github.com:org/repo.git`, `ssh://git@gitlab.example.com/group/repo.git`). Every git
+    host serves SSH as the user "git": that is no one's address, and masked it broke every
+    clone command in a reply. Like the "@" of a glued address, only the character after the
+    match decides it (a stream knows it once the match is final: within MAX_MATCH)."""
+    return end < len(text) and text.startswith("git@", start) and text[end] in ":/"
+
+
 def _digit_bytes(text: str) -> bytes:
     """`_digits(text)` as bytes, for a span of a card (ASCII digits and separators: the view's).
     An ASCII span is translated as bytes, at a third of a str's cost: a run of near-miss
@@ -640,10 +650,17 @@ class Redactor:
                 if astral is None:  # once, not per address: a megabyte is copied in ~1 ms
                     astral = _has_astral(text)
                 found = self._next_email(text, pos, after, astral)
+                # A git remote's "git@host" is no one's address: passed over, once the character
+                # after it is known to be final (before `limit`: see _git_remote).
+                while found is not None and found.start() < limit and _git_remote(text, found.start(), found.end()):
+                    found = self._next_email(text, found.end(), -1, astral)
                 email_done = found is None
                 if found is not None:
                     end = found.end()
-                    masked = _mask_email(found.group(), text.startswith("@", end))  # glued: see _mask_email
+                    if found.start() >= limit and _git_remote(text, found.start(), end):
+                        masked = None  # undecided: a stream holds it until the text after it is known
+                    else:
+                        masked = _mask_email(found.group(), text.startswith("@", end))  # glued: see _mask_email
                     email_next = (found.start(), end, "email", masked)
             if not other_done and (other_next is None or other_next[0] < pos):
                 other_next, run_end, run_stop = self._next_other(digits, pos, run_end, run_stop, limit)

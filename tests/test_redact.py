@@ -83,6 +83,10 @@ LOOK_ALIKES = [
     "ISBN 978-3-16-148410-0",
     "ISBN 4-12-345678-9",
     "〒100-0001",
+    # A git remote's "git@host": the user every git host serves SSH as, no one's address (it
+    # was masked, "g***t@github.com:org/repo.git", which broke every clone command in a reply).
+    "git@github.com:org/repo.git",
+    "ssh://git@gitlab.example.com/group/repo.git",
 ]
 
 ORDINARY = st.sampled_from(
@@ -119,6 +123,19 @@ def test_each_kind_is_masked(kind: str, value: str) -> None:
 @pytest.mark.parametrize("text", LOOK_ALIKES)
 def test_look_alikes_pass_unchanged(text: str) -> None:
     assert REDACTOR.redact(f"see {text} here") == f"see {text} here"
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ('{"remote": "git@github.com:org/repo.git"}', '{"remote": "git@github.com:org/repo.git"}'),  # JSON text
+        ("jane@server.example.com:backup/", "j***e@server.example.com:backup/"),  # a person's, in scp form
+        ("git@example.com", "g***t@example.com"),  # no remote after it: an address
+        ("git@github.com:jane.doe@example.com", "git@github.com:j***e@example.com"),
+    ],
+)
+def test_a_git_remote_is_no_address(text: str, masked: str) -> None:
+    assert REDACTOR.redact(text, json_text=text.startswith("{")) == masked
 
 
 def test_mask_formats_follow_the_seed() -> None:
@@ -531,6 +548,8 @@ def reference_redact(text: str, parts: dict[str, tuple[str, str, str]] | None = 
         email = whole["email"].match(text, s) if "email" in kinds else None
         if email is None and s == after and glued is not None:  # right where an address ended
             email = glued.match(text, s)
+        if email is not None and text.startswith("git@", s) and text[email.end() : email.end() + 1] in (":", "/"):
+            email = None  # a git remote's user and host (git@github.com:org/repo.git): no one's address
         if email is not None:
             end, kind = email.end(), "email"
             # An "@" right after it: the domain is masked too (it may end in a glued address's local part).
