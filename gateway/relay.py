@@ -395,6 +395,14 @@ class StreamRelay:
                 held.append((path, text))
                 if self._kept is not None:
                     self._keep(path, text)
+        if end is True and self._resumed:
+            # A JSON text that never went on after its pause ends with it: the escape the pause
+            # cut (JsonStreamRedactor.suspend) goes out as it came, as it would have then.
+            for path in [p for p in self._resumed if prefixes is None or any(p[: len(q)] == q for q in prefixes)]:
+                pending = self._resumed.pop(path)[2]
+                self._ended.add(path)
+                if pending:
+                    held.append((path, pending))
         return held
 
     def _unredacted(self, blocks: bytes) -> bytes:

@@ -364,3 +364,20 @@ def test_a_json_content_split_anywhere_around_calls_never_joins_pii_in_clear(
 @settings(max_examples=200, deadline=None)
 def test_a_json_content_without_pii_around_calls_arrives_whole(pieces: list[str]) -> None:
     assert _sdk_json_content(pieces) == "".join(pieces)
+
+
+def test_an_escape_the_calls_cut_goes_out_when_no_content_follows() -> None:
+    # Held back at the call (no character until its rest comes), it must not be lost when the
+    # rest never comes: every character the upstream sent reaches the client.
+    pieces = ['{"note":"mail j\\u00']
+    events = _content_around_calls([*pieces, "x"])
+    events = [event for event in events if b'"content":"x"' not in event]  # no content after the call
+    relay = StreamRelay(REDACTOR, None, CHAT_JSON)
+    wire = b"".join(relay.feed(event) for event in events) + relay.close()
+    content = "".join(
+        choice["delta"].get("content") or ""
+        for event in sse.SSEParser().feed(wire)
+        if event.data and event.data != sse.DONE
+        for choice in json.loads(event.data)["choices"]
+    )
+    assert content == pieces[0]
