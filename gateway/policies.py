@@ -289,7 +289,9 @@ def _schema(listed: list[dict[str, Any]], named: set[str]) -> dict[str, Any] | N
             kind["seen"][name] = kind["seen"].get(name, 0) + 1
         named.update(p["type"] for p in parents if type(p.get("type")) is str and p["type"] != "Action")
     every = sorted({"Tenant", "Model"} | named | set(kinds) - {"Action"})
-    entity_types = {}
+    # A type is declared in its namespace (`Acme::Plan`: type `Plan` of namespace `Acme`); the
+    # empty one holds the rest. References (memberOfTypes, attributes) keep the full names.
+    namespaces: dict[str, dict[str, Any]] = {}
     for name in every:
         kind = kinds.get(name, {"count": 0, "attrs": {}, "seen": {}})
         open_ended = name in ("Tenant", "Model")
@@ -297,7 +299,9 @@ def _schema(listed: list[dict[str, Any]], named: set[str]) -> dict[str, Any] | N
             attr: {**typed, "required": not open_ended and kind["seen"][attr] == kind["count"]}
             for attr, typed in kind["attrs"].items()
         }
-        entity_types[name] = {"memberOfTypes": every, "shape": {"type": "Record", "attributes": attributes}}
+        namespace, _, basename = name.rpartition("::")
+        declared = namespaces.setdefault(namespace, {"entityTypes": {}, "actions": {}})["entityTypes"]
+        declared[basename] = {"memberOfTypes": every, "shape": {"type": "Record", "attributes": attributes}}
     applies = {"principalTypes": ["Tenant"], "resourceTypes": ["Model"], "context": _CONTEXT}
     actions: dict[str, dict[str, Any]] = {
         action: {"memberOf": [{"id": group} for group in member_of]} for action, member_of in groups.items()
@@ -307,7 +311,8 @@ def _schema(listed: list[dict[str, Any]], named: set[str]) -> dict[str, Any] | N
     for member_of in groups.values():
         for group in member_of:
             actions.setdefault(group, {"memberOf": []})
-    return {"": {"entityTypes": entity_types, "actions": actions}}
+    namespaces.setdefault("", {"entityTypes": {}, "actions": {}})["actions"] = actions
+    return namespaces
 
 
 def _cedar_type(value: object) -> dict[str, Any] | None:

@@ -310,6 +310,39 @@ def test_attributes_and_groups_of_the_entities_file_validate(tmp_path: Path) -> 
         )
 
 
+def test_namespaced_entity_types_validate(tmp_path: Path) -> None:
+    # Cedar types may live in namespaces (`Acme::Plan`, `Org::Billing::Tier`): the schema the
+    # policies are validated under listed `Acme::Plan` as a type of the empty namespace, which
+    # Cedar's schema parser refuses ("invalid id `Acme::Plan`"), so a valid file stopped start-up
+    # (found by a review).
+    listed = [
+        {"uid": {"type": "Tenant", "id": "a"}, "attrs": {}, "parents": [{"type": "Acme::Plan", "id": "free"}]},
+        {"uid": {"type": "Acme::Plan", "id": "free"}, "attrs": {"cap": 1000}, "parents": []},
+        {"uid": {"type": "Model", "id": "m"}, "attrs": {}, "parents": [{"type": "Org::Billing::Tier", "id": "basic"}]},
+        {"uid": {"type": "Org::Billing::Tier", "id": "basic"}, "attrs": {}, "parents": []},
+    ]
+    loaded = policies.load(
+        write(
+            tmp_path,
+            "p.cedar",
+            '@id("free") permit(principal in Acme::Plan::"free", action, resource in Org::Billing::Tier::"basic");\n'
+            '@id("cap") forbid(principal in Acme::Plan::"free", action, resource)\n'
+            "  when { context.max_tokens > 1000 };",
+        ),
+        write(tmp_path, "e.json", orjson.dumps(listed).decode()),
+    )
+    assert loaded.decide("a", "chat", "m", PLAIN).allowed
+    assert loaded.decide("a", "chat", "m", Context(False, 1001, False, "default")) == Verdict(False, ("cap",))
+    assert not loaded.decide("a", "chat", "other", PLAIN).allowed
+    assert not loaded.decide("b", "chat", "m", PLAIN).allowed
+    # Still validated: an attribute a namespaced type does not have.
+    with pytest.raises(ConfigError, match="does not validate"):
+        policies.load(
+            write(tmp_path, "q.cedar", 'permit(principal, action, resource) when { Acme::Plan::"free".seats > 1 };'),
+            write(tmp_path, "e.json", orjson.dumps(listed).decode()),
+        )
+
+
 def test_the_example_files_validate() -> None:
     assert policies.load(str(EXAMPLE_POLICIES), str(EXAMPLE_ENTITIES)) is not None
     assert policies.load(str(EXAMPLE_POLICIES)) is not None  # its groups are named, so known, without the file
