@@ -6,13 +6,13 @@ import os
 import signal
 
 # First thing, before the imports below take their second or so: SIGHUP's default ends the
-# process, and a reload asked for while the gateway starts (it reads the files then anyway)
-# must not. server.run keeps it ignored until the loop (or the WORKERS parent) handles it.
-signal.signal(signal.SIGHUP, signal.SIG_IGN)
+# process, and a reload asked for while the gateway starts must not. It is held back, not
+# ignored: the files are read before the loop can handle it, and a reload asked for after that
+# read is pending until server.serve installs its handler (or the WORKERS parent its own).
 # And a stop asked for meanwhile (`systemctl stop` right after a start, Ctrl-C) is held back, not
 # taken by the default actions (SIGTERM kills: status 143, a failure to systemd; SIGINT raises
 # KeyboardInterrupt mid-import): server.serve sees it pending and stops cleanly, serving nothing.
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 def _fill_standard_descriptors() -> None:

@@ -51,8 +51,10 @@ class ListenError(StartupError):
 
 
 def run(settings: Settings) -> int:
-    # Until the loop handles it (the files are read after this), a SIGHUP must not kill.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Until the loop handles it, a SIGHUP must not kill; held back (gateway.py's first line does
+    # so too), not ignored: one asked for after the files are read, while the store and the
+    # listener open, is a reload still to make, delivered once the handler is in (serve).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     if settings.workers > 1:
         with _address_lock(settings.listen_host, settings.listen_port):
             _check_address(settings.listen_host, settings.listen_port)
@@ -248,7 +250,7 @@ async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) 
         await runner.cleanup()
         raise _listen_error(settings.listen_host, settings.listen_port, exc) from None
     loop.add_signal_handler(signal.SIGHUP, app[LIVE_CONFIG].reload)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # a worker blocked it until now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # blocked until now: one pending reloads now
     _settle_gc()
     _settle_threads()
     # Port 0 (one process only: config.py refuses it with WORKERS) is the kernel's choice: name it.
@@ -315,8 +317,9 @@ class _SignalPipe:
         self.fds = (self._read, self._write)
         self._before = {signum: signal.signal(signum, _noted) for signum in self._CAUGHT}
         signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
-        # Blocked since gateway.py's first line: one asked for while starting reaches the pipe now.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        # Blocked since gateway.py's first line: one asked for while starting reaches the pipe now
+        # (a reload too: passed on to the workers, which read the files again anyway).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)
         return self
 
     def fileno(self) -> int:
@@ -334,8 +337,9 @@ class _SignalPipe:
         signal.set_wakeup_fd(-1)
         for signum, handler in self._before.items():
             # The parent only exits after this: a stop signal that arrives now (a second
-            # SIGTERM) must not kill it with the default handler and make its exit status -15.
-            signal.signal(signum, signal.SIG_IGN if signum in _STOP_SIGNALS else handler)
+            # SIGTERM) must not kill it with the default handler and make its exit status -15,
+            # nor a reload (SIGHUP, left at its default since start-up: held back, not ignored).
+            signal.signal(signum, signal.SIG_IGN if signum in _HELD_SIGNALS else handler)
         os.close(self._read)
         os.close(self._write)
 

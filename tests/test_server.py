@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.client
 import os
 import shutil
 import signal
@@ -250,3 +251,48 @@ def test_a_replacement_that_cannot_start_says_why(redis_server: RedisServer, tmp
         assert "sk-team" not in logged.read_text()
         gateway.process.send_signal(signal.SIGTERM)
         assert gateway.process.wait(10) == 0
+
+
+# The gateway with one change: the moment right after the app is built (the files are read) and
+# before SIGHUP's handler is installed, widened: it adds a tenant to TENANT_KEYS_FILE there, as an
+# operator may, and asks for a reload (the SIGHUP `systemctl reload` or a deploy tool sends).
+_RELOAD_WHILE_STARTING = """
+import os, runpy, signal, sys
+import gateway.server as server
+
+built = server.create_app
+
+def create_app(settings):
+    app = built(settings)
+    with open(os.environ["TENANT_KEYS_FILE"], "a") as keys:
+        keys.write("late=sk-late-0123456789\\n")
+    os.kill(os.getpid(), signal.SIGHUP)
+    return app
+
+server.create_app = create_app
+sys.argv = [sys.argv[1]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_reload_asked_for_after_the_files_are_read_is_not_lost(tmp_path: Path) -> None:
+    # One process ignored SIGHUP until its loop's handler was installed: a reload asked for after
+    # the files were read for the app (while the store and the listener were opened) was thrown
+    # away, and the gateway served the files as they had been, saying nothing (found by a review).
+    keys = tmp_path / "keys.env"
+    keys.write_text("team=sk-team-0123456789\n")
+    port, errors = free_port(), tmp_path / "gateway.err"
+    env = base_env() | {"LISTEN_ADDR": f"127.0.0.1:{port}", "RPS": "0", "TENANT_KEYS_FILE": str(keys)}
+    env["OPENAI_BASE_URL"] = "http://127.0.0.1:1"  # the model lookup fails fast (502), past the key check
+    argv = [sys.executable, "-c", _RELOAD_WHILE_STARTING, str(ROOT / "gateway.py")]
+    with errors.open("wb") as stderr, subprocess.Popen(argv, env=env, cwd=tmp_path, stderr=stderr) as process:
+        try:
+            wait_until(lambda: "configuration reloaded" in errors.read_text(), what="the reload")
+            assert http_get(port, "/healthz")[0] == 200
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/v1/models/x", headers={"X-Api-Key": "sk-late-0123456789"})
+            assert conn.getresponse().status != 401  # the tenant the reload added
+            conn.close()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(10) == 0
