@@ -573,7 +573,9 @@ def _check_resource_attributes(sdk_environment: Mapping[str, str], errors: dict[
 
 
 def _key_digest(key: str, entry: str) -> bytes:
-    if key.startswith("sha256:"):
+    # The prefix in any case: `SHA256:<hex>` taken as a plaintext key refused the client's key
+    # and made the hash, the part of the configuration meant to be harmless, the key that admits.
+    if key[: len("sha256:")].lower() == "sha256:":
         hexdigest = key[len("sha256:") :]
         try:
             digest = bytes.fromhex(hexdigest)

@@ -3,6 +3,7 @@ and `--check-config` printing every variable by its name with nothing secret in 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import tempfile
@@ -14,6 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import ConfigError, export_sdk_environment, load_settings, mask_url
+from gateway.errors import InvalidApiKey
+from gateway.tenancy import Tenancy
 
 from .harness import base_env, gateway_argv
 
@@ -183,6 +186,24 @@ def test_tenant_keys_are_kept_hashed_and_never_echoed(monkeypatch: pytest.Monkey
     with pytest.raises(ConfigError) as caught:
         load_settings()
     assert "sk-oops" not in str(caught.value)
+
+
+@pytest.mark.parametrize("prefix", ["SHA256:", "Sha256:"])
+def test_a_hashed_key_is_recognised_whatever_the_case_of_its_prefix(
+    monkeypatch: pytest.MonkeyPatch, prefix: str
+) -> None:
+    # `SHA256:<hex>` (as sha256sum's users and some vaults write it) was taken as a plaintext key:
+    # the client's real key was refused, and the hash itself, which the operator meant to be the
+    # harmless part of the configuration, became the key that admits (found by a review).
+    digest = hashlib.sha256(b"sk-acme-1").hexdigest()
+    monkeypatch.setenv("TENANT_KEYS", f"acme={prefix}{digest}")
+    tenancy = Tenancy(load_settings().tenant_key_digests, None)
+    assert tenancy.resolve("sk-acme-1", "127.0.0.1", "/").name == "acme"
+    with pytest.raises(InvalidApiKey):
+        tenancy.resolve(f"{prefix}{digest}", "127.0.0.1", "/")
+    monkeypatch.setenv("TENANT_KEYS", f"acme={prefix}{digest[:-2]}")
+    with pytest.raises(ConfigError, match="64 hex digits"):
+        load_settings()
 
 
 def test_hash_identifiers_needs_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
