@@ -199,12 +199,16 @@ def load(policy_file: str, entities_file: str | None = None, cache_size: int = C
         raise _bad("POLICY_FILE", policy_file, "no policy in it (Cedar would deny every request)")
     entities, listed = _entities(entities_file)
     entity_actions = {uid["id"] for uid in (_uid(entry) for entry in listed) if uid.get("type") == "Action"}
-    unknown = sorted(set(_actions_named(est)) - set(ACTIONS) - entity_actions)
+    known = set(ACTIONS) | entity_actions
+    # An action of a namespace (`Acme::Action::"chat"`) is none of them either: requests name
+    # `Action::"chat"`, so it would never match.
+    unknown = sorted((kind, id_) for kind, id_ in set(_actions_named(est)) if kind != "Action" or id_ not in known)
     if unknown:
+        kind, id_ = unknown[0]
         raise _bad(
             "POLICY_FILE",
             policy_file,
-            f'Action::"{unknown[0]}" is no route\'s action (they are: {", ".join(ACTIONS)})',
+            f'{kind}::"{id_}" is no route\'s action (they are: {", ".join(ACTIONS)}, as Action::"…")',
         )
     labels = {
         policy_id: (body.get("annotations") or {}).get("id") or policy_id
@@ -353,7 +357,7 @@ def _types_named(node: object) -> set[str]:
         item = stack.pop()
         if type(item) is dict:
             kind = item.get("type")
-            if type(kind) is str and type(item.get("id")) is str and kind != "Action":
+            if type(kind) is str and type(item.get("id")) is str and kind != "Action" and not kind.endswith("::Action"):
                 found.add(kind)
             entity_type = item.get("entity_type")
             if type(entity_type) is str:
@@ -436,11 +440,13 @@ def _which_entity(listed: list[Any]) -> str:
     return ""
 
 
-def _actions_named(node: object) -> Iterator[str]:
-    """Every `Action::"…"` in a policy set's JSON form: scopes, and literals in conditions."""
+def _actions_named(node: object) -> Iterator[tuple[str, str]]:
+    """Every `Action::"…"` (or `Namespace::Action::"…"`) in a policy set's JSON form: scopes,
+    and literals in conditions; as (type, id)."""
     if type(node) is dict:
-        if node.get("type") == "Action" and type(node.get("id")) is str:
-            yield node["id"]
+        kind = node.get("type")
+        if type(kind) is str and (kind == "Action" or kind.endswith("::Action")) and type(node.get("id")) is str:
+            yield kind, node["id"]
         for value in node.values():
             yield from _actions_named(value)
     elif type(node) is list:

@@ -239,6 +239,8 @@ def test_the_cache_is_bounded_least_recently_used_first(tmp_path: Path) -> None:
         ("// nothing but a comment\n", "no policy in it"),
         ('permit(principal, action == Action::"chats", resource);', 'Action::"chats" is no route\'s action'),
         ('permit(principal, action, resource) when { action in [Action::"embed"] };', 'Action::"embed"'),
+        # A namespace's action is never a request's (found by a review: the schema's error named none).
+        ('forbid(principal, action == Acme::Action::"chat", resource);', 'Acme::Action::"chat" is no route\'s action'),
     ],
 )
 def test_a_policy_file_that_does_not_parse_or_validate_is_one_config_line(
