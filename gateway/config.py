@@ -781,6 +781,15 @@ class _Reader:
         return inline | from_file, inline, keys_file
 
 
+def _is_utf8(value: str) -> bool:
+    """Whether `value` is text (os.environ holds the bytes that are not as lone surrogates)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_rps(value: float) -> bool:
     if 0 < value < MIN_RPS:
         raise ValidationError(f"expected 0 (off) or at least {MIN_RPS:.2g} (one request in 366 days)")
@@ -847,6 +856,13 @@ def _read(
     _check_otlp_headers(sdk_environment, r.errors)
     _check_resource_attributes(sdk_environment, r.errors)
     _check_batch_processor(sdk_environment, r.errors)
+    # The real environment may hold any bytes (`HASH_SECRET=$(head -c 32 /dev/urandom)`); `.env`
+    # is read as UTF-8. Such a value could not be used: the secret's was a traceback, a service
+    # name's or resource attribute's an exporter traceback at every batch.
+    not_utf8 = [("HASH_SECRET", hash_secret), ("OTEL_SERVICE_NAME", env.str("OTEL_SERVICE_NAME", None))]
+    for name, value in [*not_utf8, *sdk_environment.items()]:
+        if value and not _is_utf8(value):
+            r.errors[name] = "not UTF-8 text"
     routes_file = env.str("ROUTES_FILE", None) or None
     routes = None
     if routes_file:

@@ -265,6 +265,26 @@ def run_gateway(*args: str, cwd: Path | None = None, **env: str) -> subprocess.C
         )
 
 
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("HASH_SECRET", {"HASH_IDENTIFIERS": "true"}),
+        ("OTEL_SERVICE_NAME", {}),
+        ("OTEL_RESOURCE_ATTRIBUTES", {}),
+    ],
+)
+def test_a_value_that_is_not_utf8_is_one_line_and_status_2(name: str, extra: dict[str, str]) -> None:
+    # The environment may hold any bytes (HASH_SECRET=$(head -c 32 /dev/urandom)): HASH_SECRET's
+    # was a UnicodeEncodeError traceback and exit status 1; a service name or resource attribute
+    # started, then logged the exporter's traceback at every batch and sent spans without it
+    # (found by a review). The value itself is never echoed.
+    result = run_gateway(
+        "--check-config", **{name: "k=ab\udcffcd" if name == "OTEL_RESOURCE_ATTRIBUTES" else "ab\udcffcd"}, **extra
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [f"config error: {name}: not UTF-8 text"]
+
+
 def test_bad_value_stops_start_up_with_one_line_and_status_2() -> None:
     result = run_gateway(RPS="abc")
     assert result.returncode == 2
