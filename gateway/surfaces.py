@@ -378,15 +378,18 @@ class ChatSurface(Surface):
         if type(choices) is not list:
             return None
         wrong = None
+        described: Spec | None = None  # a choice's description, once one without an index needs it
         for choice in choices:
             if type(choice) is dict:
                 index = choice.get("index")
                 if type(index) is not int:
                     if index is not None:
                         return NOT_AN_INTEGER
-                    described = self.spec_of(event)["choices"]
-                    assert type(described) is Each
-                    if carries_text(choice, described.spec):  # (a server's own delta field too)
+                    if described is None:  # once an event: it reads every choice
+                        each = self.spec_of(event)["choices"]
+                        assert type(each) is Each
+                        described = each.spec
+                    if carries_text(choice, described):  # (a server's own delta field too)
                         return MISSING
                     wrong = LEFT_OUT
                 delta = choice.get("delta")
