@@ -398,12 +398,27 @@ class StreamRelay:
         if end is True and self._resumed:
             # A JSON text that never went on after its pause ends with it: the escape the pause
             # cut (JsonStreamRedactor.suspend) goes out as it came, as it would have then.
-            for path in [p for p in self._resumed if prefixes is None or any(p[: len(q)] == q for q in prefixes)]:
+            for path in self._resumed_under(prefixes):
                 pending = self._resumed.pop(path)[2]
                 self._ended.add(path)
                 if pending:
                     held.append((path, pending))
         return held
+
+    def _resumed_under(self, prefixes: list[Path] | None) -> list[Path]:
+        """The paths of `_resumed` under `prefixes` (None: all). A choice's finish looks up the
+        few its choice may hold (`_resumes`), not every one: thousands of choices, each paused at
+        a tool call and then finished, made the reply's cost quadratic (8,000: 10 s)."""
+        resumed = self._resumed
+        if prefixes is None or any(len(prefix) < 2 for prefix in prefixes):  # the stream's end, an error
+            return [path for path in resumed if prefixes is None or any(path[: len(q)] == q for q in prefixes)]
+        found: dict[Path, None] = {}
+        for prefix in prefixes:
+            at = (*prefix[:2], "delta")
+            for path in ((*at, "content"), (*at, "refusal"), (*at, "content", THINKING_CHUNKS)):
+                if path in resumed and path[: len(prefix)] == prefix:
+                    found[path] = None
+        return list(found)
 
     def _unredacted(self, blocks: bytes) -> bytes:
         """Redaction off: the events go out as received, up to the one that ends the stream
