@@ -1384,10 +1384,25 @@ class JsonStreamRedactor(StreamRedactor):
         text; whether it began inside a string, where the stream that goes on reads it from;
         and an escape cut short, kept back: no character until its rest comes (written out,
         "\\u00" then "e4" would be no escape to the client's parser, and the text after the
-        pause would read "e4" as letters of its own)."""
+        pause would read "e4" as letters of its own). Held text that ends outside a string (a
+        number the pause cut: `{"n": 4242` then `4242…`) is kept back whole, unredacted, as
+        such an escape is: flushed, its digits went out as they were, or masked as a number of
+        their own, and the digits after the pause made a card with them, or a mask that broke
+        the document (`4242"CC_MASKED_LAST4_4242"`)."""
         in_string, pending = self._in_string, self._plain.pending
+        held = self._text[self._start :]  # as it came, escapes of ordinary characters written out
+        sent = self._held_sent()
+        if not pending and len(held) > len(sent) and not self._scan.state[0] and held.startswith(sent):
+            self._text = self._view = ""
+            self._digits = None
+            self._start = 0
+            return "", in_string, held[len(sent) :]
         self._plain.pending = ""
         return self.flush(), in_string, pending
+
+    def _held_sent(self) -> str:
+        """What the held text starts with that went out already (ResumedJsonStream's)."""
+        return ""
 
     def feed(self, piece: str) -> str:
         return self._settle(self._plain.feed(piece), False, self._on_redaction)
@@ -1493,6 +1508,14 @@ class ResumedJsonStream(JsonStreamRedactor):
     def feed(self, piece: str) -> str:  # as ResumedStream's
         out, self._owed = _unsent(self._owed, super().feed(piece))
         return out
+
+    def suspend(self) -> tuple[str, bool, str]:
+        # Kept back (a number), the held text that went out before stays what it was resumed with.
+        self.held_text = self._owed
+        return super().suspend()
+
+    def _held_sent(self) -> str:
+        return self._owed
 
     def flush(self) -> str:
         self.held_text = super().flush()

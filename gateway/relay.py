@@ -396,13 +396,19 @@ class StreamRelay:
                 if self._kept is not None:
                     self._keep(path, text)
         if end is True and self._resumed:
-            # A JSON text that never went on after its pause ends with it: the escape the pause
-            # cut (JsonStreamRedactor.suspend) goes out as it came, as it would have then.
+            # A JSON text that never went on after its pause ends with it: what the pause kept
+            # back (JsonStreamRedactor.suspend: an escape cut short, a number) goes out, redacted
+            # as the end of the text it was cut from.
             for path in self._resumed_under(prefixes):
-                pending = self._resumed.pop(path)[2]
+                sent, in_string, pending = self._resumed.pop(path)
                 self._ended.add(path)
                 if pending:
-                    held.append((path, pending))
+                    assert self._redactor is not None  # (only a redacting relay pauses a stream)
+                    text = ResumedJsonStream(self._redactor, self._on_redaction, sent, in_string, pending).flush()
+                    if text:
+                        held.append((path, text))
+                        if self._kept is not None:
+                            self._keep(path, text)
         return held
 
     def _resumed_under(self, prefixes: list[Path] | None) -> list[Path]:

@@ -404,3 +404,40 @@ def test_thousands_of_choices_paused_at_a_call_cost_what_their_text_does() -> No
     elapsed = time.perf_counter() - started
     assert wire.count(b'"content":"hi"') == 8000 and wire.endswith(b"data: [DONE]\n\n")
     assert elapsed < 3.0, elapsed
+
+
+# A number of a structured output that a tool call cuts: `{"n": 4242` + call + `424242424242}`.
+# Flushed at the call, its digits went out as they were, and those after the call made a card
+# with them (a mask quoted after them: `4242"CC_MASKED_LAST4_4242"`, which broke the document;
+# or the 14 digits before it masked as a number of their own, the rest glued on after).
+_CARDS = [4242424242424242, 5555555555554444, 378282246310005]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(st.sampled_from([*_CARDS, 12, 1.5e10, -3, "ok", "git@github.com:org/repo.git"]), PII_VALUES),
+        min_size=1,
+        max_size=4,
+    ),
+    cuts=st.lists(st.integers(0, 400), min_size=1, max_size=4),
+    nothing_after=st.booleans(),
+)
+def test_a_json_content_cut_anywhere_by_calls_stays_one_valid_document(
+    values: list[Any], cuts: list[int], nothing_after: bool
+) -> None:
+    document = json.dumps({f"k{i}": value for i, value in enumerate(values)})
+    bounds = sorted({0, len(document), *(cut % (len(document) + 1) for cut in cuts)})
+    pieces = [document[a:b] for a, b in itertools.pairwise(bounds)] + ([""] if nothing_after else [])
+    content = _sdk_json_content(pieces)
+    parsed = json.loads(content)  # one valid document
+    assert list(parsed) == [f"k{i}" for i in range(len(values))]
+    for value, got in zip(values, parsed.values(), strict=True):
+        if value in _CARDS:
+            assert got == "CC_MASKED_LAST4_" + str(value)[-4:]
+        elif value in (12, 1.5e10, -3, "ok"):
+            assert got == value
+        elif value == "git@github.com:org/repo.git":  # masked from the call when one cuts its host
+            assert got == value or got.endswith("***t@github.com:org/repo.git")
+        else:
+            assert str(value) not in content
