@@ -331,6 +331,27 @@ CALLS_ENDED_BY_OPENING = 16
 # the description does not name (a server's own field) is joined by them, and by the gateway's
 # join of events into one completion (translate.completion_from_events): it is a text stream.
 _NOT_JOINED = frozenset({"role", "type", "index"})
+# How deep into a server's own object of a delta its strings are text streams (deeper ones are
+# redacted whole, event by event, as every other string).
+_JOINED_DEPTH = 8
+
+
+def _joined(spec: Spec, name: str, value: Any, depth: int) -> None:
+    """Describe in `spec` a server's own field of a delta as clients join it across chunks: a
+    string as a text stream; an object key by key, as the openai SDK's stream helper joins one
+    (accumulate_delta: every string of it but `_NOT_JOINED`'s, and its objects alike), so an
+    address split between two chunks' `{"x": {"y": ...}}` was joined in clear. A string wins
+    over an object another choice of the event holds under the same name."""
+    if type(value) is str:
+        spec[name] = TEXT
+    elif type(value) is dict and depth:
+        inner = spec.get(name)
+        if inner is None:
+            inner = spec[name] = {}
+        if type(inner) is dict:
+            for key, item in value.items():
+                if key not in _NOT_JOINED:
+                    _joined(inner, key, item, depth - 1)
 
 
 class ChatSurface(Surface):
@@ -357,18 +378,18 @@ class ChatSurface(Surface):
         return self.spec
 
     def _with_unknown(self, choices: list[Any]) -> Spec:
-        """`spec_of` for an event whose deltas hold fields the description does not name."""
+        """`spec_of` for an event whose deltas hold fields the description does not name: a
+        string, and every string of an object, key by key (`_joined`)."""
         known = self._known
-        unknown = {
-            name
-            for choice in choices
-            if type(choice) is dict and type(delta := choice.get("delta")) is dict
-            for name, value in delta.items()
-            if type(value) is str and name not in known
-        }
+        unknown: Spec = {}
+        for choice in choices:
+            if type(choice) is dict and type(delta := choice.get("delta")) is dict:
+                for name, value in delta.items():
+                    if name not in known and type(value) in (str, dict):
+                        _joined(unknown, name, value, _JOINED_DEPTH)
         if not unknown:
             return self.spec
-        return {"choices": Each({**self._choice, "delta": {**self._message, **dict.fromkeys(unknown, TEXT)}})}
+        return {"choices": Each({**self._choice, "delta": {**self._message, **unknown}})}
 
     def misindexed(self, event: dict[str, Any]) -> str | None:
         # Written out flat: every event of the exact path is checked (~40 of the synthetic bench's).

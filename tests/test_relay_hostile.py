@@ -1049,3 +1049,35 @@ def test_choices_without_an_index_cost_what_their_event_does() -> None:
     elapsed = time.perf_counter() - started
     assert wire.endswith(DONE)
     assert elapsed < 0.5, elapsed
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.lists(st.sampled_from([EMAIL, CARD, "+1 415 555 2671", "see ", " ok", "12", "."]), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(0, 200), max_size=4),
+)
+def test_an_object_no_description_names_streams_its_strings_key_by_key(text: list[str], cuts: list[int]) -> None:
+    """The openai SDK's stream helper joins a delta's objects key by key (accumulate_delta), a
+    server's own `{"x": {"y": ...}}` too: each of its strings, redacted whole event by event,
+    was joined in clear when an address was split between two chunks."""
+    whole = "".join(text)
+    bounds = sorted({0, len(whole), *(cut % (len(whole) + 1) for cut in cuts)})
+    events = [
+        delta_chunk({"x": {"y": whole[a:b], "type": "t", "z": {"w": whole[a:b]}}})
+        for a, b in itertools.pairwise(bounds)
+    ]
+    wire = relay_all(*events, delta_chunk({}, finish="stop"), DONE)
+    joined: dict[str, str] = {"y": "", "w": ""}
+    for ev in sse.SSEParser().feed(wire):
+        if ev.data and ev.data != sse.DONE:
+            for choice in json.loads(ev.data)["choices"]:
+                x = (choice.get("delta") or {}).get("x") or {}
+                joined["y"] += x.get("y") or ""
+                joined["w"] += (x.get("z") or {}).get("w") or ""
+    assert joined == {"y": REDACTOR.redact(whole), "w": REDACTOR.redact(whole)}
+
+
+def test_a_field_that_is_a_string_in_one_choice_and_an_object_in_another_is_redacted() -> None:
+    body = {"choices": [{"index": 0, "delta": {"x": "mail " + EMAIL}}, {"index": 1, "delta": {"x": {"y": EMAIL}}}]}
+    wire = relay_all(event(body), DONE)
+    assert EMAIL.encode() not in wire and wire.endswith(DONE)
