@@ -938,8 +938,8 @@ _NOT_PART_TEXT = _MEDIA_PARTS | {"type", "detail", "file_id", "cache_control"}
 
 def _content_texts(holder: Any, key: Any) -> Iterator[TextSlot]:
     """Every string of a chat content (parts, one part, or nested lists) but a media part's (a
-    file part's `filename` excepted) and `_NOT_PART_TEXT`'s, in document order. Walked with a
-    stack of its own (see `strings_in`)."""
+    file part's `filename` and a document part's `document_name` excepted) and
+    `_NOT_PART_TEXT`'s, in document order. Walked with a stack of its own (see `strings_in`)."""
     todo: list[tuple[Any, Any]] = [(holder, key)]
     while todo:
         holder, key = todo.pop()
@@ -954,6 +954,8 @@ def _content_texts(holder: Any, key: Any) -> Iterator[TextSlot]:
                 todo += [(value, name) for name in reversed(value) if name not in _NOT_PART_TEXT]
             elif kind == "file" and type(file := value.get("file")) is dict and type(file.get("filename")) is str:
                 yield file, "filename", False  # a name the user gave it (as the Responses API's input_file)
+            elif kind == "document_url" and type(value.get("document_name")) is str:
+                yield value, "document_name", False  # Mistral's name for a document part: the same
 
 
 def messages_request_texts(payload: dict[str, Any]) -> Iterator[TextSlot]:

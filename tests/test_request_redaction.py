@@ -422,6 +422,20 @@ async def test_a_chat_file_parts_filename_reaches_the_upstream_masked(
     assert sent == {"type": "file", "file": {"file_data": data, "filename": f"contract {MASKED}.pdf"}}
 
 
+async def test_a_chat_document_parts_name_reaches_the_upstream_masked(
+    gateway: Gateway,  # noqa: F811
+    hostile: Hostile,  # noqa: F811
+) -> None:
+    # Mistral's document part (`document_url`) names its document as a file part does: the
+    # URL passes, the name the user gave it went upstream in clear.
+    hostile.answer = json_answer({"id": "c1", "object": "chat.completion", "model": "m", "choices": []})
+    part = {"type": "document_url", "document_url": "https://example.org/a.pdf", "document_name": f"cv {EMAIL}.pdf"}
+    status, _ = await gateway.chat({"messages": [{"role": "user", "content": [part, {"type": "text", "text": "sum"}]}]})
+    assert status == 200
+    sent = hostile.sent()["messages"][0]["content"][0]
+    assert sent == {**part, "document_name": f"cv {MASKED}.pdf"}
+
+
 ODD_CALLS: list[tuple[str, dict[str, Any]]] = [
     # Arguments as an object, as the servers that parse them for a chat template hold them.
     (
