@@ -342,7 +342,7 @@ def test_a_tabbed_phone_in_tool_call_arguments_of_a_reply_is_masked(gateway, fak
 #    forced answer). The text after the calls started afresh as a new document: the address
 #    split by the call reached the openai SDK's content (and its `parsed`) in clear, on the
 #    translated stream and in the reply joined from it for a request without "stream".
-def _answer_around_a_call() -> str:
+def _answer_around_a_call(before: str = '{"note": "mail ' + EMAIL[:12], after: str = EMAIL[12:] + ' now"}') -> str:
     def block_delta(index: int, partial: str) -> dict:
         return {
             "type": "content_block_delta",
@@ -358,11 +358,11 @@ def _answer_around_a_call() -> str:
         [
             {"type": "message_start", "message": message},
             {"type": "content_block_start", "index": 0, "content_block": answer},
-            block_delta(0, '{"note": "mail ' + EMAIL[:12]),
+            block_delta(0, before),
             {"type": "content_block_start", "index": 1, "content_block": call},
             block_delta(1, "{}"),
             {"type": "content_block_stop", "index": 1},
-            block_delta(0, EMAIL[12:] + ' now"}'),
+            block_delta(0, after),
             {"type": "content_block_stop", "index": 0},
             {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}},
             {"type": "message_stop"},
@@ -444,3 +444,24 @@ def test_a_delta_field_of_a_servers_own_is_redacted_across_chunks(gateway, fakes
     assert message["content"] == "Hi there"
     redactor = build_redactor(ALL_KINDS)
     assert message["reasoning_text"] == redactor.redact(f"the user is {EMAIL}, card {CARD} ok"), message
+
+
+# 7. The same, a number the call cuts: `{"n": 4242` + call + `424242424242}`. Flushed at the
+#    call, its digits went out as they were, and the mask that the digits after the call made
+#    a card with was quoted after them: `4242"CC_MASKED_LAST4_4242"`, no JSON.
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_structured_answers_number_cut_by_a_call_stays_json(gateway, fakes, stream: bool) -> None:
+    import openai
+
+    answer = _answer_around_a_call('{"note": "ok", "n": 4242', "424242424242}")
+    fakes["claude"].script({"status": 200, "headers": {"Content-Type": "text/event-stream"}, "chunks": [answer]})
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="demo", max_retries=0, timeout=20)
+    messages = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    kwargs = {"model": "claude-x", "messages": messages, "tools": tools, "response_format": {"type": "json_object"}}
+    if stream:
+        chunks = client.chat.completions.create(**kwargs, stream=True)  # type: ignore[call-overload]
+        content = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    else:
+        content = client.chat.completions.create(**kwargs).choices[0].message.content or ""  # type: ignore[call-overload]
+    assert json.loads(content) == {"note": "ok", "n": "CC_MASKED_LAST4_4242"}, content
