@@ -373,8 +373,13 @@ class StreamRelay:
                 continue
             stream = self._streams.pop(path)
             json_text = isinstance(stream, JsonStreamRedactor)
-            if isinstance(stream, JsonStreamRedactor) and end is False and _resumes(path):
-                text, in_string, pending = stream.suspend()
+            if (
+                isinstance(stream, JsonStreamRedactor)
+                and end is False
+                and _resumes(path)
+                and len(self._resumed) < MAX_ENDED
+            ):
+                text, in_string, pending = stream.suspend()  # (past the bound: flushed whole, as it ends)
             else:
                 text, in_string, pending = stream.flush(), False, ""
             # Resumed, what it held includes the text it was resumed with (calls on both sides).

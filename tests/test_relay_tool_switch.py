@@ -441,3 +441,32 @@ def test_a_json_content_cut_anywhere_by_calls_stays_one_valid_document(
             assert got == value or got.endswith("***t@github.com:org/repo.git")
         else:
             assert str(value) not in content
+
+
+def test_past_the_bound_on_paused_texts_a_structured_contents_number_is_not_lost() -> None:
+    # Past MAX_ENDED paused contents, a content cut by a call takes no more text: what its
+    # pause kept back (a number, an escape cut short) must still go out, not be dropped.
+    from gateway.relay import MAX_ENDED
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        body = {
+            "object": "chat.completion.chunk",
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
+        }
+        return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+    opening = {"tool_calls": [{"index": 0, "id": "c", "type": "function", "function": {"name": "f"}}]}
+    relay = StreamRelay(REDACTOR, None, CHAT_JSON)
+    for i in range(MAX_ENDED):
+        relay.feed(chunk(i, {"content": "{}"}) + chunk(i, opening))
+    last = MAX_ENDED
+    wire = relay.feed(chunk(last, {"content": '{"n": 4242'}) + chunk(last, opening) + chunk(last, {}, "tool_calls"))
+    wire += relay.close()
+    content = "".join(
+        choice["delta"].get("content") or ""
+        for event in sse.SSEParser().feed(wire)
+        if event.data and event.data != sse.DONE
+        for choice in json.loads(event.data)["choices"]
+        if choice["index"] == last
+    )
+    assert content == '{"n": 4242'
