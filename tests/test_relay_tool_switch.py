@@ -384,20 +384,22 @@ def test_an_escape_the_calls_cut_goes_out_when_no_content_follows() -> None:
     assert content == pieces[0]
 
 
+def _choice_chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    """One choice's chat chunk, compact as OpenAI writes it."""
+    body = {"object": "chat.completion.chunk", "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+# A call's first delta.
+_OPENING = {"tool_calls": [{"index": 0, "id": "c", "type": "function", "function": {"name": "f"}}]}
+
+
 @pytest.mark.serial  # asserts a time: run alone, not beside another worker
 def test_thousands_of_choices_paused_at_a_call_cost_what_their_text_does() -> None:
     # Each choice's finish looked through every choice paused at a tool call (a content to go
     # on): quadratic, 8,000 choices (4 MB) held the event loop 10 s, against 0.4 s before.
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        body = {
-            "object": "chat.completion.chunk",
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
-        }
-        return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
-
-    opening = {"tool_calls": [{"index": 0, "id": "c", "type": "function", "function": {"name": "f"}}]}
-    events = [chunk(i, {"content": "hi"}) + chunk(i, opening) for i in range(8000)]
-    events += [chunk(i, {}, "tool_calls") for i in range(8000)]
+    events = [_choice_chunk(i, {"content": "hi"}) + _choice_chunk(i, _OPENING) for i in range(8000)]
+    events += [_choice_chunk(i, {}, "tool_calls") for i in range(8000)]
     relay = StreamRelay(REDACTOR, None)
     started = time.perf_counter()
     wire = b"".join(map(relay.feed, events)) + relay.feed(b"data: [DONE]\n\n") + relay.close()
@@ -448,19 +450,15 @@ def test_past_the_bound_on_paused_texts_a_structured_contents_number_is_not_lost
     # pause kept back (a number, an escape cut short) must still go out, not be dropped.
     from gateway.relay import MAX_ENDED
 
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        body = {
-            "object": "chat.completion.chunk",
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
-        }
-        return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
-
-    opening = {"tool_calls": [{"index": 0, "id": "c", "type": "function", "function": {"name": "f"}}]}
     relay = StreamRelay(REDACTOR, None, CHAT_JSON)
     for i in range(MAX_ENDED):
-        relay.feed(chunk(i, {"content": "{}"}) + chunk(i, opening))
+        relay.feed(_choice_chunk(i, {"content": "{}"}) + _choice_chunk(i, _OPENING))
     last = MAX_ENDED
-    wire = relay.feed(chunk(last, {"content": '{"n": 4242'}) + chunk(last, opening) + chunk(last, {}, "tool_calls"))
+    wire = relay.feed(
+        _choice_chunk(last, {"content": '{"n": 4242'})
+        + _choice_chunk(last, _OPENING)
+        + _choice_chunk(last, {}, "tool_calls")
+    )
     wire += relay.close()
     content = "".join(
         choice["delta"].get("content") or ""
