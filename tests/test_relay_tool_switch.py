@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from gateway import sse
 from gateway.redact import ALL_KINDS, build_redactor
 from gateway.relay import StreamRelay
-from gateway.surfaces import CHAT_JSON
+from gateway.surfaces import CHAT, CHAT_JSON, Surface
 
 from .stream_equivalence import assert_same_but_for_splits
 from .test_redact import PII_VALUES
@@ -265,8 +265,9 @@ def _content_around_calls(pieces: list[str]) -> list[bytes]:
     return [*events, _chunk({}, "tool_calls"), b"data: [DONE]\n\n"]
 
 
-def _sdk_content(events: list[bytes]) -> str:
-    relay = StreamRelay(REDACTOR, None)
+def _sdk_content(events: list[bytes], surface: Surface = CHAT) -> str:
+    """The content the openai SDK's stream helper joins from what the relay makes of `events`."""
+    relay = StreamRelay(REDACTOR, None, surface)
     wire = b"".join(relay.feed(event) for event in events) + relay.close()
     state = ChatCompletionStreamState(input_tools=TOOLS)
     for event in sse.SSEParser().feed(wire):
@@ -318,13 +319,7 @@ def test_content_without_pii_around_several_calls_arrives_whole(pieces: list[str
 # client's content held the address whole; a card's digits after the call were read as a
 # number outside any string and masked with quotes round it, which broke the document.
 def _sdk_json_content(pieces: list[str]) -> str:
-    relay = StreamRelay(REDACTOR, None, CHAT_JSON)
-    wire = b"".join(relay.feed(event) for event in _content_around_calls(pieces)) + relay.close()
-    state = ChatCompletionStreamState(input_tools=TOOLS)
-    for event in sse.SSEParser().feed(wire):
-        if event.data and event.data != sse.DONE:
-            state.handle_chunk(ChatCompletionChunk.model_validate(json.loads(event.data)))
-    return state.get_final_completion().choices[0].message.content or ""
+    return _sdk_content(_content_around_calls(pieces), CHAT_JSON)
 
 
 @pytest.mark.parametrize(
