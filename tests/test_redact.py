@@ -20,6 +20,7 @@ from gateway.redact import (
     MAX_MATCH,
     MAX_PENDING_ESCAPE,
     YIELD_ABOVE_CHARS,
+    StreamRedactor,
     build_redactor,
     redact_sliced,
     redact_yielding,
@@ -1164,3 +1165,21 @@ def test_a_json_text_holds_back_an_escape_cut_short_past_max_match_and_no_more(c
     out = stream.feed(text)
     assert MAX_MATCH < stream.held <= MAX_MATCH + MAX_PENDING_ESCAPE
     assert out + stream.flush() == REDACTOR.redact(text, json_text=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "released"),
+    [
+        (" 4242ple.com 4242.doe", " 4242ple.com "),  # a space ended the local part after "4242"
+        ("2nd item, 3rd.x", "2nd item, "),
+        ("see 4242ab<cd", "see 4242ab<"),  # "<": no local part holds it
+    ],
+)
+def test_a_local_part_that_something_ended_holds_no_number_back(text: str, released: str) -> None:
+    # A number glued to a local part is held until its "@" may come; one whose local part a
+    # space (or any character no local part holds) ended cannot get one. It was held all the
+    # same when the text came in one piece, and not when it came in several: the relay's fast
+    # path (a read's text at once) and its exact path (an event's) gave different reads.
+    stream = StreamRedactor(REDACTOR, None)
+    assert stream.feed(text) == released
+    assert released + stream.flush() == REDACTOR.redact(text)
