@@ -331,6 +331,9 @@ CALLS_ENDED_BY_OPENING = 16
 # the description does not name (a server's own field) is joined by them, and by the gateway's
 # join of events into one completion (translate.completion_from_events): it is a text stream.
 _NOT_JOINED = frozenset({"role", "type", "index"})
+# Inside a server's own object of a delta, only `type` and `index` are replaced: the SDK's
+# stream helper (accumulate_delta) joins every other string, one named `role` too.
+_REPLACED = frozenset({"type", "index"})
 # How deep into a server's own object of a delta its strings are text streams (deeper ones are
 # redacted whole, event by event, as every other string).
 _JOINED_DEPTH = 8
@@ -339,7 +342,7 @@ _JOINED_DEPTH = 8
 def _joined(spec: Spec, name: str, value: Any, depth: int) -> None:
     """Describe in `spec` a server's own field of a delta as clients join it across chunks: a
     string as a text stream; an object key by key, as the openai SDK's stream helper joins one
-    (accumulate_delta: every string of it but `_NOT_JOINED`'s, and its objects alike), so an
+    (accumulate_delta: every string of it but `_REPLACED`'s, and its objects alike), so an
     address split between two chunks' `{"x": {"y": ...}}` was joined in clear. A string wins
     over an object another choice of the event holds under the same name."""
     if type(value) is str:
@@ -350,7 +353,7 @@ def _joined(spec: Spec, name: str, value: Any, depth: int) -> None:
             inner = spec[name] = {}
         if type(inner) is dict:
             for key, item in value.items():
-                if key not in _NOT_JOINED:
+                if key not in _REPLACED:
                     _joined(inner, key, item, depth - 1)
 
 

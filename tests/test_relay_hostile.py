@@ -1092,3 +1092,29 @@ def test_a_field_that_is_a_string_in_one_choice_and_an_object_in_another_is_reda
     body = {"choices": [{"index": 0, "delta": {"x": "mail " + EMAIL}}, {"index": 1, "delta": {"x": {"y": EMAIL}}}]}
     wire = relay_all(event(body), DONE)
     assert EMAIL.encode() not in wire and wire.endswith(DONE)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.lists(st.sampled_from([EMAIL, CARD, "+1 415 555 2671", "see ", " ok", "12", "."]), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(0, 200), max_size=4),
+)
+def test_a_role_inside_a_servers_object_streams_as_the_sdk_joins_it(text: list[str], cuts: list[int]) -> None:
+    """The SDK's stream helper (accumulate_delta) replaces only `type` and `index` inside a
+    delta's object: a `role` there it joins across chunks, so redacted whole event by event,
+    an address split between two chunks' `{"x": {"role": ...}}` was joined in clear."""
+    from openai.lib.streaming._deltas import accumulate_delta
+
+    whole = "".join(text)
+    bounds = sorted({0, len(whole), *(cut % (len(whole) + 1) for cut in cuts)})
+    reads = [delta_chunk({"x": {"role": whole[a:b]}}) for a, b in itertools.pairwise(bounds)]
+    reads += [delta_chunk({}, finish="stop"), DONE]
+    fast, exact = StreamRelay(REDACTOR, None), _ExactOnly(REDACTOR, None)
+    outs = [*map(fast.feed, reads), fast.close()]
+    assert_same_but_for_splits(outs, [*map(exact.feed, reads), exact.close()])
+    joined: dict[object, object] = {}
+    for ev in sse.SSEParser().feed(b"".join(outs)):
+        if ev.data and ev.data != sse.DONE:
+            for choice in json.loads(ev.data)["choices"]:
+                accumulate_delta(joined, choice["delta"])
+    assert joined["x"] == {"role": REDACTOR.redact(whole)}
