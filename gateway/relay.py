@@ -146,15 +146,16 @@ MAX_STREAMS = 256  # text streams open at once; past that (a hostile upstream), 
 MAX_ENDED = 16_384  # ended streams remembered (a path each), so that text sent after its end is dropped
 
 
+# What follows a chat choice's ("choices", index, "delta") on the paths of the texts clients
+# append to whatever comes between: its content, its refusal, and the thinking of a content that
+# comes as chunks (flushed when the answer begins: thinking after answer text goes on with it,
+# as clients join every thinking chunk).
+_RESUMED_TAILS = (("content",), ("refusal",), ("content", THINKING_CHUNKS))
+
+
 def _resumes(path: Path) -> bool:
-    """A chat choice's content or refusal, and the thinking of a content that comes as chunks
-    (flushed when the answer begins: thinking after answer text goes on with it, as clients join
-    every thinking chunk): what clients append to, whatever comes between."""
-    if len(path) < 4 or path[0] != "choices":
-        return False
-    if len(path) == 4:
-        return path[3] in ("content", "refusal")
-    return len(path) == 5 and path[3] == "content" and path[4] == THINKING_CHUNKS
+    """A text clients append to, whatever comes between (`_RESUMED_TAILS`)."""
+    return len(path) > 3 and path[0] == "choices" and path[3:] in _RESUMED_TAILS
 
 
 class _TooManyStreams(Exception):
@@ -373,12 +374,8 @@ class StreamRelay:
                 continue
             stream = self._streams.pop(path)
             json_text = isinstance(stream, JsonStreamRedactor)
-            if (
-                isinstance(stream, JsonStreamRedactor)
-                and end is False
-                and _resumes(path)
-                and len(self._resumed) < MAX_ENDED
-            ):
+            if json_text and end is False and _resumes(path) and len(self._resumed) < MAX_ENDED:
+                assert isinstance(stream, JsonStreamRedactor)
                 text, in_string, pending = stream.suspend()  # (past the bound: flushed whole, as it ends)
             else:
                 text, in_string, pending = stream.flush(), False, ""
@@ -426,7 +423,8 @@ class StreamRelay:
         found: dict[Path, None] = {}
         for prefix in prefixes:
             at = (*prefix[:2], "delta")
-            for path in ((*at, "content"), (*at, "refusal"), (*at, "content", THINKING_CHUNKS)):
+            for tail in _RESUMED_TAILS:
+                path = (*at, *tail)
                 if path in resumed and path[: len(prefix)] == prefix:
                     found[path] = None
         return list(found)
